@@ -1,0 +1,118 @@
+//! The module catalog: what each module is called, its version, and the JSON Schema
+//! (draft 2020-12) its parameters must satisfy. The backend validates against these
+//! schemas; the agent reports their hashes in its hello.
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// One module as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct ModuleSpec {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub description: &'static str,
+    /// How long a run may take before the agent cancels it, unless the request says.
+    pub default_timeout_ms: u64,
+    schema: fn() -> Value,
+}
+
+impl ModuleSpec {
+    /// The JSON Schema of the module's parameters.
+    pub fn schema(&self) -> Value {
+        (self.schema)()
+    }
+
+    /// First 16 hex digits of the SHA-256 of the schema's canonical JSON.
+    pub fn schema_hash(&self) -> String {
+        let digest = Sha256::digest(self.schema().to_string().as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+const DRAFT: &str = "https://json-schema.org/draft/2020-12/schema";
+
+fn echo_schema() -> Value {
+    json!({
+        "$schema": DRAFT,
+        "title": "echo_module parameters",
+        "type": "object",
+        "properties": {
+            "message": {
+                "type": "string",
+                "maxLength": 4096,
+                "description": "Text the agent sends back; at most 4096 bytes of UTF-8."
+            }
+        },
+        "required": ["message"],
+        "additionalProperties": false
+    })
+}
+
+fn ping_schema() -> Value {
+    json!({
+        "$schema": DRAFT,
+        "title": "ping_module parameters",
+        "type": "object",
+        "properties": {
+            "host": {
+                "type": "string", "minLength": 1, "maxLength": 253,
+                "description": "Host name or IPv4/IPv6 address; the agent resolves names itself."
+            },
+            "count": {"type": "integer", "minimum": 1, "maximum": 100, "default": 4},
+            "interval_ms": {"type": "integer", "minimum": 10, "maximum": 60000, "default": 1000},
+            "timeout_ms": {"type": "integer", "minimum": 10, "maximum": 60000, "default": 1000},
+            "size": {"type": "integer", "minimum": 0, "maximum": 65000, "default": 56}
+        },
+        "required": ["host", "count"],
+        "additionalProperties": false
+    })
+}
+
+static CATALOG: [ModuleSpec; 2] = [
+    ModuleSpec {
+        name: "echo_module",
+        version: "1.0.0",
+        description: "Sends the message back; proves the whole path works.",
+        default_timeout_ms: 5_000,
+        schema: echo_schema,
+    },
+    ModuleSpec {
+        name: "ping_module",
+        version: "0.1.0",
+        description: "ICMP echo to one host: per-probe RTTs, loss and jitter.",
+        default_timeout_ms: 120_000,
+        schema: ping_schema,
+    },
+];
+
+/// Every module IMN knows.
+pub fn catalog() -> &'static [ModuleSpec] {
+    &CATALOG
+}
+
+/// The spec of the named module.
+pub fn find(name: &str) -> Option<&'static ModuleSpec> {
+    CATALOG.iter().find(|m| m.name == name)
+}
+
+/// Names of every module, for error messages.
+pub fn names() -> Vec<&'static str> {
+    CATALOG.iter().map(|m| m.name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_hashes_stable() {
+        let mut names = names();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), catalog().len());
+        let spec = find("echo_module").unwrap();
+        assert_eq!(spec.schema_hash(), spec.schema_hash());
+        assert_eq!(spec.schema_hash().len(), 16);
+        assert_ne!(spec.schema_hash(), find("ping_module").unwrap().schema_hash());
+    }
+}

@@ -1,0 +1,23 @@
+//! The contract between IMN agents and the cloud.
+//!
+//! - [`wire`]: envelopes, topic and subject names, and the versioned postcard codec.
+//! - [`catalog`]: every module's name, version and JSON Schema of its parameters.
+//! - [`results`]: the typed result each module produces.
+//! - `exec` (cargo feature `exec`): the code that runs modules on a device. The backend
+//!   leaves it out, so it links only specs and types.
+
+pub mod catalog;
+pub mod params;
+pub mod results;
+pub mod wire;
+
+#[cfg(feature = "exec")]
+pub mod exec;
+
+/// Milliseconds since the Unix epoch, UTC: the one wall-clock unit on the wire.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,96 @@
+//! Typed parameters of each module, parsed from the JSON that passed the schema, plus
+//! the rules a JSON Schema cannot express (such as a length in bytes).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A rule the parameters broke, beyond the schema.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ParamError {
+    /// JSON pointer of the offending field.
+    pub field: String,
+    /// The rule, in words.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EchoParams {
+    pub message: String,
+}
+
+pub const ECHO_MAX_BYTES: usize = 4096;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PingParams {
+    pub host: String,
+    #[serde(default = "default_count")]
+    pub count: u32,
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_interval")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_size")]
+    pub size: u32,
+}
+
+fn default_count() -> u32 {
+    4
+}
+fn default_interval() -> u64 {
+    1000
+}
+fn default_size() -> u32 {
+    56
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(params: &Value) -> Result<T, ParamError> {
+    serde_json::from_value(params.clone()).map_err(|e| ParamError {
+        field: String::new(),
+        message: e.to_string(),
+    })
+}
+
+/// Checks what the schema cannot: called by the backend after schema validation.
+pub fn check(module: &str, params: &Value) -> Result<(), ParamError> {
+    match module {
+        "echo_module" => {
+            let p: EchoParams = parse(params)?;
+            if p.message.len() > ECHO_MAX_BYTES {
+                return Err(ParamError {
+                    field: "/message".into(),
+                    message: format!(
+                        "must be at most {ECHO_MAX_BYTES} bytes of UTF-8, got {}",
+                        p.message.len()
+                    ),
+                });
+            }
+            Ok(())
+        }
+        "ping_module" => parse::<PingParams>(params).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn echo_counts_bytes_not_chars() {
+        let ok = "é".repeat(2048); // 4096 bytes
+        assert!(check("echo_module", &json!({"message": ok})).is_ok());
+        let long = "é".repeat(2049);
+        let err = check("echo_module", &json!({"message": long})).unwrap_err();
+        assert_eq!(err.field, "/message");
+    }
+
+    #[test]
+    fn ping_defaults() {
+        let p: PingParams = parse(&json!({"host": "127.0.0.1", "count": 2})).unwrap();
+        assert_eq!((p.count, p.interval_ms, p.size), (2, 1000, 56));
+    }
+}

@@ -1,0 +1,485 @@
+//! Wire protocol v1 between agents and the cloud (see DESIGN.md, "Agent ⇄ cloud wire
+//! protocol"). Every payload is one version byte followed by a postcard-encoded
+//! [`Envelope`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::results::ModuleOutcome;
+
+/// The first byte of every payload. A receiver refuses any other value.
+pub const WIRE_VERSION: u8 = 1;
+
+/// The longest agent id. Ids become MQTT topic levels and NATS subject tokens.
+pub const MAX_AGENT_ID_LEN: usize = 64;
+
+/// The kinds of message, one per MQTT topic suffix and NATS subject prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Up: identity and capabilities, sent on every connect.
+    Hello,
+    /// Up: periodic health (QoS 0).
+    Heartbeat,
+    /// Up: a batch of outbox records.
+    Out,
+    /// Up: `online` / `offline`, retained; `offline` is the last will.
+    Status,
+    /// Down: which records the backend has stored.
+    Ack,
+    /// Down: run, cancel, and other commands.
+    Cmd,
+}
+
+impl Kind {
+    pub const UPLINK: [Kind; 4] = [Kind::Hello, Kind::Heartbeat, Kind::Out, Kind::Status];
+    pub const DOWNLINK: [Kind; 2] = [Kind::Ack, Kind::Cmd];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Hello => "hello",
+            Kind::Heartbeat => "hb",
+            Kind::Out => "out",
+            Kind::Status => "status",
+            Kind::Ack => "ack",
+            Kind::Cmd => "cmd",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "hello" => Kind::Hello,
+            "hb" => Kind::Heartbeat,
+            "out" => Kind::Out,
+            "status" => Kind::Status,
+            "ack" => Kind::Ack,
+            "cmd" => Kind::Cmd,
+            _ => return None,
+        })
+    }
+
+    pub fn is_uplink(self) -> bool {
+        Kind::UPLINK.contains(&self)
+    }
+}
+
+/// `imn/v1/{agent}/{kind}`
+pub fn topic(agent: &str, kind: Kind) -> String {
+    format!("imn/v1/{agent}/{}", kind.as_str())
+}
+
+/// The filter matching one kind of topic for every agent: `imn/v1/+/{kind}`.
+pub fn topic_filter(kind: Kind) -> String {
+    format!("imn/v1/+/{}", kind.as_str())
+}
+
+/// Splits `imn/v1/{agent}/{kind}` into its agent id and kind.
+pub fn parse_topic(topic: &str) -> Option<(&str, Kind)> {
+    let rest = topic.strip_prefix("imn/v1/")?;
+    let (agent, kind) = rest.split_once('/')?;
+    if !valid_agent_id(agent) {
+        return None;
+    }
+    Some((agent, Kind::parse(kind)?))
+}
+
+/// `imn.v1.{kind}.{agent}`
+pub fn subject(kind: Kind, agent: &str) -> String {
+    format!("imn.v1.{}.{agent}", kind.as_str())
+}
+
+/// Splits `imn.v1.{kind}.{agent}` into its kind and agent id.
+pub fn parse_subject(subject: &str) -> Option<(Kind, &str)> {
+    let rest = subject.strip_prefix("imn.v1.")?;
+    let (kind, agent) = rest.split_once('.')?;
+    if !valid_agent_id(agent) {
+        return None;
+    }
+    Some((Kind::parse(kind)?, agent))
+}
+
+/// Agent ids are 1 to 64 characters of `A-Z a-z 0-9 _ -`: safe as an MQTT topic level,
+/// a NATS subject token and a directory name.
+pub fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_AGENT_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Every message between agent and cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Envelope {
+    Hello(Hello),
+    Heartbeat(Heartbeat),
+    Batch(Batch),
+    Ack(Ack),
+    Command(Command),
+    Status(Status),
+}
+
+/// A module as the agent has it loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    pub name: String,
+    pub version: String,
+    /// Hash of the module's parameter schema, so the backend can tell a stale agent.
+    pub schema_hash: String,
+}
+
+/// Where an agent is, when its operator configured it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Location {
+    pub country: Option<String>,
+    pub city: Option<String>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+    pub asn: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub agent_id: String,
+    pub version: String,
+    /// `std::env::consts::ARCH` of the agent binary.
+    pub arch: String,
+    pub modules: Vec<ModuleInfo>,
+    pub tags: Vec<String>,
+    pub location: Option<Location>,
+    pub schedule_version: u64,
+    /// The outbox's random epoch; record ids are (agent, epoch, seq).
+    pub outbox_epoch: u64,
+    /// Records still waiting for the backend's ack.
+    pub outbox_depth: u64,
+    /// Records the outbox had to evict, since it was created.
+    pub dropped: u64,
+    /// The agent's heartbeat period; the backend counts it dead after three.
+    pub heartbeat_interval_ms: u64,
+    pub sent_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub sent_at_ms: i64,
+    pub uptime_s: u64,
+    /// Whole-machine CPU use since the previous heartbeat, 0..=100.
+    pub cpu_pct: f32,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub load: [f32; 3],
+    pub disk_total_kib: u64,
+    pub disk_free_kib: u64,
+    pub outbox_depth: u64,
+    /// Age of the oldest unacked record, in ms (0 when the outbox is empty).
+    pub outbox_oldest_age_ms: u64,
+    pub dropped: u64,
+}
+
+/// A batch of outbox records, in sequence order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    pub epoch: u64,
+    pub records: Vec<Record>,
+}
+
+/// One durable outbox record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// When the agent created the record (ms since epoch, agent clock).
+    pub at_ms: i64,
+    pub body: RecordBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RecordBody {
+    /// A request moved to a new state on the agent.
+    State(StateChange),
+    /// A module run finished.
+    Result(ModuleResult),
+    /// Something the operator should know (corrupt store, dropped records, …).
+    Event(AgentEvent),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub request_id: String,
+    pub state: RequestState,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleResult {
+    pub request_id: String,
+    pub module: String,
+    pub received_ms: i64,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub outcome: ModuleOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    pub kind: String,
+    pub message: String,
+}
+
+/// Which records the backend has stored: every seq in the inclusive ranges, for one epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub epoch: u64,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl Ack {
+    /// Collapses sorted or unsorted seqs into inclusive ranges.
+    pub fn from_seqs(epoch: u64, seqs: impl IntoIterator<Item = u64>) -> Ack {
+        let mut seqs: Vec<u64> = seqs.into_iter().collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for s in seqs {
+            match ranges.last_mut() {
+                Some((_, hi)) if *hi + 1 == s => *hi = s,
+                _ => ranges.push((s, s)),
+            }
+        }
+        Ack { epoch, ranges }
+    }
+
+    pub fn contains(&self, seq: u64) -> bool {
+        self.ranges.iter().any(|&(lo, hi)| lo <= seq && seq <= hi)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique per command; for `Run` it is the request id. An agent never runs an id twice.
+    pub id: String,
+    pub kind: CommandKind,
+    /// W3C trace context of the request that caused the command.
+    pub traceparent: Option<String>,
+    /// Past this time (ms since epoch) the agent does not start the command.
+    pub deadline_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandKind {
+    Run {
+        module: String,
+        /// Parameters as JSON text, already validated against the module's schema.
+        params_json: String,
+        /// How long the module may run before it is cancelled and reported `timeout`.
+        timeout_ms: u64,
+    },
+    Cancel {
+        request_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub online: bool,
+    pub at_ms: i64,
+}
+
+/// Request states, in the order a request moves through them (DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RequestState {
+    Pending,
+    Dispatched,
+    Received,
+    Running,
+    Succeeded,
+    Failed,
+    Timeout,
+    Expired,
+    Cancelled,
+}
+
+impl RequestState {
+    pub const ALL: [RequestState; 9] = [
+        RequestState::Pending,
+        RequestState::Dispatched,
+        RequestState::Received,
+        RequestState::Running,
+        RequestState::Succeeded,
+        RequestState::Failed,
+        RequestState::Timeout,
+        RequestState::Expired,
+        RequestState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Dispatched => "dispatched",
+            RequestState::Received => "received",
+            RequestState::Running => "running",
+            RequestState::Succeeded => "succeeded",
+            RequestState::Failed => "failed",
+            RequestState::Timeout => "timeout",
+            RequestState::Expired => "expired",
+            RequestState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RequestState> {
+        RequestState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Position in the lifecycle; a request never moves to a lower rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            RequestState::Pending => 0,
+            RequestState::Dispatched => 1,
+            RequestState::Received => 2,
+            RequestState::Running => 3,
+            _ => 4,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 4
+    }
+}
+
+/// Why a payload could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("empty payload")]
+    Empty,
+    #[error("unsupported wire version {0} (this build speaks {WIRE_VERSION})")]
+    Version(u8),
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+}
+
+impl DecodeError {
+    /// A short stable label for counters.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty",
+            DecodeError::Version(_) => "version",
+            DecodeError::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// Encodes an envelope as one version byte plus postcard.
+pub fn encode(env: &Envelope) -> Vec<u8> {
+    let mut out = vec![WIRE_VERSION];
+    // Serialising into a Vec only fails on a type postcard cannot express; every wire
+    // type is plain data, so this is an invariant, checked by the round-trip tests.
+    postcard::to_io(env, &mut out).expect("wire types are always postcard-serialisable");
+    out
+}
+
+/// Decodes a payload. Never panics, whatever the bytes.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
+    if version != WIRE_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let (env, rest): (Envelope, &[u8]) =
+        postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed(format!(
+            "{} trailing bytes after the envelope",
+            rest.len()
+        )));
+    }
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::{EchoResult, ModuleOutput};
+
+    fn sample_batch() -> Envelope {
+        Envelope::Batch(Batch {
+            epoch: 7,
+            records: vec![
+                Record {
+                    seq: 1,
+                    at_ms: 10,
+                    body: RecordBody::State(StateChange {
+                        request_id: "r1".into(),
+                        state: RequestState::Running,
+                        detail: None,
+                    }),
+                },
+                Record {
+                    seq: 2,
+                    at_ms: 11,
+                    body: RecordBody::Result(ModuleResult {
+                        request_id: "r1".into(),
+                        module: "echo_module".into(),
+                        received_ms: 9,
+                        started_ms: 10,
+                        finished_ms: 11,
+                        outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+                            message: "hi".into(),
+                        })),
+                    }),
+                },
+            ],
+        })
+    }
+
+    #[test]
+    fn round_trip() {
+        let env = sample_batch();
+        let bytes = encode(&env);
+        assert_eq!(bytes[0], WIRE_VERSION);
+        assert_eq!(decode(&bytes).unwrap(), env);
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        assert_eq!(decode(&[]), Err(DecodeError::Empty));
+        let mut bytes = encode(&sample_batch());
+        bytes[0] = 9;
+        assert_eq!(decode(&bytes), Err(DecodeError::Version(9)));
+        let good = encode(&sample_batch());
+        for cut in 1..good.len() {
+            assert!(decode(&good[..cut]).is_err(), "truncated at {cut} decoded");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert!(matches!(decode(&long), Err(DecodeError::Malformed(_))));
+        // A huge claimed length must not allocate or panic.
+        assert!(decode(&[WIRE_VERSION, 2, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    }
+
+    #[test]
+    fn topics_and_subjects() {
+        assert_eq!(topic("a-1", Kind::Out), "imn/v1/a-1/out");
+        assert_eq!(parse_topic("imn/v1/a-1/hb"), Some(("a-1", Kind::Heartbeat)));
+        assert_eq!(parse_topic("imn/v1/a+1/hb"), None);
+        assert_eq!(parse_topic("imn/v1/a/b/hb"), None);
+        assert_eq!(parse_topic("imn/v2/a/hb"), None);
+        assert_eq!(subject(Kind::Cmd, "x"), "imn.v1.cmd.x");
+        assert_eq!(parse_subject("imn.v1.cmd.x"), Some((Kind::Cmd, "x")));
+        assert_eq!(parse_subject("imn.v1.cmd.x.y"), None);
+        assert!(!valid_agent_id(""));
+        assert!(!valid_agent_id(&"a".repeat(65)));
+        assert!(!valid_agent_id("a.b"));
+    }
+
+    #[test]
+    fn ack_ranges() {
+        let ack = Ack::from_seqs(3, [5, 1, 2, 3, 7, 6, 9]);
+        assert_eq!(ack.ranges, vec![(1, 3), (5, 7), (9, 9)]);
+        assert!(ack.contains(6) && !ack.contains(4) && !ack.contains(10));
+    }
+
+    #[test]
+    fn state_ranks_only_move_forward() {
+        assert!(RequestState::Pending.rank() < RequestState::Dispatched.rank());
+        assert!(RequestState::Running.rank() < RequestState::Failed.rank());
+        for s in RequestState::ALL {
+            assert_eq!(RequestState::parse(s.as_str()), Some(s));
+        }
+    }
+}
