@@ -1,1 +1,12 @@
+//! The IMN edge agent: runs measurement modules, keeps every result in a durable
+//! outbox, and syncs it over MQTT until the backend acks it.
 
+pub mod agent;
+pub mod config;
+pub mod outbox;
+pub mod supervisor;
+pub mod system;
+pub mod transport;
+
+pub use agent::{Agent, AgentError};
+pub use config::AgentConfig;

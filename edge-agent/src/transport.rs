@@ -1,0 +1,191 @@
+//! The MQTT transport: rumqttc behind embedded-svc's async MQTT client traits, so an
+//! ESP-IDF build can swap in esp-idf-svc without touching the sync logic.
+//!
+//! rumqttc's event loop runs in its own task and hands events over a channel; that
+//! makes [`MqttConnection::next`] cancel-safe, and keeps reconnect backoff in one place.
+
+use std::time::Duration;
+
+use embedded_svc::mqtt::client::asynch::{
+    Client, Connection, Details, ErrorType, Event, EventPayload, MessageId, Publish, QoS,
+};
+use rumqttc::{AsyncClient, ConnectReturnCode, EventLoop, LastWill, MqttOptions, Packet};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    #[error("mqtt request queue: {0}")]
+    Client(String),
+    #[error("mqtt connection: {0}")]
+    Connection(String),
+    #[error("mqtt event loop stopped")]
+    Closed,
+}
+
+/// What the agent needs to open a connection.
+pub struct ConnectOptions {
+    pub client_id: String,
+    pub host: String,
+    pub port: u16,
+    pub token: Option<String>,
+    /// Published by the broker if the agent vanishes: `(topic, payload)`, QoS 1, retained.
+    pub last_will: (String, Vec<u8>),
+    pub connect_timeout_s: u64,
+    pub max_packet_bytes: usize,
+}
+
+/// The publishing and subscribing half.
+#[derive(Clone)]
+pub struct MqttClient {
+    client: AsyncClient,
+}
+
+/// The event half.
+pub struct MqttConnection {
+    rx: mpsc::Receiver<Result<Packet, TransportError>>,
+}
+
+/// One incoming event, owned, so its payload can borrow from it.
+pub struct MqttEvent(Result<Packet, TransportError>);
+
+fn qos(q: QoS) -> rumqttc::QoS {
+    match q {
+        QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+/// Creates the client and starts the event loop task.
+pub fn connect(opts: ConnectOptions) -> (MqttClient, MqttConnection) {
+    let mut mo = MqttOptions::new(opts.client_id.clone(), opts.host, opts.port);
+    mo.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(opts.max_packet_bytes, opts.max_packet_bytes)
+        .set_inflight(100)
+        .set_last_will(LastWill::new(
+            opts.last_will.0,
+            opts.last_will.1,
+            rumqttc::QoS::AtLeastOnce,
+            true,
+        ));
+    if let Some(token) = opts.token {
+        mo.set_credentials(opts.client_id, token);
+    }
+    let (client, mut eventloop) = AsyncClient::new(mo, 256);
+    let mut net = eventloop.network_options();
+    net.set_connection_timeout(opts.connect_timeout_s);
+    // Nagle would hold small acks and commands back for tens of ms.
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(pump(eventloop, tx));
+    (MqttClient { client }, MqttConnection { rx })
+}
+
+async fn pump(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Packet, TransportError>>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match eventloop.poll().await {
+            Ok(rumqttc::Event::Incoming(packet)) => {
+                if matches!(&packet, Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success)
+                {
+                    backoff = Duration::from_millis(200);
+                }
+                let forward = matches!(
+                    packet,
+                    Packet::ConnAck(_) | Packet::Publish(_) | Packet::Disconnect | Packet::SubAck(_)
+                );
+                if forward && tx.send(Ok(packet)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(rumqttc::Event::Outgoing(_)) => {}
+            Err(e) => {
+                if tx
+                    .send(Err(TransportError::Connection(e.to_string())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                // Jittered exponential backoff: a thousand agents that lost the same
+                // broker must not all come back in the same millisecond.
+                let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+impl ErrorType for MqttClient {
+    type Error = TransportError;
+}
+impl ErrorType for MqttConnection {
+    type Error = TransportError;
+}
+impl ErrorType for MqttEvent {
+    type Error = TransportError;
+}
+
+impl Client for MqttClient {
+    async fn subscribe(&mut self, topic: &str, q: QoS) -> Result<MessageId, Self::Error> {
+        self.client
+            .try_subscribe(topic, qos(q))
+            .map_err(|e| TransportError::Client(e.to_string()))?;
+        Ok(0)
+    }
+
+    async fn unsubscribe(&mut self, topic: &str) -> Result<MessageId, Self::Error> {
+        self.client
+            .try_unsubscribe(topic)
+            .map_err(|e| TransportError::Client(e.to_string()))?;
+        Ok(0)
+    }
+}
+
+impl Publish for MqttClient {
+    /// Never waits: a full request queue is an error the caller retries later. (The
+    /// caller also drives the event loop's channel, so waiting here could deadlock.)
+    async fn publish(
+        &mut self,
+        topic: &str,
+        q: QoS,
+        retain: bool,
+        payload: &[u8],
+    ) -> Result<MessageId, Self::Error> {
+        self.client
+            .try_publish(topic, qos(q), retain, payload.to_vec())
+            .map_err(|e| TransportError::Client(e.to_string()))?;
+        Ok(0)
+    }
+}
+
+impl Connection for MqttConnection {
+    type Event<'a> = MqttEvent;
+
+    async fn next(&mut self) -> Result<Self::Event<'_>, Self::Error> {
+        self.rx.recv().await.map(MqttEvent).ok_or(TransportError::Closed)
+    }
+}
+
+impl Event for MqttEvent {
+    fn payload(&self) -> EventPayload<'_, Self::Error> {
+        match &self.0 {
+            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
+                EventPayload::Connected(ack.session_present)
+            }
+            Ok(Packet::ConnAck(_)) | Ok(Packet::Disconnect) => EventPayload::Disconnected,
+            Ok(Packet::SubAck(s)) => EventPayload::Subscribed(u32::from(s.pkid)),
+            Ok(Packet::Publish(p)) => EventPayload::Received {
+                id: u32::from(p.pkid),
+                topic: Some(p.topic.as_str()),
+                data: &p.payload,
+                details: Details::Complete,
+            },
+            Ok(_) => EventPayload::BeforeConnect,
+            Err(e) => EventPayload::Error(e),
+        }
+    }
+}
