@@ -1,0 +1,90 @@
+//! The bus between bridges and backends. Subjects mirror the MQTT topics:
+//! `imn.v1.{kind}.{agent}`.
+//!
+//! - [`LocalBus`]: in-process channels, for `imn up`.
+//! - [`NatsBus`]: NATS; uplink through a JetStream stream with `Nats-Msg-Id`
+//!   de-duplication and a shared durable pull consumer, downlink on core subjects.
+
+mod local;
+mod nats;
+
+pub use local::LocalBus;
+pub use nats::{NatsBus, NatsOptions};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use imn_modules::wire::Kind;
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus is closed")]
+    Closed,
+    #[error("{0} is already subscribed; the in-process bus has one consumer")]
+    AlreadySubscribed(&'static str),
+    #[error("nats: {0}")]
+    Nats(String),
+}
+
+/// Settles one uplink message with the bus once the consumer is done with it.
+#[async_trait]
+pub trait Settle: Send {
+    /// Processed (stored, or deliberately dropped): the bus may forget it.
+    async fn ack(self: Box<Self>);
+    /// Not processed: the bus should deliver it again.
+    async fn nak(self: Box<Self>);
+}
+
+/// A message from an agent, on its way to a backend.
+pub struct UpMessage {
+    pub kind: Kind,
+    pub agent: String,
+    pub payload: Bytes,
+    /// W3C `traceparent`, where the transport carried one.
+    pub traceparent: Option<String>,
+    settle: Option<Box<dyn Settle>>,
+}
+
+impl UpMessage {
+    pub fn new(kind: Kind, agent: String, payload: Bytes, settle: Option<Box<dyn Settle>>) -> Self {
+        UpMessage {
+            kind,
+            agent,
+            payload,
+            traceparent: None,
+            settle,
+        }
+    }
+
+    pub async fn ack(mut self) {
+        if let Some(s) = self.settle.take() {
+            s.ack().await;
+        }
+    }
+
+    pub async fn nak(mut self) {
+        if let Some(s) = self.settle.take() {
+            s.nak().await;
+        }
+    }
+}
+
+/// A message for an agent, on its way to the bridge that holds its connection.
+#[derive(Debug, Clone)]
+pub struct DownMessage {
+    pub kind: Kind,
+    pub agent: String,
+    pub payload: Bytes,
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Bridge → backend. Returns once the bus holds the message.
+    async fn publish_up(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError>;
+    /// Backend → bridge.
+    async fn publish_down(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError>;
+    /// The backend's feed of uplink messages; each must be acked or nakked.
+    async fn subscribe_up(&self) -> Result<mpsc::Receiver<UpMessage>, BusError>;
+    /// The bridge's feed of downlink messages.
+    async fn subscribe_down(&self) -> Result<mpsc::Receiver<DownMessage>, BusError>;
+}
