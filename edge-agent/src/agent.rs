@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use embedded_svc::mqtt::client::asynch::{Client, Connection, Event, EventPayload, Publish, QoS};
 use imn_modules::catalog;
+use imn_modules::now_ms;
 use imn_modules::results::ModuleOutcome;
 use imn_modules::wire::{
     self, Ack, AgentEvent, Batch, Command, CommandKind, Envelope, Heartbeat, Hello, Kind,
     ModuleInfo, ModuleResult, RecordBody, RequestState, StateChange, Status,
 };
-use imn_modules::now_ms;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
@@ -153,7 +153,12 @@ impl Agent {
         }));
         let _ = self
             .client
-            .publish(&wire::topic(&self.cfg.id, Kind::Status), QoS::AtLeastOnce, true, &offline)
+            .publish(
+                &wire::topic(&self.cfg.id, Kind::Status),
+                QoS::AtLeastOnce,
+                true,
+                &offline,
+            )
             .await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         tracing::info!(agent = %self.cfg.id, "agent stopped");
@@ -211,8 +216,14 @@ impl Agent {
     async fn on_connected(&mut self) {
         tracing::info!(agent = %self.cfg.id, depth = self.outbox.depth(), "connected");
         let id = self.cfg.id.clone();
-        let _ = self.client.subscribe(&wire::topic(&id, Kind::Cmd), QoS::AtLeastOnce).await;
-        let _ = self.client.subscribe(&wire::topic(&id, Kind::Ack), QoS::AtLeastOnce).await;
+        let _ = self
+            .client
+            .subscribe(&wire::topic(&id, Kind::Cmd), QoS::AtLeastOnce)
+            .await;
+        let _ = self
+            .client
+            .subscribe(&wire::topic(&id, Kind::Ack), QoS::AtLeastOnce)
+            .await;
         let hello = Envelope::Hello(Hello {
             agent_id: id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -240,11 +251,21 @@ impl Agent {
         });
         let _ = self
             .client
-            .publish(&wire::topic(&id, Kind::Status), QoS::AtLeastOnce, true, &wire::encode(&online))
+            .publish(
+                &wire::topic(&id, Kind::Status),
+                QoS::AtLeastOnce,
+                true,
+                &wire::encode(&online),
+            )
             .await;
         let _ = self
             .client
-            .publish(&wire::topic(&id, Kind::Hello), QoS::AtLeastOnce, false, &wire::encode(&hello))
+            .publish(
+                &wire::topic(&id, Kind::Hello),
+                QoS::AtLeastOnce,
+                false,
+                &wire::encode(&hello),
+            )
             .await;
         // Everything unacked goes again after every reconnect: the broker kept nothing.
         self.state = SyncState::CatchingUp;
@@ -292,7 +313,11 @@ impl Agent {
                     return Ok(());
                 }
                 if cmd.deadline_ms.is_some_and(|d| d < now) {
-                    self.append_state(&cmd.id, RequestState::Expired, Some("deadline passed before the agent received it"))?;
+                    self.append_state(
+                        &cmd.id,
+                        RequestState::Expired,
+                        Some("deadline passed before the agent received it"),
+                    )?;
                     self.outbox.finish_command(&cmd.id)?;
                     return Ok(());
                 }
@@ -338,7 +363,12 @@ impl Agent {
         Ok(())
     }
 
-    fn append_state(&mut self, id: &str, state: RequestState, detail: Option<&str>) -> Result<(), AgentError> {
+    fn append_state(
+        &mut self,
+        id: &str,
+        state: RequestState,
+        detail: Option<&str>,
+    ) -> Result<(), AgentError> {
         self.outbox.append(
             now_ms(),
             RecordBody::State(StateChange {
@@ -367,10 +397,16 @@ impl Agent {
     fn check_resend(&mut self) {
         let timeout = Duration::from_millis(self.cfg.resend_timeout_ms);
         if self.state != SyncState::Offline
-            && self.inflight.front().is_some_and(|b| b.sent_at.elapsed() > timeout)
+            && self
+                .inflight
+                .front()
+                .is_some_and(|b| b.sent_at.elapsed() > timeout)
             && self.last_ack.elapsed() > timeout
         {
-            tracing::info!(depth = self.outbox.depth(), "no ack within the resend timeout; resending");
+            tracing::info!(
+                depth = self.outbox.depth(),
+                "no ack within the resend timeout; resending"
+            );
             self.send_from = 0;
             self.inflight.clear();
         }
@@ -382,7 +418,9 @@ impl Agent {
             return Ok(());
         }
         while self.inflight.len() < self.cfg.window {
-            let from = self.send_from.max(self.outbox.first_seq().unwrap_or(u64::MAX));
+            let from = self
+                .send_from
+                .max(self.outbox.first_seq().unwrap_or(u64::MAX));
             let records = self.outbox.read_from(from, self.cfg.batch_max_bytes)?;
             let Some(last) = records.last().map(|r| r.seq) else {
                 self.state = SyncState::Online;
@@ -439,7 +477,12 @@ impl Agent {
         self.cpu = cpu;
         let _ = self
             .client
-            .publish(&wire::topic(&self.cfg.id, Kind::Heartbeat), QoS::AtMostOnce, false, &wire::encode(&hb))
+            .publish(
+                &wire::topic(&self.cfg.id, Kind::Heartbeat),
+                QoS::AtMostOnce,
+                false,
+                &wire::encode(&hb),
+            )
             .await;
     }
 

@@ -197,7 +197,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("imn-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("agent.toml");
-        std::fs::write(&file, "id = \"from-file\"\nheartbeat_ms = 500\ntags = [\"a\"]\n").unwrap();
+        std::fs::write(
+            &file,
+            "id = \"from-file\"\nheartbeat_ms = 500\ntags = [\"a\"]\n",
+        )
+        .unwrap();
         let cfg = AgentConfig::load(flags(&[
             "--config",
             file.to_str().unwrap(),
@@ -224,7 +228,8 @@ mod tests {
         assert!(err.to_string().starts_with("broker:"), "{err}");
         let err = AgentConfig::load(flags(&["--id", "a/b"])).unwrap_err();
         assert!(err.to_string().starts_with("id:"), "{err}");
-        let cfg = AgentConfig::load(flags(&["--id", "a", "--broker", "mqtt://[::1]:1883"])).unwrap();
+        let cfg =
+            AgentConfig::load(flags(&["--id", "a", "--broker", "mqtt://[::1]:1883"])).unwrap();
         assert_eq!(cfg.broker_addr().unwrap(), ("::1".to_string(), 1883));
     }
 }

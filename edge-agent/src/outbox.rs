@@ -81,10 +81,7 @@ impl SledOutbox {
             .get(META_NEXT_SEQ)?
             .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
             .unwrap_or(1);
-        let after_last = records
-            .last()?
-            .map(|(k, _)| key_seq(&k) + 1)
-            .unwrap_or(1);
+        let after_last = records.last()?.map(|(k, _)| key_seq(&k) + 1).unwrap_or(1);
         Ok(SledOutbox {
             db,
             records,
@@ -103,9 +100,9 @@ impl SledOutbox {
             done: false,
         };
         let bytes = postcard::to_stdvec(&entry).unwrap_or_default();
-        let prev = self
-            .commands
-            .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(bytes))?;
+        let prev =
+            self.commands
+                .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(bytes))?;
         if prev.is_err() {
             return Ok(false);
         }
@@ -118,8 +115,10 @@ impl SledOutbox {
         if let Some(v) = self.commands.get(id.as_bytes())? {
             if let Ok(mut entry) = postcard::from_bytes::<CommandEntry>(&v) {
                 entry.done = true;
-                self.commands
-                    .insert(id.as_bytes(), postcard::to_stdvec(&entry).unwrap_or_default())?;
+                self.commands.insert(
+                    id.as_bytes(),
+                    postcard::to_stdvec(&entry).unwrap_or_default(),
+                )?;
             }
         }
         Ok(())
@@ -182,7 +181,11 @@ impl Outbox for SledOutbox {
     }
 
     fn first_seq(&self) -> Option<u64> {
-        self.records.first().ok().flatten().map(|(k, _)| key_seq(&k))
+        self.records
+            .first()
+            .ok()
+            .flatten()
+            .map(|(k, _)| key_seq(&k))
     }
 
     fn ack(&mut self, ack: &Ack) -> Result<u64, OutboxError> {

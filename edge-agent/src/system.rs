@@ -48,7 +48,9 @@ pub fn uptime_s() -> u64 {
 
 pub fn load() -> [f32; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut it = text.split_whitespace().map(|x| x.parse::<f32>().unwrap_or(0.0));
+    let mut it = text
+        .split_whitespace()
+        .map(|x| x.parse::<f32>().unwrap_or(0.0));
     [
         it.next().unwrap_or(0.0),
         it.next().unwrap_or(0.0),

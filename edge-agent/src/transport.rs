@@ -94,7 +94,10 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Packet, Transpor
                 }
                 let forward = matches!(
                     packet,
-                    Packet::ConnAck(_) | Packet::Publish(_) | Packet::Disconnect | Packet::SubAck(_)
+                    Packet::ConnAck(_)
+                        | Packet::Publish(_)
+                        | Packet::Disconnect
+                        | Packet::SubAck(_)
                 );
                 if forward && tx.send(Ok(packet)).await.is_err() {
                     return;
@@ -166,7 +169,11 @@ impl Connection for MqttConnection {
     type Event<'a> = MqttEvent;
 
     async fn next(&mut self) -> Result<Self::Event<'_>, Self::Error> {
-        self.rx.recv().await.map(MqttEvent).ok_or(TransportError::Closed)
+        self.rx
+            .recv()
+            .await
+            .map(MqttEvent)
+            .ok_or(TransportError::Closed)
     }
 }
 

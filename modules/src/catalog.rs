@@ -113,6 +113,9 @@ mod tests {
         let spec = find("echo_module").unwrap();
         assert_eq!(spec.schema_hash(), spec.schema_hash());
         assert_eq!(spec.schema_hash().len(), 16);
-        assert_ne!(spec.schema_hash(), find("ping_module").unwrap().schema_hash());
+        assert_ne!(
+            spec.schema_hash(),
+            find("ping_module").unwrap().schema_hash()
+        );
     }
 }

@@ -100,7 +100,10 @@ mod tests {
         r.summarise();
         assert_eq!((r.sent, r.received), (4, 3));
         assert_eq!(r.loss_pct, 25.0);
-        assert_eq!((r.min_ms, r.avg_ms, r.max_ms), (Some(1.0), Some(2.0), Some(3.0)));
+        assert_eq!(
+            (r.min_ms, r.avg_ms, r.max_ms),
+            (Some(1.0), Some(2.0), Some(3.0))
+        );
         assert!((r.mdev_ms.unwrap() - 2.0 / 3.0).abs() < 1e-9);
     }
 }

@@ -1,1 +1,53 @@
-fn main(){}
+//! `imn-backend`: the backend as its own process, reading the bus from NATS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use imn_backend::up::{bind_http, serve_http, start_backend};
+use imn_bridge::bus::{NatsBus, NatsOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "imn-backend",
+    version,
+    about = "IMN backend: registry, storage, REST API"
+)]
+struct Flags {
+    /// REST API address.
+    #[arg(long, env = "IMN_HTTP", default_value = "127.0.0.1:8000")]
+    http: SocketAddr,
+    /// The NATS server shared with the bridges.
+    #[arg(long, env = "IMN_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// Directory of the embedded store.
+    #[arg(long, env = "IMN_DATA", default_value = "./imn-data/backend")]
+    data: PathBuf,
+    /// Enable fault-injection routes (/debug/…) for tests.
+    #[arg(long, hide = true)]
+    fault_injection: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let flags = Flags::parse();
+    let listener = bind_http("--http", flags.http).await?;
+    let bus = NatsBus::connect(NatsOptions::new(&flags.nats))
+        .await
+        .map_err(|e| anyhow::anyhow!("--nats {}: {e}", flags.nats))?;
+    let backend = start_backend(&flags.data, Arc::new(bus), flags.fault_injection).await?;
+    tracing::info!(http = %flags.http, nats = %flags.nats, "imn-backend running");
+    serve_http(listener, backend, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}

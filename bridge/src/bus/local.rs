@@ -74,12 +74,19 @@ mod tests {
         let bus = LocalBus::new(8);
         let mut up = bus.subscribe_up().await.unwrap();
         assert!(bus.subscribe_up().await.is_err());
-        bus.publish_up(Kind::Out, "a", Bytes::from_static(b"x")).await.unwrap();
+        bus.publish_up(Kind::Out, "a", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
         let m = up.recv().await.unwrap();
-        assert_eq!((m.kind, m.agent.as_str(), &m.payload[..]), (Kind::Out, "a", &b"x"[..]));
+        assert_eq!(
+            (m.kind, m.agent.as_str(), &m.payload[..]),
+            (Kind::Out, "a", &b"x"[..])
+        );
         m.ack().await;
         let mut down = bus.subscribe_down().await.unwrap();
-        bus.publish_down(Kind::Cmd, "b", Bytes::from_static(b"y")).await.unwrap();
+        bus.publish_down(Kind::Cmd, "b", Bytes::from_static(b"y"))
+            .await
+            .unwrap();
         assert_eq!(down.recv().await.unwrap().agent, "b");
     }
 }

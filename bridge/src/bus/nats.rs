@@ -88,13 +88,17 @@ impl NatsBus {
     }
 }
 
-
 /// A de-duplication id for an uplink payload: a retransmit of the same bytes by the
 /// same agent is stored once by JetStream (and the backend dedups by record id anyway).
 fn msg_id(kind: Kind, agent: &str, payload: &[u8]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     payload.hash(&mut h);
-    format!("{}.{agent}.{}.{:016x}", kind.as_str(), payload.len(), h.finish())
+    format!(
+        "{}.{agent}.{}.{:016x}",
+        kind.as_str(),
+        payload.len(),
+        h.finish()
+    )
 }
 
 struct NatsSettle(jetstream::Message);
@@ -173,8 +177,8 @@ impl Bus for NatsBus {
                             continue;
                         }
                     };
-                    let Some((kind, agent)) = wire::parse_subject(msg.subject.as_str())
-                        .map(|(k, a)| (k, a.to_string()))
+                    let Some((kind, agent)) =
+                        wire::parse_subject(msg.subject.as_str()).map(|(k, a)| (k, a.to_string()))
                     else {
                         let _ = msg.ack().await;
                         continue;
@@ -185,7 +189,8 @@ impl Bus for NatsBus {
                         .and_then(|h| h.get("traceparent"))
                         .map(|v| v.to_string());
                     let payload = msg.payload.clone();
-                    let mut up = UpMessage::new(kind, agent, payload, Some(Box::new(NatsSettle(msg))));
+                    let mut up =
+                        UpMessage::new(kind, agent, payload, Some(Box::new(NatsSettle(msg))));
                     up.traceparent = traceparent;
                     if tx.send(up).await.is_err() {
                         return;

@@ -48,7 +48,13 @@ fn open(v6: bool) -> Result<IcmpSocket, String> {
         (Domain::IPV4, Protocol::ICMPV4)
     };
     match Socket::new(domain, Type::RAW, Some(proto)) {
-        Ok(sock) => return Ok(IcmpSocket { sock, raw: true, v6 }),
+        Ok(sock) => {
+            return Ok(IcmpSocket {
+                sock,
+                raw: true,
+                v6,
+            })
+        }
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
         Err(e) => return Err(format!("cannot open raw ICMP socket: {e}")),
     }
@@ -233,7 +239,10 @@ mod tests {
             // name both remedies. Root always has a raw socket, so there it must work.
             Err(e) => {
                 assert!(!root, "root could not ping loopback: {e}");
-                assert!(e.contains("CAP_NET_RAW") && e.contains("ping_group_range"), "{e}")
+                assert!(
+                    e.contains("CAP_NET_RAW") && e.contains("ping_group_range"),
+                    "{e}"
+                )
             }
         }
     }

@@ -1,0 +1,310 @@
+//! The REST API, with the original system's routes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use imn_modules::{catalog, now_ms};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::registry::AgentEntry;
+use crate::service::Backend;
+use crate::store::{RequestRow, ResultRow};
+
+/// The longest `?wait` honoured, in seconds.
+pub const MAX_WAIT_S: f64 = 300.0;
+
+pub fn router(backend: Arc<Backend>) -> Router {
+    let mut r = Router::new()
+        .route("/health", get(health))
+        .route("/agents", get(agents))
+        .route("/agents/alive", get(agents_alive))
+        .route("/agents/{id}", get(agent))
+        .route("/agents/{id}/results", get(results))
+        .route("/agents/{id}/results/{request_id}", get(result))
+        .route("/agent/{id}/{module}", post(submit))
+        .route("/modules", get(modules))
+        .route("/modules/states/{request_id}", get(states));
+    if backend.fault_injection {
+        r = r.route("/debug/hold-acks", post(hold_acks));
+    }
+    r.fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(backend)
+}
+
+/// UTC RFC 3339 with milliseconds.
+pub fn rfc3339(ms: i64) -> Value {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000);
+    match t.ok().and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    }) {
+        Some(s) => Value::String(s),
+        None => Value::Null,
+    }
+}
+
+fn agent_json(a: &AgentEntry, now: i64) -> Value {
+    let hb = a.last_heartbeat.as_ref();
+    json!({
+        "id": a.id,
+        "alive": a.alive(now),
+        "status": if a.online { "online" } else { "offline" },
+        "first_seen": rfc3339(a.first_seen_ms),
+        "last_seen": rfc3339(a.last_seen_ms),
+        "version": a.hello.version,
+        "arch": a.hello.arch,
+        "tags": a.hello.tags,
+        "location": a.hello.location,
+        "modules": a.hello.modules,
+        "heartbeat_interval_ms": a.hello.heartbeat_interval_ms,
+        "outbox": {
+            "epoch": a.hello.outbox_epoch,
+            "depth": hb.map(|h| h.outbox_depth).unwrap_or(a.hello.outbox_depth),
+            "oldest_age_ms": hb.map(|h| h.outbox_oldest_age_ms),
+            "dropped": hb.map(|h| h.dropped).unwrap_or(a.hello.dropped),
+        },
+        "heartbeat": hb,
+    })
+}
+
+async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = now_ms();
+    let all = b.registry.all();
+    Ok(Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "agents_known": all.len(),
+        "agents_alive": all.iter().filter(|a| a.alive(now)).count(),
+        "records_stored": b.store.record_count().await?,
+        "duplicates_dropped": b.stats.duplicates_dropped.load(Relaxed),
+        "undecodable_messages": b.stats.undecodable.load(Relaxed),
+        "store_errors": b.stats.store_errors.load(Relaxed),
+        "acks_sent": b.stats.acks_sent.load(Relaxed),
+    })))
+}
+
+async fn agents(State(b): State<Arc<Backend>>) -> Json<Value> {
+    let now = now_ms();
+    Json(Value::Array(
+        b.registry
+            .all()
+            .iter()
+            .map(|a| agent_json(a, now))
+            .collect(),
+    ))
+}
+
+async fn agents_alive(State(b): State<Arc<Backend>>) -> Json<Value> {
+    let now = now_ms();
+    Json(Value::Array(
+        b.registry
+            .all()
+            .iter()
+            .filter(|a| a.alive(now))
+            .map(|a| agent_json(a, now))
+            .collect(),
+    ))
+}
+
+async fn agent(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let a = b.registry.get(&id).ok_or(ApiError::UnknownAgent(id))?;
+    Ok(Json(agent_json(&a, now_ms())))
+}
+
+fn result_json(r: &ResultRow) -> Value {
+    json!({
+        "request_id": r.request_id,
+        "agent_id": r.agent_id,
+        "module": r.module,
+        "state": r.state.as_str(),
+        "result": r.result,
+        "error": r.error,
+        "received_at": rfc3339(r.received_ms),
+        "started_at": rfc3339(r.started_ms),
+        "finished_at": rfc3339(r.finished_ms),
+        "stored_at": rfc3339(r.stored_ms),
+        "record": {"epoch": r.epoch, "seq": r.seq},
+    })
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<u32>,
+}
+
+async fn results(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    Query(q): Query<Limit>,
+) -> Result<Json<Value>, ApiError> {
+    if !b.registry.knows(&id) {
+        return Err(ApiError::UnknownAgent(id));
+    }
+    let rows = b
+        .store
+        .results(&id, q.limit.unwrap_or(100).min(10_000))
+        .await?;
+    Ok(Json(Value::Array(rows.iter().map(result_json).collect())))
+}
+
+async fn result(
+    State(b): State<Arc<Backend>>,
+    Path((id, request_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    if !b.registry.knows(&id) {
+        return Err(ApiError::UnknownAgent(id));
+    }
+    match b.store.result(&id, &request_id).await? {
+        Some(r) => Ok(Json(result_json(&r))),
+        None => {
+            let state = b
+                .store
+                .request(&request_id)
+                .await?
+                .filter(|r| r.agent_id == id);
+            Err(ApiError::NotFound(match state {
+                Some(r) => format!(
+                    "request {request_id} has no result yet (state: {})",
+                    r.state.as_str()
+                ),
+                None => format!("agent {id} has no request {request_id}"),
+            }))
+        }
+    }
+}
+
+fn request_json(r: &RequestRow) -> Value {
+    json!({
+        "request_id": r.id,
+        "agent_id": r.agent_id,
+        "module": r.module,
+        "state": r.state.as_str(),
+    })
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait: Option<f64>,
+}
+
+async fn submit(
+    State(b): State<Arc<Backend>>,
+    Path((id, module)): Path<(String, String)>,
+    Query(q): Query<WaitQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|s| !s.is_empty() && s.len() <= 256)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "Idempotency-Key must be 1 to 256 visible ASCII characters".into(),
+                    )
+                })?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let wait = match q.wait {
+        Some(w) if !(0.0..=MAX_WAIT_S).contains(&w) || w.is_nan() => {
+            return Err(ApiError::BadRequest(format!(
+                "wait must be between 0 and {MAX_WAIT_S} seconds"
+            )))
+        }
+        w => w,
+    };
+    let submitted = b.submit(&id, &module, &body, key).await?;
+    let mut req = submitted.request;
+    if let Some(w) = wait {
+        if !req.state.is_terminal() {
+            b.wait(&req.id, Duration::from_secs_f64(w)).await;
+            req = b.store.request(&req.id).await?.unwrap_or(req);
+        }
+    }
+    let mut body = request_json(&req);
+    if !submitted.new {
+        body["idempotent_replay"] = json!(true);
+    }
+    if req.state.is_terminal() && wait.is_some() {
+        if let Some(r) = b.store.result(&req.agent_id, &req.id).await? {
+            body["result"] = r.result;
+            body["error"] = json!(r.error);
+        }
+        return Ok((StatusCode::OK, Json(body)).into_response());
+    }
+    let location = format!("/modules/states/{}", req.id);
+    Ok((StatusCode::ACCEPTED, [("location", location)], Json(body)).into_response())
+}
+
+async fn modules() -> Json<Value> {
+    Json(Value::Array(
+        catalog::catalog()
+            .iter()
+            .map(|m| {
+                json!({
+                    "name": m.name,
+                    "version": m.version,
+                    "description": m.description,
+                    "schema_hash": m.schema_hash(),
+                    "schema": m.schema(),
+                })
+            })
+            .collect(),
+    ))
+}
+
+async fn states(
+    State(b): State<Arc<Backend>>,
+    Path(request_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let r = b
+        .store
+        .request(&request_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no request {request_id}")))?;
+    let transitions = b.store.transitions(&request_id).await?;
+    let mut body = request_json(&r);
+    body["created_at"] = rfc3339(r.created_ms);
+    body["updated_at"] = rfc3339(r.updated_ms);
+    body["deadline"] = rfc3339(r.deadline_ms);
+    body["transitions"] = Value::Array(
+        transitions
+            .iter()
+            .map(|t| {
+                json!({
+                    "state": t.state.as_str(),
+                    "at": rfc3339(t.at_ms),
+                    "observer": t.observer,
+                    "detail": t.detail,
+                })
+            })
+            .collect(),
+    );
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+struct OnOff {
+    on: bool,
+}
+
+/// Fault injection (only with `--fault-injection`): store batches but hold acks back.
+async fn hold_acks(State(b): State<Arc<Backend>>, Query(q): Query<OnOff>) -> Json<Value> {
+    b.set_hold_acks(q.on);
+    Json(json!({"hold_acks": q.on}))
+}

@@ -1,0 +1,89 @@
+//! The API's error type: each variant owns its HTTP status and JSON body
+//! `{"error": code, "message": ..., "field": ...}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("{message}")]
+    InvalidParams {
+        field: String,
+        rule: String,
+        message: String,
+    },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no agent {0:?} is registered")]
+    UnknownAgent(String),
+    #[error("no module {module:?}; modules: {}", .known.join(", "))]
+    UnknownModule { module: String, known: Vec<String> },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MalformedJson(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidParams { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UnknownAgent(_) | ApiError::UnknownModule { .. } | ApiError::NotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::InvalidParams { .. } => "invalid_params",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::UnknownAgent(_) => "unknown_agent",
+            ApiError::UnknownModule { .. } => "unknown_module",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        let mut body = json!({"error": self.code(), "message": self.to_string()});
+        match self {
+            ApiError::InvalidParams { field, rule, .. } => {
+                body["field"] = json!(field);
+                body["rule"] = json!(rule);
+            }
+            ApiError::UnknownModule { known, .. } => body["modules"] = json!(known),
+            ApiError::UnknownAgent(_) => body["field"] = json!("agent_id"),
+            _ => {}
+        }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if matches!(self, ApiError::Internal(_)) {
+            tracing::error!(error = %self, "internal API error");
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}

@@ -1,0 +1,163 @@
+//! Which agents exist and which are alive, fed by hellos, heartbeats and status
+//! messages. Kept in memory (heartbeats are the hot path); hellos are also persisted
+//! so a restarted backend still knows every agent.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use imn_modules::wire::{Heartbeat, Hello};
+
+/// Heartbeats an agent may miss before it counts as dead.
+pub const MISSED_HEARTBEATS: i64 = 3;
+
+#[derive(Debug, Clone)]
+pub struct AgentEntry {
+    pub id: String,
+    pub hello: Hello,
+    pub first_seen_ms: i64,
+    /// Last time anything arrived from the agent.
+    pub last_seen_ms: i64,
+    pub last_heartbeat: Option<Heartbeat>,
+    /// False once the agent said `offline` (or its last will did).
+    pub online: bool,
+}
+
+impl AgentEntry {
+    /// Heard within three heartbeat intervals, and not marked offline.
+    pub fn alive(&self, now_ms: i64) -> bool {
+        let interval = self.hello.heartbeat_interval_ms.max(100) as i64;
+        self.online && now_ms - self.last_seen_ms <= MISSED_HEARTBEATS * interval
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    agents: RwLock<HashMap<String, AgentEntry>>,
+}
+
+impl Registry {
+    /// Adds an agent known from the store; it counts as offline until heard from.
+    pub fn restore(&self, id: &str, hello: Hello, first_seen_ms: i64, last_seen_ms: i64) {
+        let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(id.to_string()).or_insert(AgentEntry {
+            id: id.to_string(),
+            hello,
+            first_seen_ms,
+            last_seen_ms,
+            last_heartbeat: None,
+            online: false,
+        });
+    }
+
+    pub fn hello(&self, id: &str, hello: Hello, now_ms: i64) {
+        let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
+        let e = map.entry(id.to_string()).or_insert_with(|| AgentEntry {
+            id: id.to_string(),
+            hello: hello.clone(),
+            first_seen_ms: now_ms,
+            last_seen_ms: now_ms,
+            last_heartbeat: None,
+            online: true,
+        });
+        e.hello = hello;
+        e.last_seen_ms = now_ms;
+        e.online = true;
+    }
+
+    pub fn heartbeat(&self, id: &str, hb: Heartbeat, now_ms: i64) {
+        let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get_mut(id) {
+            e.last_seen_ms = now_ms;
+            e.last_heartbeat = Some(hb);
+            e.online = true;
+        }
+    }
+
+    pub fn status(&self, id: &str, online: bool, now_ms: i64) {
+        let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get_mut(id) {
+            e.online = online;
+            if online {
+                e.last_seen_ms = now_ms;
+            }
+        }
+    }
+
+    /// Any message counts as a sign of life.
+    pub fn seen(&self, id: &str, now_ms: i64) {
+        let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get_mut(id) {
+            e.last_seen_ms = now_ms;
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<AgentEntry> {
+        self.agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn knows(&self, id: &str) -> bool {
+        self.agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+    }
+
+    pub fn all(&self) -> Vec<AgentEntry> {
+        let mut v: Vec<_> = self
+            .agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(hb_ms: u64) -> Hello {
+        Hello {
+            agent_id: "a".into(),
+            version: "0".into(),
+            arch: "x86_64".into(),
+            modules: vec![],
+            tags: vec![],
+            location: None,
+            schedule_version: 0,
+            outbox_epoch: 1,
+            outbox_depth: 0,
+            dropped: 0,
+            heartbeat_interval_ms: hb_ms,
+            sent_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn alive_means_heard_recently_and_not_offline() {
+        let r = Registry::default();
+        r.hello("a", hello(1000), 10_000);
+        assert!(r.get("a").unwrap().alive(12_999));
+        assert!(r.get("a").unwrap().alive(13_000));
+        assert!(
+            !r.get("a").unwrap().alive(13_001),
+            "three missed heartbeats"
+        );
+        r.heartbeat("a", Heartbeat::default(), 13_000);
+        assert!(r.get("a").unwrap().alive(15_000));
+        r.status("a", false, 15_000);
+        assert!(!r.get("a").unwrap().alive(15_000), "last will says offline");
+        r.restore("b", hello(1000), 0, 0);
+        assert!(
+            !r.get("b").unwrap().alive(0),
+            "restored agents wait to be heard"
+        );
+    }
+}

@@ -1,0 +1,409 @@
+//! The backend's core, shared by every front end (REST today): validation, request
+//! creation and dispatch, ingest of everything agents send, and acks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use imn_bridge::bus::{Bus, UpMessage};
+use imn_modules::wire::{self, Ack, Command, CommandKind, Envelope, Kind, RequestState};
+use imn_modules::{catalog, now_ms, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::error::ApiError;
+use crate::registry::Registry;
+use crate::store::{Created, NewRequest, RequestRow, Store};
+
+/// How long an undelivered request waits for its agent by default.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// A command dispatched but not confirmed by the agent within this is sent again.
+pub const REDISPATCH_AFTER: Duration = Duration::from_secs(10);
+
+/// Counters, for `/health` now and metrics later.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub records_stored: AtomicU64,
+    pub duplicates_dropped: AtomicU64,
+    pub undecodable: AtomicU64,
+    pub store_errors: AtomicU64,
+    pub acks_sent: AtomicU64,
+}
+
+pub struct Backend {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub registry: Registry,
+    pub stats: Stats,
+    /// Each module's compiled schema; compiled once at start.
+    validators: HashMap<&'static str, jsonschema::Validator>,
+    /// Callers of `?wait` waiting for a request to finish.
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    /// Fault injection for tests: store batches but send no acks.
+    hold_acks: AtomicBool,
+    pub fault_injection: bool,
+}
+
+/// A request as the caller should see it after creation.
+pub struct Submitted {
+    pub request: RequestRow,
+    /// False when the idempotency key matched an earlier request.
+    pub new: bool,
+}
+
+impl Backend {
+    pub async fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        fault_injection: bool,
+    ) -> Result<Arc<Backend>, ApiError> {
+        let mut validators = HashMap::new();
+        for spec in catalog::catalog() {
+            let v = jsonschema::validator_for(&spec.schema()).map_err(|e| {
+                ApiError::Internal(format!("schema of {} does not compile: {e}", spec.name))
+            })?;
+            validators.insert(spec.name, v);
+        }
+        let backend = Arc::new(Backend {
+            store,
+            bus,
+            registry: Registry::default(),
+            stats: Stats::default(),
+            validators,
+            waiters: Mutex::new(HashMap::new()),
+            hold_acks: AtomicBool::new(false),
+            fault_injection,
+        });
+        for a in backend.store.agents().await? {
+            backend
+                .registry
+                .restore(&a.id, a.hello, a.first_seen_ms, a.last_hello_ms);
+        }
+        Ok(backend)
+    }
+
+    /// Starts ingest and the periodic sweep.
+    pub async fn start(self: &Arc<Self>) -> Result<(), ApiError> {
+        let rx = self
+            .bus
+            .subscribe_up()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        tokio::spawn(self.clone().ingest(rx));
+        tokio::spawn(self.clone().sweep());
+        Ok(())
+    }
+
+    pub fn set_hold_acks(&self, on: bool) {
+        self.hold_acks.store(on, Ordering::SeqCst);
+    }
+
+    /// Validates parameters against the module's schema, then the rules a schema
+    /// cannot express. The error names the JSON pointer of the field and the rule.
+    pub fn validate(&self, module: &str, params: &Value) -> Result<(), ApiError> {
+        let validator = self
+            .validators
+            .get(module)
+            .ok_or_else(|| ApiError::UnknownModule {
+                module: module.to_string(),
+                known: catalog::names().iter().map(|s| s.to_string()).collect(),
+            })?;
+        if let Some(err) = validator.iter_errors(params).next() {
+            let mut field = err.instance_path.to_string();
+            match &err.kind {
+                jsonschema::error::ValidationErrorKind::Required { property } => {
+                    field = format!("{field}/{}", property.as_str().unwrap_or_default());
+                }
+                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                    if let Some(p) = unexpected.first() {
+                        field = format!("{field}/{p}");
+                    }
+                }
+                _ => {}
+            }
+            let rule = err
+                .schema_path
+                .to_string()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let shown = if field.is_empty() {
+                "/".to_string()
+            } else {
+                field.clone()
+            };
+            return Err(ApiError::InvalidParams {
+                message: format!("{shown}: {err} (rule: {rule})"),
+                field: shown,
+                rule,
+            });
+        }
+        params::check(module, params).map_err(|e| ApiError::InvalidParams {
+            message: e.to_string(),
+            rule: "bytes".into(),
+            field: e.field,
+        })
+    }
+
+    /// Creates (or, with a known idempotency key, finds) a request and dispatches it
+    /// if its agent is alive. An offline agent's request waits as `pending`.
+    pub async fn submit(
+        &self,
+        agent: &str,
+        module: &str,
+        body: &[u8],
+        idempotency_key: Option<String>,
+    ) -> Result<Submitted, ApiError> {
+        if !self.registry.knows(agent) {
+            return Err(ApiError::UnknownAgent(agent.to_string()));
+        }
+        let spec = catalog::find(module).ok_or_else(|| ApiError::UnknownModule {
+            module: module.to_string(),
+            known: catalog::names().iter().map(|s| s.to_string()).collect(),
+        })?;
+        let params: Value = if body.iter().all(|b| b.is_ascii_whitespace()) {
+            Value::Object(Default::default())
+        } else {
+            serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?
+        };
+        self.validate(module, &params)?;
+        let now = now_ms();
+        let created = self
+            .store
+            .create_request(NewRequest {
+                id: uuid::Uuid::new_v4().to_string(),
+                agent_id: agent.to_string(),
+                module: module.to_string(),
+                params_json: params.to_string(),
+                created_ms: now,
+                deadline_ms: now + DEFAULT_DEADLINE.as_millis() as i64,
+                timeout_ms: spec.default_timeout_ms,
+                idempotency_key,
+            })
+            .await?;
+        match created {
+            Created::Existing(request) => Ok(Submitted {
+                request,
+                new: false,
+            }),
+            Created::New(request) => {
+                let alive = self.registry.get(agent).is_some_and(|a| a.alive(now));
+                if alive {
+                    self.dispatch(&request).await;
+                }
+                let request = self.store.request(&request.id).await?.unwrap_or(request);
+                Ok(Submitted { request, new: true })
+            }
+        }
+    }
+
+    /// Sends the request's command to its agent and marks it `dispatched`.
+    async fn dispatch(&self, req: &RequestRow) {
+        let cmd = Envelope::Command(Command {
+            id: req.id.clone(),
+            kind: CommandKind::Run {
+                module: req.module.clone(),
+                params_json: req.params_json.clone(),
+                timeout_ms: req.timeout_ms,
+            },
+            traceparent: None,
+            deadline_ms: Some(req.deadline_ms),
+        });
+        match self
+            .bus
+            .publish_down(Kind::Cmd, &req.agent_id, Bytes::from(wire::encode(&cmd)))
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = self
+                    .store
+                    .transition(&req.id, RequestState::Dispatched, now_ms(), "backend", None)
+                    .await
+                {
+                    tracing::warn!(error = %e, request = %req.id, "cannot record dispatch");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, request = %req.id, "dispatch failed; will retry"),
+        }
+    }
+
+    /// Waits until the request is terminal or `timeout` passes.
+    pub async fn wait(&self, request_id: &str, timeout: Duration) {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(request_id.to_string())
+            .or_default()
+            .push(tx);
+        // It may have finished before we registered.
+        if let Ok(Some(r)) = self.store.request(request_id).await {
+            if r.state.is_terminal() {
+                self.waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(request_id);
+                return;
+            }
+        }
+        let _ = tokio::time::timeout(timeout, rx).await;
+        let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = w.get_mut(request_id) {
+            list.retain(|s| !s.is_closed());
+            if list.is_empty() {
+                w.remove(request_id);
+            }
+        }
+    }
+
+    fn wake(&self, request_id: &str) {
+        let list = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(request_id);
+        for tx in list.into_iter().flatten() {
+            let _ = tx.send(());
+        }
+    }
+
+    async fn ingest(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<UpMessage>) {
+        while let Some(msg) = rx.recv().await {
+            self.handle_up(msg).await;
+        }
+        tracing::warn!("uplink feed closed");
+    }
+
+    async fn handle_up(&self, msg: UpMessage) {
+        let now = now_ms();
+        let env = match wire::decode(&msg.payload) {
+            Ok(env) => env,
+            Err(e) => {
+                self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(agent = %msg.agent, kind = msg.kind.as_str(), reason = e.reason(), error = %e, "dropping undecodable uplink message");
+                msg.ack().await;
+                return;
+            }
+        };
+        let agent = msg.agent.clone();
+        match (msg.kind, env) {
+            (Kind::Hello, Envelope::Hello(hello)) if hello.agent_id == agent => {
+                if let Err(e) = self.store.upsert_agent(&agent, &hello, now).await {
+                    tracing::warn!(error = %e, "cannot store hello");
+                    msg.nak().await;
+                    return;
+                }
+                self.registry.hello(&agent, hello, now);
+                tracing::info!(%agent, "agent hello");
+                msg.ack().await;
+                self.redeliver(&agent, true).await;
+            }
+            (Kind::Heartbeat, Envelope::Heartbeat(hb)) => {
+                self.registry.heartbeat(&agent, hb, now);
+                msg.ack().await;
+            }
+            (Kind::Status, Envelope::Status(st)) => {
+                self.registry.status(&agent, st.online, now);
+                msg.ack().await;
+            }
+            (Kind::Out, Envelope::Batch(batch)) => {
+                self.registry.seen(&agent, now);
+                match self.store.store_batch(&agent, &batch, now).await {
+                    Ok(outcome) => {
+                        self.stats
+                            .records_stored
+                            .fetch_add(outcome.stored, Ordering::Relaxed);
+                        self.stats
+                            .duplicates_dropped
+                            .fetch_add(outcome.duplicates, Ordering::Relaxed);
+                        // Acked only after the commit above: the agent may now delete.
+                        if !self.hold_acks.load(Ordering::SeqCst) {
+                            let ack =
+                                Ack::from_seqs(batch.epoch, batch.records.iter().map(|r| r.seq));
+                            match self
+                                .bus
+                                .publish_down(
+                                    Kind::Ack,
+                                    &agent,
+                                    Bytes::from(wire::encode(&Envelope::Ack(ack))),
+                                )
+                                .await
+                            {
+                                Ok(()) => {
+                                    self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot send ack; the agent will resend")
+                                }
+                            }
+                        }
+                        msg.ack().await;
+                        for id in outcome.finished {
+                            self.wake(&id);
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, %agent, "cannot store batch; not acking");
+                        msg.nak().await;
+                    }
+                }
+            }
+            (kind, _) => {
+                self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%agent, kind = kind.as_str(), "envelope does not match its topic or agent; dropped");
+                msg.ack().await;
+            }
+        }
+    }
+
+    /// Sends an agent its undelivered commands: all of them after a hello, or only
+    /// those dispatched too long ago otherwise.
+    async fn redeliver(&self, agent: &str, all: bool) {
+        let Ok(reqs) = self.store.undelivered(agent).await else {
+            return;
+        };
+        let now = now_ms();
+        for r in reqs {
+            let stale = now - r.updated_ms > REDISPATCH_AFTER.as_millis() as i64;
+            if all || r.state == RequestState::Pending || stale {
+                self.dispatch(&r).await;
+            }
+        }
+    }
+
+    /// Every few seconds: expire requests past their deadline, and redeliver commands
+    /// that alive agents have not confirmed.
+    async fn sweep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            let now = now_ms();
+            if let Ok(overdue) = self.store.overdue(now).await {
+                for r in overdue {
+                    if let Ok(true) = self
+                        .store
+                        .transition(
+                            &r.id,
+                            RequestState::Expired,
+                            now,
+                            "backend",
+                            Some("deadline passed"),
+                        )
+                        .await
+                    {
+                        self.wake(&r.id);
+                    }
+                }
+            }
+            for a in self.registry.all() {
+                if a.alive(now) {
+                    self.redeliver(&a.id, false).await;
+                }
+            }
+        }
+    }
+}

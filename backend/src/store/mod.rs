@@ -1,0 +1,136 @@
+//! Where the backend keeps agents, requests, their state transitions, and every record
+//! agents sent. One trait; the embedded default is [`SqliteStore`] (one file, no
+//! setup), and a PostgreSQL implementation can sit beside it.
+//!
+//! Records are keyed by (agent, epoch, seq), so storing is idempotent: a batch sent
+//! twice is stored once, which makes the at-least-once path exactly-once for users.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use imn_modules::wire::{Batch, Hello, RequestState};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(String),
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+/// An agent the backend has heard a hello from.
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    pub id: String,
+    pub first_seen_ms: i64,
+    pub last_hello_ms: i64,
+    pub hello: Hello,
+}
+
+/// A request as the API accepted it.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub id: String,
+    pub agent_id: String,
+    pub module: String,
+    pub params_json: String,
+    pub created_ms: i64,
+    pub deadline_ms: i64,
+    pub timeout_ms: u64,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRow {
+    pub id: String,
+    pub agent_id: String,
+    pub module: String,
+    pub params_json: String,
+    pub state: RequestState,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub deadline_ms: i64,
+    pub timeout_ms: u64,
+}
+
+/// Whether a create made a new request or found the one with the same idempotency key.
+#[derive(Debug, Clone)]
+pub enum Created {
+    New(RequestRow),
+    Existing(RequestRow),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Transition {
+    pub state: RequestState,
+    pub at_ms: i64,
+    /// `backend` or `agent`.
+    pub observer: String,
+    pub detail: Option<String>,
+}
+
+/// A stored module result.
+#[derive(Debug, Clone)]
+pub struct ResultRow {
+    pub agent_id: String,
+    pub request_id: String,
+    pub module: String,
+    pub epoch: u64,
+    pub seq: u64,
+    pub state: RequestState,
+    pub result: serde_json::Value,
+    pub error: Option<String>,
+    pub received_ms: i64,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub stored_ms: i64,
+}
+
+/// What storing one batch did.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOutcome {
+    pub stored: u64,
+    pub duplicates: u64,
+    /// Requests that reached a terminal state with this batch.
+    pub finished: Vec<String>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn upsert_agent(&self, id: &str, hello: &Hello, now_ms: i64) -> Result<(), StoreError>;
+    async fn agents(&self) -> Result<Vec<AgentRow>, StoreError>;
+    /// Creates a request in state `pending`, or returns the one with the same
+    /// idempotency key.
+    async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError>;
+    async fn request(&self, id: &str) -> Result<Option<RequestRow>, StoreError>;
+    /// Records a transition; the request's state only moves forward. Returns whether
+    /// the request's state changed.
+    async fn transition(
+        &self,
+        id: &str,
+        state: RequestState,
+        at_ms: i64,
+        observer: &str,
+        detail: Option<&str>,
+    ) -> Result<bool, StoreError>;
+    async fn transitions(&self, id: &str) -> Result<Vec<Transition>, StoreError>;
+    /// The agent's requests that it has not yet confirmed receiving.
+    async fn undelivered(&self, agent: &str) -> Result<Vec<RequestRow>, StoreError>;
+    /// Requests not terminal and past their deadline.
+    async fn overdue(&self, now_ms: i64) -> Result<Vec<RequestRow>, StoreError>;
+    /// Stores a batch in one transaction, skipping records already stored.
+    async fn store_batch(
+        &self,
+        agent: &str,
+        batch: &Batch,
+        now_ms: i64,
+    ) -> Result<BatchOutcome, StoreError>;
+    /// Newest first.
+    async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError>;
+    async fn result(&self, agent: &str, request_id: &str) -> Result<Option<ResultRow>, StoreError>;
+    /// How many records are stored, in all.
+    async fn record_count(&self) -> Result<u64, StoreError>;
+}

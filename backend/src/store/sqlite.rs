@@ -1,0 +1,485 @@
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use imn_modules::results::ModuleOutcome;
+use imn_modules::wire::{Batch, Hello, RecordBody, RequestState};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::json;
+
+use super::{
+    AgentRow, BatchOutcome, Created, NewRequest, RequestRow, ResultRow, Store, StoreError,
+    Transition,
+};
+
+/// The embedded store: one SQLite file in WAL mode.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    first_seen_ms INTEGER NOT NULL,
+    last_hello_ms INTEGER NOT NULL,
+    hello_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    module TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    timeout_ms INTEGER NOT NULL,
+    idempotency_key TEXT UNIQUE
+);
+CREATE INDEX IF NOT EXISTS requests_agent_state ON requests(agent_id, state);
+CREATE TABLE IF NOT EXISTS transitions (
+    request_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    observer TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS transitions_request ON transitions(request_id);
+CREATE TABLE IF NOT EXISTS records (
+    agent_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    request_id TEXT,
+    module TEXT,
+    at_ms INTEGER NOT NULL,
+    stored_ms INTEGER NOT NULL,
+    body_json TEXT NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_results ON records(agent_id, kind, stored_ms);
+CREATE INDEX IF NOT EXISTS records_request ON records(request_id);
+";
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path).map_err(db)?;
+        conn.execute_batch(SCHEMA).map_err(db)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection in the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Task("store lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+fn state_of(s: String) -> RequestState {
+    RequestState::parse(&s).unwrap_or(RequestState::Pending)
+}
+
+const REQUEST_COLS: &str =
+    "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms";
+
+fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
+    Ok(RequestRow {
+        id: r.get(0)?,
+        agent_id: r.get(1)?,
+        module: r.get(2)?,
+        params_json: r.get(3)?,
+        state: state_of(r.get(4)?),
+        created_ms: r.get(5)?,
+        updated_ms: r.get(6)?,
+        deadline_ms: r.get(7)?,
+        timeout_ms: r.get::<_, i64>(8)? as u64,
+    })
+}
+
+fn get_request(c: &Connection, id: &str) -> Result<Option<RequestRow>, StoreError> {
+    c.query_row(
+        &format!("SELECT {REQUEST_COLS} FROM requests WHERE id = ?1"),
+        [id],
+        request_row,
+    )
+    .optional()
+    .map_err(db)
+}
+
+/// Moves a request forward; never back, never out of a terminal state.
+fn apply_transition(
+    c: &Connection,
+    id: &str,
+    state: RequestState,
+    at_ms: i64,
+    observer: &str,
+    detail: Option<&str>,
+) -> Result<bool, StoreError> {
+    let Some(current) = c
+        .query_row("SELECT state FROM requests WHERE id = ?1", [id], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()
+        .map_err(db)?
+        .map(state_of)
+    else {
+        return Ok(false);
+    };
+    c.execute(
+        "INSERT INTO transitions (request_id, state, at_ms, observer, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, state.as_str(), at_ms, observer, detail],
+    )
+    .map_err(db)?;
+    if state == current && !current.is_terminal() {
+        // A repeat (such as a re-dispatch) refreshes the time, not the state.
+        c.execute(
+            "UPDATE requests SET updated_ms = ?2 WHERE id = ?1",
+            params![id, at_ms],
+        )
+        .map_err(db)?;
+    }
+    if current.is_terminal() || state.rank() <= current.rank() {
+        return Ok(false);
+    }
+    c.execute(
+        "UPDATE requests SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+        params![id, state.as_str(), at_ms],
+    )
+    .map_err(db)?;
+    Ok(true)
+}
+
+fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
+    let body: String = r.get(6)?;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let ms = |k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(0);
+    Ok(ResultRow {
+        agent_id: r.get(0)?,
+        epoch: r.get::<_, i64>(1)? as u64,
+        seq: r.get::<_, i64>(2)? as u64,
+        request_id: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+        module: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+        stored_ms: r.get(5)?,
+        state: v
+            .get("state")
+            .and_then(|s| s.as_str())
+            .and_then(RequestState::parse)
+            .unwrap_or(RequestState::Failed),
+        result: v.get("result").cloned().unwrap_or_default(),
+        error: v.get("error").and_then(|e| e.as_str()).map(str::to_string),
+        received_ms: ms("received_ms"),
+        started_ms: ms("started_ms"),
+        finished_ms: ms("finished_ms"),
+    })
+}
+
+const RESULT_COLS: &str = "agent_id, epoch, seq, request_id, module, stored_ms, body_json";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn upsert_agent(&self, id: &str, hello: &Hello, now_ms: i64) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let hello = serde_json::to_string(hello).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO agents (id, first_seen_ms, last_hello_ms, hello_json) VALUES (?1, ?2, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET last_hello_ms = ?2, hello_json = ?3",
+                params![id, now_ms, hello],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare(
+                    "SELECT id, first_seen_ms, last_hello_ms, hello_json FROM agents ORDER BY id",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, first_seen_ms, last_hello_ms, hello) = row.map_err(db)?;
+                if let Ok(hello) = serde_json::from_str(&hello) {
+                    out.push(AgentRow {
+                        id,
+                        first_seen_ms,
+                        last_hello_ms,
+                        hello,
+                    });
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            if let Some(key) = &req.idempotency_key {
+                let existing: Option<String> = tx
+                    .query_row(
+                        "SELECT id FROM requests WHERE idempotency_key = ?1",
+                        [key],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(db)?;
+                if let Some(id) = existing {
+                    let row = get_request(&tx, &id)?
+                        .ok_or_else(|| StoreError::Db("request vanished".into()))?;
+                    return Ok(Created::Existing(row));
+                }
+            }
+            tx.execute(
+                &format!("INSERT INTO requests ({REQUEST_COLS}, idempotency_key) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8)"),
+                params![
+                    req.id,
+                    req.agent_id,
+                    req.module,
+                    req.params_json,
+                    req.created_ms,
+                    req.deadline_ms,
+                    req.timeout_ms as i64,
+                    req.idempotency_key
+                ],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO transitions (request_id, state, at_ms, observer) VALUES (?1, 'pending', ?2, 'backend')",
+                params![req.id, req.created_ms],
+            )
+            .map_err(db)?;
+            let row = get_request(&tx, &req.id)?
+                .ok_or_else(|| StoreError::Db("request vanished".into()))?;
+            tx.commit().map_err(db)?;
+            Ok(Created::New(row))
+        })
+        .await
+    }
+
+    async fn request(&self, id: &str) -> Result<Option<RequestRow>, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| get_request(c, &id)).await
+    }
+
+    async fn transition(
+        &self,
+        id: &str,
+        state: RequestState,
+        at_ms: i64,
+        observer: &str,
+        detail: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let (id, observer, detail) = (
+            id.to_string(),
+            observer.to_string(),
+            detail.map(str::to_string),
+        );
+        self.with(move |c| apply_transition(c, &id, state, at_ms, &observer, detail.as_deref()))
+            .await
+    }
+
+    async fn transitions(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare("SELECT state, at_ms, observer, detail FROM transitions WHERE request_id = ?1 ORDER BY at_ms, rowid")
+                .map_err(db)?;
+            let rows = st
+                .query_map([id], |r| {
+                    Ok(Transition {
+                        state: state_of(r.get(0)?),
+                        at_ms: r.get(1)?,
+                        observer: r.get(2)?,
+                        detail: r.get(3)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn undelivered(&self, agent: &str) -> Result<Vec<RequestRow>, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare(&format!("SELECT {REQUEST_COLS} FROM requests WHERE agent_id = ?1 AND state IN ('pending', 'dispatched') ORDER BY created_ms"))
+                .map_err(db)?;
+            let rows = st.query_map([agent], request_row).map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn overdue(&self, now_ms: i64) -> Result<Vec<RequestRow>, StoreError> {
+        self.with(move |c| {
+            let mut st = c
+                .prepare(&format!("SELECT {REQUEST_COLS} FROM requests WHERE deadline_ms < ?1 AND state IN ('pending', 'dispatched', 'received', 'running')"))
+                .map_err(db)?;
+            let rows = st.query_map([now_ms], request_row).map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn store_batch(
+        &self,
+        agent: &str,
+        batch: &Batch,
+        now_ms: i64,
+    ) -> Result<BatchOutcome, StoreError> {
+        let agent = agent.to_string();
+        let batch = batch.clone();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let mut out = BatchOutcome::default();
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    )
+                    .map_err(db)?;
+                for rec in &batch.records {
+                    let (kind, request_id, module, body, transition) = match &rec.body {
+                        RecordBody::State(s) => (
+                            "state",
+                            Some(s.request_id.clone()),
+                            None,
+                            json!({"state": s.state.as_str(), "detail": s.detail}),
+                            Some((s.request_id.clone(), s.state, s.detail.clone())),
+                        ),
+                        RecordBody::Result(r) => {
+                            let (state, result, error) = match &r.outcome {
+                                ModuleOutcome::Ok(o) => (RequestState::Succeeded, o.to_json(), None),
+                                ModuleOutcome::Failed(e) => (RequestState::Failed, serde_json::Value::Null, Some(e.clone())),
+                                ModuleOutcome::Timeout => (
+                                    RequestState::Timeout,
+                                    serde_json::Value::Null,
+                                    Some("the module passed its deadline and was cancelled".to_string()),
+                                ),
+                            };
+                            (
+                                "result",
+                                Some(r.request_id.clone()),
+                                Some(r.module.clone()),
+                                json!({
+                                    "state": state.as_str(),
+                                    "result": result,
+                                    "error": error,
+                                    "received_ms": r.received_ms,
+                                    "started_ms": r.started_ms,
+                                    "finished_ms": r.finished_ms,
+                                }),
+                                Some((r.request_id.clone(), state, error)),
+                            )
+                        }
+                        RecordBody::Event(e) => (
+                            "event",
+                            None,
+                            None,
+                            json!({"kind": e.kind, "message": e.message}),
+                            None,
+                        ),
+                    };
+                    let n = insert
+                        .execute(params![
+                            agent,
+                            batch.epoch as i64,
+                            rec.seq as i64,
+                            kind,
+                            request_id,
+                            module,
+                            rec.at_ms,
+                            now_ms,
+                            body.to_string()
+                        ])
+                        .map_err(db)?;
+                    if n == 0 {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    out.stored += 1;
+                    if let Some((id, state, detail)) = transition {
+                        let changed = apply_transition(&tx, &id, state, rec.at_ms, "agent", detail.as_deref())?;
+                        if changed && state.is_terminal() {
+                            out.finished.push(id);
+                        }
+                    }
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare(&format!("SELECT {RESULT_COLS} FROM records WHERE agent_id = ?1 AND kind = 'result' ORDER BY stored_ms DESC, seq DESC LIMIT ?2"))
+                .map_err(db)?;
+            let rows = st.query_map(params![agent, limit], result_row).map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn result(&self, agent: &str, request_id: &str) -> Result<Option<ResultRow>, StoreError> {
+        let (agent, request_id) = (agent.to_string(), request_id.to_string());
+        self.with(move |c| {
+            c.query_row(
+                &format!("SELECT {RESULT_COLS} FROM records WHERE agent_id = ?1 AND request_id = ?2 AND kind = 'result' ORDER BY stored_ms LIMIT 1"),
+                params![agent, request_id],
+                result_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn record_count(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+                .map_err(db)
+        })
+        .await
+    }
+}
