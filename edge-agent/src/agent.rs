@@ -56,7 +56,7 @@ struct InFlight {
 
 /// A record made by a module task, for the main loop to store.
 enum Produced {
-    Record(RecordBody),
+    Record(Box<RecordBody>),
     /// The run finished; its result is the preceding record.
     Finished(String),
 }
@@ -327,11 +327,11 @@ impl Agent {
                 let task = tokio::spawn(async move {
                     let started_ms = now_ms();
                     let _ = tx
-                        .send(Produced::Record(RecordBody::State(StateChange {
+                        .send(Produced::Record(Box::new(RecordBody::State(StateChange {
                             request_id: id.clone(),
                             state: RequestState::Running,
                             detail: None,
-                        })))
+                        }))))
                         .await;
                     let outcome = supervisor::run_module(
                         module.clone(),
@@ -347,7 +347,7 @@ impl Agent {
                         finished_ms: now_ms(),
                         outcome,
                     };
-                    let _ = tx.send(Produced::Record(RecordBody::Result(result))).await;
+                    let _ = tx.send(Produced::Record(Box::new(RecordBody::Result(result)))).await;
                     let _ = tx.send(Produced::Finished(id)).await;
                 });
                 self.running.insert(cmd.id, task.abort_handle());
@@ -383,7 +383,7 @@ impl Agent {
     fn on_produced(&mut self, p: Produced) -> Result<(), AgentError> {
         match p {
             Produced::Record(body) => {
-                self.outbox.append(now_ms(), body)?;
+                self.outbox.append(now_ms(), *body)?;
             }
             Produced::Finished(id) => {
                 self.running.remove(&id);

@@ -1,1 +1,428 @@
+//! Harness for IMN's end-to-end tests: start the project's real binaries and real
+//! peers (nats-server) on free loopback ports, in throwaway directories, and kill
+//! them when the test ends.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which the
+//! README's test command does).
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of one of the workspace's binaries, next to the test executable's folder.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/e2e-xxxx → target/debug
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// Finds a program on PATH or in the sbin folders Debian installs servers to.
+pub fn program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists());
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the caller binds it soon after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A directory removed when dropped (kept if the test failed, for its logs).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "imn-test-{label}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A child process, killed when dropped. Its output goes to `log`.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[&str], log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info,rumqttd=warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL: no chance to clean up, as in a power cut of the process.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal and waits up to `timeout` for the exit status.
+    pub fn signal_and_wait(
+        &mut self,
+        sig: i32,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), sig) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("---- last lines of {} ----", self.name);
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A small JSON client for the REST API.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    client: reqwest::Client,
+}
+
+/// Status and parsed JSON body of a response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Api {
+    pub fn new(port: u16) -> Api {
+        Api {
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    async fn reply(r: reqwest::Response) -> Reply {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET");
+        Self::reply(r).await
+    }
+
+    /// GET that returns None on a connection error (the server is not up yet).
+    pub async fn try_get(&self, path: &str) -> Option<Reply> {
+        let r = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .ok()?;
+        Some(Self::reply(r).await)
+    }
+
+    pub async fn post(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Self::reply(req.send().await.expect("POST")).await
+    }
+
+    /// Waits until `/agents/alive` lists exactly these agents (at least).
+    pub async fn wait_alive(&self, ids: &[&str], timeout: Duration) {
+        let api = self.clone();
+        let want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        wait_for(&format!("agents {ids:?} alive"), timeout, || {
+            let api = api.clone();
+            let want = want.clone();
+            async move {
+                let r = api.try_get("/agents/alive").await?;
+                let alive: Vec<String> = r
+                    .body
+                    .as_array()?
+                    .iter()
+                    .filter_map(|a| a["id"].as_str().map(str::to_string))
+                    .collect();
+                want.iter().all(|w| alive.contains(w)).then_some(())
+            }
+        })
+        .await
+    }
+
+    /// Waits until the agent is no longer listed alive.
+    pub async fn wait_not_alive(&self, id: &str, timeout: Duration) {
+        let api = self.clone();
+        let id = id.to_string();
+        wait_for(&format!("agent {id} not alive"), timeout, || {
+            let api = api.clone();
+            let id = id.clone();
+            async move {
+                let r = api.try_get(&format!("/agents/{id}")).await?;
+                (r.body["alive"] == Value::Bool(false)).then_some(())
+            }
+        })
+        .await
+    }
+
+    /// Waits until a request reaches the given state.
+    pub async fn wait_state(&self, request_id: &str, state: &str, timeout: Duration) -> Value {
+        let api = self.clone();
+        let (rid, st) = (request_id.to_string(), state.to_string());
+        wait_for(&format!("request {request_id} {state}"), timeout, || {
+            let api = api.clone();
+            let (rid, st) = (rid.clone(), st.clone());
+            async move {
+                let r = api.try_get(&format!("/modules/states/{rid}")).await?;
+                (r.body["state"] == Value::String(st)).then_some(r.body)
+            }
+        })
+        .await
+    }
+}
+
+/// `imn up` on free ports with fast heartbeats.
+pub struct Up {
+    pub proc: Proc,
+    pub api: Api,
+    pub mqtt_port: u16,
+    pub http_port: u16,
+    pub dir: TempDir,
+}
+
+impl Up {
+    pub async fn start(agents: usize, extra: &[&str]) -> Up {
+        let dir = TempDir::new("up");
+        let http_port = free_port();
+        let mqtt_port = free_port();
+        let http = format!("127.0.0.1:{http_port}");
+        let mqtt = format!("127.0.0.1:{mqtt_port}");
+        let data = dir.path().join("data");
+        let agents_s = agents.to_string();
+        let mut args = vec![
+            "up",
+            "--http",
+            &http,
+            "--mqtt",
+            &mqtt,
+            "--data",
+            data.to_str().unwrap(),
+            "--agents",
+            &agents_s,
+            "--heartbeat-ms",
+            "500",
+        ];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn("imn-up", &bin("imn"), &args, dir.path());
+        let api = Api::new(http_port);
+        let a2 = api.clone();
+        wait_for("imn up to answer /health", Duration::from_secs(30), || {
+            let a2 = a2.clone();
+            async move { a2.try_get("/health").await.map(|_| ()) }
+        })
+        .await;
+        Up {
+            proc,
+            api,
+            mqtt_port,
+            http_port,
+            dir,
+        }
+    }
+
+    pub fn broker_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+    }
+}
+
+/// Starts a separate `imn-agent` process.
+pub fn start_agent(id: &str, broker: &str, data: &Path, log_dir: &Path) -> Proc {
+    Proc::spawn(
+        id,
+        &bin("imn-agent"),
+        &[
+            "--id",
+            id,
+            "--broker",
+            broker,
+            "--data",
+            data.to_str().unwrap(),
+            "--heartbeat-ms",
+            "500",
+            "--resend-timeout-ms",
+            "2000",
+        ],
+        log_dir,
+    )
+}
+
+/// A real `nats-server` with JetStream, on a free port.
+pub struct Nats {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Nats {
+    pub async fn start(dir: &Path) -> Nats {
+        let exe = program("nats-server")
+            .expect("nats-server is not installed (apt-get install nats-server)");
+        let port = free_port();
+        let store = dir.join("nats");
+        let port_s = port.to_string();
+        let proc = Proc::spawn(
+            "nats-server",
+            &exe,
+            &[
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port_s,
+                "-sd",
+                store.to_str().unwrap(),
+            ],
+            dir,
+        );
+        wait_for(
+            "nats-server to listen",
+            Duration::from_secs(20),
+            || async move {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        Nats { proc, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
