@@ -45,6 +45,11 @@ pub async fn serve_http(
     backend: Arc<Backend>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Nagle plus delayed ACKs would add up to 40 ms to small API answers.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, crate::api::router(backend))
         .with_graceful_shutdown(shutdown)
         .await

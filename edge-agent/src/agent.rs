@@ -347,7 +347,9 @@ impl Agent {
                         finished_ms: now_ms(),
                         outcome,
                     };
-                    let _ = tx.send(Produced::Record(Box::new(RecordBody::Result(result)))).await;
+                    let _ = tx
+                        .send(Produced::Record(Box::new(RecordBody::Result(result))))
+                        .await;
                     let _ = tx.send(Produced::Finished(id)).await;
                 });
                 self.running.insert(cmd.id, task.abort_handle());

@@ -16,9 +16,13 @@ use serde_json::Value;
 /// Path of one of the workspace's binaries, next to the test executable's folder.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/debug/deps/e2e-xxxx → target/debug
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
+    // A test runs from target/debug/deps/, imn-bench from target/debug/.
+    let here = exe.parent().expect("exe dir");
+    let p = [here, here.parent().unwrap_or(here)]
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         p.exists(),
         "{} is missing: run `cargo build --workspace --bins` first",

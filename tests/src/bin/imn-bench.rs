@@ -1,0 +1,136 @@
+//! `imn-bench`: IMN's benchmark harness. Each scenario starts what it needs (real
+//! binaries on free loopback ports), prints a human summary, and with `--json` one
+//! JSON object on the last line.
+
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use imn_tests::{Api, Up};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(name = "imn-bench", about = "IMN benchmark harness")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Print one JSON object on the last line.
+    #[arg(long, global = true)]
+    json: bool,
+    /// A tiny run of the scenario, so CI keeps the harness working.
+    #[arg(long, global = true)]
+    quick: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// REST round trips of `POST /agent/{id}/echo_module?wait=…` under `imn up`.
+    Api {
+        /// Requests to send.
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+        /// Requests per second; 0 sends them back to back, each after the last answer.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Use a running backend instead of starting `imn up`.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn api_scenario(requests: usize, rate: f64, url: Option<String>) -> serde_json::Value {
+    let (_up, api) = match url {
+        Some(u) => {
+            let port = u
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.trim_end_matches('/').parse().ok());
+            (None, Api::new(port.expect("--url http://127.0.0.1:PORT")))
+        }
+        None => {
+            let up = Up::start(1, &[]).await;
+            let api = up.api.clone();
+            (Some(up), api)
+        }
+    };
+    api.wait_alive(&["agent-1"], Duration::from_secs(30)).await;
+    // Warm up connections and caches.
+    for _ in 0..20 {
+        api.post(
+            "/agent/agent-1/echo_module?wait=10",
+            r#"{"message":"warm"}"#,
+            &[],
+        )
+        .await;
+    }
+    let mut rtts = Vec::with_capacity(requests);
+    let mut failures = 0usize;
+    let start = Instant::now();
+    for i in 0..requests {
+        if rate > 0.0 {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let t0 = Instant::now();
+        let r = api
+            .post(
+                "/agent/agent-1/echo_module?wait=10",
+                r#"{"message":"bench"}"#,
+                &[],
+            )
+            .await;
+        let dt = t0.elapsed().as_secs_f64() * 1000.0;
+        if r.status == 200 && r.body["state"] == "succeeded" {
+            rtts.push(dt);
+        } else {
+            failures += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    rtts.sort_by(f64::total_cmp);
+    json!({
+        "scenario": "api",
+        "requests": requests,
+        "succeeded": rtts.len(),
+        "failures": failures,
+        "rate_requested": rate,
+        "achieved_rps": requests as f64 / elapsed,
+        "rtt_p50_ms": percentile(&rtts, 50.0),
+        "rtt_p99_ms": percentile(&rtts, 99.0),
+        "rtt_max_ms": rtts.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let out = match cli.scenario {
+        Scenario::Api {
+            requests,
+            rate,
+            url,
+        } => {
+            let n = if cli.quick {
+                requests.min(50)
+            } else {
+                requests
+            };
+            api_scenario(n, rate, url).await
+        }
+    };
+    if let Some(obj) = out.as_object() {
+        for (k, v) in obj {
+            println!("{k:>16}: {v}");
+        }
+    }
+    if cli.json {
+        println!("{out}");
+    }
+}
