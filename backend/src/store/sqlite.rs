@@ -483,3 +483,148 @@ impl Store for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imn_modules::results::{EchoResult, ModuleOutput};
+    use imn_modules::wire::{ModuleResult, Record, StateChange};
+
+    fn store() -> SqliteStore {
+        let dir = std::env::temp_dir().join(format!(
+            "imn-store-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        SqliteStore::open(&dir.join("s.sqlite")).unwrap()
+    }
+
+    fn new_request(id: &str, key: Option<&str>) -> NewRequest {
+        NewRequest {
+            id: id.into(),
+            agent_id: "a".into(),
+            module: "echo_module".into(),
+            params_json: r#"{"message":"m"}"#.into(),
+            created_ms: 1,
+            deadline_ms: 1_000,
+            timeout_ms: 5_000,
+            idempotency_key: key.map(str::to_string),
+        }
+    }
+
+    fn batch(epoch: u64, seqs: &[u64]) -> Batch {
+        Batch {
+            epoch,
+            records: seqs
+                .iter()
+                .map(|&seq| Record {
+                    seq,
+                    at_ms: 10 + seq as i64,
+                    body: if seq % 2 == 1 {
+                        RecordBody::State(StateChange {
+                            request_id: "r1".into(),
+                            state: RequestState::Running,
+                            detail: None,
+                        })
+                    } else {
+                        RecordBody::Result(ModuleResult {
+                            request_id: "r1".into(),
+                            module: "echo_module".into(),
+                            received_ms: 5,
+                            started_ms: 6,
+                            finished_ms: 7,
+                            outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+                                message: "m".into(),
+                            })),
+                        })
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_are_stored_once_per_record_id() {
+        let s = store();
+        s.create_request(new_request("r1", None)).await.unwrap();
+        let first = s.store_batch("a", &batch(7, &[1, 2]), 100).await.unwrap();
+        assert_eq!((first.stored, first.duplicates), (2, 0));
+        assert_eq!(first.finished, vec!["r1".to_string()]);
+        // The same batch again, and an overlapping one: only seq 3 is new.
+        let again = s.store_batch("a", &batch(7, &[1, 2, 3]), 101).await;
+        let again = again.unwrap();
+        assert_eq!((again.stored, again.duplicates), (1, 2));
+        assert!(
+            again.finished.is_empty(),
+            "a finished request does not finish twice"
+        );
+        // Another epoch is another set of ids.
+        assert_eq!(
+            s.store_batch("a", &batch(8, &[1]), 102)
+                .await
+                .unwrap()
+                .stored,
+            1
+        );
+        assert_eq!(s.record_count().await.unwrap(), 4);
+        assert_eq!(s.results("a", 10).await.unwrap().len(), 1);
+        let r = s.result("a", "r1").await.unwrap().unwrap();
+        assert_eq!((r.state, r.epoch, r.seq), (RequestState::Succeeded, 7, 2));
+        assert_eq!(r.result["message"], "m");
+    }
+
+    #[tokio::test]
+    async fn states_only_move_forward() {
+        let s = store();
+        s.create_request(new_request("r1", None)).await.unwrap();
+        assert!(s
+            .transition("r1", RequestState::Running, 2, "agent", None)
+            .await
+            .unwrap());
+        assert!(!s
+            .transition("r1", RequestState::Received, 3, "agent", None)
+            .await
+            .unwrap());
+        assert!(s
+            .transition("r1", RequestState::Failed, 4, "agent", Some("boom"))
+            .await
+            .unwrap());
+        assert!(!s
+            .transition("r1", RequestState::Expired, 5, "backend", None)
+            .await
+            .unwrap());
+        assert_eq!(
+            s.request("r1").await.unwrap().unwrap().state,
+            RequestState::Failed
+        );
+        // Every observation is kept in the history, even those that changed nothing.
+        assert_eq!(s.transitions("r1").await.unwrap().len(), 5);
+        assert!(
+            s.overdue(10_000).await.unwrap().is_empty(),
+            "terminal requests never expire"
+        );
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_returns_the_first_request() {
+        let s = store();
+        assert!(matches!(
+            s.create_request(new_request("r1", Some("k")))
+                .await
+                .unwrap(),
+            Created::New(_)
+        ));
+        match s
+            .create_request(new_request("r2", Some("k")))
+            .await
+            .unwrap()
+        {
+            Created::Existing(r) => assert_eq!(r.id, "r1"),
+            Created::New(_) => panic!("same key made a second request"),
+        }
+        assert!(s.request("r2").await.unwrap().is_none());
+        assert_eq!(s.undelivered("a").await.unwrap().len(), 1);
+        assert_eq!(s.overdue(2_000).await.unwrap().len(), 1);
+    }
+}
