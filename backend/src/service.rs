@@ -143,7 +143,7 @@ impl Backend {
         }
         params::check(module, params).map_err(|e| ApiError::InvalidParams {
             message: e.to_string(),
-            rule: "bytes".into(),
+            rule: e.rule.into(),
             field: e.field,
         })
     }

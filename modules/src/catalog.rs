@@ -49,21 +49,30 @@ fn echo_schema() -> Value {
 }
 
 fn ping_schema() -> Value {
+    let host = json!({
+        "type": "string", "minLength": 1, "maxLength": 253,
+        "description": "Host name or IPv4/IPv6 address; the agent resolves names itself."
+    });
     json!({
         "$schema": DRAFT,
         "title": "ping_module parameters",
+        "description": "Exactly one of host and targets is required.",
         "type": "object",
         "properties": {
-            "host": {
-                "type": "string", "minLength": 1, "maxLength": 253,
-                "description": "Host name or IPv4/IPv6 address; the agent resolves names itself."
+            "host": host,
+            "targets": {
+                "type": "array", "items": host, "minItems": 1, "maxItems": 65536,
+                "description": "Many hosts, probed concurrently by one engine."
             },
             "count": {"type": "integer", "minimum": 1, "maximum": 100, "default": 4},
-            "interval_ms": {"type": "integer", "minimum": 10, "maximum": 60000, "default": 1000},
+            "interval_ms": {"type": "integer", "minimum": 1, "maximum": 60000, "default": 1000,
+                "description": "Time between two probes to the same target."},
             "timeout_ms": {"type": "integer", "minimum": 10, "maximum": 60000, "default": 1000},
-            "size": {"type": "integer", "minimum": 0, "maximum": 65000, "default": 56}
+            "size": {"type": "integer", "minimum": 0, "maximum": 65000, "default": 56},
+            "ttl": {"type": "integer", "minimum": 1, "maximum": 255},
+            "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000000,
+                "description": "Probes per second across all targets."}
         },
-        "required": ["host", "count"],
         "additionalProperties": false
     })
 }

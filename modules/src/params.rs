@@ -10,6 +10,8 @@ use serde_json::Value;
 pub struct ParamError {
     /// JSON pointer of the offending field.
     pub field: String,
+    /// The rule's name, like a JSON Schema keyword (`required`, `maxBytes`).
+    pub rule: &'static str,
     /// The rule, in words.
     pub message: String,
 }
@@ -22,18 +24,44 @@ pub struct EchoParams {
 
 pub const ECHO_MAX_BYTES: usize = 4096;
 
+/// Most targets one ping request may name.
+pub const PING_MAX_TARGETS: usize = 65_536;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PingParams {
-    pub host: String,
+    /// One host (name or address). Either this or `targets`.
+    pub host: Option<String>,
+    /// Many hosts, probed concurrently by one engine.
+    pub targets: Option<Vec<String>>,
+    /// Probes per target.
     #[serde(default = "default_count")]
     pub count: u32,
+    /// Time between two probes to the same target.
     #[serde(default = "default_interval")]
     pub interval_ms: u64,
+    /// How long a probe waits for its reply.
     #[serde(default = "default_interval")]
     pub timeout_ms: u64,
+    /// ICMP payload bytes.
     #[serde(default = "default_size")]
     pub size: u32,
+    /// TTL / hop limit of the probes.
+    pub ttl: Option<u8>,
+    /// Probes per second across all targets; unset means one target's interval
+    /// spread over all targets, capped at 10,000/s.
+    pub rate: Option<f64>,
+}
+
+impl PingParams {
+    /// The targets in request order: `host`, or `targets`.
+    pub fn target_list(&self) -> Vec<String> {
+        match (&self.host, &self.targets) {
+            (Some(h), _) => vec![h.clone()],
+            (None, Some(t)) => t.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
 }
 
 fn default_count() -> u32 {
@@ -49,6 +77,7 @@ fn default_size() -> u32 {
 fn parse<T: for<'de> Deserialize<'de>>(params: &Value) -> Result<T, ParamError> {
     serde_json::from_value(params.clone()).map_err(|e| ParamError {
         field: String::new(),
+        rule: "type",
         message: e.to_string(),
     })
 }
@@ -61,6 +90,7 @@ pub fn check(module: &str, params: &Value) -> Result<(), ParamError> {
             if p.message.len() > ECHO_MAX_BYTES {
                 return Err(ParamError {
                     field: "/message".into(),
+                    rule: "maxBytes",
                     message: format!(
                         "must be at most {ECHO_MAX_BYTES} bytes of UTF-8, got {}",
                         p.message.len()
@@ -69,7 +99,17 @@ pub fn check(module: &str, params: &Value) -> Result<(), ParamError> {
             }
             Ok(())
         }
-        "ping_module" => parse::<PingParams>(params).map(|_| ()),
+        "ping_module" => {
+            let p: PingParams = parse(params)?;
+            if p.host.is_some() == p.targets.is_some() {
+                return Err(ParamError {
+                    field: "/host".into(),
+                    rule: "required",
+                    message: "give exactly one of host and targets".into(),
+                });
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -92,5 +132,8 @@ mod tests {
     fn ping_defaults() {
         let p: PingParams = parse(&json!({"host": "127.0.0.1", "count": 2})).unwrap();
         assert_eq!((p.count, p.interval_ms, p.size), (2, 1000, 56));
+        assert_eq!(p.target_list(), vec!["127.0.0.1"]);
+        let both = json!({"host": "a", "targets": ["b"], "count": 1});
+        assert_eq!(check("ping_module", &both).unwrap_err().field, "/host");
     }
 }

@@ -95,7 +95,7 @@ async fn imn_up_ping_loopback() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.body["state"], "succeeded", "{:?}", r.body);
-    let res = &r.body["result"];
+    let res = &r.body["result"]["targets"][0];
     assert_eq!(res["sent"], 3);
     assert_eq!(res["received"], 3);
     assert_eq!(res["addr"], "127.0.0.1");

@@ -10,13 +10,24 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::params::PingParams;
-use crate::results::PingResult;
+use crate::results::{PingOutput, PingResult};
 
-pub async fn run(p: PingParams) -> Result<PingResult, String> {
-    let addr = resolve(&p.host).await?;
-    tokio::task::spawn_blocking(move || probe(&p, addr))
-        .await
-        .map_err(|e| format!("ping task failed: {e}"))?
+pub async fn run(p: PingParams) -> Result<PingOutput, String> {
+    let mut targets = Vec::new();
+    for host in p.target_list() {
+        let addr = resolve(&host).await?;
+        let p2 = p.clone();
+        targets.push(
+            tokio::task::spawn_blocking(move || probe(&p2, &host, addr))
+                .await
+                .map_err(|e| format!("ping task failed: {e}"))??,
+        );
+    }
+    Ok(PingOutput {
+        socket: "raw".into(),
+        src_addr: None,
+        targets,
+    })
 }
 
 async fn resolve(host: &str) -> Result<IpAddr, String> {
@@ -122,7 +133,7 @@ fn parse_reply(s: &IcmpSocket, buf: &[u8]) -> Option<(u16, u16)> {
     ))
 }
 
-fn probe(p: &PingParams, addr: IpAddr) -> Result<PingResult, String> {
+fn probe(p: &PingParams, host: &str, addr: IpAddr) -> Result<PingResult, String> {
     let s = open(addr.is_ipv6())?;
     let dest = SockAddr::from(SocketAddr::new(addr, 0));
     let id: u16 = rand_id();
@@ -184,19 +195,8 @@ fn probe(p: &PingParams, addr: IpAddr) -> Result<PingResult, String> {
         }
         rtts.push(rtt);
     }
-    let mut r = PingResult {
-        host: p.host.clone(),
-        addr: addr.to_string(),
-        size: p.size,
-        sent: 0,
-        received: 0,
-        rtts_ms: rtts,
-        min_ms: None,
-        avg_ms: None,
-        max_ms: None,
-        mdev_ms: None,
-        loss_pct: 0.0,
-    };
+    let mut r = PingResult::new(host, &addr.to_string(), p.size);
+    r.rtts_ms = rtts;
     r.summarise();
     Ok(r)
 }
@@ -222,15 +222,19 @@ mod tests {
     #[tokio::test]
     async fn pings_loopback() {
         let p = PingParams {
-            host: "127.0.0.1".into(),
+            host: Some("127.0.0.1".into()),
+            targets: None,
             count: 3,
             interval_ms: 20,
             timeout_ms: 1000,
             size: 56,
+            ttl: None,
+            rate: None,
         };
         let root = unsafe { libc::geteuid() } == 0;
         match run(p).await {
-            Ok(r) => {
+            Ok(out) => {
+                let r = &out.targets[0];
                 assert_eq!((r.sent, r.received), (3, 3), "{r:?}");
                 assert!(r.rtts_ms.iter().flatten().all(|&rtt| rtt > 0.0));
             }
