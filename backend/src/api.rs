@@ -29,6 +29,10 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/agents/{id}", get(agent))
         .route("/agents/{id}/results", get(results))
         .route("/agents/{id}/results/{request_id}", get(result))
+        .route(
+            "/agents/{id}/modules/{module}",
+            axum::routing::put(load_module).delete(unload_module),
+        )
         .route("/agent/{id}/{module}", post(submit))
         .route("/modules", get(modules))
         .route("/modules/states/{request_id}", get(states));
@@ -140,33 +144,66 @@ fn result_json(r: &ResultRow) -> Value {
 }
 
 #[derive(Deserialize)]
-struct Limit {
+struct ResultsQuery {
     limit: Option<u32>,
+    /// `atlas` for RIPE Atlas's result format (ping results only).
+    format: Option<String>,
+}
+
+/// Whether the caller asked for Atlas format; any other value is an error.
+fn wants_atlas(format: &Option<String>) -> Result<bool, ApiError> {
+    match format.as_deref() {
+        None | Some("native") => Ok(false),
+        Some("atlas") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "format: must be native or atlas, got {other:?}"
+        ))),
+    }
 }
 
 async fn results(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
-    Query(q): Query<Limit>,
+    Query(q): Query<ResultsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     if !b.registry.knows(&id) {
         return Err(ApiError::UnknownAgent(id));
     }
+    let atlas = wants_atlas(&q.format)?;
     let rows = b
         .store
         .results(&id, q.limit.unwrap_or(100).min(10_000))
         .await?;
+    if atlas {
+        // Atlas defines no format for the other modules; they are left out.
+        let all = rows
+            .iter()
+            .filter_map(crate::atlas::ping)
+            .flatten()
+            .collect();
+        return Ok(Json(Value::Array(all)));
+    }
     Ok(Json(Value::Array(rows.iter().map(result_json).collect())))
 }
 
 async fn result(
     State(b): State<Arc<Backend>>,
     Path((id, request_id)): Path<(String, String)>,
+    Query(q): Query<ResultsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     if !b.registry.knows(&id) {
         return Err(ApiError::UnknownAgent(id));
     }
+    let atlas = wants_atlas(&q.format)?;
     match b.store.result(&id, &request_id).await? {
+        Some(r) if atlas => crate::atlas::ping(&r)
+            .map(|v| Json(Value::Array(v)))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "format: RIPE Atlas defines no format for {} results; atlas is for ping_module",
+                    r.module
+                ))
+            }),
         Some(r) => Ok(Json(result_json(&r))),
         None => {
             let state = b
@@ -185,6 +222,102 @@ async fn result(
     }
 }
 
+/// Body of `PUT /agents/{id}/modules/{module}`: optional settings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ModuleSettings {
+    /// Default parameters, merged under each request's own.
+    defaults: Option<Value>,
+    max_rate: Option<f64>,
+    timeout_ms: Option<u64>,
+}
+
+/// Loads a module on an agent (and configures it, when the body has settings).
+async fn load_module(
+    State(b): State<Arc<Backend>>,
+    Path((id, module)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use imn_modules::wire::{CommandKind, ModuleConfig};
+    if catalog::find(&module).is_none() {
+        return Err(ApiError::UnknownModule {
+            module,
+            known: catalog::names().iter().map(|s| s.to_string()).collect(),
+        });
+    }
+    let settings: ModuleSettings = if body.iter().all(|c| c.is_ascii_whitespace()) {
+        ModuleSettings::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?
+    };
+    if let Some(d) = &settings.defaults {
+        if !d.is_object() {
+            return Err(ApiError::InvalidParams {
+                field: "/defaults".into(),
+                rule: "type".into(),
+                message: "/defaults: must be a JSON object of parameters".into(),
+            });
+        }
+    }
+    if settings.max_rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        return Err(ApiError::InvalidParams {
+            field: "/max_rate".into(),
+            rule: "exclusiveMinimum".into(),
+            message: "/max_rate: must be greater than 0".into(),
+        });
+    }
+    let mut ids = vec![
+        b.control(
+            &id,
+            CommandKind::Load {
+                module: module.clone(),
+            },
+        )
+        .await?,
+    ];
+    let config = ModuleConfig {
+        defaults_json: settings.defaults.map(|d| d.to_string()),
+        max_rate: settings.max_rate,
+        timeout_ms: settings.timeout_ms,
+    };
+    if config != ModuleConfig::default() {
+        ids.push(
+            b.control(
+                &id,
+                CommandKind::Configure {
+                    module: module.clone(),
+                    config,
+                },
+            )
+            .await?,
+        );
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"agent_id": id, "module": module, "action": "load", "commands": ids})),
+    )
+        .into_response())
+}
+
+/// Unloads a module from an agent.
+async fn unload_module(
+    State(b): State<Arc<Backend>>,
+    Path((id, module)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let cmd = b
+        .control(
+            &id,
+            imn_modules::wire::CommandKind::Unload {
+                module: module.clone(),
+            },
+        )
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"agent_id": id, "module": module, "action": "unload", "commands": [cmd]})),
+    )
+        .into_response())
+}
 fn request_json(r: &RequestRow) -> Value {
     json!({
         "request_id": r.id,

@@ -24,6 +24,14 @@ pub enum ApiError {
     UnknownAgent(String),
     #[error("no module {module:?}; modules: {}", .known.join(", "))]
     UnknownModule { module: String, known: Vec<String> },
+    #[error("module {module:?} is not loaded on agent {agent:?}; loaded: {}", .loaded.join(", "))]
+    ModuleNotLoaded {
+        agent: String,
+        module: String,
+        loaded: Vec<String>,
+    },
+    #[error("agent {0:?} is not connected")]
+    AgentOffline(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -46,6 +54,7 @@ impl ApiError {
             ApiError::UnknownAgent(_) | ApiError::UnknownModule { .. } | ApiError::NotFound(_) => {
                 StatusCode::NOT_FOUND
             }
+            ApiError::ModuleNotLoaded { .. } | ApiError::AgentOffline(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -58,6 +67,8 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::UnknownAgent(_) => "unknown_agent",
             ApiError::UnknownModule { .. } => "unknown_module",
+            ApiError::ModuleNotLoaded { .. } => "module_not_loaded",
+            ApiError::AgentOffline(_) => "agent_offline",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -72,6 +83,7 @@ impl ApiError {
                 body["rule"] = json!(rule);
             }
             ApiError::UnknownModule { known, .. } => body["modules"] = json!(known),
+            ApiError::ModuleNotLoaded { loaded, .. } => body["modules"] = json!(loaded),
             ApiError::UnknownAgent(_) => body["field"] = json!("agent_id"),
             _ => {}
         }

@@ -2,6 +2,7 @@
 //! the REST API, and the all-in-one `imn up`.
 
 pub mod api;
+pub mod atlas;
 pub mod error;
 pub mod registry;
 pub mod service;

@@ -164,6 +164,15 @@ impl Backend {
             module: module.to_string(),
             known: catalog::names().iter().map(|s| s.to_string()).collect(),
         })?;
+        if let Some(a) = self.registry.get(agent) {
+            if !a.hello.modules.iter().any(|m| m.name == module) {
+                return Err(ApiError::ModuleNotLoaded {
+                    agent: agent.to_string(),
+                    module: module.to_string(),
+                    loaded: a.hello.modules.iter().map(|m| m.name.clone()).collect(),
+                });
+            }
+        }
         let params: Value = if body.iter().all(|b| b.is_ascii_whitespace()) {
             Value::Object(Default::default())
         } else {
@@ -198,6 +207,29 @@ impl Backend {
                 Ok(Submitted { request, new: true })
             }
         }
+    }
+
+    /// Loads, unloads or configures a module on a connected agent.
+    pub async fn control(&self, agent: &str, kind: CommandKind) -> Result<String, ApiError> {
+        let a = self
+            .registry
+            .get(agent)
+            .ok_or_else(|| ApiError::UnknownAgent(agent.to_string()))?;
+        if !a.alive(now_ms()) {
+            return Err(ApiError::AgentOffline(agent.to_string()));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let cmd = Envelope::Command(Command {
+            id: id.clone(),
+            kind,
+            traceparent: None,
+            deadline_ms: None,
+        });
+        self.bus
+            .publish_down(Kind::Cmd, agent, Bytes::from(wire::encode(&cmd)))
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("bus: {e}")))?;
+        Ok(id)
     }
 
     /// Sends the request's command to its agent and marks it `dispatched`.
@@ -405,5 +437,115 @@ impl Backend {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+    use imn_bridge::bus::LocalBus;
+    use serde_json::json;
+
+    async fn backend() -> Arc<Backend> {
+        let dir = std::env::temp_dir().join(format!(
+            "imn-svc-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = SqliteStore::open(&dir.join("s.sqlite")).unwrap();
+        Backend::new(Arc::new(store), Arc::new(LocalBus::new(8)), false)
+            .await
+            .unwrap()
+    }
+
+    /// Every module's schema: a valid example is accepted, and a typical invalid one is
+    /// refused with the field and the rule named. A module added to the catalog without
+    /// examples here fails this test.
+    #[tokio::test]
+    async fn every_schema_accepts_valid_and_names_the_invalid_field() {
+        let b = backend().await;
+        let cases = [
+            (
+                "echo_module",
+                json!({"message": "hi"}),
+                json!({"message": 5}),
+                "/message",
+                "type",
+            ),
+            (
+                "ping_module",
+                json!({"host": "8.8.8.8", "count": 4}),
+                json!({"host": "127.0.0.1", "count": 0}),
+                "/count",
+                "minimum",
+            ),
+            (
+                "ping_module",
+                json!({"targets": ["127.0.0.1", "::1"], "count": 1, "rate": 1000, "ttl": 64}),
+                json!({"targets": [], "count": 1}),
+                "/targets",
+                "minItems",
+            ),
+            (
+                "ping_module",
+                json!({"host": "::1", "count": 1}),
+                json!({"count": 1}),
+                "/host",
+                "required",
+            ),
+            (
+                "tcping",
+                json!({"host": "127.0.0.1", "port": 443, "count": 5}),
+                json!({"host": "127.0.0.1", "port": 70000}),
+                "/port",
+                "maximum",
+            ),
+            (
+                "faulty_module",
+                json!({"message": "test", "delay": 5}),
+                json!({"message": "test", "crash": "yes"}),
+                "/crash",
+                "type",
+            ),
+            (
+                "heartbeat",
+                json!({}),
+                json!({"verbose": true}),
+                "/verbose",
+                "additionalProperties",
+            ),
+        ];
+        for spec in catalog::catalog() {
+            assert!(
+                cases.iter().any(|c| c.0 == spec.name),
+                "no schema examples for {}",
+                spec.name
+            );
+        }
+        for (module, valid, invalid, field, rule) in cases {
+            b.validate(module, &valid)
+                .unwrap_or_else(|e| panic!("{module} refused {valid}: {e}"));
+            match b.validate(module, &invalid) {
+                Err(ApiError::InvalidParams {
+                    field: f,
+                    rule: r,
+                    message,
+                }) => {
+                    assert_eq!(
+                        (f.as_str(), r.as_str()),
+                        (field, rule),
+                        "{module}: {message}"
+                    );
+                    assert!(message.contains(field), "{message}");
+                }
+                other => panic!("{module} accepted {invalid}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            b.validate("warp", &json!({})),
+            Err(ApiError::UnknownModule { .. })
+        ));
     }
 }

@@ -11,21 +11,24 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use embedded_svc::mqtt::client::asynch::{Client, Connection, Event, EventPayload, Publish, QoS};
-use imn_modules::catalog;
+use imn_modules::exec::{system, Context};
 use imn_modules::now_ms;
 use imn_modules::results::ModuleOutcome;
 use imn_modules::wire::{
     self, Ack, AgentEvent, Batch, Command, CommandKind, Envelope, Heartbeat, Hello, Kind,
-    ModuleInfo, ModuleResult, RecordBody, RequestState, StateChange, Status,
+    ModuleResult, RecordBody, RequestState, StateChange, Status,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::config::AgentConfig;
+use crate::modules::LoadedModules;
 use crate::outbox::{Outbox, OutboxError, SledOutbox};
-use crate::supervisor;
-use crate::system;
+use crate::supervisor::{self, Restarts};
 use crate::transport::{self, ConnectOptions, MqttClient, MqttConnection};
+
+/// Where the loaded-module set is kept in the store.
+const META_MODULES: &[u8] = b"modules";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -54,11 +57,15 @@ struct InFlight {
     sent_at: Instant,
 }
 
-/// A record made by a module task, for the main loop to store.
+/// What a module task hands back to the main loop.
 enum Produced {
     Record(Box<RecordBody>),
     /// The run finished; its result is the preceding record.
-    Finished(String),
+    Finished {
+        id: String,
+        module: String,
+        panicked: bool,
+    },
 }
 
 pub struct Agent {
@@ -73,8 +80,14 @@ pub struct Agent {
     last_ack: Instant,
     produced_tx: mpsc::Sender<Produced>,
     produced_rx: mpsc::Receiver<Produced>,
+    /// Runs in progress, so a cancel can stop them.
     running: HashMap<String, AbortHandle>,
-    cpu: system::CpuSample,
+    cpu: system::CpuSampler,
+    /// Loaded modules and their settings (persisted).
+    modules: LoadedModules,
+    /// Backoff of modules that panicked.
+    restarts: Restarts,
+    ctx: Context,
 }
 
 impl Agent {
@@ -100,6 +113,13 @@ impl Agent {
             max_packet_bytes: (cfg.batch_max_bytes * 2).max(1 << 20),
         });
         let (produced_tx, produced_rx) = mpsc::channel(1024);
+        let modules = outbox
+            .get_meta(META_MODULES)?
+            .and_then(|b| postcard::from_bytes(&b).ok())
+            .unwrap_or_default();
+        let ctx = Context {
+            data_dir: cfg.data.clone(),
+        };
         Ok(Agent {
             cfg,
             outbox,
@@ -112,7 +132,10 @@ impl Agent {
             produced_tx,
             produced_rx,
             running: HashMap::new(),
-            cpu: system::cpu_sample(),
+            cpu: system::CpuSampler::new(),
+            modules,
+            restarts: Restarts::default(),
+            ctx,
         })
     }
 
@@ -203,7 +226,11 @@ impl Agent {
             }
             EventPayload::Received { topic, data, .. } => {
                 match topic.and_then(wire::parse_topic) {
-                    Some((agent, kind)) if agent == self.cfg.id => self.on_message(kind, data)?,
+                    Some((agent, kind)) if agent == self.cfg.id => {
+                        if self.on_message(kind, data)? {
+                            self.send_hello().await;
+                        }
+                    }
                     _ => tracing::warn!(?topic, "message on an unexpected topic"),
                 }
                 self.pump().await?;
@@ -224,27 +251,6 @@ impl Agent {
             .client
             .subscribe(&wire::topic(&id, Kind::Ack), QoS::AtLeastOnce)
             .await;
-        let hello = Envelope::Hello(Hello {
-            agent_id: id.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            arch: std::env::consts::ARCH.into(),
-            modules: catalog::catalog()
-                .iter()
-                .map(|m| ModuleInfo {
-                    name: m.name.into(),
-                    version: m.version.into(),
-                    schema_hash: m.schema_hash(),
-                })
-                .collect(),
-            tags: self.cfg.tags.clone(),
-            location: None,
-            schedule_version: 0,
-            outbox_epoch: self.outbox.epoch(),
-            outbox_depth: self.outbox.depth(),
-            dropped: 0,
-            heartbeat_interval_ms: self.cfg.heartbeat_ms,
-            sent_at_ms: now_ms(),
-        });
         let online = Envelope::Status(Status {
             online: true,
             at_ms: now_ms(),
@@ -258,37 +264,65 @@ impl Agent {
                 &wire::encode(&online),
             )
             .await;
-        let _ = self
-            .client
-            .publish(
-                &wire::topic(&id, Kind::Hello),
-                QoS::AtLeastOnce,
-                false,
-                &wire::encode(&hello),
-            )
-            .await;
-        // Everything unacked goes again after every reconnect: the broker kept nothing.
         self.state = SyncState::CatchingUp;
+        self.send_hello().await;
+        // Everything unacked goes again after every reconnect: the broker kept nothing.
         self.send_from = 0;
         self.inflight.clear();
         self.last_ack = Instant::now();
         self.heartbeat().await;
     }
 
-    fn on_message(&mut self, kind: Kind, data: &[u8]) -> Result<(), AgentError> {
+    /// Identity and capabilities: sent on connect and whenever the modules change.
+    async fn send_hello(&mut self) {
+        if self.state == SyncState::Offline {
+            return;
+        }
+        let hello = Envelope::Hello(Hello {
+            agent_id: self.cfg.id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            arch: std::env::consts::ARCH.into(),
+            modules: self.modules.info(),
+            tags: self.cfg.tags.clone(),
+            location: None,
+            schedule_version: 0,
+            outbox_epoch: self.outbox.epoch(),
+            outbox_depth: self.outbox.depth(),
+            dropped: 0,
+            heartbeat_interval_ms: self.cfg.heartbeat_ms,
+            sent_at_ms: now_ms(),
+        });
+        let _ = self
+            .client
+            .publish(
+                &wire::topic(&self.cfg.id, Kind::Hello),
+                QoS::AtLeastOnce,
+                false,
+                &wire::encode(&hello),
+            )
+            .await;
+    }
+
+    /// Handles one downlink message; returns true if the hello must be sent again.
+    fn on_message(&mut self, kind: Kind, data: &[u8]) -> Result<bool, AgentError> {
         let env = match wire::decode(data) {
             Ok(env) => env,
             Err(e) => {
                 tracing::warn!(error = %e, kind = kind.as_str(), "undecodable downlink message");
-                return Ok(());
+                return Ok(false);
             }
         };
         match (kind, env) {
-            (Kind::Ack, Envelope::Ack(ack)) => self.on_ack(&ack)?,
-            (Kind::Cmd, Envelope::Command(cmd)) => self.on_command(cmd)?,
-            (kind, _) => tracing::warn!(kind = kind.as_str(), "envelope does not match its topic"),
+            (Kind::Ack, Envelope::Ack(ack)) => {
+                self.on_ack(&ack)?;
+                Ok(false)
+            }
+            (Kind::Cmd, Envelope::Command(cmd)) => self.on_command(cmd),
+            (kind, _) => {
+                tracing::warn!(kind = kind.as_str(), "envelope does not match its topic");
+                Ok(false)
+            }
         }
-        Ok(())
     }
 
     fn on_ack(&mut self, ack: &Ack) -> Result<(), AgentError> {
@@ -300,7 +334,8 @@ impl Agent {
         Ok(())
     }
 
-    fn on_command(&mut self, cmd: Command) -> Result<(), AgentError> {
+    /// Returns true when the loaded modules changed (hello must go out again).
+    fn on_command(&mut self, cmd: Command) -> Result<bool, AgentError> {
         let now = now_ms();
         match cmd.kind {
             CommandKind::Run {
@@ -310,7 +345,7 @@ impl Agent {
             } => {
                 if !self.outbox.accept_command(&cmd.id, &module, now)? {
                     tracing::debug!(request = %cmd.id, "command seen before; not run again");
-                    return Ok(());
+                    return Ok(false);
                 }
                 if cmd.deadline_ms.is_some_and(|d| d < now) {
                     self.append_state(
@@ -319,40 +354,74 @@ impl Agent {
                         Some("deadline passed before the agent received it"),
                     )?;
                     self.outbox.finish_command(&cmd.id)?;
-                    return Ok(());
+                    return Ok(false);
                 }
                 self.append_state(&cmd.id, RequestState::Received, None)?;
+                if !self.modules.is_loaded(&module) {
+                    let message = format!(
+                        "module {module:?} is not loaded on this agent (loaded: {})",
+                        self.modules.names().join(", ")
+                    );
+                    self.outbox.append(
+                        now_ms(),
+                        RecordBody::Result(ModuleResult {
+                            request_id: cmd.id.clone(),
+                            module,
+                            received_ms: now,
+                            started_ms: now,
+                            finished_ms: now_ms(),
+                            outcome: ModuleOutcome::Failed(message),
+                        }),
+                    )?;
+                    self.outbox.finish_command(&cmd.id)?;
+                    return Ok(false);
+                }
+                let (params_json, timeout_ms) =
+                    self.modules.prepare(&module, &params_json, timeout_ms);
+                // A module that panicked recently waits out its backoff first.
+                let backoff = self.restarts.delay(&module);
                 let tx = self.produced_tx.clone();
                 let id = cmd.id.clone();
+                let ctx = self.ctx.clone();
                 let task = tokio::spawn(async move {
+                    if !backoff.is_zero() {
+                        tokio::time::sleep(backoff).await;
+                    }
                     let started_ms = now_ms();
-                    let _ = tx
-                        .send(Produced::Record(Box::new(RecordBody::State(StateChange {
-                            request_id: id.clone(),
-                            state: RequestState::Running,
-                            detail: None,
-                        }))))
-                        .await;
-                    let outcome = supervisor::run_module(
+                    let running = RecordBody::State(StateChange {
+                        request_id: id.clone(),
+                        state: RequestState::Running,
+                        detail: None,
+                    });
+                    let _ = tx.send(Produced::Record(Box::new(running))).await;
+                    let ran = supervisor::run_module(
                         module.clone(),
                         params_json,
                         Duration::from_millis(timeout_ms.max(1)),
+                        ctx,
                     )
                     .await;
                     let result = ModuleResult {
                         request_id: id.clone(),
-                        module,
+                        module: module.clone(),
                         received_ms: now,
                         started_ms,
                         finished_ms: now_ms(),
-                        outcome,
+                        outcome: ran.outcome,
                     };
                     let _ = tx
                         .send(Produced::Record(Box::new(RecordBody::Result(result))))
                         .await;
-                    let _ = tx.send(Produced::Finished(id)).await;
+                    let _ = tx
+                        .send(Produced::Finished {
+                            id,
+                            module,
+                            panicked: ran.panicked,
+                        })
+                        .await;
                 });
                 self.running.insert(cmd.id, task.abort_handle());
+                Ok(false)
             }
             CommandKind::Cancel { request_id } => {
                 if let Some(task) = self.running.remove(&request_id) {
@@ -360,9 +429,48 @@ impl Agent {
                     self.append_state(&request_id, RequestState::Cancelled, None)?;
                     self.outbox.finish_command(&request_id)?;
                 }
+                Ok(false)
+            }
+            CommandKind::Load { module } => {
+                let r = self.modules.load(&module);
+                self.module_changed("module_loaded", &module, r)
+            }
+            CommandKind::Unload { module } => {
+                let r = if self.modules.unload(&module) {
+                    Ok(())
+                } else {
+                    Err(format!("module {module:?} was not loaded"))
+                };
+                self.module_changed("module_unloaded", &module, r)
+            }
+            CommandKind::Configure { module, config } => {
+                let r = self.modules.configure(&module, config);
+                self.module_changed("module_configured", &module, r)
             }
         }
-        Ok(())
+    }
+
+    /// Persists the module set and records what happened.
+    fn module_changed(
+        &mut self,
+        kind: &str,
+        module: &str,
+        r: Result<(), String>,
+    ) -> Result<bool, AgentError> {
+        match r {
+            Ok(()) => {
+                let bytes = postcard::to_stdvec(&self.modules).unwrap_or_default();
+                self.outbox.put_meta(META_MODULES, &bytes)?;
+                tracing::info!(%module, kind, "modules changed");
+                self.event(kind, module)?;
+                Ok(true)
+            }
+            Err(message) => {
+                tracing::warn!(%module, kind, %message, "module command refused");
+                self.event("module_command_refused", &message)?;
+                Ok(false)
+            }
+        }
     }
 
     fn append_state(
@@ -387,9 +495,20 @@ impl Agent {
             Produced::Record(body) => {
                 self.outbox.append(now_ms(), *body)?;
             }
-            Produced::Finished(id) => {
+            Produced::Finished {
+                id,
+                module,
+                panicked,
+            } => {
                 self.running.remove(&id);
                 self.outbox.finish_command(&id)?;
+                if let Some(backoff) = self.restarts.record(&module, panicked) {
+                    tracing::warn!(%module, ?backoff, "module panicked; restarting it with backoff");
+                    self.event(
+                        "module_restarting",
+                        &format!("{module} panicked; next run in {} ms", backoff.as_millis()),
+                    )?;
+                }
             }
         }
         Ok(())
@@ -455,19 +574,10 @@ impl Agent {
         if self.state == SyncState::Offline {
             return;
         }
-        let cpu = system::cpu_sample();
-        let (mem_total_kib, mem_available_kib) = system::memory_kib();
-        let (disk_total_kib, disk_free_kib) = system::disk_kib(&self.cfg.data);
         let now = now_ms();
         let hb = Envelope::Heartbeat(Heartbeat {
             sent_at_ms: now,
-            uptime_s: system::uptime_s(),
-            cpu_pct: system::cpu_pct(self.cpu, cpu),
-            mem_total_kib,
-            mem_available_kib,
-            load: system::load(),
-            disk_total_kib,
-            disk_free_kib,
+            system: system::snapshot(&mut self.cpu, &self.cfg.data),
             outbox_depth: self.outbox.depth(),
             outbox_oldest_age_ms: self
                 .outbox
@@ -476,7 +586,6 @@ impl Agent {
                 .unwrap_or(0),
             dropped: 0,
         });
-        self.cpu = cpu;
         let _ = self
             .client
             .publish(

@@ -3,9 +3,9 @@
 
 pub mod agent;
 pub mod config;
+pub mod modules;
 pub mod outbox;
 pub mod supervisor;
-pub mod system;
 pub mod transport;
 
 pub use agent::{Agent, AgentError};

@@ -124,6 +124,17 @@ impl SledOutbox {
         Ok(())
     }
 
+    /// A small value the agent keeps beside the outbox (such as its loaded modules).
+    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+        Ok(self.meta.get(key)?.map(|v| v.to_vec()))
+    }
+
+    pub fn put_meta(&self, key: &[u8], value: &[u8]) -> Result<(), OutboxError> {
+        self.meta.insert(key, value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Commands accepted but never finished: the agent died while they ran.
     pub fn unfinished_commands(&self) -> Vec<(String, CommandEntry)> {
         self.commands

@@ -1,18 +1,38 @@
 //! Runs modules so that none can take the agent down: each run is its own task with a
 //! deadline, a panic becomes a `failed` result with the panic's message, and a run past
-//! its deadline is cancelled and reported as `timeout`.
+//! its deadline is cancelled and reported as `timeout`. A module that panicked is
+//! restarted with exponential backoff: its next run waits, other modules do not.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
+use imn_modules::exec::Context;
 use imn_modules::results::ModuleOutcome;
 
+/// First wait after a panic; doubles per consecutive panic.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How one run ended.
+#[derive(Debug)]
+pub struct Ran {
+    pub outcome: ModuleOutcome,
+    pub panicked: bool,
+}
+
 /// Runs one module and always returns an outcome.
-pub async fn run_module(module: String, params_json: String, timeout: Duration) -> ModuleOutcome {
-    let task = tokio::spawn(async move { imn_modules::exec::run(&module, &params_json).await });
+pub async fn run_module(
+    module: String,
+    params_json: String,
+    timeout: Duration,
+    ctx: Context,
+) -> Ran {
+    let task =
+        tokio::spawn(async move { imn_modules::exec::run(&module, &params_json, &ctx).await });
     let abort = task.abort_handle();
-    match tokio::time::timeout(timeout, task).await {
-        Ok(Ok(Ok(output))) => ModuleOutcome::Ok(output),
-        Ok(Ok(Err(message))) => ModuleOutcome::Failed(message),
+    let (outcome, panicked) = match tokio::time::timeout(timeout, task).await {
+        Ok(Ok(Ok(output))) => (ModuleOutcome::Ok(output), false),
+        Ok(Ok(Err(message))) => (ModuleOutcome::Failed(message), false),
         Ok(Err(join)) if join.is_panic() => {
             let panic = join.into_panic();
             let msg = panic
@@ -20,13 +40,54 @@ pub async fn run_module(module: String, params_json: String, timeout: Duration) 
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic payload".into());
-            ModuleOutcome::Failed(format!("module panicked: {msg}"))
+            (
+                ModuleOutcome::Failed(format!("module panicked: {msg}")),
+                true,
+            )
         }
-        Ok(Err(join)) => ModuleOutcome::Failed(format!("module task ended: {join}")),
+        Ok(Err(join)) => (
+            ModuleOutcome::Failed(format!("module task ended: {join}")),
+            false,
+        ),
         Err(_) => {
             abort.abort();
-            ModuleOutcome::Timeout
+            (ModuleOutcome::Timeout, false)
         }
+    };
+    Ran { outcome, panicked }
+}
+
+/// Per-module restart backoff after panics.
+#[derive(Debug, Default)]
+pub struct Restarts {
+    modules: HashMap<String, (u32, Instant)>,
+}
+
+impl Restarts {
+    /// How long a new run of `module` must wait before it starts.
+    pub fn delay(&self, module: &str) -> Duration {
+        self.modules
+            .get(module)
+            .map(|&(_, until)| until.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// Records how a run ended; returns the backoff now in force after a panic.
+    pub fn record(&mut self, module: &str, panicked: bool) -> Option<Duration> {
+        if !panicked {
+            self.modules.remove(module);
+            return None;
+        }
+        let entry = self
+            .modules
+            .entry(module.to_string())
+            .or_insert((0, Instant::now()));
+        entry.0 += 1;
+        let backoff = BACKOFF_START
+            .saturating_mul(1 << (entry.0 - 1).min(16))
+            .min(BACKOFF_MAX);
+        entry.1 = Instant::now() + backoff;
+        Some(backoff)
     }
 }
 
@@ -35,26 +96,55 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn ok_error_and_timeout() {
+    async fn ok_error_panic_and_timeout() {
+        let ctx = Context::default();
+        let t = Duration::from_secs(5);
         let ok = run_module(
             "echo_module".into(),
             r#"{"message":"x"}"#.into(),
-            Duration::from_secs(5),
+            t,
+            ctx.clone(),
         )
         .await;
-        assert!(matches!(ok, ModuleOutcome::Ok(_)));
-        let err = run_module("nope".into(), "{}".into(), Duration::from_secs(5)).await;
-        assert!(matches!(err, ModuleOutcome::Failed(m) if m.contains("not loaded")));
-        // A ping to loopback with 20 probes 100 ms apart cannot finish in 50 ms.
-        let slow = run_module(
-            "ping_module".into(),
-            r#"{"host":"127.0.0.1","count":20,"interval_ms":100}"#.into(),
-            Duration::from_millis(50),
+        assert!(matches!(ok.outcome, ModuleOutcome::Ok(_)) && !ok.panicked);
+        let err = run_module("nope".into(), "{}".into(), t, ctx.clone()).await;
+        assert!(matches!(err.outcome, ModuleOutcome::Failed(m) if m.contains("not built")));
+        let crash = run_module(
+            "faulty_module".into(),
+            r#"{"message":"boom","crash":true}"#.into(),
+            t,
+            ctx.clone(),
         )
         .await;
+        assert!(crash.panicked);
         assert!(
-            matches!(slow, ModuleOutcome::Timeout | ModuleOutcome::Failed(_)),
-            "{slow:?}"
+            matches!(&crash.outcome, ModuleOutcome::Failed(m) if m.contains("panicked") && m.contains("boom")),
+            "{:?}",
+            crash.outcome
         );
+        let hang = run_module(
+            "faulty_module".into(),
+            r#"{"message":"m","hang":true}"#.into(),
+            Duration::from_millis(50),
+            ctx,
+        )
+        .await;
+        assert_eq!(hang.outcome, ModuleOutcome::Timeout);
+    }
+
+    #[test]
+    fn backoff_doubles_and_resets() {
+        let mut r = Restarts::default();
+        assert_eq!(r.delay("m"), Duration::ZERO);
+        assert_eq!(r.record("m", true), Some(Duration::from_millis(100)));
+        assert_eq!(r.record("m", true), Some(Duration::from_millis(200)));
+        assert!(r.delay("m") > Duration::from_millis(150));
+        assert_eq!(r.delay("other"), Duration::ZERO);
+        for _ in 0..20 {
+            r.record("m", true);
+        }
+        assert!(r.delay("m") <= BACKOFF_MAX);
+        assert_eq!(r.record("m", false), None);
+        assert_eq!(r.delay("m"), Duration::ZERO);
     }
 }

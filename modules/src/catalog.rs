@@ -77,7 +77,54 @@ fn ping_schema() -> Value {
     })
 }
 
-static CATALOG: [ModuleSpec; 2] = [
+fn tcping_schema() -> Value {
+    json!({
+        "$schema": DRAFT,
+        "title": "tcping parameters",
+        "type": "object",
+        "properties": {
+            "host": {"type": "string", "minLength": 1, "maxLength": 253},
+            "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            "count": {"type": "integer", "minimum": 1, "maximum": 100, "default": 4},
+            "timeout_ms": {"type": "integer", "minimum": 10, "maximum": 60000, "default": 1000},
+            "interval_ms": {"type": "integer", "minimum": 0, "maximum": 60000, "default": 1000}
+        },
+        "required": ["host", "port"],
+        "additionalProperties": false
+    })
+}
+
+fn faulty_schema() -> Value {
+    json!({
+        "$schema": DRAFT,
+        "title": "faulty_module parameters",
+        "description": "Simulates failures, to test the agent's supervisor and the whole path.",
+        "type": "object",
+        "properties": {
+            "message": {"type": "string", "maxLength": 4096},
+            "delay": {"type": "number", "minimum": 0, "maximum": 3600,
+                "description": "Seconds to sleep before answering."},
+            "crash": {"type": "boolean", "default": false, "description": "Panic inside the module."},
+            "hang": {"type": "boolean", "default": false, "description": "Never return."},
+            "error": {"type": "boolean", "default": false, "description": "Return an error."}
+        },
+        "required": ["message"],
+        "additionalProperties": false
+    })
+}
+
+fn heartbeat_schema() -> Value {
+    json!({
+        "$schema": DRAFT,
+        "title": "heartbeat parameters",
+        "description": "No parameters: returns the agent's system metrics now.",
+        "type": "object",
+        "properties": {},
+        "additionalProperties": false
+    })
+}
+
+static CATALOG: [ModuleSpec; 5] = [
     ModuleSpec {
         name: "echo_module",
         version: "1.0.0",
@@ -88,9 +135,30 @@ static CATALOG: [ModuleSpec; 2] = [
     ModuleSpec {
         name: "ping_module",
         version: "0.1.0",
-        description: "ICMP echo to one host: per-probe RTTs, loss and jitter.",
-        default_timeout_ms: 120_000,
+        description: "ICMP echo to one host or many: per-probe RTTs, loss and jitter.",
+        default_timeout_ms: 300_000,
         schema: ping_schema,
+    },
+    ModuleSpec {
+        name: "tcping",
+        version: "1.0.0",
+        description: "TCP connect time to host:port, with the kernel's RTT and availability.",
+        default_timeout_ms: 300_000,
+        schema: tcping_schema,
+    },
+    ModuleSpec {
+        name: "faulty_module",
+        version: "1.0.0",
+        description: "Delays, panics, hangs or errors on request: tests fault handling.",
+        default_timeout_ms: 10_000,
+        schema: faulty_schema,
+    },
+    ModuleSpec {
+        name: "heartbeat",
+        version: "1.0.0",
+        description: "CPU, memory, swap, load, uptime, disk and interface counters.",
+        default_timeout_ms: 10_000,
+        schema: heartbeat_schema,
     },
 ];
 

@@ -64,6 +64,34 @@ impl PingParams {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpingParams {
+    pub host: String,
+    pub port: u16,
+    #[serde(default = "default_count")]
+    pub count: u32,
+    #[serde(default = "default_interval")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultyParams {
+    pub message: String,
+    /// Seconds to sleep before answering.
+    #[serde(default)]
+    pub delay: f64,
+    #[serde(default)]
+    pub crash: bool,
+    #[serde(default)]
+    pub hang: bool,
+    #[serde(default)]
+    pub error: bool,
+}
+
 fn default_count() -> u32 {
     4
 }
@@ -110,6 +138,8 @@ pub fn check(module: &str, params: &Value) -> Result<(), ParamError> {
             }
             Ok(())
         }
+        "tcping" => parse::<TcpingParams>(params).map(|_| ()),
+        "faulty_module" => parse::<FaultyParams>(params).map(|_| ()),
         _ => Ok(()),
     }
 }

@@ -17,6 +17,9 @@ pub enum ModuleOutcome {
 pub enum ModuleOutput {
     Echo(EchoResult),
     Ping(PingOutput),
+    Tcping(TcpingResult),
+    Faulty(FaultyResult),
+    Heartbeat(SystemSnapshot),
 }
 
 impl ModuleOutput {
@@ -25,9 +28,114 @@ impl ModuleOutput {
         let v = match self {
             ModuleOutput::Echo(r) => serde_json::to_value(r),
             ModuleOutput::Ping(r) => serde_json::to_value(r),
+            ModuleOutput::Tcping(r) => serde_json::to_value(r),
+            ModuleOutput::Faulty(r) => serde_json::to_value(r),
+            ModuleOutput::Heartbeat(r) => serde_json::to_value(r),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
+}
+
+/// The machine's health: sent in every heartbeat, and by the `heartbeat` module.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SystemSnapshot {
+    pub uptime_s: u64,
+    /// Whole-machine CPU use since the previous sample, 0..=100.
+    pub cpu_pct: f32,
+    /// The same per core.
+    pub cpu_per_core_pct: Vec<f32>,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub swap_total_kib: u64,
+    pub swap_free_kib: u64,
+    pub load: [f32; 3],
+    /// The filesystem holding the agent's data directory.
+    pub disk_total_kib: u64,
+    pub disk_free_kib: u64,
+    pub interfaces: Vec<InterfaceStats>,
+}
+
+/// Counters of one network interface since boot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct InterfaceStats {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+}
+
+/// How one TCP connect attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpOutcome {
+    /// Connected: the port is open.
+    Open,
+    /// RST: the host is there, the port is closed.
+    Refused,
+    /// No answer within the timeout.
+    Timeout,
+    /// ICMP unreachable, or no route.
+    Unreachable,
+    /// Anything else (the text is in `error`).
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TcpAttempt {
+    pub outcome: TcpOutcome,
+    /// Connect time from a monotonic clock read before `connect`, in ms.
+    pub connect_ms: Option<f64>,
+    /// The kernel's smoothed RTT of the connection (`tcpi_rtt`), in µs.
+    pub tcpi_rtt_us: Option<u32>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TcpingResult {
+    pub host: String,
+    pub addr: String,
+    pub port: u16,
+    pub attempts: Vec<TcpAttempt>,
+    pub sent: u32,
+    /// Attempts that connected.
+    pub open: u32,
+    pub min_ms: Option<f64>,
+    pub avg_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    pub median_ms: Option<f64>,
+    pub mdev_ms: Option<f64>,
+    pub loss_pct: f64,
+    /// Share of attempts that connected, 0..=100.
+    pub availability_pct: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FaultyResult {
+    pub message: String,
+    /// Seconds the module slept before answering.
+    pub delayed_s: f64,
+}
+
+/// min, avg, max, median and mean deviation of a set of samples.
+pub fn stats(samples: &[f64]) -> Option<(f64, f64, f64, f64, f64)> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len() as f64;
+    let avg = v.iter().sum::<f64>() / n;
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    };
+    let mdev = v.iter().map(|r| (r - avg).abs()).sum::<f64>() / n;
+    Some((v[0], avg, v[v.len() - 1], median, mdev))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,6 +236,36 @@ impl PingResult {
             got[mid]
         });
         self.mdev_ms = Some(got.iter().map(|r| (r - avg).abs()).sum::<f64>() / n);
+    }
+}
+
+impl TcpingResult {
+    /// Fills the counts and statistics from `attempts`.
+    pub fn summarise(&mut self) {
+        let times: Vec<f64> = self
+            .attempts
+            .iter()
+            .filter(|a| a.outcome == TcpOutcome::Open)
+            .filter_map(|a| a.connect_ms)
+            .collect();
+        self.sent = self.attempts.len() as u32;
+        self.open = self
+            .attempts
+            .iter()
+            .filter(|a| a.outcome == TcpOutcome::Open)
+            .count() as u32;
+        self.availability_pct = if self.sent == 0 {
+            0.0
+        } else {
+            100.0 * f64::from(self.open) / f64::from(self.sent)
+        };
+        self.loss_pct = 100.0 - self.availability_pct;
+        let s = stats(&times);
+        self.min_ms = s.map(|s| s.0);
+        self.avg_ms = s.map(|s| s.1);
+        self.max_ms = s.map(|s| s.2);
+        self.median_ms = s.map(|s| s.3);
+        self.mdev_ms = s.map(|s| s.4);
     }
 }
 

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::results::ModuleOutcome;
+use crate::results::{ModuleOutcome, SystemSnapshot};
 
 /// The first byte of every payload. A receiver refuses any other value.
 pub const WIRE_VERSION: u8 = 1;
@@ -124,6 +124,8 @@ pub struct ModuleInfo {
     pub version: String,
     /// Hash of the module's parameter schema, so the backend can tell a stale agent.
     pub schema_hash: String,
+    /// The module's runtime settings, if an operator changed them.
+    pub config: Option<ModuleConfig>,
 }
 
 /// Where an agent is, when its operator configured it.
@@ -160,14 +162,7 @@ pub struct Hello {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub sent_at_ms: i64,
-    pub uptime_s: u64,
-    /// Whole-machine CPU use since the previous heartbeat, 0..=100.
-    pub cpu_pct: f32,
-    pub mem_total_kib: u64,
-    pub mem_available_kib: u64,
-    pub load: [f32; 3],
-    pub disk_total_kib: u64,
-    pub disk_free_kib: u64,
+    pub system: SystemSnapshot,
     pub outbox_depth: u64,
     /// Age of the oldest unacked record, in ms (0 when the outbox is empty).
     pub outbox_oldest_age_ms: u64,
@@ -274,6 +269,30 @@ pub enum CommandKind {
     Cancel {
         request_id: String,
     },
+    /// Makes a module available on the agent, with no restart.
+    Load {
+        module: String,
+    },
+    /// Takes a module away; requests for it then fail until it is loaded again.
+    Unload {
+        module: String,
+    },
+    /// Sets a module's default parameters and limits.
+    Configure {
+        module: String,
+        config: ModuleConfig,
+    },
+}
+
+/// Per-module settings an operator can change at runtime.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModuleConfig {
+    /// JSON object merged under each request's parameters (the request wins).
+    pub defaults_json: Option<String>,
+    /// Upper bound on a run's probe rate (probes/s), for modules that probe.
+    pub max_rate: Option<f64>,
+    /// Deadline of one run, replacing the catalog's default.
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -259,6 +259,28 @@ impl Api {
         Self::reply(req.send().await.expect("POST")).await
     }
 
+    pub async fn put_json(&self, path: &str, body: &Value) -> Reply {
+        let r = self
+            .client
+            .put(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("PUT");
+        Self::reply(r).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        let r = self
+            .client
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("DELETE");
+        Self::reply(r).await
+    }
+
     /// Waits until `/agents/alive` lists exactly these agents (at least).
     pub async fn wait_alive(&self, ids: &[&str], timeout: Duration) {
         let api = self.clone();

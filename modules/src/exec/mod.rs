@@ -1,14 +1,27 @@
 //! The code that runs modules on a device (cargo feature `exec`).
 
 mod ping;
+pub mod system;
+mod tcping;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::params::{EchoParams, PingParams};
-use crate::results::{EchoResult, ModuleOutput};
+use crate::params::{EchoParams, FaultyParams, PingParams, TcpingParams};
+use crate::results::{EchoResult, FaultyResult, ModuleOutput};
+
+/// What a module may need to know about the agent running it.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// The agent's data directory (the heartbeat reports its filesystem).
+    pub data_dir: PathBuf,
+}
 
 /// Runs one module to completion. Errors are the module's own failures, in words.
-pub async fn run(module: &str, params_json: &str) -> Result<ModuleOutput, String> {
+pub async fn run(module: &str, params_json: &str, ctx: &Context) -> Result<ModuleOutput, String> {
     let params: Value =
         serde_json::from_str(params_json).map_err(|e| format!("parameters are not JSON: {e}"))?;
     match module {
@@ -20,8 +33,55 @@ pub async fn run(module: &str, params_json: &str) -> Result<ModuleOutput, String
             let p: PingParams = from_value(params)?;
             ping::run(p).await.map(ModuleOutput::Ping)
         }
-        other => Err(format!("module {other:?} is not loaded on this agent")),
+        "tcping" => {
+            let p: TcpingParams = from_value(params)?;
+            tcping::run(p).await.map(ModuleOutput::Tcping)
+        }
+        "faulty_module" => faulty(from_value(params)?).await.map(ModuleOutput::Faulty),
+        "heartbeat" => {
+            let mut cpu = system::CpuSampler::new();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            Ok(ModuleOutput::Heartbeat(system::snapshot(
+                &mut cpu,
+                &ctx.data_dir,
+            )))
+        }
+        other => Err(format!("module {other:?} is not built into this agent")),
     }
+}
+
+/// Fails on purpose, in the way asked.
+async fn faulty(p: FaultyParams) -> Result<FaultyResult, String> {
+    if p.delay > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(p.delay)).await;
+    }
+    if p.crash {
+        panic!("faulty_module: crash requested ({})", p.message);
+    }
+    if p.hang {
+        std::future::pending::<()>().await;
+    }
+    if p.error {
+        return Err(format!("faulty_module: error requested ({})", p.message));
+    }
+    Ok(FaultyResult {
+        message: p.message,
+        delayed_s: p.delay,
+    })
+}
+
+/// Resolves a host name or address literal to one address.
+pub async fn resolve(host: &str) -> Result<IpAddr, String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let mut addrs = tokio::net::lookup_host((host, 0))
+        .await
+        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?;
+    addrs
+        .next()
+        .map(|a| a.ip())
+        .ok_or_else(|| format!("{host:?} has no address"))
 }
 
 fn from_value<T: for<'de> serde::Deserialize<'de>>(v: Value) -> Result<T, String> {
@@ -34,14 +94,45 @@ mod tests {
 
     #[tokio::test]
     async fn echo_echoes() {
-        let out = run("echo_module", r#"{"message":"hi"}"#).await.unwrap();
+        let ctx = Context::default();
+        let out = run("echo_module", r#"{"message":"hi"}"#, &ctx)
+            .await
+            .unwrap();
         assert_eq!(
             out,
             ModuleOutput::Echo(EchoResult {
                 message: "hi".into()
             })
         );
-        assert!(run("echo_module", "{").await.is_err());
-        assert!(run("nope", "{}").await.is_err());
+        assert!(run("echo_module", "{", &ctx).await.is_err());
+        assert!(run("nope", "{}", &ctx).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn faulty_delays_and_errors() {
+        let ctx = Context::default();
+        let t0 = std::time::Instant::now();
+        let out = run("faulty_module", r#"{"message":"m","delay":0.05}"#, &ctx).await;
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        assert!(matches!(out, Ok(ModuleOutput::Faulty(r)) if r.message == "m"));
+        let err = run("faulty_module", r#"{"message":"m","error":true}"#, &ctx).await;
+        assert!(err.unwrap_err().contains("error requested"));
+        let hang = tokio::time::timeout(
+            Duration::from_millis(50),
+            run("faulty_module", r#"{"message":"m","hang":true}"#, &ctx),
+        )
+        .await;
+        assert!(hang.is_err(), "hang never returns");
+    }
+
+    #[tokio::test]
+    async fn heartbeat_module_reports_the_machine() {
+        let ctx = Context {
+            data_dir: PathBuf::from("/"),
+        };
+        match run("heartbeat", "{}", &ctx).await.unwrap() {
+            ModuleOutput::Heartbeat(s) => assert!(s.mem_total_kib > 0 && s.disk_total_kib > 0),
+            other => panic!("{other:?}"),
+        }
     }
 }

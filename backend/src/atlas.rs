@@ -1,0 +1,127 @@
+//! RIPE Atlas result format (ping, firmware 4750 and later), so tooling that reads
+//! Atlas results (for example ripe.atlas.sagan) reads ours.
+//!
+//! Atlas ids are integers; IMN's are not. `msm_id` and `prb_id` are the first 31 bits
+//! of the SHA-256 of the request id and the agent id: stable, and the original ids are
+//! kept beside them under `imn`.
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::store::ResultRow;
+
+/// The firmware version we claim: the ping format of 4750 and later.
+pub const FW: u32 = 5080;
+
+/// A stable positive 31-bit id for a string id.
+pub fn numeric_id(s: &str) -> u32 {
+    let d = Sha256::digest(s.as_bytes());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]]) & 0x7fff_ffff
+}
+
+/// One Atlas ping result per target of a stored `ping_module` result; None for any
+/// other module.
+pub fn ping(r: &ResultRow) -> Option<Vec<Value>> {
+    if r.module != "ping_module" {
+        return None;
+    }
+    let src = r.result["src_addr"].as_str().unwrap_or("");
+    let msm_id = numeric_id(&r.request_id);
+    let prb_id = numeric_id(&r.agent_id);
+    let targets = r.result["targets"].as_array()?;
+    Some(
+        targets
+            .iter()
+            .map(|t| {
+                let addr = t["addr"].as_str().unwrap_or("");
+                let af = if addr.contains(':') { 6 } else { 4 };
+                let ms = |k: &str| t[k].as_f64().map(round3).unwrap_or(-1.0);
+                let results: Vec<Value> = t["rtts_ms"]
+                    .as_array()
+                    .map(|rtts| {
+                        rtts.iter()
+                            .map(|rtt| match rtt.as_f64() {
+                                Some(v) => json!({"rtt": round3(v)}),
+                                None => json!({"x": "*"}),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                json!({
+                    "fw": FW,
+                    "type": "ping",
+                    "af": af,
+                    "dst_addr": addr,
+                    "dst_name": t["host"],
+                    "src_addr": src,
+                    "from": src,
+                    "proto": "ICMP",
+                    "size": t["size"],
+                    "ttl": t["reply_ttl"],
+                    "sent": t["sent"],
+                    "rcvd": t["received"],
+                    "dup": t["duplicates"],
+                    "min": ms("min_ms"),
+                    "avg": ms("avg_ms"),
+                    "max": ms("max_ms"),
+                    "result": results,
+                    "timestamp": r.started_ms / 1000,
+                    "stored_timestamp": r.stored_ms / 1000,
+                    "msm_id": msm_id,
+                    "group_id": msm_id,
+                    "prb_id": prb_id,
+                    "lts": -1,
+                    "step": null,
+                    "imn": {"request_id": r.request_id, "agent_id": r.agent_id},
+                })
+            })
+            .collect(),
+    )
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imn_modules::wire::RequestState;
+
+    #[test]
+    fn ping_fields_match_the_native_result() {
+        let r = ResultRow {
+            agent_id: "agent-1".into(),
+            request_id: "req".into(),
+            module: "ping_module".into(),
+            epoch: 1,
+            seq: 2,
+            state: RequestState::Succeeded,
+            result: json!({"socket": "raw", "src_addr": null, "targets": [{
+                "host": "localhost", "addr": "127.0.0.1", "size": 56, "reply_ttl": 64,
+                "sent": 3, "received": 2, "duplicates": 0,
+                "rtts_ms": [0.0412345, null, 0.05],
+                "min_ms": 0.0412345, "avg_ms": 0.04561725, "max_ms": 0.05
+            }]}),
+            error: None,
+            received_ms: 1_700_000_000_000,
+            started_ms: 1_700_000_000_500,
+            finished_ms: 1_700_000_001_000,
+            stored_ms: 1_700_000_002_000,
+        };
+        let a = &ping(&r).unwrap()[0];
+        assert_eq!(a["af"], 4);
+        assert_eq!(a["dst_name"], "localhost");
+        assert_eq!((a["sent"].as_u64(), a["rcvd"].as_u64()), (Some(3), Some(2)));
+        assert_eq!(
+            a["result"],
+            json!([{"rtt": 0.041}, {"x": "*"}, {"rtt": 0.05}])
+        );
+        assert_eq!(a["timestamp"], 1_700_000_000);
+        assert_eq!(a["msm_id"], numeric_id("req"));
+        assert!(a["fw"].as_u64().unwrap() >= 4750);
+        let mut other = r.clone();
+        other.module = "echo_module".into();
+        assert!(ping(&other).is_none());
+    }
+}

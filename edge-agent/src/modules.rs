@@ -1,0 +1,162 @@
+//! Which modules the agent has loaded, and their runtime settings. Changed by
+//! commands with no restart, and kept in the agent's store so a restart keeps them.
+
+use std::collections::BTreeMap;
+
+use imn_modules::catalog;
+use imn_modules::wire::{ModuleConfig, ModuleInfo};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoadedModules {
+    /// Loaded module name → its settings.
+    loaded: BTreeMap<String, ModuleConfig>,
+}
+
+impl Default for LoadedModules {
+    /// Every module built into the agent, with default settings.
+    fn default() -> Self {
+        LoadedModules {
+            loaded: catalog::catalog()
+                .iter()
+                .map(|m| (m.name.to_string(), ModuleConfig::default()))
+                .collect(),
+        }
+    }
+}
+
+impl LoadedModules {
+    pub fn is_loaded(&self, module: &str) -> bool {
+        self.loaded.contains_key(module)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.loaded.keys().cloned().collect()
+    }
+
+    /// Loads a module built into the agent. Errors name the modules that exist.
+    pub fn load(&mut self, module: &str) -> Result<(), String> {
+        if catalog::find(module).is_none() {
+            return Err(format!(
+                "module {module:?} is not built into this agent (built in: {})",
+                catalog::names().join(", ")
+            ));
+        }
+        self.loaded.entry(module.to_string()).or_default();
+        Ok(())
+    }
+
+    pub fn unload(&mut self, module: &str) -> bool {
+        self.loaded.remove(module).is_some()
+    }
+
+    pub fn configure(&mut self, module: &str, config: ModuleConfig) -> Result<(), String> {
+        if let Some(d) = &config.defaults_json {
+            match serde_json::from_str::<Value>(d) {
+                Ok(Value::Object(_)) => {}
+                _ => return Err("defaults must be a JSON object".into()),
+            }
+        }
+        match self.loaded.get_mut(module) {
+            Some(c) => {
+                *c = config;
+                Ok(())
+            }
+            None => Err(format!("module {module:?} is not loaded")),
+        }
+    }
+
+    /// What hello reports: each loaded module with its version and schema hash.
+    pub fn info(&self) -> Vec<ModuleInfo> {
+        self.loaded
+            .iter()
+            .filter_map(|(name, cfg)| {
+                let spec = catalog::find(name)?;
+                Some(ModuleInfo {
+                    name: spec.name.into(),
+                    version: spec.version.into(),
+                    schema_hash: spec.schema_hash(),
+                    config: (cfg != &ModuleConfig::default()).then(|| cfg.clone()),
+                })
+            })
+            .collect()
+    }
+
+    /// Applies the module's settings to a request: defaults under the request's own
+    /// parameters, the rate capped at `max_rate`, and the deadline.
+    pub fn prepare(&self, module: &str, params_json: &str, timeout_ms: u64) -> (String, u64) {
+        let Some(cfg) = self.loaded.get(module) else {
+            return (params_json.to_string(), timeout_ms);
+        };
+        let mut params: Value = serde_json::from_str(params_json).unwrap_or(Value::Null);
+        if let (Some(Value::Object(defaults)), Value::Object(p)) = (
+            cfg.defaults_json
+                .as_deref()
+                .and_then(|d| serde_json::from_str(d).ok()),
+            &mut params,
+        ) {
+            for (k, v) in defaults {
+                p.entry(k).or_insert(v);
+            }
+        }
+        if let (Some(max), Value::Object(p)) = (cfg.max_rate, &mut params) {
+            let rate = p
+                .get("rate")
+                .and_then(Value::as_f64)
+                .unwrap_or(f64::INFINITY);
+            if rate > max {
+                p.insert("rate".into(), Value::from(max));
+            }
+        }
+        (params.to_string(), cfg.timeout_ms.unwrap_or(timeout_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_unload_configure() {
+        let mut m = LoadedModules::default();
+        assert!(m.is_loaded("echo_module") && m.is_loaded("ping_module"));
+        assert!(m.unload("ping_module"));
+        assert!(!m.is_loaded("ping_module"));
+        assert!(!m.info().iter().any(|i| i.name == "ping_module"));
+        assert!(m.load("warp").unwrap_err().contains("echo_module"));
+        m.load("ping_module").unwrap();
+        m.configure(
+            "ping_module",
+            ModuleConfig {
+                defaults_json: Some(r#"{"count": 7, "size": 100}"#.into()),
+                max_rate: Some(50.0),
+                timeout_ms: Some(1234),
+            },
+        )
+        .unwrap();
+        let (p, t) = m.prepare(
+            "ping_module",
+            r#"{"host":"127.0.0.1","size":8,"rate":1000}"#,
+            99,
+        );
+        let p: Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(
+            (p["count"].as_u64(), p["size"].as_u64(), p["rate"].as_f64()),
+            (Some(7), Some(8), Some(50.0))
+        );
+        assert_eq!(t, 1234);
+        assert!(m
+            .info()
+            .iter()
+            .any(|i| i.name == "ping_module" && i.config.is_some()));
+        assert!(m
+            .configure(
+                "echo_module",
+                ModuleConfig {
+                    defaults_json: Some("[1]".into()),
+                    ..Default::default()
+                }
+            )
+            .is_err());
+    }
+}
