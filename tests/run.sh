@@ -14,10 +14,18 @@ have mosquitto     || need+=(mosquitto)
 have mosquitto_pub || need+=(mosquitto-clients)
 have fping         || need+=(fping)
 have ip            || need+=(iproute2)
+have nft           || need+=(nftables)
+have python3       || need+=(python3 python3-pip)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "== installing: ${need[*]}"
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
+fi
+
+# RIPE's own Atlas result parser, to prove our Atlas output reads as Atlas's.
+if ! python3 -c "import ripe.atlas.sagan" >/dev/null 2>&1; then
+  echo "== installing ripe.atlas.sagan (PyPI)"
+  python3 -m pip install -q ripe.atlas.sagan || python3 -m pip install -q --break-system-packages ripe.atlas.sagan
 fi
 
 echo "== cargo fmt"
