@@ -74,6 +74,7 @@ fn agent_json(a: &AgentEntry, now: i64) -> Value {
             "depth": hb.map(|h| h.outbox_depth).unwrap_or(a.hello.outbox_depth),
             "oldest_age_ms": hb.map(|h| h.outbox_oldest_age_ms),
             "dropped": hb.map(|h| h.dropped).unwrap_or(a.hello.dropped),
+            "condition": hb.and_then(|h| h.outbox_condition.clone()),
         },
         "heartbeat": hb,
     })

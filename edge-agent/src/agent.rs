@@ -23,7 +23,7 @@ use tokio::task::AbortHandle;
 
 use crate::config::AgentConfig;
 use crate::modules::LoadedModules;
-use crate::outbox::{Outbox, OutboxError, SledOutbox};
+use crate::outbox::{Condition, Outbox, OutboxError, OutboxLimits, SledOutbox};
 use crate::supervisor::{self, Restarts};
 use crate::transport::{self, ConnectOptions, MqttClient, MqttConnection};
 
@@ -78,6 +78,10 @@ pub struct Agent {
     send_from: u64,
     inflight: VecDeque<InFlight>,
     last_ack: Instant,
+    /// Records from this seq on were made after the connection came up (live).
+    live_mark: u64,
+    /// The next live seq to send (with `live_first`).
+    live_sent: u64,
     produced_tx: mpsc::Sender<Produced>,
     produced_rx: mpsc::Receiver<Produced>,
     /// Runs in progress, so a cancel can stop them.
@@ -97,7 +101,15 @@ impl Agent {
             path: cfg.data.clone(),
             source,
         })?;
-        let outbox = SledOutbox::open(&cfg.data)?;
+        let outbox = SledOutbox::open(
+            &cfg.data,
+            OutboxLimits {
+                max_bytes: cfg.outbox_max_bytes,
+                memory_bytes: cfg.outbox_memory_bytes,
+                disk_reserve_bytes: cfg.disk_reserve_bytes,
+                ..OutboxLimits::default()
+            },
+        )?;
         let (host, port) = cfg.broker_addr()?;
         let will = wire::encode(&Envelope::Status(Status {
             online: false,
@@ -114,7 +126,7 @@ impl Agent {
         });
         let (produced_tx, produced_rx) = mpsc::channel(1024);
         let modules = outbox
-            .get_meta(META_MODULES)?
+            .get_meta(META_MODULES)
             .and_then(|b| postcard::from_bytes(&b).ok())
             .unwrap_or_default();
         let ctx = Context {
@@ -129,6 +141,8 @@ impl Agent {
             send_from: 0,
             inflight: VecDeque::new(),
             last_ack: Instant::now(),
+            live_mark: 0,
+            live_sent: 0,
             produced_tx,
             produced_rx,
             running: HashMap::new(),
@@ -142,6 +156,15 @@ impl Agent {
     /// Runs until `shutdown` resolves.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tracing::info!(agent = %self.cfg.id, epoch = self.outbox.epoch(), depth = self.outbox.depth(), "agent starting");
+        if let Some((aside, why)) = self.outbox.recovered_from.clone() {
+            self.event(
+                "outbox_corrupt",
+                &format!(
+                    "the outbox could not be read ({why}); moved to {} and started a new epoch",
+                    aside.display()
+                ),
+            )?;
+        }
         self.recover_interrupted()?;
         let mut conn = self.conn.take().expect("connection is taken once");
         let mut hb = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
@@ -206,8 +229,8 @@ impl Agent {
                         "the agent restarted while the module ran".into(),
                     ),
                 }),
-            )?;
-            self.outbox.finish_command(&id)?;
+            );
+            self.outbox.finish_command(&id);
         }
         Ok(())
     }
@@ -268,6 +291,8 @@ impl Agent {
         self.send_hello().await;
         // Everything unacked goes again after every reconnect: the broker kept nothing.
         self.send_from = 0;
+        self.live_mark = self.outbox.next_seq();
+        self.live_sent = self.live_mark;
         self.inflight.clear();
         self.last_ack = Instant::now();
         self.heartbeat().await;
@@ -288,7 +313,7 @@ impl Agent {
             schedule_version: 0,
             outbox_epoch: self.outbox.epoch(),
             outbox_depth: self.outbox.depth(),
-            dropped: 0,
+            dropped: self.outbox.dropped(),
             heartbeat_interval_ms: self.cfg.heartbeat_ms,
             sent_at_ms: now_ms(),
         });
@@ -326,9 +351,8 @@ impl Agent {
     }
 
     fn on_ack(&mut self, ack: &Ack) -> Result<(), AgentError> {
-        let deleted = self.outbox.ack(ack)?;
-        let top = ack.ranges.iter().map(|r| r.1).max().unwrap_or(0);
-        self.inflight.retain(|b| b.last_seq > top);
+        let deleted = self.outbox.ack(ack);
+        self.inflight.retain(|b| !ack.contains(b.last_seq));
         self.last_ack = Instant::now();
         tracing::debug!(deleted, depth = self.outbox.depth(), "ack");
         Ok(())
@@ -343,7 +367,7 @@ impl Agent {
                 params_json,
                 timeout_ms,
             } => {
-                if !self.outbox.accept_command(&cmd.id, &module, now)? {
+                if !self.outbox.accept_command(&cmd.id, &module, now) {
                     tracing::debug!(request = %cmd.id, "command seen before; not run again");
                     return Ok(false);
                 }
@@ -353,7 +377,7 @@ impl Agent {
                         RequestState::Expired,
                         Some("deadline passed before the agent received it"),
                     )?;
-                    self.outbox.finish_command(&cmd.id)?;
+                    self.outbox.finish_command(&cmd.id);
                     return Ok(false);
                 }
                 self.append_state(&cmd.id, RequestState::Received, None)?;
@@ -372,8 +396,8 @@ impl Agent {
                             finished_ms: now_ms(),
                             outcome: ModuleOutcome::Failed(message),
                         }),
-                    )?;
-                    self.outbox.finish_command(&cmd.id)?;
+                    );
+                    self.outbox.finish_command(&cmd.id);
                     return Ok(false);
                 }
                 let (params_json, timeout_ms) =
@@ -427,7 +451,7 @@ impl Agent {
                 if let Some(task) = self.running.remove(&request_id) {
                     task.abort();
                     self.append_state(&request_id, RequestState::Cancelled, None)?;
-                    self.outbox.finish_command(&request_id)?;
+                    self.outbox.finish_command(&request_id);
                 }
                 Ok(false)
             }
@@ -460,7 +484,7 @@ impl Agent {
         match r {
             Ok(()) => {
                 let bytes = postcard::to_stdvec(&self.modules).unwrap_or_default();
-                self.outbox.put_meta(META_MODULES, &bytes)?;
+                self.outbox.put_meta(META_MODULES, &bytes);
                 tracing::info!(%module, kind, "modules changed");
                 self.event(kind, module)?;
                 Ok(true)
@@ -486,14 +510,14 @@ impl Agent {
                 state,
                 detail: detail.map(str::to_string),
             }),
-        )?;
+        );
         Ok(())
     }
 
     fn on_produced(&mut self, p: Produced) -> Result<(), AgentError> {
         match p {
             Produced::Record(body) => {
-                self.outbox.append(now_ms(), *body)?;
+                self.outbox.append(now_ms(), *body);
             }
             Produced::Finished {
                 id,
@@ -501,7 +525,7 @@ impl Agent {
                 panicked,
             } => {
                 self.running.remove(&id);
-                self.outbox.finish_command(&id)?;
+                self.outbox.finish_command(&id);
                 if let Some(backoff) = self.restarts.record(&module, panicked) {
                     tracing::warn!(%module, ?backoff, "module panicked; restarting it with backoff");
                     self.event(
@@ -533,18 +557,39 @@ impl Agent {
         }
     }
 
-    /// Sends batches while the window allows.
+    /// Sends batches while the window allows. With `live_first`, records made since
+    /// the connection came up go ahead of the backlog while catching up.
     async fn pump(&mut self) -> Result<(), AgentError> {
         if self.state == SyncState::Offline {
             return Ok(());
         }
+        // Durable before sent: one flush covers every record appended since the last.
+        self.outbox.flush();
+        let first = self.outbox.first_seq().unwrap_or(u64::MAX);
         while self.inflight.len() < self.cfg.window {
-            let from = self
-                .send_from
-                .max(self.outbox.first_seq().unwrap_or(u64::MAX));
-            let records = self.outbox.read_from(from, self.cfg.batch_max_bytes)?;
+            let catching_up = self.cfg.live_first && self.state == SyncState::CatchingUp;
+            let mut records = Vec::new();
+            let mut live = false;
+            if catching_up {
+                records = self
+                    .outbox
+                    .read_from(self.live_sent.max(first), self.cfg.batch_max_bytes);
+                live = !records.is_empty();
+            }
+            if !live {
+                let upto = if catching_up {
+                    self.live_mark
+                } else {
+                    u64::MAX
+                };
+                records = self
+                    .outbox
+                    .read_from(self.send_from.max(first), self.cfg.batch_max_bytes);
+                records.retain(|r| r.seq < upto);
+            }
             let Some(last) = records.last().map(|r| r.seq) else {
                 self.state = SyncState::Online;
+                self.send_from = self.send_from.max(self.live_sent);
                 break;
             };
             let batch = Envelope::Batch(Batch {
@@ -561,7 +606,11 @@ impl Agent {
                 // The request queue is full; the next tick tries again.
                 break;
             }
-            self.send_from = last + 1;
+            if live {
+                self.live_sent = last + 1;
+            } else {
+                self.send_from = last + 1;
+            }
             self.inflight.push_back(InFlight {
                 last_seq: last,
                 sent_at: Instant::now(),
@@ -584,7 +633,12 @@ impl Agent {
                 .oldest_at_ms()
                 .map(|t| (now - t).max(0) as u64)
                 .unwrap_or(0),
-            dropped: 0,
+            dropped: self.outbox.dropped(),
+            outbox_condition: match self.outbox.condition() {
+                Condition::Ok => None,
+                Condition::DiskFull => Some("disk_full".into()),
+                Condition::WriteError(e) => Some(format!("write_error: {e}")),
+            },
         });
         let _ = self
             .client
@@ -605,7 +659,7 @@ impl Agent {
                 kind: kind.into(),
                 message: message.into(),
             }),
-        )?;
+        );
         Ok(())
     }
 }

@@ -30,6 +30,14 @@ pub struct AgentConfig {
     pub resend_timeout_ms: u64,
     /// How long one MQTT connection attempt may take (a busy broker is slow to accept).
     pub connect_timeout_s: u64,
+    /// Bytes of unacked records the outbox keeps; past it the oldest are evicted.
+    pub outbox_max_bytes: u64,
+    /// Bytes of records kept in memory while the disk is full or failing.
+    pub outbox_memory_bytes: u64,
+    /// Free space the outbox leaves on the data filesystem.
+    pub disk_reserve_bytes: u64,
+    /// Send new results ahead of the backlog when catching up.
+    pub live_first: bool,
 }
 
 impl Default for AgentConfig {
@@ -45,6 +53,10 @@ impl Default for AgentConfig {
             window: 8,
             resend_timeout_ms: 10_000,
             connect_timeout_s: 30,
+            outbox_max_bytes: 64 * 1024 * 1024,
+            outbox_memory_bytes: 4 * 1024 * 1024,
+            disk_reserve_bytes: 2 * 1024 * 1024,
+            live_first: false,
         }
     }
 }
@@ -73,6 +85,15 @@ pub struct Flags {
     pub heartbeat_ms: Option<u64>,
     #[arg(long, env = "IMN_RESEND_TIMEOUT_MS")]
     pub resend_timeout_ms: Option<u64>,
+    /// Bytes of unacked records kept on disk before the oldest are evicted.
+    #[arg(long, env = "IMN_OUTBOX_MAX_BYTES")]
+    pub outbox_max_bytes: Option<u64>,
+    /// Free space (bytes) the outbox leaves on the data filesystem.
+    #[arg(long, env = "IMN_DISK_RESERVE_BYTES")]
+    pub disk_reserve_bytes: Option<u64>,
+    /// Send new results ahead of the backlog.
+    #[arg(long, env = "IMN_LIVE_FIRST")]
+    pub live_first: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +148,15 @@ impl AgentConfig {
         }
         if let Some(v) = flags.resend_timeout_ms {
             cfg.resend_timeout_ms = v;
+        }
+        if let Some(v) = flags.outbox_max_bytes {
+            cfg.outbox_max_bytes = v;
+        }
+        if let Some(v) = flags.disk_reserve_bytes {
+            cfg.disk_reserve_bytes = v;
+        }
+        if let Some(v) = flags.live_first {
+            cfg.live_first = v;
         }
         cfg.validate()?;
         Ok(cfg)

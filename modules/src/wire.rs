@@ -167,6 +167,8 @@ pub struct Heartbeat {
     /// Age of the oldest unacked record, in ms (0 when the outbox is empty).
     pub outbox_oldest_age_ms: u64,
     pub dropped: u64,
+    /// Why the outbox cannot write to disk (`disk_full`, `write_error: …`), if it can't.
+    pub outbox_condition: Option<String>,
 }
 
 /// A batch of outbox records, in sequence order.
