@@ -28,6 +28,7 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/agents/alive", get(agents_alive))
         .route("/agents/{id}", get(agent))
         .route("/agents/{id}/results", get(results))
+        .route("/agents/{id}/events", get(events))
         .route("/agents/{id}/results/{request_id}", get(result))
         .route(
             "/agents/{id}/modules/{module}",
@@ -94,6 +95,14 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
         "undecodable_messages": b.stats.undecodable.load(Relaxed),
         "store_errors": b.stats.store_errors.load(Relaxed),
         "acks_sent": b.stats.acks_sent.load(Relaxed),
+        "rejected": *b.stats.rejected.lock().unwrap_or_else(|e| e.into_inner()),
+        "bridge": b.bridge_stats.get().map(|s| json!({
+            "up_messages": s.up_messages.load(Relaxed),
+            "down_messages": s.down_messages.load(Relaxed),
+            "up_errors": s.up_errors.load(Relaxed),
+            "bad_topics": s.bad_topics.load(Relaxed),
+            "too_large": s.too_large.load(Relaxed),
+        })),
     })))
 }
 
@@ -124,8 +133,33 @@ async fn agent(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let a = b.registry.get(&id).ok_or(ApiError::UnknownAgent(id))?;
-    Ok(Json(agent_json(&a, now_ms())))
+    let a = b
+        .registry
+        .get(&id)
+        .ok_or(ApiError::UnknownAgent(id.clone()))?;
+    let mut body = agent_json(&a, now_ms());
+    body["records_stored"] = json!(b.store.agent_record_count(&id).await?);
+    Ok(Json(body))
+}
+
+/// Events the agent reported (corrupt store, module restarts, module changes).
+async fn events(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if !b.registry.knows(&id) {
+        return Err(ApiError::UnknownAgent(id));
+    }
+    let rows = b
+        .store
+        .events(&id, q.limit.unwrap_or(100).min(10_000))
+        .await?;
+    Ok(Json(Value::Array(
+        rows.into_iter()
+            .map(|(at_ms, kind, message)| json!({"at": rfc3339(at_ms), "kind": kind, "message": message}))
+            .collect(),
+    )))
 }
 
 fn result_json(r: &ResultRow) -> Value {

@@ -28,6 +28,8 @@ pub struct Stats {
     pub records_stored: AtomicU64,
     pub duplicates_dropped: AtomicU64,
     pub undecodable: AtomicU64,
+    /// Dropped uplink messages by reason: empty, version, malformed, mismatch.
+    pub rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub store_errors: AtomicU64,
     pub acks_sent: AtomicU64,
 }
@@ -44,6 +46,8 @@ pub struct Backend {
     /// Fault injection for tests: store batches but send no acks.
     hold_acks: AtomicBool,
     pub fault_injection: bool,
+    /// The in-process bridge's counters, under `imn up`.
+    pub bridge_stats: std::sync::OnceLock<Arc<imn_bridge::broker::BridgeStats>>,
 }
 
 /// A request as the caller should see it after creation.
@@ -75,6 +79,7 @@ impl Backend {
             waiters: Mutex::new(HashMap::new()),
             hold_acks: AtomicBool::new(false),
             fault_injection,
+            bridge_stats: std::sync::OnceLock::new(),
         });
         for a in backend.store.agents().await? {
             backend
@@ -302,6 +307,18 @@ impl Backend {
         }
     }
 
+    /// Counts an uplink message dropped for `reason`.
+    fn reject(&self, reason: &'static str) {
+        self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+        *self
+            .stats
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
+
     async fn ingest(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<UpMessage>) {
         while let Some(msg) = rx.recv().await {
             self.handle_up(msg).await;
@@ -314,7 +331,7 @@ impl Backend {
         let env = match wire::decode(&msg.payload) {
             Ok(env) => env,
             Err(e) => {
-                self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                self.reject(e.reason());
                 tracing::warn!(agent = %msg.agent, kind = msg.kind.as_str(), reason = e.reason(), error = %e, "dropping undecodable uplink message");
                 msg.ack().await;
                 return;
@@ -385,7 +402,7 @@ impl Backend {
                 }
             }
             (kind, _) => {
-                self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                self.reject("mismatch");
                 tracing::warn!(%agent, kind = kind.as_str(), "envelope does not match its topic or agent; dropped");
                 msg.ack().await;
             }

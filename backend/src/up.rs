@@ -95,7 +95,7 @@ pub struct UpOptions {
 pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(), UpError> {
     let listener = bind_http("--http", opts.http).await?;
     let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(8192));
-    broker::run(BrokerConfig::new(opts.mqtt), bus.clone())
+    let bridge_stats = broker::run(BrokerConfig::new(opts.mqtt), bus.clone())
         .await
         .map_err(|e| match e {
             imn_bridge::BridgeError::Bind { addr, source } => UpError::Bind {
@@ -106,6 +106,7 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
             other => UpError::Start(other.to_string()),
         })?;
     let backend = start_backend(&opts.data.join("backend"), bus, opts.fault_injection).await?;
+    let _ = backend.bridge_stats.set(bridge_stats);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(serve_http(listener, backend, async move {

@@ -28,6 +28,9 @@ pub struct BrokerConfig {
     pub max_inflight: usize,
     /// Messages queued towards one subscriber before it is paused.
     pub max_outgoing_packets: u64,
+    /// Uplink messages larger than this are dropped and counted by the bridge (the
+    /// broker itself closes connections past `max_payload_bytes`, uncounted).
+    pub max_message_bytes: usize,
 }
 
 impl BrokerConfig {
@@ -38,6 +41,7 @@ impl BrokerConfig {
             max_payload_bytes: 1024 * 1024,
             max_inflight: 200,
             max_outgoing_packets: 1_000,
+            max_message_bytes: 512 * 1024,
         }
     }
 }
@@ -62,6 +66,7 @@ pub struct BridgeStats {
     pub down_messages: AtomicU64,
     pub up_errors: AtomicU64,
     pub bad_topics: AtomicU64,
+    pub too_large: AtomicU64,
 }
 
 fn rumqttd_config(cfg: &BrokerConfig) -> Config {
@@ -222,7 +227,12 @@ fn local_listen_addr(fd: i32) -> Option<SocketAddr> {
 }
 
 /// Forwards agents' messages from the broker to the bus, until the link closes.
-pub async fn uplink(mut link_rx: LinkRx, bus: Arc<dyn Bus>, stats: Arc<BridgeStats>) {
+pub async fn uplink(
+    mut link_rx: LinkRx,
+    bus: Arc<dyn Bus>,
+    stats: Arc<BridgeStats>,
+    max_message_bytes: usize,
+) {
     loop {
         let notification = match link_rx.next().await {
             Ok(Some(n)) => n,
@@ -242,6 +252,11 @@ pub async fn uplink(mut link_rx: LinkRx, bus: Arc<dyn Bus>, stats: Arc<BridgeSta
                     continue;
                 };
                 let payload: Bytes = f.publish.payload;
+                if payload.len() > max_message_bytes {
+                    stats.too_large.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%agent, kind = kind.as_str(), bytes = payload.len(), limit = max_message_bytes, "dropping uplink message over the size limit");
+                    continue;
+                }
                 match bus.publish_up(kind, agent, payload).await {
                     Ok(()) => {
                         stats.up_messages.fetch_add(1, Ordering::Relaxed);
@@ -289,7 +304,12 @@ pub async fn downlink(mut link_tx: LinkTx, bus: Arc<dyn Bus>, stats: Arc<BridgeS
 pub async fn run(cfg: BrokerConfig, bus: Arc<dyn Bus>) -> Result<Arc<BridgeStats>, BridgeError> {
     let (link_tx, link_rx) = start_broker(&cfg)?;
     let stats = Arc::new(BridgeStats::default());
-    tokio::spawn(uplink(link_rx, bus.clone(), stats.clone()));
+    tokio::spawn(uplink(
+        link_rx,
+        bus.clone(),
+        stats.clone(),
+        cfg.max_message_bytes,
+    ));
     tokio::spawn(downlink(link_tx, bus, stats.clone()));
     tracing::info!(listen = %cfg.listen, "bridge: embedded broker listening");
     Ok(stats)

@@ -187,6 +187,8 @@ impl Agent {
                 }
                 _ = hb.tick() => self.heartbeat().await,
                 _ = tick.tick() => {
+                    // Durable within a tick even while offline.
+                    self.outbox.flush();
                     self.check_resend();
                     self.pump().await?;
                 }
@@ -517,7 +519,16 @@ impl Agent {
     fn on_produced(&mut self, p: Produced) -> Result<(), AgentError> {
         match p {
             Produced::Record(body) => {
+                let finished = match &*body {
+                    RecordBody::Result(r) => Some(r.request_id.clone()),
+                    _ => None,
+                };
                 self.outbox.append(now_ms(), *body);
+                // Marked done in the same flush as the result, so a crash cannot leave
+                // a stored result plus an "interrupted" one for the same request.
+                if let Some(id) = finished {
+                    self.outbox.finish_command(&id);
+                }
             }
             Produced::Finished {
                 id,
@@ -525,7 +536,6 @@ impl Agent {
                 panicked,
             } => {
                 self.running.remove(&id);
-                self.outbox.finish_command(&id);
                 if let Some(backoff) = self.restarts.record(&module, panicked) {
                     tracing::warn!(%module, ?backoff, "module panicked; restarting it with backoff");
                     self.event(
@@ -597,13 +607,13 @@ impl Agent {
                 records,
             });
             let topic = wire::topic(&self.cfg.id, Kind::Out);
-            if self
+            if let Err(e) = self
                 .client
                 .publish(&topic, QoS::AtLeastOnce, false, &wire::encode(&batch))
                 .await
-                .is_err()
             {
                 // The request queue is full; the next tick tries again.
+                tracing::debug!(error = %e, "batch not sent; retrying on the next tick");
                 break;
             }
             if live {

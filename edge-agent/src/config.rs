@@ -88,6 +88,9 @@ pub struct Flags {
     /// Bytes of unacked records kept on disk before the oldest are evicted.
     #[arg(long, env = "IMN_OUTBOX_MAX_BYTES")]
     pub outbox_max_bytes: Option<u64>,
+    /// Bytes of records kept in memory while the disk is full or failing.
+    #[arg(long, env = "IMN_OUTBOX_MEMORY_BYTES")]
+    pub outbox_memory_bytes: Option<u64>,
     /// Free space (bytes) the outbox leaves on the data filesystem.
     #[arg(long, env = "IMN_DISK_RESERVE_BYTES")]
     pub disk_reserve_bytes: Option<u64>,
@@ -151,6 +154,9 @@ impl AgentConfig {
         }
         if let Some(v) = flags.outbox_max_bytes {
             cfg.outbox_max_bytes = v;
+        }
+        if let Some(v) = flags.outbox_memory_bytes {
+            cfg.outbox_memory_bytes = v;
         }
         if let Some(v) = flags.disk_reserve_bytes {
             cfg.disk_reserve_bytes = v;

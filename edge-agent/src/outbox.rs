@@ -14,7 +14,7 @@
 //! - A store that cannot be opened or read at start is moved aside and a new one (with
 //!   a new epoch) takes its place; the agent reports it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use imn_modules::wire::{Ack, Record, RecordBody};
@@ -26,6 +26,12 @@ const META_SEQ_RESERVED: &[u8] = b"seq_reserved";
 const META_DROPPED: &[u8] = b"dropped";
 /// Seqs reserved per meta write.
 const SEQ_BLOCK: u64 = 100_000;
+/// sled's log segment. Small segments keep its writes (and its jumps in disk use)
+/// small next to a router's free space.
+const SEGMENT_BYTES: usize = 64 * 1024;
+/// sled writes more than the record (log headers, page rewrites, segment cleaning):
+/// what a record may cost on disk, as a multiple of its size.
+const DISK_FACTOR: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -119,6 +125,12 @@ pub struct SledOutbox {
     dropped_persisted: u64,
     condition: Condition,
     dirty: bool,
+    /// Bytes written to sled since the last flush (still in its buffers, not yet
+    /// visible to statvfs).
+    unflushed: u64,
+    /// Acked records the disk could not delete yet (it was full); never sent again,
+    /// deleted once space returns.
+    tombstones: BTreeSet<u64>,
     /// Commands seen while the disk could not record them.
     memory_commands: HashSet<String>,
     /// Set when the store found at start was unusable and moved aside.
@@ -164,6 +176,7 @@ impl SledOutbox {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(limits.cache_bytes)
+            .segment_size(SEGMENT_BYTES)
             .open()
             .map_err(e)?;
         let records = db.open_tree("records").map_err(e)?;
@@ -208,9 +221,24 @@ impl SledOutbox {
             dropped_persisted: dropped,
             condition: Condition::Ok,
             dirty: false,
+            unflushed: 0,
+            tombstones: BTreeSet::new(),
             memory_commands: HashSet::new(),
             recovered_from: None,
         };
+        // Keep sled well clear of a full disk: it needs about twice the live data, and
+        // never gives back its high-water mark.
+        let room = (free_bytes(dir) + ob.db.size_on_disk().unwrap_or(0))
+            .saturating_sub(ob.limits.disk_reserve_bytes)
+            / (DISK_FACTOR - 1);
+        if room < ob.limits.max_bytes {
+            tracing::warn!(
+                configured = ob.limits.max_bytes,
+                room,
+                "outbox capped by the free space of its filesystem"
+            );
+            ob.limits.max_bytes = room.max(64 * 1024);
+        }
         ob.reserve_seqs().map_err(e)?;
         ob.db.flush().map_err(e)?;
         Ok(ob)
@@ -229,8 +257,8 @@ impl SledOutbox {
 
     /// Whether the disk may take `extra` more bytes without eating the reserve.
     fn disk_has_room(&self, extra: u64) -> bool {
-        // sled writes more than the record (log headers, page rewrites): allow 4x.
-        free_bytes(&self.dir) >= self.limits.disk_reserve_bytes + 4 * extra
+        free_bytes(&self.dir)
+            >= self.limits.disk_reserve_bytes + DISK_FACTOR * (self.unflushed + extra)
     }
 
     fn set_condition(&mut self, c: Condition) {
@@ -308,7 +336,22 @@ impl SledOutbox {
             self.memory_bytes -= n as u64;
             self.disk_bytes += n as u64;
             self.disk_count += 1;
+            self.unflushed += n as u64;
             self.dirty = true;
+        }
+        self.retry_tombstones();
+    }
+
+    /// Deletes acked records the full disk kept.
+    fn retry_tombstones(&mut self) {
+        while let Some(&seq) = self.tombstones.first() {
+            match self.records.remove(seq.to_be_bytes()) {
+                Ok(_) => {
+                    self.tombstones.remove(&seq);
+                    self.dirty = true;
+                }
+                Err(_) => return,
+            }
         }
     }
 
@@ -430,6 +473,7 @@ impl Outbox for SledOutbox {
                     Ok(_) => {
                         self.disk_bytes += n;
                         self.disk_count += 1;
+                        self.unflushed += n;
                         self.dirty = true;
                         return record;
                     }
@@ -444,6 +488,14 @@ impl Outbox for SledOutbox {
     }
 
     fn flush(&mut self) {
+        // Also the moment to notice that space ran out, or came back.
+        if self.condition == Condition::Ok && !self.disk_has_room(0) {
+            self.set_condition(Condition::DiskFull);
+        }
+        if self.condition != Condition::Ok || !self.memory.is_empty() || !self.tombstones.is_empty()
+        {
+            self.drain_memory_to_disk();
+        }
         if self.dropped != self.dropped_persisted
             && self.condition == Condition::Ok
             && self
@@ -456,7 +508,10 @@ impl Outbox for SledOutbox {
         }
         if self.dirty {
             match self.db.flush() {
-                Ok(_) => self.dirty = false,
+                Ok(_) => {
+                    self.dirty = false;
+                    self.unflushed = 0;
+                }
                 Err(e) => self.set_condition(Condition::WriteError(e.to_string())),
             }
         }
@@ -468,6 +523,9 @@ impl Outbox for SledOutbox {
         let mut corrupt = Vec::new();
         for item in self.records.range(from.to_be_bytes()..) {
             let Ok((k, v)) = item else { break };
+            if self.tombstones.contains(&key_seq(&k)) {
+                continue;
+            }
             if !out.is_empty() && bytes + v.len() > max_bytes {
                 return out;
             }
@@ -504,10 +562,11 @@ impl Outbox for SledOutbox {
 
     fn first_seq(&self) -> Option<u64> {
         self.records
-            .first()
-            .ok()
-            .flatten()
-            .map(|(k, _)| key_seq(&k))
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| key_seq(&k))
+            .find(|s| !self.tombstones.contains(s))
             .or_else(|| self.memory.front().map(|(r, _)| r.seq))
     }
 
@@ -527,10 +586,31 @@ impl Outbox for SledOutbox {
                 .map(|(k, v)| (k, v.len()))
                 .collect();
             for (k, n) in keys {
-                if let Ok(Some(_)) = self.records.remove(k) {
-                    self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
-                    self.disk_count = self.disk_count.saturating_sub(1);
-                    deleted += 1;
+                let seq = key_seq(&k);
+                if self.tombstones.contains(&seq) {
+                    continue;
+                }
+                let removed: Result<bool, sled::Error> = if self.condition == Condition::Ok {
+                    self.records.remove(k).map(|o| o.is_some())
+                } else {
+                    // A delete writes too; on a full disk, remember it instead.
+                    self.tombstones.insert(seq);
+                    Ok(true)
+                };
+                match removed {
+                    Ok(true) => {
+                        self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
+                        self.disk_count = self.disk_count.saturating_sub(1);
+                        deleted += 1;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.set_condition(Condition::WriteError(e.to_string()));
+                        self.tombstones.insert(seq);
+                        self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
+                        self.disk_count = self.disk_count.saturating_sub(1);
+                        deleted += 1;
+                    }
                 }
             }
             let before = self.memory.len();

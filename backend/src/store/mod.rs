@@ -131,6 +131,14 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError>;
     async fn result(&self, agent: &str, request_id: &str) -> Result<Option<ResultRow>, StoreError>;
+    /// How many records the agent's outbox delivered, of every kind.
+    async fn agent_record_count(&self, agent: &str) -> Result<u64, StoreError>;
+    /// The agent's events, newest first: (agent time, kind, message).
+    async fn events(
+        &self,
+        agent: &str,
+        limit: u32,
+    ) -> Result<Vec<(i64, String, String)>, StoreError>;
     /// How many records are stored, in all.
     async fn record_count(&self) -> Result<u64, StoreError>;
 }

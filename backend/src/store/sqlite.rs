@@ -474,6 +474,48 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn agent_record_count(&self, agent: &str) -> Result<u64, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM records WHERE agent_id = ?1",
+                [agent],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn events(
+        &self,
+        agent: &str,
+        limit: u32,
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare("SELECT at_ms, body_json FROM records WHERE agent_id = ?1 AND kind = 'event' ORDER BY stored_ms DESC, seq DESC LIMIT ?2")
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![agent, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (at, body) = row.map_err(db)?;
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                out.push((
+                    at,
+                    v["kind"].as_str().unwrap_or_default().to_string(),
+                    v["message"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn record_count(&self) -> Result<u64, StoreError> {
         self.with(|c| {
             c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0))
