@@ -8,5 +8,6 @@ pub mod registry;
 pub mod service;
 pub mod store;
 pub mod up;
+pub mod validation;
 
 pub use service::Backend;

@@ -9,13 +9,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use imn_bridge::bus::{Bus, UpMessage};
 use imn_modules::wire::{self, Ack, Command, CommandKind, Envelope, Kind, RequestState};
-use imn_modules::{catalog, now_ms, params};
+use imn_modules::{catalog, now_ms};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::ApiError;
 use crate::registry::Registry;
 use crate::store::{Created, NewRequest, RequestRow, Store};
+use crate::validation::Validators;
 
 /// How long an undelivered request waits for its agent by default.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(24 * 3600);
@@ -40,7 +41,7 @@ pub struct Backend {
     pub registry: Registry,
     pub stats: Stats,
     /// Each module's compiled schema; compiled once at start.
-    validators: HashMap<&'static str, jsonschema::Validator>,
+    validators: Validators,
     /// Callers of `?wait` waiting for a request to finish.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     /// Fault injection for tests: store batches but send no acks.
@@ -63,13 +64,7 @@ impl Backend {
         bus: Arc<dyn Bus>,
         fault_injection: bool,
     ) -> Result<Arc<Backend>, ApiError> {
-        let mut validators = HashMap::new();
-        for spec in catalog::catalog() {
-            let v = jsonschema::validator_for(&spec.schema()).map_err(|e| {
-                ApiError::Internal(format!("schema of {} does not compile: {e}", spec.name))
-            })?;
-            validators.insert(spec.name, v);
-        }
+        let validators = Validators::new()?;
         let backend = Arc::new(Backend {
             store,
             bus,
@@ -105,52 +100,9 @@ impl Backend {
         self.hold_acks.store(on, Ordering::SeqCst);
     }
 
-    /// Validates parameters against the module's schema, then the rules a schema
-    /// cannot express. The error names the JSON pointer of the field and the rule.
+    /// Validates parameters (see [`Validators::validate`]).
     pub fn validate(&self, module: &str, params: &Value) -> Result<(), ApiError> {
-        let validator = self
-            .validators
-            .get(module)
-            .ok_or_else(|| ApiError::UnknownModule {
-                module: module.to_string(),
-                known: catalog::names().iter().map(|s| s.to_string()).collect(),
-            })?;
-        if let Some(err) = validator.iter_errors(params).next() {
-            let mut field = err.instance_path.to_string();
-            match &err.kind {
-                jsonschema::error::ValidationErrorKind::Required { property } => {
-                    field = format!("{field}/{}", property.as_str().unwrap_or_default());
-                }
-                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
-                    if let Some(p) = unexpected.first() {
-                        field = format!("{field}/{p}");
-                    }
-                }
-                _ => {}
-            }
-            let rule = err
-                .schema_path
-                .to_string()
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            let shown = if field.is_empty() {
-                "/".to_string()
-            } else {
-                field.clone()
-            };
-            return Err(ApiError::InvalidParams {
-                message: format!("{shown}: {err} (rule: {rule})"),
-                field: shown,
-                rule,
-            });
-        }
-        params::check(module, params).map_err(|e| ApiError::InvalidParams {
-            message: e.to_string(),
-            rule: e.rule.into(),
-            field: e.field,
-        })
+        self.validators.validate(module, params)
     }
 
     /// Creates (or, with a known idempotency key, finds) a request and dispatches it

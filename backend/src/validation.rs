@@ -1,0 +1,75 @@
+//! Parameter validation: each module's JSON Schema compiled once, then the rules a
+//! schema cannot express. Errors name the JSON pointer of the field and the rule.
+
+use std::collections::HashMap;
+
+use imn_modules::{catalog, params};
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+pub struct Validators {
+    by_module: HashMap<&'static str, jsonschema::Validator>,
+}
+
+impl Validators {
+    /// Compiles every catalog schema.
+    pub fn new() -> Result<Validators, ApiError> {
+        let mut by_module = HashMap::new();
+        for spec in catalog::catalog() {
+            let v = jsonschema::validator_for(&spec.schema()).map_err(|e| {
+                ApiError::Internal(format!("schema of {} does not compile: {e}", spec.name))
+            })?;
+            by_module.insert(spec.name, v);
+        }
+        Ok(Validators { by_module })
+    }
+
+    /// Validates parameters against the module's schema, then the rules a schema
+    /// cannot express. Never panics, whatever the input.
+    pub fn validate(&self, module: &str, params: &Value) -> Result<(), ApiError> {
+        let validator = self
+            .by_module
+            .get(module)
+            .ok_or_else(|| ApiError::UnknownModule {
+                module: module.to_string(),
+                known: catalog::names().iter().map(|s| s.to_string()).collect(),
+            })?;
+        if let Some(err) = validator.iter_errors(params).next() {
+            let mut field = err.instance_path.to_string();
+            match &err.kind {
+                jsonschema::error::ValidationErrorKind::Required { property } => {
+                    field = format!("{field}/{}", property.as_str().unwrap_or_default());
+                }
+                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                    if let Some(p) = unexpected.first() {
+                        field = format!("{field}/{p}");
+                    }
+                }
+                _ => {}
+            }
+            let rule = err
+                .schema_path
+                .to_string()
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let shown = if field.is_empty() {
+                "/".to_string()
+            } else {
+                field.clone()
+            };
+            return Err(ApiError::InvalidParams {
+                message: format!("{shown}: {err} (rule: {rule})"),
+                field: shown,
+                rule,
+            });
+        }
+        params::check(module, params).map_err(|e| ApiError::InvalidParams {
+            message: e.to_string(),
+            rule: e.rule.into(),
+            field: e.field,
+        })
+    }
+}
