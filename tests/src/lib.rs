@@ -5,6 +5,9 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, which the
 //! README's test command does).
 
+pub mod bench_drain;
+pub mod bench_ping;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -97,7 +100,10 @@ impl Proc {
         let err = out.try_clone().expect("log file");
         let child = Command::new(program)
             .args(args)
-            .env("RUST_LOG", "info,rumqttd=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("IMN_TEST_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -35,6 +35,32 @@ enum Scenario {
         #[arg(long)]
         url: Option<String>,
     },
+    /// The ping engine: a paced loopback sweep against fping, RTT accuracy, and a
+    /// 20 ms ICMP responder in a network namespace of its own (needs root).
+    Ping {
+        /// Loopback addresses (127.1.x.y) to sweep, one probe each.
+        #[arg(long, default_value_t = 10_000)]
+        targets: usize,
+        /// Probes per second of the sweep.
+        #[arg(long, default_value_t = 100_000.0)]
+        rate: f64,
+    },
+    /// An agent with a backlog made while partitioned reconnects under `imn up`:
+    /// drain rate, lost, duplicates, peak agent RSS.
+    Drain {
+        /// Results waiting in the agent's outbox.
+        #[arg(long, default_value_t = 100_000)]
+        buffered: usize,
+    },
+    /// Insert-then-ack cycles against the agent's outbox: size on disk beside the live
+    /// data size.
+    Outbox {
+        #[arg(long, default_value_t = 1_000_000)]
+        cycles: usize,
+        /// Records unacked at any moment.
+        #[arg(long, default_value_t = 1_000)]
+        lag: usize,
+    },
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -123,6 +149,27 @@ async fn main() {
                 requests
             };
             api_scenario(n, rate, url).await
+        }
+        Scenario::Ping { targets, rate } => {
+            let opts = if cli.quick {
+                imn_tests::bench_ping::Options::quick()
+            } else {
+                imn_tests::bench_ping::Options::full(targets.clamp(1, 65_536), rate)
+            };
+            imn_tests::bench_ping::run(opts).await
+        }
+        Scenario::Drain { buffered } => {
+            imn_tests::bench_drain::drain(if cli.quick { 2_000 } else { buffered }).await
+        }
+        Scenario::Outbox { cycles, lag } => {
+            let (c, l) = if cli.quick {
+                (20_000, 100)
+            } else {
+                (cycles, lag)
+            };
+            tokio::task::spawn_blocking(move || imn_tests::bench_drain::outbox_cycles(c, l))
+                .await
+                .expect("outbox scenario")
         }
     };
     if let Some(obj) = out.as_object() {

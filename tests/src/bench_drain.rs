@@ -1,0 +1,186 @@
+//! `imn-bench drain` and `imn-bench outbox`: how fast a backlog drains after a
+//! partition, and what the outbox costs on disk under insert-then-ack.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use imn_agent::outbox::{Outbox, OutboxLimits, SledOutbox};
+use imn_modules::results::{EchoResult, ModuleOutcome, ModuleOutput};
+use imn_modules::wire::{Ack, ModuleResult, RecordBody};
+use serde_json::{json, Value};
+
+use crate::{bin, wait_for, Proc, Up};
+
+fn result_record(i: usize) -> RecordBody {
+    RecordBody::Result(ModuleResult {
+        request_id: format!("drain-{i:08}"),
+        module: "echo_module".into(),
+        received_ms: 1,
+        started_ms: 2,
+        finished_ms: 3,
+        outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+            message: format!("result {i} made while partitioned"),
+        })),
+    })
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: i32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Current resident memory (VmRSS) of a process, in KiB.
+pub fn rss_kib(pid: i32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bytes of all files under `dir`.
+pub fn du(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                total += du(&p);
+            } else if let Ok(m) = e.metadata() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// An agent whose outbox holds `buffered` results made while it was partitioned
+/// reconnects; the drain is timed until every result is stored and acked.
+///
+/// The backlog is written straight into the agent's outbox (the same `SledOutbox` the
+/// agent uses) before the real `imn-agent` binary starts: that is what a partition
+/// leaves behind, without making the benchmark wait for 100,000 module runs.
+pub async fn drain(buffered: usize) -> Value {
+    let up = Up::start(0, &[]).await;
+    let data = up.dir.path().join("edge-drain");
+    {
+        let mut ob = SledOutbox::open(&data, OutboxLimits::default()).expect("outbox");
+        for i in 0..buffered {
+            ob.append(imn_modules::now_ms(), result_record(i));
+        }
+        ob.flush();
+        assert_eq!(ob.depth(), buffered as u64, "the backlog fits the outbox");
+    }
+    let t0 = Instant::now();
+    let agent = Proc::spawn(
+        "edge-drain",
+        &bin("imn-agent"),
+        &[
+            "--id",
+            "edge-drain",
+            "--broker",
+            &up.broker_url(),
+            "--data",
+            data.to_str().unwrap(),
+            "--heartbeat-ms",
+            "1000",
+        ],
+        up.dir.path(),
+    );
+    let pid = agent.pid();
+    let api = up.api.clone();
+    let mut peak = 0;
+    let stored = wait_for("the backlog to drain", Duration::from_secs(600), || {
+        let api = api.clone();
+        peak = peak.max(peak_rss_kib(pid));
+        async move {
+            let a = api.try_get("/agents/edge-drain").await?;
+            let n = a.body["records_stored"].as_u64()?;
+            (n >= buffered as u64).then_some(n)
+        }
+    })
+    .await;
+    let drain_s = t0.elapsed().as_secs_f64();
+    peak = peak.max(peak_rss_kib(pid));
+    // Every result exactly once: distinct request ids among the stored results.
+    let all = up
+        .api
+        .get(&format!(
+            "/agents/edge-drain/results?limit={}",
+            buffered * 2
+        ))
+        .await
+        .body;
+    let rows = all.as_array().map(|a| a.len()).unwrap_or(0);
+    let distinct: std::collections::HashSet<&str> = all
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["request_id"].as_str()).collect())
+        .unwrap_or_default();
+    drop(agent);
+    json!({
+        "scenario": "drain",
+        "buffered": buffered,
+        "drain_s": drain_s,
+        "drain_results_per_s": buffered as f64 / drain_s,
+        "stored": stored,
+        "lost": buffered.saturating_sub(distinct.len()),
+        "duplicates_stored": rows - distinct.len(),
+        "peak_agent_rss_kib": peak,
+        "note": "time from agent start (connect included) until the backend stored every result",
+    })
+}
+
+/// Insert-then-ack cycles against the outbox, with `lag` records unacked at any time;
+/// reports the store's size on disk beside the live data size.
+pub fn outbox_cycles(cycles: usize, lag: usize) -> Value {
+    let dir = std::env::temp_dir().join(format!("imn-bench-outbox-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).expect("outbox");
+    let epoch = ob.epoch();
+    let mut max_disk = 0u64;
+    let t0 = Instant::now();
+    // As the agent does: records arrive, one flush per batch of 100 before it is sent,
+    // and the backend's ack covers a batch.
+    let mut acked_upto = 0u64;
+    for i in 0..cycles {
+        let r = ob.append(imn_modules::now_ms(), result_record(i));
+        if i % 100 == 99 {
+            ob.flush();
+            let upto = r.seq.saturating_sub(lag as u64);
+            if upto > acked_upto {
+                ob.ack(&Ack {
+                    epoch,
+                    ranges: vec![(acked_upto + 1, upto)],
+                });
+                acked_upto = upto;
+            }
+        }
+        if i % 50_000 == 0 {
+            max_disk = max_disk.max(du(&dir));
+        }
+    }
+    ob.flush();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let disk = du(&dir);
+    let out = json!({
+        "scenario": "outbox",
+        "cycles": cycles,
+        "lag": lag,
+        "cycles_per_s": cycles as f64 / elapsed,
+        "live_records": ob.depth(),
+        "live_bytes": ob.live_bytes(),
+        "disk_bytes_end": disk,
+        "disk_bytes_max": max_disk.max(disk),
+        "sled_size_on_disk": ob.disk_usage(),
+        "rss_kib": rss_kib(std::process::id() as i32),
+    });
+    drop(ob);
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
