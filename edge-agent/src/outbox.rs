@@ -626,8 +626,9 @@ impl Outbox for SledOutbox {
             deleted += (before - self.memory.len()) as u64;
         }
         if deleted > 0 {
+            // Flushed with the next tick, not now: a delete lost to a crash only means
+            // the record is sent again and the backend drops it as a duplicate.
             self.dirty = true;
-            self.flush();
         }
         deleted
     }
