@@ -488,27 +488,45 @@ async fn full_disk_evicts_exactly_and_recovers() {
         s.dir.path(),
     );
     s.api.wait_alive(&["edge-d"], T).await;
-    // 600 runs that each answer 4 KB, 4 s after they start: 2.4 MB of results, made
-    // while the bridge is down.
+    let r = s
+        .api
+        .put_json(
+            "/agents/edge-d/modules/faulty_module",
+            &json!({"timeout_ms": 120000}),
+        )
+        .await;
+    assert_eq!(r.status, 202);
+    wait_for("the longer deadline in hello", T, || {
+        let api = s.api.clone();
+        async move {
+            let a = api.try_get("/agents/edge-d").await?;
+            a.body["modules"]
+                .as_array()?
+                .iter()
+                .any(|m| m["config"]["timeout_ms"] == 120000)
+                .then_some(())
+        }
+    })
+    .await;
+    // 600 runs that each answer 4 KB, 20 s after they start: 2.4 MB of results, all
+    // made while the bridge is down. (A result sent just before the bridge died but
+    // never acked could be both stored and later evicted; none is in flight here.)
     let n = 600;
     let mut ids = Vec::new();
     let big = "x".repeat(4000);
     for i in 0..n {
-        let p = json!({"message": format!("{i} {big}"), "delay": 8.0});
+        let p = json!({"message": format!("{i} {big}"), "delay": 20.0});
         ids.push(submit(&s.api, "edge-d", "faulty_module", &p, &format!("d-{i}")).await);
     }
     outbox_drained(&s.api, "edge-d").await;
-    let st = s
-        .api
-        .get(&format!("/modules/states/{}", ids[n as usize - 1]))
-        .await
-        .body;
+    let st = s.api.get(&format!("/modules/states/{}", ids[0])).await.body;
     assert_eq!(
         st["state"], "running",
         "the runs must end while the bridge is away"
     );
     s.bridge.kill9();
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Every run ends (20 s after it started) while the bridge is away.
+    tokio::time::sleep(Duration::from_secs(25)).await;
     assert!(
         agent.wait_exit(Duration::from_millis(10)).is_none(),
         "the agent stays up on a full disk"
