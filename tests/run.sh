@@ -34,8 +34,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (the end-to-end tests start these binaries)"
 cargo build --workspace --bins
-echo "== cargo test"
-cargo test --workspace
 echo "== fuzz targets build (they are run by hand: see tests/fuzz/Cargo.toml)"
 cargo check --manifest-path tests/fuzz/Cargo.toml --bins
 echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
@@ -43,3 +41,5 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench drain --quick --json
 ./target/debug/imn-bench outbox --quick --json
 ./target/debug/imn-bench api --quick --json
+echo "== cargo test"
+cargo test --workspace

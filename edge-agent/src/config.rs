@@ -49,7 +49,7 @@ impl Default for AgentConfig {
             data: PathBuf::from("imn-agent-data"),
             tags: Vec::new(),
             heartbeat_ms: 10_000,
-            batch_max_bytes: 64 * 1024,
+            batch_max_bytes: 256 * 1024,
             window: 8,
             resend_timeout_ms: 10_000,
             connect_timeout_s: 30,

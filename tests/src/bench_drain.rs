@@ -107,20 +107,20 @@ pub async fn drain(buffered: usize) -> Value {
     .await;
     let drain_s = t0.elapsed().as_secs_f64();
     peak = peak.max(peak_rss_kib(pid));
-    // Every result exactly once: distinct request ids among the stored results.
-    let all = up
-        .api
-        .get(&format!(
-            "/agents/edge-drain/results?limit={}",
-            buffered * 2
-        ))
-        .await
-        .body;
-    let rows = all.as_array().map(|a| a.len()).unwrap_or(0);
-    let distinct: std::collections::HashSet<&str> = all
-        .as_array()
-        .map(|a| a.iter().filter_map(|r| r["request_id"].as_str()).collect())
-        .unwrap_or_default();
+    // Every result exactly once: rows and distinct request ids in the backend's store
+    // (read-only, beside the running backend; the API pages at 10,000).
+    let db = up.dir.path().join("data/backend/backend.sqlite");
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("backend store");
+    let (rows, distinct): (i64, i64) = conn
+        .query_row(
+            "SELECT COUNT(*), COUNT(DISTINCT request_id) FROM records WHERE agent_id = 'edge-drain' AND kind = 'result'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("count results");
+    let (rows, distinct) = (rows as usize, distinct as usize);
     drop(agent);
     json!({
         "scenario": "drain",
@@ -128,8 +128,8 @@ pub async fn drain(buffered: usize) -> Value {
         "drain_s": drain_s,
         "drain_results_per_s": buffered as f64 / drain_s,
         "stored": stored,
-        "lost": buffered.saturating_sub(distinct.len()),
-        "duplicates_stored": rows - distinct.len(),
+        "lost": buffered.saturating_sub(distinct),
+        "duplicates_stored": rows - distinct,
         "peak_agent_rss_kib": peak,
         "note": "time from agent start (connect included) until the backend stored every result",
     })
