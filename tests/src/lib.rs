@@ -7,6 +7,7 @@
 
 pub mod bench_drain;
 pub mod bench_ping;
+pub mod netns;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

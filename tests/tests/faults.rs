@@ -7,17 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use imn_tests::netns::{sh, Netns};
 use imn_tests::{bin, free_port, start_agent, wait_for, Api, Nats, Proc, TempDir, Up};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
-
-fn sh(cmd: &str) -> (bool, String) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
 
 /// Posts a request, retrying with the same Idempotency-Key while the backend is down.
 async fn submit(api: &Api, agent: &str, module: &str, params: &Value, key: &str) -> String {
@@ -148,66 +142,11 @@ async fn agent_sigkilled_twenty_times() {
     drop(agent);
 }
 
-/// A network namespace for the agent, joined to the host by a veth pair.
-struct Partition {
-    ns: String,
-    host_if: String,
-    host_ip: String,
-}
-
-impl Partition {
-    fn create(tag: &str) -> Partition {
-        let n = (std::process::id() + tag.len() as u32 * 7) % 200 + 20;
-        let ns = format!("imnt-{tag}-{}", std::process::id());
-        let host_if = format!("imn{tag}{n}h");
-        let peer_if = format!("imn{tag}{n}p");
-        let (hip, pip) = (format!("198.19.{n}.1"), format!("198.19.{n}.2"));
-        for s in [
-            format!("ip netns add {ns}"),
-            format!("ip link add {host_if} type veth peer name {peer_if}"),
-            format!("ip link set {peer_if} netns {ns}"),
-            format!("ip addr add {hip}/30 dev {host_if}"),
-            format!("ip link set {host_if} up"),
-            format!("ip -n {ns} addr add {pip}/30 dev {peer_if}"),
-            format!("ip -n {ns} link set {peer_if} up"),
-            format!("ip -n {ns} link set lo up"),
-        ] {
-            let (ok, out) = sh(&s);
-            assert!(ok, "{s}: {out}");
-        }
-        // Nothing may leave the machine: from the namespace, the bridge's address must
-        // be reached through our own veth.
-        let (ok, route) = sh(&format!("ip netns exec {ns} ip route get {hip}"));
-        assert!(ok && route.contains(&format!("dev {peer_if}")), "{route}");
-        Partition {
-            ns,
-            host_if,
-            host_ip: hip,
-        }
-    }
-
-    fn link(&self, up: bool) {
-        let (ok, out) = sh(&format!(
-            "ip link set {} {}",
-            self.host_if,
-            if up { "up" } else { "down" }
-        ));
-        assert!(ok, "{out}");
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        let _ = sh(&format!("ip link del {}", self.host_if));
-        let _ = sh(&format!("ip netns del {}", self.ns));
-    }
-}
-
 /// 2. Take the agent's link down for 30 s mid-measurement: it keeps measuring,
 ///    buffers, and syncs after the link returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_for_thirty_seconds() {
-    let part = Partition::create("pa");
+    let part = Netns::create("pa", 19);
     let mqtt_port = free_port();
     let dir = TempDir::new("partition");
     let http_port = free_port();

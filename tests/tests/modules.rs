@@ -3,6 +3,8 @@
 //! the test creates.
 
 use std::process::Command;
+
+use imn_tests::netns::Netns;
 use std::time::Duration;
 
 use imn_tests::{wait_for, Api, Up};
@@ -20,67 +22,6 @@ async fn run(api: &Api, agent: &str, module: &str, params: Value) -> Value {
         .await;
     assert_eq!(r.status, 200, "{module} {params}: {:?}", r.body);
     r.body
-}
-
-fn sh(cmd: &str) -> (bool, String) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
-/// A network namespace with one veth link to the host, whose input policy drops
-/// everything: a host that never answers. Removed when dropped.
-struct BlackHole {
-    ns: String,
-    host_if: String,
-    pub addr: String,
-}
-
-impl BlackHole {
-    fn create() -> BlackHole {
-        let n = std::process::id() % 250;
-        let ns = format!("imnt-bh-{}", std::process::id());
-        let host_if = format!("imnbh{n}h");
-        let peer_if = format!("imnbh{n}p");
-        // 198.18.0.0/15 is the benchmarking range: never routed to the internet.
-        let (hip, pip) = (format!("198.18.{n}.1"), format!("198.18.{n}.2"));
-        let steps = [
-            format!("ip netns add {ns}"),
-            format!("ip link add {host_if} type veth peer name {peer_if}"),
-            format!("ip link set {peer_if} netns {ns}"),
-            format!("ip addr add {hip}/30 dev {host_if}"),
-            format!("ip link set {host_if} up"),
-            format!("ip -n {ns} addr add {pip}/30 dev {peer_if}"),
-            format!("ip -n {ns} link set {peer_if} up"),
-            format!("ip -n {ns} link set lo up"),
-            format!("ip netns exec {ns} nft add table inet imn"),
-            format!("ip netns exec {ns} nft add chain inet imn input '{{ type filter hook input priority 0; policy drop; }}'"),
-        ];
-        let bh = BlackHole {
-            ns,
-            host_if: host_if.clone(),
-            addr: pip.clone(),
-        };
-        for s in &steps {
-            let (ok, out) = sh(s);
-            assert!(ok, "{s}: {out}");
-        }
-        // Nothing may leave the machine: the route must use our own veth.
-        let (ok, route) = sh(&format!("ip route get {pip}"));
-        assert!(
-            ok && route.contains(&format!("dev {host_if}")),
-            "route to {pip} is not via {host_if}: {route}"
-        );
-        bh
-    }
-}
-
-impl Drop for BlackHole {
-    fn drop(&mut self) {
-        let _ = sh(&format!("ip link del {}", self.host_if));
-        let _ = sh(&format!("ip netns del {}", self.ns));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,12 +76,13 @@ async fn tcping_open_closed_and_silent_ports() {
         "{r}"
     );
 
-    let bh = BlackHole::create();
+    let bh = Netns::create("bh", 18);
+    bh.drop_all_input();
     let b = run(
         &up.api,
         "agent-1",
         "tcping",
-        json!({"host": bh.addr, "port": 80, "count": 2, "timeout_ms": 300, "interval_ms": 10}),
+        json!({"host": bh.peer_ip, "port": 80, "count": 2, "timeout_ms": 300, "interval_ms": 10}),
     )
     .await;
     let r = &b["result"];
