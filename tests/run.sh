@@ -42,4 +42,8 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench outbox --quick --json
 ./target/debug/imn-bench api --quick --json
 echo "== cargo test"
-cargo test --workspace
+log="$(mktemp)"
+cargo test --workspace 2>&1 | tee "$log"
+# One closing line for the whole suite (cargo's own last line is a doc-test crate's).
+awk '/^test result:/ {p += $4; f += $6} END {printf "total: %d passed, %d failed\n", p, f}' "$log"
+rm -f "$log"
