@@ -34,6 +34,14 @@ const SEGMENT_BYTES: usize = 64 * 1024;
 const DISK_FACTOR: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error("{0}")]
+    Locked(String),
+    #[error("{0}")]
+    Unusable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     #[error("outbox store cannot be created: {0}")]
     Store(String),
@@ -105,15 +113,81 @@ pub trait Outbox {
     fn condition(&self) -> Condition;
 }
 
-pub struct SledOutbox {
-    dir: PathBuf,
-    limits: OutboxLimits,
+/// sled's handles on one open store.
+struct Store {
     db: sled::Db,
     records: sled::Tree,
     meta: sled::Tree,
     commands: sled::Tree,
+}
+
+impl Store {
+    fn open(path: &Path, cache_bytes: u64) -> Result<Store, sled::Error> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .segment_size(SEGMENT_BYTES)
+            // The outbox flushes on its own schedule (every tick, and before a send);
+            // sled's own flusher would only add a thread and unguarded writes.
+            .flush_every_ms(None)
+            .open()?;
+        Ok(Store {
+            records: db.open_tree("records")?,
+            meta: db.open_tree("meta")?,
+            commands: db.open_tree("commands")?,
+            db,
+        })
+    }
+
+    fn tree(&self, t: TreeId) -> &sled::Tree {
+        match t {
+            TreeId::Records => &self.records,
+            TreeId::Meta => &self.meta,
+            TreeId::Commands => &self.commands,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TreeId {
+    Records,
+    Meta,
+    Commands,
+}
+
+/// One insert (`value` set) or delete.
+#[derive(Debug, Clone)]
+struct Write {
+    tree: TreeId,
+    key: sled::IVec,
+    value: Option<sled::IVec>,
+}
+
+impl Write {
+    fn apply(&self, st: &Store) -> Result<(), sled::Error> {
+        let t = st.tree(self.tree);
+        match &self.value {
+            Some(v) => t.insert(self.key.clone(), v.clone()).map(drop),
+            None => t.remove(self.key.clone()).map(drop),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.key.len() + self.value.as_ref().map_or(0, |v| v.len())) as u64
+    }
+}
+
+/// How often a store that failed a write is closed and opened again.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+pub struct SledOutbox {
+    dir: PathBuf,
+    limits: OutboxLimits,
+    /// None only while a store that failed a write could not be opened again.
+    store: Option<Store>,
     epoch: u64,
     next_seq: u64,
+    /// Seqs below this are reserved on disk (a restart never hands them out again).
     seq_reserved: u64,
     /// Bytes of live records on disk.
     disk_bytes: u64,
@@ -128,8 +202,17 @@ pub struct SledOutbox {
     /// Bytes written to sled since the last flush (still in its buffers, not yet
     /// visible to statvfs).
     unflushed: u64,
-    /// Acked records the disk could not delete yet (it was full); never sent again,
-    /// deleted once space returns.
+    /// Every write since the last successful flush. After a failed write sled refuses
+    /// all others until it is reopened, and reopening goes back to the last flush, so
+    /// these are written again.
+    journal: Vec<Write>,
+    journal_bytes: u64,
+    /// Writes the full disk could not take (commands finished, module settings), made
+    /// once space returns.
+    deferred: Vec<Write>,
+    next_reopen: std::time::Instant,
+    /// Acked (or evicted) records the full disk kept; never sent again, deleted once
+    /// space returns.
     tombstones: BTreeSet<u64>,
     /// Commands seen while the disk could not record them.
     memory_commands: HashSet<String>,
@@ -152,64 +235,96 @@ fn free_bytes(path: &Path) -> u64 {
     imn_modules::exec::system::disk_kib(path).1 * 1024
 }
 
+/// Live records of a store, leaving out `skip`: (bytes, count, last seq).
+fn count_records(records: &sled::Tree, skip: &BTreeSet<u64>) -> Result<(u64, u64, u64), String> {
+    let (mut bytes, mut count, mut last) = (0u64, 0u64, 0u64);
+    for item in records.iter() {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let seq = key_seq(&k);
+        postcard::from_bytes::<Record>(&v)
+            .map_err(|err| format!("record {seq} is undecodable: {err}"))?;
+        last = seq;
+        if !skip.contains(&seq) {
+            bytes += v.len() as u64;
+            count += 1;
+        }
+    }
+    Ok((bytes, count, last))
+}
+
 impl SledOutbox {
     /// Opens the store in `dir`/outbox; an unusable one is moved aside and replaced.
     pub fn open(dir: &Path, limits: OutboxLimits) -> Result<SledOutbox, OutboxError> {
         let path = dir.join("outbox");
-        match Self::open_at(dir, &path, limits.clone()) {
+        // sled releases its lock a moment after the last handle drops (its IO threads
+        // let go later); a lock held longer belongs to another process, and its store
+        // is not ours to move aside.
+        let mut tries = 0;
+        let first = loop {
+            match Self::open_at(dir, &path, limits.clone()) {
+                Err(OpenError::Locked(e)) if tries < 50 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "outbox locked; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                other => break other,
+            }
+        };
+        match first {
             Ok(ob) => Ok(ob),
-            Err(e) => {
+            Err(OpenError::Locked(e)) => Err(OutboxError::Store(format!(
+                "{e}: is another agent using {}?",
+                dir.display()
+            ))),
+            Err(OpenError::Unusable(e)) => {
                 let aside = dir.join(format!("outbox.corrupt-{}", imn_modules::now_ms()));
                 tracing::error!(error = %e, aside = %aside.display(), "outbox unusable; moving it aside and starting a new epoch");
                 if std::fs::rename(&path, &aside).is_err() {
                     let _ = std::fs::remove_dir_all(&path);
                 }
-                let mut ob = Self::open_at(dir, &path, limits).map_err(OutboxError::Store)?;
+                let mut ob = Self::open_at(dir, &path, limits)
+                    .map_err(|e| OutboxError::Store(e.to_string()))?;
                 ob.recovered_from = Some((aside, e));
                 Ok(ob)
             }
         }
     }
 
-    fn open_at(dir: &Path, path: &Path, limits: OutboxLimits) -> Result<SledOutbox, String> {
+    fn open_at(dir: &Path, path: &Path, limits: OutboxLimits) -> Result<SledOutbox, OpenError> {
+        let st = Store::open(path, limits.cache_bytes).map_err(|e| match &e {
+            // sled words it so, with kind Other.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                OpenError::Locked(e.to_string())
+            }
+            _ => OpenError::Unusable(e.to_string()),
+        })?;
+        Self::load(dir, st, limits).map_err(OpenError::Unusable)
+    }
+
+    fn load(dir: &Path, st: Store, limits: OutboxLimits) -> Result<SledOutbox, String> {
         let e = |e: sled::Error| e.to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(limits.cache_bytes)
-            .segment_size(SEGMENT_BYTES)
-            .open()
-            .map_err(e)?;
-        let records = db.open_tree("records").map_err(e)?;
-        let meta = db.open_tree("meta").map_err(e)?;
-        let commands = db.open_tree("commands").map_err(e)?;
-        let epoch = match meta_u64(&meta, META_EPOCH).map_err(e)? {
+        let epoch = match meta_u64(&st.meta, META_EPOCH).map_err(e)? {
             Some(epoch) => epoch,
             None => {
                 let epoch = rand::random::<u64>() | 1;
-                meta.insert(META_EPOCH, &epoch.to_be_bytes()).map_err(e)?;
+                st.meta
+                    .insert(META_EPOCH, &epoch.to_be_bytes())
+                    .map_err(e)?;
                 epoch
             }
         };
         // Read every record once: proves the store is readable, and sizes it.
-        let (mut bytes, mut count, mut last) = (0u64, 0u64, 0u64);
-        for item in records.iter() {
-            let (k, v) = item.map_err(e)?;
-            postcard::from_bytes::<Record>(&v)
-                .map_err(|err| format!("record {} is undecodable: {err}", key_seq(&k)))?;
-            bytes += v.len() as u64;
-            count += 1;
-            last = key_seq(&k);
-        }
-        let reserved = meta_u64(&meta, META_SEQ_RESERVED).map_err(e)?.unwrap_or(1);
+        let (bytes, count, last) = count_records(&st.records, &BTreeSet::new())?;
+        let reserved = meta_u64(&st.meta, META_SEQ_RESERVED)
+            .map_err(e)?
+            .unwrap_or(1);
         let next_seq = reserved.max(last + 1);
-        let dropped = meta_u64(&meta, META_DROPPED).map_err(e)?.unwrap_or(0);
+        let dropped = meta_u64(&st.meta, META_DROPPED).map_err(e)?.unwrap_or(0);
+        let size = st.db.size_on_disk().unwrap_or(0);
         let mut ob = SledOutbox {
             dir: dir.to_path_buf(),
             limits,
-            db,
-            records,
-            meta,
-            commands,
+            store: Some(st),
             epoch,
             next_seq,
             seq_reserved: next_seq,
@@ -222,14 +337,17 @@ impl SledOutbox {
             condition: Condition::Ok,
             dirty: false,
             unflushed: 0,
+            journal: Vec::new(),
+            journal_bytes: 0,
+            deferred: Vec::new(),
+            next_reopen: std::time::Instant::now(),
             tombstones: BTreeSet::new(),
             memory_commands: HashSet::new(),
             recovered_from: None,
         };
         // Keep sled well clear of a full disk: it needs about twice the live data, and
         // never gives back its high-water mark.
-        let room = (free_bytes(dir) + ob.db.size_on_disk().unwrap_or(0))
-            .saturating_sub(ob.limits.disk_reserve_bytes)
+        let room = (free_bytes(dir) + size).saturating_sub(ob.limits.disk_reserve_bytes)
             / (DISK_FACTOR - 1);
         if room < ob.limits.max_bytes {
             tracing::warn!(
@@ -239,18 +357,145 @@ impl SledOutbox {
             );
             ob.limits.max_bytes = room.max(64 * 1024);
         }
-        ob.reserve_seqs().map_err(e)?;
-        ob.db.flush().map_err(e)?;
+        ob.reserve_seqs()?;
+        if !ob.sync() {
+            return Err(match ob.condition {
+                Condition::WriteError(e) => e,
+                _ => "flush failed".into(),
+            });
+        }
         Ok(ob)
     }
 
+    /// Makes a write through sled and remembers it until the next successful flush.
+    /// A failed write sets the condition and returns false.
+    fn write(&mut self, tree: TreeId, key: &[u8], value: Option<Vec<u8>>) -> bool {
+        let w = Write {
+            tree,
+            key: key.into(),
+            value: value.map(Into::into),
+        };
+        let result = match &self.store {
+            Some(st) => w.apply(st).map_err(|e| e.to_string()),
+            None => Err("the outbox store is closed".into()),
+        };
+        match result {
+            Ok(()) => {
+                self.journal_bytes += w.bytes();
+                self.journal.push(w);
+                self.dirty = true;
+                true
+            }
+            Err(e) => {
+                self.set_condition(Condition::WriteError(e));
+                false
+            }
+        }
+    }
+
+    /// Flushes sled; on success the journal is no longer needed.
+    fn sync(&mut self) -> bool {
+        let result = match &self.store {
+            Some(st) => st.db.flush().map_err(|e| e.to_string()),
+            None => Err("the outbox store is closed".into()),
+        };
+        match result {
+            Ok(_) => {
+                self.dirty = false;
+                self.unflushed = 0;
+                self.journal.clear();
+                self.journal_bytes = 0;
+                true
+            }
+            Err(e) => {
+                self.set_condition(Condition::WriteError(e));
+                false
+            }
+        }
+    }
+
+    /// After a failed write sled returns that error for every later write until the
+    /// store is opened again (its files hold everything up to the last flush). Closes
+    /// and reopens it, and makes again the writes made since that flush. At most once
+    /// per [`REOPEN_EVERY`], and only when the disk has room.
+    fn reopen(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if now < self.next_reopen || !self.disk_has_room(self.memory_bytes + self.journal_bytes) {
+            return false;
+        }
+        self.next_reopen = now + REOPEN_EVERY;
+        let path = self.dir.join("outbox");
+        // sled holds an exclusive lock on its files while any handle lives.
+        self.store = None;
+        let st = match Store::open(&path, self.limits.cache_bytes) {
+            Ok(st) => st,
+            Err(e) => {
+                self.set_condition(Condition::WriteError(format!("reopening: {e}")));
+                return false;
+            }
+        };
+        match meta_u64(&st.meta, META_EPOCH) {
+            Ok(Some(e)) if e == self.epoch => {}
+            other => {
+                // Not the store this outbox wrote: leave it alone.
+                self.set_condition(Condition::WriteError(format!(
+                    "reopened store has another epoch ({other:?})"
+                )));
+                return false;
+            }
+        }
+        self.store = Some(st);
+        let replayed = {
+            let st = self.store.as_ref().expect("just set");
+            self.journal.iter().try_for_each(|w| w.apply(st))
+        };
+        if let Err(e) = replayed {
+            self.set_condition(Condition::WriteError(format!("replaying: {e}")));
+            return false;
+        }
+        let counted = count_records(
+            &self.store.as_ref().expect("just set").records,
+            &self.tombstones,
+        );
+        match counted {
+            Ok((bytes, count, _)) => {
+                self.disk_bytes = bytes;
+                self.disk_count = count;
+            }
+            Err(e) => {
+                self.set_condition(Condition::WriteError(format!("recounting: {e}")));
+                return false;
+            }
+        }
+        // The seq block and the drop count may have been lost with the failed flush.
+        self.seq_reserved = self.next_seq;
+        self.dropped_persisted = self.dropped.wrapping_add(1);
+        if self.reserve_seqs().is_err() || !self.sync() {
+            return false;
+        }
+        tracing::info!(
+            depth = self.disk_count,
+            "outbox: store reopened after a failed write"
+        );
+        self.set_condition(Condition::Ok);
+        true
+    }
+
     /// Persists a new block of seqs before handing any of them out.
-    fn reserve_seqs(&mut self) -> Result<(), sled::Error> {
+    fn reserve_seqs(&mut self) -> Result<(), String> {
         if self.next_seq + 1 >= self.seq_reserved {
             let upto = self.next_seq + SEQ_BLOCK;
-            self.meta.insert(META_SEQ_RESERVED, &upto.to_be_bytes())?;
+            if !self.write(
+                TreeId::Meta,
+                META_SEQ_RESERVED,
+                Some(upto.to_be_bytes().into()),
+            ) {
+                return Err(match &self.condition {
+                    Condition::WriteError(e) => e.clone(),
+                    _ => "write failed".into(),
+                });
+            }
             self.seq_reserved = upto;
-            self.dirty = true;
         }
         Ok(())
     }
@@ -276,9 +521,20 @@ impl SledOutbox {
         }
     }
 
+    /// The oldest record on disk that is neither acked nor evicted: (seq, bytes).
+    fn oldest_on_disk(&self) -> Option<(u64, usize)> {
+        let st = self.store.as_ref()?;
+        st.records
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(k, v)| (key_seq(&k), v.len()))
+            .find(|(s, _)| !self.tombstones.contains(s))
+    }
+
     /// Evicts the oldest records until `incoming` more bytes fit: the live total under
     /// `max_bytes`, and, for a record bound for memory, memory under `memory_bytes`.
-    /// Disk records are older than memory ones, so the disk goes first.
+    /// Disk records are older than memory ones, so the disk goes first. On a disk that
+    /// cannot take a delete, an evicted record becomes a tombstone.
     fn evict_for(&mut self, incoming: u64, to_memory: bool) {
         loop {
             let over_total = self.disk_bytes + self.memory_bytes + incoming > self.limits.max_bytes;
@@ -286,24 +542,25 @@ impl SledOutbox {
             if !over_total && !over_memory {
                 return;
             }
-            if over_total
-                && self.disk_count > 0
-                && !matches!(self.condition, Condition::WriteError(_))
-            {
-                match self.records.pop_min() {
-                    Ok(Some((_, v))) => {
-                        self.disk_bytes = self.disk_bytes.saturating_sub(v.len() as u64);
+            if over_total && self.disk_count > 0 {
+                match self.oldest_on_disk() {
+                    Some((seq, n)) => {
+                        if self.condition != Condition::Ok
+                            || !self.write(TreeId::Records, &seq.to_be_bytes(), None)
+                        {
+                            self.tombstones.insert(seq);
+                        }
+                        self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
                         self.disk_count -= 1;
                         self.dropped += 1;
-                        self.dirty = true;
                         continue;
                     }
-                    Ok(None) => {
+                    None if self.store.is_some() => {
                         self.disk_bytes = 0;
                         self.disk_count = 0;
                         continue;
                     }
-                    Err(e) => self.set_condition(Condition::WriteError(e.to_string())),
+                    None => {}
                 }
             }
             match self.memory.pop_front() {
@@ -316,9 +573,17 @@ impl SledOutbox {
         }
     }
 
-    /// Moves records waiting in memory to disk, if there is room now.
+    /// Moves records waiting in memory to disk, and makes the writes that waited, if
+    /// there is room now.
     fn drain_memory_to_disk(&mut self) {
-        if self.memory.is_empty() && self.condition == Condition::Ok {
+        if self.memory.is_empty()
+            && self.condition == Condition::Ok
+            && self.tombstones.is_empty()
+            && self.deferred.is_empty()
+        {
+            return;
+        }
+        if matches!(self.condition, Condition::WriteError(_)) && !self.reopen() {
             return;
         }
         if !self.disk_has_room(self.memory_bytes) {
@@ -326,18 +591,26 @@ impl SledOutbox {
             return;
         }
         self.set_condition(Condition::Ok);
+        if self.reserve_seqs().is_err() {
+            return;
+        }
         while let Some((rec, n)) = self.memory.pop_front() {
             let bytes = postcard::to_stdvec(&rec).unwrap_or_default();
-            if let Err(e) = self.records.insert(rec.seq.to_be_bytes(), bytes) {
+            if !self.write(TreeId::Records, &rec.seq.to_be_bytes(), Some(bytes)) {
                 self.memory.push_front((rec, n));
-                self.set_condition(Condition::WriteError(e.to_string()));
                 return;
             }
             self.memory_bytes -= n as u64;
             self.disk_bytes += n as u64;
             self.disk_count += 1;
             self.unflushed += n as u64;
-            self.dirty = true;
+        }
+        while !self.deferred.is_empty() {
+            let w = self.deferred.remove(0);
+            if !self.write(w.tree, &w.key, w.value.as_ref().map(|v| v.to_vec())) {
+                self.deferred.insert(0, w);
+                return;
+            }
         }
         self.retry_tombstones();
     }
@@ -345,14 +618,26 @@ impl SledOutbox {
     /// Deletes acked records the full disk kept.
     fn retry_tombstones(&mut self) {
         while let Some(&seq) = self.tombstones.first() {
-            match self.records.remove(seq.to_be_bytes()) {
-                Ok(_) => {
-                    self.tombstones.remove(&seq);
-                    self.dirty = true;
-                }
-                Err(_) => return,
+            if !self.write(TreeId::Records, &seq.to_be_bytes(), None) {
+                return;
             }
+            self.tombstones.remove(&seq);
         }
+    }
+
+    /// A write made now if the disk takes it, else once space returns.
+    fn write_or_defer(&mut self, tree: TreeId, key: &[u8], value: Vec<u8>) {
+        if self.condition == Condition::Ok
+            && self.disk_has_room(value.len() as u64)
+            && self.write(tree, key, Some(value.clone()))
+        {
+            return;
+        }
+        self.deferred.push(Write {
+            tree,
+            key: key.into(),
+            value: Some(value.into()),
+        });
     }
 
     /// Records a command before it runs. Returns false if the id was seen before.
@@ -360,28 +645,23 @@ impl SledOutbox {
         if self.memory_commands.contains(id) {
             return false;
         }
+        if let Some(st) = &self.store {
+            if let Ok(Some(_)) = st.commands.get(id.as_bytes()) {
+                return false;
+            }
+        }
         let entry = CommandEntry {
             module: module.to_string(),
             received_ms: at_ms,
             done: false,
         };
         let bytes = postcard::to_stdvec(&entry).unwrap_or_default();
-        if self.condition == Condition::Ok && self.disk_has_room(bytes.len() as u64) {
-            match self
-                .commands
-                .compare_and_swap(id.as_bytes(), None as Option<&[u8]>, Some(bytes))
-            {
-                Ok(Ok(())) => {
-                    if let Err(e) = self.db.flush() {
-                        self.set_condition(Condition::WriteError(e.to_string()));
-                    }
-                    return true;
-                }
-                Ok(Err(_)) => return false,
-                Err(e) => self.set_condition(Condition::WriteError(e.to_string())),
-            }
-        } else if let Ok(Some(_)) = self.commands.get(id.as_bytes()) {
-            return false;
+        if self.condition == Condition::Ok
+            && self.disk_has_room(bytes.len() as u64)
+            && self.write(TreeId::Commands, id.as_bytes(), Some(bytes))
+            && self.sync()
+        {
+            return true;
         }
         // The disk cannot record it: remember it in memory (a crash now could run it
         // again; the backend's record-id dedup still stores its result once).
@@ -394,21 +674,24 @@ impl SledOutbox {
         if self.memory_commands.remove(id) {
             return;
         }
-        if let Ok(Some(v)) = self.commands.get(id.as_bytes()) {
-            if let Ok(mut entry) = postcard::from_bytes::<CommandEntry>(&v) {
-                entry.done = true;
-                let _ = self.commands.insert(
-                    id.as_bytes(),
-                    postcard::to_stdvec(&entry).unwrap_or_default(),
-                );
-                self.dirty = true;
-            }
+        let entry = self
+            .store
+            .as_ref()
+            .and_then(|st| st.commands.get(id.as_bytes()).ok().flatten())
+            .and_then(|v| postcard::from_bytes::<CommandEntry>(&v).ok());
+        if let Some(mut entry) = entry {
+            entry.done = true;
+            let bytes = postcard::to_stdvec(&entry).unwrap_or_default();
+            self.write_or_defer(TreeId::Commands, id.as_bytes(), bytes);
         }
     }
 
     /// Commands accepted but never finished: the agent died while they ran.
     pub fn unfinished_commands(&self) -> Vec<(String, CommandEntry)> {
-        self.commands
+        let Some(st) = &self.store else {
+            return Vec::new();
+        };
+        st.commands
             .iter()
             .filter_map(|r| r.ok())
             .filter_map(|(k, v)| {
@@ -420,14 +703,21 @@ impl SledOutbox {
 
     /// A small value kept beside the outbox (such as the loaded modules).
     pub fn get_meta(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.meta.get(key).ok().flatten().map(|v| v.to_vec())
+        if let Some(w) = self
+            .deferred
+            .iter()
+            .rev()
+            .find(|w| w.tree == TreeId::Meta && w.key == key)
+        {
+            return w.value.as_ref().map(|v| v.to_vec());
+        }
+        let st = self.store.as_ref()?;
+        st.meta.get(key).ok().flatten().map(|v| v.to_vec())
     }
 
     pub fn put_meta(&mut self, key: &[u8], value: &[u8]) {
-        if self.meta.insert(key, value).is_ok() {
-            self.dirty = true;
-            self.flush();
-        }
+        self.write_or_defer(TreeId::Meta, key, value.to_vec());
+        self.flush();
     }
 
     /// The seq the next record will get.
@@ -442,7 +732,10 @@ impl SledOutbox {
 
     /// Size of the store's files on disk.
     pub fn disk_usage(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.store
+            .as_ref()
+            .and_then(|st| st.db.size_on_disk().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -466,18 +759,13 @@ impl Outbox for SledOutbox {
                 self.set_condition(Condition::DiskFull);
             } else {
                 self.evict_for(n, false);
-                let written = self
-                    .reserve_seqs()
-                    .and_then(|_| self.records.insert(record.seq.to_be_bytes(), bytes));
-                match written {
-                    Ok(_) => {
-                        self.disk_bytes += n;
-                        self.disk_count += 1;
-                        self.unflushed += n;
-                        self.dirty = true;
-                        return record;
-                    }
-                    Err(e) => self.set_condition(Condition::WriteError(e.to_string())),
+                if self.reserve_seqs().is_ok()
+                    && self.write(TreeId::Records, &record.seq.to_be_bytes(), Some(bytes))
+                {
+                    self.disk_bytes += n;
+                    self.disk_count += 1;
+                    self.unflushed += n;
+                    return record;
                 }
             }
         }
@@ -492,28 +780,25 @@ impl Outbox for SledOutbox {
         if self.condition == Condition::Ok && !self.disk_has_room(0) {
             self.set_condition(Condition::DiskFull);
         }
-        if self.condition != Condition::Ok || !self.memory.is_empty() || !self.tombstones.is_empty()
+        if self.condition != Condition::Ok
+            || !self.memory.is_empty()
+            || !self.tombstones.is_empty()
+            || !self.deferred.is_empty()
         {
             self.drain_memory_to_disk();
         }
         if self.dropped != self.dropped_persisted
             && self.condition == Condition::Ok
-            && self
-                .meta
-                .insert(META_DROPPED, &self.dropped.to_be_bytes())
-                .is_ok()
+            && self.write(
+                TreeId::Meta,
+                META_DROPPED,
+                Some(self.dropped.to_be_bytes().into()),
+            )
         {
             self.dropped_persisted = self.dropped;
-            self.dirty = true;
         }
-        if self.dirty {
-            match self.db.flush() {
-                Ok(_) => {
-                    self.dirty = false;
-                    self.unflushed = 0;
-                }
-                Err(e) => self.set_condition(Condition::WriteError(e.to_string())),
-            }
+        if self.dirty && self.store.is_some() {
+            self.sync();
         }
     }
 
@@ -521,35 +806,45 @@ impl Outbox for SledOutbox {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let mut corrupt = Vec::new();
-        for item in self.records.range(from.to_be_bytes()..) {
-            let Ok((k, v)) = item else { break };
-            if self.tombstones.contains(&key_seq(&k)) {
-                continue;
-            }
-            if !out.is_empty() && bytes + v.len() > max_bytes {
-                return out;
-            }
-            match postcard::from_bytes::<Record>(&v) {
-                Ok(r) => {
-                    bytes += v.len();
-                    out.push(r);
+        if let Some(st) = &self.store {
+            for item in st.records.range(from.to_be_bytes()..) {
+                let Ok((k, v)) = item else { break };
+                if self.tombstones.contains(&key_seq(&k)) {
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(seq = key_seq(&k), error = %e, "dropping undecodable outbox record");
-                    corrupt.push((k, v.len()));
+                if !out.is_empty() && bytes + v.len() > max_bytes {
+                    return out;
+                }
+                match postcard::from_bytes::<Record>(&v) {
+                    Ok(r) => {
+                        bytes += v.len();
+                        out.push(r);
+                    }
+                    Err(e) => {
+                        tracing::error!(seq = key_seq(&k), error = %e, "dropping undecodable outbox record");
+                        corrupt.push((key_seq(&k), v.len()));
+                    }
                 }
             }
         }
-        for (k, n) in corrupt {
-            if self.records.remove(&k).is_ok() {
-                self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
-                self.disk_count = self.disk_count.saturating_sub(1);
-                self.dropped += 1;
+        for (seq, n) in corrupt {
+            if self.condition != Condition::Ok
+                || !self.write(TreeId::Records, &seq.to_be_bytes(), None)
+            {
+                self.tombstones.insert(seq);
             }
+            self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
+            self.disk_count = self.disk_count.saturating_sub(1);
+            self.dropped += 1;
         }
         for (r, n) in &self.memory {
             if r.seq < from {
                 continue;
+            }
+            // A seq the disk has not reserved could be handed out again after a crash,
+            // and the backend would take the new record for a duplicate: hold it back.
+            if r.seq >= self.seq_reserved {
+                break;
             }
             if !out.is_empty() && bytes + n > max_bytes {
                 break;
@@ -561,12 +856,8 @@ impl Outbox for SledOutbox {
     }
 
     fn first_seq(&self) -> Option<u64> {
-        self.records
-            .iter()
-            .keys()
-            .filter_map(|k| k.ok())
-            .map(|k| key_seq(&k))
-            .find(|s| !self.tombstones.contains(s))
+        self.oldest_on_disk()
+            .map(|(s, _)| s)
             .or_else(|| self.memory.front().map(|(r, _)| r.seq))
     }
 
@@ -579,39 +870,26 @@ impl Outbox for SledOutbox {
             if hi < lo {
                 continue;
             }
-            let keys: Vec<_> = self
-                .records
-                .range(lo.to_be_bytes()..=hi.to_be_bytes())
-                .filter_map(|r| r.ok())
-                .map(|(k, v)| (k, v.len()))
-                .collect();
-            for (k, n) in keys {
-                let seq = key_seq(&k);
-                if self.tombstones.contains(&seq) {
-                    continue;
-                }
-                let removed: Result<bool, sled::Error> = if self.condition == Condition::Ok {
-                    self.records.remove(k).map(|o| o.is_some())
-                } else {
-                    // A delete writes too; on a full disk, remember it instead.
+            let keys: Vec<(u64, usize)> = match &self.store {
+                Some(st) => st
+                    .records
+                    .range(lo.to_be_bytes()..=hi.to_be_bytes())
+                    .filter_map(|r| r.ok())
+                    .map(|(k, v)| (key_seq(&k), v.len()))
+                    .filter(|(s, _)| !self.tombstones.contains(s))
+                    .collect(),
+                None => Vec::new(),
+            };
+            for (seq, n) in keys {
+                // A delete writes too; on a full disk, remember it instead.
+                if self.condition != Condition::Ok
+                    || !self.write(TreeId::Records, &seq.to_be_bytes(), None)
+                {
                     self.tombstones.insert(seq);
-                    Ok(true)
-                };
-                match removed {
-                    Ok(true) => {
-                        self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
-                        self.disk_count = self.disk_count.saturating_sub(1);
-                        deleted += 1;
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        self.set_condition(Condition::WriteError(e.to_string()));
-                        self.tombstones.insert(seq);
-                        self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
-                        self.disk_count = self.disk_count.saturating_sub(1);
-                        deleted += 1;
-                    }
                 }
+                self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
+                self.disk_count = self.disk_count.saturating_sub(1);
+                deleted += 1;
             }
             let before = self.memory.len();
             let mut freed = 0u64;
@@ -625,11 +903,8 @@ impl Outbox for SledOutbox {
             self.memory_bytes -= freed;
             deleted += (before - self.memory.len()) as u64;
         }
-        if deleted > 0 {
-            // Flushed with the next tick, not now: a delete lost to a crash only means
-            // the record is sent again and the backend drops it as a duplicate.
-            self.dirty = true;
-        }
+        // Deletes are flushed with the next tick, not now: a delete lost to a crash
+        // only means the record is sent again and the backend drops it as a duplicate.
         deleted
     }
 
@@ -638,13 +913,10 @@ impl Outbox for SledOutbox {
     }
 
     fn oldest_at_ms(&self) -> Option<i64> {
-        let disk = self
-            .records
-            .first()
-            .ok()
-            .flatten()
-            .and_then(|(_, v)| postcard::from_bytes::<Record>(&v).ok())
-            .map(|r| r.at_ms);
+        let disk = self.oldest_on_disk().and_then(|(seq, _)| {
+            let v = self.store.as_ref()?.records.get(seq.to_be_bytes()).ok()??;
+            postcard::from_bytes::<Record>(&v).ok().map(|r| r.at_ms)
+        });
         disk.or_else(|| self.memory.front().map(|(r, _)| r.at_ms))
     }
 
@@ -768,5 +1040,134 @@ mod tests {
         let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
         assert!(!ob.accept_command("c1", "echo_module", 3));
         assert!(ob.unfinished_commands().is_empty());
+    }
+}
+
+/// The outbox on a real full disk: a 2 MiB tmpfs filled by someone else. Needs root
+/// (to mount); the test suite runs as root, and says so when it cannot.
+#[cfg(test)]
+mod full_disk {
+    use super::*;
+    use imn_modules::wire::{AgentEvent, RecordBody};
+    use std::process::Command;
+
+    struct Mount(PathBuf);
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn tmpfs(name: &str, size: &str) -> Option<Mount> {
+        let d = std::env::temp_dir().join(format!("imn-full-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "imn-test"])
+            .arg(&d)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot mount a tmpfs; the test suite runs as root"
+            );
+            eprintln!("skipped: cannot mount a tmpfs (needs root)");
+            return None;
+        }
+        Some(Mount(d))
+    }
+
+    fn fill(path: &Path) {
+        let _ = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", path.display()))
+            .arg("bs=4k")
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
+    fn event(i: u64) -> RecordBody {
+        RecordBody::Event(AgentEvent {
+            kind: "test".into(),
+            message: format!("{i} {}", "x".repeat(200)),
+        })
+    }
+
+    /// sled refuses every write after one fails; the outbox must reopen it once space
+    /// returns, lose nothing it was given, and count exactly.
+    #[test]
+    fn write_errors_on_a_full_disk_are_survived() {
+        let Some(m) = tmpfs("outbox", "2m") else {
+            return;
+        };
+        let limits = OutboxLimits {
+            disk_reserve_bytes: 256 * 1024,
+            memory_bytes: 1 << 20,
+            ..OutboxLimits::default()
+        };
+        let data = m.0.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let mut ob = SledOutbox::open(&data, limits.clone()).unwrap();
+        let epoch = ob.epoch();
+        let mut made = Vec::new();
+        for i in 0..200 {
+            made.push(ob.append(i, event(i as u64)).seq);
+        }
+        ob.flush();
+        assert!(ob.accept_command("c1", "echo_module", 1));
+        // Someone else takes every byte; sled still has unflushed writes to make.
+        for i in 200..260 {
+            made.push(ob.append(i, event(i as u64)).seq);
+        }
+        let filler = m.0.join("filler");
+        fill(&filler);
+        // Force sled itself to hit ENOSPC, under the outbox's guard: many small writes
+        // (its log), then one big value (a blob file of its own; unpatched sled 0.34.7
+        // then hangs in every flush).
+        for i in 0..2000u32 {
+            let _ = ob.write(TreeId::Meta, &i.to_be_bytes(), Some(vec![7u8; 200]));
+        }
+        let _ = ob.write(TreeId::Meta, b"pad", Some(vec![7u8; 256 * 1024]));
+        ob.dirty = true;
+        ob.flush();
+        assert!(
+            matches!(ob.condition(), Condition::WriteError(_)),
+            "sled hit the full disk: {:?}",
+            ob.condition()
+        );
+        for i in 260..400 {
+            made.push(ob.append(i, event(i as u64)).seq);
+            ob.flush();
+        }
+        ob.finish_command("c1");
+        assert_eq!(ob.ack(&Ack::from_seqs(epoch, 1..=50)), 50);
+        ob.flush();
+        assert_eq!(ob.depth(), 350);
+        // Space returns: the store is reopened and everything goes to disk.
+        std::fs::remove_file(&filler).unwrap();
+        std::thread::sleep(REOPEN_EVERY);
+        ob.flush();
+        assert_eq!(ob.condition(), Condition::Ok);
+        assert!(ob.memory.is_empty(), "memory moved to disk");
+        assert!(ob.tombstones.is_empty(), "acked records deleted");
+        let after = ob.append(401, event(401)).seq;
+        ob.flush();
+        assert_eq!(ob.depth(), 351);
+        let seqs: Vec<u64> = ob.read_from(0, 1 << 30).iter().map(|r| r.seq).collect();
+        let mut want: Vec<u64> = made[50..].to_vec();
+        want.push(after);
+        assert_eq!(seqs, want, "every unacked record, once, in order");
+        assert_eq!(ob.dropped(), 0);
+        drop(ob);
+        // And it all survives a restart.
+        let mut ob = SledOutbox::open(&data, limits).unwrap();
+        assert_eq!(ob.recovered_from, None, "the store reopens");
+        assert_eq!(ob.epoch(), epoch);
+        let seqs: Vec<u64> = ob.read_from(0, 1 << 30).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, want);
+        assert!(ob.unfinished_commands().is_empty(), "the finish was kept");
+        assert!(ob.append(0, event(0)).seq > after, "no seq is reused");
     }
 }
