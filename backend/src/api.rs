@@ -363,14 +363,32 @@ fn request_json(r: &RequestRow) -> Value {
 }
 
 #[derive(Deserialize)]
-struct WaitQuery {
+struct SubmitQuery {
+    /// Seconds to wait for a terminal state before answering.
     wait: Option<f64>,
+    /// Seconds from now after which the request expires if no result came back
+    /// (default 24 h); an agent that gets the command later does not run it.
+    deadline: Option<f64>,
+}
+
+/// The longest deadline a request may have, in seconds (7 days).
+const MAX_DEADLINE_S: f64 = 7.0 * 24.0 * 3600.0;
+
+fn seconds_in(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+    match v {
+        Some(x) if x.is_nan() || x < lo || x > hi => Err(ApiError::BadQuery {
+            field: field.to_string(),
+            rule: "range".to_string(),
+            message: format!("{field} must be between {lo} and {hi} seconds, got {x}"),
+        }),
+        v => Ok(v),
+    }
 }
 
 async fn submit(
     State(b): State<Arc<Backend>>,
     Path((id, module)): Path<(String, String)>,
-    Query(q): Query<WaitQuery>,
+    Query(q): Query<SubmitQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -388,15 +406,11 @@ async fn submit(
         ),
         None => None,
     };
-    let wait = match q.wait {
-        Some(w) if !(0.0..=MAX_WAIT_S).contains(&w) || w.is_nan() => {
-            return Err(ApiError::BadRequest(format!(
-                "wait must be between 0 and {MAX_WAIT_S} seconds"
-            )))
-        }
-        w => w,
-    };
-    let submitted = b.submit(&id, &module, &body, key).await?;
+    let wait = seconds_in("wait", q.wait, 0.0, MAX_WAIT_S)?;
+    let deadline = seconds_in("deadline", q.deadline, 0.001, MAX_DEADLINE_S)?
+        .map(Duration::from_secs_f64)
+        .unwrap_or(crate::service::DEFAULT_DEADLINE);
+    let submitted = b.submit(&id, &module, &body, key, deadline).await?;
     let mut req = submitted.request;
     if let Some(w) = wait {
         if !req.state.is_terminal() {

@@ -20,6 +20,13 @@ pub enum ApiError {
     },
     #[error("{0}")]
     BadRequest(String),
+    /// A query parameter or header out of its rule.
+    #[error("{message}")]
+    BadQuery {
+        field: String,
+        rule: String,
+        message: String,
+    },
     #[error("no agent {0:?} is registered")]
     UnknownAgent(String),
     #[error("no module {module:?}; modules: {}", .known.join(", "))]
@@ -49,7 +56,9 @@ impl From<StoreError> for ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::MalformedJson(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::MalformedJson(_) | ApiError::BadRequest(_) | ApiError::BadQuery { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::InvalidParams { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnknownAgent(_) | ApiError::UnknownModule { .. } | ApiError::NotFound(_) => {
                 StatusCode::NOT_FOUND
@@ -64,7 +73,7 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::InvalidParams { .. } => "invalid_params",
-            ApiError::BadRequest(_) => "bad_request",
+            ApiError::BadRequest(_) | ApiError::BadQuery { .. } => "bad_request",
             ApiError::UnknownAgent(_) => "unknown_agent",
             ApiError::UnknownModule { .. } => "unknown_module",
             ApiError::ModuleNotLoaded { .. } => "module_not_loaded",
@@ -78,7 +87,8 @@ impl ApiError {
     pub fn body(&self) -> Value {
         let mut body = json!({"error": self.code(), "message": self.to_string()});
         match self {
-            ApiError::InvalidParams { field, rule, .. } => {
+            ApiError::InvalidParams { field, rule, .. }
+            | ApiError::BadQuery { field, rule, .. } => {
                 body["field"] = json!(field);
                 body["rule"] = json!(rule);
             }

@@ -113,6 +113,7 @@ impl Backend {
         module: &str,
         body: &[u8],
         idempotency_key: Option<String>,
+        deadline: Duration,
     ) -> Result<Submitted, ApiError> {
         if !self.registry.knows(agent) {
             return Err(ApiError::UnknownAgent(agent.to_string()));
@@ -145,7 +146,7 @@ impl Backend {
                 module: module.to_string(),
                 params_json: params.to_string(),
                 created_ms: now,
-                deadline_ms: now + DEFAULT_DEADLINE.as_millis() as i64,
+                deadline_ms: now + deadline.as_millis() as i64,
                 timeout_ms: spec.default_timeout_ms,
                 idempotency_key,
             })

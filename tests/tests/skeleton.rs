@@ -229,14 +229,35 @@ async fn request_to_offline_agent_is_delivered_when_it_starts() {
     assert_eq!(r.status, 202, "{:?}", r.body);
     assert_eq!(r.body["state"], "pending");
     let rid = r.body["request_id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A second request may wait only a second: it expires while the agent is away.
+    let r = up
+        .api
+        .post(
+            "/agent/edge-o/echo_module?deadline=1",
+            r#"{"message":"too late"}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    let late = r.body["request_id"].as_str().unwrap().to_string();
+    up.api.wait_state(&late, "expired", T).await;
     assert_eq!(
         up.api.get(&format!("/modules/states/{rid}")).await.body["state"],
-        "pending"
+        "pending",
+        "the first request (24 h deadline) still waits"
     );
     let _agent = start_agent("edge-o", &up.broker_url(), &agent_dir, up.dir.path());
     up.api.wait_state(&rid, "succeeded", T).await;
     check_result_routes(&up.api, "edge-o", &rid, "while you were out").await;
+    // The expired one was never sent to the agent: no result, still expired.
+    let st = up.api.get(&format!("/modules/states/{late}")).await.body;
+    assert_eq!(st["state"], "expired", "{st}");
+    let r = up.api.get(&format!("/agents/edge-o/results/{late}")).await;
+    assert_eq!(
+        r.status, 404,
+        "an expired request has no result: {:?}",
+        r.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -294,6 +315,27 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(r.status, 422);
     assert_eq!(r.body["field"], "/message");
     assert!(r.body["message"].as_str().unwrap().contains("4096 bytes"));
+
+    for (q, field) in [
+        ("deadline=0", "deadline"),
+        ("deadline=NaN", "deadline"),
+        ("deadline=700000", "deadline"),
+        ("wait=-1", "wait"),
+    ] {
+        let r = api
+            .post(
+                &format!("/agent/agent-1/echo_module?{q}"),
+                r#"{"message":"x"}"#,
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 400, "{q}: {:?}", r.body);
+        assert_eq!(
+            (r.body["field"].as_str(), r.body["rule"].as_str()),
+            (Some(field), Some("range")),
+            "{q}"
+        );
+    }
 
     let r = api
         .post("/agent/nobody/echo_module", r#"{"message":"x"}"#, &[])
