@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::error::ApiError;
 use crate::registry::Registry;
-use crate::store::{Created, NewRequest, RequestRow, Store};
+use crate::store::{self, Created, NewRequest, RequestRow, Store};
 use crate::validation::Validators;
 
 /// How long an undelivered request waits for its agent by default.
@@ -33,6 +33,13 @@ pub struct Stats {
     pub rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub store_errors: AtomicU64,
     pub acks_sent: AtomicU64,
+}
+
+/// An uplink message, decoded, with a batch's rows prepared.
+struct Decoded {
+    msg: UpMessage,
+    env: Result<Envelope, wire::DecodeError>,
+    rows: Option<store::PreparedBatch>,
 }
 
 pub struct Backend {
@@ -272,16 +279,32 @@ impl Backend {
             .or_default() += 1;
     }
 
+    /// Two stages, so decoding and JSON for one batch overlap the store's write of the
+    /// one before: a task decodes and prepares, this one handles in arrival order.
     async fn ingest(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<UpMessage>) {
-        while let Some(msg) = rx.recv().await {
-            self.handle_up(msg).await;
+        let (tx, mut prepared) = tokio::sync::mpsc::channel::<Decoded>(2);
+        tokio::spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                let env = wire::decode(&msg.payload);
+                let rows = match &env {
+                    Ok(Envelope::Batch(b)) if msg.kind == Kind::Out => Some(store::prepare(b)),
+                    _ => None,
+                };
+                if tx.send(Decoded { msg, env, rows }).await.is_err() {
+                    return;
+                }
+            }
+        });
+        while let Some(d) = prepared.recv().await {
+            self.handle_up(d).await;
         }
         tracing::warn!("uplink feed closed");
     }
 
-    async fn handle_up(&self, msg: UpMessage) {
+    async fn handle_up(&self, d: Decoded) {
+        let Decoded { msg, env, rows } = d;
         let now = now_ms();
-        let env = match wire::decode(&msg.payload) {
+        let env = match env {
             Ok(env) => env,
             Err(e) => {
                 self.reject(e.reason());
@@ -313,7 +336,8 @@ impl Backend {
             }
             (Kind::Out, Envelope::Batch(batch)) => {
                 self.registry.seen(&agent, now);
-                match self.store.store_batch(&agent, &batch, now).await {
+                let rows = rows.unwrap_or_else(|| store::prepare(&batch));
+                match self.store.store_batch(&agent, rows, now).await {
                     Ok(outcome) => {
                         self.stats
                             .records_stored

@@ -191,10 +191,19 @@ impl Agent {
                     self.outbox.flush();
                     self.check_resend();
                     self.pump().await?;
+                    // Acked records are deleted here, a little at a time while batches
+                    // are in flight and more when idle: a drain does not wait for them.
+                    let idle = self.inflight.is_empty();
+                    if self.outbox.compact(if idle { 4096 } else { 512 }) {
+                        tick.reset_after(Duration::from_millis(if idle { 10 } else { 250 }));
+                    }
                 }
                 _ = &mut shutdown => break,
             }
         }
+        // Leave fewer acked records behind (a restart would send them again).
+        self.outbox.compact(50_000);
+        self.outbox.flush();
         let offline = wire::encode(&Envelope::Status(Status {
             online: false,
             at_ms: now_ms(),

@@ -97,6 +97,12 @@ pub struct Flags {
     /// Send new results ahead of the backlog.
     #[arg(long, env = "IMN_LIVE_FIRST")]
     pub live_first: Option<bool>,
+    /// Batches sent and not yet acked, at most.
+    #[arg(long, env = "IMN_WINDOW")]
+    pub window: Option<usize>,
+    /// Largest batch, in bytes of records.
+    #[arg(long, env = "IMN_BATCH_MAX_BYTES")]
+    pub batch_max_bytes: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +169,12 @@ impl AgentConfig {
         }
         if let Some(v) = flags.live_first {
             cfg.live_first = v;
+        }
+        if let Some(v) = flags.window {
+            cfg.window = v;
+        }
+        if let Some(v) = flags.batch_max_bytes {
+            cfg.batch_max_bytes = v;
         }
         cfg.validate()?;
         Ok(cfg)

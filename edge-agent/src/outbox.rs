@@ -14,7 +14,7 @@
 //! - A store that cannot be opened or read at start is moved aside and a new one (with
 //!   a new epoch) takes its place; the agent reports it.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
 use imn_modules::wire::{Ack, Record, RecordBody};
@@ -211,13 +211,80 @@ pub struct SledOutbox {
     /// once space returns.
     deferred: Vec<Write>,
     next_reopen: std::time::Instant,
-    /// Acked (or evicted) records the full disk kept; never sent again, deleted once
-    /// space returns.
-    tombstones: BTreeSet<u64>,
+    /// Acked (or evicted) records still on disk: never sent again, deleted by
+    /// [`SledOutbox::compact`] when the agent has time (a drain does not wait for its
+    /// deletes) and the disk can take the writes.
+    tombstones: SeqSet,
     /// Commands seen while the disk could not record them.
     memory_commands: HashSet<String>,
     /// Set when the store found at start was unusable and moved aside.
     pub recovered_from: Option<(PathBuf, String)>,
+}
+
+/// A set of seqs kept as inclusive ranges: acked seqs come in runs, so a backlog of
+/// any size costs a few entries.
+#[derive(Debug, Default, Clone)]
+pub struct SeqSet {
+    /// lo -> hi, disjoint and not adjacent.
+    ranges: std::collections::BTreeMap<u64, u64>,
+}
+
+impl SeqSet {
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The last seq of the range holding `seq`, if any.
+    pub fn range_end(&self, seq: u64) -> Option<u64> {
+        let (_, &hi) = self.ranges.range(..=seq).next_back()?;
+        (hi >= seq).then_some(hi)
+    }
+
+    pub fn contains(&self, seq: u64) -> bool {
+        self.range_end(seq).is_some()
+    }
+
+    pub fn insert(&mut self, seq: u64) {
+        self.insert_range(seq, seq);
+    }
+
+    pub fn insert_range(&mut self, mut lo: u64, mut hi: u64) {
+        if hi < lo {
+            return;
+        }
+        // Merge with a range that overlaps or touches on the left.
+        if let Some((&l, &h)) = self.ranges.range(..=lo).next_back() {
+            if h.saturating_add(1) >= lo {
+                lo = l;
+                hi = hi.max(h);
+                self.ranges.remove(&l);
+            }
+        }
+        // And with every range starting inside or just after.
+        while let Some((&l, &h)) = self.ranges.range(lo..).next() {
+            if l > hi.saturating_add(1) {
+                break;
+            }
+            hi = hi.max(h);
+            self.ranges.remove(&l);
+        }
+        self.ranges.insert(lo, hi);
+    }
+
+    /// The first range.
+    pub fn first(&self) -> Option<(u64, u64)> {
+        self.ranges.iter().next().map(|(&l, &h)| (l, h))
+    }
+
+    /// Removes every seq up to and including `upto` from the first range.
+    fn trim_first(&mut self, upto: u64) {
+        if let Some((lo, hi)) = self.first() {
+            self.ranges.remove(&lo);
+            if upto < hi {
+                self.ranges.insert(upto + 1, hi);
+            }
+        }
+    }
 }
 
 fn key_seq(k: &[u8]) -> u64 {
@@ -236,7 +303,7 @@ fn free_bytes(path: &Path) -> u64 {
 }
 
 /// Live records of a store, leaving out `skip`: (bytes, count, last seq).
-fn count_records(records: &sled::Tree, skip: &BTreeSet<u64>) -> Result<(u64, u64, u64), String> {
+fn count_records(records: &sled::Tree, skip: &SeqSet) -> Result<(u64, u64, u64), String> {
     let (mut bytes, mut count, mut last) = (0u64, 0u64, 0u64);
     for item in records.iter() {
         let (k, v) = item.map_err(|e| e.to_string())?;
@@ -244,7 +311,7 @@ fn count_records(records: &sled::Tree, skip: &BTreeSet<u64>) -> Result<(u64, u64
         postcard::from_bytes::<Record>(&v)
             .map_err(|err| format!("record {seq} is undecodable: {err}"))?;
         last = seq;
-        if !skip.contains(&seq) {
+        if !skip.contains(seq) {
             bytes += v.len() as u64;
             count += 1;
         }
@@ -314,7 +381,7 @@ impl SledOutbox {
             }
         };
         // Read every record once: proves the store is readable, and sizes it.
-        let (bytes, count, last) = count_records(&st.records, &BTreeSet::new())?;
+        let (bytes, count, last) = count_records(&st.records, &SeqSet::default())?;
         let reserved = meta_u64(&st.meta, META_SEQ_RESERVED)
             .map_err(e)?
             .unwrap_or(1);
@@ -341,7 +408,7 @@ impl SledOutbox {
             journal_bytes: 0,
             deferred: Vec::new(),
             next_reopen: std::time::Instant::now(),
-            tombstones: BTreeSet::new(),
+            tombstones: SeqSet::default(),
             memory_commands: HashSet::new(),
             recovered_from: None,
         };
@@ -524,11 +591,16 @@ impl SledOutbox {
     /// The oldest record on disk that is neither acked nor evicted: (seq, bytes).
     fn oldest_on_disk(&self) -> Option<(u64, usize)> {
         let st = self.store.as_ref()?;
-        st.records
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(k, v)| (key_seq(&k), v.len()))
-            .find(|(s, _)| !self.tombstones.contains(s))
+        let mut from = 0u64;
+        loop {
+            let (k, v) = st.records.range(from.to_be_bytes()..).next()?.ok()?;
+            let seq = key_seq(&k);
+            match self.tombstones.range_end(seq) {
+                // Skip the whole run of acked records at once.
+                Some(hi) => from = hi.checked_add(1)?,
+                None => return Some((seq, v.len())),
+            }
+        }
     }
 
     /// Evicts the oldest records until `incoming` more bytes fit: the live total under
@@ -576,11 +648,7 @@ impl SledOutbox {
     /// Moves records waiting in memory to disk, and makes the writes that waited, if
     /// there is room now.
     fn drain_memory_to_disk(&mut self) {
-        if self.memory.is_empty()
-            && self.condition == Condition::Ok
-            && self.tombstones.is_empty()
-            && self.deferred.is_empty()
-        {
+        if self.memory.is_empty() && self.condition == Condition::Ok && self.deferred.is_empty() {
             return;
         }
         if matches!(self.condition, Condition::WriteError(_)) && !self.reopen() {
@@ -612,17 +680,41 @@ impl SledOutbox {
                 return;
             }
         }
-        self.retry_tombstones();
     }
 
-    /// Deletes acked records the full disk kept.
-    fn retry_tombstones(&mut self) {
-        while let Some(&seq) = self.tombstones.first() {
-            if !self.write(TreeId::Records, &seq.to_be_bytes(), None) {
-                return;
+    /// Deletes up to `budget` acked records from disk, oldest first; returns whether
+    /// more wait. Deletes cost as much as inserts in sled, so the agent runs this
+    /// when it is idle rather than on every ack. Nothing happens while the disk
+    /// cannot take writes.
+    pub fn compact(&mut self, budget: usize) -> bool {
+        let mut done = 0;
+        while done < budget && self.condition == Condition::Ok {
+            let Some((lo, hi)) = self.tombstones.first() else {
+                break;
+            };
+            let Some(st) = &self.store else { break };
+            let keys: Vec<u64> = st
+                .records
+                .range(lo.to_be_bytes()..=hi.to_be_bytes())
+                .keys()
+                .filter_map(|k| k.ok())
+                .map(|k| key_seq(&k))
+                .take(budget - done)
+                .collect();
+            let mut upto = hi;
+            let full = keys.len() == budget - done;
+            for &seq in &keys {
+                if !self.write(TreeId::Records, &seq.to_be_bytes(), None) {
+                    return !self.tombstones.is_empty();
+                }
+                done += 1;
             }
-            self.tombstones.remove(&seq);
+            if full {
+                upto = *keys.last().expect("budget > done");
+            }
+            self.tombstones.trim_first(upto);
         }
+        !self.tombstones.is_empty()
     }
 
     /// A write made now if the disk takes it, else once space returns.
@@ -780,11 +872,7 @@ impl Outbox for SledOutbox {
         if self.condition == Condition::Ok && !self.disk_has_room(0) {
             self.set_condition(Condition::DiskFull);
         }
-        if self.condition != Condition::Ok
-            || !self.memory.is_empty()
-            || !self.tombstones.is_empty()
-            || !self.deferred.is_empty()
-        {
+        if self.condition != Condition::Ok || !self.memory.is_empty() || !self.deferred.is_empty() {
             self.drain_memory_to_disk();
         }
         if self.dropped != self.dropped_persisted
@@ -807,9 +895,15 @@ impl Outbox for SledOutbox {
         let mut bytes = 0usize;
         let mut corrupt = Vec::new();
         if let Some(st) = &self.store {
-            for item in st.records.range(from.to_be_bytes()..) {
+            let mut iter = st.records.range(from.to_be_bytes()..);
+            while let Some(item) = iter.next() {
                 let Ok((k, v)) = item else { break };
-                if self.tombstones.contains(&key_seq(&k)) {
+                if let Some(hi) = self.tombstones.range_end(key_seq(&k)) {
+                    // Jump over a run of acked records.
+                    match hi.checked_add(1) {
+                        Some(next) => iter = st.records.range(next.to_be_bytes()..),
+                        None => break,
+                    }
                     continue;
                 }
                 if !out.is_empty() && bytes + v.len() > max_bytes {
@@ -867,6 +961,9 @@ impl Outbox for SledOutbox {
         }
         let mut deleted = 0;
         for &(lo, hi) in &ack.ranges {
+            // Seqs not yet handed out cannot be acked: a bogus range must not cover
+            // records made later.
+            let hi = hi.min(self.next_seq.saturating_sub(1));
             if hi < lo {
                 continue;
             }
@@ -876,20 +973,18 @@ impl Outbox for SledOutbox {
                     .range(lo.to_be_bytes()..=hi.to_be_bytes())
                     .filter_map(|r| r.ok())
                     .map(|(k, v)| (key_seq(&k), v.len()))
-                    .filter(|(s, _)| !self.tombstones.contains(s))
+                    .filter(|(s, _)| !self.tombstones.contains(*s))
                     .collect(),
                 None => Vec::new(),
             };
-            for (seq, n) in keys {
-                // A delete writes too; on a full disk, remember it instead.
-                if self.condition != Condition::Ok
-                    || !self.write(TreeId::Records, &seq.to_be_bytes(), None)
-                {
-                    self.tombstones.insert(seq);
-                }
-                self.disk_bytes = self.disk_bytes.saturating_sub(n as u64);
+            // The records leave the outbox now; their deletes wait for `compact`.
+            for (_, n) in &keys {
+                self.disk_bytes = self.disk_bytes.saturating_sub(*n as u64);
                 self.disk_count = self.disk_count.saturating_sub(1);
                 deleted += 1;
+            }
+            if !keys.is_empty() {
+                self.tombstones.insert_range(lo, hi);
             }
             let before = self.memory.len();
             let mut freed = 0u64;
@@ -903,8 +998,8 @@ impl Outbox for SledOutbox {
             self.memory_bytes -= freed;
             deleted += (before - self.memory.len()) as u64;
         }
-        // Deletes are flushed with the next tick, not now: a delete lost to a crash
-        // only means the record is sent again and the backend drops it as a duplicate.
+        // A delete lost to a crash only means the record is sent again and the backend
+        // drops it as a duplicate.
         deleted
     }
 
@@ -967,16 +1062,55 @@ mod tests {
             assert_eq!(ob.ack(&Ack::from_seqs(epoch + 1, 5..=6)), 0);
             assert_eq!(ob.depth(), 6);
             assert_eq!(ob.first_seq(), Some(5));
+            // Acked records leave the disk when compacted; until then a restart sends
+            // them again (and the backend drops them as duplicates).
+            assert!(ob.compact(2), "two of four deleted, more wait");
+            assert_eq!(ob.read_from(0, 1 << 20).first().unwrap().seq, 5);
+            assert!(!ob.compact(100));
+            ob.flush();
         }
         let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
         assert_eq!(ob.epoch(), epoch, "epoch survives a restart");
         assert_eq!(ob.depth(), 6);
         ob.ack(&Ack::from_seqs(epoch, 5..=10));
         assert_eq!(ob.depth(), 0);
+        assert_eq!(ob.first_seq(), None);
+        assert!(ob.read_from(0, 1 << 20).is_empty());
+        ob.compact(usize::MAX);
+        ob.flush();
         drop(ob);
         // Everything acked and deleted: seqs must never be reused after a restart.
         let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
         assert!(ob.append(0, event(0)).seq > 10);
+    }
+
+    #[test]
+    fn seq_set_merges_and_trims() {
+        let mut s = SeqSet::default();
+        s.insert_range(5, 9);
+        s.insert(11);
+        assert_eq!(s.ranges.len(), 2);
+        s.insert(10);
+        assert_eq!(s.first(), Some((5, 11)), "adjacent runs merge");
+        s.insert_range(1, 4);
+        s.insert_range(20, 30);
+        s.insert_range(12, 19);
+        assert_eq!(s.first(), Some((1, 30)));
+        assert_eq!(s.ranges.len(), 1);
+        assert!(s.contains(1) && s.contains(30) && !s.contains(0) && !s.contains(31));
+        assert_eq!(s.range_end(7), Some(30));
+        s.trim_first(10);
+        assert_eq!(s.first(), Some((11, 30)));
+        s.insert_range(40, 40);
+        s.trim_first(30);
+        assert_eq!(s.first(), Some((40, 40)));
+        s.trim_first(40);
+        assert!(s.is_empty());
+        s.insert_range(3, 2);
+        assert!(s.is_empty(), "an empty range adds nothing");
+        s.insert_range(u64::MAX - 1, u64::MAX);
+        s.insert(u64::MAX - 2);
+        assert_eq!(s.first(), Some((u64::MAX - 2, u64::MAX)));
     }
 
     #[test]
@@ -1151,6 +1285,7 @@ mod full_disk {
         ob.flush();
         assert_eq!(ob.condition(), Condition::Ok);
         assert!(ob.memory.is_empty(), "memory moved to disk");
+        assert!(!ob.compact(usize::MAX));
         assert!(ob.tombstones.is_empty(), "acked records deleted");
         let after = ob.append(401, event(401)).seq;
         ob.flush();

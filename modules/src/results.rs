@@ -24,6 +24,11 @@ pub enum ModuleOutput {
 
 impl ModuleOutput {
     /// The result as the API shows it: the module's own fields, no enum wrapper.
+    /// The output as the API shows it, ready to serialize without building a JSON tree.
+    pub fn as_serialize(&self) -> OutputJson<'_> {
+        OutputJson(self)
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let v = match self {
             ModuleOutput::Echo(r) => serde_json::to_value(r),
@@ -33,6 +38,21 @@ impl ModuleOutput {
             ModuleOutput::Heartbeat(r) => serde_json::to_value(r),
         };
         v.unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// [`ModuleOutput`] serialized as its inner result (the API's `result` field).
+pub struct OutputJson<'a>(&'a ModuleOutput);
+
+impl Serialize for OutputJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            ModuleOutput::Echo(r) => r.serialize(s),
+            ModuleOutput::Ping(r) => r.serialize(s),
+            ModuleOutput::Tcping(r) => r.serialize(s),
+            ModuleOutput::Faulty(r) => r.serialize(s),
+            ModuleOutput::Heartbeat(r) => r.serialize(s),
+        }
     }
 }
 

@@ -10,7 +10,8 @@ mod sqlite;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
-use imn_modules::wire::{Batch, Hello, RequestState};
+use imn_modules::results::ModuleOutcome;
+use imn_modules::wire::{Batch, Hello, RecordBody, RequestState};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +90,121 @@ pub struct ResultRow {
     pub stored_ms: i64,
 }
 
+/// A batch turned into rows, ready for any store. Preparing (JSON bodies) is apart
+/// from storing so the backend can prepare one batch while the store writes another.
+#[derive(Debug, Clone)]
+pub struct PreparedBatch {
+    pub epoch: u64,
+    pub rows: Vec<RecordRow>,
+}
+
+/// One record as stored.
+#[derive(Debug, Clone)]
+pub struct RecordRow {
+    pub seq: u64,
+    pub at_ms: i64,
+    /// `state`, `result` or `event`.
+    pub kind: &'static str,
+    pub request_id: Option<String>,
+    pub module: Option<String>,
+    pub body_json: String,
+    /// The request state this record moves its request to.
+    pub transition: Option<RowTransition>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RowTransition {
+    pub request_id: String,
+    pub state: RequestState,
+    pub detail: Option<String>,
+}
+
+/// A result's body in the records table (what the API returns).
+#[derive(Serialize)]
+struct StoredResult<'a> {
+    state: &'a str,
+    result: Option<imn_modules::results::OutputJson<'a>>,
+    error: Option<&'a str>,
+    received_ms: i64,
+    started_ms: i64,
+    finished_ms: i64,
+}
+
+/// Turns a batch into rows: one JSON body per record, serialized straight from the
+/// typed record (a drain prepares one per result).
+pub fn prepare(batch: &Batch) -> PreparedBatch {
+    let rows = batch
+        .records
+        .iter()
+        .map(|rec| {
+            let (kind, request_id, module, body_json, transition) = match &rec.body {
+                RecordBody::State(s) => (
+                    "state",
+                    Some(s.request_id.clone()),
+                    None,
+                    serde_json::json!({"state": s.state.as_str(), "detail": s.detail}).to_string(),
+                    Some(RowTransition {
+                        request_id: s.request_id.clone(),
+                        state: s.state,
+                        detail: s.detail.clone(),
+                    }),
+                ),
+                RecordBody::Result(r) => {
+                    let (state, result, error) = match &r.outcome {
+                        ModuleOutcome::Ok(o) => (RequestState::Succeeded, Some(o.as_serialize()), None),
+                        ModuleOutcome::Failed(e) => (RequestState::Failed, None, Some(e.clone())),
+                        ModuleOutcome::Timeout => (
+                            RequestState::Timeout,
+                            None,
+                            Some("the module passed its deadline and was cancelled".to_string()),
+                        ),
+                    };
+                    let body = serde_json::to_string(&StoredResult {
+                        state: state.as_str(),
+                        result,
+                        error: error.as_deref(),
+                        received_ms: r.received_ms,
+                        started_ms: r.started_ms,
+                        finished_ms: r.finished_ms,
+                    })
+                    .unwrap_or_else(|e| serde_json::json!({"state": state.as_str(), "error": format!("result not serializable: {e}")}).to_string());
+                    (
+                        "result",
+                        Some(r.request_id.clone()),
+                        Some(r.module.clone()),
+                        body,
+                        Some(RowTransition {
+                            request_id: r.request_id.clone(),
+                            state,
+                            detail: error,
+                        }),
+                    )
+                }
+                RecordBody::Event(e) => (
+                    "event",
+                    None,
+                    None,
+                    serde_json::json!({"kind": e.kind, "message": e.message}).to_string(),
+                    None,
+                ),
+            };
+            RecordRow {
+                seq: rec.seq,
+                at_ms: rec.at_ms,
+                kind,
+                request_id,
+                module,
+                body_json,
+                transition,
+            }
+        })
+        .collect();
+    PreparedBatch {
+        epoch: batch.epoch,
+        rows,
+    }
+}
+
 /// What storing one batch did.
 #[derive(Debug, Clone, Default)]
 pub struct BatchOutcome {
@@ -125,7 +241,7 @@ pub trait Store: Send + Sync + 'static {
     async fn store_batch(
         &self,
         agent: &str,
-        batch: &Batch,
+        batch: PreparedBatch,
         now_ms: i64,
     ) -> Result<BatchOutcome, StoreError>;
     /// Newest first.
