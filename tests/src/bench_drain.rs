@@ -59,6 +59,17 @@ pub fn du(dir: &Path) -> u64 {
     total
 }
 
+/// Writes `n` results into the outbox in `data`, as a partition leaves it: the same
+/// `SledOutbox` the agent opens when it starts.
+pub fn prefill_outbox(data: &Path, n: usize) {
+    let mut ob = SledOutbox::open(data, OutboxLimits::default()).expect("outbox");
+    for i in 0..n {
+        ob.append(imn_modules::now_ms(), result_record(i));
+    }
+    ob.flush();
+    assert_eq!(ob.depth(), n as u64, "the backlog fits the outbox");
+}
+
 /// Polls `f` on `tick` until it answers (for a start time finer than `wait_for`'s).
 async fn wait_for_fast<F, Fut>(tick: &mut tokio::time::Interval, mut f: F)
 where
@@ -81,14 +92,7 @@ where
 pub async fn drain(buffered: usize) -> Value {
     let up = Up::start(0, &[]).await;
     let data = up.dir.path().join("edge-drain");
-    {
-        let mut ob = SledOutbox::open(&data, OutboxLimits::default()).expect("outbox");
-        for i in 0..buffered {
-            ob.append(imn_modules::now_ms(), result_record(i));
-        }
-        ob.flush();
-        assert_eq!(ob.depth(), buffered as u64, "the backlog fits the outbox");
-    }
+    prefill_outbox(&data, buffered);
     let t0 = Instant::now();
     let agent = Proc::spawn(
         "edge-drain",
