@@ -78,6 +78,7 @@ fn agent_json(a: &AgentEntry, now: i64) -> Value {
             "condition": hb.and_then(|h| h.outbox_condition.clone()),
         },
         "heartbeat": hb,
+        "heartbeat_lag_ms": a.heartbeat_lag_ms,
     })
 }
 

@@ -18,6 +18,9 @@ pub struct AgentEntry {
     /// Last time anything arrived from the agent.
     pub last_seen_ms: i64,
     pub last_heartbeat: Option<Heartbeat>,
+    /// From the heartbeat's `sent_at_ms` to its arrival here, in ms (transport delay
+    /// plus clock skew).
+    pub heartbeat_lag_ms: Option<i64>,
     /// False once the agent said `offline` (or its last will did).
     pub online: bool,
 }
@@ -45,6 +48,7 @@ impl Registry {
             first_seen_ms,
             last_seen_ms,
             last_heartbeat: None,
+            heartbeat_lag_ms: None,
             online: false,
         });
     }
@@ -57,6 +61,7 @@ impl Registry {
             first_seen_ms: now_ms,
             last_seen_ms: now_ms,
             last_heartbeat: None,
+            heartbeat_lag_ms: None,
             online: true,
         });
         e.hello = hello;
@@ -68,6 +73,7 @@ impl Registry {
         let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get_mut(id) {
             e.last_seen_ms = now_ms;
+            e.heartbeat_lag_ms = Some(now_ms - hb.sent_at_ms);
             e.last_heartbeat = Some(hb);
             e.online = true;
         }

@@ -42,6 +42,18 @@ struct Decoded {
     rows: Option<store::PreparedBatch>,
 }
 
+impl Decoded {
+    /// An outbox batch on its own topic: it can join a group commit.
+    fn is_batch(&self) -> bool {
+        self.msg.kind == Kind::Out && matches!(self.env, Ok(Envelope::Batch(_)))
+    }
+}
+
+/// At most this many uplink messages wait prepared, and go into one transaction.
+const GROUP_MESSAGES: usize = 64;
+/// A group commit stops adding batches past this many records.
+const GROUP_ROWS: usize = 8192;
+
 pub struct Backend {
     pub store: Arc<dyn Store>,
     pub bus: Arc<dyn Bus>,
@@ -282,7 +294,7 @@ impl Backend {
     /// Two stages, so decoding and JSON for one batch overlap the store's write of the
     /// one before: a task decodes and prepares, this one handles in arrival order.
     async fn ingest(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<UpMessage>) {
-        let (tx, mut prepared) = tokio::sync::mpsc::channel::<Decoded>(2);
+        let (tx, mut prepared) = tokio::sync::mpsc::channel::<Decoded>(GROUP_MESSAGES);
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
                 let env = wire::decode(&msg.payload);
@@ -296,9 +308,96 @@ impl Backend {
             }
         });
         while let Some(d) = prepared.recv().await {
-            self.handle_up(d).await;
+            if !d.is_batch() {
+                self.handle_up(d).await;
+                continue;
+            }
+            // Group commit: the batches already waiting go into one transaction (small
+            // messages from many agents would otherwise cost a commit each).
+            let mut rows = d.rows.as_ref().map_or(0, |r| r.rows.len());
+            let mut group = vec![d];
+            let mut next = None;
+            while group.len() < GROUP_MESSAGES && rows < GROUP_ROWS {
+                match prepared.try_recv() {
+                    Ok(d) if d.is_batch() => {
+                        rows += d.rows.as_ref().map_or(0, |r| r.rows.len());
+                        group.push(d);
+                    }
+                    Ok(d) => {
+                        next = Some(d);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.store_group(group).await;
+            if let Some(d) = next {
+                self.handle_up(d).await;
+            }
         }
         tracing::warn!("uplink feed closed");
+    }
+
+    /// Stores batches in one transaction, then acks each to its agent and to the bus.
+    async fn store_group(&self, group: Vec<Decoded>) {
+        let now = now_ms();
+        let mut items = Vec::with_capacity(group.len());
+        let mut msgs = Vec::with_capacity(group.len());
+        for d in group {
+            let Decoded { msg, env, rows } = d;
+            let Ok(Envelope::Batch(batch)) = env else {
+                continue;
+            };
+            self.registry.seen(&msg.agent, now);
+            let rows = rows.unwrap_or_else(|| store::prepare(&batch));
+            items.push((msg.agent.clone(), rows));
+            msgs.push((msg, batch));
+        }
+        match self.store.store_batches(items, now).await {
+            Ok(outcomes) => {
+                for ((msg, batch), outcome) in msgs.into_iter().zip(outcomes) {
+                    self.stats
+                        .records_stored
+                        .fetch_add(outcome.stored, Ordering::Relaxed);
+                    self.stats
+                        .duplicates_dropped
+                        .fetch_add(outcome.duplicates, Ordering::Relaxed);
+                    // Acked only after the commit above: the agent may now delete.
+                    if !self.hold_acks.load(Ordering::SeqCst) {
+                        self.send_ack(&msg.agent, &batch).await;
+                    }
+                    msg.ack().await;
+                    for id in outcome.finished {
+                        self.wake(&id);
+                    }
+                }
+            }
+            Err(e) => {
+                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, batches = msgs.len(), "cannot store batches; not acking");
+                for (msg, _) in msgs {
+                    msg.nak().await;
+                }
+            }
+        }
+    }
+
+    async fn send_ack(&self, agent: &str, batch: &wire::Batch) {
+        let ack = Ack::from_seqs(batch.epoch, batch.records.iter().map(|r| r.seq));
+        match self
+            .bus
+            .publish_down(
+                Kind::Ack,
+                agent,
+                Bytes::from(wire::encode(&Envelope::Ack(ack))),
+            )
+            .await
+        {
+            Ok(()) => {
+                self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot send ack; the agent will resend"),
+        }
     }
 
     async fn handle_up(&self, d: Decoded) {
@@ -335,48 +434,12 @@ impl Backend {
                 msg.ack().await;
             }
             (Kind::Out, Envelope::Batch(batch)) => {
-                self.registry.seen(&agent, now);
-                let rows = rows.unwrap_or_else(|| store::prepare(&batch));
-                match self.store.store_batch(&agent, rows, now).await {
-                    Ok(outcome) => {
-                        self.stats
-                            .records_stored
-                            .fetch_add(outcome.stored, Ordering::Relaxed);
-                        self.stats
-                            .duplicates_dropped
-                            .fetch_add(outcome.duplicates, Ordering::Relaxed);
-                        // Acked only after the commit above: the agent may now delete.
-                        if !self.hold_acks.load(Ordering::SeqCst) {
-                            let ack =
-                                Ack::from_seqs(batch.epoch, batch.records.iter().map(|r| r.seq));
-                            match self
-                                .bus
-                                .publish_down(
-                                    Kind::Ack,
-                                    &agent,
-                                    Bytes::from(wire::encode(&Envelope::Ack(ack))),
-                                )
-                                .await
-                            {
-                                Ok(()) => {
-                                    self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "cannot send ack; the agent will resend")
-                                }
-                            }
-                        }
-                        msg.ack().await;
-                        for id in outcome.finished {
-                            self.wake(&id);
-                        }
-                    }
-                    Err(e) => {
-                        self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, %agent, "cannot store batch; not acking");
-                        msg.nak().await;
-                    }
-                }
+                self.store_group(vec![Decoded {
+                    msg,
+                    env: Ok(Envelope::Batch(batch)),
+                    rows,
+                }])
+                .await;
             }
             (kind, _) => {
                 self.reject("mismatch");

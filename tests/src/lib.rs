@@ -6,8 +6,10 @@
 //! README's test command does).
 
 pub mod bench_drain;
+pub mod bench_ingest;
 pub mod bench_ping;
 pub mod netns;
+pub mod sim;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -237,13 +237,26 @@ pub trait Store: Send + Sync + 'static {
     async fn undelivered(&self, agent: &str) -> Result<Vec<RequestRow>, StoreError>;
     /// Requests not terminal and past their deadline.
     async fn overdue(&self, now_ms: i64) -> Result<Vec<RequestRow>, StoreError>;
-    /// Stores a batch in one transaction, skipping records already stored.
+    /// Stores batches (of any agents) in one transaction, skipping records already
+    /// stored; one outcome per batch, in order. All or nothing.
+    async fn store_batches(
+        &self,
+        batches: Vec<(String, PreparedBatch)>,
+        now_ms: i64,
+    ) -> Result<Vec<BatchOutcome>, StoreError>;
+    /// Stores one batch in one transaction, skipping records already stored.
     async fn store_batch(
         &self,
         agent: &str,
         batch: PreparedBatch,
         now_ms: i64,
-    ) -> Result<BatchOutcome, StoreError>;
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut out = self
+            .store_batches(vec![(agent.to_string(), batch)], now_ms)
+            .await?;
+        out.pop()
+            .ok_or_else(|| StoreError::Db("no outcome for the batch".into()))
+    }
     /// Newest first.
     async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError>;
     async fn result(&self, agent: &str, request_id: &str) -> Result<Option<ResultRow>, StoreError>;

@@ -174,6 +174,65 @@ fn get_request(c: &Connection, id: &str) -> Result<Option<RequestRow>, StoreErro
 }
 
 /// Moves a request forward; never back, never out of a terminal state.
+/// Inserts one batch's records inside the caller's transaction.
+fn insert_batch(
+    tx: &Connection,
+    agent: &str,
+    batch: &PreparedBatch,
+    now_ms: i64,
+) -> Result<BatchOutcome, StoreError> {
+    let mut out = BatchOutcome::default();
+    let mut insert = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .map_err(db)?;
+    for row in &batch.rows {
+        let n = insert
+            .execute(params![
+                agent,
+                batch.epoch as i64,
+                row.seq as i64,
+                row.kind,
+                row.request_id,
+                row.module,
+                row.at_ms,
+                now_ms,
+                row.body_json
+            ])
+            .map_err(db)?;
+        if n == 0 {
+            out.duplicates += 1;
+            continue;
+        }
+        out.stored += 1;
+        if let Some(t) = &row.transition {
+            let changed = apply_transition(
+                tx,
+                &t.request_id,
+                t.state,
+                row.at_ms,
+                "agent",
+                t.detail.as_deref(),
+            )?;
+            if changed && t.state.is_terminal() {
+                out.finished.push(t.request_id.clone());
+            }
+        }
+    }
+    if out.stored > 0 {
+        tx.prepare_cached(
+            "INSERT INTO agent_counts (agent_id, records) VALUES (?1, ?2)
+             ON CONFLICT(agent_id) DO UPDATE SET records = records + excluded.records",
+        )
+        .map_err(db)?
+        .execute(params![agent, out.stored as i64])
+        .map_err(db)?;
+    }
+    Ok(out)
+}
+
 fn apply_transition(
     c: &Connection,
     id: &str,
@@ -404,61 +463,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn store_batch(
+    async fn store_batches(
         &self,
-        agent: &str,
-        batch: PreparedBatch,
+        batches: Vec<(String, PreparedBatch)>,
         now_ms: i64,
-    ) -> Result<BatchOutcome, StoreError> {
-        let agent = agent.to_string();
+    ) -> Result<Vec<BatchOutcome>, StoreError> {
         self.with(move |c| {
             let tx = c.transaction().map_err(db)?;
-            let mut out = BatchOutcome::default();
-            {
-                let mut insert = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    )
-                    .map_err(db)?;
-                for row in &batch.rows {
-                    let n = insert
-                        .execute(params![
-                            agent,
-                            batch.epoch as i64,
-                            row.seq as i64,
-                            row.kind,
-                            row.request_id,
-                            row.module,
-                            row.at_ms,
-                            now_ms,
-                            row.body_json
-                        ])
-                        .map_err(db)?;
-                    if n == 0 {
-                        out.duplicates += 1;
-                        continue;
-                    }
-                    out.stored += 1;
-                    if let Some(t) = &row.transition {
-                        let changed = apply_transition(&tx, &t.request_id, t.state, row.at_ms, "agent", t.detail.as_deref())?;
-                        if changed && t.state.is_terminal() {
-                            out.finished.push(t.request_id.clone());
-                        }
-                    }
-                }
-            }
-            if out.stored > 0 {
-                tx.prepare_cached(
-                    "INSERT INTO agent_counts (agent_id, records) VALUES (?1, ?2)
-                     ON CONFLICT(agent_id) DO UPDATE SET records = records + excluded.records",
-                )
-                .map_err(db)?
-                .execute(params![agent, out.stored as i64])
-                .map_err(db)?;
+            let mut outcomes = Vec::with_capacity(batches.len());
+            for (agent, batch) in &batches {
+                outcomes.push(insert_batch(&tx, agent, batch, now_ms)?);
             }
             tx.commit().map_err(db)?;
-            Ok(out)
+            Ok(outcomes)
         })
         .await
     }

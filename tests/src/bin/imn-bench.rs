@@ -52,6 +52,34 @@ enum Scenario {
         #[arg(long, default_value_t = 100_000)]
         buffered: usize,
     },
+    /// Simulated agents send results through broker, bridge, bus and backend to the
+    /// store: results/s stored and acked, lost, duplicates, and raw broker throughput
+    /// of the same messages for comparison.
+    Ingest {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        /// Results in all.
+        #[arg(long, default_value_t = 200_000)]
+        results: u64,
+        /// Split processes over NATS JetStream instead of `imn up`.
+        #[arg(long)]
+        nats: bool,
+        /// Results per MQTT message.
+        #[arg(long, default_value_t = 1)]
+        per_message: usize,
+    },
+    /// Simulated agents connect and heartbeat: connect time, alive count, heartbeat
+    /// lag, memory.
+    Fleet {
+        #[arg(long, default_value_t = 20_000)]
+        agents: usize,
+        /// Heartbeat interval, seconds.
+        #[arg(long, default_value_t = 30.0)]
+        hb_interval: f64,
+        /// Seconds to hold the fleet connected before measuring.
+        #[arg(long, default_value_t = 65.0)]
+        hold: f64,
+    },
     /// Insert-then-ack cycles against the agent's outbox: size on disk beside the live
     /// data size.
     Outbox {
@@ -160,6 +188,36 @@ async fn main() {
         }
         Scenario::Drain { buffered } => {
             imn_tests::bench_drain::drain(if cli.quick { 2_000 } else { buffered }).await
+        }
+        Scenario::Ingest {
+            agents,
+            results,
+            nats,
+            per_message,
+        } => {
+            let (a, r) = if cli.quick {
+                (agents.min(20), results.min(2_000))
+            } else {
+                (agents, results)
+            };
+            imn_tests::bench_ingest::ingest(a.max(1), r.max(1), nats, per_message.max(1)).await
+        }
+        Scenario::Fleet {
+            agents,
+            hb_interval,
+            hold,
+        } => {
+            let (a, hb, h) = if cli.quick {
+                (agents.min(50), 1.0, 3.0)
+            } else {
+                (agents, hb_interval, hold)
+            };
+            imn_tests::bench_ingest::fleet(
+                a.max(1),
+                Duration::from_secs_f64(hb.max(0.1)),
+                Duration::from_secs_f64(h.max(0.0)),
+            )
+            .await
         }
         Scenario::Outbox { cycles, lag } => {
             let (c, l) = if cli.quick {

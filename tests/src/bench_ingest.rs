@@ -1,0 +1,422 @@
+//! `imn-bench ingest` and `imn-bench fleet`: simulated agents (see [`crate::sim`])
+//! against the real system, embedded (`imn up`) or split over NATS (`imn-bridge`,
+//! `nats-server`, `imn-backend`).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+
+use crate::bench_drain::rss_kib;
+use crate::sim::{self, Control, SimConfig, SimStats};
+use crate::{bin, free_port, Api, Nats, Proc, TempDir, Up};
+
+/// The system under test.
+pub enum System {
+    Up(Up),
+    Split {
+        dir: TempDir,
+        _nats: Nats,
+        backend: Proc,
+        bridge: Proc,
+        api: Api,
+        mqtt_port: u16,
+    },
+}
+
+impl System {
+    pub async fn start(nats: bool) -> System {
+        if !nats {
+            return System::Up(Up::start(0, &[]).await);
+        }
+        let dir = TempDir::new("bench-split");
+        let n = Nats::start(dir.path()).await;
+        let http_port = free_port();
+        let mqtt_port = free_port();
+        let data = dir.path().join("backend");
+        let http = format!("127.0.0.1:{http_port}");
+        let backend = Proc::spawn(
+            "imn-backend",
+            &bin("imn-backend"),
+            &[
+                "--http",
+                &http,
+                "--nats",
+                &n.url(),
+                "--data",
+                data.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        let mqtt = format!("127.0.0.1:{mqtt_port}");
+        let bridge = Proc::spawn(
+            "imn-bridge",
+            &bin("imn-bridge"),
+            &["--mqtt", &mqtt, "--nats", &n.url()],
+            dir.path(),
+        );
+        let api = Api::new(http_port);
+        let a2 = api.clone();
+        crate::wait_for("imn-backend to answer", Duration::from_secs(30), || {
+            let a2 = a2.clone();
+            async move { a2.try_get("/health").await.map(|_| ()) }
+        })
+        .await;
+        // The bridge listens once it has NATS.
+        crate::wait_for(
+            "imn-bridge to listen",
+            Duration::from_secs(30),
+            || async move {
+                std::net::TcpStream::connect(("127.0.0.1", mqtt_port))
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        System::Split {
+            dir,
+            _nats: n,
+            backend,
+            bridge,
+            api,
+            mqtt_port,
+        }
+    }
+
+    pub fn api(&self) -> &Api {
+        match self {
+            System::Up(u) => &u.api,
+            System::Split { api, .. } => api,
+        }
+    }
+
+    pub fn mqtt_port(&self) -> u16 {
+        match self {
+            System::Up(u) => u.mqtt_port,
+            System::Split { mqtt_port, .. } => *mqtt_port,
+        }
+    }
+
+    fn db_path(&self) -> PathBuf {
+        match self {
+            System::Up(u) => u.dir.path().join("data/backend/backend.sqlite"),
+            System::Split { dir, .. } => dir.path().join("backend/backend.sqlite"),
+        }
+    }
+
+    /// RSS of the processes that serve agents: `imn up`, or bridge and backend.
+    pub fn rss_mib(&self) -> Value {
+        let mib = |pid: i32| rss_kib(pid) as f64 / 1024.0;
+        match self {
+            System::Up(u) => json!({"imn_up_rss_mib": mib(u.proc.pid())}),
+            System::Split {
+                backend, bridge, ..
+            } => json!({
+                "bridge_rss_mib": mib(bridge.pid()),
+                "backend_rss_mib": mib(backend.pid()),
+                "bridge_plus_backend_rss_mib": mib(bridge.pid()) + mib(backend.pid()),
+            }),
+        }
+    }
+
+    /// (result rows, distinct request ids) of simulated agents in the backend's store.
+    fn stored_results(&self) -> (u64, u64) {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("backend store");
+        conn.query_row(
+            "SELECT COUNT(*), COUNT(DISTINCT request_id) FROM records WHERE kind = 'result' AND agent_id LIKE 'sim-%'",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )
+        .expect("count results")
+    }
+}
+
+/// Simulated agents of one run.
+struct Fleet {
+    stats: Arc<SimStats>,
+    ctl: Arc<Control>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// Starts `n` agents, `per_second` at a time, and waits until all connected.
+    async fn start(n: usize, cfg: SimConfig, per_second: f64, timeout: Duration) -> (Fleet, f64) {
+        let cfg = Arc::new(cfg);
+        let stats = Arc::new(SimStats::default());
+        let ctl = Arc::new(Control::default());
+        let t0 = Instant::now();
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            let due = t0 + Duration::from_secs_f64(i as f64 / per_second);
+            tokio::time::sleep_until(due.into()).await;
+            tasks.push(tokio::spawn(sim::run(
+                format!("sim-{i:06}"),
+                cfg.clone(),
+                stats.clone(),
+                ctl.clone(),
+            )));
+        }
+        let deadline = t0 + timeout;
+        while stats.connected.load(Ordering::Relaxed) < n as u64 {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} simulated agents connected",
+                stats.connected.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let connect_s = t0.elapsed().as_secs_f64();
+        (Fleet { stats, ctl, tasks }, connect_s)
+    }
+
+    async fn stop(self) {
+        self.ctl.stop.store(true, Ordering::SeqCst);
+        self.ctl.go.notify_waiters();
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn wait_known(api: &Api, n: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let known = api
+            .try_get("/health")
+            .await
+            .and_then(|r| r.body["agents_known"].as_u64())
+            .unwrap_or(0);
+        if known >= n as u64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backend knows {known} of {n} agents"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// QoS1 publishes of `bytes`-sized payloads from `publishers` clients into the broker
+/// at `port`, `total` in all, with one QoS0 subscriber counting them: messages/s as
+/// the subscriber saw them.
+async fn raw_broker(port: u16, publishers: usize, total: u64, bytes: usize) -> f64 {
+    let topic = |i: usize| format!("bench/raw/{i}");
+    let mut so = MqttOptions::new("bench-raw-sub", "127.0.0.1", port);
+    so.set_max_packet_size(1 << 20, 1 << 20);
+    let (sub, mut sub_loop) = AsyncClient::new(so, 64);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let counter = tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        let mut n = 0u64;
+        let mut first: Option<Instant> = None;
+        loop {
+            match sub_loop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    first.get_or_insert_with(Instant::now);
+                    n += 1;
+                    if n == total {
+                        return first.map(|f| f.elapsed()).unwrap_or_default();
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    sub.subscribe("bench/raw/#", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx).await;
+    let payload = vec![0x5au8; bytes];
+    let per = total / publishers as u64;
+    let mut pubs = Vec::new();
+    for i in 0..publishers {
+        let n = if i == 0 {
+            total - per * (publishers as u64 - 1)
+        } else {
+            per
+        };
+        let payload = payload.clone();
+        let t = topic(i);
+        pubs.push(tokio::spawn(async move {
+            let mut o = MqttOptions::new(format!("bench-raw-{i}"), "127.0.0.1", port);
+            o.set_max_packet_size(1 << 20, 1 << 20).set_inflight(64);
+            let (c, mut el) = AsyncClient::new(o, 128);
+            let sender = tokio::spawn(async move {
+                for _ in 0..n {
+                    if c.publish(&t, QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            let mut acked = 0u64;
+            while acked < n {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            let _ = sender.await;
+        }));
+    }
+    let elapsed = match tokio::time::timeout(Duration::from_secs(300), counter).await {
+        Ok(Ok(d)) => d.as_secs_f64(),
+        _ => f64::NAN,
+    };
+    for p in pubs {
+        p.abort();
+    }
+    total as f64 / elapsed
+}
+
+/// `imn-bench ingest`: `agents` simulated agents send `results` results in all, one
+/// message of `per_message` results at a time with a window per agent.
+pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize) -> Value {
+    let nofile = sim::raise_nofile();
+    let sys = System::start(nats).await;
+    let per_agent = results.div_ceil(agents as u64);
+    let total = per_agent * agents as u64;
+    let cfg = SimConfig {
+        host: "127.0.0.1".into(),
+        port: sys.mqtt_port(),
+        heartbeat: Duration::from_secs(10),
+        results: per_agent,
+        per_message,
+        window: 8,
+        message: "result of a simulated echo".into(),
+        resend_after: Duration::from_secs(20),
+    };
+    let bytes = sim::message_bytes(&cfg);
+    let (fleet, connect_s) = Fleet::start(agents, cfg, 2000.0, Duration::from_secs(300)).await;
+    wait_known(sys.api(), agents, Duration::from_secs(120)).await;
+    let t0 = Instant::now();
+    fleet.ctl.start_results();
+    let deadline = t0 + Duration::from_secs(900);
+    while fleet.stats.done.load(Ordering::Relaxed) < agents as u64 {
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let acked = fleet.stats.results_acked.load(Ordering::Relaxed);
+    let last = *fleet
+        .stats
+        .last_ack
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let elapsed = last
+        .map(|l| l.duration_since(t0))
+        .unwrap_or_else(|| t0.elapsed())
+        .as_secs_f64();
+    let resent = fleet.stats.resent.load(Ordering::Relaxed);
+    let rss = sys.rss_mib();
+    fleet.stop().await;
+    let (rows, distinct) = sys.stored_results();
+    // The same number of messages, the same size, through the same broker.
+    let messages = total.div_ceil(per_message as u64);
+    let raw = raw_broker(sys.mqtt_port(), agents.min(100), messages, bytes).await;
+    let results_per_s = acked as f64 / elapsed;
+    let msgs_per_s = results_per_s / per_message as f64;
+    json!({
+        "scenario": "ingest",
+        "mode": if nats { "nats" } else { "embedded" },
+        "agents": agents,
+        "results": total,
+        "results_per_message": per_message,
+        "message_bytes": bytes,
+        "connect_s": connect_s,
+        "elapsed_s": elapsed,
+        "results_acked": acked,
+        "results_per_s": results_per_s,
+        "lost": total.saturating_sub(distinct),
+        "duplicates_stored": rows - distinct,
+        "resent_messages": resent,
+        "broker_raw_msgs_per_s": raw,
+        "ratio_vs_raw": msgs_per_s / raw,
+        "rss": rss,
+        "nofile_limit": nofile,
+    })
+}
+
+/// `imn-bench fleet`: `agents` simulated agents connect and heartbeat every `hb`.
+pub async fn fleet(agents: usize, hb: Duration, hold: Duration) -> Value {
+    let nofile = sim::raise_nofile();
+    let sys = System::start(false).await;
+    let cfg = SimConfig {
+        host: "127.0.0.1".into(),
+        port: sys.mqtt_port(),
+        heartbeat: hb,
+        results: 0,
+        per_message: 1,
+        window: 1,
+        message: String::new(),
+        resend_after: Duration::from_secs(60),
+    };
+    let (fleet, connect_s) = Fleet::start(agents, cfg, 2000.0, Duration::from_secs(600)).await;
+    wait_known(sys.api(), agents, Duration::from_secs(300)).await;
+    // Every agent heartbeats a few times.
+    tokio::time::sleep(hold).await;
+    let alive = sys
+        .api()
+        .get("/agents/alive")
+        .await
+        .body
+        .as_array()
+        .map(|a| a.len())
+        .unwrap_or(0);
+    let all = sys.api().get("/agents").await.body;
+    let mut lags: Vec<f64> = all
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["heartbeat_lag_ms"].as_f64())
+                .collect()
+        })
+        .unwrap_or_default();
+    lags.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        if lags.is_empty() {
+            f64::NAN
+        } else {
+            lags[((p / 100.0 * lags.len() as f64).ceil() as usize).clamp(1, lags.len()) - 1]
+        }
+    };
+    let heartbeats = fleet.stats.heartbeats.load(Ordering::Relaxed);
+    let errors = fleet.stats.connect_errors.load(Ordering::Relaxed);
+    let rss = sys.rss_mib();
+    let bench_rss = rss_kib(std::process::id() as i32) as f64 / 1024.0;
+    fleet.stop().await;
+    json!({
+        "scenario": "fleet",
+        "agents": agents,
+        "hb_interval_s": hb.as_secs_f64(),
+        "connect_s": connect_s,
+        "alive_reported": alive,
+        "alive_exact": alive == agents,
+        "heartbeats_sent": heartbeats,
+        "connect_errors": errors,
+        "hb_lag_p50_ms": pct(50.0),
+        "hb_lag_p99_ms": pct(99.0),
+        "hb_lag_max_ms": lags.last().copied().unwrap_or(f64::NAN),
+        "rss": rss,
+        "bench_process_rss_mib": bench_rss,
+        "nofile_limit": nofile,
+    })
+}
