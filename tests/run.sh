@@ -41,6 +41,9 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench drain --quick --json
 ./target/debug/imn-bench outbox --quick --json
 ./target/debug/imn-bench api --quick --json
+./target/debug/imn-bench ingest --quick --json
+./target/debug/imn-bench ingest --nats --quick --json
+./target/debug/imn-bench fleet --quick --json
 echo "== cargo test"
 log="$(mktemp)"
 cargo test --workspace 2>&1 | tee "$log"

@@ -57,7 +57,12 @@ pub fn rfc3339(ms: i64) -> Value {
 }
 
 fn agent_json(a: &AgentEntry, now: i64) -> Value {
-    let hb = a.last_heartbeat.as_ref();
+    // Outbox figures come from whichever the agent sent last: a hello after a
+    // reconnect supersedes the heartbeat from before it.
+    let hb = a
+        .last_heartbeat
+        .as_ref()
+        .filter(|h| h.sent_at_ms >= a.hello.sent_at_ms);
     json!({
         "id": a.id,
         "alive": a.alive(now),
@@ -70,14 +75,19 @@ fn agent_json(a: &AgentEntry, now: i64) -> Value {
         "location": a.hello.location,
         "modules": a.hello.modules,
         "heartbeat_interval_ms": a.hello.heartbeat_interval_ms,
-        "outbox": {
-            "epoch": a.hello.outbox_epoch,
-            "depth": hb.map(|h| h.outbox_depth).unwrap_or(a.hello.outbox_depth),
-            "oldest_age_ms": hb.map(|h| h.outbox_oldest_age_ms),
-            "dropped": hb.map(|h| h.dropped).unwrap_or(a.hello.dropped),
-            "condition": hb.and_then(|h| h.outbox_condition.clone()),
+        // Unknown (null) between a reconnect and the agent's next hello or heartbeat.
+        "outbox": if a.hello_pending {
+            json!({"epoch": null, "depth": null, "oldest_age_ms": null, "dropped": null, "condition": null})
+        } else {
+            json!({
+                "epoch": a.hello.outbox_epoch,
+                "depth": hb.map(|h| h.outbox_depth).unwrap_or(a.hello.outbox_depth),
+                "oldest_age_ms": hb.map(|h| h.outbox_oldest_age_ms),
+                "dropped": hb.map(|h| h.dropped).unwrap_or(a.hello.dropped),
+                "condition": hb.and_then(|h| h.outbox_condition.clone()),
+            })
         },
-        "heartbeat": hb,
+        "heartbeat": a.last_heartbeat,
         "heartbeat_lag_ms": a.heartbeat_lag_ms,
     })
 }

@@ -23,6 +23,9 @@ pub struct AgentEntry {
     pub heartbeat_lag_ms: Option<i64>,
     /// False once the agent said `offline` (or its last will did).
     pub online: bool,
+    /// The agent came back (an `online` status after silence) and its hello has not
+    /// arrived yet: what the registry holds about its outbox is from before.
+    pub hello_pending: bool,
 }
 
 impl AgentEntry {
@@ -50,6 +53,7 @@ impl Registry {
             last_heartbeat: None,
             heartbeat_lag_ms: None,
             online: false,
+            hello_pending: false,
         });
     }
 
@@ -63,10 +67,12 @@ impl Registry {
             last_heartbeat: None,
             heartbeat_lag_ms: None,
             online: true,
+            hello_pending: false,
         });
         e.hello = hello;
         e.last_seen_ms = now_ms;
         e.online = true;
+        e.hello_pending = false;
     }
 
     pub fn heartbeat(&self, id: &str, hb: Heartbeat, now_ms: i64) {
@@ -76,12 +82,17 @@ impl Registry {
             e.heartbeat_lag_ms = Some(now_ms - hb.sent_at_ms);
             e.last_heartbeat = Some(hb);
             e.online = true;
+            // Heartbeats go out only while connected: this one is from the new session.
+            e.hello_pending = false;
         }
     }
 
     pub fn status(&self, id: &str, online: bool, now_ms: i64) {
         let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get_mut(id) {
+            if online && !e.alive(now_ms) {
+                e.hello_pending = true;
+            }
             e.online = online;
             if online {
                 e.last_seen_ms = now_ms;
@@ -164,6 +175,28 @@ mod tests {
         assert!(
             !r.get("b").unwrap().alive(0),
             "restored agents wait to be heard"
+        );
+    }
+
+    #[test]
+    fn a_comeback_hides_stale_outbox_figures_until_hello() {
+        let r = Registry::default();
+        r.hello("a", hello(1000), 10_000);
+        r.status("a", true, 10_500);
+        assert!(
+            !r.get("a").unwrap().hello_pending,
+            "still alive: same session"
+        );
+        // Silence (a broker died, no last will), then the agent is back.
+        r.status("a", true, 20_000);
+        assert!(r.get("a").unwrap().hello_pending);
+        r.hello("a", hello(1000), 20_010);
+        assert!(!r.get("a").unwrap().hello_pending);
+        r.status("a", true, 40_000);
+        r.heartbeat("a", Heartbeat::default(), 40_010);
+        assert!(
+            !r.get("a").unwrap().hello_pending,
+            "a heartbeat is from the new session"
         );
     }
 }

@@ -211,6 +211,10 @@ pub struct SledOutbox {
     /// once space returns.
     deferred: Vec<Write>,
     next_reopen: std::time::Instant,
+    /// A sled write or flush failed: sled refuses every write until reopened.
+    broken: bool,
+    /// The last write error, as sled put it.
+    last_error: String,
     /// Acked (or evicted) records still on disk: never sent again, deleted by
     /// [`SledOutbox::compact`] when the agent has time (a drain does not wait for its
     /// deletes) and the disk can take the writes.
@@ -408,6 +412,8 @@ impl SledOutbox {
             journal_bytes: 0,
             deferred: Vec::new(),
             next_reopen: std::time::Instant::now(),
+            broken: false,
+            last_error: String::new(),
             tombstones: SeqSet::default(),
             memory_commands: HashSet::new(),
             recovered_from: None,
@@ -426,10 +432,7 @@ impl SledOutbox {
         }
         ob.reserve_seqs()?;
         if !ob.sync() {
-            return Err(match ob.condition {
-                Condition::WriteError(e) => e,
-                _ => "flush failed".into(),
-            });
+            return Err(ob.last_error);
         }
         Ok(ob)
     }
@@ -454,10 +457,23 @@ impl SledOutbox {
                 true
             }
             Err(e) => {
-                self.set_condition(Condition::WriteError(e));
+                self.fail(e);
                 false
             }
         }
+    }
+
+    /// A write or flush failed: the store must be reopened before the next write. A
+    /// full disk (ENOSPC) is reported as such; anything else as a write error.
+    fn fail(&mut self, e: String) {
+        self.broken = true;
+        let full = e.contains("No space left") || e.contains("StorageFull");
+        self.last_error = e.clone();
+        self.set_condition(if full {
+            Condition::DiskFull
+        } else {
+            Condition::WriteError(e)
+        });
     }
 
     /// Flushes sled; on success the journal is no longer needed.
@@ -475,7 +491,7 @@ impl SledOutbox {
                 true
             }
             Err(e) => {
-                self.set_condition(Condition::WriteError(e));
+                self.fail(e);
                 false
             }
         }
@@ -497,7 +513,7 @@ impl SledOutbox {
         let st = match Store::open(&path, self.limits.cache_bytes) {
             Ok(st) => st,
             Err(e) => {
-                self.set_condition(Condition::WriteError(format!("reopening: {e}")));
+                self.fail(format!("reopening: {e}"));
                 return false;
             }
         };
@@ -505,19 +521,18 @@ impl SledOutbox {
             Ok(Some(e)) if e == self.epoch => {}
             other => {
                 // Not the store this outbox wrote: leave it alone.
-                self.set_condition(Condition::WriteError(format!(
-                    "reopened store has another epoch ({other:?})"
-                )));
+                self.fail(format!("reopened store has another epoch ({other:?})"));
                 return false;
             }
         }
         self.store = Some(st);
+        self.broken = false;
         let replayed = {
             let st = self.store.as_ref().expect("just set");
             self.journal.iter().try_for_each(|w| w.apply(st))
         };
         if let Err(e) = replayed {
-            self.set_condition(Condition::WriteError(format!("replaying: {e}")));
+            self.fail(format!("replaying: {e}"));
             return false;
         }
         let counted = count_records(
@@ -530,7 +545,7 @@ impl SledOutbox {
                 self.disk_count = count;
             }
             Err(e) => {
-                self.set_condition(Condition::WriteError(format!("recounting: {e}")));
+                self.fail(format!("recounting: {e}"));
                 return false;
             }
         }
@@ -557,10 +572,7 @@ impl SledOutbox {
                 META_SEQ_RESERVED,
                 Some(upto.to_be_bytes().into()),
             ) {
-                return Err(match &self.condition {
-                    Condition::WriteError(e) => e.clone(),
-                    _ => "write failed".into(),
-                });
+                return Err(self.last_error.clone());
             }
             self.seq_reserved = upto;
         }
@@ -651,7 +663,7 @@ impl SledOutbox {
         if self.memory.is_empty() && self.condition == Condition::Ok && self.deferred.is_empty() {
             return;
         }
-        if matches!(self.condition, Condition::WriteError(_)) && !self.reopen() {
+        if self.broken && !self.reopen() {
             return;
         }
         if !self.disk_has_room(self.memory_bytes) {
@@ -885,7 +897,7 @@ impl Outbox for SledOutbox {
         {
             self.dropped_persisted = self.dropped;
         }
-        if self.dirty && self.store.is_some() {
+        if self.dirty && self.store.is_some() && !self.broken {
             self.sync();
         }
     }
@@ -1267,8 +1279,8 @@ mod full_disk {
         ob.dirty = true;
         ob.flush();
         assert!(
-            matches!(ob.condition(), Condition::WriteError(_)),
-            "sled hit the full disk: {:?}",
+            ob.broken && ob.condition() == Condition::DiskFull,
+            "sled hit the full disk, reported as such: {:?}",
             ob.condition()
         );
         for i in 260..400 {

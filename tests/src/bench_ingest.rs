@@ -21,14 +21,15 @@ pub enum System {
         dir: TempDir,
         _nats: Nats,
         backend: Proc,
-        bridge: Proc,
+        /// Bridges, each with its own MQTT port; agents may use any.
+        bridges: Vec<(Proc, u16)>,
         api: Api,
-        mqtt_port: u16,
     },
 }
 
 impl System {
-    pub async fn start(nats: bool) -> System {
+    /// `imn up`, or with `nats` nats-server, imn-backend and `bridges` imn-bridges.
+    pub async fn start(nats: bool, bridges: usize) -> System {
         if !nats {
             return System::Up(Up::start(0, &[]).await);
         }
@@ -51,13 +52,18 @@ impl System {
             ],
             dir.path(),
         );
-        let mqtt = format!("127.0.0.1:{mqtt_port}");
-        let bridge = Proc::spawn(
-            "imn-bridge",
-            &bin("imn-bridge"),
-            &["--mqtt", &mqtt, "--nats", &n.url()],
-            dir.path(),
-        );
+        let mut started = Vec::new();
+        for b in 0..bridges.max(1) {
+            let port = if b == 0 { mqtt_port } else { free_port() };
+            let mqtt = format!("127.0.0.1:{port}");
+            let p = Proc::spawn(
+                &format!("imn-bridge-{b}"),
+                &bin("imn-bridge"),
+                &["--mqtt", &mqtt, "--nats", &n.url()],
+                dir.path(),
+            );
+            started.push((p, port));
+        }
         let api = Api::new(http_port);
         let a2 = api.clone();
         crate::wait_for("imn-backend to answer", Duration::from_secs(30), || {
@@ -65,24 +71,25 @@ impl System {
             async move { a2.try_get("/health").await.map(|_| ()) }
         })
         .await;
-        // The bridge listens once it has NATS.
-        crate::wait_for(
-            "imn-bridge to listen",
-            Duration::from_secs(30),
-            || async move {
-                std::net::TcpStream::connect(("127.0.0.1", mqtt_port))
-                    .ok()
-                    .map(|_| ())
-            },
-        )
-        .await;
+        // A bridge listens once it has NATS.
+        for &(_, port) in &started {
+            crate::wait_for(
+                "imn-bridge to listen",
+                Duration::from_secs(30),
+                || async move {
+                    std::net::TcpStream::connect(("127.0.0.1", port))
+                        .ok()
+                        .map(|_| ())
+                },
+            )
+            .await;
+        }
         System::Split {
             dir,
             _nats: n,
             backend,
-            bridge,
+            bridges: started,
             api,
-            mqtt_port,
         }
     }
 
@@ -93,11 +100,16 @@ impl System {
         }
     }
 
-    pub fn mqtt_port(&self) -> u16 {
+    /// The MQTT ports agents may connect to.
+    pub fn mqtt_ports(&self) -> Vec<u16> {
         match self {
-            System::Up(u) => u.mqtt_port,
-            System::Split { mqtt_port, .. } => *mqtt_port,
+            System::Up(u) => vec![u.mqtt_port],
+            System::Split { bridges, .. } => bridges.iter().map(|b| b.1).collect(),
         }
+    }
+
+    pub fn mqtt_port(&self) -> u16 {
+        self.mqtt_ports()[0]
     }
 
     fn db_path(&self) -> PathBuf {
@@ -113,12 +125,16 @@ impl System {
         match self {
             System::Up(u) => json!({"imn_up_rss_mib": mib(u.proc.pid())}),
             System::Split {
-                backend, bridge, ..
-            } => json!({
-                "bridge_rss_mib": mib(bridge.pid()),
-                "backend_rss_mib": mib(backend.pid()),
-                "bridge_plus_backend_rss_mib": mib(bridge.pid()) + mib(backend.pid()),
-            }),
+                backend, bridges, ..
+            } => {
+                let bridge: f64 = bridges.iter().map(|b| mib(b.0.pid())).sum();
+                json!({
+                    "bridges": bridges.len(),
+                    "bridge_rss_mib": bridge,
+                    "backend_rss_mib": mib(backend.pid()),
+                    "bridge_plus_backend_rss_mib": bridge + mib(backend.pid()),
+                })
+            }
         }
     }
 
@@ -290,7 +306,7 @@ async fn raw_broker(port: u16, publishers: usize, total: u64, bytes: usize) -> f
 /// message of `per_message` results at a time with a window per agent.
 pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize) -> Value {
     let nofile = sim::raise_nofile();
-    let sys = System::start(nats).await;
+    let sys = System::start(nats, 1).await;
     let per_agent = results.div_ceil(agents as u64);
     let total = per_agent * agents as u64;
     let cfg = SimConfig {
@@ -355,21 +371,76 @@ pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize)
     })
 }
 
+/// Agents per simulated-agent process: each connection costs a descriptor, and this
+/// machine's hard limit is 20,000 per process.
+const AGENTS_PER_WORKER: usize = 10_000;
+
 /// `imn-bench fleet`: `agents` simulated agents connect and heartbeat every `hb`.
-pub async fn fleet(agents: usize, hb: Duration, hold: Duration) -> Value {
+/// With `bridges` > 1 the system is split over NATS and the agents spread over the
+/// bridges (one broker process holds at most the descriptor limit in connections).
+/// The agents run in worker processes (`imn-bench sim-worker`) of at most
+/// [`AGENTS_PER_WORKER`] each.
+pub async fn fleet(agents: usize, hb: Duration, hold: Duration, bridges: usize) -> Value {
     let nofile = sim::raise_nofile();
-    let sys = System::start(false).await;
-    let cfg = SimConfig {
-        host: "127.0.0.1".into(),
-        port: sys.mqtt_port(),
-        heartbeat: hb,
-        results: 0,
-        per_message: 1,
-        window: 1,
-        message: String::new(),
-        resend_after: Duration::from_secs(60),
-    };
-    let (fleet, connect_s) = Fleet::start(agents, cfg, 2000.0, Duration::from_secs(600)).await;
+    let split = bridges > 1;
+    let sys = System::start(split, bridges).await;
+    let ports = sys.mqtt_ports();
+    let t0 = Instant::now();
+    let workers = agents.div_ceil(AGENTS_PER_WORKER);
+    let mut procs = Vec::new();
+    for w in 0..workers {
+        let offset = w * AGENTS_PER_WORKER;
+        let n = AGENTS_PER_WORKER.min(agents - offset);
+        let port = ports[w % ports.len()];
+        let child = tokio::process::Command::new(bin("imn-bench"))
+            .args([
+                "sim-worker",
+                "--port",
+                &port.to_string(),
+                "--agents",
+                &n.to_string(),
+                "--offset",
+                &offset.to_string(),
+                "--hb-interval",
+                &hb.as_secs_f64().to_string(),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("imn-bench sim-worker");
+        procs.push(child);
+    }
+    // Each worker prints "connected N" as its agents connect.
+    let mut counts = vec![0u64; workers];
+    let mut readers = Vec::new();
+    for p in procs.iter_mut() {
+        let out = p.stdout.take().expect("worker stdout");
+        readers.push(tokio::io::AsyncBufReadExt::lines(
+            tokio::io::BufReader::new(out),
+        ));
+    }
+    let deadline = t0 + Duration::from_secs(600);
+    loop {
+        for (i, r) in readers.iter_mut().enumerate() {
+            if let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_millis(5), r.next_line()).await
+            {
+                if let Some(n) = line.strip_prefix("connected ").and_then(|n| n.parse().ok()) {
+                    counts[i] = n;
+                }
+            }
+        }
+        if counts.iter().sum::<u64>() >= agents as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {agents} simulated agents connected",
+            counts.iter().sum::<u64>()
+        );
+    }
+    let connect_s = t0.elapsed().as_secs_f64();
     wait_known(sys.api(), agents, Duration::from_secs(300)).await;
     // Every agent heartbeats a few times.
     tokio::time::sleep(hold).await;
@@ -398,25 +469,77 @@ pub async fn fleet(agents: usize, hb: Duration, hold: Duration) -> Value {
             lags[((p / 100.0 * lags.len() as f64).ceil() as usize).clamp(1, lags.len()) - 1]
         }
     };
-    let heartbeats = fleet.stats.heartbeats.load(Ordering::Relaxed);
-    let errors = fleet.stats.connect_errors.load(Ordering::Relaxed);
     let rss = sys.rss_mib();
-    let bench_rss = rss_kib(std::process::id() as i32) as f64 / 1024.0;
-    fleet.stop().await;
+    let worker_rss: f64 = procs
+        .iter()
+        .filter_map(|p| p.id())
+        .map(|pid| rss_kib(pid as i32) as f64 / 1024.0)
+        .sum();
+    drop(procs);
     json!({
         "scenario": "fleet",
+        "mode": if split { "nats" } else { "embedded" },
         "agents": agents,
         "hb_interval_s": hb.as_secs_f64(),
         "connect_s": connect_s,
         "alive_reported": alive,
         "alive_exact": alive == agents,
-        "heartbeats_sent": heartbeats,
-        "connect_errors": errors,
+        "heartbeat_lags_reported": lags.len(),
         "hb_lag_p50_ms": pct(50.0),
         "hb_lag_p99_ms": pct(99.0),
         "hb_lag_max_ms": lags.last().copied().unwrap_or(f64::NAN),
         "rss": rss,
-        "bench_process_rss_mib": bench_rss,
+        "sim_workers": workers,
+        "sim_workers_rss_mib": worker_rss,
         "nofile_limit": nofile,
     })
+}
+
+/// `imn-bench sim-worker`: runs `agents` simulated agents against `port` until its
+/// stdin closes, printing `connected N` as they connect.
+pub async fn sim_worker(port: u16, agents: usize, offset: usize, hb: Duration) {
+    sim::raise_nofile();
+    let cfg = Arc::new(SimConfig {
+        host: "127.0.0.1".into(),
+        port,
+        heartbeat: hb,
+        results: 0,
+        per_message: 1,
+        window: 1,
+        message: String::new(),
+        resend_after: Duration::from_secs(60),
+    });
+    let stats = Arc::new(SimStats::default());
+    let ctl = Arc::new(Control::default());
+    let st = stats.clone();
+    tokio::spawn(async move {
+        let mut last = u64::MAX;
+        loop {
+            let n = st.connected.load(Ordering::Relaxed);
+            if n != last {
+                println!("connected {n}");
+                last = n;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    let t0 = Instant::now();
+    for i in 0..agents {
+        // 2,000 connects a second: the broker's listen backlog is 128.
+        let due = t0 + Duration::from_secs_f64(i as f64 / 2000.0);
+        tokio::time::sleep_until(due.into()).await;
+        tokio::spawn(sim::run(
+            format!("sim-{:06}", offset + i),
+            cfg.clone(),
+            stats.clone(),
+            ctl.clone(),
+        ));
+    }
+    // Until the parent closes stdin (or dies).
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut buf = String::new();
+        let _ = std::io::stdin().read_line(&mut buf);
+    })
+    .await;
+    ctl.stop.store(true, Ordering::SeqCst);
 }

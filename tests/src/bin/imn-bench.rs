@@ -29,8 +29,14 @@ enum Scenario {
         #[arg(long, default_value_t = 1000)]
         requests: usize,
         /// Requests per second; 0 sends them back to back, each after the last answer.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 100.0)]
         rate: f64,
+        /// Concurrent clients for the `max_rps` phase.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds of the `max_rps` phase.
+        #[arg(long, default_value_t = 10.0)]
+        max_seconds: f64,
         /// Use a running backend instead of starting `imn up`.
         #[arg(long)]
         url: Option<String>,
@@ -79,6 +85,22 @@ enum Scenario {
         /// Seconds to hold the fleet connected before measuring.
         #[arg(long, default_value_t = 65.0)]
         hold: f64,
+        /// Bridges; more than one splits the system over NATS (a broker process holds
+        /// at most its descriptor limit in connections).
+        #[arg(long, default_value_t = 1)]
+        bridges: usize,
+    },
+    /// (Used by `fleet`.) Runs simulated agents until stdin closes.
+    #[command(hide = true)]
+    SimWorker {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        agents: usize,
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        #[arg(long, default_value_t = 30.0)]
+        hb_interval: f64,
     },
     /// Insert-then-ack cycles against the agent's outbox: size on disk beside the live
     /// data size.
@@ -99,7 +121,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-async fn api_scenario(requests: usize, rate: f64, url: Option<String>) -> serde_json::Value {
+async fn api_scenario(
+    requests: usize,
+    rate: f64,
+    url: Option<String>,
+    concurrency: usize,
+    max_seconds: f64,
+) -> serde_json::Value {
     let (_up, api) = match url {
         Some(u) => {
             let port = u
@@ -149,6 +177,7 @@ async fn api_scenario(requests: usize, rate: f64, url: Option<String>) -> serde_
     }
     let elapsed = start.elapsed().as_secs_f64();
     rtts.sort_by(f64::total_cmp);
+    let (max_rps, max_failures) = max_rps(&api, concurrency, max_seconds).await;
     json!({
         "scenario": "api",
         "requests": requests,
@@ -159,7 +188,46 @@ async fn api_scenario(requests: usize, rate: f64, url: Option<String>) -> serde_
         "rtt_p50_ms": percentile(&rtts, 50.0),
         "rtt_p99_ms": percentile(&rtts, 99.0),
         "rtt_max_ms": rtts.last().copied().unwrap_or(f64::NAN),
+        "max_rps": max_rps,
+        "max_rps_concurrency": concurrency,
+        "max_rps_failures": max_failures,
     })
+}
+
+/// Completed echo round trips per second with `concurrency` clients sending back to
+/// back for `seconds`.
+async fn max_rps(api: &Api, concurrency: usize, seconds: f64) -> (f64, u64) {
+    let stop = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while Instant::now() < stop {
+                let r = api
+                    .post(
+                        "/agent/agent-1/echo_module?wait=10",
+                        r#"{"message":"max"}"#,
+                        &[],
+                    )
+                    .await;
+                if r.status == 200 && r.body["state"] == "succeeded" {
+                    ok += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        let (o, f) = t.await.unwrap_or((0, 0));
+        ok += o;
+        failed += f;
+    }
+    (ok as f64 / start.elapsed().as_secs_f64(), failed)
 }
 
 #[tokio::main]
@@ -170,13 +238,15 @@ async fn main() {
             requests,
             rate,
             url,
+            concurrency,
+            max_seconds,
         } => {
-            let n = if cli.quick {
-                requests.min(50)
+            let (n, secs) = if cli.quick {
+                (requests.min(50), max_seconds.min(1.0))
             } else {
-                requests
+                (requests, max_seconds)
             };
-            api_scenario(n, rate, url).await
+            api_scenario(n, rate, url, concurrency.max(1), secs).await
         }
         Scenario::Ping { targets, rate } => {
             let opts = if cli.quick {
@@ -206,6 +276,7 @@ async fn main() {
             agents,
             hb_interval,
             hold,
+            bridges,
         } => {
             let (a, hb, h) = if cli.quick {
                 (agents.min(50), 1.0, 3.0)
@@ -216,8 +287,24 @@ async fn main() {
                 a.max(1),
                 Duration::from_secs_f64(hb.max(0.1)),
                 Duration::from_secs_f64(h.max(0.0)),
+                bridges.max(1),
             )
             .await
+        }
+        Scenario::SimWorker {
+            port,
+            agents,
+            offset,
+            hb_interval,
+        } => {
+            imn_tests::bench_ingest::sim_worker(
+                port,
+                agents,
+                offset,
+                Duration::from_secs_f64(hb_interval.max(0.1)),
+            )
+            .await;
+            return;
         }
         Scenario::Outbox { cycles, lag } => {
             let (c, l) = if cli.quick {
