@@ -40,6 +40,8 @@ struct Decoded {
     msg: UpMessage,
     env: Result<Envelope, wire::DecodeError>,
     rows: Option<store::PreparedBatch>,
+    /// Its share of the bytes prepared messages may hold; released when handled.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Decoded {
@@ -50,9 +52,11 @@ impl Decoded {
 }
 
 /// At most this many uplink messages wait prepared, and go into one transaction.
-const GROUP_MESSAGES: usize = 64;
+const GROUP_MESSAGES: usize = 8192;
+/// Payload bytes of prepared messages waiting for the store, at most.
+const PREPARED_BYTES: usize = 16 * 1024 * 1024;
 /// A group commit stops adding batches past this many records.
-const GROUP_ROWS: usize = 8192;
+const GROUP_ROWS: usize = 16384;
 
 pub struct Backend {
     pub store: Arc<dyn Store>,
@@ -295,14 +299,27 @@ impl Backend {
     /// one before: a task decodes and prepares, this one handles in arrival order.
     async fn ingest(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<UpMessage>) {
         let (tx, mut prepared) = tokio::sync::mpsc::channel::<Decoded>(GROUP_MESSAGES);
+        // Prepared messages wait within a byte budget as well as a count: many small
+        // ones make a big group commit, a few big ones do not pile up in memory.
+        let budget = Arc::new(tokio::sync::Semaphore::new(PREPARED_BYTES));
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
+                let cost = msg.payload.len().clamp(1, PREPARED_BYTES) as u32;
+                let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+                    return;
+                };
                 let env = wire::decode(&msg.payload);
                 let rows = match &env {
                     Ok(Envelope::Batch(b)) if msg.kind == Kind::Out => Some(store::prepare(b)),
                     _ => None,
                 };
-                if tx.send(Decoded { msg, env, rows }).await.is_err() {
+                let d = Decoded {
+                    msg,
+                    env,
+                    rows,
+                    _permit: permit,
+                };
+                if tx.send(d).await.is_err() {
                     return;
                 }
             }
@@ -344,7 +361,7 @@ impl Backend {
         let mut items = Vec::with_capacity(group.len());
         let mut msgs = Vec::with_capacity(group.len());
         for d in group {
-            let Decoded { msg, env, rows } = d;
+            let Decoded { msg, env, rows, .. } = d;
             let Ok(Envelope::Batch(batch)) = env else {
                 continue;
             };
@@ -401,7 +418,12 @@ impl Backend {
     }
 
     async fn handle_up(&self, d: Decoded) {
-        let Decoded { msg, env, rows } = d;
+        let Decoded {
+            msg,
+            env,
+            rows,
+            _permit,
+        } = d;
         let now = now_ms();
         let env = match env {
             Ok(env) => env,
@@ -438,6 +460,7 @@ impl Backend {
                     msg,
                     env: Ok(Envelope::Batch(batch)),
                     rows,
+                    _permit,
                 }])
                 .await;
             }

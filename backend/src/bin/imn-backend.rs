@@ -31,13 +31,7 @@ struct Flags {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    imn_bridge::init_logging();
     let flags = Flags::parse();
     let listener = bind_http("--http", flags.http).await?;
     let bus = NatsBus::connect(NatsOptions::new(&flags.nats))

@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -220,15 +221,6 @@ fn insert_batch(
                 out.finished.push(t.request_id.clone());
             }
         }
-    }
-    if out.stored > 0 {
-        tx.prepare_cached(
-            "INSERT INTO agent_counts (agent_id, records) VALUES (?1, ?2)
-             ON CONFLICT(agent_id) DO UPDATE SET records = records + excluded.records",
-        )
-        .map_err(db)?
-        .execute(params![agent, out.stored as i64])
-        .map_err(db)?;
     }
     Ok(out)
 }
@@ -471,8 +463,23 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let tx = c.transaction().map_err(db)?;
             let mut outcomes = Vec::with_capacity(batches.len());
+            // One counter update per agent per transaction, not per batch.
+            let mut counts: HashMap<&str, u64> = HashMap::new();
             for (agent, batch) in &batches {
-                outcomes.push(insert_batch(&tx, agent, batch, now_ms)?);
+                let out = insert_batch(&tx, agent, batch, now_ms)?;
+                *counts.entry(agent.as_str()).or_default() += out.stored;
+                outcomes.push(out);
+            }
+            for (agent, n) in counts {
+                if n > 0 {
+                    tx.prepare_cached(
+                        "INSERT INTO agent_counts (agent_id, records) VALUES (?1, ?2)
+                         ON CONFLICT(agent_id) DO UPDATE SET records = records + excluded.records",
+                    )
+                    .map_err(db)?
+                    .execute(params![agent, n as i64])
+                    .map_err(db)?;
+                }
             }
             tx.commit().map_err(db)?;
             Ok(outcomes)
