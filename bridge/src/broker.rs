@@ -135,7 +135,7 @@ pub fn start_broker(cfg: &BrokerConfig) -> Result<(LinkTx, LinkRx), BridgeError>
 /// 40 ms added to a round trip (measured: echo p50 43 ms before this, under 2 ms
 /// after). On Linux an accepted socket inherits TCP_NODELAY from its listener, so find
 /// rumqttd's listening socket among our own fds and set it there. Waits up to 5 s for
-/// the broker thread to bind.
+/// the broker thread to bind. Also raises the listen backlog.
 fn set_listener_nodelay(listen: SocketAddr) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
@@ -171,11 +171,22 @@ fn nodelay_on_listener(listen: SocketAddr) -> bool {
                     std::mem::size_of::<libc::c_int>() as libc::socklen_t,
                 )
             };
+            // A fleet connecting at once overflows tokio's backlog of 1,024 and waits
+            // for SYN retransmits (1, 3, 7 s ...): ask for the kernel's maximum
+            // (net.core.somaxconn). listen() on a listening socket only resizes it.
+            // SAFETY: listen on the same listening fd.
+            let backlog = unsafe { libc::listen(fd, LISTEN_BACKLOG) };
+            if backlog != 0 {
+                tracing::warn!("could not raise the broker's listen backlog");
+            }
             return rc == 0;
         }
     }
     false
 }
+
+/// The broker's listen backlog (the kernel caps it at net.core.somaxconn).
+const LISTEN_BACKLOG: libc::c_int = 65_535;
 
 /// The address `fd` listens on, if it is a listening TCP socket.
 fn local_listen_addr(fd: i32) -> Option<SocketAddr> {
