@@ -360,8 +360,16 @@ impl Backend {
         let now = now_ms();
         let mut items = Vec::with_capacity(group.len());
         let mut msgs = Vec::with_capacity(group.len());
+        // The byte budget is released once the group is stored and acked.
+        let mut _permits = Vec::with_capacity(group.len());
         for d in group {
-            let Decoded { msg, env, rows, .. } = d;
+            let Decoded {
+                msg,
+                env,
+                rows,
+                _permit,
+            } = d;
+            _permits.push(_permit);
             let Ok(Envelope::Batch(batch)) = env else {
                 continue;
             };

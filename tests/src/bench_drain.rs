@@ -5,23 +5,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use imn_agent::outbox::{Outbox, OutboxLimits, SledOutbox};
-use imn_modules::results::{EchoResult, ModuleOutcome, ModuleOutput};
-use imn_modules::wire::{Ack, ModuleResult, RecordBody};
+use imn_modules::wire::{Ack, RecordBody};
 use serde_json::{json, Value};
 
 use crate::{bin, Proc, Up};
 
 fn result_record(i: usize) -> RecordBody {
-    RecordBody::Result(ModuleResult {
-        request_id: format!("drain-{i:08}"),
-        module: "echo_module".into(),
-        received_ms: 1,
-        started_ms: 2,
-        finished_ms: 3,
-        outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
-            message: format!("result {i} made while partitioned"),
-        })),
-    })
+    crate::sim::echo_result(
+        format!("drain-{i:08}"),
+        &format!("result {i} made while partitioned"),
+    )
 }
 
 /// Peak resident memory (VmHWM) of a process, in KiB.

@@ -462,13 +462,7 @@ pub async fn fleet(agents: usize, hb: Duration, hold: Duration, bridges: usize) 
         })
         .unwrap_or_default();
     lags.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        if lags.is_empty() {
-            f64::NAN
-        } else {
-            lags[((p / 100.0 * lags.len() as f64).ceil() as usize).clamp(1, lags.len()) - 1]
-        }
-    };
+    let pct = |p: f64| crate::percentile(&lags, p);
     let rss = sys.rss_mib();
     let worker_rss: f64 = procs
         .iter()

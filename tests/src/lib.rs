@@ -461,3 +461,12 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }
+
+/// The `p`th percentile (nearest rank) of sorted values; NaN when there are none.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}

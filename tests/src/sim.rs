@@ -65,20 +65,25 @@ impl Control {
     }
 }
 
+/// A finished echo result, as an agent's outbox holds it.
+pub fn echo_result(request_id: String, message: &str) -> RecordBody {
+    RecordBody::Result(ModuleResult {
+        request_id,
+        module: "echo_module".into(),
+        received_ms: 1,
+        started_ms: 2,
+        finished_ms: 3,
+        outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+            message: message.to_string(),
+        })),
+    })
+}
+
 fn result_record(agent: &str, seq: u64, message: &str) -> Record {
     Record {
         seq,
         at_ms: imn_modules::now_ms(),
-        body: RecordBody::Result(ModuleResult {
-            request_id: format!("{agent}-{seq}"),
-            module: "echo_module".into(),
-            received_ms: 1,
-            started_ms: 2,
-            finished_ms: 3,
-            outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
-                message: message.to_string(),
-            })),
-        }),
+        body: echo_result(format!("{agent}-{seq}"), message),
     }
 }
 

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use imn_tests::{Api, Up};
+use imn_tests::{percentile, Api, Up};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -111,14 +111,6 @@ enum Scenario {
         #[arg(long, default_value_t = 1_000)]
         lag: usize,
     },
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 async fn api_scenario(
