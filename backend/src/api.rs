@@ -106,6 +106,8 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
         "undecodable_messages": b.stats.undecodable.load(Relaxed),
         "store_errors": b.stats.store_errors.load(Relaxed),
         "acks_sent": b.stats.acks_sent.load(Relaxed),
+        "store_groups": b.stats.store_groups.load(Relaxed),
+        "store_busy_ms": b.stats.store_busy_us.load(Relaxed) / 1000,
         "rejected": *b.stats.rejected.lock().unwrap_or_else(|e| e.into_inner()),
         "bridge": b.bridge_stats.get().map(|s| json!({
             "up_messages": s.up_messages.load(Relaxed),

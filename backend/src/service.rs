@@ -33,6 +33,9 @@ pub struct Stats {
     pub rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     pub store_errors: AtomicU64,
     pub acks_sent: AtomicU64,
+    /// Group commits of outbox batches, and the time the store spent in them.
+    pub store_groups: AtomicU64,
+    pub store_busy_us: AtomicU64,
 }
 
 /// An uplink message, decoded, with a batch's rows prepared.
@@ -378,7 +381,13 @@ impl Backend {
             items.push((msg.agent.clone(), rows));
             msgs.push((msg, batch));
         }
-        match self.store.store_batches(items, now).await {
+        let started = std::time::Instant::now();
+        let stored = self.store.store_batches(items, now).await;
+        self.stats.store_groups.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .store_busy_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match stored {
             Ok(outcomes) => {
                 for ((msg, batch), outcome) in msgs.into_iter().zip(outcomes) {
                     self.stats

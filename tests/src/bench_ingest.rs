@@ -343,6 +343,10 @@ pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize)
         .as_secs_f64();
     let resent = fleet.stats.resent.load(Ordering::Relaxed);
     let rss = sys.rss_mib();
+    // How long the store spent in group commits: the share of the run it was busy.
+    let health = sys.api().get("/health").await.body;
+    let store_busy_s = health["store_busy_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+    let store_groups = health["store_groups"].as_u64().unwrap_or(0);
     fleet.stop().await;
     let (rows, distinct) = sys.stored_results();
     // The same number of messages, the same size, through the same broker.
@@ -364,6 +368,8 @@ pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize)
         "lost": total.saturating_sub(distinct),
         "duplicates_stored": rows - distinct,
         "resent_messages": resent,
+        "store_group_commits": store_groups,
+        "store_busy_s": store_busy_s,
         "broker_raw_msgs_per_s": raw,
         "ratio_vs_raw": msgs_per_s / raw,
         "rss": rss,

@@ -129,7 +129,12 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
     let mut acked = 0u64;
     let mut hb = tokio::time::interval(cfg.heartbeat);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    // Resends are checked a few times per resend period, not on a fast tick: a
+    // thousand agents waking every 20 ms cost the load generator a tenth of a core.
+    let mut tick = tokio::time::interval(
+        (cfg.resend_after / 4).clamp(Duration::from_millis(20), Duration::from_secs(1)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ack_topic = wire::topic(&id, Kind::Ack);
     let out_topic = wire::topic(&id, Kind::Out);
     let total = cfg.results;

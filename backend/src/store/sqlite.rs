@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS requests (
     updated_ms INTEGER NOT NULL,
     deadline_ms INTEGER NOT NULL,
     timeout_ms INTEGER NOT NULL,
-    idempotency_key TEXT UNIQUE
+    idempotency_key TEXT UNIQUE,
+    -- The request's first result (records.id): found without an index on records.
+    result_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_agent_state ON requests(agent_id, state);
 CREATE TABLE IF NOT EXISTS transitions (
@@ -64,7 +66,31 @@ CREATE TABLE IF NOT EXISTS transitions (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS transitions_request ON transitions(request_id);
+-- Records stored per agent, kept in the batch's transaction: a COUNT(*) over records
+-- is a scan, and dashboards ask often.
+CREATE TABLE IF NOT EXISTS agent_counts (
+    agent_id TEXT PRIMARY KEY,
+    records INTEGER NOT NULL
+);
+-- The seqs stored of each outbox epoch of each agent, as ranges: the record ids
+-- (agent, epoch, seq) seen, so a resent record is dropped. One small row per agent
+-- and epoch, rewritten once per group commit.
+CREATE TABLE IF NOT EXISTS record_seqs (
+    agent_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    ranges BLOB NOT NULL,
+    PRIMARY KEY (agent_id, epoch)
+) WITHOUT ROWID;
+";
+
+/// Records in arrival order. The table used to be clustered by record id (agent, epoch,
+/// seq): then every group commit from 1,000 agents dirtied a leaf page per agent in
+/// the table and in each of its two indexes, about 15 kB of WAL per record, and the
+/// writer waited on the disk. Appended by rowid, a group fills a few pages; only the
+/// per-agent index below is still touched once per agent.
+const RECORDS_SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
     agent_id TEXT NOT NULL,
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -73,30 +99,222 @@ CREATE TABLE IF NOT EXISTS records (
     module TEXT,
     at_ms INTEGER NOT NULL,
     stored_ms INTEGER NOT NULL,
-    body_json TEXT NOT NULL,
-    PRIMARY KEY (agent_id, epoch, seq)
-) WITHOUT ROWID;
--- Records stored per agent, kept in the batch's transaction: a COUNT(*) over records
--- is a scan, and dashboards ask often.
-CREATE TABLE IF NOT EXISTS agent_counts (
-    agent_id TEXT PRIMARY KEY,
-    records INTEGER NOT NULL
+    body_json TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_results ON records(agent_id, kind, stored_ms);
-CREATE INDEX IF NOT EXISTS records_request ON records(request_id);
+CREATE INDEX IF NOT EXISTS records_agent ON records(agent_id, kind, id);
 ";
+
+/// Brings a store written by an earlier version to this layout, in one transaction:
+/// requests gain `result_id`; records clustered by record id move to the arrival-order
+/// table, with their seqs gathered into `record_seqs`.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(db)?;
+    let has_result_id = tx
+        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'result_id'")
+        .and_then(|mut st| st.exists([]))
+        .map_err(db)?;
+    if !has_result_id {
+        tx.execute_batch("ALTER TABLE requests ADD COLUMN result_id INTEGER")
+            .map_err(db)?;
+    }
+    let old_sql: Option<String> = tx
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'records'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db)?;
+    let old_layout = old_sql.is_some_and(|sql| sql.contains("WITHOUT ROWID"));
+    if old_layout {
+        tx.execute_batch(
+            "DROP INDEX IF EXISTS records_results;
+             DROP INDEX IF EXISTS records_request;
+             ALTER TABLE records RENAME TO records_v1;",
+        )
+        .map_err(db)?;
+    }
+    tx.execute_batch(RECORDS_SCHEMA).map_err(db)?;
+    if old_layout {
+        tx.execute_batch(
+            "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json)
+             SELECT agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json
+             FROM records_v1 ORDER BY stored_ms, seq;
+             UPDATE requests SET result_id = (
+                 SELECT MIN(r.id) FROM records r
+                 WHERE r.request_id = requests.id AND r.agent_id = requests.agent_id AND r.kind = 'result')
+             WHERE result_id IS NULL;",
+        )
+        .map_err(db)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "SELECT agent_id, epoch, seq FROM records_v1 ORDER BY agent_id, epoch, seq",
+                )
+                .map_err(db)?;
+            let mut rows = st.query([]).map_err(db)?;
+            let mut current: Option<(String, i64, SeqRanges)> = None;
+            let mut done = Vec::new();
+            while let Some(r) = rows.next().map_err(db)? {
+                let (agent, epoch, seq): (String, i64, i64) = (
+                    r.get(0).map_err(db)?,
+                    r.get(1).map_err(db)?,
+                    r.get(2).map_err(db)?,
+                );
+                match &mut current {
+                    Some((a, e, set)) if *a == agent && *e == epoch => {
+                        set.insert(seq as u64);
+                    }
+                    _ => {
+                        let mut set = SeqRanges::default();
+                        set.insert(seq as u64);
+                        if let Some(prev) = current.replace((agent, epoch, set)) {
+                            done.push(prev);
+                        }
+                    }
+                }
+            }
+            done.extend(current);
+            let mut put = tx
+                .prepare("INSERT OR REPLACE INTO record_seqs (agent_id, epoch, ranges) VALUES (?1, ?2, ?3)")
+                .map_err(db)?;
+            for (agent, epoch, set) in done {
+                put.execute(params![agent, epoch, set.to_bytes()])
+                    .map_err(db)?;
+            }
+        }
+        tx.execute_batch("DROP TABLE records_v1").map_err(db)?;
+    }
+    // A store from before agent_counts existed: count once.
+    tx.execute_batch(
+        "INSERT INTO agent_counts (agent_id, records)
+         SELECT agent_id, COUNT(*) FROM records
+         WHERE NOT EXISTS (SELECT 1 FROM agent_counts) GROUP BY agent_id",
+    )
+    .map_err(db)?;
+    tx.commit().map_err(db)
+}
+
+/// A set of seqs as sorted, disjoint, non-adjacent inclusive ranges. An outbox sends
+/// its seqs nearly in order, so a set is one range, or a few while a window fills.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct SeqRanges(Vec<(u64, u64)>);
+
+impl SeqRanges {
+    #[cfg(test)]
+    fn contains(&self, seq: u64) -> bool {
+        let i = self.0.partition_point(|&(_, hi)| hi < seq);
+        self.0.get(i).is_some_and(|&(lo, _)| lo <= seq)
+    }
+
+    /// Adds `seq`; false if it was there.
+    fn insert(&mut self, seq: u64) -> bool {
+        let i = self
+            .0
+            .partition_point(|&(_, hi)| hi.saturating_add(1) < seq);
+        match self.0.get(i).copied() {
+            Some((lo, hi)) if lo <= seq && seq <= hi => return false,
+            Some((lo, hi)) if seq.saturating_add(1) == lo || seq == hi.saturating_add(1) => {
+                let (lo, hi) = (lo.min(seq), hi.max(seq));
+                self.0[i] = (lo, hi);
+                // Joining the next range?
+                if let Some(&(nlo, nhi)) = self.0.get(i + 1) {
+                    if hi.saturating_add(1) >= nlo {
+                        self.0[i] = (lo, nhi);
+                        self.0.remove(i + 1);
+                    }
+                }
+            }
+            _ => self.0.insert(i, (seq, seq)),
+        }
+        true
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.0.len() * 16);
+        for &(lo, hi) in &self.0 {
+            out.extend_from_slice(&lo.to_le_bytes());
+            out.extend_from_slice(&hi.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads what `to_bytes` wrote; None if it is not such a list.
+    fn from_bytes(b: &[u8]) -> Option<SeqRanges> {
+        if !b.len().is_multiple_of(16) {
+            return None;
+        }
+        let ranges: Vec<(u64, u64)> = b
+            .chunks_exact(16)
+            .map(|c| {
+                let (lo, hi) = c.split_at(8);
+                (
+                    u64::from_le_bytes(lo.try_into().unwrap_or_default()),
+                    u64::from_le_bytes(hi.try_into().unwrap_or_default()),
+                )
+            })
+            .collect();
+        let sorted = ranges.iter().all(|&(lo, hi)| lo <= hi)
+            && ranges.windows(2).all(|w| w[0].1.saturating_add(1) < w[1].0);
+        sorted.then_some(SeqRanges(ranges))
+    }
+}
+
+/// The seq sets a group commit reads and changes, written back once at its end.
+#[derive(Default)]
+struct SeenSeqs {
+    sets: HashMap<(String, u64), (SeqRanges, bool)>,
+}
+
+impl SeenSeqs {
+    fn get(
+        &mut self,
+        tx: &Connection,
+        agent: &str,
+        epoch: u64,
+    ) -> Result<&mut (SeqRanges, bool), StoreError> {
+        let key = (agent.to_string(), epoch);
+        if !self.sets.contains_key(&key) {
+            let bytes: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT ranges FROM record_seqs WHERE agent_id = ?1 AND epoch = ?2")
+                .map_err(db)?
+                .query_row(params![agent, epoch as i64], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            let set = match bytes {
+                None => SeqRanges::default(),
+                Some(b) => SeqRanges::from_bytes(&b).ok_or_else(|| {
+                    StoreError::Db(format!(
+                        "record_seqs for agent {agent} epoch {epoch}: not a list of seq ranges"
+                    ))
+                })?,
+            };
+            self.sets.insert(key.clone(), (set, false));
+        }
+        Ok(self.sets.get_mut(&key).expect("inserted above"))
+    }
+
+    fn write(self, tx: &Connection) -> Result<(), StoreError> {
+        let mut put = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO record_seqs (agent_id, epoch, ranges) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(db)?;
+        for ((agent, epoch), (set, dirty)) in self.sets {
+            if dirty {
+                put.execute(params![agent, epoch as i64, set.to_bytes()])
+                    .map_err(db)?;
+            }
+        }
+        Ok(())
+    }
+}
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path).map_err(db)?;
+        let mut conn = Connection::open(path).map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
-        // A store from before agent_counts existed: count once.
-        conn.execute_batch(
-            "INSERT INTO agent_counts (agent_id, records)
-             SELECT agent_id, COUNT(*) FROM records
-             WHERE NOT EXISTS (SELECT 1 FROM agent_counts) GROUP BY agent_id",
-        )
-        .map_err(db)?;
+        migrate(&mut conn)?;
         let conn = Arc::new(Mutex::new(conn));
         Self::checkpoint_in_background(path, Arc::downgrade(&conn))?;
         Ok(SqliteStore { conn })
@@ -178,6 +396,7 @@ fn get_request(c: &Connection, id: &str) -> Result<Option<RequestRow>, StoreErro
 /// Inserts one batch's records inside the caller's transaction.
 fn insert_batch(
     tx: &Connection,
+    seen: &mut SeenSeqs,
     agent: &str,
     batch: &PreparedBatch,
     now_ms: i64,
@@ -185,12 +404,18 @@ fn insert_batch(
     let mut out = BatchOutcome::default();
     let mut insert = tx
         .prepare_cached(
-            "INSERT OR IGNORE INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json)
+            "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )
         .map_err(db)?;
+    let seqs = seen.get(tx, agent, batch.epoch)?;
     for row in &batch.rows {
-        let n = insert
+        if !seqs.0.insert(row.seq) {
+            out.duplicates += 1;
+            continue;
+        }
+        seqs.1 = true;
+        insert
             .execute(params![
                 agent,
                 batch.epoch as i64,
@@ -203,12 +428,9 @@ fn insert_batch(
                 row.body_json
             ])
             .map_err(db)?;
-        if n == 0 {
-            out.duplicates += 1;
-            continue;
-        }
         out.stored += 1;
         if let Some(t) = &row.transition {
+            let result_id = (row.kind == "result").then(|| tx.last_insert_rowid());
             let changed = apply_transition(
                 tx,
                 &t.request_id,
@@ -216,6 +438,7 @@ fn insert_batch(
                 row.at_ms,
                 "agent",
                 t.detail.as_deref(),
+                result_id,
             )?;
             if changed && t.state.is_terminal() {
                 out.finished.push(t.request_id.clone());
@@ -232,18 +455,25 @@ fn apply_transition(
     at_ms: i64,
     observer: &str,
     detail: Option<&str>,
+    result_id: Option<i64>,
 ) -> Result<bool, StoreError> {
     // Cached statements: during a drain this runs once per record.
-    let Some(current) = c
-        .prepare_cached("SELECT state FROM requests WHERE id = ?1")
+    let Some((current, has_result)) = c
+        .prepare_cached("SELECT state, result_id IS NOT NULL FROM requests WHERE id = ?1")
         .map_err(db)?
-        .query_row([id], |r| r.get::<_, String>(0))
+        .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))
         .optional()
         .map_err(db)?
-        .map(state_of)
+        .map(|(s, has)| (state_of(s), has))
     else {
         return Ok(false);
     };
+    if let (Some(rid), false) = (result_id, has_result) {
+        c.prepare_cached("UPDATE requests SET result_id = ?2 WHERE id = ?1")
+            .map_err(db)?
+            .execute(params![id, rid])
+            .map_err(db)?;
+    }
     c.prepare_cached(
         "INSERT INTO transitions (request_id, state, at_ms, observer, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
     )
@@ -291,7 +521,8 @@ fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
     })
 }
 
-const RESULT_COLS: &str = "agent_id, epoch, seq, request_id, module, stored_ms, body_json";
+const RESULT_COLS: &str =
+    "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, r.body_json";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -407,8 +638,10 @@ impl Store for SqliteStore {
             observer.to_string(),
             detail.map(str::to_string),
         );
-        self.with(move |c| apply_transition(c, &id, state, at_ms, &observer, detail.as_deref()))
-            .await
+        self.with(move |c| {
+            apply_transition(c, &id, state, at_ms, &observer, detail.as_deref(), None)
+        })
+        .await
     }
 
     async fn transitions(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
@@ -465,11 +698,13 @@ impl Store for SqliteStore {
             let mut outcomes = Vec::with_capacity(batches.len());
             // One counter update per agent per transaction, not per batch.
             let mut counts: HashMap<&str, u64> = HashMap::new();
+            let mut seen = SeenSeqs::default();
             for (agent, batch) in &batches {
-                let out = insert_batch(&tx, agent, batch, now_ms)?;
+                let out = insert_batch(&tx, &mut seen, agent, batch, now_ms)?;
                 *counts.entry(agent.as_str()).or_default() += out.stored;
                 outcomes.push(out);
             }
+            seen.write(&tx)?;
             for (agent, n) in counts {
                 if n > 0 {
                     tx.prepare_cached(
@@ -491,7 +726,7 @@ impl Store for SqliteStore {
         let agent = agent.to_string();
         self.with(move |c| {
             let mut st = c
-                .prepare(&format!("SELECT {RESULT_COLS} FROM records WHERE agent_id = ?1 AND kind = 'result' ORDER BY stored_ms DESC, seq DESC LIMIT ?2"))
+                .prepare(&format!("SELECT {RESULT_COLS} FROM records r WHERE agent_id = ?1 AND kind = 'result' ORDER BY id DESC LIMIT ?2"))
                 .map_err(db)?;
             let rows = st.query_map(params![agent, limit], result_row).map_err(db)?;
             rows.collect::<Result<_, _>>().map_err(db)
@@ -503,7 +738,7 @@ impl Store for SqliteStore {
         let (agent, request_id) = (agent.to_string(), request_id.to_string());
         self.with(move |c| {
             c.query_row(
-                &format!("SELECT {RESULT_COLS} FROM records WHERE agent_id = ?1 AND request_id = ?2 AND kind = 'result' ORDER BY stored_ms LIMIT 1"),
+                &format!("SELECT {RESULT_COLS} FROM requests q JOIN records r ON r.id = q.result_id WHERE q.id = ?2 AND r.agent_id = ?1"),
                 params![agent, request_id],
                 result_row,
             )
@@ -536,7 +771,7 @@ impl Store for SqliteStore {
         let agent = agent.to_string();
         self.with(move |c| {
             let mut st = c
-                .prepare("SELECT at_ms, body_json FROM records WHERE agent_id = ?1 AND kind = 'event' ORDER BY stored_ms DESC, seq DESC LIMIT ?2")
+                .prepare("SELECT at_ms, body_json FROM records WHERE agent_id = ?1 AND kind = 'event' ORDER BY id DESC LIMIT ?2")
                 .map_err(db)?;
             let rows = st
                 .query_map(params![agent, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
@@ -720,5 +955,175 @@ mod tests {
         assert!(s.request("r2").await.unwrap().is_none());
         assert_eq!(s.undelivered("a").await.unwrap().len(), 1);
         assert_eq!(s.overdue(2_000).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn seq_ranges_agree_with_a_set_of_seqs() {
+        use std::collections::BTreeSet;
+        // Seqs in a shuffled-window order, with repeats and gaps, as resends make them.
+        let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state
+        };
+        for round in 0..200 {
+            let mut set = SeqRanges::default();
+            let mut want = BTreeSet::new();
+            let span = 1 + round % 60;
+            for _ in 0..300 {
+                let seq = next() % span + if round % 3 == 0 { u64::MAX - 70 } else { 1 };
+                assert_eq!(set.insert(seq), want.insert(seq), "insert {seq}");
+                let back = SeqRanges::from_bytes(&set.to_bytes()).expect("round trip");
+                assert_eq!(back, set);
+            }
+            for seq in want.iter().copied() {
+                assert!(set.contains(seq));
+            }
+            let lo = *want.first().unwrap();
+            let hi = *want.last().unwrap();
+            for seq in lo.saturating_sub(2)..=hi.saturating_add(2).max(hi) {
+                assert_eq!(set.contains(seq), want.contains(&seq), "contains {seq}");
+            }
+            // Sorted, disjoint and not adjacent: the fewest ranges for the set.
+            let gaps = want
+                .iter()
+                .zip(want.iter().skip(1))
+                .filter(|(a, b)| **b != **a + 1)
+                .count();
+            assert_eq!(set.0.len(), gaps + 1);
+        }
+        assert!(
+            SeqRanges::from_bytes(&[0; 15]).is_none(),
+            "not whole ranges"
+        );
+        let mut bad = SeqRanges(vec![(5, 9), (10, 12)]).to_bytes();
+        assert!(SeqRanges::from_bytes(&bad).is_none(), "adjacent ranges");
+        bad = SeqRanges(vec![(9, 5)]).to_bytes();
+        assert!(SeqRanges::from_bytes(&bad).is_none(), "reversed range");
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_dropped_across_groups_and_within_one() {
+        let s = store();
+        let b1 = prepare(&batch(3, &[2, 4, 6]));
+        let b2 = prepare(&batch(3, &[4, 6, 8]));
+        let b3 = prepare(&batch(9, &[4]));
+        let out = s
+            .store_batches(
+                vec![("a".into(), b1.clone()), ("a".into(), b2), ("b".into(), b3)],
+                100,
+            )
+            .await
+            .unwrap();
+        let got: Vec<(u64, u64)> = out.iter().map(|o| (o.stored, o.duplicates)).collect();
+        assert_eq!(got, vec![(3, 0), (1, 2), (1, 0)]);
+        let again = s.store_batches(vec![("a".into(), b1)], 101).await.unwrap();
+        assert_eq!((again[0].stored, again[0].duplicates), (0, 3));
+        assert_eq!(s.agent_record_count("a").await.unwrap(), 4);
+        assert_eq!(s.agent_record_count("b").await.unwrap(), 1);
+        // Newest first, by arrival.
+        let seqs: Vec<u64> = s
+            .results("a", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, vec![8, 6, 4, 2]);
+    }
+
+    /// The layout before records were kept in arrival order.
+    const OLD_RECORDS: &str = "
+        CREATE TABLE records (
+            agent_id TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+            kind TEXT NOT NULL, request_id TEXT, module TEXT, at_ms INTEGER NOT NULL,
+            stored_ms INTEGER NOT NULL, body_json TEXT NOT NULL,
+            PRIMARY KEY (agent_id, epoch, seq)
+        ) WITHOUT ROWID;
+        CREATE INDEX records_results ON records(agent_id, kind, stored_ms);
+        CREATE INDEX records_request ON records(request_id);
+        CREATE TABLE requests (
+            id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, module TEXT NOT NULL,
+            params_json TEXT NOT NULL, state TEXT NOT NULL, created_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL, deadline_ms INTEGER NOT NULL,
+            timeout_ms INTEGER NOT NULL, idempotency_key TEXT UNIQUE
+        );";
+
+    #[tokio::test]
+    async fn a_store_in_the_old_layout_is_migrated_without_loss() {
+        let dir = std::env::temp_dir().join(format!("imn-migrate-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.sqlite");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(OLD_RECORDS).unwrap();
+            c.execute(
+                "INSERT INTO requests VALUES ('r1', 'a', 'echo_module', '{}', 'succeeded', 1, 2, 9, 9, NULL)",
+                [],
+            )
+            .unwrap();
+            let rows = [
+                ("a", 7, 1, "state", 100),
+                ("a", 7, 2, "result", 100),
+                ("a", 7, 3, "event", 101),
+                ("a", 7, 5, "result", 102),
+                ("b", 4, 1, "result", 100),
+            ];
+            for (agent, epoch, seq, kind, stored) in rows {
+                let body = if kind == "result" {
+                    r#"{"state":"succeeded","result":{"message":"m"}}"#
+                } else {
+                    r#"{"kind":"boot","message":"hi"}"#
+                };
+                c.execute(
+                    "INSERT INTO records VALUES (?1, ?2, ?3, ?4, ?5, 'echo_module', 1, ?6, ?7)",
+                    params![
+                        agent,
+                        epoch,
+                        seq,
+                        kind,
+                        (agent == "a").then_some("r1"),
+                        stored,
+                        body
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.record_count().await.unwrap(), 5);
+        assert_eq!(s.agent_record_count("a").await.unwrap(), 4);
+        let seqs: Vec<u64> = s
+            .results("a", 10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(seqs, vec![5, 2], "newest first");
+        let r = s
+            .result("a", "r1")
+            .await
+            .unwrap()
+            .expect("first result of r1");
+        assert_eq!((r.epoch, r.seq), (7, 2));
+        assert!(
+            s.result("b", "r1").await.unwrap().is_none(),
+            "another agent's request"
+        );
+        assert_eq!(s.events("a", 10).await.unwrap().len(), 1);
+        // The old record ids are still known: a resend stores only what is new.
+        let out = s
+            .store_batch("a", prepare(&batch(7, &[1, 2, 3, 4, 5, 6])), 200)
+            .await
+            .unwrap();
+        assert_eq!((out.stored, out.duplicates), (2, 4));
+        drop(s);
+        // Opening again changes nothing.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.record_count().await.unwrap(), 7);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
