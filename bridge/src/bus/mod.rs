@@ -2,8 +2,8 @@
 //! `imn.v1.{kind}.{agent}`.
 //!
 //! - [`LocalBus`]: in-process channels, for `imn up`.
-//! - [`NatsBus`]: NATS; uplink through a JetStream stream with `Nats-Msg-Id`
-//!   de-duplication and a shared durable pull consumer, downlink on core subjects.
+//! - [`NatsBus`]: NATS; uplink in frames of many messages through a JetStream stream
+//!   and a shared durable pull consumer, downlink on core subjects.
 
 mod local;
 mod nats;
