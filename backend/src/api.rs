@@ -425,10 +425,15 @@ async fn submit(
         .unwrap_or(crate::service::DEFAULT_DEADLINE);
     let submitted = b.submit(&id, &module, &body, key, deadline).await?;
     let mut req = submitted.request;
+    let mut result = None;
     if let Some(w) = wait {
         if !req.state.is_terminal() {
             b.wait(&req.id, Duration::from_secs_f64(w)).await;
-            req = b.store.request(&req.id).await?.unwrap_or(req);
+        }
+        // One read for both: the state now, and the result if there is one.
+        if let Some((now, r)) = b.store.request_and_result(&req.id).await? {
+            req = now;
+            result = r;
         }
     }
     let mut body = request_json(&req);
@@ -436,7 +441,7 @@ async fn submit(
         body["idempotent_replay"] = json!(true);
     }
     if req.state.is_terminal() && wait.is_some() {
-        if let Some(r) = b.store.result(&req.agent_id, &req.id).await? {
+        if let Some(r) = result {
             body["result"] = r.result;
             body["error"] = json!(r.error);
         }

@@ -164,6 +164,7 @@ impl Backend {
         };
         self.validate(module, &params)?;
         let now = now_ms();
+        let alive = self.registry.get(agent).is_some_and(|a| a.alive(now));
         let created = self
             .store
             .create_request(NewRequest {
@@ -175,6 +176,7 @@ impl Backend {
                 deadline_ms: now + deadline.as_millis() as i64,
                 timeout_ms: spec.default_timeout_ms,
                 idempotency_key,
+                dispatch: alive,
             })
             .await?;
         match created {
@@ -183,11 +185,11 @@ impl Backend {
                 new: false,
             }),
             Created::New(request) => {
-                let alive = self.registry.get(agent).is_some_and(|a| a.alive(now));
+                // Stored as dispatched in the same transaction (one write, not two);
+                // a publish that fails is retried by the sweep.
                 if alive {
-                    self.dispatch(&request).await;
+                    self.publish_command(&request).await;
                 }
-                let request = self.store.request(&request.id).await?.unwrap_or(request);
                 Ok(Submitted { request, new: true })
             }
         }
@@ -217,7 +219,21 @@ impl Backend {
     }
 
     /// Sends the request's command to its agent and marks it `dispatched`.
+    /// Sends a request's command and records it as dispatched.
     async fn dispatch(&self, req: &RequestRow) {
+        if self.publish_command(req).await {
+            if let Err(e) = self
+                .store
+                .transition(&req.id, RequestState::Dispatched, now_ms(), "backend", None)
+                .await
+            {
+                tracing::warn!(error = %e, request = %req.id, "cannot record dispatch");
+            }
+        }
+    }
+
+    /// Sends a request's command to its agent; false if the bus refused it.
+    async fn publish_command(&self, req: &RequestRow) -> bool {
         let cmd = Envelope::Command(Command {
             id: req.id.clone(),
             kind: CommandKind::Run {
@@ -233,16 +249,11 @@ impl Backend {
             .publish_down(Kind::Cmd, &req.agent_id, Bytes::from(wire::encode(&cmd)))
             .await
         {
-            Ok(()) => {
-                if let Err(e) = self
-                    .store
-                    .transition(&req.id, RequestState::Dispatched, now_ms(), "backend", None)
-                    .await
-                {
-                    tracing::warn!(error = %e, request = %req.id, "cannot record dispatch");
-                }
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, request = %req.id, "dispatch failed; will retry");
+                false
             }
-            Err(e) => tracing::warn!(error = %e, request = %req.id, "dispatch failed; will retry"),
         }
     }
 

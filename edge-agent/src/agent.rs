@@ -92,6 +92,26 @@ pub struct Agent {
     /// Backoff of modules that panicked.
     restarts: Restarts,
     ctx: Context,
+    /// State changes (received, running) wait at most [`STATE_DELAY`] for a result
+    /// to go with them: a fast module's run then costs one flush and one batch, not
+    /// three.
+    pump_at: Option<tokio::time::Instant>,
+}
+
+/// How long a state change may wait for the run's result before it is sent alone.
+const STATE_DELAY: Duration = Duration::from_millis(2);
+
+/// Resolves at `at`; never if `None` (the caller guards the branch).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The kind of an agent topic, if it is one.
+fn kind_of(topic: Option<&str>) -> Option<Kind> {
+    topic.and_then(wire::parse_topic).map(|(_, k)| k)
 }
 
 impl Agent {
@@ -150,6 +170,7 @@ impl Agent {
             modules,
             restarts: Restarts::default(),
             ctx,
+            pump_at: None,
         })
     }
 
@@ -178,11 +199,20 @@ impl Agent {
                     Err(_) => break,
                 },
                 Some(p) = self.produced_rx.recv() => {
-                    self.on_produced(p)?;
+                    let mut result = self.on_produced(p)?;
                     // Drain whatever else is ready before sending, to fill batches.
                     while let Ok(p) = self.produced_rx.try_recv() {
-                        self.on_produced(p)?;
+                        result |= self.on_produced(p)?;
                     }
+                    if result {
+                        self.pump_at = None;
+                        self.pump().await?;
+                    } else {
+                        self.pump_soon();
+                    }
+                }
+                _ = sleep_until_some(self.pump_at), if self.pump_at.is_some() => {
+                    self.pump_at = None;
                     self.pump().await?;
                 }
                 _ = hb.tick() => self.heartbeat().await,
@@ -259,6 +289,7 @@ impl Agent {
                 self.inflight.clear();
             }
             EventPayload::Received { topic, data, .. } => {
+                let depth = self.outbox.depth();
                 match topic.and_then(wire::parse_topic) {
                     Some((agent, kind)) if agent == self.cfg.id => {
                         if self.on_message(kind, data)? {
@@ -267,7 +298,13 @@ impl Agent {
                     }
                     _ => tracing::warn!(?topic, "message on an unexpected topic"),
                 }
-                self.pump().await?;
+                if kind_of(topic) == Some(Kind::Cmd) && self.outbox.depth() > depth {
+                    // A command appended its "received" (and, for a run, its result
+                    // follows soon): send it with the result, or shortly.
+                    self.pump_soon();
+                } else {
+                    self.pump().await?;
+                }
             }
             _ => {}
         }
@@ -525,19 +562,28 @@ impl Agent {
         Ok(())
     }
 
-    fn on_produced(&mut self, p: Produced) -> Result<(), AgentError> {
+    /// Sends pending state changes within [`STATE_DELAY`], unless a result comes first.
+    fn pump_soon(&mut self) {
+        self.pump_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + STATE_DELAY);
+    }
+
+    /// Takes what a module run produced; true for a result (send it at once).
+    fn on_produced(&mut self, p: Produced) -> Result<bool, AgentError> {
         match p {
             Produced::Record(body) => {
                 let finished = match &*body {
                     RecordBody::Result(r) => Some(r.request_id.clone()),
                     _ => None,
                 };
+                let is_result = finished.is_some();
                 self.outbox.append(now_ms(), *body);
                 // Marked done in the same flush as the result, so a crash cannot leave
                 // a stored result plus an "interrupted" one for the same request.
                 if let Some(id) = finished {
                     self.outbox.finish_command(&id);
                 }
+                Ok(is_result)
             }
             Produced::Finished {
                 id,
@@ -551,10 +597,11 @@ impl Agent {
                         "module_restarting",
                         &format!("{module} panicked; next run in {} ms", backoff.as_millis()),
                     )?;
+                    return Ok(true);
                 }
+                Ok(false)
             }
         }
-        Ok(())
     }
 
     /// With no ack for a whole resend timeout, start again from the oldest record.

@@ -42,6 +42,9 @@ pub struct NewRequest {
     pub deadline_ms: i64,
     pub timeout_ms: u64,
     pub idempotency_key: Option<String>,
+    /// The agent is online: store the request as dispatched at `created_ms`, in the
+    /// same transaction, because its command goes out right after.
+    pub dispatch: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -260,6 +263,17 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError>;
     async fn result(&self, agent: &str, request_id: &str) -> Result<Option<ResultRow>, StoreError>;
+    /// A request and, once it has one, its first result: what `?wait` answers with.
+    async fn request_and_result(
+        &self,
+        id: &str,
+    ) -> Result<Option<(RequestRow, Option<ResultRow>)>, StoreError> {
+        let Some(req) = self.request(id).await? else {
+            return Ok(None);
+        };
+        let result = self.result(&req.agent_id, id).await?;
+        Ok(Some((req, result)))
+    }
     /// How many records the agent's outbox delivered, of every kind.
     async fn agent_record_count(&self, agent: &str) -> Result<u64, StoreError>;
     /// The agent's events, newest first: (agent time, kind, message).
