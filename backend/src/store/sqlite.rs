@@ -11,13 +11,20 @@ use super::{
     StoreError, Transition,
 };
 
-/// How often the background thread checkpoints the WAL.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// The background thread checkpoints the WAL after this long with writes, or once
+/// about [`CHECKPOINT_BYTES`] were written, whichever comes first. Each checkpoint
+/// syncs the WAL and the database to disk; every 500 ms, those syncs stalled the
+/// flushes of agents on the same disk (an `imn up`), and the API round trip's p99 was
+/// 15 ms; every 5 s it is under 5 ms.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The embedded store: one SQLite file in WAL mode.
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// Bytes written since the last checkpoint, roughly (records and requests).
+    written: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
@@ -25,8 +32,10 @@ fn db(e: rusqlite::Error) -> StoreError {
 }
 
 const SCHEMA: &str = "
--- 16 KiB pages (a new file only; set before WAL): inserting into the records table
--- and its two indexes measured 6.8 us per record against 9.8 us with 4 KiB pages.
+-- 4 KiB pages (a new file only; set before WAL). A transaction writes every page it
+-- touches to the WAL: an API request touches about ten, and with 16 KiB pages each
+-- round trip wrote 150 kB, the checkpoints' syncs stalled, and its p99 was 60 ms. Bulk
+-- ingest, appended in arrival order, is within 10 % either way.
 PRAGMA page_size = 4096;
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
@@ -36,7 +45,7 @@ PRAGMA cache_size = -65536;
 PRAGMA temp_store = MEMORY;
 -- Checkpoints run on their own thread (see checkpoint_in_background); the writer
 -- checkpoints only if the WAL passes 64 MiB.
-PRAGMA wal_autocheckpoint = 4096;
+PRAGMA wal_autocheckpoint = 16384;
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY,
     first_seen_ms INTEGER NOT NULL,
@@ -316,8 +325,9 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(db)?;
         migrate(&mut conn)?;
         let conn = Arc::new(Mutex::new(conn));
-        Self::checkpoint_in_background(path, Arc::downgrade(&conn))?;
-        Ok(SqliteStore { conn })
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        Self::checkpoint_in_background(path, Arc::downgrade(&conn), written.clone())?;
+        Ok(SqliteStore { conn, written })
     }
 
     /// Copies the WAL into the database from a connection of its own, so the writer
@@ -327,13 +337,23 @@ impl SqliteStore {
     fn checkpoint_in_background(
         path: &Path,
         store: std::sync::Weak<Mutex<Connection>>,
+        written: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::Relaxed;
         let conn = Connection::open(path).map_err(db)?;
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || {
+                let mut last = std::time::Instant::now();
                 while store.strong_count() > 0 {
-                    std::thread::sleep(CHECKPOINT_EVERY);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    let bytes = written.load(Relaxed);
+                    if bytes == 0 || (bytes < CHECKPOINT_BYTES && last.elapsed() < CHECKPOINT_EVERY)
+                    {
+                        continue;
+                    }
+                    written.fetch_sub(bytes, Relaxed);
+                    last = std::time::Instant::now();
                     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                     {
                         tracing::warn!(error = %e, "WAL checkpoint failed");
@@ -576,6 +596,8 @@ impl Store for SqliteStore {
     }
 
     async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
+        self.written
+            .fetch_add(24 * 1024, std::sync::atomic::Ordering::Relaxed);
         self.with(move |c| {
             let tx = c.transaction().map_err(db)?;
             if let Some(key) = &req.idempotency_key {
@@ -726,6 +748,17 @@ impl Store for SqliteStore {
         batches: Vec<(String, PreparedBatch)>,
         now_ms: i64,
     ) -> Result<Vec<BatchOutcome>, StoreError> {
+        // Roughly what the transaction adds to the WAL: the rows, their index
+        // entries, and a few pages of counters.
+        let bytes: usize = batches
+            .iter()
+            .flat_map(|(_, b)| &b.rows)
+            .map(|r| r.body_json.len() + 128)
+            .sum();
+        self.written.fetch_add(
+            bytes as u64 + 16 * 1024,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.with(move |c| {
             let tx = c.transaction().map_err(db)?;
             let mut outcomes = Vec::with_capacity(batches.len());
