@@ -423,12 +423,18 @@ async fn submit(
     let deadline = seconds_in("deadline", q.deadline, 0.001, MAX_DEADLINE_S)?
         .map(Duration::from_secs_f64)
         .unwrap_or(crate::service::DEFAULT_DEADLINE);
-    let submitted = b.submit(&id, &module, &body, key, deadline).await?;
+    let submitted = b
+        .submit(&id, &module, &body, key, deadline, wait.is_some())
+        .await?;
     let mut req = submitted.request;
     let mut result = None;
     if let Some(w) = wait {
+        let w = Duration::from_secs_f64(w);
         if !req.state.is_terminal() {
-            b.wait(&req.id, Duration::from_secs_f64(w)).await;
+            match submitted.done {
+                Some(rx) => b.wait_on(&req.id, rx, w).await,
+                None => b.wait(&req.id, w).await,
+            }
         }
         // One read for both: the state now, and the result if there is one.
         if let Some((now, r)) = b.store.request_and_result(&req.id).await? {

@@ -82,6 +82,9 @@ pub struct Submitted {
     pub request: RequestRow,
     /// False when the idempotency key matched an earlier request.
     pub new: bool,
+    /// Fires when a new request finishes; registered before its command went out, so
+    /// `?wait` needs no read to close the race with a fast agent.
+    pub done: Option<oneshot::Receiver<()>>,
 }
 
 impl Backend {
@@ -140,6 +143,7 @@ impl Backend {
         body: &[u8],
         idempotency_key: Option<String>,
         deadline: Duration,
+        waiter: bool,
     ) -> Result<Submitted, ApiError> {
         if !self.registry.knows(agent) {
             return Err(ApiError::UnknownAgent(agent.to_string()));
@@ -183,14 +187,20 @@ impl Backend {
             Created::Existing(request) => Ok(Submitted {
                 request,
                 new: false,
+                done: None,
             }),
             Created::New(request) => {
+                let done = waiter.then(|| self.register_waiter(&request.id));
                 // Stored as dispatched in the same transaction (one write, not two);
                 // a publish that fails is retried by the sweep.
                 if alive {
                     self.publish_command(&request).await;
                 }
-                Ok(Submitted { request, new: true })
+                Ok(Submitted {
+                    request,
+                    new: true,
+                    done,
+                })
             }
         }
     }
@@ -259,13 +269,7 @@ impl Backend {
 
     /// Waits until the request is terminal or `timeout` passes.
     pub async fn wait(&self, request_id: &str, timeout: Duration) {
-        let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(request_id.to_string())
-            .or_default()
-            .push(tx);
+        let rx = self.register_waiter(request_id);
         // It may have finished before we registered.
         if let Ok(Some(r)) = self.store.request(request_id).await {
             if r.state.is_terminal() {
@@ -276,6 +280,23 @@ impl Backend {
                 return;
             }
         }
+        self.wait_on(request_id, rx, timeout).await;
+    }
+
+    /// A receiver that fires when the request reaches a terminal state.
+    fn register_waiter(&self, request_id: &str) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(request_id.to_string())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    /// Waits on a receiver from [`Self::register_waiter`] until it fires or `timeout`.
+    pub async fn wait_on(&self, request_id: &str, rx: oneshot::Receiver<()>, timeout: Duration) {
         let _ = tokio::time::timeout(timeout, rx).await;
         let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(list) = w.get_mut(request_id) {
