@@ -324,6 +324,8 @@ impl SqliteStore {
         let mut conn = Connection::open(path).map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         migrate(&mut conn)?;
+        // Every hot statement stays prepared (the default keeps 16).
+        conn.set_prepared_statement_cache_capacity(64);
         let conn = Arc::new(Mutex::new(conn));
         let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
         Self::checkpoint_in_background(path, Arc::downgrade(&conn), written.clone())?;
@@ -403,11 +405,12 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
 }
 
 fn get_request(c: &Connection, id: &str) -> Result<Option<RequestRow>, StoreError> {
-    c.query_row(
-        &format!("SELECT {REQUEST_COLS} FROM requests WHERE id = ?1"),
-        [id],
-        request_row,
-    )
+    // Cached: the API reads a request two or three times per round trip.
+    c.prepare_cached(&format!(
+        "SELECT {REQUEST_COLS} FROM requests WHERE id = ?1"
+    ))
+    .map_err(db)?
+    .query_row([id], request_row)
     .optional()
     .map_err(db)
 }
@@ -615,8 +618,11 @@ impl Store for SqliteStore {
                     return Ok(Created::Existing(row));
                 }
             }
-            tx.execute(
+            tx.prepare_cached(
                 &format!("INSERT INTO requests ({REQUEST_COLS}, idempotency_key) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8)"),
+            )
+            .map_err(db)?
+            .execute(
                 params![
                     req.id,
                     req.agent_id,
@@ -629,10 +635,11 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(db)?;
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO transitions (request_id, state, at_ms, observer) VALUES (?1, 'pending', ?2, 'backend')",
-                params![req.id, req.created_ms],
             )
+            .map_err(db)?
+            .execute(params![req.id, req.created_ms])
             .map_err(db)?;
             if req.dispatch {
                 apply_transition(
