@@ -336,7 +336,8 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // IMN-PATCH: grown on demand (one per connection; 11 kB preallocated).
+            cache: VecDeque::new(),
         }
     }
 

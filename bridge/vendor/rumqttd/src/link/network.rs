@@ -51,8 +51,10 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            read: BytesMut::with_capacity(10 * 1024),
-            write: BytesMut::with_capacity(10 * 1024),
+            // IMN-PATCH: 2 KiB, grown as packets need (was 10 KiB each: an idle agent's
+            // heartbeats walked through and kept all 20 KiB resident).
+            read: BytesMut::with_capacity(2 * 1024),
+            write: BytesMut::with_capacity(2 * 1024),
             max_incoming_size,
             max_connection_buffer_len,
             // Overwritten by keepalive value in connect packet, otherwise we

@@ -412,8 +412,9 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // IMN-PATCH: grown on demand (one per connection; 10 kB preallocated).
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 

@@ -29,14 +29,18 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // IMN-PATCH: grown on demand. Every subscription filter has a log, each
+            // agent has two filters, and 1,024 preallocated entries made most of an
+            // idle agent's memory in the broker.
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // IMN-PATCH: grown on demand (see `with_offset`).
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
