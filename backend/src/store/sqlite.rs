@@ -1078,6 +1078,12 @@ mod tests {
         assert!(SeqRanges::from_bytes(&bad).is_none(), "reversed range");
     }
 
+    /// The seqs of an agent's results, newest first.
+    async fn result_seqs(s: &SqliteStore, agent: &str) -> Vec<u64> {
+        let rows = s.results(agent, 10).await.unwrap();
+        rows.iter().map(|r| r.seq).collect()
+    }
+
     #[tokio::test]
     async fn duplicates_are_dropped_across_groups_and_within_one() {
         let s = store();
@@ -1098,14 +1104,7 @@ mod tests {
         assert_eq!(s.agent_record_count("a").await.unwrap(), 4);
         assert_eq!(s.agent_record_count("b").await.unwrap(), 1);
         // Newest first, by arrival.
-        let seqs: Vec<u64> = s
-            .results("a", 10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
-        assert_eq!(seqs, vec![8, 6, 4, 2]);
+        assert_eq!(result_seqs(&s, "a").await, vec![8, 6, 4, 2]);
     }
 
     /// The layout before records were kept in arrival order.
@@ -1169,14 +1168,7 @@ mod tests {
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.record_count().await.unwrap(), 5);
         assert_eq!(s.agent_record_count("a").await.unwrap(), 4);
-        let seqs: Vec<u64> = s
-            .results("a", 10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.seq)
-            .collect();
-        assert_eq!(seqs, vec![5, 2], "newest first");
+        assert_eq!(result_seqs(&s, "a").await, vec![5, 2], "newest first");
         let r = s
             .result("a", "r1")
             .await
