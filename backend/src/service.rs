@@ -421,6 +421,12 @@ impl Backend {
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match stored {
             Ok(outcomes) => {
+                // One ack per agent and outbox epoch for the whole group: its ranges
+                // name every record of that agent's batches in the group (an agent with
+                // a window of 8 has several), so the broker carries fewer messages.
+                let mut acks: Vec<((String, u64), Vec<u64>)> = Vec::new();
+                let mut index: HashMap<(String, u64), usize> = HashMap::new();
+                let mut settled = Vec::with_capacity(msgs.len());
                 for ((msg, batch), outcome) in msgs.into_iter().zip(outcomes) {
                     self.stats
                         .records_stored
@@ -428,12 +434,23 @@ impl Backend {
                     self.stats
                         .duplicates_dropped
                         .fetch_add(outcome.duplicates, Ordering::Relaxed);
-                    // Acked only after the commit above: the agent may now delete.
-                    if !self.hold_acks.load(Ordering::SeqCst) {
-                        self.send_ack(&msg.agent, &batch).await;
+                    let key = (msg.agent.clone(), batch.epoch);
+                    let i = *index.entry(key.clone()).or_insert_with(|| {
+                        acks.push((key, Vec::new()));
+                        acks.len() - 1
+                    });
+                    acks[i].1.extend(batch.records.iter().map(|r| r.seq));
+                    settled.push((msg, outcome.finished));
+                }
+                // Acked only after the commit above: the agent may now delete.
+                if !self.hold_acks.load(Ordering::SeqCst) {
+                    for ((agent, epoch), seqs) in acks {
+                        self.send_ack(&agent, Ack::from_seqs(epoch, seqs)).await;
                     }
+                }
+                for (msg, finished) in settled {
                     msg.ack().await;
-                    for id in outcome.finished {
+                    for id in finished {
                         self.wake(&id);
                     }
                 }
@@ -448,8 +465,7 @@ impl Backend {
         }
     }
 
-    async fn send_ack(&self, agent: &str, batch: &wire::Batch) {
-        let ack = Ack::from_seqs(batch.epoch, batch.records.iter().map(|r| r.seq));
+    async fn send_ack(&self, agent: &str, ack: Ack) {
         match self
             .bus
             .publish_down(
