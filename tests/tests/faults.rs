@@ -606,8 +606,13 @@ async fn hostile_uplink_is_counted_and_harmless() {
         .expect("mosquitto_pub (apt-get install mosquitto-clients)");
     let port = up.mqtt_port.to_string();
     let file = up.dir.path().join("payload");
+    // A client id per message: with one id, a quick reconnect raced rumqttd's cleanup
+    // of the previous session, which could close the new connection before its PUBACK.
+    let sent = std::cell::Cell::new(0u32);
     let send = |topic: &str, bytes: &[u8]| {
         std::fs::write(&file, bytes).unwrap();
+        sent.set(sent.get() + 1);
+        let id = format!("hostile-{}", sent.get());
         let st = Command::new(&pub_)
             .args([
                 "-h",
@@ -615,7 +620,7 @@ async fn hostile_uplink_is_counted_and_harmless() {
                 "-p",
                 &port,
                 "-i",
-                "hostile",
+                &id,
                 "-q",
                 "1",
                 "-t",
