@@ -229,7 +229,6 @@ impl Backend {
     }
 
     /// Sends the request's command to its agent and marks it `dispatched`.
-    /// Sends a request's command and records it as dispatched.
     async fn dispatch(&self, req: &RequestRow) {
         if self.publish_command(req).await {
             if let Err(e) = self
@@ -424,8 +423,7 @@ impl Backend {
                 // One ack per agent and outbox epoch for the whole group: its ranges
                 // name every record of that agent's batches in the group (an agent with
                 // a window of 8 has several), so the broker carries fewer messages.
-                let mut acks: Vec<((String, u64), Vec<u64>)> = Vec::new();
-                let mut index: HashMap<(String, u64), usize> = HashMap::new();
+                let mut acks: HashMap<(String, u64), Vec<u64>> = HashMap::new();
                 let mut settled = Vec::with_capacity(msgs.len());
                 for ((msg, batch), outcome) in msgs.into_iter().zip(outcomes) {
                     self.stats
@@ -434,12 +432,9 @@ impl Backend {
                     self.stats
                         .duplicates_dropped
                         .fetch_add(outcome.duplicates, Ordering::Relaxed);
-                    let key = (msg.agent.clone(), batch.epoch);
-                    let i = *index.entry(key.clone()).or_insert_with(|| {
-                        acks.push((key, Vec::new()));
-                        acks.len() - 1
-                    });
-                    acks[i].1.extend(batch.records.iter().map(|r| r.seq));
+                    acks.entry((msg.agent.clone(), batch.epoch))
+                        .or_default()
+                        .extend(batch.records.iter().map(|r| r.seq));
                     settled.push((msg, outcome.finished));
                 }
                 // Acked only after the commit above: the agent may now delete.

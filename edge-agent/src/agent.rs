@@ -109,11 +109,6 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// The kind of an agent topic, if it is one.
-fn kind_of(topic: Option<&str>) -> Option<Kind> {
-    topic.and_then(wire::parse_topic).map(|(_, k)| k)
-}
-
 impl Agent {
     pub fn new(cfg: AgentConfig) -> Result<Agent, AgentError> {
         cfg.validate()?;
@@ -289,7 +284,7 @@ impl Agent {
                 self.inflight.clear();
             }
             EventPayload::Received { topic, data, .. } => {
-                let depth = self.outbox.depth();
+                let runs = self.running.len();
                 match topic.and_then(wire::parse_topic) {
                     Some((agent, kind)) if agent == self.cfg.id => {
                         if self.on_message(kind, data)? {
@@ -298,9 +293,8 @@ impl Agent {
                     }
                     _ => tracing::warn!(?topic, "message on an unexpected topic"),
                 }
-                if kind_of(topic) == Some(Kind::Cmd) && self.outbox.depth() > depth {
-                    // A command appended its "received" (and, for a run, its result
-                    // follows soon): send it with the result, or shortly.
+                if self.running.len() > runs {
+                    // A run started: its "received" goes with the result, or shortly.
                     self.pump_soon();
                 } else {
                     self.pump().await?;
