@@ -1,6 +1,7 @@
 //! The code that runs modules on a device (cargo feature `exec`).
 
 mod ping;
+pub mod resolver;
 pub mod system;
 mod tcping;
 
@@ -72,15 +73,10 @@ async fn faulty(p: FaultyParams) -> Result<FaultyResult, String> {
 
 /// Resolves a host name or address literal to one address.
 pub async fn resolve(host: &str) -> Result<IpAddr, String> {
-    if let Ok(ip) = host.parse::<IpAddr>() {
-        return Ok(ip);
-    }
-    let mut addrs = tokio::net::lookup_host((host, 0))
-        .await
-        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?;
-    addrs
-        .next()
-        .map(|a| a.ip())
+    resolver::lookup(host)
+        .await?
+        .first()
+        .copied()
         .ok_or_else(|| format!("{host:?} has no address"))
 }
 

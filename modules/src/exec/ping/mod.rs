@@ -385,16 +385,11 @@ async fn resolve(host: &str) -> Result<SocketAddr, String> {
     if host.is_empty() {
         return Err("empty host name".into());
     }
-    let mut addrs = tokio::net::lookup_host((host, 0))
-        .await
-        .map_err(|e| format!("cannot resolve {host:?}: {e}"))?;
     // An IPv4-mapped IPv6 address is pinged over IPv4.
-    addrs
-        .next()
-        .map(|a| match a.ip().to_canonical() {
-            IpAddr::V4(v4) => SocketAddr::new(IpAddr::V4(v4), 0),
-            IpAddr::V6(_) => a,
-        })
+    super::resolver::lookup(host)
+        .await?
+        .first()
+        .map(|ip| SocketAddr::new(ip.to_canonical(), 0))
         .ok_or_else(|| format!("{host:?} has no address"))
 }
 
