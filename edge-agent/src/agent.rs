@@ -41,6 +41,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Where sync stands.
@@ -125,16 +127,32 @@ impl Agent {
                 ..OutboxLimits::default()
             },
         )?;
-        let (host, port) = cfg.broker_addr()?;
+        let broker = cfg.broker_addr()?;
+        imn_modules::exec::resolver::set_nameservers(cfg.nameserver_addrs()?);
+        #[cfg(feature = "tls")]
+        let tls = match broker.tls {
+            true => Some(
+                crate::tls::client_config(
+                    &broker.host,
+                    cfg.tls_ca.as_deref(),
+                    cfg.tls_cert.as_deref(),
+                    cfg.tls_key.as_deref(),
+                )
+                .map_err(AgentError::Tls)?,
+            ),
+            false => None,
+        };
         let will = wire::encode(&Envelope::Status(Status {
             online: false,
             at_ms: now_ms(),
         }));
         let (client, conn) = transport::connect(ConnectOptions {
             client_id: cfg.id.clone(),
-            host,
-            port,
+            host: broker.host,
+            port: broker.port,
             token: cfg.token.clone(),
+            #[cfg(feature = "tls")]
+            tls,
             last_will: (wire::topic(&cfg.id, Kind::Status), will),
             connect_timeout_s: cfg.connect_timeout_s,
             max_packet_bytes: (cfg.batch_max_bytes * 2).max(1 << 20),
@@ -250,6 +268,10 @@ impl Agent {
     /// Commands accepted before a crash never finished; say so rather than leave the
     /// request hanging.
     fn recover_interrupted(&mut self) -> Result<(), AgentError> {
+        let why = match crate::crash::take_last_panic(&self.cfg.data) {
+            Some(msg) => format!("the agent restarted while the module ran: it panicked: {msg}"),
+            None => "the agent restarted while the module ran".to_string(),
+        };
         for (id, entry) in self.outbox.unfinished_commands() {
             tracing::warn!(request = %id, "command interrupted by an agent restart");
             let now = now_ms();
@@ -261,9 +283,7 @@ impl Agent {
                     received_ms: entry.received_ms,
                     started_ms: entry.received_ms,
                     finished_ms: now,
-                    outcome: ModuleOutcome::Failed(
-                        "the agent restarted while the module ran".into(),
-                    ),
+                    outcome: ModuleOutcome::Failed(why.clone()),
                 }),
             );
             self.outbox.finish_command(&id);

@@ -3,17 +3,28 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything the agent can be told. Unknown keys in the file are errors.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// The agent's id: 1 to 64 of `A-Z a-z 0-9 _ -`. Also its MQTT client id.
+    /// The agent's id: 1 to 64 of `A-Z a-z 0-9 _ -`. Also its MQTT client id. Empty: the
+    /// agent makes one up once (`imn-` and 12 random hex digits) and keeps it in
+    /// `DATA/agent-id`, so a freshly flashed device needs no per-device config.
     pub id: String,
-    /// The bridge's broker, `mqtt://HOST:PORT`.
+    /// The bridge's broker: `mqtt://HOST[:PORT]` (port 1883), or `mqtts://HOST[:PORT]`
+    /// (TLS, port 8883). HOST may be a name: the agent resolves it itself, again on every
+    /// reconnect.
     pub broker: String,
+    /// PEM file of the CA that signed the broker's certificate (`mqtts://`). Without it,
+    /// the system's bundle at `/etc/ssl/certs/ca-certificates.crt` is used.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain and key, for brokers that require mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Name servers (`ADDR` or `ADDR:PORT`) used instead of `/etc/resolv.conf`'s.
+    pub nameservers: Vec<String>,
     /// The agent's secret, sent as the MQTT password (the id is the user name).
     pub token: Option<String>,
     /// Where the outbox and command log live.
@@ -46,6 +57,10 @@ impl Default for AgentConfig {
             id: String::new(),
             broker: "mqtt://127.0.0.1:1883".into(),
             token: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            nameservers: Vec::new(),
             data: PathBuf::from("imn-agent-data"),
             tags: Vec::new(),
             heartbeat_ms: 10_000,
@@ -61,48 +76,241 @@ impl Default for AgentConfig {
     }
 }
 
-/// Command-line flags; each also reads its `IMN_…` environment variable.
-#[derive(Debug, Parser)]
-#[command(name = "imn-agent", version, about = "IMN measurement agent")]
+/// Every flag, its environment variable and its help line. A flag given on the command
+/// line overrides its variable. (A table, not clap: clap is 200 KiB of firmware.)
+const OPTIONS: &[(&str, &str, &str)] = &[
+    ("config", "IMN_CONFIG", "TOML config file"),
+    (
+        "uci",
+        "IMN_UCI",
+        "OpenWrt UCI config file (its `agent` section; same keys as the TOML)",
+    ),
+    (
+        "id",
+        "IMN_ID",
+        "agent id (empty: made up once, kept in DATA/agent-id)",
+    ),
+    (
+        "broker",
+        "IMN_BROKER",
+        "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
+    ),
+    ("token", "IMN_TOKEN", "the agent's secret (MQTT password)"),
+    ("tls-ca", "IMN_TLS_CA", "PEM CA certificate for mqtts://"),
+    (
+        "tls-cert",
+        "IMN_TLS_CERT",
+        "PEM client certificate chain (mutual TLS)",
+    ),
+    ("tls-key", "IMN_TLS_KEY", "PEM client key (mutual TLS)"),
+    (
+        "nameservers",
+        "IMN_NAMESERVERS",
+        "comma-separated ADDR or ADDR:PORT (default: /etc/resolv.conf's)",
+    ),
+    (
+        "data",
+        "IMN_DATA",
+        "data directory (outbox and command log)",
+    ),
+    ("tags", "IMN_TAGS", "comma-separated tags"),
+    ("heartbeat-ms", "IMN_HEARTBEAT_MS", "heartbeat period"),
+    (
+        "resend-timeout-ms",
+        "IMN_RESEND_TIMEOUT_MS",
+        "resend unacked batches after this long",
+    ),
+    (
+        "outbox-max-bytes",
+        "IMN_OUTBOX_MAX_BYTES",
+        "bytes of unacked records kept on disk before the oldest are evicted",
+    ),
+    (
+        "outbox-memory-bytes",
+        "IMN_OUTBOX_MEMORY_BYTES",
+        "bytes kept in memory while the disk is full or failing",
+    ),
+    (
+        "disk-reserve-bytes",
+        "IMN_DISK_RESERVE_BYTES",
+        "free space left on the data filesystem",
+    ),
+    (
+        "live-first",
+        "IMN_LIVE_FIRST",
+        "true: send new results ahead of the backlog",
+    ),
+    (
+        "window",
+        "IMN_WINDOW",
+        "batches sent and not yet acked, at most",
+    ),
+    (
+        "batch-max-bytes",
+        "IMN_BATCH_MAX_BYTES",
+        "largest batch, in bytes of records",
+    ),
+];
+
+/// Command-line flags and their `IMN_…` environment variables, before the config file.
+#[derive(Debug, Default)]
 pub struct Flags {
-    /// TOML config file.
-    #[arg(long, env = "IMN_CONFIG")]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "IMN_ID")]
+    pub uci: Option<PathBuf>,
+    pub print_config: bool,
     pub id: Option<String>,
-    /// mqtt://HOST:PORT
-    #[arg(long, env = "IMN_BROKER")]
     pub broker: Option<String>,
-    #[arg(long, env = "IMN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Data directory (outbox and command log).
-    #[arg(long, env = "IMN_DATA")]
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub nameservers: Option<Vec<String>>,
     pub data: Option<PathBuf>,
-    /// Comma-separated tags.
-    #[arg(long, env = "IMN_TAGS", value_delimiter = ',')]
     pub tags: Option<Vec<String>>,
-    #[arg(long, env = "IMN_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
-    #[arg(long, env = "IMN_RESEND_TIMEOUT_MS")]
     pub resend_timeout_ms: Option<u64>,
-    /// Bytes of unacked records kept on disk before the oldest are evicted.
-    #[arg(long, env = "IMN_OUTBOX_MAX_BYTES")]
     pub outbox_max_bytes: Option<u64>,
-    /// Bytes of records kept in memory while the disk is full or failing.
-    #[arg(long, env = "IMN_OUTBOX_MEMORY_BYTES")]
     pub outbox_memory_bytes: Option<u64>,
-    /// Free space (bytes) the outbox leaves on the data filesystem.
-    #[arg(long, env = "IMN_DISK_RESERVE_BYTES")]
     pub disk_reserve_bytes: Option<u64>,
-    /// Send new results ahead of the backlog.
-    #[arg(long, env = "IMN_LIVE_FIRST")]
     pub live_first: Option<bool>,
-    /// Batches sent and not yet acked, at most.
-    #[arg(long, env = "IMN_WINDOW")]
     pub window: Option<usize>,
-    /// Largest batch, in bytes of records.
-    #[arg(long, env = "IMN_BATCH_MAX_BYTES")]
     pub batch_max_bytes: Option<usize>,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<Flags>),
+    Help(String),
+    Version(String),
+}
+
+impl Flags {
+    /// Parses the process's arguments and environment.
+    pub fn from_env() -> Result<Command, ConfigError> {
+        Flags::parse(std::env::args().skip(1), |k| std::env::var(k).ok())
+    }
+
+    /// Parses `args` (without the program name), with `env` for the variables.
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Command, ConfigError> {
+        let mut values: Vec<Option<String>> = OPTIONS.iter().map(|o| env(o.1)).collect();
+        let mut print_config = false;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "-h" | "--help" => return Ok(Command::Help(help())),
+                "-V" | "--version" => {
+                    return Ok(Command::Version(format!(
+                        "imn-agent {}",
+                        env!("CARGO_PKG_VERSION")
+                    )))
+                }
+                "--print-config" => {
+                    print_config = true;
+                    continue;
+                }
+                _ => {}
+            }
+            let bad = || ConfigError::Invalid {
+                field: "arguments",
+                rule: format!("unknown argument {arg:?} (see --help)"),
+            };
+            let body = arg.strip_prefix("--").ok_or_else(bad)?;
+            let (name, inline) = match body.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (body, None),
+            };
+            let i = OPTIONS.iter().position(|o| o.0 == name).ok_or_else(bad)?;
+            let value = match inline {
+                Some(v) => v,
+                None => args.next().ok_or_else(|| ConfigError::Invalid {
+                    field: OPTIONS[i].1,
+                    rule: format!("--{name} needs a value"),
+                })?,
+            };
+            values[i] = Some(value);
+        }
+        let get = |name: &str| -> Option<(&'static str, String)> {
+            let i = OPTIONS.iter().position(|o| o.0 == name)?;
+            values[i].clone().map(|v| (OPTIONS[i].1, v))
+        };
+        fn num<T: std::str::FromStr>(
+            v: Option<(&'static str, String)>,
+        ) -> Result<Option<T>, ConfigError> {
+            v.map(|(field, s)| {
+                s.trim().parse::<T>().map_err(|_| ConfigError::Invalid {
+                    field,
+                    rule: format!("must be a whole number (got {s:?})"),
+                })
+            })
+            .transpose()
+        }
+        let list = |v: Option<(&'static str, String)>| {
+            v.map(|(_, s)| {
+                s.split(',')
+                    .map(|t| t.trim().to_string())
+                    .filter(|t| !t.is_empty())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let live_first = get("live-first")
+            .map(|(field, s)| match s.as_str() {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err(ConfigError::Invalid {
+                    field,
+                    rule: format!("must be true or false (got {s:?})"),
+                }),
+            })
+            .transpose()?;
+        let flags = Flags {
+            config: get("config").map(|v| v.1.into()),
+            uci: get("uci").map(|v| v.1.into()),
+            print_config,
+            id: get("id").map(|v| v.1),
+            broker: get("broker").map(|v| v.1),
+            token: get("token").map(|v| v.1),
+            tls_ca: get("tls-ca").map(|v| v.1.into()),
+            tls_cert: get("tls-cert").map(|v| v.1.into()),
+            tls_key: get("tls-key").map(|v| v.1.into()),
+            nameservers: list(get("nameservers")),
+            data: get("data").map(|v| v.1.into()),
+            tags: list(get("tags")),
+            heartbeat_ms: num(get("heartbeat-ms"))?,
+            resend_timeout_ms: num(get("resend-timeout-ms"))?,
+            outbox_max_bytes: num(get("outbox-max-bytes"))?,
+            outbox_memory_bytes: num(get("outbox-memory-bytes"))?,
+            disk_reserve_bytes: num(get("disk-reserve-bytes"))?,
+            live_first,
+            window: num(get("window"))?,
+            batch_max_bytes: num(get("batch-max-bytes"))?,
+        };
+        if flags.config.is_some() && flags.uci.is_some() {
+            return Err(ConfigError::Invalid {
+                field: "config/uci",
+                rule: "give a TOML config or a UCI config, not both".into(),
+            });
+        }
+        Ok(Command::Run(Box::new(flags)))
+    }
+}
+
+fn help() -> String {
+    let mut h = format!(
+        "imn-agent {}: IMN measurement agent\n\nUsage: imn-agent [OPTIONS]\n\n\
+         Settings come from the config file, then the environment, then the flags.\n\n\
+         Options:\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (flag, env, text) in OPTIONS {
+        h.push_str(&format!("  --{flag} VALUE\n      {text} [env: {env}]\n"));
+    }
+    h.push_str("  --print-config\n      print the resulting config as TOML and exit\n");
+    h.push_str("  -h, --help\n  -V, --version\n");
+    h
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,18 +332,24 @@ pub enum ConfigError {
 impl AgentConfig {
     /// Builds the config from file, environment and flags.
     pub fn load(flags: Flags) -> Result<AgentConfig, ConfigError> {
-        let mut cfg = match &flags.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut cfg = match (&flags.config, &flags.uci) {
+            (Some(path), _) => {
+                toml::from_str(&read(path)?).map_err(|source| ConfigError::Parse {
                     path: path.clone(),
                     source,
                 })?
             }
-            None => AgentConfig::default(),
+            (None, Some(path)) => from_uci(&read(path)?).map_err(|source| ConfigError::Parse {
+                path: path.clone(),
+                source,
+            })?,
+            (None, None) => AgentConfig::default(),
         };
         if let Some(v) = flags.id {
             cfg.id = v;
@@ -145,6 +359,18 @@ impl AgentConfig {
         }
         if let Some(v) = flags.token {
             cfg.token = Some(v);
+        }
+        if let Some(v) = flags.tls_ca {
+            cfg.tls_ca = Some(v);
+        }
+        if let Some(v) = flags.tls_cert {
+            cfg.tls_cert = Some(v);
+        }
+        if let Some(v) = flags.tls_key {
+            cfg.tls_key = Some(v);
+        }
+        if let Some(v) = flags.nameservers {
+            cfg.nameservers = v.into_iter().filter(|t| !t.is_empty()).collect();
         }
         if let Some(v) = flags.data {
             cfg.data = v;
@@ -176,6 +402,9 @@ impl AgentConfig {
         if let Some(v) = flags.batch_max_bytes {
             cfg.batch_max_bytes = v;
         }
+        if cfg.id.is_empty() {
+            cfg.id = persistent_id(&cfg.data)?;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -190,7 +419,26 @@ impl AgentConfig {
                 ),
             });
         }
-        self.broker_addr()?;
+        let broker = self.broker_addr()?;
+        if !broker.tls && (self.tls_ca.is_some() || self.tls_cert.is_some()) {
+            return Err(ConfigError::Invalid {
+                field: "tls_ca/tls_cert",
+                rule: "TLS settings need an mqtts:// broker".into(),
+            });
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid {
+                field: "tls_cert/tls_key",
+                rule: "a client certificate needs its key, and a key its certificate".into(),
+            });
+        }
+        if broker.tls && !cfg!(feature = "tls") {
+            return Err(ConfigError::Invalid {
+                field: "broker",
+                rule: "mqtts:// needs an agent built with the `tls` feature".into(),
+            });
+        }
+        self.nameserver_addrs()?;
         if self.heartbeat_ms < 100 {
             return Err(ConfigError::Invalid {
                 field: "heartbeat_ms",
@@ -206,28 +454,180 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// Host and port from `mqtt://HOST:PORT`.
-    pub fn broker_addr(&self) -> Result<(String, u16), ConfigError> {
+    /// Host, port and scheme from `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`.
+    pub fn broker_addr(&self) -> Result<BrokerAddr, ConfigError> {
         let invalid = |rule: &str| ConfigError::Invalid {
             field: "broker",
             rule: format!("{rule} (got {:?})", self.broker),
         };
-        let rest = self
-            .broker
-            .strip_prefix("mqtt://")
-            .ok_or_else(|| invalid("must start with mqtt://"))?;
-        let (host, port) = rest
-            .rsplit_once(':')
-            .ok_or_else(|| invalid("must be mqtt://HOST:PORT"))?;
-        let port = port
-            .parse::<u16>()
-            .map_err(|_| invalid("port must be a number from 1 to 65535"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || port == 0 {
-            return Err(invalid("must be mqtt://HOST:PORT"));
+        let (rest, tls) = if let Some(r) = self.broker.strip_prefix("mqtt://") {
+            (r, false)
+        } else if let Some(r) = self.broker.strip_prefix("mqtts://") {
+            (r, true)
+        } else {
+            return Err(invalid("must start with mqtt:// or mqtts://"));
+        };
+        let default_port = if tls { 8883 } else { 1883 };
+        // `[v6]:port`, `[v6]`, `host:port`, `host`; a bare IPv6 address has no port.
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, tail) = v6
+                .split_once(']')
+                .ok_or_else(|| invalid("an IPv6 address needs its closing ']'"))?;
+            match tail.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if tail.is_empty() => (h, None),
+                None => return Err(invalid("must be mqtt://HOST[:PORT]")),
+            }
+        } else if rest.matches(':').count() == 1 {
+            let (h, p) = rest.split_once(':').unwrap_or((rest, ""));
+            (h, Some(p))
+        } else {
+            (rest, None)
+        };
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| invalid("port must be a number from 1 to 65535"))?,
+            None => default_port,
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(invalid("must be mqtt://HOST[:PORT]"));
         }
-        Ok((host.to_string(), port))
+        Ok(BrokerAddr {
+            host: host.to_string(),
+            port,
+            tls,
+        })
     }
+
+    /// The configured name servers as socket addresses.
+    pub fn nameserver_addrs(&self) -> Result<Vec<std::net::SocketAddr>, ConfigError> {
+        self.nameservers
+            .iter()
+            .map(|s| {
+                imn_modules::exec::resolver::parse_nameserver(s).map_err(|rule| {
+                    ConfigError::Invalid {
+                        field: "nameservers",
+                        rule,
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// The id kept in `DATA/agent-id`, made up on first start.
+fn persistent_id(data: &std::path::Path) -> Result<String, ConfigError> {
+    let path = data.join("agent-id");
+    let io = |source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) => return Ok(id.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    std::fs::create_dir_all(data).map_err(io)?;
+    let id = format!("imn-{:012x}", rand::random::<u64>() >> 16);
+    // Written whole, then renamed: a power cut leaves the old state or the new one.
+    let tmp = data.join("agent-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n")).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(id)
+}
+
+/// The `agent` section of an OpenWrt UCI file, as the agent's config. UCI values are
+/// strings; numbers become integers, `'0'`/`'1'` the booleans, and `list` options arrays,
+/// so the TOML keys and their checks (unknown keys are errors) apply unchanged.
+pub fn from_uci(text: &str) -> Result<AgentConfig, toml::de::Error> {
+    const STRINGS: &[&str] = &[
+        "id", "broker", "token", "data", "tls_ca", "tls_cert", "tls_key",
+    ];
+    const BOOLS: &[&str] = &["live_first"];
+    // Options the init script reads; not the agent's.
+    const INIT_ONLY: &[&str] = &["enabled"];
+    let mut table = toml::Table::new();
+    let mut in_agent = false;
+    for line in text.lines() {
+        let words = uci_words(line);
+        match words.first().map(String::as_str) {
+            Some("config") => {
+                in_agent = words.get(1).map(String::as_str) == Some("agent");
+            }
+            Some(kind @ ("option" | "list")) if in_agent && words.len() >= 3 => {
+                let (key, value) = (words[1].clone(), words[2].clone());
+                if INIT_ONLY.contains(&key.as_str()) {
+                    continue;
+                }
+                let v = if BOOLS.contains(&key.as_str()) {
+                    toml::Value::Boolean(matches!(value.as_str(), "1" | "true" | "yes" | "on"))
+                } else if STRINGS.contains(&key.as_str()) {
+                    toml::Value::String(value)
+                } else if let Ok(n) = value.parse::<i64>() {
+                    toml::Value::Integer(n)
+                } else {
+                    toml::Value::String(value)
+                };
+                if kind == "list" {
+                    let entry = table
+                        .entry(key)
+                        .or_insert_with(|| toml::Value::Array(Vec::new()));
+                    if let toml::Value::Array(a) = entry {
+                        a.push(v);
+                    }
+                } else {
+                    table.insert(key, v);
+                }
+            }
+            _ => {}
+        }
+    }
+    toml::Value::Table(table).try_into()
+}
+
+/// Splits one UCI line into words, honouring single and double quotes and comments.
+fn uci_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quote = None;
+    let mut started = false;
+    for c in line.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => cur.push(c),
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                started = true;
+            }
+            None if c == '#' => break,
+            None if c.is_whitespace() => {
+                if started {
+                    words.push(std::mem::take(&mut cur));
+                    started = false;
+                }
+            }
+            None => {
+                cur.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        words.push(cur);
+    }
+    words
+}
+
+/// Where the broker is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerAddr {
+    /// A name or an address literal (without brackets).
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
 }
 
 #[cfg(test)]
@@ -235,9 +635,34 @@ mod tests {
     use super::*;
 
     fn flags(args: &[&str]) -> Flags {
-        let mut v = vec!["imn-agent"];
-        v.extend_from_slice(args);
-        Flags::parse_from(v)
+        match Flags::parse(args.iter().map(|s| s.to_string()), |_| None).unwrap() {
+            Command::Run(f) => *f,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_and_environment() {
+        let env = |k: &str| match k {
+            "IMN_ID" => Some("from-env".to_string()),
+            "IMN_HEARTBEAT_MS" => Some("700".to_string()),
+            _ => None,
+        };
+        let run = |args: &[&str]| Flags::parse(args.iter().map(|s| s.to_string()), env);
+        let Command::Run(f) = run(&["--id=flag", "--tags", "a, b,,c"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.id.as_deref(), Some("flag"));
+        assert_eq!(f.heartbeat_ms, Some(700));
+        assert_eq!(f.tags, Some(vec!["a".into(), "b".into(), "c".into()]));
+        let e = run(&["--window", "lots"]).unwrap_err().to_string();
+        assert!(e.starts_with("IMN_WINDOW: must be a whole number"), "{e}");
+        let e = run(&["--bogus", "1"]).unwrap_err().to_string();
+        assert!(e.contains("--bogus"), "{e}");
+        let e = run(&["--broker"]).unwrap_err().to_string();
+        assert!(e.contains("needs a value"), "{e}");
+        assert!(matches!(run(&["--help"]).unwrap(), Command::Help(h) if h.contains("IMN_TLS_CA")));
+        assert!(matches!(run(&["--print-config"]).unwrap(), Command::Run(f) if f.print_config));
     }
 
     #[test]
@@ -278,6 +703,70 @@ mod tests {
         assert!(err.to_string().starts_with("id:"), "{err}");
         let cfg =
             AgentConfig::load(flags(&["--id", "a", "--broker", "mqtt://[::1]:1883"])).unwrap();
-        assert_eq!(cfg.broker_addr().unwrap(), ("::1".to_string(), 1883));
+        let b = cfg.broker_addr().unwrap();
+        assert_eq!((b.host.as_str(), b.port, b.tls), ("::1", 1883, false));
+        for (url, want) in [
+            ("mqtt://broker.lan", ("broker.lan", 1883, false)),
+            ("mqtts://broker.lan", ("broker.lan", 8883, true)),
+            ("mqtts://10.0.0.1:9883", ("10.0.0.1", 9883, true)),
+            ("mqtt://[fe80::1]", ("fe80::1", 1883, false)),
+        ] {
+            let cfg = AgentConfig {
+                broker: url.into(),
+                ..AgentConfig::default()
+            };
+            let b = cfg.broker_addr().unwrap();
+            assert_eq!((b.host.as_str(), b.port, b.tls), want, "{url}");
+        }
+        for bad in [
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://[::1",
+            "http://h",
+        ] {
+            let cfg = AgentConfig {
+                broker: bad.into(),
+                ..AgentConfig::default()
+            };
+            let e = cfg.broker_addr().unwrap_err().to_string();
+            assert!(e.starts_with("broker:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn uci_is_read_like_toml() {
+        let uci = "# /etc/config/imn\n\nconfig agent 'agent'\n\toption enabled '1'\n\
+                   \toption id 'router-7'\n\toption broker \"mqtts://bridge.example:8883\"\n\
+                   \toption heartbeat_ms '30000'\n\toption live_first '1'\n\
+                   \tlist tags 'lte'\n\tlist tags 'home net'\n\
+                   \toption data '/usr/lib/imn-agent'  # persistent\n\n\
+                   config other 'x'\n\toption id 'ignored'\n";
+        let cfg = from_uci(uci).unwrap();
+        assert_eq!(cfg.id, "router-7");
+        assert_eq!(cfg.broker, "mqtts://bridge.example:8883");
+        assert_eq!(cfg.heartbeat_ms, 30_000);
+        assert!(cfg.live_first);
+        assert_eq!(cfg.tags, vec!["lte", "home net"]);
+        assert_eq!(cfg.data, PathBuf::from("/usr/lib/imn-agent"));
+        let err = from_uci("config agent 'agent'\n\toption heartbeat 'x'\n").unwrap_err();
+        assert!(err.to_string().contains("heartbeat"), "{err}");
+        let err = from_uci("config agent 'agent'\n\toption window 'many'\n").unwrap_err();
+        assert!(
+            err.to_string().contains("window") || err.to_string().contains("integer"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_empty_id_is_made_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("imn-cfg3-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let data = dir.to_str().unwrap();
+        let a = AgentConfig::load(flags(&["--data", data])).unwrap();
+        assert!(a.id.starts_with("imn-") && a.id.len() == 16, "{}", a.id);
+        let b = AgentConfig::load(flags(&["--data", data])).unwrap();
+        assert_eq!(a.id, b.id);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

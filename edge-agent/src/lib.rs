@@ -3,9 +3,12 @@
 
 pub mod agent;
 pub mod config;
+pub mod crash;
 pub mod modules;
 pub mod outbox;
 pub mod supervisor;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 
 pub use agent::{Agent, AgentError};

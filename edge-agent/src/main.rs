@@ -1,16 +1,39 @@
-use clap::Parser;
-use imn_agent::config::{AgentConfig, Flags};
+use imn_agent::config::{AgentConfig, Command, Flags};
 use imn_agent::Agent;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // RUST_LOG as `LEVEL` or `target=LEVEL,...` (no regex patterns).
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| "info".parse().expect("a valid filter"));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(std::io::stderr),
         )
-        .with_writer(std::io::stderr)
+        .with(filter)
         .init();
-    let cfg = AgentConfig::load(Flags::parse())?;
+    let flags = match Flags::from_env()? {
+        Command::Run(f) => *f,
+        Command::Help(text) | Command::Version(text) => {
+            use std::io::Write;
+            // A closed pipe (`imn-agent --help | head`) is not an error.
+            let _ = writeln!(std::io::stdout(), "{text}");
+            return Ok(());
+        }
+    };
+    let print = flags.print_config;
+    let cfg = AgentConfig::load(flags)?;
+    imn_agent::crash::install_hook(&cfg.data);
+    if print {
+        use std::io::Write;
+        let _ = write!(std::io::stdout(), "{}", toml::to_string(&cfg)?);
+        return Ok(());
+    }
     // One thread is enough for the agent; ping's blocking probes get their own.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

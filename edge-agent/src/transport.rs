@@ -23,8 +23,10 @@ pub enum TransportError {
 }
 
 /// What the agent needs to open a connection.
+#[derive(Clone)]
 pub struct ConnectOptions {
     pub client_id: String,
+    /// A name (resolved by the agent before every connection attempt) or an address.
     pub host: String,
     pub port: u16,
     pub token: Option<String>,
@@ -32,6 +34,9 @@ pub struct ConnectOptions {
     pub last_will: (String, Vec<u8>),
     pub connect_timeout_s: u64,
     pub max_packet_bytes: usize,
+    /// TLS settings, for `mqtts://`.
+    #[cfg(feature = "tls")]
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// The publishing and subscribing half.
@@ -56,38 +61,78 @@ fn qos(q: QoS) -> rumqttc::QoS {
     }
 }
 
-/// Creates the client and starts the event loop task.
-pub fn connect(opts: ConnectOptions) -> (MqttClient, MqttConnection) {
-    let mut mo = MqttOptions::new(opts.client_id.clone(), opts.host, opts.port);
+/// rumqttc's options for one connection attempt to `addr` (an address literal: rumqttc
+/// would otherwise resolve names with the C library, which a static binary cannot).
+fn mqtt_options(opts: &ConnectOptions, addr: &str) -> MqttOptions {
+    let mut mo = MqttOptions::new(opts.client_id.clone(), addr, opts.port);
     mo.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_max_packet_size(opts.max_packet_bytes, opts.max_packet_bytes)
         .set_inflight(100)
         .set_last_will(LastWill::new(
-            opts.last_will.0,
-            opts.last_will.1,
+            opts.last_will.0.clone(),
+            opts.last_will.1.clone(),
             rumqttc::QoS::AtLeastOnce,
             true,
         ));
-    if let Some(token) = opts.token {
-        mo.set_credentials(opts.client_id, token);
+    if let Some(token) = &opts.token {
+        mo.set_credentials(opts.client_id.clone(), token.clone());
     }
-    let (client, mut eventloop) = AsyncClient::new(mo, 256);
+    #[cfg(feature = "tls")]
+    if let Some(tls) = &opts.tls {
+        mo.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
+    mo
+}
+
+/// Creates the client and starts the event loop task.
+pub fn connect(opts: ConnectOptions) -> (MqttClient, MqttConnection) {
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&opts, &opts.host), 256);
     let mut net = eventloop.network_options();
     net.set_connection_timeout(opts.connect_timeout_s);
     // Nagle would hold small acks and commands back for tens of ms.
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(pump(eventloop, tx));
+    tokio::spawn(pump(eventloop, opts, tx));
     (MqttClient { client }, MqttConnection { rx })
 }
 
-async fn pump(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Packet, TransportError>>) {
+async fn pump(
+    mut eventloop: EventLoop,
+    opts: ConnectOptions,
+    tx: mpsc::Sender<Result<Packet, TransportError>>,
+) {
     let mut backoff = Duration::from_millis(200);
+    // Before every connection attempt the broker's name is looked up again: a broker
+    // that moved is found at its new address.
+    let mut resolve = true;
     loop {
-        match eventloop.poll().await {
-            Ok(rumqttc::Event::Incoming(packet)) => {
+        let step = if resolve {
+            imn_modules::exec::resolver::lookup(&opts.host)
+                .await
+                .and_then(|ips| {
+                    ips.first()
+                        .copied()
+                        .ok_or_else(|| format!("{:?} has no address", opts.host))
+                })
+                .map(|ip| {
+                    eventloop.mqtt_options = mqtt_options(&opts, &ip.to_string());
+                    resolve = false;
+                    None
+                })
+                .map_err(TransportError::Connection)
+        } else {
+            eventloop.poll().await.map(Some).map_err(|e| {
+                resolve = true;
+                TransportError::Connection(e.to_string())
+            })
+        };
+        match step {
+            Ok(None) => {}
+            Ok(Some(rumqttc::Event::Incoming(packet))) => {
                 if matches!(&packet, Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success)
                 {
                     backoff = Duration::from_millis(200);
@@ -103,13 +148,9 @@ async fn pump(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Packet, Transpor
                     return;
                 }
             }
-            Ok(rumqttc::Event::Outgoing(_)) => {}
+            Ok(Some(rumqttc::Event::Outgoing(_))) => {}
             Err(e) => {
-                if tx
-                    .send(Err(TransportError::Connection(e.to_string())))
-                    .await
-                    .is_err()
-                {
+                if tx.send(Err(e)).await.is_err() {
                     return;
                 }
                 // Jittered exponential backoff: a thousand agents that lost the same
