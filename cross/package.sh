@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Packages a built agent: cross/package.sh deb|ipk TRIPLE
+# (cross/build.sh calls this; the binary must be at target/TRIPLE/release/imn-agent).
+#
+# .deb: dpkg-deb from Debian. .ipk: OpenWrt's layout, built as OpenWrt's ipkg-build does
+# (a gzipped tar of debian-binary, control.tar.gz and data.tar.gz), with the same tar.
+# Files are owned by root, and every archive is reproducible (fixed mtime and order).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind="$1"
+triple="$2"
+bin="target/$triple/release/imn-agent"
+[ -x "$bin" ] || { echo "cross/package.sh: $bin missing; run cross/build.sh $triple" >&2; exit 1; }
+version="${IMN_PKG_VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)}"
+out="${IMN_PKG_OUT:-target/packages}"
+mkdir -p "$out"
+# SOURCE_DATE_EPOCH pins every timestamp (reproducible builds); the last commit's time.
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
+TAR=(tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH")
+maintainer="IMN developers <imn@example.org>"
+description="IMN measurement agent: ping, TCP ping, echo, heartbeat; keeps every result in an on-disk outbox and syncs it over MQTT."
+size_kb=$(( ($(stat -c %s "$bin") + 1023) / 1024 ))
+
+case "$kind" in
+deb)
+  case "$triple" in
+    aarch64-*) arch=arm64 ;; armv7-*) arch=armhf ;; x86_64-*) arch=amd64 ;;
+    *) echo "no Debian architecture for $triple" >&2; exit 1 ;;
+  esac
+  root="$(mktemp -d)"
+  trap 'rm -rf "$root"' EXIT
+  install -D -m 0755 "$bin" "$root/usr/bin/imn-agent"
+  install -D -m 0644 cross/deb/imn-agent.service "$root/lib/systemd/system/imn-agent.service"
+  install -D -m 0640 cross/deb/agent.toml "$root/etc/imn/agent.toml"
+  install -D -m 0644 cross/README.md "$root/usr/share/doc/imn-agent/README"
+  install -d -m 0755 "$root/DEBIAN"
+  install -m 0755 cross/deb/postinst cross/deb/prerm cross/deb/postrm "$root/DEBIAN/"
+  echo /etc/imn/agent.toml >"$root/DEBIAN/conffiles"
+  chmod 0644 "$root/DEBIAN/conffiles"
+  cat >"$root/DEBIAN/control" <<CONTROL
+Package: imn-agent
+Version: $version
+Architecture: $arch
+Maintainer: $maintainer
+Installed-Size: $size_kb
+Pre-Depends: passwd
+Section: net
+Priority: optional
+Homepage: https://github.com/imn/imn
+Description: $description
+ A static binary with no library dependencies. Runs as the imn-agent user with only
+ CAP_NET_RAW; config in /etc/imn/agent.toml, outbox in /var/lib/imn-agent.
+CONTROL
+  find "$root" -type d -exec chmod 0755 {} +
+  f="$out/imn-agent_${version}_${arch}.deb"
+  dpkg-deb --root-owner-group -Zxz --build "$root" "$f" >/dev/null
+  echo "$f"
+  ;;
+ipk)
+  # OpenWrt architecture names; override with IPK_ARCH for a specific target's name.
+  case "$triple" in
+    aarch64-*) arch="${IPK_ARCH:-aarch64_generic}" ;;
+    armv7-*) arch="${IPK_ARCH:-arm_cortex-a7_neon-vfpv4}" ;;
+    x86_64-*) arch="${IPK_ARCH:-x86_64}" ;;
+    *) echo "no OpenWrt architecture for $triple" >&2; exit 1 ;;
+  esac
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  d="$work/data" c="$work/control"
+  install -D -m 0755 "$bin" "$d/usr/bin/imn-agent"
+  install -D -m 0755 cross/openwrt/imn-agent.init "$d/etc/init.d/imn-agent"
+  install -D -m 0600 cross/openwrt/imn.config "$d/etc/config/imn"
+  install -d -m 0755 "$c"
+  install -m 0755 cross/openwrt/postinst cross/openwrt/prerm "$c/"
+  echo /etc/config/imn >"$c/conffiles"
+  cat >"$c/control" <<CONTROL
+Package: imn-agent
+Version: $version
+Source: imn
+SourceName: imn-agent
+License: MIT
+Section: net
+Architecture: $arch
+Installed-Size: $(( size_kb * 1024 ))
+Maintainer: $maintainer
+Description: $description
+CONTROL
+  chmod 0644 "$c/control" "$c/conffiles"
+  find "$d" "$c" -type d -exec chmod 0755 {} +
+  echo "2.0" >"$work/debian-binary"
+  (cd "$d" && "${TAR[@]}" -cf - . | gzip -9n >"$work/data.tar.gz")
+  (cd "$c" && "${TAR[@]}" -cf - . | gzip -9n >"$work/control.tar.gz")
+  f="$out/imn-agent_${version}_${arch}.ipk"
+  case "$f" in /*) dest="$f" ;; *) dest="$PWD/$f" ;; esac
+  (cd "$work" && "${TAR[@]}" -cf - ./debian-binary ./control.tar.gz ./data.tar.gz | gzip -9n >"$dest")
+  echo "$f"
+  ;;
+*) echo "usage: cross/package.sh deb|ipk TRIPLE" >&2; exit 2 ;;
+esac
