@@ -15,6 +15,7 @@ have mosquitto_pub || need+=(mosquitto-clients)
 have fping         || need+=(fping)
 have ip            || need+=(iproute2)
 have nft           || need+=(nftables)
+have dnsmasq       || need+=(dnsmasq-base)
 have python3       || need+=(python3 python3-pip)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "== installing: ${need[*]}"
@@ -34,6 +35,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build (the end-to-end tests start these binaries)"
 cargo build --workspace --bins
+echo "== firmware: static agents for aarch64, armv7, x86_64, and their .deb and .ipk (cross/build.sh)"
+bash cross/build.sh
 echo "== fuzz targets build (they are run by hand: see tests/fuzz/Cargo.toml)"
 cargo check --manifest-path tests/fuzz/Cargo.toml --bins
 echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
@@ -44,6 +47,7 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench ingest --quick --json
 ./target/debug/imn-bench ingest --nats --quick --json
 ./target/debug/imn-bench fleet --quick --json
+./target/debug/imn-bench firmware --quick --json
 echo "== cargo test"
 log="$(mktemp)"
 cargo test --workspace 2>&1 | tee "$log"

@@ -6,6 +6,7 @@
 //! README's test command does).
 
 pub mod bench_drain;
+pub mod bench_firmware;
 pub mod bench_ingest;
 pub mod bench_ping;
 pub mod netns;

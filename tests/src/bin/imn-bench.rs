@@ -58,6 +58,13 @@ enum Scenario {
         #[arg(long, default_value_t = 100_000)]
         buffered: usize,
     },
+    /// The agent as firmware: binary size, start to first heartbeat, RSS idle and with
+    /// 10,000 results buffered, bytes written per heartbeat and per result.
+    Firmware {
+        /// Agent binary (default: cross/build.sh's static x86_64 build).
+        #[arg(long)]
+        agent: Option<std::path::PathBuf>,
+    },
     /// Simulated agents send results through broker, bridge, bus and backend to the
     /// store: results/s stored and acked, lost, duplicates, and raw broker throughput
     /// of the same messages for comparison.
@@ -247,6 +254,10 @@ async fn main() {
                 imn_tests::bench_ping::Options::full(targets.clamp(1, 65_536), rate)
             };
             imn_tests::bench_ping::run(opts).await
+        }
+        Scenario::Firmware { agent } => {
+            let agent = agent.unwrap_or_else(imn_tests::bench_firmware::default_agent);
+            imn_tests::bench_firmware::firmware(&agent, cli.quick).await
         }
         Scenario::Drain { buffered } => {
             imn_tests::bench_drain::drain(if cli.quick { 2_000 } else { buffered }).await
