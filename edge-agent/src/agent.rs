@@ -88,6 +88,9 @@ pub struct Agent {
     produced_rx: mpsc::Receiver<Produced>,
     /// Runs in progress, so a cancel can stop them.
     running: HashMap<String, AbortHandle>,
+    /// The last connection error logged while offline: each new kind of failure is
+    /// logged once, not once per retry.
+    conn_error: Option<String>,
     cpu: system::CpuSampler,
     /// Loaded modules and their settings (persisted).
     modules: LoadedModules,
@@ -179,6 +182,7 @@ impl Agent {
             produced_tx,
             produced_rx,
             running: HashMap::new(),
+            conn_error: None,
             cpu: system::CpuSampler::new(),
             modules,
             restarts: Restarts::default(),
@@ -293,12 +297,19 @@ impl Agent {
 
     async fn on_event(&mut self, ev: &crate::transport::MqttEvent) -> Result<(), AgentError> {
         match ev.payload() {
-            EventPayload::Connected(_) => self.on_connected().await,
+            EventPayload::Connected(_) => {
+                self.conn_error = None;
+                self.on_connected().await
+            }
             EventPayload::Disconnected | EventPayload::Error(_) => {
-                if self.state != SyncState::Offline {
-                    if let EventPayload::Error(e) = ev.payload() {
+                if let EventPayload::Error(e) = ev.payload() {
+                    let e = e.to_string();
+                    if self.state != SyncState::Offline {
                         tracing::warn!(error = %e, "disconnected");
+                    } else if self.conn_error.as_deref() != Some(e.as_str()) {
+                        tracing::warn!(error = %e, broker = %self.cfg.broker, "cannot connect; retrying");
                     }
+                    self.conn_error = Some(e);
                 }
                 self.state = SyncState::Offline;
                 self.inflight.clear();
