@@ -22,13 +22,17 @@ pub fn install_hook(data: &Path) {
     }));
 }
 
-fn describe(info: &std::panic::PanicHookInfo<'_>) -> String {
-    let payload = info.payload();
-    let msg = payload
+/// A panic's message, from its payload (`panic!` makes a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic payload".into());
+        .unwrap_or_else(|| "unknown panic payload".into())
+}
+
+fn describe(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let msg = panic_message(info.payload());
     match info.location() {
         Some(l) => format!("{msg} (at {}:{})", l.file(), l.line()),
         None => msg,

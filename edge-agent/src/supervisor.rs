@@ -34,12 +34,7 @@ pub async fn run_module(
         Ok(Ok(Ok(output))) => (ModuleOutcome::Ok(output), false),
         Ok(Ok(Err(message))) => (ModuleOutcome::Failed(message), false),
         Ok(Err(join)) if join.is_panic() => {
-            let panic = join.into_panic();
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic payload".into());
+            let msg = crate::crash::panic_message(&*join.into_panic());
             (
                 ModuleOutcome::Failed(format!("module panicked: {msg}")),
                 true,

@@ -22,21 +22,7 @@ fn written_bytes(pid: i32) -> u64 {
 
 fn spawn(bin: &Path, id: &str, broker: &str, data: &Path, hb_ms: u64, logs: &Path) -> Proc {
     let hb = hb_ms.to_string();
-    Proc::spawn(
-        id,
-        bin,
-        &[
-            "--id",
-            id,
-            "--broker",
-            broker,
-            "--data",
-            data.to_str().unwrap(),
-            "--heartbeat-ms",
-            &hb,
-        ],
-        logs,
-    )
+    crate::spawn_agent(bin, id, broker, data, &["--heartbeat-ms", &hb], logs)
 }
 
 /// The default binary: cross/build.sh's static x86_64 agent.

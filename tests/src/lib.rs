@@ -399,23 +399,30 @@ impl Up {
 
 /// Starts a separate `imn-agent` process.
 pub fn start_agent(id: &str, broker: &str, data: &Path, log_dir: &Path) -> Proc {
-    Proc::spawn(
-        id,
+    spawn_agent(
         &bin("imn-agent"),
-        &[
-            "--id",
-            id,
-            "--broker",
-            broker,
-            "--data",
-            data.to_str().unwrap(),
-            "--heartbeat-ms",
-            "500",
-            "--resend-timeout-ms",
-            "2000",
-        ],
+        id,
+        broker,
+        data,
+        &["--heartbeat-ms", "500", "--resend-timeout-ms", "2000"],
         log_dir,
     )
+}
+
+/// Starts an agent binary (the host build, or a firmware build) with an id, a broker
+/// and a data directory, and `extra` flags.
+pub fn spawn_agent(
+    program: &Path,
+    id: &str,
+    broker: &str,
+    data: &Path,
+    extra: &[&str],
+    log_dir: &Path,
+) -> Proc {
+    let data = data.to_str().expect("utf-8 path");
+    let mut args = vec!["--id", id, "--broker", broker, "--data", data];
+    args.extend_from_slice(extra);
+    Proc::spawn(id, program, &args, log_dir)
 }
 
 /// A real `nats-server` with JetStream, on a free port.

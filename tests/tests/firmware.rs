@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use imn_tests::{free_port, program, wait_for, Proc, TempDir, Up};
+use imn_tests::{free_port, program, spawn_agent, wait_for, Proc, TempDir, Up};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
@@ -342,9 +342,8 @@ fn deb_install_upgrade_keeps_config_and_outbox_and_purge_removes_them() {
         (0, gid, 0o640)
     );
 
-    // The user edits the config, and the agent fills its outbox: the installed binary
-    // runs with the installed config, against a broker port nobody listens on, so its
-    // records stay in the outbox.
+    // The user edits the config, and results wait in the outbox (written with the
+    // agent's own outbox code, as a partition leaves them).
     let mut text = std::fs::read_to_string(&conf).unwrap();
     text = text.replace("tags = []", "tags = [\"edited-by-user\"]");
     text = text.replace(
@@ -352,24 +351,8 @@ fn deb_install_upgrade_keeps_config_and_outbox_and_purge_removes_them() {
         &format!("mqtt://127.0.0.1:{}", free_port()),
     );
     std::fs::write(&conf, &text).unwrap();
-    let logs = TempDir::new("dpkg-agent");
-    let installed = r.path().join("usr/bin/imn-agent");
-    let conf_s = conf.to_str().unwrap();
-    let data_s = data.to_str().unwrap();
-    let args = [
-        "--config",
-        conf_s,
-        "--data",
-        data_s,
-        "--heartbeat-ms",
-        "100",
-    ];
-    let mut agent = Proc::spawn("installed-agent", &installed, &args, logs.path());
-    std::thread::sleep(Duration::from_millis(1500));
-    agent.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
-    let id = std::fs::read_to_string(data.join("agent-id")).unwrap();
-    let outbox_before = dir_bytes(&data);
-    assert!(outbox_before > 0);
+    imn_tests::bench_drain::prefill_outbox(&data, 500);
+    std::fs::write(data.join("agent-id"), "edge-deb-1\n").unwrap();
 
     // Upgrade to a newer version of the same package.
     let out = TempDir::new("pkg-out");
@@ -387,37 +370,35 @@ fn deb_install_upgrade_keeps_config_and_outbox_and_purge_removes_them() {
         text,
         "the edited config survives"
     );
-    assert_eq!(
-        std::fs::read_to_string(data.join("agent-id")).unwrap(),
-        id,
-        "the agent keeps its id"
-    );
-    assert_eq!(dir_bytes(&data), outbox_before, "the outbox survives");
-    // And the upgraded agent opens it and finds its records.
+    // The upgraded binary, with the kept config, finds its id and all 500 results.
+    let logs = TempDir::new("dpkg-agent");
+    let installed = r.path().join("usr/bin/imn-agent");
+    let args = [
+        "--config",
+        conf.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    let printed = run(Command::new(&installed).args(args).arg("--print-config"));
+    assert!(printed.contains("id = \"edge-deb-1\""), "{printed}");
+    assert!(printed.contains("tags = [\"edited-by-user\"]"), "{printed}");
     let mut agent = Proc::spawn("upgraded-agent", &installed, &args, logs.path());
-    std::thread::sleep(Duration::from_millis(1000));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !agent.log_text().contains("agent starting") {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     agent.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
     let log = agent.log_text();
-    assert!(!log.contains("corrupt"), "{log}");
+    assert!(
+        log.contains("agent=edge-deb-1") && log.contains("depth=500"),
+        "{log}"
+    );
 
     dpkg(r.path(), &["--purge", "imn-agent"]);
     assert!(!data.exists(), "purge deletes the outbox");
     assert!(!conf.exists(), "purge deletes the config");
     assert!(!installed.exists());
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir(dir).unwrap() {
-        let e = e.unwrap();
-        let m = e.metadata().unwrap();
-        total += if m.is_dir() {
-            dir_bytes(&e.path())
-        } else {
-            m.len()
-        };
-    }
-    total
 }
 
 /// Starts the aarch64 firmware under qemu-user.
@@ -530,17 +511,11 @@ async fn firmware_panic_is_reported_after_the_restart() {
     let fw = firmware("x86_64-unknown-linux-gnu");
     let data = dir.path().join("data");
     let broker = up.broker_url();
-    let args = [
-        "--id",
-        "fw-x86",
-        "--broker",
-        broker.as_str(),
-        "--data",
-        data.to_str().unwrap(),
-        "--heartbeat-ms",
-        "500",
-    ];
-    let mut agent = Proc::spawn("fw-x86", &fw, &args, dir.path());
+    let start = || {
+        let hb = ["--heartbeat-ms", "500"];
+        spawn_agent(&fw, "fw-x86", &broker, &data, &hb, dir.path())
+    };
+    let mut agent = start();
     up.api.wait_alive(&["fw-x86"], T).await;
     let r = up
         .api
@@ -557,7 +532,7 @@ async fn firmware_panic_is_reported_after_the_restart() {
         .expect("the firmware agent aborts on a panic");
     assert!(!status.success());
     assert!(data.join("last-panic").exists());
-    let _again = Proc::spawn("fw-x86-restarted", &fw, &args, dir.path());
+    let _again = start();
     let st = up.api.wait_state(&rid, "failed", T).await;
     let res = up
         .api
@@ -606,15 +581,17 @@ fn start_dnsmasq(dir: &Path, hosts: &str) -> Dns {
         dir,
     );
     // Up when it answers over TCP (it serves both).
+    wait_listening(port, "dnsmasq");
+    Dns { _proc: proc, port }
+}
+
+/// Waits up to 10 s for a TCP listener on 127.0.0.1:`port`.
+fn wait_listening(port: u16, what: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "dnsmasq did not start"
-        );
+        assert!(std::time::Instant::now() < deadline, "{what} did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Dns { _proc: proc, port }
 }
 
 /// The static agent has no NSS: it finds its broker and its targets through its own
@@ -634,23 +611,8 @@ async fn static_agent_resolves_names_over_dns_itself() {
     let data = dir.path().join("data");
     let broker = format!("mqtt://alias.imn.test:{}", up.mqtt_port);
     let ns = format!("127.0.0.1:{}", dns.port);
-    let _agent = Proc::spawn(
-        "dns-agent",
-        &fw,
-        &[
-            "--id",
-            "dns-agent",
-            "--broker",
-            &broker,
-            "--nameservers",
-            &ns,
-            "--data",
-            data.to_str().unwrap(),
-            "--heartbeat-ms",
-            "500",
-        ],
-        dir.path(),
-    );
+    let extra = ["--nameservers", &ns, "--heartbeat-ms", "500"];
+    let _agent = spawn_agent(&fw, "dns-agent", &broker, &data, &extra, dir.path());
     up.api.wait_alive(&["dns-agent"], T).await;
     let tc = measure(
         &up,
@@ -724,14 +686,7 @@ fn start_tls_mosquitto(dir: &Path) -> (Proc, u16, u16) {
         &["-c", conf.to_str().unwrap()],
         dir,
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", plain_port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "mosquitto did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(plain_port, "mosquitto");
     (p, tls_port, plain_port)
 }
 
@@ -766,20 +721,8 @@ fn static_agent_connects_over_tls_and_checks_the_name() {
     let fw = firmware("x86_64-unknown-linux-gnu");
     let ca = dir.path().join("ca.pem");
     let spawn = |id: &str, broker: String| {
-        let data = dir.path().join(id);
-        let args = [
-            "--id",
-            id,
-            "--broker",
-            &broker,
-            "--tls-ca",
-            ca.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--heartbeat-ms",
-            "500",
-        ];
-        Proc::spawn(id, &fw, &args, dir.path())
+        let extra = ["--tls-ca", ca.to_str().unwrap(), "--heartbeat-ms", "500"];
+        spawn_agent(&fw, id, &broker, &dir.path().join(id), &extra, dir.path())
     };
     // Retained hellos would let a later subscriber see an old one: each case has its
     // own id, and the subscriber starts before the agent does.
