@@ -100,7 +100,7 @@ ensure_toolchain() {
 }
 
 # The linker's own default script for a static executable, changed to drop the unwind
-# tables (.eh_frame, .eh_frame_hdr; 430 KiB of the aarch64 agent). Nothing unwinds in
+# tables (.eh_frame, .eh_frame_hdr; 390 KiB of the aarch64 agent). Nothing unwinds in
 # firmware: it aborts on panic, and a backtrace just comes out empty. Only the C runtime's
 # start files keep their (empty) frame, which crtbegin registers at start.
 linker_script() {
