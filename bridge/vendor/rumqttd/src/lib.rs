@@ -34,6 +34,10 @@ mod router;
 mod segments;
 mod server;
 
+// IMN-PATCH: tests of the IMN patches (broker on 127.0.0.1, raw MQTT 3.1.1 clients).
+#[cfg(test)]
+mod imn_tests;
+
 pub type ConnectionId = usize;
 pub type RouterId = usize;
 pub type NodeId = usize;
@@ -51,6 +55,25 @@ pub type AuthHandler = Arc<
         + Send
         + Sync,
 >;
+
+// IMN-PATCH: per-client topic ACL, asked by the router (see IMN-PATCH.md, section 3).
+/// What a remote client asks to do with a topic or filter, for [`AclHandler`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Publish on a topic (QoS 0 and 1 when the PUBLISH arrives, QoS 2 at its PUBREL).
+    Publish,
+    /// Subscribe to a filter (a shared subscription's filter without `$share/{group}/`).
+    Subscribe,
+    /// Leave a last will on a topic (asked once, when the client connects).
+    Will,
+}
+
+// IMN-PATCH: called by the router thread, synchronously, for remote (network) clients
+// only; never for links made with `Broker::link`. Arguments: client id, topic or
+// filter, access. `false` denies: a publish is acked but dropped (not stored, not
+// retained, not forwarded), a filter gets a failure return code, a will is discarded.
+/// Per-client topic ACL: `(client_id, topic_or_filter, access) -> allowed`.
+pub type AclHandler = Arc<dyn Fn(&str, &str, Access) -> bool + Send + Sync>;
 
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
@@ -192,7 +215,8 @@ pub struct ClusterSettings {
     pub seniors: Vec<(ConnectionId, String)>,
 }
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+// IMN-PATCH: Debug is written by hand because of `acl`.
+#[derive(Default, Clone, Serialize, Deserialize)]
 pub struct RouterConfig {
     pub max_connections: usize,
     pub max_outgoing_packet_count: u64,
@@ -203,6 +227,27 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    // IMN-PATCH: topic ACL for remote clients; None allows everything.
+    #[serde(skip)]
+    pub acl: Option<AclHandler>,
+}
+
+impl fmt::Debug for RouterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterConfig")
+            .field("max_connections", &self.max_connections)
+            .field("max_outgoing_packet_count", &self.max_outgoing_packet_count)
+            .field("max_segment_size", &self.max_segment_size)
+            .field("max_segment_count", &self.max_segment_count)
+            .field("custom_segment", &self.custom_segment)
+            .field("initialized_filters", &self.initialized_filters)
+            .field(
+                "shared_subscriptions_strategy",
+                &self.shared_subscriptions_strategy,
+            )
+            .field("acl", &self.acl.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 use crate::protocol::{
-    Filter, LastWill, LastWillProperties, Packet, Publish, QoS, RetainForwardRule, Subscribe,
-    Unsubscribe,
+    ConnectReturnCode, Filter, LastWill, LastWillProperties, Packet, Publish, QoS,
+    RetainForwardRule, Subscribe, Unsubscribe,
 };
 use crate::router::Ack;
 use crate::router::{
@@ -34,6 +34,10 @@ pub enum LinkError {
     RecvTimeout(#[from] RecvTimeoutError),
     #[error("Timeout = {0}")]
     Elapsed(#[from] tokio::time::error::Elapsed),
+    // IMN-PATCH: the router refused the connection with this CONNACK code (a remote
+    // client asking for the client id of a live local link).
+    #[error("Connection refused by the router: {0:?}")]
+    ConnectionRefused(ConnectReturnCode),
 }
 
 // used to build LinkTx and LinkRx
@@ -49,6 +53,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // IMN-PATCH: false by default (a local link); `RemoteLink` sets it
+    remote: bool,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,7 +68,15 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            remote: false,
         }
+    }
+
+    // IMN-PATCH: marks the connection as a network client's (ACL, kick, client id
+    // rules). Crate-private: only `RemoteLink` makes remote connections.
+    pub(crate) fn remote(mut self, remote: bool) -> Self {
+        self.remote = remote;
+        self
     }
 
     pub fn tenant_id(mut self, tenant_id: Option<String>) -> Self {
@@ -111,8 +125,12 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        // IMN-PATCH
+        connection.remote = self.remote;
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        // IMN-PATCH: see `Outgoing::take_drop_watch`
+        let drop_watch = outgoing.take_drop_watch();
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 
@@ -129,13 +147,20 @@ impl<'a> LinkBuilder<'a> {
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
-        let id = match notification {
-            Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
+        let id = match &notification {
+            // IMN-PATCH: a refusal is a CONNACK with a failure code (and no connection)
+            Notification::DeviceAck(Ack::ConnAck(_, ack, _))
+                if ack.code != ConnectReturnCode::Success =>
+            {
+                return Err(LinkError::ConnectionRefused(ack.code))
+            }
+            Notification::DeviceAck(Ack::ConnAck(id, ..)) => *id,
             _message => return Err(LinkError::NotConnectionAck),
         };
 
         let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let mut rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        rx.drop_watch = drop_watch;
         Ok((tx, rx, notification))
     }
 }
@@ -304,6 +329,17 @@ impl LinkTx {
         Ok(len)
     }
 
+    // IMN-PATCH: kick a client (see IMN-PATCH.md, section 4).
+    /// Disconnects the remote (network) client connected with `client_id`, as if its
+    /// network connection had dropped: its socket is closed and its last will is
+    /// published. A client id that is not connected, or that belongs to a local link
+    /// (`Broker::link`), is ignored. Errors only when the router is gone.
+    pub fn disconnect_client(&mut self, client_id: &str) -> Result<(), LinkError> {
+        let message = Event::DisconnectClient(client_id.to_owned());
+        self.router_tx.send((self.connection_id, message))?;
+        Ok(())
+    }
+
     /// Request to get device shadow
     pub fn shadow<S: Into<String>>(&mut self, filter: S) -> Result<(), LinkError> {
         let message = Event::Shadow(ShadowRequest {
@@ -322,6 +358,9 @@ pub struct LinkRx {
     router_rx: Receiver<()>,
     send_buffer: Arc<Mutex<VecDeque<Notification>>>,
     cache: VecDeque<Notification>,
+    // IMN-PATCH: disconnected when the router drops this connection (None when the
+    // link was not made by `LinkBuilder`); see `Outgoing::take_drop_watch`.
+    pub(crate) drop_watch: Option<Receiver<()>>,
 }
 
 impl LinkRx {
@@ -338,6 +377,7 @@ impl LinkRx {
             send_buffer: outgoing_data_buffer,
             // IMN-PATCH: grown on demand (one per connection; 11 kB preallocated).
             cache: VecDeque::new(),
+            drop_watch: None,
         }
     }
 

@@ -60,6 +60,14 @@ pub struct RemoteLink<P> {
     pub(crate) will_delay_interval: u32,
 }
 
+impl<P> RemoteLink<P> {
+    // IMN-PATCH: reports `Disconnected` once the router has dropped this connection
+    // (see `Outgoing::take_drop_watch`).
+    pub(crate) fn drop_watch(&self) -> Option<flume::Receiver<()>> {
+        self.link_rx.drop_watch.clone()
+    }
+}
+
 impl<P: Protocol> RemoteLink<P> {
     pub async fn new(
         router_tx: Sender<(ConnectionId, Event)>,
@@ -93,14 +101,28 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
-        let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
+        let built = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
             .last_will(lastwill)
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
-            .build()?;
+            // IMN-PATCH: a network client (ACL, kick, client id rules)
+            .remote(true)
+            .build();
+        let (link_tx, link_rx, notification) = match built {
+            // IMN-PATCH: the router refused the connection: tell the client why
+            Err(LinkError::ConnectionRefused(code)) => {
+                let ack = ConnAck {
+                    session_present: false,
+                    code,
+                };
+                network.write(Packet::ConnAck(ack, None)).await?;
+                return Err(Error::Link(LinkError::ConnectionRefused(code)));
+            }
+            built => built?,
+        };
 
         let id = link_rx.id();
         Span::current().record("connection_id", id);
@@ -195,7 +217,17 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+    // IMN-PATCH (IMN-PATCH.md, section 8): a refused login gets CONNACK "not authorized"
+    // (v4 0x05, v5 0x87) before the socket closes, so the client can tell a bad
+    // credential from a network fault. rumqttd closed without a word.
+    if let Err(e) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+        let ack = ConnAck {
+            session_present: false,
+            code: ConnectReturnCode::NotAuthorized,
+        };
+        let _ = network.write(Packet::ConnAck(ack, None)).await;
+        return Err(e);
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.
@@ -231,10 +263,17 @@ async fn handle_auth(
         return Ok(());
     }
 
-    // if authentication is configured and connect packet doesn't have login details
-    // return an error
-    let Some(login) = login else {
-        return Err(Error::InvalidAuth);
+    // IMN-PATCH (IMN-PATCH.md, section 8): a CONNECT without login details goes to the
+    // external handler with an empty user name and password, so the handler sees (and
+    // counts) every attempt. The static user table still refuses it outright.
+    let anonymous = Login {
+        username: String::new(),
+        password: String::new(),
+    };
+    let login = match (login, &config.external_auth) {
+        (Some(login), _) => login,
+        (None, Some(_)) => &anonymous,
+        (None, None) => return Err(Error::InvalidAuth),
     };
 
     let username = &login.username;

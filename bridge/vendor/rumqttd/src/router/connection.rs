@@ -33,6 +33,10 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    // IMN-PATCH: true for a network client (set by `RemoteLink`), false for a link made
+    // with `Broker::link`. Only remote connections are checked by the ACL, can be kicked,
+    // and can never take over a local link's client id.
+    pub(crate) remote: bool,
 }
 
 impl Connection {
@@ -66,6 +70,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            remote: false,
         }
     }
 

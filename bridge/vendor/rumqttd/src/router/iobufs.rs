@@ -68,6 +68,12 @@ pub struct Outgoing {
     last_pkid: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    // IMN-PATCH: never sent on; dropped with this `Outgoing`, that is when the router
+    // drops the connection (kick, client id takeover, protocol error). The receiver,
+    // taken by `LinkBuilder`, lets a remote link's task see that even while it is
+    // blocked writing to a client that does not read (see `server/broker.rs`).
+    _dropped_tx: Sender<()>,
+    dropped_rx: Option<Receiver<()>>,
 }
 
 impl Outgoing {
@@ -80,6 +86,7 @@ impl Outgoing {
         let data_buffer = VecDeque::new();
         let inflight_buffer = VecDeque::new();
         let unacked_pubrels = VecDeque::new();
+        let (dropped_tx, dropped_rx) = flume::bounded(0);
 
         let outgoing = Self {
             client_id,
@@ -89,9 +96,17 @@ impl Outgoing {
             handle,
             last_pkid: 0,
             meter: Default::default(),
+            _dropped_tx: dropped_tx,
+            dropped_rx: Some(dropped_rx),
         };
 
         (outgoing, rx)
+    }
+
+    // IMN-PATCH: a receiver that reports `Disconnected` once the router has dropped
+    // this connection's `Outgoing`. Can be taken once.
+    pub(crate) fn take_drop_watch(&mut self) -> Option<Receiver<()>> {
+        self.dropped_rx.take()
     }
 
     #[inline]

@@ -481,6 +481,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            acl: None, // IMN-PATCH
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -501,6 +502,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            acl: None, // IMN-PATCH
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");

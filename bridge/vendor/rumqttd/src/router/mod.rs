@@ -65,6 +65,10 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    // IMN-PATCH: sent by `LinkTx::disconnect_client`
+    /// Disconnect the remote client with this client id (ignored if there is none, or
+    /// if it is a local link), publishing its last will
+    DisconnectClient(String),
 }
 
 /// Notification from router to connection

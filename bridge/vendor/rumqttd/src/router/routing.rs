@@ -6,7 +6,7 @@ use crate::protocol::{
 };
 use crate::router::alertlog::alert;
 use crate::router::scheduler::{PauseReason, Tracker};
-use crate::router::{ConnectionEvents, Forward};
+use crate::router::{Ack, ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
 use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
@@ -50,6 +50,9 @@ pub enum RouterError {
     InvalidClientId(String),
     #[error("Disconnection (Reason: {0:?})")]
     Disconnect(DisconnectReasonCode),
+    // IMN-PATCH: the ACL denied a remote client's publish; not a reason to disconnect
+    #[error("Publish on {0} denied by the ACL")]
+    PublishDenied(String),
 }
 
 // TODO: set this to some appropriate value
@@ -261,7 +264,46 @@ impl Router {
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
             ),
+            // IMN-PATCH
+            Event::DisconnectClient(client_id) => self.handle_disconnect_client(client_id),
         }
+    }
+
+    // IMN-PATCH: kick a remote client by client id (IMN-PATCH.md, section 4). The same
+    // removal as a network disconnect: `handle_disconnection` drops the connection's
+    // `Outgoing`, whose channel to the network task then disconnects, so the task
+    // leaves its loop and drops the socket (exactly how a client id takeover ends the
+    // old connection). The last will is published here, at once; the will event the
+    // network task sends when it ends then finds nothing left to publish.
+    fn handle_disconnect_client(&mut self, client_id: String) {
+        let Some(&id) = self.connection_map.get(&client_id) else {
+            debug!(
+                client_id,
+                "Disconnect request for a client that is not connected"
+            );
+            return;
+        };
+        let Some(connection) = self.connections.get(id) else {
+            return;
+        };
+        if !connection.remote {
+            warn!(client_id, "Not disconnecting a local link");
+            return;
+        }
+        #[cfg(feature = "validate-tenant-prefix")]
+        let tenant_prefix = connection.tenant_prefix.clone();
+
+        info!(
+            client_id,
+            connection_id = id,
+            "Disconnecting client on request"
+        );
+        self.handle_disconnection(id, None);
+        self.publish_last_will(
+            client_id,
+            #[cfg(feature = "validate-tenant-prefix")]
+            tenant_prefix,
+        );
     }
 
     fn handle_new_connection(
@@ -278,6 +320,33 @@ impl Router {
 
         let span = tracing::info_span!("incoming_connect", client_id);
         let _guard = span.enter();
+
+        // IMN-PATCH: a remote client never takes over the client id of a live local link
+        // (`Broker::link`, e.g. the bridge's own): it is refused with "identifier
+        // rejected" and the local link is left alone. Remote/remote and local/* keep
+        // rumqttd's takeover below. (IMN-PATCH.md, section 5)
+        if connection.remote {
+            let local_holder = self
+                .connection_map
+                .get(&client_id)
+                .and_then(|id| self.connections.get(*id))
+                .is_some_and(|existing| !existing.remote);
+            if local_holder {
+                warn!("Remote client asked for the client id of a local link: refused");
+                let ack = ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::ClientIdentifierNotValid,
+                };
+                outgoing
+                    .data_buffer
+                    .lock()
+                    .push_back(Notification::DeviceAck(Ack::ConnAck(0, ack, None)));
+                outgoing.handle.try_send(()).ok();
+                // `outgoing` is dropped here: the link gets this CONNACK, then a
+                // disconnected channel
+                return;
+            }
+        }
 
         if cfg!(not(feature = "allow-duplicate-clientid")) {
             // Check if same client_id already exists and if so, replace it with this new connection
@@ -348,10 +417,22 @@ impl Router {
         }
 
         if let Some(will) = connection.last_will.take() {
-            self.last_wills.insert(
-                client_id.clone(),
-                (will, connection.last_will_properties.take()),
-            );
+            // IMN-PATCH: a remote client's will is kept only if the ACL allows it
+            // (IMN-PATCH.md, section 3); a denied will is dropped, the client connects.
+            let allowed = match (&self.config.acl, connection.remote) {
+                (Some(acl), true) => std::str::from_utf8(&will.topic)
+                    .is_ok_and(|topic| acl(&client_id, topic, Access::Will)),
+                _ => true,
+            };
+            if allowed {
+                self.last_wills.insert(
+                    client_id.clone(),
+                    (will, connection.last_will_properties.take()),
+                );
+            } else {
+                info!(topic = ?will.topic, "Last will denied by the ACL, discarded");
+                connection.last_will_properties = None;
+            }
         }
 
         let connection_id = self.connections.insert(connection);
@@ -615,12 +696,19 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        self.config.acl.as_ref(),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
                             new_data = true;
+                        }
+                        // IMN-PATCH: denied by the ACL: dropped (its PUBACK is already
+                        // queued above), the connection stays
+                        Err(RouterError::PublishDenied(topic)) => {
+                            debug!(topic, "Publish denied by the ACL, dropped");
+                            continue;
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
@@ -680,6 +768,20 @@ impl Router {
                             disconnect = true;
                             disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                             break;
+                        }
+
+                        // IMN-PATCH: ACL for remote clients (IMN-PATCH.md, section 3). A
+                        // denied filter gets a failure code (0x80 in a v4 SUBACK, 0x87 in
+                        // v5) and no subscription; the packet's other filters go on.
+                        if let Some(acl) = &self.config.acl {
+                            let connection = &self.connections[id];
+                            if connection.remote
+                                && !acl(&connection.client_id, &filter, Access::Subscribe)
+                            {
+                                info!(filter, "Subscription denied by the ACL");
+                                return_codes.push(SubscribeReasonCode::NotAuthorized);
+                                continue;
+                            }
                         }
 
                         let (idx, cursor) = self.datalog.next_native_offset(&filter);
@@ -826,12 +928,18 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        self.config.acl.as_ref(),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
                             new_data = true;
+                        }
+                        // IMN-PATCH: a QoS 2 publish denied by the ACL (asked here, at
+                        // PUBREL, when it would be stored): dropped, PUBCOMP still sent
+                        Err(RouterError::PublishDenied(topic)) => {
+                            debug!(topic, "Publish denied by the ACL, dropped");
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
@@ -1100,6 +1208,20 @@ impl Router {
         #[cfg(feature = "validate-tenant-prefix")]
         let tenant_prefix = tenant_id.map(|id| format!("/tenants/{id}/"));
 
+        self.publish_last_will(
+            client_id,
+            #[cfg(feature = "validate-tenant-prefix")]
+            tenant_prefix,
+        );
+    }
+
+    // IMN-PATCH: the body of `handle_last_will`, taking the tenant prefix, so that
+    // `handle_disconnect_client` can use it too.
+    fn publish_last_will(
+        &mut self,
+        client_id: String,
+        #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
+    ) {
         let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
             return;
         };
@@ -1191,6 +1313,7 @@ fn append_to_commitlog(
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
+    acl: Option<&AclHandler>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
@@ -1224,6 +1347,15 @@ fn append_to_commitlog(
                 tenant_prefix.to_owned(),
                 topic.to_owned(),
             ));
+        }
+    }
+
+    // IMN-PATCH: ACL for remote clients, on the topic after alias resolution and before
+    // anything is stored: a denied publish is neither retained (nor clears a retained
+    // message), nor appended, nor forwarded (IMN-PATCH.md, section 3).
+    if let Some(acl) = acl {
+        if connection.remote && !acl(&connection.client_id, topic, Access::Publish) {
+            return Err(RouterError::PublishDenied(topic.to_owned()));
         }
     }
 

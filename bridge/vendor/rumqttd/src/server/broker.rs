@@ -365,21 +365,16 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         }
     }
 
-    // Depending on TLS or not create a new Network
-    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
-        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-        match &self.config.tls {
-            Some(c) => {
-                let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-                Ok((network, tenant_id))
-            }
-            None => Ok((Box::new(stream), None)),
-        }
-        #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-        Ok((Box::new(stream), None))
-    }
-
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
+        // IMN-PATCH: the TLS acceptor (certificates, key, client CA) is loaded once, here,
+        // and a bad file is this function's error; rumqttd loaded the files again for
+        // every connection, in the accept loop (IMN-PATCH.md, section 6).
+        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+        let tls: Option<Arc<TLSAcceptor>> = match &self.config.tls {
+            Some(c) => Some(Arc::new(TLSAcceptor::new(c)?)),
+            None => None,
+        };
+
         let listener = TcpListener::bind(&self.config.listen).await?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
@@ -400,69 +395,111 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(error=?e, "Tls accept error");
-                    continue;
-                }
-            };
-
-            info!(
-                name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
-            );
-
             let config = config.clone();
             let router_tx = self.router_tx.clone();
             count += 1;
 
             let protocol = self.protocol.clone();
-            match link_type {
-                #[cfg(feature = "websocket")]
-                LinkType::Websocket => {
-                    let stream = match accept_hdr_async(network, WSCallback).await {
-                        Ok(s) => Box::new(WsStream::new(s)),
-                        Err(e) => {
-                            error!(error=?e, "Websocket failed handshake");
-                            continue;
-                        }
+            let name = self.config.name.clone();
+            let will_handlers = self.awaiting_will_handler.clone();
+            #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+            let tls = tls.clone();
+
+            // IMN-PATCH: the TLS (and websocket) handshake runs in the connection's own
+            // task, bounded by the connection timeout; it ran inline here, so one client
+            // that opened a socket and stayed silent stopped every other accept
+            // (IMN-PATCH.md, section 6).
+            task::spawn(async move {
+                let handshake_timeout = Duration::from_millis(config.connection_timeout_ms.into());
+                let handshake = async {
+                    #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+                    let (network, tenant_id) = tls_accept(tls.as_deref(), stream).await?;
+                    #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
+                    let (network, tenant_id): (Box<dyn N>, Option<String>) =
+                        (Box::new(stream), None);
+
+                    let network: Box<dyn N> = match link_type {
+                        #[cfg(feature = "websocket")]
+                        LinkType::Websocket => match accept_hdr_async(network, WSCallback).await {
+                            Ok(s) => Box::new(WsStream::new(s)),
+                            Err(e) => {
+                                return Err(Error::Accept(format!("websocket handshake: {e}")))
+                            }
+                        },
+                        LinkType::Remote => network,
                     };
-                    task::spawn(
+                    Ok::<_, Error>((network, tenant_id))
+                };
+
+                let (network, tenant_id) = match time::timeout(handshake_timeout, handshake).await {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(e)) => {
+                        error!(error=?e, ?addr, "Tls accept error");
+                        return;
+                    }
+                    Err(_) => {
+                        error!(?addr, "Tls accept error: handshake timed out");
+                        return;
+                    }
+                };
+
+                info!(name=?name, ?addr, count, tenant=?tenant_id, "accept");
+
+                match link_type {
+                    #[cfg(feature = "websocket")]
+                    LinkType::Websocket => {
                         remote(
                             config,
                             tenant_id.clone(),
                             router_tx,
-                            stream,
+                            network,
                             protocol,
-                            self.awaiting_will_handler.clone(),
+                            will_handlers,
                         )
                         .instrument(tracing::info_span!(
                             "websocket_link",
                             client_id = field::Empty,
                             connection_id = field::Empty
-                        )),
-                    )
+                        ))
+                        .await
+                    }
+                    LinkType::Remote => {
+                        remote(
+                            config,
+                            tenant_id.clone(),
+                            router_tx,
+                            network,
+                            protocol,
+                            will_handlers,
+                        )
+                        .instrument(tracing::error_span!(
+                            "remote_link",
+                            ?tenant_id,
+                            client_id = field::Empty,
+                            connection_id = field::Empty,
+                        ))
+                        .await
+                    }
                 }
-                LinkType::Remote => task::spawn(
-                    remote(
-                        config,
-                        tenant_id.clone(),
-                        router_tx,
-                        network,
-                        protocol,
-                        self.awaiting_will_handler.clone(),
-                    )
-                    .instrument(tracing::error_span!(
-                        "remote_link",
-                        ?tenant_id,
-                        client_id = field::Empty,
-                        connection_id = field::Empty,
-                    )),
-                ),
-            };
+            });
 
             time::sleep(delay).await;
         }
+    }
+}
+
+// IMN-PATCH: was `Server::tls_accept`, reading the certificate files per connection.
+#[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+async fn tls_accept(
+    tls: Option<&TLSAcceptor>,
+    stream: TcpStream,
+) -> Result<(Box<dyn N>, Option<String>), Error> {
+    match tls {
+        Some(acceptor) => {
+            let (tenant_id, network) = acceptor.accept(stream).await?;
+            Ok((network, tenant_id))
+        }
+        None => Ok((Box::new(stream), None)),
     }
 }
 
@@ -483,6 +520,9 @@ impl Callback for WSCallback {
         Ok(response)
     }
 }
+
+// IMN-PATCH: how long a connection the router dropped may take to end by itself.
+const DROPPED_LINK_GRACE: Duration = Duration::from_millis(500);
 
 /// A new network connection should wait for a mqtt connect packet. This should be handled
 /// asynchronously to avoid blocking other new connections while this connection is
@@ -535,16 +575,21 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // IMN-PATCH: `.ok()`, was `.unwrap()`: the entry's task may be gone (its receiver
+    // dropped), and a panic here, with the mutex held, poisoned it, so that every later
+    // connection on this listener panicked too (IMN-PATCH.md, section 5).
+    let sender = will_handlers.lock().unwrap().remove(&client_id);
+    if let Some(sender) = sender {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        sender.try_send(awaiting_will).ok();
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
+    let our_will_tx = will_tx.clone();
     will_handlers
         .lock()
         .unwrap()
@@ -564,15 +609,56 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            // IMN-PATCH: the connection never started (refused, invalid client id, no
+            // room): take our will entry back out, unless a newer connection with this
+            // client id has replaced it already.
+            let mut handlers = will_handlers.lock().unwrap();
+            if handlers
+                .get(&client_id)
+                .is_some_and(|tx| tx.same_channel(&our_will_tx))
+            {
+                handlers.remove(&client_id);
+            }
             return;
         }
     };
+    drop(our_will_tx);
 
     let connection_id = link.connection_id;
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
-    match link.start().await {
+    // IMN-PATCH: once the router has dropped this connection (kick, client id takeover,
+    // protocol error), `start` returns by itself as soon as it next polls the router
+    // channel; but it may be blocked writing to a client that does not read, and then
+    // it never would. So when the router drops the connection, `start` gets a moment to
+    // finish (and to send a DISCONNECT the router queued), then is cancelled, and the
+    // socket is dropped either way (IMN-PATCH.md, section 4).
+    let drop_watch = link.drop_watch();
+    let result = {
+        let run = link.start();
+        tokio::pin!(run);
+        let dropped = async {
+            match &drop_watch {
+                Some(watch) => {
+                    let _ = watch.recv_async().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            r = &mut run => r,
+            _ = dropped => match time::timeout(DROPPED_LINK_GRACE, &mut run).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!("router dropped the connection while it was blocked writing; closing it");
+                    Err(remote::Error::Link(local::LinkError::Recv(RecvError::Disconnected)))
+                }
+            },
+        }
+    };
+
+    match result {
         // Connection got closed. This shouldn't usually happen.
         Ok(_) => error!("connection-stop"),
         // No need to send a disconnect message when disconnection

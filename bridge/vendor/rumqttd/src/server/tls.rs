@@ -8,8 +8,12 @@ use {
 };
 
 use crate::TlsConfig;
-#[cfg(feature = "verify-client-cert")]
-use tokio_rustls::rustls::{server::WebPkiClientVerifier, RootCertStore};
+// IMN-PATCH: the client verifier is used without `verify-client-cert` too
+#[cfg(feature = "use-rustls")]
+use tokio_rustls::rustls::{
+    server::{danger::ClientCertVerifier, WebPkiClientVerifier},
+    RootCertStore,
+};
 #[cfg(feature = "use-rustls")]
 use {
     rustls_pemfile::Item,
@@ -57,6 +61,9 @@ pub enum Error {
     MissingTenantId,
     #[error("Tenant id missing in certificate")]
     CertificateParse,
+    // IMN-PATCH: was an unwrap
+    #[error("Client certificate verifier for CA file {0}: {1}")]
+    ClientVerifier(String, String),
 }
 
 #[cfg(feature = "verify-client-cert")]
@@ -191,11 +198,6 @@ impl TLSAcceptor {
             ));
         };
 
-        #[cfg(not(feature = "verify-client-cert"))]
-        if ca_path.is_some() {
-            tracing::warn!("verify-client-cert feature is disabled, CA cert will be ignored and no client authentication is done.");
-        }
-
         let (certs, key) = {
             // Get certificates
             let cert_file = File::open(cert_path);
@@ -214,36 +216,43 @@ impl TLSAcceptor {
 
         // client authentication with a CA. CA isn't required otherwise
         #[cfg(feature = "verify-client-cert")]
-        let builder = {
-            let ca_file = File::open(ca_path);
-            let ca_file = ca_file.map_err(|_| Error::CaFileNotFound(ca_path.clone()))?;
-            let ca_file = &mut BufReader::new(ca_file);
-            let ca_cert = rustls_pemfile::certs(ca_file)
-                .next()
-                .ok_or_else(|| Error::InvalidCACert(ca_path.to_string()))??;
+        let builder = builder.with_client_cert_verifier(client_verifier(ca_path)?);
 
-            let mut store = RootCertStore::empty();
-            store
-                .add(ca_cert)
-                .map_err(|_| Error::InvalidCACert(ca_path.to_string()))?;
-
-            // This will only return an error if no trust anchors are provided or invalid CRLs are
-            // provided. We always provide a trust anchor, and don't provide any CRLs, so it is safe
-            // to unwrap.
-            let verifier = WebPkiClientVerifier::builder(Arc::new(store))
-                .build()
-                .unwrap();
-            builder.with_client_cert_verifier(verifier)
-        };
-
+        // IMN-PATCH: mutual TLS chosen at run time, without `verify-client-cert`: with a
+        // `capath`, every client must present a certificate that chains to one of the CA
+        // certificates in that PEM file; without one, no client certificate is asked for.
+        // No tenant id is derived from the certificate (IMN-PATCH.md, section 6).
         #[cfg(not(feature = "verify-client-cert"))]
-        let builder = builder.with_no_client_auth();
+        let builder = match ca_path {
+            Some(ca_path) => builder.with_client_cert_verifier(client_verifier(ca_path)?),
+            None => builder.with_no_client_auth(),
+        };
 
         let server_config = builder.with_single_cert(certs, key)?;
 
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
         Ok(TLSAcceptor::Rustls { acceptor })
     }
+}
+
+// IMN-PATCH: a verifier requiring client certificates issued by any of the CA
+// certificates in `ca_path` (rumqttd took only the first, and unwrapped the builder).
+#[cfg(feature = "use-rustls")]
+fn client_verifier(ca_path: &String) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    let ca_file = File::open(ca_path).map_err(|_| Error::CaFileNotFound(ca_path.clone()))?;
+    let mut store = RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut BufReader::new(ca_file)) {
+        let cert = cert.map_err(|_| Error::InvalidCACert(ca_path.clone()))?;
+        store
+            .add(cert)
+            .map_err(|_| Error::InvalidCACert(ca_path.clone()))?;
+    }
+    if store.is_empty() {
+        return Err(Error::InvalidCACert(ca_path.clone()));
+    }
+    WebPkiClientVerifier::builder(Arc::new(store))
+        .build()
+        .map_err(|e| Error::ClientVerifier(ca_path.clone(), e.to_string()))
 }
 
 #[cfg(feature = "use-rustls")]

@@ -49,21 +49,25 @@ fn reason(code: u8) -> Result<SubscribeReasonCode, Error> {
     Ok(v)
 }
 
+// IMN-PATCH: MQTT 3.1.1 has one failure return code, 0x80; the v5 reason codes
+// (0x83, 0x87 "not authorized" used by the ACL, ...) are written as 0x80 in a v4 SUBACK.
+// rumqttd wrote them as they are, which v4 clients (rumqttd's own decoder included)
+// reject as malformed. (IMN-PATCH.md, section 3)
 fn code(reason: SubscribeReasonCode) -> u8 {
     match reason {
         SubscribeReasonCode::Success(qos) => qos as u8,
-        SubscribeReasonCode::Failure => 0x80,
         SubscribeReasonCode::QoS0 => 0,
         SubscribeReasonCode::QoS1 => 1,
         SubscribeReasonCode::QoS2 => 2,
-        SubscribeReasonCode::Unspecified => 128,
-        SubscribeReasonCode::ImplementationSpecific => 131,
-        SubscribeReasonCode::NotAuthorized => 135,
-        SubscribeReasonCode::TopicFilterInvalid => 143,
-        SubscribeReasonCode::PkidInUse => 145,
-        SubscribeReasonCode::QuotaExceeded => 151,
-        SubscribeReasonCode::SharedSubscriptionsNotSupported => 158,
-        SubscribeReasonCode::SubscriptionIdNotSupported => 161,
-        SubscribeReasonCode::WildcardSubscriptionsNotSupported => 162,
+        SubscribeReasonCode::Failure
+        | SubscribeReasonCode::Unspecified
+        | SubscribeReasonCode::ImplementationSpecific
+        | SubscribeReasonCode::NotAuthorized
+        | SubscribeReasonCode::TopicFilterInvalid
+        | SubscribeReasonCode::PkidInUse
+        | SubscribeReasonCode::QuotaExceeded
+        | SubscribeReasonCode::SharedSubscriptionsNotSupported
+        | SubscribeReasonCode::SubscriptionIdNotSupported
+        | SubscribeReasonCode::WildcardSubscriptionsNotSupported => 0x80,
     }
 }
