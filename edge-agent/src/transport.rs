@@ -9,6 +9,7 @@ use std::time::Duration;
 use embedded_svc::mqtt::client::asynch::{
     Client, Connection, Details, ErrorType, Event, EventPayload, MessageId, Publish, QoS,
 };
+use imn_modules::auth::{self as wauth, MessageKey};
 use rumqttc::{AsyncClient, ConnectReturnCode, EventLoop, LastWill, MqttOptions, Packet};
 use tokio::sync::mpsc;
 
@@ -43,6 +44,8 @@ pub struct ConnectOptions {
 #[derive(Clone)]
 pub struct MqttClient {
     client: AsyncClient,
+    /// With a token: every publish is signed with the agent's message key.
+    key: Option<MessageKey>,
 }
 
 /// The event half.
@@ -65,13 +68,18 @@ fn qos(q: QoS) -> rumqttc::QoS {
 /// would otherwise resolve names with the C library, which a static binary cannot).
 fn mqtt_options(opts: &ConnectOptions, addr: &str) -> MqttOptions {
     let mut mo = MqttOptions::new(opts.client_id.clone(), addr, opts.port);
+    let (will_topic, will) = &opts.last_will;
+    let will = match &opts.token {
+        Some(t) => wauth::sign(&wauth::message_key(t), will_topic, will),
+        None => will.clone(),
+    };
     mo.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_max_packet_size(opts.max_packet_bytes, opts.max_packet_bytes)
         .set_inflight(100)
         .set_last_will(LastWill::new(
-            opts.last_will.0.clone(),
-            opts.last_will.1.clone(),
+            will_topic.clone(),
+            will,
             rumqttc::QoS::AtLeastOnce,
             true,
         ));
@@ -96,8 +104,27 @@ pub fn connect(opts: ConnectOptions) -> (MqttClient, MqttConnection) {
     net.set_tcp_nodelay(true);
     eventloop.set_network_options(net);
     let (tx, rx) = mpsc::channel(256);
+    let key = opts.token.as_deref().map(wauth::message_key);
     tokio::spawn(pump(eventloop, opts, tx));
-    (MqttClient { client }, MqttConnection { rx })
+    (MqttClient { client, key }, MqttConnection { rx })
+}
+
+/// With a key, a received message must carry the cloud's signature for this topic; it
+/// is replaced by the payload inside. `false`: drop it (logged).
+fn open_received(key: Option<&MessageKey>, p: &mut rumqttc::Publish) -> bool {
+    let Some(key) = key else {
+        return true;
+    };
+    match wauth::verify(key, &p.topic, &p.payload) {
+        Ok(inner) => {
+            p.payload = p.payload.slice_ref(inner);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(topic = %p.topic, reason = e.reason(), "dropping a message not signed by the cloud");
+            false
+        }
+    }
 }
 
 async fn pump(
@@ -105,6 +132,7 @@ async fn pump(
     opts: ConnectOptions,
     tx: mpsc::Sender<Result<Packet, TransportError>>,
 ) {
+    let key = opts.token.as_deref().map(wauth::message_key);
     let mut backoff = Duration::from_millis(200);
     // Before every connection attempt the broker's name is looked up again: a broker
     // that moved is found at its new address.
@@ -132,7 +160,12 @@ async fn pump(
         };
         match step {
             Ok(None) => {}
-            Ok(Some(rumqttc::Event::Incoming(packet))) => {
+            Ok(Some(rumqttc::Event::Incoming(mut packet))) => {
+                if let Packet::Publish(p) = &mut packet {
+                    if !open_received(key.as_ref(), p) {
+                        continue;
+                    }
+                }
                 if matches!(&packet, Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success)
                 {
                     backoff = Duration::from_millis(200);
@@ -199,8 +232,12 @@ impl Publish for MqttClient {
         retain: bool,
         payload: &[u8],
     ) -> Result<MessageId, Self::Error> {
+        let payload = match &self.key {
+            Some(key) => wauth::sign(key, topic, payload),
+            None => payload.to_vec(),
+        };
         self.client
-            .try_publish(topic, qos(q), retain, payload.to_vec())
+            .try_publish(topic, qos(q), retain, payload)
             .map_err(|e| TransportError::Client(e.to_string()))?;
         Ok(0)
     }

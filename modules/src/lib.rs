@@ -6,6 +6,7 @@
 //! - `exec` (cargo feature `exec`): the code that runs modules on a device. The backend
 //!   leaves it out, so it links only specs and types.
 
+pub mod auth;
 pub mod catalog;
 pub mod params;
 pub mod results;
