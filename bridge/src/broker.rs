@@ -12,14 +12,37 @@ use std::sync::Arc;
 use bytes::Bytes;
 use imn_modules::wire::{self, Kind};
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
+use rumqttd::{
+    Access, AclHandler, Broker, Config, ConnectionSettings, Notification, RouterConfig,
+    ServerSettings, TlsConfig,
+};
 
+use crate::auth::AgentCredentials;
 use crate::bus::Bus;
 
-/// Limits of the embedded broker.
+/// The broker's TLS listener (MQTT over TLS, by convention on port 8883).
+#[derive(Debug, Clone)]
+pub struct BrokerTls {
+    pub listen: SocketAddr,
+    /// PEM server certificate chain and private key.
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// With a CA: clients must present a certificate signed by it (mutual TLS).
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+/// Listeners, limits and credentials of the embedded broker.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
-    pub listen: SocketAddr,
+    /// Plain MQTT (TCP), if any.
+    pub listen: Option<SocketAddr>,
+    /// MQTT over TLS, if any.
+    pub tls: Option<BrokerTls>,
+    /// Enrolled agents; [`AgentCredentials::disabled`] lets anyone in.
+    pub credentials: Arc<AgentCredentials>,
+    /// The broker's own topic ACL (with auth on). Turned off only by a test that shows
+    /// the bridge's signature check holds without it.
+    pub broker_acl: bool,
     /// Agents (plus a few tools) connected at once.
     pub max_connections: usize,
     /// Largest MQTT payload accepted, in bytes.
@@ -34,9 +57,23 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// A plain listener on `listen`, auth off, default limits.
     pub fn new(listen: SocketAddr) -> BrokerConfig {
         BrokerConfig {
-            listen,
+            listen: Some(listen),
+            ..BrokerConfig::default()
+        }
+    }
+}
+
+impl Default for BrokerConfig {
+    /// No listener yet, auth off, default limits.
+    fn default() -> BrokerConfig {
+        BrokerConfig {
+            listen: None,
+            tls: None,
+            credentials: Arc::new(AgentCredentials::disabled()),
+            broker_acl: true,
             max_connections: 50_000,
             max_payload_bytes: 1024 * 1024,
             max_inflight: 200,
@@ -48,6 +85,10 @@ impl BrokerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
+    #[error("the broker has no listener: give a plain or a TLS address")]
+    NoListener,
+    #[error("TLS file {path}: {message}")]
+    TlsFile { path: String, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -69,8 +110,8 @@ pub struct BridgeStats {
     pub too_large: AtomicU64,
 }
 
-fn rumqttd_config(cfg: &BrokerConfig) -> Config {
-    let connections = ConnectionSettings {
+fn connection_settings(cfg: &BrokerConfig) -> ConnectionSettings {
+    let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: cfg.max_payload_bytes,
         max_inflight_count: cfg.max_inflight,
@@ -78,13 +119,63 @@ fn rumqttd_config(cfg: &BrokerConfig) -> Config {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = ServerSettings {
-        name: "imn-v4".into(),
-        listen: cfg.listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections,
-    };
+    if cfg.credentials.is_enabled() {
+        let creds = cfg.credentials.clone();
+        connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            let ok = creds.login(&client_id, &user, &pass);
+            async move { ok }
+        });
+    }
+    connections
+}
+
+fn rumqttd_config(cfg: &BrokerConfig) -> Config {
+    let mut servers = HashMap::new();
+    if let Some(listen) = cfg.listen {
+        servers.insert(
+            "1".to_string(),
+            ServerSettings {
+                name: "imn-v4".into(),
+                listen,
+                tls: None,
+                next_connection_delay_ms: 0,
+                connections: connection_settings(cfg),
+            },
+        );
+    }
+    if let Some(tls) = &cfg.tls {
+        servers.insert(
+            "2".to_string(),
+            ServerSettings {
+                name: "imn-v4-tls".into(),
+                listen: tls.listen,
+                tls: Some(TlsConfig::Rustls {
+                    capath: tls.client_ca.as_ref().map(|p| p.display().to_string()),
+                    certpath: tls.cert.display().to_string(),
+                    keypath: tls.key.display().to_string(),
+                }),
+                next_connection_delay_ms: 0,
+                connections: connection_settings(cfg),
+            },
+        );
+    }
+    let acl: Option<AclHandler> = (cfg.credentials.is_enabled() && cfg.broker_acl).then(|| {
+        let creds = cfg.credentials.clone();
+        Arc::new(move |client_id: &str, topic: &str, access: Access| {
+            use std::sync::atomic::Ordering::Relaxed;
+            let publish = !matches!(access, Access::Subscribe);
+            let ok = creds.allowed(client_id, topic, publish);
+            if !ok {
+                let counter = match access {
+                    Access::Publish => &creds.stats.publish_denied,
+                    Access::Subscribe => &creds.stats.subscribe_denied,
+                    Access::Will => &creds.stats.will_denied,
+                };
+                counter.fetch_add(1, Relaxed);
+            }
+            ok
+        }) as AclHandler
+    });
     Config {
         id: 0,
         router: RouterConfig {
@@ -92,23 +183,49 @@ fn rumqttd_config(cfg: &BrokerConfig) -> Config {
             max_outgoing_packet_count: cfg.max_outgoing_packets,
             max_segment_size: 4 * cfg.max_payload_bytes.max(256 * 1024),
             max_segment_count: 4,
+            acl,
             ..Default::default()
         },
-        v4: Some(HashMap::from([("1".to_string(), server)])),
+        v4: Some(servers),
         ..Default::default()
     }
+}
+
+/// Checks that a TLS file can be read, so a typo is an error at start and not a log
+/// line from the broker's thread.
+fn readable(path: &std::path::Path) -> Result<(), BridgeError> {
+    std::fs::read(path)
+        .map(drop)
+        .map_err(|e| BridgeError::TlsFile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// Starts the broker on its own threads and returns the bridge's local link.
 pub fn start_broker(cfg: &BrokerConfig) -> Result<(LinkTx, LinkRx), BridgeError> {
     // rumqttd only logs a failed bind from its thread; check first, so a taken port is
     // an error the caller can show.
-    drop(
-        std::net::TcpListener::bind(cfg.listen).map_err(|source| BridgeError::Bind {
-            addr: cfg.listen,
-            source,
-        })?,
-    );
+    let mut listens: Vec<SocketAddr> = cfg.listen.into_iter().collect();
+    if let Some(tls) = &cfg.tls {
+        readable(&tls.cert)?;
+        readable(&tls.key)?;
+        if let Some(ca) = &tls.client_ca {
+            readable(ca)?;
+        }
+        listens.push(tls.listen);
+    }
+    if listens.is_empty() {
+        return Err(BridgeError::NoListener);
+    }
+    for addr in &listens {
+        drop(
+            std::net::TcpListener::bind(addr).map_err(|source| BridgeError::Bind {
+                addr: *addr,
+                source,
+            })?,
+        );
+    }
     let mut broker = Broker::new(rumqttd_config(cfg));
     let (mut link_tx, link_rx) = broker
         .link("imn-bridge")
@@ -126,7 +243,9 @@ pub fn start_broker(cfg: &BrokerConfig) -> Result<(LinkTx, LinkRx), BridgeError>
             }
         })
         .map_err(|e| BridgeError::Broker(e.to_string()))?;
-    set_listener_nodelay(cfg.listen);
+    for addr in listens {
+        set_listener_nodelay(addr);
+    }
     Ok((link_tx, link_rx))
 }
 
@@ -242,6 +361,7 @@ pub async fn uplink(
     mut link_rx: LinkRx,
     bus: Arc<dyn Bus>,
     stats: Arc<BridgeStats>,
+    credentials: Arc<AgentCredentials>,
     max_message_bytes: usize,
 ) {
     loop {
@@ -265,9 +385,13 @@ pub async fn uplink(
                 let payload: Bytes = f.publish.payload;
                 if payload.len() > max_message_bytes {
                     stats.too_large.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%agent, kind = kind.as_str(), bytes = payload.len(), limit = max_message_bytes, "dropping uplink message over the size limit");
+                    tracing::warn!(%agent, kind = kind.as_str(), bytes = payload.len(), max_mqtt_payload = max_message_bytes, "dropping an uplink message over the limit max_mqtt_payload");
                     continue;
                 }
+                let payload = match credentials.open_uplink(agent, kind, &payload) {
+                    Some(inner) => payload.slice_ref(inner),
+                    None => continue,
+                };
                 match bus.publish_up(kind, agent, payload).await {
                     Ok(()) => {
                         stats.up_messages.fetch_add(1, Ordering::Relaxed);
@@ -292,8 +416,15 @@ pub async fn uplink(
     }
 }
 
-/// Forwards commands and acks from the bus to agents, until the bus closes.
-pub async fn downlink(mut link_tx: LinkTx, bus: Arc<dyn Bus>, stats: Arc<BridgeStats>) {
+/// Forwards commands and acks from the bus to agents (signed for their agent when auth
+/// is on), and disconnects agents whose credentials were revoked or rotated, until the
+/// bus closes.
+pub async fn downlink(
+    mut link_tx: LinkTx,
+    bus: Arc<dyn Bus>,
+    stats: Arc<BridgeStats>,
+    credentials: Arc<AgentCredentials>,
+) {
     let mut rx = match bus.subscribe_down().await {
         Ok(rx) => rx,
         Err(e) => {
@@ -301,13 +432,37 @@ pub async fn downlink(mut link_tx: LinkTx, bus: Arc<dyn Bus>, stats: Arc<BridgeS
             return;
         }
     };
-    while let Some(m) = rx.recv().await {
-        let topic = wire::topic(&m.agent, m.kind);
-        if let Err(e) = link_tx.publish(topic, m.payload) {
-            tracing::error!(error = %e, "broker link closed");
-            return;
+    let mut kicks = credentials.take_kicks();
+    loop {
+        let kick = async {
+            match kicks.as_mut() {
+                Some(k) => k.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            m = rx.recv() => {
+                let Some(m) = m else { return };
+                let topic = wire::topic(&m.agent, m.kind);
+                let payload = credentials.seal_downlink(&m.agent, m.kind, m.payload);
+                if let Err(e) = link_tx.publish(topic, payload) {
+                    tracing::error!(error = %e, "broker link closed");
+                    return;
+                }
+                stats.down_messages.fetch_add(1, Ordering::Relaxed);
+            }
+            id = kick => {
+                let Some(id) = id else {
+                    kicks = None;
+                    continue;
+                };
+                tracing::info!(agent = %id, "disconnecting: credentials revoked or rotated");
+                if let Err(e) = link_tx.disconnect_client(&id) {
+                    tracing::error!(error = %e, "broker link closed");
+                    return;
+                }
+            }
         }
-        stats.down_messages.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -319,9 +474,21 @@ pub async fn run(cfg: BrokerConfig, bus: Arc<dyn Bus>) -> Result<Arc<BridgeStats
         link_rx,
         bus.clone(),
         stats.clone(),
+        cfg.credentials.clone(),
         cfg.max_message_bytes,
     ));
-    tokio::spawn(downlink(link_tx, bus, stats.clone()));
-    tracing::info!(listen = %cfg.listen, "bridge: embedded broker listening");
+    tokio::spawn(downlink(
+        link_tx,
+        bus,
+        stats.clone(),
+        cfg.credentials.clone(),
+    ));
+    tracing::info!(
+        listen = ?cfg.listen,
+        tls = ?cfg.tls.as_ref().map(|t| t.listen),
+        mutual_tls = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        auth = cfg.credentials.is_enabled(),
+        "bridge: embedded broker listening"
+    );
     Ok(stats)
 }

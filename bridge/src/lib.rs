@@ -1,10 +1,12 @@
 //! The IMN bridge: an embedded MQTT broker for agents, forwarding between MQTT and the
 //! bus. Stateless apart from connections.
 
+pub mod auth;
 pub mod broker;
 pub mod bus;
 
-pub use broker::{BridgeError, BrokerConfig};
+pub use auth::{AgentCredential, AgentCredentials};
+pub use broker::{BridgeError, BrokerConfig, BrokerTls};
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info,rumqttd=warn`). rumqttd opens
 /// an error-level span per publish with its topic formatted by `Debug`; the fmt layer

@@ -21,12 +21,25 @@ struct Flags {
     /// Most agents connected at once.
     #[arg(long, env = "IMN_MAX_CONNECTIONS", default_value_t = 50_000)]
     max_connections: usize,
+    /// Listen beyond loopback although this process has no agent credentials (it does
+    /// not yet receive them over NATS) and no TLS: anyone who reaches the port can
+    /// connect as any agent.
+    #[arg(long)]
+    insecure_i_know: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     imn_bridge::init_logging();
     let flags = Flags::parse();
+    if !flags.mqtt.ip().is_loopback() && !flags.insecure_i_know {
+        anyhow::bail!(
+            "--mqtt {}: not a loopback address; a separate imn-bridge has no agent credentials \
+             yet, so it listens beyond loopback only with --insecure-i-know (use imn up --auth \
+             --mqtts for an authenticated broker)",
+            flags.mqtt
+        );
+    }
     let bus = NatsBus::connect(NatsOptions::new(&flags.nats)).await?;
     let mut cfg = BrokerConfig::new(flags.mqtt);
     cfg.max_payload_bytes = flags.max_payload;
