@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::registry::AgentEntry;
+use crate::security::Scope;
 use crate::service::Backend;
 use crate::store::{RequestRow, ResultRow};
 
@@ -24,6 +25,7 @@ pub const MAX_WAIT_S: f64 = 300.0;
 pub fn router(backend: Arc<Backend>) -> Router {
     let mut r = Router::new()
         .route("/health", get(health))
+        .route("/livez", get(|| async { "ok" }))
         .route("/agents", get(agents))
         .route("/agents/alive", get(agents_alive))
         .route("/agents/{id}", get(agent))
@@ -36,12 +38,74 @@ pub fn router(backend: Arc<Backend>) -> Router {
         )
         .route("/agent/{id}/{module}", post(submit))
         .route("/modules", get(modules))
-        .route("/modules/states/{request_id}", get(states));
+        .route("/modules/states/{request_id}", get(states))
+        .route("/admin/agents", get(enrolled_agents).post(enroll_agent))
+        .route("/admin/agents/{id}/rotate", post(rotate_agent))
+        .route("/admin/agents/{id}/revoke", post(revoke_agent))
+        .route("/admin/tokens", get(tokens).post(create_token))
+        .route("/admin/tokens/{id}/rotate", post(rotate_token))
+        .route("/admin/tokens/{id}/revoke", post(revoke_token));
     if backend.fault_injection {
         r = r.route("/debug/hold-acks", post(hold_acks));
     }
+    let limit = backend.security.limits.max_body_bytes;
     r.fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::middleware::from_fn_with_state(backend.clone(), guard))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(backend)
+}
+
+/// The scope a route needs: `admin` for /admin and /debug, `measure` for every other
+/// change, `read` for the rest. `/livez` is open, for load balancers.
+fn required_scope(method: &axum::http::Method, path: &str) -> Option<Scope> {
+    if path == "/livez" {
+        return None;
+    }
+    if path.starts_with("/admin/") || path == "/admin" || path.starts_with("/debug/") {
+        return Some(Scope::Admin);
+    }
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        Some(Scope::Read)
+    } else {
+        Some(Scope::Measure)
+    }
+}
+
+/// Authentication, scopes and rate limits (when auth is on), and the body limit: a
+/// body over `max_body_bytes` gets a JSON 413 naming the limit, whether the client
+/// declared its length or not.
+async fn guard(
+    State(b): State<Arc<Backend>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = b.security.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::BodyTooLarge { limit }.into_response();
+    }
+    if let Some(scope) = required_scope(req.method(), req.uri().path()) {
+        let bearer = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
+        if let Err(e) = b.security.authorize(bearer, scope) {
+            return e.into_response();
+        }
+    }
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && resp.headers().get(axum::http::header::CONTENT_TYPE)
+            != Some(&axum::http::HeaderValue::from_static("application/json"))
+    {
+        return ApiError::BodyTooLarge { limit }.into_response();
+    }
+    resp
 }
 
 /// UTC RFC 3339 with milliseconds.
@@ -116,6 +180,17 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
             "bad_topics": s.bad_topics.load(Relaxed),
             "too_large": s.too_large.load(Relaxed),
         })),
+        "auth": ({
+            let a = &b.security.bridge().stats;
+            json!({
+                "enabled": b.security.enabled(),
+                "logins_refused": a.logins_refused.load(Relaxed),
+                "publish_denied": a.publish_denied.load(Relaxed),
+                "subscribe_denied": a.subscribe_denied.load(Relaxed),
+                "will_denied": a.will_denied.load(Relaxed),
+                "unsigned_or_forged": a.unsigned_or_forged.load(Relaxed),
+            })
+        }),
     })))
 }
 
@@ -513,4 +588,135 @@ struct OnOff {
 async fn hold_acks(State(b): State<Arc<Backend>>, Query(q): Query<OnOff>) -> Json<Value> {
     b.set_hold_acks(q.on);
     Json(json!({"hold_acks": q.on}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollBody {
+    id: String,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))
+}
+
+fn enrolled_json(a: &crate::security::EnrolledAgent) -> Value {
+    json!({
+        "id": a.id,
+        "tags": a.tags,
+        "created_at": rfc3339(a.created_ms),
+        "revoked_at": a.revoked_ms.map(rfc3339),
+    })
+}
+
+/// `POST /admin/agents {id, tags}`: enrolls an agent. The token is in this answer only.
+async fn enroll_agent(State(b): State<Arc<Backend>>, body: Bytes) -> Result<Response, ApiError> {
+    let e: EnrollBody = json_body(&body)?;
+    let token = b
+        .security
+        .enroll(b.store.as_ref(), &e.id, e.tags.clone())
+        .await?;
+    tracing::info!(agent = %e.id, "agent enrolled");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": e.id, "tags": e.tags, "token": token})),
+    )
+        .into_response())
+}
+
+async fn enrolled_agents(State(b): State<Arc<Backend>>) -> Json<Value> {
+    Json(Value::Array(
+        b.security
+            .enrolled_agents()
+            .iter()
+            .map(enrolled_json)
+            .collect(),
+    ))
+}
+
+async fn rotate_agent(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let token = b.security.rotate_agent(b.store.as_ref(), &id).await?;
+    tracing::info!(agent = %id, "agent token rotated");
+    Ok(Json(json!({"id": id, "token": token})))
+}
+
+async fn revoke_agent(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    b.security.revoke_agent(b.store.as_ref(), &id).await?;
+    // Its connection is closed by the bridge; its will may not pass the signature check.
+    b.registry.status(&id, false, now_ms());
+    tracing::info!(agent = %id, "agent revoked");
+    Ok(Json(json!({"id": id, "revoked": true})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    id: Option<String>,
+    scopes: Vec<String>,
+    rate_per_min: Option<f64>,
+}
+
+fn token_json(t: &crate::security::TokenInfo) -> Value {
+    json!({
+        "id": t.id,
+        "scopes": t.scopes,
+        "rate_per_min": t.rate_per_min,
+        "created_at": rfc3339(t.created_ms),
+        "revoked_at": t.revoked_ms.map(rfc3339),
+    })
+}
+
+/// `POST /admin/tokens {id?, scopes, rate_per_min?}`: the secret is in this answer only.
+async fn create_token(State(b): State<Arc<Backend>>, body: Bytes) -> Result<Response, ApiError> {
+    let t: TokenBody = json_body(&body)?;
+    let mut scopes = Vec::new();
+    for (i, s) in t.scopes.iter().enumerate() {
+        scopes.push(Scope::parse(s).ok_or_else(|| ApiError::InvalidParams {
+            field: format!("/scopes/{i}"),
+            rule: "enum".into(),
+            message: format!("/scopes/{i}: {s:?} is not one of read, measure, admin"),
+        })?);
+    }
+    let (id, token) = b
+        .security
+        .create_token(b.store.as_ref(), t.id, scopes.clone(), t.rate_per_min)
+        .await?;
+    tracing::info!(token = %id, "API token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": id, "scopes": scopes, "token": token})),
+    )
+        .into_response())
+}
+
+async fn tokens(State(b): State<Arc<Backend>>) -> Json<Value> {
+    Json(Value::Array(
+        b.security.tokens().iter().map(token_json).collect(),
+    ))
+}
+
+async fn rotate_token(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let token = b.security.rotate_token(b.store.as_ref(), &id).await?;
+    tracing::info!(token = %id, "API token rotated");
+    Ok(Json(json!({"id": id, "token": token})))
+}
+
+async fn revoke_token(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    b.security.revoke_token(b.store.as_ref(), &id).await?;
+    tracing::info!(token = %id, "API token revoked");
+    Ok(Json(json!({"id": id, "revoked": true})))
 }

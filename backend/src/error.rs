@@ -43,6 +43,33 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    /// No token, or one that is unknown or revoked.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A token without the scope the route needs.
+    #[error("{message}")]
+    Forbidden { rule: String, message: String },
+    /// A token over its rate.
+    #[error("{message}")]
+    RateLimited { retry_after_s: u64, message: String },
+    /// A request over one of the configured input limits.
+    #[error("{message}")]
+    OverLimit {
+        limit: &'static str,
+        field: String,
+        message: String,
+    },
+    /// The request body is over `max_body_bytes`.
+    #[error("the request body is over the limit max_body_bytes = {limit}")]
+    BodyTooLarge { limit: usize },
+    /// Too many unfinished requests for one agent.
+    #[error("{message}")]
+    QueueFull { message: String },
+    /// A measurement against the measurement policy.
+    #[error("{message}")]
+    PolicyDenied { rule: String, message: String },
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -63,7 +90,16 @@ impl ApiError {
             ApiError::UnknownAgent(_) | ApiError::UnknownModule { .. } | ApiError::NotFound(_) => {
                 StatusCode::NOT_FOUND
             }
-            ApiError::ModuleNotLoaded { .. } | ApiError::AgentOffline(_) => StatusCode::CONFLICT,
+            ApiError::ModuleNotLoaded { .. }
+            | ApiError::AgentOffline(_)
+            | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } | ApiError::PolicyDenied { .. } => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } | ApiError::QueueFull { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::OverLimit { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -80,6 +116,14 @@ impl ApiError {
             ApiError::AgentOffline(_) => "agent_offline",
             ApiError::NotFound(_) => "not_found",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden { .. } => "forbidden",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::OverLimit { .. }
+            | ApiError::BodyTooLarge { .. }
+            | ApiError::QueueFull { .. } => "over_limit",
+            ApiError::PolicyDenied { .. } => "policy_denied",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -95,6 +139,21 @@ impl ApiError {
             ApiError::UnknownModule { known, .. } => body["modules"] = json!(known),
             ApiError::ModuleNotLoaded { loaded, .. } => body["modules"] = json!(loaded),
             ApiError::UnknownAgent(_) => body["field"] = json!("agent_id"),
+            ApiError::Forbidden { rule, .. } | ApiError::PolicyDenied { rule, .. } => {
+                body["rule"] = json!(rule)
+            }
+            ApiError::OverLimit { limit, field, .. } => {
+                body["limit"] = json!(limit);
+                body["field"] = json!(field);
+            }
+            ApiError::BodyTooLarge { limit } => {
+                body["limit"] = json!("max_body_bytes");
+                body["max"] = json!(limit);
+            }
+            ApiError::QueueFull { .. } => body["limit"] = json!("max_queued_per_agent"),
+            ApiError::RateLimited { retry_after_s, .. } => {
+                body["retry_after_s"] = json!(retry_after_s)
+            }
             _ => {}
         }
         body
@@ -106,6 +165,29 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Internal(_)) {
             tracing::error!(error = %self, "internal API error");
         }
-        (self.status(), Json(self.body())).into_response()
+        let mut resp = (self.status(), Json(self.body())).into_response();
+        let headers = resp.headers_mut();
+        match &self {
+            ApiError::Unauthorized(_) => {
+                headers.insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            ApiError::RateLimited { retry_after_s, .. } => {
+                headers.insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(*retry_after_s),
+                );
+            }
+            ApiError::QueueFull { .. } => {
+                headers.insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(5u64),
+                );
+            }
+            _ => {}
+        }
+        resp
     }
 }

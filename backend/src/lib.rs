@@ -3,10 +3,14 @@
 
 pub mod api;
 pub mod atlas;
+pub mod certs;
+pub mod client;
 pub mod error;
 pub mod registry;
+pub mod security;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod up;
 pub mod validation;
 

@@ -73,6 +73,8 @@ pub struct Backend {
     /// Fault injection for tests: store batches but send no acks.
     hold_acks: AtomicBool,
     pub fault_injection: bool,
+    /// Enrollment, API tokens, limits and policy.
+    pub security: crate::security::Security,
     /// The in-process bridge's counters, under `imn up`.
     pub bridge_stats: std::sync::OnceLock<Arc<imn_bridge::broker::BridgeStats>>,
 }
@@ -92,8 +94,10 @@ impl Backend {
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         fault_injection: bool,
+        security: crate::security::Security,
     ) -> Result<Arc<Backend>, ApiError> {
         let validators = Validators::new()?;
+        security.load(store.as_ref()).await?;
         let backend = Arc::new(Backend {
             store,
             bus,
@@ -103,6 +107,7 @@ impl Backend {
             waiters: Mutex::new(HashMap::new()),
             hold_acks: AtomicBool::new(false),
             fault_injection,
+            security,
             bridge_stats: std::sync::OnceLock::new(),
         });
         for a in backend.store.agents().await? {
@@ -167,6 +172,24 @@ impl Backend {
             serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?
         };
         self.validate(module, &params)?;
+        let self_tags = self
+            .registry
+            .get(agent)
+            .map(|a| a.hello.tags)
+            .unwrap_or_default();
+        let tags = self.security.policy_tags(agent, &self_tags);
+        self.security
+            .check_measurement(agent, &tags, &crate::security::Demand::of(&params))
+            .await?;
+        let queued = self.store.open_requests(agent).await?;
+        let max_queued = self.security.limits.max_queued_per_agent;
+        if queued >= max_queued {
+            return Err(ApiError::QueueFull {
+                message: format!(
+                    "agent {agent} has {queued} unfinished requests, the limit max_queued_per_agent = {max_queued}"
+                ),
+            });
+        }
         let now = now_ms();
         let alive = self.registry.get(agent).is_some_and(|a| a.alive(now));
         let created = self
@@ -595,9 +618,18 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let store = SqliteStore::open(&dir.join("s.sqlite")).unwrap();
-        Backend::new(Arc::new(store), Arc::new(LocalBus::new(8)), false)
-            .await
-            .unwrap()
+        Backend::new(
+            Arc::new(store),
+            Arc::new(LocalBus::new(8)),
+            false,
+            crate::security::Security::new(
+                Arc::new(imn_bridge::AgentCredentials::disabled()),
+                crate::security::Limits::default(),
+                crate::security::Policy::default(),
+            ),
+        )
+        .await
+        .unwrap()
     }
 
     /// Every module's schema: a valid example is accepted, and a typical invalid one is

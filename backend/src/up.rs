@@ -9,11 +9,181 @@ use std::sync::Arc;
 
 use imn_agent::{Agent, AgentConfig};
 use imn_bridge::bus::{Bus, LocalBus};
-use imn_bridge::{broker, BrokerConfig};
+use imn_bridge::{broker, AgentCredentials, BrokerConfig, BrokerTls};
 use tokio::sync::watch;
 
+use crate::security::{Limits, Policy, Scope, Security};
 use crate::service::Backend;
 use crate::store::SqliteStore;
+
+/// Auth, TLS and input limits: the flags `imn up` and `imn-backend` share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SecurityFlags {
+    /// Require credentials: a bearer token with the right scope on every API call, and
+    /// an enrolled agent's id and token on every MQTT login.
+    #[arg(long, env = "IMN_AUTH")]
+    pub auth: bool,
+    /// PEM certificate chain: the API is served over HTTPS (and MQTT over TLS, where
+    /// there is a TLS listener).
+    #[arg(long, env = "IMN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "IMN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Listen beyond loopback without auth or without TLS. Anyone who reaches the
+    /// port can then run measurements, or read what travels.
+    #[arg(long)]
+    pub insecure_i_know: bool,
+    /// Largest API request body, in bytes.
+    #[arg(long, env = "IMN_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Most targets in one measurement.
+    #[arg(long, env = "IMN_MAX_TARGETS", default_value_t = Limits::default().max_targets)]
+    pub max_targets: usize,
+    /// Largest `count` in one measurement.
+    #[arg(long, env = "IMN_MAX_COUNT", default_value_t = Limits::default().max_count)]
+    pub max_count: u64,
+    /// Highest probe rate one measurement may ask for, in probes per second.
+    #[arg(long, env = "IMN_MAX_RATE", default_value_t = Limits::default().max_rate)]
+    pub max_rate: f64,
+    /// Most unfinished requests per agent.
+    #[arg(long, env = "IMN_MAX_QUEUED_PER_AGENT", default_value_t = Limits::default().max_queued_per_agent)]
+    pub max_queued_per_agent: u64,
+    /// Measurement policy: a TOML file of [[rule]] tables (name, agents, tags, allow,
+    /// deny, max_rate).
+    #[arg(long, env = "IMN_POLICY")]
+    pub policy: Option<PathBuf>,
+}
+
+impl SecurityFlags {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_targets: self.max_targets,
+            max_count: self.max_count,
+            max_rate: self.max_rate,
+            max_queued_per_agent: self.max_queued_per_agent,
+        }
+    }
+
+    pub fn load_policy(&self) -> Result<Policy, UpError> {
+        match &self.policy {
+            None => Ok(Policy::default()),
+            Some(p) => Policy::load(p).map_err(|message| UpError::Flag {
+                flag: "--policy",
+                message,
+            }),
+        }
+    }
+
+    /// The API's TLS configuration, when --tls-cert is given.
+    pub fn http_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, UpError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        crate::tls::server_config(&crate::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+        })
+        .map(Some)
+        .map_err(|e| UpError::Flag {
+            flag: "--tls-cert",
+            message: e.to_string(),
+        })
+    }
+
+    /// Refuses to listen beyond loopback without auth and TLS, unless told to.
+    pub fn check_exposure(
+        &self,
+        flag: &'static str,
+        addr: SocketAddr,
+        tls: bool,
+    ) -> Result<(), UpError> {
+        if addr.ip().is_loopback() || self.insecure_i_know {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        if !self.auth {
+            missing.push("--auth");
+        }
+        if !tls {
+            missing.push(if flag.starts_with("--mqtt") {
+                "TLS (--mqtts with --tls-cert and --tls-key; plain MQTT stays on loopback)"
+            } else {
+                "TLS (--tls-cert and --tls-key)"
+            });
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(UpError::Flag {
+            flag,
+            message: format!(
+                "{addr} is not a loopback address: listening there needs {}, or --insecure-i-know",
+                missing.join(" and ")
+            ),
+        })
+    }
+}
+
+/// Opens the backend's security: limits, policy, and (with auth) the credential table
+/// shared with the in-process bridge.
+pub fn security(flags: &SecurityFlags) -> Result<Security, UpError> {
+    let creds = Arc::new(if flags.auth {
+        AgentCredentials::enabled()
+    } else {
+        AgentCredentials::disabled()
+    });
+    Ok(Security::new(creds, flags.limits(), flags.load_policy()?))
+}
+
+/// Keeps `DATA/admin-token` holding a live admin token: the one there if it still
+/// works, else a new one (written with mode 0600).
+pub async fn ensure_admin_token(backend: &Backend, path: &std::path::Path) -> Result<(), UpError> {
+    let current = std::fs::read_to_string(path).ok();
+    if current
+        .as_deref()
+        .is_some_and(|t| backend.security.token_is_live(t.trim()))
+    {
+        return Ok(());
+    }
+    let store = backend.store.as_ref();
+    let token = match backend
+        .security
+        .create_token(store, Some("admin".into()), vec![Scope::Admin], None)
+        .await
+    {
+        Ok((_, t)) => t,
+        Err(crate::error::ApiError::Conflict(_)) => backend
+            .security
+            .rotate_token(store, "admin")
+            .await
+            .map_err(|e| UpError::Start(e.to_string()))?,
+        Err(e) => return Err(UpError::Start(e.to_string())),
+    };
+    write_secret(path, &token).map_err(|e| UpError::Data {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Writes a secret to a file only its owner can read.
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
@@ -25,6 +195,8 @@ pub enum UpError {
     },
     #[error("--data {path}: {message}")]
     Data { path: PathBuf, message: String },
+    #[error("{flag}: {message}")]
+    Flag { flag: &'static str, message: String },
     #[error("{0}")]
     Start(String),
 }
@@ -39,18 +211,28 @@ pub async fn bind_http(
         .map_err(|source| UpError::Bind { flag, addr, source })
 }
 
-/// Serves the REST API until `shutdown` resolves.
+/// Serves the REST API (over HTTPS when given a TLS configuration) until `shutdown`
+/// resolves.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     backend: Arc<Backend>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    let router = crate::api::router(backend);
+    if let Some(config) = tls {
+        let listener =
+            crate::tls::TlsListener::new(listener, config, std::time::Duration::from_secs(10));
+        return axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+    }
     // Nagle plus delayed ACKs would add up to 40 ms to small API answers.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, crate::api::router(backend))
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -60,6 +242,7 @@ pub async fn start_backend(
     data: &std::path::Path,
     bus: Arc<dyn Bus>,
     fault_injection: bool,
+    security: Security,
 ) -> Result<Arc<Backend>, UpError> {
     std::fs::create_dir_all(data).map_err(|e| UpError::Data {
         path: data.to_path_buf(),
@@ -69,7 +252,7 @@ pub async fn start_backend(
         path: data.to_path_buf(),
         message: e.to_string(),
     })?;
-    let backend = Backend::new(Arc::new(store), bus, fault_injection)
+    let backend = Backend::new(Arc::new(store), bus, fault_injection, security)
         .await
         .map_err(|e| UpError::Start(e.to_string()))?;
     backend
@@ -83,40 +266,147 @@ pub async fn start_backend(
 #[derive(Debug, Clone)]
 pub struct UpOptions {
     pub http: SocketAddr,
-    pub mqtt: SocketAddr,
+    /// Plain MQTT, if any.
+    pub mqtt: Option<SocketAddr>,
+    /// MQTT over TLS (with the API's --tls-cert and --tls-key), if any.
+    pub mqtts: Option<SocketAddr>,
+    /// With MQTT over TLS: clients must show a certificate signed by this CA.
+    pub mqtt_client_ca: Option<PathBuf>,
+    /// The CA local agents trust when they connect over TLS.
+    pub ca: Option<PathBuf>,
+    /// Largest MQTT message from an agent, in bytes.
+    pub max_mqtt_payload: usize,
     pub data: PathBuf,
     pub agents: usize,
     pub heartbeat_ms: u64,
     pub fault_injection: bool,
+    /// Test only: turn the broker's topic ACL off, to show the bridge's signature
+    /// check alone stops a forged message.
+    pub no_broker_acl: bool,
+    pub security: SecurityFlags,
+}
+
+/// Where local agents connect: the plain listener if there is one, else TLS.
+fn local_broker(opts: &UpOptions) -> Result<(String, Option<PathBuf>), UpError> {
+    if let Some(m) = opts.mqtt {
+        return Ok((format!("mqtt://{m}"), None));
+    }
+    match (opts.mqtts, &opts.ca) {
+        (Some(_), _) if opts.agents == 0 => Ok((String::new(), None)),
+        (Some(_), _) if opts.mqtt_client_ca.is_some() => Err(UpError::Flag {
+            flag: "--agents",
+            message: "local agents have no client certificate for --mqtt-client-ca; give a plain --mqtt on loopback, or --agents 0".into(),
+        }),
+        (Some(s), Some(ca)) => Ok((format!("mqtts://localhost:{}", s.port()), Some(ca.clone()))),
+        (Some(_), None) => Err(UpError::Flag {
+            flag: "--ca",
+            message: "local agents connect over TLS (--mqtt off) and need the CA that signed --tls-cert".into(),
+        }),
+        (None, _) => Err(UpError::Flag {
+            flag: "--mqtt",
+            message: "no MQTT listener: give --mqtt or --mqtts".into(),
+        }),
+    }
 }
 
 /// Runs everything until `shutdown` resolves, then stops agents cleanly (they publish
 /// `offline`) and the HTTP server.
 pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(), UpError> {
+    let sec = &opts.security;
+    let http_tls = sec.http_tls()?;
+    sec.check_exposure("--http", opts.http, http_tls.is_some())?;
+    if let Some(m) = opts.mqtt {
+        sec.check_exposure("--mqtt", m, false)?;
+    }
+    let mqtt_tls = match opts.mqtts {
+        Some(listen) => {
+            sec.check_exposure("--mqtts", listen, true)?;
+            let (Some(cert), Some(key)) = (&sec.tls_cert, &sec.tls_key) else {
+                return Err(UpError::Flag {
+                    flag: "--mqtts",
+                    message: "MQTT over TLS needs --tls-cert and --tls-key".into(),
+                });
+            };
+            Some(BrokerTls {
+                listen,
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: opts.mqtt_client_ca.clone(),
+            })
+        }
+        None => None,
+    };
+    let (agent_broker, agent_ca) = local_broker(&opts)?;
+    let security = security(sec)?;
+    if !sec.auth {
+        tracing::warn!(
+            http = %opts.http,
+            mqtt = ?opts.mqtt,
+            "auth is off: anyone who can reach these ports can run measurements and connect agents; \
+             that is fine on loopback, and --auth turns it on"
+        );
+    }
     let listener = bind_http("--http", opts.http).await?;
     let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(8192));
-    let bridge_stats = broker::run(BrokerConfig::new(opts.mqtt), bus.clone())
+    let defaults = BrokerConfig::default();
+    let broker_cfg = BrokerConfig {
+        listen: opts.mqtt,
+        tls: mqtt_tls,
+        credentials: security.bridge().clone(),
+        broker_acl: !opts.no_broker_acl,
+        max_message_bytes: opts.max_mqtt_payload,
+        // The broker closes a connection past this; the bridge counts and drops
+        // messages past max_message_bytes before that.
+        max_payload_bytes: defaults.max_payload_bytes.max(opts.max_mqtt_payload * 2),
+        ..defaults
+    };
+    let bridge_stats = broker::run(broker_cfg, bus.clone())
         .await
         .map_err(|e| match e {
             imn_bridge::BridgeError::Bind { addr, source } => UpError::Bind {
-                flag: "--mqtt",
+                flag: if Some(addr) == opts.mqtt {
+                    "--mqtt"
+                } else {
+                    "--mqtts"
+                },
                 addr,
                 source,
             },
             other => UpError::Start(other.to_string()),
         })?;
-    let backend = start_backend(&opts.data.join("backend"), bus, opts.fault_injection).await?;
+    let backend = start_backend(
+        &opts.data.join("backend"),
+        bus,
+        opts.fault_injection,
+        security,
+    )
+    .await?;
     let _ = backend.bridge_stats.set(bridge_stats);
+    let mut tokens = Vec::new();
+    for i in 1..=opts.agents {
+        tokens.push(if sec.auth {
+            Some(local_agent_token(&backend, &format!("agent-{i}")).await?)
+        } else {
+            None
+        });
+    }
+    if sec.auth {
+        let path = opts.data.join("admin-token");
+        ensure_admin_token(&backend, &path).await?;
+        tracing::info!(path = %path.display(), "auth is on: the admin token is in this file");
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut http_stop = stop_rx.clone();
-    let http = tokio::spawn(serve_http(listener, backend, async move {
+    let http = tokio::spawn(serve_http(listener, backend, http_tls, async move {
         let _ = http_stop.wait_for(|s| *s).await;
     }));
     let mut agents = Vec::new();
-    for i in 1..=opts.agents {
+    for (i, token) in (1..=opts.agents).zip(tokens) {
         let cfg = AgentConfig {
             id: format!("agent-{i}"),
-            broker: format!("mqtt://{}", opts.mqtt),
+            broker: agent_broker.clone(),
+            tls_ca: agent_ca.clone(),
+            token,
             data: opts.data.join(format!("agent-{i}")),
             heartbeat_ms: opts.heartbeat_ms,
             ..AgentConfig::default()
@@ -142,7 +432,7 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
             .map_err(|e| UpError::Start(e.to_string()))?;
         agents.push(handle);
     }
-    tracing::info!(http = %opts.http, mqtt = %opts.mqtt, agents = opts.agents, data = %opts.data.display(), "imn up: running");
+    tracing::info!(http = %opts.http, https = sec.tls_cert.is_some(), mqtt = ?opts.mqtt, mqtts = ?opts.mqtts, auth = sec.auth, agents = opts.agents, data = %opts.data.display(), "imn up: running");
     shutdown.await;
     tracing::info!("imn up: shutting down");
     let _ = stop_tx.send(true);
@@ -153,4 +443,24 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let _ = http.await;
     Ok(())
+}
+
+/// A fresh token for a local agent of `imn up --auth`: enrolled the first time,
+/// rotated on every later start (the token lives only in this process).
+async fn local_agent_token(backend: &Backend, id: &str) -> Result<String, UpError> {
+    let store = backend.store.as_ref();
+    let enrolled = backend
+        .security
+        .enrolled_agents()
+        .iter()
+        .any(|a| a.id == id);
+    let token = if enrolled {
+        backend.security.rotate_agent(store, id).await
+    } else {
+        backend
+            .security
+            .enroll(store, id, vec!["local".to_string()])
+            .await
+    };
+    token.map_err(|e| UpError::Start(format!("enrolling local agent {id}: {e}")))
 }

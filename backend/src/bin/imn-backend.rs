@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use imn_backend::up::{bind_http, serve_http, start_backend};
+use imn_backend::up::{
+    bind_http, ensure_admin_token, security, serve_http, start_backend, SecurityFlags,
+};
 use imn_bridge::bus::{NatsBus, NatsOptions};
 
 #[derive(Debug, Parser)]
@@ -27,19 +29,32 @@ struct Flags {
     /// Enable fault-injection routes (/debug/…) for tests.
     #[arg(long, hide = true)]
     fault_injection: bool,
+    #[command(flatten)]
+    security: SecurityFlags,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     imn_bridge::init_logging();
     let flags = Flags::parse();
+    let tls = flags.security.http_tls()?;
+    flags
+        .security
+        .check_exposure("--http", flags.http, tls.is_some())?;
+    let security = security(&flags.security)?;
     let listener = bind_http("--http", flags.http).await?;
     let bus = NatsBus::connect(NatsOptions::new(&flags.nats))
         .await
         .map_err(|e| anyhow::anyhow!("--nats {}: {e}", flags.nats))?;
-    let backend = start_backend(&flags.data, Arc::new(bus), flags.fault_injection).await?;
+    let backend =
+        start_backend(&flags.data, Arc::new(bus), flags.fault_injection, security).await?;
+    if flags.security.auth {
+        let path = flags.data.join("admin-token");
+        ensure_admin_token(&backend, &path).await?;
+        tracing::info!(path = %path.display(), "auth is on: the admin token is in this file");
+    }
     tracing::info!(http = %flags.http, nats = %flags.nats, "imn-backend running");
-    serve_http(listener, backend, async {
+    serve_http(listener, backend, tls, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

@@ -1,16 +1,28 @@
-//! `imn`: the all-in-one `imn up`, and (later) the command-line client.
+//! `imn`: the all-in-one `imn up`, development certificates, and the admin client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use imn_backend::up::{up, UpOptions};
+use imn_backend::client::{Client, ClientFlags};
+use imn_backend::up::{up, SecurityFlags, UpOptions};
+use serde_json::json;
 
 #[derive(Debug, Parser)]
 #[command(name = "imn", version, about = "IMN: the Internet Measurement Network")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `off`, or a socket address.
+fn addr_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{s:?}: {e} (give ADDR:PORT or off)"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -20,9 +32,23 @@ enum Cmd {
         /// REST API address.
         #[arg(long, default_value = "127.0.0.1:8000")]
         http: SocketAddr,
-        /// MQTT broker address for agents.
-        #[arg(long, default_value = "127.0.0.1:1883")]
-        mqtt: SocketAddr,
+        /// Plain MQTT address for agents, or `off`. Plain MQTT beyond loopback needs
+        /// --insecure-i-know.
+        #[arg(long, default_value = "127.0.0.1:1883", value_parser = addr_or_off)]
+        // Fully qualified: clap then takes the parser's Option as the value, not as "optional".
+        mqtt: ::std::option::Option<SocketAddr>,
+        /// MQTT over TLS (8883 by convention), with --tls-cert and --tls-key.
+        #[arg(long)]
+        mqtts: Option<SocketAddr>,
+        /// Require MQTT clients over TLS to show a certificate signed by this CA.
+        #[arg(long, requires = "mqtts")]
+        mqtt_client_ca: Option<PathBuf>,
+        /// CA the local agents trust, when they connect over TLS (--mqtt off).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Largest MQTT message from an agent, in bytes (limit max_mqtt_payload).
+        #[arg(long, default_value_t = 512 * 1024)]
+        max_mqtt_payload: usize,
         /// Data directory: the backend's store and each local agent's outbox.
         #[arg(long, default_value = "./imn-data")]
         data: PathBuf,
@@ -35,38 +61,198 @@ enum Cmd {
         /// Enable fault-injection routes (/debug/…) for tests.
         #[arg(long, hide = true)]
         fault_injection: bool,
+        /// Test only: no topic ACL in the broker (the bridge's signature check stays).
+        #[arg(long, hide = true)]
+        test_no_broker_acl: bool,
+        #[command(flatten)]
+        security: SecurityFlags,
+    },
+    /// Write a development CA, a server certificate and client certificates.
+    Certs {
+        /// Directory for the PEM files; an existing CA there is reused.
+        #[arg(long, default_value = "./imn-certs")]
+        dir: PathBuf,
+        /// Names and addresses the server certificate is valid for.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1,::1")]
+        hosts: Vec<String>,
+        /// Client certificates to make (common names, e.g. agent ids).
+        #[arg(long, value_delimiter = ',')]
+        clients: Vec<String>,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Enroll, rotate and revoke agents (admin scope).
+    Agents {
+        #[command(subcommand)]
+        cmd: AgentsCmd,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Create, rotate and revoke API tokens (admin scope).
+    Tokens {
+        #[command(subcommand)]
+        cmd: TokensCmd,
+        #[command(flatten)]
+        client: ClientFlags,
     },
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Subcommand)]
+enum AgentsCmd {
+    /// Enroll an agent; prints its token, which is shown only once.
+    Add {
+        id: String,
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    /// Give an agent a new token; the old one stops working and its connection closes.
+    Rotate { id: String },
+    /// Revoke an agent: it is disconnected and cannot log in again.
+    Revoke { id: String },
+    /// List enrolled agents.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCmd {
+    /// Create an API token; prints it, once.
+    Add {
+        /// A name for the token.
+        id: Option<String>,
+        /// Any of read, measure, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// Requests per minute (default 600).
+        #[arg(long)]
+        rate_per_min: Option<f64>,
+    },
+    Rotate {
+        id: String,
+    },
+    Revoke {
+        id: String,
+    },
+    List,
+}
+
+fn main() -> std::process::ExitCode {
     imn_bridge::init_logging();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    rt.block_on(async {
-        match cli.cmd {
-            Cmd::Up {
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imn: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imn: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Up {
+            http,
+            mqtt,
+            mqtts,
+            mqtt_client_ca,
+            ca,
+            max_mqtt_payload,
+            data,
+            agents,
+            heartbeat_ms,
+            fault_injection,
+            test_no_broker_acl,
+            security,
+        } => {
+            let opts = UpOptions {
                 http,
                 mqtt,
+                mqtts,
+                mqtt_client_ca,
+                ca,
+                max_mqtt_payload,
                 data,
                 agents,
                 heartbeat_ms,
                 fault_injection,
-            } => {
-                let opts = UpOptions {
-                    http,
-                    mqtt,
-                    data,
-                    agents,
-                    heartbeat_ms,
-                    fault_injection,
-                };
-                up(opts, shutdown_signal()).await?;
+                no_broker_acl: test_no_broker_acl,
+                security,
+            };
+            up(opts, shutdown_signal()).await?;
+        }
+        Cmd::Certs {
+            dir,
+            hosts,
+            clients,
+            days,
+        } => {
+            let report = imn_backend::certs::generate(&imn_backend::certs::CertsRequest {
+                dir,
+                hosts,
+                clients,
+                days,
+            })?;
+            for f in report.files {
+                println!("{}", f.display());
             }
         }
-        Ok(())
-    })
+        Cmd::Agents { cmd, client } => {
+            let c = Client::new(&client)?;
+            let out = match cmd {
+                AgentsCmd::Add { id, tags } => {
+                    c.post("/admin/agents", json!({"id": id, "tags": tags}))
+                        .await?
+                }
+                AgentsCmd::Rotate { id } => {
+                    c.post(&format!("/admin/agents/{id}/rotate"), json!({}))
+                        .await?
+                }
+                AgentsCmd::Revoke { id } => {
+                    c.post(&format!("/admin/agents/{id}/revoke"), json!({}))
+                        .await?
+                }
+                AgentsCmd::List => c.get("/admin/agents").await?,
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Cmd::Tokens { cmd, client } => {
+            let c = Client::new(&client)?;
+            let out = match cmd {
+                TokensCmd::Add {
+                    id,
+                    scopes,
+                    rate_per_min,
+                } => {
+                    c.post(
+                        "/admin/tokens",
+                        json!({"id": id, "scopes": scopes, "rate_per_min": rate_per_min}),
+                    )
+                    .await?
+                }
+                TokensCmd::Rotate { id } => {
+                    c.post(&format!("/admin/tokens/{id}/rotate"), json!({}))
+                        .await?
+                }
+                TokensCmd::Revoke { id } => {
+                    c.post(&format!("/admin/tokens/{id}/revoke"), json!({}))
+                        .await?
+                }
+                TokensCmd::List => c.get("/admin/tokens").await?,
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -75,5 +261,37 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_parses() {
+        Cli::command().debug_assert();
+        let mqtt = |args: &[&str]| match Cli::try_parse_from(args).unwrap().cmd {
+            Cmd::Up { mqtt, .. } => mqtt,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            mqtt(&["imn", "up"]),
+            Some("127.0.0.1:1883".parse().unwrap())
+        );
+        assert_eq!(mqtt(&["imn", "up", "--mqtt", "off"]), None);
+        let e = Cli::try_parse_from(["imn", "up", "--mqtt", "nowhere"]).unwrap_err();
+        assert!(e.to_string().contains("give ADDR:PORT or off"), "{e}");
+        // Client flags go before or after the subcommand's own arguments.
+        for args in [
+            ["imn", "agents", "--url", "https://h:1", "add", "x"],
+            ["imn", "agents", "add", "x", "--url", "https://h:1"],
+        ] {
+            match Cli::try_parse_from(args).unwrap().cmd {
+                Cmd::Agents { client, .. } => assert_eq!(client.url, "https://h:1"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -32,6 +32,25 @@ pub struct AgentRow {
 }
 
 /// A request as the API accepted it.
+/// A stored credential: an enrolled agent (`kind` "agent") or an API token ("api").
+/// Secrets are never stored, only their hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredentialRow {
+    pub kind: String,
+    pub id: String,
+    pub secret_hash: String,
+    /// Agents: the hex message key the bridge verifies signatures with.
+    pub message_key: Option<String>,
+    /// API tokens: read, measure, admin.
+    pub scopes: Vec<String>,
+    /// Agents: tags an admin gave at enrollment (the policy's tags).
+    pub tags: Vec<String>,
+    /// API tokens: requests per minute, when not the default.
+    pub rate_per_min: Option<f64>,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct NewRequest {
     pub id: String,
@@ -284,4 +303,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(i64, String, String)>, StoreError>;
     /// How many records are stored, in all.
     async fn record_count(&self) -> Result<u64, StoreError>;
+    /// How many of the agent's requests are not finished yet.
+    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError>;
+    /// Every credential, revoked ones included.
+    async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError>;
+    /// Adds or replaces the credential (kind, id).
+    async fn put_credential(&self, row: CredentialRow) -> Result<(), StoreError>;
 }

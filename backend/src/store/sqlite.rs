@@ -7,8 +7,8 @@ use imn_modules::wire::{Hello, RequestState};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    AgentRow, BatchOutcome, Created, NewRequest, PreparedBatch, RequestRow, ResultRow, Store,
-    StoreError, Transition,
+    AgentRow, BatchOutcome, Created, CredentialRow, NewRequest, PreparedBatch, RequestRow,
+    ResultRow, Store, StoreError, Transition,
 };
 
 /// The background thread checkpoints the WAL after this long with writes, or once
@@ -84,6 +84,19 @@ CREATE TABLE IF NOT EXISTS agent_counts (
 -- The seqs stored of each outbox epoch of each agent, as ranges: the record ids
 -- (agent, epoch, seq) seen, so a resent record is dropped. One small row per agent
 -- and epoch, rewritten once per group commit.
+-- Enrolled agents and API tokens: hashes of their secrets, never the secrets.
+CREATE TABLE IF NOT EXISTS credentials (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    message_key TEXT,
+    scopes TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    rate_per_min REAL,
+    created_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    PRIMARY KEY (kind, id)
+);
 CREATE TABLE IF NOT EXISTS record_seqs (
     agent_id TEXT NOT NULL,
     epoch INTEGER NOT NULL,
@@ -873,6 +886,78 @@ impl Store for SqliteStore {
             )
             .map(|n| n as u64)
             .map_err(db)
+        })
+        .await
+    }
+
+    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            c.prepare_cached(
+                "SELECT COUNT(*) FROM requests WHERE agent_id = ?1
+                 AND state IN ('pending', 'dispatched', 'received', 'running')",
+            )
+            .and_then(|mut st| st.query_row(params![agent], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare(
+                    "SELECT kind, id, secret_hash, message_key, scopes, tags, rate_per_min,
+                            created_ms, revoked_ms FROM credentials ORDER BY kind, id",
+                )
+                .map_err(db)?;
+            let split = |s: String| -> Vec<String> {
+                s.split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            };
+            let rows = st
+                .query_map([], |r| {
+                    Ok(CredentialRow {
+                        kind: r.get(0)?,
+                        id: r.get(1)?,
+                        secret_hash: r.get(2)?,
+                        message_key: r.get(3)?,
+                        scopes: split(r.get(4)?),
+                        tags: split(r.get(5)?),
+                        rate_per_min: r.get(6)?,
+                        created_ms: r.get(7)?,
+                        revoked_ms: r.get(8)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn put_credential(&self, row: CredentialRow) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO credentials
+                 (kind, id, secret_hash, message_key, scopes, tags, rate_per_min, created_ms, revoked_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    row.kind,
+                    row.id,
+                    row.secret_hash,
+                    row.message_key,
+                    row.scopes.join(","),
+                    row.tags.join(","),
+                    row.rate_per_min,
+                    row.created_ms,
+                    row.revoked_ms
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
         })
         .await
     }
