@@ -203,6 +203,8 @@ where
 pub struct Api {
     pub base: String,
     client: reqwest::Client,
+    /// Sent as `Authorization: Bearer …` when set.
+    token: Option<String>,
 }
 
 /// Status and parsed JSON body of a response.
@@ -221,6 +223,38 @@ impl Api {
                 .timeout(Duration::from_secs(60))
                 .build()
                 .expect("http client"),
+            token: None,
+        }
+    }
+
+    /// The API over HTTPS at `https://localhost:{port}`, trusting the CA in `ca_pem`.
+    pub fn https(port: u16, ca_pem: &Path) -> Api {
+        let pem = std::fs::read(ca_pem).expect("CA file");
+        let ca = reqwest::Certificate::from_pem(&pem).expect("CA PEM");
+        Api {
+            base: format!("https://localhost:{port}"),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .add_root_certificate(ca)
+                .build()
+                .expect("https client"),
+            token: None,
+        }
+    }
+
+    /// The same API, sending this bearer token.
+    pub fn with_token(&self, token: &str) -> Api {
+        Api {
+            token: Some(token.trim().to_string()),
+            ..self.clone()
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.client.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
         }
     }
 
@@ -238,8 +272,7 @@ impl Api {
 
     pub async fn get(&self, path: &str) -> Reply {
         let r = self
-            .client
-            .get(format!("{}{path}", self.base))
+            .request(reqwest::Method::GET, path)
             .send()
             .await
             .expect("GET");
@@ -248,19 +281,13 @@ impl Api {
 
     /// GET that returns None on a connection error (the server is not up yet).
     pub async fn try_get(&self, path: &str) -> Option<Reply> {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .ok()?;
+        let r = self.request(reqwest::Method::GET, path).send().await.ok()?;
         Some(Self::reply(r).await)
     }
 
     pub async fn post(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
         let mut req = self
-            .client
-            .post(format!("{}{path}", self.base))
+            .request(reqwest::Method::POST, path)
             .header("content-type", "application/json")
             .body(body.to_string());
         for (k, v) in headers {
@@ -271,8 +298,7 @@ impl Api {
 
     pub async fn put_json(&self, path: &str, body: &Value) -> Reply {
         let r = self
-            .client
-            .put(format!("{}{path}", self.base))
+            .request(reqwest::Method::PUT, path)
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
@@ -283,8 +309,7 @@ impl Api {
 
     pub async fn delete(&self, path: &str) -> Reply {
         let r = self
-            .client
-            .delete(format!("{}{path}", self.base))
+            .request(reqwest::Method::DELETE, path)
             .send()
             .await
             .expect("DELETE");
@@ -394,6 +419,13 @@ impl Up {
 
     pub fn broker_url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+    }
+
+    /// The API with the admin token `imn up --auth` wrote to DATA/admin-token.
+    pub fn admin(&self) -> Api {
+        let token = std::fs::read_to_string(self.dir.path().join("data/admin-token"))
+            .expect("DATA/admin-token (is imn up running with --auth?)");
+        self.api.with_token(&token)
     }
 }
 
