@@ -618,6 +618,7 @@ async fn enroll_agent(State(b): State<Arc<Backend>>, body: Bytes) -> Result<Resp
         .security
         .enroll(b.store.as_ref(), &e.id, e.tags.clone())
         .await?;
+    b.share_credential(&e.id).await?;
     tracing::info!(agent = %e.id, "agent enrolled");
     Ok((
         StatusCode::CREATED,
@@ -641,6 +642,7 @@ async fn rotate_agent(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let token = b.security.rotate_agent(b.store.as_ref(), &id).await?;
+    b.share_credential(&id).await?;
     tracing::info!(agent = %id, "agent token rotated");
     Ok(Json(json!({"id": id, "token": token})))
 }
@@ -650,6 +652,7 @@ async fn revoke_agent(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     b.security.revoke_agent(b.store.as_ref(), &id).await?;
+    b.share_credential(&id).await?;
     // Its connection is closed by the bridge; its will may not pass the signature check.
     b.registry.status(&id, false, now_ms());
     tracing::info!(agent = %id, "agent revoked");

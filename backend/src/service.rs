@@ -115,7 +115,27 @@ impl Backend {
                 .registry
                 .restore(&a.id, a.hello, a.first_seen_ms, a.last_hello_ms);
         }
+        // Bridges in other processes read credentials from the bus: make sure it has
+        // every current one (a change made while the bus was away, or a new bucket).
+        for a in backend.security.enrolled_agents() {
+            backend.share_credential(&a.id).await?;
+        }
         Ok(backend)
+    }
+
+    /// Hands one agent's current credential to the bridges in other processes (NATS);
+    /// the in-process bridge already reads the same table. Called after every
+    /// enrollment, rotation and revocation. On failure the change is stored but not
+    /// yet in force on those bridges, and the caller hears so.
+    pub async fn share_credential(&self, id: &str) -> Result<(), ApiError> {
+        let Some(cred) = self.security.bridge().get(id) else {
+            return Ok(());
+        };
+        self.bus.put_credential(id, &cred).await.map_err(|e| {
+            ApiError::Unavailable(format!(
+                "agent {id}: the change is stored, but bridges in other processes did not                  receive it ({e}); retry, or restart the backend once the bus is back"
+            ))
+        })
     }
 
     /// Starts ingest and the periodic sweep.

@@ -462,5 +462,10 @@ async fn local_agent_token(backend: &Backend, id: &str) -> Result<String, UpErro
             .enroll(store, id, vec!["local".to_string()])
             .await
     };
-    token.map_err(|e| UpError::Start(format!("enrolling local agent {id}: {e}")))
+    let token = token.map_err(|e| UpError::Start(format!("enrolling local agent {id}: {e}")))?;
+    backend
+        .share_credential(id)
+        .await
+        .map_err(|e| UpError::Start(format!("enrolling local agent {id}: {e}")))?;
+    Ok(token)
 }

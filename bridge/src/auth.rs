@@ -31,6 +31,43 @@ pub struct AgentCredential {
     pub revoked: bool,
 }
 
+impl AgentCredential {
+    /// The form the backend shares with separate bridges over the bus (NATS key-value):
+    /// JSON `{"token_hash", "message_key" (hex), "revoked"}`.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::json!({
+            "token_hash": self.token_hash,
+            "message_key": wauth::to_hex(&self.message_key),
+            "revoked": self.revoked,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// Reads [`AgentCredential::to_json`]; the error names the field at fault.
+    pub fn from_json(b: &[u8]) -> Result<AgentCredential, String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(b).map_err(|e| format!("not JSON: {e}"))?;
+        let token_hash = v["token_hash"]
+            .as_str()
+            .filter(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+            .ok_or("token_hash: must be 64 hex digits")?
+            .to_string();
+        let message_key = v["message_key"]
+            .as_str()
+            .and_then(wauth::key_from_hex)
+            .ok_or("message_key: must be 64 hex digits")?;
+        let revoked = v["revoked"]
+            .as_bool()
+            .ok_or("revoked: must be true or false")?;
+        Ok(AgentCredential {
+            token_hash,
+            message_key,
+            revoked,
+        })
+    }
+}
+
 impl std::fmt::Debug for AgentCredential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentCredential")
@@ -110,6 +147,15 @@ impl AgentCredentials {
         if cred.revoked || changed {
             let _ = self.kick_tx.send(id.to_string());
         }
+    }
+
+    /// One agent's credential, if it is known.
+    pub fn get(&self, id: &str) -> Option<AgentCredential> {
+        self.agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// The receiver of client ids to disconnect; taken once, by the broker's owner.
@@ -213,6 +259,30 @@ mod tests {
             token_hash: wauth::token_hash(token),
             message_key: wauth::message_key(token),
             revoked: false,
+        }
+    }
+
+    #[test]
+    fn credentials_round_trip_as_json_and_bad_ones_name_the_field() {
+        let c = AgentCredential {
+            revoked: true,
+            ..cred("t")
+        };
+        assert_eq!(AgentCredential::from_json(&c.to_json()), Ok(c));
+        for (json, field) in [
+            (&b"{"[..], "not JSON"),
+            (br#"{"token_hash":"ab","message_key":"00","revoked":false}"#, "token_hash"),
+            (
+                br#"{"token_hash":"0000000000000000000000000000000000000000000000000000000000000000","message_key":"zz","revoked":false}"#,
+                "message_key",
+            ),
+            (
+                br#"{"token_hash":"0000000000000000000000000000000000000000000000000000000000000000","message_key":"0000000000000000000000000000000000000000000000000000000000000000"}"#,
+                "revoked",
+            ),
+        ] {
+            let e = AgentCredential::from_json(json).unwrap_err();
+            assert!(e.starts_with(field), "{e}");
         }
     }
 

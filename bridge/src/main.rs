@@ -1,52 +1,168 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use imn_bridge::bus::{NatsBus, NatsOptions};
-use imn_bridge::{broker, BrokerConfig};
+use imn_bridge::bus::{Bus, NatsBus, NatsOptions};
+use imn_bridge::{broker, AgentCredentials, BrokerConfig, BrokerTls};
 
 /// IMN bridge: embedded MQTT broker for agents, forwarding to and from NATS.
 #[derive(Debug, Parser)]
 #[command(name = "imn-bridge", version)]
 struct Flags {
-    /// Where agents connect (MQTT 3.1.1).
-    #[arg(long, env = "IMN_MQTT", default_value = "127.0.0.1:1883")]
-    mqtt: SocketAddr,
+    /// Plain MQTT (3.1.1) address for agents, or `off`.
+    #[arg(long, env = "IMN_MQTT", default_value = "127.0.0.1:1883", value_parser = addr_or_off)]
+    // Fully qualified: clap then takes the parser's Option as the value, not as "optional".
+    mqtt: ::std::option::Option<SocketAddr>,
+    /// MQTT over TLS (8883 by convention), with --tls-cert and --tls-key.
+    #[arg(long, env = "IMN_MQTTS")]
+    mqtts: Option<SocketAddr>,
+    /// PEM certificate chain of the MQTT over TLS listener.
+    #[arg(long, env = "IMN_TLS_CERT", requires = "mqtts")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the MQTT over TLS listener.
+    #[arg(long, env = "IMN_TLS_KEY", requires = "mqtts")]
+    tls_key: Option<PathBuf>,
+    /// Require MQTT clients over TLS to show a certificate signed by this CA.
+    #[arg(long, env = "IMN_MQTT_CLIENT_CA", requires = "mqtts")]
+    mqtt_client_ca: Option<PathBuf>,
+    /// Only enrolled agents connect, each only as itself. The credentials come from the
+    /// backend over NATS (run the backend with --auth too).
+    #[arg(long, env = "IMN_AUTH")]
+    auth: bool,
     /// The NATS server shared with the backends.
     #[arg(long, env = "IMN_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
-    /// Largest MQTT payload accepted, in bytes.
+    /// Largest MQTT payload accepted, in bytes (limit max_mqtt_payload).
     #[arg(long, env = "IMN_MAX_PAYLOAD", default_value_t = 1024 * 1024)]
     max_payload: usize,
     /// Most agents connected at once.
     #[arg(long, env = "IMN_MAX_CONNECTIONS", default_value_t = 50_000)]
     max_connections: usize,
-    /// Listen beyond loopback although this process has no agent credentials (it does
-    /// not yet receive them over NATS) and no TLS: anyone who reaches the port can
-    /// connect as any agent.
+    /// Listen beyond loopback without auth or without TLS: anyone who reaches the port
+    /// can connect (as any agent, without auth), and traffic can be read on the way.
     #[arg(long)]
     insecure_i_know: bool,
+}
+
+/// `off`, or a socket address.
+fn addr_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{s:?}: {e} (give ADDR:PORT or off)"))
+}
+
+impl Flags {
+    /// Beyond loopback, plain MQTT is refused, and TLS needs auth, unless
+    /// --insecure-i-know.
+    fn check_exposure(&self) -> anyhow::Result<()> {
+        if self.insecure_i_know {
+            return Ok(());
+        }
+        if let Some(a) = self.mqtt.filter(|a| !a.ip().is_loopback()) {
+            anyhow::bail!(
+                "--mqtt {a}: not a loopback address: plain MQTT beyond loopback needs \
+                 --insecure-i-know (use --mqtts with --tls-cert, --tls-key and --auth)"
+            );
+        }
+        if let Some(a) = self.mqtts.filter(|a| !a.ip().is_loopback() && !self.auth) {
+            anyhow::bail!(
+                "--mqtts {a}: not a loopback address: listening there needs --auth, or \
+                 --insecure-i-know"
+            );
+        }
+        Ok(())
+    }
+
+    fn tls(&self) -> anyhow::Result<Option<BrokerTls>> {
+        let Some(listen) = self.mqtts else {
+            return Ok(None);
+        };
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            anyhow::bail!("--mqtts: MQTT over TLS needs --tls-cert and --tls-key");
+        };
+        Ok(Some(BrokerTls {
+            listen,
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.mqtt_client_ca.clone(),
+        }))
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     imn_bridge::init_logging();
     let flags = Flags::parse();
-    if !flags.mqtt.ip().is_loopback() && !flags.insecure_i_know {
-        anyhow::bail!(
-            "--mqtt {}: not a loopback address; a separate imn-bridge has no agent credentials \
-             yet, so it listens beyond loopback only with --insecure-i-know (use imn up --auth \
-             --mqtts for an authenticated broker)",
-            flags.mqtt
-        );
-    }
-    let bus = NatsBus::connect(NatsOptions::new(&flags.nats)).await?;
-    let mut cfg = BrokerConfig::new(flags.mqtt);
-    cfg.max_payload_bytes = flags.max_payload;
-    cfg.max_connections = flags.max_connections;
+    flags.check_exposure()?;
+    let tls = flags.tls()?;
+    let bus = NatsBus::connect(NatsOptions::new(&flags.nats))
+        .await
+        .map_err(|e| anyhow::anyhow!("--nats {}: {e}", flags.nats))?;
+    let credentials = if flags.auth {
+        let table = Arc::new(AgentCredentials::enabled());
+        // Before the broker listens: an enrolled agent is never refused for want of
+        // its credential, and nobody gets in while the table is empty.
+        let n = bus
+            .follow_credentials(table.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("--auth: agent credentials from NATS: {e}"))?;
+        tracing::info!(agents = n, "auth is on: agent credentials loaded from NATS");
+        table
+    } else {
+        tracing::warn!("auth is off: any MQTT client can connect as any agent (use --auth)");
+        Arc::new(AgentCredentials::disabled())
+    };
+    let cfg = BrokerConfig {
+        listen: flags.mqtt,
+        tls,
+        credentials,
+        max_payload_bytes: flags.max_payload,
+        max_connections: flags.max_connections,
+        ..BrokerConfig::default()
+    };
     broker::run(cfg, Arc::new(bus))
         .await
-        .map_err(|e| anyhow::anyhow!("--mqtt: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("broker: {e}"))?;
     tokio::signal::ctrl_c().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn exposure_needs_tls_and_auth_unless_insecure() {
+        Flags::command().debug_assert();
+        let check = |args: &[&str]| {
+            let mut v = vec!["imn-bridge"];
+            v.extend_from_slice(args);
+            Flags::try_parse_from(v).unwrap().check_exposure()
+        };
+        assert!(check(&[]).is_ok());
+        let e = check(&["--mqtt", "0.0.0.0:1883"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--mqtt 0.0.0.0:1883") && e.contains("--insecure-i-know"),
+            "{e}"
+        );
+        let tls = [
+            "--mqtt",
+            "off",
+            "--mqtts",
+            "0.0.0.0:8883",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+        ];
+        let e = check(&tls).unwrap_err().to_string();
+        assert!(e.contains("--mqtts") && e.contains("--auth"), "{e}");
+        assert!(check(&[&tls[..], &["--auth"]].concat()).is_ok());
+        assert!(check(&["--mqtt", "0.0.0.0:1883", "--insecure-i-know"]).is_ok());
+    }
 }

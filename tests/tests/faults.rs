@@ -165,6 +165,9 @@ async fn partition_for_thirty_seconds() {
             data.to_str().unwrap(),
             "--agents",
             "0",
+            // The broker listens on the test's own veth (not loopback), plain and
+            // without auth: allowed only with this flag.
+            "--insecure-i-know",
         ],
         dir.path(),
     );

@@ -901,3 +901,166 @@ fn listening_beyond_loopback_needs_auth_and_tls() {
     assert!(!ok);
     assert!(err.contains("--mqtt") && err.contains("TLS"), "{err}");
 }
+
+/// Proofs 1 and 2 with backend and bridge as separate processes over NATS: the bridge
+/// reads the credentials the backend puts in NATS (those enrolled before it started and
+/// those enrolled after), refuses a wrong token, drops another agent's forgery, and a
+/// revocation made at the backend disconnects the agent at the bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
+    let dir = TempDir::new("sec-nats");
+    let d = dir.path();
+    let nats = imn_tests::Nats::start(d).await;
+    let http_port = free_port();
+    let data = d.join("backend");
+    let _backend = Proc::spawn(
+        "imn-backend",
+        &bin("imn-backend"),
+        &[
+            "--http",
+            &format!("127.0.0.1:{http_port}"),
+            "--nats",
+            &nats.url(),
+            "--data",
+            data.to_str().unwrap(),
+            "--auth",
+        ],
+        d,
+    );
+    let token_file = data.join("admin-token");
+    let admin_tok = wait_for("the backend's admin token", T, || {
+        let f = token_file.clone();
+        async move { std::fs::read_to_string(f).ok() }
+    })
+    .await;
+    let admin = Api::new(http_port).with_token(&admin_tok);
+    let enroll = |id: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let r = admin
+                .post("/admin/agents", &json!({"id": id}).to_string(), &[])
+                .await;
+            assert_eq!(r.status, 201, "{:?}", r.body);
+            r.body["token"].as_str().unwrap().to_string()
+        }
+    };
+    // Enrolled before the bridge exists: it must find them in NATS.
+    let tok_a = enroll("edge-a").await;
+    let tok_b = enroll("edge-b").await;
+
+    let mqtt_port = free_port();
+    let mqtt = format!("127.0.0.1:{mqtt_port}");
+    let bridge = Proc::spawn(
+        "imn-bridge",
+        &bin("imn-bridge"),
+        &["--mqtt", &mqtt, "--nats", &nats.url(), "--auth"],
+        d,
+    );
+    let broker = format!("mqtt://{mqtt}");
+    let mut agent_a = spawn_agent(
+        &bin("imn-agent"),
+        "edge-a",
+        &broker,
+        &d.join("edge-a"),
+        &agent_flags(&tok_a, &[]),
+        d,
+    );
+    admin.wait_alive(&["edge-a"], T).await;
+    let r = admin
+        .post(
+            "/agent/edge-a/echo_module?wait=10",
+            r#"{"message":"nats"}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.body["state"], "succeeded", "{:?}", r.body);
+    let before = admin.get("/agents/edge-a").await.body;
+
+    // A wrong token is refused; edge-b's valid login cannot speak for edge-a.
+    let login = |id, password| Login {
+        id,
+        user: Some(id),
+        password: Some(password),
+        tls: None,
+    };
+    let hb = wire::encode(&Envelope::Heartbeat(Default::default()));
+    let e = publish(
+        mqtt_port,
+        &login("edge-a", "imna_wrong"),
+        "imn/v1/edge-a/hb",
+        &hb,
+        d,
+    )
+    .expect_err("a wrong token must be refused");
+    assert!(e.contains("not authorised"), "{e}");
+    let forged = Envelope::Hello(wire::Hello {
+        agent_id: "edge-a".into(),
+        version: "6.6.6-forged".into(),
+        arch: "forged".into(),
+        modules: vec![],
+        tags: vec!["forged".into()],
+        location: None,
+        schedule_version: 0,
+        outbox_epoch: 666,
+        outbox_depth: 0,
+        dropped: 0,
+        heartbeat_interval_ms: 500,
+        sent_at_ms: imn_modules::now_ms(),
+    });
+    let topic = "imn/v1/edge-a/hello";
+    let plain = wire::encode(&forged);
+    let signed_by_b = wauth::sign(&wauth::message_key(&tok_b), topic, &plain);
+    for payload in [&plain, &signed_by_b] {
+        publish(mqtt_port, &login("edge-b", &tok_b), topic, payload, d)
+            .expect("edge-b logs in with its own token");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = admin.get("/agents/edge-a").await.body;
+    assert_eq!(after["version"], before["version"], "{after}");
+    assert_eq!(after["tags"], before["tags"], "{after}");
+    assert!(
+        bridge.log_text().contains("refused by the topic ACL"),
+        "the bridge logs the refused publishes: {}",
+        bridge.log_text()
+    );
+
+    // Enrolled while the bridge runs: it connects without a bridge restart.
+    let tok_c = enroll("edge-c").await;
+    let _agent_c = spawn_agent(
+        &bin("imn-agent"),
+        "edge-c",
+        &broker,
+        &d.join("edge-c"),
+        &agent_flags(&tok_c, &[]),
+        d,
+    );
+    admin.wait_alive(&["edge-c"], T).await;
+
+    // Revoked at the backend: the bridge disconnects edge-a and refuses it after.
+    let revoked_at = std::time::Instant::now();
+    let r = admin.post("/admin/agents/edge-a/revoke", "", &[]).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_for(
+        "the bridge to disconnect and refuse the revoked agent",
+        Duration::from_secs(10),
+        || {
+            let log = agent_a.log_text();
+            async move { log.contains("NotAuthorized").then_some(()) }
+        },
+    )
+    .await;
+    println!(
+        "over NATS: revoked agent disconnected and refused in {:?}",
+        revoked_at.elapsed()
+    );
+    let e = publish(
+        mqtt_port,
+        &login("edge-a", &tok_a),
+        "imn/v1/edge-a/hb",
+        &hb,
+        d,
+    )
+    .expect_err("a revoked agent must be refused");
+    assert!(e.contains("not authorised"), "{e}");
+    agent_a.kill9();
+}

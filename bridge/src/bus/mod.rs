@@ -11,10 +11,14 @@ mod nats;
 pub use local::LocalBus;
 pub use nats::{NatsBus, NatsOptions};
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use imn_modules::wire::Kind;
 use tokio::sync::mpsc;
+
+use crate::auth::{AgentCredential, AgentCredentials};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -87,4 +91,20 @@ pub trait Bus: Send + Sync + 'static {
     async fn subscribe_up(&self) -> Result<mpsc::Receiver<UpMessage>, BusError>;
     /// The bridge's feed of downlink messages.
     async fn subscribe_down(&self) -> Result<mpsc::Receiver<DownMessage>, BusError>;
+
+    /// Backend → every bridge: one enrolled agent's credential, after each change.
+    /// On NATS it goes into a JetStream key-value bucket, so a bridge that starts later
+    /// reads it too. The in-process bus does nothing: its bridge reads the backend's
+    /// own table.
+    async fn put_credential(&self, _agent: &str, _cred: &AgentCredential) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// Bridge: loads every credential into `table` (returns how many), then keeps the
+    /// table current in the background. Revocations and rotations arrive as changes,
+    /// so [`AgentCredentials::set`] disconnects the agent. The in-process bus does
+    /// nothing.
+    async fn follow_credentials(&self, _table: Arc<AgentCredentials>) -> Result<usize, BusError> {
+        Ok(0)
+    }
 }

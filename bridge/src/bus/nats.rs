@@ -1,7 +1,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, stream};
+use std::collections::HashMap;
+
+use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -9,6 +11,7 @@ use imn_modules::wire::{self, Kind};
 use tokio::sync::mpsc;
 
 use super::{Bus, BusError, DownMessage, Settle, UpMessage};
+use crate::auth::{AgentCredential, AgentCredentials};
 
 /// How the NATS bus is set up.
 #[derive(Debug, Clone)]
@@ -18,6 +21,9 @@ pub struct NatsOptions {
     pub stream: String,
     /// The durable consumer every backend shares.
     pub consumer: String,
+    /// The key-value bucket of agent credentials (key: agent id), written by the
+    /// backend, read by every bridge.
+    pub credentials_bucket: String,
     /// Unacked messages the server lets one consumer have out at once.
     pub max_ack_pending: i64,
 }
@@ -28,6 +34,7 @@ impl NatsOptions {
             url: url.to_string(),
             stream: "IMN_UPLINK".into(),
             consumer: "imn-backend".into(),
+            credentials_bucket: "imn_agent_credentials".into(),
             max_ack_pending: 20_000,
         }
     }
@@ -45,6 +52,7 @@ pub struct NatsBus {
     /// Frames published, and the uplink messages they carried.
     pub frames: Arc<std::sync::atomic::AtomicU64>,
     pub framed_messages: Arc<std::sync::atomic::AtomicU64>,
+    credentials: tokio::sync::OnceCell<kv::Store>,
 }
 
 /// Frames awaiting JetStream's ack at once. While they are out, uplink messages wait
@@ -82,6 +90,7 @@ impl NatsBus {
             publish_failures: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             frames: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             framed_messages: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            credentials: tokio::sync::OnceCell::new(),
         };
         bus.ensure_stream().await?;
         Ok(bus)
@@ -321,8 +330,146 @@ impl Settle for NatsSettle {
     }
 }
 
+impl NatsBus {
+    /// The credentials bucket, made on first use (one value per agent: the current one).
+    async fn credentials_bucket(&self) -> Result<&kv::Store, BusError> {
+        self.credentials
+            .get_or_try_init(|| async {
+                let bucket = &self.opts.credentials_bucket;
+                let err = |e: &dyn std::fmt::Display| {
+                    BusError::Nats(format!("key-value bucket {bucket}: {e}"))
+                };
+                // The bucket's stream, made by hand: async-nats's create_key_value first
+                // asks for the account's info, whose answer from nats-server 2.9 (Debian's)
+                // it cannot parse. This is the stream it would make (KV_{bucket} on
+                // $KV.{bucket}.>, one value per key, direct get), minus 2.11's markers.
+                self.js
+                    .get_or_create_stream(stream::Config {
+                        name: format!("KV_{bucket}"),
+                        description: Some(
+                            "IMN agent credentials: token hash, message key, revoked".into(),
+                        ),
+                        subjects: vec![format!("$KV.{bucket}.>")],
+                        max_messages_per_subject: 1,
+                        allow_rollup: true,
+                        deny_delete: true,
+                        allow_direct: true,
+                        discard: stream::DiscardPolicy::New,
+                        num_replicas: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| err(&e))?;
+                self.js
+                    .get_key_value(bucket.as_str())
+                    .await
+                    .map_err(|e| err(&e))
+            })
+            .await
+    }
+}
+
+/// Applies one bucket entry to the bridge's table, unless an entry as new or newer was
+/// applied already (a snapshot read and the change feed overlap). Returns whether it
+/// applied. A deleted key, or a value that does not read, revokes the agent: when in
+/// doubt the bridge refuses.
+fn apply_credential(
+    table: &AgentCredentials,
+    seen: &mut HashMap<String, u64>,
+    entry: kv::Entry,
+) -> bool {
+    if seen.get(&entry.key).is_some_and(|r| *r >= entry.revision) {
+        return false;
+    }
+    seen.insert(entry.key.clone(), entry.revision);
+    if !wire::valid_agent_id(&entry.key) {
+        tracing::warn!(key = %entry.key, "credentials bucket: key is not an agent id; ignored");
+        return false;
+    }
+    let revoke = |why: &str| {
+        tracing::warn!(agent = %entry.key, why, "credentials bucket: agent treated as revoked");
+        if let Some(old) = table.get(&entry.key) {
+            table.set(
+                &entry.key,
+                AgentCredential {
+                    revoked: true,
+                    ..old
+                },
+            );
+        }
+    };
+    match entry.operation {
+        kv::Operation::Put => match AgentCredential::from_json(&entry.value) {
+            Ok(cred) => table.set(&entry.key, cred),
+            Err(e) => revoke(&e),
+        },
+        kv::Operation::Delete | kv::Operation::Purge => revoke("deleted"),
+    }
+    true
+}
+
+/// Reads the whole bucket into `table` after opening the change feed (so nothing
+/// falls between the two); returns the feed and how many entries applied.
+async fn credentials_snapshot(
+    store: &kv::Store,
+    table: &AgentCredentials,
+    seen: &mut HashMap<String, u64>,
+) -> Result<(kv::Watch, usize), BusError> {
+    let watch = store.watch_all().await.map_err(nats_err)?;
+    let mut keys = store.keys().await.map_err(nats_err)?;
+    let mut applied = 0;
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(nats_err)?;
+        if let Some(entry) = store.entry(key).await.map_err(nats_err)? {
+            applied += usize::from(apply_credential(table, seen, entry));
+        }
+    }
+    Ok((watch, applied))
+}
+
 #[async_trait]
 impl Bus for NatsBus {
+    async fn put_credential(&self, agent: &str, cred: &AgentCredential) -> Result<(), BusError> {
+        let store = self.credentials_bucket().await?;
+        store
+            .put(agent, Bytes::from(cred.to_json()))
+            .await
+            .map_err(|e| BusError::Nats(format!("credential of {agent}: {e}")))?;
+        Ok(())
+    }
+
+    async fn follow_credentials(&self, table: Arc<AgentCredentials>) -> Result<usize, BusError> {
+        let store = self.credentials_bucket().await?.clone();
+        let mut seen = HashMap::new();
+        let (mut watch, applied) = credentials_snapshot(&store, &table, &mut seen).await?;
+        tokio::spawn(async move {
+            loop {
+                while let Some(entry) = watch.next().await {
+                    match entry {
+                        Ok(entry) => {
+                            apply_credential(&table, &mut seen, entry);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "credentials feed"),
+                    }
+                }
+                // The feed ended (the server went away): read everything again once
+                // it is back. Until then the table keeps what it had.
+                tracing::warn!("credentials feed ended; re-reading the bucket");
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match credentials_snapshot(&store, &table, &mut seen).await {
+                        Ok((w, _)) => {
+                            watch = w;
+                            break;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "credentials bucket"),
+                    }
+                }
+            }
+        });
+        Ok(applied)
+    }
+
     async fn publish_up(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError> {
         // One JetStream message per uplink message cost nats-server about 200 us of
         // CPU each (a store write, a de-duplication entry, an ack, a delete): frames
