@@ -853,6 +853,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_policy_in_deploy_loads() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/policy.example.toml");
+        let p = Policy::load(&path).unwrap();
+        let names: Vec<&str> = p.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["no-internal", "lte", "lab"]);
+        assert!(p.rules[0].applies("any", &[]));
+        assert!(p.rules[1].applies("x", &["lte".into()]) && !p.rules[1].applies("x", &[]));
+    }
+
+    #[test]
     fn cidrs_parse_and_match() {
         let n = Cidr::parse("10.0.0.0/8").unwrap();
         assert!(n.contains("10.1.2.3".parse().unwrap()));
