@@ -16,7 +16,11 @@ use crate::{bin, free_port, Api, Nats, Proc, TempDir, Up};
 
 /// The system under test.
 pub enum System {
-    Up(Up),
+    Up {
+        up: Up,
+        /// With the admin token when auth is on.
+        api: Api,
+    },
     Split {
         dir: TempDir,
         _nats: Nats,
@@ -28,10 +32,14 @@ pub enum System {
 }
 
 impl System {
-    /// `imn up`, or with `nats` nats-server, imn-backend and `bridges` imn-bridges.
-    pub async fn start(nats: bool, bridges: usize) -> System {
+    /// `imn up`, or with `nats` nats-server, imn-backend and `bridges` imn-bridges;
+    /// with `auth`, all of them with `--auth`.
+    pub async fn start(nats: bool, bridges: usize, auth: bool) -> System {
+        let auth_flag: &[&str] = if auth { &["--auth"] } else { &[] };
         if !nats {
-            return System::Up(Up::start(0, &[]).await);
+            let up = Up::start(0, auth_flag).await;
+            let api = if auth { up.admin() } else { up.api.clone() };
+            return System::Up { up, api };
         }
         let dir = TempDir::new("bench-split");
         let n = Nats::start(dir.path()).await;
@@ -43,13 +51,17 @@ impl System {
             "imn-backend",
             &bin("imn-backend"),
             &[
-                "--http",
-                &http,
-                "--nats",
-                &n.url(),
-                "--data",
-                data.to_str().unwrap(),
-            ],
+                &[
+                    "--http",
+                    &http,
+                    "--nats",
+                    &n.url(),
+                    "--data",
+                    data.to_str().unwrap(),
+                ],
+                auth_flag,
+            ]
+            .concat(),
             dir.path(),
         );
         let mut started = Vec::new();
@@ -59,16 +71,30 @@ impl System {
             let p = Proc::spawn(
                 &format!("imn-bridge-{b}"),
                 &bin("imn-bridge"),
-                &["--mqtt", &mqtt, "--nats", &n.url()],
+                &[&["--mqtt", &mqtt, "--nats", &n.url()], auth_flag].concat(),
                 dir.path(),
             );
             started.push((p, port));
         }
-        let api = Api::new(http_port);
+        let mut api = Api::new(http_port);
+        if auth {
+            let file = data.join("admin-token");
+            let token = crate::wait_for("the admin token", Duration::from_secs(30), || {
+                let file = file.clone();
+                async move { std::fs::read_to_string(file).ok() }
+            })
+            .await;
+            api = api.with_token(&token);
+        }
         let a2 = api.clone();
         crate::wait_for("imn-backend to answer", Duration::from_secs(30), || {
             let a2 = a2.clone();
-            async move { a2.try_get("/health").await.map(|_| ()) }
+            async move {
+                a2.try_get("/health")
+                    .await
+                    .filter(|r| r.status == 200)
+                    .map(|_| ())
+            }
         })
         .await;
         // A bridge listens once it has NATS.
@@ -95,15 +121,31 @@ impl System {
 
     pub fn api(&self) -> &Api {
         match self {
-            System::Up(u) => &u.api,
+            System::Up { api, .. } => api,
             System::Split { api, .. } => api,
         }
+    }
+
+    /// Enrolls the simulated agents `sim-000000` … (auth on); returns their tokens.
+    pub async fn enroll(&self, n: usize) -> Arc<std::collections::HashMap<String, String>> {
+        let mut tokens = std::collections::HashMap::new();
+        for i in 0..n {
+            let id = sim_id(i);
+            let r = self
+                .api()
+                .post("/admin/agents", &json!({"id": id}).to_string(), &[])
+                .await;
+            assert_eq!(r.status, 201, "enrolling {id}: {:?}", r.body);
+            let token = r.body["token"].as_str().expect("token").to_string();
+            tokens.insert(id, token);
+        }
+        Arc::new(tokens)
     }
 
     /// The MQTT ports agents may connect to.
     pub fn mqtt_ports(&self) -> Vec<u16> {
         match self {
-            System::Up(u) => vec![u.mqtt_port],
+            System::Up { up, .. } => vec![up.mqtt_port],
             System::Split { bridges, .. } => bridges.iter().map(|b| b.1).collect(),
         }
     }
@@ -114,7 +156,7 @@ impl System {
 
     fn db_path(&self) -> PathBuf {
         match self {
-            System::Up(u) => u.dir.path().join("data/backend/backend.sqlite"),
+            System::Up { up, .. } => up.dir.path().join("data/backend/backend.sqlite"),
             System::Split { dir, .. } => dir.path().join("backend/backend.sqlite"),
         }
     }
@@ -123,7 +165,7 @@ impl System {
     pub fn rss_mib(&self) -> Value {
         let mib = |pid: i32| rss_kib(pid) as f64 / 1024.0;
         match self {
-            System::Up(u) => json!({"imn_up_rss_mib": mib(u.proc.pid())}),
+            System::Up { up, .. } => json!({"imn_up_rss_mib": mib(up.proc.pid())}),
             System::Split {
                 backend, bridges, ..
             } => {
@@ -154,6 +196,11 @@ impl System {
     }
 }
 
+/// The id of the `i`th simulated agent.
+fn sim_id(i: usize) -> String {
+    format!("sim-{i:06}")
+}
+
 /// Simulated agents of one run.
 struct Fleet {
     stats: Arc<SimStats>,
@@ -173,7 +220,7 @@ impl Fleet {
             let due = t0 + Duration::from_secs_f64(i as f64 / per_second);
             tokio::time::sleep_until(due.into()).await;
             tasks.push(tokio::spawn(sim::run(
-                format!("sim-{i:06}"),
+                sim_id(i),
                 cfg.clone(),
                 stats.clone(),
                 ctl.clone(),
@@ -303,10 +350,46 @@ async fn raw_broker(port: u16, publishers: usize, total: u64, bytes: usize) -> f
 }
 
 /// `imn-bench ingest`: `agents` simulated agents send `results` results in all, one
-/// message of `per_message` results at a time with a window per agent.
-pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize) -> Value {
+/// message of `per_message` results at a time with a window per agent. With `auth`,
+/// the same run twice, without and then with auth (enrolled agents, signed messages),
+/// and their ratio.
+pub async fn ingest(
+    agents: usize,
+    results: u64,
+    nats: bool,
+    per_message: usize,
+    auth: bool,
+) -> Value {
+    if !auth {
+        return ingest_once(agents, results, nats, per_message, false).await;
+    }
+    let plain = ingest_once(agents, results, nats, per_message, false).await;
+    let with_auth = ingest_once(agents, results, nats, per_message, true).await;
+    let rate = |v: &Value| v["results_per_s"].as_f64().unwrap_or(f64::NAN);
+    json!({
+        "scenario": "ingest-auth",
+        "mode": if nats { "nats" } else { "embedded" },
+        "note": "the same ingest without and with auth (login check, broker ACL, an HMAC-SHA256 per message each way)",
+        "plain": plain,
+        "auth": with_auth,
+        "ratio_auth_vs_plain": rate(&with_auth) / rate(&plain),
+    })
+}
+
+async fn ingest_once(
+    agents: usize,
+    results: u64,
+    nats: bool,
+    per_message: usize,
+    auth: bool,
+) -> Value {
     let nofile = sim::raise_nofile();
-    let sys = System::start(nats, 1).await;
+    let sys = System::start(nats, 1, auth).await;
+    let tokens = if auth {
+        Some(sys.enroll(agents).await)
+    } else {
+        None
+    };
     let per_agent = results.div_ceil(agents as u64);
     let total = per_agent * agents as u64;
     let cfg = SimConfig {
@@ -318,6 +401,7 @@ pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize)
         window: 8,
         message: "result of a simulated echo".into(),
         resend_after: Duration::from_secs(20),
+        tokens,
     };
     let bytes = sim::message_bytes(&cfg);
     let (fleet, connect_s) = Fleet::start(agents, cfg, 2000.0, Duration::from_secs(300)).await;
@@ -351,12 +435,19 @@ pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize)
     let (rows, distinct) = sys.stored_results();
     // The same number of messages, the same size, through the same broker.
     let messages = total.div_ceil(per_message as u64);
-    let raw = raw_broker(sys.mqtt_port(), agents.min(100), messages, bytes).await;
+    // The raw clients have no credentials: with auth the comparison is against the
+    // run without it (see `ingest`).
+    let raw = if auth {
+        f64::NAN
+    } else {
+        raw_broker(sys.mqtt_port(), agents.min(100), messages, bytes).await
+    };
     let results_per_s = acked as f64 / elapsed;
     let msgs_per_s = results_per_s / per_message as f64;
     json!({
         "scenario": "ingest",
         "mode": if nats { "nats" } else { "embedded" },
+        "auth": auth,
         "agents": agents,
         "results": total,
         "results_per_message": per_message,
@@ -370,8 +461,8 @@ pub async fn ingest(agents: usize, results: u64, nats: bool, per_message: usize)
         "resent_messages": resent,
         "store_group_commits": store_groups,
         "store_busy_s": store_busy_s,
-        "broker_raw_msgs_per_s": raw,
-        "ratio_vs_raw": msgs_per_s / raw,
+        "broker_raw_msgs_per_s": (!auth).then_some(raw),
+        "ratio_vs_raw": (!auth).then_some(msgs_per_s / raw),
         "rss": rss,
         "nofile_limit": nofile,
     })
@@ -389,7 +480,7 @@ const AGENTS_PER_WORKER: usize = 10_000;
 pub async fn fleet(agents: usize, hb: Duration, hold: Duration, bridges: usize) -> Value {
     let nofile = sim::raise_nofile();
     let split = bridges > 1;
-    let sys = System::start(split, bridges).await;
+    let sys = System::start(split, bridges, false).await;
     let ports = sys.mqtt_ports();
     let t0 = Instant::now();
     let workers = agents.div_ceil(AGENTS_PER_WORKER);
@@ -508,6 +599,7 @@ pub async fn sim_worker(port: u16, agents: usize, offset: usize, hb: Duration) {
         window: 1,
         message: String::new(),
         resend_after: Duration::from_secs(60),
+        tokens: None,
     });
     let stats = Arc::new(SimStats::default());
     let ctl = Arc::new(Control::default());

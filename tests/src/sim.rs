@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use imn_modules::auth as wauth;
 use imn_modules::results::{EchoResult, ModuleOutcome, ModuleOutput};
 use imn_modules::wire::{
     self, Batch, Envelope, Heartbeat, Hello, Kind, ModuleResult, Record, RecordBody, Status,
@@ -33,6 +34,9 @@ pub struct SimConfig {
     pub message: String,
     /// Unacked messages are sent again after this.
     pub resend_after: Duration,
+    /// Enrolled agents' tokens (auth on): each agent logs in with its own and signs
+    /// every message, as the real agent does, and checks the signature of each ack.
+    pub tokens: Option<Arc<std::collections::HashMap<String, String>>>,
 }
 
 /// Counters shared by every simulated agent of a run.
@@ -99,10 +103,23 @@ pub fn message_bytes(cfg: &SimConfig) -> usize {
 pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc<Control>) {
     let epoch = rand::random::<u64>() | 1;
     let mut mo = MqttOptions::new(id.clone(), cfg.host.clone(), cfg.port);
-    let offline = wire::encode(&Envelope::Status(Status {
-        online: false,
-        at_ms: 0,
-    }));
+    let token = cfg.tokens.as_ref().and_then(|t| t.get(&id).cloned());
+    let key = token.as_deref().map(wauth::message_key);
+    if let Some(t) = &token {
+        mo.set_credentials(id.clone(), t.clone());
+    }
+    // Signed with the agent's key when auth is on, as the real agent does.
+    let seal = |topic: &str, payload: Vec<u8>| match &key {
+        Some(k) => wauth::sign(k, topic, &payload),
+        None => payload,
+    };
+    let offline = seal(
+        &wire::topic(&id, Kind::Status),
+        wire::encode(&Envelope::Status(Status {
+            online: false,
+            at_ms: 0,
+        })),
+    );
     mo.set_keep_alive(Duration::from_secs(60))
         .set_clean_session(true)
         .set_max_packet_size(1 << 20, 1 << 20)
@@ -143,7 +160,10 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
         let records = (first..=last)
             .map(|s| result_record(&id, s, &cfg.message))
             .collect();
-        let payload = wire::encode(&Envelope::Batch(Batch { epoch, records }));
+        let payload = seal(
+            &out_topic,
+            wire::encode(&Envelope::Batch(Batch { epoch, records })),
+        );
         client
             .try_publish(&out_topic, QoS::AtLeastOnce, false, payload)
             .is_ok()
@@ -160,8 +180,9 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                         stats.connected.fetch_add(1, Ordering::Relaxed);
                     }
                     let _ = client.try_subscribe(&ack_topic, QoS::AtLeastOnce);
-                    let online = wire::encode(&Envelope::Status(Status { online: true, at_ms: imn_modules::now_ms() }));
-                    let _ = client.try_publish(wire::topic(&id, Kind::Status), QoS::AtLeastOnce, true, online);
+                    let status_topic = wire::topic(&id, Kind::Status);
+                    let online = seal(&status_topic, wire::encode(&Envelope::Status(Status { online: true, at_ms: imn_modules::now_ms() })));
+                    let _ = client.try_publish(status_topic, QoS::AtLeastOnce, true, online);
                     let hello = Envelope::Hello(Hello {
                         agent_id: id.clone(),
                         version: "sim".into(),
@@ -176,7 +197,9 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                         heartbeat_interval_ms: cfg.heartbeat.as_millis() as u64,
                         sent_at_ms: imn_modules::now_ms(),
                     });
-                    let _ = client.try_publish(wire::topic(&id, Kind::Hello), QoS::AtLeastOnce, false, wire::encode(&hello));
+                    let hello_topic = wire::topic(&id, Kind::Hello);
+                    let hello = seal(&hello_topic, wire::encode(&hello));
+                    let _ = client.try_publish(hello_topic, QoS::AtLeastOnce, false, hello);
                     // A new session: whatever was in flight goes again.
                     let again: Vec<(u64, u64)> = inflight.iter().map(|(&l, &(f, _))| (f, l)).collect();
                     for (f, l) in again {
@@ -187,7 +210,11 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
-                    if let Ok(Envelope::Ack(ack)) = wire::decode(&p.payload) {
+                    let body = match &key {
+                        Some(k) => wauth::verify(k, &p.topic, &p.payload).ok(),
+                        None => Some(&p.payload[..]),
+                    };
+                    if let Some(Ok(Envelope::Ack(ack))) = body.map(wire::decode) {
                         if ack.epoch == epoch {
                             let done: Vec<u64> = inflight.keys().copied().filter(|&l| ack.contains(l)).collect();
                             for l in done {
@@ -220,7 +247,9 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                     outbox_depth: total.saturating_sub(acked),
                     ..Default::default()
                 });
-                if client.try_publish(wire::topic(&id, Kind::Heartbeat), QoS::AtLeastOnce, false, wire::encode(&h)).is_ok() {
+                let hb_topic = wire::topic(&id, Kind::Heartbeat);
+                let h = seal(&hb_topic, wire::encode(&h));
+                if client.try_publish(hb_topic, QoS::AtLeastOnce, false, h).is_ok() {
                     stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                 }
             }

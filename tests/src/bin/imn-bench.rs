@@ -80,6 +80,10 @@ enum Scenario {
         /// Results per MQTT message.
         #[arg(long, default_value_t = 1)]
         per_message: usize,
+        /// Run twice, without and with auth (enrolled agents, signed messages), and
+        /// give the ratio.
+        #[arg(long)]
+        auth: bool,
     },
     /// Simulated agents connect and heartbeat: connect time, alive count, heartbeat
     /// lag, memory.
@@ -267,13 +271,15 @@ async fn main() {
             results,
             nats,
             per_message,
+            auth,
         } => {
             let (a, r) = if cli.quick {
                 (agents.min(20), results.min(2_000))
             } else {
                 (agents, results)
             };
-            imn_tests::bench_ingest::ingest(a.max(1), r.max(1), nats, per_message.max(1)).await
+            imn_tests::bench_ingest::ingest(a.max(1), r.max(1), nats, per_message.max(1), auth)
+                .await
         }
         Scenario::Fleet {
             agents,
