@@ -140,6 +140,9 @@ pub fn security(flags: &SecurityFlags) -> Result<Security, UpError> {
 
 /// Keeps `DATA/admin-token` holding a live admin token: the one there if it still
 /// works, else a new one (written with mode 0600).
+/// The rate of the admin token `--auth` writes to DATA/admin-token, per minute.
+pub const ADMIN_RATE_PER_MIN: f64 = 60_000.0;
+
 pub async fn ensure_admin_token(backend: &Backend, path: &std::path::Path) -> Result<(), UpError> {
     let current = std::fs::read_to_string(path).ok();
     if current
@@ -151,7 +154,15 @@ pub async fn ensure_admin_token(backend: &Backend, path: &std::path::Path) -> Re
     let store = backend.store.as_ref();
     let token = match backend
         .security
-        .create_token(store, Some("admin".into()), vec![Scope::Admin], None)
+        // 1,000 requests a second: the operator's own token, used to provision fleets
+        // (enrolling a thousand agents should not take minutes); the limit is only
+        // there to stop a runaway script.
+        .create_token(
+            store,
+            Some("admin".into()),
+            vec![Scope::Admin],
+            Some(ADMIN_RATE_PER_MIN),
+        )
         .await
     {
         Ok((_, t)) => t,

@@ -839,8 +839,35 @@ async fn tls_on_every_link_with_imn_certs() {
     publish(mqtts_port, &untrusting, topic, &signed, dir.path())
         .expect_err("a client that does not trust the server's CA");
 
-    // The project's agent over mutual TLS, verifying the broker against the CA.
+    // The project's agent refuses a broker whose certificate its CA did not issue.
     let (acert, akey) = (p("client-agent-t.pem"), p("client-agent-t.key"));
+    let other_ca = other.join("ca.pem").display().to_string();
+    let mut wary = spawn_agent(
+        &bin("imn-agent"),
+        "agent-t",
+        &format!("mqtts://localhost:{mqtts_port}"),
+        &dir.path().join("agent-wary"),
+        &agent_flags(
+            &tok,
+            &[
+                "--tls-ca",
+                &other_ca,
+                "--tls-cert",
+                &acert,
+                "--tls-key",
+                &akey,
+            ],
+        ),
+        dir.path(),
+    );
+    wait_for("the agent to refuse the broker's certificate", T, || {
+        let log = wary.log_text();
+        async move { log.contains("invalid peer certificate").then_some(()) }
+    })
+    .await;
+    wary.kill9();
+
+    // The project's agent over mutual TLS, verifying the broker against the CA.
     let _agent = spawn_agent(
         &bin("imn-agent"),
         "agent-t",
