@@ -476,12 +476,27 @@ impl Security {
     /// Revokes an agent: it is disconnected and cannot log in again.
     pub async fn revoke_agent(&self, store: &dyn Store, id: &str) -> Result<(), ApiError> {
         let a = self.enrolled(id)?;
+        self.revoke_row(
+            store,
+            |r| r.kind == "agent" && r.id == a.id,
+            format!("agent {id:?} is not enrolled"),
+        )
+        .await
+    }
+
+    /// Marks the stored credential `which` picks revoked, and applies it.
+    async fn revoke_row(
+        &self,
+        store: &dyn Store,
+        which: impl Fn(&CredentialRow) -> bool,
+        not_found: String,
+    ) -> Result<(), ApiError> {
         let row = store
             .credentials()
             .await?
             .into_iter()
-            .find(|r| r.kind == "agent" && r.id == a.id)
-            .ok_or_else(|| ApiError::NotFound(format!("agent {id:?} is not enrolled")))?;
+            .find(|r| which(r))
+            .ok_or(ApiError::NotFound(not_found))?;
         self.save(
             store,
             CredentialRow {
@@ -618,18 +633,10 @@ impl Security {
             .find(|t| t.info.id == id)
             .map(|t| t.hash.clone())
             .ok_or_else(|| ApiError::NotFound(format!("no token {id:?}")))?;
-        let row = store
-            .credentials()
-            .await?
-            .into_iter()
-            .find(|r| r.kind == "api" && r.secret_hash == hash)
-            .ok_or_else(|| ApiError::NotFound(format!("no token {id:?}")))?;
-        self.save(
+        self.revoke_row(
             store,
-            CredentialRow {
-                revoked_ms: Some(now_ms()),
-                ..row
-            },
+            |r| r.kind == "api" && r.secret_hash == hash,
+            format!("no token {id:?}"),
         )
         .await
     }

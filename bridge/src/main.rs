@@ -11,7 +11,7 @@ use imn_bridge::{broker, AgentCredentials, BrokerConfig, BrokerTls};
 #[command(name = "imn-bridge", version)]
 struct Flags {
     /// Plain MQTT (3.1.1) address for agents, or `off`.
-    #[arg(long, env = "IMN_MQTT", default_value = "127.0.0.1:1883", value_parser = addr_or_off)]
+    #[arg(long, env = "IMN_MQTT", default_value = "127.0.0.1:1883", value_parser = imn_bridge::addr_or_off)]
     // Fully qualified: clap then takes the parser's Option as the value, not as "optional".
     mqtt: ::std::option::Option<SocketAddr>,
     /// MQTT over TLS (8883 by convention), with --tls-cert and --tls-key.
@@ -43,16 +43,6 @@ struct Flags {
     /// can connect (as any agent, without auth), and traffic can be read on the way.
     #[arg(long)]
     insecure_i_know: bool,
-}
-
-/// `off`, or a socket address.
-fn addr_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
-    if s == "off" {
-        return Ok(None);
-    }
-    s.parse()
-        .map(Some)
-        .map_err(|e| format!("{s:?}: {e} (give ADDR:PORT or off)"))
 }
 
 impl Flags {

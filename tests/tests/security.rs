@@ -122,6 +122,26 @@ fn enroll_cli(api: &Api, admin_token: &str, id: &str, extra: &[&str]) -> String 
         .to_string()
 }
 
+/// Revokes `id` and waits until its agent process logs the broker's refusal; returns
+/// how long that took.
+async fn revoke_and_wait_refused(admin: &Api, id: &str, agent: &Proc) -> Duration {
+    let revoked_at = std::time::Instant::now();
+    let r = admin
+        .post(&format!("/admin/agents/{id}/revoke"), "", &[])
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_for(
+        "the revoked agent to be disconnected and refused",
+        Duration::from_secs(10),
+        || {
+            let log = agent.log_text();
+            async move { log.contains("NotAuthorized").then_some(()) }
+        },
+    )
+    .await;
+    revoked_at.elapsed()
+}
+
 fn admin_token(up: &Up) -> String {
     std::fs::read_to_string(up.dir.path().join("data/admin-token"))
         .unwrap()
@@ -218,22 +238,8 @@ async fn mqtt_logins_need_an_enrolled_unrevoked_agent() {
     assert_eq!(r.body["state"], "succeeded", "{:?}", r.body);
 
     // Revocation disconnects it within seconds, and it cannot log in again.
-    let revoked_at = std::time::Instant::now();
-    let r = admin.post("/admin/agents/agent-b/revoke", "", &[]).await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    wait_for(
-        "the revoked agent to be disconnected and refused",
-        Duration::from_secs(10),
-        || {
-            let log = agent.log_text();
-            async move { log.contains("NotAuthorized").then_some(()) }
-        },
-    )
-    .await;
-    println!(
-        "revoked agent disconnected and refused in {:?}",
-        revoked_at.elapsed()
-    );
+    let took = revoke_and_wait_refused(&admin, "agent-b", &agent).await;
+    println!("revoked agent disconnected and refused in {took:?}");
     let h = health(&admin).await;
     assert_eq!(
         admin.get("/agents/agent-b").await.body["status"],
@@ -1064,22 +1070,8 @@ async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
     admin.wait_alive(&["edge-c"], T).await;
 
     // Revoked at the backend: the bridge disconnects edge-a and refuses it after.
-    let revoked_at = std::time::Instant::now();
-    let r = admin.post("/admin/agents/edge-a/revoke", "", &[]).await;
-    assert_eq!(r.status, 200, "{:?}", r.body);
-    wait_for(
-        "the bridge to disconnect and refuse the revoked agent",
-        Duration::from_secs(10),
-        || {
-            let log = agent_a.log_text();
-            async move { log.contains("NotAuthorized").then_some(()) }
-        },
-    )
-    .await;
-    println!(
-        "over NATS: revoked agent disconnected and refused in {:?}",
-        revoked_at.elapsed()
-    );
+    let took = revoke_and_wait_refused(&admin, "edge-a", &agent_a).await;
+    println!("over NATS: revoked agent disconnected and refused in {took:?}");
     let e = publish(
         mqtt_port,
         &login("edge-a", &tok_a),

@@ -15,16 +15,6 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// `off`, or a socket address.
-fn addr_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
-    if s == "off" {
-        return Ok(None);
-    }
-    s.parse()
-        .map(Some)
-        .map_err(|e| format!("{s:?}: {e} (give ADDR:PORT or off)"))
-}
-
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run backend, bridge (with its own MQTT broker) and local agents in one process.
@@ -34,7 +24,7 @@ enum Cmd {
         http: SocketAddr,
         /// Plain MQTT address for agents, or `off`. Plain MQTT beyond loopback needs
         /// --insecure-i-know.
-        #[arg(long, default_value = "127.0.0.1:1883", value_parser = addr_or_off)]
+        #[arg(long, default_value = "127.0.0.1:1883", value_parser = imn_bridge::addr_or_off)]
         // Fully qualified: clap then takes the parser's Option as the value, not as "optional".
         mqtt: ::std::option::Option<SocketAddr>,
         /// MQTT over TLS (8883 by convention), with --tls-cert and --tls-key.
