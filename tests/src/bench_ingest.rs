@@ -131,16 +131,7 @@ impl System {
         let mut tokens = std::collections::HashMap::new();
         for i in 0..n {
             let id = sim_id(i);
-            let body = json!({"id": id}).to_string();
-            let mut r = self.api().post("/admin/agents", &body, &[]).await;
-            // Over the admin token's rate: wait as told, as any client should.
-            while r.status == 429 {
-                let s = r.body["retry_after_s"].as_u64().unwrap_or(1);
-                tokio::time::sleep(Duration::from_secs(s)).await;
-                r = self.api().post("/admin/agents", &body, &[]).await;
-            }
-            assert_eq!(r.status, 201, "enrolling {id}: {:?}", r.body);
-            let token = r.body["token"].as_str().expect("token").to_string();
+            let token = self.api().enroll(&id).await;
             tokens.insert(id, token);
         }
         Arc::new(tokens)

@@ -317,6 +317,23 @@ impl Api {
     }
 
     /// Waits until `/agents/alive` lists exactly these agents (at least).
+    /// Enrolls agent `id` (admin token needed) and returns its token. Over the token's
+    /// rate it waits as the 429 says, as any client should.
+    pub async fn enroll(&self, id: &str) -> String {
+        let body = serde_json::json!({ "id": id }).to_string();
+        let mut r = self.post("/admin/agents", &body, &[]).await;
+        while r.status == 429 {
+            let s = r.body["retry_after_s"].as_u64().unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(s)).await;
+            r = self.post("/admin/agents", &body, &[]).await;
+        }
+        assert_eq!(r.status, 201, "enrolling {id}: {:?}", r.body);
+        r.body["token"]
+            .as_str()
+            .expect("the token, in the enrollment's answer")
+            .to_string()
+    }
+
     pub async fn wait_alive(&self, ids: &[&str], timeout: Duration) {
         let api = self.clone();
         let want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();

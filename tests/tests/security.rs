@@ -283,18 +283,8 @@ async fn agent_a_speaks_for_b(broker_acl: bool) {
     let admin = up.admin();
     let dir = up.dir.path();
     let port = up.mqtt_port;
-    let enroll = |id: &'static str| {
-        let admin = admin.clone();
-        async move {
-            let r = admin
-                .post("/admin/agents", &json!({"id": id}).to_string(), &[])
-                .await;
-            assert_eq!(r.status, 201, "{:?}", r.body);
-            r.body["token"].as_str().unwrap().to_string()
-        }
-    };
-    let tok_a = enroll("agent-a").await;
-    let tok_b = enroll("agent-b").await;
+    let tok_a = admin.enroll("agent-a").await;
+    let tok_b = admin.enroll("agent-b").await;
     let _b = spawn_agent(
         &bin("imn-agent"),
         "agent-b",
@@ -699,8 +689,7 @@ max_rate = 50
 
     // The MQTT payload limit: agent-1's own login can't be used here (its token lives
     // in imn up), so enroll another agent and send an oversized message as it.
-    let r = admin.post("/admin/agents", r#"{"id":"big"}"#, &[]).await;
-    let tok = r.body["token"].as_str().unwrap().to_string();
+    let tok = admin.enroll("big").await;
     let topic = "imn/v1/big/out";
     let big = wauth::sign(&wauth::message_key(&tok), topic, &vec![1u8; 8192]);
     publish(
@@ -790,10 +779,7 @@ async fn tls_on_every_link_with_imn_certs() {
         "plain HTTP answered"
     );
 
-    let r = admin
-        .post("/admin/agents", r#"{"id":"agent-t"}"#, &[])
-        .await;
-    let tok = r.body["token"].as_str().unwrap().to_string();
+    let tok = admin.enroll("agent-t").await;
     let hb = wire::encode(&Envelope::Heartbeat(Default::default()));
     let topic = "imn/v1/agent-t/hb";
     let signed = wauth::sign(&wauth::message_key(&tok), topic, &hb);
@@ -967,19 +953,9 @@ async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
     })
     .await;
     let admin = Api::new(http_port).with_token(&admin_tok);
-    let enroll = |id: &'static str| {
-        let admin = admin.clone();
-        async move {
-            let r = admin
-                .post("/admin/agents", &json!({"id": id}).to_string(), &[])
-                .await;
-            assert_eq!(r.status, 201, "{:?}", r.body);
-            r.body["token"].as_str().unwrap().to_string()
-        }
-    };
     // Enrolled before the bridge exists: it must find them in NATS.
-    let tok_a = enroll("edge-a").await;
-    let tok_b = enroll("edge-b").await;
+    let tok_a = admin.enroll("edge-a").await;
+    let tok_b = admin.enroll("edge-b").await;
 
     let mqtt_port = free_port();
     let mqtt = format!("127.0.0.1:{mqtt_port}");
@@ -1058,7 +1034,7 @@ async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
     );
 
     // Enrolled while the bridge runs: it connects without a bridge restart.
-    let tok_c = enroll("edge-c").await;
+    let tok_c = admin.enroll("edge-c").await;
     let _agent_c = spawn_agent(
         &bin("imn-agent"),
         "edge-c",
