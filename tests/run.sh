@@ -46,6 +46,7 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench api --quick --json
 ./target/debug/imn-bench ingest --quick --json
 ./target/debug/imn-bench ingest --nats --quick --json
+./target/debug/imn-bench ingest --auth --quick --json
 ./target/debug/imn-bench fleet --quick --json
 ./target/debug/imn-bench firmware --quick --json
 echo "== cargo test"
