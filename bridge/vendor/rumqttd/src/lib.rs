@@ -25,6 +25,8 @@ pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
+// IMN-PATCH: IMN-PATCH.md, section 9.
+pub use server::open_connections;
 
 pub use self::router::shared_subs::Strategy;
 

@@ -623,6 +623,9 @@ async fn remote<P: Protocol>(
         }
     };
     drop(our_will_tx);
+    // IMN-PATCH: counts the network connections that are logged in, for the bridge's
+    // metrics (IMN-PATCH.md, section 9).
+    let _open = OpenConnection::new();
 
     let connection_id = link.connection_id;
     let will_delay_interval = link.will_delay_interval;
@@ -711,5 +714,30 @@ async fn remote<P: Protocol>(
         // It won't matter in this case as we don't use it
         // but might affect logs?
         router_tx.send((connection_id, message)).ok();
+    }
+}
+
+// IMN-PATCH: network connections that completed CONNECT and have not ended yet
+// (IMN-PATCH.md, section 9).
+static OPEN_CONNECTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Network clients connected now (logged in, not yet gone), across every listener of
+/// every broker in this process.
+pub fn open_connections() -> usize {
+    OPEN_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> OpenConnection {
+        OPEN_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        OPEN_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
