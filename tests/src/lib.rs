@@ -10,6 +10,7 @@ pub mod bench_firmware;
 pub mod bench_ingest;
 pub mod bench_ping;
 pub mod netns;
+pub mod otlp;
 pub mod sim;
 
 use std::net::TcpListener;
@@ -95,6 +96,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[&str], log_dir: &Path) -> Proc {
+        Proc::spawn_env(name, program, args, &[], log_dir)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Proc {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -108,6 +120,7 @@ impl Proc {
                 "RUST_LOG",
                 std::env::var("IMN_TEST_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -396,6 +409,11 @@ pub struct Up {
 
 impl Up {
     pub async fn start(agents: usize, extra: &[&str]) -> Up {
+        Up::start_env(agents, extra, &[]).await
+    }
+
+    /// [`Up::start`] with extra environment variables.
+    pub async fn start_env(agents: usize, extra: &[&str], env: &[(&str, &str)]) -> Up {
         let dir = TempDir::new("up");
         let http_port = free_port();
         let mqtt_port = free_port();
@@ -417,7 +435,7 @@ impl Up {
             "500",
         ];
         args.extend_from_slice(extra);
-        let proc = Proc::spawn("imn-up", &bin("imn"), &args, dir.path());
+        let proc = Proc::spawn_env("imn-up", &bin("imn"), &args, env, dir.path());
         let api = Api::new(http_port);
         let a2 = api.clone();
         wait_for("imn up to answer /health", Duration::from_secs(30), || {
