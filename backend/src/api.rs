@@ -26,6 +26,7 @@ pub fn router(backend: Arc<Backend>) -> Router {
     let mut r = Router::new()
         .route("/health", get(health))
         .route("/livez", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/agents", get(agents))
         .route("/agents/alive", get(agents_alive))
         .route("/agents/{id}", get(agent))
@@ -51,6 +52,7 @@ pub fn router(backend: Arc<Backend>) -> Router {
     let limit = backend.security.limits.max_body_bytes;
     r.fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn_with_state(backend.clone(), guard))
+        .layer(axum::middleware::from_fn(trace_request))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(backend)
 }
@@ -74,6 +76,80 @@ fn required_scope(method: &axum::http::Method, path: &str) -> Option<Scope> {
 /// Authentication, scopes and rate limits (when auth is on), and the body limit: a
 /// body over `max_body_bytes` gets a JSON 413 naming the limit, whether the client
 /// declared its length or not.
+/// The trace context of an API request: its server span when tracing is on, else the
+/// caller's `traceparent` (so components that do record still join the caller's trace).
+#[derive(Clone)]
+pub struct RequestTrace(pub opentelemetry::Context);
+
+/// Starts the trace of every API request but the probes and scrapes: a server span,
+/// child of the caller's `traceparent` if it sent one. Handlers read it as
+/// [`RequestTrace`]; the span ends when the response is ready (with `?wait`, after the
+/// result came back).
+async fn trace_request(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use imn_bridge::telemetry::{self, Component};
+    use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+    use opentelemetry::KeyValue;
+    let path = req.uri().path().to_string();
+    if matches!(path.as_str(), "/metrics" | "/livez" | "/health") {
+        return next.run(req).await;
+    }
+    let parent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(telemetry::context_from)
+        .unwrap_or_default();
+    let Some(tracer) = telemetry::tracer(Component::Backend) else {
+        req.extensions_mut().insert(RequestTrace(parent));
+        return next.run(req).await;
+    };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
+    let method = req.method().to_string();
+    let span = tracer
+        .span_builder(format!("{method} {route}"))
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            KeyValue::new("http.request.method", method.clone()),
+            KeyValue::new("http.route", route.clone()),
+            KeyValue::new("url.path", path),
+        ])
+        .start_with_context(tracer, &parent);
+    let cx = parent.with_span(span);
+    req.extensions_mut().insert(RequestTrace(cx.clone()));
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let span = cx.span();
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    if status >= 500 {
+        span.set_status(Status::error(format!("HTTP {status}")));
+    }
+    {
+        let _attached = cx.clone().attach();
+        tracing::info!(%method, %route, status, "api request");
+    }
+    span.end();
+    resp
+}
+
+/// `/metrics`: the Prometheus text format.
+async fn metrics(State(b): State<Arc<Backend>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            imn_bridge::telemetry::prom::CONTENT_TYPE,
+        )],
+        b.prometheus().await,
+    )
+        .into_response()
+}
+
 async fn guard(
     State(b): State<Arc<Backend>>,
     req: axum::extract::Request,
@@ -442,12 +518,17 @@ async fn unload_module(
         .into_response())
 }
 fn request_json(r: &RequestRow) -> Value {
-    json!({
+    let mut v = json!({
         "request_id": r.id,
         "agent_id": r.agent_id,
         "module": r.module,
         "state": r.state.as_str(),
-    })
+    });
+    // The trace to look the measurement up by, in any OTLP backend.
+    if let Some(trace_id) = r.traceparent.as_deref().and_then(|t| t.split('-').nth(1)) {
+        v["trace_id"] = json!(trace_id);
+    }
+    v
 }
 
 #[derive(Deserialize)]
@@ -477,6 +558,7 @@ async fn submit(
     State(b): State<Arc<Backend>>,
     Path((id, module)): Path<(String, String)>,
     Query(q): Query<SubmitQuery>,
+    trace: Option<axum::Extension<RequestTrace>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -499,7 +581,17 @@ async fn submit(
         .map(Duration::from_secs_f64)
         .unwrap_or(crate::service::DEFAULT_DEADLINE);
     let submitted = b
-        .submit(&id, &module, &body, key, deadline, wait.is_some())
+        .submit(
+            &id,
+            &module,
+            &body,
+            crate::service::SubmitOptions {
+                idempotency_key: key,
+                deadline,
+                waiter: wait.is_some(),
+                traceparent: trace.and_then(|t| imn_bridge::telemetry::traceparent(&t.0 .0)),
+            },
+        )
         .await?;
     let mut req = submitted.request;
     let mut result = None;

@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::ApiError;
+use crate::observe;
 use crate::registry::Registry;
 use crate::store::{self, Created, NewRequest, RequestRow, Store};
 use crate::validation::Validators;
@@ -43,6 +44,8 @@ struct Decoded {
     msg: UpMessage,
     env: Result<Envelope, wire::DecodeError>,
     rows: Option<store::PreparedBatch>,
+    /// When it came off the bus (ms since the epoch).
+    arrived_ms: i64,
     /// Its share of the bytes prepared messages may hold; released when handled.
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -66,6 +69,8 @@ pub struct Backend {
     pub bus: Arc<dyn Bus>,
     pub registry: Registry,
     pub stats: Stats,
+    /// Metrics with state between scrapes (see [`observe`]).
+    pub metrics: observe::Metrics,
     /// Each module's compiled schema; compiled once at start.
     validators: Validators,
     /// Callers of `?wait` waiting for a request to finish.
@@ -77,6 +82,19 @@ pub struct Backend {
     pub security: crate::security::Security,
     /// The in-process bridge's counters, under `imn up`.
     pub bridge_stats: std::sync::OnceLock<Arc<imn_bridge::broker::BridgeStats>>,
+}
+
+/// How a request is to be made, beside what it asks for.
+#[derive(Debug, Clone)]
+pub struct SubmitOptions {
+    /// A repeated key finds the request made the first time.
+    pub idempotency_key: Option<String>,
+    /// How long the request may wait for its agent.
+    pub deadline: Duration,
+    /// The caller waits for the result (`?wait`): register before dispatch.
+    pub waiter: bool,
+    /// The W3C trace context of the API request, which the measurement's trace joins.
+    pub traceparent: Option<String>,
 }
 
 /// A request as the caller should see it after creation.
@@ -103,6 +121,7 @@ impl Backend {
             bus,
             registry: Registry::default(),
             stats: Stats::default(),
+            metrics: observe::Metrics::new(),
             validators,
             waiters: Mutex::new(HashMap::new()),
             hold_acks: AtomicBool::new(false),
@@ -166,10 +185,14 @@ impl Backend {
         agent: &str,
         module: &str,
         body: &[u8],
-        idempotency_key: Option<String>,
-        deadline: Duration,
-        waiter: bool,
+        opts: SubmitOptions,
     ) -> Result<Submitted, ApiError> {
+        let SubmitOptions {
+            idempotency_key,
+            deadline,
+            waiter,
+            traceparent,
+        } = opts;
         if !self.registry.knows(agent) {
             return Err(ApiError::UnknownAgent(agent.to_string()));
         }
@@ -223,6 +246,7 @@ impl Backend {
                 deadline_ms: now + deadline.as_millis() as i64,
                 timeout_ms: spec.default_timeout_ms,
                 idempotency_key,
+                traceparent,
                 dispatch: alive,
             })
             .await?;
@@ -286,6 +310,15 @@ impl Backend {
 
     /// Sends a request's command to its agent; false if the bus refused it.
     async fn publish_command(&self, req: &RequestRow) -> bool {
+        // A span per dispatch (redeliveries too), in the request's trace; the command
+        // carries it in the envelope (MQTT 3.1.1 has no headers) and in a NATS header.
+        let cx = observe::dispatch_span(
+            req.traceparent.as_deref(),
+            &req.agent_id,
+            &req.id,
+            &req.module,
+        );
+        let traceparent = cx.as_ref().and_then(imn_bridge::telemetry::traceparent);
         let cmd = Envelope::Command(Command {
             id: req.id.clone(),
             kind: CommandKind::Run {
@@ -293,20 +326,110 @@ impl Backend {
                 params_json: req.params_json.clone(),
                 timeout_ms: req.timeout_ms,
             },
-            traceparent: None,
+            traceparent: traceparent.clone(),
             deadline_ms: Some(req.deadline_ms),
         });
-        match self
+        let sent = self
             .bus
-            .publish_down(Kind::Cmd, &req.agent_id, Bytes::from(wire::encode(&cmd)))
-            .await
-        {
-            Ok(()) => true,
+            .publish_down_traced(
+                Kind::Cmd,
+                &req.agent_id,
+                Bytes::from(wire::encode(&cmd)),
+                traceparent.as_deref(),
+            )
+            .await;
+        match sent {
+            Ok(()) => {
+                observe::end_dispatch(cx, None);
+                true
+            }
             Err(e) => {
+                self.metrics.errors.inc(&["bus_publish"]);
+                let _attached = cx.clone().map(|cx| cx.attach());
                 tracing::warn!(error = %e, request = %req.id, "dispatch failed; will retry");
+                drop(_attached);
+                observe::end_dispatch(cx, Some(&e.to_string()));
                 false
             }
         }
+    }
+
+    /// Metrics of a stored batch, and the spans of its traced results.
+    fn observe_batch(&self, agent: &str, batch: &wire::Batch, arrived_ms: i64, stored_ms: i64) {
+        for rec in &batch.records {
+            let Some(r) = rec.body.as_result() else {
+                continue;
+            };
+            self.metrics.result(agent, r, stored_ms);
+            if let Some(tp) = rec.body.traceparent() {
+                observe::trace_result(agent, r, tp, arrived_ms, stored_ms);
+            }
+        }
+    }
+
+    /// Reads how many requests are in each state, for metrics.
+    pub async fn refresh_request_states(&self) {
+        match self.store.request_state_counts().await {
+            Ok(c) => {
+                *self
+                    .metrics
+                    .request_states
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = c
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot count requests by state"),
+        }
+    }
+
+    /// Every metric family read from current state (the in-process bridge's too).
+    pub fn metric_families(&self) -> Vec<imn_bridge::telemetry::prom::Family> {
+        let mut f = self.metrics.families(&self.registry.all(), now_ms());
+        match self.bridge_stats.get() {
+            Some(b) => f.extend(b.families(&self.security.bridge().stats)),
+            None => f.push(
+                imn_bridge::telemetry::prom::Family::new(
+                    "imn_metric_series_dropped_total",
+                    "imn.metric.series_dropped",
+                    "{series}",
+                    imn_bridge::telemetry::prom::FamilyKind::Counter,
+                    "Label sets not recorded because an instrument had too many.",
+                )
+                .value(imn_bridge::telemetry::prom::series_dropped() as f64),
+            ),
+        }
+        f.push(
+            imn_bridge::telemetry::prom::Family::new(
+                "imn_records_stored_total",
+                "imn.records.stored",
+                "{record}",
+                imn_bridge::telemetry::prom::FamilyKind::Counter,
+                "Outbox records stored (results, state changes, events), duplicates not counted.",
+            )
+            .value(self.stats.records_stored.load(Ordering::Relaxed) as f64),
+        );
+        f
+    }
+
+    /// Feeds the families of [`Self::metric_families`] to OTLP (when on). Call once,
+    /// after the in-process bridge (if any) is attached.
+    pub fn observe_metrics(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        imn_bridge::telemetry::prom::observe(Arc::new(move || {
+            weak.upgrade()
+                .map(|b| b.metric_families())
+                .unwrap_or_default()
+        }));
+    }
+
+    /// `/metrics`: the Prometheus text format.
+    pub async fn prometheus(&self) -> String {
+        self.refresh_request_states().await;
+        let mut e = imn_bridge::telemetry::prom::Exposition::new();
+        for f in self.metric_families() {
+            f.write(&mut e);
+        }
+        self.metrics.write(&mut e);
+        e.finish()
     }
 
     /// Waits until the request is terminal or `timeout` passes.
@@ -363,6 +486,7 @@ impl Backend {
     /// Counts an uplink message dropped for `reason`.
     fn reject(&self, reason: &'static str) {
         self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+        self.metrics.errors.inc(&[&format!("uplink_{reason}")]);
         *self
             .stats
             .rejected
@@ -394,6 +518,7 @@ impl Backend {
                     msg,
                     env,
                     rows,
+                    arrived_ms: now_ms(),
                     _permit: permit,
                 };
                 if tx.send(d).await.is_err() {
@@ -439,17 +564,20 @@ impl Backend {
         let mut msgs = Vec::with_capacity(group.len());
         // The byte budget is released once the group is stored and acked.
         let mut _permits = Vec::with_capacity(group.len());
+        let mut arrivals = Vec::with_capacity(group.len());
         for d in group {
             let Decoded {
                 msg,
                 env,
                 rows,
+                arrived_ms,
                 _permit,
             } = d;
             _permits.push(_permit);
             let Ok(Envelope::Batch(batch)) = env else {
                 continue;
             };
+            arrivals.push(arrived_ms);
             self.registry.seen(&msg.agent, now);
             let rows = rows.unwrap_or_else(|| store::prepare(&batch));
             items.push((msg.agent.clone(), rows));
@@ -468,7 +596,11 @@ impl Backend {
                 // a window of 8 has several), so the broker carries fewer messages.
                 let mut acks: HashMap<(String, u64), Vec<u64>> = HashMap::new();
                 let mut settled = Vec::with_capacity(msgs.len());
-                for ((msg, batch), outcome) in msgs.into_iter().zip(outcomes) {
+                let stored_ms = now_ms();
+                for (((msg, batch), outcome), arrived_ms) in
+                    msgs.into_iter().zip(outcomes).zip(arrivals)
+                {
+                    self.observe_batch(&msg.agent, &batch, arrived_ms, stored_ms);
                     self.stats
                         .records_stored
                         .fetch_add(outcome.stored, Ordering::Relaxed);
@@ -495,6 +627,7 @@ impl Backend {
             }
             Err(e) => {
                 self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                self.metrics.errors.inc(&["store"]);
                 tracing::error!(error = %e, batches = msgs.len(), "cannot store batches; not acking");
                 for (msg, _) in msgs {
                     msg.nak().await;
@@ -516,7 +649,10 @@ impl Backend {
             Ok(()) => {
                 self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => tracing::warn!(error = %e, "cannot send ack; the agent will resend"),
+            Err(e) => {
+                self.metrics.errors.inc(&["bus_publish"]);
+                tracing::warn!(error = %e, "cannot send ack; the agent will resend")
+            }
         }
     }
 
@@ -525,6 +661,7 @@ impl Backend {
             msg,
             env,
             rows,
+            arrived_ms,
             _permit,
         } = d;
         let now = now_ms();
@@ -563,6 +700,7 @@ impl Backend {
                     msg,
                     env: Ok(Envelope::Batch(batch)),
                     rows,
+                    arrived_ms,
                     _permit,
                 }])
                 .await;
@@ -594,8 +732,14 @@ impl Backend {
     /// that alive agents have not confirmed.
     async fn sweep(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
+            // Request states for OTLP metrics (a scrape of /metrics reads them itself).
+            if ticks.is_multiple_of(8) && imn_bridge::telemetry::meter().is_some() {
+                self.refresh_request_states().await;
+            }
+            ticks += 1;
             let now = now_ms();
             if let Ok(overdue) = self.store.overdue(now).await {
                 for r in overdue {

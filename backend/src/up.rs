@@ -393,6 +393,7 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .await?;
     let _ = backend.bridge_stats.set(bridge_stats);
+    backend.observe_metrics();
     let mut tokens = Vec::new();
     for i in 1..=opts.agents {
         tokens.push(if sec.auth {

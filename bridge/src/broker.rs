@@ -18,7 +18,8 @@ use rumqttd::{
 };
 
 use crate::auth::AgentCredentials;
-use crate::bus::Bus;
+use crate::bus::{Bus, DownMessage};
+use crate::telemetry::prom::{Family, FamilyKind};
 
 /// The broker's TLS listener (MQTT over TLS, by convention on port 8883).
 #[derive(Debug, Clone)]
@@ -100,14 +101,138 @@ pub enum BridgeError {
     Bus(#[from] crate::bus::BusError),
 }
 
-/// Counters the bridge keeps (exported as metrics later).
+/// Counters the bridge keeps, for `/health` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct BridgeStats {
     pub up_messages: AtomicU64,
     pub down_messages: AtomicU64,
+    /// By kind, in the order of [`Kind::UPLINK`] and [`Kind::DOWNLINK`].
+    pub up_by_kind: [AtomicU64; 4],
+    pub down_by_kind: [AtomicU64; 2],
     pub up_errors: AtomicU64,
     pub bad_topics: AtomicU64,
     pub too_large: AtomicU64,
+}
+
+impl BridgeStats {
+    fn count(&self, kind: Kind) {
+        let (total, by_kind, kinds) = if kind.is_uplink() {
+            (&self.up_messages, &self.up_by_kind[..], &Kind::UPLINK[..])
+        } else {
+            (
+                &self.down_messages,
+                &self.down_by_kind[..],
+                &Kind::DOWNLINK[..],
+            )
+        };
+        total.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = kinds.iter().position(|k| *k == kind) {
+            by_kind[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The bridge's metric families, read now.
+    pub fn families(&self, auth: &crate::auth::AuthStats) -> Vec<Family> {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let mut messages = Family::new(
+            "imn_bridge_messages_total",
+            "imn.bridge.messages",
+            "{message}",
+            FamilyKind::Counter,
+            "Messages the bridge forwarded, agents to bus (up) and bus to agents (down).",
+        );
+        for (k, n) in Kind::UPLINK.iter().zip(&self.up_by_kind) {
+            messages.push(
+                vec![("direction", "up".into()), ("kind", k.as_str().into())],
+                load(n),
+            );
+        }
+        for (k, n) in Kind::DOWNLINK.iter().zip(&self.down_by_kind) {
+            messages.push(
+                vec![("direction", "down".into()), ("kind", k.as_str().into())],
+                load(n),
+            );
+        }
+        let mut refused = Family::new(
+            "imn_bridge_refused_total",
+            "imn.bridge.refused",
+            "{message}",
+            FamilyKind::Counter,
+            "Logins, messages and subscriptions the bridge refused, by reason.",
+        );
+        for (reason, n) in [
+            ("login", &auth.logins_refused),
+            ("publish_acl", &auth.publish_denied),
+            ("subscribe_acl", &auth.subscribe_denied),
+            ("will_acl", &auth.will_denied),
+            ("signature", &auth.unsigned_or_forged),
+            ("bad_topic", &self.bad_topics),
+            ("too_large", &self.too_large),
+        ] {
+            refused.push(vec![("reason", reason.into())], load(n));
+        }
+        vec![
+            Family::new(
+                "imn_bridge_connections",
+                "imn.bridge.connections",
+                "{connection}",
+                FamilyKind::Gauge,
+                "MQTT clients connected to the embedded broker now.",
+            )
+            .value(rumqttd::open_connections() as f64),
+            messages,
+            refused,
+            Family::new(
+                "imn_bridge_bus_errors_total",
+                "imn.bridge.bus_errors",
+                "{message}",
+                FamilyKind::Counter,
+                "Uplink messages the bus refused (the agent sends them again).",
+            )
+            .value(load(&self.up_errors)),
+            Family::new(
+                "imn_metric_series_dropped_total",
+                "imn.metric.series_dropped",
+                "{series}",
+                FamilyKind::Counter,
+                "Label sets not recorded because an instrument had too many.",
+            )
+            .value(crate::telemetry::prom::series_dropped() as f64),
+        ]
+    }
+}
+
+/// With tracing on, a command joins its request's trace: a `bridge downlink` span,
+/// child of the sender's span (from the bus, else from the envelope), and the
+/// envelope carries this span on to the agent, which hands it back with the result.
+/// Returns the span (ended by the caller once the command is with the broker) and the
+/// re-encoded payload.
+fn trace_command(m: &DownMessage) -> Option<(opentelemetry::Context, Bytes)> {
+    use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+    use opentelemetry::KeyValue;
+    let tracer = crate::telemetry::tracer(crate::telemetry::Component::Bridge)?;
+    let Ok(wire::Envelope::Command(mut cmd)) = wire::decode(&m.payload) else {
+        return None;
+    };
+    let parent = m
+        .traceparent
+        .as_deref()
+        .or(cmd.traceparent.as_deref())
+        .and_then(crate::telemetry::context_from)?;
+    let span = tracer
+        .span_builder("bridge downlink")
+        .with_kind(SpanKind::Consumer)
+        .with_attributes([
+            KeyValue::new("messaging.system", "mqtt"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", wire::topic(&m.agent, m.kind)),
+            KeyValue::new("imn.agent.id", m.agent.clone()),
+            KeyValue::new("imn.request.id", cmd.id.clone()),
+        ])
+        .start_with_context(tracer, &parent);
+    let cx = parent.with_span(span);
+    cmd.traceparent = crate::telemetry::traceparent(&cx);
+    Some((cx, Bytes::from(wire::encode(&wire::Envelope::Command(cmd)))))
 }
 
 fn connection_settings(cfg: &BrokerConfig) -> ConnectionSettings {
@@ -394,7 +519,7 @@ pub async fn uplink(
                 };
                 match bus.publish_up(kind, agent, payload).await {
                     Ok(()) => {
-                        stats.up_messages.fetch_add(1, Ordering::Relaxed);
+                        stats.count(kind);
                     }
                     Err(e) => {
                         // The agent resends after its resend timeout: nothing is lost.
@@ -444,12 +569,23 @@ pub async fn downlink(
             m = rx.recv() => {
                 let Some(m) = m else { return };
                 let topic = wire::topic(&m.agent, m.kind);
-                let payload = credentials.seal_downlink(&m.agent, m.kind, m.payload);
+                let traced = (m.kind == Kind::Cmd).then(|| trace_command(&m)).flatten();
+                let (cx, payload) = match traced {
+                    Some((cx, payload)) => (Some(cx), payload),
+                    None => (None, m.payload),
+                };
+                let payload = credentials.seal_downlink(&m.agent, m.kind, payload);
                 if let Err(e) = link_tx.publish(topic, payload) {
                     tracing::error!(error = %e, "broker link closed");
                     return;
                 }
-                stats.down_messages.fetch_add(1, Ordering::Relaxed);
+                if let Some(cx) = cx {
+                    use opentelemetry::trace::TraceContextExt;
+                    let _attached = cx.clone().attach();
+                    tracing::debug!(agent = %m.agent, "command handed to the broker");
+                    cx.span().end();
+                }
+                stats.count(m.kind);
             }
             id = kick => {
                 let Some(id) = id else {

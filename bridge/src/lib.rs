@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod broker;
 pub mod bus;
+pub mod telemetry;
 
 pub use auth::{AgentCredential, AgentCredentials};
 pub use broker::{BridgeError, BrokerConfig, BrokerTls};
@@ -22,20 +23,7 @@ pub fn addr_or_off(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
 /// an error-level span per publish with its topic formatted by `Debug`; the fmt layer
 /// then formats every topic, which cost the router thread a tenth of its time in
 /// `imn-bench ingest`. Spans from rumqttd are turned off (its events still pass).
+/// Logging to stderr only (no OTLP), for commands that are not services.
 pub fn init_logging() {
-    use tracing_subscriber::layer::{Layer, SubscriberExt};
-    use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,rumqttd=warn".into());
-    let no_rumqttd_spans = tracing_subscriber::filter::filter_fn(|meta| {
-        !(meta.is_span() && meta.target().starts_with("rumqttd"))
-    });
-    tracing_subscriber::registry()
-        .with(no_rumqttd_spans)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(filter),
-        )
-        .init();
+    let _ = telemetry::init(&[], &telemetry::OtlpConfig::default(), "info,rumqttd=warn");
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use imn_bridge::bus::{Bus, NatsBus, NatsOptions};
-use imn_bridge::{broker, AgentCredentials, BrokerConfig, BrokerTls};
+use imn_bridge::{broker, telemetry, AgentCredentials, BrokerConfig, BrokerTls};
 
 /// IMN bridge: embedded MQTT broker for agents, forwarding to and from NATS.
 #[derive(Debug, Parser)]
@@ -43,6 +43,13 @@ struct Flags {
     /// can connect (as any agent, without auth), and traffic can be read on the way.
     #[arg(long)]
     insecure_i_know: bool,
+    /// Prometheus `/metrics` listener, or `off`.
+    #[arg(long, env = "IMN_METRICS", default_value = "127.0.0.1:9102", value_parser = imn_bridge::addr_or_off)]
+    metrics: ::std::option::Option<SocketAddr>,
+    /// OTLP/gRPC collector for traces, metrics and logs (`http://host:4317`). Without
+    /// it, OTEL_EXPORTER_OTLP_ENDPOINT decides; without that, nothing is exported.
+    #[arg(long, env = "IMN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 impl Flags {
@@ -85,8 +92,14 @@ impl Flags {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    imn_bridge::init_logging();
     let flags = Flags::parse();
+    let _telemetry = telemetry::init(
+        &[telemetry::Component::Bridge],
+        &telemetry::OtlpConfig {
+            endpoint: flags.otlp_endpoint.clone(),
+        },
+        "info,rumqttd=warn",
+    )?;
     flags.check_exposure()?;
     let tls = flags.tls()?;
     let bus = NatsBus::connect(NatsOptions::new(&flags.nats))
@@ -114,9 +127,28 @@ async fn main() -> anyhow::Result<()> {
         max_connections: flags.max_connections,
         ..BrokerConfig::default()
     };
-    broker::run(cfg, Arc::new(bus))
+    let credentials = cfg.credentials.clone();
+    let stats = broker::run(cfg, Arc::new(bus))
         .await
         .map_err(|e| anyhow::anyhow!("broker: {e}"))?;
+    let families = {
+        let stats = stats.clone();
+        Arc::new(move || stats.families(&credentials.stats))
+    };
+    telemetry::prom::observe(families.clone());
+    if let Some(listen) = flags.metrics {
+        let render = Arc::new(move || {
+            let mut e = telemetry::prom::Exposition::new();
+            for f in families() {
+                f.write(&mut e);
+            }
+            e.finish()
+        });
+        let at = telemetry::serve_metrics(listen, render)
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics {listen}: {e}"))?;
+        tracing::info!(%at, "metrics at /metrics");
+    }
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

@@ -461,14 +461,17 @@ impl Agent {
                     );
                     self.outbox.append(
                         now_ms(),
-                        RecordBody::Result(ModuleResult {
-                            request_id: cmd.id.clone(),
-                            module,
-                            received_ms: now,
-                            started_ms: now,
-                            finished_ms: now_ms(),
-                            outcome: ModuleOutcome::Failed(message),
-                        }),
+                        RecordBody::result(
+                            ModuleResult {
+                                request_id: cmd.id.clone(),
+                                module,
+                                received_ms: now,
+                                started_ms: now,
+                                finished_ms: now_ms(),
+                                outcome: ModuleOutcome::Failed(message),
+                            },
+                            cmd.traceparent,
+                        ),
                     );
                     self.outbox.finish_command(&cmd.id);
                     return Ok(false);
@@ -480,6 +483,9 @@ impl Agent {
                 let tx = self.produced_tx.clone();
                 let id = cmd.id.clone();
                 let ctx = self.ctx.clone();
+                // Handed back with the result: the backend turns the agent's timings
+                // into spans of the request's trace.
+                let traceparent = cmd.traceparent;
                 let task = tokio::spawn(async move {
                     if !backoff.is_zero() {
                         tokio::time::sleep(backoff).await;
@@ -507,7 +513,10 @@ impl Agent {
                         outcome: ran.outcome,
                     };
                     let _ = tx
-                        .send(Produced::Record(Box::new(RecordBody::Result(result))))
+                        .send(Produced::Record(Box::new(RecordBody::result(
+                            result,
+                            traceparent,
+                        ))))
                         .await;
                     let _ = tx
                         .send(Produced::Finished {
@@ -597,10 +606,7 @@ impl Agent {
     fn on_produced(&mut self, p: Produced) -> Result<bool, AgentError> {
         match p {
             Produced::Record(body) => {
-                let finished = match &*body {
-                    RecordBody::Result(r) => Some(r.request_id.clone()),
-                    _ => None,
-                };
+                let finished = body.as_result().map(|r| r.request_id.clone());
                 let is_result = finished.is_some();
                 self.outbox.append(now_ms(), *body);
                 // Marked done in the same flush as the result, so a crash cannot leave

@@ -195,6 +195,37 @@ pub enum RecordBody {
     Result(ModuleResult),
     /// Something the operator should know (corrupt store, dropped records, …).
     Event(AgentEvent),
+    /// A module run finished, for a command that carried a W3C trace context: the
+    /// agent hands the context back, so the backend places the run, its time in the
+    /// outbox and its storage in the request's trace. Appended after `Event`, so every
+    /// record written before it existed still decodes.
+    TracedResult(ModuleResult, String),
+}
+
+impl RecordBody {
+    /// A result, under its command's trace context if it had one.
+    pub fn result(result: ModuleResult, traceparent: Option<String>) -> RecordBody {
+        match traceparent {
+            Some(tp) => RecordBody::TracedResult(result, tp),
+            None => RecordBody::Result(result),
+        }
+    }
+
+    /// The module result this record carries, if it is one.
+    pub fn as_result(&self) -> Option<&ModuleResult> {
+        match self {
+            RecordBody::Result(r) | RecordBody::TracedResult(r, _) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The trace context a result came back with.
+    pub fn traceparent(&self) -> Option<&str> {
+        match self {
+            RecordBody::TracedResult(_, tp) => Some(tp),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -454,6 +485,41 @@ mod tests {
         let bytes = encode(&env);
         assert_eq!(bytes[0], WIRE_VERSION);
         assert_eq!(decode(&bytes).unwrap(), env);
+    }
+
+    /// A traced result round-trips; the variants written before it keep their
+    /// encoding (an outbox on disk from an older agent still decodes: the bytes of a
+    /// plain result are pinned here).
+    #[test]
+    fn traced_results_round_trip_and_plain_results_keep_their_bytes() {
+        let Envelope::Batch(mut batch) = sample_batch() else {
+            unreachable!()
+        };
+        let plain = postcard::to_stdvec(&batch.records[1]).unwrap();
+        assert_eq!(
+            plain,
+            [
+                2, 22, 1, 2, b'r', b'1', 11, b'e', b'c', b'h', b'o', b'_', b'm', b'o', b'd', b'u',
+                b'l', b'e', 18, 20, 22, 0, 0, 2, b'h', b'i'
+            ],
+            "the encoding of RecordBody::Result changed: stored outboxes would not decode"
+        );
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let result = batch.records[1].body.as_result().unwrap().clone();
+        batch.records[1].body = RecordBody::result(result.clone(), Some(tp.into()));
+        let env = Envelope::Batch(batch);
+        let back = decode(&encode(&env)).unwrap();
+        assert_eq!(back, env);
+        let Envelope::Batch(b) = back else {
+            unreachable!()
+        };
+        assert_eq!(b.records[1].body.traceparent(), Some(tp));
+        assert_eq!(b.records[1].body.as_result(), Some(&result));
+        assert_eq!(b.records[0].body.as_result(), None);
+        assert_eq!(
+            RecordBody::result(result.clone(), None),
+            RecordBody::Result(result)
+        );
     }
 
     #[test]

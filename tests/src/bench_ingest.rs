@@ -71,7 +71,11 @@ impl System {
             let p = Proc::spawn(
                 &format!("imn-bridge-{b}"),
                 &bin("imn-bridge"),
-                &[&["--mqtt", &mqtt, "--nats", &n.url()], auth_flag].concat(),
+                &[
+                    &["--mqtt", &mqtt, "--nats", &n.url(), "--metrics", "off"],
+                    auth_flag,
+                ]
+                .concat(),
                 dir.path(),
             );
             started.push((p, port));

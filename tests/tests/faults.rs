@@ -308,7 +308,7 @@ impl Split {
         Proc::spawn(
             "imn-bridge",
             &bin("imn-bridge"),
-            &["--mqtt", mqtt, "--nats", nats],
+            &["--mqtt", mqtt, "--nats", nats, "--metrics", "off"],
             dir,
         )
     }

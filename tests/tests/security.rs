@@ -962,7 +962,15 @@ async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
     let bridge = Proc::spawn(
         "imn-bridge",
         &bin("imn-bridge"),
-        &["--mqtt", &mqtt, "--nats", &nats.url(), "--auth"],
+        &[
+            "--mqtt",
+            &mqtt,
+            "--nats",
+            &nats.url(),
+            "--auth",
+            "--metrics",
+            "off",
+        ],
         d,
     );
     let broker = format!("mqtt://{mqtt}");

@@ -129,7 +129,7 @@ async fn separate_processes_over_nats() {
     let _bridge = Proc::spawn(
         "imn-bridge",
         &bin("imn-bridge"),
-        &["--mqtt", &mqtt, "--nats", &nats.url()],
+        &["--mqtt", &mqtt, "--nats", &nats.url(), "--metrics", "off"],
         dir.path(),
     );
     let _agent = start_agent(

@@ -29,14 +29,25 @@ struct Flags {
     /// Enable fault-injection routes (/debug/…) for tests.
     #[arg(long, hide = true)]
     fault_injection: bool,
+    /// OTLP/gRPC collector for traces, metrics and logs (`http://host:4317`). Without
+    /// it, OTEL_EXPORTER_OTLP_ENDPOINT decides; without that, nothing is exported.
+    #[arg(long, env = "IMN_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(flatten)]
     security: SecurityFlags,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    imn_bridge::init_logging();
     let flags = Flags::parse();
+    use imn_bridge::telemetry::{self, Component};
+    let _telemetry = telemetry::init(
+        &[Component::Backend, Component::Agent],
+        &telemetry::OtlpConfig {
+            endpoint: flags.otlp_endpoint.clone(),
+        },
+        "info,rumqttd=warn",
+    )?;
     let tls = flags.security.http_tls()?;
     flags
         .security
@@ -48,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--nats {}: {e}", flags.nats))?;
     let backend =
         start_backend(&flags.data, Arc::new(bus), flags.fault_injection, security).await?;
+    backend.observe_metrics();
     if flags.security.auth {
         let path = flags.data.join("admin-token");
         ensure_admin_token(&backend, &path).await?;

@@ -54,6 +54,11 @@ enum Cmd {
         /// Test only: no topic ACL in the broker (the bridge's signature check stays).
         #[arg(long, hide = true)]
         test_no_broker_acl: bool,
+        /// OTLP/gRPC collector for traces, metrics and logs (`http://host:4317`).
+        /// Without it, OTEL_EXPORTER_OTLP_ENDPOINT decides; without that, nothing is
+        /// exported.
+        #[arg(long, env = "IMN_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
         #[command(flatten)]
         security: SecurityFlags,
     },
@@ -127,8 +132,11 @@ enum TokensCmd {
 }
 
 fn main() -> std::process::ExitCode {
-    imn_bridge::init_logging();
     let cli = Cli::parse();
+    // `imn up` sets up its telemetry inside the runtime (the OTLP channels live there).
+    if !matches!(cli.cmd, Cmd::Up { .. }) {
+        imn_bridge::init_logging();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,8 +170,17 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             heartbeat_ms,
             fault_injection,
             test_no_broker_acl,
+            otlp_endpoint,
             security,
         } => {
+            use imn_bridge::telemetry::{self, Component};
+            let _telemetry = telemetry::init(
+                &[Component::Backend, Component::Bridge, Component::Agent],
+                &telemetry::OtlpConfig {
+                    endpoint: otlp_endpoint,
+                },
+                "info,rumqttd=warn",
+            )?;
             let opts = UpOptions {
                 http,
                 mqtt,

@@ -61,6 +61,9 @@ pub struct NewRequest {
     pub deadline_ms: i64,
     pub timeout_ms: u64,
     pub idempotency_key: Option<String>,
+    /// W3C trace context of the API request that created it: every dispatch, however
+    /// late, and every result join that trace.
+    pub traceparent: Option<String>,
     /// The agent is online: store the request as dispatched at `created_ms`, in the
     /// same transaction, because its command goes out right after.
     pub dispatch: bool,
@@ -77,6 +80,9 @@ pub struct RequestRow {
     pub updated_ms: i64,
     pub deadline_ms: i64,
     pub timeout_ms: u64,
+    /// W3C trace context of the request's trace (`00-{trace id}-{span id}-{flags}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Whether a create made a new request or found the one with the same idempotency key.
@@ -171,7 +177,7 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
                         detail: s.detail.clone(),
                     }),
                 ),
-                RecordBody::Result(r) => {
+                RecordBody::Result(r) | RecordBody::TracedResult(r, _) => {
                     let (state, result, error) = match &r.outcome {
                         ModuleOutcome::Ok(o) => (RequestState::Succeeded, Some(o.as_serialize()), None),
                         ModuleOutcome::Failed(e) => (RequestState::Failed, None, Some(e.clone())),
@@ -303,6 +309,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(i64, String, String)>, StoreError>;
     /// How many records are stored, in all.
     async fn record_count(&self) -> Result<u64, StoreError>;
+    /// How many requests are in each state now.
+    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError>;
     /// How many of the agent's requests are not finished yet.
     async fn open_requests(&self, agent: &str) -> Result<u64, StoreError>;
     /// Every credential, revoked ones included.

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS requests (
     deadline_ms INTEGER NOT NULL,
     timeout_ms INTEGER NOT NULL,
     idempotency_key TEXT UNIQUE,
+    traceparent TEXT,
     -- The request's first result (records.id): found without an index on records.
     result_id INTEGER
 );
@@ -137,6 +138,14 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .map_err(db)?;
     if !has_result_id {
         tx.execute_batch("ALTER TABLE requests ADD COLUMN result_id INTEGER")
+            .map_err(db)?;
+    }
+    let has_traceparent = tx
+        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'traceparent'")
+        .and_then(|mut st| st.exists([]))
+        .map_err(db)?;
+    if !has_traceparent {
+        tx.execute_batch("ALTER TABLE requests ADD COLUMN traceparent TEXT")
             .map_err(db)?;
     }
     let old_sql: Option<String> = tx
@@ -401,7 +410,7 @@ fn state_of(s: String) -> RequestState {
 }
 
 const REQUEST_COLS: &str =
-    "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms";
+    "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms, traceparent";
 
 fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
     Ok(RequestRow {
@@ -414,6 +423,7 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         updated_ms: r.get(6)?,
         deadline_ms: r.get(7)?,
         timeout_ms: r.get::<_, i64>(8)? as u64,
+        traceparent: r.get(9)?,
     })
 }
 
@@ -632,7 +642,7 @@ impl Store for SqliteStore {
                 }
             }
             tx.prepare_cached(
-                &format!("INSERT INTO requests ({REQUEST_COLS}, idempotency_key) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?8)"),
+                &format!("INSERT INTO requests ({REQUEST_COLS}, idempotency_key) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?9, ?8)"),
             )
             .map_err(db)?
             .execute(
@@ -644,7 +654,8 @@ impl Store for SqliteStore {
                     req.created_ms,
                     req.deadline_ms,
                     req.timeout_ms as i64,
-                    req.idempotency_key
+                    req.idempotency_key,
+                    req.traceparent
                 ],
             )
             .map_err(db)?;
@@ -877,6 +888,24 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare_cached("SELECT state, COUNT(*) FROM requests GROUP BY state")
+                .map_err(db)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (state, n) = row.map_err(db)?;
+                out.push((state_of(state), n as u64));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn record_count(&self) -> Result<u64, StoreError> {
         self.with(|c| {
             c.query_row(
@@ -986,6 +1015,7 @@ mod tests {
             agent_id: "a".into(),
             module: "echo_module".into(),
             params_json: r#"{"message":"m"}"#.into(),
+            traceparent: None,
             created_ms: 1,
             deadline_ms: 1_000,
             timeout_ms: 5_000,

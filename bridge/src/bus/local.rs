@@ -45,12 +45,19 @@ impl Bus for LocalBus {
             .map_err(|_| BusError::Closed)
     }
 
-    async fn publish_down(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError> {
+    async fn publish_down_traced(
+        &self,
+        kind: Kind,
+        agent: &str,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         self.down_tx
             .send(DownMessage {
                 kind,
                 agent: agent.to_string(),
                 payload,
+                traceparent: traceparent.map(str::to_string),
             })
             .await
             .map_err(|_| BusError::Closed)

@@ -79,6 +79,8 @@ pub struct DownMessage {
     pub kind: Kind,
     pub agent: String,
     pub payload: Bytes,
+    /// W3C `traceparent` of the span that sent it (a NATS header on NATS).
+    pub traceparent: Option<String>,
 }
 
 #[async_trait]
@@ -86,7 +88,18 @@ pub trait Bus: Send + Sync + 'static {
     /// Bridge → backend. Returns once the bus holds the message.
     async fn publish_up(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError>;
     /// Backend → bridge.
-    async fn publish_down(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError>;
+    async fn publish_down(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError> {
+        self.publish_down_traced(kind, agent, payload, None).await
+    }
+    /// Backend → bridge, in a trace: the bus carries `traceparent` beside the payload
+    /// (in NATS headers), so the bridge's span joins the sender's trace.
+    async fn publish_down_traced(
+        &self,
+        kind: Kind,
+        agent: &str,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError>;
     /// The backend's feed of uplink messages; each must be acked or nakked.
     async fn subscribe_up(&self) -> Result<mpsc::Receiver<UpMessage>, BusError>;
     /// The bridge's feed of downlink messages.

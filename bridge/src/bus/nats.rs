@@ -481,11 +481,25 @@ impl Bus for NatsBus {
             .map_err(|_| BusError::Closed)
     }
 
-    async fn publish_down(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError> {
-        self.client
-            .publish(wire::subject(kind, agent), payload)
-            .await
-            .map_err(nats_err)
+    async fn publish_down_traced(
+        &self,
+        kind: Kind,
+        agent: &str,
+        payload: Bytes,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
+        let subject = wire::subject(kind, agent);
+        match traceparent {
+            Some(tp) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("traceparent", tp);
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+            }
+            None => self.client.publish(subject, payload).await,
+        }
+        .map_err(nats_err)
     }
 
     async fn subscribe_up(&self) -> Result<mpsc::Receiver<UpMessage>, BusError> {
@@ -564,10 +578,16 @@ impl Bus for NatsBus {
             tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
                     if let Some((kind, agent)) = wire::parse_subject(msg.subject.as_str()) {
+                        let traceparent = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get("traceparent"))
+                            .map(|v| v.to_string());
                         let m = DownMessage {
                             kind,
                             agent: agent.to_string(),
                             payload: msg.payload,
+                            traceparent,
                         };
                         if tx.send(m).await.is_err() {
                             return;
