@@ -17,6 +17,7 @@ have ip            || need+=(iproute2)
 have nft           || need+=(nftables)
 have dnsmasq       || need+=(dnsmasq-base)
 have python3       || need+=(python3 python3-pip)
+have promtool      || need+=(prometheus)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "== installing: ${need[*]}"
   $SUDO apt-get update -q

@@ -132,7 +132,7 @@ async fn trace_request(mut req: axum::extract::Request, next: axum::middleware::
     }
     {
         let _attached = cx.clone().attach();
-        tracing::info!(%method, %route, status, "api request");
+        tracing::debug!(%method, %route, status, "api request");
     }
     span.end();
     resp

@@ -43,6 +43,8 @@ pub enum AgentError {
     Outbox(#[from] OutboxError),
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// Where sync stands.
@@ -101,6 +103,8 @@ pub struct Agent {
     /// to go with them: a fast module's run then costs one flush and one batch, not
     /// three.
     pump_at: Option<tokio::time::Instant>,
+    /// Outbox and link figures for `/metrics` (the `metrics` feature).
+    gauges: std::sync::Arc<crate::metrics::Gauges>,
 }
 
 /// How long a state change may wait for the run's result before it is sent alone.
@@ -188,6 +192,7 @@ impl Agent {
             restarts: Restarts::default(),
             ctx,
             pump_at: None,
+            gauges: Default::default(),
         })
     }
 
@@ -204,6 +209,18 @@ impl Agent {
             )?;
         }
         self.recover_interrupted()?;
+        self.update_gauges();
+        #[cfg(feature = "metrics")]
+        if let Some(listen) = self.cfg.metrics_listen {
+            let (gauges, id) = (self.gauges.clone(), self.cfg.id.clone());
+            let at = imn_modules::metrics_http::serve_metrics(
+                listen,
+                std::sync::Arc::new(move || gauges.render(&id)),
+            )
+            .await
+            .map_err(|e| AgentError::Metrics(format!("metrics_listen {listen}: {e}")))?;
+            tracing::info!(%at, "metrics at /metrics");
+        }
         let mut conn = self.conn.take().expect("connection is taken once");
         let mut hb = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -608,6 +625,11 @@ impl Agent {
             Produced::Record(body) => {
                 let finished = body.as_result().map(|r| r.request_id.clone());
                 let is_result = finished.is_some();
+                if is_result {
+                    self.gauges
+                        .results
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.outbox.append(now_ms(), *body);
                 // Marked done in the same flush as the result, so a crash cannot leave
                 // a stored result plus an "interrupted" one for the same request.
@@ -716,7 +738,25 @@ impl Agent {
         Ok(())
     }
 
+    /// Refreshes the `/metrics` gauges from the outbox.
+    fn update_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let g = &self.gauges;
+        g.outbox_depth.store(self.outbox.depth(), Relaxed);
+        g.outbox_oldest_age_ms.store(
+            self.outbox
+                .oldest_at_ms()
+                .map(|t| (now_ms() - t).max(0) as u64)
+                .unwrap_or(0),
+            Relaxed,
+        );
+        g.outbox_dropped.store(self.outbox.dropped(), Relaxed);
+        g.connected.store(self.state != SyncState::Offline, Relaxed);
+    }
+
     async fn heartbeat(&mut self) {
+        // Offline too: that is when the outbox grows.
+        self.update_gauges();
         if self.state == SyncState::Offline {
             return;
         }

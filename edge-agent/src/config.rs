@@ -49,6 +49,9 @@ pub struct AgentConfig {
     pub disk_reserve_bytes: u64,
     /// Send new results ahead of the backlog when catching up.
     pub live_first: bool,
+    /// Serve Prometheus `/metrics` here (e.g. `127.0.0.1:9101`); needs an agent built
+    /// with the `metrics` feature.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -72,6 +75,7 @@ impl Default for AgentConfig {
             outbox_memory_bytes: 4 * 1024 * 1024,
             disk_reserve_bytes: 2 * 1024 * 1024,
             live_first: false,
+            metrics_listen: None,
         }
     }
 }
@@ -150,6 +154,11 @@ const OPTIONS: &[(&str, &str, &str)] = &[
         "IMN_BATCH_MAX_BYTES",
         "largest batch, in bytes of records",
     ),
+    (
+        "metrics-listen",
+        "IMN_METRICS_LISTEN",
+        "ADDR:PORT of a Prometheus /metrics listener (builds with the `metrics` feature)",
+    ),
 ];
 
 /// Command-line flags and their `IMN_…` environment variables, before the config file.
@@ -175,6 +184,7 @@ pub struct Flags {
     pub live_first: Option<bool>,
     pub window: Option<usize>,
     pub batch_max_bytes: Option<usize>,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What the command line asks for.
@@ -287,6 +297,14 @@ impl Flags {
             live_first,
             window: num(get("window"))?,
             batch_max_bytes: num(get("batch-max-bytes"))?,
+            metrics_listen: get("metrics-listen")
+                .map(|(field, s)| {
+                    s.trim().parse().map_err(|_| ConfigError::Invalid {
+                        field,
+                        rule: format!("must be ADDR:PORT, like 127.0.0.1:9101 (got {s:?})"),
+                    })
+                })
+                .transpose()?,
         };
         if flags.config.is_some() && flags.uci.is_some() {
             return Err(ConfigError::Invalid {
@@ -402,6 +420,9 @@ impl AgentConfig {
         if let Some(v) = flags.batch_max_bytes {
             cfg.batch_max_bytes = v;
         }
+        if let Some(v) = flags.metrics_listen {
+            cfg.metrics_listen = Some(v);
+        }
         if cfg.id.is_empty() {
             cfg.id = persistent_id(&cfg.data)?;
         }
@@ -439,6 +460,14 @@ impl AgentConfig {
             });
         }
         self.nameserver_addrs()?;
+        if self.metrics_listen.is_some() && !cfg!(feature = "metrics") {
+            return Err(ConfigError::Invalid {
+                field: "metrics_listen",
+                rule:
+                    "needs an agent built with the `metrics` feature (firmware builds leave it out)"
+                        .into(),
+            });
+        }
         if self.heartbeat_ms < 100 {
             return Err(ConfigError::Invalid {
                 field: "heartbeat_ms",

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod config;
 pub mod crash;
+pub mod metrics;
 pub mod modules;
 pub mod outbox;
 pub mod supervisor;

@@ -8,6 +8,8 @@
 
 pub mod auth;
 pub mod catalog;
+#[cfg(feature = "metrics-http")]
+pub mod metrics_http;
 pub mod params;
 pub mod results;
 pub mod wire;

@@ -120,10 +120,13 @@ async fn one_trace_per_measurement_across_processes_over_nats() {
         &FAST_EXPORT,
         dir.path(),
     );
-    let _agent = start_agent(
+    let agent_metrics = format!("127.0.0.1:{}", free_port());
+    let _agent = spawn_agent(
+        &bin("imn-agent"),
         "edge-1",
         &format!("mqtt://{mqtt}"),
         &dir.path().join("edge-1"),
+        &["--heartbeat-ms", "500", "--metrics-listen", &agent_metrics],
         dir.path(),
     );
     let api = Api::new(http_port);
@@ -295,8 +298,54 @@ async fn one_trace_per_measurement_across_processes_over_nats() {
     // what happened.
     let backend_page = text(&format!("http://{http}/metrics")).await;
     let bridge_page = text(&format!("http://{bridge_metrics}/metrics")).await;
+    let agent_page = text(&format!("http://{agent_metrics}/metrics")).await;
     promtool_check("backend /metrics", &backend_page);
     promtool_check("bridge /metrics", &bridge_page);
+    promtool_check("agent /metrics", &agent_page);
+    assert_eq!(
+        sample(&agent_page, "imn_agent_mqtt_connected{agent=\"edge-1\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&agent_page, "imn_agent_results_total{agent=\"edge-1\"}"),
+        Some(1.0)
+    );
+    // The deployed dashboard and alert rules chart only metrics that exist.
+    let exposed: Vec<&str> = [&backend_page, &bridge_page, &agent_page]
+        .iter()
+        .flat_map(|p| p.lines())
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in [
+        "deploy/grafana/imn-fleet.json",
+        "deploy/prometheus/rules.yml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut used: Vec<String> = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find("imn_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            used.push(name);
+        }
+        assert!(!used.is_empty(), "{file} uses no imn_ metric");
+        for name in used {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| exposed.contains(b))
+                .unwrap_or(&name);
+            assert!(
+                exposed.contains(&base),
+                "{file} uses {name}, which nothing exposes"
+            );
+        }
+    }
     assert_eq!(sample(&backend_page, "imn_agents_known "), Some(1.0));
     assert_eq!(sample(&backend_page, "imn_agents_alive "), Some(1.0));
     assert_eq!(
@@ -438,4 +487,34 @@ async fn a_dead_or_hung_collector_never_slows_measurements() {
     })
     .await
     .unwrap();
+}
+
+/// The Prometheus config and alert rules in deploy/ load in Prometheus's own checker.
+#[test]
+fn deployed_prometheus_config_and_rules_pass_promtool() {
+    let promtool = program("promtool").expect("promtool (Debian's prometheus package)");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "rules.yml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("../grafana/imn-fleet.json")).unwrap(),
+    )
+    .expect("the Grafana dashboard is JSON");
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| p.len() >= 10));
 }

@@ -17,7 +17,7 @@ pub struct Exposition {
 }
 
 /// The content type of the text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use imn_modules::metrics_http::CONTENT_TYPE;
 
 fn escape_label(v: &str) -> String {
     let mut s = String::with_capacity(v.len());
