@@ -45,6 +45,7 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench drain --quick --json
 ./target/debug/imn-bench outbox --quick --json
 ./target/debug/imn-bench api --quick --json
+./target/debug/imn-bench otel --quick --json
 ./target/debug/imn-bench ingest --quick --json
 ./target/debug/imn-bench ingest --nats --quick --json
 ./target/debug/imn-bench ingest --auth --quick --json

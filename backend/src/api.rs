@@ -164,6 +164,9 @@ async fn guard(
     if declared.is_some_and(|n| n > limit as u64) {
         return ApiError::BodyTooLarge { limit }.into_response();
     }
+    if let Err(e) = browser_check(&req, b.security.enabled()) {
+        return e.into_response();
+    }
     if let Some(scope) = required_scope(req.method(), req.uri().path()) {
         let bearer = req
             .headers()
@@ -182,6 +185,67 @@ async fn guard(
         return ApiError::BodyTooLarge { limit }.into_response();
     }
     resp
+}
+
+/// The host part of a `Host` value or URL authority, without the port or brackets.
+fn host_only(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+/// What a browser could be made to do. A page on another site can have a browser send
+/// requests here (cross-site request forgery), and a name that an attacker points at
+/// 127.0.0.1 makes them same-origin (DNS rebinding). Tokens stop both when auth is on
+/// (a browser does not hold them); in any case:
+/// - a change (any method but GET, HEAD, OPTIONS) whose `Origin` is not this server is
+///   refused (403, rule `origin`);
+/// - without auth, `Host` must be an IP address or `localhost` (403, rule `host`): a
+///   name could be rebound.
+fn browser_check(req: &axum::extract::Request, auth: bool) -> Result<(), ApiError> {
+    use axum::http::Method;
+    let headers = req.headers();
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let change = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if let (true, Some(origin)) = (change, headers.get(axum::http::header::ORIGIN)) {
+        let origin = origin.to_str().unwrap_or("");
+        let authority = origin.split_once("://").map(|(_, a)| a);
+        let same = match (authority, host) {
+            (Some(a), Some(h)) => a.eq_ignore_ascii_case(h),
+            _ => false,
+        };
+        if !same {
+            return Err(ApiError::Forbidden {
+                rule: "origin".into(),
+                message: format!(
+                    "cross-origin change refused: Origin {origin:?} is not this server ({})",
+                    host.unwrap_or("no Host")
+                ),
+            });
+        }
+    }
+    if !auth {
+        if let Some(h) = host {
+            let name = host_only(h);
+            if name.parse::<std::net::IpAddr>().is_err() && !name.eq_ignore_ascii_case("localhost")
+            {
+                return Err(ApiError::Forbidden {
+                    rule: "host".into(),
+                    message: format!(
+                        "Host {h:?}: without --auth this API answers only to an IP address or                          localhost (a name could be rebound to this machine by a web page);                          use the address, or run with --auth"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// UTC RFC 3339 with milliseconds.
@@ -814,4 +878,87 @@ async fn revoke_token(
     b.security.revoke_token(b.store.as_ref(), &id).await?;
     tracing::info!(token = %id, "API token revoked");
     Ok(Json(json!({"id": id, "revoked": true})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, headers: &[(&str, &str)]) -> axum::extract::Request {
+        let mut b = axum::http::Request::builder()
+            .method(method)
+            .uri("/agent/a/echo_module");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    }
+
+    fn rule(r: Result<(), ApiError>) -> Option<String> {
+        match r {
+            Ok(()) => None,
+            Err(ApiError::Forbidden { rule, .. }) => Some(rule),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn cross_site_changes_and_rebound_names_are_refused() {
+        let local = ("host", "127.0.0.1:8000");
+        // Clients that are not browsers send no Origin.
+        assert_eq!(rule(browser_check(&req("POST", &[local]), false)), None);
+        assert_eq!(
+            rule(browser_check(
+                &req("POST", &[local, ("origin", "http://127.0.0.1:8000")]),
+                false
+            )),
+            None
+        );
+        for origin in ["http://evil.example", "null", "http://127.0.0.1:9999"] {
+            for auth in [false, true] {
+                assert_eq!(
+                    rule(browser_check(
+                        &req("POST", &[local, ("origin", origin)]),
+                        auth
+                    ))
+                    .as_deref(),
+                    Some("origin"),
+                    "{origin}"
+                );
+            }
+        }
+        // Reads may come from anywhere (CORS keeps their answers from other sites).
+        assert_eq!(
+            rule(browser_check(
+                &req("GET", &[local, ("origin", "http://evil.example")]),
+                false
+            )),
+            None
+        );
+        // DNS rebinding: a name in Host, without auth.
+        for host in ["rebind.evil.example:8000", "evil"] {
+            assert_eq!(
+                rule(browser_check(&req("GET", &[("host", host)]), false)).as_deref(),
+                Some("host"),
+                "{host}"
+            );
+            assert_eq!(
+                rule(browser_check(&req("GET", &[("host", host)]), true)),
+                None
+            );
+        }
+        for host in [
+            "localhost:8000",
+            "127.0.0.1",
+            "[::1]:8000",
+            "10.1.2.3:80",
+            "LOCALHOST",
+        ] {
+            assert_eq!(
+                rule(browser_check(&req("GET", &[("host", host)]), false)),
+                None,
+                "{host}"
+            );
+        }
+    }
 }

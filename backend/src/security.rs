@@ -548,7 +548,7 @@ impl Security {
                 message: "/scopes: give at least one of read, measure, admin".into(),
             });
         }
-        if rate_per_min.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        if rate_per_min.is_some_and(|r| !r.is_finite() || r <= 0.0) {
             return Err(ApiError::InvalidParams {
                 field: "/rate_per_min".into(),
                 rule: "exclusiveMinimum".into(),
@@ -717,7 +717,11 @@ impl Security {
             b.tokens -= 1.0;
             return Ok(());
         }
-        let wait = Duration::from_secs_f64((1.0 - b.tokens) / per_s);
+        // At most a year: a tiny rate (1e-300 a minute) must not overflow a Duration.
+        const YEAR: Duration = Duration::from_secs(365 * 86_400);
+        let wait = Duration::try_from_secs_f64((1.0 - b.tokens) / per_s)
+            .unwrap_or(YEAR)
+            .min(YEAR);
         Err(ApiError::RateLimited {
             retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
             message: format!("token {id:?} is over its rate of {per_min} requests per minute"),
@@ -868,6 +872,30 @@ mod tests {
         assert_eq!(names, ["no-internal", "lte", "lab"]);
         assert!(p.rules[0].applies("any", &[]));
         assert!(p.rules[1].applies("x", &["lte".into()]) && !p.rules[1].applies("x", &[]));
+    }
+
+    /// A bucket with a rate too small (or broken) to refill in any sane time answers
+    /// 429 with a bounded Retry-After; it does not panic.
+    #[test]
+    fn tiny_or_broken_rates_refuse_without_panicking() {
+        let s = Security::new(
+            Arc::new(imn_bridge::AgentCredentials::disabled()),
+            Limits::default(),
+            Policy::default(),
+        );
+        for rate in [1e-300, 0.0, f64::MIN_POSITIVE] {
+            let id = format!("t{rate}");
+            assert!(
+                s.take(&id, rate).is_ok(),
+                "the first request uses the burst"
+            );
+            match s.take(&id, rate) {
+                Err(ApiError::RateLimited { retry_after_s, .. }) => {
+                    assert!(retry_after_s <= 365 * 86_400, "{rate}: {retry_after_s}")
+                }
+                other => panic!("{rate}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct Backend {
     pub fault_injection: bool,
     /// Enrollment, API tokens, limits and policy.
     pub security: crate::security::Security,
+    /// Serialises credential puts to the bus (see [`Self::share_credential`]).
+    share_turn: tokio::sync::Mutex<()>,
     /// The in-process bridge's counters, under `imn up`.
     pub bridge_stats: std::sync::OnceLock<Arc<imn_bridge::broker::BridgeStats>>,
 }
@@ -128,6 +130,7 @@ impl Backend {
             fault_injection,
             security,
             bridge_stats: std::sync::OnceLock::new(),
+            share_turn: tokio::sync::Mutex::new(()),
         });
         for a in backend.store.agents().await? {
             backend
@@ -147,6 +150,9 @@ impl Backend {
     /// enrollment, rotation and revocation. On failure the change is stored but not
     /// yet in force on those bridges, and the caller hears so.
     pub async fn share_credential(&self, id: &str) -> Result<(), ApiError> {
+        // One at a time, each reading the table when its turn comes: a rotation and a
+        // revocation racing cannot leave the older of the two in the bucket.
+        let _turn = self.share_turn.lock().await;
         let Some(cred) = self.security.bridge().get(id) else {
             return Ok(());
         };
@@ -214,6 +220,7 @@ impl Backend {
         } else {
             serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?
         };
+        let params = self.with_module_defaults(agent, module, params);
         self.validate(module, &params)?;
         let self_tags = self
             .registry
@@ -270,6 +277,29 @@ impl Backend {
                 })
             }
         }
+    }
+
+    /// The request's parameters over the module's defaults on that agent (the request
+    /// wins), as the agent's last hello reported them. Merged here, before validation,
+    /// the limits and the policy see them: defaults cannot carry what a request may
+    /// not ask for. The agent does not merge them again.
+    fn with_module_defaults(&self, agent: &str, module: &str, params: Value) -> Value {
+        let Value::Object(mut p) = params else {
+            return params;
+        };
+        let defaults = self.registry.get(agent).and_then(|a| {
+            a.hello
+                .modules
+                .into_iter()
+                .find(|m| m.name == module)
+                .and_then(|m| m.config?.defaults_json)
+        });
+        if let Some(Ok(Value::Object(d))) = defaults.map(|d| serde_json::from_str::<Value>(&d)) {
+            for (k, v) in d {
+                p.entry(k).or_insert(v);
+            }
+        }
+        Value::Object(p)
     }
 
     /// Loads, unloads or configures a module on a connected agent.

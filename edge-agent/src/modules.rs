@@ -82,23 +82,15 @@ impl LoadedModules {
             .collect()
     }
 
-    /// Applies the module's settings to a request: defaults under the request's own
-    /// parameters, the rate capped at `max_rate`, and the deadline.
+    /// Applies the module's settings to a request: the rate capped at `max_rate`, and
+    /// the deadline. Defaults are not merged here: the backend merged them before it
+    /// checked the request against its limits and policy, and a default merged after
+    /// that check could carry what the check refused.
     pub fn prepare(&self, module: &str, params_json: &str, timeout_ms: u64) -> (String, u64) {
         let Some(cfg) = self.loaded.get(module) else {
             return (params_json.to_string(), timeout_ms);
         };
         let mut params: Value = serde_json::from_str(params_json).unwrap_or(Value::Null);
-        if let (Some(Value::Object(defaults)), Value::Object(p)) = (
-            cfg.defaults_json
-                .as_deref()
-                .and_then(|d| serde_json::from_str(d).ok()),
-            &mut params,
-        ) {
-            for (k, v) in defaults {
-                p.entry(k).or_insert(v);
-            }
-        }
         if let (Some(max), Value::Object(p)) = (cfg.max_rate, &mut params) {
             let rate = p
                 .get("rate")
@@ -140,9 +132,10 @@ mod tests {
             99,
         );
         let p: Value = serde_json::from_str(&p).unwrap();
+        // The rate is capped; defaults are the backend's to merge (before its checks).
         assert_eq!(
             (p["count"].as_u64(), p["size"].as_u64(), p["rate"].as_f64()),
-            (Some(7), Some(8), Some(50.0))
+            (None, Some(8), Some(50.0))
         );
         assert_eq!(t, 1234);
         assert!(m

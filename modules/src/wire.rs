@@ -320,7 +320,8 @@ pub enum CommandKind {
 /// Per-module settings an operator can change at runtime.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModuleConfig {
-    /// JSON object merged under each request's parameters (the request wins).
+    /// JSON object merged under each request's parameters (the request wins), by the
+    /// backend, before it validates the request and checks its limits and policy.
     pub defaults_json: Option<String>,
     /// Upper bound on a run's probe rate (probes/s), for modules that probe.
     pub max_rate: Option<f64>,

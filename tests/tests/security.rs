@@ -664,6 +664,52 @@ max_rate = 50
     }
     assert_eq!(count_requests(&up), stored, "a refused request was stored");
 
+    // Module defaults are merged by the backend before its checks: a default cannot
+    // carry what a request may not ask for.
+    let r = admin
+        .put_json(
+            "/agents/agent-1/modules/ping_module",
+            &json!({"defaults": {"rate": 100.0}}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    wait_for("ping_module defaults in hello", T, || {
+        let admin = admin.clone();
+        async move {
+            let a = admin.get("/agents/agent-1").await;
+            a.body["modules"]
+                .as_array()?
+                .iter()
+                .any(|m| m["name"] == "ping_module" && m["config"]["defaults_json"].is_string())
+                .then_some(())
+        }
+    })
+    .await;
+    let r = admin
+        .post(
+            "/agent/agent-1/ping_module?wait=5",
+            r#"{"host":"127.0.0.1","count":1}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        r.status, 403,
+        "a default rate over the policy: {:?}",
+        r.body
+    );
+    assert_eq!(r.body["rule"], "loopback-only.max_rate", "{:?}", r.body);
+    assert_eq!(count_requests(&up), stored, "a refused request was stored");
+    // The request's own value wins over the default.
+    let r = admin
+        .post(
+            "/agent/agent-1/ping_module?wait=10",
+            r#"{"host":"127.0.0.1","count":1,"rate":10,"timeout_ms":500}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.body["state"], "succeeded", "{:?}", r.body);
+    let stored = count_requests(&up);
+
     // Commands queued per agent: two slow runs fill the queue, the third is refused.
     for _ in 0..2 {
         let r = admin

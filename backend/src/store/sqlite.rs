@@ -480,6 +480,7 @@ fn insert_batch(
             let changed = apply_transition(
                 tx,
                 &t.request_id,
+                Some(agent),
                 t.state,
                 row.at_ms,
                 "agent",
@@ -494,9 +495,13 @@ fn insert_batch(
     Ok(out)
 }
 
+/// `owner`: the agent that reported it (from its batch), which must be the request's
+/// agent; `None` for the backend's own transitions.
+#[allow(clippy::too_many_arguments)]
 fn apply_transition(
     c: &Connection,
     id: &str,
+    owner: Option<&str>,
     state: RequestState,
     at_ms: i64,
     observer: &str,
@@ -504,16 +509,27 @@ fn apply_transition(
     result_id: Option<i64>,
 ) -> Result<bool, StoreError> {
     // Cached statements: during a drain this runs once per record.
-    let Some((current, has_result)) = c
-        .prepare_cached("SELECT state, result_id IS NOT NULL FROM requests WHERE id = ?1")
+    let Some((current, has_result, agent)) = c
+        .prepare_cached("SELECT state, result_id IS NOT NULL, agent_id FROM requests WHERE id = ?1")
         .map_err(db)?
-        .query_row([id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))
+        .query_row([id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, bool>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
         .optional()
         .map_err(db)?
-        .map(|(s, has)| (state_of(s), has))
+        .map(|(s, has, agent)| (state_of(s), has, agent))
     else {
         return Ok(false);
     };
+    // An agent moves only its own requests: another's request id in its batch is
+    // stored as its own record and changes nothing.
+    if owner.is_some_and(|o| o != agent) {
+        return Ok(false);
+    }
     if let (Some(rid), false) = (result_id, has_result) {
         c.prepare_cached("UPDATE requests SET result_id = ?2 WHERE id = ?1")
             .map_err(db)?
@@ -669,6 +685,7 @@ impl Store for SqliteStore {
                 apply_transition(
                     &tx,
                     &req.id,
+                    None,
                     RequestState::Dispatched,
                     req.created_ms,
                     "backend",
@@ -725,7 +742,16 @@ impl Store for SqliteStore {
             detail.map(str::to_string),
         );
         self.with(move |c| {
-            apply_transition(c, &id, state, at_ms, &observer, detail.as_deref(), None)
+            apply_transition(
+                c,
+                &id,
+                None,
+                state,
+                at_ms,
+                &observer,
+                detail.as_deref(),
+                None,
+            )
         })
         .await
     }
@@ -1053,6 +1079,33 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// An agent's batch naming another agent's request is stored as its own record
+    /// and moves nothing; the request's own agent still can.
+    #[tokio::test]
+    async fn an_agent_cannot_move_another_agents_request() {
+        let s = store();
+        s.create_request(new_request("r1", None)).await.unwrap();
+        let out = s
+            .store_batch("intruder", prepare(&batch(7, &[1, 2])), 100)
+            .await
+            .unwrap();
+        assert_eq!(out.stored, 2);
+        assert!(out.finished.is_empty());
+        let r = s.request("r1").await.unwrap().unwrap();
+        assert_eq!(r.state, RequestState::Pending);
+        assert_eq!(s.transitions("r1").await.unwrap().len(), 1);
+        assert!(s.result("a", "r1").await.unwrap().is_none());
+        let out = s
+            .store_batch("a", prepare(&batch(7, &[2])), 101)
+            .await
+            .unwrap();
+        assert_eq!(out.finished, vec!["r1".to_string()]);
+        assert_eq!(
+            s.request("r1").await.unwrap().unwrap().state,
+            RequestState::Succeeded
+        );
     }
 
     #[tokio::test]

@@ -457,6 +457,11 @@ impl Bus for NatsBus {
                 tracing::warn!("credentials feed ended; re-reading the bucket");
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    // The bucket may be a new one (a server without persistence came
+                    // back), its revisions counting from 1 again: what was seen of the
+                    // old one must not hide the new one's entries. The snapshot reads
+                    // the latest of every key, so nothing older is applied after it.
+                    seen.clear();
                     match credentials_snapshot(&store, &table, &mut seen).await {
                         Ok((w, _)) => {
                             watch = w;

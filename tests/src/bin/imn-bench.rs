@@ -41,6 +41,16 @@ enum Scenario {
         #[arg(long)]
         url: Option<String>,
     },
+    /// The cost of tracing: echo round trips per second under `imn up` without OTLP,
+    /// exporting to a real OTLP receiver, and with that receiver gone, in one run.
+    Otel {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Seconds of each phase.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// The ping engine: a paced loopback sweep against fping, RTT accuracy, and a
     /// 20 ms ICMP responder in a network namespace of its own (needs root).
     Ping {
@@ -197,6 +207,54 @@ async fn api_scenario(
     })
 }
 
+/// Echo round trips per second without OTLP, with export to a live receiver, and with
+/// the receiver stopped (each its own `imn up`, one agent).
+async fn otel_scenario(concurrency: usize, seconds: f64) -> serde_json::Value {
+    async fn phase(extra: &[&str], concurrency: usize, seconds: f64) -> (Up, f64, u64) {
+        let env = [
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("OTEL_BLRP_SCHEDULE_DELAY", "200"),
+        ];
+        let up = Up::start_env(1, extra, &env).await;
+        up.api
+            .wait_alive(&["agent-1"], Duration::from_secs(30))
+            .await;
+        // Warm up connections and caches.
+        max_rps(&up.api, concurrency, (seconds / 5.0).min(1.0)).await;
+        let (rps, failed) = max_rps(&up.api, concurrency, seconds).await;
+        (up, rps, failed)
+    }
+    let (off, rps_off, failed_off) = phase(&[], concurrency, seconds).await;
+    drop(off);
+    let otlp = imn_tests::otlp::OtlpReceiver::start().expect("OTLP receiver");
+    let endpoint = otlp.endpoint();
+    let (up, rps_on, failed_on) =
+        phase(&["--otlp-endpoint", &endpoint], concurrency, seconds).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spans = otlp.spans().len();
+    let logs = otlp.logs().len();
+    otlp.stop();
+    let (rps_dead, failed_dead) = max_rps(&up.api, concurrency, seconds).await;
+    println!(
+        "echo round trips/s, {concurrency} clients, {seconds} s each: no OTLP {rps_off:.0},          exporting {rps_on:.0} ({:.2}x), collector dead {rps_dead:.0} ({:.2}x);          {spans} spans and {logs} logs received",
+        rps_on / rps_off,
+        rps_dead / rps_off
+    );
+    json!({
+        "scenario": "otel",
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "rps_no_otlp": rps_off,
+        "rps_exporting": rps_on,
+        "rps_collector_dead": rps_dead,
+        "ratio_exporting": rps_on / rps_off,
+        "ratio_collector_dead": rps_dead / rps_off,
+        "spans_received": spans,
+        "logs_received": logs,
+        "failures": failed_off + failed_on + failed_dead,
+    })
+}
+
 /// Completed echo round trips per second with `concurrency` clients sending back to
 /// back for `seconds`.
 async fn max_rps(api: &Api, concurrency: usize, seconds: f64) -> (f64, u64) {
@@ -250,6 +308,13 @@ async fn main() {
                 (requests, max_seconds)
             };
             api_scenario(n, rate, url, concurrency.max(1), secs).await
+        }
+        Scenario::Otel {
+            concurrency,
+            seconds,
+        } => {
+            let secs = if cli.quick { seconds.min(1.0) } else { seconds };
+            otel_scenario(concurrency.max(1), secs.max(0.1)).await
         }
         Scenario::Ping { targets, rate } => {
             let opts = if cli.quick {

@@ -380,6 +380,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
+        // IMN-PATCH: connections still in their TLS handshake or before CONNECT, at most
+        // MAX_PENDING_CONNECTIONS per listener; past it new sockets are closed at once
+        // (IMN-PATCH.md, section 10).
+        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_CONNECTIONS));
         info!(
             config = self.config.name,
             listen_addr = self.config.listen.to_string(),
@@ -395,6 +399,11 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            let Ok(permit) = pending.clone().try_acquire_owned() else {
+                warn!(?addr, max = MAX_PENDING_CONNECTIONS, "too many connections in handshake; closing this one");
+                drop(stream);
+                continue;
+            };
             let config = config.clone();
             let router_tx = self.router_tx.clone();
             count += 1;
@@ -455,6 +464,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                             network,
                             protocol,
                             will_handlers,
+                            permit,
                         )
                         .instrument(tracing::info_span!(
                             "websocket_link",
@@ -471,6 +481,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                             network,
                             protocol,
                             will_handlers,
+                            permit,
                         )
                         .instrument(tracing::error_span!(
                             "remote_link",
@@ -536,6 +547,8 @@ async fn remote<P: Protocol>(
     stream: Box<dyn N>,
     protocol: P,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    // IMN-PATCH: held until CONNECT is done (IMN-PATCH.md, section 10).
+    pending: tokio::sync::OwnedSemaphorePermit,
 ) {
     let mut network = Network::new(
         stream,
@@ -606,8 +619,12 @@ async fn remote<P: Protocol>(
     )
     .await
     {
-        Ok(l) => l,
+        Ok(l) => {
+            drop(pending);
+            l
+        }
         Err(e) => {
+            drop(pending);
             error!(error=?e, "Remote link error");
             // IMN-PATCH: the connection never started (refused, invalid client id, no
             // room): take our will entry back out, unless a newer connection with this
@@ -716,6 +733,10 @@ async fn remote<P: Protocol>(
         router_tx.send((connection_id, message)).ok();
     }
 }
+
+/// IMN-PATCH: connections in their handshake or before CONNECT, per listener (each
+/// ends within the connection timeout).
+pub const MAX_PENDING_CONNECTIONS: usize = 2048;
 
 // IMN-PATCH: network connections that completed CONNECT and have not ended yet
 // (IMN-PATCH.md, section 9).
