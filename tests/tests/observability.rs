@@ -518,3 +518,75 @@ fn deployed_prometheus_config_and_rules_pass_promtool() {
         .as_array()
         .is_some_and(|p| p.len() >= 10));
 }
+
+/// A measurement asked of an agent that is offline is still one trace: the API request
+/// ends at once, and the dispatch, the bridge, the agent's run, its outbox wait and the
+/// store join that trace when the agent comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_agent_s_measurement_is_still_one_trace() {
+    let otlp = OtlpReceiver::start().unwrap();
+    let endpoint = otlp.endpoint();
+    let up = Up::start_env(0, &["--otlp-endpoint", &endpoint], &FAST_EXPORT).await;
+    let data = up.dir.path().join("edge-9");
+    let mut agent = start_agent("edge-9", &up.broker_url(), &data, up.dir.path());
+    up.api.wait_alive(&["edge-9"], T).await;
+    agent.kill9();
+    up.api.wait_not_alive("edge-9", T).await;
+    let r = up
+        .api
+        .post(
+            "/agent/edge-9/echo_module",
+            r#"{"message": "while you were away"}"#,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["state"], "pending", "{}", r.body);
+    let trace_id = r.body["trace_id"].as_str().unwrap().to_string();
+    let rid = r.body["request_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _agent = start_agent("edge-9", &up.broker_url(), &data, up.dir.path());
+    up.api.wait_state(&rid, "succeeded", T).await;
+    let spans = otlp
+        .wait_until_async("the late spans of the measurement", T, |o| {
+            let spans: Vec<ReceivedSpan> = o
+                .spans()
+                .into_iter()
+                .filter(|s| s.trace_id == trace_id)
+                .collect();
+            spans
+                .iter()
+                .any(|s| s.name == "store result")
+                .then_some(spans)
+        })
+        .await
+        .unwrap();
+    let find = |n: &str| {
+        spans
+            .iter()
+            .find(|s| s.name == n)
+            .unwrap_or_else(|| panic!("no {n} span in {spans:?}"))
+    };
+    let root = find("POST /agent/{id}/{module}");
+    let dispatch = find("dispatch echo_module");
+    let bridge = find("bridge downlink");
+    let command = find("agent command echo_module");
+    assert_eq!(root.parent_span_id, "");
+    assert_eq!(dispatch.parent_span_id, root.span_id);
+    assert_eq!(bridge.parent_span_id, dispatch.span_id);
+    assert_eq!(command.parent_span_id, bridge.span_id);
+    assert_eq!(
+        bridge.service, "imn-bridge",
+        "imn up reports its bridge as its own service"
+    );
+    assert!(
+        dispatch.start_ns >= root.end_ns + 400_000_000,
+        "dispatched when the agent came back, after the request had answered"
+    );
+    println!(
+        "offline agent: request answered at {:.1} ms, dispatched at {:.1} ms, stored at {:.1} ms",
+        ms(root.end_ns - root.start_ns),
+        ms(dispatch.start_ns - root.start_ns),
+        ms(find("store result").end_ns - root.start_ns)
+    );
+}
