@@ -239,7 +239,7 @@ fn browser_check(req: &axum::extract::Request, auth: bool) -> Result<(), ApiErro
                 return Err(ApiError::Forbidden {
                     rule: "host".into(),
                     message: format!(
-                        "Host {h:?}: without --auth this API answers only to an IP address or                          localhost (a name could be rebound to this machine by a web page);                          use the address, or run with --auth"
+                        "Host {h:?}: without --auth this API answers only to an IP address or localhost (a name could be rebound to this machine by a web page); use the address, or run with --auth"
                     ),
                 });
             }

@@ -158,7 +158,7 @@ impl Backend {
         };
         self.bus.put_credential(id, &cred).await.map_err(|e| {
             ApiError::Unavailable(format!(
-                "agent {id}: the change is stored, but bridges in other processes did not                  receive it ({e}); retry, or restart the backend once the bus is back"
+                "agent {id}: the change is stored, but bridges in other processes did not receive it ({e}); retry, or restart the backend once the bus is back"
             ))
         })
     }

@@ -236,7 +236,7 @@ async fn otel_scenario(concurrency: usize, seconds: f64) -> serde_json::Value {
     otlp.stop();
     let (rps_dead, failed_dead) = max_rps(&up.api, concurrency, seconds).await;
     println!(
-        "echo round trips/s, {concurrency} clients, {seconds} s each: no OTLP {rps_off:.0},          exporting {rps_on:.0} ({:.2}x), collector dead {rps_dead:.0} ({:.2}x);          {spans} spans and {logs} logs received",
+        "echo round trips/s, {concurrency} clients, {seconds} s each: no OTLP {rps_off:.0}, exporting {rps_on:.0} ({:.2}x), collector dead {rps_dead:.0} ({:.2}x); {spans} spans and {logs} logs received",
         rps_on / rps_off,
         rps_dead / rps_off
     );
