@@ -411,11 +411,17 @@ pub fn observe(source: std::sync::Arc<Source>) {
     for fam in source() {
         let name = fam.name;
         let read = read.clone();
-        let attrs = |labels: &[(&'static str, String)]| -> Vec<KeyValue> {
-            labels
-                .iter()
-                .map(|(k, v)| KeyValue::new(*k, v.clone()))
-                .collect()
+        // Reports this family's samples, as read (at most a second ago).
+        let callback = move |o: &dyn opentelemetry::metrics::AsyncInstrument<f64>| {
+            for f in read().iter().filter(|f| f.name == name) {
+                for (labels, v) in &f.samples {
+                    let attrs: Vec<KeyValue> = labels
+                        .iter()
+                        .map(|(k, v)| KeyValue::new(*k, v.clone()))
+                        .collect();
+                    o.observe(*v, &attrs);
+                }
+            }
         };
         match fam.kind {
             FamilyKind::Gauge => {
@@ -423,13 +429,7 @@ pub fn observe(source: std::sync::Arc<Source>) {
                     .f64_observable_gauge(fam.otel)
                     .with_unit(fam.unit)
                     .with_description(fam.help)
-                    .with_callback(move |o| {
-                        for f in read().iter().filter(|f| f.name == name) {
-                            for (labels, v) in &f.samples {
-                                o.observe(*v, &attrs(labels));
-                            }
-                        }
-                    })
+                    .with_callback(callback)
                     .build();
             }
             FamilyKind::Counter => {
@@ -437,13 +437,7 @@ pub fn observe(source: std::sync::Arc<Source>) {
                     .f64_observable_counter(fam.otel)
                     .with_unit(fam.unit)
                     .with_description(fam.help)
-                    .with_callback(move |o| {
-                        for f in read().iter().filter(|f| f.name == name) {
-                            for (labels, v) in &f.samples {
-                                o.observe(*v, &attrs(labels));
-                            }
-                        }
-                    })
+                    .with_callback(callback)
                     .build();
             }
         }
