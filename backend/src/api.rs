@@ -39,6 +39,8 @@ pub fn router(backend: Arc<Backend>) -> Router {
         )
         .route("/agent/{id}/{module}", post(submit))
         .route("/modules", get(modules))
+        .route("/v1/measurements", post(create_measurement))
+        .route("/v1/measurements/{id}", get(measurement))
         .route("/modules/states/{request_id}", get(states))
         .route("/admin/agents", get(enrolled_agents).post(enroll_agent))
         .route("/admin/agents/{id}/rotate", post(rotate_agent))
@@ -334,15 +336,82 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
     })))
 }
 
-async fn agents(State(b): State<Arc<Backend>>) -> Json<Value> {
+/// `GET /agents?tag=a,b&country=&asn=&alive=&limit=`: every agent, or those matching.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentQuery {
+    /// Comma-separated; the agent has them all.
+    tag: Option<String>,
+    country: Option<String>,
+    asn: Option<u32>,
+    alive: Option<bool>,
+    limit: Option<usize>,
+}
+
+async fn agents(State(b): State<Arc<Backend>>, Query(q): Query<AgentQuery>) -> Json<Value> {
     let now = now_ms();
+    let sel = crate::fleet::Selection {
+        tags: q
+            .tag
+            .map(|t| {
+                t.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        country: q.country,
+        asn: q.asn,
+        alive: q.alive,
+        limit: q.limit,
+        ..Default::default()
+    };
     Json(Value::Array(
-        b.registry
-            .all()
+        b.select(&sel, now)
             .iter()
-            .map(|a| agent_json(a, now))
+            .map(|a| {
+                let mut v = agent_json(a, now);
+                v["tags"] = json!(b.agent_tags(a));
+                v
+            })
             .collect(),
     ))
+}
+
+/// `POST /v1/measurements`: 202 with the agents chosen, and `Location`.
+async fn create_measurement(
+    State(b): State<Arc<Backend>>,
+    trace: Option<axum::Extension<RequestTrace>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let m: crate::fleet::NewMeasurement =
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let tp = trace.and_then(|t| imn_bridge::telemetry::traceparent(&t.0 .0));
+    let c = crate::fleet::create(&b, m, tp).await?;
+    let location = format!("/v1/measurements/{}", c.id);
+    let refused: Vec<Value> = c
+        .refused
+        .iter()
+        .map(|(a, e)| json!({"agent_id": a, "status": e.status().as_u16(), "error": e.to_string()}))
+        .collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        [("location", location.clone())],
+        Json(json!({
+            "id": c.id,
+            "location": location,
+            "agents": c.agents,
+            "refused": refused,
+        })),
+    )
+        .into_response())
+}
+
+async fn measurement(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(crate::fleet::status(&b, &id).await?))
 }
 
 async fn agents_alive(State(b): State<Arc<Backend>>) -> Json<Value> {
@@ -654,6 +723,7 @@ async fn submit(
                 deadline,
                 waiter: wait.is_some(),
                 traceparent: trace.and_then(|t| imn_bridge::telemetry::traceparent(&t.0 .0)),
+                measurement_id: None,
             },
         )
         .await?;

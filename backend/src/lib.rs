@@ -6,6 +6,7 @@ pub mod atlas;
 pub mod certs;
 pub mod client;
 pub mod error;
+pub mod fleet;
 pub mod observe;
 pub mod registry;
 pub mod security;

@@ -97,6 +97,8 @@ pub struct SubmitOptions {
     pub waiter: bool,
     /// The W3C trace context of the API request, which the measurement's trace joins.
     pub traceparent: Option<String>,
+    /// The fleet measurement this request is part of.
+    pub measurement_id: Option<String>,
 }
 
 /// A request as the caller should see it after creation.
@@ -198,6 +200,7 @@ impl Backend {
             deadline,
             waiter,
             traceparent,
+            measurement_id,
         } = opts;
         if !self.registry.knows(agent) {
             return Err(ApiError::UnknownAgent(agent.to_string()));
@@ -254,6 +257,7 @@ impl Backend {
                 timeout_ms: spec.default_timeout_ms,
                 idempotency_key,
                 traceparent,
+                measurement_id,
                 dispatch: alive,
             })
             .await?;

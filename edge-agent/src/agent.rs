@@ -399,7 +399,7 @@ impl Agent {
             arch: std::env::consts::ARCH.into(),
             modules: self.modules.info(),
             tags: self.cfg.tags.clone(),
-            location: None,
+            location: self.cfg.location(),
             schedule_version: 0,
             outbox_epoch: self.outbox.epoch(),
             outbox_depth: self.outbox.depth(),

@@ -52,6 +52,13 @@ pub struct AgentConfig {
     /// Serve Prometheus `/metrics` here (e.g. `127.0.0.1:9101`); needs an agent built
     /// with the `metrics` feature.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where the agent is, for selecting agents (`GET /agents?country=…`): ISO 3166-1
+    /// alpha-2 country code, city, WGS 84 coordinates, and the network's AS number.
+    pub country: Option<String>,
+    pub city: Option<String>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+    pub asn: Option<u32>,
 }
 
 impl Default for AgentConfig {
@@ -76,6 +83,11 @@ impl Default for AgentConfig {
             disk_reserve_bytes: 2 * 1024 * 1024,
             live_first: false,
             metrics_listen: None,
+            country: None,
+            city: None,
+            latitude: None,
+            longitude: None,
+            asn: None,
         }
     }
 }
@@ -155,6 +167,23 @@ const OPTIONS: &[(&str, &str, &str)] = &[
         "largest batch, in bytes of records",
     ),
     (
+        "country",
+        "IMN_COUNTRY",
+        "ISO 3166-1 alpha-2 country code of the agent's location (DE, NL, …)",
+    ),
+    ("city", "IMN_CITY", "city of the agent's location"),
+    (
+        "latitude",
+        "IMN_LATITUDE",
+        "latitude of the agent's location, -90 to 90",
+    ),
+    (
+        "longitude",
+        "IMN_LONGITUDE",
+        "longitude of the agent's location, -180 to 180",
+    ),
+    ("asn", "IMN_ASN", "AS number of the agent's network"),
+    (
         "metrics-listen",
         "IMN_METRICS_LISTEN",
         "ADDR:PORT of a Prometheus /metrics listener (builds with the `metrics` feature)",
@@ -185,6 +214,11 @@ pub struct Flags {
     pub window: Option<usize>,
     pub batch_max_bytes: Option<usize>,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub country: Option<String>,
+    pub city: Option<String>,
+    pub latitude: Option<f64>,
+    pub longitude: Option<f64>,
+    pub asn: Option<u32>,
 }
 
 /// What the command line asks for.
@@ -297,6 +331,25 @@ impl Flags {
             live_first,
             window: num(get("window"))?,
             batch_max_bytes: num(get("batch-max-bytes"))?,
+            country: get("country").map(|v| v.1),
+            city: get("city").map(|v| v.1),
+            latitude: get("latitude")
+                .map(|(field, s)| {
+                    s.trim().parse().map_err(|_| ConfigError::Invalid {
+                        field,
+                        rule: format!("must be a number of degrees (got {s:?})"),
+                    })
+                })
+                .transpose()?,
+            longitude: get("longitude")
+                .map(|(field, s)| {
+                    s.trim().parse().map_err(|_| ConfigError::Invalid {
+                        field,
+                        rule: format!("must be a number of degrees (got {s:?})"),
+                    })
+                })
+                .transpose()?,
+            asn: num(get("asn"))?,
             metrics_listen: get("metrics-listen")
                 .map(|(field, s)| {
                     s.trim().parse().map_err(|_| ConfigError::Invalid {
@@ -423,11 +476,41 @@ impl AgentConfig {
         if let Some(v) = flags.metrics_listen {
             cfg.metrics_listen = Some(v);
         }
+        if let Some(v) = flags.country {
+            cfg.country = Some(v);
+        }
+        if let Some(v) = flags.city {
+            cfg.city = Some(v);
+        }
+        if let Some(v) = flags.latitude {
+            cfg.latitude = Some(v);
+        }
+        if let Some(v) = flags.longitude {
+            cfg.longitude = Some(v);
+        }
+        if let Some(v) = flags.asn {
+            cfg.asn = Some(v);
+        }
+        if let Some(c) = cfg.country.as_mut() {
+            *c = c.trim().to_ascii_uppercase();
+        }
         if cfg.id.is_empty() {
             cfg.id = persistent_id(&cfg.data)?;
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The location the agent reports in its hello, if any part is configured.
+    pub fn location(&self) -> Option<imn_modules::wire::Location> {
+        let l = imn_modules::wire::Location {
+            country: self.country.clone(),
+            city: self.city.clone(),
+            latitude: self.latitude,
+            longitude: self.longitude,
+            asn: self.asn,
+        };
+        (l != imn_modules::wire::Location::default()).then_some(l)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -460,6 +543,25 @@ impl AgentConfig {
             });
         }
         self.nameserver_addrs()?;
+        if let Some(c) = &self.country {
+            if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(ConfigError::Invalid {
+                    field: "country",
+                    rule: format!("must be an ISO 3166-1 alpha-2 code, like DE (got {c:?})"),
+                });
+            }
+        }
+        for (field, v, max) in [
+            ("latitude", self.latitude, 90.0),
+            ("longitude", self.longitude, 180.0),
+        ] {
+            if v.is_some_and(|v| !(-max..=max).contains(&v)) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    rule: format!("must be -{max} to {max} degrees"),
+                });
+            }
+        }
         if self.metrics_listen.is_some() && !cfg!(feature = "metrics") {
             return Err(ConfigError::Invalid {
                 field: "metrics_listen",
@@ -573,8 +675,9 @@ fn persistent_id(data: &std::path::Path) -> Result<String, ConfigError> {
 /// so the TOML keys and their checks (unknown keys are errors) apply unchanged.
 pub fn from_uci(text: &str) -> Result<AgentConfig, toml::de::Error> {
     const STRINGS: &[&str] = &[
-        "id", "broker", "token", "data", "tls_ca", "tls_cert", "tls_key",
+        "id", "broker", "token", "data", "tls_ca", "tls_cert", "tls_key", "country", "city",
     ];
+    const FLOATS: &[&str] = &["latitude", "longitude"];
     const BOOLS: &[&str] = &["live_first"];
     // Options the init script reads; not the agent's.
     const INIT_ONLY: &[&str] = &["enabled"];
@@ -595,6 +698,8 @@ pub fn from_uci(text: &str) -> Result<AgentConfig, toml::de::Error> {
                     toml::Value::Boolean(matches!(value.as_str(), "1" | "true" | "yes" | "on"))
                 } else if STRINGS.contains(&key.as_str()) {
                     toml::Value::String(value)
+                } else if let (true, Ok(f)) = (FLOATS.contains(&key.as_str()), value.parse()) {
+                    toml::Value::Float(f)
                 } else if let Ok(n) = value.parse::<i64>() {
                     toml::Value::Integer(n)
                 } else {
@@ -764,10 +869,41 @@ mod tests {
     }
 
     #[test]
+    fn location_is_checked_and_reported() {
+        let mut cfg = AgentConfig {
+            id: "a".into(),
+            ..AgentConfig::default()
+        };
+        assert_eq!(cfg.location(), None);
+        cfg.country = Some("DEU".into());
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("country") && e.contains("alpha-2"), "{e}");
+        cfg.country = Some("NL".into());
+        cfg.latitude = Some(91.0);
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("latitude") && e.contains("90"), "{e}");
+        cfg.latitude = Some(52.0);
+        cfg.asn = Some(1136);
+        cfg.validate().unwrap();
+        let l = cfg.location().unwrap();
+        assert_eq!((l.country.as_deref(), l.asn), (Some("NL"), Some(1136)));
+        let e = Flags::parse(["--asn".to_string(), "x".into()], |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.to_lowercase().contains("asn"), "{e}");
+        let e = Flags::parse(["--latitude".to_string(), "north".into()], |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.to_lowercase().contains("latitude") && e.contains("degrees"), "{e}");
+    }
+
+    #[test]
     fn uci_is_read_like_toml() {
         let uci = "# /etc/config/imn\n\nconfig agent 'agent'\n\toption enabled '1'\n\
                    \toption id 'router-7'\n\toption broker \"mqtts://bridge.example:8883\"\n\
                    \toption heartbeat_ms '30000'\n\toption live_first '1'\n\
+                   \toption country 'de'\n\toption city 'Berlin'\n\toption asn '3320'\n\
+                   \toption latitude '52.52'\n\toption longitude '13'\n\
                    \tlist tags 'lte'\n\tlist tags 'home net'\n\
                    \toption data '/usr/lib/imn-agent'  # persistent\n\n\
                    config other 'x'\n\toption id 'ignored'\n";
@@ -778,6 +914,12 @@ mod tests {
         assert!(cfg.live_first);
         assert_eq!(cfg.tags, vec!["lte", "home net"]);
         assert_eq!(cfg.data, PathBuf::from("/usr/lib/imn-agent"));
+        let l = cfg.location().unwrap();
+        assert_eq!(
+            (l.country.as_deref(), l.city.as_deref(), l.asn),
+            (Some("de"), Some("Berlin"), Some(3320))
+        );
+        assert_eq!((l.latitude, l.longitude), (Some(52.52), Some(13.0)));
         let err = from_uci("config agent 'agent'\n\toption heartbeat 'x'\n").unwrap_err();
         assert!(err.to_string().contains("heartbeat"), "{err}");
         let err = from_uci("config agent 'agent'\n\toption window 'many'\n").unwrap_err();

@@ -64,9 +64,24 @@ pub struct NewRequest {
     /// W3C trace context of the API request that created it: every dispatch, however
     /// late, and every result join that trace.
     pub traceparent: Option<String>,
+    /// The fleet measurement it is part of (`POST /v1/measurements`), if any.
+    pub measurement_id: Option<String>,
     /// The agent is online: store the request as dispatched at `created_ms`, in the
     /// same transaction, because its command goes out right after.
     pub dispatch: bool,
+}
+
+/// A fleet measurement: one module run on many agents, one request per agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeasurementRow {
+    pub id: String,
+    pub module: String,
+    pub params_json: String,
+    /// The selection as the caller gave it (JSON).
+    pub selection_json: String,
+    pub description: Option<String>,
+    pub created_ms: i64,
+    pub deadline_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -309,6 +324,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(i64, String, String)>, StoreError>;
     /// How many records are stored, in all.
     async fn record_count(&self) -> Result<u64, StoreError>;
+    async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError>;
+    async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError>;
+    /// The measurement's requests, each with its result if one is stored.
+    async fn measurement_requests(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(RequestRow, Option<ResultRow>)>, StoreError>;
     /// How many requests are in each state now.
     async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError>;
     /// How many of the agent's requests are not finished yet.

@@ -7,8 +7,8 @@ use imn_modules::wire::{Hello, RequestState};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    AgentRow, BatchOutcome, Created, CredentialRow, NewRequest, PreparedBatch, RequestRow,
-    ResultRow, Store, StoreError, Transition,
+    AgentRow, BatchOutcome, Created, CredentialRow, MeasurementRow, NewRequest, PreparedBatch,
+    RequestRow, ResultRow, Store, StoreError, Transition,
 };
 
 /// The background thread checkpoints the WAL after this long with writes, or once
@@ -64,10 +64,20 @@ CREATE TABLE IF NOT EXISTS requests (
     timeout_ms INTEGER NOT NULL,
     idempotency_key TEXT UNIQUE,
     traceparent TEXT,
+    measurement_id TEXT,
     -- The request's first result (records.id): found without an index on records.
     result_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_agent_state ON requests(agent_id, state);
+CREATE TABLE IF NOT EXISTS measurements (
+    id TEXT PRIMARY KEY,
+    module TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    selection_json TEXT NOT NULL,
+    description TEXT,
+    created_ms INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS transitions (
     request_id TEXT NOT NULL,
     state TEXT NOT NULL,
@@ -148,6 +158,18 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.execute_batch("ALTER TABLE requests ADD COLUMN traceparent TEXT")
             .map_err(db)?;
     }
+    let has_measurement = tx
+        .prepare("SELECT 1 FROM pragma_table_info('requests') WHERE name = 'measurement_id'")
+        .and_then(|mut st| st.exists([]))
+        .map_err(db)?;
+    if !has_measurement {
+        tx.execute_batch("ALTER TABLE requests ADD COLUMN measurement_id TEXT")
+            .map_err(db)?;
+    }
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS requests_measurement ON requests(measurement_id) WHERE measurement_id IS NOT NULL",
+    )
+    .map_err(db)?;
     let old_sql: Option<String> = tx
         .query_row(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'records'",
@@ -658,7 +680,7 @@ impl Store for SqliteStore {
                 }
             }
             tx.prepare_cached(
-                &format!("INSERT INTO requests ({REQUEST_COLS}, idempotency_key) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?9, ?8)"),
+                &format!("INSERT INTO requests ({REQUEST_COLS}, idempotency_key, measurement_id) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?9, ?8, ?10)"),
             )
             .map_err(db)?
             .execute(
@@ -671,7 +693,8 @@ impl Store for SqliteStore {
                     req.deadline_ms,
                     req.timeout_ms as i64,
                     req.idempotency_key,
-                    req.traceparent
+                    req.traceparent,
+                    req.measurement_id
                 ],
             )
             .map_err(db)?;
@@ -914,6 +937,86 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    m.id,
+                    m.module,
+                    m.params_json,
+                    m.selection_json,
+                    m.description,
+                    m.created_ms,
+                    m.deadline_ms
+                ],
+            )
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT id, module, params_json, selection_json, description, created_ms, deadline_ms
+                 FROM measurements WHERE id = ?1",
+                [&id],
+                |r| {
+                    Ok(MeasurementRow {
+                        id: r.get(0)?,
+                        module: r.get(1)?,
+                        params_json: r.get(2)?,
+                        selection_json: r.get(3)?,
+                        description: r.get(4)?,
+                        created_ms: r.get(5)?,
+                        deadline_ms: r.get(6)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn measurement_requests(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(RequestRow, Option<ResultRow>)>, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {REQUEST_COLS} FROM requests WHERE measurement_id = ?1 ORDER BY agent_id"
+                ))
+                .map_err(db)?;
+            let reqs: Vec<RequestRow> = st
+                .query_map([&id], request_row)
+                .map_err(db)?
+                .collect::<Result<_, _>>()
+                .map_err(db)?;
+            let mut res = c
+                .prepare_cached(&format!(
+                    "SELECT {RESULT_COLS} FROM requests q JOIN records r ON r.id = q.result_id WHERE q.id = ?1 AND r.agent_id = q.agent_id"
+                ))
+                .map_err(db)?;
+            let mut out = Vec::with_capacity(reqs.len());
+            for req in reqs {
+                let result = res
+                    .query_row([&req.id], result_row)
+                    .optional()
+                    .map_err(db)?;
+                out.push((req, result));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError> {
         self.with(|c| {
             let mut st = c
@@ -1042,6 +1145,7 @@ mod tests {
             module: "echo_module".into(),
             params_json: r#"{"message":"m"}"#.into(),
             traceparent: None,
+            measurement_id: None,
             created_ms: 1,
             deadline_ms: 1_000,
             timeout_ms: 5_000,
