@@ -41,6 +41,7 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/modules", get(modules))
         .route("/v1/measurements", post(create_measurement))
         .route("/v1/measurements/{id}", get(measurement))
+        .route("/v1/results", get(results_v1))
         .route("/modules/states/{request_id}", get(states))
         .route("/admin/agents", get(enrolled_agents).post(enroll_agent))
         .route("/admin/agents/{id}/rotate", post(rotate_agent))
@@ -552,6 +553,100 @@ async fn result(
             }))
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultsV1Query {
+    agent: Option<String>,
+    module: Option<String>,
+    measurement: Option<String>,
+    /// RFC 3339, or ms since the epoch; the agent's time of the result.
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u32>,
+    /// `next_cursor` of the page before.
+    cursor: Option<String>,
+    format: Option<String>,
+}
+
+/// A time in a query: RFC 3339 or ms since the epoch.
+fn time_param(field: &'static str, v: Option<String>) -> Result<Option<i64>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(Some(ms));
+    }
+    time::OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
+        .map(|t| Some((t.unix_timestamp_nanos() / 1_000_000) as i64))
+        .map_err(|_| ApiError::BadQuery {
+            field: field.into(),
+            rule: "format".into(),
+            message: format!("{field}: must be RFC 3339 or ms since the epoch (got {v:?})"),
+        })
+}
+
+/// `GET /v1/results?agent=&module=&measurement=&since=&until=&limit=&cursor=&format=`:
+/// results in the order they were stored, a page at a time. `next_cursor` continues
+/// after the last result of the page; results stored meanwhile come after it, so
+/// paging returns each result once, and a client at the end can keep asking with the
+/// same cursor for new ones.
+async fn results_v1(
+    State(b): State<Arc<Backend>>,
+    Query(q): Query<ResultsV1Query>,
+) -> Result<Json<Value>, ApiError> {
+    let atlas = wants_atlas(&q.format)?;
+    let after = match q.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(c) => c
+            .strip_prefix('c')
+            .and_then(|n| n.parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::BadQuery {
+                field: "cursor".into(),
+                rule: "format".into(),
+                message: format!("cursor: not a cursor this API gave out (got {c:?})"),
+            })?,
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadQuery {
+            field: "limit".into(),
+            rule: "range".into(),
+            message: format!("limit: must be 1 to 1000 (got {limit})"),
+        });
+    }
+    let rows = b
+        .store
+        .results_page(crate::store::ResultFilter {
+            agent: q.agent,
+            module: q.module,
+            measurement: q.measurement,
+            since_ms: time_param("since", q.since)?,
+            until_ms: time_param("until", q.until)?,
+            after,
+            limit,
+        })
+        .await?;
+    let next = rows.last().map_or(after, |r| r.0);
+    let results: Vec<Value> = if atlas {
+        rows.iter()
+            .filter_map(|(_, r, _)| crate::atlas::ping(r))
+            .flatten()
+            .collect()
+    } else {
+        rows.iter()
+            .map(|(_, r, m)| {
+                let mut v = result_json(r);
+                v["measurement_id"] = json!(m);
+                v
+            })
+            .collect()
+    };
+    Ok(Json(json!({
+        "results": results,
+        "next_cursor": format!("c{next}"),
+        "more": rows.len() == limit as usize,
+    })))
 }
 
 /// Body of `PUT /agents/{id}/modules/{module}`: optional settings.

@@ -894,7 +894,10 @@ mod tests {
         let e = Flags::parse(["--latitude".to_string(), "north".into()], |_| None)
             .unwrap_err()
             .to_string();
-        assert!(e.to_lowercase().contains("latitude") && e.contains("degrees"), "{e}");
+        assert!(
+            e.to_lowercase().contains("latitude") && e.contains("degrees"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -180,3 +180,129 @@ async fn selection_and_a_one_off_measurement_with_an_agent_offline() {
     let missing = up.api.get("/v1/measurements/nope").await;
     assert_eq!(missing.status, 404);
 }
+
+/// A simulated agent (`imn_tests::sim`) that sends `results` echo results, with
+/// request ids `{id}-{seq}`, once told to.
+fn sim_agent(
+    up: &Up,
+    id: &str,
+    results: u64,
+    per_message: usize,
+    window: usize,
+) -> (
+    std::sync::Arc<imn_tests::sim::SimStats>,
+    std::sync::Arc<imn_tests::sim::Control>,
+) {
+    use imn_tests::sim::{Control, SimConfig, SimStats};
+    use std::sync::Arc;
+    let cfg = Arc::new(SimConfig {
+        host: "127.0.0.1".into(),
+        port: up.mqtt_port,
+        heartbeat: Duration::from_secs(1),
+        results,
+        per_message,
+        window,
+        message: "page".into(),
+        resend_after: Duration::from_secs(5),
+        tokens: None,
+    });
+    let (stats, ctl) = (Arc::new(SimStats::default()), Arc::new(Control::default()));
+    tokio::spawn(imn_tests::sim::run(
+        id.to_string(),
+        cfg,
+        stats.clone(),
+        ctl.clone(),
+    ));
+    (stats, ctl)
+}
+
+/// 10,000 stored results, then 3,000 more arriving while a client pages through
+/// `GET /v1/results` 500 at a time: every result is returned exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_pages_return_each_result_once_while_results_arrive() {
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+    let up = Up::start(0, &[]).await;
+    let (a, a_ctl) = sim_agent(&up, "pg-a", 10_000, 50, 4);
+    let (b, b_ctl) = sim_agent(&up, "pg-b", 3_000, 5, 1);
+    // pg-b sends slowly (one message of 5 results at a time), so its results are stored
+    // while the pages are read.
+    wait_for("both simulated agents to connect", T, || {
+        let n = a.connected.load(Ordering::SeqCst) + b.connected.load(Ordering::SeqCst);
+        async move { (n == 2).then_some(()) }
+    })
+    .await;
+    a_ctl.start_results();
+    wait_for("10,000 results stored", Duration::from_secs(120), || {
+        let n = a.results_acked.load(Ordering::SeqCst);
+        async move { (n == 10_000).then_some(()) }
+    })
+    .await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let mut cursor = String::new();
+    let mut pages = 0;
+    // Pages read while pg-b was storing its results.
+    let mut pages_during = 0;
+    loop {
+        if pages == 3 {
+            b_ctl.start_results();
+        }
+        let b_done = b.results_acked.load(Ordering::SeqCst) == 3_000;
+        if pages >= 3 && !b_done {
+            pages_during += 1;
+        }
+        let r = up
+            .api
+            .get(&format!("/v1/results?limit=200&cursor={cursor}"))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let page = r.body["results"].as_array().unwrap();
+        pages += 1;
+        for res in page {
+            let rid = res["request_id"].as_str().unwrap().to_string();
+            *seen.entry(rid).or_default() += 1;
+        }
+        cursor = r.body["next_cursor"].as_str().unwrap().to_string();
+        if page.is_empty() && b_done {
+            break;
+        }
+        assert!(pages < 1_000, "paging does not end");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        pages_during > 0,
+        "pg-b's results were not stored while paging"
+    );
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "returned more than once: {twice:?}");
+    assert_eq!(seen.len(), 13_000, "every result once");
+    println!(
+        "{pages} pages, {pages_during} of them read while pg-b's 3,000 results were being stored"
+    );
+    // Filters: one agent, and a bad cursor is refused naming it.
+    let mut n = 0;
+    let mut cursor = String::new();
+    loop {
+        let r = up
+            .api
+            .get(&format!(
+                "/v1/results?agent=pg-b&limit=1000&cursor={cursor}"
+            ))
+            .await;
+        let page = r.body["results"].as_array().unwrap();
+        assert!(page.iter().all(|x| x["agent_id"] == "pg-b"));
+        n += page.len();
+        cursor = r.body["next_cursor"].as_str().unwrap().to_string();
+        if r.body["more"] == false {
+            break;
+        }
+    }
+    assert_eq!(n, 3_000);
+    let bad = up.api.get("/v1/results?cursor=zzz").await;
+    assert_eq!(
+        (bad.status, bad.body["field"].as_str()),
+        (400, Some("cursor"))
+    );
+    a_ctl.stop.store(true, Ordering::SeqCst);
+    b_ctl.stop.store(true, Ordering::SeqCst);
+}

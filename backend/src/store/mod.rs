@@ -71,6 +71,21 @@ pub struct NewRequest {
     pub dispatch: bool,
 }
 
+/// Which results a page of `GET /v1/results` holds.
+#[derive(Debug, Clone, Default)]
+pub struct ResultFilter {
+    pub agent: Option<String>,
+    pub module: Option<String>,
+    pub measurement: Option<String>,
+    /// The agent's time of the result (ms since the epoch), inclusive.
+    pub since_ms: Option<i64>,
+    /// Exclusive.
+    pub until_ms: Option<i64>,
+    /// Results stored after this position (arrival order), exclusive.
+    pub after: i64,
+    pub limit: u32,
+}
+
 /// A fleet measurement: one module run on many agents, one request per agent.
 #[derive(Debug, Clone, Serialize)]
 pub struct MeasurementRow {
@@ -324,6 +339,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(i64, String, String)>, StoreError>;
     /// How many records are stored, in all.
     async fn record_count(&self) -> Result<u64, StoreError>;
+    /// A page of results in arrival order, each with its position (a new result always
+    /// comes after every stored one, so paging by position is stable while results
+    /// arrive) and its measurement.
+    async fn results_page(
+        &self,
+        f: ResultFilter,
+    ) -> Result<Vec<(i64, ResultRow, Option<String>)>, StoreError>;
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError>;
     async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError>;
     /// The measurement's requests, each with its result if one is stored.

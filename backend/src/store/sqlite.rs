@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     AgentRow, BatchOutcome, Created, CredentialRow, MeasurementRow, NewRequest, PreparedBatch,
-    RequestRow, ResultRow, Store, StoreError, Transition,
+    RequestRow, ResultFilter, ResultRow, Store, StoreError, Transition,
 };
 
 /// The background thread checkpoints the WAL after this long with writes, or once
@@ -933,6 +933,54 @@ impl Store for SqliteStore {
                 ));
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn results_page(
+        &self,
+        f: ResultFilter,
+    ) -> Result<Vec<(i64, ResultRow, Option<String>)>, StoreError> {
+        use rusqlite::types::Value as Sql;
+        self.with(move |c| {
+            let mut sql = format!(
+                "SELECT {RESULT_COLS}, r.id, q.measurement_id FROM records r \
+                 LEFT JOIN requests q ON q.id = r.request_id AND q.agent_id = r.agent_id \
+                 WHERE r.kind = 'result' AND r.id > ?1"
+            );
+            let mut args: Vec<Sql> = vec![Sql::Integer(f.after)];
+            let mut add = |cond: &str, v: Sql| {
+                args.push(v);
+                sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+            };
+            if let Some(a) = f.agent {
+                add("r.agent_id =", Sql::Text(a));
+            }
+            if let Some(m) = f.module {
+                add("r.module =", Sql::Text(m));
+            }
+            if let Some(m) = f.measurement {
+                add("q.measurement_id =", Sql::Text(m));
+            }
+            if let Some(t) = f.since_ms {
+                add("r.at_ms >=", Sql::Integer(t));
+            }
+            if let Some(t) = f.until_ms {
+                add("r.at_ms <", Sql::Integer(t));
+            }
+            args.push(Sql::Integer(i64::from(f.limit)));
+            sql.push_str(&format!(" ORDER BY r.id LIMIT ?{}", args.len()));
+            let mut st = c.prepare_cached(&sql).map_err(db)?;
+            let rows = st
+                .query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok((
+                        r.get::<_, i64>(7)?,
+                        result_row(r)?,
+                        r.get::<_, Option<String>>(8)?,
+                    ))
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
         })
         .await
     }
