@@ -42,6 +42,8 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/v1/measurements", post(create_measurement))
         .route("/v1/measurements/{id}", get(measurement))
         .route("/v1/results", get(results_v1))
+        .route("/v1/results/stream", get(results_stream))
+        .route("/v1/measurements/{id}/stream", get(measurement_stream))
         .route("/modules/states/{request_id}", get(states))
         .route("/admin/agents", get(enrolled_agents).post(enroll_agent))
         .route("/admin/agents/{id}/rotate", post(rotate_agent))
@@ -635,11 +637,7 @@ async fn results_v1(
             .collect()
     } else {
         rows.iter()
-            .map(|(_, r, m)| {
-                let mut v = result_json(r);
-                v["measurement_id"] = json!(m);
-                v
-            })
+            .map(|(_, r, m)| result_v1_json(r, m.clone()))
             .collect()
     };
     Ok(Json(json!({
@@ -647,6 +645,135 @@ async fn results_v1(
         "next_cursor": format!("c{next}"),
         "more": rows.len() == limit as usize,
     })))
+}
+
+/// A result as a stream or a page shows it.
+fn result_v1_json(r: &ResultRow, measurement: Option<String>) -> Value {
+    let mut v = result_json(r);
+    v["measurement_id"] = json!(measurement);
+    v
+}
+
+/// Where a stream resumes: `Last-Event-ID` (what an EventSource sends on reconnect),
+/// else `?cursor=`, else `default`.
+fn stream_start(headers: &HeaderMap, cursor: Option<&str>, default: i64) -> Result<i64, ApiError> {
+    let given = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(cursor)
+        .filter(|c| !c.is_empty());
+    match given {
+        None => Ok(default),
+        Some(c) => c
+            .strip_prefix('c')
+            .and_then(|n| n.parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::BadQuery {
+                field: "cursor".into(),
+                rule: "format".into(),
+                message: format!(
+                    "Last-Event-ID or cursor: not an event id this API gave out (got {c:?})"
+                ),
+            }),
+    }
+}
+
+/// Results as Server-Sent Events: event `result`, id = the result's cursor, data = the
+/// result's JSON. A client that reconnects with `Last-Event-ID` gets every result
+/// stored after that one: none is missed, none repeated.
+fn sse_results(
+    b: Arc<Backend>,
+    filter: crate::store::ResultFilter,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use std::collections::VecDeque;
+    let stream = futures::stream::unfold(
+        (b, filter, VecDeque::<Event>::new()),
+        |(b, mut f, mut buf)| async move {
+            loop {
+                if let Some(ev) = buf.pop_front() {
+                    return Some((Ok(ev), (b, f, buf)));
+                }
+                // Registered before the read, so a commit in between still wakes us.
+                let stored = b.records_stored.notified();
+                tokio::pin!(stored);
+                stored.as_mut().enable();
+                match b.store.results_page(f.clone()).await {
+                    Ok(rows) if !rows.is_empty() => {
+                        for (pos, r, m) in rows {
+                            f.after = pos;
+                            buf.push_back(
+                                Event::default()
+                                    .event("result")
+                                    .id(format!("c{pos}"))
+                                    .data(result_v1_json(&r, m).to_string()),
+                            );
+                        }
+                    }
+                    Ok(_) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), stored).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "result stream: store read failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// `GET /v1/results/stream?agent=&module=&measurement=&cursor=`: results as they are
+/// stored (from now, or after `Last-Event-ID` / `cursor`).
+async fn results_stream(
+    State(b): State<Arc<Backend>>,
+    Query(q): Query<ResultsV1Query>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if q.format.is_some() || q.limit.is_some() {
+        return Err(ApiError::BadQuery {
+            field: if q.format.is_some() {
+                "format"
+            } else {
+                "limit"
+            }
+            .into(),
+            rule: "unsupported".into(),
+            message: "format and limit apply to pages, not to streams".into(),
+        });
+    }
+    let now = b.store.latest_position().await?;
+    let filter = crate::store::ResultFilter {
+        agent: q.agent,
+        module: q.module,
+        measurement: q.measurement,
+        since_ms: time_param("since", q.since)?,
+        until_ms: time_param("until", q.until)?,
+        after: stream_start(&headers, q.cursor.as_deref(), now)?,
+        limit: 500,
+    };
+    Ok(sse_results(b, filter).into_response())
+}
+
+/// `GET /v1/measurements/{id}/stream`: the measurement's results, from the first.
+async fn measurement_stream(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if b.store.measurement(&id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no measurement {id}")));
+    }
+    let filter = crate::store::ResultFilter {
+        measurement: Some(id),
+        after: stream_start(&headers, None, 0)?,
+        limit: 500,
+        ..Default::default()
+    };
+    Ok(sse_results(b, filter).into_response())
 }
 
 /// Body of `PUT /agents/{id}/modules/{module}`: optional settings.

@@ -80,6 +80,8 @@ pub struct Backend {
     pub fault_injection: bool,
     /// Enrollment, API tokens, limits and policy.
     pub security: crate::security::Security,
+    /// Woken after each commit of outbox batches: result streams read what is new.
+    pub records_stored: tokio::sync::Notify,
     /// Serialises credential puts to the bus (see [`Self::share_credential`]).
     share_turn: tokio::sync::Mutex<()>,
     /// The in-process bridge's counters, under `imn up`.
@@ -133,6 +135,7 @@ impl Backend {
             security,
             bridge_stats: std::sync::OnceLock::new(),
             share_turn: tokio::sync::Mutex::new(()),
+            records_stored: tokio::sync::Notify::new(),
         });
         for a in backend.store.agents().await? {
             backend
@@ -646,6 +649,7 @@ impl Backend {
                         .extend(batch.records.iter().map(|r| r.seq));
                     settled.push((msg, outcome.finished));
                 }
+                self.records_stored.notify_waiters();
                 // Acked only after the commit above: the agent may now delete.
                 if !self.hold_acks.load(Ordering::SeqCst) {
                     for ((agent, epoch), seqs) in acks {

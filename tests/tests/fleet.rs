@@ -306,3 +306,109 @@ async fn results_pages_return_each_result_once_while_results_arrive() {
     a_ctl.stop.store(true, Ordering::SeqCst);
     b_ctl.stop.store(true, Ordering::SeqCst);
 }
+
+/// Reads Server-Sent Events from `resp` until `enough` says stop; returns (id, data)
+/// of each `result` event.
+async fn read_events(
+    resp: &mut reqwest::Response,
+    buf: &mut String,
+    out: &mut Vec<(String, Value)>,
+    enough: impl Fn(&[(String, Value)]) -> bool,
+) {
+    while !enough(out) {
+        let chunk = tokio::time::timeout(T, resp.chunk())
+            .await
+            .expect("an event within 30 s")
+            .expect("stream read")
+            .expect("stream still open");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let (mut id, mut event, mut data) = (None, None, None);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = Some(v.trim().to_string());
+                }
+            }
+            if event.as_deref() == Some("result") {
+                let data: Value = serde_json::from_str(&data.expect("data")).unwrap();
+                out.push((id.expect("an event id"), data));
+            }
+        }
+    }
+}
+
+/// An SSE client that drops mid-stream, while results keep arriving, and reconnects
+/// with `Last-Event-ID` gets every result exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_stream_resumes_with_last_event_id_and_misses_nothing() {
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+    let up = Up::start(0, &[]).await;
+    let (stats, ctl) = sim_agent(&up, "sse-a", 2_000, 5, 1);
+    wait_for("the simulated agent to connect", T, || {
+        let n = stats.connected.load(Ordering::SeqCst);
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let url = format!(
+        "http://127.0.0.1:{}/v1/results/stream?agent=sse-a",
+        up.http_port
+    );
+    let client = reqwest::Client::new();
+    let mut resp = client.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    ctl.start_results();
+    let (mut buf, mut events) = (String::new(), Vec::new());
+    read_events(&mut resp, &mut buf, &mut events, |e| e.len() >= 500).await;
+    drop(resp);
+    let at_drop = stats.results_acked.load(Ordering::SeqCst);
+    assert!(
+        at_drop < 2_000,
+        "the agent was still sending when the client left"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last = events.last().unwrap().0.clone();
+    let mut resp = client
+        .get(&url)
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let before = events.len();
+    buf.clear();
+    read_events(&mut resp, &mut buf, &mut events, |e| {
+        e.iter()
+            .map(|(_, d)| d["request_id"].as_str().unwrap().to_string())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            >= 2_000
+    })
+    .await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for (_, d) in &events {
+        *seen
+            .entry(d["request_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2_000);
+    assert!(seen.values().all(|n| *n == 1), "a result came twice");
+    let ids: Vec<&String> = events.iter().map(|e| &e.0).collect();
+    let mut sorted = ids.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "event ids repeat");
+    println!(
+        "{before} events before the drop (agent had {at_drop} of 2,000 stored), {} after resuming",
+        events.len() - before
+    );
+    ctl.stop.store(true, Ordering::SeqCst);
+}

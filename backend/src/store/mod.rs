@@ -346,6 +346,8 @@ pub trait Store: Send + Sync + 'static {
         &self,
         f: ResultFilter,
     ) -> Result<Vec<(i64, ResultRow, Option<String>)>, StoreError>;
+    /// The position of the newest stored record (0 when there is none).
+    async fn latest_position(&self) -> Result<i64, StoreError>;
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError>;
     async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError>;
     /// The measurement's requests, each with its result if one is stored.

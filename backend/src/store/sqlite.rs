@@ -985,6 +985,14 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn latest_position(&self) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
+                .map_err(db)
+        })
+        .await
+    }
+
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError> {
         self.with(move |c| {
             c.execute(
