@@ -31,6 +31,7 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/agents/alive", get(agents_alive))
         .route("/agents/{id}", get(agent))
         .route("/agents/{id}/results", get(results))
+        .route("/agents/{id}/status", get(status_history))
         .route("/agents/{id}/events", get(events))
         .route("/agents/{id}/results/{request_id}", get(result))
         .route(
@@ -379,6 +380,73 @@ async fn agents(State(b): State<Arc<Backend>>, Query(q): Query<AgentQuery>) -> J
             })
             .collect(),
     ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusQuery {
+    /// Seconds back from now for the intervals and the uptime (default a day).
+    window_s: Option<u64>,
+}
+
+/// `GET /agents/{id}/status?window_s=`: connection history like a RIPE Atlas probe's:
+/// connected and disconnected intervals, first and last connection, the current status
+/// and since when, and uptime over the window.
+async fn status_history(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let a = b
+        .registry
+        .get(&id)
+        .ok_or_else(|| ApiError::UnknownAgent(id.clone()))?;
+    let window_s = q.window_s.unwrap_or(86_400);
+    if !(1..=366 * 86_400).contains(&window_s) {
+        return Err(ApiError::BadQuery {
+            field: "window_s".into(),
+            rule: "range".into(),
+            message: format!("window_s: must be 1 to {} (got {window_s})", 366 * 86_400),
+        });
+    }
+    let now = now_ms();
+    let from = now - window_s as i64 * 1000;
+    let sessions = b.store.sessions(&id, from).await?;
+    let mut up_ms = 0;
+    let mut intervals = Vec::new();
+    let mut prev_end = from;
+    for (start, end) in &sessions {
+        let (s, e) = ((*start).max(from), end.unwrap_or(now).min(now));
+        if *start > prev_end {
+            intervals.push(json!({"status": "disconnected", "from": rfc3339(prev_end), "until": rfc3339(*start)}));
+        }
+        up_ms += (e - s).max(0);
+        intervals.push(json!({
+            "status": "connected",
+            "from": rfc3339(*start),
+            "until": end.map(rfc3339),
+        }));
+        prev_end = end.unwrap_or(now);
+    }
+    let connected = a.alive(now);
+    if !connected && prev_end < now {
+        intervals.push(json!({"status": "disconnected", "from": rfc3339(prev_end), "until": null}));
+    }
+    let since = match (connected, sessions.last()) {
+        (true, Some((start, None))) => Some(*start),
+        (false, Some((_, Some(end)))) => Some(*end),
+        _ => None,
+    };
+    Ok(Json(json!({
+        "agent_id": id,
+        "status": if connected { "connected" } else { "disconnected" },
+        "status_since": since.map(rfc3339),
+        "first_connected": b.store.first_connected(&id).await?.map(rfc3339),
+        "last_connected": sessions.last().map(|s| rfc3339(s.0)),
+        "window_s": window_s,
+        "uptime_pct": (up_ms as f64 * 100.0 / (window_s as f64 * 1000.0)).min(100.0),
+        "intervals": intervals,
+    })))
 }
 
 /// `POST /v1/measurements`: 202 with the agents chosen, and `Location`.

@@ -80,6 +80,8 @@ pub struct Backend {
     pub fault_injection: bool,
     /// Enrollment, API tokens, limits and policy.
     pub security: crate::security::Security,
+    /// Agents with a connection session open in the store (see [`Self::touch_session`]).
+    open_sessions: Mutex<std::collections::HashSet<String>>,
     /// Woken after each commit of outbox batches: result streams read what is new.
     pub records_stored: tokio::sync::Notify,
     /// Serialises credential puts to the bus (see [`Self::share_credential`]).
@@ -136,6 +138,7 @@ impl Backend {
             bridge_stats: std::sync::OnceLock::new(),
             share_turn: tokio::sync::Mutex::new(()),
             records_stored: tokio::sync::Notify::new(),
+            open_sessions: Mutex::new(Default::default()),
         });
         for a in backend.store.agents().await? {
             backend
@@ -715,6 +718,7 @@ impl Backend {
         let agent = msg.agent.clone();
         match (msg.kind, env) {
             (Kind::Hello, Envelope::Hello(hello)) if hello.agent_id == agent => {
+                self.touch_session(&agent, now).await;
                 if let Err(e) = self.store.upsert_agent(&agent, &hello, now).await {
                     tracing::warn!(error = %e, "cannot store hello");
                     msg.nak().await;
@@ -726,10 +730,16 @@ impl Backend {
                 self.redeliver(&agent, true).await;
             }
             (Kind::Heartbeat, Envelope::Heartbeat(hb)) => {
+                self.touch_session(&agent, now).await;
                 self.registry.heartbeat(&agent, hb, now);
                 msg.ack().await;
             }
             (Kind::Status, Envelope::Status(st)) => {
+                if st.online {
+                    self.touch_session(&agent, now).await;
+                } else {
+                    self.close_session(&agent, now).await;
+                }
                 self.registry.status(&agent, st.online, now);
                 msg.ack().await;
             }
@@ -747,6 +757,44 @@ impl Backend {
                 self.reject("mismatch");
                 tracing::warn!(%agent, kind = kind.as_str(), "envelope does not match its topic or agent; dropped");
                 msg.ack().await;
+            }
+        }
+    }
+
+    /// A sign of life: opens a connection session for an agent that has none open
+    /// (closing one left open in the store, by a backend restart, where the agent was
+    /// last seen).
+    async fn touch_session(&self, agent: &str, now: i64) {
+        if self
+            .open_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(agent)
+        {
+            return;
+        }
+        let prev_end = self.registry.get(agent).map_or(now, |a| a.last_seen_ms);
+        match self.store.session_open(agent, now, prev_end).await {
+            Ok(()) => {
+                self.open_sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(agent.to_string());
+            }
+            Err(e) => tracing::warn!(error = %e, %agent, "cannot record the agent's connection"),
+        }
+    }
+
+    /// The agent left (its `offline` status, or silence): closes its session at `at_ms`.
+    async fn close_session(&self, agent: &str, at_ms: i64) {
+        let was_open = self
+            .open_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(agent);
+        if was_open {
+            if let Err(e) = self.store.session_close(agent, at_ms).await {
+                tracing::warn!(error = %e, %agent, "cannot record the agent's disconnection");
             }
         }
     }
@@ -799,6 +847,9 @@ impl Backend {
             for a in self.registry.all() {
                 if a.alive(now) {
                     self.redeliver(&a.id, false).await;
+                } else {
+                    // Silent past three heartbeats: disconnected since it was last seen.
+                    self.close_session(&a.id, a.last_seen_ms).await;
                 }
             }
         }

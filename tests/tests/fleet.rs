@@ -412,3 +412,52 @@ async fn a_result_stream_resumes_with_last_event_id_and_misses_nothing() {
     );
     ctl.stop.store(true, Ordering::SeqCst);
 }
+
+/// Connection history like a RIPE Atlas probe's: an agent that connects, is killed
+/// and comes back has two connected intervals with a disconnected one between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_history_records_connections_and_uptime() {
+    let up = Up::start(0, &[]).await;
+    let data = up.dir.path().join("st-1");
+    let mut agent = start_agent("st-1", &up.broker_url(), &data, up.dir.path());
+    up.api.wait_alive(&["st-1"], T).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.kill9();
+    up.api.wait_not_alive("st-1", T).await;
+    let gone = up.api.get("/agents/st-1/status?window_s=600").await.body;
+    assert_eq!(gone["status"], "disconnected", "{gone}");
+    let _agent = start_agent("st-1", &up.broker_url(), &data, up.dir.path());
+    up.api.wait_alive(&["st-1"], T).await;
+    let h = up.api.get("/agents/st-1/status?window_s=600").await.body;
+    assert_eq!(h["status"], "connected", "{h}");
+    let kinds: Vec<&str> = h["intervals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["status"].as_str().unwrap())
+        .collect();
+    // Before the first connection (inside the window), the first session, the gap,
+    // and the open session.
+    assert_eq!(
+        kinds,
+        ["disconnected", "connected", "disconnected", "connected"],
+        "{h}"
+    );
+    let last = h["intervals"].as_array().unwrap().last().unwrap().clone();
+    assert!(last["until"].is_null(), "{h}");
+    assert_eq!(h["status_since"], last["from"]);
+    assert_eq!(h["last_connected"], last["from"]);
+    assert!(h["first_connected"].as_str().unwrap() < h["last_connected"].as_str().unwrap());
+    let up_pct = h["uptime_pct"].as_f64().unwrap();
+    assert!(
+        up_pct > 0.0 && up_pct < 5.0,
+        "a few seconds of 600: {up_pct}"
+    );
+    let bad = up.api.get("/agents/st-1/status?window_s=0").await;
+    assert_eq!(
+        (bad.status, bad.body["field"].as_str()),
+        (400, Some("window_s"))
+    );
+    let unknown = up.api.get("/agents/nobody/status").await;
+    assert_eq!(unknown.status, 404);
+}

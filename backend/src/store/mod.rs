@@ -346,6 +346,24 @@ pub trait Store: Send + Sync + 'static {
         &self,
         f: ResultFilter,
     ) -> Result<Vec<(i64, ResultRow, Option<String>)>, StoreError>;
+    /// An agent connected: opens a session (closing an open one at `prev_end_ms`).
+    async fn session_open(
+        &self,
+        agent: &str,
+        at_ms: i64,
+        prev_end_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Closes the agent's open session, if any, at `at_ms`.
+    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError>;
+    /// The agent's sessions (connected, disconnected or None while open), oldest first,
+    /// those ending after `since_ms` (and an open one).
+    async fn sessions(
+        &self,
+        agent: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, Option<i64>)>, StoreError>;
+    /// The agent's first connection ever, if any.
+    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError>;
     /// The position of the newest stored record (0 when there is none).
     async fn latest_position(&self) -> Result<i64, StoreError>;
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError>;

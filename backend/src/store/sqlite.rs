@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS requests (
     result_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS requests_agent_state ON requests(agent_id, state);
+CREATE TABLE IF NOT EXISTS agent_sessions (
+    agent_id TEXT NOT NULL,
+    connected_ms INTEGER NOT NULL,
+    -- NULL while connected.
+    disconnected_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS agent_sessions_agent ON agent_sessions(agent_id, connected_ms);
 CREATE TABLE IF NOT EXISTS measurements (
     id TEXT PRIMARY KEY,
     module TEXT NOT NULL,
@@ -981,6 +988,80 @@ impl Store for SqliteStore {
                 })
                 .map_err(db)?;
             rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn session_open(
+        &self,
+        agent: &str,
+        at_ms: i64,
+        prev_end_ms: i64,
+    ) -> Result<(), StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            tx.execute(
+                "UPDATE agent_sessions SET disconnected_ms = MAX(connected_ms, ?2)
+                 WHERE agent_id = ?1 AND disconnected_ms IS NULL",
+                params![agent, prev_end_ms],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO agent_sessions (agent_id, connected_ms) VALUES (?1, ?2)",
+                params![agent, at_ms],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+
+    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE agent_sessions SET disconnected_ms = MAX(connected_ms, ?2)
+                 WHERE agent_id = ?1 AND disconnected_ms IS NULL",
+                params![agent, at_ms],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn sessions(
+        &self,
+        agent: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, Option<i64>)>, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT connected_ms, disconnected_ms FROM agent_sessions
+                     WHERE agent_id = ?1 AND (disconnected_ms IS NULL OR disconnected_ms > ?2)
+                     ORDER BY connected_ms",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![agent, since_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT MIN(connected_ms) FROM agent_sessions WHERE agent_id = ?1",
+                [agent],
+                |r| r.get(0),
+            )
+            .map_err(db)
         })
         .await
     }
