@@ -554,10 +554,17 @@ async fn an_offline_agent_s_measurement_is_still_one_trace() {
                 .into_iter()
                 .filter(|s| s.trace_id == trace_id)
                 .collect();
-            spans
-                .iter()
-                .any(|s| s.name == "store result")
-                .then_some(spans)
+            // Each service's spans come in their own batches: wait for all of them.
+            [
+                "POST /agent/{id}/{module}",
+                "dispatch echo_module",
+                "bridge downlink",
+                "agent command echo_module",
+                "store result",
+            ]
+            .iter()
+            .all(|n| spans.iter().any(|s| s.name == *n))
+            .then_some(spans)
         })
         .await
         .unwrap();
