@@ -746,6 +746,43 @@ fn stream_start(headers: &HeaderMap, cursor: Option<&str>, default: i64) -> Resu
     }
 }
 
+/// Results as they are stored, after `filter.after`, for ever: each with its position
+/// (the cursor) and measurement. Woken by each commit, so a result is out as soon as it
+/// is stored; shared by the SSE streams and gRPC's `StreamResults`.
+pub(crate) fn result_feed(
+    b: Arc<Backend>,
+    filter: crate::store::ResultFilter,
+) -> impl futures::Stream<Item = (i64, ResultRow, Option<String>)> + Send {
+    use std::collections::VecDeque;
+    futures::stream::unfold(
+        (b, filter, VecDeque::new()),
+        |(b, mut f, mut buf)| async move {
+            loop {
+                if let Some(row) = buf.pop_front() {
+                    return Some((row, (b, f, buf)));
+                }
+                // Registered before the read, so a commit in between still wakes us.
+                let stored = b.records_stored.notified();
+                tokio::pin!(stored);
+                stored.as_mut().enable();
+                match b.store.results_page(f.clone()).await {
+                    Ok(rows) if !rows.is_empty() => {
+                        f.after = rows.last().map_or(f.after, |r| r.0);
+                        buf.extend(rows);
+                    }
+                    Ok(_) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), stored).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "result feed: store read failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        },
+    )
+}
+
 /// Results as Server-Sent Events: event `result`, id = the result's cursor, data = the
 /// result's JSON. A client that reconnects with `Last-Event-ID` gets every result
 /// stored after that one: none is missed, none repeated.
@@ -756,42 +793,14 @@ fn sse_results(
     impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
 > {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    use std::collections::VecDeque;
-    let stream = futures::stream::unfold(
-        (b, filter, VecDeque::<Event>::new()),
-        |(b, mut f, mut buf)| async move {
-            loop {
-                if let Some(ev) = buf.pop_front() {
-                    return Some((Ok(ev), (b, f, buf)));
-                }
-                // Registered before the read, so a commit in between still wakes us.
-                let stored = b.records_stored.notified();
-                tokio::pin!(stored);
-                stored.as_mut().enable();
-                match b.store.results_page(f.clone()).await {
-                    Ok(rows) if !rows.is_empty() => {
-                        for (pos, r, m) in rows {
-                            f.after = pos;
-                            buf.push_back(
-                                Event::default()
-                                    .event("result")
-                                    .id(format!("c{pos}"))
-                                    .data(result_v1_json(&r, m).to_string()),
-                            );
-                        }
-                    }
-                    Ok(_) => {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), stored).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "result stream: store read failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        },
-    );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    use futures::StreamExt;
+    let events = result_feed(b, filter).map(|(pos, r, m)| {
+        Ok(Event::default()
+            .event("result")
+            .id(format!("c{pos}"))
+            .data(result_v1_json(&r, m).to_string()))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
 }
 
 /// `GET /v1/results/stream?agent=&module=&measurement=&cursor=`: results as they are

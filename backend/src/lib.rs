@@ -7,6 +7,7 @@ pub mod certs;
 pub mod client;
 pub mod error;
 pub mod fleet;
+pub mod grpc;
 pub mod observe;
 pub mod registry;
 pub mod security;

@@ -222,6 +222,24 @@ pub async fn bind_http(
         .map_err(|source| UpError::Bind { flag, addr, source })
 }
 
+/// Binds the gRPC listener. gRPC has no TLS yet, so beyond loopback it needs
+/// --insecure-i-know (tokens would cross the network in clear).
+pub async fn bind_grpc(
+    addr: SocketAddr,
+    insecure_i_know: bool,
+) -> Result<tokio::net::TcpListener, UpError> {
+    if !addr.ip().is_loopback() && !insecure_i_know {
+        return Err(UpError::Flag {
+            flag: "--grpc",
+            message: format!(
+                "{addr}: not a loopback address, and the gRPC API has no TLS yet: tokens \
+                 would cross the network in clear (--insecure-i-know overrides)"
+            ),
+        });
+    }
+    bind_http("--grpc", addr).await
+}
+
 /// Serves the REST API (over HTTPS when given a TLS configuration) until `shutdown`
 /// resolves.
 pub async fn serve_http(
@@ -294,6 +312,8 @@ pub struct UpOptions {
     /// Test only: turn the broker's topic ACL off, to show the bridge's signature
     /// check alone stops a forged message.
     pub no_broker_acl: bool,
+    /// The gRPC API (plain HTTP/2: loopback unless --insecure-i-know), if any.
+    pub grpc: Option<SocketAddr>,
     pub security: SecurityFlags,
 }
 
@@ -408,6 +428,14 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(path = %path.display(), "auth is on: the admin token is in this file");
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(addr) = opts.grpc {
+        let listener = bind_grpc(addr, sec.insecure_i_know).await?;
+        let mut grpc_stop = stop_rx.clone();
+        tokio::spawn(crate::grpc::serve(listener, backend.clone(), async move {
+            let _ = grpc_stop.wait_for(|s| *s).await;
+        }));
+        tracing::info!(%addr, "gRPC API (imn.v1.Imn) listening");
+    }
     let mut http_stop = stop_rx.clone();
     let http = tokio::spawn(serve_http(listener, backend, http_tls, async move {
         let _ = http_stop.wait_for(|s| *s).await;

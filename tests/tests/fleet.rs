@@ -461,3 +461,101 @@ async fn status_history_records_connections_and_uptime() {
     let unknown = up.api.get("/agents/nobody/status").await;
     assert_eq!(unknown.status, 404);
 }
+
+/// The gRPC API does what REST does: list agents, create a measurement, stream its
+/// results as they are stored, and report it complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_client_creates_a_measurement_and_streams_results() {
+    use imn_backend::grpc::pb;
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let up = Up::start(2, &["--grpc", &grpc]).await;
+    up.api.wait_alive(&["agent-1", "agent-2"], T).await;
+    let mut client = pb::imn_client::ImnClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("gRPC connect");
+    let all = || {
+        Some(pb::Selection {
+            all: true,
+            ..Default::default()
+        })
+    };
+    let agents = client
+        .list_agents(pb::ListAgentsRequest {
+            selection: all(),
+            alive: Some(true),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    let names: BTreeSet<String> = agents.iter().map(|a| a.id.clone()).collect();
+    assert_eq!(names, set(&["agent-1", "agent-2"]));
+    assert!(agents
+        .iter()
+        .all(|a| a.alive && a.arch == std::env::consts::ARCH));
+
+    // The stream starts now: only what is stored from here on.
+    let mut stream = client
+        .stream_results(pb::StreamResultsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let c = client
+        .create_measurement(pb::CreateMeasurementRequest {
+            module: "echo_module".into(),
+            params_json: r#"{"message": "over grpc"}"#.into(),
+            agents: all(),
+            description: "grpc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.agents.len(), 2, "{c:?}");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let r = tokio::time::timeout(T, stream.message())
+            .await
+            .expect("a result within 30 s")
+            .expect("stream ok")
+            .expect("stream open");
+        got.push(r);
+    }
+    for r in &got {
+        assert_eq!(r.measurement_id, c.id);
+        assert_eq!(r.state, "succeeded");
+        let v: Value = serde_json::from_str(&r.result_json).unwrap();
+        assert_eq!(v["message"], "over grpc");
+    }
+    assert!(got[0].cursor != got[1].cursor);
+    let m = client
+        .get_measurement(pb::GetMeasurementRequest { id: c.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (m.state.as_str(), m.reported, m.agents),
+        ("complete", 2, 2),
+        "{m:?}"
+    );
+    assert_eq!(m.summary, "2/2 agents reported");
+
+    // Errors keep their meaning: a bad parameter names its field; an unknown id is
+    // NOT_FOUND.
+    let e = client
+        .create_measurement(pb::CreateMeasurementRequest {
+            module: "echo_module".into(),
+            params_json: r#"{"message": 5}"#.into(),
+            agents: all(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("/message"), "{}", e.message());
+    let e = client
+        .get_measurement(pb::GetMeasurementRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+}

@@ -33,6 +33,9 @@ struct Flags {
     /// it, OTEL_EXPORTER_OTLP_ENDPOINT decides; without that, nothing is exported.
     #[arg(long, env = "IMN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// The gRPC API (imn.v1.Imn; the original used 127.0.0.1:50051), or `off`.
+    #[arg(long, env = "IMN_GRPC", default_value = "off", value_parser = imn_bridge::addr_or_off)]
+    grpc: ::std::option::Option<SocketAddr>,
     #[command(flatten)]
     security: SecurityFlags,
 }
@@ -64,6 +67,15 @@ async fn main() -> anyhow::Result<()> {
         let path = flags.data.join("admin-token");
         ensure_admin_token(&backend, &path).await?;
         tracing::info!(path = %path.display(), "auth is on: the admin token is in this file");
+    }
+    if let Some(addr) = flags.grpc {
+        let listener = imn_backend::up::bind_grpc(addr, flags.security.insecure_i_know).await?;
+        tokio::spawn(imn_backend::grpc::serve(
+            listener,
+            backend.clone(),
+            std::future::pending(),
+        ));
+        tracing::info!(%addr, "gRPC API (imn.v1.Imn) listening");
     }
     tracing::info!(http = %flags.http, nats = %flags.nats, "imn-backend running");
     serve_http(listener, backend, tls, async {

@@ -15,6 +15,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the `up` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run backend, bridge (with its own MQTT broker) and local agents in one process.
@@ -59,6 +61,9 @@ enum Cmd {
         /// exported.
         #[arg(long, env = "IMN_OTLP_ENDPOINT")]
         otlp_endpoint: Option<String>,
+        /// The gRPC API (imn.v1.Imn; the original used 127.0.0.1:50051), or `off`.
+        #[arg(long, env = "IMN_GRPC", default_value = "off", value_parser = imn_bridge::addr_or_off)]
+        grpc: ::std::option::Option<SocketAddr>,
         #[command(flatten)]
         security: SecurityFlags,
     },
@@ -171,6 +176,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             fault_injection,
             test_no_broker_acl,
             otlp_endpoint,
+            grpc,
             security,
         } => {
             use imn_bridge::telemetry::{self, Component};
@@ -193,6 +199,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 heartbeat_ms,
                 fault_injection,
                 no_broker_acl: test_no_broker_acl,
+                grpc,
                 security,
             };
             up(opts, shutdown_signal()).await?;
