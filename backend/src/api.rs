@@ -667,15 +667,7 @@ async fn results_v1(
     let atlas = wants_atlas(&q.format)?;
     let after = match q.cursor.as_deref() {
         None | Some("") => 0,
-        Some(c) => c
-            .strip_prefix('c')
-            .and_then(|n| n.parse::<i64>().ok())
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| ApiError::BadQuery {
-                field: "cursor".into(),
-                rule: "format".into(),
-                message: format!("cursor: not a cursor this API gave out (got {c:?})"),
-            })?,
+        Some(c) => parse_cursor(c)?,
     };
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -732,18 +724,20 @@ fn stream_start(headers: &HeaderMap, cursor: Option<&str>, default: i64) -> Resu
         .filter(|c| !c.is_empty());
     match given {
         None => Ok(default),
-        Some(c) => c
-            .strip_prefix('c')
-            .and_then(|n| n.parse::<i64>().ok())
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| ApiError::BadQuery {
-                field: "cursor".into(),
-                rule: "format".into(),
-                message: format!(
-                    "Last-Event-ID or cursor: not an event id this API gave out (got {c:?})"
-                ),
-            }),
+        Some(c) => parse_cursor(c),
     }
+}
+
+/// A result's position from a cursor (or event id) this API gave out: `c` and a number.
+pub(crate) fn parse_cursor(c: &str) -> Result<i64, ApiError> {
+    c.strip_prefix('c')
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| ApiError::BadQuery {
+            field: "cursor".into(),
+            rule: "format".into(),
+            message: format!("cursor: not a cursor (or event id) this API gave out (got {c:?})"),
+        })
 }
 
 /// Results as they are stored, after `filter.after`, for ever: each with its position

@@ -197,16 +197,7 @@ impl pb::imn_server::Imn for ImnService {
                 .await
                 .map_err(|e| status(e.into()))?
         } else {
-            r.cursor
-                .strip_prefix('c')
-                .and_then(|n| n.parse::<i64>().ok())
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "cursor: not a cursor this API gave out (got {:?})",
-                        r.cursor
-                    ))
-                })?
+            crate::api::parse_cursor(&r.cursor).map_err(status)?
         };
         let filter = crate::store::ResultFilter {
             agent: none_if_empty(r.agent),
