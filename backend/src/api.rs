@@ -41,7 +41,10 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/agent/{id}/{module}", post(submit))
         .route("/modules", get(modules))
         .route("/v1/measurements", post(create_measurement))
-        .route("/v1/measurements/{id}", get(measurement))
+        .route(
+            "/v1/measurements/{id}",
+            get(measurement).delete(stop_measurement),
+        )
         .route("/v1/results", get(results_v1))
         .route("/v1/results/stream", get(results_stream))
         .route("/v1/measurements/{id}/stream", get(measurement_stream))
@@ -476,6 +479,13 @@ async fn create_measurement(
         })),
     )
         .into_response())
+}
+
+async fn stop_measurement(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(crate::fleet::stop(&b, &id).await?))
 }
 
 async fn measurement(

@@ -290,3 +290,45 @@ pub async fn status(b: &Backend, id: &str) -> Result<Value, ApiError> {
         "agents": agents,
     }))
 }
+
+/// `DELETE /v1/measurements/{id}`: every request of the measurement that has not
+/// finished is cancelled; agents running one are told to stop it (an agent that is
+/// offline drops it: a cancelled request is never delivered again).
+pub async fn stop(b: &Backend, id: &str) -> Result<Value, ApiError> {
+    if b.store.measurement(id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no measurement {id}")));
+    }
+    let now = now_ms();
+    let mut cancelled = 0;
+    for (req, _) in b.store.measurement_requests(id).await? {
+        if req.state.is_terminal() {
+            continue;
+        }
+        let changed = b
+            .store
+            .transition(
+                &req.id,
+                RequestState::Cancelled,
+                now,
+                "backend",
+                Some("the measurement was stopped"),
+            )
+            .await?;
+        if changed {
+            cancelled += 1;
+            b.finished(&req.id);
+            if req.state.rank() >= RequestState::Dispatched.rank() {
+                // Best effort: an agent that is offline never gets it again anyway.
+                let _ = b
+                    .control(
+                        &req.agent_id,
+                        imn_modules::wire::CommandKind::Cancel {
+                            request_id: req.id.clone(),
+                        },
+                    )
+                    .await;
+            }
+        }
+    }
+    Ok(json!({"id": id, "cancelled": cancelled}))
+}

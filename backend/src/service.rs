@@ -512,6 +512,11 @@ impl Backend {
         }
     }
 
+    /// A request reached a terminal state outside ingest: wakes its `?wait` callers.
+    pub fn finished(&self, request_id: &str) {
+        self.wake(request_id);
+    }
+
     fn wake(&self, request_id: &str) {
         let list = self
             .waiters

@@ -179,6 +179,26 @@ async fn selection_and_a_one_off_measurement_with_an_agent_offline() {
     }
     let missing = up.api.get("/v1/measurements/nope").await;
     assert_eq!(missing.status, 404);
+
+    // DELETE stops what has not finished: f5's request, still waiting, is cancelled.
+    let r = create(json!({
+        "module": "echo_module", "params": {"message": "never"},
+        "agents": {"ids": ["f5"]}, "deadline_s": 3600,
+    }))
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let path = r.headers["location"].to_str().unwrap().to_string();
+    let d = up.api.delete(&path).await;
+    assert_eq!(
+        (d.status, d.body["cancelled"].as_u64()),
+        (200, Some(1)),
+        "{}",
+        d.body
+    );
+    let m = up.api.get(&path).await.body;
+    assert_eq!(m["state"], "complete", "{m}");
+    assert_eq!(m["agents"][0]["state"], "cancelled", "{m}");
+    assert_eq!(up.api.delete("/v1/measurements/nope").await.status, 404);
 }
 
 /// A simulated agent (`imn_tests::sim`) that sends `results` echo results, with
