@@ -541,7 +541,7 @@ async fn events(
 }
 
 fn result_json(r: &ResultRow) -> Value {
-    json!({
+    let mut v = json!({
         "request_id": r.request_id,
         "agent_id": r.agent_id,
         "module": r.module,
@@ -553,7 +553,11 @@ fn result_json(r: &ResultRow) -> Value {
         "finished_at": rfc3339(r.finished_ms),
         "stored_at": rfc3339(r.stored_ms),
         "record": {"epoch": r.epoch, "seq": r.seq},
-    })
+    });
+    if let Some(ms) = r.scheduled_ms {
+        v["scheduled_at"] = rfc3339(ms);
+    }
+    v
 }
 
 #[derive(Deserialize)]

@@ -26,7 +26,13 @@ pub fn ping(r: &ResultRow) -> Option<Vec<Value>> {
         return None;
     }
     let src = r.result["src_addr"].as_str().unwrap_or("");
-    let msm_id = numeric_id(&r.request_id);
+    // A scheduled run belongs to its recurring measurement (`{measurement}@{slot}`),
+    // as every result of an Atlas measurement carries that measurement's id.
+    let measurement = r
+        .scheduled_ms
+        .and_then(|_| r.request_id.rsplit_once('@'))
+        .map(|(m, _)| m);
+    let msm_id = numeric_id(measurement.unwrap_or(&r.request_id));
     let prb_id = numeric_id(&r.agent_id);
     let targets = r.result["targets"].as_array()?;
     Some(
@@ -72,7 +78,7 @@ pub fn ping(r: &ResultRow) -> Option<Vec<Value>> {
                     "prb_id": prb_id,
                     "lts": -1,
                     "step": null,
-                    "imn": {"request_id": r.request_id, "agent_id": r.agent_id},
+                    "imn": {"request_id": r.request_id, "agent_id": r.agent_id, "measurement_id": measurement},
                 })
             })
             .collect(),
@@ -108,6 +114,7 @@ mod tests {
             started_ms: 1_700_000_000_500,
             finished_ms: 1_700_000_001_000,
             stored_ms: 1_700_000_002_000,
+            scheduled_ms: None,
         };
         let a = &ping(&r).unwrap()[0];
         assert_eq!(a["af"], 4);

@@ -1,7 +1,15 @@
 //! Fleet measurements: one module run on many agents, chosen like RIPE Atlas chooses
-//! probes (ids, tags, country, AS number, or all, with a limit); one request per agent,
-//! progress while they report, and completion once every agent has reported or passed
-//! its deadline, so one missing agent never holds a measurement open for ever.
+//! probes (ids, tags, country, AS number, or all, with a limit).
+//!
+//! A one-off measurement is one request per agent, with progress while they report,
+//! and completion once every agent has reported or passed its deadline, so one
+//! missing agent never holds a measurement open for ever.
+//!
+//! A recurring measurement (`schedule`) is desired state: each selected agent's set of
+//! schedules gets a new version, which the agent receives, stores and runs from its own
+//! copy, connected or not. The agent reports its version in every hello; when it
+//! differs from the backend's, the backend sends the set again (on the hello, and from
+//! the sweep while the agent stays connected).
 
 use std::time::Duration;
 
@@ -13,7 +21,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::registry::AgentEntry;
 use crate::service::{Backend, SubmitOptions};
-use crate::store::{MeasurementRow, RequestRow, ResultRow};
+use crate::store::{AgentSchedule, MeasurementRow, RequestRow, ResultRow};
 
 /// Which agents. Every criterion given must match; `all` matches every agent.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -112,6 +120,115 @@ pub struct NewMeasurement {
     pub deadline_s: Option<f64>,
 }
 
+/// `schedule` in `POST /v1/measurements`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    pub interval_s: f64,
+    /// RFC 3339, or seconds since the epoch; default now.
+    #[serde(default)]
+    pub start: Option<Value>,
+    /// RFC 3339, or seconds since the epoch; default never (until `DELETE`).
+    #[serde(default)]
+    pub stop: Option<Value>,
+    /// Each run starts up to this many seconds after its slot, the same delay every
+    /// time for one agent and slot; default 10 % of the interval, at most 60 s.
+    #[serde(default)]
+    pub jitter_s: Option<f64>,
+}
+
+/// A schedule as stored and as agents get it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    pub interval_ms: u64,
+    pub start_ms: i64,
+    pub stop_ms: Option<i64>,
+    pub jitter_ms: u64,
+}
+
+/// The shortest interval between runs of a schedule.
+pub const MIN_INTERVAL_S: f64 = 1.0;
+/// The longest: 30 days.
+pub const MAX_INTERVAL_S: f64 = 30.0 * 86_400.0;
+
+fn invalid(field: &str, rule: &str, message: String) -> ApiError {
+    ApiError::InvalidParams {
+        field: field.into(),
+        rule: rule.into(),
+        message: format!("{field}: {message}"),
+    }
+}
+
+/// A time given as RFC 3339 or seconds since the epoch, in ms.
+fn time_field(field: &str, v: &Value) -> Result<i64, ApiError> {
+    if let Some(secs) = v.as_f64() {
+        if secs.is_finite() && (0.0..4e11).contains(&secs) {
+            return Ok((secs * 1000.0).round() as i64);
+        }
+    } else if let Some(text) = v.as_str() {
+        if let Ok(t) =
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        {
+            return Ok((t.unix_timestamp_nanos() / 1_000_000) as i64);
+        }
+    }
+    Err(invalid(
+        field,
+        "format",
+        format!("must be an RFC 3339 time or seconds since the epoch (got {v})"),
+    ))
+}
+
+impl ScheduleSpec {
+    /// Checks a schedule as the API got it; every error names its field.
+    pub fn parse(v: Value, now: i64) -> Result<ScheduleSpec, ApiError> {
+        let r: ScheduleRequest =
+            serde_json::from_value(v).map_err(|e| invalid("/schedule", "schema", e.to_string()))?;
+        if !r.interval_s.is_finite() || !(MIN_INTERVAL_S..=MAX_INTERVAL_S).contains(&r.interval_s) {
+            return Err(invalid(
+                "/schedule/interval_s",
+                "range",
+                format!("must be {MIN_INTERVAL_S} to {MAX_INTERVAL_S} seconds"),
+            ));
+        }
+        let interval_ms = (r.interval_s * 1000.0).round() as u64;
+        let jitter_ms = match r.jitter_s {
+            None => (interval_ms / 10).min(60_000),
+            Some(j) if j.is_finite() && j >= 0.0 && j < r.interval_s => (j * 1000.0).round() as u64,
+            Some(_) => {
+                return Err(invalid(
+                    "/schedule/jitter_s",
+                    "range",
+                    "must be at least 0 and less than interval_s".into(),
+                ))
+            }
+        };
+        let start_ms = match &r.start {
+            None => now,
+            Some(v) => time_field("/schedule/start", v)?,
+        };
+        let stop_ms = match &r.stop {
+            None => None,
+            Some(v) => Some(time_field("/schedule/stop", v)?),
+        };
+        if let Some(stop) = stop_ms {
+            if stop <= start_ms.max(now) {
+                return Err(invalid(
+                    "/schedule/stop",
+                    "after_start",
+                    "must be after start and in the future".into(),
+                ));
+            }
+        }
+        Ok(ScheduleSpec {
+            interval_ms,
+            start_ms,
+            stop_ms,
+            jitter_ms,
+        })
+    }
+}
+
 /// What `POST /v1/measurements` made.
 pub struct Created {
     pub id: String,
@@ -126,13 +243,6 @@ pub async fn create(
     m: NewMeasurement,
     traceparent: Option<String>,
 ) -> Result<Created, ApiError> {
-    if m.schedule.is_some() {
-        return Err(ApiError::InvalidParams {
-            field: "/schedule".into(),
-            rule: "unsupported".into(),
-            message: "/schedule: recurring measurements are not available yet; leave it out for a one-off measurement".into(),
-        });
-    }
     if !m.agents.has_criteria() {
         return Err(ApiError::InvalidParams {
             field: "/agents".into(),
@@ -154,6 +264,11 @@ pub async fn create(
         }
     };
     let now = now_ms();
+    let schedule = m
+        .schedule
+        .clone()
+        .map(|v| ScheduleSpec::parse(v, now))
+        .transpose()?;
     if m.agents.limit == Some(0) {
         return Err(ApiError::InvalidParams {
             field: "/agents/limit".into(),
@@ -173,9 +288,12 @@ pub async fn create(
             ),
         });
     }
-    let params = m.params.unwrap_or_else(|| json!({}));
+    let params = m.params.clone().unwrap_or_else(|| json!({}));
     let body = serde_json::to_vec(&params).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let id = uuid::Uuid::new_v4().to_string();
+    if let Some(spec) = schedule {
+        return create_schedule(b, id, m, params, picked, spec, now).await;
+    }
     let mut agents = Vec::new();
     let mut refused = Vec::new();
     for a in picked {
@@ -208,6 +326,8 @@ pub async fn create(
             description: m.description,
             created_ms: now,
             deadline_ms: now + deadline.as_millis() as i64,
+            schedule_json: None,
+            stopped_ms: None,
         })
         .await?;
     Ok(Created {
@@ -215,6 +335,166 @@ pub async fn create(
         agents,
         refused,
     })
+}
+
+/// A recurring measurement: parameters checked for each agent, stored with a new
+/// schedule version per agent, and sent to those connected now (the rest get it at
+/// their next hello).
+async fn create_schedule(
+    b: &Backend,
+    id: String,
+    m: NewMeasurement,
+    params: Value,
+    picked: Vec<AgentEntry>,
+    spec: ScheduleSpec,
+    now: i64,
+) -> Result<Created, ApiError> {
+    let body = serde_json::to_vec(&params).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let schedule_json = serde_json::to_string(&spec).unwrap_or_default();
+    let mut parts = Vec::new();
+    let mut refused = Vec::new();
+    for a in picked {
+        match b.checked_params(&a.id, &m.module, &body).await {
+            Ok((params, timeout_ms)) => parts.push((
+                a.id,
+                AgentSchedule {
+                    measurement_id: id.clone(),
+                    module: m.module.clone(),
+                    params_json: params.to_string(),
+                    timeout_ms,
+                    schedule_json: schedule_json.clone(),
+                },
+            )),
+            Err(e @ (ApiError::Internal(_) | ApiError::Unavailable(_))) => return Err(e),
+            Err(e) => refused.push((a.id, e)),
+        }
+    }
+    if parts.is_empty() {
+        return Err(refused.swap_remove(0).1);
+    }
+    let versions = b
+        .store
+        .create_schedule(
+            MeasurementRow {
+                id: id.clone(),
+                module: m.module.clone(),
+                params_json: params.to_string(),
+                selection_json: serde_json::to_string(&m.agents).unwrap_or_default(),
+                description: m.description,
+                created_ms: now,
+                deadline_ms: spec.stop_ms.unwrap_or(i64::MAX),
+                schedule_json: Some(schedule_json),
+                stopped_ms: None,
+            },
+            parts,
+        )
+        .await?;
+    let agents = versions.iter().map(|(a, _)| a.clone()).collect();
+    for (agent, version) in versions {
+        b.schedules_changed(&agent, version).await;
+    }
+    Ok(Created {
+        id,
+        agents,
+        refused,
+    })
+}
+
+impl Backend {
+    /// The agent's schedule set is now at `version`: sends it if the agent is
+    /// connected (if not, its next hello brings it up to date).
+    pub async fn schedules_changed(&self, agent: &str, version: u64) {
+        self.schedule_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(agent.to_string(), version);
+        if self.registry.get(agent).is_some_and(|a| a.alive(now_ms())) {
+            self.send_schedules(agent).await;
+        }
+    }
+
+    /// Sends the agent its whole current schedule set. Best effort: a lost command is
+    /// sent again when the agent's hello shows an older version.
+    pub async fn send_schedules(&self, agent: &str) {
+        let (version, rows) = match self.store.agent_schedules(agent).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, %agent, "cannot read the agent's schedules");
+                return;
+            }
+        };
+        self.schedule_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(agent.to_string(), version);
+        let schedules = rows
+            .into_iter()
+            .filter_map(|r| {
+                let spec: ScheduleSpec = serde_json::from_str(&r.schedule_json).ok()?;
+                Some(imn_modules::wire::Schedule {
+                    measurement_id: r.measurement_id,
+                    module: r.module,
+                    params_json: r.params_json,
+                    timeout_ms: r.timeout_ms,
+                    interval_ms: spec.interval_ms,
+                    start_ms: spec.start_ms,
+                    stop_ms: spec.stop_ms,
+                    jitter_ms: spec.jitter_ms,
+                })
+            })
+            .collect();
+        let kind = imn_modules::wire::CommandKind::Schedules { version, schedules };
+        if let Err(e) = self.control(agent, kind).await {
+            tracing::debug!(error = %e, %agent, "schedules not sent; the next hello retries");
+        }
+    }
+
+    /// An agent said hello running schedule version `theirs`: sends the current set if
+    /// it differs. A version above the store's (the store was replaced) moves the
+    /// store's past it, so the agent takes the set the store has.
+    pub async fn reconcile_schedules(&self, agent: &str, theirs: u64) {
+        let ours = match self.store.agent_schedules(agent).await {
+            Ok((v, _)) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, %agent, "cannot read the agent's schedules");
+                return;
+            }
+        };
+        if theirs > ours {
+            if let Err(e) = self.store.raise_schedule_version(agent, theirs).await {
+                tracing::warn!(error = %e, %agent, "cannot raise the schedule version");
+                return;
+            }
+        } else if theirs == ours {
+            self.schedule_versions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(agent.to_string(), ours);
+            return;
+        }
+        self.send_schedules(agent).await;
+    }
+
+    /// Connected agents whose last hello shows an older schedule set than the
+    /// backend's (a lost command): sent again, by the sweep.
+    pub async fn resend_stale_schedules(&self, now: i64) {
+        let wanted: Vec<(String, u64)> = self
+            .schedule_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(a, v)| (a.clone(), *v))
+            .collect();
+        for (agent, version) in wanted {
+            let stale = self
+                .registry
+                .get(&agent)
+                .is_some_and(|a| a.alive(now) && a.hello.schedule_version < version);
+            if stale {
+                self.send_schedules(&agent).await;
+            }
+        }
+    }
 }
 
 /// `GET /v1/measurements/{id}`: the measurement, each agent's state and result, and
@@ -225,6 +505,9 @@ pub async fn status(b: &Backend, id: &str) -> Result<Value, ApiError> {
         .measurement(id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no measurement {id}")))?;
+    if m.schedule_json.is_some() {
+        return schedule_status(b, m).await;
+    }
     let rows = b.store.measurement_requests(id).await?;
     let now = now_ms();
     let (mut reported, mut offline, mut running, mut queued, mut unanswered) = (0, 0, 0, 0, 0);
@@ -291,14 +574,91 @@ pub async fn status(b: &Backend, id: &str) -> Result<Value, ApiError> {
     }))
 }
 
+/// A recurring measurement's status: whether each agent has the schedule, and the
+/// runs stored so far.
+async fn schedule_status(b: &Backend, m: MeasurementRow) -> Result<Value, ApiError> {
+    let spec: Option<ScheduleSpec> = m
+        .schedule_json
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok());
+    let progress = b.store.schedule_progress(&m.id).await?;
+    let now = now_ms();
+    let (mut acknowledged, mut offline, mut runs) = (0, 0, 0);
+    let agents: Vec<Value> = progress
+        .iter()
+        .map(|p| {
+            let entry = b.registry.get(&p.agent_id);
+            let alive = entry.as_ref().is_some_and(|a| a.alive(now));
+            let has = entry
+                .as_ref()
+                .is_some_and(|a| a.hello.schedule_version >= p.added_version);
+            acknowledged += usize::from(has);
+            offline += usize::from(!alive);
+            runs += p.runs;
+            json!({
+                "agent_id": p.agent_id,
+                "alive": alive,
+                "schedule": if has { "received" } else { "pending" },
+                "runs": p.runs,
+                "last_run": p.last_scheduled_ms.map(crate::api::rfc3339),
+            })
+        })
+        .collect();
+    let total = progress.len();
+    let state = match (m.stopped_ms, &spec) {
+        (Some(_), _) => "stopped",
+        (None, Some(s)) if s.stop_ms.is_some_and(|stop| stop <= now) => "finished",
+        (None, Some(s)) if s.start_ms > now => "scheduled",
+        _ => "running",
+    };
+    let mut summary =
+        format!("{acknowledged}/{total} agents have the schedule, {runs} runs reported");
+    if offline > 0 {
+        summary.push_str(&format!(", {offline} offline"));
+    }
+    Ok(json!({
+        "id": m.id,
+        "module": m.module,
+        "params": serde_json::from_str::<Value>(&m.params_json).unwrap_or(Value::Null),
+        "agents_selection": serde_json::from_str::<Value>(&m.selection_json).unwrap_or(Value::Null),
+        "description": m.description,
+        "created": crate::api::rfc3339(m.created_ms),
+        "schedule": spec.map(|s| json!({
+            "interval_s": s.interval_ms as f64 / 1000.0,
+            "start": crate::api::rfc3339(s.start_ms),
+            "stop": s.stop_ms.map(crate::api::rfc3339),
+            "jitter_s": s.jitter_ms as f64 / 1000.0,
+        })),
+        "stopped": m.stopped_ms.map(crate::api::rfc3339),
+        "state": state,
+        "progress": {
+            "agents": total,
+            "acknowledged": acknowledged,
+            "offline": offline,
+            "runs": runs,
+            "summary": summary,
+        },
+        "agents": agents,
+    }))
+}
+
 /// `DELETE /v1/measurements/{id}`: every request of the measurement that has not
 /// finished is cancelled; agents running one are told to stop it (an agent that is
 /// offline drops it: a cancelled request is never delivered again).
 pub async fn stop(b: &Backend, id: &str) -> Result<Value, ApiError> {
-    if b.store.measurement(id).await?.is_none() {
+    let Some(m) = b.store.measurement(id).await? else {
         return Err(ApiError::NotFound(format!("no measurement {id}")));
-    }
+    };
     let now = now_ms();
+    if m.schedule_json.is_some() {
+        // A new schedule set, without it, for each of its agents.
+        let versions = b.store.stop_schedule(id, now).await?;
+        let agents = versions.len();
+        for (agent, version) in versions {
+            b.schedules_changed(&agent, version).await;
+        }
+        return Ok(json!({"id": id, "stopped": true, "agents_told": agents}));
+    }
     let mut cancelled = 0;
     for (req, _) in b.store.measurement_requests(id).await? {
         if req.state.is_terminal() {

@@ -86,6 +86,9 @@ pub struct Backend {
     pub records_stored: tokio::sync::Notify,
     /// Serialises credential puts to the bus (see [`Self::share_credential`]).
     share_turn: tokio::sync::Mutex<()>,
+    /// Each agent's schedule version as the store has it, for agents whose schedules
+    /// changed or that said hello (see `fleet`): the sweep resends stale sets.
+    pub schedule_versions: Mutex<HashMap<String, u64>>,
     /// The in-process bridge's counters, under `imn up`.
     pub bridge_stats: std::sync::OnceLock<Arc<imn_bridge::broker::BridgeStats>>,
 }
@@ -139,6 +142,7 @@ impl Backend {
             share_turn: tokio::sync::Mutex::new(()),
             records_stored: tokio::sync::Notify::new(),
             open_sessions: Mutex::new(Default::default()),
+            schedule_versions: Mutex::new(HashMap::new()),
         });
         for a in backend.store.agents().await? {
             backend
@@ -208,6 +212,66 @@ impl Backend {
             traceparent,
             measurement_id,
         } = opts;
+        let (params, timeout_ms) = self.checked_params(agent, module, body).await?;
+        let queued = self.store.open_requests(agent).await?;
+        let max_queued = self.security.limits.max_queued_per_agent;
+        if queued >= max_queued {
+            return Err(ApiError::QueueFull {
+                message: format!(
+                    "agent {agent} has {queued} unfinished requests, the limit max_queued_per_agent = {max_queued}"
+                ),
+            });
+        }
+        let now = now_ms();
+        let alive = self.registry.get(agent).is_some_and(|a| a.alive(now));
+        let created = self
+            .store
+            .create_request(NewRequest {
+                id: uuid::Uuid::new_v4().to_string(),
+                agent_id: agent.to_string(),
+                module: module.to_string(),
+                params_json: params.to_string(),
+                created_ms: now,
+                deadline_ms: now + deadline.as_millis() as i64,
+                timeout_ms,
+                idempotency_key,
+                traceparent,
+                measurement_id,
+                dispatch: alive,
+            })
+            .await?;
+        match created {
+            Created::Existing(request) => Ok(Submitted {
+                request,
+                new: false,
+                done: None,
+            }),
+            Created::New(request) => {
+                let done = waiter.then(|| self.register_waiter(&request.id));
+                // Stored as dispatched in the same transaction (one write, not two);
+                // a publish that fails is retried by the sweep.
+                if alive {
+                    self.publish_command(&request).await;
+                }
+                Ok(Submitted {
+                    request,
+                    new: true,
+                    done,
+                })
+            }
+        }
+    }
+
+    /// The parameters of a run of `module` on `agent`, as that agent would run them:
+    /// the agent is known and has the module loaded, the body is a JSON object, merged
+    /// over the agent's module defaults, valid for the module's schema, and allowed by
+    /// the limits and the policy. Returns them with the run's timeout.
+    pub async fn checked_params(
+        &self,
+        agent: &str,
+        module: &str,
+        body: &[u8],
+    ) -> Result<(Value, u64), ApiError> {
         if !self.registry.knows(agent) {
             return Err(ApiError::UnknownAgent(agent.to_string()));
         }
@@ -240,53 +304,7 @@ impl Backend {
         self.security
             .check_measurement(agent, &tags, &crate::security::Demand::of(&params))
             .await?;
-        let queued = self.store.open_requests(agent).await?;
-        let max_queued = self.security.limits.max_queued_per_agent;
-        if queued >= max_queued {
-            return Err(ApiError::QueueFull {
-                message: format!(
-                    "agent {agent} has {queued} unfinished requests, the limit max_queued_per_agent = {max_queued}"
-                ),
-            });
-        }
-        let now = now_ms();
-        let alive = self.registry.get(agent).is_some_and(|a| a.alive(now));
-        let created = self
-            .store
-            .create_request(NewRequest {
-                id: uuid::Uuid::new_v4().to_string(),
-                agent_id: agent.to_string(),
-                module: module.to_string(),
-                params_json: params.to_string(),
-                created_ms: now,
-                deadline_ms: now + deadline.as_millis() as i64,
-                timeout_ms: spec.default_timeout_ms,
-                idempotency_key,
-                traceparent,
-                measurement_id,
-                dispatch: alive,
-            })
-            .await?;
-        match created {
-            Created::Existing(request) => Ok(Submitted {
-                request,
-                new: false,
-                done: None,
-            }),
-            Created::New(request) => {
-                let done = waiter.then(|| self.register_waiter(&request.id));
-                // Stored as dispatched in the same transaction (one write, not two);
-                // a publish that fails is retried by the sweep.
-                if alive {
-                    self.publish_command(&request).await;
-                }
-                Ok(Submitted {
-                    request,
-                    new: true,
-                    done,
-                })
-            }
-        }
+        Ok((params, spec.default_timeout_ms))
     }
 
     /// The request's parameters over the module's defaults on that agent (the request
@@ -724,6 +742,7 @@ impl Backend {
         match (msg.kind, env) {
             (Kind::Hello, Envelope::Hello(hello)) if hello.agent_id == agent => {
                 self.touch_session(&agent, now).await;
+                let schedule_version = hello.schedule_version;
                 if let Err(e) = self.store.upsert_agent(&agent, &hello, now).await {
                     tracing::warn!(error = %e, "cannot store hello");
                     msg.nak().await;
@@ -733,6 +752,7 @@ impl Backend {
                 tracing::info!(%agent, "agent hello");
                 msg.ack().await;
                 self.redeliver(&agent, true).await;
+                self.reconcile_schedules(&agent, schedule_version).await;
             }
             (Kind::Heartbeat, Envelope::Heartbeat(hb)) => {
                 self.touch_session(&agent, now).await;
@@ -848,6 +868,9 @@ impl Backend {
                         self.wake(&r.id);
                     }
                 }
+            }
+            if ticks.is_multiple_of(5) {
+                self.resend_stale_schedules(now).await;
             }
             for a in self.registry.all() {
                 if a.alive(now) {

@@ -16,7 +16,7 @@ use imn_modules::now_ms;
 use imn_modules::results::ModuleOutcome;
 use imn_modules::wire::{
     self, Ack, AgentEvent, Batch, Command, CommandKind, Envelope, Heartbeat, Hello, Kind,
-    ModuleResult, RecordBody, RequestState, StateChange, Status,
+    ModuleResult, RecordBody, RequestState, ScheduledRun, StateChange, Status,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -24,6 +24,7 @@ use tokio::task::AbortHandle;
 use crate::config::AgentConfig;
 use crate::modules::LoadedModules;
 use crate::outbox::{Condition, Outbox, OutboxError, OutboxLimits, SledOutbox};
+use crate::schedule::{Schedules, META_SCHEDULES};
 use crate::supervisor::{self, Restarts};
 use crate::transport::{self, ConnectOptions, MqttClient, MqttConnection};
 
@@ -105,6 +106,15 @@ pub struct Agent {
     pump_at: Option<tokio::time::Instant>,
     /// Outbox and link figures for `/metrics` (the `metrics` feature).
     gauges: std::sync::Arc<crate::metrics::Gauges>,
+    /// Recurring measurements (persisted), and when the next slot runs.
+    schedules: Schedules,
+    sched_at: Option<tokio::time::Instant>,
+}
+
+/// A scheduled run: which measurement and slot its result belongs to.
+struct SlotOf {
+    measurement_id: String,
+    scheduled_ms: i64,
 }
 
 /// How long a state change may wait for the run's result before it is sent alone.
@@ -172,6 +182,10 @@ impl Agent {
         let ctx = Context {
             data_dir: cfg.data.clone(),
         };
+        let schedules = outbox
+            .get_meta(META_SCHEDULES)
+            .and_then(|b| postcard::from_bytes(&b).ok())
+            .unwrap_or_default();
         Ok(Agent {
             cfg,
             outbox,
@@ -193,6 +207,8 @@ impl Agent {
             ctx,
             pump_at: None,
             gauges: Default::default(),
+            schedules,
+            sched_at: None,
         })
     }
 
@@ -209,6 +225,7 @@ impl Agent {
             )?;
         }
         self.recover_interrupted()?;
+        self.run_due_slots()?;
         self.update_gauges();
         #[cfg(feature = "metrics")]
         if let Some(listen) = self.cfg.metrics_listen {
@@ -249,8 +266,13 @@ impl Agent {
                     self.pump_at = None;
                     self.pump().await?;
                 }
+                _ = sleep_until_some(self.sched_at), if self.sched_at.is_some() => {
+                    self.run_due_slots()?;
+                }
                 _ = hb.tick() => self.heartbeat().await,
                 _ = tick.tick() => {
+                    // Also here, in case the wall clock moved under the timer.
+                    self.run_due_slots()?;
                     // Durable within a tick even while offline.
                     self.outbox.flush();
                     self.check_resend();
@@ -400,7 +422,7 @@ impl Agent {
             modules: self.modules.info(),
             tags: self.cfg.tags.clone(),
             location: self.cfg.location(),
-            schedule_version: 0,
+            schedule_version: self.schedules.version,
             outbox_epoch: self.outbox.epoch(),
             outbox_depth: self.outbox.depth(),
             dropped: self.outbox.dropped(),
@@ -495,55 +517,17 @@ impl Agent {
                 }
                 let (params_json, timeout_ms) =
                     self.modules.prepare(&module, &params_json, timeout_ms);
-                // A module that panicked recently waits out its backoff first.
-                let backoff = self.restarts.delay(&module);
-                let tx = self.produced_tx.clone();
-                let id = cmd.id.clone();
-                let ctx = self.ctx.clone();
-                // Handed back with the result: the backend turns the agent's timings
-                // into spans of the request's trace.
-                let traceparent = cmd.traceparent;
-                let task = tokio::spawn(async move {
-                    if !backoff.is_zero() {
-                        tokio::time::sleep(backoff).await;
-                    }
-                    let started_ms = now_ms();
-                    let running = RecordBody::State(StateChange {
-                        request_id: id.clone(),
-                        state: RequestState::Running,
-                        detail: None,
-                    });
-                    let _ = tx.send(Produced::Record(Box::new(running))).await;
-                    let ran = supervisor::run_module(
-                        module.clone(),
-                        params_json,
-                        Duration::from_millis(timeout_ms.max(1)),
-                        ctx,
-                    )
-                    .await;
-                    let result = ModuleResult {
-                        request_id: id.clone(),
-                        module: module.clone(),
-                        received_ms: now,
-                        started_ms,
-                        finished_ms: now_ms(),
-                        outcome: ran.outcome,
-                    };
-                    let _ = tx
-                        .send(Produced::Record(Box::new(RecordBody::result(
-                            result,
-                            traceparent,
-                        ))))
-                        .await;
-                    let _ = tx
-                        .send(Produced::Finished {
-                            id,
-                            module,
-                            panicked: ran.panicked,
-                        })
-                        .await;
-                });
-                self.running.insert(cmd.id, task.abort_handle());
+                // The trace context is handed back with the result: the backend turns
+                // the agent's timings into spans of the request's trace.
+                self.spawn_run(
+                    cmd.id,
+                    module,
+                    params_json,
+                    timeout_ms,
+                    now,
+                    cmd.traceparent,
+                    None,
+                );
                 Ok(false)
             }
             CommandKind::Cancel { request_id } => {
@@ -570,7 +554,159 @@ impl Agent {
                 let r = self.modules.configure(&module, config);
                 self.module_changed("module_configured", &module, r)
             }
+            CommandKind::Schedules { version, schedules } => {
+                let had = self.schedules.version;
+                if !self.schedules.apply(&self.cfg.id, version, schedules, now) {
+                    // An older set means the backend lost track (a new store): the
+                    // hello tells it which version this agent runs.
+                    return Ok(version < had);
+                }
+                self.save_schedules();
+                let n = self.schedules.entries.len();
+                tracing::info!(version, schedules = n, "schedules updated");
+                self.event(
+                    "schedules_updated",
+                    &format!("version {version}: {n} recurring measurements"),
+                )?;
+                self.run_due_slots()?;
+                Ok(true)
+            }
         }
+    }
+
+    fn save_schedules(&mut self) {
+        let bytes = postcard::to_stdvec(&self.schedules).unwrap_or_default();
+        self.outbox.put_meta(META_SCHEDULES, &bytes);
+    }
+
+    /// Starts every scheduled slot that is due, and sets the timer for the next. The
+    /// set is stored before the runs start, so no slot runs twice.
+    fn run_due_slots(&mut self) -> Result<(), AgentError> {
+        let now = now_ms();
+        let due = self.schedules.take_due(&self.cfg.id, now);
+        if !due.runs.is_empty() || !due.missed.is_empty() {
+            self.save_schedules();
+        }
+        for (measurement, n) in due.missed {
+            tracing::warn!(%measurement, missed = n, "scheduled runs missed");
+            self.event(
+                "schedule_missed",
+                &format!("measurement {measurement}: {n} runs were too late to start"),
+            )?;
+        }
+        for run in due.runs {
+            let s = run.schedule;
+            let id = ScheduledRun::run_id(&s.measurement_id, run.scheduled_ms);
+            if !self.modules.is_loaded(&s.module) {
+                let message = format!(
+                    "module {:?} is not loaded on this agent (loaded: {})",
+                    s.module,
+                    self.modules.names().join(", ")
+                );
+                self.outbox.append(
+                    now,
+                    RecordBody::ScheduledResult(ScheduledRun {
+                        measurement_id: s.measurement_id,
+                        scheduled_ms: run.scheduled_ms,
+                        result: ModuleResult {
+                            request_id: id,
+                            module: s.module,
+                            received_ms: now,
+                            started_ms: now,
+                            finished_ms: now,
+                            outcome: ModuleOutcome::Failed(message),
+                        },
+                    }),
+                );
+                continue;
+            }
+            let (params_json, timeout_ms) =
+                self.modules
+                    .prepare(&s.module, &s.params_json, s.timeout_ms);
+            self.spawn_run(
+                id,
+                s.module,
+                params_json,
+                timeout_ms,
+                now,
+                None,
+                Some(SlotOf {
+                    measurement_id: s.measurement_id,
+                    scheduled_ms: run.scheduled_ms,
+                }),
+            );
+        }
+        self.sched_at = self.schedules.next_run_ms(&self.cfg.id).map(|at| {
+            tokio::time::Instant::now() + Duration::from_millis((at - now_ms()).max(0) as u64)
+        });
+        Ok(())
+    }
+
+    /// Runs a module in its own task; its records come back over `produced_tx`. A
+    /// request's run reports `running` and then its result; a scheduled run (`slot`)
+    /// has no request on the backend and reports only its result.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_run(
+        &mut self,
+        id: String,
+        module: String,
+        params_json: String,
+        timeout_ms: u64,
+        received_ms: i64,
+        traceparent: Option<String>,
+        slot: Option<SlotOf>,
+    ) {
+        // A module that panicked recently waits out its backoff first.
+        let backoff = self.restarts.delay(&module);
+        let tx = self.produced_tx.clone();
+        let ctx = self.ctx.clone();
+        let key = id.clone();
+        let task = tokio::spawn(async move {
+            if !backoff.is_zero() {
+                tokio::time::sleep(backoff).await;
+            }
+            let started_ms = now_ms();
+            if slot.is_none() {
+                let running = RecordBody::State(StateChange {
+                    request_id: id.clone(),
+                    state: RequestState::Running,
+                    detail: None,
+                });
+                let _ = tx.send(Produced::Record(Box::new(running))).await;
+            }
+            let ran = supervisor::run_module(
+                module.clone(),
+                params_json,
+                Duration::from_millis(timeout_ms.max(1)),
+                ctx,
+            )
+            .await;
+            let result = ModuleResult {
+                request_id: id.clone(),
+                module: module.clone(),
+                received_ms,
+                started_ms,
+                finished_ms: now_ms(),
+                outcome: ran.outcome,
+            };
+            let body = match slot {
+                Some(slot) => RecordBody::ScheduledResult(ScheduledRun {
+                    measurement_id: slot.measurement_id,
+                    scheduled_ms: slot.scheduled_ms,
+                    result,
+                }),
+                None => RecordBody::result(result, traceparent),
+            };
+            let _ = tx.send(Produced::Record(Box::new(body))).await;
+            let _ = tx
+                .send(Produced::Finished {
+                    id,
+                    module,
+                    panicked: ran.panicked,
+                })
+                .await;
+        });
+        self.running.insert(key, task.abort_handle());
     }
 
     /// Persists the module set and records what happened.

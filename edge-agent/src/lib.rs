@@ -7,6 +7,7 @@ pub mod crash;
 pub mod metrics;
 pub mod modules;
 pub mod outbox;
+pub mod schedule;
 pub mod supervisor;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -147,6 +147,8 @@ pub struct Hello {
     pub modules: Vec<ModuleInfo>,
     pub tags: Vec<String>,
     pub location: Option<Location>,
+    /// The version of the schedule set the agent runs (0: none yet); the backend
+    /// sends the current set when it differs.
     pub schedule_version: u64,
     /// The outbox's random epoch; record ids are (agent, epoch, seq).
     pub outbox_epoch: u64,
@@ -200,6 +202,43 @@ pub enum RecordBody {
     /// outbox and its storage in the request's trace. Appended after `Event`, so every
     /// record written before it existed still decodes.
     TracedResult(ModuleResult, String),
+    /// A run of a recurring measurement, made by the agent from its own copy of the
+    /// schedule (online or not). Appended after `TracedResult` for the same reason.
+    ScheduledResult(ScheduledRun),
+}
+
+/// One run of a schedule: which measurement, which slot, and the run's result. The
+/// result's `request_id` is [`ScheduledRun::run_id`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduledRun {
+    pub measurement_id: String,
+    /// The slot's time on the schedule (ms since the epoch), before jitter: a run is
+    /// identified by its measurement, its agent and this.
+    pub scheduled_ms: i64,
+    pub result: ModuleResult,
+}
+
+impl ScheduledRun {
+    /// The id a scheduled run's result carries in place of a request id.
+    pub fn run_id(measurement_id: &str, scheduled_ms: i64) -> String {
+        format!("{measurement_id}@{scheduled_ms}")
+    }
+}
+
+/// A recurring measurement as an agent runs it: slots at `start_ms + k × interval_ms`
+/// up to `stop_ms`, each delayed by up to `jitter_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub measurement_id: String,
+    pub module: String,
+    /// Parameters as JSON text, already validated for this agent by the backend.
+    pub params_json: String,
+    pub timeout_ms: u64,
+    pub interval_ms: u64,
+    pub start_ms: i64,
+    /// The last slot is before this; `None` runs until the schedule is removed.
+    pub stop_ms: Option<i64>,
+    pub jitter_ms: u64,
 }
 
 impl RecordBody {
@@ -215,6 +254,7 @@ impl RecordBody {
     pub fn as_result(&self) -> Option<&ModuleResult> {
         match self {
             RecordBody::Result(r) | RecordBody::TracedResult(r, _) => Some(r),
+            RecordBody::ScheduledResult(run) => Some(&run.result),
             _ => None,
         }
     }
@@ -314,6 +354,13 @@ pub enum CommandKind {
     Configure {
         module: String,
         config: ModuleConfig,
+    },
+    /// The agent's recurring measurements, whole (desired state): the agent keeps the
+    /// set with the highest version it has seen, stores it, and runs it from there,
+    /// connected or not. Appended last, so older commands keep their encoding.
+    Schedules {
+        version: u64,
+        schedules: Vec<Schedule>,
     },
 }
 
@@ -521,6 +568,48 @@ mod tests {
             RecordBody::result(result.clone(), None),
             RecordBody::Result(result)
         );
+    }
+
+    /// Schedules and scheduled results round-trip; a scheduled result is a result.
+    #[test]
+    fn schedules_and_scheduled_results_round_trip() {
+        let sched = Envelope::Command(Command {
+            id: "c".into(),
+            kind: CommandKind::Schedules {
+                version: 3,
+                schedules: vec![Schedule {
+                    measurement_id: "m".into(),
+                    module: "echo_module".into(),
+                    params_json: "{}".into(),
+                    timeout_ms: 1000,
+                    interval_ms: 2000,
+                    start_ms: 5,
+                    stop_ms: Some(10_000),
+                    jitter_ms: 100,
+                }],
+            },
+            traceparent: None,
+            deadline_ms: None,
+        });
+        assert_eq!(decode(&encode(&sched)).unwrap(), sched);
+        let Envelope::Batch(mut batch) = sample_batch() else {
+            unreachable!()
+        };
+        let mut result = batch.records[1].body.as_result().unwrap().clone();
+        result.request_id = ScheduledRun::run_id("m", 2005);
+        assert_eq!(result.request_id, "m@2005");
+        batch.records[1].body = RecordBody::ScheduledResult(ScheduledRun {
+            measurement_id: "m".into(),
+            scheduled_ms: 2005,
+            result: result.clone(),
+        });
+        let env = Envelope::Batch(batch);
+        let back = decode(&encode(&env)).unwrap();
+        assert_eq!(back, env);
+        let Envelope::Batch(b) = back else {
+            unreachable!()
+        };
+        assert_eq!(b.records[1].body.as_result(), Some(&result));
     }
 
     #[test]

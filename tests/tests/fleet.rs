@@ -579,3 +579,259 @@ async fn a_grpc_client_creates_a_measurement_and_streams_results() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 }
+
+/// Milliseconds since the epoch of an RFC 3339 time in a result.
+fn ms_of(v: &Value) -> i64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{s}: {e}"));
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Every result of a measurement, a page at a time.
+async fn all_results(api: &Api, measurement: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = api
+            .get(&format!(
+                "/v1/results?measurement={measurement}&limit=1000&cursor={cursor}"
+            ))
+            .await
+            .body;
+        out.extend(page["results"].as_array().unwrap().iter().cloned());
+        cursor = page["next_cursor"].as_str().unwrap().to_string();
+        if page["more"] != json!(true) {
+            return out;
+        }
+    }
+}
+
+/// Issue 9, test 1: a schedule every 2 s on three agents, one of them cut off for
+/// 30 s by taking its namespace's link down. The partitioned agent keeps running the
+/// schedule from its own stored copy; after it reconnects, every slot arrives once,
+/// with the time it really ran. Then `DELETE` stops the schedule on every agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_once() {
+    const INTERVAL_MS: i64 = 2000;
+    const JITTER_MS: i64 = 300;
+    let part = netns::Netns::create("sc", 18);
+    let dir = TempDir::new("schedule");
+    let http_port = free_port();
+    let mqtt = format!("{}:{}", part.host_ip, free_port());
+    let data = dir.path().join("data");
+    let _up = Proc::spawn(
+        "imn-up",
+        &bin("imn"),
+        &[
+            "up",
+            "--http",
+            &format!("127.0.0.1:{http_port}"),
+            "--mqtt",
+            &mqtt,
+            "--data",
+            data.to_str().unwrap(),
+            "--agents",
+            "0",
+            "--heartbeat-ms",
+            "500",
+            // The broker listens on the test's own veth, plain and without auth.
+            "--insecure-i-know",
+        ],
+        dir.path(),
+    );
+    let api = Api::new(http_port);
+    let broker = format!("mqtt://{mqtt}");
+    let _a = start_agent("sched-a", &broker, &dir.path().join("sched-a"), dir.path());
+    let _b = start_agent("sched-b", &broker, &dir.path().join("sched-b"), dir.path());
+    let agent_bin = bin("imn-agent");
+    let p_dir = dir.path().join("sched-p");
+    let _p = Proc::spawn(
+        "sched-p",
+        std::path::Path::new("ip"),
+        &[
+            "netns",
+            "exec",
+            &part.ns,
+            agent_bin.to_str().unwrap(),
+            "--id",
+            "sched-p",
+            "--broker",
+            &broker,
+            "--data",
+            p_dir.to_str().unwrap(),
+            "--heartbeat-ms",
+            "500",
+            "--resend-timeout-ms",
+            "2000",
+        ],
+        dir.path(),
+    );
+    let agents = ["sched-a", "sched-b", "sched-p"];
+    api.wait_alive(&agents, T).await;
+
+    // Bad schedules are refused with the field named.
+    for (schedule, field) in [
+        (json!({"interval_s": 0.1}), "/schedule/interval_s"),
+        (
+            json!({"interval_s": 2, "jitter_s": 2}),
+            "/schedule/jitter_s",
+        ),
+        (
+            json!({"interval_s": 2, "stop": "yesterday"}),
+            "/schedule/stop",
+        ),
+        (json!({"interval_s": 2, "stop": 1000}), "/schedule/stop"),
+        (json!({"every": 2}), "/schedule"),
+    ] {
+        let r = api
+            .post(
+                "/v1/measurements",
+                &json!({"module": "echo_module", "params": {"message": "x"}, "agents": {"all": true}, "schedule": schedule}).to_string(),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 422, "{schedule}: {}", r.body);
+        assert_eq!(r.body["field"], json!(field), "{schedule}: {}", r.body);
+    }
+
+    let r = api
+        .post(
+            "/v1/measurements",
+            &json!({
+                "module": "ping_module",
+                "params": {"host": "127.0.0.1", "count": 1},
+                "agents": {"ids": agents},
+                "schedule": {"interval_s": INTERVAL_MS as f64 / 1000.0, "jitter_s": JITTER_MS as f64 / 1000.0},
+                "description": "every 2 s",
+            })
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let status = wait_for("every agent to have the schedule", T, || {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            let s = api.get(&format!("/v1/measurements/{id}")).await.body;
+            (s["progress"]["acknowledged"] == json!(3)).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(status["state"], json!("running"), "{status}");
+    let start_ms = ms_of(&status["schedule"]["start"]);
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    part.link(false);
+    let down_at = imn_modules::now_ms();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let up_at = imn_modules::now_ms();
+    // Nothing from the partitioned agent got through while its link was down.
+    let cut_off: Vec<Value> = all_results(&api, &id)
+        .await
+        .into_iter()
+        .filter(|r| r["agent_id"] == json!("sched-p") && ms_of(&r["started_at"]) > down_at + 1000)
+        .collect();
+    assert!(
+        cut_off.is_empty(),
+        "delivered through a downed link: {cut_off:?}"
+    );
+    part.link(true);
+    api.wait_alive(&["sched-p"], T).await;
+    // Runs after the reconnection arrive too.
+    wait_for("runs of sched-p after the partition", T, || {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            all_results(&api, &id)
+                .await
+                .iter()
+                .any(|r| {
+                    r["agent_id"] == json!("sched-p") && ms_of(&r["scheduled_at"]) > up_at + 3000
+                })
+                .then_some(())
+        }
+    })
+    .await;
+
+    let r = api.delete(&format!("/v1/measurements/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let stopped_at = imn_modules::now_ms();
+    // Runs started before the stop still come in; none after it.
+    tokio::time::sleep(Duration::from_millis(3 * INTERVAL_MS as u64)).await;
+    let status = api.get(&format!("/v1/measurements/{id}")).await.body;
+    assert_eq!(status["state"], json!("stopped"), "{status}");
+
+    let results = all_results(&api, &id).await;
+    for agent in agents {
+        let mine: Vec<&Value> = results
+            .iter()
+            .filter(|r| r["agent_id"] == json!(agent))
+            .collect();
+        let mut slots: Vec<i64> = mine.iter().map(|r| ms_of(&r["scheduled_at"])).collect();
+        slots.sort_unstable();
+        let n = slots.len();
+        slots.dedup();
+        assert_eq!(slots.len(), n, "{agent}: a slot arrived twice");
+        // Every slot from the first to the last, none missing.
+        assert_eq!(
+            slots[0], start_ms,
+            "{agent}: the first slot is the schedule's start"
+        );
+        for w in slots.windows(2) {
+            assert_eq!(
+                w[1] - w[0],
+                INTERVAL_MS,
+                "{agent}: slots missing between {} and {}",
+                w[0],
+                w[1]
+            );
+        }
+        let last = *slots.last().unwrap();
+        assert!(
+            last >= stopped_at - 2 * INTERVAL_MS && last <= stopped_at + INTERVAL_MS,
+            "{agent}: last slot {last}, stopped at {stopped_at}"
+        );
+        for r in &mine {
+            assert_eq!(r["state"], json!("succeeded"), "{r}");
+            assert_eq!(r["measurement_id"], json!(id), "{r}");
+            let late = ms_of(&r["started_at"]) - ms_of(&r["scheduled_at"]);
+            assert!(
+                (0..=JITTER_MS + 1000).contains(&late),
+                "{agent}: a run started {late} ms after its slot: {r}"
+            );
+        }
+        eprintln!(
+            "{agent}: {} runs, slots {}..={}",
+            slots.len(),
+            slots[0],
+            last
+        );
+    }
+    // The partitioned agent ran through the partition: those runs started while the
+    // link was down (their true times) and were stored after it came back.
+    let during: Vec<&Value> = results
+        .iter()
+        .filter(|r| {
+            let t = ms_of(&r["started_at"]);
+            r["agent_id"] == json!("sched-p") && t > down_at + 500 && t < up_at - 500
+        })
+        .collect();
+    assert!(
+        during.len() >= 13,
+        "only {} runs during the 30 s partition",
+        during.len()
+    );
+    for r in &during {
+        assert!(
+            ms_of(&r["stored_at"]) >= up_at,
+            "stored during the partition: {r}"
+        );
+    }
+    eprintln!(
+        "sched-p: {} runs during the partition, all stored after it",
+        during.len()
+    );
+}

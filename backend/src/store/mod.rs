@@ -97,6 +97,32 @@ pub struct MeasurementRow {
     pub description: Option<String>,
     pub created_ms: i64,
     pub deadline_ms: i64,
+    /// A recurring measurement's schedule (JSON of `fleet::ScheduleSpec`).
+    pub schedule_json: Option<String>,
+    /// When a recurring measurement was stopped (`DELETE`).
+    pub stopped_ms: Option<i64>,
+}
+
+/// A recurring measurement as one agent runs it: its parameters are checked for that
+/// agent (with the agent's module defaults) when the measurement is made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentSchedule {
+    pub measurement_id: String,
+    pub module: String,
+    pub params_json: String,
+    pub timeout_ms: u64,
+    pub schedule_json: String,
+}
+
+/// One agent's part in a recurring measurement.
+#[derive(Debug, Clone)]
+pub struct ScheduleProgress {
+    pub agent_id: String,
+    /// The agent's schedule version that first carried the measurement.
+    pub added_version: u64,
+    /// Runs stored, and the newest run's slot time.
+    pub runs: u64,
+    pub last_scheduled_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -146,6 +172,8 @@ pub struct ResultRow {
     pub started_ms: i64,
     pub finished_ms: i64,
     pub stored_ms: i64,
+    /// A scheduled run's slot time.
+    pub scheduled_ms: Option<i64>,
 }
 
 /// A batch turned into rows, ready for any store. Preparing (JSON bodies) is apart
@@ -165,6 +193,8 @@ pub struct RecordRow {
     pub kind: &'static str,
     pub request_id: Option<String>,
     pub module: Option<String>,
+    /// A scheduled run's measurement.
+    pub measurement_id: Option<String>,
     pub body_json: String,
     /// The request state this record moves its request to.
     pub transition: Option<RowTransition>,
@@ -186,6 +216,38 @@ struct StoredResult<'a> {
     received_ms: i64,
     started_ms: i64,
     finished_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheduled_ms: Option<i64>,
+}
+
+/// A result's state, stored body and error.
+fn result_body(
+    r: &imn_modules::wire::ModuleResult,
+    scheduled_ms: Option<i64>,
+) -> (RequestState, String, Option<String>) {
+    let (state, result, error) = match &r.outcome {
+        ModuleOutcome::Ok(o) => (RequestState::Succeeded, Some(o.as_serialize()), None),
+        ModuleOutcome::Failed(e) => (RequestState::Failed, None, Some(e.clone())),
+        ModuleOutcome::Timeout => (
+            RequestState::Timeout,
+            None,
+            Some("the module passed its deadline and was cancelled".to_string()),
+        ),
+    };
+    let body = serde_json::to_string(&StoredResult {
+        state: state.as_str(),
+        result,
+        error: error.as_deref(),
+        received_ms: r.received_ms,
+        started_ms: r.started_ms,
+        finished_ms: r.finished_ms,
+        scheduled_ms,
+    })
+    .unwrap_or_else(|e| {
+        serde_json::json!({"state": state.as_str(), "error": format!("result not serializable: {e}")})
+            .to_string()
+    });
+    (state, body, error)
 }
 
 /// Turns a batch into rows: one JSON body per record, serialized straight from the
@@ -195,6 +257,7 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
         .records
         .iter()
         .map(|rec| {
+            let mut measurement_id = None;
             let (kind, request_id, module, body_json, transition) = match &rec.body {
                 RecordBody::State(s) => (
                     "state",
@@ -208,24 +271,7 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
                     }),
                 ),
                 RecordBody::Result(r) | RecordBody::TracedResult(r, _) => {
-                    let (state, result, error) = match &r.outcome {
-                        ModuleOutcome::Ok(o) => (RequestState::Succeeded, Some(o.as_serialize()), None),
-                        ModuleOutcome::Failed(e) => (RequestState::Failed, None, Some(e.clone())),
-                        ModuleOutcome::Timeout => (
-                            RequestState::Timeout,
-                            None,
-                            Some("the module passed its deadline and was cancelled".to_string()),
-                        ),
-                    };
-                    let body = serde_json::to_string(&StoredResult {
-                        state: state.as_str(),
-                        result,
-                        error: error.as_deref(),
-                        received_ms: r.received_ms,
-                        started_ms: r.started_ms,
-                        finished_ms: r.finished_ms,
-                    })
-                    .unwrap_or_else(|e| serde_json::json!({"state": state.as_str(), "error": format!("result not serializable: {e}")}).to_string());
+                    let (state, body, error) = result_body(r, None);
                     (
                         "result",
                         Some(r.request_id.clone()),
@@ -236,6 +282,19 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
                             state,
                             detail: error,
                         }),
+                    )
+                }
+                // A scheduled run has no request to move: only its measurement.
+                RecordBody::ScheduledResult(run) => {
+                    let r = &run.result;
+                    measurement_id = Some(run.measurement_id.clone());
+                    let (_, body, _) = result_body(r, Some(run.scheduled_ms));
+                    (
+                        "result",
+                        Some(r.request_id.clone()),
+                        Some(r.module.clone()),
+                        body,
+                        None,
                     )
                 }
                 RecordBody::Event(e) => (
@@ -252,6 +311,7 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
                 kind,
                 request_id,
                 module,
+                measurement_id,
                 body_json,
                 transition,
             }
@@ -367,6 +427,23 @@ pub trait Store: Send + Sync + 'static {
     /// The position of the newest stored record (0 when there is none).
     async fn latest_position(&self) -> Result<i64, StoreError>;
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError>;
+    /// Stores a recurring measurement and its agents' parts, and gives each agent a new
+    /// schedule version, in one transaction. Returns each agent's new version.
+    async fn create_schedule(
+        &self,
+        m: MeasurementRow,
+        agents: Vec<(String, AgentSchedule)>,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Stops a recurring measurement: its agents get a new schedule version without
+    /// it. Returns them with their versions (none if it was already stopped).
+    async fn stop_schedule(&self, id: &str, at_ms: i64) -> Result<Vec<(String, u64)>, StoreError>;
+    /// The agent's current schedule version and the recurring measurements it runs.
+    async fn agent_schedules(&self, agent: &str) -> Result<(u64, Vec<AgentSchedule>), StoreError>;
+    /// Moves the agent's schedule version past `seen` (an agent reported a version
+    /// this store never gave, e.g. after the store was replaced). Returns the version.
+    async fn raise_schedule_version(&self, agent: &str, seen: u64) -> Result<u64, StoreError>;
+    /// Each agent of a recurring measurement, with the runs stored so far.
+    async fn schedule_progress(&self, id: &str) -> Result<Vec<ScheduleProgress>, StoreError>;
     async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError>;
     /// The measurement's requests, each with its result if one is stored.
     async fn measurement_requests(

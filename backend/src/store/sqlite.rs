@@ -7,8 +7,9 @@ use imn_modules::wire::{Hello, RequestState};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    AgentRow, BatchOutcome, Created, CredentialRow, MeasurementRow, NewRequest, PreparedBatch,
-    RequestRow, ResultFilter, ResultRow, Store, StoreError, Transition,
+    AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, MeasurementRow, NewRequest,
+    PreparedBatch, RequestRow, ResultFilter, ResultRow, ScheduleProgress, Store, StoreError,
+    Transition,
 };
 
 /// The background thread checkpoints the WAL after this long with writes, or once
@@ -83,8 +84,26 @@ CREATE TABLE IF NOT EXISTS measurements (
     selection_json TEXT NOT NULL,
     description TEXT,
     created_ms INTEGER NOT NULL,
-    deadline_ms INTEGER NOT NULL
+    deadline_ms INTEGER NOT NULL,
+    schedule_json TEXT,
+    stopped_ms INTEGER
 );
+-- Each agent's part in a recurring measurement: its parameters (checked for that
+-- agent) and the agent's schedule version that first carried it.
+CREATE TABLE IF NOT EXISTS schedule_agents (
+    measurement_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    timeout_ms INTEGER NOT NULL,
+    added_version INTEGER NOT NULL,
+    PRIMARY KEY (measurement_id, agent_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS schedule_agents_agent ON schedule_agents(agent_id);
+-- The version of each agent's schedule set: raised on every change to it.
+CREATE TABLE IF NOT EXISTS schedule_versions (
+    agent_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS transitions (
     request_id TEXT NOT NULL,
     state TEXT NOT NULL,
@@ -139,7 +158,9 @@ CREATE TABLE IF NOT EXISTS records (
     module TEXT,
     at_ms INTEGER NOT NULL,
     stored_ms INTEGER NOT NULL,
-    body_json TEXT NOT NULL
+    body_json TEXT NOT NULL,
+    -- A scheduled run's measurement (a request's is on the request).
+    measurement_id TEXT
 );
 CREATE INDEX IF NOT EXISTS records_agent ON records(agent_id, kind, id);
 ";
@@ -195,6 +216,26 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         .map_err(db)?;
     }
     tx.execute_batch(RECORDS_SCHEMA).map_err(db)?;
+    for (table, column, ty) in [
+        ("records", "measurement_id", "TEXT"),
+        ("measurements", "schedule_json", "TEXT"),
+        ("measurements", "stopped_ms", "INTEGER"),
+    ] {
+        let has = tx
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+            ))
+            .and_then(|mut st| st.exists([]))
+            .map_err(db)?;
+        if !has {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
+                .map_err(db)?;
+        }
+    }
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS records_measurement ON records(measurement_id, id) WHERE measurement_id IS NOT NULL",
+    )
+    .map_err(db)?;
     if old_layout {
         tx.execute_batch(
             "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json)
@@ -479,8 +520,8 @@ fn insert_batch(
     let mut out = BatchOutcome::default();
     let mut insert = tx
         .prepare_cached(
-            "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body_json, measurement_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(db)?;
     let seqs = seen.get(tx, agent, batch.epoch)?;
@@ -500,7 +541,8 @@ fn insert_batch(
                 row.module,
                 row.at_ms,
                 now_ms,
-                row.body_json
+                row.body_json,
+                row.measurement_id
             ])
             .map_err(db)?;
         out.stored += 1;
@@ -588,6 +630,19 @@ fn apply_transition(
     Ok(true)
 }
 
+/// Raises the agent's schedule version by one; returns the new version.
+fn bump_version(tx: &Connection, agent: &str) -> Result<u64, StoreError> {
+    tx.query_row(
+        "INSERT INTO schedule_versions (agent_id, version) VALUES (?1, 1)
+         ON CONFLICT(agent_id) DO UPDATE SET version = version + 1
+         RETURNING version",
+        [agent],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|v| v as u64)
+    .map_err(db)
+}
+
 fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
     let body: String = r.get(6)?;
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
@@ -609,6 +664,7 @@ fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
         received_ms: ms("received_ms"),
         started_ms: ms("started_ms"),
         finished_ms: ms("finished_ms"),
+        scheduled_ms: v.get("scheduled_ms").and_then(|x| x.as_i64()),
     })
 }
 
@@ -951,7 +1007,7 @@ impl Store for SqliteStore {
         use rusqlite::types::Value as Sql;
         self.with(move |c| {
             let mut sql = format!(
-                "SELECT {RESULT_COLS}, r.id, q.measurement_id FROM records r \
+                "SELECT {RESULT_COLS}, r.id, COALESCE(r.measurement_id, q.measurement_id) FROM records r \
                  LEFT JOIN requests q ON q.id = r.request_id AND q.agent_id = r.agent_id \
                  WHERE r.kind = 'result' AND r.id > ?1"
             );
@@ -967,7 +1023,7 @@ impl Store for SqliteStore {
                 add("r.module =", Sql::Text(m));
             }
             if let Some(m) = f.measurement {
-                add("q.measurement_id =", Sql::Text(m));
+                add("COALESCE(r.measurement_id, q.measurement_id) =", Sql::Text(m));
             }
             if let Some(t) = f.since_ms {
                 add("r.at_ms >=", Sql::Integer(t));
@@ -1077,8 +1133,8 @@ impl Store for SqliteStore {
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError> {
         self.with(move |c| {
             c.execute(
-                "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     m.id,
                     m.module,
@@ -1086,7 +1142,9 @@ impl Store for SqliteStore {
                     m.selection_json,
                     m.description,
                     m.created_ms,
-                    m.deadline_ms
+                    m.deadline_ms,
+                    m.schedule_json,
+                    m.stopped_ms
                 ],
             )
             .map_err(db)?;
@@ -1095,11 +1153,158 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn create_schedule(
+        &self,
+        m: MeasurementRow,
+        agents: Vec<(String, AgentSchedule)>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            tx.execute(
+                "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
+                params![
+                    m.id,
+                    m.module,
+                    m.params_json,
+                    m.selection_json,
+                    m.description,
+                    m.created_ms,
+                    m.deadline_ms,
+                    m.schedule_json
+                ],
+            )
+            .map_err(db)?;
+            let mut out = Vec::with_capacity(agents.len());
+            for (agent, a) in agents {
+                let version = bump_version(&tx, &agent)?;
+                tx.execute(
+                    "INSERT INTO schedule_agents (measurement_id, agent_id, params_json, timeout_ms, added_version)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![m.id, agent, a.params_json, a.timeout_ms as i64, version as i64],
+                )
+                .map_err(db)?;
+                out.push((agent, version));
+            }
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn stop_schedule(&self, id: &str, at_ms: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let changed = tx
+                .execute(
+                    "UPDATE measurements SET stopped_ms = ?2 WHERE id = ?1 AND schedule_json IS NOT NULL AND stopped_ms IS NULL",
+                    params![id, at_ms],
+                )
+                .map_err(db)?;
+            let mut out = Vec::new();
+            if changed > 0 {
+                let agents: Vec<String> = tx
+                    .prepare("SELECT agent_id FROM schedule_agents WHERE measurement_id = ?1 ORDER BY agent_id")
+                    .and_then(|mut st| st.query_map([&id], |r| r.get(0))?.collect())
+                    .map_err(db)?;
+                for agent in agents {
+                    let v = bump_version(&tx, &agent)?;
+                    out.push((agent, v));
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn agent_schedules(&self, agent: &str) -> Result<(u64, Vec<AgentSchedule>), StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            let version: i64 = c
+                .query_row(
+                    "SELECT version FROM schedule_versions WHERE agent_id = ?1",
+                    [&agent],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?
+                .unwrap_or(0);
+            let mut st = c
+                .prepare_cached(
+                    "SELECT m.id, m.module, a.params_json, a.timeout_ms, m.schedule_json
+                     FROM schedule_agents a JOIN measurements m ON m.id = a.measurement_id
+                     WHERE a.agent_id = ?1 AND m.stopped_ms IS NULL AND m.schedule_json IS NOT NULL
+                     ORDER BY m.created_ms, m.id",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([&agent], |r| {
+                    Ok(AgentSchedule {
+                        measurement_id: r.get(0)?,
+                        module: r.get(1)?,
+                        params_json: r.get(2)?,
+                        timeout_ms: r.get::<_, i64>(3)? as u64,
+                        schedule_json: r.get(4)?,
+                    })
+                })
+                .map_err(db)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db)?;
+            Ok((version as u64, rows))
+        })
+        .await
+    }
+
+    async fn raise_schedule_version(&self, agent: &str, seen: u64) -> Result<u64, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "INSERT INTO schedule_versions (agent_id, version) VALUES (?1, ?2 + 1)
+                 ON CONFLICT(agent_id) DO UPDATE SET version = MAX(version, ?2 + 1)
+                 RETURNING version",
+                params![agent, seen as i64],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v as u64)
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn schedule_progress(&self, id: &str) -> Result<Vec<ScheduleProgress>, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT a.agent_id, a.added_version, COUNT(r.id), MAX(json_extract(r.body_json, '$.scheduled_ms'))
+                     FROM schedule_agents a
+                     LEFT JOIN records r ON r.measurement_id = a.measurement_id AND r.agent_id = a.agent_id
+                     WHERE a.measurement_id = ?1
+                     GROUP BY a.agent_id ORDER BY a.agent_id",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map([&id], |r| {
+                    Ok(ScheduleProgress {
+                        agent_id: r.get(0)?,
+                        added_version: r.get::<_, i64>(1)? as u64,
+                        runs: r.get::<_, i64>(2)? as u64,
+                        last_scheduled_ms: r.get(3)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
     async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError> {
         let id = id.to_string();
         self.with(move |c| {
             c.query_row(
-                "SELECT id, module, params_json, selection_json, description, created_ms, deadline_ms
+                "SELECT id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms
                  FROM measurements WHERE id = ?1",
                 [&id],
                 |r| {
@@ -1111,6 +1316,8 @@ impl Store for SqliteStore {
                         description: r.get(4)?,
                         created_ms: r.get(5)?,
                         deadline_ms: r.get(6)?,
+                        schedule_json: r.get(7)?,
+                        stopped_ms: r.get(8)?,
                     })
                 },
             )
@@ -1320,6 +1527,114 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// Schedules: each change gives the agents a new version; a stopped schedule
+    /// leaves the agents' sets; scheduled runs are found by their measurement and
+    /// counted per agent; a version reported from elsewhere moves the store's past it.
+    #[tokio::test]
+    async fn schedules_version_each_agents_set_and_runs_are_found_by_measurement() {
+        let s = store();
+        let part = |params: &str| AgentSchedule {
+            measurement_id: "m1".into(),
+            module: "echo_module".into(),
+            params_json: params.into(),
+            timeout_ms: 1000,
+            schedule_json: r#"{"interval_ms":2000,"start_ms":0,"stop_ms":null,"jitter_ms":0}"#
+                .into(),
+        };
+        let row = MeasurementRow {
+            id: "m1".into(),
+            module: "echo_module".into(),
+            params_json: "{}".into(),
+            selection_json: "{}".into(),
+            description: None,
+            created_ms: 1,
+            deadline_ms: i64::MAX,
+            schedule_json: Some(part("").schedule_json),
+            stopped_ms: None,
+        };
+        let v = s
+            .create_schedule(
+                row,
+                vec![
+                    ("a".into(), part(r#"{"x":1}"#)),
+                    ("b".into(), part(r#"{"x":2}"#)),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(v, vec![("a".to_string(), 1), ("b".to_string(), 1)]);
+        let (va, set) = s.agent_schedules("a").await.unwrap();
+        assert_eq!((va, set.len()), (1, 1));
+        assert_eq!(
+            set[0].params_json, r#"{"x":1}"#,
+            "each agent keeps its own params"
+        );
+        assert_eq!(s.agent_schedules("c").await.unwrap(), (0, vec![]));
+
+        let run = |seq: u64, slot: i64| Record {
+            seq,
+            at_ms: slot + 5,
+            body: RecordBody::ScheduledResult(imn_modules::wire::ScheduledRun {
+                measurement_id: "m1".into(),
+                scheduled_ms: slot,
+                result: ModuleResult {
+                    request_id: imn_modules::wire::ScheduledRun::run_id("m1", slot),
+                    module: "echo_module".into(),
+                    received_ms: slot,
+                    started_ms: slot + 1,
+                    finished_ms: slot + 2,
+                    outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+                        message: "m".into(),
+                    })),
+                },
+            }),
+        };
+        let b = Batch {
+            epoch: 1,
+            records: vec![run(1, 2000), run(2, 4000)],
+        };
+        s.store_batch("a", prepare(&b), 10).await.unwrap();
+        let page = s
+            .results_page(ResultFilter {
+                measurement: Some("m1".into()),
+                after: 0,
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page.len(), 2);
+        assert_eq!(page[0].2.as_deref(), Some("m1"));
+        assert_eq!(page[1].1.scheduled_ms, Some(4000));
+        assert_eq!(page[1].1.request_id, "m1@4000");
+        let progress = s.schedule_progress("m1").await.unwrap();
+        let runs: Vec<(String, u64, Option<i64>)> = progress
+            .into_iter()
+            .map(|p| (p.agent_id, p.runs, p.last_scheduled_ms))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![("a".to_string(), 2, Some(4000)), ("b".to_string(), 0, None)]
+        );
+
+        assert_eq!(
+            s.stop_schedule("m1", 50).await.unwrap(),
+            vec![("a".to_string(), 2), ("b".to_string(), 2)]
+        );
+        assert!(
+            s.stop_schedule("m1", 60).await.unwrap().is_empty(),
+            "stopped once"
+        );
+        assert_eq!(s.agent_schedules("a").await.unwrap(), (2, vec![]));
+        assert_eq!(
+            s.measurement("m1").await.unwrap().unwrap().stopped_ms,
+            Some(50)
+        );
+        assert_eq!(s.raise_schedule_version("a", 7).await.unwrap(), 8);
+        assert_eq!(s.raise_schedule_version("a", 3).await.unwrap(), 8);
+        assert_eq!(s.raise_schedule_version("z", 0).await.unwrap(), 1);
     }
 
     /// An agent's batch naming another agent's request is stored as its own record
