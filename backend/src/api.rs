@@ -288,6 +288,8 @@ fn agent_json(a: &AgentEntry, now: i64) -> Value {
         "location": a.hello.location,
         "modules": a.hello.modules,
         "heartbeat_interval_ms": a.hello.heartbeat_interval_ms,
+        // The version of the recurring-measurement set the agent runs.
+        "schedule_version": a.hello.schedule_version,
         // Unknown (null) between a reconnect and the agent's next hello or heartbeat.
         "outbox": if a.hello_pending {
             json!({"epoch": null, "depth": null, "oldest_age_ms": null, "dropped": null, "condition": null})

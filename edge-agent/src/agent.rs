@@ -172,6 +172,7 @@ impl Agent {
             tls,
             last_will: (wire::topic(&cfg.id, Kind::Status), will),
             connect_timeout_s: cfg.connect_timeout_s,
+            keepalive_s: cfg.keepalive_s,
             max_packet_bytes: (cfg.batch_max_bytes * 2).max(1 << 20),
         });
         let (produced_tx, produced_rx) = mpsc::channel(1024);
@@ -557,9 +558,11 @@ impl Agent {
             CommandKind::Schedules { version, schedules } => {
                 let had = self.schedules.version;
                 if !self.schedules.apply(&self.cfg.id, version, schedules, now) {
-                    // An older set means the backend lost track (a new store): the
-                    // hello tells it which version this agent runs.
-                    return Ok(version < had);
+                    // Not newer: the backend has not seen the hello with this agent's
+                    // version (or lost track of it, with a new store). The hello
+                    // tells it, and stops its resends.
+                    tracing::debug!(version, had, "schedule set not newer; hello again");
+                    return Ok(true);
                 }
                 self.save_schedules();
                 let n = self.schedules.entries.len();

@@ -33,6 +33,9 @@ pub struct AgentConfig {
     pub tags: Vec<String>,
     /// Heartbeat period in milliseconds.
     pub heartbeat_ms: u64,
+    /// MQTT keep-alive in seconds: a link that died silently is noticed within about
+    /// twice this (shorter on links that drop without a reset, such as cellular).
+    pub keepalive_s: u64,
     /// Largest outbox batch sent in one MQTT message, in bytes.
     pub batch_max_bytes: usize,
     /// Batches sent but not yet acked before the agent waits.
@@ -74,6 +77,7 @@ impl Default for AgentConfig {
             data: PathBuf::from("imn-agent-data"),
             tags: Vec::new(),
             heartbeat_ms: 10_000,
+            keepalive_s: 30,
             batch_max_bytes: 256 * 1024,
             window: 8,
             resend_timeout_ms: 10_000,
@@ -131,6 +135,11 @@ const OPTIONS: &[(&str, &str, &str)] = &[
     ),
     ("tags", "IMN_TAGS", "comma-separated tags"),
     ("heartbeat-ms", "IMN_HEARTBEAT_MS", "heartbeat period"),
+    (
+        "keepalive-s",
+        "IMN_KEEPALIVE_S",
+        "MQTT keep-alive: a silently dead link is noticed within about twice this (5 to 3600, default 30)",
+    ),
     (
         "resend-timeout-ms",
         "IMN_RESEND_TIMEOUT_MS",
@@ -206,6 +215,7 @@ pub struct Flags {
     pub data: Option<PathBuf>,
     pub tags: Option<Vec<String>>,
     pub heartbeat_ms: Option<u64>,
+    pub keepalive_s: Option<u64>,
     pub resend_timeout_ms: Option<u64>,
     pub outbox_max_bytes: Option<u64>,
     pub outbox_memory_bytes: Option<u64>,
@@ -324,6 +334,7 @@ impl Flags {
             data: get("data").map(|v| v.1.into()),
             tags: list(get("tags")),
             heartbeat_ms: num(get("heartbeat-ms"))?,
+            keepalive_s: num(get("keepalive-s"))?,
             resend_timeout_ms: num(get("resend-timeout-ms"))?,
             outbox_max_bytes: num(get("outbox-max-bytes"))?,
             outbox_memory_bytes: num(get("outbox-memory-bytes"))?,
@@ -452,6 +463,9 @@ impl AgentConfig {
         if let Some(v) = flags.heartbeat_ms {
             cfg.heartbeat_ms = v;
         }
+        if let Some(v) = flags.keepalive_s {
+            cfg.keepalive_s = v;
+        }
         if let Some(v) = flags.resend_timeout_ms {
             cfg.resend_timeout_ms = v;
         }
@@ -574,6 +588,12 @@ impl AgentConfig {
             return Err(ConfigError::Invalid {
                 field: "heartbeat_ms",
                 rule: "must be at least 100".into(),
+            });
+        }
+        if !(5..=3600).contains(&self.keepalive_s) {
+            return Err(ConfigError::Invalid {
+                field: "keepalive_s",
+                rule: "must be 5 to 3600 seconds".into(),
             });
         }
         if self.batch_max_bytes < 1024 || self.window == 0 {
@@ -835,6 +855,10 @@ mod tests {
         assert!(err.to_string().starts_with("broker:"), "{err}");
         let err = AgentConfig::load(flags(&["--id", "a/b"])).unwrap_err();
         assert!(err.to_string().starts_with("id:"), "{err}");
+        let err = AgentConfig::load(flags(&["--id", "a", "--keepalive-s", "2"])).unwrap_err();
+        assert!(err.to_string().starts_with("keepalive_s:"), "{err}");
+        let cfg = AgentConfig::load(flags(&["--id", "a", "--keepalive-s", "10"])).unwrap();
+        assert_eq!(cfg.keepalive_s, 10);
         let cfg =
             AgentConfig::load(flags(&["--id", "a", "--broker", "mqtt://[::1]:1883"])).unwrap();
         let b = cfg.broker_addr().unwrap();

@@ -34,6 +34,7 @@ pub struct ConnectOptions {
     /// Published by the broker if the agent vanishes: `(topic, payload)`, QoS 1, retained.
     pub last_will: (String, Vec<u8>),
     pub connect_timeout_s: u64,
+    pub keepalive_s: u64,
     pub max_packet_bytes: usize,
     /// TLS settings, for `mqtts://`.
     #[cfg(feature = "tls")]
@@ -73,7 +74,7 @@ fn mqtt_options(opts: &ConnectOptions, addr: &str) -> MqttOptions {
         Some(t) => wauth::sign(&wauth::message_key(t), will_topic, will),
         None => will.clone(),
     };
-    mo.set_keep_alive(Duration::from_secs(30))
+    mo.set_keep_alive(Duration::from_secs(opts.keepalive_s))
         .set_clean_session(true)
         .set_max_packet_size(opts.max_packet_bytes, opts.max_packet_bytes)
         .set_inflight(100)

@@ -578,6 +578,80 @@ async fn a_grpc_client_creates_a_measurement_and_streams_results() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // A recurring measurement over gRPC: its runs stream in, one per slot.
+    let c = client
+        .create_measurement(pb::CreateMeasurementRequest {
+            module: "echo_module".into(),
+            params_json: r#"{"message": "every second"}"#.into(),
+            agents: Some(pb::Selection {
+                ids: vec!["agent-1".into()],
+                ..Default::default()
+            }),
+            schedule: Some(pb::Schedule {
+                interval_s: 1.0,
+                jitter_s: Some(0.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client
+        .stream_results(pb::StreamResultsRequest {
+            measurement: c.id.clone(),
+            cursor: "c0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut slots = Vec::new();
+    while slots.len() < 3 {
+        let r = tokio::time::timeout(T, stream.message())
+            .await
+            .expect("a scheduled run within 30 s")
+            .expect("stream ok")
+            .expect("stream open");
+        assert_eq!(
+            (r.agent_id.as_str(), r.state.as_str()),
+            ("agent-1", "succeeded")
+        );
+        slots.push(r.scheduled_ms);
+    }
+    assert!(
+        slots.windows(2).all(|w| w[1] - w[0] == 1000),
+        "slots one second apart: {slots:?}"
+    );
+    let m = client
+        .get_measurement(pb::GetMeasurementRequest { id: c.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(m.state, "running", "{m:?}");
+    assert!(
+        m.summary.starts_with("1/1 agents have the schedule"),
+        "{m:?}"
+    );
+    let e = client
+        .create_measurement(pb::CreateMeasurementRequest {
+            module: "echo_module".into(),
+            agents: all(),
+            schedule: Some(pb::Schedule {
+                interval_s: 0.5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("/schedule/interval_s"),
+        "{}",
+        e.message()
+    );
 }
 
 /// Milliseconds since the epoch of an RFC 3339 time in a result.
@@ -646,7 +720,7 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
     let _b = start_agent("sched-b", &broker, &dir.path().join("sched-b"), dir.path());
     let agent_bin = bin("imn-agent");
     let p_dir = dir.path().join("sched-p");
-    let _p = Proc::spawn(
+    let p = Proc::spawn(
         "sched-p",
         std::path::Path::new("ip"),
         &[
@@ -664,6 +738,10 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
             "500",
             "--resend-timeout-ms",
             "2000",
+            // Notices the dead link within ~10 s, so it really is offline (and
+            // reconnects) rather than waiting out the partition on one TCP connection.
+            "--keepalive-s",
+            "5",
         ],
         dir.path(),
     );
@@ -834,4 +912,108 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
         "sched-p: {} runs during the partition, all stored after it",
         during.len()
     );
+    // The agent itself lost the connection and made a new one.
+    let log = p.log_text();
+    let connects = log.lines().filter(|l| l.contains(": connected")).count();
+    assert!(connects >= 2, "sched-p never reconnected:\n{log}");
+    assert!(
+        log.contains("disconnected"),
+        "sched-p never noticed the partition:\n{log}"
+    );
+}
+
+/// The agent keeps its schedules in its own store: restarted with no broker it can
+/// reach, it runs them from there, and the runs arrive once it can connect again;
+/// restarts neither repeat nor skip a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_survive_agent_restarts_without_a_connection() {
+    let up = Up::start(0, &[]).await;
+    let data = up.dir.path().join("restart-1");
+    let agent_args = |broker: &str| {
+        vec![
+            "--id".to_string(),
+            "restart-1".into(),
+            "--broker".into(),
+            broker.to_string(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--heartbeat-ms".into(),
+            "500".into(),
+        ]
+    };
+    let spawn = |name: &str, broker: &str| {
+        let args = agent_args(broker);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(name, &bin("imn-agent"), &args, up.dir.path())
+    };
+    let mut agent = spawn("restart-1-first", &up.broker_url());
+    up.api.wait_alive(&["restart-1"], T).await;
+    let r = up
+        .api
+        .post(
+            "/v1/measurements",
+            &json!({
+                "module": "echo_module",
+                "params": {"message": "tick"},
+                "agents": {"ids": ["restart-1"]},
+                "schedule": {"interval_s": 1, "jitter_s": 0},
+            })
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    wait_for("the agent to have the schedule", T, || {
+        let api = up.api.clone();
+        let id = id.clone();
+        async move {
+            let s = api.get(&format!("/v1/measurements/{id}")).await.body;
+            (s["progress"]["acknowledged"] == json!(1)).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(agent.signal_and_wait(libc::SIGTERM, T).is_some());
+    // No broker on this port: the agent never connects while it runs.
+    let nowhere = format!("mqtt://127.0.0.1:{}", free_port());
+    let offline_from = imn_modules::now_ms();
+    let mut offline = spawn("restart-1-offline", &nowhere);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(offline.signal_and_wait(libc::SIGTERM, T).is_some());
+    let offline_until = imn_modules::now_ms();
+    let _back = spawn("restart-1-back", &up.broker_url());
+    up.api.wait_alive(&["restart-1"], T).await;
+    let results = wait_for("runs made after the agent is back", T, || {
+        let api = up.api.clone();
+        let id = id.clone();
+        async move {
+            let rs = all_results(&api, &id).await;
+            rs.iter()
+                .any(|r| ms_of(&r["scheduled_at"]) > offline_until + 2000)
+                .then_some(rs)
+        }
+    })
+    .await;
+    let mut slots: Vec<i64> = results.iter().map(|r| ms_of(&r["scheduled_at"])).collect();
+    slots.sort_unstable();
+    let n = slots.len();
+    slots.dedup();
+    assert_eq!(slots.len(), n, "a slot ran twice across restarts");
+    assert!(
+        slots.windows(2).all(|w| w[1] - w[0] == 1000),
+        "a slot was skipped across restarts: {slots:?}"
+    );
+    let while_offline = results
+        .iter()
+        .filter(|r| {
+            let t = ms_of(&r["started_at"]);
+            t > offline_from + 500 && t < offline_until - 500
+        })
+        .count();
+    assert!(
+        while_offline >= 4,
+        "only {while_offline} runs while the agent had no broker"
+    );
+    eprintln!("{n} runs, {while_offline} of them made with no connection");
 }

@@ -29,9 +29,29 @@ pub struct CreateMeasurementRequest {
     pub agents: ::core::option::Option<Selection>,
     #[prost(string, tag = "4")]
     pub description: ::prost::alloc::string::String,
-    /// Seconds each agent's request may wait for its agent (0: 24 h).
+    /// Seconds each agent's request may wait for its agent (0: 24 h); one-off only.
     #[prost(double, tag = "5")]
     pub deadline_s: f64,
+    /// Present: a recurring measurement.
+    #[prost(message, optional, tag = "6")]
+    pub schedule: ::core::option::Option<Schedule>,
+}
+/// Runs every `interval_s` from `start_ms` until `stop_ms`, each up to `jitter_s`
+/// after its slot.
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct Schedule {
+    #[prost(double, tag = "1")]
+    pub interval_s: f64,
+    /// ms since the epoch; 0: now.
+    #[prost(int64, tag = "2")]
+    pub start_ms: i64,
+    /// ms since the epoch; 0: until the measurement is deleted.
+    #[prost(int64, tag = "3")]
+    pub stop_ms: i64,
+    /// Absent: 10 % of the interval, at most 60 s.
+    #[prost(double, optional, tag = "4")]
+    pub jitter_s: ::core::option::Option<f64>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -161,6 +181,9 @@ pub struct Result {
     pub error: ::prost::alloc::string::String,
     #[prost(int64, tag = "9")]
     pub finished_ms: i64,
+    /// A scheduled run's slot time (ms since the epoch); 0 for a one-off request.
+    #[prost(int64, tag = "10")]
+    pub scheduled_ms: i64,
 }
 /// Generated client implementations.
 pub mod imn_client {
@@ -253,7 +276,8 @@ pub mod imn_client {
             self.inner = self.inner.max_encoding_message_size(limit);
             self
         }
-        /// One module run on the agents a selection picks (one-off).
+        /// One module run on the agents a selection picks: once, or recurring with a
+        /// schedule that each agent runs from its own stored copy.
         pub async fn create_measurement(
             &mut self,
             request: impl tonic::IntoRequest<super::CreateMeasurementRequest>,
@@ -359,7 +383,8 @@ pub mod imn_server {
     /// Generated trait containing gRPC methods that should be implemented for use with ImnServer.
     #[async_trait]
     pub trait Imn: std::marker::Send + std::marker::Sync + 'static {
-        /// One module run on the agents a selection picks (one-off).
+        /// One module run on the agents a selection picks: once, or recurring with a
+        /// schedule that each agent runs from its own stored copy.
         async fn create_measurement(
             &self,
             request: tonic::Request<super::CreateMeasurementRequest>,

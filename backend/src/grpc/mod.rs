@@ -35,6 +35,22 @@ fn status(e: ApiError) -> Status {
     }
 }
 
+/// A gRPC schedule as the REST body's `schedule`, so both are checked by one parser
+/// (times in seconds since the epoch).
+fn schedule_json(s: pb::Schedule) -> serde_json::Value {
+    let mut v = serde_json::json!({"interval_s": s.interval_s});
+    if s.start_ms != 0 {
+        v["start"] = serde_json::json!(s.start_ms as f64 / 1000.0);
+    }
+    if s.stop_ms != 0 {
+        v["stop"] = serde_json::json!(s.stop_ms as f64 / 1000.0);
+    }
+    if let Some(j) = s.jitter_s {
+        v["jitter_s"] = serde_json::json!(j);
+    }
+    v
+}
+
 fn selection(s: pb::Selection, alive: Option<bool>) -> fleet::Selection {
     fleet::Selection {
         ids: s.ids,
@@ -93,7 +109,7 @@ impl pb::imn_server::Imn for ImnService {
             module: r.module,
             params,
             agents: selection(r.agents.unwrap_or_default(), None),
-            schedule: None,
+            schedule: r.schedule.map(schedule_json),
             description: (!r.description.is_empty()).then_some(r.description),
             deadline_s: (r.deadline_s != 0.0).then_some(r.deadline_s),
         };
@@ -222,6 +238,7 @@ impl pb::imn_server::Imn for ImnService {
                 },
                 error: r.error.unwrap_or_default(),
                 finished_ms: r.finished_ms,
+                scheduled_ms: r.scheduled_ms.unwrap_or(0),
             })
         });
         Ok(Response::new(Box::pin(stream)))
