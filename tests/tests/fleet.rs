@@ -979,6 +979,25 @@ async fn schedules_survive_agent_restarts_without_a_connection() {
     let nowhere = format!("mqtt://127.0.0.1:{}", free_port());
     let offline_from = imn_modules::now_ms();
     let mut offline = spawn("restart-1-offline", &nowhere);
+    // A second schedule made while the agent is away reaches it with its next hello.
+    let r = up
+        .api
+        .post(
+            "/v1/measurements",
+            &json!({
+                "module": "echo_module",
+                "params": {"message": "made while away"},
+                "agents": {"ids": ["restart-1"]},
+                "schedule": {"interval_s": 1, "jitter_s": 0},
+            })
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let second = r.body["id"].as_str().unwrap().to_string();
+    let s = up.api.get(&format!("/v1/measurements/{second}")).await.body;
+    assert_eq!(s["agents"][0]["schedule"], json!("pending"), "{s}");
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(offline.signal_and_wait(libc::SIGTERM, T).is_some());
     let offline_until = imn_modules::now_ms();
@@ -1016,4 +1035,14 @@ async fn schedules_survive_agent_restarts_without_a_connection() {
         "only {while_offline} runs while the agent had no broker"
     );
     eprintln!("{n} runs, {while_offline} of them made with no connection");
+    let s = wait_for("the second schedule to reach the agent", T, || {
+        let api = up.api.clone();
+        let second = second.clone();
+        async move {
+            let s = api.get(&format!("/v1/measurements/{second}")).await.body;
+            (s["progress"]["runs"].as_u64() >= Some(2)).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(s["agents"][0]["schedule"], json!("received"), "{s}");
 }
