@@ -922,6 +922,25 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
     );
 }
 
+/// Echoes `message` on agent restart-1 every second; returns the measurement's id.
+async fn every_second(api: &Api, message: &str) -> String {
+    let r = api
+        .post(
+            "/v1/measurements",
+            &json!({
+                "module": "echo_module",
+                "params": {"message": message},
+                "agents": {"ids": ["restart-1"]},
+                "schedule": {"interval_s": 1, "jitter_s": 0},
+            })
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    r.body["id"].as_str().unwrap().to_string()
+}
+
 /// The agent keeps its schedules in its own store: restarted with no broker it can
 /// reach, it runs them from there, and the runs arrive once it can connect again;
 /// restarts neither repeat nor skip a slot.
@@ -948,22 +967,7 @@ async fn schedules_survive_agent_restarts_without_a_connection() {
     };
     let mut agent = spawn("restart-1-first", &up.broker_url());
     up.api.wait_alive(&["restart-1"], T).await;
-    let r = up
-        .api
-        .post(
-            "/v1/measurements",
-            &json!({
-                "module": "echo_module",
-                "params": {"message": "tick"},
-                "agents": {"ids": ["restart-1"]},
-                "schedule": {"interval_s": 1, "jitter_s": 0},
-            })
-            .to_string(),
-            &[],
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_string();
+    let id = every_second(&up.api, "tick").await;
     wait_for("the agent to have the schedule", T, || {
         let api = up.api.clone();
         let id = id.clone();
@@ -980,22 +984,7 @@ async fn schedules_survive_agent_restarts_without_a_connection() {
     let offline_from = imn_modules::now_ms();
     let mut offline = spawn("restart-1-offline", &nowhere);
     // A second schedule made while the agent is away reaches it with its next hello.
-    let r = up
-        .api
-        .post(
-            "/v1/measurements",
-            &json!({
-                "module": "echo_module",
-                "params": {"message": "made while away"},
-                "agents": {"ids": ["restart-1"]},
-                "schedule": {"interval_s": 1, "jitter_s": 0},
-            })
-            .to_string(),
-            &[],
-        )
-        .await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let second = r.body["id"].as_str().unwrap().to_string();
+    let second = every_second(&up.api, "made while away").await;
     let s = up.api.get(&format!("/v1/measurements/{second}")).await.body;
     assert_eq!(s["agents"][0]["schedule"], json!("pending"), "{s}");
     tokio::time::sleep(Duration::from_secs(6)).await;

@@ -630,6 +630,26 @@ fn apply_transition(
     Ok(true)
 }
 
+fn insert_measurement(c: &Connection, m: &MeasurementRow) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            m.id,
+            m.module,
+            m.params_json,
+            m.selection_json,
+            m.description,
+            m.created_ms,
+            m.deadline_ms,
+            m.schedule_json,
+            m.stopped_ms
+        ],
+    )
+    .map(|_| ())
+    .map_err(db)
+}
+
 /// Raises the agent's schedule version by one; returns the new version.
 fn bump_version(tx: &Connection, agent: &str) -> Result<u64, StoreError> {
     tx.query_row(
@@ -1131,26 +1151,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError> {
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    m.id,
-                    m.module,
-                    m.params_json,
-                    m.selection_json,
-                    m.description,
-                    m.created_ms,
-                    m.deadline_ms,
-                    m.schedule_json,
-                    m.stopped_ms
-                ],
-            )
-            .map_err(db)?;
-            Ok(())
-        })
-        .await
+        self.with(move |c| insert_measurement(c, &m)).await
     }
 
     async fn create_schedule(
@@ -1160,21 +1161,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(String, u64)>, StoreError> {
         self.with(move |c| {
             let tx = c.transaction().map_err(db)?;
-            tx.execute(
-                "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
-                params![
-                    m.id,
-                    m.module,
-                    m.params_json,
-                    m.selection_json,
-                    m.description,
-                    m.created_ms,
-                    m.deadline_ms,
-                    m.schedule_json
-                ],
-            )
-            .map_err(db)?;
+            insert_measurement(&tx, &m)?;
             let mut out = Vec::with_capacity(agents.len());
             for (agent, a) in agents {
                 let version = bump_version(&tx, &agent)?;
