@@ -44,6 +44,7 @@ pub enum ClientError {
 }
 
 pub struct Client {
+    /// No overall timeout (streams stay open); each plain request has its own.
     http: reqwest::Client,
     base: String,
     token: Option<String>,
@@ -64,7 +65,7 @@ impl Client {
             ),
             (None, None) => None,
         };
-        let mut b = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
+        let mut b = reqwest::Client::builder();
         if let Some(ca) = &flags.ca {
             let ca_err = |message: String| ClientError::Ca {
                 path: ca.display().to_string(),
@@ -80,10 +81,11 @@ impl Client {
                 b = b.add_root_certificate(c);
             }
         }
-        let http = b.build().map_err(|e| ClientError::Http {
+        let build_err = |e: reqwest::Error| ClientError::Http {
             url: flags.url.clone(),
             message: e.to_string(),
-        })?;
+        };
+        let http = b.build().map_err(build_err)?;
         Ok(Client {
             http,
             base: flags.url.trim_end_matches('/').to_string(),
@@ -101,7 +103,45 @@ impl Client {
             .await
     }
 
+    /// Opens a Server-Sent Events stream, resuming after `last_event_id`. The
+    /// response is read with `chunk()`; it has no overall timeout.
+    pub async fn stream(
+        &self,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Http {
+            url: self.base.clone(),
+            message: error_chain(&e),
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message: body
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no message")
+                    .to_string(),
+                body,
+            });
+        }
+        Ok(resp)
+    }
+
     async fn send(&self, mut req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        req = req.timeout(std::time::Duration::from_secs(60));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

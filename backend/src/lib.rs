@@ -4,6 +4,7 @@
 pub mod api;
 pub mod atlas;
 pub mod certs;
+pub mod cli;
 pub mod client;
 pub mod error;
 pub mod fleet;

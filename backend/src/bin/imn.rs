@@ -82,10 +82,86 @@ enum Cmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
-    /// Enroll, rotate and revoke agents (admin scope).
+    /// List the fleet (`imn agents --alive --tag lte`), or enroll, rotate and revoke
+    /// agents (admin scope).
     Agents {
         #[command(subcommand)]
-        cmd: AgentsCmd,
+        cmd: Option<AgentsCmd>,
+        /// Only agents alive now.
+        #[arg(long)]
+        alive: bool,
+        /// Only agents with this tag (repeat, or comma-separate, for all of several).
+        #[arg(long, value_delimiter = ',')]
+        tag: Vec<String>,
+        /// JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Run a module on agents and show their results: `imn measure ping_module
+    /// 127.0.0.1 --agents tag:lte,country:DE --count 3`. Exits 1 if some agent did not
+    /// report.
+    Measure {
+        /// ping_module, tcping, echo_module, …
+        module: String,
+        /// The module's target: host for ping_module and tcping, message for
+        /// echo_module.
+        target: Option<String>,
+        /// Which agents: tag:T, id:ID, country:CC, asn:N, limit:N (comma-separated),
+        /// or all.
+        #[arg(long, default_value = "all")]
+        agents: String,
+        /// Probes per run (count).
+        #[arg(long)]
+        count: Option<u32>,
+        /// Other parameters, KEY=VALUE (VALUE as JSON when it parses), e.g.
+        /// --param port=443.
+        #[arg(long = "param", short = 'p')]
+        params: Vec<String>,
+        /// Recurring: run every this long (30s, 5m, 1h) on each agent, from its own
+        /// stored schedule, until deleted.
+        #[arg(long)]
+        every: Option<String>,
+        /// How long agents have to report (one-off); those that do not are expired.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Stored results, oldest first, with the API's filters.
+    Results {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Results as they are stored (a measurement's from its start); resumes after a
+    /// dropped connection without missing any.
+    Watch {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Stop after this many results.
+        #[arg(long)]
+        count: Option<usize>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// A request's state and transitions, or a measurement's progress.
+    Status {
+        id: String,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         client: ClientFlags,
     },
@@ -96,6 +172,33 @@ enum Cmd {
         #[command(flatten)]
         client: ClientFlags,
     },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct FilterArgs {
+    #[arg(long)]
+    agent: Option<String>,
+    #[arg(long)]
+    module: Option<String>,
+    #[arg(long)]
+    measurement: Option<String>,
+    /// RFC 3339 or ms since the epoch.
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl From<FilterArgs> for imn_backend::cli::Filter {
+    fn from(f: FilterArgs) -> Self {
+        imn_backend::cli::Filter {
+            agent: f.agent,
+            module: f.module,
+            measurement: f.measurement,
+            since: f.since,
+            until: f.until,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,7 +256,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match rt.block_on(run(cli.cmd)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("imn: {e:#}");
             std::process::ExitCode::FAILURE
@@ -161,7 +264,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cmd: Cmd) -> anyhow::Result<()> {
+async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
+    use imn_backend::cli;
+    use std::io::Write;
     match cmd {
         Cmd::Up {
             http,
@@ -220,7 +325,79 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 println!("{}", f.display());
             }
         }
-        Cmd::Agents { cmd, client } => {
+        Cmd::Agents {
+            cmd: None,
+            alive,
+            tag,
+            json,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            print!("{}", cli::agents(&c, alive, &tag, json).await?);
+        }
+        Cmd::Measure {
+            module,
+            target,
+            agents,
+            count,
+            params,
+            every,
+            timeout,
+            json,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            let m = cli::measure(
+                &c,
+                &cli::Measure {
+                    module,
+                    target,
+                    agents,
+                    count,
+                    every,
+                    params,
+                    timeout,
+                    json,
+                },
+            )
+            .await?;
+            print!("{}", m.output);
+            if !m.complete {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+        Cmd::Results {
+            filter,
+            limit,
+            json,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            print!("{}", cli::results(&c, &filter.into(), limit, json).await?);
+        }
+        Cmd::Watch {
+            filter,
+            count,
+            json,
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            let mut out = std::io::stdout();
+            cli::watch(&c, &filter.into(), count, json, |s| {
+                let _ = out.write_all(s.as_bytes());
+                let _ = out.flush();
+            })
+            .await?;
+        }
+        Cmd::Status { id, json, client } => {
+            let c = Client::new(&client)?;
+            print!("{}", cli::status(&c, &id, json).await?);
+        }
+        Cmd::Agents {
+            cmd: Some(cmd),
+            client,
+            ..
+        } => {
             let c = Client::new(&client)?;
             let out = match cmd {
                 AgentsCmd::Add { id, tags } => {
@@ -266,7 +443,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {
