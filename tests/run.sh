@@ -18,6 +18,9 @@ have nft           || need+=(nftables)
 have dnsmasq       || need+=(dnsmasq-base)
 have python3       || need+=(python3 python3-pip)
 have promtool      || need+=(prometheus)
+# The dashboard's browser test: Debian's chromium, driven by its chromedriver.
+have chromium      || need+=(chromium)
+have chromedriver  || need+=(chromium-driver)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "== installing: ${need[*]}"
   $SUDO apt-get update -q
@@ -28,6 +31,11 @@ fi
 if ! python3 -c "import ripe.atlas.sagan" >/dev/null 2>&1; then
   echo "== installing ripe.atlas.sagan (PyPI)"
   python3 -m pip install -q ripe.atlas.sagan || python3 -m pip install -q --break-system-packages ripe.atlas.sagan
+fi
+# The reference validator of OpenAPI documents, for /openapi.json.
+if ! python3 -c "import openapi_spec_validator" >/dev/null 2>&1; then
+  echo "== installing openapi-spec-validator (PyPI)"
+  python3 -m pip install -q openapi-spec-validator || python3 -m pip install -q --break-system-packages openapi-spec-validator
 fi
 
 echo "== cargo fmt"

@@ -24,6 +24,10 @@ pub const MAX_WAIT_S: f64 = 300.0;
 
 pub fn router(backend: Arc<Backend>) -> Router {
     let mut r = Router::new()
+        .route("/", get(crate::ui::dashboard))
+        .route("/ui/{file}", get(crate::ui::asset))
+        .route("/docs", get(crate::ui::docs))
+        .route("/openapi.json", get(openapi))
         .route("/health", get(health))
         .route("/livez", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
@@ -33,6 +37,7 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/agents/{id}/results", get(results))
         .route("/agents/{id}/status", get(status_history))
         .route("/agents/{id}/events", get(events))
+        .route("/agents/{id}/heartbeats", get(heartbeats))
         .route("/agents/{id}/results/{request_id}", get(result))
         .route(
             "/agents/{id}/modules/{module}",
@@ -69,7 +74,12 @@ pub fn router(backend: Arc<Backend>) -> Router {
 /// The scope a route needs: `admin` for /admin and /debug, `measure` for every other
 /// change, `read` for the rest. `/livez` is open, for load balancers.
 fn required_scope(method: &axum::http::Method, path: &str) -> Option<Scope> {
-    if path == "/livez" {
+    // The dashboard's page and assets, and the API's description, hold no data: a
+    // browser loads them before the user enters a token. Every call they make is
+    // checked as usual.
+    let public =
+        matches!(path, "/livez" | "/" | "/docs" | "/openapi.json") || path.starts_with("/ui/");
+    if public && (method == axum::http::Method::GET || method == axum::http::Method::HEAD) {
         return None;
     }
     if path.starts_with("/admin/") || path == "/admin" || path.starts_with("/debug/") {
@@ -495,6 +505,22 @@ async fn measurement(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(crate::fleet::status(&b, &id).await?))
+}
+
+async fn openapi() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+/// `GET /agents/{id}/heartbeats`: the agent's recent heartbeats, oldest first, for
+/// charts (kept in memory, [`crate::registry::HEARTBEAT_HISTORY`] per agent).
+async fn heartbeats(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !b.registry.knows(&id) {
+        return Err(ApiError::UnknownAgent(id));
+    }
+    Ok(Json(json!(b.registry.heartbeats(&id))))
 }
 
 async fn agents_alive(State(b): State<Arc<Backend>>) -> Json<Value> {

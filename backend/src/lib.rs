@@ -10,11 +10,13 @@ pub mod error;
 pub mod fleet;
 pub mod grpc;
 pub mod observe;
+pub mod openapi;
 pub mod registry;
 pub mod security;
 pub mod service;
 pub mod store;
 pub mod tls;
+pub mod ui;
 pub mod up;
 pub mod validation;
 

@@ -2,13 +2,32 @@
 //! messages. Kept in memory (heartbeats are the hot path); hellos are also persisted
 //! so a restarted backend still knows every agent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::RwLock;
+
+use serde::Serialize;
 
 use imn_modules::wire::{Heartbeat, Hello};
 
 /// Heartbeats an agent may miss before it counts as dead.
 pub const MISSED_HEARTBEATS: i64 = 3;
+
+/// Heartbeats kept per agent for the dashboard's charts (an hour at 5 s; two at the
+/// default 10 s). In memory only: history starts again when the backend restarts.
+pub const HEARTBEAT_HISTORY: usize = 720;
+
+/// One heartbeat, reduced to what the charts show.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeartbeatPoint {
+    pub at_ms: i64,
+    pub cpu_pct: f32,
+    pub mem_used_kib: u64,
+    pub mem_total_kib: u64,
+    pub load1: f32,
+    /// Bytes received and sent since boot, summed over interfaces but loopback.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
 
 #[derive(Debug, Clone)]
 pub struct AgentEntry {
@@ -39,6 +58,7 @@ impl AgentEntry {
 #[derive(Default)]
 pub struct Registry {
     agents: RwLock<HashMap<String, AgentEntry>>,
+    history: RwLock<HashMap<String, VecDeque<HeartbeatPoint>>>,
 }
 
 impl Registry {
@@ -76,8 +96,25 @@ impl Registry {
     }
 
     pub fn heartbeat(&self, id: &str, hb: Heartbeat, now_ms: i64) {
+        let sys = &hb.system;
+        let nics = sys.interfaces.iter().filter(|i| i.name != "lo");
+        let point = HeartbeatPoint {
+            at_ms: hb.sent_at_ms,
+            cpu_pct: sys.cpu_pct,
+            mem_used_kib: sys.mem_total_kib.saturating_sub(sys.mem_available_kib),
+            mem_total_kib: sys.mem_total_kib,
+            load1: sys.load[0],
+            rx_bytes: nics.clone().map(|i| i.rx_bytes).sum(),
+            tx_bytes: nics.map(|i| i.tx_bytes).sum(),
+        };
         let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get_mut(id) {
+            let mut h = self.history.write().unwrap_or_else(|e| e.into_inner());
+            let q = h.entry(id.to_string()).or_default();
+            if q.len() == HEARTBEAT_HISTORY {
+                q.pop_front();
+            }
+            q.push_back(point);
             e.last_seen_ms = now_ms;
             e.heartbeat_lag_ms = Some(now_ms - hb.sent_at_ms);
             e.last_heartbeat = Some(hb);
@@ -85,6 +122,14 @@ impl Registry {
             // Heartbeats go out only while connected: this one is from the new session.
             e.hello_pending = false;
         }
+    }
+
+    /// The agent's recent heartbeats, oldest first.
+    pub fn heartbeats(&self, id: &str) -> Vec<HeartbeatPoint> {
+        let h = self.history.read().unwrap_or_else(|e| e.into_inner());
+        h.get(id)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn status(&self, id: &str, online: bool, now_ms: i64) {

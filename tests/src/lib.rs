@@ -12,6 +12,7 @@ pub mod bench_ping;
 pub mod netns;
 pub mod otlp;
 pub mod sim;
+pub mod webdriver;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,934 @@
+//! The API described as OpenAPI 3.1, served at `/openapi.json`. Module parameters use
+//! the modules' own JSON Schemas (draft 2020-12, which OpenAPI 3.1 speaks), so the
+//! document cannot drift from what the backend validates. A unit test checks that every
+//! route in the router is here, and the end-to-end test that every operation here is
+//! served.
+
+use imn_modules::catalog;
+use serde_json::{json, Map, Value};
+
+/// A parameter: `name`, where (`query`, `path`, `header`), its schema, description.
+fn param(name: &str, at: &str, schema: Value, description: &str) -> Value {
+    json!({
+        "name": name,
+        "in": at,
+        "required": at == "path",
+        "schema": schema,
+        "description": description,
+    })
+}
+
+fn path_id(name: &str, what: &str) -> Value {
+    param(name, "path", json!({"type": "string"}), what)
+}
+
+fn string() -> Value {
+    json!({"type": "string"})
+}
+
+fn integer(min: i64) -> Value {
+    json!({"type": "integer", "minimum": min})
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn json_content(schema: Value) -> Value {
+    json!({"application/json": {"schema": schema}})
+}
+
+/// An operation: summary, the scope it needs, parameters, a JSON body schema, the
+/// success response (status, description, content), and the error statuses it can
+/// answer with (each the `Error` object).
+struct Op {
+    summary: &'static str,
+    scope: Option<&'static str>,
+    params: Vec<Value>,
+    body: Option<Value>,
+    ok: (u16, &'static str, Value),
+    errors: &'static [u16],
+}
+
+impl Op {
+    fn to_json(&self, id: String) -> Value {
+        let mut responses = Map::new();
+        responses.insert(
+            self.ok.0.to_string(),
+            json!({"description": self.ok.1, "content": self.ok.2}),
+        );
+        // Every route can be refused by auth and rate limits when auth is on.
+        let mut errors: Vec<u16> = self.errors.to_vec();
+        if self.scope.is_some() {
+            errors.extend([401, 403, 429]);
+        }
+        errors.push(500);
+        errors.sort_unstable();
+        errors.dedup();
+        for e in errors {
+            responses.insert(
+                e.to_string(),
+                json!({"$ref": format!("#/components/responses/E{e}")}),
+            );
+        }
+        let mut op = json!({
+            "operationId": id,
+            "summary": self.summary,
+            "parameters": self.params,
+            "responses": responses,
+        });
+        match self.scope {
+            Some(scope) => {
+                op["x-imn-scope"] = json!(scope);
+                op["security"] = json!([{"bearer": []}, {}]);
+            }
+            None => op["security"] = json!([{}]),
+        }
+        if let Some(b) = &self.body {
+            op["requestBody"] = json!({"required": true, "content": json_content(b.clone())});
+        }
+        op
+    }
+}
+
+fn ok_json(status: u16, what: &'static str, schema: Value) -> (u16, &'static str, Value) {
+    (status, what, json_content(schema))
+}
+
+fn text(what: &'static str, media: &str) -> (u16, &'static str, Value) {
+    (200, what, json!({media: {"schema": {"type": "string"}}}))
+}
+
+/// Every operation: (method, path, operation).
+fn operations() -> Vec<(&'static str, &'static str, Op)> {
+    let read = Some("read");
+    let measure = Some("measure");
+    let admin = Some("admin");
+    let agent = || path_id("id", "agent id");
+    let limit = |max: i64| {
+        param(
+            "limit",
+            "query",
+            json!({"type": "integer", "minimum": 1, "maximum": max}),
+            "at most this many",
+        )
+    };
+    let format = || {
+        param(
+            "format",
+            "query",
+            json!({"type": "string", "enum": ["native", "atlas"]}),
+            "atlas: RIPE Atlas's result format (ping results)",
+        )
+    };
+    let filters = || {
+        vec![
+            param("agent", "query", string(), "agent id"),
+            param("module", "query", string(), "module name"),
+            param("measurement", "query", string(), "measurement id"),
+            param(
+                "since",
+                "query",
+                string(),
+                "RFC 3339 or ms since the epoch (agent time), inclusive",
+            ),
+            param(
+                "until",
+                "query",
+                string(),
+                "RFC 3339 or ms since the epoch, exclusive",
+            ),
+        ]
+    };
+    let sse = || {
+        (
+            200,
+            "Server-Sent Events: event `result`, id = the result's cursor, data = a Result",
+            json!({"text/event-stream": {"schema": {"type": "string"}}}),
+        )
+    };
+    let last_event_id = || {
+        param(
+            "Last-Event-ID",
+            "header",
+            string(),
+            "resume after this event id (EventSource sends it on reconnect)",
+        )
+    };
+    let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
+    let object = || json!({"type": "object"});
+    let mut results_params = filters();
+    results_params.extend([
+        limit(1000),
+        param(
+            "cursor",
+            "query",
+            string(),
+            "next_cursor of the page before",
+        ),
+        format(),
+    ]);
+    let mut stream_params = filters();
+    stream_params.extend([
+        param(
+            "cursor",
+            "query",
+            string(),
+            "start after this cursor (default: now)",
+        ),
+        last_event_id(),
+    ]);
+    vec![
+        (
+            "get",
+            "/",
+            Op {
+                summary: "The fleet dashboard (HTML)",
+                scope: None,
+                params: vec![],
+                body: None,
+                ok: text("the dashboard", "text/html"),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/ui/{file}",
+            Op {
+                summary: "Dashboard and docs assets",
+                scope: None,
+                params: vec![path_id("file", "asset name")],
+                body: None,
+                ok: text("the asset", "application/octet-stream"),
+                errors: &[404],
+            },
+        ),
+        (
+            "get",
+            "/docs",
+            Op {
+                summary: "Interactive API documentation (HTML)",
+                scope: None,
+                params: vec![],
+                body: None,
+                ok: text("the docs page", "text/html"),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/openapi.json",
+            Op {
+                summary: "This document",
+                scope: None,
+                params: vec![],
+                body: None,
+                ok: ok_json(200, "OpenAPI 3.1", object()),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/health",
+            Op {
+                summary: "Backend health: agents, requests, store and bus",
+                scope: read,
+                params: vec![],
+                body: None,
+                ok: ok_json(200, "health", object()),
+                errors: &[503],
+            },
+        ),
+        (
+            "get",
+            "/livez",
+            Op {
+                summary: "Liveness probe (no auth)",
+                scope: None,
+                params: vec![],
+                body: None,
+                ok: text("ok", "text/plain"),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/metrics",
+            Op {
+                summary: "Prometheus metrics",
+                scope: read,
+                params: vec![],
+                body: None,
+                ok: text("Prometheus text format 0.0.4", "text/plain"),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/agents",
+            Op {
+                summary: "Agents, optionally selected",
+                scope: read,
+                params: vec![
+                    param(
+                        "tag",
+                        "query",
+                        string(),
+                        "comma-separated; the agent has them all",
+                    ),
+                    param("country", "query", string(), "ISO 3166-1 alpha-2"),
+                    param("asn", "query", integer(0), "AS number"),
+                    param(
+                        "alive",
+                        "query",
+                        json!({"type": "boolean"}),
+                        "alive now, or not",
+                    ),
+                    limit(1_000_000),
+                ],
+                body: None,
+                ok: ok_json(200, "agents, alive first", list("Agent")),
+                errors: &[400],
+            },
+        ),
+        (
+            "get",
+            "/agents/alive",
+            Op {
+                summary: "Agents alive now",
+                scope: read,
+                params: vec![],
+                body: None,
+                ok: ok_json(200, "agents", list("Agent")),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/agents/{id}",
+            Op {
+                summary: "One agent",
+                scope: read,
+                params: vec![agent()],
+                body: None,
+                ok: ok_json(200, "the agent", schema_ref("Agent")),
+                errors: &[404],
+            },
+        ),
+        (
+            "get",
+            "/agents/{id}/results",
+            Op {
+                summary: "An agent's results, newest first",
+                scope: read,
+                params: vec![agent(), limit(10_000), format()],
+                body: None,
+                ok: ok_json(200, "results", list("Result")),
+                errors: &[400, 404],
+            },
+        ),
+        (
+            "get",
+            "/agents/{id}/results/{request_id}",
+            Op {
+                summary: "One result by request id",
+                scope: read,
+                params: vec![agent(), path_id("request_id", "request id"), format()],
+                body: None,
+                ok: ok_json(200, "the result", schema_ref("Result")),
+                errors: &[400, 404],
+            },
+        ),
+        (
+            "get",
+            "/agents/{id}/status",
+            Op {
+                summary:
+                    "Connection history: intervals, first/last connected, status since, uptime %",
+                scope: read,
+                params: vec![
+                    agent(),
+                    param(
+                        "window_s",
+                        "query",
+                        integer(1),
+                        "seconds back from now (default 86400)",
+                    ),
+                ],
+                body: None,
+                ok: ok_json(200, "status history", object()),
+                errors: &[400, 404],
+            },
+        ),
+        (
+            "get",
+            "/agents/{id}/events",
+            Op {
+                summary: "An agent's events, newest first",
+                scope: read,
+                params: vec![agent(), limit(10_000)],
+                body: None,
+                ok: ok_json(200, "events", json!({"type": "array", "items": object()})),
+                errors: &[400, 404],
+            },
+        ),
+        (
+            "get",
+            "/agents/{id}/heartbeats",
+            Op {
+                summary: "An agent's recent heartbeats (CPU, memory, load, network), oldest first",
+                scope: read,
+                params: vec![agent()],
+                body: None,
+                ok: ok_json(
+                    200,
+                    "heartbeats",
+                    json!({"type": "array", "items": {"type": "object", "properties": {
+                "at_ms": {"type": "integer"}, "cpu_pct": {"type": "number"},
+                "mem_used_kib": {"type": "integer"}, "mem_total_kib": {"type": "integer"},
+                "load1": {"type": "number"}, "rx_bytes": {"type": "integer"}, "tx_bytes": {"type": "integer"}}}}),
+                ),
+                errors: &[404],
+            },
+        ),
+        (
+            "put",
+            "/agents/{id}/modules/{module}",
+            Op {
+                summary: "Load (and configure) a module on a connected agent",
+                scope: measure,
+                params: vec![agent(), path_id("module", "module name")],
+                body: Some(schema_ref("ModuleSettings")),
+                ok: ok_json(202, "command sent", object()),
+                errors: &[400, 404, 409, 422],
+            },
+        ),
+        (
+            "delete",
+            "/agents/{id}/modules/{module}",
+            Op {
+                summary: "Unload a module from a connected agent",
+                scope: measure,
+                params: vec![agent(), path_id("module", "module name")],
+                body: None,
+                ok: ok_json(202, "command sent", object()),
+                errors: &[404, 409],
+            },
+        ),
+        (
+            "post",
+            "/agent/{id}/{module}",
+            Op {
+                summary: "Run a module on one agent",
+                scope: measure,
+                params: vec![
+                    agent(),
+                    path_id("module", "module name (see /modules)"),
+                    param(
+                        "wait",
+                        "query",
+                        json!({"type": "number", "minimum": 0, "maximum": 300}),
+                        "seconds to wait for the result",
+                    ),
+                    param(
+                        "deadline",
+                        "query",
+                        json!({"type": "number", "minimum": 0.001, "maximum": 604800}),
+                        "seconds the request may wait for its agent (default 86400)",
+                    ),
+                    param(
+                        "Idempotency-Key",
+                        "header",
+                        string(),
+                        "a retry with the same key returns the first request",
+                    ),
+                ],
+                body: Some(
+                    json!({"oneOf": catalog::names().iter().map(|m| schema_ref(&format!("params.{m}"))).collect::<Vec<_>>()}),
+                ),
+                ok: ok_json(
+                    202,
+                    "accepted (200 with the result when ?wait saw it finish)",
+                    schema_ref("Request"),
+                ),
+                errors: &[400, 404, 409, 413, 422],
+            },
+        ),
+        (
+            "get",
+            "/modules",
+            Op {
+                summary: "The module catalog with each module's parameter schema",
+                scope: read,
+                params: vec![],
+                body: None,
+                ok: ok_json(200, "modules", list("Module")),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/modules/states/{request_id}",
+            Op {
+                summary: "A request's state and every transition",
+                scope: read,
+                params: vec![path_id("request_id", "request id")],
+                body: None,
+                ok: ok_json(200, "request with transitions", schema_ref("Request")),
+                errors: &[404],
+            },
+        ),
+        (
+            "post",
+            "/v1/measurements",
+            Op {
+                summary: "A measurement on many agents: one-off, or recurring with a schedule",
+                scope: measure,
+                params: vec![],
+                body: Some(schema_ref("NewMeasurement")),
+                ok: ok_json(
+                    202,
+                    "created; Location header names it",
+                    schema_ref("MeasurementCreated"),
+                ),
+                errors: &[400, 404, 413, 422],
+            },
+        ),
+        (
+            "get",
+            "/v1/measurements/{id}",
+            Op {
+                summary: "Status, progress and per-agent states",
+                scope: read,
+                params: vec![path_id("id", "measurement id")],
+                body: None,
+                ok: ok_json(200, "the measurement", schema_ref("Measurement")),
+                errors: &[404],
+            },
+        ),
+        (
+            "delete",
+            "/v1/measurements/{id}",
+            Op {
+                summary: "Cancel what has not finished, or stop a schedule on every agent",
+                scope: measure,
+                params: vec![path_id("id", "measurement id")],
+                body: None,
+                ok: ok_json(200, "stopped", object()),
+                errors: &[404],
+            },
+        ),
+        (
+            "get",
+            "/v1/measurements/{id}/stream",
+            Op {
+                summary: "A measurement's results from its first, live",
+                scope: read,
+                params: vec![path_id("id", "measurement id"), last_event_id()],
+                body: None,
+                ok: sse(),
+                errors: &[400, 404],
+            },
+        ),
+        (
+            "get",
+            "/v1/results",
+            Op {
+                summary: "Results in stored order, a page at a time",
+                scope: read,
+                params: results_params,
+                body: None,
+                ok: ok_json(200, "a page", schema_ref("ResultsPage")),
+                errors: &[400],
+            },
+        ),
+        (
+            "get",
+            "/v1/results/stream",
+            Op {
+                summary: "Results as they are stored, live",
+                scope: read,
+                params: stream_params,
+                body: None,
+                ok: sse(),
+                errors: &[400],
+            },
+        ),
+        (
+            "get",
+            "/admin/agents",
+            Op {
+                summary: "Enrolled agents",
+                scope: admin,
+                params: vec![],
+                body: None,
+                ok: ok_json(
+                    200,
+                    "enrolled agents",
+                    json!({"type": "array", "items": object()}),
+                ),
+                errors: &[],
+            },
+        ),
+        (
+            "post",
+            "/admin/agents",
+            Op {
+                summary: "Enroll an agent; its token is shown once",
+                scope: admin,
+                params: vec![],
+                body: Some(
+                    json!({"type": "object", "required": ["id"], "properties": {"id": string(), "tags": {"type": "array", "items": string()}}}),
+                ),
+                ok: ok_json(201, "enrolled, with the token", object()),
+                errors: &[400, 409, 422],
+            },
+        ),
+        (
+            "post",
+            "/admin/agents/{id}/rotate",
+            Op {
+                summary: "A new token for an agent",
+                scope: admin,
+                params: vec![agent()],
+                body: None,
+                ok: ok_json(200, "the new token", object()),
+                errors: &[404],
+            },
+        ),
+        (
+            "post",
+            "/admin/agents/{id}/revoke",
+            Op {
+                summary: "Revoke an agent",
+                scope: admin,
+                params: vec![agent()],
+                body: None,
+                ok: ok_json(200, "revoked", object()),
+                errors: &[404],
+            },
+        ),
+        (
+            "get",
+            "/admin/tokens",
+            Op {
+                summary: "API tokens",
+                scope: admin,
+                params: vec![],
+                body: None,
+                ok: ok_json(200, "tokens", json!({"type": "array", "items": object()})),
+                errors: &[],
+            },
+        ),
+        (
+            "post",
+            "/admin/tokens",
+            Op {
+                summary: "Create an API token; shown once",
+                scope: admin,
+                params: vec![],
+                body: Some(
+                    json!({"type": "object", "required": ["scopes"], "properties": {
+                "id": string(),
+                "scopes": {"type": "array", "items": {"enum": ["read", "measure", "admin"]}},
+                "rate_per_min": {"type": "number", "exclusiveMinimum": 0}}}),
+                ),
+                ok: ok_json(201, "the token", object()),
+                errors: &[400, 409, 422],
+            },
+        ),
+        (
+            "post",
+            "/admin/tokens/{id}/rotate",
+            Op {
+                summary: "A new secret for a token",
+                scope: admin,
+                params: vec![path_id("id", "token id")],
+                body: None,
+                ok: ok_json(200, "the new token", object()),
+                errors: &[404],
+            },
+        ),
+        (
+            "post",
+            "/admin/tokens/{id}/revoke",
+            Op {
+                summary: "Revoke a token",
+                scope: admin,
+                params: vec![path_id("id", "token id")],
+                body: None,
+                ok: ok_json(200, "revoked", object()),
+                errors: &[404],
+            },
+        ),
+        (
+            "post",
+            "/debug/hold-acks",
+            Op {
+                summary:
+                    "Fault injection, only with --fault-injection: store batches but hold acks",
+                scope: admin,
+                params: vec![param(
+                    "on",
+                    "query",
+                    json!({"type": "boolean"}),
+                    "hold or release",
+                )],
+                body: None,
+                ok: ok_json(200, "the setting", object()),
+                errors: &[400],
+            },
+        ),
+    ]
+}
+
+/// The error statuses and what they mean.
+const ERRORS: &[(u16, &str)] = &[
+    (
+        400,
+        "Malformed JSON or a bad query parameter (field and rule named)",
+    ),
+    (401, "No or wrong token (auth on)"),
+    (
+        403,
+        "The token lacks the scope, or the measurement policy refuses it (rule named)",
+    ),
+    (404, "Unknown agent, module, request, measurement or route"),
+    (
+        409,
+        "The agent is offline, the module is not loaded, or the id exists",
+    ),
+    (413, "Body over max_body_bytes"),
+    (
+        422,
+        "Invalid parameters or over a limit (field and rule named)",
+    ),
+    (
+        429,
+        "Rate limited or the agent's queue is full (Retry-After)",
+    ),
+    (500, "Internal error"),
+    (503, "The store or the bus is unavailable"),
+];
+
+fn components() -> Value {
+    let mut schemas = Map::new();
+    for m in catalog::catalog() {
+        let mut s = m.schema();
+        if let Some(o) = s.as_object_mut() {
+            o.remove("$schema");
+            o.remove("$id");
+        }
+        schemas.insert(format!("params.{}", m.name), s);
+    }
+    let more = json!({
+        "Error": {
+            "type": "object",
+            "required": ["error", "message"],
+            "properties": {
+                "error": {"type": "string", "description": "a stable code: invalid_params, unknown_agent, policy_denied, …"},
+                "message": {"type": "string"},
+                "field": {"type": "string", "description": "the field at fault, as a JSON pointer"},
+                "rule": {"type": "string", "description": "the rule it broke"},
+                "limit": {"type": "string"},
+            },
+        },
+        "Agent": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"}, "alive": {"type": "boolean"},
+                "status": {"enum": ["online", "offline"]},
+                "first_seen": {"type": "string", "format": "date-time"},
+                "last_seen": {"type": "string", "format": "date-time"},
+                "version": {"type": "string"}, "arch": {"type": "string"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "location": {"type": ["object", "null"]},
+                "schedule_version": {"type": "integer"},
+                "outbox": {"type": "object"}, "heartbeat": {"type": ["object", "null"]},
+            },
+        },
+        "Module": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"}, "schema_hash": {"type": "string"}, "schema": {"type": "object"}},
+        },
+        "ModuleSettings": {
+            "type": "object",
+            "properties": {"defaults": {"type": "object"}, "max_rate": {"type": "number"}, "timeout_ms": {"type": "integer"}},
+        },
+        "Request": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "string"}, "agent_id": {"type": "string"}, "module": {"type": "string"},
+                "state": {"enum": ["pending", "dispatched", "received", "running", "succeeded", "failed", "timeout", "expired", "cancelled"]},
+                "trace_id": {"type": "string"}, "result": {}, "transitions": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "Result": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "string"}, "agent_id": {"type": "string"}, "module": {"type": "string"},
+                "measurement_id": {"type": ["string", "null"]},
+                "state": {"type": "string"}, "result": {}, "error": {"type": ["string", "null"]},
+                "received_at": {"type": "string", "format": "date-time"},
+                "started_at": {"type": "string", "format": "date-time"},
+                "finished_at": {"type": "string", "format": "date-time"},
+                "stored_at": {"type": "string", "format": "date-time"},
+                "scheduled_at": {"type": "string", "format": "date-time", "description": "a scheduled run's slot"},
+                "cursor": {"type": "string"},
+            },
+        },
+        "ResultsPage": {
+            "type": "object",
+            "properties": {"results": {"type": "array", "items": schema_ref("Result")}, "next_cursor": {"type": "string"}, "more": {"type": "boolean"}},
+        },
+        "Selection": {
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "ids": {"type": "array", "items": {"type": "string"}},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "country": {"type": "string"}, "asn": {"type": "integer"},
+                "all": {"type": "boolean"}, "alive": {"type": "boolean"},
+                "limit": {"type": "integer", "minimum": 1},
+            },
+        },
+        "Schedule": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["interval_s"],
+            "properties": {
+                "interval_s": {"type": "number", "minimum": crate::fleet::MIN_INTERVAL_S, "maximum": crate::fleet::MAX_INTERVAL_S},
+                "start": {"type": ["string", "number"], "description": "RFC 3339 or seconds since the epoch; default now"},
+                "stop": {"type": ["string", "number"], "description": "RFC 3339 or seconds since the epoch; default never"},
+                "jitter_s": {"type": "number", "minimum": 0, "description": "less than interval_s; default 10 % of it, at most 60"},
+            },
+        },
+        "NewMeasurement": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["module", "agents"],
+            "properties": {
+                "module": {"type": "string"}, "params": {"type": "object"},
+                "agents": schema_ref("Selection"), "schedule": schema_ref("Schedule"),
+                "description": {"type": "string"},
+                "deadline_s": {"type": "number", "minimum": 0.001, "maximum": 604800},
+            },
+        },
+        "MeasurementCreated": {
+            "type": "object",
+            "properties": {"id": {"type": "string"}, "location": {"type": "string"}, "agents": {"type": "array", "items": {"type": "string"}}, "refused": {"type": "array", "items": {"type": "object"}}},
+        },
+        "Measurement": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"}, "module": {"type": "string"},
+                "state": {"enum": ["running", "complete", "scheduled", "finished", "stopped"]},
+                "progress": {"type": "object", "properties": {"summary": {"type": "string"}}},
+                "agents": {"type": "array", "items": {"type": "object"}},
+                "schedule": {"type": ["object", "null"]},
+            },
+        },
+    });
+    if let Value::Object(m) = more {
+        schemas.extend(m);
+    }
+    let responses: Map<String, Value> = ERRORS
+        .iter()
+        .map(|(code, what)| {
+            (
+                format!("E{code}"),
+                json!({"description": what, "content": json_content(schema_ref("Error"))}),
+            )
+        })
+        .collect();
+    json!({
+        "schemas": schemas,
+        "responses": responses,
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "an API token (imn tokens add); needed when the backend runs with --auth"}},
+    })
+}
+
+/// The whole document.
+pub fn document() -> Value {
+    let mut paths: Map<String, Value> = Map::new();
+    for (method, path, op) in operations() {
+        let id = format!(
+            "{method}{}",
+            path.split(['/', '{', '}', '-', '.'])
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let mut c = p.chars();
+                    c.next()
+                        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                        .unwrap_or_default()
+                })
+                .collect::<String>()
+        );
+        let id = if path == "/" {
+            "getDashboard".to_string()
+        } else {
+            id
+        };
+        let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
+        entry[method] = op.to_json(id);
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "IMN API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "The Internet Measurement Network's backend: agents, measurements, results and their streams. With --auth, send `Authorization: Bearer TOKEN`; each operation's x-imn-scope names the scope it needs.",
+        },
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": components(),
+    })
+}
+
+/// Every (method, path) in the document, for tests.
+pub fn routes() -> Vec<(String, String)> {
+    operations()
+        .into_iter()
+        .map(|(m, p, _)| (m.to_string(), p.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every route the router in api.rs declares (read from its source, so a new
+    /// route without documentation fails here), with every method, is documented, and
+    /// nothing documented is missing from the router.
+    #[test]
+    fn every_route_of_the_router_is_documented() {
+        let src = include_str!("api.rs");
+        let router = &src[src.find("pub fn router").unwrap()..];
+        let router = &router[..router.find("\n}\n").unwrap()];
+        let mut declared = std::collections::BTreeSet::new();
+        for part in router.split(".route(").skip(1) {
+            let path = part.split('"').nth(1).unwrap().to_string();
+            let rest = &part[part.find(',').unwrap()..];
+            let call = &rest[..rest.find(".route(").unwrap_or(rest.len())];
+            for m in ["get", "post", "put", "delete"] {
+                if call.contains(&format!("{m}(")) {
+                    declared.insert((m.to_string(), path.clone()));
+                }
+            }
+        }
+        assert!(declared.len() > 30, "the router was not read: {declared:?}");
+        let documented: std::collections::BTreeSet<_> = routes().into_iter().collect();
+        let missing: Vec<_> = declared.difference(&documented).collect();
+        assert!(
+            missing.is_empty(),
+            "routes without documentation: {missing:?}"
+        );
+        let extra: Vec<_> = documented.difference(&declared).collect();
+        assert!(extra.is_empty(), "documented but not routed: {extra:?}");
+        let doc = document();
+        assert_eq!(doc["openapi"], "3.1.0");
+        for m in catalog::names() {
+            assert!(doc["components"]["schemas"][format!("params.{m}")].is_object());
+        }
+    }
+}

@@ -1,0 +1,473 @@
+// The IMN dashboard: fleet, agent, measurement and request pages, over the REST API
+// and its Server-Sent Events. Plain JavaScript served by the backend: no build step,
+// no CDN, no internet.
+"use strict";
+
+const state = { token: localStorage.getItem("imn-token") || "", timers: [], streams: [], page: 0 };
+const view = document.getElementById("view");
+
+// ---- helpers -------------------------------------------------------------------
+
+function h(tag, attrs, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined) continue;
+    e.appendChild(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+function banner(text) {
+  const b = document.getElementById("banner");
+  b.textContent = text || "";
+  b.hidden = !text;
+}
+
+function fmtAgo(iso) {
+  if (!iso) return "never";
+  const s = Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+  if (s < 60) return `${s.toFixed(0)} s ago`;
+  if (s < 3600) return `${(s / 60).toFixed(0)} min ago`;
+  if (s < 86400) return `${(s / 3600).toFixed(1)} h ago`;
+  return `${(s / 86400).toFixed(1)} d ago`;
+}
+
+function fmtTs(iso) {
+  return iso ? new Date(iso).toLocaleString() : "-";
+}
+
+function headers(extra) {
+  const hd = Object.assign({}, extra || {});
+  if (state.token) hd.Authorization = "Bearer " + state.token;
+  return hd;
+}
+
+async function api(path, opts) {
+  opts = opts || {};
+  const hd = headers(opts.body !== undefined ? { "Content-Type": "application/json" } : {});
+  const r = await fetch(path, { method: opts.method || "GET", headers: hd, body: opts.body !== undefined ? JSON.stringify(opts.body) : undefined });
+  const text = await r.text();
+  let body;
+  try { body = JSON.parse(text); } catch (_) { body = text; }
+  if (r.status === 401) banner("This backend runs with auth: enter an API token above (read scope to watch, measure scope to run measurements).");
+  if (!r.ok) {
+    const e = new Error((body && body.message) || `${r.status} ${r.statusText}`);
+    e.status = r.status;
+    e.body = body;
+    throw e;
+  }
+  return body;
+}
+
+// Server-Sent Events over fetch (EventSource cannot send a token). Resumes after the
+// last event id when the connection drops, so nothing is missed or repeated.
+function stream(path, onEvent) {
+  const ctl = { stopped: false, abort: null, lastId: null };
+  (async () => {
+    while (!ctl.stopped) {
+      const ac = new AbortController();
+      ctl.abort = ac;
+      try {
+        const r = await fetch(path, { headers: headers(ctl.lastId ? { "Last-Event-ID": ctl.lastId } : {}), signal: ac.signal });
+        if (!r.ok) throw new Error(`${r.status}`);
+        const reader = r.body.getReader();
+        const dec = new TextDecoder();
+        let buf = "", data = "", id = null;
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += dec.decode(value, { stream: true });
+          let nl;
+          while ((nl = buf.indexOf("\n")) >= 0) {
+            const line = buf.slice(0, nl).replace(/\r$/, "");
+            buf = buf.slice(nl + 1);
+            if (line === "") {
+              if (data) {
+                try { onEvent(JSON.parse(data)); } catch (_) { /* not a result */ }
+                if (id) ctl.lastId = id;
+              }
+              data = ""; id = null;
+            } else if (line.startsWith("id:")) id = line.slice(3).trim();
+            else if (line.startsWith("data:")) data += line.slice(5).trimStart();
+          }
+        }
+      } catch (_) { /* dropped or stopped: retry below */ }
+      if (!ctl.stopped) await new Promise((res) => setTimeout(res, 1000));
+    }
+  })();
+  const handle = { stop() { ctl.stopped = true; if (ctl.abort) ctl.abort.abort(); } };
+  state.streams.push(handle);
+  return handle;
+}
+
+function every(ms, fn) {
+  const page = state.page;
+  const run = () => { if (page === state.page) fn().catch((e) => banner(e.message)); };
+  run();
+  state.timers.push(setInterval(run, ms));
+}
+
+function table(headersRow, rows, attrs) {
+  return h("table", attrs || {},
+    h("thead", {}, h("tr", {}, headersRow.map((c) => h("th", {}, c)))),
+    h("tbody", {}, rows));
+}
+
+function summarize(r) {
+  if (r.error) return r.error;
+  const res = r.result || {};
+  if (Array.isArray(res.targets)) {
+    return res.targets.map((t) => `${t.addr || t.host}: ${t.received}/${t.sent} received, avg ${t.avg_ms == null ? "-" : t.avg_ms.toFixed(3)} ms`).join("; ");
+  }
+  if (Array.isArray(res.attempts)) return `${res.addr}:${res.port} ${res.open}/${res.sent} open, avg ${res.avg_ms == null ? "-" : res.avg_ms.toFixed(3)} ms`;
+  if (typeof res.message === "string") return res.message;
+  return JSON.stringify(res);
+}
+
+function stateCell(s) {
+  return h("td", { class: s }, s);
+}
+
+// ---- fleet ---------------------------------------------------------------------
+
+async function fleetPage() {
+  const alive = h("div", { class: "n", id: "count-alive" }, "–");
+  const offline = h("div", { class: "n", id: "count-offline" }, "–");
+  const never = h("div", { class: "n", id: "count-never" }, "–");
+  const filter = h("input", { id: "filter", placeholder: "filter: id, tag, version, arch, country", size: 40 });
+  const status = h("select", { id: "status-filter" }, h("option", { value: "" }, "any status"), h("option", { value: "alive" }, "alive"), h("option", { value: "offline" }, "offline"));
+  const body = h("tbody");
+  view.replaceChildren(
+    h("h1", {}, "Fleet"),
+    h("div", { class: "cards" },
+      h("div", { class: "card" }, alive, h("div", { class: "l" }, "alive")),
+      h("div", { class: "card" }, offline, h("div", { class: "l" }, "offline")),
+      h("div", { class: "card" }, never, h("div", { class: "l" }, "enrolled, never seen"))),
+    h("div", { class: "filters" }, filter, status),
+    h("table", { id: "agents" },
+      h("thead", {}, h("tr", {}, ["status", "agent", "last seen", "version", "arch", "tags", "location", "outbox", "dropped", "uptime (24 h)"].map((c) => h("th", {}, c)))),
+      body));
+  let agents = [], uptime = {};
+  const render = () => {
+    const q = filter.value.trim().toLowerCase();
+    const want = status.value;
+    body.replaceChildren(...agents.filter((a) => {
+      if (want && (a.alive ? "alive" : "offline") !== want) return false;
+      if (!q) return true;
+      const loc = a.location || {};
+      return [a.id, a.version, a.arch, loc.country, loc.city, ...(a.tags || [])].some((v) => v && String(v).toLowerCase().includes(q));
+    }).map((a) => {
+      const loc = a.location || {};
+      const up = uptime[a.id];
+      return h("tr", { "data-agent": a.id },
+        stateCell(a.alive ? "alive" : "offline"),
+        h("td", {}, h("a", { href: `#/agent/${encodeURIComponent(a.id)}` }, a.id)),
+        h("td", { title: a.last_seen }, fmtAgo(a.last_seen)),
+        h("td", {}, a.version), h("td", {}, a.arch),
+        h("td", {}, (a.tags || []).join(", ")),
+        h("td", {}, [loc.country, loc.city].filter(Boolean).join(" ") || "-"),
+        h("td", { class: "num" }, a.outbox && a.outbox.depth != null ? a.outbox.depth : "-"),
+        h("td", { class: "num" }, a.outbox && a.outbox.dropped != null ? a.outbox.dropped : "-"),
+        h("td", { class: "num" }, up == null ? "-" : `${up.toFixed(1)} %`));
+    }));
+  };
+  filter.addEventListener("input", render);
+  status.addEventListener("change", render);
+  every(5000, async () => {
+    agents = await api("/agents");
+    alive.textContent = agents.filter((a) => a.alive).length;
+    offline.textContent = agents.filter((a) => !a.alive).length;
+    try {
+      const enrolled = await api("/admin/agents");
+      never.textContent = enrolled.filter((e) => !e.revoked_at && !agents.some((a) => a.id === e.id)).length;
+    } catch (_) { never.textContent = "–"; never.title = "needs an admin token"; }
+    render();
+    await Promise.all(agents.slice(0, 200).map(async (a) => {
+      const window_s = Math.max(1, Math.min(86400, Math.round((Date.now() - Date.parse(a.first_seen)) / 1000)));
+      try { uptime[a.id] = (await api(`/agents/${encodeURIComponent(a.id)}/status?window_s=${window_s}`)).uptime_pct; } catch (_) { /* keep */ }
+    }));
+    render();
+  });
+}
+
+// ---- agent ---------------------------------------------------------------------
+
+async function agentPage(id) {
+  const enc = encodeURIComponent(id);
+  const info = h("div");
+  const charts = h("div", { class: "charts", id: "heartbeat-charts" });
+  const rtt = h("div", { class: "charts", id: "rtt-charts" });
+  const results = h("div");
+  const history = h("div", { id: "status-history" });
+  view.replaceChildren(h("h1", {}, "Agent ", h("span", { class: "mono" }, id)), info,
+    h("h2", {}, "Heartbeats"), charts, h("h2", {}, "RTT per target (ping_module)"), rtt,
+    h("h2", {}, "Recent results"), results, h("h2", {}, "Status history (24 h)"), history);
+  every(5000, async () => {
+    const a = await api(`/agents/${enc}`);
+    const loc = a.location || {};
+    info.replaceChildren(table(["status", "last seen", "version", "arch", "tags", "location", "outbox", "dropped", "schedule version"], [h("tr", {},
+      stateCell(a.alive ? "alive" : "offline"), h("td", {}, fmtAgo(a.last_seen)), h("td", {}, a.version), h("td", {}, a.arch),
+      h("td", {}, (a.tags || []).join(", ")),
+      h("td", {}, [loc.country, loc.city, loc.asn ? `AS${loc.asn}` : null].filter(Boolean).join(" ") || "-"),
+      h("td", { class: "num" }, a.outbox ? a.outbox.depth : "-"), h("td", { class: "num" }, a.outbox ? a.outbox.dropped : "-"),
+      h("td", { class: "num" }, a.schedule_version))]));
+    const hb = await api(`/agents/${enc}/heartbeats`);
+    const net = { rx: [], tx: [] };
+    for (let i = 1; i < hb.length; i++) {
+      const dt = (hb[i].at_ms - hb[i - 1].at_ms) / 1000;
+      if (dt <= 0) continue;
+      net.rx.push([hb[i].at_ms, Math.max(0, hb[i].rx_bytes - hb[i - 1].rx_bytes) / 1024 / dt]);
+      net.tx.push([hb[i].at_ms, Math.max(0, hb[i].tx_bytes - hb[i - 1].tx_bytes) / 1024 / dt]);
+    }
+    charts.replaceChildren(
+      lineChart({ title: "CPU", series: [{ name: "CPU", points: hb.map((p) => [p.at_ms, p.cpu_pct]) }], xTime: true, xLabel: "time", yLabel: "CPU (%)", yUnit: "%" }),
+      lineChart({ title: "Memory used", series: [{ name: "used", points: hb.map((p) => [p.at_ms, p.mem_used_kib / 1024]) }], xTime: true, xLabel: "time", yLabel: "memory (MiB)", yUnit: "MiB" }),
+      lineChart({ title: "Load", series: [{ name: "load (1 min)", points: hb.map((p) => [p.at_ms, p.load1]) }], xTime: true, xLabel: "time", yLabel: "load average (1 min)", yUnit: "" }),
+      lineChart({ title: "Network", series: [{ name: "received", points: net.rx }, { name: "sent", points: net.tx }], xTime: true, xLabel: "time", yLabel: "KiB/s", yUnit: "KiB/s" }));
+    const rs = await api(`/agents/${enc}/results?limit=200`);
+    const byTarget = {};
+    for (const r of rs.slice().reverse()) {
+      for (const t of (r.result && r.result.targets) || []) {
+        (byTarget[t.addr || t.host] = byTarget[t.addr || t.host] || []).push([Date.parse(r.finished_at), t.avg_ms]);
+      }
+    }
+    rtt.replaceChildren(...Object.entries(byTarget).map(([target, points]) =>
+      lineChart({ title: target, series: [{ name: `avg RTT to ${target}`, points }], xTime: true, xLabel: "time", yLabel: "RTT (ms)", yUnit: "ms" })));
+    if (!rtt.children.length) rtt.append(h("p", { class: "muted" }, "no ping results yet"));
+    results.replaceChildren(table(["finished", "module", "state", "result", "request"], rs.slice(0, 25).map((r) => h("tr", {},
+      h("td", {}, fmtTs(r.finished_at)), h("td", {}, r.module), stateCell(r.state), h("td", {}, summarize(r)),
+      h("td", {}, h("a", { href: `#/request/${encodeURIComponent(r.request_id)}`, class: "mono" }, r.request_id.slice(0, 8)))))));
+    const st = await api(`/agents/${enc}/status?window_s=86400`);
+    const from = Date.now() - 86400 * 1000;
+    const bar = h("div", { class: "timeline", title: "last 24 h" });
+    for (const iv of st.intervals) {
+      const a0 = Math.max(from, Date.parse(iv.from));
+      const a1 = iv.until ? Date.parse(iv.until) : Date.now();
+      if (a1 <= a0) continue;
+      bar.append(h("div", { class: iv.status === "connected" ? "up" : "down", style: `width:${((a1 - a0) / (86400 * 10)).toFixed(3)}%`, title: `${iv.status} ${fmtTs(iv.from)} – ${iv.until ? fmtTs(iv.until) : "now"}` }));
+    }
+    history.replaceChildren(
+      h("p", {}, `Status: ${st.status} since ${fmtTs(st.status_since)}; first connected ${fmtTs(st.first_connected)}; last connected ${fmtTs(st.last_connected)}; uptime ${st.uptime_pct.toFixed(2)} % of 24 h.`),
+      bar,
+      table(["status", "from", "until"], st.intervals.slice(-20).reverse().map((iv) => h("tr", {}, stateCell(iv.status === "connected" ? "online" : "offline"), h("td", {}, fmtTs(iv.from)), h("td", {}, iv.until ? fmtTs(iv.until) : "now")))));
+  });
+}
+
+// ---- measure: a form from the module's JSON Schema ------------------------------
+
+function fieldFor(name, prop, required) {
+  const id = `p-${name}`;
+  const hint = [prop.description, prop.minimum != null ? `min ${prop.minimum}` : null, prop.maximum != null ? `max ${prop.maximum}` : null, required ? "required" : null].filter(Boolean).join("; ");
+  let input;
+  const type = Array.isArray(prop.type) ? prop.type.find((t) => t !== "null") : prop.type;
+  if (prop.enum) {
+    input = h("select", { id, name }, h("option", { value: "" }, "(default)"), prop.enum.map((v) => h("option", { value: JSON.stringify(v) }, String(v))));
+  } else if (type === "boolean") {
+    input = h("input", { id, name, type: "checkbox" });
+  } else if (type === "integer" || type === "number") {
+    input = h("input", { id, name, type: "number", step: type === "integer" ? "1" : "any", placeholder: prop.default != null ? `default ${prop.default}` : "" });
+  } else {
+    input = h("input", { id, name, type: "text", size: 40, placeholder: type === "array" ? "comma-separated" : (prop.default != null ? `default ${prop.default}` : "") });
+  }
+  input.dataset.type = type || "string";
+  if (prop.items && prop.items.type) input.dataset.items = prop.items.type;
+  return [h("label", { for: id }, name), h("div", {}, input, h("div", { class: "hint" }, hint), h("div", { class: "field-error", id: `err-${name}` }))];
+}
+
+function valueOf(input) {
+  const t = input.dataset.type;
+  if (t === "boolean") return input.checked ? true : undefined;
+  const v = input.value.trim();
+  if (v === "") return undefined;
+  if (input.tagName === "SELECT") return JSON.parse(v);
+  // Sent as typed: a value the schema refuses comes back as a field error.
+  if (t === "integer" || t === "number") return Number(v);
+  if (t === "array") return v.split(",").map((x) => x.trim()).filter(Boolean).map((x) => (input.dataset.items === "integer" || input.dataset.items === "number") ? Number(x) : x);
+  if (t === "object") { try { return JSON.parse(v); } catch (_) { return v; } }
+  return v;
+}
+
+async function measurePage() {
+  const modules = await api("/modules");
+  const select = h("select", { id: "module", name: "module" }, modules.map((m) => h("option", { value: m.name }, m.name)));
+  const fields = h("div", { id: "param-fields", style: "display:contents" });
+  const formError = h("div", { class: "field-error", id: "form-error" });
+  const sel = {
+    all: h("input", { id: "sel-all", type: "checkbox", checked: true }),
+    ids: h("input", { id: "sel-ids", placeholder: "agent ids, comma-separated", size: 40 }),
+    tags: h("input", { id: "sel-tags", placeholder: "tags the agents all have", size: 40 }),
+    country: h("input", { id: "sel-country", placeholder: "DE", size: 4 }),
+    asn: h("input", { id: "sel-asn", type: "number", size: 8 }),
+    limit: h("input", { id: "sel-limit", type: "number", min: 1, size: 6 }),
+  };
+  const every_s = h("input", { id: "every", type: "number", min: 1, placeholder: "one-off", size: 8 });
+  const deadline = h("input", { id: "deadline", type: "number", min: 1, value: 60, size: 8 });
+  const render = () => {
+    const m = modules.find((x) => x.name === select.value);
+    const props = (m && m.schema && m.schema.properties) || {};
+    const req = (m && m.schema && m.schema.required) || [];
+    fields.replaceChildren(...Object.entries(props).flatMap(([name, prop]) => fieldFor(name, prop, req.includes(name))));
+    const host = document.getElementById("p-host");
+    if (host && !host.value) host.value = "127.0.0.1";
+  };
+  select.addEventListener("change", render);
+  if (modules.some((m) => m.name === "ping_module")) select.value = "ping_module";
+  const form = h("form", { class: "grid", id: "measure-form" },
+    h("label", { for: "module" }, "module"), h("div", {}, select, h("div", { class: "hint" }, "parameters below follow the module's JSON Schema")),
+    fields,
+    h("label", {}, "agents"), h("div", {},
+      h("div", {}, h("label", {}, sel.all, " all agents"), " or pick by:"),
+      h("div", {}, "ids ", sel.ids), h("div", {}, "tags ", sel.tags),
+      h("div", {}, "country ", sel.country, " AS ", sel.asn, " at most ", sel.limit, " agents"),
+      h("div", { class: "field-error", id: "err-agents" })),
+    h("label", { for: "every" }, "every (s)"), h("div", {}, every_s, h("div", { class: "hint" }, "empty: one-off; a number: a recurring measurement that each agent runs from its own copy")),
+    h("label", { for: "deadline" }, "deadline (s)"), h("div", {}, deadline, h("div", { class: "hint" }, "one-off: agents that have not reported by then count as expired")),
+    h("div", {}), h("div", {}, h("button", { id: "submit", type: "submit" }, "Run"), formError));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    for (const e of form.querySelectorAll(".field-error")) e.textContent = "";
+    for (const e of form.querySelectorAll(".invalid")) e.classList.remove("invalid");
+    const params = {};
+    for (const input of fields.querySelectorAll("input, select")) {
+      const v = valueOf(input);
+      if (v !== undefined) params[input.name] = v;
+    }
+    const agents = {};
+    const list = (s) => s.split(",").map((x) => x.trim()).filter(Boolean);
+    if (sel.all.checked) agents.all = true;
+    if (sel.ids.value.trim()) agents.ids = list(sel.ids.value);
+    if (sel.tags.value.trim()) agents.tags = list(sel.tags.value);
+    if (sel.country.value.trim()) agents.country = sel.country.value.trim();
+    if (sel.asn.value) agents.asn = Number(sel.asn.value);
+    if (sel.limit.value) agents.limit = Number(sel.limit.value);
+    const body = { module: select.value, params, agents };
+    if (every_s.value) body.schedule = { interval_s: Number(every_s.value) };
+    else if (deadline.value) body.deadline_s = Number(deadline.value);
+    try {
+      const r = await api("/v1/measurements", { method: "POST", body });
+      location.hash = `#/m/${encodeURIComponent(r.id)}`;
+    } catch (e) {
+      const field = (e.body && e.body.field) || "";
+      const name = field.replace(/^\//, "").split("/")[0];
+      const target = field.startsWith("/agents") ? document.getElementById("err-agents") : document.getElementById(`err-${name}`);
+      if (target && name) {
+        target.textContent = e.message;
+        const input = document.getElementById(`p-${name}`);
+        if (input) input.classList.add("invalid");
+      } else {
+        formError.textContent = e.message;
+      }
+    }
+  });
+  view.replaceChildren(h("h1", {}, "New measurement"), form);
+  render();
+}
+
+// ---- a measurement, live ---------------------------------------------------------
+
+async function measurementPage(id) {
+  const enc = encodeURIComponent(id);
+  const summary = h("p", { id: "summary" }, "…");
+  const states = h("div", { id: "agent-states" });
+  const chart = h("div", { class: "charts", id: "rtt-chart" });
+  const tbody = h("tbody");
+  view.replaceChildren(h("h1", {}, "Measurement ", h("span", { class: "mono" }, id)), summary,
+    h("h2", {}, "Agents"), states, h("h2", {}, "RTT"), chart,
+    h("h2", {}, "Results (live)"), h("table", { id: "results" }, h("thead", {}, h("tr", {}, ["finished", "agent", "state", "result"].map((c) => h("th", {}, c)))), tbody));
+  const series = {};
+  const drawChart = () => {
+    const list = Object.entries(series).map(([name, points]) => ({ name, points }));
+    chart.replaceChildren(list.length
+      ? lineChart({ title: "RTT of each probe", series: list, xLabel: "probe #", yLabel: "RTT (ms)", yUnit: "ms", width: 640, legend: true })
+      : h("p", { class: "muted" }, "no RTTs yet"));
+  };
+  drawChart();
+  stream(`/v1/measurements/${enc}/stream`, (r) => {
+    tbody.append(h("tr", { "data-agent": r.agent_id }, h("td", {}, fmtTs(r.finished_at)), h("td", {}, r.agent_id), stateCell(r.state), h("td", {}, summarize(r))));
+    for (const t of (r.result && r.result.targets) || []) {
+      const key = `${r.agent_id} → ${t.addr || t.host}`;
+      const s = series[key] = series[key] || [];
+      for (const rtt of t.rtts_ms || []) s.push([s.length + 1, rtt]);
+    }
+    drawChart();
+  });
+  every(1000, async () => {
+    const m = await api(`/v1/measurements/${enc}`);
+    summary.replaceChildren(h("span", { class: m.state }, m.state), ` — ${m.progress.summary}`, m.schedule ? ` — every ${m.schedule.interval_s} s` : "");
+    states.replaceChildren(table(["agent", "state", m.schedule ? "runs" : "request", "alive"], m.agents.map((a) => h("tr", {},
+      h("td", {}, h("a", { href: `#/agent/${encodeURIComponent(a.agent_id)}` }, a.agent_id)),
+      stateCell(a.state || a.schedule),
+      h("td", {}, a.request_id ? h("a", { href: `#/request/${encodeURIComponent(a.request_id)}`, class: "mono" }, a.request_id.slice(0, 8)) : String(a.runs)),
+      stateCell(a.alive ? "alive" : "offline")))));
+  });
+}
+
+// ---- request lookup --------------------------------------------------------------
+
+async function requestPage(id) {
+  const enc = encodeURIComponent(id);
+  let r;
+  try {
+    r = await api(`/modules/states/${enc}`);
+  } catch (e) {
+    if (e.status === 404) {
+      try { await api(`/v1/measurements/${enc}`); location.hash = `#/m/${enc}`; return; } catch (_) { /* neither */ }
+    }
+    view.replaceChildren(h("h1", {}, "Not found"), h("p", { id: "lookup-error" }, e.message));
+    return;
+  }
+  const result = h("div");
+  view.replaceChildren(h("h1", {}, "Request ", h("span", { class: "mono" }, id)),
+    h("p", {}, "Agent ", h("a", { href: `#/agent/${encodeURIComponent(r.agent_id)}` }, r.agent_id), `, module ${r.module}, state `, h("span", { class: r.state, id: "request-state" }, r.state), r.trace_id ? `, trace ${r.trace_id}` : ""),
+    table(["at", "state", "by", "detail"], r.transitions.map((t) => h("tr", {}, h("td", {}, fmtTs(t.at)), stateCell(t.state), h("td", {}, t.observer), h("td", {}, t.detail || "")))),
+    h("h2", {}, "Result"), result);
+  try {
+    const res = await api(`/agents/${encodeURIComponent(r.agent_id)}/results/${enc}`);
+    result.replaceChildren(h("p", {}, summarize(res)), h("pre", { class: "mono" }, JSON.stringify(res.result, null, 2)));
+  } catch (_) {
+    result.replaceChildren(h("p", { class: "muted" }, "no result yet"));
+  }
+}
+
+// ---- routing ---------------------------------------------------------------------
+
+async function route() {
+  state.page += 1;
+  state.timers.forEach(clearInterval);
+  state.timers = [];
+  state.streams.forEach((s) => s.stop());
+  state.streams = [];
+  banner("");
+  const parts = (location.hash || "#/").slice(2).split("/").map(decodeURIComponent);
+  document.getElementById("nav-fleet").className = parts[0] === "" || parts[0] === "agent" ? "active" : "";
+  document.getElementById("nav-measure").className = parts[0] === "measure" || parts[0] === "m" ? "active" : "";
+  try {
+    if (parts[0] === "agent" && parts[1]) await agentPage(parts[1]);
+    else if (parts[0] === "measure") await measurePage();
+    else if (parts[0] === "m" && parts[1]) await measurementPage(parts[1]);
+    else if (parts[0] === "request" && parts[1]) await requestPage(parts[1]);
+    else await fleetPage();
+  } catch (e) {
+    banner(e.message);
+  }
+}
+
+document.getElementById("lookup").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const id = document.getElementById("lookup-id").value.trim();
+  if (id) location.hash = `#/request/${encodeURIComponent(id)}`;
+});
+const tokenInput = document.getElementById("token");
+tokenInput.value = state.token;
+document.getElementById("token-save").addEventListener("click", () => {
+  state.token = tokenInput.value.trim();
+  localStorage.setItem("imn-token", state.token);
+  route();
+});
+window.addEventListener("hashchange", route);
+route();
