@@ -176,6 +176,12 @@ async fn the_dashboard_works_with_auth_once_a_token_is_entered() {
     let admin = up.admin();
     admin.wait_alive(&["agent-1", "agent-2"], T).await;
     let token = std::fs::read_to_string(up.dir.path().join("data/admin-token")).unwrap();
+    // The page, its assets and the API description are open; the data is not.
+    for open in ["/", "/ui/app.js", "/docs", "/openapi.json"] {
+        let r = up.api.try_get(open).await.expect(open);
+        assert_eq!(r.status, 200, "{open}");
+    }
+    assert_eq!(up.api.get("/agents/agent-1/heartbeats").await.status, 401);
     let base = format!("http://127.0.0.1:{}", up.http_port);
     let b = Browser::start().await;
     b.goto(&format!("{base}/#/")).await;
