@@ -269,6 +269,13 @@ pub async fn create(
         .clone()
         .map(|v| ScheduleSpec::parse(v, now))
         .transpose()?;
+    if schedule.is_some() && m.deadline_s.is_some() {
+        return Err(invalid(
+            "/deadline_s",
+            "one_off_only",
+            "a deadline is for one-off measurements; a recurring one runs until its schedule's stop or DELETE".into(),
+        ));
+    }
     if m.agents.limit == Some(0) {
         return Err(ApiError::InvalidParams {
             field: "/agents/limit".into(),

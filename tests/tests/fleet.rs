@@ -772,6 +772,21 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
         assert_eq!(r.status, 422, "{schedule}: {}", r.body);
         assert_eq!(r.body["field"], json!(field), "{schedule}: {}", r.body);
     }
+    let r = api
+        .post(
+            "/v1/measurements",
+            &json!({"module": "echo_module", "params": {"message": "x"}, "agents": {"all": true},
+                "schedule": {"interval_s": 2}, "deadline_s": 10})
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["field"].clone()),
+        (422, json!("/deadline_s")),
+        "{}",
+        r.body
+    );
 
     let r = api
         .post(
