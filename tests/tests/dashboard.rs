@@ -101,6 +101,22 @@ async fn the_dashboard_shows_the_fleet_runs_a_measurement_live_and_names_bad_fie
         labels.contains("RTT (ms)") && labels.contains("probe #"),
         "{labels}"
     );
+    // Hovering over the chart shows the nearest value, with its unit.
+    b.eval(
+        "const svg = document.querySelector('#rtt-chart svg'); const r = svg.getBoundingClientRect(); \
+         const dot = svg.querySelector('circle').getBoundingClientRect(); \
+         svg.dispatchEvent(new MouseEvent('mousemove', {clientX: dot.x + dot.width / 2, clientY: dot.y + dot.height / 2, bubbles: true})); \
+         return r.width > 0;",
+    )
+    .await;
+    let tip = b
+        .eval("const t = document.getElementById('tip'); return t.hidden ? '' : t.textContent")
+        .await;
+    let tip = tip.as_str().unwrap();
+    assert!(
+        tip.contains(" ms") && tip.contains("agent-"),
+        "hover shows {tip:?}"
+    );
     b.screenshot(&shots.join("2-measurement.png")).await;
 
     // Request lookup by id: one of this measurement's requests.
@@ -164,6 +180,17 @@ async fn the_dashboard_shows_the_fleet_runs_a_measurement_live_and_names_bad_fie
         T,
     )
     .await;
+    // The docs send a request and show the answer.
+    b.click("#getAgents summary").await;
+    b.click("#getAgents button").await;
+    b.wait_true(
+        "the docs' answer",
+        "return document.querySelector('#getAgents pre').textContent.startsWith('200')",
+        T,
+    )
+    .await;
+    let answer = b.text("#getAgents pre").await;
+    assert!(answer.contains("agent-1"), "{answer}");
     b.screenshot(&shots.join("5-docs.png")).await;
     b.quit().await;
 }
