@@ -117,31 +117,22 @@ impl Client {
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await.map_err(|e| ClientError::Http {
-            url: self.base.clone(),
-            message: error_chain(&e),
-        })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body: Value = resp.json().await.unwrap_or(Value::Null);
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message: body
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no message")
-                    .to_string(),
-                body,
-            });
-        }
-        Ok(resp)
+        self.open(req).await
     }
 
-    async fn send(&self, mut req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
-        req = req.timeout(std::time::Duration::from_secs(60));
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let resp = self
+            .open(req.timeout(std::time::Duration::from_secs(60)))
+            .await?;
+        Ok(resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Sends with the token; an error status becomes [`ClientError::Api`] with the
+    /// API's JSON error.
+    async fn open(
+        &self,
+        mut req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -150,20 +141,19 @@ impl Client {
             message: error_chain(&e),
         })?;
         let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
         let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            let message = body
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            message: body
                 .get("message")
                 .and_then(Value::as_str)
                 .unwrap_or("no message")
-                .to_string();
-            return Err(ClientError::Api {
-                status: status.as_u16(),
-                message,
-                body,
-            });
-        }
-        Ok(body)
+                .to_string(),
+            body,
+        })
     }
 }
 
