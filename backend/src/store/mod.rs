@@ -1,12 +1,18 @@
 //! Where the backend keeps agents, requests, their state transitions, and every record
 //! agents sent. One trait; the embedded default is [`SqliteStore`] (one file, no
-//! setup), and a PostgreSQL implementation can sit beside it.
+//! setup); [`PostgresStore`] is for deployments where several backends share one
+//! database.
 //!
 //! Records are keyed by (agent, epoch, seq), so storing is idempotent: a batch sent
 //! twice is stored once, which makes the at-least-once path exactly-once for users.
 
+#[cfg(test)]
+mod conformance;
+pub mod pg_cluster;
+mod postgres;
 mod sqlite;
 
+pub use postgres::{redact, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;

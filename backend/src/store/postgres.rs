@@ -1,0 +1,1488 @@
+//! The PostgreSQL store: the same [`Store`] as the embedded one, for deployments that
+//! outgrow one machine. Several backends share one database.
+//!
+//! - Records are partitioned by the agent's time (`at_ms`), one partition per month,
+//!   made on first use; times outside 2000–2100 (a device that booted without a
+//!   clock) go to a default partition. Old months can be detached or dropped whole.
+//! - A record's id is (agent, epoch, seq): a unique index (with `at_ms`, which a
+//!   partitioned table requires, and which a resend repeats) drops resent records.
+//! - Positions (the API's cursor) come from one sequence. Writers take a transaction
+//!   advisory lock before they draw positions, so positions commit in order, and a
+//!   reader paging by position never skips a record another backend commits late.
+//! - A group of batches is one transaction of a few statements over arrays
+//!   (`unnest`), not one statement per record.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
+use imn_modules::wire::{Hello, RequestState};
+use tokio_postgres::NoTls;
+
+use super::{
+    AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, MeasurementRow, NewRequest,
+    PreparedBatch, RequestRow, ResultFilter, ResultRow, ScheduleProgress, Store, StoreError,
+    Transition,
+};
+
+/// Advisory lock keys (any two constants unlikely to clash with an application's).
+const WRITE_LOCK: i64 = 0x494d_4e5f_5752; // "IMN_WR"
+const MIGRATE_LOCK: i64 = 0x494d_4e5f_4d47; // "IMN_MG"
+
+/// Records outside these agent times go to the default partition.
+const PARTITION_FROM_MS: i64 = 946_684_800_000; // 2000-01-01
+const PARTITION_UNTIL_MS: i64 = 4_102_444_800_000; // 2100-01-01
+
+fn db(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// Each migration runs once, in order, in a transaction; `schema_version` counts them.
+const MIGRATIONS: &[&str] = &[
+    // 1: the layout of this version.
+    "
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    first_seen_ms BIGINT NOT NULL,
+    last_hello_ms BIGINT NOT NULL,
+    hello_json TEXT NOT NULL
+);
+CREATE TABLE requests (
+    id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    module TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    deadline_ms BIGINT NOT NULL,
+    timeout_ms BIGINT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    traceparent TEXT,
+    measurement_id TEXT,
+    -- The request's first result: its position and agent time (which names its
+    -- partition, so the lookup touches one).
+    result_pos BIGINT,
+    result_at_ms BIGINT
+);
+CREATE INDEX requests_agent_state ON requests (agent_id, state);
+CREATE INDEX requests_measurement ON requests (measurement_id) WHERE measurement_id IS NOT NULL;
+CREATE INDEX requests_open_deadline ON requests (deadline_ms)
+    WHERE state IN ('pending', 'dispatched', 'received', 'running');
+CREATE TABLE agent_sessions (
+    id BIGSERIAL PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    connected_ms BIGINT NOT NULL,
+    disconnected_ms BIGINT
+);
+CREATE INDEX agent_sessions_agent ON agent_sessions (agent_id, connected_ms);
+CREATE TABLE measurements (
+    id TEXT PRIMARY KEY,
+    module TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    selection_json TEXT NOT NULL,
+    description TEXT,
+    created_ms BIGINT NOT NULL,
+    deadline_ms BIGINT NOT NULL,
+    schedule_json TEXT,
+    stopped_ms BIGINT
+);
+CREATE TABLE schedule_agents (
+    measurement_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    timeout_ms BIGINT NOT NULL,
+    added_version BIGINT NOT NULL,
+    PRIMARY KEY (measurement_id, agent_id)
+);
+CREATE INDEX schedule_agents_agent ON schedule_agents (agent_id);
+CREATE TABLE schedule_versions (
+    agent_id TEXT PRIMARY KEY,
+    version BIGINT NOT NULL
+);
+CREATE TABLE transitions (
+    id BIGSERIAL PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    observer TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX transitions_request ON transitions (request_id);
+CREATE TABLE agent_counts (
+    agent_id TEXT PRIMARY KEY,
+    records BIGINT NOT NULL
+);
+CREATE TABLE credentials (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    message_key TEXT,
+    scopes TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    rate_per_min DOUBLE PRECISION,
+    created_ms BIGINT NOT NULL,
+    revoked_ms BIGINT,
+    PRIMARY KEY (kind, id)
+);
+CREATE SEQUENCE records_position;
+CREATE TABLE records (
+    position BIGINT NOT NULL DEFAULT nextval('records_position'),
+    agent_id TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    request_id TEXT,
+    module TEXT,
+    measurement_id TEXT,
+    scheduled_ms BIGINT,
+    at_ms BIGINT NOT NULL,
+    stored_ms BIGINT NOT NULL,
+    body JSONB NOT NULL
+) PARTITION BY RANGE (at_ms);
+CREATE UNIQUE INDEX records_id ON records (agent_id, epoch, seq, at_ms);
+CREATE INDEX records_position_idx ON records (position);
+CREATE INDEX records_agent ON records (agent_id, kind, position);
+CREATE INDEX records_measurement ON records (measurement_id, agent_id, position)
+    WHERE measurement_id IS NOT NULL;
+CREATE TABLE records_default PARTITION OF records DEFAULT;
+",
+];
+
+/// The PostgreSQL store. Cheap to clone; connections come from a pool.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    /// Monthly partitions known to exist (first ms of the month).
+    partitions: std::sync::Arc<Mutex<HashSet<i64>>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+/// The month `at_ms` falls in, as [first ms, first ms of the next), and its table's
+/// name; None outside the partitioned years.
+fn month_of(at_ms: i64) -> Option<(i64, i64, String)> {
+    if !(PARTITION_FROM_MS..PARTITION_UNTIL_MS).contains(&at_ms) {
+        return None;
+    }
+    let t = time::OffsetDateTime::from_unix_timestamp(at_ms.div_euclid(1000)).ok()?;
+    let (y, m) = (t.year(), t.month());
+    let start = time::Date::from_calendar_date(y, m, 1).ok()?;
+    let next = if m == time::Month::December {
+        time::Date::from_calendar_date(y + 1, time::Month::January, 1).ok()?
+    } else {
+        time::Date::from_calendar_date(y, m.next(), 1).ok()?
+    };
+    let ms = |d: time::Date| d.midnight().assume_utc().unix_timestamp() * 1000;
+    Some((
+        ms(start),
+        ms(next),
+        format!("records_y{y:04}m{:02}", u8::from(m)),
+    ))
+}
+
+impl PostgresStore {
+    /// Connects (`postgres://user:password@host:port/database`, or key=value form),
+    /// runs the migrations this version needs, and makes this month's and next
+    /// month's partitions.
+    pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        let cfg = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Db(format!("--store {}: {e}", redact(url))))?;
+        let mgr = Manager::from_config(
+            cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(16)
+            .build()
+            .map_err(|e| StoreError::Db(format!("connection pool: {e}")))?;
+        let store = PostgresStore {
+            pool,
+            partitions: Default::default(),
+        };
+        store.migrate().await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut c = store.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+            .await
+            .map_err(db)?;
+        store
+            .ensure_partitions(&tx, [now, now + 31 * 86_400_000])
+            .await?;
+        tx.commit().await.map_err(db)?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Db(format!("postgres connection: {e}")))
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        // Backends starting together: one migrates, the others wait and find it done.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
+            .await
+            .map_err(db)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL)")
+            .await
+            .map_err(db)?;
+        let done: i32 = tx
+            .query_opt("SELECT version FROM schema_version", &[])
+            .await
+            .map_err(db)?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if done as usize > MIGRATIONS.len() {
+            return Err(StoreError::Db(format!(
+                "the database is at schema version {done}, newer than this backend's {}: upgrade the backend",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
+            tx.batch_execute(sql)
+                .await
+                .map_err(|e| StoreError::Db(format!("migration {}: {e}", i + 1)))?;
+        }
+        let version = MIGRATIONS.len() as i32;
+        tx.execute("DELETE FROM schema_version", &[])
+            .await
+            .map_err(db)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    /// Makes the monthly partitions these agent times need. Runs under the write lock,
+    /// so two backends never make the same one at once.
+    async fn ensure_partitions(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        times: impl IntoIterator<Item = i64>,
+    ) -> Result<(), StoreError> {
+        let mut need: Vec<(i64, i64, String)> = Vec::new();
+        {
+            let known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            for t in times {
+                if let Some(m) = month_of(t) {
+                    if !known.contains(&m.0) && !need.iter().any(|n| n.0 == m.0) {
+                        need.push(m);
+                    }
+                }
+            }
+        }
+        for (from, until, name) in need {
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF records FOR VALUES FROM ({from}) TO ({until})"
+            ))
+            .await
+            .map_err(|e| StoreError::Db(format!("partition {name}: {e}")))?;
+            self.partitions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(from);
+        }
+        Ok(())
+    }
+
+    /// Bytes on disk of the records table (all partitions, indexes and TOAST
+    /// included) and of the whole database.
+    pub async fn sizes(&self) -> Result<(i64, i64), StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                "SELECT COALESCE(SUM(pg_total_relation_size(inhrelid)), 0)::BIGINT,
+                        pg_database_size(current_database())
+                 FROM pg_inherits WHERE inhparent = 'records'::regclass",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// The monthly partitions that exist, oldest first.
+    pub async fn partition_names(&self) -> Result<Vec<String>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT c.relname::TEXT FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'records'::regclass ORDER BY 1",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    if !url.contains("://") {
+        // key=value form: hide the password's value.
+        return url
+            .split_whitespace()
+            .map(|kv| match kv.split_once('=') {
+                Some(("password", _)) => "password=***",
+                _ => kv,
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+    }
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn state_of(s: &str) -> RequestState {
+    RequestState::parse(s).unwrap_or(RequestState::Pending)
+}
+
+const REQUEST_COLS: &str =
+    "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms, traceparent";
+
+fn request_row(r: &tokio_postgres::Row) -> RequestRow {
+    RequestRow {
+        id: r.get(0),
+        agent_id: r.get(1),
+        module: r.get(2),
+        params_json: r.get(3),
+        state: state_of(r.get(4)),
+        created_ms: r.get(5),
+        updated_ms: r.get(6),
+        deadline_ms: r.get(7),
+        timeout_ms: r.get::<_, i64>(8) as u64,
+        traceparent: r.get(9),
+    }
+}
+
+const RESULT_COLS: &str =
+    "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, r.body::TEXT, r.scheduled_ms";
+
+fn result_row(r: &tokio_postgres::Row) -> ResultRow {
+    let body: String = r.get(6);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let ms = |k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(0);
+    ResultRow {
+        agent_id: r.get(0),
+        epoch: r.get::<_, i64>(1) as u64,
+        seq: r.get::<_, i64>(2) as u64,
+        request_id: r.get::<_, Option<String>>(3).unwrap_or_default(),
+        module: r.get::<_, Option<String>>(4).unwrap_or_default(),
+        stored_ms: r.get(5),
+        state: v
+            .get("state")
+            .and_then(|s| s.as_str())
+            .and_then(RequestState::parse)
+            .unwrap_or(RequestState::Failed),
+        result: v.get("result").cloned().unwrap_or_default(),
+        error: v.get("error").and_then(|e| e.as_str()).map(str::to_string),
+        received_ms: ms("received_ms"),
+        started_ms: ms("started_ms"),
+        finished_ms: ms("finished_ms"),
+        scheduled_ms: r.get(7),
+    }
+}
+
+async fn get_request(
+    c: &impl GenericClient,
+    id: &str,
+    lock: bool,
+) -> Result<Option<RequestRow>, StoreError> {
+    let sql = format!(
+        "SELECT {REQUEST_COLS} FROM requests WHERE id = $1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    let st = c.prepare_cached(&sql).await.map_err(db)?;
+    Ok(c.query_opt(&st, &[&id])
+        .await
+        .map_err(db)?
+        .map(|r| request_row(&r)))
+}
+
+/// A request as a transition sees it.
+struct Current {
+    state: RequestState,
+    has_result: bool,
+    agent: String,
+    updated_ms: i64,
+    result: Option<(i64, i64)>,
+    dirty: bool,
+}
+
+/// One observed transition, applied in memory: moves the request forward (never
+/// back, never out of a terminal state). Returns whether the state changed.
+fn step(cur: &mut Current, state: RequestState, at_ms: i64, result: Option<(i64, i64)>) -> bool {
+    if let (Some(r), false) = (result, cur.has_result) {
+        cur.has_result = true;
+        cur.result = Some(r);
+        cur.dirty = true;
+    }
+    if state == cur.state && !cur.state.is_terminal() {
+        cur.updated_ms = at_ms;
+        cur.dirty = true;
+    }
+    if cur.state.is_terminal() || state.rank() <= cur.state.rank() {
+        return false;
+    }
+    cur.state = state;
+    cur.updated_ms = at_ms;
+    cur.dirty = true;
+    true
+}
+
+/// Locks the named requests (in id order, so writers never deadlock) and reads them.
+async fn lock_requests(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ids: &[String],
+) -> Result<HashMap<String, Current>, StoreError> {
+    let st = tx
+        .prepare_cached(
+            "SELECT id, state, result_pos IS NOT NULL, agent_id, updated_ms FROM requests
+             WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .await
+        .map_err(db)?;
+    let rows = tx.query(&st, &[&ids]).await.map_err(db)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                Current {
+                    state: state_of(r.get(1)),
+                    has_result: r.get(2),
+                    agent: r.get(3),
+                    updated_ms: r.get(4),
+                    result: None,
+                    dirty: false,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Writes back what [`step`] changed, and the observations, in two statements.
+async fn write_transitions(
+    tx: &deadpool_postgres::Transaction<'_>,
+    reqs: &HashMap<String, Current>,
+    obs: &TransitionRows,
+) -> Result<(), StoreError> {
+    if !obs.request.is_empty() {
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO transitions (request_id, state, at_ms, observer, detail)
+                 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[])",
+            )
+            .await
+            .map_err(db)?;
+        tx.execute(
+            &st,
+            &[
+                &obs.request,
+                &obs.state,
+                &obs.at_ms,
+                &obs.observer,
+                &obs.detail,
+            ],
+        )
+        .await
+        .map_err(db)?;
+    }
+    let (mut ids, mut states, mut updated, mut pos, mut at) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for (id, c) in reqs.iter().filter(|(_, c)| c.dirty) {
+        ids.push(id.as_str());
+        states.push(c.state.as_str());
+        updated.push(c.updated_ms);
+        pos.push(c.result.map(|r| r.0));
+        at.push(c.result.map(|r| r.1));
+    }
+    if !ids.is_empty() {
+        let st = tx
+            .prepare_cached(
+                "UPDATE requests q SET state = u.state, updated_ms = u.updated,
+                     result_pos = COALESCE(q.result_pos, u.pos),
+                     result_at_ms = COALESCE(q.result_at_ms, u.at)
+                 FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[])
+                     AS u(id, state, updated, pos, at)
+                 WHERE q.id = u.id",
+            )
+            .await
+            .map_err(db)?;
+        tx.execute(&st, &[&ids, &states, &updated, &pos, &at])
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct TransitionRows {
+    request: Vec<String>,
+    state: Vec<&'static str>,
+    at_ms: Vec<i64>,
+    observer: Vec<String>,
+    detail: Vec<Option<String>>,
+}
+
+impl TransitionRows {
+    fn push(
+        &mut self,
+        id: &str,
+        state: RequestState,
+        at_ms: i64,
+        observer: &str,
+        detail: Option<&str>,
+    ) {
+        self.request.push(id.to_string());
+        self.state.push(state.as_str());
+        self.at_ms.push(at_ms);
+        self.observer.push(observer.to_string());
+        self.detail.push(detail.map(str::to_string));
+    }
+}
+
+async fn bump_version(
+    tx: &deadpool_postgres::Transaction<'_>,
+    agent: &str,
+) -> Result<u64, StoreError> {
+    let row = tx
+        .query_one(
+            "INSERT INTO schedule_versions (agent_id, version) VALUES ($1, 1)
+             ON CONFLICT (agent_id) DO UPDATE SET version = schedule_versions.version + 1
+             RETURNING version",
+            &[&agent],
+        )
+        .await
+        .map_err(db)?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
+async fn insert_measurement(c: &impl GenericClient, m: &MeasurementRow) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            &m.id,
+            &m.module,
+            &m.params_json,
+            &m.selection_json,
+            &m.description,
+            &m.created_ms,
+            &m.deadline_ms,
+            &m.schedule_json,
+            &m.stopped_ms,
+        ],
+    )
+    .await
+    .map(|_| ())
+    .map_err(db)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn upsert_agent(&self, id: &str, hello: &Hello, now_ms: i64) -> Result<(), StoreError> {
+        let hello = serde_json::to_string(hello).map_err(db)?;
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO agents (id, first_seen_ms, last_hello_ms, hello_json) VALUES ($1, $2, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET last_hello_ms = $2, hello_json = $3",
+            &[&id, &now_ms, &hello],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT id, first_seen_ms, last_hello_ms, hello_json FROM agents ORDER BY id",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let hello = serde_json::from_str(r.get::<_, &str>(3)).ok()?;
+                Some(AgentRow {
+                    id: r.get(0),
+                    first_seen_ms: r.get(1),
+                    last_hello_ms: r.get(2),
+                    hello,
+                })
+            })
+            .collect())
+    }
+
+    async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let st = tx
+            .prepare_cached(&format!(
+                "INSERT INTO requests ({REQUEST_COLS}, idempotency_key, measurement_id)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+            ))
+            .await
+            .map_err(db)?;
+        let inserted = tx
+            .query_opt(
+                &st,
+                &[
+                    &req.id,
+                    &req.agent_id,
+                    &req.module,
+                    &req.params_json,
+                    &req.created_ms,
+                    &req.deadline_ms,
+                    &(req.timeout_ms as i64),
+                    &req.traceparent,
+                    &req.idempotency_key,
+                    &req.measurement_id,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        if inserted.is_none() {
+            // Another request (perhaps on another backend) has the key.
+            let row = tx
+                .query_one(
+                    &format!("SELECT {REQUEST_COLS} FROM requests WHERE idempotency_key = $1"),
+                    &[&req.idempotency_key],
+                )
+                .await
+                .map_err(db)?;
+            return Ok(Created::Existing(request_row(&row)));
+        }
+        let mut obs = TransitionRows::default();
+        obs.push(
+            &req.id,
+            RequestState::Pending,
+            req.created_ms,
+            "backend",
+            None,
+        );
+        let mut reqs = HashMap::new();
+        if req.dispatch {
+            obs.push(
+                &req.id,
+                RequestState::Dispatched,
+                req.created_ms,
+                "backend",
+                None,
+            );
+            reqs.insert(
+                req.id.clone(),
+                Current {
+                    state: RequestState::Dispatched,
+                    has_result: false,
+                    agent: req.agent_id.clone(),
+                    updated_ms: req.created_ms,
+                    result: None,
+                    dirty: true,
+                },
+            );
+        }
+        write_transitions(&tx, &reqs, &obs).await?;
+        let row = get_request(&tx, &req.id, false)
+            .await?
+            .ok_or_else(|| StoreError::Db("request vanished".into()))?;
+        tx.commit().await.map_err(db)?;
+        Ok(Created::New(row))
+    }
+
+    async fn request(&self, id: &str) -> Result<Option<RequestRow>, StoreError> {
+        let c = self.client().await?;
+        get_request(&c, id, false).await
+    }
+
+    async fn request_and_result(
+        &self,
+        id: &str,
+    ) -> Result<Option<(RequestRow, Option<ResultRow>)>, StoreError> {
+        let c = self.client().await?;
+        let Some(req) = get_request(&c, id, false).await? else {
+            return Ok(None);
+        };
+        let result = result_of(&c, id, &req.agent_id).await?;
+        Ok(Some((req, result)))
+    }
+
+    async fn transition(
+        &self,
+        id: &str,
+        state: RequestState,
+        at_ms: i64,
+        observer: &str,
+        detail: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let mut reqs = lock_requests(&tx, &[id.to_string()]).await?;
+        let Some(cur) = reqs.get_mut(id) else {
+            return Ok(false);
+        };
+        let changed = step(cur, state, at_ms, None);
+        let mut obs = TransitionRows::default();
+        obs.push(id, state, at_ms, observer, detail);
+        write_transitions(&tx, &reqs, &obs).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(changed)
+    }
+
+    async fn transitions(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT state, at_ms, observer, detail FROM transitions WHERE request_id = $1 ORDER BY at_ms, id",
+                &[&id],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| Transition {
+                state: state_of(r.get(0)),
+                at_ms: r.get(1),
+                observer: r.get(2),
+                detail: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn undelivered(&self, agent: &str) -> Result<Vec<RequestRow>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!("SELECT {REQUEST_COLS} FROM requests WHERE agent_id = $1 AND state IN ('pending', 'dispatched') ORDER BY created_ms"),
+                &[&agent],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(request_row).collect())
+    }
+
+    async fn overdue(&self, now_ms: i64) -> Result<Vec<RequestRow>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!("SELECT {REQUEST_COLS} FROM requests WHERE deadline_ms < $1 AND state IN ('pending', 'dispatched', 'received', 'running')"),
+                &[&now_ms],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(request_row).collect())
+    }
+
+    async fn store_batches(
+        &self,
+        batches: Vec<(String, PreparedBatch)>,
+        now_ms: i64,
+    ) -> Result<Vec<BatchOutcome>, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        // Positions are drawn and committed in order (see the module's notes).
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+            .await
+            .map_err(db)?;
+        let times: Vec<i64> = batches
+            .iter()
+            .flat_map(|(_, b)| b.rows.iter())
+            .map(|r| r.at_ms)
+            .collect();
+        self.ensure_partitions(&tx, times).await?;
+        // Rows to insert: each record id once per group (a window resent inside one
+        // group is a duplicate here already).
+        #[derive(Default)]
+        struct Cols<'a> {
+            agent: Vec<&'a str>,
+            epoch: Vec<i64>,
+            seq: Vec<i64>,
+            kind: Vec<&'a str>,
+            request: Vec<Option<&'a str>>,
+            module: Vec<Option<&'a str>>,
+            measurement: Vec<Option<&'a str>>,
+            scheduled: Vec<Option<i64>>,
+            at: Vec<i64>,
+            body: Vec<&'a str>,
+        }
+        let mut cols = Cols::default();
+        let mut first_in_group: HashSet<(&str, u64, u64)> = HashSet::new();
+        for (agent, b) in &batches {
+            for r in &b.rows {
+                if !first_in_group.insert((agent.as_str(), b.epoch, r.seq)) {
+                    continue;
+                }
+                cols.agent.push(agent);
+                cols.epoch.push(b.epoch as i64);
+                cols.seq.push(r.seq as i64);
+                cols.kind.push(r.kind);
+                cols.request.push(r.request_id.as_deref());
+                cols.module.push(r.module.as_deref());
+                cols.measurement.push(r.measurement_id.as_deref());
+                cols.scheduled.push(
+                    r.measurement_id
+                        .as_ref()
+                        .and_then(|_| scheduled_ms_of(&r.body_json)),
+                );
+                cols.at.push(r.at_ms);
+                cols.body.push(&r.body_json);
+            }
+        }
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, measurement_id, scheduled_ms, at_ms, stored_ms, body)
+                 SELECT u.agent, u.epoch, u.seq, u.kind, u.request, u.module, u.measurement, u.scheduled, u.at, $11, u.body::JSONB
+                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[])
+                     WITH ORDINALITY AS u(agent, epoch, seq, kind, request, module, measurement, scheduled, at, body, ord)
+                 ORDER BY u.ord
+                 ON CONFLICT (agent_id, epoch, seq, at_ms) DO NOTHING
+                 RETURNING agent_id, epoch, seq, position",
+            )
+            .await
+            .map_err(db)?;
+        let inserted = tx
+            .query(
+                &insert,
+                &[
+                    &cols.agent,
+                    &cols.epoch,
+                    &cols.seq,
+                    &cols.kind,
+                    &cols.request,
+                    &cols.module,
+                    &cols.measurement,
+                    &cols.scheduled,
+                    &cols.at,
+                    &cols.body,
+                    &now_ms,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        let positions: HashMap<(String, u64, u64), i64> = inserted
+            .iter()
+            .map(|r| {
+                (
+                    (
+                        r.get::<_, String>(0),
+                        r.get::<_, i64>(1) as u64,
+                        r.get::<_, i64>(2) as u64,
+                    ),
+                    r.get::<_, i64>(3),
+                )
+            })
+            .collect();
+        // Transitions of the records stored now, in record order.
+        let ids: Vec<String> = batches
+            .iter()
+            .flat_map(|(_, b)| b.rows.iter())
+            .filter_map(|r| r.transition.as_ref().map(|t| t.request_id.clone()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut reqs = if ids.is_empty() {
+            HashMap::new()
+        } else {
+            lock_requests(&tx, &ids).await?
+        };
+        let mut obs = TransitionRows::default();
+        let mut outcomes = Vec::with_capacity(batches.len());
+        let mut counts: HashMap<&str, i64> = HashMap::new();
+        let mut seen: HashSet<(&str, u64, u64)> = HashSet::new();
+        for (agent, b) in &batches {
+            let mut out = BatchOutcome::default();
+            for r in &b.rows {
+                let key = (agent.clone(), b.epoch, r.seq);
+                let pos = match positions.get(&key) {
+                    Some(&p) if seen.insert((agent.as_str(), b.epoch, r.seq)) => p,
+                    _ => {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                };
+                out.stored += 1;
+                *counts.entry(agent.as_str()).or_default() += 1;
+                let Some(t) = &r.transition else { continue };
+                let Some(cur) = reqs.get_mut(&t.request_id) else {
+                    continue;
+                };
+                // An agent moves only its own requests.
+                if cur.agent != *agent {
+                    continue;
+                }
+                let result = (r.kind == "result").then_some((pos, r.at_ms));
+                obs.push(
+                    &t.request_id,
+                    t.state,
+                    r.at_ms,
+                    "agent",
+                    t.detail.as_deref(),
+                );
+                if step(cur, t.state, r.at_ms, result) && t.state.is_terminal() {
+                    out.finished.push(t.request_id.clone());
+                }
+            }
+            outcomes.push(out);
+        }
+        write_transitions(&tx, &reqs, &obs).await?;
+        if !counts.is_empty() {
+            let (agents, ns): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO agent_counts (agent_id, records)
+                     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]) ORDER BY 1
+                     ON CONFLICT (agent_id) DO UPDATE SET records = agent_counts.records + EXCLUDED.records",
+                )
+                .await
+                .map_err(db)?;
+            tx.execute(&st, &[&agents, &ns]).await.map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(outcomes)
+    }
+
+    async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!("SELECT {RESULT_COLS} FROM records r WHERE agent_id = $1 AND kind = 'result' ORDER BY position DESC LIMIT $2"),
+                &[&agent, &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(result_row).collect())
+    }
+
+    async fn result(&self, agent: &str, request_id: &str) -> Result<Option<ResultRow>, StoreError> {
+        let c = self.client().await?;
+        result_of(&c, request_id, agent).await
+    }
+
+    async fn agent_record_count(&self, agent: &str) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let n: Option<i64> = c
+            .query_opt(
+                "SELECT records FROM agent_counts WHERE agent_id = $1",
+                &[&agent],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| r.get(0));
+        Ok(n.unwrap_or(0) as u64)
+    }
+
+    async fn events(
+        &self,
+        agent: &str,
+        limit: u32,
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT at_ms, body->>'kind', body->>'message' FROM records
+                 WHERE agent_id = $1 AND kind = 'event' ORDER BY position DESC LIMIT $2",
+                &[&agent, &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<_, Option<String>>(1).unwrap_or_default(),
+                    r.get::<_, Option<String>>(2).unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
+    async fn record_count(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one(
+                "SELECT COALESCE(SUM(records), 0)::BIGINT FROM agent_counts",
+                &[],
+            )
+            .await
+            .map_err(db)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn results_page(
+        &self,
+        f: ResultFilter,
+    ) -> Result<Vec<(i64, ResultRow, Option<String>)>, StoreError> {
+        use tokio_postgres::types::ToSql;
+        let mut sql = format!(
+            "SELECT {RESULT_COLS}, r.position, COALESCE(r.measurement_id, q.measurement_id) FROM records r
+             LEFT JOIN requests q ON q.id = r.request_id AND q.agent_id = r.agent_id
+             WHERE r.kind = 'result' AND r.position > $1"
+        );
+        let limit = i64::from(f.limit);
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(f.after)];
+        let mut add = |cond: &str, v: Box<dyn ToSql + Sync + Send>| {
+            args.push(v);
+            sql.push_str(&format!(" AND {cond} ${}", args.len()));
+        };
+        if let Some(a) = f.agent {
+            add("r.agent_id =", Box::new(a));
+        }
+        if let Some(m) = f.module {
+            add("r.module =", Box::new(m));
+        }
+        if let Some(m) = f.measurement {
+            add(
+                "COALESCE(r.measurement_id, q.measurement_id) =",
+                Box::new(m),
+            );
+        }
+        if let Some(t) = f.since_ms {
+            add("r.at_ms >=", Box::new(t));
+        }
+        if let Some(t) = f.until_ms {
+            add("r.at_ms <", Box::new(t));
+        }
+        args.push(Box::new(limit));
+        sql.push_str(&format!(" ORDER BY r.position LIMIT ${}", args.len()));
+        let c = self.client().await?;
+        let st = c.prepare_cached(&sql).await.map_err(db)?;
+        let refs: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = c.query(&st, &refs).await.map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(8), result_row(r), r.get(9)))
+            .collect())
+    }
+
+    async fn session_open(
+        &self,
+        agent: &str,
+        at_ms: i64,
+        prev_end_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        tx.execute(
+            "UPDATE agent_sessions SET disconnected_ms = GREATEST(connected_ms, $2)
+             WHERE agent_id = $1 AND disconnected_ms IS NULL",
+            &[&agent, &prev_end_ms],
+        )
+        .await
+        .map_err(db)?;
+        tx.execute(
+            "INSERT INTO agent_sessions (agent_id, connected_ms) VALUES ($1, $2)",
+            &[&agent, &at_ms],
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE agent_sessions SET disconnected_ms = GREATEST(connected_ms, $2)
+             WHERE agent_id = $1 AND disconnected_ms IS NULL",
+            &[&agent, &at_ms],
+        )
+        .await
+        .map(|_| ())
+        .map_err(db)
+    }
+
+    async fn sessions(
+        &self,
+        agent: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, Option<i64>)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT connected_ms, disconnected_ms FROM agent_sessions
+                 WHERE agent_id = $1 AND (disconnected_ms IS NULL OR disconnected_ms > $2)
+                 ORDER BY connected_ms, id",
+                &[&agent, &since_ms],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_one(
+            "SELECT MIN(connected_ms) FROM agent_sessions WHERE agent_id = $1",
+            &[&agent],
+        )
+        .await
+        .map_err(db)?
+        .get(0))
+    }
+
+    async fn latest_position(&self) -> Result<i64, StoreError> {
+        let c = self.client().await?;
+        Ok(
+            c.query_one("SELECT COALESCE(MAX(position), 0) FROM records", &[])
+                .await
+                .map_err(db)?
+                .get(0),
+        )
+    }
+
+    async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        insert_measurement(&c, &m).await
+    }
+
+    async fn create_schedule(
+        &self,
+        m: MeasurementRow,
+        agents: Vec<(String, AgentSchedule)>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        insert_measurement(&tx, &m).await?;
+        let mut out = Vec::with_capacity(agents.len());
+        for (agent, a) in agents {
+            let version = bump_version(&tx, &agent).await?;
+            tx.execute(
+                "INSERT INTO schedule_agents (measurement_id, agent_id, params_json, timeout_ms, added_version)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&m.id, &agent, &a.params_json, &(a.timeout_ms as i64), &(version as i64)],
+            )
+            .await
+            .map_err(db)?;
+            out.push((agent, version));
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
+
+    async fn stop_schedule(&self, id: &str, at_ms: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let changed = tx
+            .execute(
+                "UPDATE measurements SET stopped_ms = $2 WHERE id = $1 AND schedule_json IS NOT NULL AND stopped_ms IS NULL",
+                &[&id, &at_ms],
+            )
+            .await
+            .map_err(db)?;
+        let mut out = Vec::new();
+        if changed > 0 {
+            let agents: Vec<String> = tx
+                .query(
+                    "SELECT agent_id FROM schedule_agents WHERE measurement_id = $1 ORDER BY agent_id",
+                    &[&id],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for agent in agents {
+                let v = bump_version(&tx, &agent).await?;
+                out.push((agent, v));
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
+
+    async fn agent_schedules(&self, agent: &str) -> Result<(u64, Vec<AgentSchedule>), StoreError> {
+        let c = self.client().await?;
+        let version: i64 = c
+            .query_opt(
+                "SELECT version FROM schedule_versions WHERE agent_id = $1",
+                &[&agent],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let rows = c
+            .query(
+                "SELECT m.id, m.module, a.params_json, a.timeout_ms, m.schedule_json
+                 FROM schedule_agents a JOIN measurements m ON m.id = a.measurement_id
+                 WHERE a.agent_id = $1 AND m.stopped_ms IS NULL AND m.schedule_json IS NOT NULL
+                 ORDER BY m.created_ms, m.id",
+                &[&agent],
+            )
+            .await
+            .map_err(db)?;
+        Ok((
+            version as u64,
+            rows.iter()
+                .map(|r| AgentSchedule {
+                    measurement_id: r.get(0),
+                    module: r.get(1),
+                    params_json: r.get(2),
+                    timeout_ms: r.get::<_, i64>(3) as u64,
+                    schedule_json: r.get(4),
+                })
+                .collect(),
+        ))
+    }
+
+    async fn raise_schedule_version(&self, agent: &str, seen: u64) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let next = seen as i64 + 1;
+        let v: i64 = c
+            .query_one(
+                "INSERT INTO schedule_versions (agent_id, version) VALUES ($1, $2)
+                 ON CONFLICT (agent_id) DO UPDATE SET version = GREATEST(schedule_versions.version, EXCLUDED.version)
+                 RETURNING version",
+                &[&agent, &next],
+            )
+            .await
+            .map_err(db)?
+            .get(0);
+        Ok(v as u64)
+    }
+
+    async fn schedule_progress(&self, id: &str) -> Result<Vec<ScheduleProgress>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT a.agent_id, a.added_version, COUNT(r.position), MAX(r.scheduled_ms)
+                 FROM schedule_agents a
+                 LEFT JOIN records r ON r.measurement_id = a.measurement_id AND r.agent_id = a.agent_id
+                 WHERE a.measurement_id = $1
+                 GROUP BY a.agent_id, a.added_version ORDER BY a.agent_id",
+                &[&id],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| ScheduleProgress {
+                agent_id: r.get(0),
+                added_version: r.get::<_, i64>(1) as u64,
+                runs: r.get::<_, i64>(2) as u64,
+                last_scheduled_ms: r.get(3),
+            })
+            .collect())
+    }
+
+    async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt(
+            "SELECT id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms
+             FROM measurements WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| MeasurementRow {
+            id: r.get(0),
+            module: r.get(1),
+            params_json: r.get(2),
+            selection_json: r.get(3),
+            description: r.get(4),
+            created_ms: r.get(5),
+            deadline_ms: r.get(6),
+            schedule_json: r.get(7),
+            stopped_ms: r.get(8),
+        }))
+    }
+
+    async fn measurement_requests(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(RequestRow, Option<ResultRow>)>, StoreError> {
+        let c = self.client().await?;
+        let reqs: Vec<RequestRow> = c
+            .query(
+                &format!(
+                    "SELECT {REQUEST_COLS} FROM requests WHERE measurement_id = $1 ORDER BY agent_id"
+                ),
+                &[&id],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(request_row)
+            .collect();
+        let mut out = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let result = result_of(&c, &req.id, &req.agent_id).await?;
+            out.push((req, result));
+        }
+        Ok(out)
+    }
+
+    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT state, COUNT(*) FROM requests GROUP BY state", &[])
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| (state_of(r.get(0)), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+
+    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one(
+                "SELECT COUNT(*) FROM requests WHERE agent_id = $1
+                 AND state IN ('pending', 'dispatched', 'received', 'running')",
+                &[&agent],
+            )
+            .await
+            .map_err(db)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT kind, id, secret_hash, message_key, scopes, tags, rate_per_min,
+                        created_ms, revoked_ms FROM credentials ORDER BY kind, id",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        let split = |s: &str| -> Vec<String> {
+            s.split(',')
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        Ok(rows
+            .iter()
+            .map(|r| CredentialRow {
+                kind: r.get(0),
+                id: r.get(1),
+                secret_hash: r.get(2),
+                message_key: r.get(3),
+                scopes: split(r.get(4)),
+                tags: split(r.get(5)),
+                rate_per_min: r.get(6),
+                created_ms: r.get(7),
+                revoked_ms: r.get(8),
+            })
+            .collect())
+    }
+
+    async fn put_credential(&self, row: CredentialRow) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO credentials
+             (kind, id, secret_hash, message_key, scopes, tags, rate_per_min, created_ms, revoked_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (kind, id) DO UPDATE SET secret_hash = EXCLUDED.secret_hash,
+                 message_key = EXCLUDED.message_key, scopes = EXCLUDED.scopes, tags = EXCLUDED.tags,
+                 rate_per_min = EXCLUDED.rate_per_min, created_ms = EXCLUDED.created_ms,
+                 revoked_ms = EXCLUDED.revoked_ms",
+            &[
+                &row.kind,
+                &row.id,
+                &row.secret_hash,
+                &row.message_key,
+                &row.scopes.join(","),
+                &row.tags.join(","),
+                &row.rate_per_min,
+                &row.created_ms,
+                &row.revoked_ms,
+            ],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+}
+
+/// A request's first result, if the agent that owns it has sent one.
+async fn result_of(
+    c: &deadpool_postgres::Client,
+    request_id: &str,
+    agent: &str,
+) -> Result<Option<ResultRow>, StoreError> {
+    let st = c
+        .prepare_cached(&format!(
+            "SELECT {RESULT_COLS} FROM requests q JOIN records r
+                 ON r.position = q.result_pos AND r.at_ms = q.result_at_ms
+             WHERE q.id = $1 AND q.agent_id = $2 AND r.agent_id = q.agent_id"
+        ))
+        .await
+        .map_err(db)?;
+    Ok(c.query_opt(&st, &[&request_id, &agent])
+        .await
+        .map_err(db)?
+        .map(|r| result_row(&r)))
+}
+
+/// A scheduled run's slot time, from its stored body.
+fn scheduled_ms_of(body: &str) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Slot {
+        scheduled_ms: Option<i64>,
+    }
+    serde_json::from_str::<Slot>(body).ok()?.scheduled_ms
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_and_urls() {
+        let (from, until, name) = month_of(1_764_201_600_000).unwrap(); // 2025-11-27
+        assert_eq!(name, "records_y2025m11");
+        assert_eq!((from, until), (1_761_955_200_000, 1_764_547_200_000));
+        let (_, _, dec) = month_of(1_767_139_200_000).unwrap(); // 2025-12-31
+        assert_eq!(dec, "records_y2025m12");
+        assert!(month_of(0).is_none(), "1970 goes to the default partition");
+        assert!(month_of(i64::MAX).is_none());
+        assert_eq!(
+            redact("postgres://imn:secret@db:5432/imn"),
+            "postgres://imn:***@db:5432/imn"
+        );
+        assert_eq!(
+            redact("host=db user=imn password=pw"),
+            "host=db user=imn password=***"
+        );
+    }
+}
