@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod grpc;
 pub mod observe;
 pub mod openapi;
+pub mod peers;
 pub mod registry;
 pub mod security;
 pub mod service;

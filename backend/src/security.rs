@@ -297,6 +297,9 @@ pub struct Security {
     /// By token hash.
     tokens: RwLock<HashMap<String, TokenEntry>>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// Called after every credential change this backend makes (other backends
+    /// sharing the store then reload).
+    changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Security {
@@ -312,6 +315,7 @@ impl Security {
             agents: RwLock::new(HashMap::new()),
             tokens: RwLock::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            changed: std::sync::OnceLock::new(),
         }
     }
 
@@ -380,6 +384,31 @@ impl Security {
     async fn save(&self, store: &dyn Store, row: CredentialRow) -> Result<(), ApiError> {
         store.put_credential(row.clone()).await?;
         self.apply(&row);
+        if let Some(f) = self.changed.get() {
+            f();
+        }
+        Ok(())
+    }
+
+    /// Runs `f` after every credential change made here.
+    pub fn on_change(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.changed.set(Box::new(f));
+    }
+
+    /// Reads every credential again: another backend changed one. Tokens are rebuilt
+    /// (a rotated token's old hash goes); agents are updated in place.
+    pub async fn reload(&self, store: &dyn Store) -> Result<(), ApiError> {
+        let rows = store.credentials().await?;
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|hash, _| {
+                rows.iter()
+                    .any(|r| r.kind == "api" && r.secret_hash == *hash)
+            });
+        for row in &rows {
+            self.apply(row);
+        }
         Ok(())
     }
 

@@ -91,6 +91,8 @@ pub struct Backend {
     pub schedule_versions: Mutex<HashMap<String, u64>>,
     /// The in-process bridge's counters, under `imn up`.
     pub bridge_stats: std::sync::OnceLock<Arc<imn_bridge::broker::BridgeStats>>,
+    /// This process among backends sharing the bus (see [`crate::peers`]).
+    pub instance: u64,
 }
 
 /// How a request is to be made, beside what it asks for.
@@ -143,7 +145,18 @@ impl Backend {
             records_stored: tokio::sync::Notify::new(),
             open_sessions: Mutex::new(Default::default()),
             schedule_versions: Mutex::new(HashMap::new()),
+            instance: rand::random(),
         });
+        {
+            let weak = Arc::downgrade(&backend);
+            backend.security.on_change(move || {
+                if let Some(b) = weak.upgrade() {
+                    tokio::spawn(async move {
+                        b.tell_peers(crate::peers::PeerEvent::Credentials).await;
+                    });
+                }
+            });
+        }
         for a in backend.store.agents().await? {
             backend
                 .registry
@@ -184,6 +197,14 @@ impl Backend {
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         tokio::spawn(self.clone().ingest(rx));
         tokio::spawn(self.clone().sweep());
+        if let Some(peers) = self
+            .bus
+            .subscribe_peer()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+        {
+            tokio::spawn(self.clone().follow_peers(peers));
+        }
         Ok(())
     }
 
@@ -676,6 +697,12 @@ impl Backend {
                     settled.push((msg, outcome.finished));
                 }
                 self.records_stored.notify_waiters();
+                let finished: Vec<String> = settled
+                    .iter()
+                    .flat_map(|(_, f)| f.iter().cloned())
+                    .collect();
+                self.tell_peers(crate::peers::PeerEvent::Stored { finished })
+                    .await;
                 // Acked only after the commit above: the agent may now delete.
                 if !self.hold_acks.load(Ordering::SeqCst) {
                     for ((agent, epoch), seqs) in acks {
@@ -748,7 +775,13 @@ impl Backend {
                     msg.nak().await;
                     return;
                 }
-                self.registry.hello(&agent, hello, now);
+                self.registry.hello(&agent, hello.clone(), now);
+                self.tell_peers(crate::peers::PeerEvent::Hello {
+                    agent: agent.clone(),
+                    at_ms: now,
+                    hello: Box::new(hello),
+                })
+                .await;
                 tracing::info!(%agent, "agent hello");
                 msg.ack().await;
                 self.redeliver(&agent, true).await;
@@ -756,7 +789,13 @@ impl Backend {
             }
             (Kind::Heartbeat, Envelope::Heartbeat(hb)) => {
                 self.touch_session(&agent, now).await;
-                self.registry.heartbeat(&agent, hb, now);
+                self.registry.heartbeat(&agent, hb.clone(), now);
+                self.tell_peers(crate::peers::PeerEvent::Heartbeat {
+                    agent: agent.clone(),
+                    at_ms: now,
+                    hb,
+                })
+                .await;
                 msg.ack().await;
             }
             (Kind::Status, Envelope::Status(st)) => {
@@ -766,6 +805,12 @@ impl Backend {
                     self.close_session(&agent, now).await;
                 }
                 self.registry.status(&agent, st.online, now);
+                self.tell_peers(crate::peers::PeerEvent::Status {
+                    agent: agent.clone(),
+                    at_ms: now,
+                    online: st.online,
+                })
+                .await;
                 msg.ack().await;
             }
             (Kind::Out, Envelope::Batch(batch)) => {
@@ -807,6 +852,16 @@ impl Backend {
                     .insert(agent.to_string());
             }
             Err(e) => tracing::warn!(error = %e, %agent, "cannot record the agent's connection"),
+        }
+    }
+
+    /// Another backend opened (or closed) the agent's session in the shared store.
+    pub(crate) fn session_known(&self, agent: &str, open: bool) {
+        let mut s = self.open_sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if open {
+            s.insert(agent.to_string());
+        } else {
+            s.remove(agent);
         }
     }
 

@@ -269,6 +269,7 @@ pub async fn serve_http(
 /// Opens the embedded store under `data` and starts a backend on `bus`.
 pub async fn start_backend(
     data: &std::path::Path,
+    store: Option<&str>,
     bus: Arc<dyn Bus>,
     fault_injection: bool,
     security: Security,
@@ -277,11 +278,8 @@ pub async fn start_backend(
         path: data.to_path_buf(),
         message: e.to_string(),
     })?;
-    let store = SqliteStore::open(&data.join("backend.sqlite")).map_err(|e| UpError::Data {
-        path: data.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let backend = Backend::new(Arc::new(store), bus, fault_injection, security)
+    let store = open_store(data, store).await?;
+    let backend = Backend::new(store, bus, fault_injection, security)
         .await
         .map_err(|e| UpError::Start(e.to_string()))?;
     backend
@@ -289,6 +287,46 @@ pub async fn start_backend(
         .await
         .map_err(|e| UpError::Start(e.to_string()))?;
     Ok(backend)
+}
+
+/// The store `--store` names: `postgres://…` (or `postgresql://…`) for PostgreSQL,
+/// a file path for the embedded store there; none: the embedded store in `data`.
+pub async fn open_store(
+    data: &std::path::Path,
+    spec: Option<&str>,
+) -> Result<Arc<dyn crate::store::Store>, UpError> {
+    match spec {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let s = crate::store::PostgresStore::connect(url)
+                .await
+                .map_err(|e| UpError::Flag {
+                    flag: "--store",
+                    message: format!("{}: {e}", crate::store::redact(url)),
+                })?;
+            Ok(Arc::new(s))
+        }
+        Some(path) => {
+            let path = std::path::Path::new(path);
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| UpError::Flag {
+                    flag: "--store",
+                    message: format!("{}: {e}", dir.display()),
+                })?;
+            }
+            let s = SqliteStore::open(path).map_err(|e| UpError::Flag {
+                flag: "--store",
+                message: format!("{}: {e}", path.display()),
+            })?;
+            Ok(Arc::new(s))
+        }
+        None => {
+            let s = SqliteStore::open(&data.join("backend.sqlite")).map_err(|e| UpError::Data {
+                path: data.to_path_buf(),
+                message: e.to_string(),
+            })?;
+            Ok(Arc::new(s))
+        }
+    }
 }
 
 /// What `imn up` runs.
@@ -407,6 +445,7 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
         })?;
     let backend = start_backend(
         &opts.data.join("backend"),
+        None,
         bus,
         opts.fault_injection,
         security,

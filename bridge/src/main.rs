@@ -30,9 +30,14 @@ struct Flags {
     /// backend over NATS (run the backend with --auth too).
     #[arg(long, env = "IMN_AUTH")]
     auth: bool,
-    /// The NATS server shared with the backends.
+    /// The NATS server shared with the backends; several (a cluster's nodes) separated
+    /// by commas.
     #[arg(long, env = "IMN_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    /// Replicas of the JetStream stream and credentials bucket (3 on a 3-node NATS
+    /// cluster). Default: leave them as they are (1 when new).
+    #[arg(long, env = "IMN_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    nats_replicas: Option<u8>,
     /// Largest MQTT payload accepted, in bytes (limit max_mqtt_payload).
     #[arg(long, env = "IMN_MAX_PAYLOAD", default_value_t = 1024 * 1024)]
     max_payload: usize,
@@ -102,7 +107,9 @@ async fn main() -> anyhow::Result<()> {
     )?;
     flags.check_exposure()?;
     let tls = flags.tls()?;
-    let bus = NatsBus::connect(NatsOptions::new(&flags.nats))
+    let mut nats = NatsOptions::new(&flags.nats);
+    nats.replicas = flags.nats_replicas.map(usize::from);
+    let bus = NatsBus::connect(nats)
         .await
         .map_err(|e| anyhow::anyhow!("--nats {}: {e}", flags.nats))?;
     let credentials = if flags.auth {

@@ -144,32 +144,38 @@ impl Agent {
                 ..OutboxLimits::default()
             },
         )?;
-        let broker = cfg.broker_addr()?;
+        let brokers = cfg.broker_addrs()?;
         imn_modules::exec::resolver::set_nameservers(cfg.nameserver_addrs()?);
-        #[cfg(feature = "tls")]
-        let tls = match broker.tls {
-            true => Some(
-                crate::tls::client_config(
-                    &broker.host,
-                    cfg.tls_ca.as_deref(),
-                    cfg.tls_cert.as_deref(),
-                    cfg.tls_key.as_deref(),
-                )
-                .map_err(AgentError::Tls)?,
-            ),
-            false => None,
-        };
+        let mut endpoints = Vec::with_capacity(brokers.len());
+        for broker in brokers {
+            #[cfg(feature = "tls")]
+            let tls = match broker.tls {
+                true => Some(
+                    crate::tls::client_config(
+                        &broker.host,
+                        cfg.tls_ca.as_deref(),
+                        cfg.tls_cert.as_deref(),
+                        cfg.tls_key.as_deref(),
+                    )
+                    .map_err(AgentError::Tls)?,
+                ),
+                false => None,
+            };
+            endpoints.push(transport::Endpoint {
+                host: broker.host,
+                port: broker.port,
+                #[cfg(feature = "tls")]
+                tls,
+            });
+        }
         let will = wire::encode(&Envelope::Status(Status {
             online: false,
             at_ms: now_ms(),
         }));
         let (client, conn) = transport::connect(ConnectOptions {
             client_id: cfg.id.clone(),
-            host: broker.host,
-            port: broker.port,
+            brokers: endpoints,
             token: cfg.token.clone(),
-            #[cfg(feature = "tls")]
-            tls,
             last_will: (wire::topic(&cfg.id, Kind::Status), will),
             connect_timeout_s: cfg.connect_timeout_s,
             keepalive_s: cfg.keepalive_s,

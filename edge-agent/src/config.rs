@@ -113,7 +113,7 @@ const OPTIONS: &[(&str, &str, &str)] = &[
     (
         "broker",
         "IMN_BROKER",
-        "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
+        "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; several separated by commas",
     ),
     ("token", "IMN_TOKEN", "the agent's secret (MQTT password)"),
     ("tls-ca", "IMN_TLS_CA", "PEM CA certificate for mqtts://"),
@@ -605,15 +605,40 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// Host, port and scheme from `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`.
+    /// The first broker of the list (see [`Self::broker_addrs`]).
     pub fn broker_addr(&self) -> Result<BrokerAddr, ConfigError> {
+        Ok(self.broker_addrs()?.remove(0))
+    }
+
+    /// Host, port and scheme of each broker in `broker`: one `mqtt://HOST[:PORT]` or
+    /// `mqtts://HOST[:PORT]`, or several separated by commas (bridges of one
+    /// deployment), all with the same scheme.
+    pub fn broker_addrs(&self) -> Result<Vec<BrokerAddr>, ConfigError> {
+        let list: Vec<BrokerAddr> = self
+            .broker
+            .split(',')
+            .map(|b| Self::parse_broker(b.trim()))
+            .collect::<Result<_, _>>()?;
+        if list.iter().any(|b| b.tls != list[0].tls) {
+            return Err(ConfigError::Invalid {
+                field: "broker",
+                rule: format!(
+                    "every broker of a list must use the same scheme, mqtt:// or mqtts:// (got {:?})",
+                    self.broker
+                ),
+            });
+        }
+        Ok(list)
+    }
+
+    fn parse_broker(broker: &str) -> Result<BrokerAddr, ConfigError> {
         let invalid = |rule: &str| ConfigError::Invalid {
             field: "broker",
-            rule: format!("{rule} (got {:?})", self.broker),
+            rule: format!("{rule} (got {:?})", broker),
         };
-        let (rest, tls) = if let Some(r) = self.broker.strip_prefix("mqtt://") {
+        let (rest, tls) = if let Some(r) = broker.strip_prefix("mqtt://") {
             (r, false)
-        } else if let Some(r) = self.broker.strip_prefix("mqtts://") {
+        } else if let Some(r) = broker.strip_prefix("mqtts://") {
             (r, true)
         } else {
             return Err(invalid("must start with mqtt:// or mqtts://"));
@@ -863,6 +888,28 @@ mod tests {
             AgentConfig::load(flags(&["--id", "a", "--broker", "mqtt://[::1]:1883"])).unwrap();
         let b = cfg.broker_addr().unwrap();
         assert_eq!((b.host.as_str(), b.port, b.tls), ("::1", 1883, false));
+        let list = AgentConfig {
+            broker: "mqtt://b1:1883, mqtt://b2:1884".into(),
+            ..AgentConfig::default()
+        };
+        let got: Vec<(String, u16)> = list
+            .broker_addrs()
+            .unwrap()
+            .into_iter()
+            .map(|b| (b.host, b.port))
+            .collect();
+        assert_eq!(got, [("b1".to_string(), 1883), ("b2".to_string(), 1884)]);
+        let mixed = AgentConfig {
+            broker: "mqtt://b1,mqtts://b2".into(),
+            ..AgentConfig::default()
+        };
+        let e = mixed.broker_addrs().unwrap_err().to_string();
+        assert!(e.starts_with("broker:") && e.contains("same scheme"), "{e}");
+        let bad = AgentConfig {
+            broker: "mqtt://b1,".into(),
+            ..AgentConfig::default()
+        };
+        assert!(bad.broker_addrs().is_err(), "an empty entry is an error");
         for (url, want) in [
             ("mqtt://broker.lan", ("broker.lan", 1883, false)),
             ("mqtts://broker.lan", ("broker.lan", 8883, true)),

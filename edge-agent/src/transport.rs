@@ -27,18 +27,35 @@ pub enum TransportError {
 #[derive(Clone)]
 pub struct ConnectOptions {
     pub client_id: String,
-    /// A name (resolved by the agent before every connection attempt) or an address.
-    pub host: String,
-    pub port: u16,
+    /// The brokers, tried in turn from one picked by the client id (so agents spread
+    /// over a deployment's bridges); a failed connection moves to the next.
+    pub brokers: Vec<Endpoint>,
     pub token: Option<String>,
     /// Published by the broker if the agent vanishes: `(topic, payload)`, QoS 1, retained.
     pub last_will: (String, Vec<u8>),
     pub connect_timeout_s: u64,
     pub keepalive_s: u64,
     pub max_packet_bytes: usize,
+}
+
+/// One broker.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// A name (resolved by the agent before every connection attempt) or an address.
+    pub host: String,
+    pub port: u16,
     /// TLS settings, for `mqtts://`.
     #[cfg(feature = "tls")]
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// Where a client starts in the broker list: the same for the same id, spread over
+/// ids (FNV-1a).
+fn first_broker(client_id: &str, n: usize) -> usize {
+    let h = client_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (h % n.max(1) as u64) as usize
 }
 
 /// The publishing and subscribing half.
@@ -67,8 +84,8 @@ fn qos(q: QoS) -> rumqttc::QoS {
 
 /// rumqttc's options for one connection attempt to `addr` (an address literal: rumqttc
 /// would otherwise resolve names with the C library, which a static binary cannot).
-fn mqtt_options(opts: &ConnectOptions, addr: &str) -> MqttOptions {
-    let mut mo = MqttOptions::new(opts.client_id.clone(), addr, opts.port);
+fn mqtt_options(opts: &ConnectOptions, broker: &Endpoint, addr: &str) -> MqttOptions {
+    let mut mo = MqttOptions::new(opts.client_id.clone(), addr, broker.port);
     let (will_topic, will) = &opts.last_will;
     let will = match &opts.token {
         Some(t) => wauth::sign(&wauth::message_key(t), will_topic, will),
@@ -88,7 +105,7 @@ fn mqtt_options(opts: &ConnectOptions, addr: &str) -> MqttOptions {
         mo.set_credentials(opts.client_id.clone(), token.clone());
     }
     #[cfg(feature = "tls")]
-    if let Some(tls) = &opts.tls {
+    if let Some(tls) = &broker.tls {
         mo.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(tls.clone()),
         ));
@@ -98,7 +115,8 @@ fn mqtt_options(opts: &ConnectOptions, addr: &str) -> MqttOptions {
 
 /// Creates the client and starts the event loop task.
 pub fn connect(opts: ConnectOptions) -> (MqttClient, MqttConnection) {
-    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&opts, &opts.host), 256);
+    let first = &opts.brokers[first_broker(&opts.client_id, opts.brokers.len())];
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&opts, first, &first.host), 256);
     let mut net = eventloop.network_options();
     net.set_connection_timeout(opts.connect_timeout_s);
     // Nagle would hold small acks and commands back for tens of ms.
@@ -138,24 +156,32 @@ async fn pump(
     // Before every connection attempt the broker's name is looked up again: a broker
     // that moved is found at its new address.
     let mut resolve = true;
+    let mut at = first_broker(&opts.client_id, opts.brokers.len());
+    // A connection that failed, or ended, moves to the next broker of the list.
+    let next = |at: &mut usize| *at = (*at + 1) % opts.brokers.len();
     loop {
+        let broker = &opts.brokers[at];
         let step = if resolve {
-            imn_modules::exec::resolver::lookup(&opts.host)
+            imn_modules::exec::resolver::lookup(&broker.host)
                 .await
                 .and_then(|ips| {
                     ips.first()
                         .copied()
-                        .ok_or_else(|| format!("{:?} has no address", opts.host))
+                        .ok_or_else(|| format!("{:?} has no address", broker.host))
                 })
                 .map(|ip| {
-                    eventloop.mqtt_options = mqtt_options(&opts, &ip.to_string());
+                    eventloop.mqtt_options = mqtt_options(&opts, broker, &ip.to_string());
                     resolve = false;
                     None
                 })
-                .map_err(TransportError::Connection)
+                .map_err(|e| {
+                    next(&mut at);
+                    TransportError::Connection(e)
+                })
         } else {
             eventloop.poll().await.map(Some).map_err(|e| {
                 resolve = true;
+                next(&mut at);
                 TransportError::Connection(e.to_string())
             })
         };
@@ -273,5 +299,21 @@ impl Event for MqttEvent {
             Ok(_) => EventPayload::BeforeConnect,
             Err(e) => EventPayload::Error(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_broker;
+
+    #[test]
+    fn clients_spread_over_the_broker_list() {
+        let mut per = [0usize; 2];
+        for i in 0..1000 {
+            per[first_broker(&format!("agent-{i}"), 2)] += 1;
+        }
+        assert!(per.iter().all(|&n| n > 400), "{per:?}");
+        assert_eq!(first_broker("a", 1), 0);
+        assert_eq!(first_broker("a", 3), first_broker("a", 3), "stable");
     }
 }

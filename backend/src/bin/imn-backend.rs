@@ -20,12 +20,22 @@ struct Flags {
     /// REST API address.
     #[arg(long, env = "IMN_HTTP", default_value = "127.0.0.1:8000")]
     http: SocketAddr,
-    /// The NATS server shared with the bridges.
+    /// The NATS server shared with the bridges; several (a cluster's nodes) separated
+    /// by commas.
     #[arg(long, env = "IMN_NATS", default_value = "nats://127.0.0.1:4222")]
     nats: String,
-    /// Directory of the embedded store.
+    /// Directory of the backend's files (the embedded store, the admin token).
     #[arg(long, env = "IMN_DATA", default_value = "./imn-data/backend")]
     data: PathBuf,
+    /// Where results are kept: `postgres://USER:PASSWORD@HOST:PORT/DB` (several
+    /// backends may share it), or a file for the embedded store. Default:
+    /// DATA/backend.sqlite.
+    #[arg(long, env = "IMN_STORE")]
+    store: Option<String>,
+    /// Replicas of the JetStream stream and credentials bucket (3 on a 3-node NATS
+    /// cluster). Default: leave them as they are (1 when new).
+    #[arg(long, env = "IMN_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    nats_replicas: Option<u8>,
     /// Enable fault-injection routes (/debug/…) for tests.
     #[arg(long, hide = true)]
     fault_injection: bool,
@@ -57,11 +67,19 @@ async fn main() -> anyhow::Result<()> {
         .check_exposure("--http", flags.http, tls.is_some())?;
     let security = security(&flags.security)?;
     let listener = bind_http("--http", flags.http).await?;
-    let bus = NatsBus::connect(NatsOptions::new(&flags.nats))
+    let mut nats = NatsOptions::new(&flags.nats);
+    nats.replicas = flags.nats_replicas.map(usize::from);
+    let bus = NatsBus::connect(nats)
         .await
         .map_err(|e| anyhow::anyhow!("--nats {}: {e}", flags.nats))?;
-    let backend =
-        start_backend(&flags.data, Arc::new(bus), flags.fault_injection, security).await?;
+    let backend = start_backend(
+        &flags.data,
+        flags.store.as_deref(),
+        Arc::new(bus),
+        flags.fault_injection,
+        security,
+    )
+    .await?;
     backend.observe_metrics();
     if flags.security.auth {
         let path = flags.data.join("admin-token");

@@ -105,6 +105,20 @@ pub trait Bus: Send + Sync + 'static {
     /// The bridge's feed of downlink messages.
     async fn subscribe_down(&self) -> Result<mpsc::Receiver<DownMessage>, BusError>;
 
+    /// Backend → every backend (itself included), at most once, unordered: news
+    /// one backend learned from the uplink that the others need (an agent's hello,
+    /// heartbeat or status; results stored). The in-process bus has one backend and
+    /// does nothing.
+    async fn publish_peer(&self, _payload: Bytes) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    /// Backend: the feed of [`Bus::publish_peer`] messages; None where there are no
+    /// peers.
+    async fn subscribe_peer(&self) -> Result<Option<mpsc::Receiver<Bytes>>, BusError> {
+        Ok(None)
+    }
+
     /// Backend → every bridge: one enrolled agent's credential, after each change.
     /// On NATS it goes into a JetStream key-value bucket, so a bridge that starts later
     /// reads it too. The in-process bus does nothing: its bridge reads the backend's

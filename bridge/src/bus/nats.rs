@@ -26,6 +26,13 @@ pub struct NatsOptions {
     pub credentials_bucket: String,
     /// Unacked messages the server lets one consumer have out at once.
     pub max_ack_pending: i64,
+    /// Replicas of the uplink stream and the credentials bucket (3 in a 3-node
+    /// cluster). None: as they are (1 when this process makes them).
+    pub replicas: Option<usize>,
+    /// Bridges in external broker mode take downlink messages in this NATS queue
+    /// group, so one of them publishes each to the shared broker (every bridge with
+    /// its own broker takes every message: only the one holding the agent delivers).
+    pub downlink_queue: Option<String>,
 }
 
 impl NatsOptions {
@@ -36,9 +43,35 @@ impl NatsOptions {
             consumer: "imn-backend".into(),
             credentials_bucket: "imn_agent_credentials".into(),
             max_ack_pending: 20_000,
+            replicas: None,
+            downlink_queue: None,
         }
     }
+
+    /// The servers of `url`: one URL, or several separated by commas (a cluster's
+    /// nodes; the client moves to another when its node goes).
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| BusError::Nats(format!("{u:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|v| {
+                if v.is_empty() {
+                    Err(BusError::Nats("no NATS server given".into()))
+                } else {
+                    Ok(v)
+                }
+            })
+    }
 }
+
+/// Core subject between backends (see [`Bus::publish_peer`]).
+const PEER_SUBJECT: &str = "imn.backend.peer";
 
 pub struct NatsBus {
     client: async_nats::Client,
@@ -76,7 +109,7 @@ impl NatsBus {
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(5))
-            .connect(opts.url.as_str())
+            .connect(opts.servers()?)
             .await
             .map_err(nats_err)?;
         let js = jetstream::new(client.clone());
@@ -187,16 +220,20 @@ impl NatsBus {
                     storage: stream::StorageType::File,
                     retention: stream::RetentionPolicy::WorkQueue,
                     duplicate_window: Duration::from_secs(120),
+                    num_replicas: self.opts.replicas.unwrap_or(1),
                     ..Default::default()
                 })
                 .await
             {
                 Ok(mut s) => {
-                    // A stream made by an older version lacks the frame subject.
+                    // A stream made by an older version lacks the frame subject; one
+                    // made before the cluster grew has fewer replicas.
                     let info = s.info().await.map_err(nats_err)?;
-                    if info.config.subjects != subjects {
+                    let replicas = self.opts.replicas.unwrap_or(info.config.num_replicas);
+                    if info.config.subjects != subjects || info.config.num_replicas != replicas {
                         let mut config = info.config.clone();
                         config.subjects = subjects.clone();
+                        config.num_replicas = replicas;
                         self.js.update_stream(config).await.map_err(nats_err)?;
                     }
                     return Ok(s);
@@ -355,7 +392,7 @@ impl NatsBus {
                         deny_delete: true,
                         allow_direct: true,
                         discard: stream::DiscardPolicy::New,
-                        num_replicas: 1,
+                        num_replicas: self.opts.replicas.unwrap_or(1),
                         ..Default::default()
                     })
                     .await
@@ -475,6 +512,31 @@ impl Bus for NatsBus {
         Ok(applied)
     }
 
+    async fn publish_peer(&self, payload: Bytes) -> Result<(), BusError> {
+        self.client
+            .publish(PEER_SUBJECT, payload)
+            .await
+            .map_err(nats_err)
+    }
+
+    async fn subscribe_peer(&self) -> Result<Option<mpsc::Receiver<Bytes>>, BusError> {
+        let mut sub = self
+            .client
+            .subscribe(PEER_SUBJECT)
+            .await
+            .map_err(nats_err)?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                // Full: a slow backend misses news it can also read from the store.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(msg.payload) {
+                    return;
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
     async fn publish_up(&self, kind: Kind, agent: &str, payload: Bytes) -> Result<(), BusError> {
         // One JetStream message per uplink message cost nats-server about 200 us of
         // CPU each (a store write, a de-duplication entry, an ack, a delete): frames
@@ -574,11 +636,12 @@ impl Bus for NatsBus {
     async fn subscribe_down(&self) -> Result<mpsc::Receiver<DownMessage>, BusError> {
         let (tx, rx) = mpsc::channel(4096);
         for kind in Kind::DOWNLINK {
-            let mut sub = self
-                .client
-                .subscribe(format!("imn.v1.{}.*", kind.as_str()))
-                .await
-                .map_err(nats_err)?;
+            let subject = format!("imn.v1.{}.*", kind.as_str());
+            let mut sub = match &self.opts.downlink_queue {
+                Some(group) => self.client.queue_subscribe(subject, group.clone()).await,
+                None => self.client.subscribe(subject).await,
+            }
+            .map_err(nats_err)?;
             let tx = tx.clone();
             tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
