@@ -115,7 +115,7 @@ pub struct BridgeStats {
 }
 
 impl BridgeStats {
-    fn count(&self, kind: Kind) {
+    pub(crate) fn count(&self, kind: Kind) {
         let (total, by_kind, kinds) = if kind.is_uplink() {
             (&self.up_messages, &self.up_by_kind[..], &Kind::UPLINK[..])
         } else {

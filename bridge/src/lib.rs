@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod broker;
 pub mod bus;
+pub mod external;
 pub mod telemetry;
 
 pub use auth::{AgentCredential, AgentCredentials};

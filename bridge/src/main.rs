@@ -55,13 +55,42 @@ struct Flags {
     /// it, OTEL_EXPORTER_OTLP_ENDPOINT decides; without that, nothing is exported.
     #[arg(long, env = "IMN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// External broker mode: be an MQTT client of this broker (`mqtt://HOST[:PORT]`,
+    /// e.g. Mosquitto) instead of running one; agents connect to it. Several bridges
+    /// split the uplink through a shared subscription.
+    #[arg(long, env = "IMN_EXTERNAL_BROKER")]
+    external_broker: Option<String>,
+    /// User name on the external broker.
+    #[arg(
+        long,
+        env = "IMN_EXTERNAL_USER",
+        default_value = "imn-bridge",
+        requires = "external_broker"
+    )]
+    external_user: String,
+    /// File holding the password on the external broker (one line).
+    #[arg(long, env = "IMN_EXTERNAL_PASSWORD_FILE", requires = "external_broker")]
+    external_password_file: Option<PathBuf>,
+    /// The shared subscription group of the deployment's bridges.
+    #[arg(
+        long,
+        env = "IMN_SHARE_GROUP",
+        default_value = "imn-bridges",
+        requires = "external_broker"
+    )]
+    share_group: String,
+    /// This bridge's MQTT client id on the external broker (unique per bridge).
+    /// Default: imn-bridge-HOSTNAME-PID.
+    #[arg(long, env = "IMN_BRIDGE_ID", requires = "external_broker")]
+    bridge_id: Option<String>,
 }
 
 impl Flags {
     /// Beyond loopback, plain MQTT is refused, and TLS needs auth, unless
     /// --insecure-i-know.
     fn check_exposure(&self) -> anyhow::Result<()> {
-        if self.insecure_i_know {
+        // With an external broker, nothing listens for agents here.
+        if self.insecure_i_know || self.external_broker.is_some() {
             return Ok(());
         }
         if let Some(a) = self.mqtt.filter(|a| !a.ip().is_loopback()) {
@@ -109,6 +138,10 @@ async fn main() -> anyhow::Result<()> {
     let tls = flags.tls()?;
     let mut nats = NatsOptions::new(&flags.nats);
     nats.replicas = flags.nats_replicas.map(usize::from);
+    if flags.external_broker.is_some() {
+        // One bridge of the deployment publishes each command through the broker.
+        nats.downlink_queue = Some(format!("{}-downlink", flags.share_group));
+    }
     let bus = NatsBus::connect(nats)
         .await
         .map_err(|e| anyhow::anyhow!("--nats {}: {e}", flags.nats))?;
@@ -126,18 +159,55 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("auth is off: any MQTT client can connect as any agent (use --auth)");
         Arc::new(AgentCredentials::disabled())
     };
-    let cfg = BrokerConfig {
-        listen: flags.mqtt,
-        tls,
-        credentials,
-        max_payload_bytes: flags.max_payload,
-        max_connections: flags.max_connections,
-        ..BrokerConfig::default()
+    let (stats, credentials) = match &flags.external_broker {
+        Some(url) => {
+            let password = match &flags.external_password_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .map_err(|e| {
+                            anyhow::anyhow!("--external-password-file {}: {e}", p.display())
+                        })?
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let client_id = flags.bridge_id.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "host".into());
+                format!("imn-bridge-{host}-{}", std::process::id())
+            });
+            let cfg = imn_bridge::external::ExternalConfig {
+                url: url.clone(),
+                user: Some(flags.external_user.clone()),
+                password,
+                share_group: flags.share_group.clone(),
+                client_id,
+                max_message_bytes: flags.max_payload,
+                credentials: credentials.clone(),
+            };
+            let stats = imn_bridge::external::run(cfg, Arc::new(bus))
+                .await
+                .map_err(|e| anyhow::anyhow!("--external-broker: {e}"))?;
+            (stats, credentials)
+        }
+        None => {
+            let cfg = BrokerConfig {
+                listen: flags.mqtt,
+                tls,
+                credentials,
+                max_payload_bytes: flags.max_payload,
+                max_connections: flags.max_connections,
+                ..BrokerConfig::default()
+            };
+            let credentials = cfg.credentials.clone();
+            let stats = broker::run(cfg, Arc::new(bus))
+                .await
+                .map_err(|e| anyhow::anyhow!("broker: {e}"))?;
+            (stats, credentials)
+        }
     };
-    let credentials = cfg.credentials.clone();
-    let stats = broker::run(cfg, Arc::new(bus))
-        .await
-        .map_err(|e| anyhow::anyhow!("broker: {e}"))?;
     let families = {
         let stats = stats.clone();
         Arc::new(move || stats.families(&credentials.stats))
