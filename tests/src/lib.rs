@@ -546,3 +546,136 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
+
+/// Three `nats-server` processes clustered on loopback, with JetStream.
+pub struct NatsCluster {
+    pub nodes: Vec<Option<Proc>>,
+    pub ports: Vec<u16>,
+    http: Vec<u16>,
+}
+
+impl NatsCluster {
+    pub async fn start(dir: &Path, n: usize) -> NatsCluster {
+        let exe = program("nats-server")
+            .expect("nats-server is not installed (apt-get install nats-server)");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let cluster: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let http: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let routes: Vec<String> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| format!("nats://127.0.0.1:{}", cluster[j]))
+                .collect();
+            let store = dir.join(format!("nats-{}", i + 1));
+            let conf = format!(
+                "server_name: n{}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{ name: imn\n listen: 127.0.0.1:{}\n routes: [{}] }}\n",
+                i + 1,
+                ports[i],
+                http[i],
+                store.display(),
+                cluster[i],
+                routes.join(", ")
+            );
+            let path = dir.join(format!("nats-{}.conf", i + 1));
+            std::fs::write(&path, conf).expect("nats config");
+            nodes.push(Some(Proc::spawn(
+                &format!("nats-{}", i + 1),
+                &exe,
+                &["-c", path.to_str().unwrap()],
+                dir,
+            )));
+        }
+        let c = NatsCluster { nodes, ports, http };
+        // JetStream answers once the nodes have elected a meta leader.
+        let http0 = c.http.clone();
+        wait_for(
+            "the NATS cluster to elect a JetStream leader",
+            Duration::from_secs(60),
+            || {
+                let http = http0.clone();
+                async move {
+                    http.iter()
+                        .all(|&p| {
+                            http_get_json(p, "/jsz")
+                                .and_then(|v| {
+                                    v["meta_cluster"]["leader"].as_str().map(str::to_string)
+                                })
+                                .is_some_and(|l| !l.is_empty())
+                        })
+                        .then_some(())
+                }
+            },
+        )
+        .await;
+        c
+    }
+
+    /// Every node, starting with node `first` (clients fail over along the list).
+    pub fn urls_from(&self, first: usize) -> String {
+        let n = self.ports.len();
+        (0..n)
+            .map(|k| format!("nats://127.0.0.1:{}", self.ports[(first + k) % n]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].take() {
+            p.kill9();
+        }
+    }
+
+    /// The JetStream stream's info from a live node's monitoring port.
+    pub fn stream_replicas(&self, stream: &str) -> Option<usize> {
+        self.http.iter().zip(&self.nodes).find_map(|(&p, n)| {
+            n.as_ref()?;
+            let v = http_get_json(p, "/jsz?streams=true&config=true")?;
+            v["account_details"]
+                .as_array()?
+                .iter()
+                .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+                .find(|s| s["name"] == stream)
+                .and_then(|s| s["config"]["num_replicas"].as_u64())
+                .map(|n| n as usize)
+        })
+    }
+}
+
+/// GET `path` from 127.0.0.1:`port` over plain HTTP/1.0, parsed as JSON.
+pub fn http_get_json(port: u16, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let (_, json) = body.split_once("\r\n\r\n")?;
+    serde_json::from_str(json).ok()
+}
+
+/// The value of one Prometheus sample (`name{labels}` exactly as exposed) on a
+/// `/metrics` page, or 0 when absent.
+pub fn prom_value(page: &str, series: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == series).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// GET a text page (`/metrics`) from 127.0.0.1:`port`.
+pub fn http_get_text(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}

@@ -192,8 +192,11 @@ impl PostgresStore {
     /// runs the migrations this version needs, and makes this month's and next
     /// month's partitions.
     pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
-        let cfg = tokio_postgres::Config::from_str(url)
+        let mut cfg = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Db(format!("--store {}: {e}", redact(url))))?;
+        // Notices ("relation already exists, skipping") are not news.
+        let options = cfg.get_options().unwrap_or_default().to_string();
+        cfg.options(format!("{options} -c client_min_messages=warning").trim());
         let mgr = Manager::from_config(
             cfg,
             NoTls,

@@ -210,39 +210,47 @@ impl NatsBus {
             .chain(std::iter::once(format!("{FRAME_SUBJECT}.*")))
             .collect();
         let mut last = None;
-        // The server may still be starting; give it a few seconds.
-        for _ in 0..50 {
-            match self
-                .js
-                .get_or_create_stream(stream::Config {
-                    name: self.opts.stream.clone(),
-                    subjects: subjects.clone(),
-                    storage: stream::StorageType::File,
-                    retention: stream::RetentionPolicy::WorkQueue,
-                    duplicate_window: Duration::from_secs(120),
-                    num_replicas: self.opts.replicas.unwrap_or(1),
-                    ..Default::default()
-                })
-                .await
-            {
-                Ok(mut s) => {
-                    // A stream made by an older version lacks the frame subject; one
-                    // made before the cluster grew has fewer replicas.
-                    let info = s.info().await.map_err(nats_err)?;
-                    let replicas = self.opts.replicas.unwrap_or(info.config.num_replicas);
-                    if info.config.subjects != subjects || info.config.num_replicas != replicas {
-                        let mut config = info.config.clone();
-                        config.subjects = subjects.clone();
-                        config.num_replicas = replicas;
-                        self.js.update_stream(config).await.map_err(nats_err)?;
-                    }
-                    return Ok(s);
-                }
-                Err(e) => last = Some(e.to_string()),
+        // The server may still be starting, and a new cluster may still be electing
+        // its leaders (a replicated stream takes seconds): try for 30 s.
+        for _ in 0..150 {
+            match self.try_stream(&subjects).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Err(nats_err(last.unwrap_or_default()))
+    }
+
+    /// One attempt at [`Self::ensure_stream`].
+    async fn try_stream(&self, subjects: &[String]) -> Result<stream::Stream, String> {
+        let mut s = self
+            .js
+            .get_or_create_stream(stream::Config {
+                name: self.opts.stream.clone(),
+                subjects: subjects.to_vec(),
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::WorkQueue,
+                duplicate_window: Duration::from_secs(120),
+                num_replicas: self.opts.replicas.unwrap_or(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        // A stream made by an older version lacks the frame subject; one made before
+        // the cluster grew has fewer replicas.
+        let info = s.info().await.map_err(|e| e.to_string())?;
+        let replicas = self.opts.replicas.unwrap_or(info.config.num_replicas);
+        if info.config.subjects != subjects || info.config.num_replicas != replicas {
+            let mut config = info.config.clone();
+            config.subjects = subjects.to_vec();
+            config.num_replicas = replicas;
+            self.js
+                .update_stream(config)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(s)
     }
 }
 
@@ -584,10 +592,33 @@ impl Bus for NatsBus {
             )
             .await
             .map_err(nats_err)?;
+        // A replicated consumer takes pull requests once its group has a leader;
+        // a request sent before that is dropped without an answer (seen with a
+        // 3-node cluster: one backend of two got nothing until its request expired).
+        let mut consumer = consumer;
+        for _ in 0..100 {
+            match consumer.info().await {
+                Ok(info) if info.cluster.as_ref().is_none_or(|c| c.leader.is_some()) => break,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(async move {
             loop {
-                let mut messages = match consumer.messages().await {
+                // Pull requests of a few frames at a time: the server fills the oldest
+                // request first, so with its default of 200 one backend of several took
+                // every frame while the load was light. A frame holds up to 1,024
+                // messages, so 32 frames per request still keep a backend busy.
+                let mut messages = match consumer
+                    .stream()
+                    .max_messages_per_batch(32)
+                    // A request the server lost (its consumer leader died with a NATS
+                    // node) is noticed after two missed heartbeats and made again.
+                    .heartbeat(Duration::from_secs(3))
+                    .expires(Duration::from_secs(30))
+                    .messages()
+                    .await
+                {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::warn!(error = %e, "jetstream consumer; retrying");
