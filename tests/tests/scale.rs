@@ -391,3 +391,264 @@ async fn killing_a_backend_a_bridge_and_a_nats_node_loses_and_duplicates_nothing
         .sum();
     assert_eq!(runs as usize, total, "{status}");
 }
+
+/// Issue 11, test 2: external broker mode. Mosquitto (Debian's) holds the agents'
+/// connections, with the password file and ACL that `deploy/mosquitto/` generates;
+/// two bridges join it as clients and split the uplink through a shared
+/// subscription. Each result is stored exactly once, commands reach every agent, and
+/// Mosquitto's rules stop an agent publishing as another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_bridges_on_mosquitto_store_each_result_once_and_commands_arrive() {
+    let mosquitto = program("mosquitto").expect("mosquitto is not installed");
+    let mosquitto_pub = program("mosquitto_pub").expect("mosquitto-clients is not installed");
+    let dir = TempDir::new("external");
+    let nats = Nats::start(dir.path()).await;
+    let http = free_port();
+    let data = dir.path().join("backend");
+    let _backend = Proc::spawn(
+        "backend",
+        &bin("imn-backend"),
+        &[
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--nats",
+            &nats.url(),
+            "--data",
+            data.to_str().unwrap(),
+            "--auth",
+        ],
+        dir.path(),
+    );
+    let token_file = data.join("admin-token");
+    let admin_token = wait_for("the admin token", T, || {
+        let f = token_file.clone();
+        async move { std::fs::read_to_string(&f).ok().filter(|t| !t.is_empty()) }
+    })
+    .await;
+    let api = Api::new(http).with_token(admin_token.trim());
+    wait_for("the backend to answer", T, || {
+        let a = api.clone();
+        async move { a.try_get("/livez").await.map(|_| ()) }
+    })
+    .await;
+
+    // Enroll the agents, then generate Mosquitto's files from their tokens.
+    let ids = ["e1", "e2", "e3"];
+    let mut tokens = BTreeMap::new();
+    let mut agents_txt = String::from("# id token\n");
+    for id in ids {
+        let t = api.enroll(id).await;
+        agents_txt.push_str(&format!("{id} {t}\n"));
+        tokens.insert(id, t);
+    }
+    let mq = dir.path().join("mosquitto");
+    std::fs::create_dir_all(&mq).unwrap();
+    std::fs::write(mq.join("agents.txt"), agents_txt).unwrap();
+    let bridge_pass = mq.join("bridge.pass");
+    std::fs::write(&bridge_pass, format!("{:032x}\n", rand::random::<u128>())).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/mosquitto/imn-mosquitto-auth");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .args(["--agents", mq.join("agents.txt").to_str().unwrap()])
+        .args(["--bridge-password-file", bridge_pass.to_str().unwrap()])
+        .args(["--out", mq.to_str().unwrap()])
+        .args(["--bridge-user", "imn.bridge"])
+        .output()
+        .expect("imn-mosquitto-auth");
+    assert!(
+        out.status.success(),
+        "imn-mosquitto-auth: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let acl = std::fs::read_to_string(mq.join("acl")).unwrap();
+    assert!(acl.contains("pattern write imn/v1/%u/out"), "{acl}");
+    // The shipped config, with this test's port and paths.
+    let port = free_port();
+    let conf = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mosquitto/mosquitto.conf"),
+    )
+    .unwrap();
+    let conf: String = conf
+        .lines()
+        .map(|l| {
+            if l == "listener 1883" {
+                format!("listener {port} 127.0.0.1")
+            } else if l.starts_with("password_file ") {
+                format!("password_file {}", mq.join("passwd").display())
+            } else if l.starts_with("acl_file ") {
+                format!("acl_file {}", mq.join("acl").display())
+            } else if l.starts_with("persistence_location ") {
+                format!("persistence_location {}/", mq.display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        conf.contains(&format!("listener {port} 127.0.0.1")),
+        "the listener line moved"
+    );
+    std::fs::write(mq.join("mosquitto.conf"), conf).unwrap();
+    // Mosquitto started as root reads its files as the user `mosquitto`.
+    let _ = std::process::Command::new("chown")
+        .args(["-R", "mosquitto:", mq.to_str().unwrap()])
+        .status();
+    let _broker = Proc::spawn(
+        "mosquitto",
+        &mosquitto,
+        &["-c", mq.join("mosquitto.conf").to_str().unwrap()],
+        dir.path(),
+    );
+    wait_for("mosquitto to listen", T, || async move {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+
+    let metrics = [free_port(), free_port()];
+    let broker_url = format!("mqtt://127.0.0.1:{port}");
+    let _bridges: Vec<Proc> = (0..2)
+        .map(|i| {
+            Proc::spawn(
+                &format!("bridge-{}", i + 1),
+                &bin("imn-bridge"),
+                &[
+                    "--external-broker",
+                    &broker_url,
+                    "--external-user",
+                    "imn.bridge",
+                    "--external-password-file",
+                    bridge_pass.to_str().unwrap(),
+                    "--bridge-id",
+                    &format!("bridge-{}", i + 1),
+                    "--auth",
+                    "--nats",
+                    &nats.url(),
+                    "--metrics",
+                    &format!("127.0.0.1:{}", metrics[i]),
+                ],
+                dir.path(),
+            )
+        })
+        .collect();
+    for m in metrics {
+        wait_for("the bridge to run", T, || async move {
+            http_get_text(m, "/metrics").map(|_| ())
+        })
+        .await;
+    }
+    let _agents: Vec<Proc> = ids
+        .iter()
+        .map(|id| {
+            spawn_agent(
+                &bin("imn-agent"),
+                id,
+                &broker_url,
+                &dir.path().join(id),
+                &[
+                    "--token",
+                    &tokens[id],
+                    "--heartbeat-ms",
+                    "500",
+                    "--resend-timeout-ms",
+                    "2000",
+                ],
+                dir.path(),
+            )
+        })
+        .collect();
+    api.wait_alive(&ids, T).await;
+
+    let id = every_second(&api, ids.len()).await;
+    // Commands reach each agent through the broker: one-off requests come back.
+    for agent in ids {
+        let r = api
+            .post(
+                &format!("/agent/{agent}/echo_module?wait=20"),
+                r#"{"message":"through mosquitto"}"#,
+                &[],
+            )
+            .await;
+        assert_eq!(r.body["state"], "succeeded", "{agent}: {}", r.body);
+    }
+
+    // Mosquitto's rules: a wrong password is refused; an agent cannot publish on
+    // another agent's topic (the message never reaches a bridge), while on its own
+    // topic an unsigned message reaches a bridge, which refuses it.
+    let publish = |user: &str, pass: &str, topic: &str| {
+        std::process::Command::new(&mosquitto_pub)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+            .args(["-u", user, "-P", pass, "-t", topic, "-m", "forged"])
+            .output()
+            .expect("mosquitto_pub")
+    };
+    assert!(
+        !publish("e1", "not-the-token", "imn/v1/e1/out")
+            .status
+            .success(),
+        "a wrong password was accepted"
+    );
+    let refused = || {
+        metrics
+            .iter()
+            .map(|&m| {
+                let page = http_get_text(m, "/metrics").unwrap_or_default();
+                prom_value(&page, r#"imn_bridge_refused_total{reason="signature"}"#)
+                    + prom_value(&page, r#"imn_bridge_refused_total{reason="bad_topic"}"#)
+            })
+            .sum::<f64>()
+    };
+    let before = refused();
+    // A random client id: Mosquitto would otherwise drop the real e1's connection.
+    assert!(publish("e1", &tokens["e1"], "imn/v1/e2/out")
+        .status
+        .success());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        refused(),
+        before,
+        "a message on another agent's topic reached a bridge"
+    );
+    assert!(publish("e1", &tokens["e1"], "imn/v1/e1/out")
+        .status
+        .success());
+    wait_for("the bridge to refuse the unsigned message", T, || async {
+        (refused() > before).then_some(())
+    })
+    .await;
+
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let r = api.delete(&format!("/v1/measurements/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let stopped_at = imn_modules::now_ms();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut results = all_results(&api, &id).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let again = all_results(&api, &id).await;
+        if again.len() == results.len() {
+            break;
+        }
+        results = again;
+    }
+    let total = check_slots(&results, &ids, stopped_at);
+    // Both bridges carried results: the shared subscription split the uplink.
+    let outs: Vec<f64> = metrics
+        .iter()
+        .map(|&m| {
+            let page = http_get_text(m, "/metrics").unwrap_or_default();
+            prom_value(
+                &page,
+                r#"imn_bridge_messages_total{direction="up",kind="out"}"#,
+            )
+        })
+        .collect();
+    assert!(
+        outs.iter().all(|&n| n > 0.0),
+        "each bridge forwards part of the uplink: {outs:?}"
+    );
+    eprintln!("{total} runs stored once through Mosquitto; outbox messages per bridge: {outs:?}");
+}
