@@ -143,7 +143,16 @@ pub fn security(flags: &SecurityFlags) -> Result<Security, UpError> {
 /// The rate of the admin token `--auth` writes to DATA/admin-token, per minute.
 pub const ADMIN_RATE_PER_MIN: f64 = 60_000.0;
 
-pub async fn ensure_admin_token(backend: &Backend, path: &std::path::Path) -> Result<(), UpError> {
+///
+/// `shared`: the store is shared with other backends (PostgreSQL). Then an admin token
+/// that exists but is not in this backend's file was made by another backend: it is
+/// left alone (rotating it would lock that backend's operators out), and this backend
+/// writes no file.
+pub async fn ensure_admin_token(
+    backend: &Backend,
+    path: &std::path::Path,
+    shared: bool,
+) -> Result<(), UpError> {
     let current = std::fs::read_to_string(path).ok();
     if current
         .as_deref()
@@ -166,6 +175,13 @@ pub async fn ensure_admin_token(backend: &Backend, path: &std::path::Path) -> Re
         .await
     {
         Ok((_, t)) => t,
+        Err(crate::error::ApiError::Conflict(_)) if shared => {
+            tracing::warn!(
+                path = %path.display(),
+                "an admin token exists in the shared store (made by another backend): copy that backend's admin-token file here, or rotate it with `imn tokens rotate admin`"
+            );
+            return Ok(());
+        }
         Err(crate::error::ApiError::Conflict(_)) => backend
             .security
             .rotate_token(store, "admin")
@@ -463,7 +479,7 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
     }
     if sec.auth {
         let path = opts.data.join("admin-token");
-        ensure_admin_token(&backend, &path).await?;
+        ensure_admin_token(&backend, &path, false).await?;
         tracing::info!(path = %path.display(), "auth is on: the admin token is in this file");
     }
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -25,6 +25,10 @@ pub enum System {
         dir: TempDir,
         _nats: Nats,
         backend: Proc,
+        /// More backends on the same store (PostgreSQL).
+        more_backends: Vec<Proc>,
+        /// The PostgreSQL cluster and database URL, when the store is PostgreSQL.
+        pg: Option<(imn_backend::store::pg_cluster::TempCluster, String)>,
         /// Bridges, each with its own MQTT port; agents may use any.
         bridges: Vec<(Proc, u16)>,
         api: Api,
@@ -35,6 +39,12 @@ impl System {
     /// `imn up`, or with `nats` nats-server, imn-backend and `bridges` imn-bridges;
     /// with `auth`, all of them with `--auth`.
     pub async fn start(nats: bool, bridges: usize, auth: bool) -> System {
+        System::start_with(nats, bridges, auth, 0).await
+    }
+
+    /// [`System::start`]; with `pg_backends` > 0, over NATS with that many backends
+    /// sharing a PostgreSQL database (a durable cluster made for the run).
+    pub async fn start_with(nats: bool, bridges: usize, auth: bool, pg_backends: usize) -> System {
         let auth_flag: &[&str] = if auth { &["--auth"] } else { &[] };
         if !nats {
             let up = Up::start(0, auth_flag).await;
@@ -47,6 +57,24 @@ impl System {
         let mqtt_port = free_port();
         let data = dir.path().join("backend");
         let http = format!("127.0.0.1:{http_port}");
+        let pg = if pg_backends > 0 {
+            let cluster =
+                tokio::task::spawn_blocking(|| imn_backend::store::pg_cluster::TempCluster::start(true))
+                    .await
+                    .expect("join")
+                    .expect("a PostgreSQL cluster for the benchmark");
+            imn_backend::store::pg_cluster::create_database(&cluster.url("postgres"), "imn")
+                .await
+                .expect("CREATE DATABASE imn");
+            let url = cluster.url("imn");
+            Some((cluster, url))
+        } else {
+            None
+        };
+        let store_flag: Vec<&str> = match &pg {
+            Some((_, url)) => vec!["--store", url.as_str()],
+            None => vec![],
+        };
         let backend = Proc::spawn(
             "imn-backend",
             &bin("imn-backend"),
@@ -60,10 +88,33 @@ impl System {
                     data.to_str().unwrap(),
                 ],
                 auth_flag,
+                &store_flag,
             ]
             .concat(),
             dir.path(),
         );
+        let mut more_backends = Vec::new();
+        for b in 1..pg_backends {
+            let data = dir.path().join(format!("backend-{b}"));
+            more_backends.push(Proc::spawn(
+                &format!("imn-backend-{b}"),
+                &bin("imn-backend"),
+                &[
+                    &[
+                        "--http",
+                        &format!("127.0.0.1:{}", free_port()),
+                        "--nats",
+                        &n.url(),
+                        "--data",
+                        data.to_str().unwrap(),
+                    ],
+                    auth_flag,
+                    &store_flag,
+                ]
+                .concat(),
+                dir.path(),
+            ));
+        }
         let mut started = Vec::new();
         for b in 0..bridges.max(1) {
             let port = if b == 0 { mqtt_port } else { free_port() };
@@ -118,6 +169,8 @@ impl System {
             dir,
             _nats: n,
             backend,
+            more_backends,
+            pg,
             bridges: started,
             api,
         }
@@ -166,17 +219,64 @@ impl System {
         match self {
             System::Up { up, .. } => json!({"imn_up_rss_mib": mib(up.proc.pid())}),
             System::Split {
-                backend, bridges, ..
+                backend,
+                more_backends,
+                bridges,
+                ..
             } => {
                 let bridge: f64 = bridges.iter().map(|b| mib(b.0.pid())).sum();
+                let backends: f64 = std::iter::once(backend)
+                    .chain(more_backends)
+                    .map(|b| mib(b.pid()))
+                    .sum();
                 json!({
                     "bridges": bridges.len(),
+                    "backends": 1 + more_backends.len(),
                     "bridge_rss_mib": bridge,
-                    "backend_rss_mib": mib(backend.pid()),
-                    "bridge_plus_backend_rss_mib": bridge + mib(backend.pid()),
+                    "backend_rss_mib": backends,
+                    "bridge_plus_backend_rss_mib": bridge + backends,
                 })
             }
         }
+    }
+
+    /// (result rows, distinct request ids) of simulated agents in the backend's store,
+    /// and the bytes the store takes on disk for its records (SQLite: the database
+    /// file and its WAL; PostgreSQL: the records table's partitions with indexes).
+    async fn stored(&self) -> (u64, u64, u64) {
+        if let System::Split {
+            pg: Some((_, url)), ..
+        } = self
+        {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to the benchmark's PostgreSQL");
+            tokio::spawn(conn);
+            let row = client
+                .query_one(
+                    "SELECT COUNT(*), COUNT(DISTINCT request_id) FROM records WHERE kind = 'result' AND agent_id LIKE 'sim-%'",
+                    &[],
+                )
+                .await
+                .expect("count results");
+            let store = imn_backend::store::PostgresStore::connect(url)
+                .await
+                .expect("the store");
+            let (records_bytes, _) = store.sizes().await.expect("sizes");
+            return (
+                row.get::<_, i64>(0) as u64,
+                row.get::<_, i64>(1) as u64,
+                records_bytes as u64,
+            );
+        }
+        let (rows, distinct) = self.stored_results();
+        let db = self.db_path();
+        let bytes: u64 = ["", "-wal"]
+            .iter()
+            .filter_map(|x| std::fs::metadata(format!("{}{x}", db.display())).ok())
+            .map(|m| m.len())
+            .sum();
+        (rows, distinct, bytes)
     }
 
     /// (result rows, distinct request ids) of simulated agents in the backend's store.
@@ -382,8 +482,35 @@ async fn ingest_once(
     per_message: usize,
     auth: bool,
 ) -> Value {
+    ingest_run(agents, results, nats, per_message, auth, 0).await
+}
+
+/// `imn-bench ingest --postgres`: over NATS, one backend on the embedded store, then
+/// two backends sharing PostgreSQL, in one run.
+pub async fn ingest_postgres(agents: usize, results: u64, per_message: usize) -> Value {
+    let embedded = ingest_run(agents, results, true, per_message, false, 0).await;
+    let postgres = ingest_run(agents, results, true, per_message, false, 2).await;
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    json!({
+        "scenario": "ingest-postgres",
+        "note": "the same ingest over NATS: one backend on the embedded store (SQLite), then two backends sharing one PostgreSQL (fsync on, like production)",
+        "embedded": embedded,
+        "postgres_two_backends": postgres,
+        "ratio_results_per_s_postgres_vs_embedded": f(&postgres, "results_per_s") / f(&embedded, "results_per_s"),
+        "ratio_bytes_per_result_postgres_vs_embedded": f(&postgres, "store_bytes_per_result") / f(&embedded, "store_bytes_per_result"),
+    })
+}
+
+async fn ingest_run(
+    agents: usize,
+    results: u64,
+    nats: bool,
+    per_message: usize,
+    auth: bool,
+    pg_backends: usize,
+) -> Value {
     let nofile = sim::raise_nofile();
-    let sys = System::start(nats, 1, auth).await;
+    let sys = System::start_with(nats, 1, auth, pg_backends).await;
     let tokens = if auth {
         Some(sys.enroll(agents).await)
     } else {
@@ -431,7 +558,7 @@ async fn ingest_once(
     let store_busy_s = health["store_busy_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
     let store_groups = health["store_groups"].as_u64().unwrap_or(0);
     fleet.stop().await;
-    let (rows, distinct) = sys.stored_results();
+    let (rows, distinct, store_bytes) = sys.stored().await;
     // The same number of messages, the same size, through the same broker.
     let messages = total.div_ceil(per_message as u64);
     // The raw clients have no credentials: with auth the comparison is against the
@@ -446,6 +573,8 @@ async fn ingest_once(
     json!({
         "scenario": "ingest",
         "mode": if nats { "nats" } else { "embedded" },
+        "store": if pg_backends > 0 { "postgres" } else { "embedded" },
+        "backends": pg_backends.max(1),
         "auth": auth,
         "agents": agents,
         "results": total,
@@ -457,6 +586,8 @@ async fn ingest_once(
         "results_per_s": results_per_s,
         "lost": total.saturating_sub(distinct),
         "duplicates_stored": rows - distinct,
+        "store_bytes": store_bytes,
+        "store_bytes_per_result": store_bytes as f64 / rows.max(1) as f64,
         "resent_messages": resent,
         "store_group_commits": store_groups,
         "store_busy_s": store_busy_s,

@@ -83,8 +83,14 @@ async fn main() -> anyhow::Result<()> {
     backend.observe_metrics();
     if flags.security.auth {
         let path = flags.data.join("admin-token");
-        ensure_admin_token(&backend, &path).await?;
-        tracing::info!(path = %path.display(), "auth is on: the admin token is in this file");
+        let shared = flags
+            .store
+            .as_deref()
+            .is_some_and(|s| s.starts_with("postgres://") || s.starts_with("postgresql://"));
+        ensure_admin_token(&backend, &path, shared).await?;
+        if path.exists() {
+            tracing::info!(path = %path.display(), "auth is on: the admin token is in this file");
+        }
     }
     if let Some(addr) = flags.grpc {
         let listener = imn_backend::up::bind_grpc(addr, flags.security.insecure_i_know).await?;

@@ -94,6 +94,11 @@ enum Scenario {
         /// give the ratio.
         #[arg(long)]
         auth: bool,
+        /// Run twice over NATS: one backend on the embedded store, then two backends
+        /// sharing PostgreSQL (a cluster made with initdb for the run, fsync on);
+        /// results/s and stored bytes per result of each, and their ratio.
+        #[arg(long, conflicts_with = "auth")]
+        postgres: bool,
     },
     /// Simulated agents connect and heartbeat: connect time, alive count, heartbeat
     /// lag, memory.
@@ -337,14 +342,20 @@ async fn main() {
             nats,
             per_message,
             auth,
+            postgres,
         } => {
             let (a, r) = if cli.quick {
                 (agents.min(20), results.min(2_000))
             } else {
                 (agents, results)
             };
-            imn_tests::bench_ingest::ingest(a.max(1), r.max(1), nats, per_message.max(1), auth)
-                .await
+            if postgres {
+                imn_tests::bench_ingest::ingest_postgres(a.max(1), r.max(1), per_message.max(1))
+                    .await
+            } else {
+                imn_tests::bench_ingest::ingest(a.max(1), r.max(1), nats, per_message.max(1), auth)
+                    .await
+            }
         }
         Scenario::Fleet {
             agents,
