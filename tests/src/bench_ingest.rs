@@ -58,11 +58,12 @@ impl System {
         let data = dir.path().join("backend");
         let http = format!("127.0.0.1:{http_port}");
         let pg = if pg_backends > 0 {
-            let cluster =
-                tokio::task::spawn_blocking(|| imn_backend::store::pg_cluster::TempCluster::start(true))
-                    .await
-                    .expect("join")
-                    .expect("a PostgreSQL cluster for the benchmark");
+            let cluster = tokio::task::spawn_blocking(|| {
+                imn_backend::store::pg_cluster::TempCluster::start(true)
+            })
+            .await
+            .expect("join")
+            .expect("a PostgreSQL cluster for the benchmark");
             imn_backend::store::pg_cluster::create_database(&cluster.url("postgres"), "imn")
                 .await
                 .expect("CREATE DATABASE imn");
