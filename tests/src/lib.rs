@@ -679,3 +679,31 @@ pub fn http_get_text(port: u16, path: &str) -> Option<String> {
     s.read_to_string(&mut body).ok()?;
     body.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
+
+/// Milliseconds since the epoch of an RFC 3339 time in a result.
+pub fn ms_of(v: &Value) -> i64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{s}: {e}"));
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Every result of a measurement, a page at a time.
+pub async fn all_results(api: &Api, measurement: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = api
+            .get(&format!(
+                "/v1/results?measurement={measurement}&limit=1000&cursor={cursor}"
+            ))
+            .await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let page = page.body;
+        out.extend(page["results"].as_array().unwrap().iter().cloned());
+        cursor = page["next_cursor"].as_str().unwrap().to_string();
+        if page["more"] != serde_json::json!(true) {
+            return out;
+        }
+    }
+}

@@ -654,33 +654,6 @@ async fn a_grpc_client_creates_a_measurement_and_streams_results() {
     );
 }
 
-/// Milliseconds since the epoch of an RFC 3339 time in a result.
-fn ms_of(v: &Value) -> i64 {
-    let s = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|e| panic!("{s}: {e}"));
-    (t.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-/// Every result of a measurement, a page at a time.
-async fn all_results(api: &Api, measurement: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let page = api
-            .get(&format!(
-                "/v1/results?measurement={measurement}&limit=1000&cursor={cursor}"
-            ))
-            .await
-            .body;
-        out.extend(page["results"].as_array().unwrap().iter().cloned());
-        cursor = page["next_cursor"].as_str().unwrap().to_string();
-        if page["more"] != json!(true) {
-            return out;
-        }
-    }
-}
-
 /// Issue 9, test 1: a schedule every 2 s on three agents, one of them cut off for
 /// 30 s by taking its namespace's link down. The partitioned agent keeps running the
 /// schedule from its own stored copy; after it reconnects, every slot arrives once,

@@ -12,32 +12,6 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
 
-fn ms_of(v: &Value) -> i64 {
-    let s = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|e| panic!("{s}: {e}"));
-    (t.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-async fn all_results(api: &Api, measurement: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut cursor = String::new();
-    loop {
-        let page = api
-            .get(&format!(
-                "/v1/results?measurement={measurement}&limit=1000&cursor={cursor}"
-            ))
-            .await;
-        assert_eq!(page.status, 200, "{}", page.body);
-        let page = page.body;
-        out.extend(page["results"].as_array().unwrap().iter().cloned());
-        cursor = page["next_cursor"].as_str().unwrap().to_string();
-        if page["more"] != json!(true) {
-            return out;
-        }
-    }
-}
-
 /// A schedule every second on every agent; returns its id once each agent has it.
 async fn every_second(api: &Api, agents: usize) -> String {
     let r = api

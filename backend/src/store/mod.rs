@@ -182,6 +182,44 @@ pub struct ResultRow {
     pub scheduled_ms: Option<i64>,
 }
 
+/// Where a stored result came from: its record id, request, module and store time.
+pub(crate) struct ResultKey {
+    pub agent_id: String,
+    pub epoch: u64,
+    pub seq: u64,
+    pub request_id: Option<String>,
+    pub module: Option<String>,
+    pub stored_ms: i64,
+}
+
+impl ResultRow {
+    /// A result row from its stored body (what [`prepare`] wrote); `scheduled_ms` from
+    /// a column where the store has one, else from the body.
+    pub(crate) fn from_body(k: ResultKey, body: &str, scheduled_ms: Option<i64>) -> ResultRow {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let ms = |k: &str| v.get(k).and_then(|x| x.as_i64());
+        ResultRow {
+            agent_id: k.agent_id,
+            epoch: k.epoch,
+            seq: k.seq,
+            request_id: k.request_id.unwrap_or_default(),
+            module: k.module.unwrap_or_default(),
+            stored_ms: k.stored_ms,
+            state: v
+                .get("state")
+                .and_then(|s| s.as_str())
+                .and_then(RequestState::parse)
+                .unwrap_or(RequestState::Failed),
+            result: v.get("result").cloned().unwrap_or_default(),
+            error: v.get("error").and_then(|e| e.as_str()).map(str::to_string),
+            received_ms: ms("received_ms").unwrap_or(0),
+            started_ms: ms("started_ms").unwrap_or(0),
+            finished_ms: ms("finished_ms").unwrap_or(0),
+            scheduled_ms: scheduled_ms.or_else(|| ms("scheduled_ms")),
+        }
+    }
+}
+
 /// A batch turned into rows, ready for any store. Preparing (JSON bodies) is apart
 /// from storing so the backend can prepare one batch while the store writes another.
 #[derive(Debug, Clone)]

@@ -404,28 +404,15 @@ const RESULT_COLS: &str =
     "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, r.body::TEXT, r.scheduled_ms";
 
 fn result_row(r: &tokio_postgres::Row) -> ResultRow {
-    let body: String = r.get(6);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    let ms = |k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(0);
-    ResultRow {
+    let key = super::ResultKey {
         agent_id: r.get(0),
         epoch: r.get::<_, i64>(1) as u64,
         seq: r.get::<_, i64>(2) as u64,
-        request_id: r.get::<_, Option<String>>(3).unwrap_or_default(),
-        module: r.get::<_, Option<String>>(4).unwrap_or_default(),
+        request_id: r.get(3),
+        module: r.get(4),
         stored_ms: r.get(5),
-        state: v
-            .get("state")
-            .and_then(|s| s.as_str())
-            .and_then(RequestState::parse)
-            .unwrap_or(RequestState::Failed),
-        result: v.get("result").cloned().unwrap_or_default(),
-        error: v.get("error").and_then(|e| e.as_str()).map(str::to_string),
-        received_ms: ms("received_ms"),
-        started_ms: ms("started_ms"),
-        finished_ms: ms("finished_ms"),
-        scheduled_ms: r.get(7),
-    }
+    };
+    ResultRow::from_body(key, r.get(6), r.get(7))
 }
 
 async fn get_request(

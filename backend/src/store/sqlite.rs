@@ -664,28 +664,15 @@ fn bump_version(tx: &Connection, agent: &str) -> Result<u64, StoreError> {
 }
 
 fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
-    let body: String = r.get(6)?;
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-    let ms = |k: &str| v.get(k).and_then(|x| x.as_i64()).unwrap_or(0);
-    Ok(ResultRow {
+    let key = super::ResultKey {
         agent_id: r.get(0)?,
         epoch: r.get::<_, i64>(1)? as u64,
         seq: r.get::<_, i64>(2)? as u64,
-        request_id: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
-        module: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+        request_id: r.get(3)?,
+        module: r.get(4)?,
         stored_ms: r.get(5)?,
-        state: v
-            .get("state")
-            .and_then(|s| s.as_str())
-            .and_then(RequestState::parse)
-            .unwrap_or(RequestState::Failed),
-        result: v.get("result").cloned().unwrap_or_default(),
-        error: v.get("error").and_then(|e| e.as_str()).map(str::to_string),
-        received_ms: ms("received_ms"),
-        started_ms: ms("started_ms"),
-        finished_ms: ms("finished_ms"),
-        scheduled_ms: v.get("scheduled_ms").and_then(|x| x.as_i64()),
-    })
+    };
+    Ok(ResultRow::from_body(key, &r.get::<_, String>(6)?, None))
 }
 
 const RESULT_COLS: &str =
