@@ -285,7 +285,7 @@ pub async fn serve_http(
 /// Opens the embedded store under `data` and starts a backend on `bus`.
 pub async fn start_backend(
     data: &std::path::Path,
-    store: Option<&str>,
+    store: Option<(&str, Option<&std::path::Path>)>,
     bus: Arc<dyn Bus>,
     fault_injection: bool,
     security: Security,
@@ -294,7 +294,10 @@ pub async fn start_backend(
         path: data.to_path_buf(),
         message: e.to_string(),
     })?;
-    let store = open_store(data, store).await?;
+    let store = match store {
+        Some((spec, ca)) => open_store(data, Some(spec), ca).await?,
+        None => open_store(data, None, None).await?,
+    };
     let backend = Backend::new(store, bus, fault_injection, security)
         .await
         .map_err(|e| UpError::Start(e.to_string()))?;
@@ -306,14 +309,16 @@ pub async fn start_backend(
 }
 
 /// The store `--store` names: `postgres://…` (or `postgresql://…`) for PostgreSQL,
-/// a file path for the embedded store there; none: the embedded store in `data`.
+/// over TLS with `sslmode=require` or a `--store-ca`; a file path for the embedded
+/// store there; none: the embedded store in `data`.
 pub async fn open_store(
     data: &std::path::Path,
     spec: Option<&str>,
+    ca: Option<&std::path::Path>,
 ) -> Result<Arc<dyn crate::store::Store>, UpError> {
     match spec {
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let s = crate::store::PostgresStore::connect(url)
+            let s = crate::store::PostgresStore::connect_tls(url, ca)
                 .await
                 .map_err(|e| UpError::Flag {
                     flag: "--store",
@@ -321,6 +326,10 @@ pub async fn open_store(
                 })?;
             Ok(Arc::new(s))
         }
+        Some(_) if ca.is_some() => Err(UpError::Flag {
+            flag: "--store-ca",
+            message: "only with a postgres:// store".into(),
+        }),
         Some(path) => {
             let path = std::path::Path::new(path);
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

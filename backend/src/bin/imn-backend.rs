@@ -32,6 +32,11 @@ struct Flags {
     /// DATA/backend.sqlite.
     #[arg(long, env = "IMN_STORE")]
     store: Option<String>,
+    /// PEM CA that signed PostgreSQL's certificate: connect over TLS and check the
+    /// certificate and host name (as `sslmode=require` in the URL does, against the
+    /// system's bundle).
+    #[arg(long, env = "IMN_STORE_CA", requires = "store")]
+    store_ca: Option<PathBuf>,
     /// Replicas of the JetStream stream and credentials bucket (3 on a 3-node NATS
     /// cluster). Default: leave them as they are (1 when new).
     #[arg(long, env = "IMN_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
@@ -74,7 +79,10 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--nats {}: {e}", flags.nats))?;
     let backend = start_backend(
         &flags.data,
-        flags.store.as_deref(),
+        flags
+            .store
+            .as_deref()
+            .map(|s| (s, flags.store_ca.as_deref())),
         Arc::new(bus),
         flags.fault_injection,
         security,

@@ -696,3 +696,56 @@ async fn postgres_partitions_by_month_of_agent_time() {
     let (records, db) = s.sizes().await.unwrap();
     assert!(records > 0 && db > records, "{records} {db}");
 }
+
+/// PostgreSQL only: `--store-ca` (or `sslmode=require`) connects over TLS and checks
+/// the server's certificate; another CA's certificate is refused, and so is a server
+/// without TLS when TLS was asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_checks_the_servers_certificate() {
+    let dir = std::env::temp_dir().join(format!("imn-pgtls-{:08x}", rand::random::<u32>()));
+    let req = |d: &std::path::Path| crate::certs::CertsRequest {
+        dir: d.to_path_buf(),
+        hosts: vec!["127.0.0.1".into()],
+        clients: vec![],
+        days: 2,
+    };
+    crate::certs::generate(&req(&dir.join("a"))).unwrap();
+    crate::certs::generate(&req(&dir.join("b"))).unwrap();
+    let (cert, key) = (dir.join("a/server.pem"), dir.join("a/server.key"));
+    let cluster = tokio::task::spawn_blocking(move || {
+        crate::store::pg_cluster::TempCluster::start_with(false, Some((&cert, &key)))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let url = cluster.url("postgres");
+    let s = crate::store::PostgresStore::connect_tls(&url, Some(&dir.join("a/ca.pem")))
+        .await
+        .unwrap();
+    assert!(s.uses_tls().await.unwrap(), "--store-ca connects over TLS");
+    assert!(!crate::store::PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .uses_tls()
+        .await
+        .unwrap());
+    let e = crate::store::PostgresStore::connect_tls(&url, Some(&dir.join("b/ca.pem")))
+        .await
+        .expect_err("another CA's certificate is refused")
+        .to_string();
+    assert!(
+        e.contains("certificate") || e.contains("Certificate"),
+        "{e}"
+    );
+    // A server without TLS, when TLS is asked for.
+    let (_plain, plain_url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+    let e = crate::store::PostgresStore::connect_tls(
+        &format!("{plain_url}?sslmode=require"),
+        Some(&dir.join("a/ca.pem")),
+    )
+    .await
+    .expect_err("no TLS, no connection");
+    eprintln!("{e}");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}

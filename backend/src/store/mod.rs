@@ -9,6 +9,7 @@
 #[cfg(test)]
 mod conformance;
 pub mod pg_cluster;
+mod pg_tls;
 mod postgres;
 mod sqlite;
 

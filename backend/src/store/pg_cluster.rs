@@ -69,6 +69,12 @@ fn free_port() -> std::io::Result<u16> {
 impl TempCluster {
     /// `durable`: fsync as in production (benchmarks); tests turn it off.
     pub fn start(durable: bool) -> Result<TempCluster, String> {
+        TempCluster::start_with(durable, None)
+    }
+
+    /// [`Self::start`]; with `tls` (PEM certificate chain and key), PostgreSQL also
+    /// speaks TLS.
+    pub fn start_with(durable: bool, tls: Option<(&Path, &Path)>) -> Result<TempCluster, String> {
         let bin = bin_dir().ok_or(
             "PostgreSQL not found: install it (`apt-get install -y postgresql`), or set IMN_PG_BIN, or IMN_TEST_POSTGRES",
         )?;
@@ -125,6 +131,24 @@ impl TempCluster {
             ]);
         if !durable {
             cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off"]);
+        }
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (c, k) = (dir.join("server.crt"), dir.join("server.key"));
+            std::fs::copy(cert, &c).map_err(|e| format!("{}: {e}", cert.display()))?;
+            std::fs::copy(key, &k).map_err(|e| format!("{}: {e}", key.display()))?;
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
+            if let Some((uid, gid)) = user {
+                for f in [&c, &k] {
+                    std::os::unix::fs::chown(f, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+                }
+            }
+            cmd.args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", c.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", k.display()));
         }
         let child = cmd
             .stdout(Stdio::null())

@@ -206,18 +206,33 @@ impl PostgresStore {
     /// runs the migrations this version needs, and makes this month's and next
     /// month's partitions.
     pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
+        PostgresStore::connect_tls(url, None).await
+    }
+
+    /// [`Self::connect`], over TLS when the URL says `sslmode=require` or `ca` is
+    /// given: the server's certificate must chain to `ca` (PEM; default the system's
+    /// bundle) and name the URL's host.
+    pub async fn connect_tls(
+        url: &str,
+        ca: Option<&std::path::Path>,
+    ) -> Result<PostgresStore, StoreError> {
         let mut cfg = tokio_postgres::Config::from_str(url)
             .map_err(|e| StoreError::Db(format!("--store {}: {e}", redact(url))))?;
         // Notices ("relation already exists, skipping") are not news.
         let options = cfg.get_options().unwrap_or_default().to_string();
         cfg.options(format!("{options} -c client_min_messages=warning").trim());
-        let mgr = Manager::from_config(
-            cfg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let tls = ca.is_some() || cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Require;
+        let mgr = if tls {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let make = super::pg_tls::MakeRustls::new(ca)
+                .map_err(|e| StoreError::Db(format!("--store-ca {e}")))?;
+            Manager::from_config(cfg, make, manager)
+        } else {
+            Manager::from_config(cfg, NoTls, manager)
+        };
         let pool = Pool::builder(mgr)
             .max_size(16)
             .build()
@@ -244,10 +259,16 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Db(format!("postgres connection: {e}")))
+        self.pool.get().await.map_err(|e| {
+            // The pool's message hides the cause (such as a refused certificate).
+            let mut msg = format!("postgres connection: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            StoreError::Db(msg)
+        })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -336,6 +357,19 @@ impl PostgresStore {
             .await
             .map_err(db)?;
         Ok((row.get(0), row.get(1)))
+    }
+
+    /// Whether this store's connections are encrypted (PostgreSQL's own view).
+    pub async fn uses_tls(&self) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let row = c
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        Ok(row.get(0))
     }
 
     /// The monthly partitions that exist, oldest first.
