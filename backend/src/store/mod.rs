@@ -238,8 +238,9 @@ pub struct RecordRow {
     pub kind: &'static str,
     pub request_id: Option<String>,
     pub module: Option<String>,
-    /// A scheduled run's measurement.
+    /// A scheduled run's measurement and slot time.
     pub measurement_id: Option<String>,
+    pub scheduled_ms: Option<i64>,
     pub body_json: String,
     /// The request state this record moves its request to.
     pub transition: Option<RowTransition>,
@@ -303,6 +304,7 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
         .iter()
         .map(|rec| {
             let mut measurement_id = None;
+            let mut scheduled_ms = None;
             let (kind, request_id, module, body_json, transition) = match &rec.body {
                 RecordBody::State(s) => (
                     "state",
@@ -333,6 +335,7 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
                 RecordBody::ScheduledResult(run) => {
                     let r = &run.result;
                     measurement_id = Some(run.measurement_id.clone());
+                    scheduled_ms = Some(run.scheduled_ms);
                     let (_, body, _) = result_body(r, Some(run.scheduled_ms));
                     (
                         "result",
@@ -357,6 +360,7 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
                 request_id,
                 module,
                 measurement_id,
+                scheduled_ms,
                 body_json,
                 transition,
             }

@@ -765,18 +765,6 @@ impl Store for PostgresStore {
         get_request(&c, id, false).await
     }
 
-    async fn request_and_result(
-        &self,
-        id: &str,
-    ) -> Result<Option<(RequestRow, Option<ResultRow>)>, StoreError> {
-        let c = self.client().await?;
-        let Some(req) = get_request(&c, id, false).await? else {
-            return Ok(None);
-        };
-        let result = result_of(&c, id, &req.agent_id).await?;
-        Ok(Some((req, result)))
-    }
-
     async fn transition(
         &self,
         id: &str,
@@ -889,11 +877,7 @@ impl Store for PostgresStore {
                 cols.request.push(r.request_id.as_deref());
                 cols.module.push(r.module.as_deref());
                 cols.measurement.push(r.measurement_id.as_deref());
-                cols.scheduled.push(
-                    r.measurement_id
-                        .as_ref()
-                        .and_then(|_| scheduled_ms_of(&r.body_json)),
-                );
+                cols.scheduled.push(r.scheduled_ms);
                 cols.at.push(r.at_ms);
                 cols.body.push(&r.body_json);
             }
@@ -1490,15 +1474,6 @@ async fn result_of(
         .await
         .map_err(db)?
         .map(|r| result_row(&r)))
-}
-
-/// A scheduled run's slot time, from its stored body.
-fn scheduled_ms_of(body: &str) -> Option<i64> {
-    #[derive(serde::Deserialize)]
-    struct Slot {
-        scheduled_ms: Option<i64>,
-    }
-    serde_json::from_str::<Slot>(body).ok()?.scheduled_ms
 }
 
 #[cfg(test)]
