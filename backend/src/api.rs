@@ -591,7 +591,7 @@ fn result_json(r: &ResultRow) -> Value {
 #[derive(Deserialize)]
 struct ResultsQuery {
     limit: Option<u32>,
-    /// `atlas` for RIPE Atlas's result format (ping results only).
+    /// `atlas` for RIPE Atlas's result format (the modules in `atlas::MODULES`).
     format: Option<String>,
 }
 
@@ -623,7 +623,7 @@ async fn results(
         // Atlas defines no format for the other modules; they are left out.
         let all = rows
             .iter()
-            .filter_map(crate::atlas::ping)
+            .filter_map(crate::atlas::convert)
             .flatten()
             .collect();
         return Ok(Json(Value::Array(all)));
@@ -641,12 +641,13 @@ async fn result(
     }
     let atlas = wants_atlas(&q.format)?;
     match b.store.result(&id, &request_id).await? {
-        Some(r) if atlas => crate::atlas::ping(&r)
+        Some(r) if atlas => crate::atlas::convert(&r)
             .map(|v| Json(Value::Array(v)))
             .ok_or_else(|| {
                 ApiError::BadRequest(format!(
-                    "format: RIPE Atlas defines no format for {} results; atlas is for ping_module",
-                    r.module
+                    "format: RIPE Atlas defines no format for {} results; atlas is for {}",
+                    r.module,
+                    crate::atlas::MODULES.join(", ")
                 ))
             }),
         Some(r) => Ok(Json(result_json(&r))),
@@ -734,7 +735,7 @@ async fn results_v1(
     let next = rows.last().map_or(after, |r| r.0);
     let results: Vec<Value> = if atlas {
         rows.iter()
-            .filter_map(|(_, r, _)| crate::atlas::ping(r))
+            .filter_map(|(_, r, _)| crate::atlas::convert(r))
             .flatten()
             .collect()
     } else {

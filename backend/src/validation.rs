@@ -73,3 +73,40 @@ impl Validators {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every module's schema accepts its valid examples and refuses its invalid ones,
+    /// naming the field; the typed parameters then parse what the schema accepted.
+    #[test]
+    fn every_module_accepts_its_examples_and_names_the_field_it_refuses() {
+        let v = Validators::new().unwrap();
+        for spec in catalog::catalog() {
+            let ex = spec.examples();
+            assert!(
+                !ex.valid.is_empty() && !ex.invalid.is_empty(),
+                "{} needs valid and invalid examples",
+                spec.name
+            );
+            for ok in &ex.valid {
+                if let Err(e) = v.validate(spec.name, ok) {
+                    panic!("{}: {ok} was refused: {e:?}", spec.name);
+                }
+            }
+            for (bad, field) in &ex.invalid {
+                match v.validate(spec.name, bad) {
+                    Err(ApiError::InvalidParams { field: got, .. }) => {
+                        assert_eq!(
+                            &got, field,
+                            "{}: {bad} refused for the wrong field",
+                            spec.name
+                        )
+                    }
+                    other => panic!("{}: {bad} was not refused: {other:?}", spec.name),
+                }
+            }
+        }
+    }
+}

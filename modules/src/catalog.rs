@@ -5,6 +5,8 @@
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use crate::kinds::{self, Examples};
+
 /// One module as the catalog describes it.
 #[derive(Debug, Clone)]
 pub struct ModuleSpec {
@@ -14,12 +16,18 @@ pub struct ModuleSpec {
     /// How long a run may take before the agent cancels it, unless the request says.
     pub default_timeout_ms: u64,
     schema: fn() -> Value,
+    examples: fn() -> Examples,
 }
 
 impl ModuleSpec {
     /// The JSON Schema of the module's parameters.
     pub fn schema(&self) -> Value {
         (self.schema)()
+    }
+
+    /// Parameters the schema must accept, and parameters it must refuse naming a field.
+    pub fn examples(&self) -> Examples {
+        (self.examples)()
     }
 
     /// First 16 hex digits of the SHA-256 of the schema's canonical JSON.
@@ -29,7 +37,7 @@ impl ModuleSpec {
     }
 }
 
-const DRAFT: &str = "https://json-schema.org/draft/2020-12/schema";
+pub(crate) const DRAFT: &str = "https://json-schema.org/draft/2020-12/schema";
 
 fn echo_schema() -> Value {
     json!({
@@ -124,13 +132,63 @@ fn heartbeat_schema() -> Value {
     })
 }
 
-static CATALOG: [ModuleSpec; 5] = [
+fn echo_examples() -> Examples {
+    Examples {
+        valid: vec![json!({"message": "hello"})],
+        invalid: vec![
+            (json!({}), "/message"),
+            (json!({"message": 7}), "/message"),
+            (json!({"message": "x", "extra": 1}), "/extra"),
+        ],
+    }
+}
+
+fn ping_examples() -> Examples {
+    Examples {
+        valid: vec![
+            json!({"host": "127.0.0.1"}),
+            json!({"targets": ["127.0.0.1", "::1"], "count": 3, "interval_ms": 10, "rate": 500}),
+        ],
+        invalid: vec![
+            (json!({"host": "127.0.0.1", "count": 0}), "/count"),
+            (json!({"host": ""}), "/host"),
+            (json!({"host": "127.0.0.1", "size": 70000}), "/size"),
+        ],
+    }
+}
+
+fn tcping_examples() -> Examples {
+    Examples {
+        valid: vec![json!({"host": "127.0.0.1", "port": 22, "count": 2})],
+        invalid: vec![
+            (json!({"host": "127.0.0.1"}), "/port"),
+            (json!({"host": "127.0.0.1", "port": 70000}), "/port"),
+        ],
+    }
+}
+
+fn faulty_examples() -> Examples {
+    Examples {
+        valid: vec![json!({"message": "m", "delay": 0.5, "error": true})],
+        invalid: vec![(json!({"message": "m", "delay": -1}), "/delay")],
+    }
+}
+
+fn heartbeat_examples() -> Examples {
+    Examples {
+        valid: vec![json!({})],
+        invalid: vec![(json!({"verbose": true}), "/verbose")],
+    }
+}
+
+static CATALOG: [ModuleSpec; 11] = [
     ModuleSpec {
         name: "echo_module",
         version: "1.0.0",
         description: "Sends the message back; proves the whole path works.",
         default_timeout_ms: 5_000,
         schema: echo_schema,
+        examples: echo_examples,
     },
     ModuleSpec {
         name: "ping_module",
@@ -138,6 +196,7 @@ static CATALOG: [ModuleSpec; 5] = [
         description: "ICMP echo to one host or many: per-probe RTTs, loss and jitter.",
         default_timeout_ms: 300_000,
         schema: ping_schema,
+        examples: ping_examples,
     },
     ModuleSpec {
         name: "tcping",
@@ -145,6 +204,7 @@ static CATALOG: [ModuleSpec; 5] = [
         description: "TCP connect time to host:port, with the kernel's RTT and availability.",
         default_timeout_ms: 300_000,
         schema: tcping_schema,
+        examples: tcping_examples,
     },
     ModuleSpec {
         name: "faulty_module",
@@ -152,6 +212,7 @@ static CATALOG: [ModuleSpec; 5] = [
         description: "Delays, panics, hangs or errors on request: tests fault handling.",
         default_timeout_ms: 10_000,
         schema: faulty_schema,
+        examples: faulty_examples,
     },
     ModuleSpec {
         name: "heartbeat",
@@ -159,6 +220,55 @@ static CATALOG: [ModuleSpec; 5] = [
         description: "CPU, memory, swap, load, uptime, disk and interface counters.",
         default_timeout_ms: 10_000,
         schema: heartbeat_schema,
+        examples: heartbeat_examples,
+    },
+    ModuleSpec {
+        name: "traceroute",
+        version: "1.0.0",
+        description: "Paris traceroute over ICMP, UDP or TCP: every hop's addresses, RTTs, ICMP type and MPLS labels.",
+        default_timeout_ms: 300_000,
+        schema: kinds::traceroute::traceroute_schema,
+        examples: kinds::traceroute::traceroute_examples,
+    },
+    ModuleSpec {
+        name: "mtr",
+        version: "1.0.0",
+        description: "Repeated Paris traceroutes: per-hop loss, RTT statistics and jitter, as mtr shows.",
+        default_timeout_ms: 600_000,
+        schema: kinds::traceroute::mtr_schema,
+        examples: kinds::traceroute::mtr_examples,
+    },
+    ModuleSpec {
+        name: "dns",
+        version: "1.0.0",
+        description: "One DNS query over UDP or TCP: rcode, flags, every section, and the raw answer.",
+        default_timeout_ms: 60_000,
+        schema: kinds::dns::dns_schema,
+        examples: kinds::dns::dns_examples,
+    },
+    ModuleSpec {
+        name: "http",
+        version: "1.0.0",
+        description: "One HTTP/1.1 or HTTP/2 request, with DNS, connect, TLS and first-byte timings and the TLS details.",
+        default_timeout_ms: 60_000,
+        schema: kinds::http::http_schema,
+        examples: kinds::http::http_examples,
+    },
+    ModuleSpec {
+        name: "tls_cert",
+        version: "1.0.0",
+        description: "A TLS handshake: the server's certificate chain, version and cipher, as Atlas's sslcert.",
+        default_timeout_ms: 60_000,
+        schema: kinds::http::tls_cert_schema,
+        examples: kinds::http::tls_cert_examples,
+    },
+    ModuleSpec {
+        name: "ntp",
+        version: "1.0.0",
+        description: "NTP client exchanges with a server: offset, delay, stratum, reference id and leap status.",
+        default_timeout_ms: 60_000,
+        schema: kinds::ntp::ntp_schema,
+        examples: kinds::ntp::ntp_examples,
     },
 ];
 

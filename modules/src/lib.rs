@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod kinds;
 #[cfg(feature = "metrics-http")]
 pub mod metrics_http;
 pub mod params;

@@ -4,6 +4,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::kinds;
+
 /// A rule the parameters broke, beyond the schema.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field}: {message}")]
@@ -102,7 +104,7 @@ fn default_size() -> u32 {
     56
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(params: &Value) -> Result<T, ParamError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(params: &Value) -> Result<T, ParamError> {
     serde_json::from_value(params.clone()).map_err(|e| ParamError {
         field: String::new(),
         rule: "type",
@@ -140,6 +142,12 @@ pub fn check(module: &str, params: &Value) -> Result<(), ParamError> {
         }
         "tcping" => parse::<TcpingParams>(params).map(|_| ()),
         "faulty_module" => parse::<FaultyParams>(params).map(|_| ()),
+        "traceroute" => kinds::traceroute::traceroute_check(params),
+        "mtr" => kinds::traceroute::mtr_check(params),
+        "dns" => kinds::dns::dns_check(params),
+        "http" => kinds::http::http_check(params),
+        "tls_cert" => kinds::http::tls_cert_check(params),
+        "ntp" => kinds::ntp::ntp_check(params),
         _ => Ok(()),
     }
 }

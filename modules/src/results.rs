@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::kinds;
+
 /// How a module run ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ModuleOutcome {
@@ -20,6 +22,13 @@ pub enum ModuleOutput {
     Tcping(TcpingResult),
     Faulty(FaultyResult),
     Heartbeat(SystemSnapshot),
+    // New variants go last: postcard numbers variants by position.
+    Traceroute(kinds::traceroute::TracerouteResult),
+    Mtr(kinds::traceroute::MtrResult),
+    Dns(kinds::dns::DnsResult),
+    Http(kinds::http::HttpResult),
+    TlsCert(kinds::http::TlsCertResult),
+    Ntp(kinds::ntp::NtpResult),
 }
 
 impl ModuleOutput {
@@ -36,6 +45,12 @@ impl ModuleOutput {
             ModuleOutput::Tcping(r) => serde_json::to_value(r),
             ModuleOutput::Faulty(r) => serde_json::to_value(r),
             ModuleOutput::Heartbeat(r) => serde_json::to_value(r),
+            ModuleOutput::Traceroute(r) => serde_json::to_value(r),
+            ModuleOutput::Mtr(r) => serde_json::to_value(r),
+            ModuleOutput::Dns(r) => serde_json::to_value(r),
+            ModuleOutput::Http(r) => serde_json::to_value(r),
+            ModuleOutput::TlsCert(r) => serde_json::to_value(r),
+            ModuleOutput::Ntp(r) => serde_json::to_value(r),
         };
         v.unwrap_or(serde_json::Value::Null)
     }
@@ -52,6 +67,12 @@ impl Serialize for OutputJson<'_> {
             ModuleOutput::Tcping(r) => r.serialize(s),
             ModuleOutput::Faulty(r) => r.serialize(s),
             ModuleOutput::Heartbeat(r) => r.serialize(s),
+            ModuleOutput::Traceroute(r) => r.serialize(s),
+            ModuleOutput::Mtr(r) => r.serialize(s),
+            ModuleOutput::Dns(r) => r.serialize(s),
+            ModuleOutput::Http(r) => r.serialize(s),
+            ModuleOutput::TlsCert(r) => r.serialize(s),
+            ModuleOutput::Ntp(r) => r.serialize(s),
         }
     }
 }

@@ -1,9 +1,13 @@
 //! The code that runs modules on a device (cargo feature `exec`).
 
+mod dns;
+mod http;
+mod ntp;
 mod ping;
 pub mod resolver;
 pub mod system;
 mod tcping;
+mod traceroute;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -38,6 +42,18 @@ pub async fn run(module: &str, params_json: &str, ctx: &Context) -> Result<Modul
             let p: TcpingParams = from_value(params)?;
             tcping::run(p).await.map(ModuleOutput::Tcping)
         }
+        "traceroute" => traceroute::run(from_value(params)?)
+            .await
+            .map(ModuleOutput::Traceroute),
+        "mtr" => traceroute::run_mtr(from_value(params)?)
+            .await
+            .map(ModuleOutput::Mtr),
+        "dns" => dns::run(from_value(params)?).await.map(ModuleOutput::Dns),
+        "http" => http::run(from_value(params)?).await.map(ModuleOutput::Http),
+        "tls_cert" => http::run_tls_cert(from_value(params)?)
+            .await
+            .map(ModuleOutput::TlsCert),
+        "ntp" => ntp::run(from_value(params)?).await.map(ModuleOutput::Ntp),
         "faulty_module" => faulty(from_value(params)?).await.map(ModuleOutput::Faulty),
         "heartbeat" => {
             let mut cpu = system::CpuSampler::new();

@@ -1,5 +1,6 @@
-//! RIPE Atlas result format (ping, firmware 4750 and later), so tooling that reads
-//! Atlas results (for example ripe.atlas.sagan) reads ours.
+//! RIPE Atlas result format, so tooling that reads Atlas results (for example
+//! ripe.atlas.sagan) reads ours: ping (firmware 4750 and later) here, and one file per
+//! other kind Atlas defines (traceroute, dns, http, sslcert, ntp).
 //!
 //! Atlas ids are integers; IMN's are not. `msm_id` and `prb_id` are the first 31 bits
 //! of the SHA-256 of the request id and the agent id: stable, and the original ids are
@@ -9,6 +10,76 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::store::ResultRow;
+
+mod dns;
+mod http;
+mod ntp;
+mod traceroute;
+
+/// Modules whose results have an Atlas format.
+pub const MODULES: &[&str] = &[
+    "ping_module",
+    "traceroute",
+    "dns",
+    "http",
+    "tls_cert",
+    "ntp",
+];
+
+/// The Atlas results of a stored result, or None when Atlas defines no format for its
+/// module (or the run produced no result).
+pub fn convert(r: &ResultRow) -> Option<Vec<Value>> {
+    match r.module.as_str() {
+        "ping_module" => ping(r),
+        "traceroute" => traceroute::traceroute(r),
+        "dns" => dns::dns(r),
+        "http" => http::http(r),
+        "tls_cert" => http::sslcert(r),
+        "ntp" => ntp::ntp(r),
+        _ => None,
+    }
+}
+
+/// What every Atlas result carries: ids, times and IMN's own ids.
+pub(crate) struct Meta {
+    pub msm_id: u32,
+    pub prb_id: u32,
+    pub measurement: Option<String>,
+}
+
+impl Meta {
+    pub fn of(r: &ResultRow) -> Meta {
+        // A scheduled run belongs to its recurring measurement (`{measurement}@{slot}`),
+        // as every result of an Atlas measurement carries that measurement's id.
+        let measurement = r
+            .scheduled_ms
+            .and_then(|_| r.request_id.rsplit_once('@'))
+            .map(|(m, _)| m.to_string());
+        Meta {
+            msm_id: numeric_id(measurement.as_deref().unwrap_or(&r.request_id)),
+            prb_id: numeric_id(&r.agent_id),
+            measurement,
+        }
+    }
+
+    /// Adds the fields every Atlas result has to `v` (an object).
+    pub fn fill(&self, r: &ResultRow, kind: &str, v: &mut Value) {
+        if let Some(o) = v.as_object_mut() {
+            o.insert("fw".into(), json!(FW));
+            o.insert("type".into(), json!(kind));
+            o.insert("timestamp".into(), json!(r.started_ms / 1000));
+            o.insert("stored_timestamp".into(), json!(r.stored_ms / 1000));
+            o.insert("msm_id".into(), json!(self.msm_id));
+            o.insert("group_id".into(), json!(self.msm_id));
+            o.insert("prb_id".into(), json!(self.prb_id));
+            o.insert("lts".into(), json!(-1));
+            o.insert(
+                "imn".into(),
+                json!({"request_id": r.request_id, "agent_id": r.agent_id, "measurement_id": self.measurement}),
+            );
+        }
+    }
+}
 
 /// The firmware version we claim: the ping format of 4750 and later.
 pub const FW: u32 = 5080;
@@ -26,14 +97,7 @@ pub fn ping(r: &ResultRow) -> Option<Vec<Value>> {
         return None;
     }
     let src = r.result["src_addr"].as_str().unwrap_or("");
-    // A scheduled run belongs to its recurring measurement (`{measurement}@{slot}`),
-    // as every result of an Atlas measurement carries that measurement's id.
-    let measurement = r
-        .scheduled_ms
-        .and_then(|_| r.request_id.rsplit_once('@'))
-        .map(|(m, _)| m);
-    let msm_id = numeric_id(measurement.unwrap_or(&r.request_id));
-    let prb_id = numeric_id(&r.agent_id);
+    let meta = Meta::of(r);
     let targets = r.result["targets"].as_array()?;
     Some(
         targets
@@ -53,9 +117,7 @@ pub fn ping(r: &ResultRow) -> Option<Vec<Value>> {
                             .collect()
                     })
                     .unwrap_or_default();
-                json!({
-                    "fw": FW,
-                    "type": "ping",
+                let mut v = json!({
                     "af": af,
                     "dst_addr": addr,
                     "dst_name": t["host"],
@@ -71,21 +133,16 @@ pub fn ping(r: &ResultRow) -> Option<Vec<Value>> {
                     "avg": ms("avg_ms"),
                     "max": ms("max_ms"),
                     "result": results,
-                    "timestamp": r.started_ms / 1000,
-                    "stored_timestamp": r.stored_ms / 1000,
-                    "msm_id": msm_id,
-                    "group_id": msm_id,
-                    "prb_id": prb_id,
-                    "lts": -1,
                     "step": null,
-                    "imn": {"request_id": r.request_id, "agent_id": r.agent_id, "measurement_id": measurement},
-                })
+                });
+                meta.fill(r, "ping", &mut v);
+                v
             })
             .collect(),
     )
 }
 
-fn round3(v: f64) -> f64 {
+pub(crate) fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
