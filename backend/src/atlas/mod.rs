@@ -146,6 +146,36 @@ pub(crate) fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
+/// Runs a Python script that reads `input` as JSON on stdin with RIPE's parser,
+/// ripe.atlas.sagan, and returns what it prints as JSON: the tests' proof that Atlas
+/// tooling reads our output. `tests/run.sh` installs sagan.
+#[cfg(test)]
+pub(crate) fn sagan(script: &str, input: &Value) -> Value {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (tests/run.sh installs it with ripe.atlas.sagan)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sagan could not parse {input}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
