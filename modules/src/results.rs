@@ -22,13 +22,14 @@ pub enum ModuleOutput {
     Tcping(TcpingResult),
     Faulty(FaultyResult),
     Heartbeat(SystemSnapshot),
-    // New variants go last: postcard numbers variants by position.
-    Traceroute(kinds::traceroute::TracerouteResult),
-    Mtr(kinds::traceroute::MtrResult),
-    Dns(kinds::dns::DnsResult),
-    Http(kinds::http::HttpResult),
-    TlsCert(kinds::http::TlsCertResult),
-    Ntp(kinds::ntp::NtpResult),
+    // New variants go last: postcard numbers variants by position. Boxed, so a small
+    // result does not take the space of the largest (postcard encodes a box as its value).
+    Traceroute(Box<kinds::traceroute::TracerouteResult>),
+    Mtr(Box<kinds::traceroute::MtrResult>),
+    Dns(Box<kinds::dns::DnsResult>),
+    Http(Box<kinds::http::HttpResult>),
+    TlsCert(Box<kinds::http::TlsCertResult>),
+    Ntp(Box<kinds::ntp::NtpResult>),
 }
 
 impl ModuleOutput {

@@ -83,7 +83,7 @@ fn responder(addr: &str, b: Behaviour) -> u16 {
 
 async fn ntp(params: serde_json::Value) -> NtpResult {
     match run("ntp", &params.to_string(), &Context::default()).await {
-        Ok(ModuleOutput::Ntp(r)) => r,
+        Ok(ModuleOutput::Ntp(r)) => *r,
         other => panic!("{other:?}"),
     }
 }

@@ -79,9 +79,9 @@ mod tests {
             packets: vec![
                 NtpPacket {
                     origin_ts: 3_973_000_000.25,
-                    receive_ts: Some(3_973_000_001.7502),
-                    transmit_ts: Some(3_973_000_001.7504),
-                    final_ts: Some(3_973_000_000.2506),
+                    receive_ts: Some(3_973_000_001.750_2),
+                    transmit_ts: Some(3_973_000_001.750_4),
+                    final_ts: Some(3_973_000_000.250_6),
                     offset_ms: Some(1500.0),
                     delay_ms: Some(0.4),
                     error: None,

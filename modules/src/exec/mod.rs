@@ -44,16 +44,22 @@ pub async fn run(module: &str, params_json: &str, ctx: &Context) -> Result<Modul
         }
         "traceroute" => traceroute::run(from_value(params)?)
             .await
-            .map(ModuleOutput::Traceroute),
+            .map(|r| ModuleOutput::Traceroute(Box::new(r))),
         "mtr" => traceroute::run_mtr(from_value(params)?)
             .await
-            .map(ModuleOutput::Mtr),
-        "dns" => dns::run(from_value(params)?).await.map(ModuleOutput::Dns),
-        "http" => http::run(from_value(params)?).await.map(ModuleOutput::Http),
+            .map(|r| ModuleOutput::Mtr(Box::new(r))),
+        "dns" => dns::run(from_value(params)?)
+            .await
+            .map(|r| ModuleOutput::Dns(Box::new(r))),
+        "http" => http::run(from_value(params)?)
+            .await
+            .map(|r| ModuleOutput::Http(Box::new(r))),
         "tls_cert" => http::run_tls_cert(from_value(params)?)
             .await
-            .map(ModuleOutput::TlsCert),
-        "ntp" => ntp::run(from_value(params)?).await.map(ModuleOutput::Ntp),
+            .map(|r| ModuleOutput::TlsCert(Box::new(r))),
+        "ntp" => ntp::run(from_value(params)?)
+            .await
+            .map(|r| ModuleOutput::Ntp(Box::new(r))),
         "faulty_module" => faulty(from_value(params)?).await.map(ModuleOutput::Faulty),
         "heartbeat" => {
             let mut cpu = system::CpuSampler::new();

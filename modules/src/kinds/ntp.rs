@@ -201,8 +201,8 @@ mod tests {
                 NtpPacket {
                     origin_ts: 3_970_000_000.25,
                     receive_ts: Some(3_970_000_001.75),
-                    transmit_ts: Some(3_970_000_001.7501),
-                    final_ts: Some(3_970_000_000.2503),
+                    transmit_ts: Some(3_970_000_001.750_1),
+                    final_ts: Some(3_970_000_000.250_3),
                     offset_ms: Some(1500.0),
                     delay_ms: Some(0.2),
                     error: None,
