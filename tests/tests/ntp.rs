@@ -1,85 +1,15 @@
-//! The `ntp` module against an NTP responder the test starts on loopback. The responder
-//! is the test's own (nothing that serves NTP can run here with a clock other than the
-//! machine's): it answers as a stratum-2 server whose clock is a known offset from ours,
-//! so the measured offset can be checked. Other responders send a kiss-o'-death, an
-//! unsynchronised header, replies that do not echo the request, or nothing.
+//! The `ntp` module against the NTP responder of `imn_tests::peers`, on loopback: a
+//! stratum-2 server whose clock is a known offset from ours, and servers that send a
+//! kiss-o'-death, an unsynchronised header, replies that do not echo the request, or
+//! nothing.
 
 use std::net::UdpSocket;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use imn_modules::exec::{run, Context};
 use imn_modules::kinds::ntp::NtpResult;
 use imn_modules::results::ModuleOutput;
-
-#[derive(Clone, Copy)]
-enum Behaviour {
-    /// A synchronised stratum-2 server whose clock is ahead of ours by this many seconds.
-    Offset(f64),
-    Kiss(&'static [u8; 4]),
-    Unsynchronised,
-    /// Replies whose origin timestamp is not the request's transmit timestamp.
-    WrongOrigin,
-    Silent,
-}
-
-fn ntp_now(offset: f64) -> u64 {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-        + 2_208_988_800.0
-        + offset;
-    ((t.trunc() as u64) << 32) | ((t.fract() * 4_294_967_296.0) as u64)
-}
-
-/// Starts a responder on a free loopback port; returns the port.
-fn responder(addr: &str, b: Behaviour) -> u16 {
-    let sock = UdpSocket::bind(addr).unwrap();
-    let port = sock.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 512];
-        loop {
-            let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                return;
-            };
-            if n < 48 {
-                continue;
-            }
-            let offset = match b {
-                Behaviour::Offset(o) => o,
-                _ => 0.0,
-            };
-            let t2 = ntp_now(offset);
-            let mut r = [0u8; 48];
-            let version = (buf[0] >> 3) & 7;
-            r[0] = (version << 3) | 4;
-            r[1] = 2;
-            r[2] = buf[2];
-            r[3] = (-23i8) as u8;
-            r[4..8].copy_from_slice(&0x0000_0800u32.to_be_bytes());
-            r[8..12].copy_from_slice(&0x0000_1000u32.to_be_bytes());
-            r[12..16].copy_from_slice(&[127, 0, 0, 53]);
-            r[16..24].copy_from_slice(&(t2 - (16u64 << 32)).to_be_bytes());
-            r[24..32].copy_from_slice(&buf[40..48]);
-            r[32..40].copy_from_slice(&t2.to_be_bytes());
-            match b {
-                Behaviour::Offset(_) => {}
-                Behaviour::Kiss(code) => {
-                    r[1] = 0;
-                    r[12..16].copy_from_slice(code);
-                }
-                Behaviour::Unsynchronised => r[0] |= 3 << 6,
-                Behaviour::WrongOrigin => r[24] ^= 0xff,
-                Behaviour::Silent => continue,
-            }
-            // A little processing time, as a real server has.
-            std::thread::sleep(Duration::from_micros(200));
-            r[40..48].copy_from_slice(&ntp_now(offset).to_be_bytes());
-            let _ = sock.send_to(&r, from);
-        }
-    });
-    port
-}
+use imn_tests::peers::{ntp_responder as responder, NtpBehaviour as Behaviour};
 
 async fn ntp(params: serde_json::Value) -> NtpResult {
     match run("ntp", &params.to_string(), &Context::default()).await {
