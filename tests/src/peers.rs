@@ -79,3 +79,127 @@ pub fn ntp_responder(addr: &str, b: NtpBehaviour) -> u16 {
     });
     port
 }
+
+/// A real DNS server: dnsmasq (Debian's `dnsmasq-base`) on a loopback port, answering
+/// from its own options for the zone `imn.test` and refusing to recurse anywhere.
+pub struct Dnsmasq {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq with `records` (dnsmasq options such as
+    /// `--host-record=www.imn.test,192.0.2.10`) and waits until it answers on TCP.
+    pub fn start(records: &[&str]) -> Dnsmasq {
+        let exe = crate::program("dnsmasq")
+            .expect("dnsmasq is not installed (apt-get install dnsmasq-base)");
+        let port = crate::free_port();
+        let child = std::process::Command::new(exe)
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--except-interface=nonexistent",
+                "--user=root",
+                "--pid-file=",
+                "--local=/imn.test/",
+                &format!("--port={port}"),
+            ])
+            .args(records)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("dnsmasq");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dnsmasq did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Dnsmasq { child, port }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real TLS server from another implementation: `openssl s_server -www` on a
+/// loopback port, with a self-signed certificate for `localhost` and 127.0.0.1. It
+/// answers an HTTP GET with a status page.
+pub struct OpensslServer {
+    child: std::process::Child,
+    pub port: u16,
+    /// The server's certificate (its own trust anchor), PEM.
+    pub cert_pem: String,
+    _dir: crate::TempDir,
+}
+
+impl OpensslServer {
+    pub fn start() -> OpensslServer {
+        let dir = crate::TempDir::new("openssl");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", "/CN=localhost/O=IMN test"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl req failed");
+        let port = crate::free_port();
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "openssl s_server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OpensslServer {
+            child,
+            port,
+            cert_pem: std::fs::read_to_string(&cert).unwrap(),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for OpensslServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,95 @@
+//! The measurement modules of RIPE Atlas and Globalping parity, end to end: requested
+//! through the API of `imn up`, run by a real agent against real peers on loopback
+//! (dnsmasq, `openssl s_server`, the backend's own HTTP API, the kernel, the tests' NTP
+//! responder), stored, and read back both natively and in RIPE Atlas's format, which
+//! RIPE's own parser (ripe.atlas.sagan) must read with the values the native result has.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use imn_tests::peers::{self, Dnsmasq, OpensslServer};
+use imn_tests::{Api, Up};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Runs a module on agent-1 and returns the native result, after checking it succeeded.
+async fn run(api: &Api, module: &str, params: Value) -> Value {
+    let r = api
+        .post(
+            &format!("/agent/agent-1/{module}?wait=25"),
+            &params.to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{module} {params}: {:?}", r.body);
+    assert_eq!(r.body["state"], "succeeded", "{module}: {}", r.body);
+    r.body
+}
+
+/// The Atlas form of a stored result, from the API.
+async fn atlas(api: &Api, done: &Value) -> Value {
+    let rid = done["request_id"].as_str().unwrap();
+    let r = api
+        .get(&format!("/agents/agent-1/results/{rid}?format=atlas"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+/// Runs `script` with the Atlas results on stdin and returns what it prints (JSON).
+fn sagan(script: &str, input: &Value) -> Value {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sagan could not parse {input}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_new_module_end_to_end_with_atlas_output() {
+    let up = Up::start(1, &[]).await;
+    up.api.wait_alive(&["agent-1"], T).await;
+    let api = &up.api;
+
+    // NTP: the responder's clock is 1.5 s ahead.
+    let ntp_port = peers::ntp_responder("127.0.0.1:0", peers::NtpBehaviour::Offset(1.5));
+    let b = run(
+        api,
+        "ntp",
+        json!({"host": "127.0.0.1", "port": ntp_port, "packets": 3, "interval_ms": 10}),
+    )
+    .await;
+    let offset = b["result"]["offset_ms"].as_f64().unwrap();
+    assert!((offset - 1500.0).abs() < 50.0, "{b}");
+    let a = atlas(api, &b).await;
+    let p = sagan(
+        r#"
+import json, sys
+from ripe.atlas.sagan import NtpResult
+r = NtpResult(json.load(sys.stdin)[0], on_error=NtpResult.ACTION_FAIL)
+print(json.dumps([r.destination_address, r.stratum, r.offset_median, len(r.packets)]))
+"#,
+        &a,
+    );
+    assert_eq!(p[0], "127.0.0.1");
+    assert_eq!((p[1].as_u64(), p[3].as_u64()), (Some(2), Some(3)));
+    assert!((p[2].as_f64().unwrap() - 1.5).abs() < 0.05, "{p}");
+}
