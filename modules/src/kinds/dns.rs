@@ -120,7 +120,7 @@ pub struct DnsParams {
     /// How long one attempt waits for its answer.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
-    /// Further attempts after a UDP attempt that got no answer.
+    /// Further attempts after one that got no answer or was refused.
     #[serde(default)]
     pub retries: u32,
     /// Asks again over TCP when the UDP answer is truncated.
@@ -182,10 +182,8 @@ pub struct DnsResult {
     /// The name server's address and port.
     pub server: String,
     pub port: u16,
-    /// The `server` parameter as given (a name or an address), if any.
-    pub server_name: Option<String>,
     pub server_source: ServerSource,
-    /// Our address on the socket that got the answer.
+    /// Our address on the socket of the final exchange.
     pub src_addr: Option<String>,
     /// The transport of the final exchange.
     pub protocol: DnsProtocol,
@@ -199,20 +197,34 @@ pub struct DnsResult {
     pub qbuf: String,
     /// Attempts made over the final transport.
     pub attempts: u32,
-    /// From sending the query to receiving the whole answer (monotonic clock), ms.
-    pub rt_ms: Option<f64>,
-    /// The TCP handshake's duration, when the final exchange used TCP, ms.
-    pub tcp_connect_ms: Option<f64>,
     /// The timeout of each attempt, ms.
-    pub timeout_ms: u64,
+    pub timeout_ms: u32,
     /// Set when no usable answer came.
     pub error: Option<DnsError>,
-    /// The raw answer, base64 (as Atlas's `abuf`).
-    pub abuf: Option<String>,
+    /// The answer, when one came (also when it is malformed).
+    pub reply: Option<Box<DnsReply>>,
+}
+
+impl DnsResult {
+    /// The parsed answer, if one came and it is well-formed.
+    pub fn message(&self) -> Option<&DnsMessage> {
+        self.reply.as_ref().and_then(|r| r.message.as_ref())
+    }
+}
+
+/// The answer to the query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DnsReply {
+    /// From sending the query to receiving the whole answer (monotonic clock), ms.
+    pub rt_ms: f64,
+    /// The TCP handshake's duration, when the final exchange used TCP, ms.
+    pub tcp_connect_ms: Option<f64>,
     /// The answer's size in bytes.
-    pub size: Option<u32>,
-    /// The answer, parsed.
-    pub response: Option<DnsMessage>,
+    pub size: u32,
+    /// The raw answer, base64 (as Atlas's `abuf`).
+    pub abuf: String,
+    /// The answer, parsed; None when it is malformed (then `error` says why).
+    pub message: Option<DnsMessage>,
 }
 
 /// A parsed DNS message.
@@ -411,7 +423,7 @@ pub fn dns_schema() -> Value {
             "timeout_ms": {"type": "integer", "minimum": 10, "maximum": 60000, "default": 5000,
                 "description": "How long each attempt waits for its answer. Default 5000."},
             "retries": {"type": "integer", "minimum": 0, "maximum": 10, "default": 0,
-                "description": "Further UDP attempts after one that got no answer. Default 0."},
+                "description": "Further attempts (each with a new id and socket) after one that got no answer or was refused. Default 0."},
             "use_tcp_on_truncation": {"type": "boolean", "default": true,
                 "description": "Ask again over TCP when the UDP answer is truncated (TC). Default true."}
         },

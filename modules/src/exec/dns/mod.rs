@@ -17,7 +17,7 @@ use tokio::net::{TcpSocket, UdpSocket};
 
 use crate::kinds::dns::{
     class_code, class_name, parse_server, query_name, type_code, type_name, DnsError, DnsErrorKind,
-    DnsParams, DnsProtocol, DnsResult, ServerSource, ServerSpec,
+    DnsParams, DnsProtocol, DnsReply, DnsResult, ServerSource, ServerSpec,
 };
 use wire::Query;
 
@@ -76,7 +76,6 @@ pub async fn run(p: DnsParams) -> Result<DnsResult, String> {
     let mut r = DnsResult {
         server: server.ip().to_string(),
         port: server.port(),
-        server_name: p.server.clone(),
         server_source: source,
         src_addr: ex.src.map(|a| a.ip().to_string()),
         protocol,
@@ -86,28 +85,29 @@ pub async fn run(p: DnsParams) -> Result<DnsResult, String> {
         qclass: class_name(qclass),
         qbuf: wire::base64(&ex.qbuf),
         attempts: ex.attempts,
-        rt_ms: None,
-        tcp_connect_ms: ex.connect.map(ms),
-        timeout_ms: p.timeout_ms,
+        timeout_ms: u32::try_from(p.timeout_ms).unwrap_or(u32::MAX),
         error: None,
-        abuf: None,
-        size: None,
-        response: None,
+        reply: None,
     };
     match ex.outcome {
         Outcome::Answer { buf, rt } => {
-            r.rt_ms = Some(ms(rt));
-            r.abuf = Some(wire::base64(&buf));
-            r.size = Some(buf.len() as u32);
-            match wire::parse_message(&buf) {
-                Ok(m) => r.response = Some(m),
+            let message = match wire::parse_message(&buf) {
+                Ok(m) => Some(m),
                 Err(e) => {
                     r.error = Some(DnsError {
                         kind: DnsErrorKind::Malformed,
                         message: format!("malformed answer from {server}: {e}"),
-                    })
+                    });
+                    None
                 }
-            }
+            };
+            r.reply = Some(Box::new(DnsReply {
+                rt_ms: ms(rt),
+                tcp_connect_ms: ex.connect.map(ms),
+                size: buf.len() as u32,
+                abuf: wire::base64(&buf),
+                message,
+            }));
         }
         Outcome::Timeout => {
             r.error = Some(DnsError {

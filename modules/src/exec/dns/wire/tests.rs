@@ -1,5 +1,5 @@
 use super::*;
-use crate::kinds::dns::{query_name, DnsErrorKind, DnsProtocol, DnsResult, ServerSource};
+use crate::kinds::dns::{query_name, DnsErrorKind, DnsProtocol, DnsReply, DnsResult, ServerSource};
 
 fn query(name: &str, qtype: u16) -> Query {
     Query {
@@ -422,7 +422,6 @@ fn a_result_round_trips_through_postcard_and_json() {
     let r = DnsResult {
         server: "127.0.0.1".into(),
         port: 5353,
-        server_name: Some("127.0.0.1:5353".into()),
         server_source: ServerSource::Params,
         src_addr: Some("127.0.0.1".into()),
         protocol: DnsProtocol::Tcp,
@@ -432,16 +431,18 @@ fn a_result_round_trips_through_postcard_and_json() {
         qclass: "IN".into(),
         qbuf: base64(&q),
         attempts: 1,
-        rt_ms: Some(0.25),
-        tcp_connect_ms: Some(0.1),
         timeout_ms: 5000,
         error: Some(crate::kinds::dns::DnsError {
             kind: DnsErrorKind::Malformed,
             message: "x".into(),
         }),
-        abuf: Some(base64(&m)),
-        size: Some(m.len() as u32),
-        response: Some(msg),
+        reply: Some(Box::new(DnsReply {
+            rt_ms: 0.25,
+            tcp_connect_ms: Some(0.1),
+            size: m.len() as u32,
+            abuf: base64(&m),
+            message: Some(msg),
+        })),
     };
     let bytes = postcard::to_stdvec(&r).unwrap();
     assert_eq!(postcard::from_bytes::<DnsResult>(&bytes).unwrap(), r);
@@ -449,11 +450,14 @@ fn a_result_round_trips_through_postcard_and_json() {
     assert_eq!(serde_json::from_str::<DnsResult>(&json).unwrap(), r);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(
-        v["response"]["answer"][0]["data"]["mx"]["exchange"],
+        v["reply"]["message"]["answer"][0]["data"]["mx"]["exchange"],
         "mail.test."
     );
-    assert_eq!(v["response"]["answer"][1]["data"]["svcb"]["alpn"][0], "h2");
-    assert_eq!(v["response"]["edns"]["do"], true);
+    assert_eq!(
+        v["reply"]["message"]["answer"][1]["data"]["svcb"]["alpn"][0],
+        "h2"
+    );
+    assert_eq!(v["reply"]["message"]["edns"]["do"], true);
     assert_eq!(v["protocol"], "tcp");
     assert_eq!(v["error"]["kind"], "malformed");
     // Through the module output enum too.
@@ -462,5 +466,15 @@ fn a_result_round_trips_through_postcard_and_json() {
     assert_eq!(
         postcard::from_bytes::<crate::results::ModuleOutput>(&bytes).unwrap(),
         out
+    );
+}
+
+#[test]
+fn the_result_stays_small() {
+    // ModuleOutcome holds results inline; a large one would bloat every outcome.
+    assert!(
+        std::mem::size_of::<DnsResult>() <= 208,
+        "{}",
+        std::mem::size_of::<DnsResult>()
     );
 }
