@@ -591,3 +591,222 @@ async fn flags_do_cd_and_nsid_reach_the_server() {
     assert_eq!(e.nsid.as_deref(), Some("imn-test"));
     assert_eq!(r.qtype, "SOA");
 }
+
+/// Decodes each base64 answer with ripe.atlas.sagan's own DNS parser (`AbufParser`).
+const SAGAN_ABUF: &str = r#"
+import base64, json, sys
+from ripe.atlas.sagan.helpers import abuf
+print(json.dumps([abuf.AbufParser.parse(base64.b64decode(b)) for b in json.load(sys.stdin)]))
+"#;
+
+fn sagan_decode(abufs: &[String]) -> Vec<Value> {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args(["-c", SAGAN_ABUF])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 with ripe.atlas.sagan");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(serde_json::to_string(abufs).unwrap().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Checks one of our records against sagan's decoding of the same bytes.
+fn same_record(ours: &DnsRecord, theirs: &Value) {
+    let what = format!("{ours:?} vs {theirs}");
+    assert_eq!(theirs["Name"], ours.name, "{what}");
+    // sagan names the types it knows and gives the number of the others.
+    assert!(
+        theirs["Type"] == ours.rtype.as_str() || theirs["Type"] == ours.type_code,
+        "{what}"
+    );
+    assert_eq!(theirs["TTL"], ours.ttl, "{what}");
+    assert_eq!(theirs["Class"], ours.class, "{what}");
+    assert_eq!(theirs["RDlength"], ours.rdlength, "{what}");
+    match &ours.data {
+        // sagan writes IPv6 addresses without `::`: compare the addresses.
+        RData::A { address } | RData::Aaaa { address } => assert_eq!(
+            theirs["Address"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::IpAddr>().ok()),
+            address.parse().ok(),
+            "{what}"
+        ),
+        RData::Name { target } => assert_eq!(theirs["Target"], *target, "{what}"),
+        RData::Mx {
+            preference,
+            exchange,
+        } => {
+            assert_eq!(theirs["Preference"], *preference, "{what}");
+            assert_eq!(theirs["MailExchanger"], *exchange, "{what}");
+        }
+        RData::Soa {
+            mname,
+            rname,
+            serial,
+            refresh,
+            retry,
+            expire,
+            minimum,
+        } => {
+            assert_eq!(theirs["MasterServerName"], *mname, "{what}");
+            assert_eq!(theirs["MaintainerName"], *rname, "{what}");
+            assert_eq!(
+                [
+                    &theirs["Serial"],
+                    &theirs["Refresh"],
+                    &theirs["Retry"],
+                    &theirs["Expire"],
+                    &theirs["NegativeTtl"]
+                ],
+                [serial, refresh, retry, expire, minimum]
+                    .map(|v| json!(v))
+                    .each_ref(),
+                "{what}"
+            );
+        }
+        RData::Txt { strings } => assert_eq!(theirs["Data"], json!(strings), "{what}"),
+        RData::Srv {
+            priority,
+            weight,
+            port,
+            target,
+        } => {
+            assert_eq!(theirs["Priority"], *priority, "{what}");
+            assert_eq!(theirs["Weight"], *weight, "{what}");
+            assert_eq!(theirs["Port"], *port, "{what}");
+            assert_eq!(theirs["Target"], *target, "{what}");
+        }
+        RData::Ds {
+            key_tag,
+            algorithm,
+            digest_type,
+            digest_hex,
+        } => {
+            assert_eq!(theirs["Tag"], *key_tag, "{what}");
+            assert_eq!(theirs["Algorithm"], *algorithm, "{what}");
+            assert_eq!(theirs["DigestType"], *digest_type, "{what}");
+            assert_eq!(
+                theirs["DelegationKey"]
+                    .as_str()
+                    .map(str::to_ascii_lowercase)
+                    .as_deref(),
+                Some(digest_hex.as_str()),
+                "{what}"
+            );
+        }
+        RData::Dnskey {
+            flags,
+            protocol,
+            algorithm,
+            public_key_base64,
+            ..
+        } => {
+            assert_eq!(theirs["Flags"], *flags, "{what}");
+            assert_eq!(theirs["Protocol"], *protocol, "{what}");
+            assert_eq!(theirs["Algorithm"], *algorithm, "{what}");
+            assert_eq!(theirs["Key"], *public_key_base64, "{what}");
+        }
+        // sagan does not decode these.
+        RData::Caa { .. } | RData::Svcb(_) | RData::Other => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sagan_decodes_the_same_records_from_the_same_bytes() {
+    let s = start_dnsmasq();
+    let mut results = Vec::new();
+    for proto in ["udp", "tcp"] {
+        for (name, qtype) in [
+            ("a.test", "A"),
+            ("a.test", "AAAA"),
+            ("www.test", "A"),
+            ("test", "MX"),
+            ("test", "NS"),
+            ("test", "TXT"),
+            ("test", "SOA"),
+            ("192.0.2.53", "PTR"),
+            ("_sip._tcp.test", "SRV"),
+            ("test", "CAA"),
+            ("test", "HTTPS"),
+            ("svc.test", "SVCB"),
+            ("test", "DS"),
+            ("test", "DNSKEY"),
+            ("test", "TYPE65280"),
+            ("nothing.test", "A"),
+            ("big.test", "TXT"),
+        ] {
+            results.push(query(s.port, name, qtype, proto).await);
+        }
+    }
+    let abufs: Vec<String> = results
+        .iter()
+        .map(|r| r.reply.as_ref().unwrap().abuf.clone())
+        .collect();
+    let decoded = sagan_decode(&abufs);
+    assert_eq!(decoded.len(), results.len());
+    let mut records = 0;
+    for (r, d) in results.iter().zip(&decoded) {
+        let m = r.message().unwrap();
+        assert!(d.get("ERROR").is_none(), "{d}");
+        let h = &d["HEADER"];
+        assert_eq!(h["ID"], m.id);
+        assert_eq!(h["ReturnCode"], m.rcode_name);
+        assert_eq!(
+            [&h["QR"], &h["AA"], &h["TC"], &h["RD"], &h["RA"], &h["AD"], &h["CD"]],
+            [m.flags.qr, m.flags.aa, m.flags.tc, m.flags.rd, m.flags.ra, m.flags.ad, m.flags.cd]
+                .map(Value::from)
+                .each_ref()
+        );
+        assert_eq!(
+            [&h["QDCOUNT"], &h["ANCOUNT"], &h["NSCOUNT"], &h["ARCOUNT"]],
+            [m.qdcount, m.ancount, m.nscount, m.arcount]
+                .map(Value::from)
+                .each_ref()
+        );
+        assert_eq!(d["QuestionSection"][0]["Qname"], m.question[0].name);
+        for (ours, key) in [
+            (&m.answer, "AnswerSection"),
+            (&m.authority, "AuthoritySection"),
+            (&m.additional, "AdditionalSection"),
+        ] {
+            let theirs = d
+                .get(key)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(ours.len(), theirs.len(), "{key}: {ours:?} vs {theirs:?}");
+            for (o, t) in ours.iter().zip(&theirs) {
+                same_record(o, t);
+                records += 1;
+            }
+        }
+        match &m.edns {
+            Some(e) => {
+                assert_eq!(d["EDNS0"]["UDPsize"], e.udp_size);
+                let codes: Vec<u16> = e.options.iter().map(|o| o.code).collect();
+                let theirs: Vec<u16> = d["EDNS0"]["Option"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| o["OptionCode"].as_u64().unwrap() as u16)
+                    .collect();
+                assert_eq!(codes, theirs);
+            }
+            None => assert!(d.get("EDNS0").is_none()),
+        }
+    }
+    assert!(records > 60, "{records} records compared");
+}
