@@ -11,7 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use imn_modules::exec::{run, Context};
-use imn_modules::kinds::dns::{DnsErrorKind, DnsProtocol, DnsRecord, DnsResult, RData};
+use imn_modules::kinds::dns::{
+    DnsErrorKind, DnsProtocol, DnsRecord, DnsResult, RData, ServerSource,
+};
 use imn_modules::results::ModuleOutput;
 use serde_json::{json, Value};
 
@@ -809,4 +811,28 @@ async fn sagan_decodes_the_same_records_from_the_same_bytes() {
         }
     }
     assert!(records > 60, "{records} records compared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_system_name_server_and_server_names() {
+    let s = start_dnsmasq();
+    // The agent's configured name servers stand in for /etc/resolv.conf's (this test
+    // binary resolves nothing else through them).
+    let ns: std::net::SocketAddr = format!("127.0.0.1:{}", s.port).parse().unwrap();
+    imn_modules::exec::resolver::set_nameservers(vec![ns]);
+    let r = ask(json!({"name": "test", "type": "MX"})).await;
+    imn_modules::exec::resolver::set_nameservers(Vec::new());
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.server_source, ServerSource::System);
+    assert_eq!((r.server.as_str(), r.port), ("127.0.0.1", s.port));
+    assert_eq!(only(&r, "MX").rdata, "10 mail.test.");
+    // A server given by name is resolved by the agent's own resolver (here /etc/hosts).
+    let r = ask(json!({"name": "a.test", "server": format!("localhost:{}", s.port)})).await;
+    assert_eq!(r.server_source, ServerSource::Params);
+    if r.server == "127.0.0.1" {
+        assert_eq!(only(&r, "A").rdata, "192.0.2.1");
+    } else {
+        // localhost came out as ::1, where this dnsmasq does not listen.
+        assert_eq!(r.server, "::1");
+    }
 }
