@@ -167,7 +167,7 @@ fn wait_ready(s: &mut Server) -> bool {
 
 async fn ask(params: Value) -> DnsResult {
     match run("dns", &params.to_string(), &Context::default()).await {
-        Ok(ModuleOutput::Dns(r)) => r,
+        Ok(ModuleOutput::Dns(r)) => *r,
         other => panic!("{params}: {other:?}"),
     }
 }
