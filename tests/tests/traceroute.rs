@@ -121,6 +121,7 @@ async fn icmp_trace_shows_every_hop() {
     let chain = Chain::create(241, 3);
     let r = traceroute(json!({"host": chain.dest_ip, "timeout_ms": 2000, "paris_id": 5})).await;
     check_full_trace(&chain, &r, 3, 2000);
+    atlas_parses(&chain, &r);
     assert_eq!(r.protocol, TraceProtocol::Icmp);
     assert_eq!((r.port, r.src_port, r.paris_id), (0, 0, 5));
     for p in r.hops.last().unwrap().probes.iter().flatten() {
@@ -159,6 +160,7 @@ async fn udp_trace_ends_with_port_unreachable() {
             (Some(3), Some(3), None)
         );
     }
+    atlas_parses(&chain, &r);
     // Another port and flow, one probe per hop.
     let r = traceroute(
         json!({"host": chain.dest_ip, "protocol": "udp", "port": 40_123,
@@ -167,6 +169,63 @@ async fn udp_trace_ends_with_port_unreachable() {
     .await;
     check_full_trace(&chain, &r, 1, 1000);
     assert_eq!((r.port, r.src_port, r.size), (40_123, 40_009, 200));
+}
+
+/// The Atlas form of a real trace reads in ripe.atlas.sagan as the trace was.
+fn atlas_parses(chain: &Chain, r: &TracerouteResult) {
+    let row = imn_backend::store::ResultRow {
+        agent_id: "agent-1".into(),
+        request_id: "trace-1".into(),
+        module: "traceroute".into(),
+        epoch: 1,
+        seq: 1,
+        state: imn_modules::wire::RequestState::Succeeded,
+        result: serde_json::to_value(r).unwrap(),
+        error: None,
+        received_ms: r.started_ms as i64,
+        started_ms: r.started_ms as i64,
+        finished_ms: r.started_ms as i64 + 1000,
+        stored_ms: r.started_ms as i64 + 1000,
+        scheduled_ms: None,
+    };
+    let atlas = imn_backend::atlas::convert(&row).expect("an Atlas traceroute");
+    assert_eq!(atlas.len(), 1);
+    let script = r#"
+import json, sys
+from ripe.atlas.sagan import TracerouteResult
+r = TracerouteResult(sys.stdin.read(), on_error=TracerouteResult.ACTION_FAIL)
+print(json.dumps({"total_hops": r.total_hops, "dst": r.destination_address,
+                  "success": r.is_success, "responded": r.destination_ip_responded,
+                  "ip_path": r.ip_path, "proto": r.protocol}))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        atlas[0].to_string().as_bytes(),
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "sagan failed on {}", atlas[0]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("sagan: {v}");
+    assert_eq!(v["total_hops"], chain.hops.len());
+    assert_eq!(v["dst"], chain.dest_ip);
+    assert_eq!(
+        (v["success"].as_bool(), v["responded"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(v["proto"], r.protocol.upper());
+    let path: Vec<Vec<String>> = chain
+        .hops
+        .iter()
+        .map(|h| vec![h.clone(); usize::from(r.probes_per_hop)])
+        .collect();
+    assert_eq!(v["ip_path"], json!(path));
 }
 
 /// A TCP listener in the destination's namespace (a child process, killed on drop).
@@ -219,6 +278,7 @@ async fn tcp_trace_to_open_and_closed_ports() {
     )
     .await;
     check_full_trace(&chain, &r, 3, 2000);
+    atlas_parses(&chain, &r);
     for p in r.hops.last().unwrap().probes.iter().flatten() {
         assert_eq!(p.tcp_flags.as_deref(), Some("SA"), "{p:?}");
         assert_eq!((p.icmp_type, p.err.as_deref()), (None, None));
