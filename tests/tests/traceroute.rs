@@ -169,6 +169,11 @@ async fn udp_trace_ends_with_port_unreachable() {
     .await;
     check_full_trace(&chain, &r, 1, 1000);
     assert_eq!((r.port, r.src_port, r.size), (40_123, 40_009, 200));
+    // Two traces of the same flow at once: each reads only its own answers.
+    let p = json!({"host": chain.dest_ip, "protocol": "udp", "probes": 2});
+    let (a, b) = tokio::join!(traceroute(p.clone()), traceroute(p));
+    check_full_trace(&chain, &a, 2, 1000);
+    check_full_trace(&chain, &b, 2, 1000);
 }
 
 /// The Atlas form of a real trace reads in ripe.atlas.sagan as the trace was.

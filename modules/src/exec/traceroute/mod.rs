@@ -21,7 +21,7 @@ mod packet;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -206,6 +206,17 @@ struct Sent {
     mono_ns: u64,
 }
 
+/// The first wire id of a new trace. Traces that run at once in this process take
+/// consecutive slots of `ID_SPAN` ids, so up to `SLOTS` of them (to the same
+/// destination, on the same flow) never take each other's answers; the process id
+/// spreads agents on one machine over the slots.
+fn next_base() -> u16 {
+    const SLOTS: u32 = (0xffff - 1) / ID_SPAN as u32;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let slot = NEXT.fetch_add(1, Relaxed).wrapping_add(std::process::id()) % SLOTS;
+    1 + (slot as u16) * ID_SPAN
+}
+
 /// One trace, with open sockets.
 fn trace(
     socks: &Sockets,
@@ -236,7 +247,7 @@ fn trace(
         dport: port,
         icmp_id,
         icmp_checksum: ICMP_CHECKSUM_BASE + p.paris_id,
-        base: 1 + (r as u16) % (0xffff - ID_SPAN - 1),
+        base: next_base(),
         tcp_seq: (r >> 32) as u32,
         size: usize::from(size),
     };
@@ -626,6 +637,21 @@ mod tests {
         let h3 = &m.hops[2];
         assert_eq!((h3.sent, h3.received), (3, 2));
         assert_eq!(h3.rtts_ms, vec![Some(3.0), None, Some(5.0)]);
+    }
+
+    #[test]
+    fn wire_id_ranges_stay_clear_of_0_and_ffff() {
+        let bases: Vec<u16> = (0..40).map(|_| next_base()).collect();
+        for &b in &bases {
+            assert!(
+                b >= 1 && u32::from(b) + u32::from(ID_SPAN) - 1 < 0xffff,
+                "{b}"
+            );
+        }
+        // Consecutive traces do not share ids.
+        for w in bases.windows(2) {
+            assert_ne!(w[0], w[1]);
+        }
     }
 
     #[test]
