@@ -443,6 +443,17 @@ async fn ipv6_and_bad_parameters_are_refused_in_words() {
     .await
     .unwrap_err();
     assert!(e.contains("count"), "{e}");
+    // Probes are not fragmented: over a veth (MTU 1500) a 2048-byte payload does
+    // not fit, and the error says why.
+    let chain = Chain::create(247, 1);
+    let e = run(
+        "traceroute",
+        &json!({"host": chain.dest_ip, "size": 2048}).to_string(),
+        &Context::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("MTU"), "{e}");
 }
 
 /// A trace of the loopback address: one hop, the destination itself.

@@ -276,8 +276,18 @@ fn trace(
                 real_ns: sys::realtime_ns(),
                 mono_ns: sys::mono_ns(),
             };
-            sys::send_to(socks.send.as_raw_fd(), &dst_sa, &pkt, None)
-                .map_err(|e| format!("cannot send a probe with TTL {ttl} to {dst}: {e}"))?;
+            sys::send_to(socks.send.as_raw_fd(), &dst_sa, &pkt, None).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                    // Probes are never fragmented by the sender (IP_HDRINCL).
+                    format!(
+                        "a probe of {} bytes is larger than the MTU towards {dst}: use a \
+                         smaller size ({e})",
+                        pkt.len()
+                    )
+                } else {
+                    format!("cannot send a probe with TTL {ttl} to {dst}: {e}")
+                }
+            })?;
             sent.push(at);
             next_k += 1;
         }
