@@ -106,7 +106,9 @@ impl Drop for Netns {
 /// destination, in a line, joined by veth pairs. Link `i` (from node `i` to node
 /// `i + 1`; node 0 is the host) is 198.19.{third}.{16 i}/28, with `.16 i + 1` on the
 /// host's side and `.16 i + 2` on the far side. Routers forward, and have static
-/// routes both ways; the destination's default route points back. Creation checks
+/// routes both ways; the destination's default route points back. `create6` builds
+/// the same over IPv6, link `i` being 2001:2:0:{third:02x}{i:02x}::/64 (from the
+/// benchmarking range 2001:2::/48), `::1` on the host's side. Creation checks
 /// that the host's routes to every address of the chain use the chain's own veth.
 /// Removed when dropped.
 pub struct Chain {
@@ -128,10 +130,30 @@ pub struct Chain {
 impl Chain {
     /// Creates a chain of `routers` routers (1..=14) on 198.19.{third}.0/24.
     pub fn create(third: u8, routers: usize) -> Chain {
+        Chain::build(third, routers, false)
+    }
+
+    /// Creates a chain of `routers` routers (1..=14) on 2001:2:0:{third:02x}00::/56.
+    pub fn create6(third: u8, routers: usize) -> Chain {
+        Chain::build(third, routers, true)
+    }
+
+    fn build(third: u8, routers: usize, v6: bool) -> Chain {
         assert!((1..=14).contains(&routers));
         let pid = std::process::id();
         let base = format!("198.19.{third}");
-        let addr = |link: usize, far: bool| format!("{base}.{}", 16 * link + 1 + usize::from(far));
+        let addr = |link: usize, far: bool| {
+            if v6 {
+                format!("2001:2:0:{third:02x}{link:02x}::{}", 1 + usize::from(far))
+            } else {
+                format!("{base}.{}", 16 * link + 1 + usize::from(far))
+            }
+        };
+        let (plen, ip, nodad) = if v6 {
+            (64, "ip -6", " nodad")
+        } else {
+            (28, "ip", "")
+        };
         let namespaces: Vec<String> = (1..=routers + 1)
             .map(|i| format!("imnc-{third}-{i}-{pid}"))
             .collect();
@@ -141,7 +163,11 @@ impl Chain {
             host_ip: addr(0, false),
             hops: (0..=routers).map(|i| addr(i, true)).collect(),
             dest_ip: addr(routers, true),
-            unused_ip: format!("{base}.{}", 16 * routers + 9),
+            unused_ip: if v6 {
+                format!("2001:2:0:{third:02x}{routers:02x}::9")
+            } else {
+                format!("{base}.{}", 16 * routers + 9)
+            },
             host_if: host_if.clone(),
         };
         let run = |s: String| {
@@ -159,7 +185,8 @@ impl Chain {
         // about one per second per peer by default, so the limit is lifted.
         for ns in &namespaces {
             run(format!(
-                "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.icmp_ratelimit=0"
+                "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.icmp_ratelimit=0 \
+                 net.ipv6.conf.all.forwarding=1 net.ipv6.icmp.ratelimit=0"
             ));
         }
         for link in 0..=routers {
@@ -178,22 +205,28 @@ impl Chain {
                 format!("-n {} ", namespaces[link - 1])
             };
             run(format!(
-                "ip {near_ns}addr add {}/28 dev {near}",
+                "ip {near_ns}addr add {}/{plen} dev {near}{nodad}",
                 addr(link, false)
             ));
             run(format!("ip {near_ns}link set {near} up"));
             run(format!(
-                "ip -n {} addr add {}/28 dev {far}",
+                "ip -n {} addr add {}/{plen} dev {far}{nodad}",
                 namespaces[link],
                 addr(link, true)
             ));
             run(format!("ip -n {} link set {far} up", namespaces[link]));
         }
-        let subnet = |link: usize| format!("{base}.{}/28", 16 * link);
+        let subnet = |link: usize| {
+            if v6 {
+                format!("2001:2:0:{third:02x}{link:02x}::/64")
+            } else {
+                format!("{base}.{}/28", 16 * link)
+            }
+        };
         // The host: every link past the first through router 1.
         for link in 1..=routers {
             run(format!(
-                "ip route add {} via {} dev {host_if}",
+                "{ip} route add {} via {} dev {host_if}",
                 subnet(link),
                 addr(0, true)
             ));
@@ -204,21 +237,21 @@ impl Chain {
             let ns = &namespaces[k - 1];
             for link in 0..k.saturating_sub(1) {
                 run(format!(
-                    "ip -n {ns} route add {} via {}",
+                    "{ip} -n {ns} route add {} via {}",
                     subnet(link),
                     addr(k - 1, false)
                 ));
             }
             for link in k + 1..=routers {
                 run(format!(
-                    "ip -n {ns} route add {} via {}",
+                    "{ip} -n {ns} route add {} via {}",
                     subnet(link),
                     addr(k, true)
                 ));
             }
         }
         run(format!(
-            "ip -n {} route add default via {}",
+            "{ip} -n {} route add default via {}",
             namespaces[routers],
             addr(routers, false)
         ));

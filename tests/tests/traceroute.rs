@@ -92,8 +92,19 @@ fn answered<'a>(p: &'a Option<TraceReply>, from: &str, timeout_ms: u64) -> &'a T
     p
 }
 
-/// Checks a complete trace: every router in order, then the destination.
+/// Checks a complete IPv4 trace: every router in order, then the destination.
 fn check_full_trace(chain: &Chain, r: &TracerouteResult, probes: usize, timeout_ms: u64) {
+    check_full_trace_with(chain, r, probes, timeout_ms, 11);
+}
+
+/// Checks a complete trace whose routers answer with ICMP type `time_exceeded`.
+fn check_full_trace_with(
+    chain: &Chain,
+    r: &TracerouteResult,
+    probes: usize,
+    timeout_ms: u64,
+    time_exceeded: u8,
+) {
     show(r);
     assert!(r.destination_reached, "{r:?}");
     assert_eq!(r.stop_reason, "destination");
@@ -108,7 +119,11 @@ fn check_full_trace(chain: &Chain, r: &TracerouteResult, probes: usize, timeout_
             let p = answered(p, addr, timeout_ms);
             if i < last {
                 // Time exceeded, our probe quoted as it arrived (TTL 1).
-                assert_eq!((p.icmp_type, p.icmp_code), (Some(11), Some(0)), "{p:?}");
+                assert_eq!(
+                    (p.icmp_type, p.icmp_code),
+                    (Some(time_exceeded), Some(0)),
+                    "{p:?}"
+                );
                 assert_eq!(p.quoted_ttl, Some(1));
                 assert_eq!(p.err, None);
             }
@@ -233,16 +248,18 @@ print(json.dumps({"total_hops": r.total_hops, "dst": r.destination_address,
     assert_eq!(v["ip_path"], json!(path));
 }
 
-/// A TCP listener in the destination's namespace (a child process, killed on drop).
+/// A TCP listener (IPv4 and IPv6) in the destination's namespace (a child process,
+/// killed on drop).
 struct Listener(Child);
 
 impl Listener {
     fn start(ns: &str, port: u16) -> Listener {
         let script = format!(
             "import socket, time\n\
-             s = socket.socket()\n\
+             s = socket.socket(socket.AF_INET6)\n\
              s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             s.bind(('0.0.0.0', {port}))\n\
+             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n\
+             s.bind(('::', {port}))\n\
              s.listen(64)\n\
              print('listening', flush=True)\n\
              time.sleep(300)\n"
@@ -422,11 +439,62 @@ async fn mtr_counts_loss_per_hop() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ipv6_and_bad_parameters_are_refused_in_words() {
-    let e = run("traceroute", r#"{"host": "::1"}"#, &Context::default())
-        .await
-        .unwrap_err();
-    assert!(e.contains("IPv6") && e.contains("not supported"), "{e}");
+async fn ipv6_traces_over_icmpv6_udp_and_tcp() {
+    let chain = Chain::create6(248, 3);
+    let _listener = Listener::start(chain.dest(), 8080);
+    // The first packets through a fresh IPv6 chain wait about a second for neighbour
+    // discovery on the routers: one trace first, so the RTTs below are the path's.
+    let warm = traceroute(json!({"host": chain.dest_ip, "probes": 1, "timeout_ms": 3000})).await;
+    assert!(warm.destination_reached, "{warm:?}");
+    for (protocol, port) in [
+        ("icmp", None),
+        ("udp", None),
+        ("tcp", Some(8080)),
+        ("tcp", Some(8081)),
+    ] {
+        let mut p = json!({"host": chain.dest_ip, "protocol": protocol, "timeout_ms": 2000});
+        if let Some(port) = port {
+            p["port"] = json!(port);
+        }
+        let r = traceroute(p).await;
+        assert_eq!(r.af, 6);
+        check_full_trace_with(&chain, &r, 3, 2000, 3);
+        for p in r.hops.last().unwrap().probes.iter().flatten() {
+            let want = match (protocol, port) {
+                ("icmp", _) => (Some(129), Some(0), None),
+                ("udp", _) => (Some(1), Some(4), None),
+                (_, Some(8080)) => (None, None, Some("SA")),
+                _ => (None, None, Some("RA")),
+            };
+            assert_eq!(
+                (p.icmp_type, p.icmp_code, p.tcp_flags.as_deref()),
+                want,
+                "{p:?}"
+            );
+            assert_eq!(p.err, None);
+        }
+    }
+    // The loopback address: one hop.
+    let r = traceroute(json!({"host": "::1", "probes": 1})).await;
+    assert!(r.destination_reached && r.hops.len() == 1, "{r:?}");
+    // A silent IPv6 router.
+    drop(_listener);
+    let (ok, out) = sh(&format!(
+        "ip netns exec {ns} nft add table inet imntr && \
+         ip netns exec {ns} nft add chain inet imntr out '{{ type filter hook output priority 0; policy accept; }}' && \
+         ip netns exec {ns} nft add rule inet imntr out icmpv6 type time-exceeded drop",
+        ns = chain.router(2)
+    ));
+    assert!(ok, "{out}");
+    let r = traceroute(json!({"host": chain.dest_ip, "protocol": "udp", "timeout_ms": 800})).await;
+    show(&r);
+    assert!(r.destination_reached);
+    assert!(r.hops[1].probes.iter().all(Option::is_none));
+    answered(&r.hops[2].probes[0], &chain.hops[2], 800);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_are_refused_in_words() {
     let e = run(
         "traceroute",
         r#"{"host": "127.0.0.1", "first_ttl": 5, "max_ttl": 2}"#,

@@ -239,7 +239,7 @@ pub fn traceroute_schema() -> Value {
     json!({
         "$schema": crate::catalog::DRAFT,
         "title": "traceroute parameters",
-        "description": "Paris traceroute over ICMP, UDP or TCP (needs raw sockets: root or CAP_NET_RAW). IPv4.",
+        "description": "Paris traceroute over ICMP, UDP or TCP (needs raw sockets: root or CAP_NET_RAW), IPv4 and IPv6.",
         "type": "object",
         "properties": probe_properties(3),
         "required": ["host"],
@@ -476,7 +476,7 @@ pub fn mtr_schema() -> Value {
     json!({
         "$schema": crate::catalog::DRAFT,
         "title": "mtr parameters",
-        "description": "Repeated Paris traceroutes (needs raw sockets: root or CAP_NET_RAW). IPv4.",
+        "description": "Repeated Paris traceroutes (needs raw sockets: root or CAP_NET_RAW), IPv4 and IPv6.",
         "type": "object",
         "properties": props,
         "required": ["host"],

@@ -1,9 +1,10 @@
-//! Runs the `traceroute` and `mtr` modules: Paris traceroute over raw IPv4 sockets.
+//! Runs the `traceroute` and `mtr` modules: Paris traceroute over raw sockets, IPv4
+//! and IPv6.
 //!
-//! A trace sends whole IPv4 packets through an `IPPROTO_RAW` socket (so it sets the
+//! A trace sends whole IP packets through an `IPPROTO_RAW` socket (so it sets the
 //! TTL and every header field itself, see `packet`), and reads answers from a raw
-//! ICMP socket (time exceeded, destination unreachable, parameter problem, echo
-//! replies) and, for TCP, a raw TCP socket (SYN-ACK, RST). Hop by hop, it sends all
+//! ICMP / ICMPv6 socket (time exceeded, destination unreachable, parameter problem,
+//! echo replies) and, for TCP, a raw TCP socket (SYN-ACK, RST). Hop by hop, it sends all
 //! probes of a TTL at once and waits until each is answered or `timeout_ms` has passed
 //! since the last one was sent, so a trace through hops that answer takes a few RTTs
 //! per hop, and silent hops cost one timeout each, up to `max_gaps` in a row.
@@ -19,7 +20,7 @@
 mod packet;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
@@ -45,10 +46,10 @@ const POLL_SLICE_MS: u64 = 100;
 /// Runs one trace.
 pub async fn run(p: TracerouteParams) -> Result<TracerouteResult, String> {
     p.validate()?;
-    let dst = resolve_v4(&p.host).await?;
+    let dst = resolve_ip(&p.host).await?;
     let icmp_id = sys::random_u64() as u16;
     blocking(move |cancel| {
-        let socks = Sockets::open(p.protocol)?;
+        let socks = Sockets::open(p.protocol, dst.is_ipv6())?;
         trace(&socks, &p, dst, icmp_id, cancel)
     })
     .await
@@ -67,11 +68,11 @@ pub async fn run_mtr(p: MtrParams) -> Result<MtrResult, String> {
             p.interval_ms
         ));
     }
-    let dst = resolve_v4(&p.host).await?;
+    let dst = resolve_ip(&p.host).await?;
     // One ICMP identifier for every round: the flow stays the same.
     let icmp_id = sys::random_u64() as u16;
     blocking(move |cancel| {
-        let socks = Sockets::open(tp.protocol)?;
+        let socks = Sockets::open(tp.protocol, dst.is_ipv6())?;
         let started = sys::mono_ns();
         let mut rounds = Vec::with_capacity(p.count as usize);
         for i in 0..u64::from(p.count) {
@@ -94,15 +95,10 @@ pub async fn run_mtr(p: MtrParams) -> Result<MtrResult, String> {
     .await
 }
 
-/// Resolves the host to an IPv4 address, or says why it cannot be traced.
-async fn resolve_v4(host: &str) -> Result<Ipv4Addr, String> {
-    match super::resolve(host.trim()).await?.to_canonical() {
-        IpAddr::V4(a) => Ok(a),
-        IpAddr::V6(a) => Err(format!(
-            "{host:?} is the IPv6 address {a}: traceroute over IPv6 is not supported yet \
-             (only IPv4)"
-        )),
-    }
+/// Resolves the host to one address (an IPv4-mapped IPv6 address is traced over
+/// IPv4).
+async fn resolve_ip(host: &str) -> Result<IpAddr, String> {
+    Ok(super::resolve(host.trim()).await?.to_canonical())
 }
 
 /// Runs `f` on a blocking thread with a flag that is set when the caller's future is
@@ -127,16 +123,17 @@ async fn blocking<T: Send + 'static>(
 struct Sockets {
     /// `IPPROTO_RAW`: whole IPv4 packets out (never receives).
     send: Socket,
-    /// Raw ICMP: errors and echo replies in.
+    /// Raw ICMP or ICMPv6: errors and echo replies in.
     icmp: Socket,
     /// Raw TCP, for TCP traces: SYN-ACK and RST in.
     tcp: Option<Socket>,
 }
 
 impl Sockets {
-    fn open(proto: TraceProtocol) -> Result<Sockets, String> {
+    fn open(proto: TraceProtocol, v6: bool) -> Result<Sockets, String> {
+        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
         let raw = |p: libc::c_int, what: &str| {
-            Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(p))).map_err(|e| {
+            Socket::new(domain, Type::RAW, Some(Protocol::from(p))).map_err(|e| {
                 if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
                     format!(
                         "traceroute needs CAP_NET_RAW: cannot open a raw {what} socket ({e}); \
@@ -149,15 +146,32 @@ impl Sockets {
                 }
             })
         };
+        // IPPROTO_RAW implies IP_HDRINCL / IPV6_HDRINCL: we write the IP header.
         let send = raw(libc::IPPROTO_RAW, "IP")?;
-        let icmp = raw(libc::IPPROTO_ICMP, "ICMP")?;
-        // Only the ICMP types that answer probes (the filter's bits block).
-        let pass: u32 = (1 << packet::ICMP_ECHO_REPLY)
-            | (1 << packet::ICMP_UNREACH)
-            | (1 << packet::ICMP_TIME_EXCEEDED)
-            | (1 << 12);
-        // Optional: without the filter, other ICMP is read and ignored.
-        let _ = sys::setsockopt(icmp.as_raw_fd(), sys::SOL_RAW, sys::ICMP_FILTER, &!pass);
+        // Only the ICMP types that answer probes (the filters' bits block). Optional:
+        // without a filter, other ICMP is read and ignored.
+        let icmp = if v6 {
+            let s = raw(libc::IPPROTO_ICMPV6, "ICMPv6")?;
+            let mut block = [u32::MAX; 8];
+            for t in [1u8, 3, 4, packet::ICMP6_ECHO_REPLY] {
+                block[usize::from(t >> 5)] &= !(1 << (t & 31));
+            }
+            let _ = sys::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_ICMPV6,
+                sys::ICMP6_FILTER,
+                &block,
+            );
+            s
+        } else {
+            let s = raw(libc::IPPROTO_ICMP, "ICMP")?;
+            let pass: u32 = (1 << packet::ICMP_ECHO_REPLY)
+                | (1 << packet::ICMP_UNREACH)
+                | (1 << packet::ICMP_TIME_EXCEEDED)
+                | (1 << 12);
+            let _ = sys::setsockopt(s.as_raw_fd(), sys::SOL_RAW, sys::ICMP_FILTER, &!pass);
+            s
+        };
         let tcp = match proto {
             TraceProtocol::Tcp => Some(raw(libc::IPPROTO_TCP, "TCP")?),
             _ => None,
@@ -169,30 +183,39 @@ impl Sockets {
             let _ = (cfg!(target_pointer_width = "32")
                 && sys::setsockopt(fd, libc::SOL_SOCKET, sys::SO_TIMESTAMPNS_NEW, &on).is_ok())
                 || sys::setsockopt(fd, libc::SOL_SOCKET, sys::SO_TIMESTAMPNS_OLD, &on).is_ok();
+            if v6 {
+                // The hop limit of answers (IPv6 raw sockets give no IP header).
+                sys::setsockopt(fd, libc::IPPROTO_IPV6, sys::IPV6_RECVHOPLIMIT, &on)
+                    .map_err(|e| format!("cannot set IPV6_RECVHOPLIMIT: {e}"))?;
+            }
             s.set_nonblocking(true)
                 .map_err(|e| format!("cannot make a raw socket non-blocking: {e}"))?;
         }
         Ok(Sockets { send, icmp, tcp })
     }
 
-    fn receivers(&self) -> Vec<RawFd> {
-        std::iter::once(&self.icmp)
-            .chain(self.tcp.as_ref())
-            .map(|s| s.as_raw_fd())
+    /// The receiving sockets, each with the protocol it reads (for IPv6, where the
+    /// packets come without their IP header).
+    fn receivers(&self, v6: bool) -> Vec<(RawFd, u8)> {
+        let icmp = if v6 { 58 } else { 1 };
+        std::iter::once((self.icmp.as_raw_fd(), icmp))
+            .chain(self.tcp.as_ref().map(|s| (s.as_raw_fd(), 6)))
             .collect()
     }
 }
 
 /// The source address the kernel picks towards `dst` (a UDP connect sends nothing).
-fn source_for(dst: Ipv4Addr, port: u16) -> Result<Ipv4Addr, String> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .map_err(|e| format!("cannot find a source address: {e}"))?;
+fn source_for(dst: IpAddr, port: u16) -> Result<IpAddr, String> {
+    let any: IpAddr = match dst {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let s = UdpSocket::bind((any, 0)).map_err(|e| format!("cannot find a source address: {e}"))?;
     s.connect((dst, port.max(1)))
         .map_err(|e| format!("no route to {dst}: {e}"))?;
-    match s.local_addr().map(|a| a.ip()) {
-        Ok(IpAddr::V4(a)) => Ok(a),
-        other => Err(format!("no IPv4 source address towards {dst}: {other:?}")),
-    }
+    s.local_addr()
+        .map(|a| a.ip())
+        .map_err(|e| format!("no source address towards {dst}: {e}"))
 }
 
 fn ms_since(start_mono: u64) -> f64 {
@@ -221,10 +244,11 @@ fn next_base() -> u16 {
 fn trace(
     socks: &Sockets,
     p: &TracerouteParams,
-    dst: Ipv4Addr,
+    dst: IpAddr,
     icmp_id: u16,
     cancel: &AtomicBool,
 ) -> Result<TracerouteResult, String> {
+    let v6 = dst.is_ipv6();
     let (port, size) = match p.protocol {
         TraceProtocol::Icmp => (0, p.size.unwrap_or(DEFAULT_SIZE)),
         TraceProtocol::Udp => (
@@ -251,11 +275,11 @@ fn trace(
         tcp_seq: (r >> 32) as u32,
         size: usize::from(size),
     };
-    let dst_sa = SockAddr::from(SocketAddrV4::new(dst, 0));
+    let dst_sa = SockAddr::from(SocketAddr::new(dst, 0));
     let timeout_ns = p.timeout_ms.saturating_mul(1_000_000);
     let started_ms = sys::realtime_ns() / 1_000_000;
     let start_mono = sys::mono_ns();
-    let fds = socks.receivers();
+    let fds = socks.receivers(v6);
     let mut batch = sys::RecvBatch::new();
     let probes = usize::from(p.probes);
 
@@ -298,15 +322,26 @@ fn trace(
             if now >= deadline || cancel.load(Relaxed) {
                 break;
             }
-            wait_readable(&fds, ((deadline - now) / 1_000_000 + 1).min(POLL_SLICE_MS))?;
-            for &fd in &fds {
+            let poll_fds: Vec<RawFd> = fds.iter().map(|f| f.0).collect();
+            wait_readable(
+                &poll_fds,
+                ((deadline - now) / 1_000_000 + 1).min(POLL_SLICE_MS),
+            )?;
+            for &(fd, proto) in &fds {
                 loop {
                     let n = batch
                         .recv(fd, 0)
                         .map_err(|e| format!("cannot read a raw socket: {e}"))?;
                     for i in 0..n {
                         let d = batch.get(i);
-                        let Some(a) = flow.classify(d.data) else {
+                        let answer = match (v6, d.src) {
+                            (false, _) => flow.classify(d.data),
+                            (true, Some(IpAddr::V6(from))) => {
+                                flow.classify_v6(d.data, proto, from, d.anc.ttl.unwrap_or(0))
+                            }
+                            (true, _) => None,
+                        };
+                        let Some(a) = answer else {
                             continue;
                         };
                         let Some(j) = a.k.checked_sub(first_k).map(usize::from) else {
@@ -329,7 +364,7 @@ fn trace(
         let unreachable = replies
             .iter()
             .flatten()
-            .any(|r| r.from != dst_s && r.icmp_type == Some(packet::ICMP_UNREACH));
+            .any(|r| r.from != dst_s && r.icmp_type.is_some_and(|t| packet::is_unreach(v6, t)));
         let silent = replies.iter().all(Option::is_none);
         hops.push(TraceHop {
             ttl,
@@ -358,7 +393,7 @@ fn trace(
         host: p.host.clone(),
         dst_addr: dst.to_string(),
         src_addr: src.to_string(),
-        af: 4,
+        af: if v6 { 6 } else { 4 },
         protocol: p.protocol,
         port,
         src_port,
@@ -435,16 +470,20 @@ fn reply(flow: &Flow, a: Answer, rtt_ns: u64) -> TraceReply {
             r.quoted_ttl = Some(quoted_ttl);
             r.icmp_ext = ext;
             // The destination's port unreachable is the answer a UDP trace wants.
+            let v6 = flow.dst.is_ipv6();
             let expected = a.from == flow.dst
-                && icmp_type == packet::ICMP_UNREACH
-                && code == 3
+                && packet::is_port_unreach(v6, icmp_type, code)
                 && flow.proto == TraceProtocol::Udp;
             if !expected {
-                r.err = packet::atlas_err(icmp_type, code);
+                r.err = packet::atlas_err(v6, icmp_type, code);
             }
         }
         AnswerKind::EchoReply => {
-            r.icmp_type = Some(packet::ICMP_ECHO_REPLY);
+            r.icmp_type = Some(if flow.dst.is_ipv6() {
+                packet::ICMP6_ECHO_REPLY
+            } else {
+                packet::ICMP_ECHO_REPLY
+            });
             r.icmp_code = Some(0);
         }
         AnswerKind::Tcp { flags } => r.tcp_flags = Some(packet::tcp_flags_text(flags)),
@@ -534,7 +573,7 @@ fn summarise(p: &MtrParams, rounds: &[TracerouteResult], duration_ms: f64) -> Mt
         host: p.host.clone(),
         dst_addr: first.map(|r| r.dst_addr.clone()).unwrap_or_default(),
         src_addr: first.map(|r| r.src_addr.clone()).unwrap_or_default(),
-        af: 4,
+        af: first.map_or(4, |r| r.af),
         protocol: p.protocol,
         port: first.map_or(0, |r| r.port),
         paris_id: p.paris_id,
