@@ -17,9 +17,9 @@
 //! targets costs well under 0.5 KiB per target, results included.
 
 mod engine;
-mod packet;
+pub(crate) mod packet;
 mod session;
-mod sys;
+pub(crate) mod sys;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU8, Ordering::Relaxed};
