@@ -26,7 +26,7 @@ async fn traceroute(params: Value) -> TracerouteResult {
     .await
     .expect("traceroute finishes within the module timeout");
     match out {
-        Ok(ModuleOutput::Traceroute(r)) => r,
+        Ok(ModuleOutput::Traceroute(r)) => *r,
         other => panic!("traceroute {params}: {other:?}"),
     }
 }
@@ -39,7 +39,7 @@ async fn mtr(params: Value) -> MtrResult {
     .await
     .expect("mtr finishes within the module timeout");
     match out {
-        Ok(ModuleOutput::Mtr(r)) => r,
+        Ok(ModuleOutput::Mtr(r)) => *r,
         other => panic!("mtr {params}: {other:?}"),
     }
 }
