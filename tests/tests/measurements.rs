@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use imn_tests::peers::{self, Dnsmasq, OpensslServer};
+use imn_tests::peers::{self, Dnsmasq};
 use imn_tests::{Api, Up};
 use serde_json::{json, Value};
 
@@ -92,4 +92,92 @@ print(json.dumps([r.destination_address, r.stratum, r.offset_median, len(r.packe
     assert_eq!(p[0], "127.0.0.1");
     assert_eq!((p[1].as_u64(), p[3].as_u64()), (Some(2), Some(3)));
     assert!((p[2].as_f64().unwrap() - 1.5).abs() < 0.05, "{p}");
+
+    // Traceroute over loopback: one hop, the destination itself, in Atlas format.
+    let b = run(
+        api,
+        "traceroute",
+        json!({"host": "127.0.0.1", "protocol": "icmp", "max_ttl": 4, "probes": 2, "timeout_ms": 500}),
+    )
+    .await;
+    let r = &b["result"];
+    assert_eq!(r["destination_reached"], true, "{b}");
+    assert_eq!(r["hops"].as_array().unwrap().len(), 1, "{b}");
+    let a = atlas(api, &b).await;
+    let p = sagan(
+        r#"
+import json, sys
+from ripe.atlas.sagan import TracerouteResult
+r = TracerouteResult(json.load(sys.stdin)[0], on_error=TracerouteResult.ACTION_FAIL)
+print(json.dumps([r.destination_address, r.total_hops, r.is_success, r.ip_path, r.protocol]))
+"#,
+        &a,
+    );
+    assert_eq!(
+        p,
+        json!(["127.0.0.1", 1, true, [["127.0.0.1", "127.0.0.1"]], "ICMP"])
+    );
+
+    // mtr: the same path, twice; Atlas has no mtr format, so the API refuses that form.
+    let b = run(
+        api,
+        "mtr",
+        json!({"host": "127.0.0.1", "count": 2, "interval_ms": 10, "timeout_ms": 500}),
+    )
+    .await;
+    let hop = &b["result"]["hops"][0];
+    assert_eq!(
+        (hop["sent"].as_u64(), hop["received"].as_u64()),
+        (Some(2), Some(2)),
+        "{b}"
+    );
+    assert_eq!(hop["loss_pct"], 0.0);
+    let rid = b["request_id"].as_str().unwrap();
+    let r = api
+        .get(&format!("/agents/agent-1/results/{rid}?format=atlas"))
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
+
+    // DNS to dnsmasq, over UDP and TCP.
+    let dns = Dnsmasq::start(&[
+        "--host-record=www.imn.test,192.0.2.10",
+        "--mx-host=imn.test,mail.imn.test,10",
+    ]);
+    let server = format!("127.0.0.1:{}", dns.port);
+    for (qtype, protocol, want) in [
+        ("A", "udp", "192.0.2.10"),
+        ("MX", "tcp", "10 mail.imn.test."),
+    ] {
+        let name = if qtype == "A" {
+            "www.imn.test"
+        } else {
+            "imn.test"
+        };
+        let b = run(
+            api,
+            "dns",
+            json!({"name": name, "type": qtype, "server": server, "protocol": protocol}),
+        )
+        .await;
+        let m = &b["result"]["reply"]["message"];
+        assert_eq!(m["rcode_name"], "NOERROR", "{b}");
+        assert_eq!(m["answer"][0]["rdata"], want, "{b}");
+        let a = atlas(api, &b).await;
+        let p = sagan(
+            r#"
+import json, sys
+from ripe.atlas.sagan import DnsResult
+r = DnsResult(json.load(sys.stdin)[0], on_error=DnsResult.ACTION_FAIL)
+resp = r.responses[0]
+print(json.dumps([resp.protocol, resp.abuf.header.return_code, len(resp.abuf.answers),
+                  resp.abuf.answers[0].type]))
+"#,
+            &a,
+        );
+        assert_eq!(
+            p,
+            json!([protocol.to_uppercase(), "NOERROR", 1, qtype]),
+            "{a}"
+        );
+    }
 }
