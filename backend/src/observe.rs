@@ -39,8 +39,15 @@ pub struct Metrics {
     pub errors: CounterVec,
     pub ping_rtt: HistogramVec,
     pub tcping_connect: HistogramVec,
+    pub dns_rt: HistogramVec,
+    pub http_total: HistogramVec,
     /// Last loss ratio per (agent, target).
     ping_loss: Mutex<HashMap<(String, String), f64>>,
+    /// Last NTP offset (seconds, server ahead is positive) per (agent, server).
+    ntp_offset: Mutex<HashMap<(String, String), f64>>,
+    /// Hops of the last traceroute per (agent, target), and whether it arrived.
+    trace_hops: Mutex<HashMap<(String, String), f64>>,
+    trace_reached: Mutex<HashMap<(String, String), f64>>,
     /// Requests per state, as last read from the store.
     pub request_states: Mutex<Vec<(RequestState, u64)>>,
 }
@@ -93,7 +100,26 @@ impl Metrics {
                 &["agent", "target"],
                 SECONDS,
             ),
+            dns_rt: HistogramVec::new(
+                "imn_dns_response_time_seconds",
+                "imn.dns.response_time",
+                "s",
+                "DNS response times, per agent and name server.",
+                &["agent", "server"],
+                SECONDS,
+            ),
+            http_total: HistogramVec::new(
+                "imn_http_total_time_seconds",
+                "imn.http.total_time",
+                "s",
+                "HTTP request times from start to the body read, per agent and URL.",
+                &["agent", "target"],
+                SECONDS,
+            ),
             ping_loss: Mutex::new(HashMap::new()),
+            ntp_offset: Mutex::new(HashMap::new()),
+            trace_hops: Mutex::new(HashMap::new()),
+            trace_reached: Mutex::new(HashMap::new()),
             request_states: Mutex::new(Vec::new()),
         }
     }
@@ -111,12 +137,7 @@ impl Metrics {
                         self.ping_rtt.observe(&[agent, &t.host], ms / 1000.0);
                     }
                     if t.sent > 0 {
-                        let key = (agent.to_string(), t.host.clone());
-                        if loss.len() < imn_bridge::telemetry::prom::MAX_SERIES
-                            || loss.contains_key(&key)
-                        {
-                            loss.insert(key, t.loss_pct / 100.0);
-                        }
+                        remember(&mut loss, agent, &t.host, t.loss_pct / 100.0);
                     }
                 }
             }
@@ -125,6 +146,25 @@ impl Metrics {
                 for ms in t.attempts.iter().filter_map(|a| a.connect_ms) {
                     self.tcping_connect.observe(&[agent, &target], ms / 1000.0);
                 }
+            }
+            ModuleOutcome::Ok(ModuleOutput::Dns(d)) => {
+                if let Some(reply) = &d.reply {
+                    let server = format!("{}:{}", d.server, d.port);
+                    self.dns_rt.observe(&[agent, &server], reply.rt_ms / 1000.0);
+                }
+            }
+            ModuleOutcome::Ok(ModuleOutput::Ntp(n)) => {
+                if let Some(offset) = n.offset_ms {
+                    let mut m = self.ntp_offset.lock().unwrap_or_else(|e| e.into_inner());
+                    remember(&mut m, agent, &n.host, offset / 1000.0);
+                }
+            }
+            ModuleOutcome::Ok(ModuleOutput::Traceroute(t)) => {
+                let mut hops = self.trace_hops.lock().unwrap_or_else(|e| e.into_inner());
+                remember(&mut hops, agent, &t.host, t.hops.len() as f64);
+                let mut reached = self.trace_reached.lock().unwrap_or_else(|e| e.into_inner());
+                let v = if t.destination_reached { 1.0 } else { 0.0 };
+                remember(&mut reached, agent, &t.host, v);
             }
             ModuleOutcome::Ok(_) => {}
             ModuleOutcome::Failed(_) => self.errors.inc(&["module_failed"]),
@@ -216,23 +256,47 @@ impl Metrics {
             let n = counts.iter().find(|c| c.0 == st).map_or(0, |c| c.1);
             states.push(vec![("state", st.as_str().to_string())], n as f64);
         }
-        let mut loss = g(
-            "imn_ping_loss_ratio",
-            "imn.ping.loss",
-            "1",
-            "Share of ICMP echo requests unanswered in the last ping, per agent and target.",
-        );
-        {
-            let l = self.ping_loss.lock().unwrap_or_else(|e| e.into_inner());
-            let mut rows: Vec<_> = l.iter().collect();
+        let per_target = |name, otel, unit, help, map: &Mutex<HashMap<(String, String), f64>>| {
+            let mut f = g(name, otel, unit, help);
+            let m = map.lock().unwrap_or_else(|e| e.into_inner());
+            let mut rows: Vec<_> = m.iter().collect();
             rows.sort_by(|a, b| a.0.cmp(b.0));
             for ((agent, target), v) in rows {
-                loss.push(
+                f.push(
                     vec![("agent", agent.clone()), ("target", target.clone())],
                     *v,
                 );
             }
-        }
+            f
+        };
+        let loss = per_target(
+            "imn_ping_loss_ratio",
+            "imn.ping.loss",
+            "1",
+            "Share of ICMP echo requests unanswered in the last ping, per agent and target.",
+            &self.ping_loss,
+        );
+        let ntp_offset = per_target(
+            "imn_ntp_offset_seconds",
+            "imn.ntp.offset",
+            "s",
+            "Offset of the server's clock from the agent's in the last NTP measurement (positive: the server is ahead).",
+            &self.ntp_offset,
+        );
+        let trace_hops = per_target(
+            "imn_traceroute_hops",
+            "imn.traceroute.hops",
+            "{hop}",
+            "Hops of the last traceroute, per agent and target.",
+            &self.trace_hops,
+        );
+        let trace_reached = per_target(
+            "imn_traceroute_destination_reached",
+            "imn.traceroute.destination_reached",
+            "1",
+            "1 when the last traceroute reached its destination.",
+            &self.trace_reached,
+        );
         vec![
             g(
                 "imn_agents_known",
@@ -258,6 +322,9 @@ impl Metrics {
             load1,
             states,
             loss,
+            ntp_offset,
+            trace_hops,
+            trace_reached,
         ]
     }
 
@@ -268,6 +335,16 @@ impl Metrics {
         self.errors.write(e);
         self.ping_rtt.write(e);
         self.tcping_connect.write(e);
+        self.dns_rt.write(e);
+        self.http_total.write(e);
+    }
+}
+
+/// Sets the last value of an (agent, target) series, within the series cap.
+fn remember(m: &mut HashMap<(String, String), f64>, agent: &str, target: &str, v: f64) {
+    let key = (agent.to_string(), target.to_string());
+    if m.len() < imn_bridge::telemetry::prom::MAX_SERIES || m.contains_key(&key) {
+        m.insert(key, v);
     }
 }
 

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use imn_tests::peers::{self, Dnsmasq};
-use imn_tests::{Api, Up};
+use imn_tests::{http_get_text, prom_value, Api, Up};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
@@ -180,4 +180,24 @@ print(json.dumps([resp.protocol, resp.abuf.header.return_code, len(resp.abuf.ans
             "{a}"
         );
     }
+
+    // The backend's metrics follow the results: NTP offset, traceroute hops, DNS times.
+    let port: u16 = api.base.rsplit(':').next().unwrap().parse().unwrap();
+    let page = http_get_text(port, "/metrics").unwrap();
+    let at = |series: &str| prom_value(&page, series);
+    let offset = at(r#"imn_ntp_offset_seconds{agent="agent-1",target="127.0.0.1"}"#);
+    assert!((offset - 1.5).abs() < 0.05, "{offset}");
+    assert_eq!(
+        at(r#"imn_traceroute_hops{agent="agent-1",target="127.0.0.1"}"#),
+        1.0
+    );
+    assert_eq!(
+        at(r#"imn_traceroute_destination_reached{agent="agent-1",target="127.0.0.1"}"#),
+        1.0
+    );
+    let dns_count = format!(
+        r#"imn_dns_response_time_seconds_count{{agent="agent-1",server="127.0.0.1:{}"}}"#,
+        dns.port
+    );
+    assert_eq!(at(&dns_count), 2.0, "{page}");
 }
