@@ -408,25 +408,15 @@ pub struct TlsInfo {
     pub trust_anchors: u32,
 }
 
+/// The response, as far as it was read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HttpResult {
-    pub url: String,
-    pub method: HttpMethod,
-    /// The URL's host.
-    pub host: String,
-    pub port: u16,
-    /// The address connected to (or tried).
-    pub addr: Option<String>,
-    /// 4 or 6.
-    pub af: Option<u8>,
-    /// The local end of the connection, `addr:port`.
-    pub local_addr: Option<String>,
+pub struct HttpResponse {
     /// `HTTP/1.1` or `HTTP/2`, as spoken.
-    pub http_version: Option<String>,
-    pub status: Option<u16>,
+    pub http_version: String,
+    pub status: u16,
     /// The reason phrase (HTTP/1.1), else the status's canonical reason.
     pub reason: Option<String>,
-    /// Response headers in order, at most 100, values cut at 1024 bytes.
+    /// Response headers, at most 100, values cut at 1024 bytes.
     pub headers: Vec<HttpHeader>,
     /// Some headers or values were left out or cut.
     pub headers_truncated: bool,
@@ -443,10 +433,26 @@ pub struct HttpResult {
     pub body_preview: Option<String>,
     /// The Location header of a redirect (3xx); redirects are not followed.
     pub location: Option<String>,
+}
+
+/// One request. The parts are boxed to keep the result enum small.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpResult {
+    /// The URL as asked.
+    pub url: String,
+    pub method: HttpMethod,
+    /// The address connected to (or last tried).
+    pub addr: Option<String>,
+    /// 4 or 6.
+    pub af: Option<u8>,
+    /// The local end of the connection, `addr:port`.
+    pub local_addr: Option<String>,
     pub timing: HttpTiming,
+    /// The response head and what was read of the body; None when no head came.
+    pub response: Option<Box<HttpResponse>>,
     /// TLS details for https, even when the handshake failed on the certificate.
-    pub tls: Option<TlsInfo>,
-    /// What failed, in words; None when a response was read.
+    pub tls: Option<Box<TlsInfo>>,
+    /// What failed, in words; None when the response was read (to `max_body_bytes`).
     pub error: Option<String>,
     /// Where it failed.
     pub error_phase: Option<HttpPhase>,
@@ -644,7 +650,7 @@ pub struct TlsCertResult {
     /// The TLS handshake alone, from the first byte sent to the handshake done, ms.
     pub handshake_ms: Option<f64>,
     /// Handshake details and the chain (present as far as the handshake got).
-    pub tls: TlsInfo,
+    pub tls: Box<TlsInfo>,
     /// What failed, in words. A chain that does not verify is not a failure here: the
     /// handshake is completed and `tls.verify_error` says why.
     pub error: Option<String>,
@@ -795,25 +801,9 @@ mod tests {
         let r = HttpResult {
             url: "https://localhost/".into(),
             method: HttpMethod::Head,
-            host: "localhost".into(),
-            port: 443,
             addr: Some("127.0.0.1".into()),
             af: Some(4),
             local_addr: Some("127.0.0.1:5555".into()),
-            http_version: Some("HTTP/2".into()),
-            status: Some(302),
-            reason: Some("Found".into()),
-            headers: vec![HttpHeader {
-                name: "location".into(),
-                value: "/x".into(),
-            }],
-            headers_truncated: false,
-            header_bytes: 40,
-            content_length: Some(0),
-            body_bytes: 0,
-            body_truncated: false,
-            body_preview: None,
-            location: Some("/x".into()),
             timing: HttpTiming {
                 dns_ms: Some(0.01),
                 connect_ms: Some(0.1),
@@ -821,7 +811,23 @@ mod tests {
                 ttfb_ms: Some(2.0),
                 total_ms: 2.5,
             },
-            tls: Some(tls.clone()),
+            response: Some(Box::new(HttpResponse {
+                http_version: "HTTP/2".into(),
+                status: 302,
+                reason: Some("Found".into()),
+                headers: vec![HttpHeader {
+                    name: "location".into(),
+                    value: "/x".into(),
+                }],
+                headers_truncated: false,
+                header_bytes: 40,
+                content_length: Some(0),
+                body_bytes: 0,
+                body_truncated: false,
+                body_preview: None,
+                location: Some("/x".into()),
+            })),
+            tls: Some(Box::new(tls.clone())),
             error: None,
             error_phase: Some(HttpPhase::Body),
         };
@@ -840,7 +846,7 @@ mod tests {
             dns_ms: Some(0.0),
             connect_ms: Some(0.1),
             handshake_ms: None,
-            tls,
+            tls: Box::new(tls),
             error: Some("TLS handshake failed: alert".into()),
             error_phase: Some(HttpPhase::Tls),
             alert: Some(40),

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use crate::kinds::http::{
-    check_header, parse_url, HttpHeader, HttpParams, HttpPhase, HttpResult, HttpTiming,
-    HttpVersionPref, TlsCertParams, TlsCertResult, TlsInfo, TlsVersionPref, Url,
+    check_header, parse_url, HttpHeader, HttpParams, HttpPhase, HttpResponse, HttpResult,
+    HttpTiming, HttpVersionPref, TlsCertParams, TlsCertResult, TlsInfo, TlsVersionPref, Url,
 };
 
 /// Most response headers reported.
@@ -67,23 +67,11 @@ pub async fn run(p: HttpParams) -> Result<HttpResult, String> {
     let mut r = HttpResult {
         url: p.url.clone(),
         method: p.method,
-        host: url.host.clone(),
-        port: url.port,
         addr: None,
         af: None,
         local_addr: None,
-        http_version: None,
-        status: None,
-        reason: None,
-        headers: Vec::new(),
-        headers_truncated: false,
-        header_bytes: 0,
-        content_length: None,
-        body_bytes: 0,
-        body_truncated: false,
-        body_preview: None,
-        location: None,
         timing: HttpTiming::default(),
+        response: None,
         tls: None,
         error: None,
         error_phase: None,
@@ -252,7 +240,7 @@ async fn request(
             let versions = rustls::DEFAULT_VERSIONS;
             let hs = handshake(tcp, roots, p.insecure, versions, alpn, name, clock, false).await;
             let alpn = hs.info.alpn.clone();
-            r.tls = Some(hs.info);
+            r.tls = Some(Box::new(hs.info));
             let stream = hs.stream?;
             r.timing.tls_ms = Some(clock.ms());
             (Box::new(stream), alpn)
@@ -323,58 +311,72 @@ async fn request(
         })
         .await?;
     r.timing.ttfb_ms = Some(clock.ms());
-    describe_head(&resp, r);
+    let head = r.response.insert(Box::new(describe_head(&resp)));
 
     let limit = u64::from(p.max_body_bytes).min(BODY_MAX);
     let mut body = resp.into_body();
     let mut preview = Vec::new();
-    clock
+    let read = clock
         .phase(HttpPhase::Body, async {
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|e| format!("body: {}", error_chain(&e)))?;
                 let Ok(data) = frame.into_data() else {
                     continue; // trailers
                 };
-                let room = limit - r.body_bytes;
+                let room = limit - head.body_bytes;
                 let take = (data.len() as u64).min(room);
                 let keep = PREVIEW_BYTES
                     .saturating_sub(preview.len())
                     .min(take as usize);
                 preview.extend_from_slice(&data[..keep]);
-                r.body_bytes += take;
+                head.body_bytes += take;
                 if (data.len() as u64) > room {
-                    r.body_truncated = true;
+                    head.body_truncated = true;
                     break;
                 }
             }
             Ok(())
         })
-        .await?;
+        .await;
+    // What was read before a failure is reported too.
     if !preview.is_empty() {
-        r.body_preview = Some(String::from_utf8_lossy(&preview).into_owned());
+        head.body_preview = Some(String::from_utf8_lossy(&preview).into_owned());
     }
-    Ok(())
+    read
 }
 
-/// Status, version, headers and their size, Location and Content-Length into `r`.
-fn describe_head(resp: &hyper::Response<hyper::body::Incoming>, r: &mut HttpResult) {
+/// Status, version, headers and their size, Location and Content-Length.
+fn describe_head(resp: &hyper::Response<hyper::body::Incoming>) -> HttpResponse {
     let status = resp.status();
-    r.status = Some(status.as_u16());
-    r.http_version = Some(
-        match resp.version() {
+    let reason = resp
+        .extensions()
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|rp| String::from_utf8_lossy(rp.as_bytes()).into_owned())
+        .or_else(|| status.canonical_reason().map(str::to_string));
+    let mut r = HttpResponse {
+        http_version: match resp.version() {
             hyper::Version::HTTP_2 => "HTTP/2",
             hyper::Version::HTTP_10 => "HTTP/1.0",
             hyper::Version::HTTP_11 => "HTTP/1.1",
             _ => "HTTP/?",
         }
         .to_string(),
-    );
-    r.reason = resp
-        .extensions()
-        .get::<hyper::ext::ReasonPhrase>()
-        .map(|rp| String::from_utf8_lossy(rp.as_bytes()).into_owned())
-        .or_else(|| status.canonical_reason().map(str::to_string));
-    // "HTTP/1.1 200 OK\r\n" ... "\r\n"
+        status: status.as_u16(),
+        header_bytes: 0,
+        headers: Vec::new(),
+        headers_truncated: false,
+        content_length: resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok()),
+        body_bytes: 0,
+        body_truncated: false,
+        body_preview: None,
+        location: None,
+        reason,
+    };
+    // "HTTP/1.1 200 OK\r\n", the headers, "\r\n".
     let mut size = 9 + 4 + r.reason.as_deref().map_or(0, str::len) + 2 + 2;
     for (name, value) in resp.headers() {
         size += name.as_str().len() + 2 + value.len() + 2;
@@ -393,17 +395,13 @@ fn describe_head(resp: &hyper::Response<hyper::body::Incoming>, r: &mut HttpResu
         });
     }
     r.header_bytes = u32::try_from(size).unwrap_or(u32::MAX);
-    r.content_length = resp
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok());
     if status.is_redirection() {
         r.location = resp
             .headers()
             .get(hyper::header::LOCATION)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     }
+    r
 }
 
 /// An error and its sources, joined: hyper's own messages are terse.
@@ -529,7 +527,7 @@ pub async fn run_tls_cert(p: TlsCertParams) -> Result<TlsCertResult, String> {
         dns_ms: None,
         connect_ms: None,
         handshake_ms: None,
-        tls: TlsInfo::default(),
+        tls: Box::default(),
         error: None,
         error_phase: None,
         alert: None,
@@ -553,7 +551,7 @@ pub async fn run_tls_cert(p: TlsCertParams) -> Result<TlsCertResult, String> {
         // whether it verified.
         let t1 = Instant::now();
         let hs = handshake(tcp, roots, true, versions, alpn, &name, &clock, true).await;
-        r.tls = hs.info;
+        *r.tls = hs.info;
         r.alert = hs.alert;
         let mut stream = hs.stream?;
         r.handshake_ms = Some(ms_since(t1));
