@@ -473,6 +473,11 @@ async fn tls_cert_reports_the_chain_in_order_with_pem() {
     assert_eq!(r.tls.version.as_deref(), Some("TLSv1.2"));
     let cipher = r.tls.cipher.as_deref().unwrap();
     assert!(cipher.starts_with("TLS_ECDHE_ECDSA_WITH_"), "{cipher}");
+    // ECDHE-ECDSA suites are 0xC0xx or 0xCCA9.
+    assert!(
+        r.tls.cipher_code.unwrap() >> 8 == 0xC0 || r.tls.cipher_code == Some(0xCCA9),
+        "{r:?}"
+    );
     assert_eq!(r.tls.verify_error.as_deref(), Some("UnknownIssuer"));
     assert_eq!(r.tls.chain.len(), 2);
     assert_eq!(r.tls.chain[0].subject_cn.as_deref(), Some("localhost"));

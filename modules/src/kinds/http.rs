@@ -395,6 +395,8 @@ pub struct TlsInfo {
     pub version: Option<String>,
     /// IANA name of the cipher suite (`TLS_AES_128_GCM_SHA256`).
     pub cipher: Option<String>,
+    /// The cipher suite's code point (0x1301 for TLS_AES_128_GCM_SHA256).
+    pub cipher_code: Option<u16>,
     /// Key exchange group (`X25519`).
     pub kx_group: Option<String>,
     /// The ALPN protocol the server chose.
@@ -792,6 +794,7 @@ mod tests {
             server_name: Some("localhost".into()),
             version: Some("TLSv1.3".into()),
             cipher: Some("TLS_AES_128_GCM_SHA256".into()),
+            cipher_code: Some(0x1301),
             kx_group: Some("X25519".into()),
             alpn: Some("h2".into()),
             chain: vec![cert],

@@ -228,6 +228,7 @@ pub fn negotiated(conn: &ClientConnection, info: &mut TlsInfo) {
             None => format!("{suite:?}"),
         }
     });
+    info.cipher_code = conn.negotiated_cipher_suite().map(|s| u16::from(s.suite()));
     info.kx_group = conn
         .negotiated_key_exchange_group()
         .map(|g| format!("{:?}", g.name()));
