@@ -50,7 +50,7 @@ fn pki() -> Pki {
         .signed_by(&inter_key, &root, &root_key)
         .unwrap();
     let mut lp =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]).unwrap();
     lp.distinguished_name = rcgen::DistinguishedName::new();
     lp.distinguished_name.push(DnType::CommonName, "localhost");
     let leaf_key = KeyPair::generate().unwrap();
@@ -108,8 +108,13 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     Ok(resp.unwrap())
 }
 
-/// Serves `handle` over HTTPS (h2 and http/1.1 by ALPN) on a free loopback port.
+/// Serves `handle` over HTTPS (h2 and http/1.1 by ALPN) on a free port of 127.0.0.1.
 async fn https_server(pki: &Pki) -> SocketAddr {
+    https_server_on(pki, "127.0.0.1:0").await
+}
+
+/// Serves `handle` over HTTPS on a free port of `bind`.
+async fn https_server_on(pki: &Pki, bind: &str) -> SocketAddr {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.leaf_key.clone()));
     let mut cfg = rustls::ServerConfig::builder()
@@ -118,7 +123,7 @@ async fn https_server(pki: &Pki) -> SocketAddr {
         .unwrap();
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
@@ -258,7 +263,7 @@ async fn https_get_over_http1_and_h2() {
         assert_eq!(leaf.subject, "CN=localhost");
         assert_eq!(leaf.issuer, "CN=IMN Test Intermediate, O=IMN tests");
         assert_eq!(leaf.dns_names, ["localhost"]);
-        assert_eq!(leaf.ip_addrs, ["127.0.0.1"]);
+        assert_eq!(leaf.ip_addrs, ["127.0.0.1", "::1"]);
         assert_eq!(inter.subject, "CN=IMN Test Intermediate, O=IMN tests");
         assert_eq!(inter.issuer_cn.as_deref(), Some("IMN Test Root"));
         assert!(inter.is_ca && !leaf.is_ca);
@@ -491,4 +496,29 @@ async fn tls_cert_reports_the_chain_in_order_with_pem() {
         "{r:?}"
     );
     assert!(r.tls.chain.is_empty());
+}
+
+#[tokio::test]
+async fn over_ipv6_loopback() {
+    let pki = pki();
+    let addr = https_server_on(&pki, "[::1]:0").await;
+    let r = http(json!({"url": format!("https://[::1]:{}/", addr.port()), "ca_pem": pki.root_pem}))
+        .await;
+    assert_eq!((status(&r), r.error.as_deref()), (Some(200), None), "{r:?}");
+    assert_eq!((r.addr.as_deref(), r.af), (Some("::1"), Some(6)));
+    assert!(r.local_addr.as_deref().unwrap().starts_with("[::1]:"));
+    // Verified against the certificate's IPv6 SAN, without SNI.
+    let tls = r.tls.as_ref().unwrap();
+    assert_eq!(
+        (tls.server_name.as_deref(), tls.verify_error.as_deref()),
+        (None, None)
+    );
+
+    let t = tls_cert(json!({"host": "::1", "port": addr.port(), "ca_pem": pki.root_pem})).await;
+    assert_eq!(
+        (t.error.as_deref(), t.tls.verify_error.as_deref()),
+        (None, None),
+        "{t:?}"
+    );
+    assert_eq!(t.af, Some(6));
 }
