@@ -99,6 +99,15 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             .status(302)
             .header("location", "/target")
             .body(Full::new(Bytes::new())),
+        "/target" => b.body(Full::new(Bytes::from_static(b"arrived"))),
+        "/loop" => b
+            .status(301)
+            .header("location", "loop")
+            .body(Full::new(Bytes::new())),
+        "/away" => b
+            .status(307)
+            .header("location", "https://[::1]:1/")
+            .body(Full::new(Bytes::new())),
         "/slow" => {
             tokio::time::sleep(Duration::from_secs(3)).await;
             b.body(Full::new(Bytes::from_static(b"late")))
@@ -318,6 +327,8 @@ async fn head_options_redirect_and_body_cap() {
     assert_eq!(resp(&r).location.as_deref(), Some("/target"));
     assert_eq!(r.error, None);
 
+    assert!(r.redirects.is_empty());
+
     let r = http(json!({"url": url("/nothing"), "ca_pem": pki.root_pem})).await;
     assert_eq!(
         (status(&r), resp(&r).location.as_deref()),
@@ -521,4 +532,55 @@ async fn over_ipv6_loopback() {
         "{t:?}"
     );
     assert_eq!(t.af, Some(6));
+}
+
+#[tokio::test]
+async fn redirects_followed_when_asked() {
+    let pki = pki();
+    let addr = https_server(&pki).await;
+    let url = |path: &str| format!("https://localhost:{}{path}", addr.port());
+
+    let r = http(json!({"url": url("/redirect?x=1"), "ca_pem": pki.root_pem,
+        "follow_redirects": true}))
+    .await;
+    assert_eq!((status(&r), r.error.as_deref()), (Some(200), None), "{r:?}");
+    assert_eq!(r.url, url("/target"));
+    assert_eq!(resp(&r).body_preview.as_deref(), Some("arrived"));
+    assert_eq!(r.redirects.len(), 1);
+    let hop = &r.redirects[0];
+    assert_eq!(
+        (hop.url.as_str(), hop.status),
+        (url("/redirect?x=1").as_str(), 302)
+    );
+    assert_eq!(hop.location, "/target");
+    // The second request starts after the first answered.
+    assert!(hop.ttfb_ms.unwrap() <= r.timing.dns_ms.unwrap(), "{r:?}");
+
+    let r = http(json!({"url": url("/loop"), "ca_pem": pki.root_pem,
+        "follow_redirects": true, "max_redirects": 3}))
+    .await;
+    assert_eq!(r.redirects.len(), 3);
+    assert!(r
+        .redirects
+        .iter()
+        .all(|h| h.status == 301 && h.location == "loop"));
+    assert_eq!(r.error.as_deref(), Some("more than 3 redirects"));
+    assert_eq!(
+        (status(&r), r.error_phase),
+        (Some(301), Some(HttpPhase::Response))
+    );
+
+    // To another host: the asked host's server_name no longer applies; nothing listens
+    // on [::1]:1.
+    let r = http(
+        json!({"url": format!("https://127.0.0.1:{}/away", addr.port()),
+        "ca_pem": pki.root_pem, "server_name": "localhost", "follow_redirects": true}),
+    )
+    .await;
+    assert_eq!(r.redirects.len(), 1);
+    assert_eq!(r.url, "https://[::1]:1/");
+    assert_eq!(
+        (r.error_phase, r.addr.as_deref()),
+        (Some(HttpPhase::Connect), Some("::1"))
+    );
 }

@@ -229,6 +229,7 @@ mod tests {
             tls: None,
             error: None,
             error_phase: None,
+            redirects: vec![],
         }
     }
 

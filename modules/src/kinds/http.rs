@@ -93,6 +93,13 @@ pub struct HttpParams {
     /// Most body bytes read; the rest is not read.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u32,
+    /// Follow redirects (a 3xx with Location), each reported; otherwise a redirect is
+    /// the result.
+    #[serde(default)]
+    pub follow_redirects: bool,
+    /// Most redirects followed.
+    #[serde(default = "default_max_redirects")]
+    pub max_redirects: u8,
     /// Go on despite a certificate that does not verify (still reported).
     #[serde(default)]
     pub insecure: bool,
@@ -112,6 +119,9 @@ fn default_timeout_ms() -> u64 {
 }
 fn default_max_body_bytes() -> u32 {
     4096
+}
+fn default_max_redirects() -> u8 {
+    5
 }
 fn default_tls_port() -> u16 {
     443
@@ -218,6 +228,31 @@ pub fn parse_url(s: &str) -> Result<Url, String> {
         port,
         path,
     })
+}
+
+/// The absolute URL a Location header points to, from the URL that answered with it
+/// (RFC 3986 §5.2, without removing dot segments).
+pub fn resolve_location(base: &Url, location: &str) -> String {
+    let scheme = if base.tls { "https" } else { "http" };
+    let has_scheme = location
+        .split_once("://")
+        .is_some_and(|(s, _)| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphabetic()));
+    if has_scheme {
+        return location.to_string();
+    }
+    if let Some(rest) = location.strip_prefix("//") {
+        return format!("{scheme}://{rest}");
+    }
+    let origin = format!("{scheme}://{}", base.authority(&base.host));
+    let base_path = base.path.split('?').next().unwrap_or("/");
+    if location.starts_with('/') {
+        format!("{origin}{location}")
+    } else if location.starts_with('?') {
+        format!("{origin}{base_path}{location}")
+    } else {
+        let dir = &base_path[..base_path.rfind('/').map_or(0, |i| i + 1)];
+        format!("{origin}{dir}{location}")
+    }
 }
 
 /// A DNS host name: labels of letters, digits, `-` and `_`, 1 to 63 bytes each, at most
@@ -437,10 +472,25 @@ pub struct HttpResponse {
     pub location: Option<String>,
 }
 
-/// One request. The parts are boxed to keep the result enum small.
+/// A redirect that was followed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HttpRedirect {
+    /// The URL requested.
+    pub url: String,
+    /// The address that answered.
+    pub addr: Option<String>,
+    pub status: u16,
+    /// Its Location header, as sent.
+    pub location: String,
+    /// When its response head came, ms from the start of the run.
+    pub ttfb_ms: Option<f64>,
+}
+
+/// One request (the last one, when redirects were followed). The parts are boxed to
+/// keep the result enum small.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HttpResult {
-    /// The URL as asked.
+    /// The URL requested: the one asked, or the last one redirects led to.
     pub url: String,
     pub method: HttpMethod,
     /// The address connected to (or last tried).
@@ -458,6 +508,8 @@ pub struct HttpResult {
     pub error: Option<String>,
     /// Where it failed.
     pub error_phase: Option<HttpPhase>,
+    /// Redirects followed before this request, in order (`follow_redirects`).
+    pub redirects: Vec<HttpRedirect>,
 }
 
 pub fn http_schema() -> Value {
@@ -481,6 +533,10 @@ pub fn http_schema() -> Value {
                 "description": "Time allowed for the whole request, from name resolution to the body."},
             "max_body_bytes": {"type": "integer", "minimum": 0, "maximum": BODY_MAX_BYTES, "default": 4096,
                 "description": "Most body bytes read; a longer body is reported as truncated."},
+            "follow_redirects": {"type": "boolean", "default": false,
+                "description": "Follow redirects (3xx with Location), reporting each; by default a redirect is the result."},
+            "max_redirects": {"type": "integer", "minimum": 1, "maximum": 10, "default": 5,
+                "description": "Most redirects followed; one more is an error."},
             "insecure": {"type": "boolean", "default": false,
                 "description": "Go on when the certificate does not verify; the error is still reported."},
             "ca_pem": {"type": "string", "maxLength": CA_PEM_MAX_BYTES,
@@ -501,6 +557,7 @@ pub fn http_examples() -> Examples {
     Examples {
         valid: vec![
             json!({"url": "http://127.0.0.1:8080/"}),
+            json!({"url": "http://127.0.0.1:8080/a", "follow_redirects": true, "max_redirects": 3}),
             json!({"url": "https://localhost:8443/index.html?x=1", "method": "HEAD", "version": "2",
                 "timeout_ms": 5000, "max_body_bytes": 0, "family": 4}),
             json!({"url": "https://[::1]/", "version": "1.1", "headers": {"Accept": "text/html", "X-Probe": "imn"},
@@ -558,8 +615,12 @@ pub fn http_examples() -> Examples {
                 "/server_name",
             ),
             (
-                json!({"url": "http://127.0.0.1/", "follow_redirects": true}),
-                "/follow_redirects",
+                json!({"url": "http://127.0.0.1/", "max_redirects": 0}),
+                "/max_redirects",
+            ),
+            (
+                json!({"url": "http://127.0.0.1/", "follow": true}),
+                "/follow",
             ),
         ],
     }
@@ -761,6 +822,21 @@ mod tests {
     }
 
     #[test]
+    fn locations() {
+        let base = parse_url("https://h:8443/a/b?q").unwrap();
+        let cases = [
+            ("http://x/y", "http://x/y"),
+            ("//x/y", "https://x/y"),
+            ("/c", "https://h:8443/c"),
+            ("c?d", "https://h:8443/a/c?d"),
+            ("?z", "https://h:8443/a/b?z"),
+        ];
+        for (loc, want) in cases {
+            assert_eq!(resolve_location(&base, loc), want, "{loc}");
+        }
+    }
+
+    #[test]
     fn header_rules() {
         assert!(check_header("X-Probe", "v a l\tue").is_ok());
         assert!(check_header("HOST", "x").is_err());
@@ -833,6 +909,13 @@ mod tests {
             tls: Some(Box::new(tls.clone())),
             error: None,
             error_phase: Some(HttpPhase::Body),
+            redirects: vec![HttpRedirect {
+                url: "https://localhost/a".into(),
+                addr: None,
+                status: 301,
+                location: "/".into(),
+                ttfb_ms: Some(1.0),
+            }],
         };
         let bytes = postcard::to_stdvec(&r).unwrap();
         assert_eq!(postcard::from_bytes::<HttpResult>(&bytes).unwrap(), r);

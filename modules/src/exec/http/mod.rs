@@ -22,8 +22,9 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use crate::kinds::http::{
-    check_header, parse_url, HttpHeader, HttpParams, HttpPhase, HttpResponse, HttpResult,
-    HttpTiming, HttpVersionPref, TlsCertParams, TlsCertResult, TlsInfo, TlsVersionPref, Url,
+    check_header, parse_url, resolve_location, HttpHeader, HttpParams, HttpPhase, HttpRedirect,
+    HttpResponse, HttpResult, HttpTiming, HttpVersionPref, TlsCertParams, TlsCertResult, TlsInfo,
+    TlsVersionPref, Url,
 };
 
 /// Most response headers reported.
@@ -58,35 +59,80 @@ pub async fn run(p: HttpParams) -> Result<HttpResult, String> {
         None => None,
     };
     // Read before the clock starts: loading the system bundle is not the server's time.
-    let roots = if url.tls {
+    let roots = if url.tls || p.follow_redirects {
         Some(tls::trust_anchors(p.ca_pem.as_deref())?)
     } else {
         None
     };
     let start = Instant::now();
-    let mut r = HttpResult {
-        url: p.url.clone(),
-        method: p.method,
-        addr: None,
-        af: None,
-        local_addr: None,
-        timing: HttpTiming::default(),
-        response: None,
-        tls: None,
-        error: None,
-        error_phase: None,
-    };
     let clock = Clock {
         start,
         deadline: start + Duration::from_millis(p.timeout_ms),
         timeout_ms: p.timeout_ms,
     };
-    if let Err((phase, msg)) = request(&p, &url, forced, roots, &clock, &mut r).await {
-        r.error = Some(msg);
-        r.error_phase = Some(phase);
+    let mut redirects = Vec::new();
+    let (mut current, mut current_url) = (url.clone(), p.url.clone());
+    loop {
+        let mut r = HttpResult {
+            url: current_url.clone(),
+            method: p.method,
+            addr: None,
+            af: None,
+            local_addr: None,
+            timing: HttpTiming::default(),
+            response: None,
+            tls: None,
+            error: None,
+            error_phase: None,
+            redirects: Vec::new(),
+        };
+        // resolve and server_name are about the asked host; a redirect elsewhere goes
+        // where the name leads.
+        let same = current.host == url.host && current.port == url.port && current.tls == url.tls;
+        let (forced, name) = if same {
+            (forced, p.server_name.as_deref())
+        } else {
+            (None, None)
+        };
+        let roots = roots.clone().filter(|_| current.tls);
+        if let Err((phase, msg)) = request(&p, &current, forced, name, roots, &clock, &mut r).await
+        {
+            r.error = Some(msg);
+            r.error_phase = Some(phase);
+        }
+        r.timing.total_ms = clock.ms();
+        let next = match (&r.response, &r.error) {
+            (Some(resp), None) if p.follow_redirects => resp.location.clone(),
+            _ => None,
+        };
+        if let Some(location) = next {
+            if redirects.len() >= usize::from(p.max_redirects) {
+                r.error = Some(format!("more than {} redirects", p.max_redirects));
+                r.error_phase = Some(HttpPhase::Response);
+            } else {
+                let target = resolve_location(&current, &location);
+                match parse_url(&target) {
+                    Ok(u) => {
+                        redirects.push(HttpRedirect {
+                            url: current_url,
+                            addr: r.addr,
+                            status: r.response.as_ref().map_or(0, |x| x.status),
+                            location,
+                            ttfb_ms: r.timing.ttfb_ms,
+                        });
+                        (current, current_url) = (u, target);
+                        continue;
+                    }
+                    Err(e) => {
+                        r.error = Some(format!("redirect to {location:?}: {e}"));
+                        r.error_phase = Some(HttpPhase::Response);
+                    }
+                }
+            }
+        }
+        r.redirects = redirects;
+        return Ok(r);
     }
-    r.timing.total_ms = clock.ms();
-    Ok(r)
 }
 
 /// The run's start and its deadline.
@@ -197,10 +243,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// One request to `url`: to `forced` if given, verifying `server_name` if given.
 async fn request(
     p: &HttpParams,
     url: &Url,
     forced: Option<IpAddr>,
+    server_name: Option<&str>,
     roots: Option<rustls::RootCertStore>,
     clock: &Clock,
     r: &mut HttpResult,
@@ -228,7 +276,7 @@ async fn request(
     r.timing.connect_ms = Some(clock.ms());
     r.local_addr = tcp.local_addr().ok().map(|a| a.to_string());
 
-    let name = p.server_name.as_deref().unwrap_or(&url.host);
+    let name = server_name.unwrap_or(&url.host);
     let (io, alpn): (Box<dyn Io>, Option<String>) = match roots {
         None => (Box::new(tcp), None),
         Some(roots) => {
