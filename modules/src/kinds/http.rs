@@ -368,7 +368,8 @@ pub enum HttpPhase {
 /// Times of one request in ms, each counted from the start of the run (as curl's
 /// `time_namelookup`, `time_connect`, `time_appconnect`, `time_starttransfer` and
 /// `time_total`), so `dns_ms <= connect_ms <= tls_ms <= ttfb_ms <= total_ms`. A phase
-/// not reached is None; `tls_ms` is None without TLS.
+/// not reached is None; `tls_ms` is None without TLS. After redirects they are the last
+/// request's, still counted from the start of the run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HttpTiming {
     /// The address is known (name resolved, or a literal).
