@@ -461,20 +461,10 @@ fn a_result_round_trips_through_postcard_and_json() {
     assert_eq!(v["protocol"], "tcp");
     assert_eq!(v["error"]["kind"], "malformed");
     // Through the module output enum too.
-    let out = crate::results::ModuleOutput::Dns(r);
+    let out = crate::results::ModuleOutput::Dns(Box::new(r));
     let bytes = postcard::to_stdvec(&out).unwrap();
     assert_eq!(
         postcard::from_bytes::<crate::results::ModuleOutput>(&bytes).unwrap(),
         out
-    );
-}
-
-#[test]
-fn the_result_stays_small() {
-    // ModuleOutcome holds results inline; a large one would bloat every outcome.
-    assert!(
-        std::mem::size_of::<DnsResult>() <= 208,
-        "{}",
-        std::mem::size_of::<DnsResult>()
     );
 }
