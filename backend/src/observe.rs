@@ -153,6 +153,12 @@ impl Metrics {
                     self.dns_rt.observe(&[agent, &server], reply.rt_ms / 1000.0);
                 }
             }
+            ModuleOutcome::Ok(ModuleOutput::Http(h)) => {
+                if h.error.is_none() {
+                    self.http_total
+                        .observe(&[agent, &h.url], h.timing.total_ms / 1000.0);
+                }
+            }
             ModuleOutcome::Ok(ModuleOutput::Ntp(n)) => {
                 if let Some(offset) = n.offset_ms {
                     let mut m = self.ntp_offset.lock().unwrap_or_else(|e| e.into_inner());

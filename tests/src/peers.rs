@@ -133,40 +133,46 @@ impl Drop for Dnsmasq {
 }
 
 /// A real TLS server from another implementation: `openssl s_server -www` on a
-/// loopback port, with a self-signed certificate for `localhost` and 127.0.0.1. It
-/// answers an HTTP GET with a status page.
+/// loopback port, with a certificate for `localhost` and 127.0.0.1 signed by a CA that
+/// `openssl` made for the test. It answers an HTTP GET with a status page.
 pub struct OpensslServer {
     child: std::process::Child,
     pub port: u16,
-    /// The server's certificate (its own trust anchor), PEM.
-    pub cert_pem: String,
+    /// The CA that signed the server's certificate, PEM: the trust anchor to give.
+    pub ca_pem: String,
     _dir: crate::TempDir,
 }
 
 impl OpensslServer {
     pub fn start() -> OpensslServer {
         let dir = crate::TempDir::new("openssl");
-        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-            ])
-            .args(["-nodes", "-days", "2", "-subj", "/CN=localhost/O=IMN test"])
-            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl");
-        assert!(status.success(), "openssl req failed");
+        let p = |f: &str| dir.path().join(f).to_str().unwrap().to_string();
+        let (ca, ca_key, cert, key, csr, ext) = (
+            p("ca.pem"),
+            p("ca.key"),
+            p("cert.pem"),
+            p("key.pem"),
+            p("leaf.csr"),
+            p("leaf.ext"),
+        );
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        for cmd in [
+            format!("req -x509 {ec} -days 2 -subj '/CN=IMN test CA' -keyout {ca_key} -out {ca}"),
+            format!("req {ec} -subj '/CN=localhost/O=IMN test' -keyout {key} -out {csr}"),
+            format!(
+                "x509 -req -in {csr} -CA {ca} -CAkey {ca_key} -set_serial 2 -days 2 \
+                 -extfile {ext} -out {cert}"
+            ),
+        ] {
+            let (ok, out) = crate::netns::sh(&format!("openssl {cmd}"));
+            assert!(ok, "openssl {cmd}: {out}");
+        }
         let port = crate::free_port();
         let child = std::process::Command::new("openssl")
             .args(["s_server", "-quiet", "-www", "-accept"])
@@ -191,7 +197,7 @@ impl OpensslServer {
         OpensslServer {
             child,
             port,
-            cert_pem: std::fs::read_to_string(&cert).unwrap(),
+            ca_pem: std::fs::read_to_string(&ca).unwrap(),
             _dir: dir,
         }
     }

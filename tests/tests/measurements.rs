@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use imn_tests::peers::{self, Dnsmasq};
+use imn_tests::peers::{self, Dnsmasq, OpensslServer};
 use imn_tests::{http_get_text, prom_value, Api, Up};
 use serde_json::{json, Value};
 
@@ -181,8 +181,95 @@ print(json.dumps([resp.protocol, resp.abuf.header.return_code, len(resp.abuf.ans
         );
     }
 
-    // The backend's metrics follow the results: NTP offset, traceroute hops, DNS times.
+    // HTTP to the backend's own API (hyper/axum), plain HTTP/1.1.
     let port: u16 = api.base.rsplit(':').next().unwrap().parse().unwrap();
+    let b = run(
+        api,
+        "http",
+        json!({"url": format!("http://127.0.0.1:{port}/livez"), "method": "GET"}),
+    )
+    .await;
+    let r = &b["result"];
+    assert_eq!(r["response"]["status"], 200, "{b}");
+    assert!(r["timing"]["total_ms"].as_f64().unwrap() > 0.0);
+    let a = atlas(api, &b).await;
+    let p = sagan(
+        r#"
+import json, sys
+from ripe.atlas.sagan import HttpResult
+r = HttpResult(json.load(sys.stdin)[0], on_error=HttpResult.ACTION_FAIL)
+x = r.responses[0]
+print(json.dumps([r.method, x.code, x.destination_address, x.body_size]))
+"#,
+        &a,
+    );
+    assert_eq!(p[0], "GET");
+    assert_eq!(p[1], 200);
+    assert_eq!(p[2], "127.0.0.1");
+    assert_eq!(p[3], r["response"]["body_bytes"]);
+
+    // TLS from another implementation: OpenSSL's s_server. Trusted through ca_pem, the
+    // chain verifies; without it, the certificate error is reported with the chain.
+    let tls = OpensslServer::start();
+    let b = run(
+        api,
+        "tls_cert",
+        json!({"host": "localhost", "port": tls.port, "ca_pem": tls.ca_pem}),
+    )
+    .await;
+    let t = &b["result"]["tls"];
+    assert_eq!(t["verify_error"], Value::Null, "{b}");
+    assert_eq!(t["chain"][0]["subject_cn"], "localhost", "{b}");
+    let a = atlas(api, &b).await;
+    let p = sagan(
+        r#"
+import json, sys
+from ripe.atlas.sagan import SslResult
+r = SslResult(json.load(sys.stdin)[0], on_error=SslResult.ACTION_FAIL)
+print(json.dumps([r.destination_name, r.port, len(r.certificates), r.certificates[0].subject_cn,
+                  r.certificates[0].checksum_sha256]))
+"#,
+        &a,
+    );
+    assert_eq!(p[0], "localhost");
+    assert_eq!(p[1].as_u64(), Some(u64::from(tls.port)));
+    assert_eq!((p[2].as_u64(), &p[3]), (Some(1), &json!("localhost")));
+    let b = run(
+        api,
+        "tls_cert",
+        json!({"host": "localhost", "port": tls.port}),
+    )
+    .await;
+    let err = b["result"]["tls"]["verify_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(err.contains("UnknownIssuer"), "{b}");
+    assert_eq!(b["result"]["tls"]["chain"][0]["subject_cn"], "localhost");
+    // And an HTTPS GET to it (s_server -www answers with a status page).
+    let b = run(
+        api,
+        "http",
+        json!({"url": format!("https://localhost:{}/", tls.port), "ca_pem": tls.ca_pem}),
+    )
+    .await;
+    let r = &b["result"];
+    assert_eq!(r["response"]["status"], 200, "{b}");
+    assert!(
+        r["tls"]["version"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1.3"),
+        "{b}"
+    );
+    let tm = &r["timing"];
+    let order: Vec<f64> = ["dns_ms", "connect_ms", "tls_ms", "ttfb_ms", "total_ms"]
+        .iter()
+        .map(|k| tm[k].as_f64().unwrap())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "{tm}");
+
+    // The backend's metrics follow the results: NTP offset, traceroute hops, DNS and
+    // HTTP times.
     let page = http_get_text(port, "/metrics").unwrap();
     let at = |series: &str| prom_value(&page, series);
     let offset = at(r#"imn_ntp_offset_seconds{agent="agent-1",target="127.0.0.1"}"#);
@@ -200,4 +287,8 @@ print(json.dumps([resp.protocol, resp.abuf.header.return_code, len(resp.abuf.ans
         dns.port
     );
     assert_eq!(at(&dns_count), 2.0, "{page}");
+    let http_count = format!(
+        r#"imn_http_total_time_seconds_count{{agent="agent-1",target="http://127.0.0.1:{port}/livez"}}"#
+    );
+    assert_eq!(at(&http_count), 1.0, "{page}");
 }

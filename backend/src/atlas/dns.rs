@@ -196,28 +196,7 @@ print(json.dumps(out))
 "#;
 
     fn sagan(results: &[Value]) -> Vec<Value> {
-        use std::io::Write;
-        use std::process::{Command, Stdio};
-        let mut child = Command::new("python3")
-            .args(["-c", SAGAN])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3 with ripe.atlas.sagan");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(serde_json::to_string(results).unwrap().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "sagan failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        serde_json::from_value(super::super::sagan(SAGAN, &Value::Array(results.to_vec()))).unwrap()
     }
 
     /// What sagan decoded from the abuf is what the module parsed from the same bytes.

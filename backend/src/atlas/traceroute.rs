@@ -269,14 +269,6 @@ mod tests {
     /// ripe.atlas.sagan, RIPE's parser of Atlas results, reads ours.
     #[test]
     fn sagan_parses_it() {
-        let have_sagan = std::process::Command::new("python3")
-            .args(["-c", "import ripe.atlas.sagan"])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !have_sagan {
-            eprintln!("ripe.atlas.sagan is not installed: skipped");
-            return;
-        }
         let a = traceroute(&row(&result())).unwrap().remove(0);
         let script = r#"
 import json, sys
@@ -298,7 +290,7 @@ print(json.dumps({
     "end_time": r.end_time_timestamp,
 }))
 "#;
-        let out = run_python(script, &a.to_string());
+        let out = super::super::sagan(script, &a);
         assert_eq!(out["total_hops"], 4);
         assert_eq!(out["destination_address"], "198.19.250.50");
         assert_eq!(out["source_address"], "198.19.250.1");
@@ -336,35 +328,11 @@ r = TracerouteResult(sys.stdin.read())
 print(json.dumps({"is_success": r.is_success, "responded": r.destination_ip_responded,
                   "errors": r.last_hop_errors, "total_hops": r.total_hops}))
 "#;
-        let out = run_python(script, &a.to_string());
+        let out = super::super::sagan(script, &a);
         assert_eq!(
             out,
             json!({"is_success": false, "responded": false,
                    "errors": ["Destination unreachable"], "total_hops": 3})
         );
-    }
-
-    fn run_python(script: &str, stdin: &str) -> Value {
-        use std::io::Write;
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", script])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "sagan: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
     }
 }
