@@ -209,3 +209,31 @@ impl Drop for OpensslServer {
         let _ = self.child.wait();
     }
 }
+
+/// Runs a Python script that reads `input` (Atlas results) as JSON on stdin with
+/// RIPE's parser, ripe.atlas.sagan, and returns what the script prints, as JSON.
+pub fn sagan(script: &str, input: &serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (tests/run.sh installs it with ripe.atlas.sagan)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sagan could not parse {input}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}

@@ -4,11 +4,9 @@
 //! responder), stored, and read back both natively and in RIPE Atlas's format, which
 //! RIPE's own parser (ripe.atlas.sagan) must read with the values the native result has.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use imn_tests::peers::{self, Dnsmasq, OpensslServer};
+use imn_tests::peers::{self, sagan, Dnsmasq, OpensslServer};
 use imn_tests::{http_get_text, prom_value, Api, Up};
 use serde_json::{json, Value};
 
@@ -36,31 +34,6 @@ async fn atlas(api: &Api, done: &Value) -> Value {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     r.body
-}
-
-/// Runs `script` with the Atlas results on stdin and returns what it prints (JSON).
-fn sagan(script: &str, input: &Value) -> Value {
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sagan could not parse {input}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,24 +71,9 @@ pub fn dns(r: &ResultRow) -> Option<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_modules::wire::RequestState;
 
     fn row(result: Value) -> ResultRow {
-        ResultRow {
-            agent_id: "agent-1".into(),
-            request_id: "req-dns".into(),
-            module: "dns".into(),
-            epoch: 1,
-            seq: 2,
-            state: RequestState::Succeeded,
-            result,
-            error: None,
-            received_ms: 1_700_000_000_000,
-            started_ms: 1_700_000_000_500,
-            finished_ms: 1_700_000_001_000,
-            stored_ms: 1_700_000_002_000,
-            scheduled_ms: None,
-        }
+        super::super::test_row("dns", result)
     }
 
     fn fixture(s: &str) -> Value {
@@ -130,7 +115,7 @@ mod tests {
         );
         assert!(a.get("error").is_none());
         assert_eq!(a["timestamp"], 1_700_000_000);
-        assert_eq!(a["msm_id"], super::super::numeric_id("req-dns"));
+        assert_eq!(a["msm_id"], super::super::numeric_id("req"));
         let tcp = &dns(&row(fixture(MX_TCP))).unwrap()[0];
         assert_eq!(tcp["proto"], "TCP");
     }

@@ -175,25 +175,10 @@ mod tests {
         CertInfo, HttpHeader, HttpMethod, HttpPhase, HttpResponse, HttpResult, HttpTiming,
         TlsCertResult, TlsInfo,
     };
-    use imn_modules::wire::RequestState;
     use sha2::{Digest, Sha256};
 
     fn row(module: &str, result: Value) -> ResultRow {
-        ResultRow {
-            agent_id: "agent-1".into(),
-            request_id: "req".into(),
-            module: module.into(),
-            epoch: 1,
-            seq: 2,
-            state: RequestState::Succeeded,
-            result,
-            error: None,
-            received_ms: 1_700_000_000_000,
-            started_ms: 1_700_000_000_500,
-            finished_ms: 1_700_000_001_000,
-            stored_ms: 1_700_000_002_000,
-            scheduled_ms: None,
-        }
+        super::super::test_row(module, result)
     }
 
     fn http_result() -> HttpResult {

@@ -146,6 +146,27 @@ pub(crate) fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
+/// A stored result of `module` for the tests: agent-1, request `req`, started at
+/// 1,700,000,000.5 s, finished half a second later, stored a second after that.
+#[cfg(test)]
+pub(crate) fn test_row(module: &str, result: Value) -> ResultRow {
+    ResultRow {
+        agent_id: "agent-1".into(),
+        request_id: "req".into(),
+        module: module.into(),
+        epoch: 1,
+        seq: 2,
+        state: imn_modules::wire::RequestState::Succeeded,
+        result,
+        error: None,
+        received_ms: 1_700_000_000_000,
+        started_ms: 1_700_000_000_500,
+        finished_ms: 1_700_000_001_000,
+        stored_ms: 1_700_000_002_000,
+        scheduled_ms: None,
+    }
+}
+
 /// Runs a Python script that reads `input` as JSON on stdin with RIPE's parser,
 /// ripe.atlas.sagan, and returns what it prints as JSON: the tests' proof that Atlas
 /// tooling reads our output. `tests/run.sh` installs sagan.
@@ -179,30 +200,18 @@ pub(crate) fn sagan(script: &str, input: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_modules::wire::RequestState;
 
     #[test]
     fn ping_fields_match_the_native_result() {
-        let r = ResultRow {
-            agent_id: "agent-1".into(),
-            request_id: "req".into(),
-            module: "ping_module".into(),
-            epoch: 1,
-            seq: 2,
-            state: RequestState::Succeeded,
-            result: json!({"socket": "raw", "src_addr": null, "targets": [{
+        let r = test_row(
+            "ping_module",
+            json!({"socket": "raw", "src_addr": null, "targets": [{
                 "host": "localhost", "addr": "127.0.0.1", "size": 56, "reply_ttl": 64,
                 "sent": 3, "received": 2, "duplicates": 0,
                 "rtts_ms": [0.0412345, null, 0.05],
                 "min_ms": 0.0412345, "avg_ms": 0.04561725, "max_ms": 0.05
             }]}),
-            error: None,
-            received_ms: 1_700_000_000_000,
-            started_ms: 1_700_000_000_500,
-            finished_ms: 1_700_000_001_000,
-            stored_ms: 1_700_000_002_000,
-            scheduled_ms: None,
-        };
+        );
         let a = &ping(&r).unwrap()[0];
         assert_eq!(a["af"], 4);
         assert_eq!(a["dst_name"], "localhost");

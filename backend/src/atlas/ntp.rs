@@ -67,7 +67,6 @@ pub fn ntp(r: &ResultRow) -> Option<Vec<Value>> {
 mod tests {
     use super::*;
     use imn_modules::kinds::ntp::{NtpPacket, NtpResult, NtpServerInfo};
-    use imn_modules::wire::RequestState;
 
     fn row() -> ResultRow {
         let mut n = NtpResult {
@@ -117,21 +116,7 @@ mod tests {
             }),
         };
         n.summarise();
-        ResultRow {
-            agent_id: "agent-1".into(),
-            request_id: "req-ntp".into(),
-            module: "ntp".into(),
-            epoch: 1,
-            seq: 1,
-            state: RequestState::Succeeded,
-            result: serde_json::to_value(&n).unwrap(),
-            error: None,
-            received_ms: 1_764_000_000_000,
-            started_ms: 1_764_000_000_100,
-            finished_ms: 1_764_000_002_000,
-            stored_ms: 1_764_000_003_000,
-            scheduled_ms: None,
-        }
+        super::super::test_row("ntp", serde_json::to_value(&n).unwrap())
     }
 
     #[test]
@@ -144,7 +129,7 @@ mod tests {
         assert_eq!(a["root-delay"], 0.03125);
         assert_eq!(a["poll"], 8.0);
         assert_eq!(a["ref-id"], "127.0.0.53");
-        assert_eq!(a["endtime"], 1_764_000_002);
+        assert_eq!(a["endtime"], 1_700_000_001);
     }
 
     /// RIPE's own parser reads our output with the values we meant.

@@ -113,7 +113,6 @@ mod tests {
     use imn_modules::kinds::traceroute::{
         IcmpExtension, MplsLabel, TraceHop, TraceProtocol, TraceReply, TracerouteResult,
     };
-    use imn_modules::wire::RequestState;
 
     fn hop_reply(from: &str, rtt_ms: f64, icmp_type: u8, code: u8) -> TraceReply {
         TraceReply {
@@ -188,21 +187,9 @@ mod tests {
     }
 
     fn row(r: &TracerouteResult) -> ResultRow {
-        ResultRow {
-            agent_id: "agent-1".into(),
-            request_id: "req".into(),
-            module: "traceroute".into(),
-            epoch: 1,
-            seq: 2,
-            state: RequestState::Succeeded,
-            result: serde_json::to_value(r).unwrap(),
-            error: None,
-            received_ms: 1_700_000_000_000,
-            started_ms: 1_700_000_000_100,
-            finished_ms: 1_700_000_003_000,
-            stored_ms: 1_700_000_004_000,
-            scheduled_ms: None,
-        }
+        let mut row = super::super::test_row("traceroute", serde_json::to_value(r).unwrap());
+        row.finished_ms = 1_700_000_003_000;
+        row
     }
 
     #[test]
