@@ -54,6 +54,7 @@ async fn measures_a_known_offset_ahead_and_behind() {
             assert!(p.delay_ms.unwrap() >= 0.0 && p.delay_ms.unwrap() < 2000.0);
         }
         assert_eq!(r.addr, host);
+        assert_eq!(r.rx_timestamps, "kernel");
         let s = r.server.unwrap();
         assert_eq!(
             (s.stratum, s.leap.as_str(), s.mode.as_str()),

@@ -114,6 +114,7 @@ mod tests {
                 ref_id: "127.0.0.53".into(),
                 ref_ts: 3_972_999_985.0,
             }),
+            rx_timestamps: "kernel".into(),
         };
         n.summarise();
         super::super::test_row("ntp", serde_json::to_value(&n).unwrap())

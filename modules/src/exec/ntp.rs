@@ -1,13 +1,19 @@
 //! NTP client exchanges (RFC 5905, mode 3). Each request carries a random transmit
 //! timestamp, as RFC 9109's data minimisation advises: a reply counts only if its origin
 //! timestamp echoes it, so a stale reply or an off-path forgery is ignored. T1 is the
-//! wall clock at send; T4 is T1 plus the monotonic time the exchange took, so a clock
-//! step during the exchange cannot corrupt the delay.
+//! wall clock at send; T4 is the kernel's receive timestamp (`SO_TIMESTAMPNS`), so the
+//! time the agent took to wake up is not counted as network delay. Where the kernel
+//! gives none, T4 is T1 plus the monotonic time the exchange took.
 
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
+
+use super::ping::sys;
 
 use crate::kinds::ntp::{NtpPacket, NtpParams, NtpResult, NtpServerInfo};
 
@@ -31,6 +37,11 @@ pub async fn run(p: NtpParams) -> Result<NtpResult, String> {
     sock.connect(addr)
         .await
         .map_err(|e| format!("ntp: cannot reach {addr}: {e}"))?;
+    let on: libc::c_int = 1;
+    let fd = sock.as_raw_fd();
+    let kernel_stamps = sys::setsockopt(fd, libc::SOL_SOCKET, sys::SO_TIMESTAMPNS_NEW, &on).is_ok()
+        || sys::setsockopt(fd, libc::SOL_SOCKET, sys::SO_TIMESTAMPNS_OLD, &on).is_ok();
+    let mut batch = sys::RecvBatch::new();
     let mut r = NtpResult {
         host: p.host.clone(),
         addr: ip.to_string(),
@@ -46,13 +57,19 @@ pub async fn run(p: NtpParams) -> Result<NtpResult, String> {
         max_delay_ms: None,
         median_offset_ms: None,
         server: None,
+        rx_timestamps: if kernel_stamps { "kernel" } else { "clock" }.into(),
     };
     let start = tokio::time::Instant::now();
     let interval = Duration::from_millis(p.interval_ms);
     for i in 0..p.packets {
         tokio::time::sleep_until(start + interval * i).await;
-        let (packet, server) =
-            exchange(&sock, p.version, Duration::from_millis(p.timeout_ms)).await;
+        let (packet, server) = exchange(
+            &sock,
+            &mut batch,
+            p.version,
+            Duration::from_millis(p.timeout_ms),
+        )
+        .await;
         if server.is_some() {
             r.server = server;
         }
@@ -65,6 +82,7 @@ pub async fn run(p: NtpParams) -> Result<NtpResult, String> {
 /// One request and its reply (or its absence).
 async fn exchange(
     sock: &UdpSocket,
+    batch: &mut sys::RecvBatch,
     version: u8,
     timeout: Duration,
 ) -> (NtpPacket, Option<NtpServerInfo>) {
@@ -88,9 +106,22 @@ async fn exchange(
         return (packet, None);
     }
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = [0u8; 512];
     loop {
-        let n = match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
+        // Readable or an error queued (ICMP port unreachable on a connected socket).
+        // recvmmsg reports "nothing yet" as Ok(0); tokio must see WouldBlock to wait
+        // for the next readiness.
+        let fd = sock.as_raw_fd();
+        let got = tokio::time::timeout_at(
+            deadline,
+            sock.async_io(Interest::READABLE | Interest::ERROR, || {
+                match batch.recv(fd, 0) {
+                    Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
+                    other => other,
+                }
+            }),
+        )
+        .await;
+        let n = match got {
             Err(_) => {
                 packet.error = Some("timeout".into());
                 return (packet, None);
@@ -102,12 +133,17 @@ async fn exchange(
             }
             Ok(Ok(n)) => n,
         };
-        let t4 = t1 + sent_at.elapsed().as_secs_f64();
-        let reply = match Reply::parse(&buf[..n]) {
-            Some(r) if r.origin == nonce => r,
-            // Not an answer to this request (late, forged or garbage): keep waiting.
-            _ => continue,
+        let clock_t4 = t1 + sent_at.elapsed().as_secs_f64();
+        // Not an answer to this request (late, forged or garbage): keep waiting.
+        let Some((reply, rx_ns)) = (0..n).find_map(|i| {
+            let d = batch.get(i);
+            Reply::parse(d.data)
+                .filter(|r| r.origin == nonce)
+                .map(|r| (r, d.anc.rx_ns))
+        }) else {
+            continue;
         };
+        let t4 = rx_ns.map_or(clock_t4, |ns| ns as f64 / 1e9 + NTP_UNIX_OFFSET);
         let info = reply.info();
         packet.final_ts = Some(t4);
         if reply.mode != MODE_SERVER {

@@ -66,6 +66,9 @@ pub struct NtpResult {
     pub median_offset_ms: Option<f64>,
     /// The server's header fields, from its last valid reply.
     pub server: Option<NtpServerInfo>,
+    /// Where T4 came from: `kernel` (the socket's receive timestamp) or `clock` (the
+    /// agent's monotonic clock after the reply was read).
+    pub rx_timestamps: String,
 }
 
 /// The header of a server reply.
@@ -236,6 +239,7 @@ mod tests {
                 ref_id: "192.0.2.1".into(),
                 ref_ts: 3_970_000_000.0,
             }),
+            rx_timestamps: "kernel".into(),
         };
         r.summarise();
         assert_eq!((r.sent, r.received), (2, 1));

@@ -196,6 +196,12 @@ pub struct RecvBatch {
     hdrs: Vec<libc::mmsghdr>,
 }
 
+// SAFETY: the raw pointers in `iovs` and `hdrs` point only into the heap buffers of
+// this same struct (`data`, `ctrl`, `names`, `iovs`), which never move or resize, and
+// they are only used through `&mut self`; sending the whole to another thread keeps
+// them valid.
+unsafe impl Send for RecvBatch {}
+
 /// One received datagram.
 pub struct Datagram<'a> {
     pub data: &'a [u8],
