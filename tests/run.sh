@@ -16,6 +16,8 @@ have fping         || need+=(fping)
 have ip            || need+=(iproute2)
 have nft           || need+=(nftables)
 have dnsmasq       || need+=(dnsmasq-base)
+# The tls_cert and http modules' end-to-end peer: `openssl s_server`.
+have openssl       || need+=(openssl)
 have python3       || need+=(python3 python3-pip)
 have promtool      || need+=(prometheus)
 # The dashboard's browser test: Debian's chromium, driven by its chromedriver.
