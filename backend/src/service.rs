@@ -968,9 +968,9 @@ mod tests {
         .unwrap()
     }
 
-    /// Every module's schema: a valid example is accepted, and a typical invalid one is
-    /// refused with the field and the rule named. A module added to the catalog without
-    /// examples here fails this test.
+    /// Every module's schema: valid examples are accepted, and invalid ones are refused
+    /// with the field (and, for the cases below, the rule) named. The examples come
+    /// from the catalog, so a module added without them fails this test.
     #[tokio::test]
     async fn every_schema_accepts_valid_and_names_the_invalid_field() {
         let b = backend().await;
@@ -1025,12 +1025,34 @@ mod tests {
                 "additionalProperties",
             ),
         ];
+        // Every module's own examples (`ModuleSpec::examples`): at least one of each kind,
+        // the valid ones accepted, the invalid ones refused naming their field.
         for spec in catalog::catalog() {
+            let ex = spec.examples();
             assert!(
-                cases.iter().any(|c| c.0 == spec.name),
-                "no schema examples for {}",
+                !ex.valid.is_empty() && !ex.invalid.is_empty(),
+                "{} needs valid and invalid schema examples",
                 spec.name
             );
+            for ok in &ex.valid {
+                b.validate(spec.name, ok)
+                    .unwrap_or_else(|e| panic!("{}: {ok} was refused: {e}", spec.name));
+            }
+            for (bad, field) in &ex.invalid {
+                match b.validate(spec.name, bad) {
+                    Err(ApiError::InvalidParams {
+                        field: f, message, ..
+                    }) => {
+                        assert_eq!(
+                            &f, field,
+                            "{}: {bad} refused for the wrong field",
+                            spec.name
+                        );
+                        assert!(message.contains(field), "{message}");
+                    }
+                    other => panic!("{}: {bad} was not refused: {other:?}", spec.name),
+                }
+            }
         }
         for (module, valid, invalid, field, rule) in cases {
             b.validate(module, &valid)
