@@ -579,19 +579,31 @@ impl Bus for NatsBus {
 
     async fn subscribe_up(&self) -> Result<mpsc::Receiver<UpMessage>, BusError> {
         let stream = self.ensure_stream().await?;
-        let consumer = stream
-            .get_or_create_consumer(
-                &self.opts.consumer,
-                pull::Config {
-                    durable_name: Some(self.opts.consumer.clone()),
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
-                    max_ack_pending: self.opts.max_ack_pending,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(nats_err)?;
+        let config = pull::Config {
+            durable_name: Some(self.opts.consumer.clone()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: self.opts.max_ack_pending,
+            ..Default::default()
+        };
+        // A replicated consumer that a new cluster is still placing, or that another
+        // backend is creating at the same moment, can make the request time out: try
+        // for 30 s, as for the stream, rather than exit.
+        let mut attempt = 0;
+        let consumer = loop {
+            match stream
+                .get_or_create_consumer(&self.opts.consumer, config.clone())
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if attempt < 150 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, "consumer not ready yet");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(nats_err(e)),
+            }
+        };
         // A replicated consumer takes pull requests once its group has a leader;
         // a request sent before that is dropped without an answer (seen with a
         // 3-node cluster: one backend of two got nothing until its request expired).
