@@ -198,6 +198,8 @@ mod tests {
             outbox_depth: 0,
             dropped: 0,
             heartbeat_interval_ms: hb_ms,
+            features: vec![],
+            limits: Default::default(),
             sent_at_ms: 0,
         }
     }

@@ -366,6 +366,8 @@ impl Backend {
             kind,
             traceparent: None,
             deadline_ms: None,
+            issued_ms: now_ms(),
+            policy: None,
         });
         self.bus
             .publish_down(Kind::Cmd, agent, Bytes::from(wire::encode(&cmd)))
@@ -407,6 +409,8 @@ impl Backend {
             },
             traceparent: traceparent.clone(),
             deadline_ms: Some(req.deadline_ms),
+            issued_ms: now_ms(),
+            policy: None,
         });
         let sent = self
             .bus

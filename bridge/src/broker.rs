@@ -211,7 +211,8 @@ fn trace_command(m: &DownMessage) -> Option<(opentelemetry::Context, Bytes)> {
     use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
     use opentelemetry::KeyValue;
     let tracer = crate::telemetry::tracer(crate::telemetry::Component::Bridge)?;
-    let Ok(wire::Envelope::Command(mut cmd)) = wire::decode(&m.payload) else {
+    // Re-encoded in the version it came in: the backend chose the agent's.
+    let Ok((version, wire::Envelope::Command(mut cmd))) = wire::decode_versioned(&m.payload) else {
         return None;
     };
     let parent = m
@@ -232,7 +233,10 @@ fn trace_command(m: &DownMessage) -> Option<(opentelemetry::Context, Bytes)> {
         .start_with_context(tracer, &parent);
     let cx = parent.with_span(span);
     cmd.traceparent = crate::telemetry::traceparent(&cx);
-    Some((cx, Bytes::from(wire::encode(&wire::Envelope::Command(cmd)))))
+    Some((
+        cx,
+        Bytes::from(wire::encode_for(version, &wire::Envelope::Command(cmd))),
+    ))
 }
 
 fn connection_settings(cfg: &BrokerConfig) -> ConnectionSettings {

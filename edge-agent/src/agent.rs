@@ -188,6 +188,7 @@ impl Agent {
             .unwrap_or_default();
         let ctx = Context {
             data_dir: cfg.data.clone(),
+            ..Context::default()
         };
         let schedules = outbox
             .get_meta(META_SCHEDULES)
@@ -435,6 +436,8 @@ impl Agent {
             dropped: self.outbox.dropped(),
             heartbeat_interval_ms: self.cfg.heartbeat_ms,
             sent_at_ms: now_ms(),
+            features: Vec::new(),
+            limits: Default::default(),
         });
         let _ = self
             .client

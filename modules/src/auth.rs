@@ -175,6 +175,7 @@ mod tests {
     #[test]
     fn marker_is_not_a_wire_version() {
         assert_ne!(SIGNED, WIRE_VERSION);
+        assert_ne!(SIGNED, crate::wire::LEGACY_WIRE_VERSION);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::kinds::{self, Examples};
+use crate::kinds::{self, rate_of, str_param, u64_param, Examples};
+use crate::policy::{Demand, Target};
 
 /// One module as the catalog describes it.
 #[derive(Debug, Clone)]
@@ -17,6 +18,10 @@ pub struct ModuleSpec {
     pub default_timeout_ms: u64,
     schema: fn() -> Value,
     examples: fn() -> Examples,
+    /// Where a run sends packets, how many and how fast (see [`Demand`]). Every module
+    /// declares it: the backend's policy, limits and budgets and the agent's budgets
+    /// read nothing else.
+    demand: fn(&Value) -> Demand,
 }
 
 impl ModuleSpec {
@@ -28,6 +33,12 @@ impl ModuleSpec {
     /// Parameters the schema must accept, and parameters it must refuse naming a field.
     pub fn examples(&self) -> Examples {
         (self.examples)()
+    }
+
+    /// What a run with these (validated) parameters asks of the network. Never panics,
+    /// whatever the value: a field of the wrong type counts as absent.
+    pub fn demand(&self, params: &Value) -> Demand {
+        (self.demand)(params)
     }
 
     /// First 16 hex digits of the SHA-256 of the schema's canonical JSON.
@@ -181,6 +192,52 @@ fn heartbeat_examples() -> Examples {
     }
 }
 
+/// Where a ping run sends: `host`, or each of `targets`; `count` probes each, at `rate`
+/// or one target's interval spread over all targets.
+fn ping_demand(params: &Value) -> Demand {
+    let mut targets = Vec::new();
+    if let Some(h) = str_param(params, "host") {
+        targets.push(Target::new("/host", h));
+    }
+    if let Some(list) = params.get("targets").and_then(Value::as_array) {
+        for (i, t) in list.iter().enumerate() {
+            if let Some(h) = t.as_str() {
+                targets.push(Target::new(format!("/targets/{i}"), h));
+            }
+        }
+    }
+    let count = u64_param(params, "count", 4);
+    let n = targets.len() as u64;
+    let rate = params
+        .get("rate")
+        .and_then(Value::as_f64)
+        .or_else(|| (n > 0).then(|| rate_of(n, u64_param(params, "interval_ms", 1000))));
+    Demand {
+        targets,
+        count: Some(count),
+        probes: count.saturating_mul(n),
+        rate,
+    }
+}
+
+/// Where a tcping run connects: `host`; `count` connects, one per interval.
+fn tcping_demand(params: &Value) -> Demand {
+    let count = u64_param(params, "count", 4);
+    Demand {
+        targets: str_param(params, "host")
+            .map(|h| vec![Target::new("/host", h)])
+            .unwrap_or_default(),
+        count: Some(count),
+        probes: count,
+        rate: Some(rate_of(1, u64_param(params, "interval_ms", 1000))),
+    }
+}
+
+/// echo, faulty and heartbeat send nothing.
+fn no_demand(_: &Value) -> Demand {
+    Demand::none()
+}
+
 static CATALOG: [ModuleSpec; 11] = [
     ModuleSpec {
         name: "echo_module",
@@ -189,6 +246,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 5_000,
         schema: echo_schema,
         examples: echo_examples,
+        demand: no_demand,
     },
     ModuleSpec {
         name: "ping_module",
@@ -197,6 +255,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 300_000,
         schema: ping_schema,
         examples: ping_examples,
+        demand: ping_demand,
     },
     ModuleSpec {
         name: "tcping",
@@ -205,6 +264,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 300_000,
         schema: tcping_schema,
         examples: tcping_examples,
+        demand: tcping_demand,
     },
     ModuleSpec {
         name: "faulty_module",
@@ -213,6 +273,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 10_000,
         schema: faulty_schema,
         examples: faulty_examples,
+        demand: no_demand,
     },
     ModuleSpec {
         name: "heartbeat",
@@ -221,6 +282,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 10_000,
         schema: heartbeat_schema,
         examples: heartbeat_examples,
+        demand: no_demand,
     },
     ModuleSpec {
         name: "traceroute",
@@ -229,6 +291,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 300_000,
         schema: kinds::traceroute::traceroute_schema,
         examples: kinds::traceroute::traceroute_examples,
+        demand: kinds::traceroute::traceroute_demand,
     },
     ModuleSpec {
         name: "mtr",
@@ -237,6 +300,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 600_000,
         schema: kinds::traceroute::mtr_schema,
         examples: kinds::traceroute::mtr_examples,
+        demand: kinds::traceroute::mtr_demand,
     },
     ModuleSpec {
         name: "dns",
@@ -245,6 +309,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 60_000,
         schema: kinds::dns::dns_schema,
         examples: kinds::dns::dns_examples,
+        demand: kinds::dns::dns_demand,
     },
     ModuleSpec {
         name: "http",
@@ -253,6 +318,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 60_000,
         schema: kinds::http::http_schema,
         examples: kinds::http::http_examples,
+        demand: kinds::http::http_demand,
     },
     ModuleSpec {
         name: "tls_cert",
@@ -261,6 +327,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 60_000,
         schema: kinds::http::tls_cert_schema,
         examples: kinds::http::tls_cert_examples,
+        demand: kinds::http::tls_cert_demand,
     },
     ModuleSpec {
         name: "ntp",
@@ -269,6 +336,7 @@ static CATALOG: [ModuleSpec; 11] = [
         default_timeout_ms: 60_000,
         schema: kinds::ntp::ntp_schema,
         examples: kinds::ntp::ntp_examples,
+        demand: kinds::ntp::ntp_demand,
     },
 ];
 
@@ -304,5 +372,103 @@ mod tests {
             spec.schema_hash(),
             find("ping_module").unwrap().schema_hash()
         );
+    }
+
+    /// Parameters that name where packets go. A module whose schema has one of them
+    /// must declare it as a target in its demand, or the policy would never see it.
+    const TARGET_FIELDS: &[&str] = &["host", "targets", "url", "resolve", "server"];
+
+    /// Every module declares the targets its parameters name: for each valid example,
+    /// every target-like field present shows up among the demand's targets (a new
+    /// module with a `host` it forgot to declare fails here), and a module whose schema
+    /// has no such field declares none.
+    #[test]
+    fn every_module_declares_its_targets() {
+        for spec in catalog() {
+            let schema = spec.schema();
+            let props = schema["properties"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            let fields: Vec<&str> = TARGET_FIELDS
+                .iter()
+                .copied()
+                .filter(|f| props.contains_key(*f))
+                .collect();
+            for ex in spec.examples().valid {
+                let d = spec.demand(&ex);
+                let declared: Vec<&str> = d.targets.iter().map(|t| t.field.as_str()).collect();
+                for f in &fields {
+                    let Some(v) = ex.get(*f) else { continue };
+                    // `url` is not a target when `resolve` says where to connect.
+                    if *f == "url" && ex.get("resolve").is_some() {
+                        continue;
+                    }
+                    let want: Vec<String> = match v.as_array() {
+                        Some(list) => (0..list.len()).map(|i| format!("/{f}/{i}")).collect(),
+                        None => vec![format!("/{f}")],
+                    };
+                    for w in want {
+                        assert!(
+                            declared.contains(&w.as_str()),
+                            "{}: {ex} names {w}, which its demand does not declare ({declared:?})",
+                            spec.name
+                        );
+                    }
+                }
+                if fields.is_empty() {
+                    assert!(d.targets.is_empty(), "{}: {d:?}", spec.name);
+                }
+                assert!(
+                    d.targets.is_empty() || d.probes > 0,
+                    "{}: a run with targets sends probes: {d:?}",
+                    spec.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn demands_count_probes_and_rate() {
+        let ping = find("ping_module").unwrap();
+        let d = ping.demand(&json!({"targets": ["a", "b"], "count": 3, "interval_ms": 100}));
+        assert_eq!(
+            d.targets,
+            vec![
+                Target::new("/targets/0", "a"),
+                Target::new("/targets/1", "b")
+            ]
+        );
+        assert_eq!((d.count, d.probes, d.rate), (Some(3), 6, Some(20.0)));
+        assert_eq!(
+            ping.demand(&json!({"host": "a", "rate": 5.0})).rate,
+            Some(5.0)
+        );
+        let http = find("http").unwrap();
+        let d = http.demand(&json!({"url": "http://[::1]:8080/x?y", "follow_redirects": true}));
+        assert_eq!((d.targets[0].host.as_str(), d.probes), ("::1", 6));
+        let d = http.demand(&json!({"url": "https://a.test/", "resolve": "127.0.0.1"}));
+        assert_eq!(d.targets, vec![Target::new("/resolve", "127.0.0.1")]);
+        let dns = find("dns").unwrap();
+        let d = dns.demand(&json!({"name": "a.test", "server": "127.0.0.1:5353"}));
+        assert_eq!(d.targets, vec![Target::new("/server", "127.0.0.1")]);
+        assert!(dns.demand(&json!({"name": "a.test"})).targets.is_empty());
+        let tr = find("traceroute").unwrap();
+        assert_eq!(tr.demand(&json!({"host": "h", "max_ttl": 10})).probes, 30);
+        // Junk of any type never panics and counts as absent.
+        for spec in catalog() {
+            for v in [
+                json!(null),
+                json!({"host": 5, "targets": "x", "count": -1}),
+                json!([1]),
+            ] {
+                let _ = spec.demand(&v);
+            }
+        }
+        assert!(find("echo_module")
+            .unwrap()
+            .demand(&json!({"message": "m"}))
+            .targets
+            .is_empty());
     }
 }

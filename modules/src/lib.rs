@@ -3,6 +3,8 @@
 //! - [`wire`]: envelopes, topic and subject names, and the versioned postcard codec.
 //! - [`catalog`]: every module's name, version and JSON Schema of its parameters.
 //! - [`results`]: the typed result each module produces.
+//! - [`policy`]: which addresses a run may send to, and what each run asks of the
+//!   network; the backend and the agent apply the same code.
 //! - `exec` (cargo feature `exec`): the code that runs modules on a device. The backend
 //!   leaves it out, so it links only specs and types.
 
@@ -12,6 +14,7 @@ pub mod kinds;
 #[cfg(feature = "metrics-http")]
 pub mod metrics_http;
 pub mod params;
+pub mod policy;
 pub mod results;
 pub mod wire;
 

@@ -1,13 +1,24 @@
-//! Wire protocol v1 between agents and the cloud (see DESIGN.md, "Agent ⇄ cloud wire
-//! protocol"). Every payload is one version byte followed by a postcard-encoded
-//! [`Envelope`].
+//! The wire protocol between agents and the cloud. Every payload is one version byte
+//! followed by a postcard-encoded [`Envelope`]. Topics and subjects keep `v1`: they
+//! name the protocol family, the byte names the encoding.
+//!
+//! Postcard is not self-describing, so a struct cannot gain a field without a new
+//! encoding. Version 2 added the agent's features and budgets to [`Hello`] and an issue
+//! time and the measurement policy to [`Command`]. Both ends still read version 1
+//! ([`legacy`]), and the backend answers each agent in the version of its last hello, so
+//! a fleet is upgraded backend first, agents after, with every agent reachable
+//! throughout (an over-the-air update needs the old agent to hear its command).
+//! Enum variants are only ever appended, so records stored by older agents decode.
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::TargetPolicy;
 use crate::results::{ModuleOutcome, SystemSnapshot};
 
-/// The first byte of every payload. A receiver refuses any other value.
-pub const WIRE_VERSION: u8 = 1;
+/// The version byte this build writes.
+pub const WIRE_VERSION: u8 = 2;
+/// The oldest version byte this build still reads and can write.
+pub const LEGACY_WIRE_VERSION: u8 = 1;
 
 /// The longest agent id. Ids become MQTT topic levels and NATS subject tokens.
 pub const MAX_AGENT_ID_LEN: usize = 64;
@@ -138,6 +149,28 @@ pub struct Location {
     pub asn: Option<u32>,
 }
 
+/// What an agent says it does, in its hello (version 2 on). Unknown features are
+/// ignored, so a feature can be announced before the backend reads it.
+pub mod features {
+    /// Checks every address against the policy its commands and schedules carry.
+    pub const POLICY: &str = "policy";
+    /// Enforces its [`super::AgentLimits`]: runs beyond them wait.
+    pub const BUDGETS: &str = "budgets";
+    /// Refuses commands that are stale (issued too long ago) or repeated.
+    pub const FRESH_COMMANDS: &str = "fresh_commands";
+}
+
+/// The agent's own budget across all its runs, in its hello and `GET /agents/{id}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentLimits {
+    /// Runs at once; more wait in its queue.
+    pub max_runs: u32,
+    /// Runs waiting at most; past it a command's run fails at once.
+    pub max_queued_runs: u32,
+    /// Probes per second across every run; a run whose rate does not fit waits.
+    pub max_probe_rate: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     pub agent_id: String,
@@ -159,6 +192,19 @@ pub struct Hello {
     /// The agent's heartbeat period; the backend counts it dead after three.
     pub heartbeat_interval_ms: u64,
     pub sent_at_ms: i64,
+    /// What this agent does beyond version 1 ([`features`]); empty for a version 1 agent.
+    /// (`default`: hellos the stores kept as JSON before version 2 lack it.)
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// Its budget across runs (all zero for a version 1 agent: unknown).
+    #[serde(default)]
+    pub limits: AgentLimits,
+}
+
+impl Hello {
+    pub fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -328,6 +374,13 @@ pub struct Command {
     pub traceparent: Option<String>,
     /// Past this time (ms since epoch) the agent does not start the command.
     pub deadline_ms: Option<i64>,
+    /// When the backend issued this sending of the command (ms since the epoch): an
+    /// agent refuses a control command issued too long ago, so a captured one cannot
+    /// be replayed later. 0 from a version 1 backend.
+    pub issued_ms: i64,
+    /// The rules the backend checked a `Run` or `Schedules` against, for the agent to
+    /// check every address it sends to (after its own resolution, after each redirect).
+    pub policy: Option<TargetPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -474,13 +527,36 @@ pub fn encode(env: &Envelope) -> Vec<u8> {
     out
 }
 
+/// Encodes an envelope for a peer that speaks `version` (this build's, or
+/// [`LEGACY_WIRE_VERSION`]); what version 1 cannot carry is left out.
+pub fn encode_for(version: u8, env: &Envelope) -> Vec<u8> {
+    if version != LEGACY_WIRE_VERSION {
+        return encode(env);
+    }
+    let mut out = vec![LEGACY_WIRE_VERSION];
+    postcard::to_io(&legacy::Envelope::from(env.clone()), &mut out)
+        .expect("wire types are always postcard-serialisable");
+    out
+}
+
 /// Decodes a payload. Never panics, whatever the bytes.
 pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    decode_versioned(bytes).map(|(_, env)| env)
+}
+
+/// Decodes a payload of either version, and says which it was.
+pub fn decode_versioned(bytes: &[u8]) -> Result<(u8, Envelope), DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if version != WIRE_VERSION {
-        return Err(DecodeError::Version(version));
+    match version {
+        WIRE_VERSION => Ok((version, whole::<Envelope>(body)?)),
+        LEGACY_WIRE_VERSION => Ok((version, whole::<legacy::Envelope>(body)?.into())),
+        v => Err(DecodeError::Version(v)),
     }
-    let (env, rest): (Envelope, &[u8]) =
+}
+
+/// One postcard value that takes the whole of `body`.
+fn whole<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
+    let (v, rest): (T, &[u8]) =
         postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(DecodeError::Malformed(format!(
@@ -488,7 +564,115 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
             rest.len()
         )));
     }
-    Ok(env)
+    Ok(v)
+}
+
+/// Version 1 of the two envelopes that changed, frozen: read from agents and backends
+/// that have not been upgraded, and written to them.
+pub mod legacy {
+    use serde::{Deserialize, Serialize};
+
+    use super::{Ack, AgentLimits, Batch, CommandKind, Heartbeat, Location, ModuleInfo, Status};
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub enum Envelope {
+        Hello(Hello),
+        Heartbeat(Heartbeat),
+        Batch(Batch),
+        Ack(Ack),
+        Command(Command),
+        Status(Status),
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Hello {
+        pub agent_id: String,
+        pub version: String,
+        pub arch: String,
+        pub modules: Vec<ModuleInfo>,
+        pub tags: Vec<String>,
+        pub location: Option<Location>,
+        pub schedule_version: u64,
+        pub outbox_epoch: u64,
+        pub outbox_depth: u64,
+        pub dropped: u64,
+        pub heartbeat_interval_ms: u64,
+        pub sent_at_ms: i64,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Command {
+        pub id: String,
+        pub kind: CommandKind,
+        pub traceparent: Option<String>,
+        pub deadline_ms: Option<i64>,
+    }
+
+    impl From<Envelope> for super::Envelope {
+        fn from(e: Envelope) -> super::Envelope {
+            match e {
+                Envelope::Hello(h) => super::Envelope::Hello(super::Hello {
+                    agent_id: h.agent_id,
+                    version: h.version,
+                    arch: h.arch,
+                    modules: h.modules,
+                    tags: h.tags,
+                    location: h.location,
+                    schedule_version: h.schedule_version,
+                    outbox_epoch: h.outbox_epoch,
+                    outbox_depth: h.outbox_depth,
+                    dropped: h.dropped,
+                    heartbeat_interval_ms: h.heartbeat_interval_ms,
+                    sent_at_ms: h.sent_at_ms,
+                    features: Vec::new(),
+                    limits: AgentLimits::default(),
+                }),
+                Envelope::Heartbeat(h) => super::Envelope::Heartbeat(h),
+                Envelope::Batch(b) => super::Envelope::Batch(b),
+                Envelope::Ack(a) => super::Envelope::Ack(a),
+                Envelope::Command(c) => super::Envelope::Command(super::Command {
+                    id: c.id,
+                    kind: c.kind,
+                    traceparent: c.traceparent,
+                    deadline_ms: c.deadline_ms,
+                    issued_ms: 0,
+                    policy: None,
+                }),
+                Envelope::Status(s) => super::Envelope::Status(s),
+            }
+        }
+    }
+
+    impl From<super::Envelope> for Envelope {
+        fn from(e: super::Envelope) -> Envelope {
+            match e {
+                super::Envelope::Hello(h) => Envelope::Hello(Hello {
+                    agent_id: h.agent_id,
+                    version: h.version,
+                    arch: h.arch,
+                    modules: h.modules,
+                    tags: h.tags,
+                    location: h.location,
+                    schedule_version: h.schedule_version,
+                    outbox_epoch: h.outbox_epoch,
+                    outbox_depth: h.outbox_depth,
+                    dropped: h.dropped,
+                    heartbeat_interval_ms: h.heartbeat_interval_ms,
+                    sent_at_ms: h.sent_at_ms,
+                }),
+                super::Envelope::Heartbeat(h) => Envelope::Heartbeat(h),
+                super::Envelope::Batch(b) => Envelope::Batch(b),
+                super::Envelope::Ack(a) => Envelope::Ack(a),
+                super::Envelope::Command(c) => Envelope::Command(Command {
+                    id: c.id,
+                    kind: c.kind,
+                    traceparent: c.traceparent,
+                    deadline_ms: c.deadline_ms,
+                }),
+                super::Envelope::Status(s) => Envelope::Status(s),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -590,6 +774,8 @@ mod tests {
             },
             traceparent: None,
             deadline_ms: None,
+            issued_ms: 5,
+            policy: None,
         });
         assert_eq!(decode(&encode(&sched)).unwrap(), sched);
         let Envelope::Batch(mut batch) = sample_batch() else {
@@ -627,6 +813,91 @@ mod tests {
         assert!(matches!(decode(&long), Err(DecodeError::Malformed(_))));
         // A huge claimed length must not allocate or panic.
         assert!(decode(&[WIRE_VERSION, 2, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            agent_id: "a-1".into(),
+            version: "0.1.0".into(),
+            arch: "x86_64".into(),
+            modules: vec![],
+            tags: vec!["lab".into()],
+            location: None,
+            schedule_version: 3,
+            outbox_epoch: 9,
+            outbox_depth: 0,
+            dropped: 0,
+            heartbeat_interval_ms: 1000,
+            sent_at_ms: 77,
+            features: vec![features::POLICY.into()],
+            limits: AgentLimits {
+                max_runs: 4,
+                max_queued_runs: 1000,
+                max_probe_rate: 1000.0,
+            },
+        }
+    }
+
+    /// Version 1 peers: their hellos and commands decode (the new fields empty), and
+    /// what is written for them is what a version 1 build reads. The version 1 bytes
+    /// of a command are pinned: an agent in the field must keep understanding them.
+    #[test]
+    fn version_1_peers_are_read_and_written() {
+        let cmd = Envelope::Command(Command {
+            id: "c".into(),
+            kind: CommandKind::Cancel {
+                request_id: "r".into(),
+            },
+            traceparent: None,
+            deadline_ms: Some(5),
+            issued_ms: 4,
+            policy: Some(TargetPolicy {
+                rules: vec![],
+                builtin: true,
+            }),
+        });
+        let v1 = encode_for(LEGACY_WIRE_VERSION, &cmd);
+        assert_eq!(v1, [1, 4, 1, b'c', 1, 1, b'r', 0, 1, 10]);
+        let (version, back) = decode_versioned(&v1).unwrap();
+        assert_eq!(version, LEGACY_WIRE_VERSION);
+        let Envelope::Command(back) = back else {
+            panic!("{back:?}")
+        };
+        assert_eq!(
+            (back.issued_ms, back.policy),
+            (0, None),
+            "v1 cannot carry them"
+        );
+        let v2 = encode_for(WIRE_VERSION, &cmd);
+        assert_eq!(v2[0], WIRE_VERSION);
+        assert_eq!(decode_versioned(&v2).unwrap(), (WIRE_VERSION, cmd));
+
+        let h = hello();
+        let old = encode_for(LEGACY_WIRE_VERSION, &Envelope::Hello(h.clone()));
+        let Ok((1, Envelope::Hello(read))) = decode_versioned(&old) else {
+            panic!("a version 1 hello must decode")
+        };
+        assert!(read.features.is_empty() && read.limits == AgentLimits::default());
+        assert_eq!(
+            Hello {
+                features: h.features.clone(),
+                limits: h.limits.clone(),
+                ..read
+            },
+            h
+        );
+        assert_eq!(
+            decode(&encode(&Envelope::Hello(h.clone()))).unwrap(),
+            Envelope::Hello(h.clone())
+        );
+        assert!(h.has(features::POLICY) && !h.has(features::BUDGETS));
+        // A batch is the same in both versions.
+        let b = sample_batch();
+        assert_eq!(
+            encode_for(LEGACY_WIRE_VERSION, &b)[1..],
+            encode(&b)[1..],
+            "batches did not change"
+        );
     }
 
     #[test]

@@ -196,6 +196,8 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                         dropped: 0,
                         heartbeat_interval_ms: cfg.heartbeat.as_millis() as u64,
                         sent_at_ms: imn_modules::now_ms(),
+                        features: Vec::new(),
+                        limits: Default::default(),
                     });
                     let hello_topic = wire::topic(&id, Kind::Hello);
                     let hello = seal(&hello_topic, wire::encode(&hello));

@@ -310,6 +310,8 @@ async fn agent_a_speaks_for_b(broker_acl: bool) {
         dropped: 0,
         heartbeat_interval_ms: 500,
         sent_at_ms: now,
+        features: Vec::new(),
+        limits: Default::default(),
     });
     let forged_out = Envelope::Batch(wire::Batch {
         epoch: 666,
@@ -335,6 +337,8 @@ async fn agent_a_speaks_for_b(broker_acl: bool) {
         },
         traceparent: None,
         deadline_ms: None,
+        issued_ms: now,
+        policy: None,
     });
     let key_a = wauth::message_key(&tok_a);
     let a = Login {
@@ -1069,6 +1073,8 @@ async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
         dropped: 0,
         heartbeat_interval_ms: 500,
         sent_at_ms: imn_modules::now_ms(),
+        features: Vec::new(),
+        limits: Default::default(),
     });
     let topic = "imn/v1/edge-a/hello";
     let plain = wire::encode(&forged);

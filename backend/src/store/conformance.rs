@@ -444,6 +444,8 @@ pub async fn agents_sessions_credentials_and_measurements(s: &dyn Store) {
         dropped: 0,
         heartbeat_interval_ms: 10_000,
         sent_at_ms: 0,
+        features: vec![],
+        limits: Default::default(),
     };
     s.upsert_agent("a", &hello, 10).await.unwrap();
     s.upsert_agent("a", &hello, 20).await.unwrap();

@@ -11,11 +11,13 @@ mod traceroute;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::params::{EchoParams, FaultyParams, PingParams, TcpingParams};
+use crate::policy::TargetPolicy;
 use crate::results::{EchoResult, FaultyResult, ModuleOutput};
 
 /// What a module may need to know about the agent running it.
@@ -23,6 +25,19 @@ use crate::results::{EchoResult, FaultyResult, ModuleOutput};
 pub struct Context {
     /// The agent's data directory (the heartbeat reports its filesystem).
     pub data_dir: PathBuf,
+    /// The rules every address this run sends to must pass: what the backend checked
+    /// the request against, carried by its command or schedule set. Open by default.
+    pub policy: Arc<TargetPolicy>,
+}
+
+impl Context {
+    /// Checks an address the run is about to send a packet to (`target` is the host as
+    /// the parameters named it). Every module calls this on every address, after its
+    /// own resolution and after each redirect, before the first packet; the error is
+    /// the run's (or the target's) error text, `policy_denied: …`.
+    pub fn permit(&self, target: &str, ip: IpAddr) -> Result<(), String> {
+        self.policy.check(ip).map_err(|d| d.error_text(target))
+    }
 }
 
 /// Runs one module to completion. Errors are the module's own failures, in words.
@@ -147,6 +162,7 @@ mod tests {
     async fn heartbeat_module_reports_the_machine() {
         let ctx = Context {
             data_dir: PathBuf::from("/"),
+            ..Context::default()
         };
         match run("heartbeat", "{}", &ctx).await.unwrap() {
             ModuleOutput::Heartbeat(s) => assert!(s.mem_total_kib > 0 && s.disk_total_kib > 0),

@@ -5,8 +5,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::Examples;
+use super::{str_param, u64_param, Examples};
 use crate::params::ParamError;
+use crate::policy::{Demand, Target};
 
 /// Record types the module can ask for, by name and number.
 pub const TYPES: &[(&str, u16)] = &[
@@ -479,6 +480,27 @@ fn refuse(field: &str, rule: &'static str, message: impl Into<String>) -> ParamE
 }
 
 /// Rules the schema cannot express.
+/// Where a dns run sends: the `server` it names (the agent's own system name servers
+/// are its own infrastructure, not a target); one query, plus retries.
+pub fn dns_demand(params: &Value) -> Demand {
+    let targets = match str_param(params, "server").map(parse_server) {
+        Some(Ok(ServerSpec::Addr(sa))) => vec![Target::new("/server", sa.ip().to_string())],
+        Some(Ok(ServerSpec::Name(host, _))) => vec![Target::new("/server", host)],
+        // Not a server the schema accepts: the raw text, which resolves nowhere.
+        Some(Err(_)) => vec![Target::new(
+            "/server",
+            str_param(params, "server").unwrap_or_default(),
+        )],
+        None => vec![],
+    };
+    Demand {
+        targets,
+        count: None,
+        probes: 1 + u64_param(params, "retries", 0),
+        rate: None,
+    }
+}
+
 pub fn dns_check(params: &Value) -> Result<(), ParamError> {
     let p = crate::params::parse::<DnsParams>(params)?;
     if type_code(&p.qtype).is_none() {

@@ -12,8 +12,9 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::Examples;
+use super::{str_param, u64_param, Examples};
 use crate::params::ParamError;
+use crate::policy::{Demand, Target};
 
 /// Longest URL accepted, in bytes.
 pub const URL_MAX_BYTES: usize = 2048;
@@ -628,6 +629,37 @@ pub fn http_examples() -> Examples {
 }
 
 /// Rules the schema cannot express.
+/// Where an http run connects: `resolve` when given (the URL's host is then only a
+/// name in the request), else the URL's host. Redirects are checked by the agent as it
+/// follows them. One request, plus each redirect followed.
+pub fn http_demand(params: &Value) -> Demand {
+    let targets = match (str_param(params, "resolve"), str_param(params, "url")) {
+        (Some(addr), _) => vec![Target::new("/resolve", addr)],
+        (None, Some(url)) => vec![Target::new(
+            "/url",
+            parse_url(url)
+                .map(|u| u.host)
+                .unwrap_or_else(|_| url.to_string()),
+        )],
+        (None, None) => vec![],
+    };
+    let follow = params
+        .get("follow_redirects")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let redirects = if follow {
+        u64_param(params, "max_redirects", u64::from(default_max_redirects()))
+    } else {
+        0
+    };
+    Demand {
+        targets,
+        count: None,
+        probes: 1 + redirects,
+        rate: None,
+    }
+}
+
 pub fn http_check(params: &Value) -> Result<(), ParamError> {
     let p: HttpParams = crate::params::parse(params)?;
     parse_url(&p.url).map_err(|m| refuse("/url", "format", m))?;
@@ -780,6 +812,18 @@ pub fn tls_cert_examples() -> Examples {
 }
 
 /// Rules the schema cannot express.
+/// Where a tls_cert run connects: `host`; one handshake.
+pub fn tls_cert_demand(params: &Value) -> Demand {
+    Demand {
+        targets: str_param(params, "host")
+            .map(|h| vec![Target::new("/host", h)])
+            .unwrap_or_default(),
+        count: None,
+        probes: 1,
+        rate: None,
+    }
+}
+
 pub fn tls_cert_check(params: &Value) -> Result<(), ParamError> {
     let p: TlsCertParams = crate::params::parse(params)?;
     let host = p.host.trim_start_matches('[').trim_end_matches(']');

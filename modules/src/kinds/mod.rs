@@ -21,3 +21,18 @@ pub struct Examples {
     pub valid: Vec<Value>,
     pub invalid: Vec<(Value, &'static str)>,
 }
+
+/// A string parameter.
+pub(crate) fn str_param<'a>(params: &'a Value, key: &str) -> Option<&'a str> {
+    params.get(key).and_then(Value::as_str)
+}
+
+/// An integer parameter, or its default.
+pub(crate) fn u64_param(params: &Value, key: &str, default: u64) -> u64 {
+    params.get(key).and_then(Value::as_u64).unwrap_or(default)
+}
+
+/// Probes per second of `per_interval` probes sent every `interval_ms`.
+pub(crate) fn rate_of(per_interval: u64, interval_ms: u64) -> f64 {
+    per_interval as f64 * 1000.0 / interval_ms.max(1) as f64
+}

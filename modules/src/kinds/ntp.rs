@@ -4,8 +4,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::Examples;
+use super::{rate_of, str_param, u64_param, Examples};
 use crate::params::ParamError;
+use crate::policy::{Demand, Target};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,6 +166,22 @@ pub fn ntp_schema() -> Value {
         "required": ["host"],
         "additionalProperties": false
     })
+}
+
+/// Where an ntp run sends: `host`; `packets` probes, one every `interval_ms`.
+pub fn ntp_demand(params: &Value) -> Demand {
+    let packets = u64_param(params, "packets", u64::from(default_packets()));
+    Demand {
+        targets: str_param(params, "host")
+            .map(|h| vec![Target::new("/host", h)])
+            .unwrap_or_default(),
+        count: None,
+        probes: packets,
+        rate: Some(rate_of(
+            1,
+            u64_param(params, "interval_ms", default_interval()),
+        )),
+    }
 }
 
 pub fn ntp_examples() -> Examples {

@@ -7,8 +7,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::Examples;
+use super::{rate_of, str_param, u64_param, Examples};
 use crate::params::ParamError;
+use crate::policy::{Demand, Target};
 
 /// Highest TTL a probe may carry.
 pub const MAX_TTL: u8 = 255;
@@ -314,6 +315,31 @@ fn check_trace(
 }
 
 /// Rules the schema cannot express.
+/// Where a traceroute sends: `host` (every probe is addressed to it; routers on the
+/// way answer). Probes per hop for every TTL probed; a hop's probes go out together,
+/// one hop per timeout at most.
+pub fn traceroute_demand(params: &Value) -> Demand {
+    let probes = u64_param(params, "probes", u64::from(d_probes()));
+    Demand {
+        targets: str_param(params, "host")
+            .map(|h| vec![Target::new("/host", h)])
+            .unwrap_or_default(),
+        count: None,
+        probes: hops(params).saturating_mul(probes),
+        rate: Some(rate_of(
+            probes,
+            u64_param(params, "timeout_ms", d_timeout_ms()),
+        )),
+    }
+}
+
+/// TTLs a trace probes at most.
+fn hops(params: &Value) -> u64 {
+    let first = u64_param(params, "first_ttl", u64::from(d_first_ttl()));
+    let max = u64_param(params, "max_ttl", u64::from(d_max_ttl()));
+    max.saturating_sub(first).saturating_add(1)
+}
+
 pub fn traceroute_check(params: &Value) -> Result<(), ParamError> {
     let p = crate::params::parse::<TracerouteParams>(params)?;
     check_trace(p.protocol, p.port, p.first_ttl, p.max_ttl, p.size)
@@ -509,6 +535,24 @@ pub fn mtr_examples() -> Examples {
 }
 
 /// Rules the schema cannot express.
+/// Where an mtr sends: `host`; `count` rounds of a trace, one round per interval.
+pub fn mtr_demand(params: &Value) -> Demand {
+    let per_round =
+        hops(params).saturating_mul(u64_param(params, "probes", u64::from(d_mtr_probes())));
+    let count = u64_param(params, "count", u64::from(d_count()));
+    Demand {
+        targets: str_param(params, "host")
+            .map(|h| vec![Target::new("/host", h)])
+            .unwrap_or_default(),
+        count: Some(count),
+        probes: per_round.saturating_mul(count),
+        rate: Some(rate_of(
+            per_round,
+            u64_param(params, "interval_ms", d_interval_ms()),
+        )),
+    }
+}
+
 pub fn mtr_check(params: &Value) -> Result<(), ParamError> {
     let p = crate::params::parse::<MtrParams>(params)?;
     check_trace(p.protocol, p.port, p.first_ttl, p.max_ttl, p.size)
