@@ -1060,6 +1060,7 @@ async fn submit(
                 waiter: wait.is_some(),
                 traceparent: trace.and_then(|t| imn_bridge::telemetry::traceparent(&t.0 .0)),
                 measurement_id: None,
+                names: None,
             },
         )
         .await?;

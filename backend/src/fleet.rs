@@ -79,7 +79,7 @@ impl Backend {
     /// The agent's tags: those it declares and those given at enrollment.
     pub fn agent_tags(&self, a: &AgentEntry) -> Vec<String> {
         let mut tags = a.hello.tags.clone();
-        for t in self.security.policy_tags(&a.id, &a.hello.tags) {
+        for t in self.security.enrolled_tags(&a.id) {
             if !tags.contains(&t) {
                 tags.push(t);
             }
@@ -303,6 +303,7 @@ pub async fn create(
     }
     let mut agents = Vec::new();
     let mut refused = Vec::new();
+    let names = std::sync::Arc::new(crate::security::Resolutions::default());
     for a in picked {
         let opts = SubmitOptions {
             idempotency_key: None,
@@ -310,6 +311,7 @@ pub async fn create(
             waiter: false,
             traceparent: traceparent.clone(),
             measurement_id: Some(id.clone()),
+            names: Some(names.clone()),
         };
         match b.submit(&a.id, &m.module, &body, opts).await {
             Ok(_) => agents.push(a.id),
@@ -358,11 +360,14 @@ async fn create_schedule(
 ) -> Result<Created, ApiError> {
     let body = serde_json::to_vec(&params).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let schedule_json = serde_json::to_string(&spec).unwrap_or_default();
+    let names = crate::security::Resolutions::default();
     let mut parts = Vec::new();
     let mut refused = Vec::new();
     for a in picked {
-        match b.checked_params(&a.id, &m.module, &body).await {
-            Ok((params, timeout_ms)) => parts.push((
+        match b.checked_params(&a.id, &m.module, &body, &names).await {
+            Ok(crate::service::Checked {
+                params, timeout_ms, ..
+            }) => parts.push((
                 a.id,
                 AgentSchedule {
                     measurement_id: id.clone(),

@@ -9,6 +9,7 @@ pub mod client;
 pub mod error;
 pub mod fleet;
 pub mod grpc;
+pub mod ingest;
 pub mod observe;
 pub mod openapi;
 pub mod peers;

@@ -84,7 +84,7 @@ impl Backend {
                     at_ms,
                     hello,
                 } => {
-                    self.registry.hello(&agent, *hello, at_ms);
+                    self.registry.hello(&agent, *hello, None, at_ms);
                     self.session_known(&agent, true);
                 }
                 PeerEvent::Heartbeat { agent, at_ms, hb } => {

@@ -7,7 +7,7 @@ use std::sync::RwLock;
 
 use serde::Serialize;
 
-use imn_modules::wire::{Heartbeat, Hello};
+use imn_modules::wire::{self, Heartbeat, Hello};
 
 /// Heartbeats an agent may miss before it counts as dead.
 pub const MISSED_HEARTBEATS: i64 = 3;
@@ -45,6 +45,18 @@ pub struct AgentEntry {
     /// The agent came back (an `online` status after silence) and its hello has not
     /// arrived yet: what the registry holds about its outbox is from before.
     pub hello_pending: bool,
+    /// The wire version its last hello came in: what it is written to.
+    pub wire_version: u8,
+}
+
+/// The wire version of an agent whose hello did not come here (restored from the store,
+/// or passed on by another backend): a version 1 agent announces no features.
+fn version_of(hello: &Hello) -> u8 {
+    if hello.features.is_empty() {
+        wire::LEGACY_WIRE_VERSION
+    } else {
+        wire::WIRE_VERSION
+    }
 }
 
 impl AgentEntry {
@@ -67,6 +79,7 @@ impl Registry {
         let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
         map.entry(id.to_string()).or_insert(AgentEntry {
             id: id.to_string(),
+            wire_version: version_of(&hello),
             hello,
             first_seen_ms,
             last_seen_ms,
@@ -77,7 +90,9 @@ impl Registry {
         });
     }
 
-    pub fn hello(&self, id: &str, hello: Hello, now_ms: i64) {
+    /// A hello that came in wire `version` (None: passed on by another backend).
+    pub fn hello(&self, id: &str, hello: Hello, version: Option<u8>, now_ms: i64) {
+        let version = version.unwrap_or_else(|| version_of(&hello));
         let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
         let e = map.entry(id.to_string()).or_insert_with(|| AgentEntry {
             id: id.to_string(),
@@ -88,7 +103,9 @@ impl Registry {
             heartbeat_lag_ms: None,
             online: true,
             hello_pending: false,
+            wire_version: version,
         });
+        e.wire_version = version;
         e.hello = hello;
         e.last_seen_ms = now_ms;
         e.online = true;
@@ -207,7 +224,7 @@ mod tests {
     #[test]
     fn alive_means_heard_recently_and_not_offline() {
         let r = Registry::default();
-        r.hello("a", hello(1000), 10_000);
+        r.hello("a", hello(1000), None, 10_000);
         assert!(r.get("a").unwrap().alive(12_999));
         assert!(r.get("a").unwrap().alive(13_000));
         assert!(
@@ -228,7 +245,7 @@ mod tests {
     #[test]
     fn a_comeback_hides_stale_outbox_figures_until_hello() {
         let r = Registry::default();
-        r.hello("a", hello(1000), 10_000);
+        r.hello("a", hello(1000), None, 10_000);
         r.status("a", true, 10_500);
         assert!(
             !r.get("a").unwrap().hello_pending,
@@ -237,7 +254,7 @@ mod tests {
         // Silence (a broker died, no last will), then the agent is back.
         r.status("a", true, 20_000);
         assert!(r.get("a").unwrap().hello_pending);
-        r.hello("a", hello(1000), 20_010);
+        r.hello("a", hello(1000), None, 20_010);
         assert!(!r.get("a").unwrap().hello_pending);
         r.status("a", true, 40_000);
         r.heartbeat("a", Heartbeat::default(), 40_010);

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use imn_bridge::{AgentCredential, AgentCredentials};
 use imn_modules::auth as wauth;
 use imn_modules::now_ms;
+pub use imn_modules::policy::Cidr;
+use imn_modules::policy::{Demand, Rule, TargetPolicy};
 use imn_modules::wire;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::store::{CredentialRow, Store};
@@ -82,77 +83,8 @@ impl Default for Limits {
     }
 }
 
-/// An IPv4 or IPv6 network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP network (like 192.0.2.0/24)"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            None => max,
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) if self.addr.is_ipv4() => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => return false,
-            },
-            ip => ip,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Cidr::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
 /// One rule of the measurement policy. It applies to the agents it names and to agents
-/// with any of its tags; a rule naming neither applies to every agent.
+/// enrolled with any of its tags; a rule naming neither applies to every agent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyRule {
@@ -172,6 +104,8 @@ pub struct PolicyRule {
 }
 
 impl PolicyRule {
+    /// `tags`: the agent's tags as an admin enrolled it. What an agent says of itself
+    /// never decides which rules bind it.
     fn applies(&self, agent: &str, tags: &[String]) -> bool {
         (self.agents.is_empty() && self.tags.is_empty())
             || self.agents.iter().any(|a| a == agent)
@@ -179,12 +113,20 @@ impl PolicyRule {
     }
 }
 
-/// The measurement policy: a TOML file of `[[rule]]` tables.
+/// The measurement policy: a TOML file of `[[rule]]` tables, the switch of the built-in
+/// rule, and the default budget of API tokens.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     #[serde(default, rename = "rule")]
     pub rules: Vec<PolicyRule>,
+    /// The built-in rule ([`imn_modules::policy::BUILTIN_DENY`]): on by default with
+    /// `--auth` or when the backend listens beyond loopback; `false` turns it off,
+    /// `true` turns it on everywhere.
+    pub builtin_deny: Option<bool>,
+    /// The budget of API tokens that were given none of their own.
+    #[serde(default)]
+    pub budget: Option<Budget>,
 }
 
 impl Policy {
@@ -200,46 +142,87 @@ impl Policy {
                 ));
             }
         }
+        let policy = TargetPolicy {
+            rules: p.rules.iter().map(|r| r.target_rule()).collect(),
+            builtin: true,
+        };
+        if !policy.within_limits() {
+            return Err(format!(
+                "{}: at most {} rules and {} networks in all (agents refuse larger policies)",
+                path.display(),
+                imn_modules::policy::MAX_RULES,
+                imn_modules::policy::MAX_NETWORKS
+            ));
+        }
+        if let Some(b) = &p.budget {
+            b.check("budget")
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         Ok(p)
     }
 }
 
-/// What a measurement asks for, as far as limits and policy care.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Demand {
-    pub targets: Vec<String>,
-    pub count: Option<u64>,
-    /// Probes per second.
-    pub rate: Option<f64>,
+impl PolicyRule {
+    fn target_rule(&self) -> Rule {
+        Rule {
+            name: self.name.clone(),
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        }
+    }
 }
 
-impl Demand {
-    /// Reads targets, count and rate from a module's (validated) parameters.
-    pub fn of(params: &Value) -> Demand {
-        let mut targets: Vec<String> = Vec::new();
-        if let Some(h) = params.get("host").and_then(Value::as_str) {
-            targets.push(h.to_string());
+/// What an API token may spend. Absent fields are unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Probes per UTC day across the fleet: count × targets × agents of every one-off
+    /// measurement, charged when it is made, plus the daily probes of every recurring
+    /// one it keeps running (its whole life when that is shorter than a day).
+    pub probes_per_day: Option<u64>,
+    /// Recurring measurements running at once.
+    pub max_schedules: Option<u64>,
+    /// Shortest interval of a recurring measurement, in seconds, per module; `"*"`
+    /// for every module not named.
+    #[serde(default)]
+    pub min_interval_s: std::collections::BTreeMap<String, f64>,
+}
+
+impl Budget {
+    /// The budget of a token with the `measure` scope when neither it nor the policy
+    /// file sets one: a million probes a day, 100 recurring measurements, none more
+    /// often than once a minute (as RIPE Atlas's defaults).
+    pub fn default_measure() -> Budget {
+        Budget {
+            probes_per_day: Some(1_000_000),
+            max_schedules: Some(100),
+            min_interval_s: [("*".to_string(), 60.0)].into_iter().collect(),
         }
-        if let Some(list) = params.get("targets").and_then(Value::as_array) {
-            targets.extend(list.iter().filter_map(Value::as_str).map(str::to_string));
-        }
-        let count = params.get("count").and_then(Value::as_u64);
-        let rate = params.get("rate").and_then(Value::as_f64).or_else(|| {
-            if targets.is_empty() {
-                return None;
+    }
+
+    /// The shortest interval allowed for `module`'s recurring measurements.
+    pub fn min_interval(&self, module: &str) -> Option<f64> {
+        self.min_interval_s
+            .get(module)
+            .or_else(|| self.min_interval_s.get("*"))
+            .copied()
+    }
+
+    fn check(&self, field: &str) -> Result<(), String> {
+        for (m, s) in &self.min_interval_s {
+            if !s.is_finite() || *s < 0.0 {
+                return Err(format!(
+                    "{field}.min_interval_s.{m}: must be 0 or more seconds"
+                ));
             }
-            let interval = params
-                .get("interval_ms")
-                .and_then(Value::as_u64)
-                .unwrap_or(1000)
-                .max(1);
-            Some(targets.len() as f64 * 1000.0 / interval as f64)
-        });
-        Demand {
-            targets,
-            count,
-            rate,
+            if m != "*" && imn_modules::catalog::find(m).is_none() {
+                return Err(format!(
+                    "{field}.min_interval_s.{m}: no such module (modules: {})",
+                    imn_modules::catalog::names().join(", ")
+                ));
+            }
         }
+        Ok(())
     }
 }
 
@@ -300,12 +283,17 @@ pub struct Security {
     /// Called after every credential change this backend makes (other backends
     /// sharing the store then reload).
     changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// The built-in rule binds every agent (see [`Policy::builtin_deny`]).
+    builtin_deny: bool,
 }
 
 impl Security {
     /// `bridge` is the in-process bridge's credential table (or one nobody reads);
     /// auth is on when it is.
     pub fn new(bridge: Arc<AgentCredentials>, limits: Limits, policy: Policy) -> Security {
+        // With auth the fleet is lent to token holders: the built-in rule is on unless
+        // the policy file turns it off.
+        let builtin_deny = policy.builtin_deny.unwrap_or(bridge.is_enabled());
         Security {
             enabled: bridge.is_enabled(),
             limits,
@@ -316,7 +304,22 @@ impl Security {
             tokens: RwLock::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             changed: std::sync::OnceLock::new(),
+            builtin_deny,
         }
+    }
+
+    /// Turns the built-in rule on when the backend is exposed (listens beyond loopback)
+    /// and the policy file does not say otherwise. It is on with auth already.
+    pub fn exposed(mut self, exposed: bool) -> Security {
+        if exposed && self.policy.builtin_deny.is_none() {
+            self.builtin_deny = true;
+        }
+        self
+    }
+
+    /// Whether the built-in rule binds every agent.
+    pub fn builtin_deny(&self) -> bool {
+        self.builtin_deny
     }
 
     pub fn enabled(&self) -> bool {
@@ -548,20 +551,6 @@ impl Security {
         v
     }
 
-    /// Tags the policy uses: the enrolled ones (set by an admin) when the agent is
-    /// enrolled, else what the agent says of itself.
-    pub fn policy_tags(&self, agent: &str, self_declared: &[String]) -> Vec<String> {
-        match self
-            .agents
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(agent)
-        {
-            Some(a) => a.tags.clone(),
-            None => self_declared.to_vec(),
-        }
-    }
-
     /// Creates an API token; returns its id and secret (not kept).
     pub async fn create_token(
         &self,
@@ -757,14 +746,34 @@ impl Security {
         })
     }
 
-    /// Checks a measurement against the limits (422, naming the limit) and the policy
-    /// (403, naming the rule).
+    /// The rules that bind `agent` (by id, or by the tags an admin enrolled it with),
+    /// as its commands carry them to it.
+    pub fn target_policy(&self, agent: &str) -> TargetPolicy {
+        let tags = self.enrolled_tags(agent);
+        TargetPolicy {
+            rules: self
+                .policy
+                .rules
+                .iter()
+                .filter(|r| r.applies(agent, &tags))
+                .map(PolicyRule::target_rule)
+                .collect(),
+            builtin: self.builtin_deny,
+        }
+    }
+
+    /// Checks a measurement on one agent against the limits (422, naming the limit)
+    /// and the policy (403, naming the rule). `enforcing`: the agent checks every
+    /// address itself (it said so in its hello), so a host name the backend cannot
+    /// resolve is left to it; an agent that does not is refused such a name. Returns
+    /// the rules that bind the agent, for its command.
     pub async fn check_measurement(
         &self,
         agent: &str,
-        tags: &[String],
         demand: &Demand,
-    ) -> Result<(), ApiError> {
+        enforcing: bool,
+        names: &Resolutions,
+    ) -> Result<TargetPolicy, ApiError> {
         let l = &self.limits;
         if demand.targets.len() > l.max_targets {
             return Err(ApiError::OverLimit {
@@ -794,16 +803,8 @@ impl Security {
                 ),
             });
         }
-        let rules: Vec<&PolicyRule> = self
-            .policy
-            .rules
-            .iter()
-            .filter(|r| r.applies(agent, tags))
-            .collect();
-        if rules.is_empty() {
-            return Ok(());
-        }
-        for r in &rules {
+        let tags = self.enrolled_tags(agent);
+        for r in self.policy.rules.iter().filter(|r| r.applies(agent, &tags)) {
             if let (Some(max), Some(rate)) = (r.max_rate, demand.rate) {
                 if rate > max {
                     return Err(ApiError::PolicyDenied {
@@ -816,75 +817,134 @@ impl Security {
                 }
             }
         }
-        if !rules
-            .iter()
-            .any(|r| !r.allow.is_empty() || !r.deny.is_empty())
-        {
-            return Ok(());
+        let policy = self.target_policy(agent);
+        if policy.is_open() {
+            return Ok(policy);
         }
-        for target in &demand.targets {
-            let addrs = resolve(target).await;
-            for r in &rules {
-                if r.allow.is_empty() && r.deny.is_empty() {
-                    continue;
-                }
-                let Ok(addrs) = &addrs else {
+        names.resolve(demand).await;
+        for t in &demand.targets {
+            let addrs = match t.literal() {
+                Some(ip) => vec![ip],
+                None => match names.get(&t.host) {
+                    Some(addrs) => addrs,
+                    None if enforcing => continue,
+                    None => {
+                        let rule = policy
+                            .rules
+                            .first()
+                            .map_or(imn_modules::policy::BUILTIN_RULE, |r| r.name.as_str());
+                        return Err(ApiError::PolicyDenied {
+                            rule: format!("{rule}.resolve"),
+                            message: format!(
+                                "{}: {:?} does not resolve here, so its address cannot be checked (this agent does not check addresses itself; give an address)",
+                                t.field, t.host
+                            ),
+                        });
+                    }
+                },
+            };
+            for ip in addrs {
+                if let Err(d) = policy.check(ip) {
                     return Err(ApiError::PolicyDenied {
-                        rule: format!("{}.resolve", r.name),
-                        message: format!(
-                            "policy rule {:?}: target {target:?} does not resolve here, so its address cannot be checked",
-                            r.name
-                        ),
+                        rule: d.rule.clone(),
+                        message: format!("{}: {}", t.field, d.error_text(&t.host)),
                     });
-                };
-                for ip in addrs {
-                    if let Some(net) = r.deny.iter().find(|n| n.contains(*ip)) {
-                        return Err(ApiError::PolicyDenied {
-                            rule: format!("{}.deny", r.name),
-                            message: format!(
-                                "policy rule {:?} denies target {target} ({ip} is in {net})",
-                                r.name
-                            ),
-                        });
-                    }
-                    if !r.allow.is_empty() && !r.allow.iter().any(|n| n.contains(*ip)) {
-                        return Err(ApiError::PolicyDenied {
-                            rule: format!("{}.allow", r.name),
-                            message: format!(
-                                "policy rule {:?} allows only {}; target {target} ({ip}) is outside",
-                                r.name,
-                                r.allow
-                                    .iter()
-                                    .map(|n| n.to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ),
-                        });
-                    }
                 }
             }
         }
-        Ok(())
+        Ok(policy)
+    }
+
+    /// The tags an admin enrolled `agent` with (none for an agent never enrolled).
+    pub fn enrolled_tags(&self, agent: &str) -> Vec<String> {
+        self.agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(agent)
+            .map(|a| a.tags.clone())
+            .unwrap_or_default()
     }
 }
 
-/// A target's addresses: itself when it is an IP literal, else the system resolver's
-/// answer (within 2 s).
-async fn resolve(target: &str) -> Result<Vec<IpAddr>, ()> {
-    let t = target.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = t.parse::<IpAddr>() {
-        return Ok(vec![ip]);
-    }
-    match tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host((t, 0))).await {
-        Ok(Ok(addrs)) => {
-            let v: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
-            if v.is_empty() {
-                Err(())
-            } else {
-                Ok(v)
-            }
+/// Name lookups in flight at once for policy checks, across every API request.
+const LOOKUPS_IN_FLIGHT: usize = 64;
+/// How long the names of one API request may take to resolve, all together.
+pub const RESOLVE_BUDGET: Duration = Duration::from_secs(5);
+
+fn lookups() -> &'static tokio::sync::Semaphore {
+    static S: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(LOOKUPS_IN_FLIGHT);
+    &S
+}
+
+/// The addresses of the host names one API request names, resolved once for every
+/// agent it selects, concurrently (at most [`LOOKUPS_IN_FLIGHT`] across the backend)
+/// and within [`RESOLVE_BUDGET`] for all of them, with the agent's own stub resolver
+/// (async sockets: no blocking threads, none of the store's). A name that did not
+/// resolve in time counts as not resolving.
+#[derive(Debug, Default)]
+pub struct Resolutions {
+    done: Mutex<HashMap<String, Option<Vec<IpAddr>>>>,
+    started: Mutex<Option<Instant>>,
+}
+
+impl Resolutions {
+    /// Resolves the names of `demand` not resolved yet.
+    pub async fn resolve(&self, demand: &Demand) {
+        use futures::StreamExt;
+        let todo: Vec<String> = {
+            let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<String> = demand
+                .targets
+                .iter()
+                .filter(|t| t.literal().is_none() && !done.contains_key(&t.host))
+                .map(|t| t.host.clone())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        if todo.is_empty() {
+            return;
         }
-        _ => Err(()),
+        let started = *self
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
+        let left = RESOLVE_BUDGET.saturating_sub(started.elapsed());
+        let lookups = futures::stream::iter(todo.clone())
+            .map(|name| async move {
+                let Ok(_permit) = lookups().acquire().await else {
+                    return (name, None);
+                };
+                let addrs = imn_modules::resolver::lookup(&name)
+                    .await
+                    .ok()
+                    .filter(|a| !a.is_empty());
+                (name, addrs)
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<_>>();
+        let found = tokio::time::timeout(left, lookups)
+            .await
+            .unwrap_or_default();
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        for name in todo {
+            done.insert(name, None);
+        }
+        for (name, addrs) in found {
+            done.insert(name, addrs);
+        }
+    }
+
+    /// The addresses of `name`, if it resolved.
+    pub fn get(&self, name: &str) -> Option<Vec<IpAddr>> {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .flatten()
     }
 }
 
@@ -927,33 +987,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn cidrs_parse_and_match() {
-        let n = Cidr::parse("10.0.0.0/8").unwrap();
-        assert!(n.contains("10.1.2.3".parse().unwrap()));
-        assert!(!n.contains("11.0.0.1".parse().unwrap()));
-        assert!(n.contains("::ffff:10.0.0.1".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0")
-            .unwrap()
-            .contains("8.8.8.8".parse().unwrap()));
-        let h = Cidr::parse("::1").unwrap();
-        assert!(h.contains("::1".parse().unwrap()));
-        assert!(!h.contains("::2".parse().unwrap()));
-        assert!(!h.contains("127.0.0.1".parse().unwrap()));
-        assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("nope/8").is_err());
+    /// Enrolls `agent` with `tags` in memory, as a stored credential would.
+    fn enrolled(s: &Security, agent: &str, tags: &[&str]) {
+        s.agents.write().unwrap().insert(
+            agent.into(),
+            EnrolledAgent {
+                id: agent.into(),
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+                created_ms: 0,
+                revoked_ms: None,
+            },
+        );
     }
 
-    #[test]
-    fn demand_reads_targets_count_and_rate() {
-        let d =
-            Demand::of(&serde_json::json!({"targets": ["a", "b"], "count": 3, "interval_ms": 100}));
-        assert_eq!(d.targets, vec!["a", "b"]);
-        assert_eq!(d.count, Some(3));
-        assert_eq!(d.rate, Some(20.0));
-        let d = Demand::of(&serde_json::json!({"host": "a", "rate": 5.0}));
-        assert_eq!(d.rate, Some(5.0));
-        assert_eq!(Demand::of(&serde_json::json!({"message": "x"})).rate, None);
+    fn demand(targets: &[&str], rate: f64) -> Demand {
+        Demand {
+            targets: targets
+                .iter()
+                .enumerate()
+                .map(|(i, t)| imn_modules::policy::Target::new(format!("/targets/{i}"), *t))
+                .collect(),
+            count: Some(1),
+            probes: targets.len() as u64,
+            rate: Some(rate),
+        }
+    }
+
+    fn code(r: Result<TargetPolicy, ApiError>) -> String {
+        match r {
+            Err(ApiError::PolicyDenied { rule, .. }) => rule,
+            Err(ApiError::OverLimit { limit, .. }) => limit.to_string(),
+            Err(e) => e.to_string(),
+            Ok(_) => "ok".into(),
+        }
     }
 
     #[tokio::test]
@@ -977,60 +1043,136 @@ mod tests {
             },
             policy,
         );
-        let lab = vec!["lab".to_string()];
-        let demand = |t: &[&str], rate: f64| Demand {
-            targets: t.iter().map(|s| s.to_string()).collect(),
-            count: Some(1),
-            rate: Some(rate),
+        enrolled(&s, "a", &["lab"]);
+        let names = Resolutions::default();
+        let check = |d: Demand| {
+            let s = &s;
+            let names = &names;
+            async move { code(s.check_measurement("a", &d, false, names).await) }
         };
-        let code = |r: Result<(), ApiError>| match r {
-            Err(ApiError::PolicyDenied { rule, .. }) => rule,
-            Err(ApiError::OverLimit { limit, .. }) => limit.to_string(),
-            Err(e) => e.to_string(),
-            Ok(()) => "ok".into(),
-        };
+        assert_eq!(check(demand(&["127.0.0.1"], 1.0)).await, "ok");
+        assert_eq!(check(demand(&["a", "b", "c"], 1.0)).await, "max_targets");
+        assert_eq!(check(demand(&["127.0.0.9"], 1.0)).await, "lab.deny");
+        assert_eq!(check(demand(&["192.0.2.1"], 1.0)).await, "lab.allow");
+        assert_eq!(check(demand(&["127.0.0.1"], 11.0)).await, "lab.max_rate");
+        // The rule is for agents enrolled with the tag "lab" only.
         assert_eq!(
             code(
-                s.check_measurement("a", &lab, &demand(&["127.0.0.1"], 1.0))
+                s.check_measurement("b", &demand(&["192.0.2.1"], 11.0), false, &names)
                     .await
             ),
             "ok"
         );
+        // The policy the command carries is the rules that bind the agent.
+        let p = s
+            .check_measurement("a", &demand(&["127.0.0.2"], 1.0), false, &names)
+            .await
+            .unwrap();
+        assert_eq!(p.rules.len(), 1);
+        assert_eq!(p.rules[0].name, "lab");
+        assert!(!p.builtin, "auth is off and the backend not exposed");
+        assert!(s.target_policy("b").is_open());
+    }
+
+    /// An agent declares its tags in its hello; only the tags an admin enrolled it with
+    /// pick its rules. (Before, an unenrolled agent's own tags chose them: an agent
+    /// could claim a tag to fall under a looser rule, or drop one to escape a strict one.)
+    #[tokio::test]
+    async fn declared_tags_never_choose_rules() {
+        let policy: Policy = toml::from_str(
+            r#"
+            [[rule]]
+            name = "strict"
+            deny = ["0.0.0.0/0"]
+            agents = ["x"]
+            [[rule]]
+            name = "lab"
+            tags = ["lab"]
+            allow = ["127.0.0.0/8"]
+            "#,
+        )
+        .unwrap();
+        let s = Security::new(
+            Arc::new(AgentCredentials::disabled()),
+            Limits::default(),
+            policy,
+        );
+        assert!(s.target_policy("y").is_open(), "y is enrolled with no tag");
+        enrolled(&s, "y", &["lab"]);
+        assert_eq!(s.target_policy("y").rules[0].name, "lab");
+        assert_eq!(s.target_policy("x").rules[0].name, "strict");
+    }
+
+    /// With auth the built-in rule is on; a policy file can turn it off, and an exposed
+    /// backend turns it on.
+    #[tokio::test]
+    async fn the_builtin_rule_follows_auth_exposure_and_the_policy_file() {
+        let names = Resolutions::default();
+        let on = Security::new(
+            Arc::new(AgentCredentials::enabled()),
+            Limits::default(),
+            Policy::default(),
+        );
+        assert!(on.builtin_deny());
         assert_eq!(
             code(
-                s.check_measurement("a", &lab, &demand(&["a", "b", "c"], 1.0))
+                on.check_measurement("a", &demand(&["169.254.169.254"], 1.0), true, &names)
                     .await
             ),
-            "max_targets"
+            "builtin.deny"
         );
         assert_eq!(
             code(
-                s.check_measurement("a", &lab, &demand(&["127.0.0.9"], 1.0))
-                    .await
-            ),
-            "lab.deny"
-        );
-        assert_eq!(
-            code(
-                s.check_measurement("a", &lab, &demand(&["192.0.2.1"], 1.0))
-                    .await
-            ),
-            "lab.allow"
-        );
-        assert_eq!(
-            code(
-                s.check_measurement("a", &lab, &demand(&["127.0.0.1"], 11.0))
-                    .await
-            ),
-            "lab.max_rate"
-        );
-        // The rule is for tag "lab" only.
-        assert_eq!(
-            code(
-                s.check_measurement("a", &[], &demand(&["192.0.2.1"], 11.0))
+                on.check_measurement("a", &demand(&["192.0.2.1"], 1.0), true, &names)
                     .await
             ),
             "ok"
+        );
+        let off: Policy = toml::from_str("builtin_deny = false").unwrap();
+        let s = Security::new(
+            Arc::new(AgentCredentials::enabled()),
+            Limits::default(),
+            off,
+        );
+        assert!(!s.builtin_deny());
+        let open = Security::new(
+            Arc::new(AgentCredentials::disabled()),
+            Limits::default(),
+            Policy::default(),
+        );
+        assert!(
+            !open.builtin_deny(),
+            "open loopback mode measures 127.0.0.1"
+        );
+        assert!(open.exposed(true).builtin_deny());
+    }
+
+    /// Names are resolved once per API call for every agent, concurrently and within
+    /// one time budget; a name that does not resolve is refused for an agent that does
+    /// not check addresses itself, and left to one that does.
+    #[tokio::test]
+    async fn unresolved_names_bind_only_agents_that_do_not_check() {
+        let s = Security::new(
+            Arc::new(AgentCredentials::enabled()),
+            Limits::default(),
+            Policy::default(),
+        );
+        // /etc/hosts answers localhost without asking a name server; any other name
+        // goes to a closed loopback port, never to the machine's name server.
+        imn_modules::resolver::set_nameservers(vec!["127.0.0.1:1".parse().unwrap()]);
+        let names = Resolutions::default();
+        let d = demand(&["no-such-host.invalid"], 1.0);
+        assert_eq!(
+            code(s.check_measurement("a", &d, false, &names).await),
+            "builtin.resolve"
+        );
+        assert_eq!(code(s.check_measurement("a", &d, true, &names).await), "ok");
+        assert_eq!(
+            code(
+                s.check_measurement("a", &demand(&["localhost"], 1.0), true, &names)
+                    .await
+            ),
+            "builtin.deny"
         );
     }
 

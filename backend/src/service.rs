@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::error::ApiError;
+use crate::ingest;
 use crate::observe;
 use crate::registry::Registry;
 use crate::store::{self, Created, NewRequest, RequestRow, Store};
@@ -37,23 +38,63 @@ pub struct Stats {
     /// Group commits of outbox batches, and the time the store spent in them.
     pub store_groups: AtomicU64,
     pub store_busy_us: AtomicU64,
+    /// Messages dropped unacked because their agent had its share waiting already
+    /// (the agent sends them again).
+    pub shed: AtomicU64,
+    /// Hellos dropped for coming faster than one a second from one agent.
+    pub hellos_throttled: AtomicU64,
+    /// Events held back past the per-batch cap (sent again by the agent).
+    pub events_deferred: AtomicU64,
+    /// Records the store could not take, isolated with their reason.
+    pub dead_lettered: AtomicU64,
+    /// Records the store refused (too many seq ranges), left unacked.
+    pub records_refused: AtomicU64,
 }
 
 /// An uplink message, decoded, with a batch's rows prepared.
 struct Decoded {
     msg: UpMessage,
-    env: Result<Envelope, wire::DecodeError>,
+    /// The envelope and the wire version it came in, or why it cannot be taken.
+    env: Result<(u8, Envelope), Rejected>,
     rows: Option<store::PreparedBatch>,
     /// When it came off the bus (ms since the epoch).
     arrived_ms: i64,
     /// Its share of the bytes prepared messages may hold; released when handled.
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Its share of its agent's waiting bytes ([`ingest::Shares`]).
+    _share: ingest::Share,
+}
+
+/// Why an uplink message is dropped unstored.
+enum Rejected {
+    Decode(wire::DecodeError),
+    /// A field past its bound ([`ingest`]).
+    Bounds(ingest::Refusal),
+}
+
+impl Rejected {
+    /// A short stable label for counters.
+    fn reason(&self) -> &'static str {
+        match self {
+            Rejected::Decode(e) => e.reason(),
+            Rejected::Bounds(_) => "bounds",
+        }
+    }
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejected::Decode(e) => e.fmt(f),
+            Rejected::Bounds(r) => r.fmt(f),
+        }
+    }
 }
 
 impl Decoded {
     /// An outbox batch on its own topic: it can join a group commit.
     fn is_batch(&self) -> bool {
-        self.msg.kind == Kind::Out && matches!(self.env, Ok(Envelope::Batch(_)))
+        self.msg.kind == Kind::Out && matches!(self.env, Ok((_, Envelope::Batch(_))))
     }
 }
 
@@ -93,6 +134,8 @@ pub struct Backend {
     pub bridge_stats: std::sync::OnceLock<Arc<imn_bridge::broker::BridgeStats>>,
     /// This process among backends sharing the bus (see [`crate::peers`]).
     pub instance: u64,
+    /// When each agent's last hello was handled (see [`ingest::HELLO_MIN_INTERVAL_MS`]).
+    last_hello: Mutex<HashMap<String, i64>>,
 }
 
 /// How a request is to be made, beside what it asks for.
@@ -108,6 +151,20 @@ pub struct SubmitOptions {
     pub traceparent: Option<String>,
     /// The fleet measurement this request is part of.
     pub measurement_id: Option<String>,
+    /// Host names already resolved for this API call (a fleet measurement resolves
+    /// each once for all its agents).
+    pub names: Option<Arc<crate::security::Resolutions>>,
+}
+
+/// A run's parameters as [`Backend::checked_params`] passed them.
+pub struct Checked {
+    pub params: Value,
+    /// The module's default deadline for a run.
+    pub timeout_ms: u64,
+    /// The rules that bound the check, which the agent checks again.
+    pub policy: imn_modules::policy::TargetPolicy,
+    /// What the run asks of the network.
+    pub demand: imn_modules::policy::Demand,
 }
 
 /// A request as the caller should see it after creation.
@@ -146,6 +203,7 @@ impl Backend {
             open_sessions: Mutex::new(Default::default()),
             schedule_versions: Mutex::new(HashMap::new()),
             instance: rand::random(),
+            last_hello: Mutex::new(HashMap::new()),
         });
         {
             let weak = Arc::downgrade(&backend);
@@ -232,8 +290,12 @@ impl Backend {
             waiter,
             traceparent,
             measurement_id,
+            names,
         } = opts;
-        let (params, timeout_ms) = self.checked_params(agent, module, body).await?;
+        let names = names.unwrap_or_default();
+        let Checked {
+            params, timeout_ms, ..
+        } = self.checked_params(agent, module, body, &names).await?;
         let queued = self.store.open_requests(agent).await?;
         let max_queued = self.security.limits.max_queued_per_agent;
         if queued >= max_queued {
@@ -286,13 +348,15 @@ impl Backend {
     /// The parameters of a run of `module` on `agent`, as that agent would run them:
     /// the agent is known and has the module loaded, the body is a JSON object, merged
     /// over the agent's module defaults, valid for the module's schema, and allowed by
-    /// the limits and the policy. Returns them with the run's timeout.
+    /// the limits and the policy. `names`: the host names of this API call, resolved
+    /// once for every agent it asks for.
     pub async fn checked_params(
         &self,
         agent: &str,
         module: &str,
         body: &[u8],
-    ) -> Result<(Value, u64), ApiError> {
+        names: &crate::security::Resolutions,
+    ) -> Result<Checked, ApiError> {
         if !self.registry.knows(agent) {
             return Err(ApiError::UnknownAgent(agent.to_string()));
         }
@@ -300,7 +364,8 @@ impl Backend {
             module: module.to_string(),
             known: catalog::names().iter().map(|s| s.to_string()).collect(),
         })?;
-        if let Some(a) = self.registry.get(agent) {
+        let entry = self.registry.get(agent);
+        if let Some(a) = &entry {
             if !a.hello.modules.iter().any(|m| m.name == module) {
                 return Err(ApiError::ModuleNotLoaded {
                     agent: agent.to_string(),
@@ -316,16 +381,20 @@ impl Backend {
         };
         let params = self.with_module_defaults(agent, module, params);
         self.validate(module, &params)?;
-        let self_tags = self
-            .registry
-            .get(agent)
-            .map(|a| a.hello.tags)
-            .unwrap_or_default();
-        let tags = self.security.policy_tags(agent, &self_tags);
-        self.security
-            .check_measurement(agent, &tags, &crate::security::Demand::of(&params))
+        let demand = spec.demand(&params);
+        let enforcing = entry
+            .as_ref()
+            .is_some_and(|a| a.hello.has(wire::features::POLICY));
+        let policy = self
+            .security
+            .check_measurement(agent, &demand, enforcing, names)
             .await?;
-        Ok((params, spec.default_timeout_ms))
+        Ok(Checked {
+            params,
+            timeout_ms: spec.default_timeout_ms,
+            policy,
+            demand,
+        })
     }
 
     /// The request's parameters over the module's defaults on that agent (the request
@@ -361,19 +430,30 @@ impl Backend {
             return Err(ApiError::AgentOffline(agent.to_string()));
         }
         let id = uuid::Uuid::new_v4().to_string();
+        // A schedule set carries the rules its runs are checked against.
+        let policy = matches!(kind, CommandKind::Schedules { .. })
+            .then(|| self.agent_policy(agent))
+            .flatten();
         let cmd = Envelope::Command(Command {
             id: id.clone(),
             kind,
             traceparent: None,
             deadline_ms: None,
             issued_ms: now_ms(),
-            policy: None,
+            policy,
         });
         self.bus
-            .publish_down(Kind::Cmd, agent, Bytes::from(wire::encode(&cmd)))
+            .publish_down(Kind::Cmd, agent, self.encode_for(agent, &cmd))
             .await
             .map_err(|e| ApiError::Unavailable(format!("bus: {e}")))?;
         Ok(id)
+    }
+
+    /// The rules `agent` checks its runs against, as its commands carry them: the
+    /// current policy (a policy file changed since a request was made binds its
+    /// redelivery too); none when every address passes.
+    fn agent_policy(&self, agent: &str) -> Option<imn_modules::policy::TargetPolicy> {
+        Some(self.security.target_policy(agent)).filter(|p| !p.is_open())
     }
 
     /// Sends the request's command to its agent and marks it `dispatched`.
@@ -410,14 +490,14 @@ impl Backend {
             traceparent: traceparent.clone(),
             deadline_ms: Some(req.deadline_ms),
             issued_ms: now_ms(),
-            policy: None,
+            policy: self.agent_policy(&req.agent_id),
         });
         let sent = self
             .bus
             .publish_down_traced(
                 Kind::Cmd,
                 &req.agent_id,
-                Bytes::from(wire::encode(&cmd)),
+                self.encode_for(&req.agent_id, &cmd),
                 traceparent.as_deref(),
             )
             .await;
@@ -585,64 +665,107 @@ impl Backend {
     }
 
     /// Two stages, so decoding and JSON for one batch overlap the store's write of the
-    /// one before: a task decodes and prepares, this one handles in arrival order.
+    /// one before: a task bounds, decodes, checks and prepares; this one handles in
+    /// arrival order, and forms group commits round-robin over agents.
     async fn ingest(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<UpMessage>) {
         let (tx, mut prepared) = tokio::sync::mpsc::channel::<Decoded>(GROUP_MESSAGES);
         // Prepared messages wait within a byte budget as well as a count: many small
-        // ones make a big group commit, a few big ones do not pile up in memory.
+        // ones make a big group commit, a few big ones do not pile up in memory. Each
+        // agent may hold only its share of it (`ingest::AGENT_QUEUED_BYTES`): past it
+        // its messages are dropped before they are decoded, unacked, and the agent
+        // sends them again, so a flood from one agent cannot fill the budget others
+        // wait on.
         let budget = Arc::new(tokio::sync::Semaphore::new(PREPARED_BYTES));
+        let shares = ingest::Shares::default();
+        let me = self.clone();
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
+                let Some(share) = shares.take(&msg.agent, msg.payload.len()) else {
+                    me.stats.shed.fetch_add(1, Ordering::Relaxed);
+                    me.metrics.errors.inc(&["uplink_shed"]);
+                    tracing::debug!(agent = %msg.agent, "agent over its share of the ingest queue; message dropped for the agent to resend");
+                    msg.ack().await;
+                    continue;
+                };
                 let cost = msg.payload.len().clamp(1, PREPARED_BYTES) as u32;
                 let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
                     return;
                 };
-                let env = wire::decode(&msg.payload);
-                let rows = match &env {
-                    Ok(Envelope::Batch(b)) if msg.kind == Kind::Out => Some(store::prepare(b)),
-                    _ => None,
-                };
+                let (env, rows) = me.take_in(&msg);
                 let d = Decoded {
                     msg,
                     env,
                     rows,
                     arrived_ms: now_ms(),
                     _permit: permit,
+                    _share: share,
                 };
                 if tx.send(d).await.is_err() {
                     return;
                 }
             }
         });
+        let mut waiting: ingest::FairQueue<Decoded> = ingest::FairQueue::default();
         while let Some(d) = prepared.recv().await {
-            if !d.is_batch() {
-                self.handle_up(d).await;
-                continue;
-            }
-            // Group commit: the batches already waiting go into one transaction (small
-            // messages from many agents would otherwise cost a commit each).
-            let mut rows = d.rows.as_ref().map_or(0, |r| r.rows.len());
-            let mut group = vec![d];
-            let mut next = None;
-            while group.len() < GROUP_MESSAGES && rows < GROUP_ROWS {
-                match prepared.try_recv() {
-                    Ok(d) if d.is_batch() => {
-                        rows += d.rows.as_ref().map_or(0, |r| r.rows.len());
-                        group.push(d);
-                    }
-                    Ok(d) => {
-                        next = Some(d);
-                        break;
-                    }
-                    Err(_) => break,
+            self.queue_or_handle(d, &mut waiting).await;
+            while !waiting.is_empty() {
+                // Whatever else is ready joins the queues first (small messages from
+                // many agents would otherwise cost a commit each).
+                while let Ok(d) = prepared.try_recv() {
+                    self.queue_or_handle(d, &mut waiting).await;
                 }
-            }
-            self.store_group(group).await;
-            if let Some(d) = next {
-                self.handle_up(d).await;
+                let group = waiting.take_group(GROUP_MESSAGES, GROUP_ROWS);
+                self.store_group(group).await;
             }
         }
         tracing::warn!("uplink feed closed");
+    }
+
+    /// A batch joins its agent's queue; anything else is handled now.
+    async fn queue_or_handle(&self, d: Decoded, waiting: &mut ingest::FairQueue<Decoded>) {
+        if d.is_batch() {
+            let rows = d.rows.as_ref().map_or(0, |r| r.rows.len());
+            let agent = d.msg.agent.clone();
+            waiting.push(&agent, d, rows);
+        } else {
+            self.handle_up(d).await;
+        }
+    }
+
+    /// Decodes an uplink message and checks it against the bounds of [`ingest`]; a
+    /// batch is prepared for the store, its events past the per-batch cap held back.
+    fn take_in(
+        &self,
+        msg: &UpMessage,
+    ) -> (
+        Result<(u8, Envelope), Rejected>,
+        Option<store::PreparedBatch>,
+    ) {
+        let (version, mut env) = match wire::decode_versioned(&msg.payload) {
+            Ok(v) => v,
+            Err(e) => return (Err(Rejected::Decode(e)), None),
+        };
+        let checked = match &mut env {
+            Envelope::Hello(h) => ingest::check_hello(h),
+            Envelope::Heartbeat(hb) => ingest::check_heartbeat(hb),
+            Envelope::Batch(b) => ingest::check_batch(b).map(|()| {
+                let held = ingest::defer_events(b);
+                if held > 0 {
+                    self.stats
+                        .events_deferred
+                        .fetch_add(held as u64, Ordering::Relaxed);
+                }
+            }),
+            _ => Ok(()),
+        };
+        if let Err(r) = checked {
+            return (Err(Rejected::Bounds(r)), None);
+        }
+        let rows = match &env {
+            Envelope::Batch(b) if msg.kind == Kind::Out => Some(store::prepare(b)),
+            _ => None,
+        };
+        (Ok((version, env)), rows)
     }
 
     /// Stores batches in one transaction, then acks each to its agent and to the bus.
@@ -660,9 +783,10 @@ impl Backend {
                 rows,
                 arrived_ms,
                 _permit,
+                _share,
             } = d;
-            _permits.push(_permit);
-            let Ok(Envelope::Batch(batch)) = env else {
+            _permits.push((_permit, _share));
+            let Ok((_, Envelope::Batch(batch))) = env else {
                 continue;
             };
             arrivals.push(arrived_ms);
@@ -695,9 +819,27 @@ impl Backend {
                     self.stats
                         .duplicates_dropped
                         .fetch_add(outcome.duplicates, Ordering::Relaxed);
+                    self.stats
+                        .dead_lettered
+                        .fetch_add(outcome.dead_lettered, Ordering::Relaxed);
+                    if outcome.dead_lettered > 0 {
+                        self.metrics.errors.inc(&["dead_letter"]);
+                        tracing::warn!(agent = %msg.agent, records = outcome.dead_lettered, "records the store could not take went to the dead letters");
+                    }
+                    self.stats
+                        .records_refused
+                        .fetch_add(outcome.refused.len() as u64, Ordering::Relaxed);
+                    // Every record of the batch is acked but those the store refused:
+                    // the agent keeps and resends them.
                     acks.entry((msg.agent.clone(), batch.epoch))
                         .or_default()
-                        .extend(batch.records.iter().map(|r| r.seq));
+                        .extend(
+                            batch
+                                .records
+                                .iter()
+                                .map(|r| r.seq)
+                                .filter(|s| !outcome.refused.contains(s)),
+                        );
                     settled.push((msg, outcome.finished));
                 }
                 self.records_stored.notify_waiters();
@@ -731,13 +873,22 @@ impl Backend {
         }
     }
 
+    /// An envelope for `agent`, in the wire version of its last hello.
+    fn encode_for(&self, agent: &str, env: &Envelope) -> Bytes {
+        let version = self
+            .registry
+            .get(agent)
+            .map_or(wire::WIRE_VERSION, |a| a.wire_version);
+        Bytes::from(wire::encode_for(version, env))
+    }
+
     async fn send_ack(&self, agent: &str, ack: Ack) {
         match self
             .bus
             .publish_down(
                 Kind::Ack,
                 agent,
-                Bytes::from(wire::encode(&Envelope::Ack(ack))),
+                self.encode_for(agent, &Envelope::Ack(ack)),
             )
             .await
         {
@@ -758,13 +909,14 @@ impl Backend {
             rows,
             arrived_ms,
             _permit,
+            _share,
         } = d;
         let now = now_ms();
-        let env = match env {
+        let (version, env) = match env {
             Ok(env) => env,
             Err(e) => {
                 self.reject(e.reason());
-                tracing::warn!(agent = %msg.agent, kind = msg.kind.as_str(), reason = e.reason(), error = %e, "dropping undecodable uplink message");
+                tracing::warn!(agent = %msg.agent, kind = msg.kind.as_str(), reason = e.reason(), error = %e, "dropping an uplink message");
                 msg.ack().await;
                 return;
             }
@@ -772,6 +924,12 @@ impl Backend {
         let agent = msg.agent.clone();
         match (msg.kind, env) {
             (Kind::Hello, Envelope::Hello(hello)) if hello.agent_id == agent => {
+                if !self.hello_due(&agent, now) {
+                    self.stats.hellos_throttled.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%agent, "hello within a second of the last; dropped");
+                    msg.ack().await;
+                    return;
+                }
                 self.touch_session(&agent, now).await;
                 let schedule_version = hello.schedule_version;
                 if let Err(e) = self.store.upsert_agent(&agent, &hello, now).await {
@@ -779,7 +937,8 @@ impl Backend {
                     msg.nak().await;
                     return;
                 }
-                self.registry.hello(&agent, hello.clone(), now);
+                self.registry
+                    .hello(&agent, hello.clone(), Some(version), now);
                 self.tell_peers(crate::peers::PeerEvent::Hello {
                     agent: agent.clone(),
                     at_ms: now,
@@ -820,10 +979,11 @@ impl Backend {
             (Kind::Out, Envelope::Batch(batch)) => {
                 self.store_group(vec![Decoded {
                     msg,
-                    env: Ok(Envelope::Batch(batch)),
+                    env: Ok((version, Envelope::Batch(batch))),
                     rows,
                     arrived_ms,
                     _permit,
+                    _share,
                 }])
                 .await;
             }
@@ -831,6 +991,19 @@ impl Backend {
                 self.reject("mismatch");
                 tracing::warn!(%agent, kind = kind.as_str(), "envelope does not match its topic or agent; dropped");
                 msg.ack().await;
+            }
+        }
+    }
+
+    /// Whether a hello from `agent` is handled now: at most one a second per agent
+    /// (each reads and writes the store, and redelivers its commands).
+    fn hello_due(&self, agent: &str, now: i64) -> bool {
+        let mut last = self.last_hello.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get(agent) {
+            Some(&t) if now.saturating_sub(t) < ingest::HELLO_MIN_INTERVAL_MS && now >= t => false,
+            _ => {
+                last.insert(agent.to_string(), now);
+                true
             }
         }
     }

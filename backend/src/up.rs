@@ -50,9 +50,14 @@ pub struct SecurityFlags {
     #[arg(long, env = "IMN_MAX_QUEUED_PER_AGENT", default_value_t = Limits::default().max_queued_per_agent)]
     pub max_queued_per_agent: u64,
     /// Measurement policy: a TOML file of [[rule]] tables (name, agents, tags, allow,
-    /// deny, max_rate).
+    /// deny, max_rate), `builtin_deny`, and the tokens' default [budget].
     #[arg(long, env = "IMN_POLICY")]
     pub policy: Option<PathBuf>,
+    /// Name servers the backend asks when it checks host names against the policy
+    /// (ADDR or ADDR:PORT, comma-separated; default those of /etc/resolv.conf). Under
+    /// `imn up` the local agents use them too.
+    #[arg(long, env = "IMN_NAMESERVER", value_delimiter = ',')]
+    pub nameserver: Vec<String>,
 }
 
 impl SecurityFlags {
@@ -130,6 +135,18 @@ impl SecurityFlags {
 /// Opens the backend's security: limits, policy, and (with auth) the credential table
 /// shared with the in-process bridge.
 pub fn security(flags: &SecurityFlags) -> Result<Security, UpError> {
+    let servers = flags
+        .nameserver
+        .iter()
+        .map(|s| imn_modules::resolver::parse_nameserver(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|message| UpError::Flag {
+            flag: "--nameserver",
+            message,
+        })?;
+    if !servers.is_empty() {
+        imn_modules::resolver::set_nameservers(servers);
+    }
     let creds = Arc::new(if flags.auth {
         AgentCredentials::enabled()
     } else {
@@ -431,7 +448,10 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     let (agent_broker, agent_ca) = local_broker(&opts)?;
-    let security = security(sec)?;
+    let exposed = !opts.http.ip().is_loopback()
+        || opts.mqtt.is_some_and(|m| !m.ip().is_loopback())
+        || opts.mqtts.is_some_and(|m| !m.ip().is_loopback());
+    let security = security(sec)?.exposed(exposed);
     if !sec.auth {
         tracing::warn!(
             http = %opts.http,
@@ -513,6 +533,8 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
             token,
             data: opts.data.join(format!("agent-{i}")),
             heartbeat_ms: opts.heartbeat_ms,
+            // One resolver in the process: the agents' and the policy checks'.
+            nameservers: opts.security.nameserver.clone(),
             ..AgentConfig::default()
         };
         let mut stop = stop_rx.clone();

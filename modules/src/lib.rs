@@ -21,6 +21,13 @@ pub mod wire;
 #[cfg(feature = "exec")]
 pub mod exec;
 
+/// The agent's own stub resolver (`/etc/hosts`, then name servers over UDP and TCP,
+/// no blocking threads). The backend uses it too, for its policy checks (feature
+/// `resolver`), so both ends resolve with the same code.
+#[cfg(any(feature = "exec", feature = "resolver"))]
+#[path = "exec/resolver.rs"]
+pub mod resolver;
+
 /// Milliseconds since the Unix epoch, UTC: the one wall-clock unit on the wire.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     flags
         .security
         .check_exposure("--http", flags.http, tls.is_some())?;
-    let security = security(&flags.security)?;
+    let security = security(&flags.security)?.exposed(!flags.http.ip().is_loopback());
     let listener = bind_http("--http", flags.http).await?;
     let mut nats = NatsOptions::new(&flags.nats);
     nats.replicas = flags.nats_replicas.map(usize::from);

@@ -379,6 +379,10 @@ pub struct BatchOutcome {
     pub duplicates: u64,
     /// Requests that reached a terminal state with this batch.
     pub finished: Vec<String>,
+    /// Records isolated in the dead letters (stored nowhere else); acked like stored ones.
+    pub dead_lettered: u64,
+    /// Seqs the store refused (over MAX_SEQ_RANGES): not stored, must not be acked.
+    pub refused: Vec<u64>,
 }
 
 #[async_trait]
@@ -508,3 +512,6 @@ pub trait Store: Send + Sync + 'static {
     /// Adds or replaces the credential (kind, id).
     async fn put_credential(&self, row: CredentialRow) -> Result<(), StoreError>;
 }
+
+/// The largest schedule version a store gives out; an agent claiming more is refused.
+pub const MAX_SCHEDULE_VERSION: u64 = 1 << 40;

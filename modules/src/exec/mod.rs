@@ -4,7 +4,7 @@ mod dns;
 mod http;
 mod ntp;
 mod ping;
-pub mod resolver;
+pub use crate::resolver;
 pub mod system;
 mod tcping;
 mod traceroute;
