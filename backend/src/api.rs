@@ -85,6 +85,15 @@ fn required_scope(method: &axum::http::Method, path: &str) -> Option<Scope> {
     if path.starts_with("/admin/") || path == "/admin" || path.starts_with("/debug/") {
         return Some(Scope::Admin);
     }
+    // Loading, unloading and configuring modules on an agent are an operator's
+    // settings (a module's max_rate, its defaults), not a measurement.
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if method != axum::http::Method::GET
+        && method != axum::http::Method::HEAD
+        && matches!(segments.as_slice(), ["agents", _, "modules", _])
+    {
+        return Some(Scope::Admin);
+    }
     if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         Some(Scope::Read)
     } else {
@@ -171,7 +180,7 @@ async fn metrics(State(b): State<Arc<Backend>>) -> Response {
 
 async fn guard(
     State(b): State<Arc<Backend>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let limit = b.security.limits.max_body_bytes;
@@ -192,8 +201,11 @@ async fn guard(
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
-        if let Err(e) = b.security.authorize(bearer, scope) {
-            return e.into_response();
+        match b.security.authorize(bearer, scope) {
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+            }
+            Err(e) => return e.into_response(),
         }
     }
     let resp = next.run(req).await;

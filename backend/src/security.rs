@@ -256,9 +256,20 @@ struct Bucket {
 }
 
 /// A caller that passed authentication.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Caller {
+    /// None without auth.
     pub token_id: Option<String>,
+    /// The token has the admin scope (without auth, everyone is).
+    pub admin: bool,
+}
+
+impl Caller {
+    /// Whether this caller may act on something `owner` made: its own token, an admin,
+    /// or anyone when neither has a token (no auth, or made before auth was on).
+    pub fn may_act_for(&self, owner: Option<&str>) -> bool {
+        self.admin || owner.is_none() || owner == self.token_id.as_deref()
+    }
 }
 
 /// A fresh secret: 32 random bytes, hex.
@@ -685,7 +696,10 @@ impl Security {
     /// the scope, 429 over the token's rate.
     pub fn authorize(&self, bearer: Option<&str>, scope: Scope) -> Result<Caller, ApiError> {
         if !self.enabled {
-            return Ok(Caller { token_id: None });
+            return Ok(Caller {
+                token_id: None,
+                admin: true,
+            });
         }
         let secret = bearer.ok_or_else(|| {
             ApiError::Unauthorized("this API needs a token: Authorization: Bearer <token>".into())
@@ -715,6 +729,7 @@ impl Security {
         }
         self.take(&info.id, info.rate_per_min)?;
         Ok(Caller {
+            admin: info.scopes.contains(&Scope::Admin),
             token_id: Some(info.id),
         })
     }
