@@ -1949,4 +1949,84 @@ mod tests {
             "host=db user=imn password=***"
         );
     }
+
+    #[test]
+    fn jsonb_safe_changes_only_nul_escapes() {
+        assert_eq!(jsonb_safe(r#"{"a":"x\u0000y"}"#), r#"{"a":"x\u2400y"}"#);
+        // An escaped backslash before "u0000" is text, not a NUL.
+        assert_eq!(jsonb_safe(r#"{"a":"\\u0000"}"#), r#"{"a":"\\u0000"}"#);
+        assert_eq!(
+            jsonb_safe(r#"{"a":"\\\u0000\"\u0001é\n"}"#),
+            r#"{"a":"\\\u2400\"\u0001é\n"}"#
+        );
+        assert_eq!(jsonb_safe("no escapes"), "no escapes");
+        assert_eq!(jsonb_safe("trailing \\"), "trailing \\");
+        let v: serde_json::Value =
+            serde_json::from_str(&jsonb_safe(&serde_json::json!({"m": "a\0b"}).to_string()))
+                .unwrap();
+        assert_eq!(v["m"], "a\u{2400}b");
+    }
+
+    /// A database made by the previous version (schema version 1), with data, is
+    /// migrated on connect: its data stays, and what the migration added works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_of_schema_version_1_is_migrated_with_its_data() {
+        let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        let task = tokio::spawn(conn);
+        client.batch_execute(MIGRATIONS[0]).await.unwrap();
+        client
+            .batch_execute(
+                r#"CREATE TABLE schema_version (version INT NOT NULL);
+                INSERT INTO schema_version VALUES (1);
+                INSERT INTO requests (id, agent_id, module, params_json, state, created_ms, updated_ms,
+                    deadline_ms, timeout_ms, idempotency_key, measurement_id)
+                    VALUES ('r1', 'a', 'echo_module', '{}', 'pending', 1, 1, 9, 9, 'k1', 'm1');
+                INSERT INTO measurements VALUES ('m1', 'echo_module', '{}', '{}', 'old', 1, 9, NULL, NULL);
+                INSERT INTO credentials VALUES ('api', 't1', 'h', NULL, 'read', '', NULL, 1, NULL);
+                INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body)
+                    VALUES ('a', 1, 1, 'result', 'r1', 'echo_module', 5000, 6,
+                            '{"state":"succeeded","result":{"message":"m"}}');
+                INSERT INTO agent_counts VALUES ('a', 1);"#,
+            )
+            .await
+            .unwrap();
+        drop(client);
+        let _ = task.await;
+        let s = PostgresStore::connect(&url).await.unwrap();
+        let m = s.measurement("m1").await.unwrap().unwrap();
+        assert_eq!(
+            (m.description.as_deref(), m.owner, m.daily_probes),
+            (Some("old"), None, 0)
+        );
+        let r = s.request("r1").await.unwrap().unwrap();
+        assert_eq!(r.idempotency_hash, None);
+        assert_eq!(s.credentials().await.unwrap()[0].budget_json, None);
+        let results = s.results("a", 10).await.unwrap();
+        assert_eq!(results[0].result["message"], "m");
+        assert_eq!(s.dead_letter_count().await.unwrap(), 0);
+        assert_eq!(s.add_spend("t1", 1, 2).await.unwrap(), 2);
+        // A body JSONB cannot hold is stored now; the old record is still a duplicate.
+        let batch = imn_modules::wire::Batch {
+            epoch: 1,
+            records: vec![imn_modules::wire::Record {
+                seq: 2,
+                at_ms: 5001,
+                body: imn_modules::wire::RecordBody::Event(imn_modules::wire::AgentEvent {
+                    kind: "log".into(),
+                    message: "a\0b".into(),
+                }),
+            }],
+        };
+        let out = s
+            .store_batch("a", crate::store::prepare(&batch), 7)
+            .await
+            .unwrap();
+        assert_eq!((out.stored, out.dead_lettered), (1, 0));
+        assert_eq!(s.events("a", 1).await.unwrap()[0].2, "a\0b");
+        drop(s);
+        // Connecting again migrates nothing more.
+        let s = PostgresStore::connect(&url).await.unwrap();
+        assert_eq!(s.record_count().await.unwrap(), 2);
+    }
 }

@@ -1920,4 +1920,150 @@ mod tests {
         assert_eq!(s.record_count().await.unwrap(), 7);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// The tables this version changed, as the previous version made them.
+    const PREVIOUS_TABLES: &str = "
+        CREATE TABLE requests (
+            id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, module TEXT NOT NULL,
+            params_json TEXT NOT NULL, state TEXT NOT NULL, created_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL, deadline_ms INTEGER NOT NULL,
+            timeout_ms INTEGER NOT NULL, idempotency_key TEXT UNIQUE, traceparent TEXT,
+            measurement_id TEXT, result_id INTEGER
+        );
+        CREATE TABLE measurements (
+            id TEXT PRIMARY KEY, module TEXT NOT NULL, params_json TEXT NOT NULL,
+            selection_json TEXT NOT NULL, description TEXT, created_ms INTEGER NOT NULL,
+            deadline_ms INTEGER NOT NULL, schedule_json TEXT, stopped_ms INTEGER
+        );
+        CREATE TABLE credentials (
+            kind TEXT NOT NULL, id TEXT NOT NULL, secret_hash TEXT NOT NULL,
+            message_key TEXT, scopes TEXT NOT NULL, tags TEXT NOT NULL, rate_per_min REAL,
+            created_ms INTEGER NOT NULL, revoked_ms INTEGER, PRIMARY KEY (kind, id)
+        );
+        INSERT INTO requests VALUES ('r1', 'a', 'echo_module', '{}', 'pending', 1, 1, 9, 9, 'k1', NULL, 'm1', NULL);
+        INSERT INTO measurements VALUES ('m1', 'echo_module', '{}', '{}', 'old', 1, 9, NULL, NULL);
+        INSERT INTO measurements VALUES ('s1', 'echo_module', '{}', '{}', NULL, 1, 9000, '{}', NULL);
+        INSERT INTO credentials VALUES ('api', 't1', 'h', NULL, 'read', '', NULL, 1, NULL);";
+
+    #[tokio::test]
+    async fn a_store_of_the_previous_version_opens_with_its_data() {
+        let dir = std::env::temp_dir().join(format!("imn-migrate-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("previous.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(PREVIOUS_TABLES)
+            .unwrap();
+        let s = SqliteStore::open(&path).unwrap();
+        let m = s.measurement("m1").await.unwrap().unwrap();
+        assert_eq!(
+            (m.description.as_deref(), m.owner, m.daily_probes),
+            (Some("old"), None, 0)
+        );
+        let r = s.request("r1").await.unwrap().unwrap();
+        assert_eq!((r.agent_id.as_str(), r.idempotency_hash), ("a", None));
+        let creds = s.credentials().await.unwrap();
+        assert_eq!((creds.len(), creds[0].budget_json.clone()), (1, None));
+        assert_eq!(s.dead_letter_count().await.unwrap(), 0);
+        assert_eq!(s.add_spend("t1", 1, 3).await.unwrap(), 3);
+        assert_eq!(s.token_usage("t1", 1, 0).await.unwrap().one_off_probes, 3);
+        // The new columns take values.
+        let mut req = crate::store::conformance::new_request("r2", Some("k2"));
+        req.idempotency_hash = Some("h".into());
+        s.create_request(req).await.unwrap();
+        assert_eq!(
+            s.request("r2")
+                .await
+                .unwrap()
+                .unwrap()
+                .idempotency_hash
+                .as_deref(),
+            Some("h")
+        );
+        drop(s);
+        // Opening again changes nothing.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.measurement("s1").await.unwrap().unwrap().daily_probes, 0);
+        assert_eq!(s.token_usage("t1", 1, 0).await.unwrap().one_off_probes, 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn seq_ranges_stop_growing_at_the_cap() {
+        let mut set = SeqRanges::default();
+        let mut refused = 0;
+        for seq in (0..10_000u64).rev().map(|i| 2 * i) {
+            if set.insert(seq, MAX_SEQ_RANGES) == SeqInsert::Refused {
+                refused += 1;
+            }
+        }
+        assert_eq!(set.0.len(), MAX_SEQ_RANGES);
+        assert_eq!(refused, 10_000 - MAX_SEQ_RANGES);
+        // At the cap, a seq that joins or extends a range is still taken, and a
+        // duplicate is still a duplicate.
+        let (lo, _) = set.0[0];
+        assert_eq!(set.insert(lo, MAX_SEQ_RANGES), SeqInsert::Duplicate);
+        assert_eq!(set.insert(lo + 1, MAX_SEQ_RANGES), SeqInsert::New);
+        assert_eq!(set.0.len(), MAX_SEQ_RANGES - 1, "two ranges joined");
+        assert_eq!(set.insert(1, MAX_SEQ_RANGES), SeqInsert::New);
+        assert_eq!(set.insert(3, MAX_SEQ_RANGES), SeqInsert::Refused);
+    }
+
+    /// A hostile batch: 50,000 seqs, descending, none adjacent. Each would be a range
+    /// of its own, and each insert would shift every range after it; the cap keeps the
+    /// set at MAX_SEQ_RANGES ranges, and the rest are refused, unstored.
+    #[tokio::test]
+    async fn fifty_thousand_far_apart_seqs_in_one_batch_keep_the_ranges_capped() {
+        let dir = std::env::temp_dir().join(format!("imn-ranges-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sqlite");
+        let s = SqliteStore::open(&path).unwrap();
+        const N: u64 = 50_000;
+        let records = (0..N)
+            .map(|i| imn_modules::wire::Record {
+                seq: 2 * (N - i),
+                at_ms: 1,
+                body: imn_modules::wire::RecordBody::Event(imn_modules::wire::AgentEvent {
+                    kind: "k".into(),
+                    message: String::new(),
+                }),
+            })
+            .collect();
+        let batch = imn_modules::wire::Batch { epoch: 1, records };
+        let out = s.store_batch("h", prepare(&batch), 1).await.unwrap();
+        assert_eq!(out.stored, MAX_SEQ_RANGES as u64);
+        assert_eq!(out.refused.len() as u64, N - MAX_SEQ_RANGES as u64);
+        assert_eq!(s.record_count().await.unwrap(), MAX_SEQ_RANGES as u64);
+        let ranges: Vec<u8> = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT ranges FROM record_seqs WHERE agent_id = 'h' AND epoch = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let set = SeqRanges::from_bytes(&ranges).unwrap();
+        assert_eq!(set.0.len(), MAX_SEQ_RANGES);
+        assert_eq!(
+            set.0[0],
+            (
+                2 * (N - MAX_SEQ_RANGES as u64 + 1),
+                2 * (N - MAX_SEQ_RANGES as u64 + 1)
+            )
+        );
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What SQLite does with NUL in TEXT: rusqlite binds and reads text with its
+    /// length, so it comes back whole. The store never relies on it: bodies are JSON
+    /// (NUL is `\u0000` there) and columns of agent text are `nul_free`.
+    #[test]
+    fn rusqlite_reads_back_text_with_nul_whole() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE t (v TEXT)").unwrap();
+        c.execute("INSERT INTO t VALUES (?1)", ["a\0b"]).unwrap();
+        let v: String = c.query_row("SELECT v FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, "a\0b");
+    }
 }
