@@ -827,15 +827,19 @@ fn store_group(
     Ok(outcomes)
 }
 
-/// Keeps a record the database refused; false if it is kept already (a resend).
+/// Keeps a record the database refused; false if it is kept already (a resend). Its
+/// seq joins the epoch's stored seqs, as a handled record: a resend is dropped as any
+/// duplicate is, and the seqs after it still extend the same range (a gap per dead
+/// letter would count against [`MAX_SEQ_RANGES`]).
 fn dead_letter(
-    c: &Connection,
+    c: &mut Connection,
     (agent, epoch): (&str, u64),
     row: &RecordRow,
     reason: &str,
     now_ms: i64,
 ) -> Result<bool, StoreError> {
-    let n = c
+    let tx = c.transaction().map_err(db)?;
+    let n = tx
         .prepare_cached(
             "INSERT INTO dead_letters (agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -853,6 +857,18 @@ fn dead_letter(
             now_ms
         ])
         .map_err(db)?;
+    if n == 1 {
+        let mut seen = SeenSeqs::default();
+        // Unreadable seqs may be why the record was refused: the dead letter is kept
+        // all the same.
+        if let Ok(set) = seen.get(&tx, agent, epoch) {
+            if set.0.insert(row.seq, MAX_SEQ_RANGES) == SeqInsert::New {
+                set.1 = true;
+            }
+        }
+        seen.write(&tx)?;
+    }
+    tx.commit().map_err(db)?;
     Ok(n == 1)
 }
 
@@ -2065,5 +2081,34 @@ mod tests {
         c.execute("INSERT INTO t VALUES (?1)", ["a\0b"]).unwrap();
         let v: String = c.query_row("SELECT v FROM t", [], |r| r.get(0)).unwrap();
         assert_eq!(v, "a\0b");
+    }
+
+    /// Dead-lettered seqs count as handled in the epoch's seq set: an agent with more
+    /// dead letters than MAX_SEQ_RANGES still has its records after them stored, not
+    /// refused as far apart.
+    #[tokio::test]
+    async fn dead_letters_leave_no_gaps_in_the_seq_ranges() {
+        let dir = std::env::temp_dir().join(format!("imn-gaps-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = SqliteStore::open(&dir.join("s.sqlite")).unwrap();
+        s.execute_elsewhere(
+            "CREATE TRIGGER even_seqs BEFORE INSERT ON records WHEN NEW.seq % 2 = 0
+             BEGIN SELECT RAISE(ABORT, 'even'); END;",
+        )
+        .unwrap();
+        let n = 2 * (MAX_SEQ_RANGES as u64 + 10);
+        let seqs: Vec<u64> = (1..=n).collect();
+        let out = s
+            .store_batch("q", prepare(&batch(1, &seqs)), 1)
+            .await
+            .unwrap();
+        assert!(out.refused.is_empty(), "{} refused", out.refused.len());
+        assert_eq!((out.stored, out.dead_lettered), (n / 2, n / 2));
+        let again = s
+            .store_batch("q", prepare(&batch(1, &seqs)), 2)
+            .await
+            .unwrap();
+        assert_eq!(again.duplicates, n, "dead letters included");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
