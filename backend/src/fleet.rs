@@ -337,6 +337,8 @@ pub async fn create(
             deadline_ms: now + deadline.as_millis() as i64,
             schedule_json: None,
             stopped_ms: None,
+            owner: None,
+            daily_probes: 0,
         })
         .await?;
     Ok(Created {
@@ -397,6 +399,8 @@ async fn create_schedule(
                 deadline_ms: spec.stop_ms.unwrap_or(i64::MAX),
                 schedule_json: Some(schedule_json),
                 stopped_ms: None,
+                owner: None,
+                daily_probes: 0,
             },
             parts,
         )

@@ -494,6 +494,7 @@ impl Security {
                 rate_per_min: None,
                 created_ms,
                 revoked_ms: None,
+                budget_json: None,
             },
         )
         .await?;
@@ -630,6 +631,7 @@ impl Security {
                 rate_per_min,
                 created_ms,
                 revoked_ms: None,
+                budget_json: None,
             },
         )
         .await?;

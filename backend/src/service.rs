@@ -318,6 +318,7 @@ impl Backend {
                 deadline_ms: now + deadline.as_millis() as i64,
                 timeout_ms,
                 idempotency_key,
+                idempotency_hash: None,
                 traceparent,
                 measurement_id,
                 dispatch: alive,

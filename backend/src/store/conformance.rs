@@ -4,6 +4,7 @@
 //! a cluster of the test's own (see [`super::pg_cluster`]).
 
 use super::*;
+use async_trait::async_trait;
 use imn_modules::results::{EchoResult, ModuleOutcome, ModuleOutput};
 use imn_modules::wire::{Batch, ModuleResult, Record, RecordBody, StateChange};
 
@@ -25,6 +26,7 @@ pub fn new_request(id: &str, key: Option<&str>) -> NewRequest {
         deadline_ms: 1_000,
         timeout_ms: 5_000,
         idempotency_key: key.map(str::to_string),
+        idempotency_hash: None,
         dispatch: false,
     }
 }
@@ -81,6 +83,8 @@ pub async fn schedules_version_each_agents_set_and_runs_are_found_by_measurement
         deadline_ms: i64::MAX,
         schedule_json: Some(part("").schedule_json),
         stopped_ms: None,
+        owner: None,
+        daily_probes: 0,
     };
     let v = s
         .create_schedule(
@@ -476,6 +480,7 @@ pub async fn agents_sessions_credentials_and_measurements(s: &dyn Store) {
         rate_per_min: Some(90.5),
         created_ms: 1,
         revoked_ms: None,
+        budget_json: None,
     };
     s.put_credential(cred.clone()).await.unwrap();
     cred.revoked_ms = Some(9);
@@ -492,6 +497,8 @@ pub async fn agents_sessions_credentials_and_measurements(s: &dyn Store) {
         deadline_ms: 60_000,
         schedule_json: None,
         stopped_ms: None,
+        owner: None,
+        daily_probes: 0,
     };
     s.create_measurement(m).await.unwrap();
     for (id, agent) in [("ra", "a"), ("rb", "b")] {
@@ -559,6 +566,653 @@ pub async fn agents_sessions_credentials_and_measurements(s: &dyn Store) {
     );
 }
 
+/// What some tests need beyond [`Store`]: SQL of their own on the store's database,
+/// as an operator or another program would run it.
+#[async_trait]
+pub trait RawSql: Store {
+    /// The most ranges of stored seqs the store keeps per agent and epoch, if it keeps
+    /// ranges at all.
+    const SEQ_RANGE_CAP: Option<usize>;
+    /// Runs `sqlite` on the embedded store (over a connection of its own to the same
+    /// file), `postgres` on PostgreSQL.
+    async fn sql(&self, sqlite: &str, postgres: &str);
+}
+
+#[async_trait]
+impl RawSql for SqliteStore {
+    const SEQ_RANGE_CAP: Option<usize> = Some(MAX_SEQ_RANGES);
+    async fn sql(&self, sqlite: &str, _: &str) {
+        self.execute_elsewhere(sqlite).unwrap();
+    }
+}
+
+#[async_trait]
+impl RawSql for PostgresStore {
+    const SEQ_RANGE_CAP: Option<usize> = None;
+    async fn sql(&self, _: &str, postgres: &str) {
+        self.execute_sql(postgres).await.unwrap();
+    }
+}
+
+/// (stored, duplicates, dead-lettered) of each batch.
+fn counts(out: &[BatchOutcome]) -> Vec<(u64, u64, u64)> {
+    out.iter()
+        .map(|o| (o.stored, o.duplicates, o.dead_lettered))
+        .collect()
+}
+
+/// Makes the database refuse agent `p`'s records of seq 3, as it refuses a record it
+/// cannot hold.
+async fn poison_seq_3_of_agent_p<S: RawSql>(s: &S) {
+    s.sql(
+        "CREATE TRIGGER poisoned_on_purpose BEFORE INSERT ON records
+         WHEN NEW.agent_id = 'p' AND NEW.seq = 3
+         BEGIN SELECT RAISE(ABORT, 'poisoned_on_purpose'); END;",
+        "ALTER TABLE records ADD CONSTRAINT poisoned_on_purpose CHECK (NOT (agent_id = 'p' AND seq = 3))",
+    )
+    .await;
+}
+
+/// A record the database refuses (made unstorable on purpose) goes to the dead letters
+/// with the database's reason; the rest of its group is stored, other agents' batches
+/// and its own batch alike; a resend of it is a duplicate.
+pub async fn a_poison_record_is_dead_lettered_and_blocks_nothing<S: RawSql>(s: &S) {
+    s.create_request(new_request("r1", None)).await.unwrap();
+    poison_seq_3_of_agent_p(s).await;
+    let group: Vec<(String, PreparedBatch)> = vec![
+        ("a".into(), prepare(&batch(7, &[1, 2]))),
+        ("p".into(), prepare(&batch(1, &[1, 2, 3, 4]))),
+        ("b".into(), prepare(&batch(2, &[5]))),
+    ];
+    let out = s.store_batches(group.clone(), 100).await.unwrap();
+    assert_eq!(counts(&out), vec![(2, 0, 0), (3, 0, 1), (1, 0, 0)]);
+    assert_eq!(out[0].finished, vec!["r1".to_string()]);
+    assert!(out.iter().all(|o| o.refused.is_empty()));
+    assert_eq!(s.agent_record_count("p").await.unwrap(), 3);
+    assert_eq!(s.record_count().await.unwrap(), 6);
+    assert_eq!(
+        s.request("r1").await.unwrap().unwrap().state,
+        RequestState::Succeeded
+    );
+    assert_eq!(result_seqs(s, "p").await, vec![4, 2]);
+
+    let dead = s.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(
+        (
+            d.agent_id.as_str(),
+            d.epoch,
+            d.seq,
+            d.at_ms,
+            d.kind.as_str()
+        ),
+        ("p", 1, 3, 13, "state")
+    );
+    assert!(d.reason.contains("poisoned_on_purpose"), "{}", d.reason);
+    assert_eq!(d.body, group[1].1.rows[2].body_json);
+    assert_eq!(d.stored_ms, 100);
+    assert_eq!(s.dead_letters(Some("p"), 10).await.unwrap(), dead);
+    assert!(s.dead_letters(Some("a"), 10).await.unwrap().is_empty());
+    assert_eq!(s.dead_letter_count().await.unwrap(), 1);
+
+    // The whole group again: every record, the poison one too, is a duplicate.
+    let again = s.store_batches(group, 101).await.unwrap();
+    assert_eq!(counts(&again), vec![(0, 2, 0), (0, 4, 0), (0, 1, 0)]);
+    // Alone, as the only record of the only batch.
+    let alone = s
+        .store_batch("p", prepare(&batch(1, &[3])), 102)
+        .await
+        .unwrap();
+    assert_eq!(counts(&[alone]), vec![(0, 1, 0)]);
+    // Another epoch's seq 3 is another record: dead-lettered, and listed first.
+    let other = s
+        .store_batch("p", prepare(&batch(9, &[3, 4])), 103)
+        .await
+        .unwrap();
+    assert_eq!(counts(&[other]), vec![(1, 0, 1)]);
+    let dead = s.dead_letters(Some("p"), 10).await.unwrap();
+    let ids: Vec<(u64, u64)> = dead.iter().map(|d| (d.epoch, d.seq)).collect();
+    assert_eq!(ids, vec![(9, 3), (1, 3)], "newest first");
+    assert_eq!(s.dead_letters(None, 1).await.unwrap().len(), 1);
+    assert_eq!(s.dead_letter_count().await.unwrap(), 2);
+    assert_eq!(s.record_count().await.unwrap(), 7);
+}
+
+/// A dead letter that cannot be written either is an outage, not a poison record: the
+/// call fails (the caller retries), and a later resend completes it, storing each
+/// record once.
+pub async fn an_unwritable_dead_letter_fails_the_call_and_a_resend_completes_it<S: RawSql>(s: &S) {
+    poison_seq_3_of_agent_p(s).await;
+    s.sql(
+        "CREATE TRIGGER no_dead_letters BEFORE INSERT ON dead_letters
+         BEGIN SELECT RAISE(ABORT, 'no_dead_letters'); END;",
+        "ALTER TABLE dead_letters ADD CONSTRAINT no_dead_letters CHECK (seq < 0)",
+    )
+    .await;
+    let group: Vec<(String, PreparedBatch)> = vec![
+        ("a".into(), prepare(&batch(7, &[1, 2]))),
+        ("p".into(), prepare(&batch(1, &[1, 2, 3, 4]))),
+        ("b".into(), prepare(&batch(2, &[5]))),
+    ];
+    let e = s
+        .store_batches(group.clone(), 100)
+        .await
+        .expect_err("no dead letter, no success");
+    assert!(e.to_string().contains("no_dead_letters"), "{e}");
+    assert_eq!(s.dead_letter_count().await.unwrap(), 0);
+    s.sql(
+        "DROP TRIGGER no_dead_letters",
+        "ALTER TABLE dead_letters DROP CONSTRAINT no_dead_letters",
+    )
+    .await;
+    let out = s.store_batches(group, 101).await.unwrap();
+    let handled: Vec<u64> = out
+        .iter()
+        .map(|o| o.stored + o.duplicates + o.dead_lettered)
+        .collect();
+    assert_eq!(handled, vec![2, 4, 1], "every record handled");
+    assert_eq!(out[1].dead_lettered, 1);
+    assert_eq!(s.record_count().await.unwrap(), 6, "none stored twice");
+    assert_eq!(s.dead_letter_count().await.unwrap(), 1);
+}
+
+fn module_result(seq: u64, request: &str, module: &str, outcome: ModuleOutcome) -> Record {
+    Record {
+        seq,
+        at_ms: 1_000 + seq as i64,
+        body: RecordBody::Result(ModuleResult {
+            request_id: request.into(),
+            module: module.into(),
+            received_ms: 5,
+            started_ms: 6,
+            finished_ms: 7,
+            outcome,
+        }),
+    }
+}
+
+/// An HTTP result whose body preview holds NUL bytes (a binary body).
+fn http_with_nul() -> ModuleOutput {
+    use imn_modules::kinds::http::*;
+    ModuleOutput::Http(Box::new(HttpResult {
+        url: "http://192.0.2.1/pixel.gif".into(),
+        method: HttpMethod::Get,
+        addr: Some("192.0.2.1:80".into()),
+        af: Some(4),
+        local_addr: Some("192.0.2.9:40000".into()),
+        timing: HttpTiming {
+            dns_ms: Some(0.5),
+            connect_ms: Some(1.25),
+            tls_ms: None,
+            ttfb_ms: Some(2.5),
+            total_ms: 3.75,
+        },
+        response: Some(Box::new(HttpResponse {
+            http_version: "HTTP/1.1".into(),
+            status: 200,
+            reason: Some("OK".into()),
+            headers: vec![HttpHeader {
+                name: "content-type".into(),
+                value: "image/gif".into(),
+            }],
+            headers_truncated: false,
+            header_bytes: 64,
+            content_length: Some(14),
+            body_bytes: 14,
+            body_truncated: false,
+            body_preview: Some("GIF89a\u{1}\0\u{1}\0\u{80}\0\0\u{ff}".into()),
+            location: None,
+        })),
+        tls: None,
+        error: None,
+        error_phase: None,
+        redirects: vec![],
+    }))
+}
+
+/// A DNS result with a TXT record whose second string holds a zero byte.
+fn dns_with_nul() -> ModuleOutput {
+    use imn_modules::kinds::dns::*;
+    ModuleOutput::Dns(Box::new(DnsResult {
+        server: "192.0.2.53".into(),
+        port: 53,
+        server_source: ServerSource::Params,
+        src_addr: Some("192.0.2.9".into()),
+        protocol: DnsProtocol::Udp,
+        tcp_after_truncation: false,
+        qname: "example.test.".into(),
+        qtype: "TXT".into(),
+        qclass: "IN".into(),
+        qbuf: "AAE=".into(),
+        attempts: 1,
+        timeout_ms: 5000,
+        error: None,
+        reply: Some(Box::new(DnsReply {
+            rt_ms: 1.5,
+            tcp_connect_ms: None,
+            size: 80,
+            abuf: "AAE=".into(),
+            message: Some(DnsMessage {
+                id: 1,
+                opcode: 0,
+                rcode: 0,
+                rcode_name: "NOERROR".into(),
+                flags: DnsFlags {
+                    qr: true,
+                    rd: true,
+                    ra: true,
+                    ..Default::default()
+                },
+                qdcount: 1,
+                ancount: 1,
+                nscount: 0,
+                arcount: 0,
+                question: vec![DnsQuestion {
+                    name: "example.test.".into(),
+                    qtype: "TXT".into(),
+                    class: "IN".into(),
+                }],
+                answer: vec![DnsRecord {
+                    name: "example.test.".into(),
+                    rtype: "TXT".into(),
+                    type_code: 16,
+                    class: "IN".into(),
+                    ttl: 300,
+                    rdlength: 17,
+                    rdata: "\"v=spf1\" \"zero\\000byte\"".into(),
+                    data: RData::Txt {
+                        strings: vec!["v=spf1".into(), "zero\0byte".into()],
+                    },
+                }],
+                authority: vec![],
+                additional: vec![],
+                edns: None,
+            }),
+        })),
+    }))
+}
+
+/// Agent text with NUL in it is stored, not refused: results read back as the JSON
+/// the agent sent (NUL included), an event's message too; a column of its own (request
+/// id, module, a state's detail) holds it escaped as `␀` (see `nul_free`).
+pub async fn text_with_nul_is_stored_and_read_back_exactly(s: &dyn Store) {
+    for id in ["rn1", "rn2", "rn3", "rn4"] {
+        let mut r = new_request(id, None);
+        r.agent_id = "n".into();
+        s.create_request(r).await.unwrap();
+    }
+    let echo = ModuleOutput::Echo(EchoResult {
+        message: "a\0b".into(),
+    });
+    let (http, dns) = (http_with_nul(), dns_with_nul());
+    let b = Batch {
+        epoch: 1,
+        records: vec![
+            module_result(1, "rn1", "echo_module", ModuleOutcome::Ok(echo.clone())),
+            module_result(2, "rn2", "http", ModuleOutcome::Ok(http.clone())),
+            module_result(3, "rn3", "dns", ModuleOutcome::Ok(dns.clone())),
+            Record {
+                seq: 4,
+                at_ms: 1_004,
+                body: RecordBody::State(StateChange {
+                    request_id: "rn4".into(),
+                    state: RequestState::Running,
+                    detail: Some("half\0way".into()),
+                }),
+            },
+            Record {
+                seq: 5,
+                at_ms: 1_005,
+                body: RecordBody::Event(imn_modules::wire::AgentEvent {
+                    kind: "log".into(),
+                    message: "boot\0ed".into(),
+                }),
+            },
+            module_result(
+                6,
+                "rn4",
+                "echo_module",
+                ModuleOutcome::Failed("refused\0here".into()),
+            ),
+            module_result(7, "x\0y", "echo\0module", ModuleOutcome::Ok(echo.clone())),
+        ],
+    };
+    let out = s.store_batch("n", prepare(&b), 100).await.unwrap();
+    assert_eq!(
+        counts(std::slice::from_ref(&out)),
+        vec![(7, 0, 0)],
+        "{out:?}"
+    );
+    assert_eq!(s.dead_letter_count().await.unwrap(), 0);
+
+    for (id, output) in [("rn1", &echo), ("rn2", &http), ("rn3", &dns)] {
+        let r = s.result("n", id).await.unwrap().expect(id);
+        assert_eq!(r.result, output.to_json(), "{id}");
+    }
+    let r = s.result("n", "rn1").await.unwrap().unwrap();
+    assert_eq!(r.result["message"].as_str(), Some("a\0b"));
+    let page = s
+        .results_page(ResultFilter {
+            agent: Some("n".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 5);
+    assert_eq!(page[1].1.result, http.to_json());
+    let failed = s.result("n", "rn4").await.unwrap().unwrap();
+    assert_eq!(failed.state, RequestState::Failed);
+    assert_eq!(failed.error.as_deref(), Some("refused\0here"));
+    // Columns of their own: escaped.
+    let odd = &page[4].1;
+    assert_eq!(
+        (odd.request_id.as_str(), odd.module.as_str()),
+        ("x\u{2400}y", "echo\u{2400}module")
+    );
+    assert_eq!(odd.result, echo.to_json());
+    let details: Vec<Option<String>> = s
+        .transitions("rn4")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.detail)
+        .collect();
+    assert_eq!(
+        details,
+        vec![
+            None,
+            Some("half\u{2400}way".to_string()),
+            Some("refused\u{2400}here".to_string())
+        ]
+    );
+    // A detail from the backend itself is escaped the same way.
+    s.transition("rn1", RequestState::Expired, 2_000, "backend", Some("x\0"))
+        .await
+        .unwrap();
+    let last = s.transitions("rn1").await.unwrap().pop().unwrap();
+    assert_eq!(last.detail.as_deref(), Some("x\u{2400}"));
+    assert_eq!(
+        s.events("n", 5).await.unwrap(),
+        vec![(1_005, "log".to_string(), "boot\0ed".to_string())]
+    );
+    // And a resend is a duplicate, as for any record.
+    let again = s.store_batch("n", prepare(&b), 101).await.unwrap();
+    assert_eq!(counts(&[again]), vec![(0, 7, 0)]);
+}
+
+/// Far-apart seqs: the embedded store keeps at most [`MAX_SEQ_RANGES`] ranges of
+/// stored seqs per agent and epoch, and refuses (stores nothing, reports the seq) a
+/// record that would open one more; once the agent's other seqs close the gaps, the
+/// refused ones are taken. PostgreSQL has no such ranges and takes everything at once.
+pub async fn far_apart_seqs_are_refused_past_the_range_cap_until_gaps_close<S: RawSql>(s: &S) {
+    let n = MAX_SEQ_RANGES as u64 + 100;
+    // Descending and never adjacent: each would be a range of its own.
+    let evens: Vec<u64> = (1..=n).rev().map(|i| 2 * i).collect();
+    let out = s
+        .store_batch("h", prepare(&batch(1, &evens)), 100)
+        .await
+        .unwrap();
+    assert_eq!(out.duplicates + out.dead_lettered, 0);
+    assert_eq!(out.stored + out.refused.len() as u64, n);
+    assert_eq!(
+        out.refused,
+        evens[out.stored as usize..].to_vec(),
+        "the seqs past the cap, in the batch's order"
+    );
+    match S::SEQ_RANGE_CAP {
+        Some(cap) => assert_eq!(out.stored, cap as u64, "one range per record, to the cap"),
+        None => assert!(out.refused.is_empty()),
+    }
+    assert_eq!(
+        s.record_count().await.unwrap(),
+        out.stored,
+        "refused: not stored"
+    );
+    assert_eq!(s.dead_letter_count().await.unwrap(), 0, "nor dead-lettered");
+    // The odd seqs, ascending as an outbox sends them, join the ranges.
+    let odds: Vec<u64> = (0..=n).map(|i| 2 * i + 1).collect();
+    let out2 = s
+        .store_batch("h", prepare(&batch(1, &odds)), 101)
+        .await
+        .unwrap();
+    assert_eq!(out2.stored + out2.refused.len() as u64, n + 1);
+    // Everything refused, sent again, is taken now.
+    let resend: Vec<u64> = out.refused.iter().chain(&out2.refused).copied().collect();
+    let out3 = s
+        .store_batch("h", prepare(&batch(1, &resend)), 102)
+        .await
+        .unwrap();
+    assert!(out3.refused.is_empty(), "{:?}", out3.refused);
+    assert_eq!(out3.stored, resend.len() as u64);
+    assert_eq!(s.agent_record_count("h").await.unwrap(), 2 * n + 1);
+    let all: Vec<u64> = (1..=2 * n + 1).collect();
+    let again = s
+        .store_batch("h", prepare(&batch(1, &all)), 103)
+        .await
+        .unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 2 * n + 1));
+}
+
+fn schedule_row(
+    id: &str,
+    owner: Option<&str>,
+    daily_probes: u64,
+    deadline_ms: i64,
+) -> MeasurementRow {
+    MeasurementRow {
+        id: id.into(),
+        module: "echo_module".into(),
+        params_json: "{}".into(),
+        selection_json: "{}".into(),
+        description: None,
+        created_ms: 1,
+        deadline_ms,
+        schedule_json: Some(
+            r#"{"interval_ms":60000,"start_ms":0,"stop_ms":null,"jitter_ms":0}"#.into(),
+        ),
+        stopped_ms: None,
+        owner: owner.map(str::to_string),
+        daily_probes,
+    }
+}
+
+fn schedule_part(id: &str) -> AgentSchedule {
+    AgentSchedule {
+        measurement_id: id.into(),
+        module: "echo_module".into(),
+        params_json: "{}".into(),
+        timeout_ms: 1000,
+        schedule_json: r#"{"interval_ms":60000,"start_ms":0,"stop_ms":null,"jitter_ms":0}"#.into(),
+    }
+}
+
+/// A schedule version at the end of its range (put there before versions were
+/// bounded) starts again at 1 instead of overflowing, so the agent's schedules can
+/// still change and stop; an agent cannot report a version past the bound.
+pub async fn a_schedule_version_at_the_end_of_its_range_starts_again<S: RawSql>(s: &S) {
+    s.sql(
+        "INSERT INTO schedule_versions (agent_id, version) VALUES ('a', 9223372036854775806), ('b', -5)",
+        "INSERT INTO schedule_versions (agent_id, version) VALUES ('a', 9223372036854775806), ('b', -5)",
+    )
+    .await;
+    let v = s
+        .create_schedule(
+            schedule_row("m1", None, 0, i64::MAX),
+            vec![
+                ("a".into(), schedule_part("m1")),
+                ("b".into(), schedule_part("m1")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, vec![("a".to_string(), 1), ("b".to_string(), 1)]);
+    assert_eq!(
+        s.stop_schedule("m1", 10).await.unwrap(),
+        vec![("a".to_string(), 2), ("b".to_string(), 2)]
+    );
+    assert!(s
+        .raise_schedule_version("a", MAX_SCHEDULE_VERSION + 1)
+        .await
+        .is_err());
+    assert!(s.raise_schedule_version("a", u64::MAX).await.is_err());
+    assert_eq!(s.agent_schedules("a").await.unwrap().0, 2, "unchanged");
+    assert_eq!(s.raise_schedule_version("a", 41).await.unwrap(), 42);
+    assert_eq!(
+        s.raise_schedule_version("c", MAX_SCHEDULE_VERSION)
+            .await
+            .unwrap(),
+        MAX_SCHEDULE_VERSION + 1
+    );
+    // A stored version past the bound is replaced by a raise, too.
+    s.sql(
+        "UPDATE schedule_versions SET version = 9223372036854775807 WHERE agent_id = 'b'",
+        "UPDATE schedule_versions SET version = 9223372036854775807 WHERE agent_id = 'b'",
+    )
+    .await;
+    assert_eq!(s.raise_schedule_version("b", 6).await.unwrap(), 7);
+}
+
+/// A measurement keeps its owner and daily charge; a token's usage is its day's spend
+/// and its running schedules.
+pub async fn measurements_owners_and_token_usage(s: &dyn Store) {
+    let mut one_off = schedule_row("m0", Some("t1"), 0, 60_000);
+    one_off.schedule_json = None;
+    s.create_measurement(one_off.clone()).await.unwrap();
+    let got = s.measurement("m0").await.unwrap().unwrap();
+    assert_eq!((got.owner.as_deref(), got.daily_probes), (Some("t1"), 0));
+    let part = |id: &str| vec![("a".to_string(), schedule_part(id))];
+    for (id, owner, daily, deadline) in [
+        ("s1", Some("t1"), 500, i64::MAX),
+        ("s2", Some("t1"), 700, i64::MAX),
+        ("s3", Some("t1"), 900, 50),
+        ("s4", Some("t2"), 300, i64::MAX),
+        ("s5", Some("t3"), u64::MAX, i64::MAX),
+        ("s6", Some("t3"), 10, i64::MAX),
+        ("s7", None, 10, i64::MAX),
+    ] {
+        s.create_schedule(schedule_row(id, owner, daily, deadline), part(id))
+            .await
+            .unwrap();
+    }
+    s.stop_schedule("s2", 60).await.unwrap();
+    let s1 = s.measurement("s1").await.unwrap().unwrap();
+    assert_eq!((s1.owner.as_deref(), s1.daily_probes), (Some("t1"), 500));
+    assert_eq!(s.measurement("s7").await.unwrap().unwrap().owner, None);
+    assert_eq!(
+        s.measurement("s5").await.unwrap().unwrap().daily_probes,
+        i64::MAX as u64,
+        "kept at the store's largest integer"
+    );
+    let usage = |t: &'static str| async move { s.token_usage(t, 20_000, 100).await.unwrap() };
+    assert_eq!(
+        usage("t1").await,
+        TokenUsage {
+            one_off_probes: 0,
+            schedules: 1,
+            schedule_daily_probes: 500
+        },
+        "one-off, stopped and past-deadline measurements are not standing charges"
+    );
+    assert_eq!(usage("t2").await.schedule_daily_probes, 300);
+    assert_eq!(
+        usage("t3").await,
+        TokenUsage {
+            one_off_probes: 0,
+            schedules: 2,
+            schedule_daily_probes: i64::MAX as u64
+        },
+        "saturating"
+    );
+    assert_eq!(usage("nobody").await, TokenUsage::default());
+    // At an earlier time, s3 was still running.
+    assert_eq!(s.token_usage("t1", 20_000, 10).await.unwrap().schedules, 2);
+
+    assert_eq!(s.add_spend("t1", 20_000, 5).await.unwrap(), 5);
+    assert_eq!(s.add_spend("t1", 20_000, 7).await.unwrap(), 12);
+    assert_eq!(s.add_spend("t1", 20_001, 1).await.unwrap(), 1);
+    assert_eq!(s.add_spend("t2", 20_000, 0).await.unwrap(), 0);
+    assert_eq!(usage("t1").await.one_off_probes, 12);
+    assert_eq!(
+        s.token_usage("t1", 20_001, 100)
+            .await
+            .unwrap()
+            .one_off_probes,
+        1
+    );
+    assert_eq!(
+        s.add_spend("t1", 20_000, u64::MAX).await.unwrap(),
+        i64::MAX as u64
+    );
+    assert_eq!(
+        s.add_spend("t1", 20_000, 1).await.unwrap(),
+        i64::MAX as u64,
+        "saturating, never overflowing"
+    );
+    // Adds at once are all counted.
+    let adds = (0..50).map(|_| s.add_spend("t4", 7, 2));
+    let totals = futures::future::join_all(adds).await;
+    let mut totals: Vec<u64> = totals.into_iter().map(Result::unwrap).collect();
+    totals.sort_unstable();
+    assert_eq!(totals, (1..=50).map(|i| 2 * i).collect::<Vec<u64>>());
+}
+
+/// The idempotency hash is stored with the request, and comes back with the request
+/// an idempotency key finds (so a replay with another body can be told), never in the
+/// API's JSON.
+pub async fn an_idempotency_hash_comes_back_with_the_existing_request(s: &dyn Store) {
+    let mut first = new_request("r1", Some("k"));
+    first.idempotency_hash = Some("h1".into());
+    let Created::New(row) = s.create_request(first).await.unwrap() else {
+        panic!("a new key makes a request");
+    };
+    assert_eq!(row.idempotency_hash.as_deref(), Some("h1"));
+    let mut replay = new_request("r2", Some("k"));
+    replay.idempotency_hash = Some("h2".into());
+    match s.create_request(replay).await.unwrap() {
+        Created::Existing(r) => {
+            assert_eq!(
+                (r.id.as_str(), r.idempotency_hash.as_deref()),
+                ("r1", Some("h1"))
+            )
+        }
+        Created::New(_) => panic!("same key made a second request"),
+    }
+    let r = s.request("r1").await.unwrap().unwrap();
+    assert_eq!(r.idempotency_hash.as_deref(), Some("h1"));
+    assert!(serde_json::to_value(&r)
+        .unwrap()
+        .get("idempotency_hash")
+        .is_none());
+    s.create_request(new_request("r3", None)).await.unwrap();
+    assert_eq!(
+        s.request("r3").await.unwrap().unwrap().idempotency_hash,
+        None
+    );
+}
+
+/// An API token's budget is stored with its credential, as the text it was given.
+pub async fn credentials_keep_their_budget(s: &dyn Store) {
+    let mut cred = CredentialRow {
+        kind: "api".into(),
+        id: "t1".into(),
+        secret_hash: "h1".into(),
+        message_key: None,
+        scopes: vec!["measure".into()],
+        tags: vec![],
+        rate_per_min: None,
+        created_ms: 1,
+        revoked_ms: None,
+        budget_json: Some(r#"{"daily_probes":1000,"max_schedules":3}"#.into()),
+    };
+    s.put_credential(cred.clone()).await.unwrap();
+    assert_eq!(s.credentials().await.unwrap(), vec![cred.clone()]);
+    cred.budget_json = None;
+    s.put_credential(cred.clone()).await.unwrap();
+    assert_eq!(s.credentials().await.unwrap(), vec![cred]);
+}
+
 /// Runs each suite function against a fresh store of each kind.
 macro_rules! for_each_store {
     ($($name:ident),* $(,)?) => {
@@ -603,6 +1257,14 @@ for_each_store!(
     duplicates_are_dropped_across_groups_and_within_one,
     results_pages_resume_and_filter,
     agents_sessions_credentials_and_measurements,
+    a_poison_record_is_dead_lettered_and_blocks_nothing,
+    an_unwritable_dead_letter_fails_the_call_and_a_resend_completes_it,
+    text_with_nul_is_stored_and_read_back_exactly,
+    far_apart_seqs_are_refused_past_the_range_cap_until_gaps_close,
+    a_schedule_version_at_the_end_of_its_range_starts_again,
+    measurements_owners_and_token_usage,
+    an_idempotency_hash_comes_back_with_the_existing_request,
+    credentials_keep_their_budget,
 );
 
 /// PostgreSQL only: two stores (two backends) write at once while a reader pages by
@@ -673,8 +1335,9 @@ async fn postgres_writers_on_two_backends_never_make_a_reader_skip() {
     assert_eq!(a.record_count().await.unwrap(), 2 * BATCHES * PER);
 }
 
-/// PostgreSQL only: a month's partition is made on first use, and agent times outside
-/// 2000-2100 (a device that booted without a clock) land in the default partition.
+/// PostgreSQL only: a month's partition is made on first use, and agent times far from
+/// the backend's clock (a device that booted without a clock) land in the default
+/// partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_partitions_by_month_of_agent_time() {
     let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
@@ -686,17 +1349,133 @@ async fn postgres_partitions_by_month_of_agent_time() {
             result_record(2, 5_000, "clockless", "echo_module"),           // 1970
         ],
     };
-    let out = s.store_batch("p", prepare(&batch), 1).await.unwrap();
+    // The backend's clock: January 2025 (partitions are made near it only).
+    let now = 1_737_900_000_000; // 2025-01-26
+    let out = s.store_batch("p", prepare(&batch), now).await.unwrap();
     assert_eq!(out.stored, 2);
     let names = s.partition_names().await.unwrap();
     assert!(names.contains(&"records_y2025m01".to_string()), "{names:?}");
     assert!(names.contains(&"records_default".to_string()), "{names:?}");
     // Both are found by the API's queries, and a resend of either is a duplicate.
     assert_eq!(result_seqs(&s, "p").await, vec![2, 1]);
-    let again = s.store_batch("p", prepare(&batch), 2).await.unwrap();
+    let again = s.store_batch("p", prepare(&batch), now + 1).await.unwrap();
     assert_eq!((again.stored, again.duplicates), (0, 2));
     let (records, db) = s.sizes().await.unwrap();
     assert!(records > 0 && db > records, "{records} {db}");
+}
+
+const YEAR_MS: i64 = 365 * 86_400_000;
+
+/// PostgreSQL only: agent times far from the backend's clock (1970, 2090, five years
+/// ago) make no partition: they go to the default partition, are read like any
+/// other, and a resend of each is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_agent_times_far_from_the_clock_make_no_partition() {
+    let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+    let s = crate::store::PostgresStore::connect(&url).await.unwrap();
+    let now = imn_modules::now_ms();
+    let before = s.partition_names().await.unwrap();
+    let batch = Batch {
+        epoch: 1,
+        records: vec![
+            result_record(1, 5_000, "y1970", "echo_module"),
+            result_record(2, 3_786_912_000_000, "y2090", "echo_module"),
+            result_record(3, now - 5 * YEAR_MS, "five_years_ago", "echo_module"),
+        ],
+    };
+    let out = s.store_batch("f", prepare(&batch), now).await.unwrap();
+    assert_eq!(out.stored, 3);
+    assert_eq!(s.partition_names().await.unwrap(), before, "no new table");
+    assert_eq!(s.rows_in("records_default").await.unwrap(), 3);
+    assert_eq!(result_seqs(&s, "f").await, vec![3, 2, 1]);
+    let page = s
+        .results_page(ResultFilter {
+            since_ms: Some(3_000_000_000_000),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].1.request_id, "y2090");
+    let again = s.store_batch("f", prepare(&batch), now + 1).await.unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 3));
+    assert_eq!(s.partition_names().await.unwrap(), before);
+}
+
+/// PostgreSQL only: a month stored while far from the clock is in the default
+/// partition; when the clock comes near, the month gets its partition and its rows
+/// move there, still found (a request's result included) and still deduplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_month_near_the_clock_takes_its_rows_from_the_default_partition() {
+    let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+    let s = crate::store::PostgresStore::connect(&url).await.unwrap();
+    let march_2031 = 1_930_089_600_000; // 2031-03-01
+    let mut req = new_request("mv1", None);
+    req.agent_id = "mv".into();
+    s.create_request(req).await.unwrap();
+    let early = Batch {
+        epoch: 1,
+        records: vec![
+            result_record(1, march_2031 + 9 * 86_400_000, "mv1", "echo_module"),
+            result_record(2, march_2031 - 86_400_000, "feb", "echo_module"),
+        ],
+    };
+    // Now: years before March 2031.
+    let out = s
+        .store_batch("mv", prepare(&early), imn_modules::now_ms())
+        .await
+        .unwrap();
+    assert_eq!(out.stored, 2);
+    assert!(!s
+        .partition_names()
+        .await
+        .unwrap()
+        .contains(&"records_y2031m03".to_string()));
+    assert_eq!(s.rows_in("records_default").await.unwrap(), 2);
+    // Now: March 2031.
+    let late = Batch {
+        epoch: 1,
+        records: vec![result_record(
+            3,
+            march_2031 + 19 * 86_400_000,
+            "mar",
+            "echo_module",
+        )],
+    };
+    let out = s
+        .store_batch("mv", prepare(&late), march_2031 + 86_400_000)
+        .await
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    let names = s.partition_names().await.unwrap();
+    assert!(names.contains(&"records_y2031m03".to_string()), "{names:?}");
+    assert!(
+        !names.contains(&"records_y2031m02".to_string()),
+        "only months that are written get a partition"
+    );
+    assert_eq!(s.rows_in("records_y2031m03").await.unwrap(), 2, "moved");
+    assert_eq!(s.rows_in("records_default").await.unwrap(), 1, "February's");
+    assert_eq!(result_seqs(&s, "mv").await, vec![3, 2, 1]);
+    let r = s
+        .result("mv", "mv1")
+        .await
+        .unwrap()
+        .expect("the moved result");
+    assert_eq!((r.seq, r.result["message"].as_str()), (1, Some("mv1#1")));
+    let again = s
+        .store_batch("mv", prepare(&early), march_2031 + 2 * 86_400_000)
+        .await
+        .unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 2));
+    // Another backend, which never saw the partition made, finds it.
+    let t = crate::store::PostgresStore::connect(&url).await.unwrap();
+    let again = t
+        .store_batch("mv", prepare(&late), march_2031 + 2 * 86_400_000)
+        .await
+        .unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 1));
+    assert_eq!(t.record_count().await.unwrap(), 3);
 }
 
 /// PostgreSQL only: `--store-ca` (or `sslmode=require`) connects over TLS and checks

@@ -5,6 +5,12 @@
 //!
 //! Records are keyed by (agent, epoch, seq), so storing is idempotent: a batch sent
 //! twice is stored once, which makes the at-least-once path exactly-once for users.
+//!
+//! Agents are not trusted to send storable records. A record the database refuses
+//! goes to the dead letters instead of failing every group commit it is part of (see
+//! [`Store::store_batches`]); text a column cannot hold (NUL) is escaped, not lost (see
+//! [`nul_free`]); limits keep one agent from growing the store's structures without
+//! bound ([`MAX_SEQ_RANGES`], [`MAX_SCHEDULE_VERSION`]).
 
 #[cfg(test)]
 mod conformance;
@@ -23,8 +29,14 @@ use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database refused a statement (a constraint, a value it cannot hold...).
     #[error("store: {0}")]
     Db(String),
+    /// The database cannot be reached or cannot write now (connection lost, disk
+    /// full, a lock or serialization conflict): nothing is wrong with the data, so
+    /// storing records never dead-letters on it; the caller retries later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("store task failed: {0}")]
     Task(String),
 }
@@ -38,7 +50,6 @@ pub struct AgentRow {
     pub hello: Hello,
 }
 
-/// A request as the API accepted it.
 /// A stored credential: an enrolled agent (`kind` "agent") or an API token ("api").
 /// Secrets are never stored, only their hash.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,8 +67,11 @@ pub struct CredentialRow {
     pub rate_per_min: Option<f64>,
     pub created_ms: i64,
     pub revoked_ms: Option<i64>,
+    /// API tokens: the token's budget, as JSON text (opaque to the store).
+    pub budget_json: Option<String>,
 }
 
+/// A request as the API accepted it.
 #[derive(Debug, Clone)]
 pub struct NewRequest {
     pub id: String,
@@ -68,6 +82,9 @@ pub struct NewRequest {
     pub deadline_ms: i64,
     pub timeout_ms: u64,
     pub idempotency_key: Option<String>,
+    /// A hash of what the idempotency key was first used for (the request's body), so
+    /// a replay of the key with another body can be told from a true replay.
+    pub idempotency_hash: Option<String>,
     /// W3C trace context of the API request that created it: every dispatch, however
     /// late, and every result join that trace.
     pub traceparent: Option<String>,
@@ -108,6 +125,11 @@ pub struct MeasurementRow {
     pub schedule_json: Option<String>,
     /// When a recurring measurement was stopped (`DELETE`).
     pub stopped_ms: Option<i64>,
+    /// The API token (its id) that created it; None without authentication.
+    pub owner: Option<String>,
+    /// A recurring measurement's standing charge against its owner's budget, probes
+    /// per day; 0 for a one-off.
+    pub daily_probes: u64,
 }
 
 /// A recurring measurement as one agent runs it: its parameters are checked for that
@@ -146,6 +168,9 @@ pub struct RequestRow {
     /// W3C trace context of the request's trace (`00-{trace id}-{span id}-{flags}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// What [`NewRequest::idempotency_hash`] stored; internal, never shown.
+    #[serde(skip)]
+    pub idempotency_hash: Option<String>,
 }
 
 /// Whether a create made a new request or found the one with the same idempotency key.
@@ -296,8 +321,31 @@ fn result_body(
     (state, body, error)
 }
 
+/// What a NUL character in agent text becomes in a column of its own: U+2400 SYMBOL
+/// FOR NULL. PostgreSQL's text columns refuse NUL outright (and a refused record would
+/// be dead-lettered for a byte the agent may not control, such as one in a server's
+/// error text). Both stores escape the same way, so they answer the same. The escape
+/// is lossy only in that a `␀` sent as such reads the same; the record's JSON body
+/// keeps the exact text, NUL included.
+pub const NUL_ESCAPE: char = '\u{2400}';
+
+/// `s` with every NUL replaced by [`NUL_ESCAPE`]; borrowed when there is none.
+pub fn nul_free(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', NUL_ESCAPE.encode_utf8(&mut [0; 4])))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+fn nul_free_owned(s: &str) -> String {
+    nul_free(s).into_owned()
+}
+
 /// Turns a batch into rows: one JSON body per record, serialized straight from the
-/// typed record (a drain prepares one per result).
+/// typed record (a drain prepares one per result). The columns made of agent text
+/// (request id, module, measurement, a state's detail) are [`nul_free`]; the bodies
+/// are JSON, where NUL is the escape `\u0000`.
 pub fn prepare(batch: &Batch) -> PreparedBatch {
     let rows = batch
         .records
@@ -308,39 +356,39 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
             let (kind, request_id, module, body_json, transition) = match &rec.body {
                 RecordBody::State(s) => (
                     "state",
-                    Some(s.request_id.clone()),
+                    Some(nul_free_owned(&s.request_id)),
                     None,
                     serde_json::json!({"state": s.state.as_str(), "detail": s.detail}).to_string(),
                     Some(RowTransition {
-                        request_id: s.request_id.clone(),
+                        request_id: nul_free_owned(&s.request_id),
                         state: s.state,
-                        detail: s.detail.clone(),
+                        detail: s.detail.as_deref().map(nul_free_owned),
                     }),
                 ),
                 RecordBody::Result(r) | RecordBody::TracedResult(r, _) => {
                     let (state, body, error) = result_body(r, None);
                     (
                         "result",
-                        Some(r.request_id.clone()),
-                        Some(r.module.clone()),
+                        Some(nul_free_owned(&r.request_id)),
+                        Some(nul_free_owned(&r.module)),
                         body,
                         Some(RowTransition {
-                            request_id: r.request_id.clone(),
+                            request_id: nul_free_owned(&r.request_id),
                             state,
-                            detail: error,
+                            detail: error.as_deref().map(nul_free_owned),
                         }),
                     )
                 }
                 // A scheduled run has no request to move: only its measurement.
                 RecordBody::ScheduledResult(run) => {
                     let r = &run.result;
-                    measurement_id = Some(run.measurement_id.clone());
+                    measurement_id = Some(nul_free_owned(&run.measurement_id));
                     scheduled_ms = Some(run.scheduled_ms);
                     let (_, body, _) = result_body(r, Some(run.scheduled_ms));
                     (
                         "result",
-                        Some(r.request_id.clone()),
-                        Some(r.module.clone()),
+                        Some(nul_free_owned(&r.request_id)),
+                        Some(nul_free_owned(&r.module)),
                         body,
                         None,
                     )
@@ -372,17 +420,91 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
     }
 }
 
-/// What storing one batch did.
+/// What storing one batch did. Every record of the batch is counted in exactly one of
+/// `stored`, `duplicates`, `dead_lettered` and `refused`; all but `refused` are
+/// handled (the caller acks them).
 #[derive(Debug, Clone, Default)]
 pub struct BatchOutcome {
     pub stored: u64,
     pub duplicates: u64,
+    /// Records the database refused, kept in the dead letters instead (see
+    /// [`Store::dead_letters`]).
+    pub dead_lettered: u64,
+    /// Seqs not stored because the agent's epoch already has [`MAX_SEQ_RANGES`] gaps
+    /// (SQLite only). Not handled: the caller must not ack them, so the agent keeps
+    /// them and sends them again once its earlier seqs have closed the gaps.
+    pub refused: Vec<u64>,
     /// Requests that reached a terminal state with this batch.
     pub finished: Vec<String>,
     /// Records isolated in the dead letters (stored nowhere else); acked like stored ones.
     pub dead_lettered: u64,
     /// Seqs the store refused (over MAX_SEQ_RANGES): not stored, must not be acked.
     pub refused: Vec<u64>,
+}
+
+impl BatchOutcome {
+    /// Adds what storing part of the same batch did.
+    pub(crate) fn merge(&mut self, other: BatchOutcome) {
+        self.stored += other.stored;
+        self.duplicates += other.duplicates;
+        self.dead_lettered += other.dead_lettered;
+        self.refused.extend(other.refused);
+        self.finished.extend(other.finished);
+    }
+}
+
+/// The most disjoint ranges of stored seqs the embedded store keeps per agent and
+/// outbox epoch. An outbox sends its seqs nearly in order, so an honest agent has one
+/// range, or a few while a window fills; a hostile one sending far-apart seqs in
+/// descending order would otherwise make every insert shift a list that grows with
+/// each record, under the store's one lock. A record that would open a range past
+/// this is refused ([`BatchOutcome::refused`]).
+pub const MAX_SEQ_RANGES: usize = 1024;
+
+/// The highest schedule version an agent may report. Versions count changes to one
+/// agent's schedule set, one at a time: no honest agent gets near 2^40. A version
+/// reported above it is refused by [`Store::raise_schedule_version`], so no agent can
+/// push the store's counter to the end of its range (where every later change would
+/// overflow, and stopping a schedule would fail).
+pub const MAX_SCHEDULE_VERSION: u64 = 1 << 40;
+
+/// A record the database refused, kept with the reason so it can be looked at.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub agent_id: String,
+    pub epoch: u64,
+    pub seq: u64,
+    /// The agent's time of the record.
+    pub at_ms: i64,
+    /// `state`, `result` or `event`.
+    pub kind: String,
+    /// The database's error when the record was stored alone.
+    pub reason: String,
+    /// The record's body as prepared (JSON); kept as bytes, which any database takes.
+    pub body: String,
+    pub stored_ms: i64,
+}
+
+/// What an API token has spent of its budget, and what it has standing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TokenUsage {
+    /// Probes of one-off measurements charged on the day asked for.
+    pub one_off_probes: u64,
+    /// Recurring measurements it owns that are running.
+    pub schedules: u64,
+    /// Their daily probes, summed (saturating).
+    pub schedule_daily_probes: u64,
+}
+
+/// The version a raise stores: one past what the agent has seen, which must be within
+/// [`MAX_SCHEDULE_VERSION`] (see there).
+pub(crate) fn raised_version(agent: &str, seen: u64) -> Result<i64, StoreError> {
+    if seen > MAX_SCHEDULE_VERSION {
+        return Err(StoreError::Db(format!(
+            "agent {agent} reported schedule version {seen}, above the largest an agent may have ({MAX_SCHEDULE_VERSION})"
+        )));
+    }
+    Ok(seen as i64 + 1)
 }
 
 #[async_trait]
@@ -408,8 +530,14 @@ pub trait Store: Send + Sync + 'static {
     async fn undelivered(&self, agent: &str) -> Result<Vec<RequestRow>, StoreError>;
     /// Requests not terminal and past their deadline.
     async fn overdue(&self, now_ms: i64) -> Result<Vec<RequestRow>, StoreError>;
-    /// Stores batches (of any agents) in one transaction, skipping records already
-    /// stored; one outcome per batch, in order. All or nothing.
+    /// Stores batches (of any agents), skipping records already stored; one outcome
+    /// per batch, in order. The group is one transaction. If the database refuses it,
+    /// each batch is tried in a transaction of its own, and the records of a batch
+    /// refused alone one at a time: a record refused alone is a poison record and goes
+    /// to the dead letters (a resend of it is a duplicate), so it never blocks other
+    /// records. Err only when the store is unavailable, or a dead letter cannot be
+    /// written either: then batches stored before the failure stay stored (a resend
+    /// finds them duplicates) and the caller retries the rest later.
     async fn store_batches(
         &self,
         batches: Vec<(String, PreparedBatch)>,
@@ -494,6 +622,7 @@ pub trait Store: Send + Sync + 'static {
     async fn agent_schedules(&self, agent: &str) -> Result<(u64, Vec<AgentSchedule>), StoreError>;
     /// Moves the agent's schedule version past `seen` (an agent reported a version
     /// this store never gave, e.g. after the store was replaced). Returns the version.
+    /// Err for `seen` above [`MAX_SCHEDULE_VERSION`]: the agent is broken or hostile.
     async fn raise_schedule_version(&self, agent: &str, seen: u64) -> Result<u64, StoreError>;
     /// Each agent of a recurring measurement, with the runs stored so far.
     async fn schedule_progress(&self, id: &str) -> Result<Vec<ScheduleProgress>, StoreError>;
@@ -511,6 +640,25 @@ pub trait Store: Send + Sync + 'static {
     async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError>;
     /// Adds or replaces the credential (kind, id).
     async fn put_credential(&self, row: CredentialRow) -> Result<(), StoreError>;
+    /// Dead letters, newest first: of one agent, or of all.
+    async fn dead_letters(
+        &self,
+        agent: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+    async fn dead_letter_count(&self) -> Result<u64, StoreError>;
+    /// Adds `probes` to the token's spend on `day` (days since the Unix epoch, UTC)
+    /// and returns the day's new total, saturating at the store's largest integer.
+    /// Atomic: concurrent adds (several backends) are all counted.
+    async fn add_spend(&self, token: &str, day: i64, probes: u64) -> Result<u64, StoreError>;
+    /// The token's spend on `day`, and the recurring measurements it owns that are
+    /// running at `now_ms` (not stopped, deadline after `now_ms`).
+    async fn token_usage(
+        &self,
+        token: &str,
+        day: i64,
+        now_ms: i64,
+    ) -> Result<TokenUsage, StoreError>;
 }
 
 /// The largest schedule version a store gives out; an agent claiming more is refused.

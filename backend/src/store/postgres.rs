@@ -2,8 +2,10 @@
 //! outgrow one machine. Several backends share one database.
 //!
 //! - Records are partitioned by the agent's time (`at_ms`), one partition per month,
-//!   made on first use; times outside 2000–2100 (a device that booted without a
-//!   clock) go to a default partition. Old months can be detached or dropped whole.
+//!   made on first use for months near the backend's clock (from 12 months back to 1
+//!   ahead, see [`partition_of`]); other times (a device that booted without a clock,
+//!   or an agent that lies) go to a default partition, so no agent can make a table
+//!   per month of a century. Old months can be detached or dropped whole.
 //! - A record's id is (agent, epoch, seq): a unique index (with `at_ms`, which a
 //!   partitioned table requires, and which a resend repeats) drops resent records.
 //! - Positions (the API's cursor) come from one sequence. Writers take a transaction
@@ -22,21 +24,45 @@ use imn_modules::wire::{Hello, RequestState};
 use tokio_postgres::NoTls;
 
 use super::{
-    AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, MeasurementRow, NewRequest,
-    PreparedBatch, RequestRow, ResultFilter, ResultRow, ScheduleProgress, Store, StoreError,
-    Transition,
+    nul_free, AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, DeadLetter,
+    MeasurementRow, NewRequest, PreparedBatch, RecordRow, RequestRow, ResultFilter, ResultRow,
+    ScheduleProgress, Store, StoreError, TokenUsage, Transition, MAX_SCHEDULE_VERSION,
 };
 
 /// Advisory lock keys (any two constants unlikely to clash with an application's).
 const WRITE_LOCK: i64 = 0x494d_4e5f_5752; // "IMN_WR"
 const MIGRATE_LOCK: i64 = 0x494d_4e5f_4d47; // "IMN_MG"
 
-/// Records outside these agent times go to the default partition.
-const PARTITION_FROM_MS: i64 = 946_684_800_000; // 2000-01-01
-const PARTITION_UNTIL_MS: i64 = 4_102_444_800_000; // 2100-01-01
+/// Monthly partitions are made for the months from this many before the backend's
+/// clock's month to [`PARTITION_MONTHS_AHEAD`] after it; records of other months go
+/// to the default partition.
+const PARTITION_MONTHS_BACK: i64 = 12;
+const PARTITION_MONTHS_AHEAD: i64 = 1;
 
 fn db<E: std::fmt::Display + 'static>(e: E) -> StoreError {
-    StoreError::Db(message(&e))
+    if unavailable(&e) {
+        StoreError::Unavailable(message(&e))
+    } else {
+        StoreError::Db(message(&e))
+    }
+}
+
+/// Whether the error is the server's or the connection's state rather than a
+/// statement's data: no connection, a conflict with another transaction, resources,
+/// an administrator, a system error (SQLSTATE classes 08, 40, 53, 55, 57, 58, F0, XX).
+/// Those never make a record a poison record.
+fn unavailable<E: 'static>(e: &E) -> bool {
+    let any: &dyn std::any::Any = e;
+    let Some(e) = any.downcast_ref::<tokio_postgres::Error>() else {
+        return false;
+    };
+    match e.as_db_error() {
+        None => true,
+        Some(d) => matches!(
+            d.code().code().get(..2),
+            Some("08" | "40" | "53" | "55" | "57" | "58" | "F0" | "XX")
+        ),
+    }
 }
 
 /// tokio-postgres's errors say only "db error": give the server's message and code.
@@ -163,7 +189,48 @@ CREATE INDEX records_measurement ON records (measurement_id, agent_id, position)
     WHERE measurement_id IS NOT NULL;
 CREATE TABLE records_default PARTITION OF records DEFAULT;
 ",
+    // 2: the dead letters, token budgets, and bodies JSONB cannot hold.
+    "
+ALTER TABLE measurements ADD COLUMN owner TEXT,
+    ADD COLUMN daily_probes BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX measurements_owner ON measurements (owner)
+    WHERE owner IS NOT NULL AND schedule_json IS NOT NULL AND stopped_ms IS NULL;
+ALTER TABLE requests ADD COLUMN idempotency_hash TEXT;
+ALTER TABLE credentials ADD COLUMN budget_json TEXT;
+-- JSONB cannot hold the escape \\u0000 (NUL), which is valid JSON and which an agent's
+-- text can carry (an echo message, an HTTP body's first bytes, a DNS TXT string).
+-- Such a record keeps its exact JSON text here, and `body` a copy with each
+-- \\u0000 escape made \\u2400 (the symbol for NUL), which JSONB takes: reads prefer
+-- this column, so the API returns what the agent sent, while SQL over `body` still
+-- works for every record. A new nullable column: no table is rewritten.
+ALTER TABLE records ADD COLUMN body_text TEXT;
+-- Finds a month's rows in the default partition when the month gets its partition.
+CREATE INDEX records_default_at ON records_default (at_ms);
+CREATE TABLE dead_letters (
+    id BIGSERIAL PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    -- Bytes: whatever made the record unstorable, they can be kept.
+    body BYTEA NOT NULL,
+    stored_ms BIGINT NOT NULL,
+    UNIQUE (agent_id, epoch, seq)
+);
+CREATE INDEX dead_letters_agent ON dead_letters (agent_id, id);
+CREATE TABLE token_spend (
+    token TEXT NOT NULL,
+    day BIGINT NOT NULL,
+    probes BIGINT NOT NULL,
+    PRIMARY KEY (token, day)
+);
+",
 ];
+
+/// The records table's columns, as a partition made by moving rows takes them.
+const RECORD_COLUMNS: &str = "position, agent_id, epoch, seq, kind, request_id, module, measurement_id, scheduled_ms, at_ms, stored_ms, body, body_text";
 
 /// The PostgreSQL store. Cheap to clone; connections come from a pool.
 #[derive(Clone)]
@@ -179,26 +246,50 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-/// The month `at_ms` falls in, as [first ms, first ms of the next), and its table's
-/// name; None outside the partitioned years.
-fn month_of(at_ms: i64) -> Option<(i64, i64, String)> {
-    if !(PARTITION_FROM_MS..PARTITION_UNTIL_MS).contains(&at_ms) {
-        return None;
-    }
+/// The month `at_ms` falls in, counted from year 0 (year * 12 + month - 1); None past
+/// the calendar's range.
+fn month_index(at_ms: i64) -> Option<i64> {
     let t = time::OffsetDateTime::from_unix_timestamp(at_ms.div_euclid(1000)).ok()?;
-    let (y, m) = (t.year(), t.month());
-    let start = time::Date::from_calendar_date(y, m, 1).ok()?;
-    let next = if m == time::Month::December {
-        time::Date::from_calendar_date(y + 1, time::Month::January, 1).ok()?
-    } else {
-        time::Date::from_calendar_date(y, m.next(), 1).ok()?
+    Some(i64::from(t.year()) * 12 + i64::from(u8::from(t.month())) - 1)
+}
+
+/// Month `index` (see [`month_index`]) as [first ms, first ms of the next), and its
+/// table's name.
+fn month_bounds(index: i64) -> Option<(i64, i64, String)> {
+    let date = |i: i64| {
+        let month = time::Month::try_from(u8::try_from(i.rem_euclid(12) + 1).ok()?).ok()?;
+        time::Date::from_calendar_date(i32::try_from(i.div_euclid(12)).ok()?, month, 1).ok()
     };
     let ms = |d: time::Date| d.midnight().assume_utc().unix_timestamp() * 1000;
+    let start = date(index)?;
+    let next = date(index + 1)?;
     Some((
         ms(start),
         ms(next),
-        format!("records_y{y:04}m{:02}", u8::from(m)),
+        format!(
+            "records_y{:04}m{:02}",
+            start.year(),
+            u8::from(start.month())
+        ),
     ))
+}
+
+/// The month `at_ms` falls in, as [`month_bounds`].
+#[cfg(test)]
+fn month_of(at_ms: i64) -> Option<(i64, i64, String)> {
+    month_bounds(month_index(at_ms)?)
+}
+
+/// The monthly partition a record of agent time `at_ms` gets when the backend's clock
+/// says `now_ms`: its month's, if that month overlaps [now - 12 months, now + 1 month];
+/// else None, and the record goes to the default partition. An agent's clock is its
+/// own: one sending times from any year would otherwise make a table for each month.
+fn partition_of(at_ms: i64, now_ms: i64) -> Option<(i64, i64, String)> {
+    let (month, now) = (month_index(at_ms)?, month_index(now_ms)?);
+    (now - PARTITION_MONTHS_BACK..=now + PARTITION_MONTHS_AHEAD)
+        .contains(&month)
+        .then(|| month_bounds(month))
+        .flatten()
 }
 
 impl PostgresStore {
@@ -251,10 +342,11 @@ impl PostgresStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
             .await
             .map_err(db)?;
-        store
-            .ensure_partitions(&tx, [now, now + 31 * 86_400_000])
+        let made = store
+            .ensure_partitions(&tx, [now, now + 31 * 86_400_000], now)
             .await?;
         tx.commit().await.map_err(db)?;
+        store.remember_partitions(made);
         Ok(store)
     }
 
@@ -267,7 +359,7 @@ impl PostgresStore {
                 msg.push_str(&format!(": {c}"));
                 cause = c.source();
             }
-            StoreError::Db(msg)
+            StoreError::Unavailable(msg)
         })
     }
 
@@ -311,36 +403,273 @@ impl PostgresStore {
         tx.commit().await.map_err(db)
     }
 
-    /// Makes the monthly partitions these agent times need. Runs under the write lock,
-    /// so two backends never make the same one at once.
+    /// Makes the monthly partitions these agent times need (see [`partition_of`]) in
+    /// the caller's transaction, which holds the write lock, so two backends never make
+    /// the same one at once. Returns the months now known to have one (or a table of
+    /// that name), for [`Self::remember_partitions`] once the transaction commits.
+    ///
+    /// A month gets its partition when it is near the clock. Rows of it stored earlier,
+    /// when it was not (a record from the future, or partitions made after a pause),
+    /// are in the default partition, and PostgreSQL refuses a partition whose rows the
+    /// default partition holds: those rows move, in this transaction, into a new table
+    /// that is then attached as the month's partition.
     async fn ensure_partitions(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         times: impl IntoIterator<Item = i64>,
-    ) -> Result<(), StoreError> {
+        now_ms: i64,
+    ) -> Result<Vec<i64>, StoreError> {
         let mut need: Vec<(i64, i64, String)> = Vec::new();
         {
             let known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
             for t in times {
-                if let Some(m) = month_of(t) {
+                if let Some(m) = partition_of(t, now_ms) {
                     if !known.contains(&m.0) && !need.iter().any(|n| n.0 == m.0) {
                         need.push(m);
                     }
                 }
             }
         }
+        let mut made = Vec::with_capacity(need.len());
         for (from, until, name) in need {
-            tx.batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF records FOR VALUES FROM ({from}) TO ({until})"
-            ))
-            .await
-            .map_err(|e| StoreError::Db(format!("partition {name}: {}", message(&e))))?;
+            // Failing to make a partition is the database's state, not a record's:
+            // never a reason to dead-letter the records that needed it.
+            let fail = |e: tokio_postgres::Error| {
+                StoreError::Unavailable(format!("partition {name}: {}", message(&e)))
+            };
+            let found = tx
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL,
+                            EXISTS (SELECT 1 FROM pg_inherits
+                                    WHERE inhrelid = to_regclass($1) AND inhparent = 'records'::regclass),
+                            EXISTS (SELECT 1 FROM records_default WHERE at_ms >= $2 AND at_ms < $3)",
+                    &[&name, &from, &until],
+                )
+                .await
+                .map_err(fail)?;
+            let (exists, attached, in_default): (bool, bool, bool) =
+                (found.get(0), found.get(1), found.get(2));
+            if exists {
+                if !attached {
+                    // Detached by an administrator, say: its month stays in the default
+                    // partition.
+                    tracing::warn!(table = %name, "a table has the partition's name but is not a partition of records; its month's records go to the default partition");
+                }
+            } else if in_default {
+                tx.batch_execute(&format!(
+                    "CREATE TABLE {name} (LIKE records INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+                     WITH moved AS (
+                         DELETE FROM records_default WHERE at_ms >= {from} AND at_ms < {until}
+                         RETURNING {RECORD_COLUMNS})
+                     INSERT INTO {name} ({RECORD_COLUMNS}) SELECT {RECORD_COLUMNS} FROM moved;
+                     ALTER TABLE records ATTACH PARTITION {name} FOR VALUES FROM ({from}) TO ({until});"
+                ))
+                .await
+                .map_err(fail)?;
+                tracing::info!(table = %name, "partition made; its month's records moved from the default partition");
+            } else {
+                tx.batch_execute(&format!(
+                    "CREATE TABLE {name} PARTITION OF records FOR VALUES FROM ({from}) TO ({until})"
+                ))
+                .await
+                .map_err(fail)?;
+            }
+            made.push(from);
+        }
+        Ok(made)
+    }
+
+    /// Months whose partition exists, once the transaction that made them committed
+    /// (a rolled-back one made none).
+    fn remember_partitions(&self, made: Vec<i64>) {
+        if !made.is_empty() {
             self.partitions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(from);
+                .extend(made);
         }
-        Ok(())
+    }
+
+    /// One transaction: the records of `group` not stored yet, their requests' moves
+    /// and the agents' counts. One outcome per part.
+    async fn store_group(
+        &self,
+        c: &mut deadpool_postgres::Client,
+        group: &[Part<'_>],
+        now_ms: i64,
+    ) -> Result<Vec<BatchOutcome>, StoreError> {
+        let tx = c.transaction().await.map_err(db)?;
+        // Positions are drawn and committed in order (see the module's notes).
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+            .await
+            .map_err(db)?;
+        let times: Vec<i64> = group
+            .iter()
+            .flat_map(|p| p.2.iter())
+            .map(|r| r.at_ms)
+            .collect();
+        let made = self.ensure_partitions(&tx, times, now_ms).await?;
+        // Rows to insert: each record id once per group (a window resent inside one
+        // group is a duplicate here already).
+        #[derive(Default)]
+        struct Cols<'a> {
+            agent: Vec<&'a str>,
+            epoch: Vec<i64>,
+            seq: Vec<i64>,
+            kind: Vec<&'a str>,
+            request: Vec<Option<&'a str>>,
+            module: Vec<Option<&'a str>>,
+            measurement: Vec<Option<&'a str>>,
+            scheduled: Vec<Option<i64>>,
+            at: Vec<i64>,
+            body: Vec<&'a str>,
+            body_text: Vec<Option<&'a str>>,
+        }
+        // Bodies JSONB cannot hold (see migration 2), made storable.
+        let jsonb_copies: Vec<Option<String>> = group
+            .iter()
+            .flat_map(|p| p.2.iter())
+            .map(|r| {
+                r.body_json
+                    .contains("\\u0000")
+                    .then(|| jsonb_safe(&r.body_json))
+            })
+            .collect();
+        let mut jsonb_copy = jsonb_copies.iter();
+        let mut cols = Cols::default();
+        let mut first_in_group: HashSet<(&str, u64, u64)> = HashSet::new();
+        for &(agent, epoch, rows) in group {
+            for r in rows {
+                let copy = jsonb_copy.next().and_then(Option::as_deref);
+                if !first_in_group.insert((agent, epoch, r.seq)) {
+                    continue;
+                }
+                cols.agent.push(agent);
+                cols.epoch.push(epoch as i64);
+                cols.seq.push(r.seq as i64);
+                cols.kind.push(r.kind);
+                cols.request.push(r.request_id.as_deref());
+                cols.module.push(r.module.as_deref());
+                cols.measurement.push(r.measurement_id.as_deref());
+                cols.scheduled.push(r.scheduled_ms);
+                cols.at.push(r.at_ms);
+                cols.body.push(copy.unwrap_or(&r.body_json));
+                cols.body_text.push(copy.map(|_| r.body_json.as_str()));
+            }
+        }
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, measurement_id, scheduled_ms, at_ms, stored_ms, body, body_text)
+                 SELECT u.agent, u.epoch, u.seq, u.kind, u.request, u.module, u.measurement, u.scheduled, u.at, $11, u.body::JSONB, u.body_text
+                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[], $12::TEXT[])
+                     WITH ORDINALITY AS u(agent, epoch, seq, kind, request, module, measurement, scheduled, at, body, body_text, ord)
+                 ORDER BY u.ord
+                 ON CONFLICT (agent_id, epoch, seq, at_ms) DO NOTHING
+                 RETURNING agent_id, epoch, seq, position",
+            )
+            .await
+            .map_err(db)?;
+        let inserted = tx
+            .query(
+                &insert,
+                &[
+                    &cols.agent,
+                    &cols.epoch,
+                    &cols.seq,
+                    &cols.kind,
+                    &cols.request,
+                    &cols.module,
+                    &cols.measurement,
+                    &cols.scheduled,
+                    &cols.at,
+                    &cols.body,
+                    &now_ms,
+                    &cols.body_text,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        let positions: HashMap<(String, u64, u64), i64> = inserted
+            .iter()
+            .map(|r| {
+                (
+                    (
+                        r.get::<_, String>(0),
+                        r.get::<_, i64>(1) as u64,
+                        r.get::<_, i64>(2) as u64,
+                    ),
+                    r.get::<_, i64>(3),
+                )
+            })
+            .collect();
+        // Transitions of the records stored now, in record order.
+        let ids: Vec<String> = group
+            .iter()
+            .flat_map(|p| p.2.iter())
+            .filter_map(|r| r.transition.as_ref().map(|t| t.request_id.clone()))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut reqs = if ids.is_empty() {
+            HashMap::new()
+        } else {
+            lock_requests(&tx, &ids).await?
+        };
+        let mut obs = TransitionRows::default();
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut counts: HashMap<&str, i64> = HashMap::new();
+        let mut seen: HashSet<(&str, u64, u64)> = HashSet::new();
+        for &(agent, epoch, rows) in group {
+            let mut out = BatchOutcome::default();
+            for r in rows {
+                let key = (agent.to_string(), epoch, r.seq);
+                let pos = match positions.get(&key) {
+                    Some(&p) if seen.insert((agent, epoch, r.seq)) => p,
+                    _ => {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                };
+                out.stored += 1;
+                *counts.entry(agent).or_default() += 1;
+                let Some(t) = &r.transition else { continue };
+                let Some(cur) = reqs.get_mut(&t.request_id) else {
+                    continue;
+                };
+                // An agent moves only its own requests.
+                if cur.agent != agent {
+                    continue;
+                }
+                let result = (r.kind == "result").then_some((pos, r.at_ms));
+                obs.push(
+                    &t.request_id,
+                    t.state,
+                    r.at_ms,
+                    "agent",
+                    t.detail.as_deref(),
+                );
+                if step(cur, t.state, r.at_ms, result) && t.state.is_terminal() {
+                    out.finished.push(t.request_id.clone());
+                }
+            }
+            outcomes.push(out);
+        }
+        write_transitions(&tx, &reqs, &obs).await?;
+        if !counts.is_empty() {
+            let (agents, ns): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
+            let st = tx
+                .prepare_cached(
+                    "INSERT INTO agent_counts (agent_id, records)
+                     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]) ORDER BY 1
+                     ON CONFLICT (agent_id) DO UPDATE SET records = agent_counts.records + EXCLUDED.records",
+                )
+                .await
+                .map_err(db)?;
+            tx.execute(&st, &[&agents, &ns]).await.map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        self.remember_partitions(made);
+        Ok(outcomes)
     }
 
     /// Bytes on disk of the records table (all partitions, indexes and TOAST
@@ -416,8 +745,71 @@ fn state_of(s: &str) -> RequestState {
     RequestState::parse(s).unwrap_or(RequestState::Pending)
 }
 
+/// Records of one agent's outbox epoch, as a group commit takes them: a whole batch,
+/// or one record of it when a batch is stored record by record.
+type Part<'a> = (&'a str, u64, &'a [RecordRow]);
+
+/// `json` with each `\u0000` escape (NUL) made `\u2400` (the symbol for NUL), which
+/// JSONB takes; every other escape is copied as it is. Only the JSONB copy is changed:
+/// the exact text goes to `body_text` (see migration 2).
+fn jsonb_safe(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut rest = json;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let escape = &rest[i..];
+        let len = if escape.starts_with("\\u0000") {
+            out.push_str("\\u2400");
+            6
+        } else {
+            // The backslash and the character it escapes (`\\` included).
+            let len = 1 + escape[1..].chars().next().map_or(0, char::len_utf8);
+            out.push_str(&escape[..len]);
+            len
+        };
+        rest = &escape[len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Keeps a record the database refused; false if it is kept already (a resend).
+async fn dead_letter(
+    c: &deadpool_postgres::Client,
+    (agent, epoch): (&str, u64),
+    row: &RecordRow,
+    reason: &str,
+    now_ms: i64,
+) -> Result<bool, StoreError> {
+    let st = c
+        .prepare_cached(
+            "INSERT INTO dead_letters (agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (agent_id, epoch, seq) DO NOTHING",
+        )
+        .await
+        .map_err(db)?;
+    let n = c
+        .execute(
+            &st,
+            &[
+                &nul_free(agent),
+                &(epoch as i64),
+                &(row.seq as i64),
+                &row.at_ms,
+                &row.kind,
+                &nul_free(reason),
+                &row.body_json.as_bytes(),
+                &now_ms,
+            ],
+        )
+        .await
+        .map_err(db)?;
+    Ok(n == 1)
+}
+
 const REQUEST_COLS: &str =
-    "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms, traceparent";
+    "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms, traceparent, idempotency_hash";
 
 fn request_row(r: &tokio_postgres::Row) -> RequestRow {
     RequestRow {
@@ -431,11 +823,13 @@ fn request_row(r: &tokio_postgres::Row) -> RequestRow {
         deadline_ms: r.get(7),
         timeout_ms: r.get::<_, i64>(8) as u64,
         traceparent: r.get(9),
+        idempotency_hash: r.get(10),
     }
 }
 
+/// The body as the agent's JSON: `body_text` where JSONB could not hold it.
 const RESULT_COLS: &str =
-    "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, r.body::TEXT, r.scheduled_ms";
+    "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, COALESCE(r.body_text, r.body::TEXT), r.scheduled_ms";
 
 fn result_row(r: &tokio_postgres::Row) -> ResultRow {
     let key = super::ResultKey {
@@ -604,10 +998,17 @@ impl TransitionRows {
         self.state.push(state.as_str());
         self.at_ms.push(at_ms);
         self.observer.push(observer.to_string());
-        self.detail.push(detail.map(str::to_string));
+        self.detail.push(detail.map(|d| nul_free(d).into_owned()));
     }
 }
 
+/// Raises the agent's schedule version by one; returns the new version. One UPSERT,
+/// so backends changing the same agent's set at once get different versions. The
+/// `+ 1` runs only below [`MAX_SCHEDULE_VERSION`], so it never overflows; a stored
+/// version at or past it (or negative) came from an agent that claimed it before such
+/// claims were refused: that agent was broken or hostile, honest agents never report
+/// such versions, so it starts again at 1 rather than fail every change to the agent's
+/// schedules (stopping a measurement included).
 async fn bump_version(
     tx: &deadpool_postgres::Transaction<'_>,
     agent: &str,
@@ -615,19 +1016,45 @@ async fn bump_version(
     let row = tx
         .query_one(
             "INSERT INTO schedule_versions (agent_id, version) VALUES ($1, 1)
-             ON CONFLICT (agent_id) DO UPDATE SET version = schedule_versions.version + 1
+             ON CONFLICT (agent_id) DO UPDATE SET version =
+                 CASE WHEN schedule_versions.version < 0 OR schedule_versions.version >= $2 THEN 1
+                      ELSE schedule_versions.version + 1 END
              RETURNING version",
-            &[&agent],
+            &[&agent, &(MAX_SCHEDULE_VERSION as i64)],
         )
         .await
         .map_err(db)?;
-    Ok(row.get::<_, i64>(0) as u64)
+    let v: i64 = row.get(0);
+    u64::try_from(v).map_err(|_| StoreError::Db(format!("schedule version {v} of agent {agent}")))
+}
+
+/// A count as a BIGINT: counts past its range are kept at its end.
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+const MEASUREMENT_COLS: &str = "id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms, owner, daily_probes";
+
+fn measurement_row(r: &tokio_postgres::Row) -> MeasurementRow {
+    MeasurementRow {
+        id: r.get(0),
+        module: r.get(1),
+        params_json: r.get(2),
+        selection_json: r.get(3),
+        description: r.get(4),
+        created_ms: r.get(5),
+        deadline_ms: r.get(6),
+        schedule_json: r.get(7),
+        stopped_ms: r.get(8),
+        owner: r.get(9),
+        daily_probes: r.get::<_, i64>(10).max(0) as u64,
+    }
 }
 
 async fn insert_measurement(c: &impl GenericClient, m: &MeasurementRow) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms, owner, daily_probes)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         &[
             &m.id,
             &m.module,
@@ -638,6 +1065,8 @@ async fn insert_measurement(c: &impl GenericClient, m: &MeasurementRow) -> Resul
             &m.deadline_ms,
             &m.schedule_json,
             &m.stopped_ms,
+            &m.owner,
+            &clamp(m.daily_probes),
         ],
     )
     .await
@@ -689,7 +1118,7 @@ impl Store for PostgresStore {
         let st = tx
             .prepare_cached(&format!(
                 "INSERT INTO requests ({REQUEST_COLS}, idempotency_key, measurement_id)
-                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $9, $10)
+                 VALUES ($1, $2, $3, $4, 'pending', $5, $5, $6, $7, $8, $11, $9, $10)
                  ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
             ))
             .await
@@ -708,6 +1137,7 @@ impl Store for PostgresStore {
                     &req.traceparent,
                     &req.idempotency_key,
                     &req.measurement_id,
+                    &req.idempotency_hash,
                 ],
             )
             .await
@@ -836,162 +1266,60 @@ impl Store for PostgresStore {
         batches: Vec<(String, PreparedBatch)>,
         now_ms: i64,
     ) -> Result<Vec<BatchOutcome>, StoreError> {
+        let group: Vec<Part<'_>> = batches
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.epoch, b.rows.as_slice()))
+            .collect();
         let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(db)?;
-        // Positions are drawn and committed in order (see the module's notes).
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
-            .await
-            .map_err(db)?;
-        let times: Vec<i64> = batches
-            .iter()
-            .flat_map(|(_, b)| b.rows.iter())
-            .map(|r| r.at_ms)
-            .collect();
-        self.ensure_partitions(&tx, times).await?;
-        // Rows to insert: each record id once per group (a window resent inside one
-        // group is a duplicate here already).
-        #[derive(Default)]
-        struct Cols<'a> {
-            agent: Vec<&'a str>,
-            epoch: Vec<i64>,
-            seq: Vec<i64>,
-            kind: Vec<&'a str>,
-            request: Vec<Option<&'a str>>,
-            module: Vec<Option<&'a str>>,
-            measurement: Vec<Option<&'a str>>,
-            scheduled: Vec<Option<i64>>,
-            at: Vec<i64>,
-            body: Vec<&'a str>,
-        }
-        let mut cols = Cols::default();
-        let mut first_in_group: HashSet<(&str, u64, u64)> = HashSet::new();
-        for (agent, b) in &batches {
-            for r in &b.rows {
-                if !first_in_group.insert((agent.as_str(), b.epoch, r.seq)) {
-                    continue;
-                }
-                cols.agent.push(agent);
-                cols.epoch.push(b.epoch as i64);
-                cols.seq.push(r.seq as i64);
-                cols.kind.push(r.kind);
-                cols.request.push(r.request_id.as_deref());
-                cols.module.push(r.module.as_deref());
-                cols.measurement.push(r.measurement_id.as_deref());
-                cols.scheduled.push(r.scheduled_ms);
-                cols.at.push(r.at_ms);
-                cols.body.push(&r.body_json);
-            }
-        }
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, measurement_id, scheduled_ms, at_ms, stored_ms, body)
-                 SELECT u.agent, u.epoch, u.seq, u.kind, u.request, u.module, u.measurement, u.scheduled, u.at, $11, u.body::JSONB
-                 FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[])
-                     WITH ORDINALITY AS u(agent, epoch, seq, kind, request, module, measurement, scheduled, at, body, ord)
-                 ORDER BY u.ord
-                 ON CONFLICT (agent_id, epoch, seq, at_ms) DO NOTHING
-                 RETURNING agent_id, epoch, seq, position",
-            )
-            .await
-            .map_err(db)?;
-        let inserted = tx
-            .query(
-                &insert,
-                &[
-                    &cols.agent,
-                    &cols.epoch,
-                    &cols.seq,
-                    &cols.kind,
-                    &cols.request,
-                    &cols.module,
-                    &cols.measurement,
-                    &cols.scheduled,
-                    &cols.at,
-                    &cols.body,
-                    &now_ms,
-                ],
-            )
-            .await
-            .map_err(db)?;
-        let positions: HashMap<(String, u64, u64), i64> = inserted
-            .iter()
-            .map(|r| {
-                (
-                    (
-                        r.get::<_, String>(0),
-                        r.get::<_, i64>(1) as u64,
-                        r.get::<_, i64>(2) as u64,
-                    ),
-                    r.get::<_, i64>(3),
-                )
-            })
-            .collect();
-        // Transitions of the records stored now, in record order.
-        let ids: Vec<String> = batches
-            .iter()
-            .flat_map(|(_, b)| b.rows.iter())
-            .filter_map(|r| r.transition.as_ref().map(|t| t.request_id.clone()))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let mut reqs = if ids.is_empty() {
-            HashMap::new()
-        } else {
-            lock_requests(&tx, &ids).await?
+        let mut failure = match self.store_group(&mut c, &group, now_ms).await {
+            Ok(out) => return Ok(out),
+            Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
+            Err(e) => e,
         };
-        let mut obs = TransitionRows::default();
-        let mut outcomes = Vec::with_capacity(batches.len());
-        let mut counts: HashMap<&str, i64> = HashMap::new();
-        let mut seen: HashSet<(&str, u64, u64)> = HashSet::new();
-        for (agent, b) in &batches {
-            let mut out = BatchOutcome::default();
-            for r in &b.rows {
-                let key = (agent.clone(), b.epoch, r.seq);
-                let pos = match positions.get(&key) {
-                    Some(&p) if seen.insert((agent.as_str(), b.epoch, r.seq)) => p,
-                    _ => {
-                        out.duplicates += 1;
+        // As the embedded store does (see `store_isolating` there): each batch alone,
+        // then each record of a refused batch alone; a record refused alone is
+        // dead-lettered.
+        tracing::warn!(error = %failure, batches = group.len(), "group commit refused; storing its batches one by one");
+        let mut outcomes = Vec::with_capacity(group.len());
+        for &part in &group {
+            if group.len() > 1 {
+                match self.store_group(&mut c, &[part], now_ms).await {
+                    Ok(mut out) => {
+                        outcomes.extend(out.pop());
                         continue;
                     }
-                };
-                out.stored += 1;
-                *counts.entry(agent.as_str()).or_default() += 1;
-                let Some(t) = &r.transition else { continue };
-                let Some(cur) = reqs.get_mut(&t.request_id) else {
-                    continue;
-                };
-                // An agent moves only its own requests.
-                if cur.agent != *agent {
-                    continue;
+                    Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
+                    Err(e) => failure = e,
                 }
-                let result = (r.kind == "result").then_some((pos, r.at_ms));
-                obs.push(
-                    &t.request_id,
-                    t.state,
-                    r.at_ms,
-                    "agent",
-                    t.detail.as_deref(),
-                );
-                if step(cur, t.state, r.at_ms, result) && t.state.is_terminal() {
-                    out.finished.push(t.request_id.clone());
+            }
+            let (agent, epoch, rows) = part;
+            let mut out = BatchOutcome::default();
+            for row in rows {
+                let alone = if rows.len() > 1 {
+                    self.store_group(&mut c, &[(agent, epoch, std::slice::from_ref(row))], now_ms)
+                        .await
+                } else {
+                    // Refused alone already: as a group of one, or as a batch of one.
+                    Err(std::mem::replace(
+                        &mut failure,
+                        StoreError::Db(String::new()),
+                    ))
+                };
+                match alone {
+                    Ok(mut o) => out.merge(o.pop().unwrap_or_default()),
+                    Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
+                    Err(StoreError::Db(reason)) => {
+                        if dead_letter(&c, (agent, epoch), row, &reason, now_ms).await? {
+                            tracing::warn!(%agent, epoch, seq = row.seq, %reason, "record refused by the store; dead-lettered");
+                            out.dead_lettered += 1;
+                        } else {
+                            out.duplicates += 1;
+                        }
+                    }
                 }
             }
             outcomes.push(out);
         }
-        write_transitions(&tx, &reqs, &obs).await?;
-        if !counts.is_empty() {
-            let (agents, ns): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
-            let st = tx
-                .prepare_cached(
-                    "INSERT INTO agent_counts (agent_id, records)
-                     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]) ORDER BY 1
-                     ON CONFLICT (agent_id) DO UPDATE SET records = agent_counts.records + EXCLUDED.records",
-                )
-                .await
-                .map_err(db)?;
-            tx.execute(&st, &[&agents, &ns]).await.map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
         Ok(outcomes)
     }
 
@@ -1033,7 +1361,8 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         let rows = c
             .query(
-                "SELECT at_ms, body->>'kind', body->>'message' FROM records
+                // The text, not `body->>`: JSONB's copy of a body with NUL has it escaped.
+                "SELECT at_ms, COALESCE(body_text, body::TEXT) FROM records
                  WHERE agent_id = $1 AND kind = 'event' ORDER BY position DESC LIMIT $2",
                 &[&agent, &i64::from(limit)],
             )
@@ -1042,11 +1371,10 @@ impl Store for PostgresStore {
         Ok(rows
             .iter()
             .map(|r| {
-                (
-                    r.get(0),
-                    r.get::<_, Option<String>>(1).unwrap_or_default(),
-                    r.get::<_, Option<String>>(2).unwrap_or_default(),
-                )
+                let v: serde_json::Value =
+                    serde_json::from_str(r.get::<_, &str>(1)).unwrap_or_default();
+                let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+                (r.get(0), text("kind"), text("message"))
             })
             .collect())
     }
@@ -1284,19 +1612,24 @@ impl Store for PostgresStore {
     }
 
     async fn raise_schedule_version(&self, agent: &str, seen: u64) -> Result<u64, StoreError> {
+        let next = super::raised_version(agent, seen)?;
         let c = self.client().await?;
-        let next = seen as i64 + 1;
+        // A stored version past the limit (see `bump_version`) is replaced.
         let v: i64 = c
             .query_one(
                 "INSERT INTO schedule_versions (agent_id, version) VALUES ($1, $2)
-                 ON CONFLICT (agent_id) DO UPDATE SET version = GREATEST(schedule_versions.version, EXCLUDED.version)
+                 ON CONFLICT (agent_id) DO UPDATE SET version =
+                     CASE WHEN schedule_versions.version < 0 OR schedule_versions.version >= $3
+                          THEN EXCLUDED.version
+                          ELSE GREATEST(schedule_versions.version, EXCLUDED.version) END
                  RETURNING version",
-                &[&agent, &next],
+                &[&agent, &next, &(MAX_SCHEDULE_VERSION as i64)],
             )
             .await
             .map_err(db)?
             .get(0);
-        Ok(v as u64)
+        u64::try_from(v)
+            .map_err(|_| StoreError::Db(format!("schedule version {v} of agent {agent}")))
     }
 
     async fn schedule_progress(&self, id: &str) -> Result<Vec<ScheduleProgress>, StoreError> {
@@ -1326,23 +1659,12 @@ impl Store for PostgresStore {
     async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError> {
         let c = self.client().await?;
         Ok(c.query_opt(
-            "SELECT id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms
-             FROM measurements WHERE id = $1",
+            &format!("SELECT {MEASUREMENT_COLS} FROM measurements WHERE id = $1"),
             &[&id],
         )
         .await
         .map_err(db)?
-        .map(|r| MeasurementRow {
-            id: r.get(0),
-            module: r.get(1),
-            params_json: r.get(2),
-            selection_json: r.get(3),
-            description: r.get(4),
-            created_ms: r.get(5),
-            deadline_ms: r.get(6),
-            schedule_json: r.get(7),
-            stopped_ms: r.get(8),
-        }))
+        .map(|r| measurement_row(&r)))
     }
 
     async fn measurement_requests(
@@ -1401,7 +1723,7 @@ impl Store for PostgresStore {
         let rows = c
             .query(
                 "SELECT kind, id, secret_hash, message_key, scopes, tags, rate_per_min,
-                        created_ms, revoked_ms FROM credentials ORDER BY kind, id",
+                        created_ms, revoked_ms, budget_json FROM credentials ORDER BY kind, id",
                 &[],
             )
             .await
@@ -1424,6 +1746,7 @@ impl Store for PostgresStore {
                 rate_per_min: r.get(6),
                 created_ms: r.get(7),
                 revoked_ms: r.get(8),
+                budget_json: r.get(9),
             })
             .collect())
     }
@@ -1432,12 +1755,12 @@ impl Store for PostgresStore {
         let c = self.client().await?;
         c.execute(
             "INSERT INTO credentials
-             (kind, id, secret_hash, message_key, scopes, tags, rate_per_min, created_ms, revoked_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             (kind, id, secret_hash, message_key, scopes, tags, rate_per_min, created_ms, revoked_ms, budget_json)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              ON CONFLICT (kind, id) DO UPDATE SET secret_hash = EXCLUDED.secret_hash,
                  message_key = EXCLUDED.message_key, scopes = EXCLUDED.scopes, tags = EXCLUDED.tags,
                  rate_per_min = EXCLUDED.rate_per_min, created_ms = EXCLUDED.created_ms,
-                 revoked_ms = EXCLUDED.revoked_ms",
+                 revoked_ms = EXCLUDED.revoked_ms, budget_json = EXCLUDED.budget_json",
             &[
                 &row.kind,
                 &row.id,
@@ -1448,11 +1771,103 @@ impl Store for PostgresStore {
                 &row.rate_per_min,
                 &row.created_ms,
                 &row.revoked_ms,
+                &row.budget_json,
             ],
         )
         .await
         .map_err(db)?;
         Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        agent: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms FROM dead_letters
+                 WHERE $1::TEXT IS NULL OR agent_id = $1 ORDER BY id DESC LIMIT $2",
+                &[&agent, &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                agent_id: r.get(0),
+                epoch: r.get::<_, i64>(1) as u64,
+                seq: r.get::<_, i64>(2) as u64,
+                at_ms: r.get(3),
+                kind: r.get(4),
+                reason: r.get(5),
+                body: String::from_utf8_lossy(r.get::<_, &[u8]>(6)).into_owned(),
+                stored_ms: r.get(7),
+            })
+            .collect())
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one("SELECT COUNT(*) FROM dead_letters", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    async fn add_spend(&self, token: &str, day: i64, probes: u64) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        // One statement: backends adding at once are serialized on the row, and the
+        // sum is taken only when it fits.
+        let n: i64 = c
+            .query_one(
+                "INSERT INTO token_spend (token, day, probes) VALUES ($1, $2, $3)
+                 ON CONFLICT (token, day) DO UPDATE SET probes =
+                     CASE WHEN token_spend.probes > 9223372036854775807 - EXCLUDED.probes
+                          THEN 9223372036854775807
+                          ELSE token_spend.probes + EXCLUDED.probes END
+                 RETURNING probes",
+                &[&token, &day, &clamp(probes)],
+            )
+            .await
+            .map_err(db)?
+            .get(0);
+        Ok(n.max(0) as u64)
+    }
+
+    async fn token_usage(
+        &self,
+        token: &str,
+        day: i64,
+        now_ms: i64,
+    ) -> Result<TokenUsage, StoreError> {
+        let c = self.client().await?;
+        let spent: i64 = c
+            .query_opt(
+                "SELECT probes FROM token_spend WHERE token = $1 AND day = $2",
+                &[&token, &day],
+            )
+            .await
+            .map_err(db)?
+            .map_or(0, |r| r.get(0));
+        let row = c
+            .query_one(
+                "SELECT COUNT(*), LEAST(COALESCE(SUM(daily_probes), 0), 9223372036854775807)::BIGINT
+                 FROM measurements
+                 WHERE owner = $1 AND schedule_json IS NOT NULL AND stopped_ms IS NULL
+                     AND deadline_ms > $2",
+                &[&token, &now_ms],
+            )
+            .await
+            .map_err(db)?;
+        Ok(TokenUsage {
+            one_off_probes: spent.max(0) as u64,
+            schedules: row.get::<_, i64>(0) as u64,
+            schedule_daily_probes: row.get::<_, i64>(1).max(0) as u64,
+        })
     }
 }
 
@@ -1477,6 +1892,23 @@ async fn result_of(
 }
 
 #[cfg(test)]
+impl PostgresStore {
+    /// Runs `sql` on a connection of the store's pool.
+    pub(crate) async fn execute_sql(&self, sql: &str) -> Result<(), StoreError> {
+        self.client().await?.batch_execute(sql).await.map_err(db)
+    }
+
+    /// How many rows `table` holds.
+    pub(crate) async fn rows_in(&self, table: &str) -> Result<i64, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_one(&format!("SELECT COUNT(*) FROM {table}"), &[])
+            .await
+            .map_err(db)?
+            .get(0))
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -1487,8 +1919,27 @@ mod tests {
         assert_eq!((from, until), (1_761_955_200_000, 1_764_547_200_000));
         let (_, _, dec) = month_of(1_767_139_200_000).unwrap(); // 2025-12-31
         assert_eq!(dec, "records_y2025m12");
-        assert!(month_of(0).is_none(), "1970 goes to the default partition");
+        let (jan, _, _) = month_of(1_736_000_000_000).unwrap(); // 2025-01-04
+        assert_eq!(month_of(jan - 1).unwrap().2, "records_y2024m12");
         assert!(month_of(i64::MAX).is_none());
+        assert!(month_of(i64::MIN).is_none());
+        // Partitions only for months near the clock: 12 back, 1 ahead.
+        let now = 1_764_201_600_000; // 2025-11-27
+        let name = |t: i64| partition_of(t, now).map(|m| m.2);
+        assert!(name(0).is_none(), "1970 goes to the default partition");
+        assert!(name(i64::MAX).is_none() && name(i64::MIN).is_none());
+        assert_eq!(name(now).as_deref(), Some("records_y2025m11"));
+        assert_eq!(name(1_764_547_200_000).as_deref(), Some("records_y2025m12"));
+        assert!(
+            name(1_767_225_600_000).is_none(),
+            "2026-01 is two months ahead"
+        );
+        assert_eq!(name(1_730_419_200_000).as_deref(), Some("records_y2024m11"));
+        assert!(
+            name(1_730_419_200_000 - 1).is_none(),
+            "2024-10 is 13 months back"
+        );
+        assert!(name(3_786_912_000_000).is_none(), "2090");
         assert_eq!(
             redact("postgres://imn:secret@db:5432/imn"),
             "postgres://imn:***@db:5432/imn"
@@ -1497,5 +1948,85 @@ mod tests {
             redact("host=db user=imn password=pw"),
             "host=db user=imn password=***"
         );
+    }
+
+    #[test]
+    fn jsonb_safe_changes_only_nul_escapes() {
+        assert_eq!(jsonb_safe(r#"{"a":"x\u0000y"}"#), r#"{"a":"x\u2400y"}"#);
+        // An escaped backslash before "u0000" is text, not a NUL.
+        assert_eq!(jsonb_safe(r#"{"a":"\\u0000"}"#), r#"{"a":"\\u0000"}"#);
+        assert_eq!(
+            jsonb_safe(r#"{"a":"\\\u0000\"\u0001é\n"}"#),
+            r#"{"a":"\\\u2400\"\u0001é\n"}"#
+        );
+        assert_eq!(jsonb_safe("no escapes"), "no escapes");
+        assert_eq!(jsonb_safe("trailing \\"), "trailing \\");
+        let v: serde_json::Value =
+            serde_json::from_str(&jsonb_safe(&serde_json::json!({"m": "a\0b"}).to_string()))
+                .unwrap();
+        assert_eq!(v["m"], "a\u{2400}b");
+    }
+
+    /// A database made by the previous version (schema version 1), with data, is
+    /// migrated on connect: its data stays, and what the migration added works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_of_schema_version_1_is_migrated_with_its_data() {
+        let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        let task = tokio::spawn(conn);
+        client.batch_execute(MIGRATIONS[0]).await.unwrap();
+        client
+            .batch_execute(
+                r#"CREATE TABLE schema_version (version INT NOT NULL);
+                INSERT INTO schema_version VALUES (1);
+                INSERT INTO requests (id, agent_id, module, params_json, state, created_ms, updated_ms,
+                    deadline_ms, timeout_ms, idempotency_key, measurement_id)
+                    VALUES ('r1', 'a', 'echo_module', '{}', 'pending', 1, 1, 9, 9, 'k1', 'm1');
+                INSERT INTO measurements VALUES ('m1', 'echo_module', '{}', '{}', 'old', 1, 9, NULL, NULL);
+                INSERT INTO credentials VALUES ('api', 't1', 'h', NULL, 'read', '', NULL, 1, NULL);
+                INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body)
+                    VALUES ('a', 1, 1, 'result', 'r1', 'echo_module', 5000, 6,
+                            '{"state":"succeeded","result":{"message":"m"}}');
+                INSERT INTO agent_counts VALUES ('a', 1);"#,
+            )
+            .await
+            .unwrap();
+        drop(client);
+        let _ = task.await;
+        let s = PostgresStore::connect(&url).await.unwrap();
+        let m = s.measurement("m1").await.unwrap().unwrap();
+        assert_eq!(
+            (m.description.as_deref(), m.owner, m.daily_probes),
+            (Some("old"), None, 0)
+        );
+        let r = s.request("r1").await.unwrap().unwrap();
+        assert_eq!(r.idempotency_hash, None);
+        assert_eq!(s.credentials().await.unwrap()[0].budget_json, None);
+        let results = s.results("a", 10).await.unwrap();
+        assert_eq!(results[0].result["message"], "m");
+        assert_eq!(s.dead_letter_count().await.unwrap(), 0);
+        assert_eq!(s.add_spend("t1", 1, 2).await.unwrap(), 2);
+        // A body JSONB cannot hold is stored now; the old record is still a duplicate.
+        let batch = imn_modules::wire::Batch {
+            epoch: 1,
+            records: vec![imn_modules::wire::Record {
+                seq: 2,
+                at_ms: 5001,
+                body: imn_modules::wire::RecordBody::Event(imn_modules::wire::AgentEvent {
+                    kind: "log".into(),
+                    message: "a\0b".into(),
+                }),
+            }],
+        };
+        let out = s
+            .store_batch("a", crate::store::prepare(&batch), 7)
+            .await
+            .unwrap();
+        assert_eq!((out.stored, out.dead_lettered), (1, 0));
+        assert_eq!(s.events("a", 1).await.unwrap()[0].2, "a\0b");
+        drop(s);
+        // Connecting again migrates nothing more.
+        let s = PostgresStore::connect(&url).await.unwrap();
+        assert_eq!(s.record_count().await.unwrap(), 2);
     }
 }

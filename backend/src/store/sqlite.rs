@@ -7,9 +7,10 @@ use imn_modules::wire::{Hello, RequestState};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
-    AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, MeasurementRow, NewRequest,
-    PreparedBatch, RequestRow, ResultFilter, ResultRow, ScheduleProgress, Store, StoreError,
-    Transition,
+    nul_free, AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, DeadLetter,
+    MeasurementRow, NewRequest, PreparedBatch, RecordRow, RequestRow, ResultFilter, ResultRow,
+    ScheduleProgress, Store, StoreError, TokenUsage, Transition, MAX_SCHEDULE_VERSION,
+    MAX_SEQ_RANGES,
 };
 
 /// The background thread checkpoints the WAL after this long with writes, or once
@@ -24,12 +25,40 @@ const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// The database file (tests open a second connection to it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    path: std::path::PathBuf,
     /// Bytes written since the last checkpoint, roughly (records and requests).
     written: Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// The store's error; [`StoreError::Unavailable`] when SQLite could not read or write
+/// the file at all (then no record is to blame, and none is dead-lettered).
 fn db(e: rusqlite::Error) -> StoreError {
-    StoreError::Db(e.to_string())
+    use rusqlite::ErrorCode::*;
+    let unavailable = matches!(
+        e.sqlite_error_code(),
+        Some(
+            DatabaseBusy
+                | DatabaseLocked
+                | OutOfMemory
+                | SystemIoFailure
+                | DatabaseCorrupt
+                | DiskFull
+                | CannotOpen
+                | FileLockingProtocolFailed
+                | ReadOnly
+                | NotADatabase
+                | OperationInterrupted
+                | PermissionDenied
+                | NoLargeFileSupport
+        )
+    );
+    if unavailable {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Db(e.to_string())
+    }
 }
 
 const SCHEMA: &str = "
@@ -67,7 +96,8 @@ CREATE TABLE IF NOT EXISTS requests (
     traceparent TEXT,
     measurement_id TEXT,
     -- The request's first result (records.id): found without an index on records.
-    result_id INTEGER
+    result_id INTEGER,
+    idempotency_hash TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_agent_state ON requests(agent_id, state);
 CREATE TABLE IF NOT EXISTS agent_sessions (
@@ -86,7 +116,10 @@ CREATE TABLE IF NOT EXISTS measurements (
     created_ms INTEGER NOT NULL,
     deadline_ms INTEGER NOT NULL,
     schedule_json TEXT,
-    stopped_ms INTEGER
+    stopped_ms INTEGER,
+    -- The API token that made it, and a recurring one's probes per day.
+    owner TEXT,
+    daily_probes INTEGER NOT NULL DEFAULT 0
 );
 -- Each agent's part in a recurring measurement: its parameters (checked for that
 -- agent) and the agent's schedule version that first carried it.
@@ -132,6 +165,7 @@ CREATE TABLE IF NOT EXISTS credentials (
     rate_per_min REAL,
     created_ms INTEGER NOT NULL,
     revoked_ms INTEGER,
+    budget_json TEXT,
     PRIMARY KEY (kind, id)
 );
 CREATE TABLE IF NOT EXISTS record_seqs (
@@ -139,6 +173,29 @@ CREATE TABLE IF NOT EXISTS record_seqs (
     epoch INTEGER NOT NULL,
     ranges BLOB NOT NULL,
     PRIMARY KEY (agent_id, epoch)
+) WITHOUT ROWID;
+-- Records the database refused when stored alone (poison records), with the reason.
+-- The body is a BLOB: whatever made the record unstorable, its bytes can be kept.
+-- Unique by record id, so a resend is a duplicate.
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    body BLOB NOT NULL,
+    stored_ms INTEGER NOT NULL,
+    UNIQUE (agent_id, epoch, seq)
+);
+CREATE INDEX IF NOT EXISTS dead_letters_agent ON dead_letters(agent_id, id);
+-- Probes each API token spent on one-off measurements, per UTC day.
+CREATE TABLE IF NOT EXISTS token_spend (
+    token TEXT NOT NULL,
+    day INTEGER NOT NULL,
+    probes INTEGER NOT NULL,
+    PRIMARY KEY (token, day)
 ) WITHOUT ROWID;
 ";
 
@@ -220,6 +277,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         ("records", "measurement_id", "TEXT"),
         ("measurements", "schedule_json", "TEXT"),
         ("measurements", "stopped_ms", "INTEGER"),
+        ("measurements", "owner", "TEXT"),
+        ("measurements", "daily_probes", "INTEGER NOT NULL DEFAULT 0"),
+        ("requests", "idempotency_hash", "TEXT"),
+        ("credentials", "budget_json", "TEXT"),
     ] {
         let has = tx
             .prepare(&format!(
@@ -233,7 +294,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         }
     }
     tx.execute_batch(
-        "CREATE INDEX IF NOT EXISTS records_measurement ON records(measurement_id, id) WHERE measurement_id IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS records_measurement ON records(measurement_id, id) WHERE measurement_id IS NOT NULL;
+         -- A token's running schedules (its standing budget charge).
+         CREATE INDEX IF NOT EXISTS measurements_owner ON measurements(owner)
+             WHERE owner IS NOT NULL AND schedule_json IS NOT NULL AND stopped_ms IS NULL;",
     )
     .map_err(db)?;
     if old_layout {
@@ -263,12 +327,14 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
                     r.get(2).map_err(db)?,
                 );
                 match &mut current {
+                    // Every stored seq, however many ranges: these records are
+                    // stored, and their ids must stay known.
                     Some((a, e, set)) if *a == agent && *e == epoch => {
-                        set.insert(seq as u64);
+                        set.insert(seq as u64, usize::MAX);
                     }
                     _ => {
                         let mut set = SeqRanges::default();
-                        set.insert(seq as u64);
+                        set.insert(seq as u64, usize::MAX);
                         if let Some(prev) = current.replace((agent, epoch, set)) {
                             done.push(prev);
                         }
@@ -298,8 +364,19 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 
 /// A set of seqs as sorted, disjoint, non-adjacent inclusive ranges. An outbox sends
 /// its seqs nearly in order, so a set is one range, or a few while a window fills.
+/// Inserting shifts the ranges after the new one: bounded by a cap on their number
+/// ([`MAX_SEQ_RANGES`] for records).
 #[derive(Debug, Default, Clone, PartialEq)]
 struct SeqRanges(Vec<(u64, u64)>);
+
+/// What [`SeqRanges::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeqInsert {
+    New,
+    Duplicate,
+    /// It would have opened a range past the cap; nothing changed.
+    Refused,
+}
 
 impl SeqRanges {
     #[cfg(test)]
@@ -308,13 +385,13 @@ impl SeqRanges {
         self.0.get(i).is_some_and(|&(lo, _)| lo <= seq)
     }
 
-    /// Adds `seq`; false if it was there.
-    fn insert(&mut self, seq: u64) -> bool {
+    /// Adds `seq`, unless it is there or it would make more than `cap` ranges.
+    fn insert(&mut self, seq: u64, cap: usize) -> SeqInsert {
         let i = self
             .0
             .partition_point(|&(_, hi)| hi.saturating_add(1) < seq);
         match self.0.get(i).copied() {
-            Some((lo, hi)) if lo <= seq && seq <= hi => return false,
+            Some((lo, hi)) if lo <= seq && seq <= hi => return SeqInsert::Duplicate,
             Some((lo, hi)) if seq.saturating_add(1) == lo || seq == hi.saturating_add(1) => {
                 let (lo, hi) = (lo.min(seq), hi.max(seq));
                 self.0[i] = (lo, hi);
@@ -326,9 +403,10 @@ impl SeqRanges {
                     }
                 }
             }
+            _ if self.0.len() >= cap => return SeqInsert::Refused,
             _ => self.0.insert(i, (seq, seq)),
         }
-        true
+        SeqInsert::New
     }
 
     fn to_bytes(&self) -> Vec<u8> {
@@ -421,7 +499,11 @@ impl SqliteStore {
         let conn = Arc::new(Mutex::new(conn));
         let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
         Self::checkpoint_in_background(path, Arc::downgrade(&conn), written.clone())?;
-        Ok(SqliteStore { conn, written })
+        Ok(SqliteStore {
+            conn,
+            path: path.to_path_buf(),
+            written,
+        })
     }
 
     /// Copies the WAL into the database from a connection of its own, so the writer
@@ -480,7 +562,7 @@ fn state_of(s: String) -> RequestState {
 }
 
 const REQUEST_COLS: &str =
-    "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms, traceparent";
+    "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms, traceparent, idempotency_hash";
 
 fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
     Ok(RequestRow {
@@ -494,6 +576,7 @@ fn request_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RequestRow> {
         deadline_ms: r.get(7)?,
         timeout_ms: r.get::<_, i64>(8)? as u64,
         traceparent: r.get(9)?,
+        idempotency_hash: r.get(10)?,
     })
 }
 
@@ -508,13 +591,15 @@ fn get_request(c: &Connection, id: &str) -> Result<Option<RequestRow>, StoreErro
     .map_err(db)
 }
 
-/// Moves a request forward; never back, never out of a terminal state.
+/// Records of one agent's outbox epoch, as a group commit takes them: a whole batch,
+/// or one record of it when a batch is stored record by record.
+type Part<'a> = (&'a str, u64, &'a [RecordRow]);
+
 /// Inserts one batch's records inside the caller's transaction.
 fn insert_batch(
     tx: &Connection,
     seen: &mut SeenSeqs,
-    agent: &str,
-    batch: &PreparedBatch,
+    (agent, epoch, rows): Part<'_>,
     now_ms: i64,
 ) -> Result<BatchOutcome, StoreError> {
     let mut out = BatchOutcome::default();
@@ -524,17 +609,24 @@ fn insert_batch(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(db)?;
-    let seqs = seen.get(tx, agent, batch.epoch)?;
-    for row in &batch.rows {
-        if !seqs.0.insert(row.seq) {
-            out.duplicates += 1;
-            continue;
+    let seqs = seen.get(tx, agent, epoch)?;
+    for row in rows {
+        match seqs.0.insert(row.seq, MAX_SEQ_RANGES) {
+            SeqInsert::New => {}
+            SeqInsert::Duplicate => {
+                out.duplicates += 1;
+                continue;
+            }
+            SeqInsert::Refused => {
+                out.refused.push(row.seq);
+                continue;
+            }
         }
         seqs.1 = true;
         insert
             .execute(params![
                 agent,
-                batch.epoch as i64,
+                epoch as i64,
                 row.seq as i64,
                 row.kind,
                 row.request_id,
@@ -611,7 +703,13 @@ fn apply_transition(
         "INSERT INTO transitions (request_id, state, at_ms, observer, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
     )
     .map_err(db)?
-    .execute(params![id, state.as_str(), at_ms, observer, detail])
+    .execute(params![
+        id,
+        state.as_str(),
+        at_ms,
+        observer,
+        detail.map(nul_free)
+    ])
     .map_err(db)?;
     if state == current && !current.is_terminal() {
         // A repeat (such as a re-dispatch) refreshes the time, not the state.
@@ -632,8 +730,8 @@ fn apply_transition(
 
 fn insert_measurement(c: &Connection, m: &MeasurementRow) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO measurements (id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms, owner, daily_probes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             m.id,
             m.module,
@@ -643,24 +741,195 @@ fn insert_measurement(c: &Connection, m: &MeasurementRow) -> Result<(), StoreErr
             m.created_ms,
             m.deadline_ms,
             m.schedule_json,
-            m.stopped_ms
+            m.stopped_ms,
+            m.owner,
+            clamp(m.daily_probes)
         ],
     )
     .map(|_| ())
     .map_err(db)
 }
 
-/// Raises the agent's schedule version by one; returns the new version.
+/// A count as SQLite's integer: counts past its range are kept at its end.
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+const MEASUREMENT_COLS: &str = "id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms, owner, daily_probes";
+
+fn measurement_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MeasurementRow> {
+    Ok(MeasurementRow {
+        id: r.get(0)?,
+        module: r.get(1)?,
+        params_json: r.get(2)?,
+        selection_json: r.get(3)?,
+        description: r.get(4)?,
+        created_ms: r.get(5)?,
+        deadline_ms: r.get(6)?,
+        schedule_json: r.get(7)?,
+        stopped_ms: r.get(8)?,
+        owner: r.get(9)?,
+        daily_probes: r.get::<_, i64>(10)?.max(0) as u64,
+    })
+}
+
+/// Raises the agent's schedule version by one; returns the new version. The `+ 1`
+/// runs only below [`MAX_SCHEDULE_VERSION`], so it never overflows: a stored version
+/// at or past it (or negative, as a u64 past i64's range was once stored) could only
+/// have come from an agent that claimed it, before such claims were refused, and that
+/// agent was broken or hostile; honest agents never report such versions. Such a
+/// version starts again at 1 rather than fail every change to the agent's schedules
+/// (stopping a measurement included).
 fn bump_version(tx: &Connection, agent: &str) -> Result<u64, StoreError> {
-    tx.query_row(
-        "INSERT INTO schedule_versions (agent_id, version) VALUES (?1, 1)
-         ON CONFLICT(agent_id) DO UPDATE SET version = version + 1
-         RETURNING version",
-        [agent],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|v| v as u64)
-    .map_err(db)
+    let v = tx
+        .query_row(
+            "INSERT INTO schedule_versions (agent_id, version) VALUES (?1, 1)
+             ON CONFLICT(agent_id) DO UPDATE SET version =
+                 CASE WHEN version < 0 OR version >= ?2 THEN 1 ELSE version + 1 END
+             RETURNING version",
+            params![agent, MAX_SCHEDULE_VERSION as i64],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(db)?;
+    u64::try_from(v).map_err(|_| StoreError::Db(format!("schedule version {v} of agent {agent}")))
+}
+
+/// One transaction: the records of `group` not stored yet, their requests' moves, the
+/// seq sets and the agents' counts. One outcome per part.
+fn store_group(
+    c: &mut Connection,
+    group: &[Part<'_>],
+    now_ms: i64,
+) -> Result<Vec<BatchOutcome>, StoreError> {
+    let tx = c.transaction().map_err(db)?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    // One counter update per agent per transaction, not per batch.
+    let mut counts: HashMap<&str, u64> = HashMap::new();
+    let mut seen = SeenSeqs::default();
+    for &part in group {
+        let out = insert_batch(&tx, &mut seen, part, now_ms)?;
+        *counts.entry(part.0).or_default() += out.stored;
+        outcomes.push(out);
+    }
+    seen.write(&tx)?;
+    for (agent, n) in counts {
+        if n > 0 {
+            tx.prepare_cached(
+                "INSERT INTO agent_counts (agent_id, records) VALUES (?1, ?2)
+                 ON CONFLICT(agent_id) DO UPDATE SET records = records + excluded.records",
+            )
+            .map_err(db)?
+            .execute(params![agent, n as i64])
+            .map_err(db)?;
+        }
+    }
+    tx.commit().map_err(db)?;
+    Ok(outcomes)
+}
+
+/// Keeps a record the database refused; false if it is kept already (a resend). Its
+/// seq joins the epoch's stored seqs, as a handled record: a resend is dropped as any
+/// duplicate is, and the seqs after it still extend the same range (a gap per dead
+/// letter would count against [`MAX_SEQ_RANGES`]).
+fn dead_letter(
+    c: &mut Connection,
+    (agent, epoch): (&str, u64),
+    row: &RecordRow,
+    reason: &str,
+    now_ms: i64,
+) -> Result<bool, StoreError> {
+    let tx = c.transaction().map_err(db)?;
+    let n = tx
+        .prepare_cached(
+            "INSERT INTO dead_letters (agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (agent_id, epoch, seq) DO NOTHING",
+        )
+        .map_err(db)?
+        .execute(params![
+            agent,
+            epoch as i64,
+            row.seq as i64,
+            row.at_ms,
+            row.kind,
+            reason,
+            row.body_json.as_bytes(),
+            now_ms
+        ])
+        .map_err(db)?;
+    if n == 1 {
+        let mut seen = SeenSeqs::default();
+        // Unreadable seqs may be why the record was refused: the dead letter is kept
+        // all the same.
+        if let Ok(set) = seen.get(&tx, agent, epoch) {
+            if set.0.insert(row.seq, MAX_SEQ_RANGES) == SeqInsert::New {
+                set.1 = true;
+            }
+        }
+        seen.write(&tx)?;
+    }
+    tx.commit().map_err(db)?;
+    Ok(n == 1)
+}
+
+/// [`Store::store_batches`]: the group in one transaction; if the database refuses
+/// it, each batch alone; if it refuses a batch, each of its records alone; a record
+/// refused alone is dead-lettered.
+fn store_isolating(
+    c: &mut Connection,
+    batches: &[(String, PreparedBatch)],
+    now_ms: i64,
+) -> Result<Vec<BatchOutcome>, StoreError> {
+    let group: Vec<Part<'_>> = batches
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.epoch, b.rows.as_slice()))
+        .collect();
+    let mut failure = match store_group(c, &group, now_ms) {
+        Ok(out) => return Ok(out),
+        Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
+        Err(e) => e,
+    };
+    tracing::warn!(error = %failure, batches = group.len(), "group commit refused; storing its batches one by one");
+    let mut outcomes = Vec::with_capacity(group.len());
+    for &part in &group {
+        if group.len() > 1 {
+            match store_group(c, &[part], now_ms) {
+                Ok(mut out) => {
+                    outcomes.extend(out.pop());
+                    continue;
+                }
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
+                Err(e) => failure = e,
+            }
+        }
+        let (agent, epoch, rows) = part;
+        let mut out = BatchOutcome::default();
+        for row in rows {
+            let alone = if rows.len() > 1 {
+                store_group(c, &[(agent, epoch, std::slice::from_ref(row))], now_ms)
+            } else {
+                // Refused alone already: as a group of one, or as a batch of one.
+                Err(std::mem::replace(
+                    &mut failure,
+                    StoreError::Db(String::new()),
+                ))
+            };
+            match alone {
+                Ok(mut o) => out.merge(o.pop().unwrap_or_default()),
+                Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
+                Err(StoreError::Db(reason)) => {
+                    if dead_letter(c, (agent, epoch), row, &reason, now_ms)? {
+                        tracing::warn!(%agent, epoch, seq = row.seq, %reason, "record refused by the store; dead-lettered");
+                        out.dead_lettered += 1;
+                    } else {
+                        out.duplicates += 1;
+                    }
+                }
+            }
+        }
+        outcomes.push(out);
+    }
+    Ok(outcomes)
 }
 
 fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
@@ -750,7 +1019,7 @@ impl Store for SqliteStore {
                 }
             }
             tx.prepare_cached(
-                &format!("INSERT INTO requests ({REQUEST_COLS}, idempotency_key, measurement_id) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?9, ?8, ?10)"),
+                &format!("INSERT INTO requests ({REQUEST_COLS}, idempotency_key, measurement_id) VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5, ?6, ?7, ?9, ?11, ?8, ?10)"),
             )
             .map_err(db)?
             .execute(
@@ -764,7 +1033,8 @@ impl Store for SqliteStore {
                     req.timeout_ms as i64,
                     req.idempotency_key,
                     req.traceparent,
-                    req.measurement_id
+                    req.measurement_id,
+                    req.idempotency_hash
                 ],
             )
             .map_err(db)?;
@@ -909,33 +1179,8 @@ impl Store for SqliteStore {
             bytes as u64 + 16 * 1024,
             std::sync::atomic::Ordering::Relaxed,
         );
-        self.with(move |c| {
-            let tx = c.transaction().map_err(db)?;
-            let mut outcomes = Vec::with_capacity(batches.len());
-            // One counter update per agent per transaction, not per batch.
-            let mut counts: HashMap<&str, u64> = HashMap::new();
-            let mut seen = SeenSeqs::default();
-            for (agent, batch) in &batches {
-                let out = insert_batch(&tx, &mut seen, agent, batch, now_ms)?;
-                *counts.entry(agent.as_str()).or_default() += out.stored;
-                outcomes.push(out);
-            }
-            seen.write(&tx)?;
-            for (agent, n) in counts {
-                if n > 0 {
-                    tx.prepare_cached(
-                        "INSERT INTO agent_counts (agent_id, records) VALUES (?1, ?2)
-                         ON CONFLICT(agent_id) DO UPDATE SET records = records + excluded.records",
-                    )
-                    .map_err(db)?
-                    .execute(params![agent, n as i64])
-                    .map_err(db)?;
-                }
-            }
-            tx.commit().map_err(db)?;
-            Ok(outcomes)
-        })
-        .await
+        self.with(move |c| store_isolating(c, &batches, now_ms))
+            .await
     }
 
     async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError> {
@@ -1232,17 +1477,22 @@ impl Store for SqliteStore {
     }
 
     async fn raise_schedule_version(&self, agent: &str, seen: u64) -> Result<u64, StoreError> {
+        let next = super::raised_version(agent, seen)?;
         let agent = agent.to_string();
         self.with(move |c| {
-            c.query_row(
-                "INSERT INTO schedule_versions (agent_id, version) VALUES (?1, ?2 + 1)
-                 ON CONFLICT(agent_id) DO UPDATE SET version = MAX(version, ?2 + 1)
-                 RETURNING version",
-                params![agent, seen as i64],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|v| v as u64)
-            .map_err(db)
+            // A stored version past the limit (see `bump_version`) is replaced.
+            let v = c
+                .query_row(
+                    "INSERT INTO schedule_versions (agent_id, version) VALUES (?1, ?2)
+                     ON CONFLICT(agent_id) DO UPDATE SET version =
+                         CASE WHEN version < 0 OR version >= ?3 THEN ?2 ELSE MAX(version, ?2) END
+                     RETURNING version",
+                    params![agent, next, MAX_SCHEDULE_VERSION as i64],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(db)?;
+            u64::try_from(v)
+                .map_err(|_| StoreError::Db(format!("schedule version {v} of agent {agent}")))
         })
         .await
     }
@@ -1278,22 +1528,9 @@ impl Store for SqliteStore {
         let id = id.to_string();
         self.with(move |c| {
             c.query_row(
-                "SELECT id, module, params_json, selection_json, description, created_ms, deadline_ms, schedule_json, stopped_ms
-                 FROM measurements WHERE id = ?1",
+                &format!("SELECT {MEASUREMENT_COLS} FROM measurements WHERE id = ?1"),
                 [&id],
-                |r| {
-                    Ok(MeasurementRow {
-                        id: r.get(0)?,
-                        module: r.get(1)?,
-                        params_json: r.get(2)?,
-                        selection_json: r.get(3)?,
-                        description: r.get(4)?,
-                        created_ms: r.get(5)?,
-                        deadline_ms: r.get(6)?,
-                        schedule_json: r.get(7)?,
-                        stopped_ms: r.get(8)?,
-                    })
-                },
+                measurement_row,
             )
             .optional()
             .map_err(db)
@@ -1385,7 +1622,7 @@ impl Store for SqliteStore {
             let mut st = c
                 .prepare(
                     "SELECT kind, id, secret_hash, message_key, scopes, tags, rate_per_min,
-                            created_ms, revoked_ms FROM credentials ORDER BY kind, id",
+                            created_ms, revoked_ms, budget_json FROM credentials ORDER BY kind, id",
                 )
                 .map_err(db)?;
             let split = |s: String| -> Vec<String> {
@@ -1406,6 +1643,7 @@ impl Store for SqliteStore {
                         rate_per_min: r.get(6)?,
                         created_ms: r.get(7)?,
                         revoked_ms: r.get(8)?,
+                        budget_json: r.get(9)?,
                     })
                 })
                 .map_err(db)?;
@@ -1418,8 +1656,8 @@ impl Store for SqliteStore {
         self.with(move |c| {
             c.execute(
                 "INSERT OR REPLACE INTO credentials
-                 (kind, id, secret_hash, message_key, scopes, tags, rate_per_min, created_ms, revoked_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 (kind, id, secret_hash, message_key, scopes, tags, rate_per_min, created_ms, revoked_ms, budget_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     row.kind,
                     row.id,
@@ -1429,13 +1667,129 @@ impl Store for SqliteStore {
                     row.tags.join(","),
                     row.rate_per_min,
                     row.created_ms,
-                    row.revoked_ms
+                    row.revoked_ms,
+                    row.budget_json
                 ],
             )
             .map_err(db)?;
             Ok(())
         })
         .await
+    }
+
+    async fn dead_letters(
+        &self,
+        agent: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let agent = agent.map(str::to_string);
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms FROM dead_letters
+                     WHERE ?1 IS NULL OR agent_id = ?1 ORDER BY id DESC LIMIT ?2",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![agent, limit], |r| {
+                    Ok(DeadLetter {
+                        agent_id: r.get(0)?,
+                        epoch: r.get::<_, i64>(1)? as u64,
+                        seq: r.get::<_, i64>(2)? as u64,
+                        at_ms: r.get(3)?,
+                        kind: r.get(4)?,
+                        reason: r.get(5)?,
+                        body: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(6)?).into_owned(),
+                        stored_ms: r.get(7)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+
+    async fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn add_spend(&self, token: &str, day: i64, probes: u64) -> Result<u64, StoreError> {
+        let token = token.to_string();
+        self.with(move |c| {
+            // Saturating: the sum is taken only when it fits.
+            c.prepare_cached(
+                "INSERT INTO token_spend (token, day, probes) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (token, day) DO UPDATE SET probes =
+                     CASE WHEN probes > 9223372036854775807 - excluded.probes THEN 9223372036854775807
+                          ELSE probes + excluded.probes END
+                 RETURNING probes",
+            )
+            .map_err(db)?
+            .query_row(params![token, day, clamp(probes)], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(db)
+        })
+        .await
+    }
+
+    async fn token_usage(
+        &self,
+        token: &str,
+        day: i64,
+        now_ms: i64,
+    ) -> Result<TokenUsage, StoreError> {
+        let token = token.to_string();
+        self.with(move |c| {
+            let spent: i64 = c
+                .prepare_cached("SELECT probes FROM token_spend WHERE token = ?1 AND day = ?2")
+                .map_err(db)?
+                .query_row(params![token, day], |r| r.get(0))
+                .optional()
+                .map_err(db)?
+                .unwrap_or(0);
+            let mut st = c
+                .prepare_cached(
+                    "SELECT daily_probes FROM measurements
+                     WHERE owner = ?1 AND schedule_json IS NOT NULL AND stopped_ms IS NULL
+                         AND deadline_ms > ?2",
+                )
+                .map_err(db)?;
+            let mut usage = TokenUsage {
+                one_off_probes: spent.max(0) as u64,
+                ..Default::default()
+            };
+            let rows = st
+                .query_map(params![token, now_ms], |r| r.get::<_, i64>(0))
+                .map_err(db)?;
+            for daily in rows {
+                usage.schedules += 1;
+                usage.schedule_daily_probes = usage
+                    .schedule_daily_probes
+                    .saturating_add(daily.map_err(db)?.max(0) as u64);
+            }
+            // Saturating at the largest stored integer, as PostgreSQL's sum is.
+            usage.schedule_daily_probes = usage.schedule_daily_probes.min(i64::MAX as u64);
+            Ok(usage)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+impl SqliteStore {
+    /// Runs `sql` on a connection of its own to the same file, as another program
+    /// would.
+    pub(crate) fn execute_elsewhere(&self, sql: &str) -> Result<(), StoreError> {
+        Connection::open(&self.path)
+            .and_then(|c| c.execute_batch(sql))
+            .map_err(db)
     }
 }
 
@@ -1463,7 +1817,11 @@ mod tests {
             let span = 1 + round % 60;
             for _ in 0..300 {
                 let seq = next() % span + if round % 3 == 0 { u64::MAX - 70 } else { 1 };
-                assert_eq!(set.insert(seq), want.insert(seq), "insert {seq}");
+                assert_eq!(
+                    set.insert(seq, usize::MAX) == SeqInsert::New,
+                    want.insert(seq),
+                    "insert {seq}"
+                );
                 let back = SeqRanges::from_bytes(&set.to_bytes()).expect("round trip");
                 assert_eq!(back, set);
             }
@@ -1576,6 +1934,181 @@ mod tests {
         // Opening again changes nothing.
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.record_count().await.unwrap(), 7);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The tables this version changed, as the previous version made them.
+    const PREVIOUS_TABLES: &str = "
+        CREATE TABLE requests (
+            id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, module TEXT NOT NULL,
+            params_json TEXT NOT NULL, state TEXT NOT NULL, created_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL, deadline_ms INTEGER NOT NULL,
+            timeout_ms INTEGER NOT NULL, idempotency_key TEXT UNIQUE, traceparent TEXT,
+            measurement_id TEXT, result_id INTEGER
+        );
+        CREATE TABLE measurements (
+            id TEXT PRIMARY KEY, module TEXT NOT NULL, params_json TEXT NOT NULL,
+            selection_json TEXT NOT NULL, description TEXT, created_ms INTEGER NOT NULL,
+            deadline_ms INTEGER NOT NULL, schedule_json TEXT, stopped_ms INTEGER
+        );
+        CREATE TABLE credentials (
+            kind TEXT NOT NULL, id TEXT NOT NULL, secret_hash TEXT NOT NULL,
+            message_key TEXT, scopes TEXT NOT NULL, tags TEXT NOT NULL, rate_per_min REAL,
+            created_ms INTEGER NOT NULL, revoked_ms INTEGER, PRIMARY KEY (kind, id)
+        );
+        INSERT INTO requests VALUES ('r1', 'a', 'echo_module', '{}', 'pending', 1, 1, 9, 9, 'k1', NULL, 'm1', NULL);
+        INSERT INTO measurements VALUES ('m1', 'echo_module', '{}', '{}', 'old', 1, 9, NULL, NULL);
+        INSERT INTO measurements VALUES ('s1', 'echo_module', '{}', '{}', NULL, 1, 9000, '{}', NULL);
+        INSERT INTO credentials VALUES ('api', 't1', 'h', NULL, 'read', '', NULL, 1, NULL);";
+
+    #[tokio::test]
+    async fn a_store_of_the_previous_version_opens_with_its_data() {
+        let dir = std::env::temp_dir().join(format!("imn-migrate-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("previous.sqlite");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(PREVIOUS_TABLES)
+            .unwrap();
+        let s = SqliteStore::open(&path).unwrap();
+        let m = s.measurement("m1").await.unwrap().unwrap();
+        assert_eq!(
+            (m.description.as_deref(), m.owner, m.daily_probes),
+            (Some("old"), None, 0)
+        );
+        let r = s.request("r1").await.unwrap().unwrap();
+        assert_eq!((r.agent_id.as_str(), r.idempotency_hash), ("a", None));
+        let creds = s.credentials().await.unwrap();
+        assert_eq!((creds.len(), creds[0].budget_json.clone()), (1, None));
+        assert_eq!(s.dead_letter_count().await.unwrap(), 0);
+        assert_eq!(s.add_spend("t1", 1, 3).await.unwrap(), 3);
+        assert_eq!(s.token_usage("t1", 1, 0).await.unwrap().one_off_probes, 3);
+        // The new columns take values.
+        let mut req = crate::store::conformance::new_request("r2", Some("k2"));
+        req.idempotency_hash = Some("h".into());
+        s.create_request(req).await.unwrap();
+        assert_eq!(
+            s.request("r2")
+                .await
+                .unwrap()
+                .unwrap()
+                .idempotency_hash
+                .as_deref(),
+            Some("h")
+        );
+        drop(s);
+        // Opening again changes nothing.
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.measurement("s1").await.unwrap().unwrap().daily_probes, 0);
+        assert_eq!(s.token_usage("t1", 1, 0).await.unwrap().one_off_probes, 3);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn seq_ranges_stop_growing_at_the_cap() {
+        let mut set = SeqRanges::default();
+        let mut refused = 0;
+        for seq in (0..10_000u64).rev().map(|i| 2 * i) {
+            if set.insert(seq, MAX_SEQ_RANGES) == SeqInsert::Refused {
+                refused += 1;
+            }
+        }
+        assert_eq!(set.0.len(), MAX_SEQ_RANGES);
+        assert_eq!(refused, 10_000 - MAX_SEQ_RANGES);
+        // At the cap, a seq that joins or extends a range is still taken, and a
+        // duplicate is still a duplicate.
+        let (lo, _) = set.0[0];
+        assert_eq!(set.insert(lo, MAX_SEQ_RANGES), SeqInsert::Duplicate);
+        assert_eq!(set.insert(lo + 1, MAX_SEQ_RANGES), SeqInsert::New);
+        assert_eq!(set.0.len(), MAX_SEQ_RANGES - 1, "two ranges joined");
+        assert_eq!(set.insert(1, MAX_SEQ_RANGES), SeqInsert::New);
+        assert_eq!(set.insert(3, MAX_SEQ_RANGES), SeqInsert::Refused);
+    }
+
+    /// A hostile batch: 50,000 seqs, descending, none adjacent. Each would be a range
+    /// of its own, and each insert would shift every range after it; the cap keeps the
+    /// set at MAX_SEQ_RANGES ranges, and the rest are refused, unstored.
+    #[tokio::test]
+    async fn fifty_thousand_far_apart_seqs_in_one_batch_keep_the_ranges_capped() {
+        let dir = std::env::temp_dir().join(format!("imn-ranges-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sqlite");
+        let s = SqliteStore::open(&path).unwrap();
+        const N: u64 = 50_000;
+        let records = (0..N)
+            .map(|i| imn_modules::wire::Record {
+                seq: 2 * (N - i),
+                at_ms: 1,
+                body: imn_modules::wire::RecordBody::Event(imn_modules::wire::AgentEvent {
+                    kind: "k".into(),
+                    message: String::new(),
+                }),
+            })
+            .collect();
+        let batch = imn_modules::wire::Batch { epoch: 1, records };
+        let out = s.store_batch("h", prepare(&batch), 1).await.unwrap();
+        assert_eq!(out.stored, MAX_SEQ_RANGES as u64);
+        assert_eq!(out.refused.len() as u64, N - MAX_SEQ_RANGES as u64);
+        assert_eq!(s.record_count().await.unwrap(), MAX_SEQ_RANGES as u64);
+        let ranges: Vec<u8> = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT ranges FROM record_seqs WHERE agent_id = 'h' AND epoch = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let set = SeqRanges::from_bytes(&ranges).unwrap();
+        assert_eq!(set.0.len(), MAX_SEQ_RANGES);
+        assert_eq!(
+            set.0[0],
+            (
+                2 * (N - MAX_SEQ_RANGES as u64 + 1),
+                2 * (N - MAX_SEQ_RANGES as u64 + 1)
+            )
+        );
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// What SQLite does with NUL in TEXT: rusqlite binds and reads text with its
+    /// length, so it comes back whole. The store never relies on it: bodies are JSON
+    /// (NUL is `\u0000` there) and columns of agent text are `nul_free`.
+    #[test]
+    fn rusqlite_reads_back_text_with_nul_whole() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch("CREATE TABLE t (v TEXT)").unwrap();
+        c.execute("INSERT INTO t VALUES (?1)", ["a\0b"]).unwrap();
+        let v: String = c.query_row("SELECT v FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, "a\0b");
+    }
+
+    /// Dead-lettered seqs count as handled in the epoch's seq set: an agent with more
+    /// dead letters than MAX_SEQ_RANGES still has its records after them stored, not
+    /// refused as far apart.
+    #[tokio::test]
+    async fn dead_letters_leave_no_gaps_in_the_seq_ranges() {
+        let dir = std::env::temp_dir().join(format!("imn-gaps-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = SqliteStore::open(&dir.join("s.sqlite")).unwrap();
+        s.execute_elsewhere(
+            "CREATE TRIGGER even_seqs BEFORE INSERT ON records WHEN NEW.seq % 2 = 0
+             BEGIN SELECT RAISE(ABORT, 'even'); END;",
+        )
+        .unwrap();
+        let n = 2 * (MAX_SEQ_RANGES as u64 + 10);
+        let seqs: Vec<u64> = (1..=n).collect();
+        let out = s
+            .store_batch("q", prepare(&batch(1, &seqs)), 1)
+            .await
+            .unwrap();
+        assert!(out.refused.is_empty(), "{} refused", out.refused.len());
+        assert_eq!((out.stored, out.dead_lettered), (n / 2, n / 2));
+        let again = s
+            .store_batch("q", prepare(&batch(1, &seqs)), 2)
+            .await
+            .unwrap();
+        assert_eq!(again.duplicates, n, "dead letters included");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
