@@ -436,10 +436,6 @@ pub struct BatchOutcome {
     pub refused: Vec<u64>,
     /// Requests that reached a terminal state with this batch.
     pub finished: Vec<String>,
-    /// Records isolated in the dead letters (stored nowhere else); acked like stored ones.
-    pub dead_lettered: u64,
-    /// Seqs the store refused (over MAX_SEQ_RANGES): not stored, must not be acked.
-    pub refused: Vec<u64>,
 }
 
 impl BatchOutcome {
@@ -660,6 +656,3 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<TokenUsage, StoreError>;
 }
-
-/// The largest schedule version a store gives out; an agent claiming more is refused.
-pub const MAX_SCHEDULE_VERSION: u64 = 1 << 40;
