@@ -70,13 +70,33 @@ pub enum ApiError {
     PolicyDenied { rule: String, message: String },
     #[error("{0}")]
     Conflict(String),
+    /// A token over one of its budgets (probes a day, recurring measurements).
+    #[error("{message}")]
+    OverBudget {
+        budget: &'static str,
+        retry_after_s: u64,
+        message: String,
+    },
+    /// Busy for this caller now (too many open streams): retry later.
+    #[error("{message}")]
+    Busy {
+        limit: &'static str,
+        retry_after_s: u64,
+        message: String,
+    },
+    /// An `Idempotency-Key` reused for a different request.
+    #[error("{0}")]
+    IdempotencyMismatch(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        match e {
+            StoreError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
+        }
     }
 }
 
@@ -95,10 +115,13 @@ impl ApiError {
             | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden { .. } | ApiError::PolicyDenied { .. } => StatusCode::FORBIDDEN,
-            ApiError::RateLimited { .. } | ApiError::QueueFull { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
+            ApiError::RateLimited { .. }
+            | ApiError::QueueFull { .. }
+            | ApiError::OverBudget { .. }
+            | ApiError::Busy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::OverLimit { .. } | ApiError::IdempotencyMismatch(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
             }
-            ApiError::OverLimit { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -121,7 +144,10 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::OverLimit { .. }
             | ApiError::BodyTooLarge { .. }
-            | ApiError::QueueFull { .. } => "over_limit",
+            | ApiError::QueueFull { .. }
+            | ApiError::Busy { .. } => "over_limit",
+            ApiError::OverBudget { .. } => "over_budget",
+            ApiError::IdempotencyMismatch(_) => "idempotency_key_reused",
             ApiError::PolicyDenied { .. } => "policy_denied",
             ApiError::Conflict(_) => "conflict",
             ApiError::Internal(_) => "internal",
@@ -154,6 +180,26 @@ impl ApiError {
             ApiError::RateLimited { retry_after_s, .. } => {
                 body["retry_after_s"] = json!(retry_after_s)
             }
+            ApiError::OverBudget {
+                budget,
+                retry_after_s,
+                ..
+            } => {
+                body["budget"] = json!(budget);
+                body["retry_after_s"] = json!(retry_after_s);
+            }
+            ApiError::Busy {
+                limit,
+                retry_after_s,
+                ..
+            } => {
+                body["limit"] = json!(limit);
+                body["retry_after_s"] = json!(retry_after_s);
+            }
+            ApiError::IdempotencyMismatch(_) => {
+                body["field"] = json!("Idempotency-Key");
+                body["rule"] = json!("same_request");
+            }
             _ => {}
         }
         body
@@ -174,7 +220,9 @@ impl IntoResponse for ApiError {
                     axum::http::HeaderValue::from_static("Bearer"),
                 );
             }
-            ApiError::RateLimited { retry_after_s, .. } => {
+            ApiError::RateLimited { retry_after_s, .. }
+            | ApiError::OverBudget { retry_after_s, .. }
+            | ApiError::Busy { retry_after_s, .. } => {
                 headers.insert(
                     axum::http::header::RETRY_AFTER,
                     axum::http::HeaderValue::from(*retry_after_s),
