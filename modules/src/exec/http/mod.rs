@@ -3,6 +3,11 @@
 //! phase has its own clock reading. Failures after the parameters are checked are
 //! results with `error` and the phase, carrying whatever was measured up to then (a
 //! certificate error keeps the chain).
+//!
+//! Every address is checked against the run's policy right before it is connected to
+//! (`connect_any`, the only place either module connects): the asked host's, the
+//! `resolve` parameter's, and each redirect's after its name is resolved. A refusal is
+//! no result: the run ends with `Err("policy_denied: …")`.
 
 mod cert;
 mod tls;

@@ -2,7 +2,8 @@
 //! family (see `engine`).
 //!
 //! A run resolves its targets (names through the system resolver, reporting both the
-//! name and the address), registers with the engines, sends every probe at its
+//! name and the address), checks each address against the run's policy (a refused
+//! target gets a `policy_denied` error and no probe), registers with the engines, sends every probe at its
 //! absolute deadline from a pacer thread (`session::pace`), and reads the RTTs the
 //! receiver thread measured:
 //!
