@@ -3,9 +3,9 @@
 //!
 //! A run resolves its targets (names through the system resolver, reporting both the
 //! name and the address), checks each address against the run's policy (a refused
-//! target gets a `policy_denied` error and no probe), registers with the engines, sends every probe at its
-//! absolute deadline from a pacer thread (`session::pace`), and reads the RTTs the
-//! receiver thread measured:
+//! target gets a `policy_denied` error and no probe), registers with the engines,
+//! sends every probe at its absolute deadline from a pacer thread (`session::pace`),
+//! and reads the RTTs the receiver thread measured:
 //!
 //! - receive time: the kernel's receive stamp (`SO_TIMESTAMPNS`, CLOCK_REALTIME);
 //! - send time: the kernel's software transmit stamp (`SOF_TIMESTAMPING_TX_SOFTWARE`,
