@@ -51,28 +51,28 @@ pub async fn run(module: &str, params_json: &str, ctx: &Context) -> Result<Modul
         }
         "ping_module" => {
             let p: PingParams = from_value(params)?;
-            ping::run(p).await.map(ModuleOutput::Ping)
+            ping::run(p, ctx).await.map(ModuleOutput::Ping)
         }
         "tcping" => {
             let p: TcpingParams = from_value(params)?;
-            tcping::run(p).await.map(ModuleOutput::Tcping)
+            tcping::run(p, ctx).await.map(ModuleOutput::Tcping)
         }
-        "traceroute" => traceroute::run(from_value(params)?)
+        "traceroute" => traceroute::run(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Traceroute(Box::new(r))),
-        "mtr" => traceroute::run_mtr(from_value(params)?)
+        "mtr" => traceroute::run_mtr(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Mtr(Box::new(r))),
-        "dns" => dns::run(from_value(params)?)
+        "dns" => dns::run(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Dns(Box::new(r))),
-        "http" => http::run(from_value(params)?)
+        "http" => http::run(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Http(Box::new(r))),
-        "tls_cert" => http::run_tls_cert(from_value(params)?)
+        "tls_cert" => http::run_tls_cert(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::TlsCert(Box::new(r))),
-        "ntp" => ntp::run(from_value(params)?)
+        "ntp" => ntp::run(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Ntp(Box::new(r))),
         "faulty_module" => faulty(from_value(params)?).await.map(ModuleOutput::Faulty),
@@ -115,6 +115,15 @@ pub async fn resolve(host: &str) -> Result<IpAddr, String> {
         .first()
         .copied()
         .ok_or_else(|| format!("{host:?} has no address"))
+}
+
+/// Resolves the one host a run sends to, as [`resolve`] does, and checks the address
+/// against the run's policy: how tcping, ntp, traceroute, mtr and a dns `server` given
+/// by name pick their destination, before their first packet.
+async fn resolve_permitted(ctx: &Context, host: &str) -> Result<IpAddr, String> {
+    let ip = resolve(host).await?;
+    ctx.permit(host.trim(), ip)?;
+    Ok(ip)
 }
 
 fn from_value<T: for<'de> serde::Deserialize<'de>>(v: Value) -> Result<T, String> {

@@ -14,6 +14,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::ping::sys;
+use super::Context;
 
 use crate::kinds::ntp::{NtpPacket, NtpParams, NtpResult, NtpServerInfo};
 
@@ -23,8 +24,10 @@ const PACKET_LEN: usize = 48;
 const MODE_CLIENT: u8 = 3;
 const MODE_SERVER: u8 = 4;
 
-pub async fn run(p: NtpParams) -> Result<NtpResult, String> {
-    let ip = super::resolve(&p.host).await?;
+pub async fn run(p: NtpParams, ctx: &Context) -> Result<NtpResult, String> {
+    // Every request goes to this address (a connected socket): checked once, before the
+    // socket is opened.
+    let ip = super::resolve_permitted(ctx, &p.host).await?;
     let addr = SocketAddr::new(ip, p.port);
     let bind: SocketAddr = if ip.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpSocket;
 
+use super::Context;
 use crate::params::TcpingParams;
 use crate::results::{TcpAttempt, TcpOutcome, TcpingResult};
 
-pub async fn run(p: TcpingParams) -> Result<TcpingResult, String> {
-    let ip = super::resolve(&p.host).await?;
+pub async fn run(p: TcpingParams, ctx: &Context) -> Result<TcpingResult, String> {
+    // Every attempt connects to this address: checked once, before the first SYN.
+    let ip = super::resolve_permitted(ctx, &p.host).await?;
     let addr = SocketAddr::new(ip, p.port);
     let mut r = TcpingResult {
         host: p.host.clone(),
@@ -134,7 +136,7 @@ mod tests {
                 drop(s);
             }
         });
-        let r = run(params(port, 3)).await.unwrap();
+        let r = run(params(port, 3), &Context::default()).await.unwrap();
         assert_eq!((r.sent, r.open), (3, 3));
         assert_eq!(r.availability_pct, 100.0);
         for a in &r.attempts {
@@ -153,7 +155,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let r = run(params(port, 2)).await.unwrap();
+        let r = run(params(port, 2), &Context::default()).await.unwrap();
         assert_eq!((r.sent, r.open), (2, 0));
         assert!(r.attempts.iter().all(|a| a.outcome == TcpOutcome::Refused));
         assert_eq!(r.availability_pct, 0.0);

@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 
+use super::Context;
 use crate::kinds::dns::{
     class_code, class_name, parse_server, query_name, type_code, type_name, DnsError, DnsErrorKind,
     DnsParams, DnsProtocol, DnsReply, DnsResult, ServerSource, ServerSpec,
 };
 use wire::Query;
 
-pub async fn run(p: DnsParams) -> Result<DnsResult, String> {
+pub async fn run(p: DnsParams, ctx: &Context) -> Result<DnsResult, String> {
     let qtype = type_code(&p.qtype).ok_or_else(|| format!("unknown record type {:?}", p.qtype))?;
     let qclass = class_code(&p.class).ok_or_else(|| format!("unknown class {:?}", p.class))?;
     let name =
@@ -32,22 +33,7 @@ pub async fn run(p: DnsParams) -> Result<DnsResult, String> {
     if p.edns_size == 0 && (p.dnssec_ok || p.nsid) {
         return Err("do and nsid need EDNS: set edns_size > 0".into());
     }
-    let (server, source) = match &p.server {
-        Some(s) => match parse_server(s).map_err(|e| format!("server: {e}"))? {
-            ServerSpec::Addr(a) => (a, ServerSource::Params),
-            ServerSpec::Name(host, port) => (
-                SocketAddr::new(super::resolve(&host).await?, port),
-                ServerSource::Params,
-            ),
-        },
-        None => {
-            let rc = super::resolver::ResolvConf::load();
-            let first = rc.nameservers.first().copied().ok_or(
-                "no server given and no system name server (none in /etc/resolv.conf or the config)",
-            )?;
-            (first, ServerSource::System)
-        }
-    };
+    let (server, source) = server(&p, ctx).await?;
     let q = Query {
         name,
         qtype,
@@ -129,6 +115,31 @@ pub async fn run(p: DnsParams) -> Result<DnsResult, String> {
         }
     }
     Ok(r)
+}
+
+/// The one address every attempt of the run goes to (the TCP retry after a truncated
+/// answer too), and where it came from. A `server` the parameters give is a target
+/// like any other: its address (a name's, after the agent resolved it) must pass the
+/// policy. The agent's own name servers (no `server`) are the device's infrastructure,
+/// which it queries for its own lookups anyway: not checked.
+async fn server(p: &DnsParams, ctx: &Context) -> Result<(SocketAddr, ServerSource), String> {
+    let Some(s) = &p.server else {
+        let rc = super::resolver::ResolvConf::load();
+        let first = rc.nameservers.first().copied().ok_or(
+            "no server given and no system name server (none in /etc/resolv.conf or the config)",
+        )?;
+        return Ok((first, ServerSource::System));
+    };
+    let addr = match parse_server(s).map_err(|e| format!("server: {e}"))? {
+        ServerSpec::Addr(a) => {
+            ctx.permit("", a.ip())?;
+            a
+        }
+        ServerSpec::Name(host, port) => {
+            SocketAddr::new(super::resolve_permitted(ctx, &host).await?, port)
+        }
+    };
+    Ok((addr, ServerSource::Params))
 }
 
 fn proto_name(p: DnsProtocol) -> &'static str {

@@ -3,6 +3,11 @@
 //! phase has its own clock reading. Failures after the parameters are checked are
 //! results with `error` and the phase, carrying whatever was measured up to then (a
 //! certificate error keeps the chain).
+//!
+//! Every address is checked against the run's policy right before it is connected to
+//! (`connect_any`, the only place either module connects): the asked host's, the
+//! `resolve` parameter's, and each redirect's after its name is resolved. A refusal is
+//! no result: the run ends with `Err("policy_denied: …")`.
 
 mod cert;
 mod tls;
@@ -21,6 +26,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use super::Context;
 use crate::kinds::http::{
     check_header, parse_url, resolve_location, HttpHeader, HttpParams, HttpPhase, HttpRedirect,
     HttpResponse, HttpResult, HttpTiming, HttpVersionPref, TlsCertParams, TlsCertResult, TlsInfo,
@@ -39,11 +45,26 @@ const BODY_MAX: u64 = crate::kinds::http::BODY_MAX_BYTES as u64;
 /// A failure: where, and what.
 type Failure = (HttpPhase, String);
 
+/// Why a request stopped.
+enum Stop {
+    /// A failure the result reports.
+    Failed(Failure),
+    /// The policy refused an address (`policy_denied: …`): nothing was sent to it, and
+    /// the run ends with this error.
+    Denied(String),
+}
+
+impl From<Failure> for Stop {
+    fn from(f: Failure) -> Stop {
+        Stop::Failed(f)
+    }
+}
+
 /// What the stream under hyper needs to be.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 
-pub async fn run(p: HttpParams) -> Result<HttpResult, String> {
+pub async fn run(p: HttpParams, ctx: &Context) -> Result<HttpResult, String> {
     let url = parse_url(&p.url).map_err(|e| format!("url: {e}"))?;
     for (name, value) in &p.headers {
         check_header(name, value).map_err(|e| format!("headers/{name}: {e}"))?;
@@ -95,10 +116,20 @@ pub async fn run(p: HttpParams) -> Result<HttpResult, String> {
             (None, None)
         };
         let roots = roots.clone().filter(|_| current.tls);
-        if let Err((phase, msg)) = request(&p, &current, forced, name, roots, &clock, &mut r).await
-        {
-            r.error = Some(msg);
-            r.error_phase = Some(phase);
+        match request(ctx, &p, &current, forced, name, roots, &clock, &mut r).await {
+            Ok(()) => {}
+            Err(Stop::Failed((phase, msg))) => {
+                r.error = Some(msg);
+                r.error_phase = Some(phase);
+            }
+            Err(Stop::Denied(e)) if redirects.is_empty() => return Err(e),
+            // Each redirect's host is resolved and checked like the first one.
+            Err(Stop::Denied(e)) => {
+                return Err(format!(
+                    "{e}, at redirect {} (to {current_url})",
+                    redirects.len()
+                ))
+            }
         }
         r.timing.total_ms = clock.ms();
         let next = match (&r.response, &r.error) {
@@ -199,22 +230,28 @@ async fn addresses(host: &str, family: Option<u8>) -> Result<Vec<IpAddr>, String
     Ok(found)
 }
 
-/// Connects to each address in turn until one answers. Returns the stream, or the last
-/// error; `tried` is the last address tried either way.
+/// Connects to each address of `host` in turn until one answers: the only way http
+/// and tls_cert open a connection. Each address is checked against the run's policy
+/// right before its connect; a refused one ends the run (the addresses after it are not
+/// tried). Returns the stream, or the last error; `tried` is the last address tried
+/// either way.
 async fn connect_any(
+    ctx: &Context,
+    host: &str,
     addrs: &[IpAddr],
     port: u16,
     tried: &mut Option<IpAddr>,
-) -> Result<TcpStream, String> {
+) -> Result<TcpStream, Stop> {
     let mut last = String::from("no address to connect to");
     for ip in addrs {
+        ctx.permit(host, *ip).map_err(Stop::Denied)?;
         *tried = Some(*ip);
         let sa = SocketAddr::new(*ip, port);
         let sock = match ip {
             IpAddr::V4(_) => TcpSocket::new_v4(),
             IpAddr::V6(_) => TcpSocket::new_v6(),
         }
-        .map_err(|e| format!("socket: {e}"))?;
+        .map_err(|e| (HttpPhase::Connect, format!("socket: {e}")))?;
         match sock.connect(sa).await {
             Ok(s) => {
                 let _ = s.set_nodelay(true);
@@ -223,7 +260,7 @@ async fn connect_any(
             Err(e) => last = format!("connect to {sa}: {e}"),
         }
     }
-    Err(last)
+    Err(Stop::Failed((HttpPhase::Connect, last)))
 }
 
 fn af(ip: IpAddr) -> u8 {
@@ -244,7 +281,9 @@ impl Drop for AbortOnDrop {
 }
 
 /// One request to `url`: to `forced` if given, verifying `server_name` if given.
+#[allow(clippy::too_many_arguments)]
 async fn request(
+    ctx: &Context,
     p: &HttpParams,
     url: &Url,
     forced: Option<IpAddr>,
@@ -252,7 +291,7 @@ async fn request(
     roots: Option<rustls::RootCertStore>,
     clock: &Clock,
     r: &mut HttpResult,
-) -> Result<(), Failure> {
+) -> Result<(), Stop> {
     let addrs = match forced {
         Some(ip) => vec![ip],
         None => {
@@ -265,14 +304,14 @@ async fn request(
 
     let mut tried = None;
     let tcp = clock
-        .phase(
-            HttpPhase::Connect,
-            connect_any(&addrs, url.port, &mut tried),
-        )
+        .phase(HttpPhase::Connect, async {
+            Ok(connect_any(ctx, &url.host, &addrs, url.port, &mut tried).await)
+        })
         .await;
     r.addr = tried.map(|ip| ip.to_string());
     r.af = tried.map(af);
-    let tcp = tcp?;
+    // The deadline, then the connect itself (or the policy's refusal).
+    let tcp = tcp??;
     r.timing.connect_ms = Some(clock.ms());
     r.local_addr = tcp.local_addr().ok().map(|a| a.to_string());
 
@@ -390,7 +429,7 @@ async fn request(
     if !preview.is_empty() {
         head.body_preview = Some(String::from_utf8_lossy(&preview).into_owned());
     }
-    read
+    read.map_err(Stop::from)
 }
 
 /// Status, version, headers and their size, Location and Content-Length.
@@ -545,7 +584,7 @@ fn failed(e: String, info: TlsInfo) -> Handshake {
     }
 }
 
-pub async fn run_tls_cert(p: TlsCertParams) -> Result<TlsCertResult, String> {
+pub async fn run_tls_cert(p: TlsCertParams, ctx: &Context) -> Result<TlsCertResult, String> {
     let host = p
         .host
         .trim_start_matches('[')
@@ -580,7 +619,7 @@ pub async fn run_tls_cert(p: TlsCertParams) -> Result<TlsCertResult, String> {
         error_phase: None,
         alert: None,
     };
-    let outcome: Result<(), Failure> = async {
+    let outcome: Result<(), Stop> = async {
         let addrs = clock
             .phase(HttpPhase::Dns, addresses(&host, p.family))
             .await?;
@@ -588,11 +627,13 @@ pub async fn run_tls_cert(p: TlsCertParams) -> Result<TlsCertResult, String> {
         let mut tried = None;
         let t0 = Instant::now();
         let tcp = clock
-            .phase(HttpPhase::Connect, connect_any(&addrs, p.port, &mut tried))
+            .phase(HttpPhase::Connect, async {
+                Ok(connect_any(ctx, &host, &addrs, p.port, &mut tried).await)
+            })
             .await;
         r.addr = tried.map(|ip| ip.to_string());
         r.af = tried.map(af);
-        let tcp = tcp?;
+        let tcp = tcp??;
         r.connect_ms = Some(ms_since(t0));
         r.local_addr = tcp.local_addr().ok().map(|a| a.to_string());
         // The point is the chain: complete the handshake whatever it is, and report
@@ -608,9 +649,13 @@ pub async fn run_tls_cert(p: TlsCertParams) -> Result<TlsCertResult, String> {
         Ok(())
     }
     .await;
-    if let Err((phase, msg)) = outcome {
-        r.error = Some(msg);
-        r.error_phase = Some(phase);
+    match outcome {
+        Ok(()) => {}
+        Err(Stop::Failed((phase, msg))) => {
+            r.error = Some(msg);
+            r.error_phase = Some(phase);
+        }
+        Err(Stop::Denied(e)) => return Err(e),
     }
     Ok(r)
 }

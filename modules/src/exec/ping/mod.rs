@@ -2,9 +2,10 @@
 //! family (see `engine`).
 //!
 //! A run resolves its targets (names through the system resolver, reporting both the
-//! name and the address), registers with the engines, sends every probe at its
-//! absolute deadline from a pacer thread (`session::pace`), and reads the RTTs the
-//! receiver thread measured:
+//! name and the address), checks each address against the run's policy (a refused
+//! target gets a `policy_denied` error and no probe), registers with the engines,
+//! sends every probe at its absolute deadline from a pacer thread (`session::pace`),
+//! and reads the RTTs the receiver thread measured:
 //!
 //! - receive time: the kernel's receive stamp (`SO_TIMESTAMPNS`, CLOCK_REALTIME);
 //! - send time: the kernel's software transmit stamp (`SOF_TIMESTAMPING_TX_SOFTWARE`,
@@ -28,6 +29,7 @@ use std::sync::Arc;
 pub use engine::Engine;
 use session::{Lane, Session, Target, ACTIVE};
 
+use super::Context;
 use crate::params::PingParams;
 use crate::results::{PingOutput, PingResult};
 
@@ -44,13 +46,14 @@ const MAX_RATE: f64 = 1e9;
 const RESOLVE_CONCURRENCY: usize = 32;
 
 /// Runs a ping with the process-wide engines.
-pub async fn run(p: PingParams) -> Result<PingOutput, String> {
-    run_with(p, Engine::global).await
+pub async fn run(p: PingParams, ctx: &Context) -> Result<PingOutput, String> {
+    run_with(p, ctx, Engine::global).await
 }
 
 /// Runs a ping with engines from `engine_for(v6)`.
 pub async fn run_with(
     p: PingParams,
+    ctx: &Context,
     engine_for: impl Fn(bool) -> Result<Arc<Engine>, String>,
 ) -> Result<PingOutput, String> {
     let PingParams {
@@ -87,7 +90,9 @@ pub async fn run_with(
         return Err("ttl must be 1..=255".into());
     }
 
-    let resolved = resolve_all(&hosts).await;
+    let mut resolved = resolve_all(&hosts).await;
+    let unresolved: Vec<bool> = resolved.iter().map(Result::is_err).collect();
+    let refused = permit_all(ctx, &hosts, &mut resolved);
 
     // Engines for the families in use; a family without one fails its targets only.
     let mut lanes: [Option<Lane>; 2] = [None, None];
@@ -122,6 +127,8 @@ pub async fn run_with(
                         seq_base: 0,
                     })
                 }
+                // Targets the policy refused are the run's answer, socket or not.
+                Err(_) if refused.iter().any(Option::is_some) => {}
                 Err(e) => return Err(e),
             },
         }
@@ -153,7 +160,9 @@ pub async fn run_with(
             }
             Err(e) => {
                 notes.push((i as u32, e.clone()));
-                (IpAddr::from([0u8; 4]), 0, false)
+                // A refused target keeps its address for the report; it is never probed.
+                let addr = refused[i].unwrap_or(IpAddr::from([0u8; 4]));
+                (addr, 0, false)
             }
         };
         targets.push(Target {
@@ -165,7 +174,6 @@ pub async fn run_with(
             scope,
         });
     }
-    let unresolved: Vec<bool> = resolved.iter().map(Result::is_err).collect();
     drop(resolved);
     let timeout_ns = timeout_ms.max(1).saturating_mul(1_000_000);
     let mut sess = Session::new(token, count, size, timeout_ns, ttl, targets);
@@ -379,6 +387,25 @@ async fn resolve_all(hosts: &[String]) -> Vec<Result<SocketAddr, String>> {
         }
     }
     out
+}
+
+/// Checks every resolved address against the run's policy. A refused one becomes its
+/// target's error (`policy_denied: …`), so no engine is opened for it and no probe
+/// goes to it; returns the refused addresses, for the report.
+fn permit_all(
+    ctx: &Context,
+    hosts: &[String],
+    resolved: &mut [Result<SocketAddr, String>],
+) -> Vec<Option<IpAddr>> {
+    resolved
+        .iter_mut()
+        .zip(hosts)
+        .map(|(r, host)| {
+            let ip = r.as_ref().ok()?.ip();
+            *r = Err(ctx.permit(host.trim(), ip).err()?);
+            Some(ip)
+        })
+        .collect()
 }
 
 async fn resolve(host: &str) -> Result<SocketAddr, String> {

@@ -46,7 +46,7 @@ fn loopback_targets(n: usize) -> Vec<String> {
 /// Runs a ping; None (after checking the error names both remedies) if this process
 /// may not open ICMP sockets at all, which only happens without root.
 async fn ping(p: PingParams) -> Option<PingOutput> {
-    match run(p).await {
+    match run(p, &Context::default()).await {
         Ok(o) => Some(o),
         Err(e) => {
             assert!(!root(), "root could not ping loopback: {e}");
@@ -164,7 +164,9 @@ async fn concurrent_runs_share_the_engine_without_stealing() {
         t.extend((0..50).map(|k| format!("127.3.9.{}", k + 1)));
         let mut p = params(t, 5, 10);
         p.rate = Some(20_000.0);
-        runs.push(tokio::spawn(run(p)));
+        runs.push(tokio::spawn(
+            async move { run(p, &Context::default()).await },
+        ));
     }
     for r in runs {
         let out = r.await.unwrap().unwrap();
@@ -221,7 +223,11 @@ async fn extreme_rates_are_bounded() {
     let mut p = params(loopback_targets(3), 1, 1000);
     p.rate = Some(1e-300);
     // The first probe leaves at once, the next ones a very long time later: cancel.
-    let r = tokio::time::timeout(std::time::Duration::from_millis(200), run(p)).await;
+    let r = tokio::time::timeout(
+        std::time::Duration::from_millis(200),
+        run(p, &Context::default()),
+    )
+    .await;
     assert!(r.is_err());
 }
 
@@ -254,12 +260,18 @@ async fn ttl_and_payload_size() {
 
 #[tokio::test]
 async fn rejects_bad_parameters() {
-    assert!(run(host("127.0.0.1", 0)).await.is_err());
-    assert!(run(host("127.0.0.1", 101)).await.is_err());
-    assert!(run(params(Vec::new(), 1, 10)).await.is_err());
+    assert!(run(host("127.0.0.1", 0), &Context::default())
+        .await
+        .is_err());
+    assert!(run(host("127.0.0.1", 101), &Context::default())
+        .await
+        .is_err());
+    assert!(run(params(Vec::new(), 1, 10), &Context::default())
+        .await
+        .is_err());
     let mut p = host("127.0.0.1", 1);
     p.ttl = Some(0);
-    assert!(run(p).await.is_err());
+    assert!(run(p, &Context::default()).await.is_err());
 }
 
 #[tokio::test]
@@ -269,7 +281,11 @@ async fn cancelled_run_stops_and_leaves_the_engine() {
     };
     let mut p = host("127.0.0.1", 100);
     p.interval_ms = 1000;
-    let r = tokio::time::timeout(std::time::Duration::from_millis(100), run(p)).await;
+    let r = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        run(p, &Context::default()),
+    )
+    .await;
     assert!(r.is_err(), "a 100 s run finished in 100 ms");
     let engine = Engine::global(false).unwrap();
     let t0 = Instant::now();
@@ -484,6 +500,7 @@ async fn datagram_sockets_work_too() {
         (v4.unwrap(), v6.unwrap())
     };
     assert_eq!(engines.0.kind(), "dgram");
+    let open = Context::default();
     let pick = |v6: bool| {
         Ok(if v6 {
             engines.1.clone()
@@ -491,11 +508,11 @@ async fn datagram_sockets_work_too() {
             engines.0.clone()
         })
     };
-    let out = run_with(host("127.0.0.1", 3), pick).await.unwrap();
+    let out = run_with(host("127.0.0.1", 3), &open, pick).await.unwrap();
     assert_eq!(out.socket, "dgram");
     assert_all_replied(&out, 3);
     assert_eq!(out.targets[0].reply_ttl, Some(64));
-    let out = run_with(host("::1", 3), pick).await.unwrap();
+    let out = run_with(host("::1", 3), &open, pick).await.unwrap();
     assert_all_replied(&out, 3);
     // Concurrent runs on one datagram socket: the kernel gives them one identifier,
     // so they are told apart by sequence blocks.
@@ -503,7 +520,7 @@ async fn datagram_sockets_work_too() {
     t.push("::1".into());
     let mut p = params(t, 3, 10);
     p.rate = Some(20_000.0);
-    let (a, b) = tokio::join!(run_with(p.clone(), pick), run_with(p, pick));
+    let (a, b) = tokio::join!(run_with(p.clone(), &open, pick), run_with(p, &open, pick));
     for out in [a.unwrap(), b.unwrap()] {
         assert_all_replied(&out, 3);
     }

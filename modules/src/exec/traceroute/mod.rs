@@ -28,6 +28,7 @@ use std::sync::Arc;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::ping::sys;
+use super::Context;
 use crate::kinds::traceroute::{
     MtrAddr, MtrHop, MtrParams, MtrResult, TraceHop, TraceProtocol, TraceReply, TracerouteParams,
     TracerouteResult, DEFAULT_TCP_PORT, DEFAULT_UDP_PORT, MAX_ROUNDS,
@@ -44,9 +45,9 @@ const DEFAULT_SIZE: u16 = 48;
 const POLL_SLICE_MS: u64 = 100;
 
 /// Runs one trace.
-pub async fn run(p: TracerouteParams) -> Result<TracerouteResult, String> {
+pub async fn run(p: TracerouteParams, ctx: &Context) -> Result<TracerouteResult, String> {
     p.validate()?;
-    let dst = resolve_ip(&p.host).await?;
+    let dst = destination(ctx, &p.host).await?;
     let icmp_id = sys::random_u64() as u16;
     blocking(move |cancel| {
         let socks = Sockets::open(p.protocol, dst.is_ipv6())?;
@@ -56,7 +57,7 @@ pub async fn run(p: TracerouteParams) -> Result<TracerouteResult, String> {
 }
 
 /// Runs `count` traces and summarises each hop.
-pub async fn run_mtr(p: MtrParams) -> Result<MtrResult, String> {
+pub async fn run_mtr(p: MtrParams, ctx: &Context) -> Result<MtrResult, String> {
     let tp = p.trace();
     tp.validate()?;
     if !(1..=MAX_ROUNDS).contains(&p.count) {
@@ -68,7 +69,7 @@ pub async fn run_mtr(p: MtrParams) -> Result<MtrResult, String> {
             p.interval_ms
         ));
     }
-    let dst = resolve_ip(&p.host).await?;
+    let dst = destination(ctx, &p.host).await?;
     // One ICMP identifier for every round: the flow stays the same.
     let icmp_id = sys::random_u64() as u16;
     blocking(move |cancel| {
@@ -96,9 +97,12 @@ pub async fn run_mtr(p: MtrParams) -> Result<MtrResult, String> {
 }
 
 /// Resolves the host to one address (an IPv4-mapped IPv6 address is traced over
-/// IPv4).
-async fn resolve_ip(host: &str) -> Result<IpAddr, String> {
-    Ok(super::resolve(host.trim()).await?.to_canonical())
+/// IPv4), checked against the run's policy: every probe of every round is addressed
+/// to it, whatever its TTL.
+async fn destination(ctx: &Context, host: &str) -> Result<IpAddr, String> {
+    Ok(super::resolve_permitted(ctx, host.trim())
+        .await?
+        .to_canonical())
 }
 
 /// Runs `f` on a blocking thread with a flag that is set when the caller's future is
