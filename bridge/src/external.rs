@@ -134,13 +134,25 @@ pub fn tls_config(host: &str, ca: Option<&Path>) -> Result<Arc<ClientConfig>, St
         ));
     }
     let mut roots = RootCertStore::empty();
-    for c in certs {
-        roots.add(c).map_err(|e| {
-            format!(
-                "{flag} {}: not a usable CA certificate: {e}",
+    if ca.is_some() {
+        for c in certs {
+            roots.add(c).map_err(|e| {
+                format!(
+                    "{flag} {}: not a usable CA certificate: {e}",
+                    path.display()
+                )
+            })?;
+        }
+    } else {
+        // The distribution's bundle: one root rustls cannot use is no reason to refuse
+        // all the others.
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(format!(
+                "{flag} {}: no usable CA certificate",
                 path.display()
-            )
-        })?;
+            ));
+        }
     }
     let name = ServerName::try_from(host.to_string())
         .map_err(|_| format!("{host:?} is not a valid TLS server name"))?;
