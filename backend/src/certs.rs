@@ -18,7 +18,7 @@
 //! skew) for `days` days, leaves never beyond their CA.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -518,52 +518,22 @@ enum FileKind {
     NewKey,
 }
 
+/// Every file goes through a fresh temporary file beside it (random name, `O_EXCL |
+/// O_NOFOLLOW`, its final mode), synced, then renamed over the target (leaves) or
+/// linked to it only if nothing is there (the CA): a symlink planted in the directory
+/// is never followed, and keys are 0600 regardless of the umask.
 fn write_file(path: &Path, contents: &[u8], kind: FileKind) -> Result<(), CertsError> {
+    use imn_bridge::files;
     let result = match kind {
-        FileKind::NewCert | FileKind::NewKey => {
-            create_and_write(path, contents, kind == FileKind::NewKey)
-        }
-        FileKind::Cert | FileKind::Key => replace(path, contents, kind == FileKind::Key),
+        FileKind::NewKey => files::create_private(path, contents),
+        FileKind::NewCert => files::create_with_mode(path, contents, 0o644),
+        FileKind::Key => files::write_private(path, contents),
+        FileKind::Cert => files::write_with_mode(path, contents, 0o644),
     };
     result.map_err(|source| CertsError::Write {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Writes a temporary file beside `path` and renames it over `path`.
-fn replace(path: &Path, contents: &[u8], private: bool) -> io::Result<()> {
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let result = create_and_write(&tmp, contents, private).and_then(|()| fs::rename(&tmp, path));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Creates `path` (failing if it exists) and writes `contents`; private files get mode
-/// 0600 regardless of the umask.
-fn create_and_write(path: &Path, contents: &[u8], private: bool) -> io::Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if private { 0o600 } else { 0o644 });
-    }
-    let mut file = options.open(path)?;
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
-    }
-    file.write_all(contents)?;
-    file.sync_all()
 }
 
 #[cfg(test)]

@@ -18,11 +18,10 @@
 //! with the result ([`wire::RecordBody::TracedResult`]), and the backend reports the
 //! agent's spans, from the agent's own timestamps, under the service `imn-agent`.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use imn_bridge::telemetry::prom::{
-    CounterVec, Exposition, Family, FamilyKind, HistogramVec, LAG_SECONDS, SECONDS,
+    CounterVec, Exposition, Family, FamilyKind, GaugeVec, HistogramVec, LAG_SECONDS, SECONDS,
 };
 use imn_bridge::telemetry::{self, at_ms, Component};
 use imn_modules::results::{ModuleOutcome, ModuleOutput};
@@ -42,12 +41,12 @@ pub struct Metrics {
     pub dns_rt: HistogramVec,
     pub http_total: HistogramVec,
     /// Last loss ratio per (agent, target).
-    ping_loss: Mutex<HashMap<(String, String), f64>>,
+    ping_loss: GaugeVec,
     /// Last NTP offset (seconds, server ahead is positive) per (agent, server).
-    ntp_offset: Mutex<HashMap<(String, String), f64>>,
+    ntp_offset: GaugeVec,
     /// Hops of the last traceroute per (agent, target), and whether it arrived.
-    trace_hops: Mutex<HashMap<(String, String), f64>>,
-    trace_reached: Mutex<HashMap<(String, String), f64>>,
+    trace_hops: GaugeVec,
+    trace_reached: GaugeVec,
     /// Requests per state, as last read from the store.
     pub request_states: Mutex<Vec<(RequestState, u64)>>,
 }
@@ -116,28 +115,30 @@ impl Metrics {
                 &["agent", "target"],
                 SECONDS,
             ),
-            ping_loss: Mutex::new(HashMap::new()),
-            ntp_offset: Mutex::new(HashMap::new()),
-            trace_hops: Mutex::new(HashMap::new()),
-            trace_reached: Mutex::new(HashMap::new()),
+            ping_loss: GaugeVec::new("imn_ping_loss_ratio", AGENT_TARGET),
+            ntp_offset: GaugeVec::new("imn_ntp_offset_seconds", AGENT_TARGET),
+            trace_hops: GaugeVec::new("imn_traceroute_hops", AGENT_TARGET),
+            trace_reached: GaugeVec::new("imn_traceroute_destination_reached", AGENT_TARGET),
             request_states: Mutex::new(Vec::new()),
         }
     }
 
-    /// Metrics of one stored result.
+    /// Metrics of one stored result. Every label value an agent chooses (targets,
+    /// servers, URLs) is capped in length by the instruments, and each agent owns at most
+    /// `MAX_SERIES_PER_AGENT` series per instrument (see `imn_bridge::telemetry::prom`);
+    /// the module label is a catalog module's name or `other`.
     pub fn result(&self, agent: &str, r: &wire::ModuleResult, stored_ms: i64) {
-        self.results_ingested.inc(&[&r.module]);
+        self.results_ingested.inc(&[module_label(&r.module)]);
         self.ingest_lag
             .observe(&[], (stored_ms - r.finished_ms).max(0) as f64 / 1000.0);
         match &r.outcome {
             ModuleOutcome::Ok(ModuleOutput::Ping(p)) => {
-                let mut loss = self.ping_loss.lock().unwrap_or_else(|e| e.into_inner());
                 for t in &p.targets {
                     for ms in t.rtts_ms.iter().flatten() {
                         self.ping_rtt.observe(&[agent, &t.host], ms / 1000.0);
                     }
                     if t.sent > 0 {
-                        remember(&mut loss, agent, &t.host, t.loss_pct / 100.0);
+                        self.ping_loss.set(&[agent, &t.host], t.loss_pct / 100.0);
                     }
                 }
             }
@@ -156,21 +157,18 @@ impl Metrics {
             ModuleOutcome::Ok(ModuleOutput::Http(h)) => {
                 if h.error.is_none() {
                     self.http_total
-                        .observe(&[agent, &h.url], h.timing.total_ms / 1000.0);
+                        .observe(&[agent, &url_label(&h.url)], h.timing.total_ms / 1000.0);
                 }
             }
             ModuleOutcome::Ok(ModuleOutput::Ntp(n)) => {
                 if let Some(offset) = n.offset_ms {
-                    let mut m = self.ntp_offset.lock().unwrap_or_else(|e| e.into_inner());
-                    remember(&mut m, agent, &n.host, offset / 1000.0);
+                    self.ntp_offset.set(&[agent, &n.host], offset / 1000.0);
                 }
             }
             ModuleOutcome::Ok(ModuleOutput::Traceroute(t)) => {
-                let mut hops = self.trace_hops.lock().unwrap_or_else(|e| e.into_inner());
-                remember(&mut hops, agent, &t.host, t.hops.len() as f64);
-                let mut reached = self.trace_reached.lock().unwrap_or_else(|e| e.into_inner());
+                self.trace_hops.set(&[agent, &t.host], t.hops.len() as f64);
                 let v = if t.destination_reached { 1.0 } else { 0.0 };
-                remember(&mut reached, agent, &t.host, v);
+                self.trace_reached.set(&[agent, &t.host], v);
             }
             ModuleOutcome::Ok(_) => {}
             ModuleOutcome::Failed(_) => self.errors.inc(&["module_failed"]),
@@ -262,17 +260,9 @@ impl Metrics {
             let n = counts.iter().find(|c| c.0 == st).map_or(0, |c| c.1);
             states.push(vec![("state", st.as_str().to_string())], n as f64);
         }
-        let per_target = |name, otel, unit, help, map: &Mutex<HashMap<(String, String), f64>>| {
+        let per_target = |name, otel, unit, help, values: &GaugeVec| {
             let mut f = g(name, otel, unit, help);
-            let m = map.lock().unwrap_or_else(|e| e.into_inner());
-            let mut rows: Vec<_> = m.iter().collect();
-            rows.sort_by(|a, b| a.0.cmp(b.0));
-            for ((agent, target), v) in rows {
-                f.push(
-                    vec![("agent", agent.clone()), ("target", target.clone())],
-                    *v,
-                );
-            }
+            values.fill(&mut f);
             f
         };
         let loss = per_target(
@@ -346,11 +336,34 @@ impl Metrics {
     }
 }
 
-/// Sets the last value of an (agent, target) series, within the series cap.
-fn remember(m: &mut HashMap<(String, String), f64>, agent: &str, target: &str, v: f64) {
-    let key = (agent.to_string(), target.to_string());
-    if m.len() < imn_bridge::telemetry::prom::MAX_SERIES || m.contains_key(&key) {
-        m.insert(key, v);
+/// The label names of the last-value gauges.
+const AGENT_TARGET: &[&str] = &["agent", "target"];
+
+/// The `module` label of a result: the catalog's name for it, or `other` for a name the
+/// catalog does not know (an agent chooses the name it reports).
+fn module_label(module: &str) -> &'static str {
+    imn_modules::catalog::find(module).map_or("other", |m| m.name)
+}
+
+/// The `target` label of an HTTP result: `scheme://host[:port]/path` of its URL, without
+/// user information, query or fragment (they can carry secrets and make every request a
+/// new series). The instrument caps the length.
+fn url_label(url: &str) -> String {
+    let end = url.find(['?', '#']).unwrap_or(url.len());
+    let url = &url[..end];
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let path = if path.is_empty() { "/" } else { path };
+    match scheme {
+        Some(s) => format!("{}://{host}{path}", s.to_ascii_lowercase()),
+        None => format!("{host}{path}"),
     }
 }
 
@@ -509,4 +522,294 @@ pub fn end_dispatch(cx: Option<Context>, error: Option<&str>) {
         span.set_status(Status::error(e.to_string()));
     }
     span.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imn_bridge::telemetry::prom::{MAX_LABEL_BYTES, MAX_SERIES_PER_AGENT};
+    use imn_modules::results::{PingOutput, PingResult};
+    use serde_json::json;
+
+    /// What one agent can put into the exposition of one instrument: 64 series of at
+    /// most 22 lines (a histogram of 19 buckets: the buckets, `+Inf`, `_sum` and
+    /// `_count`) of at most 512 bytes each (a name, a 64-byte agent id, a target capped
+    /// at 128 bytes that escaping can double, `le` and a value). 704 KiB; measured under
+    /// the bomb: about 300 kB for the ping histogram.
+    const BOMB_BOUND_BYTES: usize = MAX_SERIES_PER_AGENT * 22 * 512;
+
+    fn result(module: &str, output: ModuleOutput) -> wire::ModuleResult {
+        wire::ModuleResult {
+            request_id: "r".into(),
+            module: module.into(),
+            received_ms: 0,
+            started_ms: 0,
+            finished_ms: 0,
+            outcome: ModuleOutcome::Ok(output),
+        }
+    }
+
+    fn ping(hosts: &[&str]) -> wire::ModuleResult {
+        let targets = hosts
+            .iter()
+            .map(|h| {
+                let mut t = PingResult::new(h, "192.0.2.1", 56);
+                t.sent = 2;
+                t.received = 1;
+                t.rtts_ms = vec![Some(1.5), None];
+                t.loss_pct = 50.0;
+                t
+            })
+            .collect();
+        result(
+            "ping_module",
+            ModuleOutput::Ping(PingOutput {
+                socket: "dgram".into(),
+                src_addr: None,
+                targets,
+            }),
+        )
+    }
+
+    fn tcping(host: &str) -> wire::ModuleResult {
+        let r = serde_json::from_value(json!({
+            "host": host, "addr": "192.0.2.1", "port": 443, "sent": 1, "open": 1,
+            "attempts": [{"outcome": "open", "connect_ms": 2.0}],
+            "loss_pct": 0.0, "availability_pct": 100.0,
+        }))
+        .unwrap();
+        result("tcping", ModuleOutput::Tcping(r))
+    }
+
+    fn dns(server: &str) -> wire::ModuleResult {
+        let r = serde_json::from_value(json!({
+            "server": server, "port": 53, "server_source": "params", "protocol": "udp",
+            "tcp_after_truncation": false, "qname": "example.net.", "qtype": "A",
+            "qclass": "IN", "qbuf": "", "attempts": 1, "timeout_ms": 1000,
+            "reply": {"rt_ms": 3.0, "size": 40, "abuf": ""},
+        }))
+        .unwrap();
+        result("dns", ModuleOutput::Dns(Box::new(r)))
+    }
+
+    fn http(url: &str) -> wire::ModuleResult {
+        let r = serde_json::from_value(json!({
+            "url": url, "method": "GET", "timing": {"total_ms": 12.0}, "redirects": [],
+        }))
+        .unwrap();
+        result("http", ModuleOutput::Http(Box::new(r)))
+    }
+
+    fn ntp(host: &str) -> wire::ModuleResult {
+        let r = serde_json::from_value(json!({
+            "host": host, "addr": "192.0.2.1", "port": 123, "version": 4, "packets": [],
+            "sent": 1, "received": 1, "offset_ms": 1.5, "rx_timestamps": "",
+        }))
+        .unwrap();
+        result("ntp", ModuleOutput::Ntp(Box::new(r)))
+    }
+
+    fn traceroute(host: &str) -> wire::ModuleResult {
+        let r = serde_json::from_value(json!({
+            "host": host, "dst_addr": "192.0.2.1", "src_addr": "192.0.2.2", "af": 4,
+            "protocol": "icmp", "port": 0, "src_port": 0, "icmp_checksum": 0,
+            "paris_id": 0, "size": 48, "first_ttl": 1, "max_ttl": 30,
+            "probes_per_hop": 3, "timeout_ms": 1000, "destination_reached": true,
+            "stop_reason": "destination", "hops": [{"ttl": 1, "probes": [null]}],
+            "started_ms": 0, "duration_ms": 5.0,
+        }))
+        .unwrap();
+        result("traceroute", ModuleOutput::Traceroute(Box::new(r)))
+    }
+
+    /// A 10 kB host name, distinct for each `i`.
+    fn long_host(i: usize) -> String {
+        format!("{i:08}.{}", "h".repeat(10_000))
+    }
+
+    fn text(f: impl FnOnce(&mut Exposition)) -> String {
+        let mut e = Exposition::new();
+        f(&mut e);
+        e.finish()
+    }
+
+    /// The bytes of the exposition lines about agent `evil`.
+    fn bytes_of_evil(page: &str) -> usize {
+        page.lines()
+            .filter(|l| l.contains(r#"agent="evil""#))
+            .map(|l| l.len() + 1)
+            .sum()
+    }
+
+    /// The label bomb (issue 23): one enrolled agent reports 100,000 distinct 10 kB ping
+    /// hosts. The ping histogram and the loss gauge keep 64 series of capped labels, and
+    /// their exposition stays under BOMB_BOUND_BYTES.
+    #[test]
+    fn a_ping_label_bomb_from_one_agent_stays_bounded() {
+        let m = Metrics::new();
+        m.result("good", &ping(&["example.net", "192.0.2.7"]), 1);
+        for batch in 0..1_000 {
+            let hosts: Vec<String> = (0..100).map(|i| long_host(batch * 100 + i)).collect();
+            let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            m.result("evil", &ping(&hosts), 1);
+        }
+        assert_eq!(m.ping_rtt.len(), MAX_SERIES_PER_AGENT + 2);
+        assert_eq!(m.ping_loss.len(), MAX_SERIES_PER_AGENT + 2);
+        let hist = text(|e| m.ping_rtt.write(e));
+        let loss = m
+            .families(&[], 0)
+            .into_iter()
+            .find(|f| f.name == "imn_ping_loss_ratio")
+            .unwrap();
+        let loss = text(|e| loss.write(e));
+        eprintln!(
+            "ping label bomb: imn_ping_rtt_seconds {} bytes ({} from the bomb), \
+             imn_ping_loss_ratio {} bytes; bound {BOMB_BOUND_BYTES} per agent and instrument",
+            hist.len(),
+            bytes_of_evil(&hist),
+            loss.len()
+        );
+        assert!(bytes_of_evil(&hist) <= BOMB_BOUND_BYTES, "{}", hist.len());
+        assert!(bytes_of_evil(&loss) <= BOMB_BOUND_BYTES, "{}", loss.len());
+        // The good agent's series are there, labels as given.
+        assert_eq!(m.ping_rtt.count(&["good", "example.net"]), 1);
+        assert!(loss.contains(r#"imn_ping_loss_ratio{agent="good",target="192.0.2.7"} 0.5"#));
+        // No line carries a 10 kB label.
+        for page in [&hist, &loss] {
+            assert!(page.lines().all(|l| l.len() < 512));
+        }
+    }
+
+    /// The same bomb on every other agent-chosen label: tcping, DNS and HTTP histograms,
+    /// the NTP and traceroute gauges.
+    #[test]
+    fn every_target_label_is_capped_per_agent() {
+        let m = Metrics::new();
+        for i in 0..500 {
+            let h = long_host(i);
+            m.result("evil", &tcping(&h), 1);
+            m.result("evil", &dns(&h), 1);
+            m.result("evil", &http(&format!("https://{h}/x")), 1);
+            m.result("evil", &ntp(&h), 1);
+            m.result("evil", &traceroute(&h), 1);
+        }
+        for (name, n) in [
+            ("tcping", m.tcping_connect.len()),
+            ("dns", m.dns_rt.len()),
+            ("http", m.http_total.len()),
+            ("ntp", m.ntp_offset.len()),
+            ("trace_hops", m.trace_hops.len()),
+            ("trace_reached", m.trace_reached.len()),
+        ] {
+            assert_eq!(n, MAX_SERIES_PER_AGENT, "{name}");
+        }
+        let mut page = text(|e| m.write(e));
+        for f in m.families(&[], 0) {
+            page.push_str(&text(|e| f.write(e)));
+        }
+        eprintln!("every instrument bombed: {} bytes in all", page.len());
+        assert!(page.len() <= 7 * BOMB_BOUND_BYTES, "{}", page.len());
+        assert!(page.lines().all(|l| l.len() < 512));
+    }
+
+    /// Module names come from the catalog, or are `other`.
+    #[test]
+    fn the_module_label_is_a_catalog_name_or_other() {
+        let m = Metrics::new();
+        m.result("a", &ping(&["example.net"]), 1);
+        for i in 0..1_000 {
+            let mut r = ping(&[]);
+            r.module = format!("bogus-{i}-{}", "m".repeat(10_000));
+            m.result("a", &r, 1);
+        }
+        let page = text(|e| m.results_ingested.write(e));
+        assert!(
+            page.contains("imn_results_ingested_total{module=\"ping_module\"} 1\n"),
+            "{page}"
+        );
+        assert!(
+            page.contains("imn_results_ingested_total{module=\"other\"} 1000\n"),
+            "{page}"
+        );
+        assert_eq!(m.results_ingested.len(), 2);
+        for spec in imn_modules::catalog::catalog() {
+            assert_eq!(module_label(spec.name), spec.name);
+        }
+    }
+
+    /// The HTTP target label is scheme://host[:port]/path: no user information, query
+    /// or fragment; the path is capped with the rest.
+    #[test]
+    fn url_labels_carry_no_query_fragment_or_userinfo() {
+        for (url, label) in [
+            ("https://example.net/", "https://example.net/"),
+            ("https://example.net", "https://example.net/"),
+            (
+                "HTTP://user:secret@example.net:8080/a/b?token=x#frag",
+                "http://example.net:8080/a/b",
+            ),
+            ("https://example.net?q=1", "https://example.net/"),
+            (
+                "https://[2001:db8::1]:443/p#f",
+                "https://[2001:db8::1]:443/p",
+            ),
+            ("https://a@b@example.net/p", "https://example.net/p"),
+        ] {
+            assert_eq!(url_label(url), label, "{url}");
+        }
+        let m = Metrics::new();
+        m.result(
+            "a",
+            &http("https://u:pw@example.net/x?session=s3cr3t#top"),
+            1,
+        );
+        let long = format!("https://example.net/{}?q=1", "p".repeat(10_000));
+        m.result("a", &http(&long), 1);
+        let page = text(|e| m.http_total.write(e));
+        assert!(
+            page.contains(r#"{agent="a",target="https://example.net/x",le="+Inf"} 1"#),
+            "{page}"
+        );
+        assert!(!page.contains("s3cr3t") && !page.contains("pw@") && !page.contains("#top"));
+        assert!(page.lines().all(|l| l.len() < 512), "the path is capped");
+        assert_eq!(m.http_total.len(), 2);
+        const { assert!(MAX_LABEL_BYTES < 512) };
+    }
+
+    /// A normal fleet: 300 agents with a few targets each keep every series, with the
+    /// labels as given.
+    #[test]
+    fn a_normal_fleet_is_unaffected() {
+        let m = Metrics::new();
+        let hosts = ["example.net", "192.0.2.1", "2001:db8::1", "ntp.example.org"];
+        for a in 0..300 {
+            let agent = format!("agent-{a}");
+            m.result(&agent, &ping(&hosts), 1);
+            for h in hosts {
+                m.result(&agent, &tcping(h), 1);
+                m.result(&agent, &ntp(h), 1);
+                m.result(&agent, &traceroute(h), 1);
+                m.result(&agent, &http(&format!("https://{h}/health")), 1);
+            }
+        }
+        for n in [
+            m.ping_rtt.len(),
+            m.ping_loss.len(),
+            m.tcping_connect.len(),
+            m.ntp_offset.len(),
+            m.trace_hops.len(),
+            m.http_total.len(),
+        ] {
+            assert_eq!(n, 300 * hosts.len());
+        }
+        assert_eq!(m.ping_rtt.count(&["agent-299", "2001:db8::1"]), 1);
+        assert_eq!(m.tcping_connect.count(&["agent-0", "example.net:443"]), 1);
+        assert_eq!(
+            m.http_total
+                .count(&["agent-5", "https://ntp.example.org/health"]),
+            1
+        );
+        assert_eq!(m.results_ingested.get(&["ping_module"]), 300.0);
+        assert_eq!(m.results_ingested.get(&["tcping"]), 1200.0);
+    }
 }

@@ -170,7 +170,8 @@ pub async fn ensure_admin_token(
     path: &std::path::Path,
     shared: bool,
 ) -> Result<(), UpError> {
-    let current = std::fs::read_to_string(path).ok();
+    // Not through a symlink: the file is ours, in our private directory.
+    let current = imn_bridge::files::read_private(path).ok();
     if current
         .as_deref()
         .is_some_and(|t| backend.security.token_is_live(t.trim()))
@@ -212,21 +213,19 @@ pub async fn ensure_admin_token(
     })
 }
 
-/// Writes a secret to a file only its owner can read.
+/// Writes a secret to a file only its owner can read: a fresh temporary file beside it
+/// (`O_EXCL | O_NOFOLLOW`, mode 0600), synced, then renamed over it. A symlink planted in
+/// the directory is never followed.
 fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(secret.as_bytes())?;
-    f.write_all(b"\n")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    imn_bridge::files::write_private(path, format!("{secret}\n").as_bytes())
+}
+
+/// Creates the data directory with mode 0700, or sets an existing one to it.
+pub fn private_data_dir(data: &std::path::Path) -> Result<(), UpError> {
+    imn_bridge::files::private_dir(data).map_err(|e| UpError::Data {
+        path: data.to_path_buf(),
+        message: format!("cannot make it private (mode 0700): {e}"),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -307,10 +306,7 @@ pub async fn start_backend(
     fault_injection: bool,
     security: Security,
 ) -> Result<Arc<Backend>, UpError> {
-    std::fs::create_dir_all(data).map_err(|e| UpError::Data {
-        path: data.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    private_data_dir(data)?;
     let store = match store {
         Some((spec, ca)) => open_store(data, Some(spec), ca).await?,
         None => open_store(data, None, None).await?,
@@ -424,6 +420,8 @@ fn local_broker(opts: &UpOptions) -> Result<(String, Option<PathBuf>), UpError> 
 /// `offline`) and the HTTP server.
 pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(), UpError> {
     let sec = &opts.security;
+    // DATA holds the admin token, the store and the local agents' outboxes.
+    private_data_dir(&opts.data)?;
     let http_tls = sec.http_tls()?;
     sec.check_exposure("--http", opts.http, http_tls.is_some())?;
     if let Some(m) = opts.mqtt {

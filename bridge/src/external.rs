@@ -13,7 +13,13 @@
 //!
 //! Nothing is lost when a bridge goes away: an agent keeps every record until the
 //! backend acks it, and resends what is not acked; the backend drops duplicates.
+//!
+//! `mqtts://HOST[:PORT]` (8883 by default) speaks TLS to the broker (rustls with ring):
+//! the broker's certificate must chain to the CA file given (`--external-ca`), or to
+//! the system's CA bundle without one, and name HOST. The bridge resolves HOST itself
+//! and connects to the address, but checks the certificate against HOST.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +27,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use imn_modules::wire::{self, Kind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::auth::AgentCredentials;
 use crate::broker::{BridgeError, BridgeStats};
@@ -29,38 +40,189 @@ use crate::bus::Bus;
 /// How to reach the external broker.
 #[derive(Debug, Clone)]
 pub struct ExternalConfig {
-    /// `mqtt://HOST[:PORT]`.
+    /// `mqtt://HOST[:PORT]`, or `mqtts://HOST[:PORT]` for TLS.
     pub url: String,
+    /// With `mqtts://`: the PEM CA file the broker's certificate must chain to. `None`:
+    /// the system's CA bundle ([`SYSTEM_CA_BUNDLE`]).
+    pub ca: Option<PathBuf>,
     pub user: Option<String>,
     pub password: Option<String>,
     /// The shared subscription group every bridge of the deployment joins.
     pub share_group: String,
-    /// The bridge's MQTT client id (unique per bridge).
+    /// The bridge's MQTT client id: unique per bridge, and not guessable (a client that
+    /// connects with the same id takes the session over, on a broker that does not tie
+    /// client ids to user names).
     pub client_id: String,
     pub max_message_bytes: usize,
     pub credentials: Arc<AgentCredentials>,
 }
 
-/// Host and port of `mqtt://HOST[:PORT]`.
-pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| {
-        format!("{url:?}: must be mqtt://HOST[:PORT] (TLS to the broker is not supported yet)")
-    })?;
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h,
-            p.parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0)
-                .ok_or_else(|| format!("{url:?}: port must be a number from 1 to 65535"))?,
-        ),
-        _ => (rest, 1883),
+/// Where Debian keeps the system's CA bundle (package ca-certificates): the roots of
+/// `mqtts://` without `--external-ca`.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The broker's URL, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`.
+    pub tls: bool,
+}
+
+/// Parses `mqtt://HOST[:PORT]` (port 1883 by default) or `mqtts://HOST[:PORT]` (8883).
+pub fn parse_broker_url(url: &str) -> Result<BrokerUrl, String> {
+    let form = || format!("{url:?}: must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT]");
+    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (r, true, 8883)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (r, false, 1883)
+    } else {
+        return Err(form());
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() || host.contains('/') {
-        return Err(format!("{url:?}: must be mqtt://HOST[:PORT]"));
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{url:?}: port must be a number from 1 to 65535"))
+    };
+    // [IPv6]:PORT, [IPv6], HOST:PORT or HOST.
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, after) = r.split_once(']').ok_or_else(form)?;
+        match after {
+            "" => (h, default_port),
+            _ => (h, port_of(after.strip_prefix(':').ok_or_else(form)?)?),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, port_of(p)?),
+            None => (rest, default_port),
+        }
+    };
+    if host.is_empty() || host.contains(['/', '@', '?', '#', '[', ']']) {
+        return Err(form());
     }
-    Ok((host.to_string(), port))
+    Ok(BrokerUrl {
+        host: host.to_string(),
+        port,
+        tls,
+    })
+}
+
+/// Host and port of `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`.
+pub fn parse_url(url: &str) -> Result<(String, u16), String> {
+    parse_broker_url(url).map(|u| (u.host, u.port))
+}
+
+/// The TLS client configuration for a broker named `host`: its certificate must chain
+/// to a certificate in `ca` (PEM; the system bundle when `None`) and name `host`, whatever
+/// address the connection went to.
+pub fn tls_config(host: &str, ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (path, flag) = match ca {
+        Some(p) => (p, "--external-ca"),
+        None => (Path::new(SYSTEM_CA_BUNDLE), "the system CA bundle"),
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{flag} {}: no PEM certificate in the file",
+            path.display()
+        ));
+    }
+    let mut roots = RootCertStore::empty();
+    if ca.is_some() {
+        for c in certs {
+            roots.add(c).map_err(|e| {
+                format!(
+                    "{flag} {}: not a usable CA certificate: {e}",
+                    path.display()
+                )
+            })?;
+        }
+    } else {
+        // The distribution's bundle: one root rustls cannot use is no reason to refuse
+        // all the others.
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(format!(
+                "{flag} {}: no usable CA certificate",
+                path.display()
+            ));
+        }
+    }
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|_| format!("{host:?} is not a valid TLS server name"))?;
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, name }))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// webpki's verifier, told the broker's name from the URL instead of the address the
+/// bridge resolved and connected to.
+#[derive(Debug)]
+struct NamedVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _connected_to: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The rustls error behind a failed connection, if TLS refused it (a certificate that
+/// does not verify, an alert from the broker).
+fn tls_error(e: &rumqttc::ConnectionError) -> Option<&rustls::Error> {
+    let rumqttc::ConnectionError::Tls(t) = e else {
+        return None;
+    };
+    match t {
+        rumqttc::TlsError::TLS(r) => Some(r),
+        rumqttc::TlsError::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>(),
+        _ => None,
+    }
 }
 
 /// The topic filters the bridge subscribes to.
@@ -74,10 +236,20 @@ pub fn filters(group: &str) -> Vec<String> {
 /// Connects to the broker and forwards both ways, reconnecting for ever. Returns once
 /// the first connection is up (or fails with the broker's answer).
 pub async fn run(cfg: ExternalConfig, bus: Arc<dyn Bus>) -> Result<Arc<BridgeStats>, BridgeError> {
-    let (host, port) = parse_url(&cfg.url).map_err(BridgeError::Broker)?;
+    let url = parse_broker_url(&cfg.url).map_err(BridgeError::Broker)?;
+    let tls = if url.tls {
+        Some(tls_config(&url.host, cfg.ca.as_deref()).map_err(BridgeError::Broker)?)
+    } else {
+        None
+    };
     let stats = Arc::new(BridgeStats::default());
     let (up_tx, up_rx) = tokio::sync::oneshot::channel();
-    let client = connect_loop(cfg.clone(), host, port, bus.clone(), stats.clone(), up_tx);
+    let link = Link {
+        host: url.host,
+        port: url.port,
+        tls,
+    };
+    let client = connect_loop(cfg.clone(), link, bus.clone(), stats.clone(), up_tx);
     tokio::spawn(downlink(
         client,
         bus,
@@ -94,21 +266,28 @@ pub async fn run(cfg: ExternalConfig, bus: Arc<dyn Bus>) -> Result<Arc<BridgeSta
             )))
         }
     }
-    tracing::info!(broker = %cfg.url, group = %cfg.share_group, client_id = %cfg.client_id, "bridge: client of an external broker");
+    tracing::info!(broker = %cfg.url, tls = url.tls, group = %cfg.share_group, client_id = %cfg.client_id, "bridge: client of an external broker");
     Ok(stats)
+}
+
+/// Where the connection goes: the broker's name and port, and TLS for `mqtts://`.
+struct Link {
+    host: String,
+    port: u16,
+    tls: Option<Arc<ClientConfig>>,
 }
 
 /// Starts the MQTT client; its event loop runs in a task, resolving the broker's name
 /// before each attempt. `up` hears the first connection's outcome.
 fn connect_loop(
     cfg: ExternalConfig,
-    host: String,
-    port: u16,
+    link: Link,
     bus: Arc<dyn Bus>,
     stats: Arc<BridgeStats>,
     up: tokio::sync::oneshot::Sender<Result<(), String>>,
 ) -> AsyncClient {
-    let (client, mut eventloop) = AsyncClient::new(options(&cfg, &host, port), 4096);
+    let Link { host, port, tls } = link;
+    let (client, mut eventloop) = AsyncClient::new(options(&cfg, &host, port, tls.as_ref()), 4096);
     let mut net = eventloop.network_options();
     net.set_connection_timeout(10);
     net.set_tcp_nodelay(true);
@@ -125,7 +304,8 @@ fn connect_loop(
                 match tokio::net::lookup_host((host.as_str(), port)).await {
                     Ok(mut addrs) => match addrs.next() {
                         Some(a) => {
-                            eventloop.mqtt_options = options(&cfg, &a.ip().to_string(), port);
+                            eventloop.mqtt_options =
+                                options(&cfg, &a.ip().to_string(), port, tls.as_ref());
                             resolved = true;
                         }
                         None => tracing::warn!(%host, "the broker's name has no address"),
@@ -170,9 +350,28 @@ fn connect_loop(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "external broker connection; retrying");
+                    let refused_tls = tls_error(&e).map(|t| {
+                        let roots = cfg.ca.as_deref().map_or_else(
+                            || format!("the system CA bundle {SYSTEM_CA_BUNDLE}"),
+                            |p| format!("--external-ca {}", p.display()),
+                        );
+                        format!(
+                            "TLS to {host}:{port} refused: {t} (the broker's certificate must \
+                             chain to {roots} and name {host:?})"
+                        )
+                    });
+                    match &refused_tls {
+                        Some(m) => tracing::error!("{m}; retrying"),
+                        None => {
+                            tracing::warn!(error = %e, "external broker connection; retrying")
+                        }
+                    }
                     if let Some(u) = up.take() {
-                        if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
+                        if let Some(m) = refused_tls {
+                            // Does not heal by retrying: fail the start, as for a wrong
+                            // password.
+                            let _ = u.send(Err(m));
+                        } else if matches!(e, rumqttc::ConnectionError::ConnectionRefused(_)) {
                             let _ = u.send(Err(e.to_string()));
                         } else {
                             up = Some(u);
@@ -189,8 +388,18 @@ fn connect_loop(
     client
 }
 
-fn options(cfg: &ExternalConfig, addr: &str, port: u16) -> MqttOptions {
+fn options(
+    cfg: &ExternalConfig,
+    addr: &str,
+    port: u16,
+    tls: Option<&Arc<ClientConfig>>,
+) -> MqttOptions {
     let mut mo = MqttOptions::new(cfg.client_id.clone(), addr, port);
+    if let Some(tls) = tls {
+        mo.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
     mo.set_keep_alive(Duration::from_secs(30))
         .set_clean_session(true)
         .set_max_packet_size(cfg.max_message_bytes + 4096, cfg.max_message_bytes + 4096)
@@ -283,9 +492,23 @@ mod tests {
             parse_url("mqtt://[::1]:1885").unwrap(),
             ("::1".into(), 1885)
         );
-        assert!(parse_url("mqtts://mq").unwrap_err().contains("mqtt://"));
+        assert!(parse_url("tcp://mq").unwrap_err().contains("mqtts://"));
         assert!(parse_url("mqtt://mq:0").unwrap_err().contains("port"));
         assert!(parse_url("mqtt://").is_err());
+        assert!(parse_url("mqtts://").is_err());
+        assert!(parse_url("mqtt://user@mq").is_err());
+        let tls = |host: &str, port| BrokerUrl {
+            host: host.into(),
+            port,
+            tls: true,
+        };
+        assert_eq!(parse_broker_url("mqtts://mq").unwrap(), tls("mq", 8883));
+        assert_eq!(
+            parse_broker_url("mqtts://mq:8884").unwrap(),
+            tls("mq", 8884)
+        );
+        assert_eq!(parse_broker_url("mqtts://[::1]").unwrap(), tls("::1", 8883));
+        assert!(!parse_broker_url("mqtt://mq").unwrap().tls);
         assert_eq!(
             filters("g"),
             [
@@ -295,5 +518,26 @@ mod tests {
                 "$share/g/imn/v1/+/status"
             ]
         );
+    }
+
+    #[test]
+    fn tls_config_needs_a_readable_ca_and_a_valid_name() {
+        let missing = Path::new("/nonexistent/imn-ca.pem");
+        let e = tls_config("mq", Some(missing)).unwrap_err();
+        assert!(e.contains("--external-ca /nonexistent/imn-ca.pem"), "{e}");
+        let dir = std::env::temp_dir().join(format!("imn-ext-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = tls_config("mq", Some(&empty)).unwrap_err();
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        if Path::new(SYSTEM_CA_BUNDLE).exists() {
+            tls_config("mq.example.net", None).unwrap();
+            tls_config("192.0.2.1", None).unwrap();
+            assert!(tls_config("bad name!", None)
+                .unwrap_err()
+                .contains("server name"));
+        }
     }
 }

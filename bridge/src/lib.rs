@@ -5,6 +5,7 @@ pub mod auth;
 pub mod broker;
 pub mod bus;
 pub mod external;
+pub mod files;
 pub mod telemetry;
 
 pub use auth::{AgentCredential, AgentCredentials};

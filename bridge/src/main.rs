@@ -56,10 +56,15 @@ struct Flags {
     #[arg(long, env = "IMN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     /// External broker mode: be an MQTT client of this broker (`mqtt://HOST[:PORT]`,
-    /// e.g. Mosquitto) instead of running one; agents connect to it. Several bridges
-    /// split the uplink through a shared subscription.
+    /// or `mqtts://HOST[:PORT]` for TLS, port 8883 by default; e.g. Mosquitto) instead
+    /// of running one; agents connect to it. Several bridges split the uplink through a
+    /// shared subscription.
     #[arg(long, env = "IMN_EXTERNAL_BROKER")]
     external_broker: Option<String>,
+    /// With `mqtts://`: PEM file of the CA the broker's certificate must chain to (it
+    /// must also name the URL's host). Default: the system's CA bundle.
+    #[arg(long, env = "IMN_EXTERNAL_CA", requires = "external_broker")]
+    external_ca: Option<PathBuf>,
     /// User name on the external broker.
     #[arg(
         long,
@@ -79,8 +84,10 @@ struct Flags {
         requires = "external_broker"
     )]
     share_group: String,
-    /// This bridge's MQTT client id on the external broker (unique per bridge).
-    /// Default: imn-bridge-HOSTNAME-PID.
+    /// This bridge's MQTT client id on the external broker (unique per bridge). Default:
+    /// `imn-bridge-` and 32 random hex digits, new at each start: a client that guessed
+    /// the id could take the bridge's session over on a broker that does not tie client
+    /// ids to user names (Mosquitto does with `use_username_as_clientid true`).
     #[arg(long, env = "IMN_BRIDGE_ID", requires = "external_broker")]
     bridge_id: Option<String>,
 }
@@ -172,14 +179,13 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let client_id = flags.bridge_id.clone().unwrap_or_else(|| {
-                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "host".into());
-                format!("imn-bridge-{host}-{}", std::process::id())
-            });
+            if flags.external_ca.is_some() && !url.starts_with("mqtts://") {
+                anyhow::bail!("--external-ca: only with an mqtts:// --external-broker");
+            }
+            let client_id = flags.bridge_id.clone().unwrap_or_else(default_client_id);
             let cfg = imn_bridge::external::ExternalConfig {
                 url: url.clone(),
+                ca: flags.external_ca.clone(),
                 user: Some(flags.external_user.clone()),
                 password,
                 share_group: flags.share_group.clone(),
@@ -230,10 +236,39 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The bridge's client id on an external broker: not guessable (122 random bits).
+fn default_client_id() -> String {
+    format!("imn-bridge-{}", uuid::Uuid::new_v4().simple())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn the_default_client_id_is_not_guessable() {
+        let (a, b) = (default_client_id(), default_client_id());
+        assert_ne!(a, b);
+        let hex = a.strip_prefix("imn-bridge-").unwrap();
+        assert!(
+            hex.len() >= 16 && hex.chars().all(|c| c.is_ascii_hexdigit()),
+            "{a}"
+        );
+        let f = Flags::try_parse_from([
+            "imn-bridge",
+            "--external-broker",
+            "mqtts://mq.example.net",
+            "--external-ca",
+            "/etc/imn/ca.pem",
+        ])
+        .unwrap();
+        assert_eq!(
+            f.external_ca.as_deref(),
+            Some(std::path::Path::new("/etc/imn/ca.pem"))
+        );
+        assert!(f.bridge_id.is_none());
+    }
 
     #[test]
     fn exposure_needs_tls_and_auth_unless_insecure() {

@@ -1119,3 +1119,145 @@ async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
     assert!(e.contains("not authorised"), "{e}");
     agent_a.kill9();
 }
+
+// =====================================================================================
+// Issue 23: files and secrets on disk. `imn up` and `imn-backend` keep DATA at mode
+// 0700 and create their files 0600 (umask 077); the admin token is written through a
+// fresh O_EXCL|O_NOFOLLOW temporary file renamed over the target, so a symlink planted
+// in DATA is never followed.
+// =====================================================================================
+
+/// Mode bits of a path (not following a symlink).
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Every file and directory under `dir` (symlinks left out) that its group or others
+/// may use.
+fn not_private(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let t = std::fs::symlink_metadata(&p).unwrap().file_type();
+        if t.is_symlink() {
+            continue;
+        }
+        if mode_of(&p) & 0o077 != 0 {
+            out.push(format!("{} {:o}", p.display(), mode_of(&p)));
+        }
+        if t.is_dir() {
+            out.extend(not_private(&p));
+        }
+    }
+    out
+}
+
+/// `imn up --auth`: DATA is 0700 once it runs, and the admin token, the store and
+/// everything else in it are its owner's only. Then, as someone who can write to DATA:
+/// with imn up stopped, DATA made 0755 again and the token file gone (so a new one is
+/// written), symlinks are planted at the old fixed temporary path `admin-token.tmp`, at
+/// other predictable names and at `admin-token` itself, each to a file outside DATA.
+/// After a restart on the same DATA no symlink was followed (the files outside are
+/// untouched), DATA is 0700 again, and the new admin token is a regular 0600 file that
+/// works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_is_private_and_planted_symlinks_are_not_followed() {
+    let mut up = Up::start(0, &["--auth"]).await;
+    let data = up.dir.path().join("data");
+    let token_file = data.join("admin-token");
+    wait_for("the admin token", T, || {
+        let f = token_file.clone();
+        async move { f.exists().then_some(()) }
+    })
+    .await;
+    assert_eq!(mode_of(&data), 0o700, "DATA after imn up starts");
+    assert_eq!(mode_of(&token_file), 0o600, "DATA/admin-token");
+    assert!(data.join("backend/backend.sqlite").exists());
+    let loose = not_private(&data);
+    assert!(loose.is_empty(), "group or others can use: {loose:?}");
+    assert_eq!(up.admin().get("/agents").await.status, 200);
+
+    // Stop it, and plant.
+    up.proc.kill9();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::remove_file(&token_file).unwrap();
+    let outside = up.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let planted = [
+        data.join("admin-token.tmp"),
+        data.join(".admin-token.tmp"),
+        data.join(format!(".admin-token.tmp-{}", std::process::id())),
+        token_file.clone(),
+    ];
+    let mut victims = Vec::new();
+    for (i, p) in planted.iter().enumerate() {
+        let victim = outside.join(format!("victim-{i}"));
+        std::fs::write(&victim, "untouched\n").unwrap();
+        std::os::unix::fs::symlink(&victim, p).unwrap();
+        victims.push(victim);
+    }
+    // A dangling one: following it would create a file outside DATA.
+    let dangling = outside.join("made-through-a-symlink");
+    std::os::unix::fs::symlink(&dangling, data.join("admin-token.new")).unwrap();
+
+    // The same imn up, on the same DATA and ports.
+    let http = format!("127.0.0.1:{}", up.http_port);
+    let mqtt = format!("127.0.0.1:{}", up.mqtt_port);
+    let again = Proc::spawn(
+        "imn-up-again",
+        &bin("imn"),
+        &[
+            "up",
+            "--http",
+            &http,
+            "--mqtt",
+            &mqtt,
+            "--data",
+            data.to_str().unwrap(),
+            "--agents",
+            "0",
+            "--auth",
+        ],
+        up.dir.path(),
+    );
+    let api = Api::new(up.http_port);
+    wait_for("imn up to write a new admin token", T, || {
+        let api = api.clone();
+        let log = again.log_text();
+        async move {
+            api.try_get("/health").await?;
+            log.contains("the admin token is in this file")
+                .then_some(())
+        }
+    })
+    .await;
+    for v in &victims {
+        assert_eq!(
+            std::fs::read_to_string(v).unwrap(),
+            "untouched\n",
+            "{} was written through a symlink",
+            v.display()
+        );
+    }
+    let meta = std::fs::symlink_metadata(&token_file).unwrap();
+    assert!(
+        meta.file_type().is_file(),
+        "DATA/admin-token is a regular file"
+    );
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert!(!dangling.exists(), "a dangling symlink was followed");
+    assert_eq!(mode_of(&data), 0o700, "DATA is made private again");
+    assert_eq!(mode_of(&token_file), 0o600);
+    assert!(token.starts_with("imn"), "{token}");
+    assert_eq!(api.with_token(&token).get("/agents").await.status, 200);
+    let loose = not_private(&data);
+    assert!(loose.is_empty(), "group or others can use: {loose:?}");
+}

@@ -57,6 +57,9 @@ struct Flags {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Everything the backend creates (the admin token, the embedded store) is its
+    // owner's only; --data itself is made 0700.
+    imn_bridge::files::private_umask();
     let flags = Flags::parse();
     use imn_bridge::telemetry::{self, Component};
     let _telemetry = telemetry::init(

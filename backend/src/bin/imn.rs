@@ -241,6 +241,11 @@ enum TokensCmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Up { .. }) {
+        // Everything `imn up` creates in DATA (the admin token, the store, the agents'
+        // outboxes) is its owner's only; the directory itself is made 0700.
+        imn_bridge::files::private_umask();
+    }
     // `imn up` sets up its telemetry inside the runtime (the OTLP channels live there).
     if !matches!(cli.cmd, Cmd::Up { .. }) {
         imn_bridge::init_logging();
