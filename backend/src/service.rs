@@ -722,6 +722,31 @@ impl Backend {
         tracing::warn!("uplink feed closed");
     }
 
+    /// Takes one uplink message through everything ingest does to it (bounds, decoding,
+    /// the store, acks), alone and to the end: for fuzzing and tests, which need each
+    /// message handled before the next. Its agent's share is not checked.
+    pub async fn handle_one(&self, msg: UpMessage) {
+        let Ok(permit) = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_many_owned(1)
+            .await
+        else {
+            return;
+        };
+        let Some(share) = ingest::Shares::default().take(&msg.agent, 0) else {
+            return;
+        };
+        let (env, rows) = self.take_in(&msg);
+        self.handle_up(Decoded {
+            msg,
+            env,
+            rows,
+            arrived_ms: now_ms(),
+            _permit: permit,
+            _share: share,
+        })
+        .await;
+    }
+
     /// A batch joins its agent's queue; anything else is handled now.
     async fn queue_or_handle(&self, d: Decoded, waiting: &mut ingest::FairQueue<Decoded>) {
         if d.is_batch() {
