@@ -57,6 +57,7 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/admin/agents", get(enrolled_agents).post(enroll_agent))
         .route("/admin/agents/{id}/rotate", post(rotate_agent))
         .route("/admin/agents/{id}/revoke", post(revoke_agent))
+        .route("/admin/dead-letters", get(dead_letters))
         .route("/admin/tokens", get(tokens).post(create_token))
         .route("/admin/tokens/{id}/rotate", post(rotate_token))
         .route("/admin/tokens/{id}/revoke", post(revoke_token));
@@ -345,6 +346,16 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
         "acks_sent": b.stats.acks_sent.load(Relaxed),
         "store_groups": b.stats.store_groups.load(Relaxed),
         "store_busy_ms": b.stats.store_busy_us.load(Relaxed) / 1000,
+        // Records the store could not take, kept with their reason
+        // (GET /admin/dead-letters); counted over the store's life.
+        "dead_letters": b.store.dead_letter_count().await?,
+        "ingest": {
+            "shed": b.stats.shed.load(Relaxed),
+            "hellos_throttled": b.stats.hellos_throttled.load(Relaxed),
+            "events_deferred": b.stats.events_deferred.load(Relaxed),
+            "dead_lettered": b.stats.dead_lettered.load(Relaxed),
+            "records_refused": b.stats.records_refused.load(Relaxed),
+        },
         "rejected": *b.stats.rejected.lock().unwrap_or_else(|e| e.into_inner()),
         "bridge": b.bridge_stats.get().map(|s| json!({
             "up_messages": s.up_messages.load(Relaxed),
@@ -1163,6 +1174,45 @@ struct OnOff {
 async fn hold_acks(State(b): State<Arc<Backend>>, Query(q): Query<OnOff>) -> Json<Value> {
     b.set_hold_acks(q.on);
     Json(json!({"hold_acks": q.on}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterQuery {
+    agent: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /admin/dead-letters?agent=&limit=`: records the store could not take, newest
+/// first, each with the database's reason and its body as the agent sent it.
+async fn dead_letters(
+    State(b): State<Arc<Backend>>,
+    Query(q): Query<DeadLetterQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadQuery {
+            field: "limit".into(),
+            rule: "range".into(),
+            message: format!("limit: must be 1 to 1000 (got {limit})"),
+        });
+    }
+    let rows = b.store.dead_letters(q.agent.as_deref(), limit).await?;
+    Ok(Json(Value::Array(
+        rows.into_iter()
+            .map(|d| {
+                json!({
+                    "agent_id": d.agent_id,
+                    "record": {"epoch": d.epoch, "seq": d.seq},
+                    "at": rfc3339(d.at_ms),
+                    "kind": d.kind,
+                    "reason": d.reason,
+                    "body": d.body,
+                    "stored_at": rfc3339(d.stored_ms),
+                })
+            })
+            .collect(),
+    )))
 }
 
 #[derive(Deserialize)]
