@@ -490,13 +490,14 @@ async fn status_history(
 /// `POST /v1/measurements`: 202 with the agents chosen, and `Location`.
 async fn create_measurement(
     State(b): State<Arc<Backend>>,
+    caller: CallerExt,
     trace: Option<axum::Extension<RequestTrace>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let m: crate::fleet::NewMeasurement =
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let tp = trace.and_then(|t| imn_bridge::telemetry::traceparent(&t.0 .0));
-    let c = crate::fleet::create(&b, m, tp).await?;
+    let c = crate::fleet::create(&b, m, tp, caller_of(caller)).await?;
     let location = format!("/v1/measurements/{}", c.id);
     let refused: Vec<Value> = c
         .refused
@@ -519,8 +520,9 @@ async fn create_measurement(
 async fn stop_measurement(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
+    caller: CallerExt,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(crate::fleet::stop(&b, &id).await?))
+    Ok(Json(crate::fleet::stop(&b, &id, &caller_of(caller)).await?))
 }
 
 async fn measurement(
@@ -1046,10 +1048,18 @@ fn seconds_in(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f6
     }
 }
 
+/// The caller the guard authenticated (without auth: an anonymous admin).
+type CallerExt = Option<axum::Extension<crate::security::Caller>>;
+
+fn caller_of(c: CallerExt) -> crate::security::Caller {
+    c.map(|axum::Extension(c)| c).unwrap_or_default()
+}
+
 async fn submit(
     State(b): State<Arc<Backend>>,
     Path((id, module)): Path<(String, String)>,
     Query(q): Query<SubmitQuery>,
+    caller: CallerExt,
     trace: Option<axum::Extension<RequestTrace>>,
     headers: HeaderMap,
     body: Bytes,
@@ -1084,6 +1094,8 @@ async fn submit(
                 traceparent: trace.and_then(|t| imn_bridge::telemetry::traceparent(&t.0 .0)),
                 measurement_id: None,
                 names: None,
+                caller: caller_of(caller),
+                prepaid: false,
             },
         )
         .await?;
@@ -1290,16 +1302,34 @@ struct TokenBody {
     id: Option<String>,
     scopes: Vec<String>,
     rate_per_min: Option<f64>,
+    /// Its own budget; without one, the policy file's (or the default) for measure
+    /// tokens, none for admin tokens.
+    budget: Option<crate::security::Budget>,
 }
 
-fn token_json(t: &crate::security::TokenInfo) -> Value {
-    json!({
+/// A token, its budget (its own or the one it falls under) and what it spent today.
+async fn token_json(b: &Backend, t: &crate::security::TokenInfo) -> Result<Value, ApiError> {
+    let budget = b.security.budget_of(t);
+    let now = now_ms();
+    let usage = b
+        .store
+        .token_usage(&t.id, crate::budget::day_of(now), now)
+        .await?;
+    Ok(json!({
         "id": t.id,
         "scopes": t.scopes,
         "rate_per_min": t.rate_per_min,
         "created_at": rfc3339(t.created_ms),
         "revoked_at": t.revoked_ms.map(rfc3339),
-    })
+        "budget": budget,
+        "budget_source": if t.budget.is_some() { "token" } else if budget.is_some() { "policy" } else { "none" },
+        "spend_today": {
+            "probes": usage.one_off_probes.saturating_add(usage.schedule_daily_probes),
+            "one_off_probes": usage.one_off_probes,
+            "schedule_daily_probes": usage.schedule_daily_probes,
+            "schedules": usage.schedules,
+        },
+    }))
 }
 
 /// `POST /admin/tokens {id?, scopes, rate_per_min?}`: the secret is in this answer only.
@@ -1315,7 +1345,13 @@ async fn create_token(State(b): State<Arc<Backend>>, body: Bytes) -> Result<Resp
     }
     let (id, token) = b
         .security
-        .create_token(b.store.as_ref(), t.id, scopes.clone(), t.rate_per_min)
+        .create_token(
+            b.store.as_ref(),
+            t.id,
+            scopes.clone(),
+            t.rate_per_min,
+            t.budget,
+        )
         .await?;
     tracing::info!(token = %id, "API token created");
     Ok((
@@ -1325,10 +1361,12 @@ async fn create_token(State(b): State<Arc<Backend>>, body: Bytes) -> Result<Resp
         .into_response())
 }
 
-async fn tokens(State(b): State<Arc<Backend>>) -> Json<Value> {
-    Json(Value::Array(
-        b.security.tokens().iter().map(token_json).collect(),
-    ))
+async fn tokens(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> {
+    let mut out = Vec::new();
+    for t in b.security.tokens() {
+        out.push(token_json(&b, &t).await?);
+    }
+    Ok(Json(Value::Array(out)))
 }
 
 async fn rotate_token(

@@ -242,6 +242,7 @@ pub async fn create(
     b: &Backend,
     m: NewMeasurement,
     traceparent: Option<String>,
+    caller: crate::security::Caller,
 ) -> Result<Created, ApiError> {
     if !m.agents.has_criteria() {
         return Err(ApiError::InvalidParams {
@@ -299,11 +300,27 @@ pub async fn create(
     let body = serde_json::to_vec(&params).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let id = uuid::Uuid::new_v4().to_string();
     if let Some(spec) = schedule {
-        return create_schedule(b, id, m, params, picked, spec, now).await;
+        return create_schedule(b, id, m, params, picked, spec, now, caller).await;
     }
     let mut agents = Vec::new();
     let mut refused = Vec::new();
     let names = std::sync::Arc::new(crate::security::Resolutions::default());
+    // The whole measurement against the token's budget at once: count × targets ×
+    // every agent it would run on (a fleet measurement is not one request's worth).
+    let mut probes = std::collections::HashMap::new();
+    if caller.budget.is_some() {
+        for a in &picked {
+            if let Ok(c) = b.checked_params(&a.id, &m.module, &body, &names).await {
+                probes.insert(a.id.clone(), c.demand.probes);
+            }
+        }
+        let cost = crate::budget::Cost {
+            one_off: probes.values().fold(0u64, |s, p| s.saturating_add(*p)),
+            ..Default::default()
+        };
+        crate::budget::check(b, &caller, &cost).await?;
+    }
+    let mut spent = 0u64;
     for a in picked {
         let opts = SubmitOptions {
             idempotency_key: None,
@@ -312,14 +329,20 @@ pub async fn create(
             traceparent: traceparent.clone(),
             measurement_id: Some(id.clone()),
             names: Some(names.clone()),
+            caller: caller.clone(),
+            prepaid: true,
         };
         match b.submit(&a.id, &m.module, &body, opts).await {
-            Ok(_) => agents.push(a.id),
+            Ok(_) => {
+                spent = spent.saturating_add(probes.get(&a.id).copied().unwrap_or(0));
+                agents.push(a.id)
+            }
             // Internal and store errors are the caller's to see, not an agent's.
             Err(e @ (ApiError::Internal(_) | ApiError::Unavailable(_))) => return Err(e),
             Err(e) => refused.push((a.id, e)),
         }
     }
+    crate::budget::charge(b, &caller, spent).await;
     if agents.is_empty() && !refused.is_empty() {
         // Every agent refused it: the first reason is the answer (an invalid
         // parameter is invalid for all of them).
@@ -337,7 +360,7 @@ pub async fn create(
             deadline_ms: now + deadline.as_millis() as i64,
             schedule_json: None,
             stopped_ms: None,
-            owner: None,
+            owner: caller.token_id.clone(),
             daily_probes: 0,
         })
         .await?;
@@ -359,26 +382,52 @@ async fn create_schedule(
     picked: Vec<AgentEntry>,
     spec: ScheduleSpec,
     now: i64,
+    caller: crate::security::Caller,
 ) -> Result<Created, ApiError> {
     let body = serde_json::to_vec(&params).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let schedule_json = serde_json::to_string(&spec).unwrap_or_default();
     let names = crate::security::Resolutions::default();
     let mut parts = Vec::new();
     let mut refused = Vec::new();
+    let mut probes_per_run = 0u64;
+    let max_per_agent = b.security.limits.max_schedules_per_agent;
     for a in picked {
+        // An agent runs at most so many recurring measurements, whoever made them
+        // (one-off requests have max_queued_per_agent).
+        let running = b.store.agent_schedules(&a.id).await?.1.len() as u64;
+        if running >= max_per_agent {
+            refused.push((
+                a.id.clone(),
+                ApiError::OverLimit {
+                    limit: "max_schedules_per_agent",
+                    field: "/agents".into(),
+                    message: format!(
+                        "agent {} runs {running} recurring measurements, the limit max_schedules_per_agent = {max_per_agent}",
+                        a.id
+                    ),
+                },
+            ));
+            continue;
+        }
         match b.checked_params(&a.id, &m.module, &body, &names).await {
             Ok(crate::service::Checked {
-                params, timeout_ms, ..
-            }) => parts.push((
-                a.id,
-                AgentSchedule {
-                    measurement_id: id.clone(),
-                    module: m.module.clone(),
-                    params_json: params.to_string(),
-                    timeout_ms,
-                    schedule_json: schedule_json.clone(),
-                },
-            )),
+                params,
+                timeout_ms,
+                demand,
+                ..
+            }) => {
+                probes_per_run = probes_per_run.saturating_add(demand.probes);
+                parts.push((
+                    a.id,
+                    AgentSchedule {
+                        measurement_id: id.clone(),
+                        module: m.module.clone(),
+                        params_json: params.to_string(),
+                        timeout_ms,
+                        schedule_json: schedule_json.clone(),
+                    },
+                ))
+            }
             Err(e @ (ApiError::Internal(_) | ApiError::Unavailable(_))) => return Err(e),
             Err(e) => refused.push((a.id, e)),
         }
@@ -386,6 +435,8 @@ async fn create_schedule(
     if parts.is_empty() {
         return Err(refused.swap_remove(0).1);
     }
+    let cost = crate::budget::Cost::schedule(&m.module, probes_per_run, &spec, now);
+    crate::budget::check(b, &caller, &cost).await?;
     let versions = b
         .store
         .create_schedule(
@@ -399,12 +450,13 @@ async fn create_schedule(
                 deadline_ms: spec.stop_ms.unwrap_or(i64::MAX),
                 schedule_json: Some(schedule_json),
                 stopped_ms: None,
-                owner: None,
-                daily_probes: 0,
+                owner: caller.token_id.clone(),
+                daily_probes: cost.daily,
             },
             parts,
         )
         .await?;
+    crate::budget::charge(b, &caller, cost.one_off).await;
     let agents = versions.iter().map(|(a, _)| a.clone()).collect();
     for (agent, version) in versions {
         b.schedules_changed(&agent, version).await;
@@ -661,15 +713,45 @@ async fn schedule_status(b: &Backend, m: MeasurementRow) -> Result<Value, ApiErr
 /// `DELETE /v1/measurements/{id}`: every request of the measurement that has not
 /// finished is cancelled; agents running one are told to stop it (an agent that is
 /// offline drops it: a cancelled request is never delivered again).
-pub async fn stop(b: &Backend, id: &str) -> Result<Value, ApiError> {
+pub async fn stop(
+    b: &Backend,
+    id: &str,
+    caller: &crate::security::Caller,
+) -> Result<Value, ApiError> {
     let Some(m) = b.store.measurement(id).await? else {
         return Err(ApiError::NotFound(format!("no measurement {id}")));
     };
+    if !caller.may_act_for(m.owner.as_deref()) {
+        return Err(ApiError::Forbidden {
+            rule: "owner".into(),
+            message: format!(
+                "measurement {id} was made by another token: only it, or an admin, may stop it"
+            ),
+        });
+    }
     let now = now_ms();
     if m.schedule_json.is_some() {
         // A new schedule set, without it, for each of its agents.
         let versions = b.store.stop_schedule(id, now).await?;
         let agents = versions.len();
+        if m.stopped_ms.is_none() && m.daily_probes > 0 {
+            // What it ran of today's reservation is spent: deleting a schedule does
+            // not give its probes back.
+            let start =
+                serde_json::from_str::<ScheduleSpec>(m.schedule_json.as_deref().unwrap_or(""))
+                    .map(|s| s.start_ms)
+                    .unwrap_or(m.created_ms);
+            let owner = crate::security::Caller {
+                token_id: m.owner.clone(),
+                ..Default::default()
+            };
+            crate::budget::charge(
+                b,
+                &owner,
+                crate::budget::used_today(m.daily_probes, start, now),
+            )
+            .await;
+        }
         for (agent, version) in versions {
             b.schedules_changed(&agent, version).await;
         }

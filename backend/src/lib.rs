@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod atlas;
+pub mod budget;
 pub mod certs;
 pub mod cli;
 pub mod client;

@@ -69,6 +69,8 @@ pub struct Limits {
     pub max_rate: f64,
     /// Most requests not yet finished for one agent.
     pub max_queued_per_agent: u64,
+    /// Most recurring measurements one agent runs (whoever made them).
+    pub max_schedules_per_agent: u64,
 }
 
 impl Default for Limits {
@@ -79,6 +81,7 @@ impl Default for Limits {
             max_count: 100,
             max_rate: 10_000.0,
             max_queued_per_agent: 1_000,
+            max_schedules_per_agent: 100,
         }
     }
 }
@@ -243,6 +246,8 @@ pub struct TokenInfo {
     pub rate_per_min: f64,
     pub created_ms: i64,
     pub revoked_ms: Option<i64>,
+    /// Its own budget, when it was given one (else see [`Security::budget_of`]).
+    pub budget: Option<Budget>,
 }
 
 struct TokenEntry {
@@ -262,6 +267,8 @@ pub struct Caller {
     pub token_id: Option<String>,
     /// The token has the admin scope (without auth, everyone is).
     pub admin: bool,
+    /// What the token may spend (None: unlimited).
+    pub budget: Option<Budget>,
 }
 
 impl Caller {
@@ -387,6 +394,10 @@ impl Security {
                             rate_per_min: row.rate_per_min.unwrap_or(self.default_rate_per_min),
                             created_ms: row.created_ms,
                             revoked_ms: row.revoked_ms,
+                            budget: row
+                                .budget_json
+                                .as_deref()
+                                .and_then(|b| serde_json::from_str(b).ok()),
                         },
                         hash: row.secret_hash.clone(),
                     },
@@ -570,7 +581,16 @@ impl Security {
         id: Option<String>,
         scopes: Vec<Scope>,
         rate_per_min: Option<f64>,
+        budget: Option<Budget>,
     ) -> Result<(String, String), ApiError> {
+        if let Some(b) = &budget {
+            b.check("/budget")
+                .map_err(|message| ApiError::InvalidParams {
+                    field: "/budget/min_interval_s".into(),
+                    rule: "range".into(),
+                    message,
+                })?;
+        }
         if scopes.is_empty() {
             return Err(ApiError::InvalidParams {
                 field: "/scopes".into(),
@@ -605,7 +625,7 @@ impl Security {
             )));
         }
         let secret = self
-            .issue_token(store, &id, scopes, rate_per_min, now_ms())
+            .issue_token(store, &id, scopes, rate_per_min, budget, now_ms())
             .await?;
         Ok((id, secret))
     }
@@ -616,6 +636,7 @@ impl Security {
         id: &str,
         scopes: Vec<Scope>,
         rate_per_min: Option<f64>,
+        budget: Option<Budget>,
         created_ms: i64,
     ) -> Result<String, ApiError> {
         let secret = new_secret("imnt_");
@@ -631,7 +652,7 @@ impl Security {
                 rate_per_min,
                 created_ms,
                 revoked_ms: None,
-                budget_json: None,
+                budget_json: budget.and_then(|b| serde_json::to_string(&b).ok()),
             },
         )
         .await?;
@@ -651,8 +672,15 @@ impl Security {
         let t = self
             .token_by_id(id)
             .ok_or_else(|| ApiError::NotFound(format!("no token {id:?}")))?;
-        self.issue_token(store, id, t.scopes, Some(t.rate_per_min), t.created_ms)
-            .await
+        self.issue_token(
+            store,
+            id,
+            t.scopes,
+            Some(t.rate_per_min),
+            t.budget,
+            t.created_ms,
+        )
+        .await
     }
 
     pub async fn revoke_token(&self, store: &dyn Store, id: &str) -> Result<(), ApiError> {
@@ -684,6 +712,23 @@ impl Security {
         v
     }
 
+    /// What a token may spend: its own budget; else nothing for an admin token (the
+    /// operator's); else the policy file's `[budget]`, or [`Budget::default_measure`].
+    pub fn budget_of(&self, t: &TokenInfo) -> Option<Budget> {
+        if let Some(b) = &t.budget {
+            return Some(b.clone());
+        }
+        if t.scopes.contains(&Scope::Admin) {
+            return None;
+        }
+        Some(
+            self.policy
+                .budget
+                .clone()
+                .unwrap_or_else(Budget::default_measure),
+        )
+    }
+
     /// Whether `secret` is a live token (used to keep `DATA/admin-token` across
     /// restarts).
     pub fn token_is_live(&self, secret: &str) -> bool {
@@ -701,6 +746,7 @@ impl Security {
             return Ok(Caller {
                 token_id: None,
                 admin: true,
+                budget: None,
             });
         }
         let secret = bearer.ok_or_else(|| {
@@ -732,6 +778,7 @@ impl Security {
         self.take(&info.id, info.rate_per_min)?;
         Ok(Caller {
             admin: info.scopes.contains(&Scope::Admin),
+            budget: self.budget_of(&info),
             token_id: Some(info.id),
         })
     }

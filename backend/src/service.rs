@@ -154,6 +154,11 @@ pub struct SubmitOptions {
     /// Host names already resolved for this API call (a fleet measurement resolves
     /// each once for all its agents).
     pub names: Option<Arc<crate::security::Resolutions>>,
+    /// Who asks: whose budget pays, whose idempotency keys apply.
+    pub caller: crate::security::Caller,
+    /// The caller checked and charges the budget itself (a fleet measurement does,
+    /// for all its agents at once).
+    pub prepaid: bool,
 }
 
 /// A run's parameters as [`Backend::checked_params`] passed them.
@@ -291,11 +296,37 @@ impl Backend {
             traceparent,
             measurement_id,
             names,
+            caller,
+            prepaid,
         } = opts;
         let names = names.unwrap_or_default();
         let Checked {
-            params, timeout_ms, ..
+            params,
+            timeout_ms,
+            demand,
+            ..
         } = self.checked_params(agent, module, body, &names).await?;
+        if !prepaid {
+            let cost = crate::budget::Cost {
+                one_off: demand.probes,
+                ..Default::default()
+            };
+            crate::budget::check(self, &caller, &cost).await?;
+        }
+        // A key is the caller's own (another token's same key finds nothing of it),
+        // and it names one request: the same key with another request is refused.
+        let idempotency_key =
+            idempotency_key.map(|k| format!("{}/{k}", caller.token_id.as_deref().unwrap_or("-")));
+        let idempotency_hash = idempotency_key.as_ref().map(|_| {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            for part in [agent.as_bytes(), module.as_bytes(), body] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+            h.update(deadline.as_millis().to_le_bytes());
+            imn_modules::auth::to_hex(&h.finalize())
+        });
         let queued = self.store.open_requests(agent).await?;
         let max_queued = self.security.limits.max_queued_per_agent;
         if queued >= max_queued {
@@ -318,19 +349,32 @@ impl Backend {
                 deadline_ms: now + deadline.as_millis() as i64,
                 timeout_ms,
                 idempotency_key,
-                idempotency_hash: None,
+                idempotency_hash: idempotency_hash.clone(),
                 traceparent,
                 measurement_id,
                 dispatch: alive,
             })
             .await?;
         match created {
-            Created::Existing(request) => Ok(Submitted {
-                request,
-                new: false,
-                done: None,
-            }),
+            Created::Existing(request) => {
+                if request.idempotency_hash.is_some()
+                    && request.idempotency_hash != idempotency_hash
+                {
+                    return Err(ApiError::IdempotencyMismatch(format!(
+                        "Idempotency-Key: this key made request {} with another agent, module, body or deadline; use a new key for a new request",
+                        request.id
+                    )));
+                }
+                Ok(Submitted {
+                    request,
+                    new: false,
+                    done: None,
+                })
+            }
             Created::New(request) => {
+                if !prepaid {
+                    crate::budget::charge(self, &caller, demand.probes).await;
+                }
                 let done = waiter.then(|| self.register_waiter(&request.id));
                 // Stored as dispatched in the same transaction (one write, not two);
                 // a publish that fails is retried by the sweep.

@@ -49,6 +49,9 @@ pub struct SecurityFlags {
     /// Most unfinished requests per agent.
     #[arg(long, env = "IMN_MAX_QUEUED_PER_AGENT", default_value_t = Limits::default().max_queued_per_agent)]
     pub max_queued_per_agent: u64,
+    /// Most recurring measurements one agent runs.
+    #[arg(long, env = "IMN_MAX_SCHEDULES_PER_AGENT", default_value_t = Limits::default().max_schedules_per_agent)]
+    pub max_schedules_per_agent: u64,
     /// Measurement policy: a TOML file of [[rule]] tables (name, agents, tags, allow,
     /// deny, max_rate), `builtin_deny`, and the tokens' default [budget].
     #[arg(long, env = "IMN_POLICY")]
@@ -68,6 +71,7 @@ impl SecurityFlags {
             max_count: self.max_count,
             max_rate: self.max_rate,
             max_queued_per_agent: self.max_queued_per_agent,
+            max_schedules_per_agent: self.max_schedules_per_agent,
         }
     }
 
@@ -189,6 +193,7 @@ pub async fn ensure_admin_token(
             Some("admin".into()),
             vec![Scope::Admin],
             Some(ADMIN_RATE_PER_MIN),
+            None,
         )
         .await
     {

@@ -73,17 +73,17 @@ impl ImnService {
     }
 
     /// The caller's token, as REST checks it.
-    fn authorize<T>(&self, req: &Request<T>, scope: Scope) -> Result<(), Status> {
+    fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        scope: Scope,
+    ) -> Result<crate::security::Caller, Status> {
         let bearer = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
-        self.b
-            .security
-            .authorize(bearer, scope)
-            .map(|_| ())
-            .map_err(status)
+        self.b.security.authorize(bearer, scope).map_err(status)
     }
 }
 
@@ -95,7 +95,7 @@ impl pb::imn_server::Imn for ImnService {
         &self,
         req: Request<pb::CreateMeasurementRequest>,
     ) -> Result<Response<pb::CreateMeasurementResponse>, Status> {
-        self.authorize(&req, Scope::Measure)?;
+        let caller = self.authorize(&req, Scope::Measure)?;
         let r = req.into_inner();
         let params = if r.params_json.trim().is_empty() {
             None
@@ -113,7 +113,9 @@ impl pb::imn_server::Imn for ImnService {
             description: (!r.description.is_empty()).then_some(r.description),
             deadline_s: (r.deadline_s != 0.0).then_some(r.deadline_s),
         };
-        let c = fleet::create(&self.b, m, None).await.map_err(status)?;
+        let c = fleet::create(&self.b, m, None, caller)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::CreateMeasurementResponse {
             id: c.id,
             agents: c.agents,

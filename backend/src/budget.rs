@@ -1,0 +1,198 @@
+//! What an API token may spend across the fleet, beyond what one request may ask
+//! (`security::Limits`): probes per UTC day, recurring measurements at once, and the
+//! shortest interval of a recurring measurement per module. Each token's budget is its
+//! own, the policy file's `[budget]`, or [`Budget::default_measure`]; admin tokens have
+//! none unless given one.
+//!
+//! A one-off measurement costs count × targets × agents (each module's
+//! `Demand::probes`), charged when it is made. A recurring one reserves its daily
+//! probes (runs a day × probes a run × agents) every day it runs, and one shorter than a
+//! day is charged its whole life when it is made. Stopping a recurring one charges what
+//! it reserved for the part of today it ran, so creating and deleting schedules does
+//! not make probes free. Spend is kept in the store, so every backend sharing it sees
+//! the same figures; two backends checking at the same instant may each let one
+//! request through past the budget.
+
+use imn_modules::now_ms;
+
+use crate::error::ApiError;
+use crate::fleet::ScheduleSpec;
+pub use crate::security::Budget;
+use crate::security::Caller;
+use crate::service::Backend;
+
+/// A UTC day, in ms.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Days since the Unix epoch (UTC) of a time in ms.
+pub fn day_of(ms: i64) -> i64 {
+    ms.div_euclid(DAY_MS)
+}
+
+/// Seconds from `now` to the next UTC midnight, when a day's budget starts afresh.
+pub fn to_midnight_s(now: i64) -> u64 {
+    let next = (day_of(now) + 1) * DAY_MS;
+    ((next - now).max(0) as u64).div_ceil(1000)
+}
+
+/// What a measurement would add to its token's spend.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Cost {
+    /// Probes charged once, today.
+    pub one_off: u64,
+    /// Probes reserved every day a recurring measurement runs.
+    pub daily: u64,
+    /// A recurring measurement: its module and interval.
+    pub schedule: Option<(String, f64)>,
+}
+
+impl Cost {
+    /// A recurring measurement of `probes_per_run` (summed over its agents): its whole
+    /// life when that is shorter than a day, charged now; else a daily reservation.
+    pub fn schedule(module: &str, probes_per_run: u64, spec: &ScheduleSpec, now: i64) -> Cost {
+        let interval = spec.interval_ms.max(1);
+        let per_day = (DAY_MS as u64).div_ceil(interval);
+        let lifetime = spec.stop_ms.map(|stop| {
+            let from = spec.start_ms.max(now);
+            ((stop.saturating_sub(from)).max(0) as u64).div_ceil(interval)
+        });
+        let schedule = Some((module.to_string(), interval as f64 / 1000.0));
+        match lifetime {
+            Some(runs) if runs <= per_day => Cost {
+                one_off: probes_per_run.saturating_mul(runs),
+                daily: 0,
+                schedule,
+            },
+            _ => Cost {
+                one_off: 0,
+                daily: probes_per_run.saturating_mul(per_day),
+                schedule,
+            },
+        }
+    }
+}
+
+/// Refuses a measurement `caller`'s budget cannot pay for: 429 naming the budget
+/// (`probes_per_day`, `max_schedules`), or 422 for an interval under the module's
+/// `min_interval_s`. Without a budget (no auth, an admin token) everything passes.
+pub async fn check(b: &Backend, caller: &Caller, cost: &Cost) -> Result<(), ApiError> {
+    let (Some(budget), Some(token)) = (&caller.budget, &caller.token_id) else {
+        return Ok(());
+    };
+    if let Some((module, interval_s)) = &cost.schedule {
+        if let Some(min) = budget.min_interval(module) {
+            if *interval_s < min {
+                return Err(ApiError::OverLimit {
+                    limit: "min_interval_s",
+                    field: "/schedule/interval_s".into(),
+                    message: format!(
+                        "/schedule/interval_s: token {token:?} may run {module} at most every {min} s (asked {interval_s} s)"
+                    ),
+                });
+            }
+        }
+    }
+    let now = now_ms();
+    let usage = b.store.token_usage(token, day_of(now), now).await?;
+    if cost.schedule.is_some() {
+        if let Some(max) = budget.max_schedules {
+            if usage.schedules >= max {
+                return Err(ApiError::OverBudget {
+                    budget: "max_schedules",
+                    retry_after_s: 60,
+                    message: format!(
+                        "token {token:?} runs {} recurring measurements, its budget max_schedules = {max}: stop one first",
+                        usage.schedules
+                    ),
+                });
+            }
+        }
+    }
+    if let Some(max) = budget.probes_per_day {
+        let spent = usage
+            .one_off_probes
+            .saturating_add(usage.schedule_daily_probes);
+        let asked = cost.one_off.saturating_add(cost.daily);
+        if spent.saturating_add(asked) > max {
+            return Err(ApiError::OverBudget {
+                budget: "probes_per_day",
+                retry_after_s: to_midnight_s(now),
+                message: format!(
+                    "token {token:?} has spent {spent} of its {max} probes today (its recurring measurements reserve {}); this measurement needs {asked}{}",
+                    usage.schedule_daily_probes,
+                    if cost.daily > 0 { " a day" } else { "" }
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Charges `probes` to `caller`'s token for today (nothing without a token). A store
+/// that fails here loses the charge, not the measurement: logged.
+pub async fn charge(b: &Backend, caller: &Caller, probes: u64) {
+    let Some(token) = &caller.token_id else {
+        return;
+    };
+    if probes == 0 {
+        return;
+    }
+    if let Err(e) = b.store.add_spend(token, day_of(now_ms()), probes).await {
+        tracing::warn!(error = %e, %token, probes, "cannot record the token's spend");
+    }
+}
+
+/// What a stopped recurring measurement used of today's reservation: its daily
+/// probes times the part of today it ran.
+pub fn used_today(daily: u64, start_ms: i64, now: i64) -> u64 {
+    let today = day_of(now) * DAY_MS;
+    let ran = (now - start_ms.max(today)).clamp(0, DAY_MS);
+    ((daily as u128 * ran as u128) / DAY_MS as u128) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(interval_ms: u64, start_ms: i64, stop_ms: Option<i64>) -> ScheduleSpec {
+        ScheduleSpec {
+            interval_ms,
+            start_ms,
+            stop_ms,
+            jitter_ms: 0,
+        }
+    }
+
+    #[test]
+    fn schedules_cost_their_life_or_a_day() {
+        let now = 10 * DAY_MS;
+        // Every minute for an hour: 60 runs, charged now.
+        let c = Cost::schedule(
+            "ping_module",
+            3,
+            &spec(60_000, now, Some(now + 3_600_000)),
+            now,
+        );
+        assert_eq!((c.one_off, c.daily), (180, 0));
+        // Every minute for ever: 1,440 runs a day, reserved daily.
+        let c = Cost::schedule("ping_module", 3, &spec(60_000, now, None), now);
+        assert_eq!((c.one_off, c.daily), (0, 4320));
+        assert_eq!(c.schedule, Some(("ping_module".to_string(), 60.0)));
+        // A huge run cost saturates rather than overflows.
+        let c = Cost::schedule("ping_module", u64::MAX, &spec(1000, now, None), now);
+        assert_eq!(c.daily, u64::MAX);
+    }
+
+    #[test]
+    fn days_and_midnights_are_utc() {
+        assert_eq!(day_of(DAY_MS - 1), 0);
+        assert_eq!(day_of(DAY_MS), 1);
+        assert_eq!(day_of(-1), -1);
+        assert_eq!(to_midnight_s(DAY_MS - 1500), 2);
+        assert_eq!(used_today(1000, 0, DAY_MS + DAY_MS / 2), 500);
+        assert_eq!(
+            used_today(1000, DAY_MS + DAY_MS / 4, DAY_MS + DAY_MS / 2),
+            250
+        );
+    }
+}
