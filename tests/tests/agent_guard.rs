@@ -43,16 +43,7 @@ struct Bench {
 impl Bench {
     async fn start(id: &str, extra: &[&str]) -> Bench {
         let up = Up::start(0, &[]).await;
-        let mut flags = vec!["--heartbeat-ms", "500", "--resend-timeout-ms", "2000"];
-        flags.extend_from_slice(extra);
-        let agent = spawn_agent(
-            &bin("imn-agent"),
-            id,
-            &up.broker_url(),
-            &up.dir.path().join(id),
-            &flags,
-            up.dir.path(),
-        );
+        let agent = agent_proc(&up, id, extra);
         up.api.wait_alive(&[id], T).await;
         let (backend, received) = mqtt_client(up.mqtt_port, &format!("guard-backend-{id}")).await;
         backend
@@ -68,6 +59,11 @@ impl Bench {
             backend,
             received,
         }
+    }
+
+    /// Starts the agent again (same id and data directory).
+    fn spawn_agent(&self, extra: &[&str]) -> Proc {
+        agent_proc(&self.up, &self.id, extra)
     }
 
     /// The agent's next hello.
@@ -166,6 +162,20 @@ impl Bench {
     }
 }
 
+/// An `imn-agent` for `up`, its data in `up`'s directory.
+fn agent_proc(up: &Up, id: &str, extra: &[&str]) -> Proc {
+    let mut flags = vec!["--heartbeat-ms", "500", "--resend-timeout-ms", "2000"];
+    flags.extend_from_slice(extra);
+    spawn_agent(
+        &bin("imn-agent"),
+        id,
+        &up.broker_url(),
+        &up.dir.path().join(id),
+        &flags,
+        up.dir.path(),
+    )
+}
+
 /// A connected MQTT client, and the payloads it receives.
 async fn mqtt_client(port: u16, id: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Vec<u8>>) {
     let mut mo = MqttOptions::new(id, "127.0.0.1", port);
@@ -232,7 +242,7 @@ fn schedule(measurement: &str, interval_ms: u64, jitter_ms: u64) -> Schedule {
 
 /// (a) a fresh run works; (b) the same command id again is not run twice; (c) control
 /// commands with no issue time, an hour old, or repeated, are refused with events,
-/// while a fresh one is applied.
+/// while a fresh one is applied; after a restart the agent still knows both ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_commands_run_once_and_stale_or_repeated_ones_are_refused() {
     let mut b = Bench::start("guard-fresh", &[]).await;
@@ -332,6 +342,37 @@ async fn fresh_commands_run_once_and_stale_or_repeated_ones_are_refused() {
     // The refusal is logged with the clock skew.
     let log = b.agent.log_text();
     assert!(log.contains("skew_ms=-360"), "{log}");
+
+    // A restart forgets neither: the control command and the run are refused again.
+    b.agent
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
+    b.api().wait_not_alive("guard-fresh", T).await;
+    b.agent = b.spawn_agent(&[]);
+    b.api().wait_alive(&["guard-fresh"], T).await;
+    b.send(command("ctl-fresh", unload, now_ms())).await;
+    b.send(Command {
+        issued_ms: now_ms(),
+        ..cmd
+    })
+    .await;
+    b.echo_works("marker-3").await;
+    let repeats = wait_for("the second refusal of ctl-fresh", T, || async {
+        let n = b
+            .events()
+            .await
+            .iter()
+            .filter(|e| {
+                e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("ctl-fresh was received before")
+            })
+            .count();
+        (n >= 2).then_some(n)
+    })
+    .await;
+    assert_eq!(repeats, 2);
+    assert_eq!(b.results_of("run-1").await.len(), 1, "run-1 ran again");
 }
 
 /// Runs' [started, finished) intervals: the most that overlap at any time.
@@ -352,7 +393,7 @@ fn max_overlap(results: &[Value]) -> usize {
 }
 
 /// (d) 20 one-second runs sent at once with `--max-runs 2`: never more than two run
-/// at once, and all 20 finish.
+/// at once, and all 20 finish; one more, cancelled while it waits, never runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_runs_bounds_the_runs_at_once_and_all_finish() {
     let mut b = Bench::start("guard-budget", &["--max-runs", "2"]).await;
@@ -366,6 +407,22 @@ async fn max_runs_bounds_the_runs_at_once_and_all_finish() {
         ))
         .await;
     }
+    // One more, cancelled while it waits: it leaves the queue and never runs.
+    b.send(run(
+        "slow-cancelled",
+        "faulty_module",
+        json!({"message": "cancelled", "delay": 1.0}),
+        now_ms(),
+    ))
+    .await;
+    b.send(command(
+        "cancel-1",
+        CommandKind::Cancel {
+            request_id: "slow-cancelled".into(),
+        },
+        now_ms(),
+    ))
+    .await;
     let results = wait_for("all 20 results", Duration::from_secs(60), || async {
         let all: Vec<Value> = b
             .results()
@@ -396,6 +453,11 @@ async fn max_runs_bounds_the_runs_at_once_and_all_finish() {
         last - first >= 10_000,
         "20 × 1 s two at a time: {} ms",
         last - first
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        b.results_of("slow-cancelled").await.is_empty(),
+        "a cancelled queued run ran"
     );
     // The hello reports the budget (a load of a loaded module sends one).
     let load = CommandKind::Load {
