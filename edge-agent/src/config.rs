@@ -489,7 +489,7 @@ fn help() -> String {
     for (flag, env, text) in OPTIONS {
         h.push_str(&format!("  --{flag} VALUE\n      {text} [env: {env}]\n"));
     }
-    h.push_str("  --print-config\n      print the resulting config as TOML and exit\n");
+    h.push_str("  --print-config\n      print the resulting config as TOML (the token as \"<redacted>\") and exit\n");
     h.push_str("  -h, --help\n  -V, --version\n");
     h
 }
