@@ -8,11 +8,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use embedded_svc::mqtt::client::asynch::{Client, Connection, Event, EventPayload, Publish, QoS};
 use imn_modules::exec::{system, Context};
 use imn_modules::now_ms;
+use imn_modules::policy::{TargetPolicy, MAX_NETWORKS, MAX_RULES};
 use imn_modules::results::ModuleOutcome;
 use imn_modules::wire::{
     self, Ack, AgentEvent, Batch, Command, CommandKind, Envelope, Heartbeat, Hello, Kind,
@@ -22,9 +24,11 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::config::AgentConfig;
+use crate::fresh::{self, ControlIds, Refusal, META_CONTROL_IDS};
 use crate::modules::LoadedModules;
 use crate::outbox::{Condition, Outbox, OutboxError, OutboxLimits, SledOutbox};
-use crate::schedule::{Schedules, META_SCHEDULES};
+use crate::runqueue::{self, Budget, RunQueue, Submitted};
+use crate::schedule::{self, Schedules, META_SCHEDULES, META_SCHEDULE_POLICY};
 use crate::supervisor::{self, Restarts};
 use crate::transport::{self, ConnectOptions, MqttClient, MqttConnection};
 
@@ -91,6 +95,10 @@ pub struct Agent {
     produced_rx: mpsc::Receiver<Produced>,
     /// Runs in progress, so a cancel can stop them.
     running: HashMap<String, AbortHandle>,
+    /// The agent's budget across runs: which run, and which wait.
+    queue: RunQueue<PendingRun>,
+    /// Ids of recent control commands (persisted), so none is applied twice.
+    control_ids: ControlIds,
     /// The last connection error logged while offline: each new kind of failure is
     /// logged once, not once per retry.
     conn_error: Option<String>,
@@ -109,6 +117,26 @@ pub struct Agent {
     /// Recurring measurements (persisted), and when the next slot runs.
     schedules: Schedules,
     sched_at: Option<tokio::time::Instant>,
+    /// The policy the schedule set came with (persisted beside it): every scheduled
+    /// run checks its addresses against it. Open when the set came without one.
+    schedule_policy: Arc<TargetPolicy>,
+    /// The last schedule set version refused whole, so its resends are not reported
+    /// again.
+    refused_schedules: Option<u64>,
+}
+
+/// A run accepted and not yet started: what it runs, for whom, under which policy.
+struct PendingRun {
+    id: String,
+    module: String,
+    params_json: String,
+    timeout_ms: u64,
+    received_ms: i64,
+    traceparent: Option<String>,
+    slot: Option<SlotOf>,
+    policy: Arc<TargetPolicy>,
+    /// Past this the run does not start (a command's deadline).
+    deadline_ms: Option<i64>,
 }
 
 /// A scheduled run: which measurement and slot its result belongs to.
@@ -119,6 +147,93 @@ struct SlotOf {
 
 /// How long a state change may wait for the run's result before it is sent alone.
 const STATE_DELAY: Duration = Duration::from_millis(2);
+
+/// The longest the schedule timer sleeps; the tick checks the slots anyway.
+const MAX_SCHED_SLEEP_MS: i64 = 3_600_000;
+
+/// Makes the data directory the agent's own: the directory and what is in it (the
+/// outbox's files, the id) readable by its user only. Files created later are so by the
+/// umask the agent sets at start; this fixes what an older agent left. A directory the
+/// agent cannot change is reported, not fatal.
+fn restrict_data_dir(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(p: &std::path::Path, depth: u32) {
+        let Ok(meta) = std::fs::symlink_metadata(p) else {
+            return;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        let want = if meta.is_dir() {
+            0o700
+        } else if meta.is_file() {
+            mode & 0o700
+        } else {
+            // Symlinks and the rest are left alone.
+            return;
+        };
+        if mode != want {
+            if let Err(e) = std::fs::set_permissions(p, std::fs::Permissions::from_mode(want)) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot restrict permissions to the agent's user");
+            }
+        }
+        if meta.is_dir() && depth > 0 {
+            if let Ok(entries) = std::fs::read_dir(p) {
+                for e in entries.flatten() {
+                    walk(&e.path(), depth - 1);
+                }
+            }
+        }
+    }
+    walk(dir, 0);
+    // Only what the agent makes: the directory may hold other things (`--data .`).
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name == "outbox"
+                || name.starts_with("outbox.corrupt-")
+                || name.starts_with("agent-id")
+                || name == crate::crash::FILE
+            {
+                walk(&e.path(), 3);
+            }
+        }
+    }
+}
+
+/// Why a command's policy is refused: more than the agent will hold.
+fn policy_too_large(p: &TargetPolicy) -> Option<String> {
+    (!p.within_limits()).then(|| {
+        let networks: usize = p.rules.iter().map(|r| r.allow.len() + r.deny.len()).sum();
+        format!(
+            "its policy has {} rules and {networks} networks; the agent takes at most {MAX_RULES} rules and {MAX_NETWORKS} networks",
+            p.rules.len()
+        )
+    })
+}
+
+/// At most `max` bytes of `s` (cut at a character), for logs and events.
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The name of a command's kind, for logs and events.
+fn kind_name(k: &CommandKind) -> &'static str {
+    match k {
+        CommandKind::Run { .. } => "run",
+        CommandKind::Cancel { .. } => "cancel",
+        CommandKind::Load { .. } => "load",
+        CommandKind::Unload { .. } => "unload",
+        CommandKind::Configure { .. } => "configure",
+        CommandKind::Schedules { .. } => "schedules",
+    }
+}
 
 /// Resolves at `at`; never if `None` (the caller guards the branch).
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
@@ -135,6 +250,7 @@ impl Agent {
             path: cfg.data.clone(),
             source,
         })?;
+        restrict_data_dir(&cfg.data);
         let outbox = SledOutbox::open(
             &cfg.data,
             OutboxLimits {
@@ -190,10 +306,41 @@ impl Agent {
             data_dir: cfg.data.clone(),
             ..Context::default()
         };
-        let schedules = outbox
+        let mut schedules: Schedules = outbox
             .get_meta(META_SCHEDULES)
             .and_then(|b| postcard::from_bytes(&b).ok())
             .unwrap_or_default();
+        // A set stored without a policy (by an agent before policies, or from a version
+        // 1 backend) runs open; one whose policy cannot be read does not run at all:
+        // version 0 makes the backend send it again, with its policy.
+        let schedule_policy = match outbox.get_meta(META_SCHEDULE_POLICY) {
+            None => None,
+            Some(b) => match postcard::from_bytes::<Option<TargetPolicy>>(&b) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "the schedule set's stored policy is unreadable; dropping the set until the backend sends it again");
+                    schedules = Schedules::default();
+                    None
+                }
+            },
+        };
+        // Sets stored by older agents were never checked here.
+        schedules.entries.retain(|e| match schedule::check(&e.schedule) {
+            Ok(()) => true,
+            Err(r) => {
+                tracing::warn!(measurement = %e.schedule.measurement_id, refused = %r, "stored schedule refused");
+                false
+            }
+        });
+        let control_ids = outbox
+            .get_meta(META_CONTROL_IDS)
+            .map(|b| ControlIds::from_bytes(&b))
+            .unwrap_or_default();
+        let queue = RunQueue::new(Budget {
+            max_runs: cfg.max_runs as usize,
+            max_queued: cfg.max_queued_runs as usize,
+            max_rate: cfg.max_probe_rate,
+        });
         Ok(Agent {
             cfg,
             outbox,
@@ -208,6 +355,8 @@ impl Agent {
             produced_tx,
             produced_rx,
             running: HashMap::new(),
+            queue,
+            control_ids,
             conn_error: None,
             cpu: system::CpuSampler::new(),
             modules,
@@ -217,6 +366,8 @@ impl Agent {
             gauges: Default::default(),
             schedules,
             sched_at: None,
+            schedule_policy: Arc::new(schedule_policy.unwrap_or_default()),
+            refused_schedules: None,
         })
     }
 
@@ -436,8 +587,12 @@ impl Agent {
             dropped: self.outbox.dropped(),
             heartbeat_interval_ms: self.cfg.heartbeat_ms,
             sent_at_ms: now_ms(),
-            features: Vec::new(),
-            limits: Default::default(),
+            features: vec![
+                wire::features::POLICY.into(),
+                wire::features::BUDGETS.into(),
+                wire::features::FRESH_COMMANDS.into(),
+            ],
+            limits: self.cfg.limits(),
         });
         let _ = self
             .client
@@ -480,9 +635,49 @@ impl Agent {
         Ok(())
     }
 
+    /// Logs and reports a command the agent will not obey.
+    fn refuse_command(&mut self, cmd: &Command, r: &Refusal) -> Result<(), AgentError> {
+        let kind = kind_name(&cmd.kind);
+        let id = clip(&cmd.id, fresh::MAX_ID_BYTES);
+        match r.skew_ms {
+            Some(skew_ms) => tracing::warn!(
+                command = %id,
+                kind,
+                reason = r.reason,
+                issued_ms = cmd.issued_ms,
+                skew_ms,
+                "command refused: its issue time is off the agent's clock by {skew_ms} ms (issue time minus the agent's clock; check both clocks)"
+            ),
+            None => {
+                tracing::warn!(command = %id, kind, reason = r.reason, "command refused: {}", r.message)
+            }
+        }
+        self.event(
+            "command_refused",
+            &format!("{kind} command refused ({}): {}", r.reason, r.message),
+        )
+    }
+
     /// Returns true when the loaded modules changed (hello must go out again).
     fn on_command(&mut self, cmd: Command) -> Result<bool, AgentError> {
         let now = now_ms();
+        // Fresh and unrepeated, or not at all.
+        if matches!(cmd.kind, CommandKind::Run { .. }) {
+            if let Err(r) =
+                fresh::check_run(&cmd.id, cmd.issued_ms, self.outbox.forgotten_before_ms())
+            {
+                self.refuse_command(&cmd, &r)?;
+                return Ok(false);
+            }
+        } else {
+            if let Err(r) = self.control_ids.check(&cmd.id, cmd.issued_ms, now) {
+                self.refuse_command(&cmd, &r)?;
+                return Ok(false);
+            }
+            let bytes = self.control_ids.to_bytes();
+            self.outbox.put_meta(META_CONTROL_IDS, &bytes);
+        }
+        let policy = cmd.policy;
         match cmd.kind {
             CommandKind::Run {
                 module,
@@ -503,11 +698,19 @@ impl Agent {
                     return Ok(false);
                 }
                 self.append_state(&cmd.id, RequestState::Received, None)?;
-                if !self.modules.is_loaded(&module) {
-                    let message = format!(
+                let refused = if !self.modules.is_loaded(&module) {
+                    Some(format!(
                         "module {module:?} is not loaded on this agent (loaded: {})",
                         self.modules.names().join(", ")
-                    );
+                    ))
+                } else {
+                    policy
+                        .as_ref()
+                        .and_then(policy_too_large)
+                        .map(|why| format!("command refused: {why}"))
+                };
+                if let Some(message) = refused {
+                    tracing::warn!(request = %cmd.id, %message, "run refused");
                     self.outbox.append(
                         now_ms(),
                         RecordBody::result(
@@ -529,15 +732,17 @@ impl Agent {
                     self.modules.prepare(&module, &params_json, timeout_ms);
                 // The trace context is handed back with the result: the backend turns
                 // the agent's timings into spans of the request's trace.
-                self.spawn_run(
-                    cmd.id,
+                self.submit_run(PendingRun {
+                    id: cmd.id,
                     module,
                     params_json,
                     timeout_ms,
-                    now,
-                    cmd.traceparent,
-                    None,
-                );
+                    received_ms: now,
+                    traceparent: cmd.traceparent,
+                    slot: None,
+                    policy: Arc::new(policy.unwrap_or_default()),
+                    deadline_ms: cmd.deadline_ms,
+                });
                 Ok(false)
             }
             CommandKind::Cancel { request_id } => {
@@ -545,6 +750,16 @@ impl Agent {
                     task.abort();
                     self.append_state(&request_id, RequestState::Cancelled, None)?;
                     self.outbox.finish_command(&request_id);
+                    let ready = self.queue.finish(&request_id);
+                    self.start_runs(ready)?;
+                } else if let Some(run) = self.queue.cancel(&request_id) {
+                    tracing::info!(request = %request_id, "queued run cancelled");
+                    if run.slot.is_none() {
+                        self.append_state(&request_id, RequestState::Cancelled, None)?;
+                        self.outbox.finish_command(&request_id);
+                    }
+                    let ready = self.queue.ready();
+                    self.start_runs(ready)?;
                 }
                 Ok(false)
             }
@@ -566,13 +781,55 @@ impl Agent {
             }
             CommandKind::Schedules { version, schedules } => {
                 let had = self.schedules.version;
-                if !self.schedules.apply(&self.cfg.id, version, schedules, now) {
+                if version <= had {
                     // Not newer: the backend has not seen the hello with this agent's
                     // version (or lost track of it, with a new store). The hello
                     // tells it, and stops its resends.
                     tracing::debug!(version, had, "schedule set not newer; hello again");
                     return Ok(true);
                 }
+                let whole = if schedules.len() > schedule::MAX_SCHEDULES {
+                    Some(format!(
+                        "{} schedules; the agent takes at most {}",
+                        schedules.len(),
+                        schedule::MAX_SCHEDULES
+                    ))
+                } else {
+                    policy.as_ref().and_then(policy_too_large)
+                };
+                if let Some(why) = whole {
+                    // The set already running stays; the backend's resends of this
+                    // version are refused quietly.
+                    tracing::warn!(version, %why, "schedule set refused");
+                    if self.refused_schedules != Some(version) {
+                        self.refused_schedules = Some(version);
+                        self.event(
+                            "schedules_refused",
+                            &format!("version {version} refused: {why}"),
+                        )?;
+                    }
+                    return Ok(false);
+                }
+                let mut kept = Vec::with_capacity(schedules.len());
+                for s in schedules {
+                    match schedule::check(&s) {
+                        Ok(()) => kept.push(s),
+                        Err(r) => {
+                            let measurement = clip(&s.measurement_id, 128);
+                            tracing::warn!(%measurement, field = r.field, rule = %r.rule, "schedule refused");
+                            self.event(
+                                "schedule_refused",
+                                &format!("measurement {measurement:?}: {}: {}", r.field, r.rule),
+                            )?;
+                        }
+                    }
+                }
+                self.schedules.apply(&self.cfg.id, version, kept, now);
+                // The policy first: a crash between the two writes leaves the old set
+                // under the new rules, never the new set under the old ones.
+                let bytes = postcard::to_stdvec(&policy).unwrap_or_default();
+                self.outbox.put_meta(META_SCHEDULE_POLICY, &bytes);
+                self.schedule_policy = Arc::new(policy.unwrap_or_default());
                 self.save_schedules();
                 let n = self.schedules.entries.len();
                 tracing::info!(version, schedules = n, "schedules updated");
@@ -609,69 +866,156 @@ impl Agent {
         for run in due.runs {
             let s = run.schedule;
             let id = ScheduledRun::run_id(&s.measurement_id, run.scheduled_ms);
+            let slot = SlotOf {
+                measurement_id: s.measurement_id,
+                scheduled_ms: run.scheduled_ms,
+            };
             if !self.modules.is_loaded(&s.module) {
                 let message = format!(
                     "module {:?} is not loaded on this agent (loaded: {})",
                     s.module,
                     self.modules.names().join(", ")
                 );
-                self.outbox.append(
-                    now,
-                    RecordBody::ScheduledResult(ScheduledRun {
-                        measurement_id: s.measurement_id,
-                        scheduled_ms: run.scheduled_ms,
-                        result: ModuleResult {
-                            request_id: id,
-                            module: s.module,
-                            received_ms: now,
-                            started_ms: now,
-                            finished_ms: now,
-                            outcome: ModuleOutcome::Failed(message),
-                        },
-                    }),
-                );
+                self.append_failed(&id, &s.module, now, Some(slot), None, message);
                 continue;
             }
             let (params_json, timeout_ms) =
                 self.modules
                     .prepare(&s.module, &s.params_json, s.timeout_ms);
-            self.spawn_run(
+            self.submit_run(PendingRun {
                 id,
-                s.module,
+                module: s.module,
                 params_json,
                 timeout_ms,
-                now,
-                None,
-                Some(SlotOf {
-                    measurement_id: s.measurement_id,
-                    scheduled_ms: run.scheduled_ms,
-                }),
-            );
+                received_ms: now,
+                traceparent: None,
+                slot: Some(slot),
+                policy: self.schedule_policy.clone(),
+                deadline_ms: None,
+            });
         }
         self.sched_at = self.schedules.next_run_ms(&self.cfg.id).map(|at| {
-            tokio::time::Instant::now() + Duration::from_millis((at - now_ms()).max(0) as u64)
+            let wait = at.saturating_sub(now_ms()).clamp(0, MAX_SCHED_SLEEP_MS);
+            tokio::time::Instant::now() + Duration::from_millis(wait as u64)
         });
+        Ok(())
+    }
+
+    /// Appends a run's failed result: a request's (and its command is done), or a
+    /// scheduled slot's.
+    fn append_failed(
+        &mut self,
+        id: &str,
+        module: &str,
+        received_ms: i64,
+        slot: Option<SlotOf>,
+        traceparent: Option<String>,
+        message: String,
+    ) {
+        let now = now_ms();
+        let result = ModuleResult {
+            request_id: id.to_string(),
+            module: module.to_string(),
+            received_ms,
+            started_ms: now,
+            finished_ms: now,
+            outcome: ModuleOutcome::Failed(message),
+        };
+        let body = match slot {
+            Some(slot) => RecordBody::ScheduledResult(ScheduledRun {
+                measurement_id: slot.measurement_id,
+                scheduled_ms: slot.scheduled_ms,
+                result,
+            }),
+            None => RecordBody::result(result, traceparent),
+        };
+        self.outbox.append(now, body);
+        self.outbox.finish_command(id);
+    }
+
+    /// Hands a run to the budget: it starts now, waits its turn, or (the queue full)
+    /// fails at once. A run whose declared rate alone is over `max_probe_rate` has its
+    /// `rate` lowered to it when it has one; otherwise it runs alone.
+    fn submit_run(&mut self, mut run: PendingRun) {
+        let (rate, clamped) =
+            runqueue::declared_rate(&run.module, &run.params_json, self.cfg.max_probe_rate);
+        if let Some(params) = clamped {
+            tracing::info!(run = %run.id, module = %run.module, max_probe_rate = self.cfg.max_probe_rate, "rate lowered to the agent's max_probe_rate");
+            run.params_json = params;
+        }
+        let id = run.id.clone();
+        match self.queue.submit(id.clone(), rate, run) {
+            Submitted::Start(run) => {
+                if let Err(e) = self.start_runs(vec![(id, run)]) {
+                    tracing::error!(error = %e, "cannot start a run");
+                }
+            }
+            Submitted::Queued => {
+                tracing::debug!(run = %id, running = self.queue.running(), queued = self.queue.queued(), "run waits for the budget");
+            }
+            Submitted::Full(run) => {
+                let message = format!(
+                    "agent queue full (max_queued_runs = {})",
+                    self.cfg.max_queued_runs
+                );
+                tracing::warn!(run = %id, module = %run.module, "{message}");
+                self.append_failed(
+                    &run.id,
+                    &run.module,
+                    run.received_ms,
+                    run.slot,
+                    run.traceparent,
+                    message,
+                );
+            }
+        }
+    }
+
+    /// Starts runs the budget let through. One whose deadline passed while it waited
+    /// expires instead, and frees its place for the next.
+    fn start_runs(&mut self, mut ready: Vec<(String, PendingRun)>) -> Result<(), AgentError> {
+        while !ready.is_empty() {
+            let mut next = Vec::new();
+            for (id, run) in ready {
+                if run.deadline_ms.is_some_and(|d| d < now_ms()) {
+                    self.append_state(
+                        &id,
+                        RequestState::Expired,
+                        Some("deadline passed while the run waited for the agent's budget"),
+                    )?;
+                    self.outbox.finish_command(&id);
+                    next.extend(self.queue.finish(&id));
+                    continue;
+                }
+                self.spawn_run(run);
+            }
+            ready = next;
+        }
         Ok(())
     }
 
     /// Runs a module in its own task; its records come back over `produced_tx`. A
     /// request's run reports `running` and then its result; a scheduled run (`slot`)
     /// has no request on the backend and reports only its result.
-    #[allow(clippy::too_many_arguments)]
-    fn spawn_run(
-        &mut self,
-        id: String,
-        module: String,
-        params_json: String,
-        timeout_ms: u64,
-        received_ms: i64,
-        traceparent: Option<String>,
-        slot: Option<SlotOf>,
-    ) {
+    fn spawn_run(&mut self, run: PendingRun) {
+        let PendingRun {
+            id,
+            module,
+            params_json,
+            timeout_ms,
+            received_ms,
+            traceparent,
+            slot,
+            policy,
+            deadline_ms: _,
+        } = run;
         // A module that panicked recently waits out its backoff first.
         let backoff = self.restarts.delay(&module);
         let tx = self.produced_tx.clone();
-        let ctx = self.ctx.clone();
+        let ctx = Context {
+            policy,
+            ..self.ctx.clone()
+        };
         let key = id.clone();
         let task = tokio::spawn(async move {
             if !backoff.is_zero() {
@@ -791,7 +1135,12 @@ impl Agent {
                 module,
                 panicked,
             } => {
-                self.running.remove(&id);
+                // A cancelled run was taken off already (its task may still have
+                // finished first).
+                if self.running.remove(&id).is_some() {
+                    let ready = self.queue.finish(&id);
+                    self.start_runs(ready)?;
+                }
                 if let Some(backoff) = self.restarts.record(&module, panicked) {
                     tracing::warn!(%module, ?backoff, "module panicked; restarting it with backoff");
                     self.event(

@@ -25,8 +25,13 @@ pub struct AgentConfig {
     pub tls_key: Option<PathBuf>,
     /// Name servers (`ADDR` or `ADDR:PORT`) used instead of `/etc/resolv.conf`'s.
     pub nameservers: Vec<String>,
-    /// The agent's secret, sent as the MQTT password (the id is the user name).
+    /// The agent's secret, sent as the MQTT password (the id is the user name). Given
+    /// as `--token` it is visible to every user in `ps`: prefer `token_file`.
     pub token: Option<String>,
+    /// A file holding the token (mode 0600), read at start; it takes the place of
+    /// `token`. A file that does not exist means no token (a package installs the path
+    /// before the agent is enrolled); `--print-config` never prints the token itself.
+    pub token_file: Option<PathBuf>,
     /// Where the outbox and command log live.
     pub data: PathBuf,
     /// Free-form labels for selecting agents.
@@ -62,6 +67,13 @@ pub struct AgentConfig {
     pub latitude: Option<f64>,
     pub longitude: Option<f64>,
     pub asn: Option<u32>,
+    /// Runs at once, from commands and schedules together; more wait in a queue.
+    pub max_runs: u32,
+    /// Runs waiting at most; past it a new run fails at once.
+    pub max_queued_runs: u32,
+    /// Probes per second across all running runs (each run's declared rate); a run
+    /// that does not fit waits.
+    pub max_probe_rate: f64,
 }
 
 impl Default for AgentConfig {
@@ -70,6 +82,7 @@ impl Default for AgentConfig {
             id: String::new(),
             broker: "mqtt://127.0.0.1:1883".into(),
             token: None,
+            token_file: None,
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
@@ -92,9 +105,18 @@ impl Default for AgentConfig {
             latitude: None,
             longitude: None,
             asn: None,
+            max_runs: 4,
+            max_queued_runs: 1000,
+            max_probe_rate: 2000.0,
         }
     }
 }
+
+/// What `--print-config` shows in place of the token.
+pub const REDACTED: &str = "<redacted>";
+
+/// The largest token file read.
+const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
 
 /// Every flag, its environment variable and its help line. A flag given on the command
 /// line overrides its variable. (A table, not clap: clap is 200 KiB of firmware.)
@@ -115,7 +137,16 @@ const OPTIONS: &[(&str, &str, &str)] = &[
         "IMN_BROKER",
         "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; several separated by commas",
     ),
-    ("token", "IMN_TOKEN", "the agent's secret (MQTT password)"),
+    (
+        "token",
+        "IMN_AGENT_TOKEN",
+        "the agent's secret (MQTT password); on the command line every user sees it in `ps`: use --token-file",
+    ),
+    (
+        "token-file",
+        "IMN_AGENT_TOKEN_FILE",
+        "file holding the agent's secret (mode 0600); replaces --token",
+    ),
     ("tls-ca", "IMN_TLS_CA", "PEM CA certificate for mqtts://"),
     (
         "tls-cert",
@@ -197,6 +228,21 @@ const OPTIONS: &[(&str, &str, &str)] = &[
         "IMN_METRICS_LISTEN",
         "ADDR:PORT of a Prometheus /metrics listener (builds with the `metrics` feature)",
     ),
+    (
+        "max-runs",
+        "IMN_MAX_RUNS",
+        "runs at once, commands and schedules together; more wait (1 to 1024, default 4)",
+    ),
+    (
+        "max-queued-runs",
+        "IMN_MAX_QUEUED_RUNS",
+        "runs waiting at most; past it a new run fails at once (0 to 100000, default 1000)",
+    ),
+    (
+        "max-probe-rate",
+        "IMN_MAX_PROBE_RATE",
+        "probes per second across all running runs (default 2000)",
+    ),
 ];
 
 /// Command-line flags and their `IMN_…` environment variables, before the config file.
@@ -207,7 +253,10 @@ pub struct Flags {
     pub print_config: bool,
     pub id: Option<String>,
     pub broker: Option<String>,
+    /// At most one of `token` and `token_file`: a flag beats its environment variable,
+    /// and both given at the same level is an error.
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -229,6 +278,9 @@ pub struct Flags {
     pub latitude: Option<f64>,
     pub longitude: Option<f64>,
     pub asn: Option<u32>,
+    pub max_runs: Option<u32>,
+    pub max_queued_runs: Option<u32>,
+    pub max_probe_rate: Option<f64>,
 }
 
 /// What the command line asks for.
@@ -242,6 +294,11 @@ pub enum Command {
 impl Flags {
     /// Parses the process's arguments and environment.
     pub fn from_env() -> Result<Command, ConfigError> {
+        if std::env::var_os("IMN_TOKEN").is_some() && std::env::var_os("IMN_AGENT_TOKEN").is_none()
+        {
+            // IMN_TOKEN is the `imn` command's API token: never an agent's password.
+            tracing::warn!("IMN_TOKEN is set and ignored: the agent reads its token from IMN_AGENT_TOKEN, --token-file or the config file");
+        }
         Flags::parse(std::env::args().skip(1), |k| std::env::var(k).ok())
     }
 
@@ -251,6 +308,8 @@ impl Flags {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Command, ConfigError> {
         let mut values: Vec<Option<String>> = OPTIONS.iter().map(|o| env(o.1)).collect();
+        // Which values came from the command line (the others from the environment).
+        let mut from_args = vec![false; OPTIONS.len()];
         let mut print_config = false;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -286,6 +345,7 @@ impl Flags {
                 })?,
             };
             values[i] = Some(value);
+            from_args[i] = true;
         }
         let get = |name: &str| -> Option<(&'static str, String)> {
             let i = OPTIONS.iter().position(|o| o.0 == name)?;
@@ -320,13 +380,49 @@ impl Flags {
                 }),
             })
             .transpose()?;
+        // The token and its file are one setting: the command line beats the
+        // environment, and both at the same level is an error.
+        let (ti, fi) = (
+            OPTIONS.iter().position(|o| o.0 == "token").expect("token"),
+            OPTIONS
+                .iter()
+                .position(|o| o.0 == "token-file")
+                .expect("token-file"),
+        );
+        let (token, token_file) = match (from_args[ti], from_args[fi]) {
+            (true, true) => {
+                return Err(ConfigError::Invalid {
+                    field: "token/token-file",
+                    rule: "give --token or --token-file, not both".into(),
+                })
+            }
+            (true, false) => (values[ti].clone(), None),
+            (false, true) => (None, values[fi].clone()),
+            (false, false) if values[ti].is_some() && values[fi].is_some() => {
+                return Err(ConfigError::Invalid {
+                    field: "IMN_AGENT_TOKEN/IMN_AGENT_TOKEN_FILE",
+                    rule: "set one of them, not both".into(),
+                })
+            }
+            (false, false) => (values[ti].clone(), values[fi].clone()),
+        };
+        let float = |v: Option<(&'static str, String)>| -> Result<Option<f64>, ConfigError> {
+            v.map(|(field, s)| {
+                s.trim().parse::<f64>().map_err(|_| ConfigError::Invalid {
+                    field,
+                    rule: format!("must be a number (got {s:?})"),
+                })
+            })
+            .transpose()
+        };
         let flags = Flags {
             config: get("config").map(|v| v.1.into()),
             uci: get("uci").map(|v| v.1.into()),
             print_config,
             id: get("id").map(|v| v.1),
             broker: get("broker").map(|v| v.1),
-            token: get("token").map(|v| v.1),
+            token,
+            token_file: token_file.map(PathBuf::from),
             tls_ca: get("tls-ca").map(|v| v.1.into()),
             tls_cert: get("tls-cert").map(|v| v.1.into()),
             tls_key: get("tls-key").map(|v| v.1.into()),
@@ -361,6 +457,9 @@ impl Flags {
                 })
                 .transpose()?,
             asn: num(get("asn"))?,
+            max_runs: num(get("max-runs"))?,
+            max_queued_runs: num(get("max-queued-runs"))?,
+            max_probe_rate: float(get("max-probe-rate"))?,
             metrics_listen: get("metrics-listen")
                 .map(|(field, s)| {
                     s.trim().parse().map_err(|_| ConfigError::Invalid {
@@ -390,7 +489,7 @@ fn help() -> String {
     for (flag, env, text) in OPTIONS {
         h.push_str(&format!("  --{flag} VALUE\n      {text} [env: {env}]\n"));
     }
-    h.push_str("  --print-config\n      print the resulting config as TOML and exit\n");
+    h.push_str("  --print-config\n      print the resulting config as TOML (the token as \"<redacted>\") and exit\n");
     h.push_str("  -h, --help\n  -V, --version\n");
     h
 }
@@ -439,8 +538,14 @@ impl AgentConfig {
         if let Some(v) = flags.broker {
             cfg.broker = v;
         }
+        // A token or token file given on the command line or in the environment
+        // replaces both of the file's.
         if let Some(v) = flags.token {
             cfg.token = Some(v);
+            cfg.token_file = None;
+        } else if let Some(v) = flags.token_file {
+            cfg.token_file = Some(v);
+            cfg.token = None;
         }
         if let Some(v) = flags.tls_ca {
             cfg.tls_ca = Some(v);
@@ -505,6 +610,24 @@ impl AgentConfig {
         if let Some(v) = flags.asn {
             cfg.asn = Some(v);
         }
+        if let Some(v) = flags.max_runs {
+            cfg.max_runs = v;
+        }
+        if let Some(v) = flags.max_queued_runs {
+            cfg.max_queued_runs = v;
+        }
+        if let Some(v) = flags.max_probe_rate {
+            cfg.max_probe_rate = v;
+        }
+        if let Some(path) = cfg.token_file.clone() {
+            if cfg.token.is_some() {
+                return Err(ConfigError::Invalid {
+                    field: "token/token_file",
+                    rule: "give token or token_file, not both".into(),
+                });
+            }
+            cfg.token = read_token_file(&path)?;
+        }
         if let Some(c) = cfg.country.as_mut() {
             *c = c.trim().to_ascii_uppercase();
         }
@@ -525,6 +648,23 @@ impl AgentConfig {
             asn: self.asn,
         };
         (l != imn_modules::wire::Location::default()).then_some(l)
+    }
+
+    /// The config as `--print-config` shows it: the token as [`REDACTED`].
+    pub fn redacted(&self) -> AgentConfig {
+        AgentConfig {
+            token: self.token.as_ref().map(|_| REDACTED.to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// The budget the agent enforces across its runs, as its hello reports it.
+    pub fn limits(&self) -> imn_modules::wire::AgentLimits {
+        imn_modules::wire::AgentLimits {
+            max_runs: self.max_runs,
+            max_queued_runs: self.max_queued_runs,
+            max_probe_rate: self.max_probe_rate,
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -600,6 +740,35 @@ impl AgentConfig {
             return Err(ConfigError::Invalid {
                 field: "batch_max_bytes/window",
                 rule: "batch_max_bytes must be at least 1024 and window at least 1".into(),
+            });
+        }
+        if !(1..=1024).contains(&self.max_runs) {
+            return Err(ConfigError::Invalid {
+                field: "max_runs",
+                rule: format!("must be 1 to 1024 (got {})", self.max_runs),
+            });
+        }
+        if self.max_queued_runs > 100_000 {
+            return Err(ConfigError::Invalid {
+                field: "max_queued_runs",
+                rule: format!("must be 0 to 100000 (got {})", self.max_queued_runs),
+            });
+        }
+        if !(self.max_probe_rate.is_finite() && self.max_probe_rate >= 1.0) {
+            return Err(ConfigError::Invalid {
+                field: "max_probe_rate",
+                rule: format!(
+                    "must be a number of probes per second, at least 1 (got {})",
+                    self.max_probe_rate
+                ),
+            });
+        }
+        if self.token.as_deref() == Some(REDACTED) {
+            return Err(ConfigError::Invalid {
+                field: "token",
+                rule: format!(
+                    "{REDACTED:?} is what --print-config shows in place of the token, not a token"
+                ),
             });
         }
         Ok(())
@@ -694,6 +863,57 @@ impl AgentConfig {
     }
 }
 
+/// The token in `path`, trimmed; `None` for a file that does not exist (with a
+/// warning) or holds nothing. A file others may read is used, with a warning.
+fn read_token_file(path: &std::path::Path) -> Result<Option<String>, ConfigError> {
+    let io = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(path = %path.display(), "token_file does not exist: connecting without a token");
+            return Ok(None);
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let invalid = |rule: String| ConfigError::Invalid {
+        field: "token_file",
+        rule,
+    };
+    if !meta.is_file() {
+        return Err(invalid(format!("{} is not a file", path.display())));
+    }
+    if meta.len() > MAX_TOKEN_FILE_BYTES {
+        return Err(invalid(format!(
+            "{} is {} bytes; a token file holds one token",
+            path.display(),
+            meta.len()
+        )));
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the token file can be read by others: chmod 0600 it");
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let token = text.trim();
+    if token.is_empty() {
+        tracing::warn!(path = %path.display(), "token_file is empty: connecting without a token");
+        return Ok(None);
+    }
+    if token.contains(['\n', '\r']) {
+        return Err(invalid(format!(
+            "{} holds more than one line; it must hold only the token",
+            path.display()
+        )));
+    }
+    Ok(Some(token.to_string()))
+}
+
 /// The id kept in `DATA/agent-id`, made up on first start.
 fn persistent_id(data: &std::path::Path) -> Result<String, ConfigError> {
     let path = data.join("agent-id");
@@ -720,9 +940,18 @@ fn persistent_id(data: &std::path::Path) -> Result<String, ConfigError> {
 /// so the TOML keys and their checks (unknown keys are errors) apply unchanged.
 pub fn from_uci(text: &str) -> Result<AgentConfig, toml::de::Error> {
     const STRINGS: &[&str] = &[
-        "id", "broker", "token", "data", "tls_ca", "tls_cert", "tls_key", "country", "city",
+        "id",
+        "broker",
+        "token",
+        "token_file",
+        "data",
+        "tls_ca",
+        "tls_cert",
+        "tls_key",
+        "country",
+        "city",
     ];
-    const FLOATS: &[&str] = &["latitude", "longitude"];
+    const FLOATS: &[&str] = &["latitude", "longitude", "max_probe_rate"];
     const BOOLS: &[&str] = &["live_first"];
     // Options the init script reads; not the agent's.
     const INIT_ONLY: &[&str] = &["enabled"];
@@ -1001,6 +1230,197 @@ mod tests {
             err.to_string().contains("window") || err.to_string().contains("integer"),
             "{err}"
         );
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("imn-cfg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn write_0600(path: &std::path::Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// `--print-config` never shows the token, however it was given.
+    #[test]
+    fn print_config_redacts_the_token() {
+        let dir = tmp("redact");
+        let file = dir.join("token");
+        write_0600(&file, "imna_secret_from_file\n");
+        for args in [
+            vec!["--id", "a", "--token", "imna_secret_from_flag"],
+            vec!["--id", "a", "--token-file", file.to_str().unwrap()],
+        ] {
+            let cfg = AgentConfig::load(flags(&args)).unwrap();
+            assert!(cfg.token.as_deref().unwrap().starts_with("imna_secret"));
+            let printed = toml::to_string(&cfg.redacted()).unwrap();
+            assert!(!printed.contains("imna_secret"), "{printed}");
+            assert!(printed.contains("token = \"<redacted>\""), "{printed}");
+        }
+        let none = AgentConfig::load(flags(&["--id", "a"])).unwrap();
+        assert!(!toml::to_string(&none.redacted())
+            .unwrap()
+            .contains("token ="));
+        // What --print-config shows cannot be taken for the token.
+        let e = AgentConfig::load(flags(&["--id", "a", "--token", REDACTED]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("token:"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The token comes from the highest level that gives one, as a token or a file:
+    /// flags, then the environment, then the config file.
+    #[test]
+    fn token_sources_and_their_precedence() {
+        let dir = tmp("token");
+        let (ff, ef, cf) = (dir.join("flag"), dir.join("env"), dir.join("conf"));
+        write_0600(&ff, "from-flag-file");
+        write_0600(&ef, "  from-env-file\n\n");
+        write_0600(&cf, "from-conf-file");
+        let conf = dir.join("agent.toml");
+        std::fs::write(
+            &conf,
+            format!("id = \"a\"\ntoken_file = {:?}\n", cf.to_str().unwrap()),
+        )
+        .unwrap();
+        let c = conf.to_str().unwrap().to_string();
+        let load = |args: &[&str], env: &[(&str, &str)]| {
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let lookup = move |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            match Flags::parse(args.iter().map(|s| s.to_string()), lookup)? {
+                Command::Run(f) => AgentConfig::load(*f),
+                other => panic!("{other:?}"),
+            }
+        };
+        let token = |r: Result<AgentConfig, ConfigError>| r.unwrap().token.unwrap();
+        assert_eq!(token(load(&["--config", &c], &[])), "from-conf-file");
+        let env_file = [("IMN_AGENT_TOKEN_FILE", ef.to_str().unwrap())];
+        assert_eq!(token(load(&["--config", &c], &env_file)), "from-env-file");
+        let env_token = [("IMN_AGENT_TOKEN", "from-env")];
+        assert_eq!(token(load(&["--config", &c], &env_token)), "from-env");
+        let flag_file = ["--config", &c, "--token-file", ff.to_str().unwrap()];
+        assert_eq!(token(load(&flag_file, &env_token)), "from-flag-file");
+        assert_eq!(
+            token(load(&["--config", &c, "--token", "from-flag"], &env_file)),
+            "from-flag"
+        );
+        // The `imn` command's API token is not the agent's.
+        assert_eq!(
+            token(load(&["--config", &c], &[("IMN_TOKEN", "api-token")])),
+            "from-conf-file"
+        );
+        // Two at the same level are an error.
+        let both = ["--token", "x", "--token-file", ff.to_str().unwrap()];
+        let e = load(&both, &[]).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        let both_env = [
+            ("IMN_AGENT_TOKEN", "x"),
+            ("IMN_AGENT_TOKEN_FILE", ef.to_str().unwrap()),
+        ];
+        let e = load(&["--id", "a"], &both_env).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        std::fs::write(&conf, "id = \"a\"\ntoken = \"t\"\ntoken_file = \"/x\"\n").unwrap();
+        let e = load(&["--config", &c], &[]).unwrap_err().to_string();
+        assert!(e.starts_with("token/token_file"), "{e}");
+        // A missing file means no token; an empty one too; a directory is an error.
+        let missing = dir.join("missing");
+        let cfg = load(
+            &["--id", "a", "--token-file", missing.to_str().unwrap()],
+            &[],
+        )
+        .unwrap();
+        assert_eq!((cfg.token, cfg.token_file), (None, Some(missing)));
+        write_0600(&ff, "\n");
+        assert_eq!(
+            load(&["--id", "a", "--token-file", ff.to_str().unwrap()], &[])
+                .unwrap()
+                .token,
+            None
+        );
+        let e = load(&["--id", "a", "--token-file", dir.to_str().unwrap()], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("token_file:"), "{e}");
+        write_0600(&ff, "one\ntwo\n");
+        let e = load(&["--id", "a", "--token-file", ff.to_str().unwrap()], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than one line"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn budgets_are_set_and_checked() {
+        let d = AgentConfig::default();
+        assert_eq!(
+            (d.max_runs, d.max_queued_runs, d.max_probe_rate),
+            (4, 1000, 2000.0)
+        );
+        let env = |k: &str| (k == "IMN_MAX_QUEUED_RUNS").then(|| "7".to_string());
+        let Command::Run(f) = Flags::parse(
+            ["--id", "a", "--max-runs", "2", "--max-probe-rate", "12.5"]
+                .iter()
+                .map(|s| s.to_string()),
+            env,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let cfg = AgentConfig::load(*f).unwrap();
+        assert_eq!(
+            (cfg.max_runs, cfg.max_queued_runs, cfg.max_probe_rate),
+            (2, 7, 12.5)
+        );
+        let l = cfg.limits();
+        assert_eq!(
+            (l.max_runs, l.max_queued_runs, l.max_probe_rate),
+            (2, 7, 12.5)
+        );
+        for (args, field) in [
+            (["--max-runs", "0"], "max_runs:"),
+            (["--max-queued-runs", "100001"], "max_queued_runs:"),
+            (["--max-probe-rate", "0"], "max_probe_rate:"),
+            (["--max-probe-rate", "inf"], "max_probe_rate:"),
+            (["--max-probe-rate", "NaN"], "max_probe_rate:"),
+        ] {
+            let mut a = vec!["--id", "a"];
+            a.extend(args);
+            let e = AgentConfig::load(flags(&a)).unwrap_err().to_string();
+            assert!(e.starts_with(field), "{args:?}: {e}");
+        }
+        let e = Flags::parse(["--max-probe-rate".to_string(), "fast".into()], |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("IMN_MAX_PROBE_RATE"), "{e}");
+        let cfg: AgentConfig =
+            toml::from_str("max_runs = 3\nmax_queued_runs = 0\nmax_probe_rate = 100\n").unwrap();
+        assert_eq!(
+            (cfg.max_runs, cfg.max_queued_runs, cfg.max_probe_rate),
+            (3, 0, 100.0)
+        );
+        let uci = "config agent 'agent'\n\toption max_runs '8'\n\toption max_probe_rate '500'\n\
+                   \toption token_file '/etc/imn/agent.token'\n";
+        let cfg = from_uci(uci).unwrap();
+        assert_eq!((cfg.max_runs, cfg.max_probe_rate), (8, 500.0));
+        assert_eq!(cfg.token_file, Some(PathBuf::from("/etc/imn/agent.token")));
+        let help = help();
+        for flag in [
+            "--token-file",
+            "IMN_AGENT_TOKEN",
+            "--max-runs",
+            "--max-queued-runs",
+            "--max-probe-rate",
+        ] {
+            assert!(help.contains(flag), "{flag} not in --help");
+        }
     }
 
     #[test]

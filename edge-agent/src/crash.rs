@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-const FILE: &str = "last-panic";
+/// The file in the data directory.
+pub const FILE: &str = "last-panic";
 
 /// Installs the hook (once, at start).
 pub fn install_hook(data: &Path) {

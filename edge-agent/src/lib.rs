@@ -4,9 +4,11 @@
 pub mod agent;
 pub mod config;
 pub mod crash;
+pub mod fresh;
 pub mod metrics;
 pub mod modules;
 pub mod outbox;
+pub mod runqueue;
 pub mod schedule;
 pub mod supervisor;
 #[cfg(feature = "tls")]

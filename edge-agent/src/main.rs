@@ -2,6 +2,10 @@ use imn_agent::config::{AgentConfig, Command, Flags};
 use imn_agent::Agent;
 
 fn main() -> anyhow::Result<()> {
+    // Everything the agent creates (its data directory, the outbox's files, the id and
+    // panic files) is for its own user only: 0700 directories, 0600 files.
+    // SAFETY: umask(2) only sets the process's file mode creation mask.
+    unsafe { libc::umask(0o077) };
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     // RUST_LOG as `LEVEL` or `target=LEVEL,...` (no regex patterns).
@@ -31,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     imn_agent::crash::install_hook(&cfg.data);
     if print {
         use std::io::Write;
-        let _ = write!(std::io::stdout(), "{}", toml::to_string(&cfg)?);
+        let _ = write!(std::io::stdout(), "{}", toml::to_string(&cfg.redacted())?);
         return Ok(());
     }
     // One thread is enough for the agent; ping's blocking probes get their own.

@@ -24,6 +24,17 @@ const META_EPOCH: &[u8] = b"epoch";
 /// Seqs below this value may have been handed out; a restart starts above it.
 const META_SEQ_RESERVED: &[u8] = b"seq_reserved";
 const META_DROPPED: &[u8] = b"dropped";
+/// The receive time of the newest command the command log has let go.
+const META_COMMANDS_FORGOTTEN: &[u8] = b"commands_forgotten";
+/// How long the command log keeps a finished command's id: the longest deadline a
+/// request may have (7 days), and a day for clock differences. A run issued before
+/// what the log still holds is refused (see [`SledOutbox::forgotten_before_ms`]).
+pub const COMMAND_MEMORY_MS: i64 = 8 * 24 * 3600 * 1000;
+/// Commands the log keeps at most. Past it the oldest finished ones go early (with a
+/// warning), and runs issued before them are refused.
+pub const MAX_COMMANDS: u64 = 100_000;
+/// How often the command log is pruned.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Seqs reserved per meta write.
 const SEQ_BLOCK: u64 = 100_000;
 /// sled's log segment. Small segments keep its writes (and its jumps in disk use)
@@ -58,6 +69,8 @@ pub struct OutboxLimits {
     pub disk_reserve_bytes: u64,
     /// sled's page cache (its 1 GiB default is absurd on a router).
     pub cache_bytes: u64,
+    /// Commands the command log keeps at most ([`MAX_COMMANDS`]).
+    pub max_commands: u64,
 }
 
 impl Default for OutboxLimits {
@@ -67,6 +80,7 @@ impl Default for OutboxLimits {
             memory_bytes: 4 * 1024 * 1024,
             disk_reserve_bytes: 2 * 1024 * 1024,
             cache_bytes: 4 * 1024 * 1024,
+            max_commands: MAX_COMMANDS,
         }
     }
 }
@@ -221,6 +235,11 @@ pub struct SledOutbox {
     tombstones: SeqSet,
     /// Commands seen while the disk could not record them.
     memory_commands: HashSet<String>,
+    /// Entries in the commands tree.
+    command_count: u64,
+    /// The receive time of the newest command let go (0: none).
+    commands_forgotten_ms: i64,
+    next_prune: std::time::Instant,
     /// Set when the store found at start was unusable and moved aside.
     pub recovered_from: Option<(PathBuf, String)>,
 }
@@ -391,6 +410,10 @@ impl SledOutbox {
             .unwrap_or(1);
         let next_seq = reserved.max(last + 1);
         let dropped = meta_u64(&st.meta, META_DROPPED).map_err(e)?.unwrap_or(0);
+        let command_count = st.commands.len() as u64;
+        let commands_forgotten_ms = meta_u64(&st.meta, META_COMMANDS_FORGOTTEN)
+            .map_err(e)?
+            .unwrap_or(0) as i64;
         let size = st.db.size_on_disk().unwrap_or(0);
         let mut ob = SledOutbox {
             dir: dir.to_path_buf(),
@@ -416,6 +439,9 @@ impl SledOutbox {
             last_error: String::new(),
             tombstones: SeqSet::default(),
             memory_commands: HashSet::new(),
+            command_count,
+            commands_forgotten_ms,
+            next_prune: std::time::Instant::now(),
             recovered_from: None,
         };
         // Keep sled well clear of a full disk: it needs about twice the live data, and
@@ -765,12 +791,95 @@ impl SledOutbox {
             && self.write(TreeId::Commands, id.as_bytes(), Some(bytes))
             && self.sync()
         {
+            self.command_count += 1;
+            if self.command_count > self.limits.max_commands
+                || std::time::Instant::now() >= self.next_prune
+            {
+                self.prune_commands(at_ms);
+            }
             return true;
         }
         // The disk cannot record it: remember it in memory (a crash now could run it
         // again; the backend's record-id dedup still stores its result once).
         self.memory_commands.insert(id.to_string());
         true
+    }
+
+    /// Commands received at or before this time (the agent's clock, ms) may have been
+    /// let go by the command log; 0 when none has. A run issued before it could be a
+    /// replay the log no longer recognises.
+    pub fn forgotten_before_ms(&self) -> i64 {
+        self.commands_forgotten_ms
+    }
+
+    /// Entries in the command log.
+    pub fn command_count(&self) -> u64 {
+        self.command_count
+    }
+
+    /// Lets go of finished commands older than [`COMMAND_MEMORY_MS`], and, past
+    /// `max_commands`, of the oldest finished ones until a tenth is free. Commands
+    /// still running are kept. Returns how many went.
+    pub fn prune_commands(&mut self, now: i64) -> u64 {
+        self.next_prune = std::time::Instant::now() + PRUNE_EVERY;
+        if self.condition != Condition::Ok || self.broken {
+            return 0;
+        }
+        let Some(st) = &self.store else { return 0 };
+        let cutoff = now.saturating_sub(COMMAND_MEMORY_MS);
+        let mut done: Vec<(i64, sled::IVec)> = Vec::new();
+        let mut total = 0u64;
+        for (k, v) in st.commands.iter().filter_map(|r| r.ok()) {
+            total += 1;
+            match postcard::from_bytes::<CommandEntry>(&v) {
+                Ok(e) if e.done => done.push((e.received_ms, k)),
+                Ok(_) => {}
+                // An entry that cannot be read is of no use.
+                Err(_) => done.push((i64::MIN, k)),
+            }
+        }
+        self.command_count = total;
+        done.sort_unstable_by_key(|(at, _)| *at);
+        let max = self.limits.max_commands;
+        let over = total.saturating_sub(max - max / 10);
+        let (mut gone, mut early) = (0u64, 0u64);
+        let mut newest = self.commands_forgotten_ms;
+        for (at, key) in done {
+            let full = total > max && gone < over;
+            if at >= cutoff && !full {
+                break;
+            }
+            if !self.write(TreeId::Commands, &key, None) {
+                break;
+            }
+            if at >= cutoff {
+                early += 1;
+            }
+            newest = newest.max(at);
+            gone += 1;
+        }
+        if early > 0 {
+            tracing::warn!(
+                early,
+                forgotten_before_ms = newest,
+                max,
+                "command log full: let go of commands younger than the longest deadline; runs issued before them are refused"
+            );
+        }
+        self.command_count -= gone;
+        if newest != self.commands_forgotten_ms {
+            self.commands_forgotten_ms = newest;
+            self.write(
+                TreeId::Meta,
+                META_COMMANDS_FORGOTTEN,
+                Some((newest as u64).to_be_bytes().into()),
+            );
+        }
+        if gone > 0 {
+            tracing::info!(gone, kept = self.command_count, "command log pruned");
+            self.flush();
+        }
+        gone
     }
 
     /// Marks a command finished (its result is in the outbox).
@@ -1186,6 +1295,83 @@ mod tests {
         let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
         assert!(!ob.accept_command("c1", "echo_module", 3));
         assert!(ob.unfinished_commands().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod command_log {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("imn-cmdlog-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const DAY: i64 = 86_400_000;
+
+    /// Finished commands are remembered for the longest deadline and a day more, then
+    /// let go; the time of the newest one let go is kept, across a restart.
+    #[test]
+    fn ids_last_past_the_longest_deadline_then_go() {
+        let dir = tmp("age");
+        let now = 100 * DAY;
+        {
+            let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+            assert_eq!(ob.forgotten_before_ms(), 0);
+            for (id, age) in [("old", 9 * DAY), ("older", 20 * DAY), ("week", 7 * DAY)] {
+                assert!(ob.accept_command(id, "echo_module", now - age));
+                ob.finish_command(id);
+            }
+            // Never finished (interrupted): kept, whatever its age.
+            assert!(ob.accept_command("running", "echo_module", now - 30 * DAY));
+            ob.flush();
+            assert_eq!(ob.prune_commands(now), 2);
+            assert_eq!(ob.command_count(), 2);
+            assert_eq!(ob.forgotten_before_ms(), now - 9 * DAY);
+            assert!(
+                !ob.accept_command("week", "echo_module", now),
+                "7 days: still known"
+            );
+            assert!(!ob.accept_command("running", "echo_module", now));
+            ob.flush();
+        }
+        let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        assert_eq!(
+            ob.forgotten_before_ms(),
+            now - 9 * DAY,
+            "kept across a restart"
+        );
+        assert_eq!(ob.command_count(), 2, "week and running");
+        assert_eq!(ob.unfinished_commands().len(), 1);
+        // An id let go is accepted again: the caller refuses runs issued before
+        // forgotten_before_ms (see fresh::check_run).
+        assert!(ob.accept_command("old", "echo_module", now));
+    }
+
+    /// Past `max_commands` the oldest finished commands go early, down to nine tenths.
+    #[test]
+    fn the_log_is_bounded() {
+        let dir = tmp("cap");
+        let limits = OutboxLimits {
+            max_commands: 50,
+            ..OutboxLimits::default()
+        };
+        let mut ob = SledOutbox::open(&dir, limits).unwrap();
+        let now = 100 * DAY;
+        for i in 0..60 {
+            let id = format!("c{i:03}");
+            assert!(ob.accept_command(&id, "echo_module", now + i));
+            ob.finish_command(&id);
+            ob.flush();
+            assert!(ob.command_count() <= 51, "{}", ob.command_count());
+        }
+        assert!(ob.command_count() <= 50);
+        // The oldest went; the newest are known.
+        assert!(!ob.accept_command("c059", "echo_module", now + 100));
+        assert!(ob.accept_command("c000", "echo_module", now + 100));
+        assert!(ob.forgotten_before_ms() >= now);
     }
 }
 

@@ -11,12 +11,106 @@
 //! even across a crash. A slot the agent could not start within its late limit (one
 //! interval, 5 s to 5 min: the agent was not running, or its clock jumped) is skipped
 //! and counted rather than run long after its time.
+//!
+//! The backend checks every schedule it accepts, and the agent checks them again
+//! ([`check`]): a schedule the agent cannot run sanely is refused on its own, and the
+//! rest of the set applies. The arithmetic saturates all the same, so even a schedule
+//! that got past the checks (one stored by an older agent) cannot hang or panic it.
 
 use imn_modules::wire::Schedule;
 use serde::{Deserialize, Serialize};
 
 /// Where the schedule set is kept in the outbox's meta tree.
 pub const META_SCHEDULES: &[u8] = b"schedules";
+/// Where the policy of the schedule set is kept: a key of its own, so sets stored
+/// before policies existed still read.
+pub const META_SCHEDULE_POLICY: &[u8] = b"schedule_policy";
+
+/// The shortest and longest interval.
+pub const MIN_INTERVAL_MS: u64 = 1_000;
+pub const MAX_INTERVAL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// The largest parameters, in bytes of JSON.
+pub const MAX_PARAMS_BYTES: usize = 64 * 1024;
+/// The longest measurement id, in bytes.
+pub const MAX_MEASUREMENT_ID_BYTES: usize = 128;
+/// The most schedules in one set.
+pub const MAX_SCHEDULES: usize = 1_000;
+/// Slots one schedule looks at per call, at most (a schedule the checks refuse could
+/// otherwise keep the agent busy).
+const MAX_STEPS: usize = 10_000;
+
+/// Why the agent refuses a schedule: the field and the rule it breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub field: &'static str,
+    pub rule: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.rule)
+    }
+}
+
+/// Checks one schedule of a set before the agent takes it.
+pub fn check(s: &Schedule) -> Result<(), Refused> {
+    let refuse = |field, rule: String| Err(Refused { field, rule });
+    if s.measurement_id.is_empty() || s.measurement_id.len() > MAX_MEASUREMENT_ID_BYTES {
+        return refuse(
+            "measurement_id",
+            format!(
+                "must be 1 to {MAX_MEASUREMENT_ID_BYTES} bytes (got {})",
+                s.measurement_id.len()
+            ),
+        );
+    }
+    if imn_modules::catalog::find(&s.module).is_none() {
+        return refuse(
+            "module",
+            format!("{:?} is not a module this agent knows", s.module),
+        );
+    }
+    if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&s.interval_ms) {
+        return refuse(
+            "interval_ms",
+            format!(
+                "must be {MIN_INTERVAL_MS} to {MAX_INTERVAL_MS} (30 days) (got {})",
+                s.interval_ms
+            ),
+        );
+    }
+    if s.jitter_ms >= s.interval_ms {
+        return refuse(
+            "jitter_ms",
+            format!(
+                "must be less than interval_ms {} (got {})",
+                s.interval_ms, s.jitter_ms
+            ),
+        );
+    }
+    if let Some(stop) = s.stop_ms {
+        if stop <= s.start_ms {
+            return refuse(
+                "stop_ms",
+                format!("must be after start_ms {} (got {stop})", s.start_ms),
+            );
+        }
+    }
+    if s.params_json.len() > MAX_PARAMS_BYTES {
+        return refuse(
+            "params_json",
+            format!(
+                "must be at most {MAX_PARAMS_BYTES} bytes (got {})",
+                s.params_json.len()
+            ),
+        );
+    }
+    match serde_json::from_str::<serde_json::Value>(&s.params_json) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => return refuse("params_json", "must be a JSON object".into()),
+    }
+    Ok(())
+}
 
 /// The agent's schedules and how far each has run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -49,14 +143,28 @@ pub struct Due {
     pub missed: Vec<(String, u64)>,
 }
 
+/// `v` as an i64, saturated.
+fn sat_i64(v: i128) -> i64 {
+    v.clamp(i64::MIN as i128, i64::MAX as i128) as i64
+}
+
 impl Entry {
+    /// Slot `k`'s time on the schedule (saturated: a slot past the end of time is at
+    /// `i64::MAX`, which never comes).
     fn slot_ms(&self, k: u64) -> i64 {
-        self.schedule
-            .start_ms
-            .saturating_add((k as i64).saturating_mul(self.schedule.interval_ms as i64))
+        let s = &self.schedule;
+        sat_i64(
+            i128::from(s.start_ms)
+                .saturating_add(i128::from(k).saturating_mul(i128::from(s.interval_ms))),
+        )
     }
 
     fn in_schedule(&self, k: u64) -> bool {
+        // An interval of 0 has one slot (the agent refuses such a schedule; this keeps
+        // one stored before from running in a loop).
+        if self.schedule.interval_ms == 0 && k > 0 {
+            return false;
+        }
         self.schedule
             .stop_ms
             .is_none_or(|stop| self.slot_ms(k) < stop)
@@ -64,17 +172,24 @@ impl Entry {
 
     /// When slot `k` runs: its time plus its jitter.
     fn run_at(&self, agent: &str, k: u64) -> i64 {
-        self.slot_ms(k).saturating_add(jitter(
+        let j = jitter(
             agent,
             &self.schedule.measurement_id,
             k,
             self.schedule.jitter_ms,
-        ) as i64)
+        );
+        self.slot_ms(k)
+            .saturating_add(i64::try_from(j).unwrap_or(i64::MAX))
     }
 
     /// How late a slot may start: a whole interval, at least 5 s, at most 5 min.
     fn late_limit_ms(&self) -> i64 {
         self.schedule.interval_ms.clamp(5_000, 300_000) as i64
+    }
+
+    /// Whether slot `k` is too late to start at `now`.
+    fn too_late(&self, agent: &str, k: u64, now: i64) -> bool {
+        self.run_at(agent, k).saturating_add(self.late_limit_ms()) < now
     }
 
     /// The first slot still worth running at `now`.
@@ -84,11 +199,64 @@ impl Entry {
             return 0;
         }
         // The slot that began most recently still runs, unless it is too late.
-        let mut k = ((now - s.start_ms) as u64) / s.interval_ms;
-        if self.run_at(agent, k) + self.late_limit_ms() < now {
+        let since = (i128::from(now) - i128::from(s.start_ms)) as u128;
+        let k = u64::try_from(since / u128::from(s.interval_ms)).unwrap_or(u64::MAX);
+        if self.too_late(agent, k, now) {
+            k.saturating_add(1)
+        } else {
+            k
+        }
+    }
+
+    /// The first slot after `late` (a slot too late to start at `now`) that is not too
+    /// late: slots whose time is before `now` less the late limit and the largest
+    /// jitter are skipped at once, the few after them one by one.
+    fn first_not_late(&self, agent: &str, late: u64, now: i64) -> u64 {
+        let s = &self.schedule;
+        let next = late.saturating_add(1);
+        if s.interval_ms == 0 {
+            return next;
+        }
+        let cutoff = i128::from(now)
+            - i128::from(self.late_limit_ms())
+            - i128::from(s.jitter_ms)
+            - i128::from(s.start_ms);
+        let sure = if cutoff <= 0 {
+            0
+        } else {
+            u64::try_from((cutoff as u128).div_ceil(u128::from(s.interval_ms))).unwrap_or(u64::MAX)
+        };
+        let mut k = next.max(sure);
+        let mut steps = 0;
+        while k < u64::MAX
+            && steps < MAX_STEPS
+            && self.in_schedule(k)
+            && self.too_late(agent, k, now)
+        {
             k += 1;
+            steps += 1;
         }
         k
+    }
+
+    /// How many slots from `from` up to (not including) `to` are before the stop.
+    fn slots_in_schedule(&self, from: u64, to: u64) -> u64 {
+        let s = &self.schedule;
+        let Some(stop) = s.stop_ms else {
+            return to.saturating_sub(from);
+        };
+        if s.interval_ms == 0 {
+            return u64::from(from == 0 && to > 0 && s.start_ms < stop);
+        }
+        // Slots with start + k × interval < stop: k < ceil((stop - start) / interval).
+        let span = i128::from(stop) - i128::from(s.start_ms);
+        let end = if span <= 0 {
+            0
+        } else {
+            let n = (span as u128).div_ceil(u128::from(s.interval_ms));
+            u64::try_from(n).unwrap_or(u64::MAX)
+        };
+        to.min(end).saturating_sub(from)
     }
 }
 
@@ -113,7 +281,10 @@ fn jitter(agent: &str, measurement: &str, slot: u64, max_ms: u64) -> u64 {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^= h >> 31;
-    h % (max_ms + 1)
+    match max_ms.checked_add(1) {
+        Some(n) => h % n,
+        None => h,
+    }
 }
 
 impl Schedules {
@@ -149,17 +320,35 @@ impl Schedules {
     pub fn take_due(&mut self, agent: &str, now: i64) -> Due {
         let mut due = Due::default();
         for e in &mut self.entries {
-            let mut missed = 0;
+            let mut missed = 0u64;
+            let mut steps = 0usize;
             while e.in_schedule(e.next_slot) && e.run_at(agent, e.next_slot) <= now {
                 let k = e.next_slot;
-                e.next_slot += 1;
-                if e.run_at(agent, k) + e.late_limit_ms() < now {
-                    missed += 1;
-                } else {
-                    due.runs.push(DueRun {
-                        schedule: e.schedule.clone(),
-                        scheduled_ms: e.slot_ms(k),
-                    });
+                steps += 1;
+                if steps > MAX_STEPS {
+                    // Only a schedule the checks would refuse gets here; the rest of
+                    // its slots wait for the next call.
+                    break;
+                }
+                if e.too_late(agent, k, now) {
+                    // Every slot up to the first still worth running is missed: jump
+                    // there rather than step through them (a long outage at a short
+                    // interval).
+                    let to = e.first_not_late(agent, k, now);
+                    missed = missed.saturating_add(e.slots_in_schedule(k, to));
+                    e.next_slot = to;
+                    if to == u64::MAX {
+                        break;
+                    }
+                    continue;
+                }
+                e.next_slot = k.saturating_add(1);
+                due.runs.push(DueRun {
+                    schedule: e.schedule.clone(),
+                    scheduled_ms: e.slot_ms(k),
+                });
+                if k == u64::MAX {
+                    break;
                 }
             }
             if missed > 0 {
@@ -251,6 +440,135 @@ mod tests {
         assert_eq!(s.entries[1].next_slot, 3, "n starts at the current slot");
         assert!(s.apply("a", 4, vec![], 300));
         assert!(s.entries.is_empty() && s.next_run_ms("a").is_none());
+    }
+
+    /// What a backend must not send, and the agent must survive anyway: the checks
+    /// refuse each (naming the field), and the arithmetic neither hangs, panics nor
+    /// overflows when such a schedule is applied regardless.
+    #[test]
+    fn hostile_schedules_are_refused_and_cannot_hang_or_panic() {
+        let ok = every("m", 0, 60_000, None, 1_000);
+        check(&ok).unwrap();
+        let field = |s: Schedule| check(&s).unwrap_err().field;
+        assert_eq!(field(every("m", 0, 0, None, 0)), "interval_ms");
+        assert_eq!(field(every("m", 0, 999, None, 0)), "interval_ms");
+        assert_eq!(
+            field(every("m", 0, MAX_INTERVAL_MS + 1, None, 0)),
+            "interval_ms"
+        );
+        check(&every("m", 0, MAX_INTERVAL_MS, None, 0)).unwrap();
+        assert_eq!(field(every("m", 0, 1_000, None, u64::MAX)), "jitter_ms");
+        assert_eq!(field(every("m", 0, 1_000, None, 1_000)), "jitter_ms");
+        assert_eq!(field(every("m", 5, 1_000, Some(5), 0)), "stop_ms");
+        assert_eq!(
+            field(every("m", i64::MAX, 1_000, Some(i64::MIN), 0)),
+            "stop_ms"
+        );
+        assert_eq!(field(every("", 0, 1_000, None, 0)), "measurement_id");
+        assert_eq!(
+            field(every(&"x".repeat(129), 0, 1_000, None, 0)),
+            "measurement_id"
+        );
+        check(&every(&"x".repeat(128), 0, 1_000, None, 0)).unwrap();
+        let with = |f: &dyn Fn(&mut Schedule)| {
+            let mut s = ok.clone();
+            f(&mut s);
+            s
+        };
+        assert_eq!(field(with(&|s| s.module = "warp".into())), "module");
+        assert_eq!(
+            field(with(&|s| s.params_json = "[1]".into())),
+            "params_json"
+        );
+        assert_eq!(field(with(&|s| s.params_json = "{".into())), "params_json");
+        let big = format!(r#"{{"message":"{}"}}"#, "x".repeat(MAX_PARAMS_BYTES));
+        let e = check(&with(&|s| s.params_json = big.clone())).unwrap_err();
+        assert_eq!(e.field, "params_json");
+        assert!(e.to_string().contains("65536"), "{e}");
+
+        // Applied anyway (as a set stored by an older agent would be), at the edges of
+        // time: each call returns, and no slot is due twice.
+        let now = 1_800_000_000_000i64;
+        let hostile = vec![
+            every("interval0", now, 0, None, 0),
+            every("interval0-stop", 0, 0, Some(10), 0),
+            every("jitter-max", 0, 1_000, None, u64::MAX),
+            every("jitter-max-late", now - 1_000_000, 1, None, u64::MAX),
+            every("start-min", i64::MIN, 1_000, None, 0),
+            every("start-min-int-max", i64::MIN, u64::MAX, None, u64::MAX - 1),
+            every("start-max", i64::MAX, 1_000, None, 999),
+            every("stop-max", i64::MIN, 1, Some(i64::MAX), 0),
+            every("tiny", now - 3_600_000, 1, None, 0),
+        ];
+        let mut s = Schedules::default();
+        assert!(s.apply("a", 1, hostile, now));
+        for e in &mut s.entries {
+            if e.schedule.measurement_id == "start-max" {
+                e.next_slot = u64::MAX - 1;
+            }
+        }
+        let mut all = Vec::new();
+        for step in 0..5 {
+            let t = now + step * 1_000;
+            let due = s.take_due("a", t);
+            all.extend(
+                due.runs
+                    .iter()
+                    .map(|r| (r.schedule.measurement_id.clone(), r.scheduled_ms)),
+            );
+            let _ = s.next_run_ms("a");
+        }
+        let mut dedup = all.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(dedup.len(), all.len(), "a slot ran twice");
+        // An interval of 0 is one slot, run once.
+        assert_eq!(all.iter().filter(|(m, _)| m == "interval0").count(), 1);
+        // Huge slot numbers saturate instead of wrapping into the past.
+        let e = Entry {
+            schedule: every("m", 0, u64::MAX, None, 0),
+            next_slot: u64::MAX,
+        };
+        assert_eq!(e.slot_ms(u64::MAX), i64::MAX);
+        assert_eq!(e.run_at("a", u64::MAX), i64::MAX);
+        assert_eq!(e.first_slot("a", i64::MAX), 1, "slot 0 is too late");
+        let e = Entry {
+            schedule: every("m", i64::MIN, 1, None, 0),
+            next_slot: 0,
+        };
+        assert_eq!(e.first_slot("a", i64::MAX), u64::MAX);
+        assert!(jitter("a", "m", 7, u64::MAX) > 0 || jitter("a", "m", 8, u64::MAX) > 0);
+    }
+
+    /// After a long outage at a short interval the missed slots are counted without
+    /// being stepped through one by one, and the recent ones still run.
+    #[test]
+    fn a_long_outage_is_skipped_at_once() {
+        let mut s = Schedules::default();
+        s.apply("a", 1, vec![every("m", 0, 1_000, None, 500)], 0);
+        assert_eq!(s.take_due("a", 500).runs.len(), 1);
+        let year = 365 * 86_400_000i64;
+        let t0 = std::time::Instant::now();
+        let due = s.take_due("a", year);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+        let (ran, missed) = (due.runs.len() as u64, due.missed[0].1);
+        assert!((4..=6).contains(&ran), "{ran}");
+        // Every slot up to now ran or was missed (the last one's jitter may not be up).
+        let slots = (year / 1_000) as u64;
+        assert!(
+            (slots - 1..=slots).contains(&(ran + missed)),
+            "{ran} + {missed}"
+        );
+        // With a stop, only slots before it count.
+        let mut s = Schedules::default();
+        s.apply("a", 1, vec![every("m", 0, 1_000, Some(10_500), 0)], 0);
+        s.take_due("a", 0);
+        let due = s.take_due("a", year);
+        assert_eq!(
+            (due.runs.len(), due.missed),
+            (0, vec![("m".to_string(), 10)])
+        );
+        assert_eq!(s.next_run_ms("a"), None);
     }
 
     #[test]
