@@ -532,12 +532,9 @@ async fn hostile_schedules_are_refused_and_the_agent_keeps_serving() {
 /// 127.0.0.1/32 fails with `policy_denied`, and the same run without a policy (open)
 /// is not denied; a schedule set's policy applies to its scheduled runs.
 ///
-/// The agent hands each run its command's policy (`Context::policy`); the module's
-/// check (`ctx.permit` before tcping connects) is the exec modules' change on branch
-/// i23-exec. Until that is merged tcping ignores the policy and this test fails, so it
-/// is ignored here: run it with `--ignored` after the merge (and drop the `ignore`).
+/// The agent hands each run its command's policy (`Context::policy`); the module checks
+/// it (`ctx.permit` before tcping connects).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs tcping's ctx.permit check from branch i23-exec"]
 async fn a_runs_policy_reaches_the_module() {
     let b = Bench::start("guard-policy", &[]).await;
     let port = b.up.http_port;

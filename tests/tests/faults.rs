@@ -152,6 +152,8 @@ async fn partition_for_thirty_seconds() {
     let http_port = free_port();
     let mqtt = format!("{}:{mqtt_port}", part.host_ip);
     let data = dir.path().join("data");
+    let lab_policy = dir.path().join("policy.toml");
+    std::fs::write(&lab_policy, "builtin_deny = false\n").unwrap();
     let _up = Proc::spawn(
         "imn-up",
         &bin("imn"),
@@ -168,6 +170,10 @@ async fn partition_for_thirty_seconds() {
             // The broker listens on the test's own veth (not loopback), plain and
             // without auth: allowed only with this flag.
             "--insecure-i-know",
+            // Listening beyond loopback turns the built-in rule on, which denies the
+            // loopback this test measures: the lab's policy turns it off.
+            "--policy",
+            lab_policy.to_str().unwrap(),
         ],
         dir.path(),
     );
@@ -192,6 +198,10 @@ async fn partition_for_thirty_seconds() {
             "500",
             "--resend-timeout-ms",
             "2000",
+            // Every measurement runs at once during the partition (the default budget
+            // runs 4 and queues the rest).
+            "--max-runs",
+            "32",
         ],
         dir.path(),
     );
@@ -426,6 +436,9 @@ async fn full_disk_evicts_exactly_and_recovers() {
             "1048576",
             "--outbox-memory-bytes",
             "262144",
+            // All 600 runs at once, so their results fill the disk together.
+            "--max-runs",
+            "1024",
         ],
         s.dir.path(),
     );

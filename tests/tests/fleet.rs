@@ -667,6 +667,8 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
     let http_port = free_port();
     let mqtt = format!("{}:{}", part.host_ip, free_port());
     let data = dir.path().join("data");
+    let lab_policy = dir.path().join("policy.toml");
+    std::fs::write(&lab_policy, "builtin_deny = false\n").unwrap();
     let _up = Proc::spawn(
         "imn-up",
         &bin("imn"),
@@ -684,6 +686,10 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
             "500",
             // The broker listens on the test's own veth, plain and without auth.
             "--insecure-i-know",
+            // Listening beyond loopback turns the built-in rule on, which denies the
+            // loopback this test measures: the lab's policy turns it off.
+            "--policy",
+            lab_policy.to_str().unwrap(),
         ],
         dir.path(),
     );
