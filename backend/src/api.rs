@@ -349,6 +349,7 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
         // Records the store could not take, kept with their reason
         // (GET /admin/dead-letters); counted over the store's life.
         "dead_letters": b.store.dead_letter_count().await?,
+        "streams_open": b.feed.open_streams(),
         "ingest": {
             "shed": b.stats.shed.load(Relaxed),
             "hellos_throttled": b.stats.hellos_throttled.load(Relaxed),
@@ -808,55 +809,19 @@ pub(crate) fn parse_cursor(c: &str) -> Result<i64, ApiError> {
         })
 }
 
-/// Results as they are stored, after `filter.after`, for ever: each with its position
-/// (the cursor) and measurement. Woken by each commit, so a result is out as soon as it
-/// is stored; shared by the SSE streams and gRPC's `StreamResults`.
-pub(crate) fn result_feed(
-    b: Arc<Backend>,
-    filter: crate::store::ResultFilter,
-) -> impl futures::Stream<Item = (i64, ResultRow, Option<String>)> + Send {
-    use std::collections::VecDeque;
-    futures::stream::unfold(
-        (b, filter, VecDeque::new()),
-        |(b, mut f, mut buf)| async move {
-            loop {
-                if let Some(row) = buf.pop_front() {
-                    return Some((row, (b, f, buf)));
-                }
-                // Registered before the read, so a commit in between still wakes us.
-                let stored = b.records_stored.notified();
-                tokio::pin!(stored);
-                stored.as_mut().enable();
-                match b.store.results_page(f.clone()).await {
-                    Ok(rows) if !rows.is_empty() => {
-                        f.after = rows.last().map_or(f.after, |r| r.0);
-                        buf.extend(rows);
-                    }
-                    Ok(_) => {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), stored).await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "result feed: store read failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        },
-    )
-}
-
 /// Results as Server-Sent Events: event `result`, id = the result's cursor, data = the
 /// result's JSON. A client that reconnects with `Last-Event-ID` gets every result
 /// stored after that one: none is missed, none repeated.
 fn sse_results(
     b: Arc<Backend>,
     filter: crate::store::ResultFilter,
+    slot: crate::feed::Slot,
 ) -> axum::response::sse::Sse<
     impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
 > {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
-    let events = result_feed(b, filter).map(|(pos, r, m)| {
+    let events = crate::feed::stream(b, filter, slot).map(|(pos, r, m)| {
         Ok(Event::default()
             .event("result")
             .id(format!("c{pos}"))
@@ -870,6 +835,7 @@ fn sse_results(
 async fn results_stream(
     State(b): State<Arc<Backend>>,
     Query(q): Query<ResultsV1Query>,
+    caller: CallerExt,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if q.format.is_some() || q.limit.is_some() {
@@ -894,13 +860,15 @@ async fn results_stream(
         after: stream_start(&headers, q.cursor.as_deref(), now)?,
         limit: 500,
     };
-    Ok(sse_results(b, filter).into_response())
+    let slot = b.feed.admit(&caller_of(caller))?;
+    Ok(sse_results(b, filter, slot).into_response())
 }
 
 /// `GET /v1/measurements/{id}/stream`: the measurement's results, from the first.
 async fn measurement_stream(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
+    caller: CallerExt,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if b.store.measurement(&id).await?.is_none() {
@@ -912,7 +880,8 @@ async fn measurement_stream(
         limit: 500,
         ..Default::default()
     };
-    Ok(sse_results(b, filter).into_response())
+    let slot = b.feed.admit(&caller_of(caller))?;
+    Ok(sse_results(b, filter, slot).into_response())
 }
 
 /// Body of `PUT /agents/{id}/modules/{module}`: optional settings.

@@ -300,7 +300,7 @@ pub async fn create(
     let body = serde_json::to_vec(&params).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let id = uuid::Uuid::new_v4().to_string();
     if let Some(spec) = schedule {
-        return create_schedule(b, id, m, params, picked, spec, now, caller).await;
+        return create_schedule(b, id, m, params, picked, spec, caller).await;
     }
     let mut agents = Vec::new();
     let mut refused = Vec::new();
@@ -381,9 +381,9 @@ async fn create_schedule(
     params: Value,
     picked: Vec<AgentEntry>,
     spec: ScheduleSpec,
-    now: i64,
     caller: crate::security::Caller,
 ) -> Result<Created, ApiError> {
+    let now = now_ms();
     let body = serde_json::to_vec(&params).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let schedule_json = serde_json::to_string(&spec).unwrap_or_default();
     let names = crate::security::Resolutions::default();

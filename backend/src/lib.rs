@@ -8,6 +8,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod feed;
 pub mod fleet;
 pub mod grpc;
 pub mod ingest;

@@ -395,8 +395,8 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "put",
             "/agents/{id}/modules/{module}",
             Op {
-                summary: "Load (and configure) a module on a connected agent",
-                scope: measure,
+                summary: "Load (and configure) a module on a connected agent (operator settings: admin)",
+                scope: admin,
                 params: vec![agent(), path_id("module", "module name")],
                 body: Some(schema_ref("ModuleSettings")),
                 ok: ok_json(202, "command sent", object()),
@@ -407,8 +407,8 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "delete",
             "/agents/{id}/modules/{module}",
             Op {
-                summary: "Unload a module from a connected agent",
-                scope: measure,
+                summary: "Unload a module from a connected agent (operator settings: admin)",
+                scope: admin,
                 params: vec![agent(), path_id("module", "module name")],
                 body: None,
                 ok: ok_json(202, "command sent", object()),
@@ -510,7 +510,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "delete",
             "/v1/measurements/{id}",
             Op {
-                summary: "Cancel what has not finished, or stop a schedule on every agent",
+                summary: "Cancel what has not finished, or stop a schedule on every agent (the token that made it, or admin)",
                 scope: measure,
                 params: vec![path_id("id", "measurement id")],
                 body: None,
@@ -610,6 +610,25 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
         ),
         (
             "get",
+            "/admin/dead-letters",
+            Op {
+                summary: "Records the store could not take, newest first, with the reason",
+                scope: admin,
+                params: vec![
+                    param("agent", "query", string(), "only this agent's"),
+                    limit(1000),
+                ],
+                body: None,
+                ok: ok_json(
+                    200,
+                    "dead letters",
+                    json!({"type": "array", "items": object()}),
+                ),
+                errors: &[400],
+            },
+        ),
+        (
+            "get",
             "/admin/tokens",
             Op {
                 summary: "API tokens",
@@ -631,7 +650,8 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     json!({"type": "object", "required": ["scopes"], "properties": {
                 "id": string(),
                 "scopes": {"type": "array", "items": {"enum": ["read", "measure", "admin"]}},
-                "rate_per_min": {"type": "number", "exclusiveMinimum": 0}}}),
+                "rate_per_min": {"type": "number", "exclusiveMinimum": 0},
+                "budget": schema_ref("Budget")}}),
                 ),
                 ok: ok_json(201, "the token", object()),
                 errors: &[400, 409, 422],
@@ -705,7 +725,7 @@ const ERRORS: &[(u16, &str)] = &[
     ),
     (
         429,
-        "Rate limited or the agent's queue is full (Retry-After)",
+        "Rate limited, over a budget (`over_budget`, budget named), the agent's queue is full, or too many open streams (Retry-After)",
     ),
     (500, "Internal error"),
     (503, "The store or the bus is unavailable"),
@@ -750,6 +770,16 @@ fn components() -> Value {
         "Module": {
             "type": "object",
             "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"}, "schema_hash": {"type": "string"}, "schema": {"type": "object"}},
+        },
+        "Budget": {
+            "type": "object",
+            "additionalProperties": false,
+            "description": "What a token may spend; absent fields are unlimited.",
+            "properties": {
+                "probes_per_day": {"type": "integer", "minimum": 0, "description": "probes a UTC day across the fleet (count × targets × agents; recurring measurements reserve theirs daily)"},
+                "max_schedules": {"type": "integer", "minimum": 0, "description": "recurring measurements at once"},
+                "min_interval_s": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}, "description": "shortest interval per module; \"*\" for the others"},
+            },
         },
         "ModuleSettings": {
             "type": "object",

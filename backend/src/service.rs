@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use imn_bridge::bus::{Bus, UpMessage};
-use imn_modules::wire::{self, Ack, Command, CommandKind, Envelope, Kind, RequestState};
+use imn_modules::wire::{self, Ack, Command, CommandKind, Envelope, Hello, Kind, RequestState};
 use imn_modules::{catalog, now_ms};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -136,6 +136,19 @@ pub struct Backend {
     pub instance: u64,
     /// When each agent's last hello was handled (see [`ingest::HELLO_MIN_INTERVAL_MS`]).
     last_hello: Mutex<HashMap<String, i64>>,
+    /// The newest hello of each agent that came too soon after its last; handled when
+    /// its turn comes (one per agent: a flood of hellos holds one).
+    deferred_hellos: Mutex<HashMap<String, (Hello, u8)>>,
+    /// Result streams: one store read per commit for all of them, and their caps.
+    pub feed: crate::feed::Feed,
+}
+
+/// Resolves at `at`; never if `None` (the caller guards the branch).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How a request is to be made, beside what it asks for.
@@ -209,6 +222,8 @@ impl Backend {
             schedule_versions: Mutex::new(HashMap::new()),
             instance: rand::random(),
             last_hello: Mutex::new(HashMap::new()),
+            deferred_hellos: Mutex::new(HashMap::new()),
+            feed: crate::feed::Feed::default(),
         });
         {
             let weak = Arc::downgrade(&backend);
@@ -260,6 +275,7 @@ impl Backend {
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         tokio::spawn(self.clone().ingest(rx));
         tokio::spawn(self.clone().sweep());
+        tokio::spawn(crate::feed::Feed::run(self.clone()));
         if let Some(peers) = self
             .bus
             .subscribe_peer()
@@ -751,7 +767,18 @@ impl Backend {
             }
         });
         let mut waiting: ingest::FairQueue<Decoded> = ingest::FairQueue::default();
-        while let Some(d) = prepared.recv().await {
+        loop {
+            let deferred = self.next_deferred_hello();
+            let d = tokio::select! {
+                d = prepared.recv() => match d {
+                    Some(d) => d,
+                    None => break,
+                },
+                _ = sleep_until_some(deferred), if deferred.is_some() => {
+                    self.take_deferred_hellos().await;
+                    continue;
+                }
+            };
             self.queue_or_handle(d, &mut waiting).await;
             while !waiting.is_empty() {
                 // Whatever else is ready joins the queues first (small messages from
@@ -995,30 +1022,21 @@ impl Backend {
         match (msg.kind, env) {
             (Kind::Hello, Envelope::Hello(hello)) if hello.agent_id == agent => {
                 if !self.hello_due(&agent, now) {
+                    // Too soon after the last: the newest one waits its turn (a module
+                    // load and its configure come as two hellos in a few ms; a flood
+                    // of hellos costs one store write a second).
                     self.stats.hellos_throttled.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%agent, "hello within a second of the last; dropped");
+                    self.deferred_hellos
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(agent, (hello, version));
                     msg.ack().await;
                     return;
                 }
-                self.touch_session(&agent, now).await;
-                let schedule_version = hello.schedule_version;
-                if let Err(e) = self.store.upsert_agent(&agent, &hello, now).await {
-                    tracing::warn!(error = %e, "cannot store hello");
-                    msg.nak().await;
-                    return;
+                match self.take_hello(&agent, hello, version, now).await {
+                    Ok(()) => msg.ack().await,
+                    Err(()) => msg.nak().await,
                 }
-                self.registry
-                    .hello(&agent, hello.clone(), Some(version), now);
-                self.tell_peers(crate::peers::PeerEvent::Hello {
-                    agent: agent.clone(),
-                    at_ms: now,
-                    hello: Box::new(hello),
-                })
-                .await;
-                tracing::info!(%agent, "agent hello");
-                msg.ack().await;
-                self.redeliver(&agent, true).await;
-                self.reconcile_schedules(&agent, schedule_version).await;
             }
             (Kind::Heartbeat, Envelope::Heartbeat(hb)) => {
                 self.touch_session(&agent, now).await;
@@ -1063,6 +1081,76 @@ impl Backend {
                 msg.ack().await;
             }
         }
+    }
+
+    /// An agent's hello: its session, the store, the registry, the peers; then its
+    /// undelivered commands and its schedules. Err when the store did not take it.
+    async fn take_hello(&self, agent: &str, hello: Hello, version: u8, now: i64) -> Result<(), ()> {
+        self.touch_session(agent, now).await;
+        let schedule_version = hello.schedule_version;
+        if let Err(e) = self.store.upsert_agent(agent, &hello, now).await {
+            tracing::warn!(error = %e, "cannot store hello");
+            return Err(());
+        }
+        self.registry
+            .hello(agent, hello.clone(), Some(version), now);
+        self.tell_peers(crate::peers::PeerEvent::Hello {
+            agent: agent.to_string(),
+            at_ms: now,
+            hello: Box::new(hello),
+        })
+        .await;
+        tracing::info!(%agent, "agent hello");
+        self.redeliver(agent, true).await;
+        self.reconcile_schedules(agent, schedule_version).await;
+        Ok(())
+    }
+
+    /// Handles the deferred hellos whose turn has come.
+    async fn take_deferred_hellos(&self) {
+        let now = now_ms();
+        let due: Vec<(String, (Hello, u8))> = {
+            let mut d = self
+                .deferred_hellos
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let agents: Vec<String> = d
+                .keys()
+                .filter(|a| self.hello_due_at(a).is_none_or(|t| t <= now))
+                .cloned()
+                .collect();
+            agents
+                .into_iter()
+                .filter_map(|a| d.remove(&a).map(|h| (a, h)))
+                .collect()
+        };
+        for (agent, (hello, version)) in due {
+            if self.hello_due(&agent, now)
+                && self.take_hello(&agent, hello, version, now).await.is_err()
+            {
+                tracing::warn!(%agent, "a deferred hello was not stored; the agent's next one will be");
+            }
+        }
+    }
+
+    /// When the earliest deferred hello is due.
+    fn next_deferred_hello(&self) -> Option<tokio::time::Instant> {
+        let d = self
+            .deferred_hellos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let at = d.keys().filter_map(|a| self.hello_due_at(a)).min()?;
+        let wait = (at - now_ms()).clamp(0, ingest::HELLO_MIN_INTERVAL_MS) as u64;
+        Some(tokio::time::Instant::now() + Duration::from_millis(wait))
+    }
+
+    /// When the next hello of `agent` may be handled (None: now).
+    fn hello_due_at(&self, agent: &str) -> Option<i64> {
+        self.last_hello
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(agent)
+            .map(|t| t.saturating_add(ingest::HELLO_MIN_INTERVAL_MS))
     }
 
     /// Whether a hello from `agent` is handled now: at most one a second per agent

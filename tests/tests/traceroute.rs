@@ -207,6 +207,7 @@ fn atlas_parses(chain: &Chain, r: &TracerouteResult) {
         finished_ms: r.started_ms as i64 + 1000,
         stored_ms: r.started_ms as i64 + 1000,
         scheduled_ms: None,
+        at_ms: r.started_ms as i64 + 1000,
     };
     let atlas = imn_backend::atlas::convert(&row).expect("an Atlas traceroute");
     assert_eq!(atlas.len(), 1);

@@ -164,6 +164,7 @@ pub(crate) fn test_row(module: &str, result: Value) -> ResultRow {
         finished_ms: 1_700_000_001_000,
         stored_ms: 1_700_000_002_000,
         scheduled_ms: None,
+        at_ms: 1_700_000_001_000,
     }
 }
 

@@ -205,7 +205,8 @@ impl pb::imn_server::Imn for ImnService {
         &self,
         req: Request<pb::StreamResultsRequest>,
     ) -> Result<Response<ResultStream>, Status> {
-        self.authorize(&req, Scope::Read)?;
+        let caller = self.authorize(&req, Scope::Read)?;
+        let slot = self.b.feed.admit(&caller).map_err(status)?;
         let r = req.into_inner();
         let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
         let after = if r.cursor.is_empty() {
@@ -225,7 +226,7 @@ impl pb::imn_server::Imn for ImnService {
             limit: 500,
             ..Default::default()
         };
-        let stream = crate::api::result_feed(self.b.clone(), filter).map(|(pos, r, m)| {
+        let stream = crate::feed::stream(self.b.clone(), filter, slot).map(|(pos, r, m)| {
             Ok(pb::Result {
                 cursor: format!("c{pos}"),
                 agent_id: r.agent_id,

@@ -206,6 +206,8 @@ pub struct ResultRow {
     pub stored_ms: i64,
     /// A scheduled run's slot time.
     pub scheduled_ms: Option<i64>,
+    /// The record's time on the agent's clock (what `since` and `until` filter on).
+    pub at_ms: i64,
 }
 
 /// Where a stored result came from: its record id, request, module and store time.
@@ -216,6 +218,8 @@ pub(crate) struct ResultKey {
     pub request_id: Option<String>,
     pub module: Option<String>,
     pub stored_ms: i64,
+    /// The record's time on the agent's clock.
+    pub at_ms: i64,
 }
 
 impl ResultRow {
@@ -242,6 +246,7 @@ impl ResultRow {
             started_ms: ms("started_ms").unwrap_or(0),
             finished_ms: ms("finished_ms").unwrap_or(0),
             scheduled_ms: scheduled_ms.or_else(|| ms("scheduled_ms")),
+            at_ms: k.at_ms,
         }
     }
 }

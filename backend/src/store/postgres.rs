@@ -829,7 +829,7 @@ fn request_row(r: &tokio_postgres::Row) -> RequestRow {
 
 /// The body as the agent's JSON: `body_text` where JSONB could not hold it.
 const RESULT_COLS: &str =
-    "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, COALESCE(r.body_text, r.body::TEXT), r.scheduled_ms";
+    "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, COALESCE(r.body_text, r.body::TEXT), r.scheduled_ms, r.at_ms";
 
 fn result_row(r: &tokio_postgres::Row) -> ResultRow {
     let key = super::ResultKey {
@@ -839,6 +839,7 @@ fn result_row(r: &tokio_postgres::Row) -> ResultRow {
         request_id: r.get(3),
         module: r.get(4),
         stored_ms: r.get(5),
+        at_ms: r.get(8),
     };
     ResultRow::from_body(key, r.get(6), r.get(7))
 }
@@ -1437,7 +1438,7 @@ impl Store for PostgresStore {
         let rows = c.query(&st, &refs).await.map_err(db)?;
         Ok(rows
             .iter()
-            .map(|r| (r.get::<_, i64>(8), result_row(r), r.get(9)))
+            .map(|r| (r.get::<_, i64>(9), result_row(r), r.get(10)))
             .collect())
     }
 

@@ -940,12 +940,13 @@ fn result_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ResultRow> {
         request_id: r.get(3)?,
         module: r.get(4)?,
         stored_ms: r.get(5)?,
+        at_ms: r.get(7)?,
     };
     Ok(ResultRow::from_body(key, &r.get::<_, String>(6)?, None))
 }
 
 const RESULT_COLS: &str =
-    "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, r.body_json";
+    "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, r.body_json, r.at_ms";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -1289,9 +1290,9 @@ impl Store for SqliteStore {
             let rows = st
                 .query_map(rusqlite::params_from_iter(args), |r| {
                     Ok((
-                        r.get::<_, i64>(7)?,
+                        r.get::<_, i64>(8)?,
                         result_row(r)?,
-                        r.get::<_, Option<String>>(8)?,
+                        r.get::<_, Option<String>>(9)?,
                     ))
                 })
                 .map_err(db)?;
