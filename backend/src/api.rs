@@ -349,7 +349,13 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
         // Records the store could not take, kept with their reason
         // (GET /admin/dead-letters); counted over the store's life.
         "dead_letters": b.store.dead_letter_count().await?,
-        "streams_open": b.feed.open_streams(),
+        // Result streams, and the store reads they cost: one shared read per commit
+        // however many are open, plus each stream's own while it catches up.
+        "streams": {
+            "open": b.feed.open_streams(),
+            "shared_reads": b.feed.shared_reads.load(Relaxed),
+            "catch_up_reads": b.feed.catch_up_reads.load(Relaxed),
+        },
         "ingest": {
             "shed": b.stats.shed.load(Relaxed),
             "hellos_throttled": b.stats.hellos_throttled.load(Relaxed),

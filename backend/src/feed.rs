@@ -9,7 +9,7 @@
 //! capped per token and in all ([`MAX_STREAMS_PER_TOKEN`], [`MAX_STREAMS`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub struct Feed {
     pages: broadcast::Sender<Arc<Vec<FeedRow>>>,
     open: Arc<Mutex<HashMap<String, usize>>>,
     total: Arc<AtomicUsize>,
+    /// Store reads by the shared reader, and by streams catching up.
+    pub shared_reads: AtomicU64,
+    pub catch_up_reads: AtomicU64,
 }
 
 impl Default for Feed {
@@ -48,6 +51,8 @@ impl Default for Feed {
             pages: broadcast::channel(PAGES_KEPT).0,
             open: Default::default(),
             total: Default::default(),
+            shared_reads: AtomicU64::new(0),
+            catch_up_reads: AtomicU64::new(0),
         }
     }
 }
@@ -133,6 +138,7 @@ impl Feed {
                         limit: PAGE,
                         ..Default::default()
                     };
+                    b.feed.shared_reads.fetch_add(1, Ordering::Relaxed);
                     match b.store.results_page(filter).await {
                         Ok(rows) if !rows.is_empty() => {
                             pos = rows.last().map_or(pos, |r| r.0);
@@ -200,6 +206,7 @@ pub fn stream(
                 return Some((row, c));
             }
             if c.catching_up {
+                c.b.feed.catch_up_reads.fetch_add(1, Ordering::Relaxed);
                 match c.b.store.results_page(c.filter.clone()).await {
                     Ok(rows) => {
                         c.catching_up = rows.len() == PAGE as usize;
