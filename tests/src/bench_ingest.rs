@@ -483,14 +483,58 @@ async fn ingest_once(
     per_message: usize,
     auth: bool,
 ) -> Value {
-    ingest_run(agents, results, nats, per_message, auth, 0).await
+    ingest_run(agents, results, nats, per_message, auth, 0, None).await
+}
+
+/// `imn-bench ingest --baseline DIR`: the embedded ingest against an earlier build's
+/// `imn` (DIR/imn; the simulated agents speak its wire version 1) and against this
+/// one, in the order this, baseline, baseline, this; results/s of each and the ratio.
+pub async fn ingest_baseline(
+    agents: usize,
+    results: u64,
+    per_message: usize,
+    dir: &std::path::Path,
+) -> Value {
+    let old = dir.join("imn");
+    assert!(
+        old.exists(),
+        "{} is missing: build the baseline first",
+        old.display()
+    );
+    let mut runs = Vec::new();
+    for baseline in [false, true, true, false] {
+        let program = baseline.then_some(old.as_path());
+        runs.push((
+            baseline,
+            ingest_run(agents, results, false, per_message, false, 0, program).await,
+        ));
+    }
+    let mean = |base: bool, k: &str| {
+        let v: Vec<f64> = runs
+            .iter()
+            .filter(|(b, _)| *b == base)
+            .filter_map(|(_, r)| r[k].as_f64())
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    json!({
+        "scenario": "ingest-baseline",
+        "note": "the same embedded ingest against an earlier build and this one (order: this, baseline, baseline, this); means of two runs each",
+        "baseline": dir.display().to_string(),
+        "baseline_results_per_s": mean(true, "results_per_s"),
+        "results_per_s": mean(false, "results_per_s"),
+        "ratio_vs_baseline": mean(false, "results_per_s") / mean(true, "results_per_s"),
+        "baseline_ratio_vs_raw": mean(true, "ratio_vs_raw"),
+        "ratio_vs_raw": mean(false, "ratio_vs_raw"),
+        "runs": runs.into_iter().map(|(b, r)| json!({"baseline": b, "run": r})).collect::<Vec<_>>(),
+    })
 }
 
 /// `imn-bench ingest --postgres`: over NATS, one backend on the embedded store, then
 /// two backends sharing PostgreSQL, in one run.
 pub async fn ingest_postgres(agents: usize, results: u64, per_message: usize) -> Value {
-    let embedded = ingest_run(agents, results, true, per_message, false, 0).await;
-    let postgres = ingest_run(agents, results, true, per_message, false, 2).await;
+    let embedded = ingest_run(agents, results, true, per_message, false, 0, None).await;
+    let postgres = ingest_run(agents, results, true, per_message, false, 2, None).await;
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     json!({
         "scenario": "ingest-postgres",
@@ -509,9 +553,19 @@ async fn ingest_run(
     per_message: usize,
     auth: bool,
     pg_backends: usize,
+    baseline: Option<&std::path::Path>,
 ) -> Value {
     let nofile = sim::raise_nofile();
-    let sys = System::start_with(nats, 1, auth, pg_backends).await;
+    let sys = match baseline {
+        Some(program) => {
+            let up = Up::start_program(program, 0, &[], &[]).await;
+            let api = up.api.clone();
+            System::Up { up, api }
+        }
+        None => System::start_with(nats, 1, auth, pg_backends).await,
+    };
+    // An earlier build reads wire version 1 only.
+    let wire_version = baseline.map(|_| imn_modules::wire::LEGACY_WIRE_VERSION);
     let tokens = if auth {
         Some(sys.enroll(agents).await)
     } else {
@@ -529,6 +583,7 @@ async fn ingest_run(
         message: "result of a simulated echo".into(),
         resend_after: Duration::from_secs(20),
         tokens,
+        wire_version: wire_version.unwrap_or(imn_modules::wire::WIRE_VERSION),
     };
     let bytes = sim::message_bytes(&cfg);
     let (fleet, connect_s) = Fleet::start(agents, cfg, 2000.0, Duration::from_secs(300)).await;
@@ -731,6 +786,7 @@ pub async fn sim_worker(port: u16, agents: usize, offset: usize, hb: Duration) {
         message: String::new(),
         resend_after: Duration::from_secs(60),
         tokens: None,
+        wire_version: imn_modules::wire::WIRE_VERSION,
     });
     let stats = Arc::new(SimStats::default());
     let ctl = Arc::new(Control::default());

@@ -108,10 +108,72 @@ fn median(v: &[f64]) -> Option<f64> {
 }
 
 async fn ping(params: &str) -> Result<PingOutput, String> {
-    match exec::run("ping_module", params, &Context::default()).await? {
+    ping_with(params, &Context::default()).await
+}
+
+async fn ping_with(params: &str, ctx: &Context) -> Result<PingOutput, String> {
+    match exec::run("ping_module", params, ctx).await? {
         ModuleOutput::Ping(p) => Ok(p),
         other => Err(format!("unexpected output {other:?}")),
     }
+}
+
+/// A policy as heavy as an operator's is likely to be: the built-in rule, a lab rule
+/// that opens loopback, and `deny` networks (none of them the sweep's) in one more rule,
+/// so every address is checked against all of them.
+fn heavy_policy(deny: usize) -> imn_modules::policy::TargetPolicy {
+    use imn_modules::policy::{Cidr, Rule, TargetPolicy};
+    let nets = (0..deny)
+        .map(|i| Cidr::parse(&format!("198.{}.{}.0/24", 18 + (i / 256) % 2, i % 256)).unwrap())
+        .collect();
+    TargetPolicy {
+        rules: vec![
+            Rule {
+                name: "lab".into(),
+                allow: vec![Cidr::parse("127.0.0.0/8").unwrap()],
+                deny: vec![],
+            },
+            Rule {
+                name: "blocklist".into(),
+                allow: vec![],
+                deny: nets,
+            },
+        ],
+        builtin: true,
+    }
+}
+
+/// The cost of the agent's policy check on the paced sweep: the same sweep open and
+/// under [`heavy_policy`], in the order open, policy, policy, open; CPU per probe of
+/// each and their ratio.
+async fn policy_cost(params: &str, targets: usize) -> Result<Value, String> {
+    let open = Context::default();
+    let checked = Context {
+        policy: std::sync::Arc::new(heavy_policy(512)),
+        ..Context::default()
+    };
+    let (mut open_us, mut policy_us) = (0.0, 0.0);
+    for with_policy in [false, true, true, false] {
+        let cpu0 = cpu_us();
+        let out = ping_with(params, if with_policy { &checked } else { &open }).await?;
+        let used = cpu_us() - cpu0;
+        if let Some(t) = out.targets.iter().find(|t| t.error.is_some()) {
+            return Err(format!("a sweep target was refused: {:?}", t.error));
+        }
+        if with_policy {
+            policy_us += used;
+        } else {
+            open_us += used;
+        }
+    }
+    let per = |us: f64| (us / (2.0 * targets.max(1) as f64) * 100.0).round() / 100.0;
+    Ok(json!({
+        "rules": 3,
+        "networks_checked": 512 + 1 + imn_modules::policy::BUILTIN_DENY.len(),
+        "cpu_us_per_probe_open": per(open_us),
+        "cpu_us_per_probe_policy": per(policy_us),
+        "ratio": if open_us > 0.0 { json!((policy_us / open_us * 1000.0).round() / 1000.0) } else { Value::Null },
+    }))
 }
 
 /// Every RTT of a ping output, in µs (None = lost).
@@ -783,6 +845,10 @@ pub async fn run(opts: Options) -> Value {
         Ok(s) => s,
         Err(e) => return json!({"scenario": "ping", "error": e}),
     };
+    // ---- The same sweep under a policy of the agent's (what its check costs).
+    let policy = policy_cost(&params, opts.targets)
+        .await
+        .unwrap_or_else(|e| json!({"error": e}));
     drop(params);
     let rtts = rtts_us(&sweep);
     zero_rtts += rtts.iter().flatten().filter(|r| **r <= 0.0).count();
@@ -912,6 +978,7 @@ pub async fn run(opts: Options) -> Value {
         "send_path_us": opt_round(send_path),
         "delay_error_p99_us": opt_round(delay_p99),
         "delay": delay,
+        "policy_check": policy,
         "agent_rss_kib": rss_kib,
         "agent_rss_kind": if peak_reset {
             "peak RSS growth during the sweep (VmHWM reset before, minus VmRSS before)"

@@ -417,6 +417,16 @@ impl Up {
 
     /// [`Up::start`] with extra environment variables.
     pub async fn start_env(agents: usize, extra: &[&str], env: &[(&str, &str)]) -> Up {
+        Up::start_program(&bin("imn"), agents, extra, env).await
+    }
+
+    /// [`Up::start_env`] with another `imn` binary (an earlier build, for comparisons).
+    pub async fn start_program(
+        program: &Path,
+        agents: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Up {
         let dir = TempDir::new("up");
         let http_port = free_port();
         let mqtt_port = free_port();
@@ -438,7 +448,7 @@ impl Up {
             "500",
         ];
         args.extend_from_slice(extra);
-        let proc = Proc::spawn_env("imn-up", &bin("imn"), &args, env, dir.path());
+        let proc = Proc::spawn_env("imn-up", program, &args, env, dir.path());
         let api = Api::new(http_port);
         let a2 = api.clone();
         wait_for("imn up to answer /health", Duration::from_secs(30), || {

@@ -37,6 +37,8 @@ pub struct SimConfig {
     /// Enrolled agents' tokens (auth on): each agent logs in with its own and signs
     /// every message, as the real agent does, and checks the signature of each ack.
     pub tokens: Option<Arc<std::collections::HashMap<String, String>>>,
+    /// The wire version the agents write (an older backend reads only version 1).
+    pub wire_version: u8,
 }
 
 /// Counters shared by every simulated agent of a run.
@@ -96,7 +98,11 @@ pub fn message_bytes(cfg: &SimConfig) -> usize {
     let records = (1..=cfg.per_message as u64)
         .map(|s| result_record("sim-000000", s, &cfg.message))
         .collect();
-    wire::encode(&Envelope::Batch(Batch { epoch: 1, records })).len()
+    wire::encode_for(
+        cfg.wire_version,
+        &Envelope::Batch(Batch { epoch: 1, records }),
+    )
+    .len()
 }
 
 /// One simulated agent; runs until `ctl.stop`.
@@ -115,10 +121,13 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
     };
     let offline = seal(
         &wire::topic(&id, Kind::Status),
-        wire::encode(&Envelope::Status(Status {
-            online: false,
-            at_ms: 0,
-        })),
+        wire::encode_for(
+            cfg.wire_version,
+            &Envelope::Status(Status {
+                online: false,
+                at_ms: 0,
+            }),
+        ),
     );
     mo.set_keep_alive(Duration::from_secs(60))
         .set_clean_session(true)
@@ -162,7 +171,7 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
             .collect();
         let payload = seal(
             &out_topic,
-            wire::encode(&Envelope::Batch(Batch { epoch, records })),
+            wire::encode_for(cfg.wire_version, &Envelope::Batch(Batch { epoch, records })),
         );
         client
             .try_publish(&out_topic, QoS::AtLeastOnce, false, payload)
@@ -181,7 +190,7 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                     }
                     let _ = client.try_subscribe(&ack_topic, QoS::AtLeastOnce);
                     let status_topic = wire::topic(&id, Kind::Status);
-                    let online = seal(&status_topic, wire::encode(&Envelope::Status(Status { online: true, at_ms: imn_modules::now_ms() })));
+                    let online = seal(&status_topic, wire::encode_for(cfg.wire_version, &Envelope::Status(Status { online: true, at_ms: imn_modules::now_ms() })));
                     let _ = client.try_publish(status_topic, QoS::AtLeastOnce, true, online);
                     let hello = Envelope::Hello(Hello {
                         agent_id: id.clone(),
@@ -200,7 +209,7 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                         limits: Default::default(),
                     });
                     let hello_topic = wire::topic(&id, Kind::Hello);
-                    let hello = seal(&hello_topic, wire::encode(&hello));
+                    let hello = seal(&hello_topic, wire::encode_for(cfg.wire_version, &hello));
                     let _ = client.try_publish(hello_topic, QoS::AtLeastOnce, false, hello);
                     // A new session: whatever was in flight goes again.
                     let again: Vec<(u64, u64)> = inflight.iter().map(|(&l, &(f, _))| (f, l)).collect();
@@ -250,7 +259,7 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                     ..Default::default()
                 });
                 let hb_topic = wire::topic(&id, Kind::Heartbeat);
-                let h = seal(&hb_topic, wire::encode(&h));
+                let h = seal(&hb_topic, wire::encode_for(cfg.wire_version, &h));
                 if client.try_publish(hb_topic, QoS::AtLeastOnce, false, h).is_ok() {
                     stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                 }

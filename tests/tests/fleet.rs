@@ -225,6 +225,7 @@ fn sim_agent(
         message: "page".into(),
         resend_after: Duration::from_secs(5),
         tokens: None,
+        wire_version: imn_modules::wire::WIRE_VERSION,
     });
     let (stats, ctl) = (Arc::new(SimStats::default()), Arc::new(Control::default()));
     tokio::spawn(imn_tests::sim::run(

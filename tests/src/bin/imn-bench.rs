@@ -99,6 +99,11 @@ enum Scenario {
         /// results/s and stored bytes per result of each, and their ratio.
         #[arg(long, conflicts_with = "auth")]
         postgres: bool,
+        /// A directory with an earlier build's `imn`: run the embedded ingest against
+        /// it and against this build (this, baseline, baseline, this), and give the
+        /// ratio (new code against old).
+        #[arg(long, conflicts_with_all = ["auth", "postgres", "nats"])]
+        baseline: Option<std::path::PathBuf>,
     },
     /// Simulated agents connect and heartbeat: connect time, alive count, heartbeat
     /// lag, memory.
@@ -343,13 +348,22 @@ async fn main() {
             per_message,
             auth,
             postgres,
+            baseline,
         } => {
             let (a, r) = if cli.quick {
                 (agents.min(20), results.min(2_000))
             } else {
                 (agents, results)
             };
-            if postgres {
+            if let Some(dir) = baseline {
+                imn_tests::bench_ingest::ingest_baseline(
+                    a.max(1),
+                    r.max(1),
+                    per_message.max(1),
+                    &dir,
+                )
+                .await
+            } else if postgres {
                 imn_tests::bench_ingest::ingest_postgres(a.max(1), r.max(1), per_message.max(1))
                     .await
             } else {
