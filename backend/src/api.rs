@@ -313,6 +313,12 @@ fn agent_json(a: &AgentEntry, now: i64) -> Value {
         "heartbeat_interval_ms": a.hello.heartbeat_interval_ms,
         // The version of the recurring-measurement set the agent runs.
         "schedule_version": a.hello.schedule_version,
+        // What the agent does beyond wire version 1 (it checks every address against
+        // the policy, enforces its budget, refuses stale commands), and its budget
+        // across runs (zeros: an agent too old to say).
+        "features": a.hello.features,
+        "limits": a.hello.limits,
+        "wire_version": a.wire_version,
         // Unknown (null) between a reconnect and the agent's next hello or heartbeat.
         "outbox": if a.hello_pending {
             json!({"epoch": null, "depth": null, "oldest_age_ms": null, "dropped": null, "condition": null})

@@ -1027,6 +1027,30 @@ mod tests {
         assert!(p.rules[1].applies("x", &["lte".into()]) && !p.rules[1].applies("x", &[]));
     }
 
+    /// The policy file's own settings: the built-in rule's switch and the tokens'
+    /// default budget, checked when loaded (a module that does not exist is named).
+    #[test]
+    fn policy_files_carry_the_builtin_switch_and_a_budget() {
+        let dir = std::env::temp_dir().join(format!("imn-policy-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.toml");
+        std::fs::write(
+            &path,
+            "builtin_deny = false\n[budget]\nprobes_per_day = 5\nmin_interval_s = { \"*\" = 60, \"ping_module\" = 30 }\n",
+        )
+        .unwrap();
+        let p = Policy::load(&path).unwrap();
+        assert_eq!(p.builtin_deny, Some(false));
+        let b = p.budget.unwrap();
+        assert_eq!(b.probes_per_day, Some(5));
+        assert_eq!(b.min_interval("ping_module"), Some(30.0));
+        assert_eq!(b.min_interval("dns"), Some(60.0));
+        std::fs::write(&path, "[budget]\nmin_interval_s = { \"pong\" = 1 }\n").unwrap();
+        let e = Policy::load(&path).unwrap_err();
+        assert!(e.contains("pong") && e.contains("no such module"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A bucket with a rate too small (or broken) to refill in any sane time answers
     /// 429 with a bounded Retry-After; it does not panic.
     #[test]
