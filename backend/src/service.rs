@@ -631,6 +631,55 @@ impl Backend {
             )
             .value(self.stats.records_stored.load(Ordering::Relaxed) as f64),
         );
+        // What ingest kept out, and why: each is also in /health → ingest.
+        for (name, otel, unit, help, v) in [
+            (
+                "imn_dead_lettered_total",
+                "imn.ingest.dead_lettered",
+                "{record}",
+                "Records the store could not take, kept in the dead letters with the reason (acked).",
+                &self.stats.dead_lettered,
+            ),
+            (
+                "imn_ingest_shed_total",
+                "imn.ingest.shed",
+                "{message}",
+                "Uplink messages dropped unacked because their agent had its share of the ingest queue waiting (the agent resends).",
+                &self.stats.shed,
+            ),
+            (
+                "imn_ingest_records_refused_total",
+                "imn.ingest.records_refused",
+                "{record}",
+                "Records the store refused (too many seq ranges for one outbox epoch), left unacked.",
+                &self.stats.records_refused,
+            ),
+            (
+                "imn_ingest_events_deferred_total",
+                "imn.ingest.events_deferred",
+                "{record}",
+                "Events held back past the per-batch cap (the agent sends them again).",
+                &self.stats.events_deferred,
+            ),
+            (
+                "imn_ingest_hellos_throttled_total",
+                "imn.ingest.hellos_throttled",
+                "{message}",
+                "Hellos that came within a second of their agent's last (the newest is handled when its turn comes).",
+                &self.stats.hellos_throttled,
+            ),
+        ] {
+            f.push(
+                imn_bridge::telemetry::prom::Family::new(
+                    name,
+                    otel,
+                    unit,
+                    imn_bridge::telemetry::prom::FamilyKind::Counter,
+                    help,
+                )
+                .value(v.load(Ordering::Relaxed) as f64),
+            );
+        }
         f
     }
 
