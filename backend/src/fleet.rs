@@ -519,16 +519,25 @@ impl Backend {
 
     /// An agent said hello running schedule version `theirs`: sends the current set if
     /// it differs. A version above the store's (the store was replaced) moves the
-    /// store's past it, so the agent takes the set the store has.
-    pub async fn reconcile_schedules(&self, agent: &str, theirs: u64) {
-        let ours = match self.store.agent_schedules(agent).await {
-            Ok((v, _)) => v,
+    /// store's past it, so the agent takes the set the store has. `their_rules`: the
+    /// digest of the rules its set carries, from an agent that checks them; when they
+    /// are not the rules that bind it now (a new policy file), the set goes again under
+    /// a new version.
+    pub async fn reconcile_schedules(&self, agent: &str, theirs: u64, their_rules: Option<u64>) {
+        let (ours, rows) = match self.store.agent_schedules(agent).await {
+            Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, %agent, "cannot read the agent's schedules");
                 return;
             }
         };
-        if theirs > ours {
+        let stale_rules = their_rules.is_some_and(|d| {
+            !rows.is_empty()
+                && d != imn_modules::policy::TargetPolicy::digest(Some(
+                    &self.security.target_policy(agent),
+                ))
+        });
+        if theirs > ours || (theirs == ours && stale_rules) {
             if let Err(e) = self.store.raise_schedule_version(agent, theirs).await {
                 tracing::warn!(error = %e, %agent, "cannot raise the schedule version");
                 return;

@@ -447,6 +447,7 @@ mod tests {
             sent_at_ms: 0,
             features: vec![],
             limits: Default::default(),
+            schedule_policy: 0,
         };
         assert!(check_hello(&h).is_ok());
         h.tags = vec!["x".repeat(65)];

@@ -217,6 +217,7 @@ mod tests {
             heartbeat_interval_ms: hb_ms,
             features: vec![],
             limits: Default::default(),
+            schedule_policy: 0,
             sent_at_ms: 0,
         }
     }

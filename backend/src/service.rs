@@ -1137,6 +1137,9 @@ impl Backend {
     async fn take_hello(&self, agent: &str, hello: Hello, version: u8, now: i64) -> Result<(), ()> {
         self.touch_session(agent, now).await;
         let schedule_version = hello.schedule_version;
+        let schedule_rules = hello
+            .has(wire::features::POLICY)
+            .then_some(hello.schedule_policy);
         if let Err(e) = self.store.upsert_agent(agent, &hello, now).await {
             tracing::warn!(error = %e, "cannot store hello");
             return Err(());
@@ -1151,7 +1154,8 @@ impl Backend {
         .await;
         tracing::info!(%agent, "agent hello");
         self.redeliver(agent, true).await;
-        self.reconcile_schedules(agent, schedule_version).await;
+        self.reconcile_schedules(agent, schedule_version, schedule_rules)
+            .await;
         Ok(())
     }
 

@@ -593,6 +593,7 @@ impl Agent {
                 wire::features::FRESH_COMMANDS.into(),
             ],
             limits: self.cfg.limits(),
+            schedule_policy: TargetPolicy::digest(Some(&self.schedule_policy)),
         });
         let _ = self
             .client

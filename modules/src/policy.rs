@@ -248,6 +248,21 @@ impl TargetPolicy {
         self.rules.is_empty() && !self.builtin
     }
 
+    /// A digest of the rules, 0 for none (or rules that let everything pass): the agent
+    /// reports the digest of its schedule set's rules in its hello, so the backend sends
+    /// the set again when its rules for the agent changed (a new policy file).
+    pub fn digest(p: Option<&TargetPolicy>) -> u64 {
+        use sha2::Digest;
+        match p.filter(|p| !p.is_open()) {
+            None => 0,
+            Some(p) => {
+                let bytes = postcard::to_stdvec(p).unwrap_or_default();
+                let h = sha2::Sha256::digest(&bytes);
+                u64::from_le_bytes(h[..8].try_into().unwrap_or_default()).max(1)
+            }
+        }
+    }
+
     /// Whether the policy is within [`MAX_RULES`] and [`MAX_NETWORKS`].
     pub fn within_limits(&self) -> bool {
         self.rules.len() <= MAX_RULES
@@ -494,6 +509,14 @@ mod tests {
         let bytes = postcard::to_stdvec(&p).unwrap();
         assert_eq!(postcard::from_bytes::<TargetPolicy>(&bytes).unwrap(), p);
         assert!(p.within_limits());
+        let d = TargetPolicy::digest(Some(&p));
+        assert_ne!(d, 0);
+        assert_eq!(d, TargetPolicy::digest(Some(&p.clone())), "stable");
+        let mut q = p.clone();
+        q.builtin = false;
+        assert_ne!(TargetPolicy::digest(Some(&q)), d);
+        assert_eq!(TargetPolicy::digest(None), 0);
+        assert_eq!(TargetPolicy::digest(Some(&TargetPolicy::default())), 0);
         let big = TargetPolicy {
             rules: vec![rule("r", &[], &[]); MAX_RULES + 1],
             builtin: false,

@@ -199,6 +199,9 @@ pub struct Hello {
     /// Its budget across runs (all zero for a version 1 agent: unknown).
     #[serde(default)]
     pub limits: AgentLimits,
+    /// [`TargetPolicy::digest`] of the rules its schedule set carries (0: none).
+    #[serde(default)]
+    pub schedule_policy: u64,
 }
 
 impl Hello {
@@ -626,6 +629,7 @@ pub mod legacy {
                     sent_at_ms: h.sent_at_ms,
                     features: Vec::new(),
                     limits: AgentLimits::default(),
+                    schedule_policy: 0,
                 }),
                 Envelope::Heartbeat(h) => super::Envelope::Heartbeat(h),
                 Envelope::Batch(b) => super::Envelope::Batch(b),
@@ -835,6 +839,7 @@ mod tests {
                 max_queued_runs: 1000,
                 max_probe_rate: 1000.0,
             },
+            schedule_policy: 7,
         }
     }
 
@@ -882,6 +887,7 @@ mod tests {
             Hello {
                 features: h.features.clone(),
                 limits: h.limits.clone(),
+                schedule_policy: h.schedule_policy,
                 ..read
             },
             h

@@ -207,6 +207,7 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                         sent_at_ms: imn_modules::now_ms(),
                         features: Vec::new(),
                         limits: Default::default(),
+                        schedule_policy: 0,
                     });
                     let hello_topic = wire::topic(&id, Kind::Hello);
                     let hello = seal(&hello_topic, wire::encode_for(cfg.wire_version, &hello));

@@ -312,6 +312,7 @@ async fn agent_a_speaks_for_b(broker_acl: bool) {
         sent_at_ms: now,
         features: Vec::new(),
         limits: Default::default(),
+        schedule_policy: 0,
     });
     let forged_out = Envelope::Batch(wire::Batch {
         epoch: 666,
@@ -1075,6 +1076,7 @@ async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
         sent_at_ms: imn_modules::now_ms(),
         features: Vec::new(),
         limits: Default::default(),
+        schedule_policy: 0,
     });
     let topic = "imn/v1/edge-a/hello";
     let plain = wire::encode(&forged);

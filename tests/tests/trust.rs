@@ -638,3 +638,150 @@ async fn the_apis_smaller_holes_are_closed() {
     })
     .await;
 }
+
+/// `imn up --auth` on fixed ports and a data directory that outlive it, with a policy.
+fn up_at(dir: &std::path::Path, http: u16, mqtt: u16, policy: &std::path::Path) -> Proc {
+    Proc::spawn(
+        "imn-up",
+        &bin("imn"),
+        &[
+            "up",
+            "--auth",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--mqtt",
+            &format!("127.0.0.1:{mqtt}"),
+            "--data",
+            dir.join("data").to_str().unwrap(),
+            "--agents",
+            "0",
+            "--heartbeat-ms",
+            "500",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+        dir,
+    )
+}
+
+/// A schedule runs on the agent for as long as it lives, from the rules its set
+/// carries: when the operator's policy changes (a new file, a restarted backend), the
+/// agent's hello shows rules that are no longer the agent's, the backend sends the set
+/// again, and the next runs obey the new rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_follows_a_new_policy_file() {
+    let dir = imn_tests::TempDir::new("trust-repolicy");
+    let (http, mqtt) = (imn_tests::free_port(), imn_tests::free_port());
+    let open = dir.path().join("open.toml");
+    std::fs::write(
+        &open,
+        "[[rule]]\nname = \"lab\"\nallow = [\"127.0.0.0/8\"]\n",
+    )
+    .unwrap();
+    let closed = dir.path().join("closed.toml");
+    std::fs::write(
+        &closed,
+        "[[rule]]\nname = \"lab\"\nallow = [\"127.0.0.0/8\"]\ndeny = [\"127.0.0.2/32\"]\n",
+    )
+    .unwrap();
+    let target = TcpListener::bind("127.0.0.2:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in target.incoming() {
+            h.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let mut up = up_at(dir.path(), http, mqtt, &open);
+    let api = Api::new(http);
+    wait_for("imn up", T, || {
+        let api = api.clone();
+        async move { api.try_get("/livez").await.map(|_| ()) }
+    })
+    .await;
+    let token = wait_for("the admin token", T, || {
+        let f = dir.path().join("data/admin-token");
+        async move { std::fs::read_to_string(f).ok() }
+    })
+    .await;
+    let admin = api.with_token(&token);
+    let agent_token = admin.enroll("edge-1").await;
+    let _agent = spawn_agent(
+        &bin("imn-agent"),
+        "edge-1",
+        &format!("mqtt://127.0.0.1:{mqtt}"),
+        &dir.path().join("edge-1"),
+        &[
+            "--token",
+            &agent_token,
+            "--heartbeat-ms",
+            "500",
+            "--resend-timeout-ms",
+            "2000",
+        ],
+        dir.path(),
+    );
+    admin.wait_alive(&["edge-1"], T).await;
+    let r = admin
+        .post(
+            "/v1/measurements",
+            &json!({"module": "tcping", "params": {"host": "127.0.0.2", "port": port, "count": 1},
+                    "agents": {"ids": ["edge-1"]}, "schedule": {"interval_s": 1, "jitter_s": 0}})
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    wait_for("runs that reach the target", T, || {
+        let n = hits.load(Ordering::SeqCst);
+        async move { (n >= 2).then_some(()) }
+    })
+    .await;
+    // The operator closes 127.0.0.2 and restarts the backend with the new file.
+    up.signal_and_wait(libc_sigterm(), Duration::from_secs(10));
+    let mut up = up_at(dir.path(), http, mqtt, &closed);
+    let admin = Api::new(http).with_token(&token);
+    let m = r.body["id"].as_str().unwrap().to_string();
+    let denied = wait_for(
+        "a run refused under the new rules",
+        Duration::from_secs(60),
+        || {
+            let admin = admin.clone();
+            let m = m.clone();
+            async move {
+                let page = admin
+                    .try_get(&format!("/v1/results?measurement={m}&limit=1000"))
+                    .await?
+                    .body;
+                page["results"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| {
+                        r["error"]
+                            .as_str()
+                            .is_some_and(|e| e.starts_with("policy_denied: lab.deny"))
+                    })
+                    .cloned()
+            }
+        },
+    )
+    .await;
+    assert!(
+        denied["error"].as_str().unwrap().contains("127.0.0.2"),
+        "{denied}"
+    );
+    let at_switch = hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        at_switch,
+        "runs under the new rules reached the target"
+    );
+    up.signal_and_wait(libc_sigterm(), Duration::from_secs(10));
+}
+
+fn libc_sigterm() -> i32 {
+    15
+}

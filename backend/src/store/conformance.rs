@@ -450,6 +450,7 @@ pub async fn agents_sessions_credentials_and_measurements(s: &dyn Store) {
         sent_at_ms: 0,
         features: vec![],
         limits: Default::default(),
+        schedule_policy: 0,
     };
     s.upsert_agent("a", &hello, 10).await.unwrap();
     s.upsert_agent("a", &hello, 20).await.unwrap();
