@@ -976,7 +976,10 @@ impl Backend {
                         .records_refused
                         .fetch_add(outcome.refused.len() as u64, Ordering::Relaxed);
                     // Every record of the batch is acked but those the store refused:
-                    // the agent keeps and resends them.
+                    // the agent keeps and resends them. (A set: a hostile batch can
+                    // have thousands refused.)
+                    let refused: std::collections::HashSet<u64> =
+                        outcome.refused.iter().copied().collect();
                     acks.entry((msg.agent.clone(), batch.epoch))
                         .or_default()
                         .extend(
@@ -984,7 +987,7 @@ impl Backend {
                                 .records
                                 .iter()
                                 .map(|r| r.seq)
-                                .filter(|s| !outcome.refused.contains(s)),
+                                .filter(|s| !refused.contains(s)),
                         );
                     settled.push((msg, outcome.finished));
                 }

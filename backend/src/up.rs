@@ -386,6 +386,8 @@ pub struct UpOptions {
     pub ca: Option<PathBuf>,
     /// Largest MQTT message from an agent, in bytes.
     pub max_mqtt_payload: usize,
+    /// Most bytes a second one MQTT client may publish (0: no cap).
+    pub max_client_bytes_per_s: u64,
     pub data: PathBuf,
     pub agents: usize,
     pub heartbeat_ms: u64,
@@ -472,6 +474,7 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
         credentials: security.bridge().clone(),
         broker_acl: !opts.no_broker_acl,
         max_message_bytes: opts.max_mqtt_payload,
+        max_client_bytes_per_s: opts.max_client_bytes_per_s,
         // The broker closes a connection past this; the bridge counts and drops
         // messages past max_message_bytes before that.
         max_payload_bytes: defaults.max_payload_bytes.max(opts.max_mqtt_payload * 2),

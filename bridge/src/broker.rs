@@ -32,6 +32,11 @@ pub struct BrokerTls {
     pub client_ca: Option<std::path::PathBuf>,
 }
 
+/// What one client may publish a second by default: 8 MiB, some 80,000 small results a
+/// second, far more than an agent's uplink carries; a thousand agents at it would still
+/// be more than a backend stores.
+pub const DEFAULT_CLIENT_BYTES_PER_S: u64 = 8 * 1024 * 1024;
+
 /// Listeners, limits and credentials of the embedded broker.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -55,6 +60,10 @@ pub struct BrokerConfig {
     /// Uplink messages larger than this are dropped and counted by the bridge (the
     /// broker itself closes connections past `max_payload_bytes`, uncounted).
     pub max_message_bytes: usize,
+    /// The most bytes a second one client may publish (0: no cap). Past it the broker
+    /// stops reading that client's socket until the rate allows, so one client sending
+    /// as fast as it can is slowed by TCP, and the others' messages keep flowing.
+    pub max_client_bytes_per_s: u64,
 }
 
 impl BrokerConfig {
@@ -80,6 +89,7 @@ impl Default for BrokerConfig {
             max_inflight: 200,
             max_outgoing_packets: 1_000,
             max_message_bytes: 512 * 1024,
+            max_client_bytes_per_s: DEFAULT_CLIENT_BYTES_PER_S,
         }
     }
 }
@@ -247,6 +257,8 @@ fn connection_settings(cfg: &BrokerConfig) -> ConnectionSettings {
         auth: None,
         external_auth: None,
         dynamic_filters: true,
+        max_inbound_bytes_per_s: (cfg.max_client_bytes_per_s > 0)
+            .then_some(cfg.max_client_bytes_per_s),
     };
     if cfg.credentials.is_enabled() {
         let creds = cfg.credentials.clone();

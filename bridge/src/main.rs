@@ -44,6 +44,10 @@ struct Flags {
     /// Most agents connected at once.
     #[arg(long, env = "IMN_MAX_CONNECTIONS", default_value_t = 50_000)]
     max_connections: usize,
+    /// Most bytes a second one agent may publish; past it the broker reads its socket
+    /// only as fast (0: no cap).
+    #[arg(long, env = "IMN_MAX_CLIENT_BYTES_PER_S", default_value_t = imn_bridge::broker::DEFAULT_CLIENT_BYTES_PER_S)]
+    max_client_bytes_per_s: u64,
     /// Listen beyond loopback without auth or without TLS: anyone who reaches the port
     /// can connect (as any agent, without auth), and traffic can be read on the way.
     #[arg(long)]
@@ -205,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
                 credentials,
                 max_payload_bytes: flags.max_payload,
                 max_connections: flags.max_connections,
+                max_client_bytes_per_s: flags.max_client_bytes_per_s,
                 ..BrokerConfig::default()
             };
             let credentials = cfg.credentials.clone();

@@ -41,6 +41,10 @@ enum Cmd {
         /// Largest MQTT message from an agent, in bytes (limit max_mqtt_payload).
         #[arg(long, default_value_t = 512 * 1024)]
         max_mqtt_payload: usize,
+        /// Most bytes a second one MQTT client may publish; past it the broker reads
+        /// its socket only as fast (0: no cap).
+        #[arg(long, env = "IMN_MAX_CLIENT_BYTES_PER_S", default_value_t = imn_bridge::broker::DEFAULT_CLIENT_BYTES_PER_S)]
+        max_client_bytes_per_s: u64,
         /// Data directory: the backend's store and each local agent's outbox.
         #[arg(long, default_value = "./imn-data")]
         data: PathBuf,
@@ -280,6 +284,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
             mqtt_client_ca,
             ca,
             max_mqtt_payload,
+            max_client_bytes_per_s,
             data,
             agents,
             heartbeat_ms,
@@ -304,6 +309,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
                 mqtt_client_ca,
                 ca,
                 max_mqtt_payload,
+                max_client_bytes_per_s,
                 data,
                 agents,
                 heartbeat_ms,

@@ -178,6 +178,10 @@ pub struct ConnectionSettings {
     pub external_auth: Option<AuthHandler>,
     #[serde(default)]
     pub dynamic_filters: bool,
+    /// IMN-PATCH: the most bytes of PUBLISH packets one client may send a second; past
+    /// it its socket is not read until the rate allows (IMN-PATCH.md, section 11).
+    #[serde(default)]
+    pub max_inbound_bytes_per_s: Option<u64>,
 }
 
 impl ConnectionSettings {
@@ -203,6 +207,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("auth", &self.auth)
             .field("external_auth", &self.external_auth.is_some())
             .field("dynamic_filters", &self.dynamic_filters)
+            .field("max_inbound_bytes_per_s", &self.max_inbound_bytes_per_s)
             .finish()
     }
 }

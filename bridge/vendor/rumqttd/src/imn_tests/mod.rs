@@ -49,6 +49,7 @@ fn server_settings(listen: SocketAddr, tls: Option<TlsConfig>) -> ServerSettings
             auth: None,
             external_auth: None,
             dynamic_filters: true,
+            max_inbound_bytes_per_s: None,
         },
     }
 }

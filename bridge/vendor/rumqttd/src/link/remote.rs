@@ -58,9 +58,52 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    // IMN-PATCH: the client's inbound byte rate, when capped (IMN-PATCH.md, section 11).
+    inbound: Option<InboundRate>,
+}
+
+/// IMN-PATCH: a token bucket on the bytes of PUBLISH packets one client sends. Past it
+/// the link stops reading that client's socket until the bucket refills, so the client
+/// is slowed by TCP itself: nothing is dropped, and a client sending as fast as it can
+/// costs the router, the bridge and the backend no more than the cap while the other
+/// clients' messages keep flowing (section 11).
+struct InboundRate {
+    per_s: f64,
+    tokens: f64,
+    at: time::Instant,
+}
+
+impl InboundRate {
+    fn new(per_s: u64) -> InboundRate {
+        let per_s = per_s.max(1) as f64;
+        InboundRate {
+            per_s,
+            tokens: per_s,
+            at: time::Instant::now(),
+        }
+    }
+
+    /// Takes `bytes`; how long to wait before reading more.
+    fn take(&mut self, bytes: usize) -> Duration {
+        let now = time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.per_s;
+        self.tokens = (self.tokens + refill).min(self.per_s) - bytes as f64;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            return Duration::ZERO;
+        }
+        // At most a few seconds: MQTT keep-alive must not expire while we wait.
+        Duration::from_secs_f64((-self.tokens / self.per_s).min(5.0))
+    }
 }
 
 impl<P> RemoteLink<P> {
+    // IMN-PATCH: caps the bytes of PUBLISH packets this client may send a second
+    // (section 11); None: no cap.
+    pub(crate) fn cap_inbound(&mut self, bytes_per_s: Option<u64>) {
+        self.inbound = bytes_per_s.filter(|b| *b > 0).map(InboundRate::new);
+    }
+
     // IMN-PATCH: reports `Disconnected` once the router has dropped this connection
     // (see `Outgoing::take_drop_watch`).
     pub(crate) fn drop_watch(&self) -> Option<flume::Receiver<()>> {
@@ -144,6 +187,7 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
+            inbound: None,
         })
     }
 
@@ -156,15 +200,32 @@ impl<P: Protocol> RemoteLink<P> {
             select! {
                 o = self.network.read() => {
                     let packet = o?;
-                    let len = {
+                    let (len, published) = {
                         let mut buffer = self.link_tx.buffer();
+                        let before = buffer.len();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
-                        buffer.len()
+                        // IMN-PATCH: the bytes this client just published (section 11).
+                        let published: usize = buffer
+                            .iter()
+                            .skip(before)
+                            .map(|p| match p {
+                                Packet::Publish(p, _) => p.topic.len() + p.payload.len(),
+                                _ => 0,
+                            })
+                            .sum();
+                        (buffer.len(), published)
                     };
 
                     trace!("Packets read from network, count = {}", len);
                     self.link_tx.notify().await?;
+                    // IMN-PATCH: past its byte rate, the client waits (section 11).
+                    if let Some(rate) = &mut self.inbound {
+                        let wait = rate.take(published);
+                        if !wait.is_zero() {
+                            time::sleep(wait).await;
+                        }
+                    }
                 }
                 // Receive from router when previous when state isn't in collision
                 // due to previously received data request
@@ -322,6 +383,7 @@ mod tests {
             auth: None,
             external_auth: None,
             dynamic_filters: false,
+            max_inbound_bytes_per_s: None,
         }
     }
 

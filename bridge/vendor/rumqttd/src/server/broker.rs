@@ -558,6 +558,8 @@ async fn remote<P: Protocol>(
     );
 
     let dynamic_filters = config.dynamic_filters;
+    // IMN-PATCH: section 11.
+    let max_inbound = config.max_inbound_bytes_per_s;
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
@@ -619,8 +621,9 @@ async fn remote<P: Protocol>(
     )
     .await
     {
-        Ok(l) => {
+        Ok(mut l) => {
             drop(pending);
+            l.cap_inbound(max_inbound);
             l
         }
         Err(e) => {
