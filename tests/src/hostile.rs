@@ -32,25 +32,29 @@ use crate::{bin, free_port, spawn_agent, wait_for, Api, Nats, Proc, TempDir, Up}
 // The bounds every attack test holds the system to. They are meant to catch a stall
 // or a flood getting through (round trips of tens of seconds, none at all, hundreds
 // of MiB), not to benchmark: the binaries are debug builds and the machine has two
-// cores shared with other work, where an idle echo round trip takes 10–100 ms.
+// cores shared with other work.
 // ---------------------------------------------------------------------------------
 
 /// Every honest echo round trip (API → backend → MQTT → real agent → result stored →
 /// API answer), before and during an attack, completes within this. An idle round
-/// trip is ~20 ms here; a stalled ingest (the attack holding the store or the ingest
-/// loop) makes it time out at the API's `?wait=10`.
+/// trip is ~10 ms here on SQLite, ~25 ms on PostgreSQL; a stalled ingest (the attack
+/// holding the store or the ingest loop) makes it take seconds, or time out at the
+/// API's `?wait=10`.
 pub const ROUND_TRIP_MAX: Duration = Duration::from_secs(5);
-/// The median honest round trip during an attack stays under this (50 to 100 times
-/// the idle one: the attack may slow the others, not stop them).
-pub const ROUND_TRIP_P50_MAX: Duration = Duration::from_secs(1);
+/// The median honest round trip during an attack stays under this: the attack may
+/// slow the others (a flood the backend sheds queues the others' messages behind its
+/// own in the broker for up to a second here), not stop them.
+pub const ROUND_TRIP_P50_MAX: Duration = Duration::from_secs(2);
 /// Honest results keep arriving: at least one round trip completes per this much
 /// attack time (the probe starts the next one 100 ms after each answer).
-pub const ONE_ROUND_TRIP_PER: Duration = Duration::from_secs(2);
+pub const ONE_ROUND_TRIP_PER: Duration = ROUND_TRIP_MAX;
 /// The backend process's peak resident memory (VmHWM) during an attack exceeds its
-/// resident memory before it (VmRSS) by less than this. The per-agent share of the
-/// ingest queue is 4 MiB and all prepared messages 16 MiB; the store's page cache is
-/// 64 MiB; what is left is allocator slack and the broker's buffers.
-pub const RSS_GROWTH_MAX_MIB: u64 = 192;
+/// resident memory before it (VmRSS) by less than this. What the backend may hold by
+/// design: the per-agent share of the ingest queue (4 MiB) and all prepared messages
+/// (16 MiB), the store's page cache (64 MiB), the broker's log of each uplink filter
+/// (4 × 16 MiB); floods here peak at ~135 MiB of growth. A flood held in memory
+/// instead of shed would pass it within seconds (the floods offer 200 MB and more).
+pub const RSS_GROWTH_MAX_MIB: u64 = 256;
 
 /// The API's `?wait` for a probe's round trip, in seconds: long enough that a stall
 /// shows as a slow round trip rather than a lost one.
@@ -962,6 +966,20 @@ impl Probe {
             .collect();
         let inflight = *self.state.inflight.lock().unwrap();
         RoundTrips::of(samples, inflight.map(|t| t.elapsed()), from.elapsed())
+    }
+
+    /// The round trips from `from` on, once at least one started then has finished
+    /// (or [`ROUND_TRIP_MAX`] and a second passed): for an attack shorter than a round
+    /// trip, that the next one still comes back.
+    pub async fn after(&self, from: Instant) -> RoundTrips {
+        let deadline = Instant::now() + ROUND_TRIP_MAX + Duration::from_secs(1);
+        loop {
+            let rt = self.since(from);
+            if !rt.samples.is_empty() || Instant::now() > deadline {
+                return rt;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits for `n` round trips from now (a baseline), and returns them.

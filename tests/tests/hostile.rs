@@ -237,7 +237,10 @@ async fn nul_in_results(store: StoreKind) {
     assert_eq!(h["dead_letters"], 0, "nothing was dead-lettered: {h}");
     assert_eq!(h["store_errors"], 0, "{h}");
     assert_eq!(hostile.bad_acks(), 0);
-    probe.since(attack).assert_kept_arriving("NUL in results");
+    probe
+        .after(attack)
+        .await
+        .assert_kept_arriving("NUL in results");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,7 +341,10 @@ async fn poison_record(store: StoreKind) {
     hostile.batch(e, vec![echo(51, "after", "fine")]).await;
     hostile.wait_acked(e, &[51], T).await;
     assert_eq!(cloud.records_of("hostile").await, 50);
-    probe.since(attack).assert_kept_arriving("poison record");
+    probe
+        .after(attack)
+        .await
+        .assert_kept_arriving("poison record");
 
     // Kept up for 5 s: five batches a second, each with a poison record, each sending
     // the store down its slow path (the group refused, each batch alone, each record
@@ -376,7 +382,8 @@ async fn poison_record(store: StoreKind) {
         sustained.elapsed()
     );
     probe
-        .since(sustained)
+        .after(sustained)
+        .await
         .assert_kept_arriving("sustained poison records");
 }
 
@@ -459,7 +466,8 @@ async fn seq_spread_batches_are_refused_whole() {
         cloud.counter("/records_stored").await - stored
     );
     probe
-        .since(attack)
+        .after(attack)
+        .await
         .assert_kept_arriving("seq-spread batches");
     cloud.assert_memory_bounded("seq-spread batches", mem);
 }
@@ -470,6 +478,12 @@ async fn seq_spread_batches_are_refused_whole() {
 /// seqs not acked); first 40 batches of 1,000 events, then 10 of 16,000 results (the
 /// largest batch allowed), all refused, while the honest agent's round trips stay in
 /// bound.
+///
+/// Fails today: the store refuses the records cheaply, but the backend then builds the
+/// batch's ack with `outcome.refused.contains(seq)` for every record of the batch
+/// (backend/src/service.rs, `store_group`), quadratic in the refused records: ~1.7 s
+/// of the single ingest loop per 16,000-record batch in the debug build, and the
+/// honest round trips take 5–9 s. (With a set there, it passes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seq_gaps_past_1024_ranges_are_refused_by_the_store() {
     const RANGES: u64 = 1024;
@@ -541,7 +555,8 @@ async fn seq_gaps_past_1024_ranges_are_refused_by_the_store() {
         "the first {RANGES}, and the sync record"
     );
     probe
-        .since(attack)
+        .after(attack)
+        .await
         .assert_kept_arriving("seq gaps past the range cap");
     cloud.assert_memory_bounded("seq gaps past the range cap", mem);
 }
@@ -676,7 +691,7 @@ async fn the_label_bomb_is_capped() {
         per_metric.get("imn_ping_rtt_seconds").copied().unwrap_or(0) > 0,
         "some ping series kept: {per_metric:?}"
     );
-    probe.since(attack).assert_kept_arriving("label bomb");
+    probe.after(attack).await.assert_kept_arriving("label bomb");
     cloud.assert_memory_bounded("label bomb", mem);
 }
 
@@ -733,7 +748,8 @@ async fn a_schedule_version_near_the_end_of_its_range_is_refused() {
         cloud.agent("honest").await["schedule_version"]
     );
     probe
-        .since(attack)
+        .after(attack)
+        .await
         .assert_kept_arriving("schedule-version hello");
 }
 
@@ -815,17 +831,19 @@ async fn batch_flood(what: &str, rate: Option<f64>) {
         bytes as f64 / 1e6 / secs,
         shed_now - shed
     );
-    assert!(
-        shed_now > shed,
-        "the flood was shed: {}",
-        cloud.health().await
+    let h = cloud.health().await;
+    println!(
+        "{what}: the bridge forwarded {} uplink messages in all; the hostile agent's connection broke {} times",
+        h["bridge"]["up_messages"],
+        hostile.connection_errors()
     );
+    assert!(shed_now > shed, "the flood was shed: {h}");
     println!(
         "{what}: honest stage times (command delivery ms, result delivery ms): {:?}",
         stage_times(&cloud.admin, "honest", during.samples.len() + 1).await
     );
-    during.assert_kept_arriving(what);
     cloud.assert_memory_bounded(what, mem);
+    during.assert_kept_arriving(what);
     // Once it stops, its messages are taken again.
     hostile.sync(Duration::from_secs(60)).await;
 }
@@ -840,6 +858,14 @@ async fn a_batch_flood_of_20_mb_s_is_shed() {
 
 /// A flood as fast as the hostile agent can publish (hundreds of MB/s offered on
 /// loopback).
+///
+/// Fails today: the broker acks each QoS 1 publish once it is in its log for the
+/// `imn/v1/+/out` filter, so nothing slows the flooder; that log is ~16 MiB
+/// (bridge/src/broker.rs: 4 segments), and when the bridge's uplink falls behind, the
+/// broker moves the bridge's read cursor to the head ("Read cursor start jumped"),
+/// dropping every agent's messages in between; what remains reaches the bridge in
+/// arrival order, before any per-agent share. The honest agent's results wait
+/// seconds, or are dropped and resent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_flood_at_full_speed_is_shed() {
     batch_flood("full-speed flood", None).await;
@@ -953,6 +979,7 @@ async fn oversized_event_batches_heartbeats_and_hellos_are_bounded() {
     assert_eq!(a["tags"], json!(["hostile"]), "{}", a["tags"]);
     assert!(cloud.backend_log().contains("/tags"));
     probe
-        .since(attack)
+        .after(attack)
+        .await
         .assert_kept_arriving("oversized events, heartbeat and hello");
 }
