@@ -652,6 +652,7 @@ impl HostileAgent {
             sent_at_ms: imn_modules::now_ms(),
             features: Vec::new(),
             limits: Default::default(),
+            schedule_policy: 0,
         }
     }
 

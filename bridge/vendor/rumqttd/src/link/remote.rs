@@ -92,8 +92,9 @@ impl InboundRate {
         if self.tokens >= 0.0 {
             return Duration::ZERO;
         }
-        // At most a few seconds: MQTT keep-alive must not expire while we wait.
-        Duration::from_secs_f64((-self.tokens / self.per_s).min(5.0))
+        // At most a second before reading again (and paying again): a client's PINGREQ
+        // waits no longer than that.
+        Duration::from_secs_f64((-self.tokens / self.per_s).min(1.0))
     }
 }
 
@@ -196,9 +197,14 @@ impl<P: Protocol> RemoteLink<P> {
 
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
+        //
+        // IMN-PATCH: while the client is over its byte rate, its socket is not read
+        // until `resume` (section 11); the router's side of the link keeps running, so
+        // acks and pings still go out and the client's keep-alive holds.
+        let mut resume: Option<time::Instant> = None;
         loop {
             select! {
-                o = self.network.read() => {
+                o = self.network.read(), if resume.is_none() => {
                     let packet = o?;
                     let (len, published) = {
                         let mut buffer = self.link_tx.buffer();
@@ -223,9 +229,13 @@ impl<P: Protocol> RemoteLink<P> {
                     if let Some(rate) = &mut self.inbound {
                         let wait = rate.take(published);
                         if !wait.is_zero() {
-                            time::sleep(wait).await;
+                            resume = Some(time::Instant::now() + wait);
                         }
                     }
+                }
+                // IMN-PATCH: the client may be read again (section 11).
+                _ = time::sleep_until(resume.unwrap_or_else(time::Instant::now)), if resume.is_some() => {
+                    resume = None;
                 }
                 // Receive from router when previous when state isn't in collision
                 // due to previously received data request
