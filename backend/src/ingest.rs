@@ -38,6 +38,8 @@ pub const MAX_DEFAULTS_JSON: usize = 64 * 1024;
 pub const MAX_INTERFACES: usize = 256;
 pub const MAX_CORES: usize = 1024;
 pub const MAX_CONDITION_TEXT: usize = 512;
+/// The longest heartbeat period an agent may announce (it is counted dead after three).
+pub const MAX_HEARTBEAT_INTERVAL_MS: u64 = 86_400_000;
 
 /// Why a message was refused: the field and the rule it broke.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,6 +148,16 @@ pub fn check_hello(h: &Hello) -> Result<(), Refusal> {
                 "{} is past the largest schedule version a backend gives out ({})",
                 h.schedule_version,
                 crate::store::MAX_SCHEDULE_VERSION
+            ),
+        ));
+    }
+    if h.heartbeat_interval_ms > MAX_HEARTBEAT_INTERVAL_MS {
+        return Err(refuse(
+            "/heartbeat_interval_ms",
+            "maximum",
+            format!(
+                "{} ms, at most {MAX_HEARTBEAT_INTERVAL_MS} (a day)",
+                h.heartbeat_interval_ms
             ),
         ));
     }

@@ -129,8 +129,10 @@ impl Metrics {
     /// the module label is a catalog module's name or `other`.
     pub fn result(&self, agent: &str, r: &wire::ModuleResult, stored_ms: i64) {
         self.results_ingested.inc(&[module_label(&r.module)]);
-        self.ingest_lag
-            .observe(&[], (stored_ms - r.finished_ms).max(0) as f64 / 1000.0);
+        self.ingest_lag.observe(
+            &[],
+            stored_ms.saturating_sub(r.finished_ms).max(0) as f64 / 1000.0,
+        );
         match &r.outcome {
             ModuleOutcome::Ok(ModuleOutput::Ping(p)) => {
                 for t in &p.targets {

@@ -62,8 +62,12 @@ fn version_of(hello: &Hello) -> u8 {
 impl AgentEntry {
     /// Heard within three heartbeat intervals, and not marked offline.
     pub fn alive(&self, now_ms: i64) -> bool {
-        let interval = self.hello.heartbeat_interval_ms.max(100) as i64;
-        self.online && now_ms - self.last_seen_ms <= MISSED_HEARTBEATS * interval
+        let interval = i64::try_from(self.hello.heartbeat_interval_ms.max(100)).unwrap_or(i64::MAX);
+        // Saturating: the interval is the agent's word (bounded by `ingest::check_hello`,
+        // but a hello stored before that bound existed is read back at start).
+        self.online
+            && now_ms.saturating_sub(self.last_seen_ms)
+                <= MISSED_HEARTBEATS.saturating_mul(interval)
     }
 }
 
@@ -121,8 +125,9 @@ impl Registry {
             mem_used_kib: sys.mem_total_kib.saturating_sub(sys.mem_available_kib),
             mem_total_kib: sys.mem_total_kib,
             load1: sys.load[0],
-            rx_bytes: nics.clone().map(|i| i.rx_bytes).sum(),
-            tx_bytes: nics.map(|i| i.tx_bytes).sum(),
+            // The agent's counters: summed without overflowing.
+            rx_bytes: nics.clone().fold(0u64, |s, i| s.saturating_add(i.rx_bytes)),
+            tx_bytes: nics.fold(0u64, |s, i| s.saturating_add(i.tx_bytes)),
         };
         let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get_mut(id) {
@@ -133,7 +138,8 @@ impl Registry {
             }
             q.push_back(point);
             e.last_seen_ms = now_ms;
-            e.heartbeat_lag_ms = Some(now_ms - hb.sent_at_ms);
+            // The agent's clock can be anything (no clock at all, or a hostile one).
+            e.heartbeat_lag_ms = Some(now_ms.saturating_sub(hb.sent_at_ms));
             e.last_heartbeat = Some(hb);
             e.online = true;
             // Heartbeats go out only while connected: this one is from the new session.
@@ -263,5 +269,31 @@ mod tests {
             !r.get("a").unwrap().hello_pending,
             "a heartbeat is from the new session"
         );
+    }
+
+    /// Found by the uplink fuzz target: an agent's clock and counters meet the
+    /// backend's clock in plain arithmetic, which overflowed (a panic in debug builds,
+    /// a wrong value in release). Now saturating.
+    #[test]
+    fn an_agents_extreme_numbers_do_not_overflow() {
+        let r = Registry::default();
+        r.hello("a", hello(u64::MAX), None, 10_000);
+        assert!(r.get("a").unwrap().alive(i64::MAX));
+        let mut hb = Heartbeat {
+            sent_at_ms: i64::MIN,
+            ..Heartbeat::default()
+        };
+        let nic = |name: &str| imn_modules::results::InterfaceStats {
+            name: name.into(),
+            rx_bytes: u64::MAX,
+            tx_bytes: u64::MAX,
+            ..Default::default()
+        };
+        hb.system.interfaces = vec![nic("eth0"), nic("eth1")];
+        r.heartbeat("a", hb, i64::MAX);
+        let e = r.get("a").unwrap();
+        assert_eq!(e.heartbeat_lag_ms, Some(i64::MAX));
+        let point = r.heartbeats("a").pop().unwrap();
+        assert_eq!((point.rx_bytes, point.tx_bytes), (u64::MAX, u64::MAX));
     }
 }

@@ -1278,7 +1278,8 @@ impl Backend {
         };
         let now = now_ms();
         for r in reqs {
-            let stale = now - r.updated_ms > REDISPATCH_AFTER.as_millis() as i64;
+            // `updated_ms` may be an agent's clock (its state records move it).
+            let stale = now.saturating_sub(r.updated_ms) > REDISPATCH_AFTER.as_millis() as i64;
             if all || r.state == RequestState::Pending || stale {
                 self.dispatch(&r).await;
             }
