@@ -142,12 +142,29 @@ pub async fn charge(b: &Backend, caller: &Caller, probes: u64) {
     }
 }
 
-/// What a stopped recurring measurement used of today's reservation: its daily
-/// probes times the part of today it ran.
-pub fn used_today(daily: u64, start_ms: i64, now: i64) -> u64 {
+/// What a stopped recurring measurement ran today, to be charged: its runs whose slots
+/// fell today up to `now` (slot 0 runs as soon as the agents have the set) times what
+/// one run costs (its daily reservation over its runs a day). Deleting a schedule right
+/// after making it still pays for the run it started.
+pub fn ran_today(daily: u64, spec: &ScheduleSpec, now: i64) -> u64 {
+    let interval = spec.interval_ms.max(1) as i64;
+    let per_day = (DAY_MS as u64).div_ceil(interval as u64);
+    let per_run = daily / per_day.max(1);
     let today = day_of(now) * DAY_MS;
-    let ran = (now - start_ms.max(today)).clamp(0, DAY_MS);
-    ((daily as u128 * ran as u128) / DAY_MS as u128) as u64
+    // The first slot today (or the schedule's first, if it began today).
+    let first = if spec.start_ms >= today {
+        spec.start_ms
+    } else {
+        let behind = (today - spec.start_ms) as u64;
+        let slots = behind.div_ceil(interval as u64) as i64;
+        spec.start_ms.saturating_add(slots.saturating_mul(interval))
+    };
+    let last = spec.stop_ms.map_or(now, |s| s.min(now));
+    if first > last {
+        return 0;
+    }
+    let runs = ((last - first) / interval + 1) as u64;
+    per_run.saturating_mul(runs)
 }
 
 #[cfg(test)]
@@ -189,10 +206,22 @@ mod tests {
         assert_eq!(day_of(DAY_MS), 1);
         assert_eq!(day_of(-1), -1);
         assert_eq!(to_midnight_s(DAY_MS - 1500), 2);
-        assert_eq!(used_today(1000, 0, DAY_MS + DAY_MS / 2), 500);
-        assert_eq!(
-            used_today(1000, DAY_MS + DAY_MS / 4, DAY_MS + DAY_MS / 2),
-            250
-        );
+    }
+
+    #[test]
+    fn a_stopped_schedule_pays_for_the_runs_it_started_today() {
+        // Every hour, 10 probes a run (240 reserved a day): made at noon today and
+        // stopped a second later, it ran one run; stopped at 18:00, seven (12:00 to 18:00).
+        let noon = DAY_MS + DAY_MS / 2;
+        let hourly = spec(3_600_000, noon, None);
+        assert_eq!(ran_today(240, &hourly, noon + 1000), 10);
+        assert_eq!(ran_today(240, &hourly, noon + 6 * 3_600_000), 70);
+        // Made yesterday at 23:30: today's slots are 00:30, 01:30, ... up to now.
+        let late = spec(3_600_000, DAY_MS - 1_800_000, None);
+        assert_eq!(ran_today(240, &late, DAY_MS + 1_800_000), 10);
+        assert_eq!(ran_today(240, &late, DAY_MS + 1_000), 0);
+        // Once a month: its single run costs its whole daily reservation.
+        let monthly = spec(30 * DAY_MS as u64, noon, None);
+        assert_eq!(ran_today(5, &monthly, noon + 10), 5);
     }
 }

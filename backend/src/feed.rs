@@ -128,8 +128,13 @@ impl Feed {
             tokio::pin!(stored);
             stored.as_mut().enable();
             if b.feed.pages.receiver_count() == 0 {
+                // Kept only if still nobody listens: a stream that subscribed during the
+                // read may have caught up to a point before `p`, and must get what
+                // lies between.
                 if let Ok(p) = b.store.latest_position().await {
-                    pos = p;
+                    if b.feed.pages.receiver_count() == 0 {
+                        pos = p;
+                    }
                 }
             } else {
                 loop {

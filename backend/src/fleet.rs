@@ -192,9 +192,13 @@ impl ScheduleSpec {
             ));
         }
         let interval_ms = (r.interval_s * 1000.0).round() as u64;
+        // Compared in ms, as agents check it: 0.9996 s of jitter on a 1 s interval
+        // rounds to the interval itself, which an agent refuses.
         let jitter_ms = match r.jitter_s {
             None => (interval_ms / 10).min(60_000),
-            Some(j) if j.is_finite() && j >= 0.0 && j < r.interval_s => (j * 1000.0).round() as u64,
+            Some(j) if j.is_finite() && j >= 0.0 && ((j * 1000.0).round() as u64) < interval_ms => {
+                (j * 1000.0).round() as u64
+            }
             Some(_) => {
                 return Err(invalid(
                     "/schedule/jitter_s",
@@ -308,6 +312,7 @@ pub async fn create(
     // The whole measurement against the token's budget at once: count × targets ×
     // every agent it would run on (a fleet measurement is not one request's worth).
     let mut probes = std::collections::HashMap::new();
+    let _turn = b.budget_turn(&caller).await;
     if caller.budget.is_some() {
         for a in &picked {
             if let Ok(c) = b.checked_params(&a.id, &m.module, &body, &names).await {
@@ -436,6 +441,7 @@ async fn create_schedule(
         return Err(refused.swap_remove(0).1);
     }
     let cost = crate::budget::Cost::schedule(&m.module, probes_per_run, &spec, now);
+    let _turn = b.budget_turn(&caller).await;
     crate::budget::check(b, &caller, &cost).await?;
     let versions = b
         .store
@@ -744,25 +750,22 @@ pub async fn stop(
         let versions = b.store.stop_schedule(id, now).await?;
         let agents = versions.len();
         if m.stopped_ms.is_none() && m.daily_probes > 0 {
-            // What it ran of today's reservation is spent: deleting a schedule does
-            // not give its probes back.
-            let start =
-                serde_json::from_str::<ScheduleSpec>(m.schedule_json.as_deref().unwrap_or(""))
-                    .map(|s| s.start_ms)
-                    .unwrap_or(m.created_ms);
-            let owner = crate::security::Caller {
-                token_id: m.owner.clone(),
-                ..Default::default()
-            };
-            crate::budget::charge(
-                b,
-                &owner,
-                crate::budget::used_today(m.daily_probes, start, now),
-            )
-            .await;
-        }
-        for (agent, version) in versions {
-            b.schedules_changed(&agent, version).await;
+            // What it ran today is spent: deleting a schedule does not give its probes
+            // back, nor does making and deleting it again and again.
+            let spec =
+                serde_json::from_str::<ScheduleSpec>(m.schedule_json.as_deref().unwrap_or(""));
+            if let Ok(spec) = spec {
+                let owner = crate::security::Caller {
+                    token_id: m.owner.clone(),
+                    ..Default::default()
+                };
+                crate::budget::charge(
+                    b,
+                    &owner,
+                    crate::budget::ran_today(m.daily_probes, &spec, now),
+                )
+                .await;
+            }
         }
         return Ok(json!({"id": id, "stopped": true, "agents_told": agents}));
     }
@@ -798,4 +801,24 @@ pub async fn stop(
         }
     }
     Ok(json!({"id": id, "cancelled": cancelled}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Jitter is checked in ms, as agents check it (`jitter_ms < interval_ms`): a value
+    /// that rounds up to the interval is refused here, not by every agent later.
+    #[test]
+    fn schedules_are_checked_as_agents_check_them() {
+        let jitter = |j: f64| {
+            ScheduleSpec::parse(json!({"interval_s": 1, "jitter_s": j}), 0).map(|s| s.jitter_ms)
+        };
+        assert_eq!(jitter(0.999).unwrap(), 999);
+        assert!(matches!(
+            jitter(0.9996),
+            Err(ApiError::InvalidParams { field, .. }) if field == "/schedule/jitter_s"
+        ));
+        assert!(jitter(1.0).is_err() && jitter(-0.1).is_err());
+    }
 }

@@ -26,6 +26,9 @@ pub const MAX_SEQ_SPREAD: u64 = 1 << 24;
 pub const MAX_EVENTS_PER_BATCH: usize = 1_000;
 /// Bytes of one agent's messages waiting for the store at most; past it they are shed.
 pub const AGENT_QUEUED_BYTES: usize = 4 * 1024 * 1024;
+/// Messages of one agent waiting at most, whatever their size (a flood of small
+/// statuses costs a store write each); past it they are shed.
+pub const AGENT_QUEUED_MESSAGES: usize = 1024;
 /// Hellos of one agent handled at most this often (each reads and writes the store).
 pub const HELLO_MIN_INTERVAL_MS: i64 = 1_000;
 
@@ -246,20 +249,23 @@ pub fn defer_events(b: &mut Batch) -> usize {
 /// Bytes each agent has waiting between the bus and the store.
 #[derive(Clone, Default)]
 pub struct Shares {
-    queued: Arc<Mutex<HashMap<String, usize>>>,
+    /// Per agent: (bytes, messages) waiting.
+    queued: Arc<Mutex<HashMap<String, (usize, usize)>>>,
 }
 
 impl Shares {
-    /// Counts `bytes` of `agent`'s waiting, unless that takes it past
-    /// [`AGENT_QUEUED_BYTES`] (a message alone may be up to that). The share is given
-    /// back when the returned guard drops.
+    /// Counts one message of `bytes` of `agent`'s waiting, unless that takes it past
+    /// [`AGENT_QUEUED_BYTES`] (a message alone may be up to that) or
+    /// [`AGENT_QUEUED_MESSAGES`]. The share is given back when the returned guard drops.
     pub fn take(&self, agent: &str, bytes: usize) -> Option<Share> {
         let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-        let have = q.get(agent).copied().unwrap_or(0);
-        if have > 0 && have.saturating_add(bytes) > AGENT_QUEUED_BYTES {
+        let (have, n) = q.get(agent).copied().unwrap_or((0, 0));
+        if (have > 0 && have.saturating_add(bytes) > AGENT_QUEUED_BYTES)
+            || n >= AGENT_QUEUED_MESSAGES
+        {
             return None;
         }
-        q.insert(agent.to_string(), have.saturating_add(bytes));
+        q.insert(agent.to_string(), (have.saturating_add(bytes), n + 1));
         Some(Share {
             shares: self.clone(),
             agent: agent.to_string(),
@@ -283,9 +289,10 @@ pub struct Share {
 impl Drop for Share {
     fn drop(&mut self) {
         let mut q = self.shares.queued.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(have) = q.get_mut(&self.agent) {
+        if let Some((have, n)) = q.get_mut(&self.agent) {
             *have = have.saturating_sub(self.bytes);
-            if *have == 0 {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
                 q.remove(&self.agent);
             }
         }
@@ -322,6 +329,29 @@ impl<T> FairQueue<T> {
 
     pub fn is_empty(&self) -> bool {
         self.turn.is_empty()
+    }
+
+    /// Takes one item of each agent in turn, at most `max`: a round.
+    pub fn take_round(&mut self, max: usize) -> Vec<T> {
+        let n = self.turn.len().min(max);
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(agent) = self.turn.pop_front() else {
+                break;
+            };
+            let Some(q) = self.queues.get_mut(&agent) else {
+                continue;
+            };
+            if let Some((item, _)) = q.pop_front() {
+                out.push(item);
+            }
+            if q.is_empty() {
+                self.queues.remove(&agent);
+            } else {
+                self.turn.push_back(agent);
+            }
+        }
+        out
     }
 
     /// Takes items round-robin until `max_items` or `max_rows` is reached (at least
@@ -422,6 +452,25 @@ mod tests {
         drop(b);
         // A single message larger than the share still passes when nothing waits.
         assert!(s.take("c", AGENT_QUEUED_BYTES * 2).is_some());
+        // Small messages are counted too.
+        let held: Vec<Share> = (0..AGENT_QUEUED_MESSAGES)
+            .map(|_| s.take("d", 10).unwrap())
+            .collect();
+        assert!(s.take("d", 10).is_none(), "over its message count");
+        drop(held);
+        assert!(s.take("d", 10).is_some());
+    }
+
+    #[test]
+    fn a_round_takes_one_message_of_each_agent() {
+        let mut q = FairQueue::default();
+        for i in 0..5 {
+            q.push("flood", format!("f{i}"), 1);
+        }
+        q.push("a", "a0".to_string(), 1);
+        assert_eq!(q.take_round(100), ["f0", "a0"]);
+        assert_eq!(q.take_round(100), ["f1"]);
+        assert_eq!(q.take_round(0), Vec::<String>::new());
     }
 
     #[test]

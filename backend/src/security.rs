@@ -885,6 +885,16 @@ impl Security {
         if policy.is_open() {
             return Ok(policy);
         }
+        let first_rule = policy
+            .rules
+            .first()
+            .map_or(imn_modules::policy::BUILTIN_RULE, |r| r.name.as_str());
+        if demand.redirects && !enforcing {
+            return Err(ApiError::PolicyDenied {
+                rule: format!("{first_rule}.redirects"),
+                message: "/follow_redirects: this agent does not check the addresses it sends to itself (it is older than wire version 2), so under a policy it may not follow redirects the backend cannot see".into(),
+            });
+        }
         names.resolve(demand).await;
         for t in &demand.targets {
             let addrs = match t.literal() {
@@ -893,12 +903,8 @@ impl Security {
                     Some(addrs) => addrs,
                     None if enforcing => continue,
                     None => {
-                        let rule = policy
-                            .rules
-                            .first()
-                            .map_or(imn_modules::policy::BUILTIN_RULE, |r| r.name.as_str());
                         return Err(ApiError::PolicyDenied {
-                            rule: format!("{rule}.resolve"),
+                            rule: format!("{first_rule}.resolve"),
                             message: format!(
                                 "{}: {:?} does not resolve here, so its address cannot be checked (this agent does not check addresses itself; give an address)",
                                 t.field, t.host
@@ -1098,6 +1104,7 @@ mod tests {
             count: Some(1),
             probes: targets.len() as u64,
             rate: Some(rate),
+            redirects: false,
         }
     }
 
@@ -1255,6 +1262,19 @@ mod tests {
             "builtin.resolve"
         );
         assert_eq!(code(s.check_measurement("a", &d, true, &names).await), "ok");
+        // Redirects go where the backend cannot see: only for an agent that checks.
+        let follow = Demand {
+            redirects: true,
+            ..demand(&["192.0.2.1"], 1.0)
+        };
+        assert_eq!(
+            code(s.check_measurement("a", &follow, false, &names).await),
+            "builtin.redirects"
+        );
+        assert_eq!(
+            code(s.check_measurement("a", &follow, true, &names).await),
+            "ok"
+        );
         assert_eq!(
             code(
                 s.check_measurement("a", &demand(&["localhost"], 1.0), true, &names)

@@ -141,6 +141,28 @@ pub struct Backend {
     deferred_hellos: Mutex<HashMap<String, (Hello, u8)>>,
     /// Result streams: one store read per commit for all of them, and their caps.
     pub feed: crate::feed::Feed,
+    /// Per API token with a budget: the turn to check it and charge it (see
+    /// [`Self::budget_turn`]). One entry per token that measured (tokens are an admin's).
+    budget_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Non-batch messages handled between two group commits, at most (one per agent).
+const OTHERS_PER_ROUND: usize = 1024;
+
+/// A batch joins its agent's queue for group commits; anything else its agent's queue of
+/// other messages.
+fn queue(
+    d: Decoded,
+    batches: &mut ingest::FairQueue<Decoded>,
+    others: &mut ingest::FairQueue<Decoded>,
+) {
+    let agent = d.msg.agent.clone();
+    if d.is_batch() {
+        let rows = d.rows.as_ref().map_or(0, |r| r.rows.len());
+        batches.push(&agent, d, rows);
+    } else {
+        others.push(&agent, d, 1);
+    }
 }
 
 /// Resolves at `at`; never if `None` (the caller guards the branch).
@@ -224,6 +246,7 @@ impl Backend {
             last_hello: Mutex::new(HashMap::new()),
             deferred_hellos: Mutex::new(HashMap::new()),
             feed: crate::feed::Feed::default(),
+            budget_turns: Mutex::new(HashMap::new()),
         });
         {
             let weak = Arc::downgrade(&backend);
@@ -316,19 +339,6 @@ impl Backend {
             prepaid,
         } = opts;
         let names = names.unwrap_or_default();
-        let Checked {
-            params,
-            timeout_ms,
-            demand,
-            ..
-        } = self.checked_params(agent, module, body, &names).await?;
-        if !prepaid {
-            let cost = crate::budget::Cost {
-                one_off: demand.probes,
-                ..Default::default()
-            };
-            crate::budget::check(self, &caller, &cost).await?;
-        }
         // A key is the caller's own (another token's same key finds nothing of it),
         // and it names one request: the same key with another request is refused.
         let idempotency_key =
@@ -343,6 +353,33 @@ impl Backend {
             h.update(deadline.as_millis().to_le_bytes());
             imn_modules::auth::to_hex(&h.finalize())
         });
+        // A retry finds its request before anything is checked again: the first one
+        // may have used the last of the budget or the agent's queue.
+        if let Some(key) = &idempotency_key {
+            if let Some(request) = self.store.request_by_key(key).await? {
+                return self.replayed(request, &idempotency_hash);
+            }
+        }
+        // One request of a token at a time from check to charge, so parallel requests
+        // cannot all pass the same check.
+        let _turn = if prepaid {
+            None
+        } else {
+            self.budget_turn(&caller).await
+        };
+        let Checked {
+            params,
+            timeout_ms,
+            demand,
+            ..
+        } = self.checked_params(agent, module, body, &names).await?;
+        if !prepaid {
+            let cost = crate::budget::Cost {
+                one_off: demand.probes,
+                ..Default::default()
+            };
+            crate::budget::check(self, &caller, &cost).await?;
+        }
         let queued = self.store.open_requests(agent).await?;
         let max_queued = self.security.limits.max_queued_per_agent;
         if queued >= max_queued {
@@ -372,21 +409,8 @@ impl Backend {
             })
             .await?;
         match created {
-            Created::Existing(request) => {
-                if request.idempotency_hash.is_some()
-                    && request.idempotency_hash != idempotency_hash
-                {
-                    return Err(ApiError::IdempotencyMismatch(format!(
-                        "Idempotency-Key: this key made request {} with another agent, module, body or deadline; use a new key for a new request",
-                        request.id
-                    )));
-                }
-                Ok(Submitted {
-                    request,
-                    new: false,
-                    done: None,
-                })
-            }
+            // Made meanwhile with the same key (another backend, or a race here).
+            Created::Existing(request) => self.replayed(request, &idempotency_hash),
             Created::New(request) => {
                 if !prepaid {
                     crate::budget::charge(self, &caller, demand.probes).await;
@@ -404,6 +428,42 @@ impl Backend {
                 })
             }
         }
+    }
+
+    /// The answer to a request whose idempotency key made `request` before: that
+    /// request, unless the key came with another request (422).
+    fn replayed(&self, request: RequestRow, hash: &Option<String>) -> Result<Submitted, ApiError> {
+        if request.idempotency_hash.is_some() && request.idempotency_hash != *hash {
+            return Err(ApiError::IdempotencyMismatch(format!(
+                "Idempotency-Key: this key made request {} with another agent, module, body or deadline; use a new key for a new request",
+                request.id
+            )));
+        }
+        Ok(Submitted {
+            request,
+            new: false,
+            done: None,
+        })
+    }
+
+    /// Holds `caller`'s turn to check its budget, create and charge (None: no budget).
+    /// Per token, in this backend; two backends may still each pass one request.
+    pub async fn budget_turn(
+        &self,
+        caller: &crate::security::Caller,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let token = caller
+            .token_id
+            .as_ref()
+            .filter(|_| caller.budget.is_some())?;
+        let turn = self
+            .budget_turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(token.clone())
+            .or_default()
+            .clone();
+        Some(turn.lock_owned().await)
     }
 
     /// The parameters of a run of `module` on `agent`, as that agent would run them:
@@ -815,7 +875,11 @@ impl Backend {
                 }
             }
         });
-        let mut waiting: ingest::FairQueue<Decoded> = ingest::FairQueue::default();
+        // Batches wait for group commits, everything else (hellos, heartbeats,
+        // statuses, refusals) for its turn: both round-robin over agents, so a flood
+        // of any kind from one agent is served one message a round, between the others'.
+        let mut batches: ingest::FairQueue<Decoded> = ingest::FairQueue::default();
+        let mut others: ingest::FairQueue<Decoded> = ingest::FairQueue::default();
         loop {
             let deferred = self.next_deferred_hello();
             let d = tokio::select! {
@@ -828,15 +892,26 @@ impl Backend {
                     continue;
                 }
             };
-            self.queue_or_handle(d, &mut waiting).await;
-            while !waiting.is_empty() {
+            queue(d, &mut batches, &mut others);
+            while !batches.is_empty() || !others.is_empty() {
                 // Whatever else is ready joins the queues first (small messages from
                 // many agents would otherwise cost a commit each).
                 while let Ok(d) = prepared.try_recv() {
-                    self.queue_or_handle(d, &mut waiting).await;
+                    queue(d, &mut batches, &mut others);
                 }
-                let group = waiting.take_group(GROUP_MESSAGES, GROUP_ROWS);
-                self.store_group(group).await;
+                for d in others.take_round(OTHERS_PER_ROUND) {
+                    self.handle_up(d).await;
+                }
+                if !batches.is_empty() {
+                    let group = batches.take_group(GROUP_MESSAGES, GROUP_ROWS);
+                    self.store_group(group).await;
+                }
+                if self
+                    .next_deferred_hello()
+                    .is_some_and(|t| t <= tokio::time::Instant::now())
+                {
+                    self.take_deferred_hellos().await;
+                }
             }
         }
         tracing::warn!("uplink feed closed");
@@ -865,17 +940,6 @@ impl Backend {
             _share: share,
         })
         .await;
-    }
-
-    /// A batch joins its agent's queue; anything else is handled now.
-    async fn queue_or_handle(&self, d: Decoded, waiting: &mut ingest::FairQueue<Decoded>) {
-        if d.is_batch() {
-            let rows = d.rows.as_ref().map_or(0, |r| r.rows.len());
-            let agent = d.msg.agent.clone();
-            waiting.push(&agent, d, rows);
-        } else {
-            self.handle_up(d).await;
-        }
     }
 
     /// Decodes an uplink message and checks it against the bounds of [`ingest`]; a
@@ -1085,6 +1149,23 @@ impl Backend {
                     msg.ack().await;
                     return;
                 }
+                // An older version's hello after a newer one's, and no later by the
+                // agent's own clock, is a replay: it would make the backend write to a
+                // newer agent in a version it refuses.
+                let replay = self.registry.get(&agent).is_some_and(|a| {
+                    version < a.wire_version && hello.sent_at_ms <= a.hello.sent_at_ms
+                });
+                if replay {
+                    self.reject("stale_hello");
+                    tracing::warn!(%agent, version, "a version {version} hello older than the agent's last; dropped");
+                    msg.ack().await;
+                    return;
+                }
+                // This one is newer than any deferred one of the agent's.
+                self.deferred_hellos
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&agent);
                 match self.take_hello(&agent, hello, version, now).await {
                     Ok(()) => msg.ack().await,
                     Err(()) => msg.nak().await,

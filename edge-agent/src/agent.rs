@@ -647,7 +647,7 @@ impl Agent {
                 reason = r.reason,
                 issued_ms = cmd.issued_ms,
                 skew_ms,
-                "command refused: its issue time is off the agent's clock by {skew_ms} ms (issue time minus the agent's clock; check both clocks)"
+                "command refused: issued {skew_ms} ms from the newest command this agent accepted (a replay, or a backend clock that went back)"
             ),
             None => {
                 tracing::warn!(command = %id, kind, reason = r.reason, "command refused: {}", r.message)
@@ -664,20 +664,22 @@ impl Agent {
         let now = now_ms();
         // Fresh and unrepeated, or not at all.
         if matches!(cmd.kind, CommandKind::Run { .. }) {
-            if let Err(r) =
-                fresh::check_run(&cmd.id, cmd.issued_ms, self.outbox.forgotten_before_ms())
-            {
+            if let Err(r) = fresh::check_run(
+                &cmd.id,
+                cmd.issued_ms,
+                self.outbox.forgotten_before_ms(),
+                self.control_ids.newest(),
+            ) {
                 self.refuse_command(&cmd, &r)?;
                 return Ok(false);
             }
-        } else {
-            if let Err(r) = self.control_ids.check(&cmd.id, cmd.issued_ms, now) {
-                self.refuse_command(&cmd, &r)?;
-                return Ok(false);
-            }
-            let bytes = self.control_ids.to_bytes();
-            self.outbox.put_meta(META_CONTROL_IDS, &bytes);
+            self.control_ids.saw(cmd.issued_ms);
+        } else if let Err(r) = self.control_ids.check(&cmd.id, cmd.issued_ms) {
+            self.refuse_command(&cmd, &r)?;
+            return Ok(false);
         }
+        let bytes = self.control_ids.to_bytes();
+        self.outbox.put_meta(META_CONTROL_IDS, &bytes);
         let policy = cmd.policy;
         match cmd.kind {
             CommandKind::Run {

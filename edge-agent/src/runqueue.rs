@@ -138,9 +138,10 @@ impl<T> RunQueue<T> {
 }
 
 /// The rate a run of `module` with `params_json` declares (its demand), and, when that
-/// alone is over `max_rate` and the parameters have a `rate` (ping), the parameters
-/// with `rate` lowered to `max_rate`. Unknown modules and unreadable parameters declare
-/// nothing (the module then fails on its own).
+/// alone is over `max_rate` and the module takes a `rate` parameter (ping), the
+/// parameters with `rate` set to `max_rate` (whether the request gave one or not: a
+/// ping without `rate` paces by its interval, which may well be faster). Unknown
+/// modules and unreadable parameters declare nothing (the module then fails on its own).
 pub fn declared_rate(
     module: &str,
     params_json: &str,
@@ -155,7 +156,8 @@ pub fn declared_rate(
     let rate = spec.demand(&params).rate;
     let over = rate.is_some_and(|r| r > max_rate);
     if over {
-        if let Some(p) = params.as_object_mut().filter(|p| p.contains_key("rate")) {
+        let takes_rate = spec.schema().pointer("/properties/rate").is_some();
+        if let Some(p) = params.as_object_mut().filter(|_| takes_rate) {
             p.insert("rate".into(), Value::from(max_rate));
             return (Some(max_rate), Some(params.to_string()));
         }
@@ -299,6 +301,14 @@ mod tests {
         );
         let (rate, params) = declared_rate("ping_module", r#"{"host":"h","rate":10}"#, 2000.0);
         assert_eq!((rate, params), (Some(10.0), None));
+        // A ping without `rate` paces by its interval: 10,000 targets a second apart
+        // each is 10,000 probes/s, and gets a `rate` of the budget.
+        let many: Vec<String> = (0..10_000).map(|i| format!("h{i}")).collect();
+        let wide = serde_json::json!({"targets": many, "interval_ms": 1000}).to_string();
+        let (rate, params) = declared_rate("ping_module", &wide, 2000.0);
+        assert_eq!(rate, Some(2000.0));
+        let p: Value = serde_json::from_str(&params.expect("a rate added")).unwrap();
+        assert_eq!(p["rate"].as_f64(), Some(2000.0));
         // tcping paces by its interval and has no rate to lower: it runs alone.
         let (rate, params) = declared_rate("tcping", r#"{"host":"h","interval_ms":0}"#, 5.0);
         assert!(

@@ -217,6 +217,7 @@ fn ping_demand(params: &Value) -> Demand {
         count: Some(count),
         probes: count.saturating_mul(n),
         rate,
+        redirects: false,
     }
 }
 
@@ -230,6 +231,7 @@ fn tcping_demand(params: &Value) -> Demand {
         count: Some(count),
         probes: count,
         rate: Some(rate_of(1, u64_param(params, "interval_ms", 1000))),
+        redirects: false,
     }
 }
 

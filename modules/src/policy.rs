@@ -52,6 +52,16 @@ impl Cidr {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
         };
+        // An IPv4 network written IPv4-mapped (`::ffff:10.0.0.0/104`) is that IPv4
+        // network: addresses are compared as IPv4 once mapped, so it would never match.
+        if let IpAddr::V6(v6) = addr {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                return Ok(Cidr {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
         Ok(Cidr { addr, prefix })
     }
 
@@ -114,8 +124,9 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 /// The IPv4 address an IPv6 address carries through a translation or tunnelling
 /// scheme, if it carries one: IPv4-compatible (`::a.b.c.d`), NAT64's well-known prefix
-/// (`64:ff9b::/96`) and 6to4 (`2002:AABB:CCDD::/48`). (Mapped addresses are already
-/// IPv4 after [`canonical`].)
+/// (`64:ff9b::/96`) and its local-use prefix (`64:ff9b:1::/48`), SIIT (`::ffff:0:0:0/96`)
+/// and 6to4 (`2002:AABB:CCDD::/48`). (Mapped addresses are already IPv4 after
+/// [`canonical`].)
 fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
     let IpAddr::V6(v6) = ip else { return None };
     let s = v6.segments();
@@ -123,7 +134,13 @@ fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
     if s[..6] == [0; 6] && !matches!(u32::from(low), 0 | 1) {
         return Some(low);
     }
-    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    // NAT64: the well-known prefix, and the local-use one (RFC 8215) with its IPv4
+    // address in the last 32 bits (a /96, as translators are usually set up).
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || s[..3] == [0x64, 0xff9b, 1] {
+        return Some(low);
+    }
+    // SIIT's IPv4-translated addresses, `::ffff:0:a.b.c.d` (RFC 2765).
+    if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
         return Some(low);
     }
     if s[0] == 0x2002 {
@@ -162,6 +179,10 @@ pub const BUILTIN_DENY: &[(&str, &str)] = &[
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("100::/64", "discard"),
+    (
+        "64:ff9b:1::/48",
+        "local-use NAT64, translating to any network",
+    ),
     ("fc00::/7", "unique local"),
     ("fe80::/10", "link-local"),
     ("fec0::/10", "site-local"),
@@ -363,6 +384,9 @@ pub struct Demand {
     pub probes: u64,
     /// Probes per second the run sends at most, when it paces them.
     pub rate: Option<f64>,
+    /// The run may send to addresses its parameters do not name (HTTP redirects it
+    /// follows): only an agent that checks every address may run it under a policy.
+    pub redirects: bool,
 }
 
 impl Demand {
@@ -462,6 +486,8 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "2002:7f00:1::1",
             "::7f00:1",
+            "::ffff:0:7f00:1",
+            "64:ff9b:1::c000:201",
         ] {
             assert_eq!(rule_of(&p, a).as_deref(), Some("builtin.deny"), "{a}");
         }
@@ -498,6 +524,21 @@ mod tests {
         );
         assert_eq!(rule_of(&p, "2002:a00:1::5").as_deref(), Some("no-ten.deny"));
         assert_eq!(rule_of(&p, "2001:db8::1"), None);
+        assert_eq!(
+            rule_of(&p, "::ffff:0:a00:1").as_deref(),
+            Some("no-ten.deny")
+        );
+        assert_eq!(
+            rule_of(&p, "64:ff9b:1::a00:1").as_deref(),
+            Some("no-ten.deny")
+        );
+        // A deny written IPv4-mapped is the IPv4 network.
+        let mapped = TargetPolicy {
+            rules: vec![rule("m", &[], &["::ffff:10.0.0.0/104"])],
+            builtin: false,
+        };
+        assert_eq!(mapped.rules[0].deny[0].to_string(), "10.0.0.0/8");
+        assert_eq!(rule_of(&mapped, "10.1.2.3").as_deref(), Some("m.deny"));
     }
 
     #[test]

@@ -1162,6 +1162,7 @@ pub async fn measurements_owners_and_token_usage(s: &dyn Store) {
 /// The idempotency hash is stored with the request, and comes back with the request
 /// an idempotency key finds (so a replay with another body can be told), never in the
 /// API's JSON.
+/// ...and the request a key made is found by the key.
 pub async fn an_idempotency_hash_comes_back_with_the_existing_request(s: &dyn Store) {
     let mut first = new_request("r1", Some("k"));
     first.idempotency_hash = Some("h1".into());
@@ -1182,6 +1183,14 @@ pub async fn an_idempotency_hash_comes_back_with_the_existing_request(s: &dyn St
     }
     let r = s.request("r1").await.unwrap().unwrap();
     assert_eq!(r.idempotency_hash.as_deref(), Some("h1"));
+    // Found by its key, before anything else is checked (a retry of a request that
+    // spent the budget must find it, not be refused).
+    let by_key = s.request_by_key("k").await.unwrap().unwrap();
+    assert_eq!(
+        (by_key.id.as_str(), by_key.idempotency_hash.as_deref()),
+        ("r1", Some("h1"))
+    );
+    assert!(s.request_by_key("nope").await.unwrap().is_none());
     assert!(serde_json::to_value(&r)
         .unwrap()
         .get("idempotency_hash")

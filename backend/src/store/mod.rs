@@ -516,6 +516,8 @@ pub trait Store: Send + Sync + 'static {
     /// idempotency key.
     async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError>;
     async fn request(&self, id: &str) -> Result<Option<RequestRow>, StoreError>;
+    /// The request an idempotency key (as the caller stores it) made, if any.
+    async fn request_by_key(&self, key: &str) -> Result<Option<RequestRow>, StoreError>;
     /// Records a transition; the request's state only moves forward. Returns whether
     /// the request's state changed.
     async fn transition(

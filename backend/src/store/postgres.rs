@@ -333,21 +333,42 @@ impl PostgresStore {
             partitions: Default::default(),
         };
         store.migrate().await?;
+        store.prepare_months().await?;
+        // This month's and next month's partitions are made ahead of the writes that
+        // need them, off the ingest path: making one (and moving what the default
+        // partition holds of its month) locks the table, and a group commit should not
+        // wait for that. The writers still make one they find missing.
+        let ahead = store.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = ahead.prepare_months().await {
+                    tracing::warn!(error = %e, "cannot make the coming month's partitions; the writers will");
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    /// Makes this month's and next month's partitions, if missing.
+    async fn prepare_months(&self) -> Result<(), StoreError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        let mut c = store.client().await?;
+        let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
             .await
             .map_err(db)?;
-        let made = store
+        let made = self
             .ensure_partitions(&tx, [now, now + 31 * 86_400_000], now)
             .await?;
         tx.commit().await.map_err(db)?;
-        store.remember_partitions(made);
-        Ok(store)
+        self.remember_partitions(made);
+        Ok(())
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -1196,6 +1217,20 @@ impl Store for PostgresStore {
         get_request(&c, id, false).await
     }
 
+    async fn request_by_key(&self, key: &str) -> Result<Option<RequestRow>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {REQUEST_COLS} FROM requests WHERE idempotency_key = $1"
+            ))
+            .await
+            .map_err(db)?;
+        Ok(c.query_opt(&st, &[&key])
+            .await
+            .map_err(db)?
+            .map(|r| request_row(&r)))
+    }
+
     async fn transition(
         &self,
         id: &str,
@@ -1295,27 +1330,38 @@ impl Store for PostgresStore {
             }
             let (agent, epoch, rows) = part;
             let mut out = BatchOutcome::default();
-            for row in rows {
-                let alone = if rows.len() > 1 {
-                    self.store_group(&mut c, &[(agent, epoch, std::slice::from_ref(row))], now_ms)
-                        .await
-                } else {
-                    // Refused alone already: as a group of one, or as a batch of one.
-                    Err(std::mem::replace(
-                        &mut failure,
-                        StoreError::Db(String::new()),
-                    ))
+            // What the database refuses is halved, in order, until a refused record is alone:
+            // k bad records of n cost about 2k·log2(n) transactions, not n.
+            let refused = std::mem::replace(&mut failure, StoreError::Db(String::new()));
+            let mut todo: Vec<(&[super::RecordRow], Option<StoreError>)> =
+                vec![(rows, Some(refused))];
+            while let Some((part_rows, known)) = todo.pop() {
+                if part_rows.is_empty() {
+                    continue;
+                }
+                let tried = match known {
+                    Some(e) => Err(e),
+                    None => {
+                        self.store_group(&mut c, &[(agent, epoch, part_rows)], now_ms)
+                            .await
+                    }
                 };
-                match alone {
+                match tried {
                     Ok(mut o) => out.merge(o.pop().unwrap_or_default()),
                     Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
-                    Err(StoreError::Db(reason)) => {
-                        if dead_letter(&c, (agent, epoch), row, &reason, now_ms).await? {
+                    Err(StoreError::Db(reason)) if part_rows.len() == 1 => {
+                        let row = &part_rows[0];
+                        if dead_letter(&c, (agent, epoch), &part_rows[0], &reason, now_ms).await? {
                             tracing::warn!(%agent, epoch, seq = row.seq, %reason, "record refused by the store; dead-lettered");
                             out.dead_lettered += 1;
                         } else {
                             out.duplicates += 1;
                         }
+                    }
+                    Err(_) => {
+                        let (first, second) = part_rows.split_at(part_rows.len() / 2);
+                        todo.push((second, None));
+                        todo.push((first, None));
                     }
                 }
             }

@@ -873,8 +873,8 @@ fn dead_letter(
 }
 
 /// [`Store::store_batches`]: the group in one transaction; if the database refuses
-/// it, each batch alone; if it refuses a batch, each of its records alone; a record
-/// refused alone is dead-lettered.
+/// it, each batch alone; if it refuses a batch, halves of it until a refused record is
+/// alone, and dead-lettered.
 fn store_isolating(
     c: &mut Connection,
     batches: &[(String, PreparedBatch)],
@@ -904,26 +904,34 @@ fn store_isolating(
         }
         let (agent, epoch, rows) = part;
         let mut out = BatchOutcome::default();
-        for row in rows {
-            let alone = if rows.len() > 1 {
-                store_group(c, &[(agent, epoch, std::slice::from_ref(row))], now_ms)
-            } else {
-                // Refused alone already: as a group of one, or as a batch of one.
-                Err(std::mem::replace(
-                    &mut failure,
-                    StoreError::Db(String::new()),
-                ))
+        // What the database refuses is halved, in order, until a refused record is alone:
+        // k bad records of n cost about 2k·log2(n) transactions, not n.
+        let refused = std::mem::replace(&mut failure, StoreError::Db(String::new()));
+        let mut todo: Vec<(&[super::RecordRow], Option<StoreError>)> = vec![(rows, Some(refused))];
+        while let Some((part_rows, known)) = todo.pop() {
+            if part_rows.is_empty() {
+                continue;
+            }
+            let tried = match known {
+                Some(e) => Err(e),
+                None => store_group(c, &[(agent, epoch, part_rows)], now_ms),
             };
-            match alone {
+            match tried {
                 Ok(mut o) => out.merge(o.pop().unwrap_or_default()),
                 Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
-                Err(StoreError::Db(reason)) => {
-                    if dead_letter(c, (agent, epoch), row, &reason, now_ms)? {
+                Err(StoreError::Db(reason)) if part_rows.len() == 1 => {
+                    let row = &part_rows[0];
+                    if dead_letter(c, (agent, epoch), &part_rows[0], &reason, now_ms)? {
                         tracing::warn!(%agent, epoch, seq = row.seq, %reason, "record refused by the store; dead-lettered");
                         out.dead_lettered += 1;
                     } else {
                         out.duplicates += 1;
                     }
+                }
+                Err(_) => {
+                    let (first, second) = part_rows.split_at(part_rows.len() / 2);
+                    todo.push((second, None));
+                    todo.push((first, None));
                 }
             }
         }
@@ -1068,6 +1076,20 @@ impl Store for SqliteStore {
     async fn request(&self, id: &str) -> Result<Option<RequestRow>, StoreError> {
         let id = id.to_string();
         self.with(move |c| get_request(c, &id)).await
+    }
+
+    async fn request_by_key(&self, key: &str) -> Result<Option<RequestRow>, StoreError> {
+        let key = key.to_string();
+        self.with(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {REQUEST_COLS} FROM requests WHERE idempotency_key = ?1"
+            ))
+            .map_err(db)?
+            .query_row([key], request_row)
+            .optional()
+            .map_err(db)
+        })
+        .await
     }
 
     async fn request_and_result(

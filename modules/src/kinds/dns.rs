@@ -498,6 +498,7 @@ pub fn dns_demand(params: &Value) -> Demand {
         count: None,
         probes: 1 + u64_param(params, "retries", 0),
         rate: None,
+        redirects: false,
     }
 }
 

@@ -657,6 +657,7 @@ pub fn http_demand(params: &Value) -> Demand {
         count: None,
         probes: 1 + redirects,
         rate: None,
+        redirects: follow,
     }
 }
 
@@ -821,6 +822,7 @@ pub fn tls_cert_demand(params: &Value) -> Demand {
         count: None,
         probes: 1,
         rate: None,
+        redirects: false,
     }
 }
 

@@ -181,6 +181,7 @@ pub fn ntp_demand(params: &Value) -> Demand {
             1,
             u64_param(params, "interval_ms", default_interval()),
         )),
+        redirects: false,
     }
 }
 

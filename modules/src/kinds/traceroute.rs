@@ -330,6 +330,7 @@ pub fn traceroute_demand(params: &Value) -> Demand {
             probes,
             u64_param(params, "timeout_ms", d_timeout_ms()),
         )),
+        redirects: false,
     }
 }
 
@@ -550,6 +551,7 @@ pub fn mtr_demand(params: &Value) -> Demand {
             per_round,
             u64_param(params, "interval_ms", d_interval_ms()),
         )),
+        redirects: false,
     }
 }
 
