@@ -1065,8 +1065,10 @@ impl Harness {
                     .registry
                     .get(&agent)
                     .expect("an agent that said hello is in the registry");
+                // Compared encoded: a NaN from the agent never equals itself.
                 assert_eq!(
-                    e.hello, h,
+                    wire::encode(&Envelope::Hello(e.hello.clone())),
+                    wire::encode(&Envelope::Hello(h)),
                     "the registry's hello differs from the one taken"
                 );
                 assert_eq!(e.wire_version, version, "the registry's wire version");
