@@ -41,6 +41,11 @@ pub const MAX_DEFAULTS_JSON: usize = 64 * 1024;
 pub const MAX_INTERFACES: usize = 256;
 pub const MAX_CORES: usize = 1024;
 pub const MAX_CONDITION_TEXT: usize = 512;
+/// The longest id a record carries (request, measurement): the backend's are UUIDs, a
+/// scheduled run's `{measurement}@{slot}`.
+pub const MAX_ID: usize = 256;
+/// The longest state detail or event message.
+pub const MAX_DETAIL: usize = 16 * 1024;
 /// The longest heartbeat period an agent may announce (it is counted dead after three).
 pub const MAX_HEARTBEAT_INTERVAL_MS: u64 = 86_400_000;
 
@@ -212,6 +217,35 @@ pub fn check_batch(b: &Batch) -> Result<(), Refusal> {
                     w[1].seq, w[0].seq
                 ),
             ));
+        }
+    }
+    // Ids and names a record carries become indexed columns: a 64 KiB id is past what
+    // PostgreSQL indexes (2,704 bytes), and nothing an honest agent sends.
+    for (n, r) in b.records.iter().enumerate() {
+        let field = |f: &str| format!("/records/{n}/{f}");
+        match &r.body {
+            RecordBody::State(s) => {
+                text(&field("request_id"), &s.request_id, MAX_ID)?;
+                if let Some(d) = &s.detail {
+                    text(&field("detail"), d, MAX_DETAIL)?;
+                }
+            }
+            RecordBody::Event(e) => {
+                text(&field("kind"), &e.kind, MAX_SHORT_TEXT)?;
+                text(&field("message"), &e.message, MAX_DETAIL)?;
+            }
+            RecordBody::Result(m) | RecordBody::TracedResult(m, _) => {
+                text(&field("request_id"), &m.request_id, MAX_ID)?;
+                text(&field("module"), &m.module, MAX_SHORT_TEXT)?;
+            }
+            RecordBody::ScheduledResult(run) => {
+                text(&field("measurement_id"), &run.measurement_id, MAX_ID)?;
+                text(&field("request_id"), &run.result.request_id, MAX_ID)?;
+                text(&field("module"), &run.result.module, MAX_SHORT_TEXT)?;
+            }
+        }
+        if let RecordBody::TracedResult(_, tp) = &r.body {
+            text(&field("traceparent"), tp, MAX_SHORT_TEXT * 2)?;
         }
     }
     if let (Some(first), Some(last)) = (b.records.first(), b.records.last()) {
@@ -424,6 +458,21 @@ mod tests {
             records: (0..=MAX_BATCH_RECORDS as u64).map(event).collect(),
         };
         assert_eq!(check_batch(&big).unwrap_err().rule, "maxItems");
+        let mut long_id = event(1);
+        long_id.body = RecordBody::State(imn_modules::wire::StateChange {
+            request_id: "r".repeat(MAX_ID + 1),
+            state: imn_modules::wire::RequestState::Running,
+            detail: None,
+        });
+        let r = check_batch(&Batch {
+            epoch: 1,
+            records: vec![long_id],
+        })
+        .unwrap_err();
+        assert_eq!(
+            (r.field.as_str(), r.rule),
+            ("/records/0/request_id", "maxLength")
+        );
     }
 
     #[test]

@@ -603,7 +603,9 @@ async fn the_label_bomb_is_capped() {
             batches.push(std::mem::take(&mut batch));
         }
     }
-    let name = "m".repeat(5000);
+    // Module names up to the 64 bytes ingest takes (longer ones refuse the batch,
+    // below): distinct, none in the catalog.
+    let name = "m".repeat(56);
     for i in 0..500 {
         let s = next();
         batch.push(result(
@@ -693,6 +695,24 @@ async fn the_label_bomb_is_capped() {
     );
     probe.after(attack).await.assert_kept_arriving("label bomb");
     cloud.assert_memory_bounded("label bomb", mem);
+    // A module name past 64 bytes refuses its batch whole before anything is counted.
+    let bounds = cloud.counter("/rejected/bounds").await;
+    hostile
+        .batch(
+            e,
+            vec![result(
+                u64::MAX / 2,
+                "long-module",
+                &"m".repeat(5000),
+                ModuleOutcome::Ok(ModuleOutput::Echo(imn_modules::results::EchoResult {
+                    message: "bomb".into(),
+                })),
+            )],
+        )
+        .await;
+    cloud
+        .wait_counter("/rejected/bounds", bounds + 1, Duration::from_secs(30))
+        .await;
 }
 
 // =====================================================================================
