@@ -359,6 +359,7 @@ fn setup_hello(agent: &str) -> wire::Hello {
             max_queued_runs: 100,
             max_probe_rate: 100.0,
         },
+        schedule_policy: 0,
     }
 }
 
