@@ -28,6 +28,9 @@ pub mod exec;
 #[path = "exec/resolver.rs"]
 pub mod resolver;
 
+#[cfg(feature = "tls")]
+pub mod tls;
+
 /// Milliseconds since the Unix epoch, UTC: the one wall-clock unit on the wire.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
