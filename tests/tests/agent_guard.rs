@@ -316,7 +316,7 @@ async fn fresh_commands_run_once_and_stale_or_repeated_ones_are_refused() {
     let e = b.event("command_refused", "ctl-old").await;
     let msg = e["message"].as_str().unwrap();
     assert!(
-        msg.contains("stale") && msg.contains("before the agent's clock"),
+        msg.contains("stale") && msg.contains("before the newest command this agent accepted"),
         "{e}"
     );
     // A run with no issue time is refused too.
