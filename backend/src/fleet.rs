@@ -749,6 +749,9 @@ pub async fn stop(
         // A new schedule set, without it, for each of its agents.
         let versions = b.store.stop_schedule(id, now).await?;
         let agents = versions.len();
+        for (agent, version) in versions {
+            b.schedules_changed(&agent, version).await;
+        }
         if m.stopped_ms.is_none() && m.daily_probes > 0 {
             // What it ran today is spent: deleting a schedule does not give its probes
             // back, nor does making and deleting it again and again.

@@ -761,6 +761,22 @@ async fn a_schedule_version_near_the_end_of_its_range_is_refused() {
     let id = r.body["id"].as_str().unwrap().to_string();
     let r = cloud.admin.delete(&format!("/v1/measurements/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // The stop reaches the honest agent: its set goes to version 2, empty.
+    wait_for("the honest agent's empty schedule set", T, || async {
+        let events = cloud.admin.get("/agents/honest/events").await.body;
+        events
+            .as_array()?
+            .iter()
+            .any(|e| {
+                e["kind"] == "schedules_updated"
+                    && e["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with("version 2: 0 ")
+            })
+            .then_some(())
+    })
+    .await;
     let a = cloud.agent("hostile").await;
     println!(
         "schedule versions after the measurement: hostile {}, honest {}",
