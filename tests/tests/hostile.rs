@@ -759,24 +759,34 @@ async fn a_schedule_version_near_the_end_of_its_range_is_refused() {
         .await;
     assert_eq!(r.status, 202, "{}", r.body);
     let id = r.body["id"].as_str().unwrap().to_string();
+    // The honest agent has the set (and has said hello with it) before the stop...
+    let schedules_updated = |prefix: &'static str| {
+        let cloud = &cloud;
+        async move {
+            wait_for(
+                &format!("the honest agent's schedule set {prefix}"),
+                T,
+                || async {
+                    let events = cloud.admin.get("/agents/honest/events").await.body;
+                    events
+                        .as_array()?
+                        .iter()
+                        .any(|e| {
+                            e["kind"] == "schedules_updated"
+                                && e["message"].as_str().unwrap_or("").starts_with(prefix)
+                        })
+                        .then_some(())
+                },
+            )
+            .await
+        }
+    };
+    schedules_updated("version 1: 1 ").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let r = cloud.admin.delete(&format!("/v1/measurements/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    // The stop reaches the honest agent: its set goes to version 2, empty.
-    wait_for("the honest agent's empty schedule set", T, || async {
-        let events = cloud.admin.get("/agents/honest/events").await.body;
-        events
-            .as_array()?
-            .iter()
-            .any(|e| {
-                e["kind"] == "schedules_updated"
-                    && e["message"]
-                        .as_str()
-                        .unwrap_or("")
-                        .starts_with("version 2: 0 ")
-            })
-            .then_some(())
-    })
-    .await;
+    // ...and the stop reaches it: its set goes to version 2, empty.
+    schedules_updated("version 2: 0 ").await;
     let a = cloud.agent("hostile").await;
     println!(
         "schedule versions after the measurement: hostile {}, honest {}",
