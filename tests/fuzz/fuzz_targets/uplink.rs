@@ -884,6 +884,24 @@ impl Harness {
         };
         let before = snap(stats);
         let counts_before = self.counts(&agent);
+        // Hellos dropped as replays (an older wire version than the agent's last, and
+        // no later by its clock), and what the registry held before this one.
+        let stale_hellos = |s: &imn_backend::service::Stats| {
+            s.rejected
+                .lock()
+                .unwrap()
+                .get("stale_hello")
+                .copied()
+                .unwrap_or(0)
+        };
+        let stale_before = stale_hellos(stats);
+        let registered = self.backend.registry.get(&agent).map(|e| {
+            (
+                e.wire_version,
+                e.hello.sent_at_ms,
+                wire::encode(&Envelope::Hello(e.hello.clone())),
+            )
+        });
 
         let settled = Arc::new(Mutex::new(Vec::new()));
         let msg = UpMessage::new(
@@ -1062,8 +1080,26 @@ impl Harness {
 
         // An accepted hello is what the registry holds.
         let throttled = after.5 - before.5;
+        let replayed = stale_hellos(stats) - stale_before;
         if let Some((version, h)) = hello {
-            if throttled == 0 {
+            if replayed > 0 {
+                // Only a hello the rule names is dropped, and the registry keeps the
+                // one it had.
+                let (was_version, was_sent, was_hello) = registered
+                    .clone()
+                    .expect("a hello dropped as a replay of one the registry never had");
+                assert!(
+                    version < was_version && h.sent_at_ms <= was_sent,
+                    "a version {version} hello sent at {} dropped as a replay of a version {was_version} one sent at {was_sent}",
+                    h.sent_at_ms
+                );
+                let e = self.backend.registry.get(&agent).expect("still registered");
+                assert_eq!(
+                    wire::encode(&Envelope::Hello(e.hello.clone())),
+                    was_hello,
+                    "a dropped hello changed the registry"
+                );
+            } else if throttled == 0 {
                 st.figures.hellos_accepted += 1;
                 let e = self
                     .backend

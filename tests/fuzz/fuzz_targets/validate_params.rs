@@ -19,7 +19,9 @@ fuzz_target!(|data: &[u8]| {
     for spec in catalog::catalog() {
         match v.validate(spec.name, &params) {
             Ok(()) => {}
-            Err(ApiError::InvalidParams { field, .. }) => assert!(field.starts_with('/'), "{field}"),
+            Err(ApiError::InvalidParams { field, .. }) => {
+                assert!(field.starts_with('/'), "{field}")
+            }
             Err(other) => panic!("unexpected error kind: {other:?}"),
         }
     }
