@@ -93,7 +93,16 @@ pub async fn check(b: &Backend, caller: &Caller, cost: &Cost) -> Result<(), ApiE
         }
     }
     let now = now_ms();
-    let usage = b.store.token_usage(token, day_of(now), now).await?;
+    let mut usage = b.store.token_usage(token, day_of(now), now).await?;
+    // What this backend's requests of the token reserved and have not charged yet.
+    let pending = b
+        .budget_pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(token.as_str())
+        .copied()
+        .unwrap_or(0);
+    usage.one_off_probes = usage.one_off_probes.saturating_add(pending);
     if cost.schedule.is_some() {
         if let Some(max) = budget.max_schedules {
             if usage.schedules >= max {
@@ -126,6 +135,86 @@ pub async fn check(b: &Backend, caller: &Caller, cost: &Cost) -> Result<(), ApiE
         }
     }
     Ok(())
+}
+
+/// Probes a request passed its budget check with, held against the token until they
+/// are charged (or the request is not made: dropped), so that the token's next check
+/// counts them without waiting for this request's store writes.
+#[must_use = "a reservation is charged, or dropped if the request was not made"]
+pub struct Reservation<'a> {
+    b: &'a Backend,
+    caller: Caller,
+    probes: u64,
+    /// Held in `Backend::budget_pending` (a token with a budget).
+    held: bool,
+}
+
+/// Checks `cost` against `caller`'s budget in the token's turn, counting what its
+/// requests in flight reserved, and reserves it. The turn ends here, so the request is
+/// made and charged while the token's next request is checked.
+pub async fn reserve<'a>(
+    b: &'a Backend,
+    caller: &Caller,
+    cost: &Cost,
+) -> Result<Reservation<'a>, ApiError> {
+    let _turn = b.budget_turn(caller).await;
+    check(b, caller, cost).await?;
+    let held = match (&caller.budget, &caller.token_id) {
+        (Some(_), Some(token)) if cost.one_off > 0 => {
+            let mut pending = b.budget_pending.lock().unwrap_or_else(|e| e.into_inner());
+            let p = pending.entry(token.clone()).or_default();
+            *p = p.saturating_add(cost.one_off);
+            true
+        }
+        _ => false,
+    };
+    Ok(Reservation {
+        b,
+        caller: caller.clone(),
+        probes: cost.one_off,
+        held,
+    })
+}
+
+impl Reservation<'_> {
+    /// The request was made: its probes are charged to the token for today, and the
+    /// reservation ends, in the token's turn (a check sees one or the other, never
+    /// both or neither).
+    pub async fn charge(mut self) {
+        let _turn = if self.held {
+            self.b.budget_turn(&self.caller).await
+        } else {
+            None
+        };
+        charge(self.b, &self.caller, self.probes).await;
+        self.release();
+        self.held = false;
+    }
+
+    fn release(&self) {
+        let (true, Some(token)) = (self.held, &self.caller.token_id) else {
+            return;
+        };
+        let mut pending = self
+            .b
+            .budget_pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pending.get_mut(token.as_str()) {
+            *p = p.saturating_sub(self.probes);
+            if *p == 0 {
+                pending.remove(token.as_str());
+            }
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    /// Not charged (the request was not made, or was charged and released already).
+    fn drop(&mut self) {
+        self.release();
+        self.held = false;
+    }
 }
 
 /// Charges `probes` to `caller`'s token for today (nothing without a token). A store

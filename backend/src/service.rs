@@ -144,6 +144,10 @@ pub struct Backend {
     /// Per API token with a budget: the turn to check it and charge it (see
     /// [`Self::budget_turn`]). One entry per token that measured (tokens are an admin's).
     budget_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per API token: probes of requests that passed their budget check and are not
+    /// charged yet (see [`crate::budget::Reservation`]). An entry lives only while a
+    /// request of that token is being made.
+    pub(crate) budget_pending: Mutex<HashMap<String, u64>>,
 }
 
 /// Non-batch messages handled between two group commits, at most (one per agent).
@@ -247,6 +251,7 @@ impl Backend {
             deferred_hellos: Mutex::new(HashMap::new()),
             feed: crate::feed::Feed::default(),
             budget_turns: Mutex::new(HashMap::new()),
+            budget_pending: Mutex::new(HashMap::new()),
         });
         {
             let weak = Arc::downgrade(&backend);
@@ -360,26 +365,23 @@ impl Backend {
                 return self.replayed(request, &idempotency_hash);
             }
         }
-        // One request of a token at a time from check to charge, so parallel requests
-        // cannot all pass the same check.
-        let _turn = if prepaid {
-            None
-        } else {
-            self.budget_turn(&caller).await
-        };
         let Checked {
             params,
             timeout_ms,
             demand,
             ..
         } = self.checked_params(agent, module, body, &names).await?;
-        if !prepaid {
+        // Checked and reserved one request of a token at a time, so parallel requests
+        // cannot all pass the same check; made and charged in parallel.
+        let reservation = if prepaid {
+            None
+        } else {
             let cost = crate::budget::Cost {
                 one_off: demand.probes,
                 ..Default::default()
             };
-            crate::budget::check(self, &caller, &cost).await?;
-        }
+            Some(crate::budget::reserve(self, &caller, &cost).await?)
+        };
         let queued = self.store.open_requests(agent).await?;
         let max_queued = self.security.limits.max_queued_per_agent;
         if queued >= max_queued {
@@ -412,8 +414,8 @@ impl Backend {
             // Made meanwhile with the same key (another backend, or a race here).
             Created::Existing(request) => self.replayed(request, &idempotency_hash),
             Created::New(request) => {
-                if !prepaid {
-                    crate::budget::charge(self, &caller, demand.probes).await;
+                if let Some(r) = reservation {
+                    r.charge().await;
                 }
                 let done = waiter.then(|| self.register_waiter(&request.id));
                 // Stored as dispatched in the same transaction (one write, not two);
@@ -446,8 +448,9 @@ impl Backend {
         })
     }
 
-    /// Holds `caller`'s turn to check its budget, create and charge (None: no budget).
-    /// Per token, in this backend; two backends may still each pass one request.
+    /// Holds `caller`'s turn to check its budget (and reserve, or create and charge)
+    /// (None: no budget). Per token, in this backend; two backends may still each pass
+    /// one request.
     pub async fn budget_turn(
         &self,
         caller: &crate::security::Caller,

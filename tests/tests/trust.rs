@@ -407,6 +407,31 @@ async fn budgets_bound_what_a_token_spends_across_the_fleet() {
     assert!(r.headers.get("retry-after").is_some());
     assert_eq!(spend(&admin, "flood").await["one_off_probes"], 2000);
 
+    // The same in parallel: 60 requests at once, 20 fit. Checks are one at a time per
+    // token, reservations held until charged, so none passes a check it would fail
+    // alone, and none is refused for probes already charged.
+    let wide = measure_token(&admin, "wide", Some(json!({"probes_per_day": 2000}))).await;
+    let tasks: Vec<_> = (0..60)
+        .map(|_| {
+            let (wide, ping) = (wide.clone(), ping.clone());
+            tokio::spawn(async move {
+                wide.post("/agent/agent-1/ping_module", &ping, &[])
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        statuses,
+        [(202, 20), (429, 40)].into_iter().collect(),
+        "60 parallel requests of 100 probes against a budget of 2,000"
+    );
+    assert_eq!(spend(&admin, "wide").await["one_off_probes"], 2000);
+
     // A fleet measurement is count × targets × agents: 100 × 2 = 200 > 150.
     let fleet = measure_token(&admin, "fleet", Some(json!({"probes_per_day": 150}))).await;
     let body = json!({"module": "ping_module", "params": {"host": "127.0.0.2", "count": 100},

@@ -40,6 +40,10 @@ enum Scenario {
         /// Use a running backend instead of starting `imn up`.
         #[arg(long)]
         url: Option<String>,
+        /// With `--url`: a file holding the API token to send (a backend with
+        /// `--auth`; a measure token's requests pass its budget check).
+        #[arg(long)]
+        token_file: Option<std::path::PathBuf>,
     },
     /// The cost of tracing: echo round trips per second under `imn up` without OTLP,
     /// exporting to a real OTLP receiver, and with that receiver gone, in one run.
@@ -148,6 +152,7 @@ async fn api_scenario(
     requests: usize,
     rate: f64,
     url: Option<String>,
+    token: Option<String>,
     concurrency: usize,
     max_seconds: f64,
 ) -> serde_json::Value {
@@ -157,7 +162,8 @@ async fn api_scenario(
                 .rsplit(':')
                 .next()
                 .and_then(|p| p.trim_end_matches('/').parse().ok());
-            (None, Api::new(port.expect("--url http://127.0.0.1:PORT")))
+            let api = Api::new(port.expect("--url http://127.0.0.1:PORT"));
+            (None, token.map_or(api.clone(), |t| api.with_token(&t)))
         }
         None => {
             let up = Up::start(1, &[]).await;
@@ -309,6 +315,7 @@ async fn main() {
             requests,
             rate,
             url,
+            token_file,
             concurrency,
             max_seconds,
         } => {
@@ -317,7 +324,11 @@ async fn main() {
             } else {
                 (requests, max_seconds)
             };
-            api_scenario(n, rate, url, concurrency.max(1), secs).await
+            let token = token_file.map(|f| {
+                std::fs::read_to_string(&f)
+                    .unwrap_or_else(|e| panic!("--token-file {}: {e}", f.display()))
+            });
+            api_scenario(n, rate, url, token, concurrency.max(1), secs).await
         }
         Scenario::Otel {
             concurrency,
