@@ -93,8 +93,10 @@ pub async fn check(b: &Backend, caller: &Caller, cost: &Cost) -> Result<(), ApiE
         }
     }
     let now = now_ms();
-    let mut usage = b.store.token_usage(token, day_of(now), now).await?;
-    // What this backend's requests of the token reserved and have not charged yet.
+    // What this backend's requests of the token reserved and have not charged yet,
+    // read before the store: a reservation ends only after its charge is committed, so
+    // a request is counted here, in the store, or in both (refusing, at worst, one
+    // that would fit), never in neither.
     let pending = b
         .budget_pending
         .lock()
@@ -102,6 +104,7 @@ pub async fn check(b: &Backend, caller: &Caller, cost: &Cost) -> Result<(), ApiE
         .get(token.as_str())
         .copied()
         .unwrap_or(0);
+    let mut usage = b.store.token_usage(token, day_of(now), now).await?;
     usage.one_off_probes = usage.one_off_probes.saturating_add(pending);
     if cost.schedule.is_some() {
         if let Some(max) = budget.max_schedules {
@@ -137,10 +140,10 @@ pub async fn check(b: &Backend, caller: &Caller, cost: &Cost) -> Result<(), ApiE
     Ok(())
 }
 
-/// Probes a request passed its budget check with, held against the token until they
-/// are charged (or the request is not made: dropped), so that the token's next check
-/// counts them without waiting for this request's store writes.
-#[must_use = "a reservation is charged, or dropped if the request was not made"]
+/// Probes a request passed its budget check with, held against the token until the
+/// request is made and charged (or not made), so that the token's next check counts
+/// them without waiting for this request's store write.
+#[must_use = "a reservation is held until the request is made, or not"]
 pub struct Reservation<'a> {
     b: &'a Backend,
     caller: Caller,
@@ -151,7 +154,8 @@ pub struct Reservation<'a> {
 
 /// Checks `cost` against `caller`'s budget in the token's turn, counting what its
 /// requests in flight reserved, and reserves it. The turn ends here, so the request is
-/// made and charged while the token's next request is checked.
+/// made (and charged, in the same transaction) while the token's next request is
+/// checked.
 pub async fn reserve<'a>(
     b: &'a Backend,
     caller: &Caller,
@@ -177,18 +181,17 @@ pub async fn reserve<'a>(
 }
 
 impl Reservation<'_> {
-    /// The request was made: its probes are charged to the token for today, and the
-    /// reservation ends, in the token's turn (a check sees one or the other, never
-    /// both or neither).
-    pub async fn charge(mut self) {
-        let _turn = if self.held {
-            self.b.budget_turn(&self.caller).await
-        } else {
-            None
-        };
-        charge(self.b, &self.caller, self.probes).await;
-        self.release();
-        self.held = false;
+    /// What the request adds to its token's spend, in the transaction that makes it
+    /// (`NewRequest::charge`): nothing without a token. Once it is committed, the
+    /// reservation is dropped; until then a check of the token counts both, and errs
+    /// on the side of refusing.
+    pub fn charge(&self) -> Option<crate::store::Charge> {
+        let token = self.caller.token_id.clone()?;
+        (self.probes > 0).then(|| crate::store::Charge {
+            token,
+            day: day_of(now_ms()),
+            probes: self.probes,
+        })
     }
 
     fn release(&self) {
@@ -210,10 +213,9 @@ impl Reservation<'_> {
 }
 
 impl Drop for Reservation<'_> {
-    /// Not charged (the request was not made, or was charged and released already).
+    /// The request was made and charged, or not made: the reservation ends.
     fn drop(&mut self) {
         self.release();
-        self.held = false;
     }
 }
 

@@ -372,7 +372,8 @@ impl Backend {
             ..
         } = self.checked_params(agent, module, body, &names).await?;
         // Checked and reserved one request of a token at a time, so parallel requests
-        // cannot all pass the same check; made and charged in parallel.
+        // cannot all pass the same check; made and charged (one transaction) in
+        // parallel.
         let reservation = if prepaid {
             None
         } else {
@@ -408,15 +409,14 @@ impl Backend {
                 traceparent,
                 measurement_id,
                 dispatch: alive,
+                charge: reservation.as_ref().and_then(|r| r.charge()),
             })
             .await?;
+        drop(reservation);
         match created {
             // Made meanwhile with the same key (another backend, or a race here).
             Created::Existing(request) => self.replayed(request, &idempotency_hash),
             Created::New(request) => {
-                if let Some(r) = reservation {
-                    r.charge().await;
-                }
                 let done = waiter.then(|| self.register_waiter(&request.id));
                 // Stored as dispatched in the same transaction (one write, not two);
                 // a publish that fails is retried by the sweep.

@@ -28,6 +28,7 @@ pub fn new_request(id: &str, key: Option<&str>) -> NewRequest {
         idempotency_key: key.map(str::to_string),
         idempotency_hash: None,
         dispatch: false,
+        charge: None,
     }
 }
 
@@ -1157,6 +1158,45 @@ pub async fn measurements_owners_and_token_usage(s: &dyn Store) {
     let mut totals: Vec<u64> = totals.into_iter().map(Result::unwrap).collect();
     totals.sort_unstable();
     assert_eq!(totals, (1..=50).map(|i| 2 * i).collect::<Vec<u64>>());
+
+    // A new request charges its token in the same transaction; a replay of its
+    // idempotency key charges nothing.
+    let charge = Some(crate::store::Charge {
+        token: "t5".into(),
+        day: 7,
+        probes: 30,
+    });
+    let first = NewRequest {
+        charge: charge.clone(),
+        ..new_request("charged-1", Some("charged-key"))
+    };
+    assert!(matches!(
+        s.create_request(first.clone()).await.unwrap(),
+        Created::New(_)
+    ));
+    let again = NewRequest {
+        id: "charged-2".into(),
+        ..first
+    };
+    assert!(matches!(
+        s.create_request(again).await.unwrap(),
+        Created::Existing(_)
+    ));
+    let free = NewRequest {
+        charge: Some(crate::store::Charge {
+            probes: 0,
+            ..charge.clone().unwrap()
+        }),
+        ..new_request("charged-3", None)
+    };
+    assert!(matches!(
+        s.create_request(free).await.unwrap(),
+        Created::New(_)
+    ));
+    assert_eq!(
+        s.token_usage("t5", 7, 100).await.unwrap().one_off_probes,
+        30
+    );
 }
 
 /// The idempotency hash is stored with the request, and comes back with the request

@@ -93,6 +93,18 @@ pub struct NewRequest {
     /// The agent is online: store the request as dispatched at `created_ms`, in the
     /// same transaction, because its command goes out right after.
     pub dispatch: bool,
+    /// Probes to charge to an API token's spend for a day, in the same transaction
+    /// (only when the request is new: a replayed idempotency key charges nothing).
+    pub charge: Option<Charge>,
+}
+
+/// What a new request adds to a token's spend (see `Store::add_spend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    pub token: String,
+    /// UTC days since the epoch.
+    pub day: i64,
+    pub probes: u64,
 }
 
 /// Which results a page of `GET /v1/results` holds.

@@ -36,6 +36,14 @@ const MIGRATE_LOCK: i64 = 0x494d_4e5f_4d47; // "IMN_MG"
 /// Monthly partitions are made for the months from this many before the backend's
 /// clock's month to [`PARTITION_MONTHS_AHEAD`] after it; records of other months go
 /// to the default partition.
+/// Adds `$3` probes to token `$1`'s spend on day `$2`, in one statement: backends
+/// adding at once are serialized on the row, and the sum is taken only when it fits.
+const ADD_SPEND: &str = "INSERT INTO token_spend (token, day, probes) VALUES ($1, $2, $3)
+     ON CONFLICT (token, day) DO UPDATE SET probes =
+         CASE WHEN token_spend.probes > 9223372036854775807 - EXCLUDED.probes
+              THEN 9223372036854775807
+              ELSE token_spend.probes + EXCLUDED.probes END
+     RETURNING probes";
 const PARTITION_MONTHS_BACK: i64 = 12;
 const PARTITION_MONTHS_AHEAD: i64 = 1;
 
@@ -1205,6 +1213,12 @@ impl Store for PostgresStore {
             );
         }
         write_transitions(&tx, &reqs, &obs).await?;
+        if let Some(ch) = req.charge.as_ref().filter(|ch| ch.probes > 0) {
+            let st = tx.prepare_cached(ADD_SPEND).await.map_err(db)?;
+            tx.query_one(&st, &[&ch.token, &ch.day, &clamp(ch.probes)])
+                .await
+                .map_err(db)?;
+        }
         let row = get_request(&tx, &req.id, false)
             .await?
             .ok_or_else(|| StoreError::Db("request vanished".into()))?;
@@ -1870,15 +1884,7 @@ impl Store for PostgresStore {
         // One statement: backends adding at once are serialized on the row, and the
         // sum is taken only when it fits.
         let n: i64 = c
-            .query_one(
-                "INSERT INTO token_spend (token, day, probes) VALUES ($1, $2, $3)
-                 ON CONFLICT (token, day) DO UPDATE SET probes =
-                     CASE WHEN token_spend.probes > 9223372036854775807 - EXCLUDED.probes
-                          THEN 9223372036854775807
-                          ELSE token_spend.probes + EXCLUDED.probes END
-                 RETURNING probes",
-                &[&token, &day, &clamp(probes)],
-            )
+            .query_one(ADD_SPEND, &[&token, &day, &clamp(probes)])
             .await
             .map_err(db)?
             .get(0);

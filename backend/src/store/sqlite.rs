@@ -561,6 +561,14 @@ fn state_of(s: String) -> RequestState {
     RequestState::parse(&s).unwrap_or(RequestState::Pending)
 }
 
+/// Adds `?3` probes to token `?1`'s spend on day `?2`, saturating: the sum is taken
+/// only when it fits.
+const ADD_SPEND: &str = "INSERT INTO token_spend (token, day, probes) VALUES (?1, ?2, ?3)
+     ON CONFLICT (token, day) DO UPDATE SET probes =
+         CASE WHEN probes > 9223372036854775807 - excluded.probes THEN 9223372036854775807
+              ELSE probes + excluded.probes END
+     RETURNING probes";
+
 const REQUEST_COLS: &str =
     "id, agent_id, module, params_json, state, created_ms, updated_ms, deadline_ms, timeout_ms, traceparent, idempotency_hash";
 
@@ -1064,6 +1072,12 @@ impl Store for SqliteStore {
                     None,
                     None,
                 )?;
+            }
+            if let Some(ch) = req.charge.as_ref().filter(|ch| ch.probes > 0) {
+                tx.prepare_cached(ADD_SPEND)
+                    .map_err(db)?
+                    .query_row(params![ch.token, ch.day, clamp(ch.probes)], |_| Ok(()))
+                    .map_err(db)?;
             }
             let row = get_request(&tx, &req.id)?
                 .ok_or_else(|| StoreError::Db("request vanished".into()))?;
@@ -1747,17 +1761,11 @@ impl Store for SqliteStore {
         let token = token.to_string();
         self.with(move |c| {
             // Saturating: the sum is taken only when it fits.
-            c.prepare_cached(
-                "INSERT INTO token_spend (token, day, probes) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (token, day) DO UPDATE SET probes =
-                     CASE WHEN probes > 9223372036854775807 - excluded.probes THEN 9223372036854775807
-                          ELSE probes + excluded.probes END
-                 RETURNING probes",
-            )
-            .map_err(db)?
-            .query_row(params![token, day, clamp(probes)], |r| r.get::<_, i64>(0))
-            .map(|n| n.max(0) as u64)
-            .map_err(db)
+            c.prepare_cached(ADD_SPEND)
+                .map_err(db)?
+                .query_row(params![token, day, clamp(probes)], |r| r.get::<_, i64>(0))
+                .map(|n| n.max(0) as u64)
+                .map_err(db)
         })
         .await
     }
