@@ -561,6 +561,7 @@ impl Harness {
                     traceparent: None,
                     measurement_id: None,
                     dispatch: false,
+                    charge: None,
                 }))
                 .unwrap_or_else(|e| panic!("create request {id}: {e}"));
                 made.push((id, a.id.clone()));
