@@ -370,20 +370,10 @@ impl<T> FairQueue<T> {
         let n = self.turn.len().min(max);
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
-            let Some(agent) = self.turn.pop_front() else {
+            let Some((item, _)) = self.take_next() else {
                 break;
             };
-            let Some(q) = self.queues.get_mut(&agent) else {
-                continue;
-            };
-            if let Some((item, _)) = q.pop_front() {
-                out.push(item);
-            }
-            if q.is_empty() {
-                self.queues.remove(&agent);
-            } else {
-                self.turn.push_back(agent);
-            }
+            out.push(item);
         }
         out
     }
@@ -394,23 +384,33 @@ impl<T> FairQueue<T> {
         let mut out = Vec::new();
         let mut rows = 0;
         while out.len() < max_items && (out.is_empty() || rows < max_rows) {
-            let Some(agent) = self.turn.pop_front() else {
+            let Some((item, n)) = self.take_next() else {
                 break;
             };
+            rows += n;
+            out.push(item);
+        }
+        out
+    }
+
+    /// The next agent's oldest item, with its rows; the agent goes to the back of the
+    /// turn if it has more.
+    fn take_next(&mut self) -> Option<(T, usize)> {
+        loop {
+            let agent = self.turn.pop_front()?;
             let Some(q) = self.queues.get_mut(&agent) else {
                 continue;
             };
-            if let Some((item, n)) = q.pop_front() {
-                rows += n;
-                out.push(item);
-            }
+            let item = q.pop_front();
             if q.is_empty() {
                 self.queues.remove(&agent);
             } else {
                 self.turn.push_back(agent);
             }
+            if item.is_some() {
+                return item;
+            }
         }
-        out
     }
 }
 

@@ -145,6 +145,22 @@ struct SlotOf {
     scheduled_ms: i64,
 }
 
+/// The record of a run's result: a scheduled run's names its measurement and slot.
+fn result_body(
+    slot: Option<SlotOf>,
+    result: ModuleResult,
+    traceparent: Option<String>,
+) -> RecordBody {
+    match slot {
+        Some(slot) => RecordBody::ScheduledResult(ScheduledRun {
+            measurement_id: slot.measurement_id,
+            scheduled_ms: slot.scheduled_ms,
+            result,
+        }),
+        None => RecordBody::result(result, traceparent),
+    }
+}
+
 /// How long a state change may wait for the run's result before it is sent alone.
 const STATE_DELAY: Duration = Duration::from_millis(2);
 
@@ -924,15 +940,8 @@ impl Agent {
             finished_ms: now,
             outcome: ModuleOutcome::Failed(message),
         };
-        let body = match slot {
-            Some(slot) => RecordBody::ScheduledResult(ScheduledRun {
-                measurement_id: slot.measurement_id,
-                scheduled_ms: slot.scheduled_ms,
-                result,
-            }),
-            None => RecordBody::result(result, traceparent),
-        };
-        self.outbox.append(now, body);
+        self.outbox
+            .append(now, result_body(slot, result, traceparent));
         self.outbox.finish_command(id);
     }
 
@@ -1048,14 +1057,7 @@ impl Agent {
                 finished_ms: now_ms(),
                 outcome: ran.outcome,
             };
-            let body = match slot {
-                Some(slot) => RecordBody::ScheduledResult(ScheduledRun {
-                    measurement_id: slot.measurement_id,
-                    scheduled_ms: slot.scheduled_ms,
-                    result,
-                }),
-                None => RecordBody::result(result, traceparent),
-            };
+            let body = result_body(slot, result, traceparent);
             let _ = tx.send(Produced::Record(Box::new(body))).await;
             let _ = tx
                 .send(Produced::Finished {
