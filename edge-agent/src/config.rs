@@ -928,11 +928,29 @@ fn persistent_id(data: &std::path::Path) -> Result<String, ConfigError> {
     }
     std::fs::create_dir_all(data).map_err(io)?;
     let id = format!("imn-{:012x}", rand::random::<u64>() >> 16);
-    // Written whole, then renamed: a power cut leaves the old state or the new one.
-    let tmp = data.join("agent-id.tmp");
-    std::fs::write(&tmp, format!("{id}\n")).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    // Written whole and synced, then renamed, and the directory synced: a power cut
+    // leaves no file or the whole one, never an empty one.
+    write_durably(data, "agent-id", format!("{id}\n").as_bytes()).map_err(io)?;
     Ok(id)
+}
+
+/// Writes `DIR/NAME` so that a power cut leaves the old file or the new one, whole: a
+/// temporary file is written and synced, renamed over `NAME`, and the directory synced
+/// (a rename is a directory entry: without the last sync, the file can come back empty
+/// or not at all).
+pub fn write_durably(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The `agent` section of an OpenWrt UCI file, as the agent's config. UCI values are

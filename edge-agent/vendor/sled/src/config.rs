@@ -556,8 +556,9 @@ impl Config {
     fn open_file(&self) -> Result<File> {
         let blob_dir: PathBuf = self.get_path().join("blobs");
 
-        if !blob_dir.exists() {
-            fs::create_dir_all(blob_dir)?;
+        let new_dirs = !blob_dir.exists();
+        if new_dirs {
+            fs::create_dir_all(&blob_dir)?;
         }
 
         self.verify_config()?;
@@ -573,7 +574,22 @@ impl Config {
             options.create_new(true);
         }
 
-        self.try_lock(options.open(&self.db_path())?)
+        let existed = self.db_path().exists();
+        let file = self.try_lock(options.open(&self.db_path())?)?;
+        if !self.temporary && (new_dirs || !existed) {
+            // IMN: the new directories and files are durable before anything is
+            // written into them (IMN-PATCH.md, change 2).
+            sync_dir(&blob_dir)?;
+            sync_dir(&self.get_path())?;
+            if let Some(parent) = self.get_path().parent() {
+                if parent.as_os_str().is_empty() {
+                    sync_dir(Path::new("."))?;
+                } else {
+                    sync_dir(parent)?;
+                }
+            }
+        }
+        Ok(file)
     }
 
     fn try_lock(&self, file: File) -> Result<File> {
@@ -678,6 +694,10 @@ impl Config {
         io_fail!(self, "write_config crc");
         f.write_all(&crc_arr)?;
         io_fail!(self, "write_config post");
+        // IMN: durable before the log refers to it (IMN-PATCH.md, change 2).
+        if !self.temporary {
+            f.sync_all()?;
+        }
         Ok(())
     }
 
@@ -836,6 +856,9 @@ impl RunningConfig {
                 let path_str = &*path.to_string_lossy();
                 if path_str.starts_with(&*absolute_path.to_string_lossy())
                     && !path_str.ends_with(".in___motion")
+                    // IMN: a snapshot cut short by a crash before its rename is
+                    // not a snapshot (IMN-PATCH.md, change 2).
+                    && !path_str.ends_with(".generating")
                 {
                     Some(path.to_path_buf())
                 } else {
@@ -853,6 +876,20 @@ impl RunningConfig {
         }
 
         Ok(snap_dir.read_dir()?.filter_map(filter).collect())
+    }
+}
+
+/// IMN: fsync of a directory, so the entries made in it (files, renames) survive a
+/// power cut.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
     }
 }
 

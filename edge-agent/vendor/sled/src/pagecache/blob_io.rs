@@ -90,12 +90,17 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+    // IMN: the blob and its directory entry are durable before the log entry that
+    // points at it (IMN-PATCH.md, change 2).
+    if !config.temporary {
+        f.sync_data()?;
+        if let Some(dir) = path.parent() {
+            crate::config::sync_dir(dir)?;
+        }
+    }
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {

@@ -560,6 +560,12 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
     io_fail!(config, "snap write mv");
     std::fs::rename(&path_1, &path_2)?;
     io_fail!(config, "snap write mv post");
+    // IMN: the rename is durable before the old snapshots go (IMN-PATCH.md, change 2).
+    if !config.temporary {
+        if let Some(dir) = path_2.parent() {
+            crate::config::sync_dir(dir)?;
+        }
+    }
 
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
 
