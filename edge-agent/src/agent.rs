@@ -390,12 +390,29 @@ impl Agent {
     /// Runs until `shutdown` resolves.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tracing::info!(agent = %self.cfg.id, epoch = self.outbox.epoch(), depth = self.outbox.depth(), "agent starting");
+        let replaced = match self.outbox.replaced_epoch {
+            Some(old) => format!(" {old:016x}, replaced by {:016x}", self.outbox.epoch()),
+            None => String::new(),
+        };
         if let Some((aside, why)) = self.outbox.recovered_from.clone() {
             self.event(
                 "outbox_corrupt",
                 &format!(
-                    "the outbox could not be read ({why}); moved to {} and started a new epoch",
+                    "the outbox could not be read ({why}); moved to {} and started a new epoch{replaced}",
                     aside.display()
+                ),
+            )?;
+        } else if let Some(old) = self.outbox.replaced_epoch {
+            tracing::error!(
+                lost_epoch = old,
+                epoch = self.outbox.epoch(),
+                "the outbox was lost or truncated since the last start"
+            );
+            self.event(
+                "outbox_lost",
+                &format!(
+                    "the outbox of epoch {old:016x} was lost or truncated (power loss, a full or failing disk, or removed); its unsent records are gone; new epoch {:016x}",
+                    self.outbox.epoch()
                 ),
             )?;
         }
@@ -464,7 +481,7 @@ impl Agent {
         }
         // Leave fewer acked records behind (a restart would send them again).
         self.outbox.compact(50_000);
-        self.outbox.flush();
+        self.outbox.flush_all();
         let offline = wire::encode(&Envelope::Status(Status {
             online: false,
             at_ms: now_ms(),
@@ -485,26 +502,58 @@ impl Agent {
 
     /// Commands accepted before a crash never finished; say so rather than leave the
     /// request hanging.
+    /// Runs the command log holds as started but without a result: the agent stopped
+    /// (crash, kill or power loss) while they ran or waited. Each is reported once, as a
+    /// `run_interrupted` event naming the request or slot, and as a failed result with
+    /// that reason, so the backend marks it failed and the slot is accounted for.
     fn recover_interrupted(&mut self) -> Result<(), AgentError> {
-        let why = match crate::crash::take_last_panic(&self.cfg.data) {
-            Some(msg) => format!("the agent restarted while the module ran: it panicked: {msg}"),
-            None => "the agent restarted while the module ran".to_string(),
+        let cause = match crate::crash::take_last_panic(&self.cfg.data) {
+            Some(msg) => format!("the agent panicked while it ran: {msg}"),
+            None => "the agent stopped (power loss, crash or kill) while it ran".to_string(),
         };
-        for (id, entry) in self.outbox.unfinished_commands() {
-            tracing::warn!(request = %id, "command interrupted by an agent restart");
-            let now = now_ms();
-            self.outbox.append(
-                now,
-                RecordBody::Result(ModuleResult {
-                    request_id: id.clone(),
-                    module: entry.module,
-                    received_ms: entry.received_ms,
-                    started_ms: entry.received_ms,
-                    finished_ms: now,
-                    outcome: ModuleOutcome::Failed(why.clone()),
-                }),
-            );
-            self.outbox.finish_command(&id);
+        let why = format!("run_interrupted: {cause}");
+        let now = now_ms();
+        for (key, entry) in self.outbox.unfinished_commands() {
+            let slot = key
+                .strip_prefix(crate::outbox::SLOT_PREFIX)
+                .and_then(|run_id| run_id.rsplit_once('@'))
+                .and_then(|(m, at)| {
+                    Some(SlotOf {
+                        measurement_id: m.to_string(),
+                        scheduled_ms: at.parse().ok()?,
+                    })
+                });
+            let result = |id: String| ModuleResult {
+                request_id: id,
+                module: entry.module.clone(),
+                received_ms: entry.received_ms,
+                started_ms: entry.received_ms,
+                finished_ms: now,
+                outcome: ModuleOutcome::Failed(why.clone()),
+            };
+            match slot {
+                Some(slot) => {
+                    let run_id = ScheduledRun::run_id(&slot.measurement_id, slot.scheduled_ms);
+                    tracing::warn!(run = %run_id, "scheduled run interrupted by an agent restart");
+                    self.event(
+                        "run_interrupted",
+                        &format!(
+                            "measurement {} slot {}: {cause}",
+                            slot.measurement_id, slot.scheduled_ms
+                        ),
+                    )?;
+                    self.outbox
+                        .append(now, result_body(Some(slot), result(run_id.clone()), None));
+                    self.outbox.finish_slot(&run_id);
+                }
+                None => {
+                    tracing::warn!(request = %key, "command interrupted by an agent restart");
+                    self.event("run_interrupted", &format!("request {key}: {cause}"))?;
+                    self.outbox
+                        .append(now, RecordBody::Result(result(key.clone())));
+                    self.outbox.finish_command(&key);
+                }
+            }
         }
         Ok(())
     }
@@ -885,6 +934,12 @@ impl Agent {
         for run in due.runs {
             let s = run.schedule;
             let id = ScheduledRun::run_id(&s.measurement_id, run.scheduled_ms);
+            // Logged as started (durable with the schedule's progress, before it runs):
+            // a restart before its result reports it interrupted, not missed.
+            if !self.outbox.accept_slot(&id, &s.module, now) {
+                tracing::warn!(run = %id, "slot started before; not run again");
+                continue;
+            }
             let slot = SlotOf {
                 measurement_id: s.measurement_id,
                 scheduled_ms: run.scheduled_ms,
@@ -940,9 +995,14 @@ impl Agent {
             finished_ms: now,
             outcome: ModuleOutcome::Failed(message),
         };
+        let scheduled = slot.is_some();
         self.outbox
             .append(now, result_body(slot, result, traceparent));
-        self.outbox.finish_command(id);
+        if scheduled {
+            self.outbox.finish_slot(id);
+        } else {
+            self.outbox.finish_command(id);
+        }
     }
 
     /// Hands a run to the budget: it starts now, waits its turn, or (the queue full)
@@ -986,6 +1046,11 @@ impl Agent {
     /// Starts runs the budget let through. One whose deadline passed while it waited
     /// expires instead, and frees its place for the next.
     fn start_runs(&mut self, mut ready: Vec<(String, PendingRun)>) -> Result<(), AgentError> {
+        // Group commit: one sync makes durable everything the runs depend on (the
+        // command log, the schedule's progress, the control ids) before any starts.
+        if !ready.is_empty() {
+            self.outbox.flush();
+        }
         while !ready.is_empty() {
             let mut next = Vec::new();
             for (id, run) in ready {
@@ -1121,6 +1186,7 @@ impl Agent {
         match p {
             Produced::Record(body) => {
                 let finished = body.as_result().map(|r| r.request_id.clone());
+                let scheduled = matches!(*body, RecordBody::ScheduledResult(_));
                 let is_result = finished.is_some();
                 if is_result {
                     self.gauges
@@ -1130,8 +1196,10 @@ impl Agent {
                 self.outbox.append(now_ms(), *body);
                 // Marked done in the same flush as the result, so a crash cannot leave
                 // a stored result plus an "interrupted" one for the same request.
-                if let Some(id) = finished {
-                    self.outbox.finish_command(&id);
+                match finished {
+                    Some(id) if scheduled => self.outbox.finish_slot(&id),
+                    Some(id) => self.outbox.finish_command(&id),
+                    None => {}
                 }
                 Ok(is_result)
             }

@@ -34,6 +34,20 @@ pub const COMMAND_MEMORY_MS: i64 = 8 * 24 * 3600 * 1000;
 /// warning), and runs issued before them are refused.
 pub const MAX_COMMANDS: u64 = 100_000;
 /// How often the command log is pruned.
+/// The file beside the store (in the data directory, not in the store) that names the
+/// store's epoch. Written durably once a new store's epoch is synced, so that a start
+/// can tell a first start (no file) from a store that was lost or truncated under it
+/// (a file naming another epoch).
+pub const EPOCH_MARKER: &str = "outbox.epoch";
+
+/// Command-log keys of scheduled slots' runs start so, apart from one-off request ids.
+pub const SLOT_PREFIX: &str = "slot:";
+
+/// The command-log key of a scheduled run (`ScheduledRun::run_id`).
+pub fn slot_key(run_id: &str) -> String {
+    format!("{SLOT_PREFIX}{run_id}")
+}
+
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Seqs reserved per meta write.
 const SEQ_BLOCK: u64 = 100_000;
@@ -212,7 +226,13 @@ pub struct SledOutbox {
     dropped: u64,
     dropped_persisted: u64,
     condition: Condition,
+    /// Writes the protocol relies on (records, commands, schedules, ids) since the
+    /// last sync: [`Outbox::flush`] syncs them.
     dirty: bool,
+    /// Deletes of acked records since the last sync. Losing them to a power cut only
+    /// sends those records again (the backend drops them as duplicates), so they ride
+    /// along with the next sync instead of costing one of their own.
+    lazy_dirty: bool,
     /// Bytes written to sled since the last flush (still in its buffers, not yet
     /// visible to statvfs).
     unflushed: u64,
@@ -242,6 +262,10 @@ pub struct SledOutbox {
     next_prune: std::time::Instant,
     /// Set when the store found at start was unusable and moved aside.
     pub recovered_from: Option<(PathBuf, String)>,
+    /// The epoch named by [`EPOCH_MARKER`] when the store holds another one (or none):
+    /// the store was lost, truncated or moved aside since that epoch was written, and
+    /// this one replaces it (`outbox_lost`, or `outbox_corrupt` when moved aside).
+    pub replaced_epoch: Option<u64>,
 }
 
 /// A set of seqs kept as inclusive ranges: acked seqs come in runs, so a backlog of
@@ -360,23 +384,60 @@ impl SledOutbox {
                 other => break other,
             }
         };
-        match first {
-            Ok(ob) => Ok(ob),
-            Err(OpenError::Locked(e)) => Err(OutboxError::Store(format!(
-                "{e}: is another agent using {}?",
-                dir.display()
-            ))),
+        let mut ob = match first {
+            Ok(ob) => ob,
+            Err(OpenError::Locked(e)) => {
+                return Err(OutboxError::Store(format!(
+                    "{e}: is another agent using {}?",
+                    dir.display()
+                )))
+            }
             Err(OpenError::Unusable(e)) => {
                 let aside = dir.join(format!("outbox.corrupt-{}", imn_modules::now_ms()));
                 tracing::error!(error = %e, aside = %aside.display(), "outbox unusable; moving it aside and starting a new epoch");
                 if std::fs::rename(&path, &aside).is_err() {
                     let _ = std::fs::remove_dir_all(&path);
                 }
+                if let Ok(d) = std::fs::File::open(dir) {
+                    let _ = d.sync_all();
+                }
                 let mut ob = Self::open_at(dir, &path, limits)
                     .map_err(|e| OutboxError::Store(e.to_string()))?;
                 ob.recovered_from = Some((aside, e));
-                Ok(ob)
+                ob
             }
+        };
+        ob.check_marker();
+        Ok(ob)
+    }
+
+    /// Compares the store's epoch with [`EPOCH_MARKER`], and writes the marker when
+    /// they differ (the store's epoch is already synced by `load`).
+    fn check_marker(&mut self) {
+        let path = self.dir.join(EPOCH_MARKER);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot read the outbox's epoch marker");
+                return;
+            }
+        };
+        let known = text.as_deref().map(|t| t.trim().parse::<u64>());
+        match known {
+            Some(Ok(epoch)) if epoch == self.epoch => return,
+            Some(Ok(epoch)) => self.replaced_epoch = Some(epoch),
+            Some(Err(_)) => {
+                tracing::warn!(path = %path.display(), "the outbox's epoch marker is unreadable; rewriting it")
+            }
+            None => {}
+        }
+        if let Err(e) = crate::config::write_durably(
+            &self.dir,
+            EPOCH_MARKER,
+            format!("{}\n", self.epoch).as_bytes(),
+        ) {
+            tracing::warn!(error = %e, path = %path.display(), "cannot write the outbox's epoch marker");
         }
     }
 
@@ -410,7 +471,14 @@ impl SledOutbox {
             .unwrap_or(1);
         let next_seq = reserved.max(last + 1);
         let dropped = meta_u64(&st.meta, META_DROPPED).map_err(e)?.unwrap_or(0);
-        let command_count = st.commands.len() as u64;
+        // Slots' entries (a few, while they run) are not commands.
+        let command_count = st
+            .commands
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !k.starts_with(SLOT_PREFIX.as_bytes()))
+            .count() as u64;
         let commands_forgotten_ms = meta_u64(&st.meta, META_COMMANDS_FORGOTTEN)
             .map_err(e)?
             .unwrap_or(0) as i64;
@@ -430,6 +498,7 @@ impl SledOutbox {
             dropped_persisted: dropped,
             condition: Condition::Ok,
             dirty: false,
+            lazy_dirty: false,
             unflushed: 0,
             journal: Vec::new(),
             journal_bytes: 0,
@@ -443,6 +512,7 @@ impl SledOutbox {
             commands_forgotten_ms,
             next_prune: std::time::Instant::now(),
             recovered_from: None,
+            replaced_epoch: None,
         };
         // Keep sled well clear of a full disk: it needs about twice the live data, and
         // never gives back its high-water mark.
@@ -466,6 +536,18 @@ impl SledOutbox {
     /// Makes a write through sled and remembers it until the next successful flush.
     /// A failed write sets the condition and returns false.
     fn write(&mut self, tree: TreeId, key: &[u8], value: Option<Vec<u8>>) -> bool {
+        self.write_as(tree, key, value, true)
+    }
+
+    /// [`Self::write`]; `durable` false for a write that may wait for the next sync
+    /// (see `lazy_dirty`).
+    fn write_as(
+        &mut self,
+        tree: TreeId,
+        key: &[u8],
+        value: Option<Vec<u8>>,
+        durable: bool,
+    ) -> bool {
         let w = Write {
             tree,
             key: key.into(),
@@ -479,7 +561,11 @@ impl SledOutbox {
             Ok(()) => {
                 self.journal_bytes += w.bytes();
                 self.journal.push(w);
-                self.dirty = true;
+                if durable {
+                    self.dirty = true;
+                } else {
+                    self.lazy_dirty = true;
+                }
                 true
             }
             Err(e) => {
@@ -511,6 +597,7 @@ impl SledOutbox {
         match result {
             Ok(_) => {
                 self.dirty = false;
+                self.lazy_dirty = false;
                 self.unflushed = 0;
                 self.journal.clear();
                 self.journal_bytes = 0;
@@ -742,7 +829,7 @@ impl SledOutbox {
             let mut upto = hi;
             let full = keys.len() == budget - done;
             for &seq in &keys {
-                if !self.write(TreeId::Records, &seq.to_be_bytes(), None) {
+                if !self.write_as(TreeId::Records, &seq.to_be_bytes(), None, false) {
                     return !self.tombstones.is_empty();
                 }
                 done += 1;
@@ -770,7 +857,9 @@ impl SledOutbox {
         });
     }
 
-    /// Records a command before it runs. Returns false if the id was seen before.
+    /// Records a command before it runs. Returns false if the id was seen before. The
+    /// entry is durable at the next [`Outbox::flush`], which the agent makes before it
+    /// starts any run (one sync for a burst of commands).
     pub fn accept_command(&mut self, id: &str, module: &str, at_ms: i64) -> bool {
         if self.memory_commands.contains(id) {
             return false;
@@ -789,7 +878,6 @@ impl SledOutbox {
         if self.condition == Condition::Ok
             && self.disk_has_room(bytes.len() as u64)
             && self.write(TreeId::Commands, id.as_bytes(), Some(bytes))
-            && self.sync()
         {
             self.command_count += 1;
             if self.command_count > self.limits.max_commands
@@ -830,6 +918,9 @@ impl SledOutbox {
         let mut done: Vec<(i64, sled::IVec)> = Vec::new();
         let mut total = 0u64;
         for (k, v) in st.commands.iter().filter_map(|r| r.ok()) {
+            if k.starts_with(SLOT_PREFIX.as_bytes()) {
+                continue;
+            }
             total += 1;
             match postcard::from_bytes::<CommandEntry>(&v) {
                 Ok(e) if e.done => done.push((e.received_ms, k)),
@@ -928,8 +1019,69 @@ impl SledOutbox {
         st.meta.get(key).ok().flatten().map(|v| v.to_vec())
     }
 
+    /// Durable at the next [`Outbox::flush`] (the agent's tick, or before a run starts
+    /// or a batch is sent), with whatever else was written since.
     pub fn put_meta(&mut self, key: &[u8], value: &[u8]) {
         self.write_or_defer(TreeId::Meta, key, value.to_vec());
+    }
+
+    /// Records a scheduled slot's run before it starts, in the command log under
+    /// [`slot_key`]. False if that slot was started before (it never runs twice). The
+    /// entry goes when its result is stored ([`Self::finish_slot`]), in the same sync;
+    /// one left at start is a run the agent never finished (`run_interrupted`).
+    pub fn accept_slot(&mut self, run_id: &str, module: &str, at_ms: i64) -> bool {
+        let key = slot_key(run_id);
+        if self.memory_commands.contains(&key) {
+            return false;
+        }
+        if let Some(st) = &self.store {
+            if let Ok(Some(_)) = st.commands.get(key.as_bytes()) {
+                return false;
+            }
+        }
+        let entry = CommandEntry {
+            module: module.to_string(),
+            received_ms: at_ms,
+            done: false,
+        };
+        let bytes = postcard::to_stdvec(&entry).unwrap_or_default();
+        if !(self.condition == Condition::Ok
+            && self.disk_has_room(bytes.len() as u64)
+            && self.write(TreeId::Commands, key.as_bytes(), Some(bytes)))
+        {
+            self.memory_commands.insert(key);
+        }
+        true
+    }
+
+    /// A slot's result is in the outbox: its entry goes (a slot's progress in the
+    /// schedule keeps it from running again).
+    pub fn finish_slot(&mut self, run_id: &str) {
+        let key = slot_key(run_id);
+        if self.memory_commands.remove(&key) {
+            return;
+        }
+        let known = self
+            .store
+            .as_ref()
+            .is_some_and(|st| matches!(st.commands.get(key.as_bytes()), Ok(Some(_))));
+        if known
+            && !(self.condition == Condition::Ok
+                && self.write(TreeId::Commands, key.as_bytes(), None))
+        {
+            self.deferred.push(Write {
+                tree: TreeId::Commands,
+                key: key.as_bytes().into(),
+                value: None,
+            });
+        }
+    }
+
+    /// Syncs every write, the lazy deletes of acked records too (at shutdown).
+    pub fn flush_all(&mut self) {
+        if self.lazy_dirty {
+            self.dirty = true;
+        }
         self.flush();
     }
 
@@ -1279,7 +1431,119 @@ mod tests {
         let (aside, _why) = ob.recovered_from.clone().expect("reported");
         assert!(aside.exists());
         assert_ne!(ob.epoch(), epoch, "a new store has a new epoch");
+        assert_eq!(
+            ob.replaced_epoch,
+            Some(epoch),
+            "names the epoch it replaces"
+        );
         assert_eq!(ob.append(2, event(2)).seq, 1);
+    }
+
+    /// A first start writes the marker and reports nothing; a store removed or
+    /// truncated under the agent is found by the marker naming another epoch, once.
+    #[test]
+    fn a_lost_or_truncated_store_is_told_from_a_first_start() {
+        let dir = tmp("lost");
+        let first = {
+            let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+            assert_eq!(ob.replaced_epoch, None, "a first start is not a loss");
+            ob.append(1, event(1));
+            ob.flush();
+            ob.epoch()
+        };
+        let marker = std::fs::read_to_string(dir.join(EPOCH_MARKER)).unwrap();
+        assert_eq!(marker.trim().parse::<u64>().unwrap(), first);
+        let ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        assert_eq!((ob.epoch(), ob.replaced_epoch), (first, None), "a restart");
+        drop(ob);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Removed whole (as a young store that was never synced comes back).
+        std::fs::remove_dir_all(dir.join("outbox")).unwrap();
+        let second = {
+            let ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+            assert_eq!(ob.replaced_epoch, Some(first));
+            assert_eq!(ob.recovered_from, None, "not moved aside: it was gone");
+            ob.epoch()
+        };
+        assert_ne!(second, first);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        assert_eq!(ob.replaced_epoch, None, "reported once");
+        drop(ob);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Truncated to nothing: sled would start an empty store without a word.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("outbox").join("db"))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        assert_eq!(ob.replaced_epoch, Some(second));
+        assert_eq!(ob.depth(), 0);
+    }
+
+    /// A slot is logged before its run, once; its entry goes with its result, and one
+    /// left behind is found at the next start.
+    #[test]
+    fn slots_are_logged_once_and_found_unfinished() {
+        let dir = tmp("slots");
+        let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        assert!(ob.accept_slot("m1@1000", "echo_module", 1));
+        assert!(ob.accept_slot("m1@2000", "echo_module", 2));
+        assert!(!ob.accept_slot("m1@1000", "echo_module", 3), "never twice");
+        ob.finish_slot("m1@2000");
+        ob.flush();
+        drop(ob);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        let left: Vec<String> = ob
+            .unfinished_commands()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, vec![slot_key("m1@1000")]);
+        assert!(
+            !ob.accept_slot("m1@1000", "echo_module", 4),
+            "still known after a restart"
+        );
+        assert_eq!(
+            ob.command_count(),
+            0,
+            "slots do not count against the command log"
+        );
+        ob.finish_slot("m1@1000");
+        ob.flush();
+        assert!(ob.unfinished_commands().is_empty());
+    }
+
+    /// Deletes of acked records wait for the next sync; records and commands do not.
+    #[test]
+    fn compaction_deletes_do_not_ask_for_a_sync() {
+        let dir = tmp("lazy");
+        let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        for n in 0..10 {
+            ob.append(1, event(n));
+        }
+        assert!(ob.dirty);
+        ob.flush();
+        assert!(!ob.dirty);
+        let acked = ob.ack(&imn_modules::wire::Ack {
+            epoch: ob.epoch(),
+            ranges: vec![(1, 10)],
+        });
+        assert_eq!(acked, 10);
+        ob.compact(100);
+        assert!(!ob.dirty && ob.lazy_dirty, "deletes are lazy");
+        ob.flush();
+        assert!(
+            ob.lazy_dirty,
+            "a flush with nothing durable to sync leaves them"
+        );
+        assert!(ob.accept_command("c", "echo_module", 1));
+        assert!(ob.dirty, "a command must be synced");
+        ob.flush();
+        assert!(!ob.dirty && !ob.lazy_dirty, "one sync takes both");
     }
 
     #[test]
