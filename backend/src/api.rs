@@ -347,6 +347,7 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
         "agents_alive": all.iter().filter(|a| a.alive(now)).count(),
         "records_stored": b.store.record_count().await?,
         "duplicates_dropped": b.stats.duplicates_dropped.load(Relaxed),
+        "run_duplicates_dropped": b.stats.run_duplicates_dropped.load(Relaxed),
         "undecodable_messages": b.stats.undecodable.load(Relaxed),
         "store_errors": b.stats.store_errors.load(Relaxed),
         "acks_sent": b.stats.acks_sent.load(Relaxed),

@@ -30,6 +30,8 @@ pub const REDISPATCH_AFTER: Duration = Duration::from_secs(10);
 pub struct Stats {
     pub records_stored: AtomicU64,
     pub duplicates_dropped: AtomicU64,
+    /// Of those, second results for a run (a request or a scheduled slot) that has one.
+    pub run_duplicates_dropped: AtomicU64,
     pub undecodable: AtomicU64,
     /// Dropped uplink messages by reason: empty, version, malformed, mismatch.
     pub rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
@@ -1032,6 +1034,13 @@ impl Backend {
                     self.stats
                         .duplicates_dropped
                         .fetch_add(outcome.duplicates, Ordering::Relaxed);
+                    if outcome.run_duplicates > 0 {
+                        self.stats
+                            .run_duplicates_dropped
+                            .fetch_add(outcome.run_duplicates, Ordering::Relaxed);
+                        self.metrics.errors.inc(&["run_duplicate"]);
+                        tracing::warn!(agent = %msg.agent, results = outcome.run_duplicates, "second results for runs that already have one dropped (an agent ran them again)");
+                    }
                     self.stats
                         .dead_lettered
                         .fetch_add(outcome.dead_lettered, Ordering::Relaxed);

@@ -47,8 +47,13 @@ pub fn batch(epoch: u64, seqs: &[u64]) -> Batch {
                         detail: None,
                     })
                 } else {
+                    // One result per run: seq 2 is r1's, each other even seq a
+                    // run of its own.
                     RecordBody::Result(ModuleResult {
-                        request_id: "r1".into(),
+                        request_id: match seq {
+                            2 => "r1".into(),
+                            _ => format!("r1.{seq}"),
+                        },
                         module: "echo_module".into(),
                         received_ms: 5,
                         started_ms: 6,
@@ -278,6 +283,90 @@ pub async fn idempotency_key_returns_the_first_request(s: &dyn Store) {
     assert!(s.request("r2").await.unwrap().is_none());
     assert_eq!(s.undelivered("a").await.unwrap().len(), 1);
     assert_eq!(s.overdue(2_000).await.unwrap().len(), 1);
+}
+
+/// A second result for a run (a scheduled slot, or a one-off request) is dropped as a
+/// duplicate whatever its record id: an agent that lost its outbox's progress (a power
+/// cut, a new epoch) and ran the slot again, or a hostile one. Within one group and
+/// across groups, per agent, and counted apart from resends.
+pub async fn one_result_per_slot_and_per_request(s: &dyn Store) {
+    let slot = |seq: u64, m: &str, at: i64| Record {
+        seq,
+        at_ms: at + 5 + seq as i64,
+        body: RecordBody::ScheduledResult(imn_modules::wire::ScheduledRun {
+            measurement_id: m.into(),
+            scheduled_ms: at,
+            result: ModuleResult {
+                request_id: imn_modules::wire::ScheduledRun::run_id(m, at),
+                module: "echo_module".into(),
+                received_ms: at,
+                started_ms: at + 1,
+                finished_ms: at + 2,
+                outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+                    message: format!("{m}@{at}#{seq}"),
+                })),
+            },
+        }),
+    };
+    let first = Batch {
+        epoch: 1,
+        records: vec![
+            slot(1, "m1", 2000),
+            slot(2, "m1", 4000),
+            result_record(3, 5000, "req-1", "echo_module"),
+            // The same slot again within the batch: a rerun with a new seq.
+            slot(4, "m1", 4000),
+        ],
+    };
+    let out = s.store_batch("a", prepare(&first), 10).await.unwrap();
+    assert_eq!(
+        (out.stored, out.duplicates, out.run_duplicates),
+        (3, 1, 1),
+        "{out:?}"
+    );
+    // A new epoch (the store was lost), new seqs, the same runs: all duplicates; a new
+    // slot and another agent's same slot are stored.
+    let again = Batch {
+        epoch: 2,
+        records: vec![
+            slot(1, "m1", 2000),
+            result_record(2, 6000, "req-1", "echo_module"),
+            slot(3, "m1", 6000),
+            slot(4, "m2", 2000),
+        ],
+    };
+    let out = s
+        .store_batches(
+            vec![("a".into(), prepare(&again)), ("b".into(), prepare(&first))],
+            11,
+        )
+        .await
+        .unwrap();
+    let got: Vec<(u64, u64, u64)> = out
+        .iter()
+        .map(|o| (o.stored, o.duplicates, o.run_duplicates))
+        .collect();
+    assert_eq!(got, vec![(2, 2, 2), (3, 1, 1)]);
+    // A plain resend is a duplicate by record id, not a second run.
+    let out = s.store_batch("a", prepare(&again), 12).await.unwrap();
+    assert_eq!((out.stored, out.duplicates), (0, 4));
+    // What is stored: each run once, the first copy.
+    let rows = s.results("a", 100).await.unwrap();
+    let mut runs: Vec<(String, u64, u64)> = rows
+        .iter()
+        .map(|r| (r.request_id.clone(), r.epoch, r.seq))
+        .collect();
+    runs.sort();
+    assert_eq!(
+        runs,
+        vec![
+            ("m1@2000".to_string(), 1, 1),
+            ("m1@4000".to_string(), 1, 2),
+            ("m1@6000".to_string(), 2, 3),
+            ("m2@2000".to_string(), 2, 4),
+            ("req-1".to_string(), 1, 3),
+        ]
+    );
 }
 
 pub async fn duplicates_are_dropped_across_groups_and_within_one(s: &dyn Store) {
@@ -667,18 +756,20 @@ pub async fn a_poison_record_is_dead_lettered_and_blocks_nothing<S: RawSql>(s: &
         .await
         .unwrap();
     assert_eq!(counts(&[alone]), vec![(0, 1, 0)]);
-    // Another epoch's seq 3 is another record: dead-lettered, and listed first.
+    // Another epoch's seq 3 is another record: dead-lettered, and listed first. Its
+    // seq 4 is the second result of run r1.4 (stored from epoch 1): a duplicate.
     let other = s
         .store_batch("p", prepare(&batch(9, &[3, 4])), 103)
         .await
         .unwrap();
-    assert_eq!(counts(&[other]), vec![(1, 0, 1)]);
+    assert_eq!(counts(std::slice::from_ref(&other)), vec![(0, 1, 1)]);
+    assert_eq!(other.run_duplicates, 1);
     let dead = s.dead_letters(Some("p"), 10).await.unwrap();
     let ids: Vec<(u64, u64)> = dead.iter().map(|d| (d.epoch, d.seq)).collect();
     assert_eq!(ids, vec![(9, 3), (1, 3)], "newest first");
     assert_eq!(s.dead_letters(None, 1).await.unwrap().len(), 1);
     assert_eq!(s.dead_letter_count().await.unwrap(), 2);
-    assert_eq!(s.record_count().await.unwrap(), 7);
+    assert_eq!(s.record_count().await.unwrap(), 6);
 }
 
 /// A dead letter that cannot be written either is an outage, not a poison record: the
@@ -1305,6 +1396,7 @@ for_each_store!(
     states_only_move_forward,
     idempotency_key_returns_the_first_request,
     duplicates_are_dropped_across_groups_and_within_one,
+    one_result_per_slot_and_per_request,
     results_pages_resume_and_filter,
     agents_sessions_credentials_and_measurements,
     a_poison_record_is_dead_lettered_and_blocks_nothing,

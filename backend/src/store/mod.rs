@@ -288,6 +288,22 @@ pub struct RecordRow {
     pub transition: Option<RowTransition>,
 }
 
+impl RecordRow {
+    /// The run a result belongs to, of which the store keeps one result per agent: a
+    /// scheduled slot (`slot:{measurement}@{scheduled_ms}`) or a one-off request
+    /// (`req:{request id}`). None for states and events.
+    pub fn run_key(&self) -> Option<String> {
+        if self.kind != "result" {
+            return None;
+        }
+        match (&self.measurement_id, self.scheduled_ms, &self.request_id) {
+            (Some(m), Some(at), _) => Some(format!("slot:{m}@{at}")),
+            (_, _, Some(r)) => Some(format!("req:{r}")),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RowTransition {
     pub request_id: String,
@@ -443,7 +459,13 @@ pub fn prepare(batch: &Batch) -> PreparedBatch {
 #[derive(Debug, Clone, Default)]
 pub struct BatchOutcome {
     pub stored: u64,
+    /// Records dropped as already stored: a resent record id, or (counted in
+    /// `run_duplicates` too) a second result for a run that has one.
     pub duplicates: u64,
+    /// Results dropped because their run (a request, or a scheduled slot) already has
+    /// a stored result from this agent, whatever their record id: an agent that lost
+    /// its outbox's progress and ran a slot again. Part of `duplicates`.
+    pub run_duplicates: u64,
     /// Records the database refused, kept in the dead letters instead (see
     /// [`Store::dead_letters`]).
     pub dead_lettered: u64,
@@ -460,6 +482,7 @@ impl BatchOutcome {
     pub(crate) fn merge(&mut self, other: BatchOutcome) {
         self.stored += other.stored;
         self.duplicates += other.duplicates;
+        self.run_duplicates += other.run_duplicates;
         self.dead_lettered += other.dead_lettered;
         self.refused.extend(other.refused);
         self.finished.extend(other.finished);

@@ -235,6 +235,27 @@ CREATE TABLE token_spend (
     PRIMARY KEY (token, day)
 );
 ",
+    // 3: one result per run and agent (see RecordRow::run_key). Not partitioned: a
+    // unique key on the partitioned records table must include at_ms, and a second
+    // result for a run has another. One small row per result; dropping a month of
+    // records should delete its rows here by at_ms. Results stored before keep their
+    // runs; a run stored twice already keeps both rows of records.
+    "
+CREATE TABLE run_results (
+    agent_id TEXT COLLATE \"C\" NOT NULL,
+    run_key TEXT COLLATE \"C\" NOT NULL,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (agent_id, run_key)
+);
+INSERT INTO run_results (agent_id, run_key, at_ms)
+    SELECT agent_id,
+           CASE WHEN measurement_id IS NOT NULL AND scheduled_ms IS NOT NULL
+                THEN 'slot:' || measurement_id || '@' || scheduled_ms
+                ELSE 'req:' || request_id END,
+           at_ms
+    FROM records WHERE kind = 'result' AND (request_id IS NOT NULL OR scheduled_ms IS NOT NULL)
+    ON CONFLICT DO NOTHING;
+",
 ];
 
 /// The records table's columns, as a partition made by moving rows takes them.
@@ -631,6 +652,85 @@ impl PostgresStore {
                 )
             })
             .collect();
+        // One result per run: claim the runs of the results stored now; a result whose
+        // run another result holds (stored before, or earlier in this group) goes again.
+        let mut run_dups: HashSet<(String, u64, u64)> = HashSet::new();
+        {
+            let mut claim_agent: Vec<&str> = Vec::new();
+            let mut claim_key: Vec<String> = Vec::new();
+            let mut claim_at: Vec<i64> = Vec::new();
+            let mut claim_id: Vec<(&str, u64, &RecordRow)> = Vec::new();
+            let mut claimed_here: HashSet<(&str, String)> = HashSet::new();
+            let mut claimed_ids: HashSet<(&str, u64, u64)> = HashSet::new();
+            for &(agent, epoch, rows) in group {
+                for r in rows {
+                    let Some(run) = r.run_key() else { continue };
+                    // Stored now, and its first copy in the group (a record resent
+                    // within the group is a duplicate by its id, counted below).
+                    if !positions.contains_key(&(agent.to_string(), epoch, r.seq))
+                        || !claimed_ids.insert((agent, epoch, r.seq))
+                    {
+                        continue;
+                    }
+                    if !claimed_here.insert((agent, run.clone())) {
+                        run_dups.insert((agent.to_string(), epoch, r.seq));
+                        continue;
+                    }
+                    claim_agent.push(agent);
+                    claim_key.push(run);
+                    claim_at.push(r.at_ms);
+                    claim_id.push((agent, epoch, r));
+                }
+            }
+            if !claim_agent.is_empty() {
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO run_results (agent_id, run_key, at_ms)
+                         SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[])
+                         ON CONFLICT DO NOTHING
+                         RETURNING agent_id, run_key",
+                    )
+                    .await
+                    .map_err(db)?;
+                let won: HashSet<(String, String)> = tx
+                    .query(&st, &[&claim_agent, &claim_key, &claim_at])
+                    .await
+                    .map_err(db)?
+                    .iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+                    .collect();
+                for (i, (agent, epoch, r)) in claim_id.iter().enumerate() {
+                    if !won.contains(&(agent.to_string(), claim_key[i].clone())) {
+                        run_dups.insert((agent.to_string(), *epoch, r.seq));
+                    }
+                }
+            }
+            if !run_dups.is_empty() {
+                let (mut a, mut e, mut q, mut t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for &(agent, epoch, rows) in group {
+                    for r in rows {
+                        if run_dups.contains(&(agent.to_string(), epoch, r.seq)) {
+                            a.push(agent);
+                            e.push(epoch as i64);
+                            q.push(r.seq as i64);
+                            t.push(r.at_ms);
+                        }
+                    }
+                }
+                let st = tx
+                    .prepare_cached(
+                        "DELETE FROM records USING unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[]) AS d(agent, epoch, seq, at)
+                         WHERE records.agent_id = d.agent AND records.epoch = d.epoch AND records.seq = d.seq AND records.at_ms = d.at",
+                    )
+                    .await
+                    .map_err(db)?;
+                tx.execute(&st, &[&a, &e, &q, &t]).await.map_err(db)?;
+                tracing::warn!(
+                    results = run_dups.len(),
+                    "second results for runs that have one; dropped as duplicates"
+                );
+            }
+        }
         // Transitions of the records stored now, in record order.
         let ids: Vec<String> = group
             .iter()
@@ -652,6 +752,11 @@ impl PostgresStore {
             let mut out = BatchOutcome::default();
             for r in rows {
                 let key = (agent.to_string(), epoch, r.seq);
+                if run_dups.contains(&key) && seen.insert((agent, epoch, r.seq)) {
+                    out.duplicates += 1;
+                    out.run_duplicates += 1;
+                    continue;
+                }
                 let pos = match positions.get(&key) {
                     Some(&p) if seen.insert((agent, epoch, r.seq)) => p,
                     _ => {

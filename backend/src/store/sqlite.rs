@@ -147,6 +147,15 @@ CREATE TABLE IF NOT EXISTS transitions (
 CREATE INDEX IF NOT EXISTS transitions_request ON transitions(request_id);
 -- Records stored per agent, kept in the batch's transaction: a COUNT(*) over records
 -- is a scan, and dashboards ask often.
+-- One result per run and agent (see RecordRow::run_key): a second result for a
+-- request or a scheduled slot is a duplicate whatever its record id. One small row
+-- per result; kept as long as the records are.
+CREATE TABLE IF NOT EXISTS run_results (
+    agent_id TEXT NOT NULL,
+    run_key TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, run_key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS agent_counts (
     agent_id TEXT PRIMARY KEY,
     records INTEGER NOT NULL
@@ -351,6 +360,24 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             }
         }
         tx.execute_batch("DROP TABLE records_v1").map_err(db)?;
+    }
+    // A store from before run_results existed: the runs its results belong to, once.
+    // A run stored twice already keeps both (nothing is deleted); new ones are dropped.
+    let runs_known = tx
+        .prepare("SELECT 1 FROM run_results LIMIT 1")
+        .and_then(|mut st| st.exists([]))
+        .map_err(db)?;
+    if !runs_known {
+        tx.execute_batch(
+            "INSERT OR IGNORE INTO run_results (agent_id, run_key, at_ms)
+             SELECT agent_id,
+                    -- A scheduled result's request id is its run id, measurement@slot.
+                    CASE WHEN measurement_id IS NOT NULL THEN 'slot:' || request_id
+                         ELSE 'req:' || request_id END,
+                    at_ms
+             FROM records WHERE kind = 'result' AND request_id IS NOT NULL",
+        )
+        .map_err(db)?;
     }
     // A store from before agent_counts existed: count once.
     tx.execute_batch(
@@ -617,6 +644,12 @@ fn insert_batch(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(db)?;
+    let mut claim = tx
+        .prepare_cached(
+            "INSERT INTO run_results (agent_id, run_key, at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO NOTHING",
+        )
+        .map_err(db)?;
     let seqs = seen.get(tx, agent, epoch)?;
     for row in rows {
         match seqs.0.insert(row.seq, MAX_SEQ_RANGES) {
@@ -631,6 +664,14 @@ fn insert_batch(
             }
         }
         seqs.1 = true;
+        if let Some(run) = row.run_key() {
+            if claim.execute(params![agent, run, row.at_ms]).map_err(db)? == 0 {
+                tracing::warn!(%agent, epoch, seq = row.seq, %run, "a second result for one run; dropped as a duplicate");
+                out.duplicates += 1;
+                out.run_duplicates += 1;
+                continue;
+            }
+        }
         insert
             .execute(params![
                 agent,
