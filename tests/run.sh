@@ -23,6 +23,11 @@ have promtool      || need+=(prometheus)
 # The dashboard's browser test: Debian's chromium, driven by its chromedriver.
 have chromium      || need+=(chromium)
 have chromedriver  || need+=(chromium-driver)
+# The power-cut test (tests/powercut/vm.sh): qemu (TCG), a static busybox for the
+# guest's initramfs, mkfs.ext4 for its disk. Debian's kernel is downloaded by the test.
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+have mkfs.ext4     || need+=(e2fsprogs)
 # The PostgreSQL store's tests and the scale-out tests: Debian's server programs.
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ "${#need[@]}" -gt 0 ]; then

@@ -924,11 +924,15 @@ impl Agent {
         if !due.runs.is_empty() || !due.missed.is_empty() {
             self.save_schedules();
         }
-        for (measurement, n) in due.missed {
-            tracing::warn!(%measurement, missed = n, "scheduled runs missed");
+        for m in due.missed {
+            tracing::warn!(measurement = %m.measurement_id, missed = m.count, "scheduled runs missed");
+            // The slots are named, so each gap in a measurement's results is explained.
             self.event(
                 "schedule_missed",
-                &format!("measurement {measurement}: {n} runs were too late to start"),
+                &format!(
+                    "measurement {}: {} runs were too late to start (slots {} to {})",
+                    m.measurement_id, m.count, m.first_ms, m.last_ms
+                ),
             )?;
         }
         for run in due.runs {

@@ -140,7 +140,17 @@ pub struct DueRun {
 pub struct Due {
     pub runs: Vec<DueRun>,
     /// Slots skipped because they were too late to start, per measurement.
-    pub missed: Vec<(String, u64)>,
+    pub missed: Vec<Missed>,
+}
+
+/// Slots of one measurement skipped as too late: how many, and the first and last
+/// of their times on the schedule (before jitter), so that each gap is accounted for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Missed {
+    pub measurement_id: String,
+    pub count: u64,
+    pub first_ms: i64,
+    pub last_ms: i64,
 }
 
 /// `v` as an i64, saturated.
@@ -321,6 +331,7 @@ impl Schedules {
         let mut due = Due::default();
         for e in &mut self.entries {
             let mut missed = 0u64;
+            let mut span: Option<(i64, i64)> = None;
             let mut steps = 0usize;
             while e.in_schedule(e.next_slot) && e.run_at(agent, e.next_slot) <= now {
                 let k = e.next_slot;
@@ -335,7 +346,12 @@ impl Schedules {
                     // there rather than step through them (a long outage at a short
                     // interval).
                     let to = e.first_not_late(agent, k, now);
-                    missed = missed.saturating_add(e.slots_in_schedule(k, to));
+                    let n = e.slots_in_schedule(k, to);
+                    if n > 0 {
+                        let last = e.slot_ms(k.saturating_add(n - 1));
+                        span = Some((span.map_or(e.slot_ms(k), |s| s.0), last));
+                    }
+                    missed = missed.saturating_add(n);
                     e.next_slot = to;
                     if to == u64::MAX {
                         break;
@@ -351,8 +367,13 @@ impl Schedules {
                     break;
                 }
             }
-            if missed > 0 {
-                due.missed.push((e.schedule.measurement_id.clone(), missed));
+            if let (true, Some((first_ms, last_ms))) = (missed > 0, span) {
+                due.missed.push(Missed {
+                    measurement_id: e.schedule.measurement_id.clone(),
+                    count: missed,
+                    first_ms,
+                    last_ms,
+                });
             }
         }
         due
@@ -551,7 +572,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         let due = s.take_due("a", year);
         assert!(t0.elapsed() < std::time::Duration::from_secs(1));
-        let (ran, missed) = (due.runs.len() as u64, due.missed[0].1);
+        let (ran, missed) = (due.runs.len() as u64, due.missed[0].count);
         assert!((4..=6).contains(&ran), "{ran}");
         // Every slot up to now ran or was missed (the last one's jitter may not be up).
         let slots = (year / 1_000) as u64;
@@ -564,9 +585,16 @@ mod tests {
         s.apply("a", 1, vec![every("m", 0, 1_000, Some(10_500), 0)], 0);
         s.take_due("a", 0);
         let due = s.take_due("a", year);
+        let m = &due.missed[0];
         assert_eq!(
-            (due.runs.len(), due.missed),
-            (0, vec![("m".to_string(), 10)])
+            (
+                due.runs.len(),
+                due.missed.len(),
+                m.count,
+                m.first_ms,
+                m.last_ms
+            ),
+            (0, 1, 10, 1_000, 10_000)
         );
         assert_eq!(s.next_run_ms("a"), None);
     }
@@ -580,6 +608,14 @@ mod tests {
         // recent ones (within 5 s) still run.
         let due = s.take_due("a", 60_500);
         assert_eq!(slots(&due), vec![56_000, 57_000, 58_000, 59_000, 60_000]);
-        assert_eq!(due.missed, vec![("m".to_string(), 55)]);
+        assert_eq!(
+            due.missed,
+            vec![Missed {
+                measurement_id: "m".to_string(),
+                count: 55,
+                first_ms: 1_000,
+                last_ms: 55_000
+            }]
+        );
     }
 }

@@ -720,3 +720,93 @@ pub async fn all_results(api: &Api, measurement: &str) -> Vec<Value> {
         }
     }
 }
+
+/// What [`audit_slots`] found for a scheduled measurement.
+#[derive(Debug, Default)]
+pub struct SlotAudit {
+    /// Slots due from the first stored one to the end of the window.
+    pub slots: usize,
+    /// Slots with exactly one stored result.
+    pub stored: usize,
+    /// Extra results of slots stored more than once.
+    pub duplicates: usize,
+    /// Slots without a result that a `schedule_missed` event names.
+    pub missed_explained: usize,
+    /// Slots whose one result is the failure `run_interrupted`.
+    pub interrupted: usize,
+    /// Slots without a result that no event explains.
+    pub unexplained: Vec<String>,
+}
+
+impl SlotAudit {
+    pub fn add(&mut self, a: SlotAudit) {
+        self.slots += a.slots;
+        self.stored += a.stored;
+        self.duplicates += a.duplicates;
+        self.missed_explained += a.missed_explained;
+        self.interrupted += a.interrupted;
+        self.unexplained.extend(a.unexplained);
+    }
+}
+
+/// Per slot of a measurement with a fixed interval (no stop): how many results each
+/// slot has, from its first stored slot to `end_ms`, and whether each gap is one a
+/// `schedule_missed` event in `events` (the agent's, from `/agents/{id}/events`) names
+/// by its slots. Adds the outbox epochs the results came from to `epochs`.
+pub async fn audit_slots(
+    api: &Api,
+    measurement: &str,
+    interval_ms: i64,
+    events: &[serde_json::Value],
+    end_ms: i64,
+    epochs: &mut std::collections::BTreeSet<u64>,
+) -> SlotAudit {
+    let results = all_results(api, measurement).await;
+    let mut per_slot: std::collections::BTreeMap<i64, Vec<&serde_json::Value>> = Default::default();
+    for r in &results {
+        per_slot
+            .entry(ms_of(&r["scheduled_at"]))
+            .or_default()
+            .push(r);
+        if let Some(e) = r["record"]["epoch"].as_u64() {
+            epochs.insert(e);
+        }
+    }
+    let mut missed: Vec<(i64, i64)> = Vec::new();
+    for e in events {
+        let msg = e["message"].as_str().unwrap_or_default();
+        if e["kind"] == "schedule_missed" && msg.starts_with(&format!("measurement {measurement}:"))
+        {
+            let span = msg
+                .rsplit_once("(slots ")
+                .and_then(|(_, s)| s.strip_suffix(')'))
+                .and_then(|s| s.split_once(" to "))
+                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+            missed.push(span.unwrap_or_else(|| panic!("a missed event without its slots: {msg}")));
+        }
+    }
+    let mut a = SlotAudit::default();
+    let Some((&first, _)) = per_slot.iter().next() else {
+        return a;
+    };
+    let mut slot = first;
+    while slot <= end_ms {
+        a.slots += 1;
+        match per_slot.get(&slot).map(Vec::len) {
+            Some(1) => {
+                a.stored += 1;
+                let err = per_slot[&slot][0]["error"].as_str().unwrap_or_default();
+                if err.starts_with("run_interrupted") {
+                    a.interrupted += 1;
+                }
+            }
+            Some(n) => a.duplicates += n - 1,
+            None if missed.iter().any(|&(lo, hi)| lo <= slot && slot <= hi) => {
+                a.missed_explained += 1
+            }
+            None => a.unexplained.push(format!("{measurement} slot {slot}")),
+        }
+        slot += interval_ms;
+    }
+    a
+}

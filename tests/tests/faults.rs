@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use imn_tests::netns::{sh, Netns};
-use imn_tests::{bin, free_port, start_agent, wait_for, Api, Nats, Proc, TempDir, Up};
+use imn_tests::{audit_slots, bin, free_port, start_agent, wait_for, Api, Nats, Proc, TempDir, Up};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
@@ -101,6 +101,19 @@ async fn agent_sigkilled_twenty_times() {
     let dir = up.dir.path().join("edge-k");
     let mut agent = start_agent("edge-k", &up.broker_url(), &dir, up.dir.path());
     up.api.wait_alive(&["edge-k"], T).await;
+    // A 1 s schedule runs through the kills too: audited per slot at the end.
+    let r = up
+        .api
+        .post(
+            "/v1/measurements",
+            &json!({"module": "echo_module", "params": {"message": "slot"},
+                "agents": {"ids": ["edge-k"]}, "schedule": {"interval_s": 1}})
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let measurement = r.body["id"].as_str().unwrap().to_string();
     let mut ids = Vec::new();
     for i in 0..20 {
         let p = json!({"host": "127.0.0.1", "count": 100, "interval_ms": 10});
@@ -131,9 +144,50 @@ async fn agent_sigkilled_twenty_times() {
     up.api.wait_alive(&["edge-k"], T).await;
     let states = exactly_once(&up.api, "edge-k", &ids).await;
     outbox_drained(&up.api, "edge-k").await;
+    // Per slot, as the power-cut test (tests/powercut.rs) counts them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let end_ms = imn_modules::now_ms() - 2_500;
+    let events = up.api.get("/agents/edge-k/events?limit=10000").await.body;
+    let events = events.as_array().unwrap().clone();
+    let mut epochs = std::collections::BTreeSet::new();
+    let a = audit_slots(&up.api, &measurement, 1_000, &events, end_ms, &mut epochs).await;
+    let slot_events = events
+        .iter()
+        .filter(|e| {
+            e["kind"] == "run_interrupted"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(&format!("measurement {measurement} slot")))
+        })
+        .count();
+    let health = up.api.get("/health").await.body;
+    println!(
+        "SIGKILL {}",
+        json!({"kills": 20, "slots": a.slots, "stored_once": a.stored, "stored_twice": a.duplicates,
+            "second_results_dropped_by_backend": health["run_duplicates_dropped"],
+            "missed_and_named": a.missed_explained, "unexplained_gaps": a.unexplained.len(),
+            "run_interrupted": a.interrupted, "outbox_epochs": epochs.len()})
+    );
+    assert_eq!(a.duplicates, 0, "{a:?}");
+    assert_eq!(
+        health["run_duplicates_dropped"], 0,
+        "the agent ran a slot again"
+    );
+    assert!(a.unexplained.is_empty(), "{a:?}");
+    assert_eq!(a.interrupted, slot_events, "{a:?}");
+    assert_eq!(epochs.len(), 1, "one outbox throughout");
+    assert!(a.stored > 10, "{a:?}");
+    // A one-off cut short says why.
+    let all = up.api.get("/agents/edge-k/results?limit=100000").await.body;
+    for r in all.as_array().unwrap() {
+        if r["state"] == "failed" && r.get("scheduled_at").is_none() {
+            let e = r["error"].as_str().unwrap_or_default();
+            assert!(e.starts_with("run_interrupted"), "{r}");
+        }
+    }
     let ok = states.values().filter(|s| *s == "succeeded").count();
-    // Runs cut short by a kill end as `failed` ("the agent restarted while the module
-    // ran"); everything else succeeds. Nothing is missing and nothing is doubled.
+    // Runs cut short by a kill end as `failed` ("run_interrupted: the agent stopped
+    // ..."); everything else succeeds. Nothing is missing and nothing is doubled.
     assert!(
         ok >= ids.len() / 2,
         "only {ok} of {} succeeded: {states:?}",
