@@ -417,6 +417,9 @@ impl Agent {
             )?;
         }
         self.recover_interrupted()?;
+        // The reports above are durable before the marker names the new epoch.
+        self.outbox.flush();
+        self.outbox.commit_marker();
         self.run_due_slots()?;
         self.update_gauges();
         #[cfg(feature = "metrics")]
@@ -500,8 +503,6 @@ impl Agent {
         Ok(())
     }
 
-    /// Commands accepted before a crash never finished; say so rather than leave the
-    /// request hanging.
     /// Runs the command log holds as started but without a result: the agent stopped
     /// (crash, kill or power loss) while they ran or waited. Each is reported once, as a
     /// `run_interrupted` event naming the request or slot, and as a failed result with
@@ -509,7 +510,9 @@ impl Agent {
     fn recover_interrupted(&mut self) -> Result<(), AgentError> {
         let cause = match crate::crash::take_last_panic(&self.cfg.data) {
             Some(msg) => format!("the agent panicked while it ran: {msg}"),
-            None => "the agent stopped (power loss, crash or kill) while it ran".to_string(),
+            None => {
+                "the agent stopped (a restart, crash, kill or power loss) while it ran".to_string()
+            }
         };
         let why = format!("run_interrupted: {cause}");
         let now = now_ms();
@@ -542,6 +545,10 @@ impl Agent {
                             slot.measurement_id, slot.scheduled_ms
                         ),
                     )?;
+                    // Whatever the stored progress says, this slot does not run again.
+                    if self.schedules.ran(&slot.measurement_id, slot.scheduled_ms) {
+                        self.save_schedules();
+                    }
                     self.outbox
                         .append(now, result_body(Some(slot), result(run_id.clone()), None));
                     self.outbox.finish_slot(&run_id);
@@ -582,6 +589,8 @@ impl Agent {
                 match topic.and_then(wire::parse_topic) {
                     Some((agent, kind)) if agent == self.cfg.id => {
                         if self.on_message(kind, data)? {
+                            // The schedule set or modules it announces are durable first.
+                            self.outbox.flush();
                             self.send_hello().await;
                         }
                     }
@@ -729,6 +738,18 @@ impl Agent {
         let now = now_ms();
         // Fresh and unrepeated, or not at all.
         if matches!(cmd.kind, CommandKind::Run { .. }) {
+            if cmd.id.starts_with(crate::outbox::SLOT_PREFIX) {
+                let r = fresh::Refusal {
+                    reason: "reserved_id",
+                    message: format!(
+                        "a run's id may not start with {:?}: the command log keeps that for scheduled slots",
+                        crate::outbox::SLOT_PREFIX
+                    ),
+                    skew_ms: None,
+                };
+                self.refuse_command(&cmd, &r)?;
+                return Ok(false);
+            }
             if let Err(r) = fresh::check_run(
                 &cmd.id,
                 cmd.issued_ms,
@@ -822,9 +843,20 @@ impl Agent {
                     self.start_runs(ready)?;
                 } else if let Some(run) = self.queue.cancel(&request_id) {
                     tracing::info!(request = %request_id, "queued run cancelled");
-                    if run.slot.is_none() {
-                        self.append_state(&request_id, RequestState::Cancelled, None)?;
-                        self.outbox.finish_command(&request_id);
+                    match run.slot {
+                        None => {
+                            self.append_state(&request_id, RequestState::Cancelled, None)?;
+                            self.outbox.finish_command(&request_id);
+                        }
+                        // A slot has a result, even cancelled: its gap is explained.
+                        Some(slot) => self.append_failed(
+                            &run.id,
+                            &run.module,
+                            run.received_ms,
+                            Some(slot),
+                            None,
+                            "cancelled".to_string(),
+                        ),
                     }
                     let ready = self.queue.ready();
                     self.start_runs(ready)?;

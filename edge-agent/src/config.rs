@@ -950,7 +950,18 @@ pub fn write_durably(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
+    match std::fs::File::open(dir)?.sync_all() {
+        // A filesystem that cannot fsync a directory (as PostgreSQL's fsync_fname).
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOTSUP | libc::EBADF)
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// The `agent` section of an OpenWrt UCI file, as the agent's config. UCI values are

@@ -40,6 +40,10 @@ pub const MAX_COMMANDS: u64 = 100_000;
 /// (a file naming another epoch).
 pub const EPOCH_MARKER: &str = "outbox.epoch";
 
+/// Lazy writes (deletes of acked records) kept for the next sync at most; past this
+/// the next flush syncs them, so the journal stays small.
+const MAX_LAZY_WRITES: usize = 4096;
+
 /// Command-log keys of scheduled slots' runs start so, apart from one-off request ids.
 pub const SLOT_PREFIX: &str = "slot:";
 
@@ -266,6 +270,8 @@ pub struct SledOutbox {
     /// the store was lost, truncated or moved aside since that epoch was written, and
     /// this one replaces it (`outbox_lost`, or `outbox_corrupt` when moved aside).
     pub replaced_epoch: Option<u64>,
+    /// [`EPOCH_MARKER`] names this store's epoch.
+    marker_ok: bool,
 }
 
 /// A set of seqs kept as inclusive ranges: acked seqs come in runs, so a backlog of
@@ -411,8 +417,10 @@ impl SledOutbox {
         Ok(ob)
     }
 
-    /// Compares the store's epoch with [`EPOCH_MARKER`], and writes the marker when
-    /// they differ (the store's epoch is already synced by `load`).
+    /// Compares the store's epoch with [`EPOCH_MARKER`]: `replaced_epoch` is the one it
+    /// names when they differ. The marker is rewritten by [`Self::commit_marker`], once
+    /// the report of the loss is durable (a second power cut before that must not hide
+    /// the first loss).
     fn check_marker(&mut self) {
         let path = self.dir.join(EPOCH_MARKER);
         let text = match std::fs::read_to_string(&path) {
@@ -423,21 +431,32 @@ impl SledOutbox {
                 return;
             }
         };
-        let known = text.as_deref().map(|t| t.trim().parse::<u64>());
-        match known {
-            Some(Ok(epoch)) if epoch == self.epoch => return,
+        match text.as_deref().map(|t| t.trim().parse::<u64>()) {
+            Some(Ok(epoch)) if epoch == self.epoch => self.marker_ok = true,
             Some(Ok(epoch)) => self.replaced_epoch = Some(epoch),
             Some(Err(_)) => {
                 tracing::warn!(path = %path.display(), "the outbox's epoch marker is unreadable; rewriting it")
             }
             None => {}
         }
-        if let Err(e) = crate::config::write_durably(
+    }
+
+    /// Writes [`EPOCH_MARKER`] with this store's epoch (durably), unless it names it
+    /// already. The caller has synced whatever reports `replaced_epoch`.
+    pub fn commit_marker(&mut self) {
+        if self.marker_ok {
+            return;
+        }
+        let path = self.dir.join(EPOCH_MARKER);
+        match crate::config::write_durably(
             &self.dir,
             EPOCH_MARKER,
             format!("{}\n", self.epoch).as_bytes(),
         ) {
-            tracing::warn!(error = %e, path = %path.display(), "cannot write the outbox's epoch marker");
+            Ok(()) => self.marker_ok = true,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot write the outbox's epoch marker")
+            }
         }
     }
 
@@ -513,6 +532,7 @@ impl SledOutbox {
             next_prune: std::time::Instant::now(),
             recovered_from: None,
             replaced_epoch: None,
+            marker_ok: false,
         };
         // Keep sled well clear of a full disk: it needs about twice the live data, and
         // never gives back its high-water mark.
@@ -561,7 +581,9 @@ impl SledOutbox {
             Ok(()) => {
                 self.journal_bytes += w.bytes();
                 self.journal.push(w);
-                if durable {
+                // Lazy writes wait for the next sync, but not in unbounded number: the
+                // journal keeps each until then (a drain with nothing new to send).
+                if durable || self.journal.len() >= MAX_LAZY_WRITES {
                     self.dirty = true;
                 } else {
                     self.lazy_dirty = true;
@@ -888,7 +910,7 @@ impl SledOutbox {
             return true;
         }
         // The disk cannot record it: remember it in memory (a crash now could run it
-        // again; the backend's record-id dedup still stores its result once).
+        // again; the backend keeps one result per run, whatever its record id).
         self.memory_commands.insert(id.to_string());
         true
     }
@@ -1419,6 +1441,7 @@ mod tests {
             let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
             ob.append(1, event(1));
             ob.flush();
+            ob.commit_marker();
             ob.epoch()
         };
         // Garble every file of the store.
@@ -1443,34 +1466,46 @@ mod tests {
     /// truncated under the agent is found by the marker naming another epoch, once.
     #[test]
     fn a_lost_or_truncated_store_is_told_from_a_first_start() {
+        let pause = || std::thread::sleep(std::time::Duration::from_millis(200));
         let dir = tmp("lost");
         let first = {
             let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
             assert_eq!(ob.replaced_epoch, None, "a first start is not a loss");
             ob.append(1, event(1));
             ob.flush();
+            ob.commit_marker();
             ob.epoch()
         };
         let marker = std::fs::read_to_string(dir.join(EPOCH_MARKER)).unwrap();
         assert_eq!(marker.trim().parse::<u64>().unwrap(), first);
+        pause();
         let ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
         assert_eq!((ob.epoch(), ob.replaced_epoch), (first, None), "a restart");
         drop(ob);
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        pause();
         // Removed whole (as a young store that was never synced comes back).
         std::fs::remove_dir_all(dir.join("outbox")).unwrap();
+        let ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        assert_eq!(ob.replaced_epoch, Some(first));
+        assert_eq!(ob.recovered_from, None, "not moved aside: it was gone");
+        // Cut again before the report was synced (no commit_marker): the loss of the
+        // first epoch is still found.
+        drop(ob);
+        pause();
+        std::fs::remove_dir_all(dir.join("outbox")).unwrap();
         let second = {
-            let ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
-            assert_eq!(ob.replaced_epoch, Some(first));
-            assert_eq!(ob.recovered_from, None, "not moved aside: it was gone");
+            let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+            assert_eq!(ob.replaced_epoch, Some(first), "not hidden by a second cut");
+            ob.flush();
+            ob.commit_marker();
             ob.epoch()
         };
         assert_ne!(second, first);
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        pause();
         let ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
         assert_eq!(ob.replaced_epoch, None, "reported once");
         drop(ob);
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        pause();
         // Truncated to nothing: sled would start an empty store without a word.
         std::fs::OpenOptions::new()
             .write(true)

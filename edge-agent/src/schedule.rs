@@ -325,6 +325,30 @@ impl Schedules {
         true
     }
 
+    /// Marks the slot of `measurement` at `scheduled_ms` (its time before jitter) as
+    /// run: its entry's progress moves past it if it had not. True if it moved (the
+    /// caller stores the set).
+    pub fn ran(&mut self, measurement: &str, scheduled_ms: i64) -> bool {
+        let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.schedule.measurement_id == measurement)
+        else {
+            return false;
+        };
+        let s = &e.schedule;
+        if s.interval_ms == 0 || scheduled_ms < s.start_ms {
+            return false;
+        }
+        let k = (i128::from(scheduled_ms) - i128::from(s.start_ms)) / i128::from(s.interval_ms);
+        let next = u64::try_from(k).unwrap_or(u64::MAX).saturating_add(1);
+        if e.slot_ms(next.saturating_sub(1)) != scheduled_ms || e.next_slot >= next {
+            return false;
+        }
+        e.next_slot = next;
+        true
+    }
+
     /// Slots due at `now`, each moved past (the caller stores the set before it starts
     /// them). Slots too late to start are skipped and counted.
     pub fn take_due(&mut self, agent: &str, now: i64) -> Due {
@@ -597,6 +621,19 @@ mod tests {
             (0, 1, 10, 1_000, 10_000)
         );
         assert_eq!(s.next_run_ms("a"), None);
+    }
+
+    #[test]
+    fn a_slot_reported_as_run_is_not_run_again() {
+        let mut s = Schedules::default();
+        s.apply("a", 1, vec![every("m", 0, 1000, None, 0)], 0);
+        assert_eq!(slots(&s.take_due("a", 0)), vec![0]);
+        // Progress lost: the slot at 1 s was logged as started, and is reported.
+        assert!(s.ran("m", 1000));
+        assert!(!s.ran("m", 1000), "once");
+        assert!(!s.ran("m", 500), "not a slot");
+        assert!(!s.ran("other", 1000));
+        assert_eq!(slots(&s.take_due("a", 2000)), vec![2000]);
     }
 
     #[test]

@@ -5,13 +5,15 @@
 # again on the same disk image is the power coming back.
 #
 #   tests/powercut/vm.sh prepare WORKDIR AGENT_BINARY   # kernel, initramfs, disk
-#   tests/powercut/vm.sh boot WORKDIR HOST_MQTT_PORT PROBE_PORT [CACHE]
+#   tests/powercut/vm.sh boot WORKDIR HOST_MQTT_PORT PROBE_PORT [DISK]
 #       boots in the background (pid in WORKDIR/qemu.pid, console in WORKDIR/vm.log).
 #       Each guest connection to 10.0.2.100:1883 runs `busybox nc 127.0.0.1 PORT` on
 #       the host: a fresh TCP connection per MQTT session. slirp's restrict=on drops
 #       everything else the guest sends; at boot the guest tries 10.0.2.2:PROBE_PORT
 #       (slirp's alias for the host, where the test listens) and prints ISOLATED or
-#       NOT-ISOLATED. CACHE is qemu's drive cache mode (default writeback).
+#       NOT-ISOLATED. DISK is the drive's file (default disk.img; an nbd:// URL for
+#       the volatile-cache disk of tests/src/nbd.rs). cache=writeback: qemu passes the
+#       guest's flushes on (to the image file with fdatasync, or as NBD flushes).
 #
 # TCG, not KVM (KVM hung at boot here): about 3 s of guest time to the agent, 9 to
 # 14 s of wall time on this machine. Needs qemu-system-x86, busybox-static,
@@ -54,12 +56,12 @@ INIT
     rm -f disk.img && truncate -s 64M disk.img && mkfs.ext4 -q -F disk.img
     ;;
   boot)
-    PORT="$3"; PROBE="$4"; CACHE="${5:-writeback}"; cd "$W"
+    PORT="$3"; PROBE="$4"; DISK="${5:-disk.img}"; cd "$W"
     # restrict=on: the guest reaches nothing but the guestfwd to the host's loopback.
     qemu-system-x86_64 -machine q35,accel=tcg -m 256 -smp 1 \
       -kernel k/boot/vmlinuz-* -initrd initrd.gz \
       -append "console=ttyS0 panic=-1 loglevel=3 imn.probe=$PROBE" -nographic -no-reboot \
-      -drive "file=disk.img,if=virtio,format=raw,cache=$CACHE" \
+      -drive "file=$DISK,if=virtio,format=raw,cache=writeback" \
       -netdev "user,id=n,restrict=on,guestfwd=tcp:10.0.2.100:1883-cmd:busybox nc 127.0.0.1 $PORT" \
       -device virtio-net-pci,netdev=n >>vm.log 2>&1 </dev/null &
     echo $! > qemu.pid

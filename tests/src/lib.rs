@@ -11,6 +11,7 @@ pub mod bench_ingest;
 pub mod bench_ping;
 pub mod hostile;
 pub mod mosquitto;
+pub mod nbd;
 pub mod netns;
 pub mod otlp;
 pub mod peers;

@@ -2,8 +2,10 @@
 //! busybox initramfs) with its data on an ext4 virtio disk; its only network is one
 //! forwarded port to a proxy on the host's loopback, in front of `imn up`'s broker.
 //! Killing qemu with SIGKILL is the power cut: unlike a killed process, the guest's
-//! page cache is gone, and only what the guest flushed to its disk is kept
-//! (`cache=writeback`: qemu writes the guest's flushes through to the image).
+//! page cache is gone. What the guest had written to its disk is kept, flushed or not
+//! (qemu wrote it to the image file, in the host's page cache). The second test puts
+//! a volatile write cache in front of the disk (tests/src/nbd.rs), which also loses
+//! what the guest wrote but did not flush, as an SD card or eMMC with a cache can.
 //!
 //! Schedules of 1 s and 30 s run, and a 1 s filler of 4 KB results grows the outbox.
 //! The cuts come at random moments and right after the backend stored a result, half
@@ -82,6 +84,8 @@ struct Vm {
     proxy_port: u16,
     probe_port: u16,
     boots: usize,
+    /// The disk behind a volatile write cache, or None for the image file as is.
+    volatile: Option<imn_tests::nbd::VolatileDisk>,
 }
 
 impl Vm {
@@ -108,7 +112,11 @@ impl Vm {
         self.boots += 1;
         let before = self.log().matches("IMN-BOOTED").count();
         let (p, probe) = (self.proxy_port.to_string(), self.probe_port.to_string());
-        self.sh(&["boot", self.dir.to_str().unwrap(), &p, &probe]);
+        let disk = match &self.volatile {
+            Some(d) => format!("nbd://127.0.0.1:{}", d.port()),
+            None => "disk.img".to_string(),
+        };
+        self.sh(&["boot", self.dir.to_str().unwrap(), &p, &probe, &disk]);
         let dir = self.dir.clone();
         wait_for("the VM to boot", T, || {
             let dir = dir.clone();
@@ -146,6 +154,10 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The device's cache goes with the power: what the guest did not flush is lost.
+        if let Some(d) = &self.volatile {
+            d.power_cut();
+        }
     }
 }
 
@@ -177,12 +189,27 @@ async fn scheduled_results(api: &Api, measurement: &str) -> usize {
         .map_or(0, Vec::len)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn power_cuts_never_lose_repeat_or_misreport_a_result() {
-    let cuts: usize = std::env::var("IMN_POWER_CUTS")
+fn cuts(default: usize) -> usize {
+    std::env::var("IMN_POWER_CUTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(default)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_never_lose_repeat_or_misreport_a_result() {
+    power_cuts(cuts(10), false).await;
+}
+
+/// Stretch: the disk is an NBD server in this process that keeps every write in a
+/// volatile cache until the guest flushes it (or writes with FUA), and drops the cache
+/// at each cut, as an SD card or eMMC with a write cache does (see tests/src/nbd.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_on_a_disk_that_drops_unflushed_writes() {
+    power_cuts(cuts(6), true).await;
+}
+
+async fn power_cuts(cuts: usize, volatile: bool) {
     // IMN_POWERCUT_AGENT: another static agent (an earlier build, for its flash figures).
     let agent = std::env::var_os("IMN_POWERCUT_AGENT")
         .map(PathBuf::from)
@@ -204,12 +231,19 @@ async fn power_cuts_never_lose_repeat_or_misreport_a_result() {
         proxy_port: proxy.port,
         probe_port,
         boots: 0,
+        volatile: None,
     };
     vm.sh(&["prepare", vm.dir.to_str().unwrap(), agent.to_str().unwrap()]);
+    if volatile {
+        let d = imn_tests::nbd::VolatileDisk::start(&vm.dir.join("disk.img"))
+            .await
+            .expect("the volatile-cache disk");
+        vm.volatile = Some(d);
+    }
     vm.boot().await;
     up.api.wait_alive(&["vm1"], T).await;
     // Idle (heartbeats only), for the flash written per heartbeat.
-    tokio::time::sleep(Duration::from_secs(IDLE_S)).await;
+    tokio::time::sleep(Duration::from_secs(secs("IMN_POWERCUT_IDLE_S", 16))).await;
     let idle = flash_window(&vm.log(), 0);
     let mut ids = BTreeMap::new();
     for (name, interval_s, message) in [
@@ -268,7 +302,9 @@ async fn power_cuts_never_lose_repeat_or_misreport_a_result() {
     }
     // The power stays on: everything comes back.
     proxy.set_down(false);
-    vm.boot().await;
+    if cuts > 0 {
+        vm.boot().await;
+    }
     up.api.wait_alive(&["vm1"], T).await;
     let api = up.api.clone();
     wait_for("the outbox to drain", T, || {
@@ -281,7 +317,7 @@ async fn power_cuts_never_lose_repeat_or_misreport_a_result() {
     .await;
     // Steady running, for the flash written per result; every slot due by the end
     // has had time to run and arrive.
-    tokio::time::sleep(Duration::from_secs(HOLD_S)).await;
+    tokio::time::sleep(Duration::from_secs(secs("IMN_POWERCUT_HOLD_S", 21))).await;
     let busy = flash_window(&vm.log(), vm.boots - 1);
     let ended_ms = imn_modules::now_ms() - 6_000;
 
@@ -318,6 +354,9 @@ async fn power_cuts_never_lose_repeat_or_misreport_a_result() {
         "outbox_lost_or_corrupt_events": lost,
     });
     println!("POWERCUT {summary}");
+    if let Some(d) = &vm.volatile {
+        println!("POWERCUT-DISK {:?}", d.stats());
+    }
     // Three 1 s results (one of them 4 KB) and one heartbeat a second while busy; one
     // heartbeat a second while idle.
     let flash = json!({
@@ -348,8 +387,14 @@ async fn power_cuts_never_lose_repeat_or_misreport_a_result() {
     drop(probe);
 }
 
-const IDLE_S: u64 = 16;
-const HOLD_S: u64 = 21;
+/// Seconds idle after the first boot, and steady after the last, for the flash
+/// figures (`IMN_POWERCUT_IDLE_S`, `IMN_POWERCUT_HOLD_S` make them longer).
+fn secs(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// Bytes a second the guest wrote to its disk over the VDA-STAT lines of its boot
 /// number `boot` (from 0): the first line is skipped (the boot itself), the rest are

@@ -253,7 +253,8 @@ INSERT INTO run_results (agent_id, run_key, at_ms)
                 THEN 'slot:' || measurement_id || '@' || scheduled_ms
                 ELSE 'req:' || request_id END,
            at_ms
-    FROM records WHERE kind = 'result' AND (request_id IS NOT NULL OR scheduled_ms IS NOT NULL)
+    FROM records WHERE kind = 'result'
+        AND ((measurement_id IS NOT NULL AND scheduled_ms IS NOT NULL) OR request_id IS NOT NULL)
     ON CONFLICT DO NOTHING;
 ",
 ];
@@ -706,25 +707,16 @@ impl PostgresStore {
                 }
             }
             if !run_dups.is_empty() {
-                let (mut a, mut e, mut q, mut t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for &(agent, epoch, rows) in group {
-                    for r in rows {
-                        if run_dups.contains(&(agent.to_string(), epoch, r.seq)) {
-                            a.push(agent);
-                            e.push(epoch as i64);
-                            q.push(r.seq as i64);
-                            t.push(r.at_ms);
-                        }
-                    }
-                }
+                // Exactly the rows this statement inserted (by their position).
+                let gone: Vec<i64> = run_dups
+                    .iter()
+                    .filter_map(|id| positions.get(id).copied())
+                    .collect();
                 let st = tx
-                    .prepare_cached(
-                        "DELETE FROM records USING unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[]) AS d(agent, epoch, seq, at)
-                         WHERE records.agent_id = d.agent AND records.epoch = d.epoch AND records.seq = d.seq AND records.at_ms = d.at",
-                    )
+                    .prepare_cached("DELETE FROM records WHERE position = ANY($1)")
                     .await
                     .map_err(db)?;
-                tx.execute(&st, &[&a, &e, &q, &t]).await.map_err(db)?;
+                tx.execute(&st, &[&gone]).await.map_err(db)?;
                 tracing::warn!(
                     results = run_dups.len(),
                     "second results for runs that have one; dropped as duplicates"

@@ -880,11 +880,23 @@ impl RunningConfig {
 }
 
 /// IMN: fsync of a directory, so the entries made in it (files, renames) survive a
-/// power cut.
+/// power cut. A filesystem that cannot fsync a directory (EINVAL, ENOTSUP, EBADF: as
+/// PostgreSQL's fsync_fname, such a filesystem orders its entries itself or cannot
+/// make them durable at all) is not an error.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
-        fs::File::open(dir)?.sync_all()
+        match fs::File::open(dir)?.sync_all() {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(libc::EBADF)
+                ) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
     }
     #[cfg(not(unix))]
     {

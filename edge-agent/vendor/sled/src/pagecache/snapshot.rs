@@ -542,8 +542,13 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
 
     let parent = path_1.parent().unwrap();
     std::fs::create_dir_all(parent)?;
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).open(&path_1)?;
+    // IMN: truncate, so a stale `.generating` left by a crash leaves no tail behind
+    // the new bytes (IMN-PATCH.md, change 2).
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path_1)?;
 
     // write the snapshot bytes, followed by a crc64 checksum at the end
     io_fail!(config, "snap write");
@@ -568,6 +573,20 @@ fn write_snapshot(config: &RunningConfig, snapshot: &Snapshot) -> Result<()> {
     }
 
     trace!("renamed snapshot to {}", path_2.to_string_lossy());
+
+    // IMN: and snapshots a crash cut short before their rename.
+    if let Ok(entries) = std::fs::read_dir(&config.get_path()) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("snap.")
+                && name.ends_with(".generating")
+                && e.path() != path_1
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 
     // clean up any old snapshots
     let candidates = config.get_snapshot_files()?;
