@@ -244,7 +244,7 @@ async fn power_cuts(cuts: usize, volatile: bool) {
     up.api.wait_alive(&["vm1"], T).await;
     // Idle (heartbeats only), for the flash written per heartbeat.
     tokio::time::sleep(Duration::from_secs(secs("IMN_POWERCUT_IDLE_S", 16))).await;
-    let idle = flash_window(&vm.log(), 0);
+    let idle = flash_window(&vm.log(), 0, 2);
     let mut ids = BTreeMap::new();
     for (name, interval_s, message) in [
         ("m1", 1, "one".to_string()),
@@ -317,8 +317,9 @@ async fn power_cuts(cuts: usize, volatile: bool) {
     .await;
     // Steady running, for the flash written per result; every slot due by the end
     // has had time to run and arrive.
+    let from = vda_stats(&vm.log(), vm.boots - 1).len();
     tokio::time::sleep(Duration::from_secs(secs("IMN_POWERCUT_HOLD_S", 21))).await;
-    let busy = flash_window(&vm.log(), vm.boots - 1);
+    let busy = flash_window(&vm.log(), vm.boots - 1, from);
     let ended_ms = imn_modules::now_ms() - 6_000;
 
     let events = up.api.get("/agents/vm1/events?limit=10000").await.body;
@@ -396,19 +397,25 @@ fn secs(var: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Bytes a second the guest wrote to its disk over the VDA-STAT lines of its boot
-/// number `boot` (from 0): the first line is skipped (the boot itself), the rest are
-/// 5 s apart in guest time.
-fn flash_window(log: &str, boot: usize) -> Option<f64> {
-    let text = log.split("IMN-BOOTED").nth(boot + 1)?;
-    let stats: Vec<(f64, u64)> = text
-        .lines()
+/// The VDA-STAT lines of the guest's boot number `boot` (from 0): guest uptime (s) and
+/// sectors written (the 7th field of /sys/block/vda/stat), 5 s apart.
+fn vda_stats(log: &str, boot: usize) -> Vec<(f64, u64)> {
+    let Some(text) = log.split("IMN-BOOTED").nth(boot + 1) else {
+        return Vec::new();
+    };
+    text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.strip_prefix("VDA-STAT ")?.split_whitespace().collect();
-            // Uptime, idle time, then /sys/block/vda/stat: sectors written is its 7th.
+            // Uptime, idle time, then /sys/block/vda/stat.
             Some((f.first()?.parse().ok()?, f.get(2 + 6)?.parse().ok()?))
         })
-        .collect();
-    let (a, b) = (stats.get(1)?, stats.last()?);
+        .collect()
+}
+
+/// Bytes a second the guest wrote to its disk during boot number `boot`, from its
+/// stat line number `from` (the first line is the boot itself: from 1 at least).
+fn flash_window(log: &str, boot: usize, from: usize) -> Option<f64> {
+    let stats = vda_stats(log, boot);
+    let (a, b) = (stats.get(from.max(1))?, stats.last()?);
     (b.0 > a.0).then(|| (b.1 - a.1) as f64 * 512.0 / (b.0 - a.0))
 }
