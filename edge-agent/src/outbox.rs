@@ -883,12 +883,32 @@ impl SledOutbox {
     /// entry is durable at the next [`Outbox::flush`], which the agent makes before it
     /// starts any run (one sync for a burst of commands).
     pub fn accept_command(&mut self, id: &str, module: &str, at_ms: i64) -> bool {
-        if self.memory_commands.contains(id) {
-            return false;
+        match self.log_start(id, module, at_ms) {
+            None => false,
+            Some(true) => {
+                self.command_count += 1;
+                if self.command_count > self.limits.max_commands
+                    || std::time::Instant::now() >= self.next_prune
+                {
+                    self.prune_commands(at_ms);
+                }
+                true
+            }
+            Some(false) => true,
+        }
+    }
+
+    /// The command log's record of a run about to start, under `key`: None if the key
+    /// was seen before, else whether the entry is on disk. One the disk cannot take is
+    /// remembered in memory (a crash now could run it again; the backend keeps one
+    /// result per run, whatever its record id).
+    fn log_start(&mut self, key: &str, module: &str, at_ms: i64) -> Option<bool> {
+        if self.memory_commands.contains(key) {
+            return None;
         }
         if let Some(st) = &self.store {
-            if let Ok(Some(_)) = st.commands.get(id.as_bytes()) {
-                return false;
+            if let Ok(Some(_)) = st.commands.get(key.as_bytes()) {
+                return None;
             }
         }
         let entry = CommandEntry {
@@ -897,22 +917,13 @@ impl SledOutbox {
             done: false,
         };
         let bytes = postcard::to_stdvec(&entry).unwrap_or_default();
-        if self.condition == Condition::Ok
+        let on_disk = self.condition == Condition::Ok
             && self.disk_has_room(bytes.len() as u64)
-            && self.write(TreeId::Commands, id.as_bytes(), Some(bytes))
-        {
-            self.command_count += 1;
-            if self.command_count > self.limits.max_commands
-                || std::time::Instant::now() >= self.next_prune
-            {
-                self.prune_commands(at_ms);
-            }
-            return true;
+            && self.write(TreeId::Commands, key.as_bytes(), Some(bytes));
+        if !on_disk {
+            self.memory_commands.insert(key.to_string());
         }
-        // The disk cannot record it: remember it in memory (a crash now could run it
-        // again; the backend keeps one result per run, whatever its record id).
-        self.memory_commands.insert(id.to_string());
-        true
+        Some(on_disk)
     }
 
     /// Commands received at or before this time (the agent's clock, ms) may have been
@@ -1052,28 +1063,7 @@ impl SledOutbox {
     /// entry goes when its result is stored ([`Self::finish_slot`]), in the same sync;
     /// one left at start is a run the agent never finished (`run_interrupted`).
     pub fn accept_slot(&mut self, run_id: &str, module: &str, at_ms: i64) -> bool {
-        let key = slot_key(run_id);
-        if self.memory_commands.contains(&key) {
-            return false;
-        }
-        if let Some(st) = &self.store {
-            if let Ok(Some(_)) = st.commands.get(key.as_bytes()) {
-                return false;
-            }
-        }
-        let entry = CommandEntry {
-            module: module.to_string(),
-            received_ms: at_ms,
-            done: false,
-        };
-        let bytes = postcard::to_stdvec(&entry).unwrap_or_default();
-        if !(self.condition == Condition::Ok
-            && self.disk_has_room(bytes.len() as u64)
-            && self.write(TreeId::Commands, key.as_bytes(), Some(bytes)))
-        {
-            self.memory_commands.insert(key);
-        }
-        true
+        self.log_start(&slot_key(run_id), module, at_ms).is_some()
     }
 
     /// A slot's result is in the outbox: its entry goes (a slot's progress in the
