@@ -426,6 +426,7 @@ async fn seq_spread_batches_are_refused_whole() {
             (0..1000).map(|i| tiny_event(1 + i * (1 << 15))).collect(),
         ),
     ];
+    let shed = cloud.counter("/ingest/shed").await;
     let mut sent = 0u64;
     let mut bytes = 0usize;
     let rounds = 10;
@@ -435,14 +436,56 @@ async fn seq_spread_batches_are_refused_whole() {
             sent += 1;
         }
     }
+    // Under load a batch can go missing before it is looked at: past this agent's
+    // share of the ingest queue it is shed (unacked, counted under `ingest.shed`), and
+    // a bridge that falls behind the broker's in-memory log may lose it there (one CI
+    // run on 2 busy cores saw 29 of 30 refused and the last never counted; which of the
+    // two it was is not known). Either way it is never acked, and an agent sends it
+    // again. This client does the same, with
+    // the biggest shape, once the counts stop moving.
+    let mut total = sent;
+    let (mut refused, mut shed_n);
+    let mut attempts = 0;
+    loop {
+        let (mut last, mut still) = (u64::MAX, Instant::now());
+        loop {
+            let h = cloud.health().await;
+            let n = |p: &str| h.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+            refused = n("/rejected/bounds") - bounds;
+            shed_n = n("/ingest/shed") - shed;
+            if refused + shed_n >= total || still.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            if refused + shed_n != last {
+                (last, still) = (refused + shed_n, Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            refused + shed_n <= total,
+            "{refused} refused + {shed_n} shed of {total} sent: one counted twice"
+        );
+        if refused >= sent {
+            break;
+        }
+        attempts += 1;
+        assert!(
+            attempts <= 5,
+            "{refused} of {sent} refused after {total} sends"
+        );
+        for _ in refused..sent {
+            bytes += hostile.batch(e, shapes[1].1.clone()).await;
+            total += 1;
+        }
+    }
     println!(
-        "sent {sent} refused-shape batches, {:.1} MB",
+        "sent {sent} refused-shape batches and {} again ({shed_n} shed, {} lost before the backend), {:.1} MB",
+        total - sent,
+        total - refused - shed_n,
         bytes as f64 / 1e6
     );
-    let got = cloud
-        .wait_counter("/rejected/bounds", bounds + sent, Duration::from_secs(60))
-        .await;
-    assert_eq!(got, bounds + sent, "each batch refused once");
+    // Each batch refused at least once (the loop's exit), none counted twice (the
+    // assertion in it); without a resend, exactly once.
     let took = attack.elapsed();
     hostile.sync(T).await;
     assert!(
