@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use imn_backend::up::{
+use imn_backend::serve::{
     bind_http, ensure_admin_token, security, serve_http, start_backend, SecurityFlags,
 };
 use imn_bridge::bus::{NatsBus, NatsOptions};
@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if let Some(addr) = flags.grpc {
-        let listener = imn_backend::up::bind_grpc(addr, flags.security.insecure_i_know).await?;
+        let listener = imn_backend::serve::bind_grpc(addr, flags.security.insecure_i_know).await?;
         tokio::spawn(imn_backend::grpc::serve(
             listener,
             backend.clone(),

@@ -4,9 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use imn_backend::client::{Client, ClientFlags};
-use imn_backend::up::{up, SecurityFlags, UpOptions};
+use imn_backend::serve::SecurityFlags;
 use serde_json::json;
+
+use crate::client::{Client, ClientFlags};
+use crate::up::{up, UpOptions};
+
+mod cli;
+mod client;
+mod up;
 
 #[derive(Debug, Parser)]
 #[command(name = "imn", version, about = "IMN: the Internet Measurement Network")]
@@ -193,9 +199,9 @@ struct FilterArgs {
     until: Option<String>,
 }
 
-impl From<FilterArgs> for imn_backend::cli::Filter {
+impl From<FilterArgs> for cli::Filter {
     fn from(f: FilterArgs) -> Self {
-        imn_backend::cli::Filter {
+        cli::Filter {
             agent: f.agent,
             module: f.module,
             measurement: f.measurement,
@@ -274,7 +280,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
-    use imn_backend::cli;
+    use crate::cli;
     use std::io::Write;
     match cmd {
         Cmd::Up {
