@@ -115,7 +115,7 @@ pub struct RequestTrace(pub opentelemetry::Context);
 /// [`RequestTrace`]; the span ends when the response is ready (with `?wait`, after the
 /// result came back).
 async fn trace_request(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    use imn_bridge::telemetry::{self, Component};
+    use imn_cloud::telemetry::{self, Component};
     use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
     use opentelemetry::KeyValue;
     let path = req.uri().path().to_string();
@@ -172,7 +172,7 @@ async fn metrics(State(b): State<Arc<Backend>>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            imn_bridge::telemetry::prom::CONTENT_TYPE,
+            imn_cloud::telemetry::prom::CONTENT_TYPE,
         )],
         b.prometheus().await,
     )
@@ -371,13 +371,7 @@ async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> 
             "records_refused": b.stats.records_refused.load(Relaxed),
         },
         "rejected": *b.stats.rejected.lock().unwrap_or_else(|e| e.into_inner()),
-        "bridge": b.bridge_stats.get().map(|s| json!({
-            "up_messages": s.up_messages.load(Relaxed),
-            "down_messages": s.down_messages.load(Relaxed),
-            "up_errors": s.up_errors.load(Relaxed),
-            "bad_topics": s.bad_topics.load(Relaxed),
-            "too_large": s.too_large.load(Relaxed),
-        })),
+        "bridge": b.bridge_stats.get().map(|s| s.health()),
         "auth": ({
             let a = &b.security.bridge().stats;
             json!({
@@ -510,7 +504,7 @@ async fn create_measurement(
 ) -> Result<Response, ApiError> {
     let m: crate::fleet::NewMeasurement =
         serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    let tp = trace.and_then(|t| imn_bridge::telemetry::traceparent(&t.0 .0));
+    let tp = trace.and_then(|t| imn_cloud::telemetry::traceparent(&t.0 .0));
     let c = crate::fleet::create(&b, m, tp, caller_of(caller)).await?;
     let location = format!("/v1/measurements/{}", c.id);
     let refused: Vec<Value> = c
@@ -1073,7 +1067,7 @@ async fn submit(
                 idempotency_key: key,
                 deadline,
                 waiter: wait.is_some(),
-                traceparent: trace.and_then(|t| imn_bridge::telemetry::traceparent(&t.0 .0)),
+                traceparent: trace.and_then(|t| imn_cloud::telemetry::traceparent(&t.0 .0)),
                 measurement_id: None,
                 names: None,
                 caller: caller_of(caller),

@@ -523,7 +523,7 @@ enum FileKind {
 /// linked to it only if nothing is there (the CA): a symlink planted in the directory
 /// is never followed, and keys are 0600 regardless of the umask.
 fn write_file(path: &Path, contents: &[u8], kind: FileKind) -> Result<(), CertsError> {
-    use imn_bridge::files;
+    use imn_cloud::files;
     let result = match kind {
         FileKind::NewKey => files::create_private(path, contents),
         FileKind::NewCert => files::create_with_mode(path, contents, 0o644),

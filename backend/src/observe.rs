@@ -20,10 +20,10 @@
 
 use std::sync::Mutex;
 
-use imn_bridge::telemetry::prom::{
+use imn_cloud::telemetry::prom::{
     CounterVec, Exposition, Family, FamilyKind, GaugeVec, HistogramVec, LAG_SECONDS, SECONDS,
 };
-use imn_bridge::telemetry::{self, at_ms, Component};
+use imn_cloud::telemetry::{self, at_ms, Component};
 use imn_modules::results::{ModuleOutcome, ModuleOutput};
 use imn_modules::wire::{self, RequestState};
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
@@ -125,7 +125,7 @@ impl Metrics {
 
     /// Metrics of one stored result. Every label value an agent chooses (targets,
     /// servers, URLs) is capped in length by the instruments, and each agent owns at most
-    /// `MAX_SERIES_PER_AGENT` series per instrument (see `imn_bridge::telemetry::prom`);
+    /// `MAX_SERIES_PER_AGENT` series per instrument (see `imn_cloud::telemetry::prom`);
     /// the module label is a catalog module's name or `other`.
     pub fn result(&self, agent: &str, r: &wire::ModuleResult, stored_ms: i64) {
         self.results_ingested.inc(&[module_label(&r.module)]);
@@ -529,7 +529,7 @@ pub fn end_dispatch(cx: Option<Context>, error: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_bridge::telemetry::prom::{MAX_LABEL_BYTES, MAX_SERIES_PER_AGENT};
+    use imn_cloud::telemetry::prom::{MAX_LABEL_BYTES, MAX_SERIES_PER_AGENT};
     use imn_modules::results::{PingOutput, PingResult};
     use serde_json::json;
 

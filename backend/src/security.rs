@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use imn_bridge::{AgentCredential, AgentCredentials};
+use imn_cloud::{AgentCredential, AgentCredentials};
 use imn_modules::auth as wauth;
 use imn_modules::now_ms;
 pub use imn_modules::policy::Cidr;
@@ -1062,7 +1062,7 @@ mod tests {
     #[test]
     fn tiny_or_broken_rates_refuse_without_panicking() {
         let s = Security::new(
-            Arc::new(imn_bridge::AgentCredentials::disabled()),
+            Arc::new(imn_cloud::AgentCredentials::disabled()),
             Limits::default(),
             Policy::default(),
         );

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use imn_bridge::bus::Bus;
-use imn_bridge::AgentCredentials;
+use imn_cloud::bus::Bus;
+use imn_cloud::AgentCredentials;
 
 use crate::security::{Limits, Policy, Scope, Security};
 use crate::service::Backend;
@@ -173,7 +173,7 @@ pub async fn ensure_admin_token(
     shared: bool,
 ) -> Result<(), UpError> {
     // Not through a symlink: the file is ours, in our private directory.
-    let current = imn_bridge::files::read_private(path).ok();
+    let current = imn_cloud::files::read_private(path).ok();
     if current
         .as_deref()
         .is_some_and(|t| backend.security.token_is_live(t.trim()))
@@ -220,12 +220,12 @@ pub async fn ensure_admin_token(
 /// (`O_EXCL | O_NOFOLLOW`, mode 0600), synced, then renamed over it. A symlink planted in
 /// the directory is never followed.
 fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
-    imn_bridge::files::write_private(path, format!("{secret}\n").as_bytes())
+    imn_cloud::files::write_private(path, format!("{secret}\n").as_bytes())
 }
 
 /// Creates the data directory with mode 0700, or sets an existing one to it.
 pub fn private_data_dir(data: &std::path::Path) -> Result<(), UpError> {
-    imn_bridge::files::private_dir(data).map_err(|e| UpError::Data {
+    imn_cloud::files::private_dir(data).map_err(|e| UpError::Data {
         path: data.to_path_buf(),
         message: format!("cannot make it private (mode 0700): {e}"),
     })

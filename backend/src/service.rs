@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use imn_bridge::bus::{Bus, UpMessage};
+use imn_cloud::bus::{Bus, UpMessage};
 use imn_modules::wire::{self, Ack, Command, CommandKind, Envelope, Hello, Kind, RequestState};
 use imn_modules::{catalog, now_ms};
 use serde_json::Value;
@@ -133,7 +133,7 @@ pub struct Backend {
     /// changed or that said hello (see `fleet`): the sweep resends stale sets.
     pub schedule_versions: Mutex<HashMap<String, u64>>,
     /// The in-process bridge's counters, under `imn up`.
-    pub bridge_stats: std::sync::OnceLock<Arc<imn_bridge::broker::BridgeStats>>,
+    pub bridge_stats: std::sync::OnceLock<Arc<dyn imn_cloud::BridgeReport>>,
     /// This process among backends sharing the bus (see [`crate::peers`]).
     pub instance: u64,
     /// When each agent's last hello was handled (see [`ingest::HELLO_MIN_INTERVAL_MS`]).
@@ -605,7 +605,7 @@ impl Backend {
             &req.id,
             &req.module,
         );
-        let traceparent = cx.as_ref().and_then(imn_bridge::telemetry::traceparent);
+        let traceparent = cx.as_ref().and_then(imn_cloud::telemetry::traceparent);
         let cmd = Envelope::Command(Command {
             id: req.id.clone(),
             kind: CommandKind::Run {
@@ -671,27 +671,27 @@ impl Backend {
     }
 
     /// Every metric family read from current state (the in-process bridge's too).
-    pub fn metric_families(&self) -> Vec<imn_bridge::telemetry::prom::Family> {
+    pub fn metric_families(&self) -> Vec<imn_cloud::telemetry::prom::Family> {
         let mut f = self.metrics.families(&self.registry.all(), now_ms());
         match self.bridge_stats.get() {
-            Some(b) => f.extend(b.families(&self.security.bridge().stats)),
+            Some(b) => f.extend(b.families()),
             None => f.push(
-                imn_bridge::telemetry::prom::Family::new(
+                imn_cloud::telemetry::prom::Family::new(
                     "imn_metric_series_dropped_total",
                     "imn.metric.series_dropped",
                     "{series}",
-                    imn_bridge::telemetry::prom::FamilyKind::Counter,
+                    imn_cloud::telemetry::prom::FamilyKind::Counter,
                     "Label sets not recorded because an instrument had too many.",
                 )
-                .value(imn_bridge::telemetry::prom::series_dropped() as f64),
+                .value(imn_cloud::telemetry::prom::series_dropped() as f64),
             ),
         }
         f.push(
-            imn_bridge::telemetry::prom::Family::new(
+            imn_cloud::telemetry::prom::Family::new(
                 "imn_records_stored_total",
                 "imn.records.stored",
                 "{record}",
-                imn_bridge::telemetry::prom::FamilyKind::Counter,
+                imn_cloud::telemetry::prom::FamilyKind::Counter,
                 "Outbox records stored (results, state changes, events), duplicates not counted.",
             )
             .value(self.stats.records_stored.load(Ordering::Relaxed) as f64),
@@ -735,11 +735,11 @@ impl Backend {
             ),
         ] {
             f.push(
-                imn_bridge::telemetry::prom::Family::new(
+                imn_cloud::telemetry::prom::Family::new(
                     name,
                     otel,
                     unit,
-                    imn_bridge::telemetry::prom::FamilyKind::Counter,
+                    imn_cloud::telemetry::prom::FamilyKind::Counter,
                     help,
                 )
                 .value(v.load(Ordering::Relaxed) as f64),
@@ -752,7 +752,7 @@ impl Backend {
     /// after the in-process bridge (if any) is attached.
     pub fn observe_metrics(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
-        imn_bridge::telemetry::prom::observe(Arc::new(move || {
+        imn_cloud::telemetry::prom::observe(Arc::new(move || {
             weak.upgrade()
                 .map(|b| b.metric_families())
                 .unwrap_or_default()
@@ -762,7 +762,7 @@ impl Backend {
     /// `/metrics`: the Prometheus text format.
     pub async fn prometheus(&self) -> String {
         self.refresh_request_states().await;
-        let mut e = imn_bridge::telemetry::prom::Exposition::new();
+        let mut e = imn_cloud::telemetry::prom::Exposition::new();
         for f in self.metric_families() {
             f.write(&mut e);
         }
@@ -1387,7 +1387,7 @@ impl Backend {
         loop {
             tick.tick().await;
             // Request states for OTLP metrics (a scrape of /metrics reads them itself).
-            if ticks.is_multiple_of(8) && imn_bridge::telemetry::meter().is_some() {
+            if ticks.is_multiple_of(8) && imn_cloud::telemetry::meter().is_some() {
                 self.refresh_request_states().await;
             }
             ticks += 1;
@@ -1428,7 +1428,7 @@ impl Backend {
 mod tests {
     use super::*;
     use crate::store::SqliteStore;
-    use imn_bridge::bus::LocalBus;
+    use imn_cloud::bus::LocalBus;
     use serde_json::json;
 
     async fn backend() -> Arc<Backend> {
@@ -1444,7 +1444,7 @@ mod tests {
             Arc::new(LocalBus::new(8)),
             false,
             crate::security::Security::new(
-                Arc::new(imn_bridge::AgentCredentials::disabled()),
+                Arc::new(imn_cloud::AgentCredentials::disabled()),
                 crate::security::Limits::default(),
                 crate::security::Policy::default(),
             ),

@@ -17,9 +17,10 @@ use rumqttd::{
     ServerSettings, TlsConfig,
 };
 
-use crate::auth::AgentCredentials;
-use crate::bus::{Bus, DownMessage};
-use crate::telemetry::prom::{Family, FamilyKind};
+use imn_cloud::auth::AgentCredentials;
+use imn_cloud::bus::{Bus, DownMessage};
+use imn_cloud::telemetry::prom::{Family, FamilyKind};
+use imn_cloud::BridgeReport;
 
 /// The broker's TLS listener (MQTT over TLS, by convention on port 8883).
 #[derive(Debug, Clone)]
@@ -108,7 +109,7 @@ pub enum BridgeError {
     #[error("broker: {0}")]
     Broker(String),
     #[error(transparent)]
-    Bus(#[from] crate::bus::BusError),
+    Bus(#[from] imn_cloud::bus::BusError),
 }
 
 /// Counters the bridge keeps, for `/health` and `/metrics`.
@@ -122,6 +123,30 @@ pub struct BridgeStats {
     pub up_errors: AtomicU64,
     pub bad_topics: AtomicU64,
     pub too_large: AtomicU64,
+}
+
+/// [`BridgeStats`] with the credentials' counters, for the backend of `imn up`.
+struct Report {
+    stats: Arc<BridgeStats>,
+    credentials: Arc<AgentCredentials>,
+}
+
+impl BridgeReport for Report {
+    fn health(&self) -> serde_json::Value {
+        let s = &self.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "up_messages": load(&s.up_messages),
+            "down_messages": load(&s.down_messages),
+            "up_errors": load(&s.up_errors),
+            "bad_topics": load(&s.bad_topics),
+            "too_large": load(&s.too_large),
+        })
+    }
+
+    fn families(&self) -> Vec<Family> {
+        self.stats.families(&self.credentials.stats)
+    }
 }
 
 impl BridgeStats {
@@ -141,8 +166,17 @@ impl BridgeStats {
         }
     }
 
+    /// What this bridge reports through a backend in the same process, with the
+    /// counters of the credentials it checks.
+    pub fn report(self: Arc<Self>, credentials: Arc<AgentCredentials>) -> Arc<dyn BridgeReport> {
+        Arc::new(Report {
+            stats: self,
+            credentials,
+        })
+    }
+
     /// The bridge's metric families, read now.
-    pub fn families(&self, auth: &crate::auth::AuthStats) -> Vec<Family> {
+    pub fn families(&self, auth: &imn_cloud::auth::AuthStats) -> Vec<Family> {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         let mut messages = Family::new(
             "imn_bridge_messages_total",
@@ -207,7 +241,7 @@ impl BridgeStats {
                 FamilyKind::Counter,
                 "Label sets not recorded because an instrument had too many.",
             )
-            .value(crate::telemetry::prom::series_dropped() as f64),
+            .value(imn_cloud::telemetry::prom::series_dropped() as f64),
         ]
     }
 }
@@ -220,7 +254,7 @@ impl BridgeStats {
 fn trace_command(m: &DownMessage) -> Option<(opentelemetry::Context, Bytes)> {
     use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
     use opentelemetry::KeyValue;
-    let tracer = crate::telemetry::tracer(crate::telemetry::Component::Bridge)?;
+    let tracer = imn_cloud::telemetry::tracer(imn_cloud::telemetry::Component::Bridge)?;
     // Re-encoded in the version it came in: the backend chose the agent's.
     let Ok((version, wire::Envelope::Command(mut cmd))) = wire::decode_versioned(&m.payload) else {
         return None;
@@ -229,7 +263,7 @@ fn trace_command(m: &DownMessage) -> Option<(opentelemetry::Context, Bytes)> {
         .traceparent
         .as_deref()
         .or(cmd.traceparent.as_deref())
-        .and_then(crate::telemetry::context_from)?;
+        .and_then(imn_cloud::telemetry::context_from)?;
     let span = tracer
         .span_builder("bridge downlink")
         .with_kind(SpanKind::Consumer)
@@ -242,7 +276,7 @@ fn trace_command(m: &DownMessage) -> Option<(opentelemetry::Context, Bytes)> {
         ])
         .start_with_context(tracer, &parent);
     let cx = parent.with_span(span);
-    cmd.traceparent = crate::telemetry::traceparent(&cx);
+    cmd.traceparent = imn_cloud::telemetry::traceparent(&cx);
     Some((
         cx,
         Bytes::from(wire::encode_for(version, &wire::Envelope::Command(cmd))),

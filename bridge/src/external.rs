@@ -32,9 +32,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::auth::AgentCredentials;
 use crate::broker::{BridgeError, BridgeStats};
-use crate::bus::Bus;
+use imn_cloud::auth::AgentCredentials;
+use imn_cloud::bus::Bus;
 
 /// How to reach the external broker.
 #[derive(Debug, Clone)]

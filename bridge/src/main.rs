@@ -3,15 +3,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use imn_bridge::bus::{Bus, NatsBus, NatsOptions};
-use imn_bridge::{broker, telemetry, AgentCredentials, BrokerConfig, BrokerTls};
+use imn_bridge::{broker, BrokerConfig, BrokerTls};
+use imn_cloud::bus::{Bus, NatsBus, NatsOptions};
+use imn_cloud::{telemetry, AgentCredentials};
 
 /// IMN bridge: embedded MQTT broker for agents, forwarding to and from NATS.
 #[derive(Debug, Parser)]
 #[command(name = "imn-bridge", version)]
 struct Flags {
     /// Plain MQTT (3.1.1) address for agents, or `off`.
-    #[arg(long, env = "IMN_MQTT", default_value = "127.0.0.1:1883", value_parser = imn_bridge::addr_or_off)]
+    #[arg(long, env = "IMN_MQTT", default_value = "127.0.0.1:1883", value_parser = imn_cloud::addr_or_off)]
     // Fully qualified: clap then takes the parser's Option as the value, not as "optional".
     mqtt: ::std::option::Option<SocketAddr>,
     /// MQTT over TLS (8883 by convention), with --tls-cert and --tls-key.
@@ -53,7 +54,7 @@ struct Flags {
     #[arg(long)]
     insecure_i_know: bool,
     /// Prometheus `/metrics` listener, or `off`.
-    #[arg(long, env = "IMN_METRICS", default_value = "127.0.0.1:9102", value_parser = imn_bridge::addr_or_off)]
+    #[arg(long, env = "IMN_METRICS", default_value = "127.0.0.1:9102", value_parser = imn_cloud::addr_or_off)]
     metrics: ::std::option::Option<SocketAddr>,
     /// OTLP/gRPC collector for traces, metrics and logs (`http://host:4317`). Without
     /// it, OTEL_EXPORTER_OTLP_ENDPOINT decides; without that, nothing is exported.

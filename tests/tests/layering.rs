@@ -3,7 +3,7 @@
 //! feature unification across the workspace hides nothing).
 //!
 //! - The backend library links neither the agent nor the probes (the code that sends
-//!   packets).
+//!   packets), nor the bridge: what it shares with the bridge is in `imn-cloud`.
 //! - The agent links nothing of the cloud: no backend, bridge, NATS or OpenTelemetry.
 //! - Only the `imn` binary (`imn-cli`) links everything.
 
@@ -58,7 +58,17 @@ fn assert_links_none(krate: &str, forbidden: &[&str]) {
 
 #[test]
 fn the_backend_links_neither_the_agent_nor_the_probes() {
-    assert_links_none("imn-backend", &["imn-agent", "imn-cli", "sled"]);
+    assert_links_none(
+        "imn-backend",
+        &[
+            "imn-agent",
+            "imn-bridge",
+            "imn-cli",
+            "sled",
+            "rumqttc",
+            "rumqttd",
+        ],
+    );
     let deps = tree("imn-backend");
     let modules = deps
         .get("imn-modules")
@@ -77,6 +87,7 @@ fn the_agent_links_nothing_of_the_cloud() {
             "imn-backend",
             "imn-bridge",
             "imn-cli",
+            "imn-cloud",
             "async-nats",
             "opentelemetry",
             "rumqttd",

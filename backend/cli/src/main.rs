@@ -32,7 +32,7 @@ enum Cmd {
         http: SocketAddr,
         /// Plain MQTT address for agents, or `off`. Plain MQTT beyond loopback needs
         /// --insecure-i-know.
-        #[arg(long, default_value = "127.0.0.1:1883", value_parser = imn_bridge::addr_or_off)]
+        #[arg(long, default_value = "127.0.0.1:1883", value_parser = imn_cloud::addr_or_off)]
         // Fully qualified: clap then takes the parser's Option as the value, not as "optional".
         mqtt: ::std::option::Option<SocketAddr>,
         /// MQTT over TLS (8883 by convention), with --tls-cert and --tls-key.
@@ -72,7 +72,7 @@ enum Cmd {
         #[arg(long, env = "IMN_OTLP_ENDPOINT")]
         otlp_endpoint: Option<String>,
         /// The gRPC API (imn.v1.Imn; the original used 127.0.0.1:50051), or `off`.
-        #[arg(long, env = "IMN_GRPC", default_value = "off", value_parser = imn_bridge::addr_or_off)]
+        #[arg(long, env = "IMN_GRPC", default_value = "off", value_parser = imn_cloud::addr_or_off)]
         grpc: ::std::option::Option<SocketAddr>,
         #[command(flatten)]
         security: SecurityFlags,
@@ -254,11 +254,11 @@ fn main() -> std::process::ExitCode {
     if matches!(cli.cmd, Cmd::Up { .. }) {
         // Everything `imn up` creates in DATA (the admin token, the store, the agents'
         // outboxes) is its owner's only; the directory itself is made 0700.
-        imn_bridge::files::private_umask();
+        imn_cloud::files::private_umask();
     }
     // `imn up` sets up its telemetry inside the runtime (the OTLP channels live there).
     if !matches!(cli.cmd, Cmd::Up { .. }) {
-        imn_bridge::init_logging();
+        imn_cloud::init_logging();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -300,7 +300,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
             grpc,
             security,
         } => {
-            use imn_bridge::telemetry::{self, Component};
+            use imn_cloud::telemetry::{self, Component};
             let _telemetry = telemetry::init(
                 &[Component::Backend, Component::Bridge, Component::Agent],
                 &telemetry::OtlpConfig {

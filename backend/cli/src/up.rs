@@ -9,8 +9,8 @@ use std::sync::Arc;
 use imn_agent::{Agent, AgentConfig};
 use imn_backend::serve::*;
 use imn_backend::Backend;
-use imn_bridge::bus::{Bus, LocalBus};
 use imn_bridge::{broker, BrokerConfig, BrokerTls};
+use imn_cloud::bus::{Bus, LocalBus};
 use tokio::sync::watch;
 
 /// What `imn up` runs.
@@ -143,7 +143,9 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
         security,
     )
     .await?;
-    let _ = backend.bridge_stats.set(bridge_stats);
+    let _ = backend
+        .bridge_stats
+        .set(bridge_stats.report(backend.security.bridge().clone()));
     backend.observe_metrics();
     let mut tokens = Vec::new();
     for i in 1..=opts.agents {

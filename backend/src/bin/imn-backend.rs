@@ -8,7 +8,7 @@ use clap::Parser;
 use imn_backend::serve::{
     bind_http, ensure_admin_token, security, serve_http, start_backend, SecurityFlags,
 };
-use imn_bridge::bus::{NatsBus, NatsOptions};
+use imn_cloud::bus::{NatsBus, NatsOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,7 +49,7 @@ struct Flags {
     #[arg(long, env = "IMN_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
     /// The gRPC API (imn.v1.Imn; the original used 127.0.0.1:50051), or `off`.
-    #[arg(long, env = "IMN_GRPC", default_value = "off", value_parser = imn_bridge::addr_or_off)]
+    #[arg(long, env = "IMN_GRPC", default_value = "off", value_parser = imn_cloud::addr_or_off)]
     grpc: ::std::option::Option<SocketAddr>,
     #[command(flatten)]
     security: SecurityFlags,
@@ -59,9 +59,9 @@ struct Flags {
 async fn main() -> anyhow::Result<()> {
     // Everything the backend creates (the admin token, the embedded store) is its
     // owner's only; --data itself is made 0700.
-    imn_bridge::files::private_umask();
+    imn_cloud::files::private_umask();
     let flags = Flags::parse();
-    use imn_bridge::telemetry::{self, Component};
+    use imn_cloud::telemetry::{self, Component};
     let _telemetry = telemetry::init(
         &[Component::Backend, Component::Agent],
         &telemetry::OtlpConfig {

@@ -48,8 +48,8 @@ use imn_backend::store::{
     AgentSchedule, MeasurementRow, NewRequest, PostgresStore, ResultFilter, SqliteStore, Store,
 };
 use imn_backend::{ingest, Backend};
-use imn_bridge::bus::{Bus, DownMessage, LocalBus, Settle, UpMessage};
-use imn_bridge::{AgentCredential, AgentCredentials};
+use imn_cloud::bus::{Bus, DownMessage, LocalBus, Settle, UpMessage};
+use imn_cloud::{AgentCredential, AgentCredentials};
 use imn_modules::auth::{self, MessageKey};
 use imn_modules::wire::{self, Envelope, Kind, RequestState};
 use imn_modules::{catalog, now_ms};

@@ -1,0 +1,49 @@
+//! What the cloud's processes share: the bridge (MQTT side) and the backend (store and
+//! APIs) talk over a [`bus`], trust agents through the same [`auth`] credentials,
+//! write secrets with [`files`], and report through the same [`telemetry`]. Agents
+//! never link this crate: everything an agent and the cloud share is the contract in
+//! `imn-modules`.
+//!
+//! - [`bus`]: the uplink (agents to backend) and downlink (commands), in-process
+//!   ([`bus::LocalBus`], for `imn up`) or over NATS JetStream ([`bus::NatsBus`]), where
+//!   uplink messages travel in frames of many.
+//! - [`auth`]: each agent's credential (login secret and message-signing key), and the
+//!   counters of what was refused.
+//! - [`files`]: private directories and files (mode 0700/0600), written atomically.
+//! - [`telemetry`]: logging, OTLP export of traces, metrics and logs, and the
+//!   Prometheus text exposition ([`telemetry::prom`]).
+
+pub mod auth;
+pub mod bus;
+pub mod files;
+pub mod telemetry;
+
+pub use auth::{AgentCredential, AgentCredentials};
+
+/// Reads a listen address flag: `off`, or ADDR:PORT.
+pub fn addr_or_off(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|e| format!("{s:?}: {e} (give ADDR:PORT or off)"))
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info,rumqttd=warn`). rumqttd opens
+/// an error-level span per publish with its topic formatted by `Debug`; the fmt layer
+/// then formats every topic, which cost the router thread a tenth of its time in
+/// `imn-bench ingest`. Spans from rumqttd are turned off (its events still pass).
+/// Logging to stderr only (no OTLP), for commands that are not services.
+pub fn init_logging() {
+    let _ = telemetry::init(&[], &telemetry::OtlpConfig::default(), "info,rumqttd=warn");
+}
+
+/// What a bridge running in the backend's process (`imn up`) reports through the
+/// backend's `/health` and `/metrics`.
+pub trait BridgeReport: Send + Sync {
+    /// Its counters, as `/health` → `bridge` shows them.
+    fn health(&self) -> serde_json::Value;
+    /// Its metric families, read now.
+    fn families(&self) -> Vec<telemetry::prom::Family>;
+}
