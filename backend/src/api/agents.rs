@@ -1,0 +1,328 @@
+//! Agents: the list and one agent, their status history, heartbeats and events, and
+//! loading, unloading and configuring modules on one.
+
+use super::*;
+
+pub(super) fn agent_json(a: &AgentEntry, now: i64) -> Value {
+    // Outbox figures come from whichever the agent sent last: a hello after a
+    // reconnect supersedes the heartbeat from before it.
+    let hb = a
+        .last_heartbeat
+        .as_ref()
+        .filter(|h| h.sent_at_ms >= a.hello.sent_at_ms);
+    json!({
+        "id": a.id,
+        "alive": a.alive(now),
+        "status": if a.online { "online" } else { "offline" },
+        "first_seen": rfc3339(a.first_seen_ms),
+        "last_seen": rfc3339(a.last_seen_ms),
+        "version": a.hello.version,
+        "arch": a.hello.arch,
+        "tags": a.hello.tags,
+        "location": a.hello.location,
+        "modules": a.hello.modules,
+        "heartbeat_interval_ms": a.hello.heartbeat_interval_ms,
+        // The version of the recurring-measurement set the agent runs.
+        "schedule_version": a.hello.schedule_version,
+        // What the agent does beyond wire version 1 (it checks every address against
+        // the policy, enforces its budget, refuses stale commands), and its budget
+        // across runs (zeros: an agent too old to say).
+        "features": a.hello.features,
+        "limits": a.hello.limits,
+        "wire_version": a.wire_version,
+        // Unknown (null) between a reconnect and the agent's next hello or heartbeat.
+        "outbox": if a.hello_pending {
+            json!({"epoch": null, "depth": null, "oldest_age_ms": null, "dropped": null, "condition": null})
+        } else {
+            json!({
+                "epoch": a.hello.outbox_epoch,
+                "depth": hb.map(|h| h.outbox_depth).unwrap_or(a.hello.outbox_depth),
+                "oldest_age_ms": hb.map(|h| h.outbox_oldest_age_ms),
+                "dropped": hb.map(|h| h.dropped).unwrap_or(a.hello.dropped),
+                "condition": hb.and_then(|h| h.outbox_condition.clone()),
+            })
+        },
+        "heartbeat": a.last_heartbeat,
+        "heartbeat_lag_ms": a.heartbeat_lag_ms,
+    })
+}
+
+/// The filters of `GET /agents`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AgentQuery {
+    /// Comma-separated; the agent has them all.
+    tag: Option<String>,
+    country: Option<String>,
+    asn: Option<u32>,
+    alive: Option<bool>,
+    limit: Option<usize>,
+}
+
+/// `GET /agents?tag=a,b&country=&asn=&alive=&limit=`: every agent, or those matching.
+pub(super) async fn agents(
+    State(b): State<Arc<Backend>>,
+    Query(q): Query<AgentQuery>,
+) -> Json<Value> {
+    let now = now_ms();
+    let sel = crate::fleet::Selection {
+        tags: q
+            .tag
+            .map(|t| {
+                t.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        country: q.country,
+        asn: q.asn,
+        alive: q.alive,
+        limit: q.limit,
+        ..Default::default()
+    };
+    Json(Value::Array(
+        b.select(&sel, now)
+            .iter()
+            .map(|a| {
+                let mut v = agent_json(a, now);
+                v["tags"] = json!(b.agent_tags(a));
+                v
+            })
+            .collect(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StatusQuery {
+    /// Seconds back from now for the intervals and the uptime (default a day).
+    window_s: Option<u64>,
+}
+
+/// `GET /agents/{id}/status?window_s=`: connection history like a RIPE Atlas probe's:
+/// connected and disconnected intervals, first and last connection, the current status
+/// and since when, and uptime over the window.
+pub(super) async fn status_history(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let a = b
+        .registry
+        .get(&id)
+        .ok_or_else(|| ApiError::UnknownAgent(id.clone()))?;
+    let window_s = q.window_s.unwrap_or(86_400);
+    if !(1..=366 * 86_400).contains(&window_s) {
+        return Err(ApiError::BadQuery {
+            field: "window_s".into(),
+            rule: "range".into(),
+            message: format!("window_s: must be 1 to {} (got {window_s})", 366 * 86_400),
+        });
+    }
+    let now = now_ms();
+    let from = now - window_s as i64 * 1000;
+    let sessions = b.store.sessions(&id, from).await?;
+    let mut up_ms = 0;
+    let mut intervals = Vec::new();
+    let mut prev_end = from;
+    for (start, end) in &sessions {
+        let (s, e) = ((*start).max(from), end.unwrap_or(now).min(now));
+        if *start > prev_end {
+            intervals.push(json!({"status": "disconnected", "from": rfc3339(prev_end), "until": rfc3339(*start)}));
+        }
+        up_ms += (e - s).max(0);
+        intervals.push(json!({
+            "status": "connected",
+            "from": rfc3339(*start),
+            "until": end.map(rfc3339),
+        }));
+        prev_end = end.unwrap_or(now);
+    }
+    let connected = a.alive(now);
+    if !connected && prev_end < now {
+        intervals.push(json!({"status": "disconnected", "from": rfc3339(prev_end), "until": null}));
+    }
+    let since = match (connected, sessions.last()) {
+        (true, Some((start, None))) => Some(*start),
+        (false, Some((_, Some(end)))) => Some(*end),
+        _ => None,
+    };
+    Ok(Json(json!({
+        "agent_id": id,
+        "status": if connected { "connected" } else { "disconnected" },
+        "status_since": since.map(rfc3339),
+        "first_connected": b.store.first_connected(&id).await?.map(rfc3339),
+        "last_connected": sessions.last().map(|s| rfc3339(s.0)),
+        "window_s": window_s,
+        "uptime_pct": (up_ms as f64 * 100.0 / (window_s as f64 * 1000.0)).min(100.0),
+        "intervals": intervals,
+    })))
+}
+
+/// `GET /agents/{id}/heartbeats`: the agent's recent heartbeats, oldest first, for
+/// charts (kept in memory, [`crate::registry::HEARTBEAT_HISTORY`] per agent).
+pub(super) async fn heartbeats(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !b.registry.knows(&id) {
+        return Err(ApiError::UnknownAgent(id));
+    }
+    Ok(Json(json!(b.registry.heartbeats(&id))))
+}
+
+pub(super) async fn agents_alive(State(b): State<Arc<Backend>>) -> Json<Value> {
+    let now = now_ms();
+    Json(Value::Array(
+        b.registry
+            .all()
+            .iter()
+            .filter(|a| a.alive(now))
+            .map(|a| agent_json(a, now))
+            .collect(),
+    ))
+}
+
+pub(super) async fn agent(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let a = b
+        .registry
+        .get(&id)
+        .ok_or(ApiError::UnknownAgent(id.clone()))?;
+    let mut body = agent_json(&a, now_ms());
+    body["records_stored"] = json!(b.store.agent_record_count(&id).await?);
+    Ok(Json(body))
+}
+
+/// Events the agent reported (corrupt store, module restarts, module changes).
+pub(super) async fn events(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if !b.registry.knows(&id) {
+        return Err(ApiError::UnknownAgent(id));
+    }
+    let rows = b
+        .store
+        .events(&id, q.limit.unwrap_or(100).min(10_000))
+        .await?;
+    Ok(Json(Value::Array(
+        rows.into_iter()
+            .map(|(at_ms, kind, message)| json!({"at": rfc3339(at_ms), "kind": kind, "message": message}))
+            .collect(),
+    )))
+}
+
+/// Body of `PUT /agents/{id}/modules/{module}`: optional settings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ModuleSettings {
+    /// Default parameters, merged under each request's own.
+    defaults: Option<Value>,
+    max_rate: Option<f64>,
+    timeout_ms: Option<u64>,
+}
+
+/// Loads a module on an agent (and configures it, when the body has settings).
+pub(super) async fn load_module(
+    State(b): State<Arc<Backend>>,
+    Path((id, module)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use imn_modules::wire::{CommandKind, ModuleConfig};
+    if catalog::find(&module).is_none() {
+        return Err(ApiError::UnknownModule {
+            module,
+            known: catalog::names().iter().map(|s| s.to_string()).collect(),
+        });
+    }
+    let settings: ModuleSettings = if body.iter().all(|c| c.is_ascii_whitespace()) {
+        ModuleSettings::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?
+    };
+    if let Some(d) = &settings.defaults {
+        if !d.is_object() {
+            return Err(ApiError::InvalidParams {
+                field: "/defaults".into(),
+                rule: "type".into(),
+                message: "/defaults: must be a JSON object of parameters".into(),
+            });
+        }
+    }
+    if settings.max_rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        return Err(ApiError::InvalidParams {
+            field: "/max_rate".into(),
+            rule: "exclusiveMinimum".into(),
+            message: "/max_rate: must be greater than 0".into(),
+        });
+    }
+    let mut ids = vec![
+        b.control(
+            &id,
+            CommandKind::Load {
+                module: module.clone(),
+            },
+        )
+        .await?,
+    ];
+    let config = ModuleConfig {
+        defaults_json: settings.defaults.map(|d| d.to_string()),
+        max_rate: settings.max_rate,
+        timeout_ms: settings.timeout_ms,
+    };
+    if config != ModuleConfig::default() {
+        ids.push(
+            b.control(
+                &id,
+                CommandKind::Configure {
+                    module: module.clone(),
+                    config,
+                },
+            )
+            .await?,
+        );
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"agent_id": id, "module": module, "action": "load", "commands": ids})),
+    )
+        .into_response())
+}
+
+/// Unloads a module from an agent.
+pub(super) async fn unload_module(
+    State(b): State<Arc<Backend>>,
+    Path((id, module)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let cmd = b
+        .control(
+            &id,
+            imn_modules::wire::CommandKind::Unload {
+                module: module.clone(),
+            },
+        )
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"agent_id": id, "module": module, "action": "unload", "commands": [cmd]})),
+    )
+        .into_response())
+}
+#[derive(Deserialize)]
+pub(super) struct OnOff {
+    on: bool,
+}
+
+/// Fault injection (only with `--fault-injection`): store batches but hold acks back.
+pub(super) async fn hold_acks(
+    State(b): State<Arc<Backend>>,
+    Query(q): Query<OnOff>,
+) -> Json<Value> {
+    b.set_hold_acks(q.on);
+    Json(json!({"hold_acks": q.on}))
+}

@@ -1,0 +1,87 @@
+//! What the backend says about itself: `/health`, `/metrics`, the OpenAPI document
+//! and the module catalog.
+
+use super::*;
+
+/// `/metrics`: the Prometheus text format.
+pub(super) async fn metrics(State(b): State<Arc<Backend>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            imn_cloud::telemetry::prom::CONTENT_TYPE,
+        )],
+        b.prometheus().await,
+    )
+        .into_response()
+}
+
+pub(super) async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = now_ms();
+    let all = b.registry.all();
+    Ok(Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "agents_known": all.len(),
+        "agents_alive": all.iter().filter(|a| a.alive(now)).count(),
+        "records_stored": b.store.record_count().await?,
+        "duplicates_dropped": b.stats.duplicates_dropped.load(Relaxed),
+        "run_duplicates_dropped": b.stats.run_duplicates_dropped.load(Relaxed),
+        "undecodable_messages": b.stats.undecodable.load(Relaxed),
+        "store_errors": b.stats.store_errors.load(Relaxed),
+        "acks_sent": b.stats.acks_sent.load(Relaxed),
+        "store_groups": b.stats.store_groups.load(Relaxed),
+        "store_busy_ms": b.stats.store_busy_us.load(Relaxed) / 1000,
+        // Records the store could not take, kept with their reason
+        // (GET /admin/dead-letters); counted over the store's life.
+        "dead_letters": b.store.dead_letter_count().await?,
+        // Result streams, and the store reads they cost: one shared read per commit
+        // however many are open, plus each stream's own while it catches up.
+        "streams": {
+            "open": b.feed.open_streams(),
+            "shared_reads": b.feed.shared_reads.load(Relaxed),
+            "catch_up_reads": b.feed.catch_up_reads.load(Relaxed),
+        },
+        "ingest": {
+            "shed": b.stats.shed.load(Relaxed),
+            "hellos_throttled": b.stats.hellos_throttled.load(Relaxed),
+            "events_deferred": b.stats.events_deferred.load(Relaxed),
+            "dead_lettered": b.stats.dead_lettered.load(Relaxed),
+            "records_refused": b.stats.records_refused.load(Relaxed),
+        },
+        "rejected": *b.stats.rejected.lock().unwrap_or_else(|e| e.into_inner()),
+        "bridge": b.bridge_stats.get().map(|s| s.health()),
+        "auth": ({
+            let a = &b.security.bridge().stats;
+            json!({
+                "enabled": b.security.enabled(),
+                "logins_refused": a.logins_refused.load(Relaxed),
+                "publish_denied": a.publish_denied.load(Relaxed),
+                "subscribe_denied": a.subscribe_denied.load(Relaxed),
+                "will_denied": a.will_denied.load(Relaxed),
+                "unsigned_or_forged": a.unsigned_or_forged.load(Relaxed),
+            })
+        }),
+    })))
+}
+
+pub(super) async fn openapi() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+pub(super) async fn modules() -> Json<Value> {
+    Json(Value::Array(
+        catalog::catalog()
+            .iter()
+            .map(|m| {
+                json!({
+                    "name": m.name,
+                    "version": m.version,
+                    "description": m.description,
+                    "schema_hash": m.schema_hash(),
+                    "schema": m.schema(),
+                })
+            })
+            .collect(),
+    ))
+}

@@ -1,0 +1,69 @@
+//! Measurements (`/v1/measurements`): one-offs to many agents and schedules, and the
+//! stream of one measurement's results.
+
+use super::*;
+
+/// `POST /v1/measurements`: 202 with the agents chosen, and `Location`.
+pub(super) async fn create_measurement(
+    State(b): State<Arc<Backend>>,
+    caller: CallerExt,
+    trace: Option<axum::Extension<RequestTrace>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let m: crate::fleet::NewMeasurement =
+        serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let tp = trace.and_then(|t| imn_cloud::telemetry::traceparent(&t.0 .0));
+    let c = crate::fleet::create(&b, m, tp, caller_of(caller)).await?;
+    let location = format!("/v1/measurements/{}", c.id);
+    let refused: Vec<Value> = c
+        .refused
+        .iter()
+        .map(|(a, e)| json!({"agent_id": a, "status": e.status().as_u16(), "error": e.to_string()}))
+        .collect();
+    Ok((
+        StatusCode::ACCEPTED,
+        [("location", location.clone())],
+        Json(json!({
+            "id": c.id,
+            "location": location,
+            "agents": c.agents,
+            "refused": refused,
+        })),
+    )
+        .into_response())
+}
+
+pub(super) async fn stop_measurement(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    caller: CallerExt,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(crate::fleet::stop(&b, &id, &caller_of(caller)).await?))
+}
+
+pub(super) async fn measurement(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(crate::fleet::status(&b, &id).await?))
+}
+
+/// `GET /v1/measurements/{id}/stream`: the measurement's results, from the first.
+pub(super) async fn measurement_stream(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    caller: CallerExt,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if b.store.measurement(&id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no measurement {id}")));
+    }
+    let filter = crate::store::ResultFilter {
+        measurement: Some(id),
+        after: stream_start(&headers, None, 0)?,
+        limit: 500,
+        ..Default::default()
+    };
+    let slot = b.feed.admit(&caller_of(caller))?;
+    Ok(sse_results(b, filter, slot).into_response())
+}

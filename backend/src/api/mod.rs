@@ -1,0 +1,392 @@
+//! The REST API, with the original system's routes: the router and the guard every
+//! request passes (scopes, browser checks, tracing) here, the handlers in one file per
+//! resource.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use imn_modules::{catalog, now_ms};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::registry::AgentEntry;
+use crate::security::Scope;
+use crate::service::Backend;
+use crate::store::{RequestRow, ResultRow};
+
+mod admin;
+mod agents;
+mod info;
+mod measurements;
+mod requests;
+mod results;
+use admin::*;
+use agents::*;
+use info::*;
+use measurements::*;
+use requests::*;
+use results::*;
+
+pub(crate) use results::parse_cursor;
+
+/// The longest `?wait` honoured, in seconds.
+pub const MAX_WAIT_S: f64 = 300.0;
+
+pub fn router(backend: Arc<Backend>) -> Router {
+    let mut r = Router::new()
+        .route("/", get(crate::ui::dashboard))
+        .route("/ui/{file}", get(crate::ui::asset))
+        .route("/docs", get(crate::ui::docs))
+        .route("/openapi.json", get(openapi))
+        .route("/health", get(health))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/agents", get(agents))
+        .route("/agents/alive", get(agents_alive))
+        .route("/agents/{id}", get(agent))
+        .route("/agents/{id}/results", get(results))
+        .route("/agents/{id}/status", get(status_history))
+        .route("/agents/{id}/events", get(events))
+        .route("/agents/{id}/heartbeats", get(heartbeats))
+        .route("/agents/{id}/results/{request_id}", get(result))
+        .route(
+            "/agents/{id}/modules/{module}",
+            axum::routing::put(load_module).delete(unload_module),
+        )
+        .route("/agent/{id}/{module}", post(submit))
+        .route("/modules", get(modules))
+        .route("/v1/measurements", post(create_measurement))
+        .route(
+            "/v1/measurements/{id}",
+            get(measurement).delete(stop_measurement),
+        )
+        .route("/v1/results", get(results_v1))
+        .route("/v1/results/stream", get(results_stream))
+        .route("/v1/measurements/{id}/stream", get(measurement_stream))
+        .route("/modules/states/{request_id}", get(states))
+        .route("/admin/agents", get(enrolled_agents).post(enroll_agent))
+        .route("/admin/agents/{id}/rotate", post(rotate_agent))
+        .route("/admin/agents/{id}/revoke", post(revoke_agent))
+        .route("/admin/dead-letters", get(dead_letters))
+        .route("/admin/tokens", get(tokens).post(create_token))
+        .route("/admin/tokens/{id}/rotate", post(rotate_token))
+        .route("/admin/tokens/{id}/revoke", post(revoke_token));
+    if backend.fault_injection {
+        r = r.route("/debug/hold-acks", post(hold_acks));
+    }
+    let limit = backend.security.limits.max_body_bytes;
+    r.fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::middleware::from_fn_with_state(backend.clone(), guard))
+        .layer(axum::middleware::from_fn(trace_request))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(backend)
+}
+
+/// The scope a route needs: `admin` for /admin and /debug, `measure` for every other
+/// change, `read` for the rest. `/livez` is open, for load balancers.
+fn required_scope(method: &axum::http::Method, path: &str) -> Option<Scope> {
+    // The dashboard's page and assets, and the API's description, hold no data: a
+    // browser loads them before the user enters a token. Every call they make is
+    // checked as usual.
+    let public =
+        matches!(path, "/livez" | "/" | "/docs" | "/openapi.json") || path.starts_with("/ui/");
+    if public && (method == axum::http::Method::GET || method == axum::http::Method::HEAD) {
+        return None;
+    }
+    if path.starts_with("/admin/") || path == "/admin" || path.starts_with("/debug/") {
+        return Some(Scope::Admin);
+    }
+    // Loading, unloading and configuring modules on an agent are an operator's
+    // settings (a module's max_rate, its defaults), not a measurement.
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if method != axum::http::Method::GET
+        && method != axum::http::Method::HEAD
+        && matches!(segments.as_slice(), ["agents", _, "modules", _])
+    {
+        return Some(Scope::Admin);
+    }
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        Some(Scope::Read)
+    } else {
+        Some(Scope::Measure)
+    }
+}
+
+/// Authentication, scopes and rate limits (when auth is on), and the body limit: a
+/// body over `max_body_bytes` gets a JSON 413 naming the limit, whether the client
+/// declared its length or not.
+/// The trace context of an API request: its server span when tracing is on, else the
+/// caller's `traceparent` (so components that do record still join the caller's trace).
+#[derive(Clone)]
+pub struct RequestTrace(pub opentelemetry::Context);
+
+/// Starts the trace of every API request but the probes and scrapes: a server span,
+/// child of the caller's `traceparent` if it sent one. Handlers read it as
+/// [`RequestTrace`]; the span ends when the response is ready (with `?wait`, after the
+/// result came back).
+async fn trace_request(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use imn_cloud::telemetry::{self, Component};
+    use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer};
+    use opentelemetry::KeyValue;
+    let path = req.uri().path().to_string();
+    if matches!(path.as_str(), "/metrics" | "/livez" | "/health") {
+        return next.run(req).await;
+    }
+    let parent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(telemetry::context_from)
+        .unwrap_or_default();
+    let Some(tracer) = telemetry::tracer(Component::Backend) else {
+        req.extensions_mut().insert(RequestTrace(parent));
+        return next.run(req).await;
+    };
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
+    let method = req.method().to_string();
+    let span = tracer
+        .span_builder(format!("{method} {route}"))
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            KeyValue::new("http.request.method", method.clone()),
+            KeyValue::new("http.route", route.clone()),
+            KeyValue::new("url.path", path),
+        ])
+        .start_with_context(tracer, &parent);
+    let cx = parent.with_span(span);
+    req.extensions_mut().insert(RequestTrace(cx.clone()));
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let span = cx.span();
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    if status >= 500 {
+        span.set_status(Status::error(format!("HTTP {status}")));
+    }
+    {
+        let _attached = cx.clone().attach();
+        tracing::debug!(%method, %route, status, "api request");
+    }
+    span.end();
+    resp
+}
+
+async fn guard(
+    State(b): State<Arc<Backend>>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let limit = b.security.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::BodyTooLarge { limit }.into_response();
+    }
+    if let Err(e) = browser_check(&req, b.security.enabled()) {
+        return e.into_response();
+    }
+    if let Some(scope) = required_scope(req.method(), req.uri().path()) {
+        let bearer = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").map(str::trim));
+        match b.security.authorize(bearer, scope) {
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+            }
+            Err(e) => return e.into_response(),
+        }
+    }
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && resp.headers().get(axum::http::header::CONTENT_TYPE)
+            != Some(&axum::http::HeaderValue::from_static("application/json"))
+    {
+        return ApiError::BodyTooLarge { limit }.into_response();
+    }
+    resp
+}
+
+/// The host part of a `Host` value or URL authority, without the port or brackets.
+fn host_only(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+/// What a browser could be made to do. A page on another site can have a browser send
+/// requests here (cross-site request forgery), and a name that an attacker points at
+/// 127.0.0.1 makes them same-origin (DNS rebinding). Tokens stop both when auth is on
+/// (a browser does not hold them); in any case:
+/// - a change (any method but GET, HEAD, OPTIONS) whose `Origin` is not this server is
+///   refused (403, rule `origin`);
+/// - without auth, `Host` must be an IP address or `localhost` (403, rule `host`): a
+///   name could be rebound.
+fn browser_check(req: &axum::extract::Request, auth: bool) -> Result<(), ApiError> {
+    use axum::http::Method;
+    let headers = req.headers();
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let change = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if let (true, Some(origin)) = (change, headers.get(axum::http::header::ORIGIN)) {
+        let origin = origin.to_str().unwrap_or("");
+        let authority = origin.split_once("://").map(|(_, a)| a);
+        let same = match (authority, host) {
+            (Some(a), Some(h)) => a.eq_ignore_ascii_case(h),
+            _ => false,
+        };
+        if !same {
+            return Err(ApiError::Forbidden {
+                rule: "origin".into(),
+                message: format!(
+                    "cross-origin change refused: Origin {origin:?} is not this server ({})",
+                    host.unwrap_or("no Host")
+                ),
+            });
+        }
+    }
+    if !auth {
+        if let Some(h) = host {
+            let name = host_only(h);
+            if name.parse::<std::net::IpAddr>().is_err() && !name.eq_ignore_ascii_case("localhost")
+            {
+                return Err(ApiError::Forbidden {
+                    rule: "host".into(),
+                    message: format!(
+                        "Host {h:?}: without --auth this API answers only to an IP address or localhost (a name could be rebound to this machine by a web page); use the address, or run with --auth"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// UTC RFC 3339 with milliseconds.
+pub fn rfc3339(ms: i64) -> Value {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000);
+    match t.ok().and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    }) {
+        Some(s) => Value::String(s),
+        None => Value::Null,
+    }
+}
+
+/// The caller the guard authenticated (without auth: an anonymous admin).
+type CallerExt = Option<axum::Extension<crate::security::Caller>>;
+
+fn caller_of(c: CallerExt) -> crate::security::Caller {
+    c.map(|axum::Extension(c)| c).unwrap_or_default()
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, headers: &[(&str, &str)]) -> axum::extract::Request {
+        let mut b = axum::http::Request::builder()
+            .method(method)
+            .uri("/agent/a/echo_module");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(axum::body::Body::empty()).unwrap()
+    }
+
+    fn rule(r: Result<(), ApiError>) -> Option<String> {
+        match r {
+            Ok(()) => None,
+            Err(ApiError::Forbidden { rule, .. }) => Some(rule),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn cross_site_changes_and_rebound_names_are_refused() {
+        let local = ("host", "127.0.0.1:8000");
+        // Clients that are not browsers send no Origin.
+        assert_eq!(rule(browser_check(&req("POST", &[local]), false)), None);
+        assert_eq!(
+            rule(browser_check(
+                &req("POST", &[local, ("origin", "http://127.0.0.1:8000")]),
+                false
+            )),
+            None
+        );
+        for origin in ["http://evil.example", "null", "http://127.0.0.1:9999"] {
+            for auth in [false, true] {
+                assert_eq!(
+                    rule(browser_check(
+                        &req("POST", &[local, ("origin", origin)]),
+                        auth
+                    ))
+                    .as_deref(),
+                    Some("origin"),
+                    "{origin}"
+                );
+            }
+        }
+        // Reads may come from anywhere (CORS keeps their answers from other sites).
+        assert_eq!(
+            rule(browser_check(
+                &req("GET", &[local, ("origin", "http://evil.example")]),
+                false
+            )),
+            None
+        );
+        // DNS rebinding: a name in Host, without auth.
+        for host in ["rebind.evil.example:8000", "evil"] {
+            assert_eq!(
+                rule(browser_check(&req("GET", &[("host", host)]), false)).as_deref(),
+                Some("host"),
+                "{host}"
+            );
+            assert_eq!(
+                rule(browser_check(&req("GET", &[("host", host)]), true)),
+                None
+            );
+        }
+        for host in [
+            "localhost:8000",
+            "127.0.0.1",
+            "[::1]:8000",
+            "10.1.2.3:80",
+            "LOCALHOST",
+        ] {
+            assert_eq!(
+                rule(browser_check(&req("GET", &[("host", host)]), false)),
+                None,
+                "{host}"
+            );
+        }
+    }
+}

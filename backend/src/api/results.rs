@@ -1,0 +1,278 @@
+//! Results: of one agent, one request, all of them (`/v1/results`, in Atlas format on
+//! request), and their server-sent event streams.
+
+use super::*;
+
+pub(super) fn result_json(r: &ResultRow) -> Value {
+    let mut v = json!({
+        "request_id": r.request_id,
+        "agent_id": r.agent_id,
+        "module": r.module,
+        "state": r.state.as_str(),
+        "result": r.result,
+        "error": r.error,
+        "received_at": rfc3339(r.received_ms),
+        "started_at": rfc3339(r.started_ms),
+        "finished_at": rfc3339(r.finished_ms),
+        "stored_at": rfc3339(r.stored_ms),
+        "record": {"epoch": r.epoch, "seq": r.seq},
+    });
+    if let Some(ms) = r.scheduled_ms {
+        v["scheduled_at"] = rfc3339(ms);
+    }
+    v
+}
+
+#[derive(Deserialize)]
+pub(super) struct ResultsQuery {
+    pub(super) limit: Option<u32>,
+    /// `atlas` for RIPE Atlas's result format (the modules in `atlas::MODULES`).
+    format: Option<String>,
+}
+
+/// Whether the caller asked for Atlas format; any other value is an error.
+pub(super) fn wants_atlas(format: &Option<String>) -> Result<bool, ApiError> {
+    match format.as_deref() {
+        None | Some("native") => Ok(false),
+        Some("atlas") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "format: must be native or atlas, got {other:?}"
+        ))),
+    }
+}
+
+pub(super) async fn results(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if !b.registry.knows(&id) {
+        return Err(ApiError::UnknownAgent(id));
+    }
+    let atlas = wants_atlas(&q.format)?;
+    let rows = b
+        .store
+        .results(&id, q.limit.unwrap_or(100).min(10_000))
+        .await?;
+    if atlas {
+        // Atlas defines no format for the other modules; they are left out.
+        let all = rows
+            .iter()
+            .filter_map(crate::atlas::convert)
+            .flatten()
+            .collect();
+        return Ok(Json(Value::Array(all)));
+    }
+    Ok(Json(Value::Array(rows.iter().map(result_json).collect())))
+}
+
+pub(super) async fn result(
+    State(b): State<Arc<Backend>>,
+    Path((id, request_id)): Path<(String, String)>,
+    Query(q): Query<ResultsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if !b.registry.knows(&id) {
+        return Err(ApiError::UnknownAgent(id));
+    }
+    let atlas = wants_atlas(&q.format)?;
+    match b.store.result(&id, &request_id).await? {
+        Some(r) if atlas => crate::atlas::convert(&r)
+            .map(|v| Json(Value::Array(v)))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "format: RIPE Atlas defines no format for {} results; atlas is for {}",
+                    r.module,
+                    crate::atlas::MODULES.join(", ")
+                ))
+            }),
+        Some(r) => Ok(Json(result_json(&r))),
+        None => {
+            let state = b
+                .store
+                .request(&request_id)
+                .await?
+                .filter(|r| r.agent_id == id);
+            Err(ApiError::NotFound(match state {
+                Some(r) => format!(
+                    "request {request_id} has no result yet (state: {})",
+                    r.state.as_str()
+                ),
+                None => format!("agent {id} has no request {request_id}"),
+            }))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResultsV1Query {
+    agent: Option<String>,
+    module: Option<String>,
+    measurement: Option<String>,
+    /// RFC 3339, or ms since the epoch; the agent's time of the result.
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u32>,
+    /// `next_cursor` of the page before.
+    cursor: Option<String>,
+    format: Option<String>,
+}
+
+/// A time in a query: RFC 3339 or ms since the epoch.
+pub(super) fn time_param(field: &'static str, v: Option<String>) -> Result<Option<i64>, ApiError> {
+    let Some(v) = v else { return Ok(None) };
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(Some(ms));
+    }
+    time::OffsetDateTime::parse(&v, &time::format_description::well_known::Rfc3339)
+        .map(|t| Some((t.unix_timestamp_nanos() / 1_000_000) as i64))
+        .map_err(|_| ApiError::BadQuery {
+            field: field.into(),
+            rule: "format".into(),
+            message: format!("{field}: must be RFC 3339 or ms since the epoch (got {v:?})"),
+        })
+}
+
+/// `GET /v1/results?agent=&module=&measurement=&since=&until=&limit=&cursor=&format=`:
+/// results in the order they were stored, a page at a time. `next_cursor` continues
+/// after the last result of the page; results stored meanwhile come after it, so
+/// paging returns each result once, and a client at the end can keep asking with the
+/// same cursor for new ones.
+pub(super) async fn results_v1(
+    State(b): State<Arc<Backend>>,
+    Query(q): Query<ResultsV1Query>,
+) -> Result<Json<Value>, ApiError> {
+    let atlas = wants_atlas(&q.format)?;
+    let after = match q.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(c) => parse_cursor(c)?,
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadQuery {
+            field: "limit".into(),
+            rule: "range".into(),
+            message: format!("limit: must be 1 to 1000 (got {limit})"),
+        });
+    }
+    let rows = b
+        .store
+        .results_page(crate::store::ResultFilter {
+            agent: q.agent,
+            module: q.module,
+            measurement: q.measurement,
+            since_ms: time_param("since", q.since)?,
+            until_ms: time_param("until", q.until)?,
+            after,
+            limit,
+        })
+        .await?;
+    let next = rows.last().map_or(after, |r| r.0);
+    let results: Vec<Value> = if atlas {
+        rows.iter()
+            .filter_map(|(_, r, _)| crate::atlas::convert(r))
+            .flatten()
+            .collect()
+    } else {
+        rows.iter()
+            .map(|(_, r, m)| result_v1_json(r, m.clone()))
+            .collect()
+    };
+    Ok(Json(json!({
+        "results": results,
+        "next_cursor": format!("c{next}"),
+        "more": rows.len() == limit as usize,
+    })))
+}
+
+/// A result as a stream or a page shows it.
+pub(super) fn result_v1_json(r: &ResultRow, measurement: Option<String>) -> Value {
+    let mut v = result_json(r);
+    v["measurement_id"] = json!(measurement);
+    v
+}
+
+/// Where a stream resumes: `Last-Event-ID` (what an EventSource sends on reconnect),
+/// else `?cursor=`, else `default`.
+pub(super) fn stream_start(
+    headers: &HeaderMap,
+    cursor: Option<&str>,
+    default: i64,
+) -> Result<i64, ApiError> {
+    let given = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .or(cursor)
+        .filter(|c| !c.is_empty());
+    match given {
+        None => Ok(default),
+        Some(c) => parse_cursor(c),
+    }
+}
+
+/// A result's position from a cursor (or event id) this API gave out: `c` and a number.
+pub(crate) fn parse_cursor(c: &str) -> Result<i64, ApiError> {
+    c.strip_prefix('c')
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| ApiError::BadQuery {
+            field: "cursor".into(),
+            rule: "format".into(),
+            message: format!("cursor: not a cursor (or event id) this API gave out (got {c:?})"),
+        })
+}
+
+/// Results as Server-Sent Events: event `result`, id = the result's cursor, data = the
+/// result's JSON. A client that reconnects with `Last-Event-ID` gets every result
+/// stored after that one: none is missed, none repeated.
+pub(super) fn sse_results(
+    b: Arc<Backend>,
+    filter: crate::store::ResultFilter,
+    slot: crate::feed::Slot,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let events = crate::feed::stream(b, filter, slot).map(|(pos, r, m)| {
+        Ok(Event::default()
+            .event("result")
+            .id(format!("c{pos}"))
+            .data(result_v1_json(&r, m).to_string()))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// `GET /v1/results/stream?agent=&module=&measurement=&cursor=`: results as they are
+/// stored (from now, or after `Last-Event-ID` / `cursor`).
+pub(super) async fn results_stream(
+    State(b): State<Arc<Backend>>,
+    Query(q): Query<ResultsV1Query>,
+    caller: CallerExt,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if q.format.is_some() || q.limit.is_some() {
+        return Err(ApiError::BadQuery {
+            field: if q.format.is_some() {
+                "format"
+            } else {
+                "limit"
+            }
+            .into(),
+            rule: "unsupported".into(),
+            message: "format and limit apply to pages, not to streams".into(),
+        });
+    }
+    let now = b.store.latest_position().await?;
+    let filter = crate::store::ResultFilter {
+        agent: q.agent,
+        module: q.module,
+        measurement: q.measurement,
+        since_ms: time_param("since", q.since)?,
+        until_ms: time_param("until", q.until)?,
+        after: stream_start(&headers, q.cursor.as_deref(), now)?,
+        limit: 500,
+    };
+    let slot = b.feed.admit(&caller_of(caller))?;
+    Ok(sse_results(b, filter, slot).into_response())
+}
