@@ -1,5 +1,16 @@
 //! The IMN backend: agent registry, parameter validation, request states, storage,
-//! the REST API, and the all-in-one `imn up`.
+//! and the REST and gRPC APIs. It reads agents' messages from a bus (`imn-cloud`) and
+//! links neither the agent nor the probes; `imn up` (crate `imn-cli`) runs it in one
+//! process with a bridge and local agents.
+//!
+//! Where to look:
+//! - [`service::Backend`]: the core every front end calls: validation, requests and
+//!   their dispatch, ingest of what agents send, acks, waiters.
+//! - [`api`] (REST, a file per resource) and [`grpc`]: thin front ends over it.
+//! - [`store`]: the [`store::Store`] trait, SQLite (embedded default) and PostgreSQL.
+//! - [`registry`]: which agents exist and are alive; [`fleet`]: measurements on many
+//!   agents and schedules; [`security`] and [`budget`]: who may do what, and how much.
+//! - [`ingest`]: the bounds on what one agent may make the backend do.
 
 pub mod api;
 pub mod atlas;

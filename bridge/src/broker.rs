@@ -579,7 +579,7 @@ pub async fn uplink(
                 }
             }
             // The local link's buffer filled and the router paused it; it stays paused
-            // until woken (PITFALLS.md).
+            // for good until woken (in one test, after 300 of 20,000 messages).
             Notification::Unschedule => {
                 if let Err(e) = link_rx.wake().await {
                     tracing::error!(error = %e, "cannot wake broker link");

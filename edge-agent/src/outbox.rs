@@ -7,10 +7,11 @@
 //!   reserved on disk before any of them is handed out.
 //! - The outbox is bounded by bytes of live records. When full it evicts the oldest
 //!   records and counts them; the count is persisted and reported.
-//! - It never lets sled reach a full disk (sled then hangs and cannot even reopen, see
-//!   PITFALLS.md): before writing it checks free space (statvfs) against a reserve, and
-//!   when space is short, or a write fails, it keeps new records in a bounded memory
-//!   queue, reports the condition, and moves them to disk once space returns.
+//! - It never lets sled reach a full disk (sled then hangs and cannot even reopen; see
+//!   ARCHITECTURE.md, "Traps in our dependencies"): before writing it checks free
+//!   space (statvfs) against a reserve, and when space is short, or a write fails, it
+//!   keeps new records in a bounded memory queue, reports the condition, and moves
+//!   them to disk once space returns.
 //! - A store that cannot be opened or read at start is moved aside and a new one (with
 //!   a new epoch) takes its place; the agent reports it.
 

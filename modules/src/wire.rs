@@ -438,7 +438,7 @@ pub struct Status {
     pub at_ms: i64,
 }
 
-/// Request states, in the order a request moves through them (DESIGN.md).
+/// Request states, in the order a request moves through them (ARCHITECTURE.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RequestState {
     Pending,
