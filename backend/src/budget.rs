@@ -13,7 +13,7 @@
 //! the same figures; two backends checking at the same instant may each let one
 //! request through past the budget.
 
-use imn_modules::now_ms;
+use imn_proto::now_ms;
 
 use crate::error::ApiError;
 use crate::fleet::ScheduleSpec;

@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
-use imn_modules::now_ms;
-use imn_modules::wire::RequestState;
+use imn_proto::now_ms;
+use imn_proto::wire::RequestState;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -505,7 +505,7 @@ impl Backend {
             .into_iter()
             .filter_map(|r| {
                 let spec: ScheduleSpec = serde_json::from_str(&r.schedule_json).ok()?;
-                Some(imn_modules::wire::Schedule {
+                Some(imn_proto::wire::Schedule {
                     measurement_id: r.measurement_id,
                     module: r.module,
                     params_json: r.params_json,
@@ -517,7 +517,7 @@ impl Backend {
                 })
             })
             .collect();
-        let kind = imn_modules::wire::CommandKind::Schedules { version, schedules };
+        let kind = imn_proto::wire::CommandKind::Schedules { version, schedules };
         if let Err(e) = self.control(agent, kind).await {
             tracing::debug!(error = %e, %agent, "schedules not sent; the next hello retries");
         }
@@ -539,7 +539,7 @@ impl Backend {
         };
         let stale_rules = their_rules.is_some_and(|d| {
             !rows.is_empty()
-                && d != imn_modules::policy::TargetPolicy::digest(Some(
+                && d != imn_proto::policy::TargetPolicy::digest(Some(
                     &self.security.target_policy(agent),
                 ))
         });
@@ -795,7 +795,7 @@ pub async fn stop(
                 let _ = b
                     .control(
                         &req.agent_id,
-                        imn_modules::wire::CommandKind::Cancel {
+                        imn_proto::wire::CommandKind::Cancel {
                             request_id: req.id.clone(),
                         },
                     )

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use imn_modules::wire::{Batch, Heartbeat, Hello, RecordBody};
+use imn_proto::wire::{Batch, Heartbeat, Hello, RecordBody};
 
 /// Most records in one batch (an honest agent's 256 KiB batch holds a few thousand).
 pub const MAX_BATCH_RECORDS: usize = 16_384;
@@ -417,7 +417,7 @@ impl<T> FairQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_modules::wire::{AgentEvent, Record};
+    use imn_proto::wire::{AgentEvent, Record};
 
     fn event(seq: u64) -> Record {
         Record {
@@ -459,9 +459,9 @@ mod tests {
         };
         assert_eq!(check_batch(&big).unwrap_err().rule, "maxItems");
         let mut long_id = event(1);
-        long_id.body = RecordBody::State(imn_modules::wire::StateChange {
+        long_id.body = RecordBody::State(imn_proto::wire::StateChange {
             request_id: "r".repeat(MAX_ID + 1),
-            state: imn_modules::wire::RequestState::Running,
+            state: imn_proto::wire::RequestState::Running,
             detail: None,
         });
         let r = check_batch(&Batch {
@@ -566,7 +566,7 @@ mod tests {
         h.schedule_version = u64::MAX - 1;
         assert_eq!(check_hello(&h).unwrap_err().field, "/schedule_version");
         h.schedule_version = 3;
-        h.location = Some(imn_modules::wire::Location {
+        h.location = Some(imn_proto::wire::Location {
             latitude: Some(f64::NAN),
             ..Default::default()
         });

@@ -24,8 +24,8 @@ use imn_cloud::telemetry::prom::{
     CounterVec, Exposition, Family, FamilyKind, GaugeVec, HistogramVec, LAG_SECONDS, SECONDS,
 };
 use imn_cloud::telemetry::{self, at_ms, Component};
-use imn_modules::results::{ModuleOutcome, ModuleOutput};
-use imn_modules::wire::{self, RequestState};
+use imn_proto::results::{ModuleOutcome, ModuleOutput};
+use imn_proto::wire::{self, RequestState};
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue};
 
@@ -344,7 +344,7 @@ const AGENT_TARGET: &[&str] = &["agent", "target"];
 /// The `module` label of a result: the catalog's name for it, or `other` for a name the
 /// catalog does not know (an agent chooses the name it reports).
 fn module_label(module: &str) -> &'static str {
-    imn_modules::catalog::find(module).map_or("other", |m| m.name)
+    imn_proto::catalog::find(module).map_or("other", |m| m.name)
 }
 
 /// The `target` label of an HTTP result: `scheme://host[:port]/path` of its URL, without
@@ -530,7 +530,7 @@ pub fn end_dispatch(cx: Option<Context>, error: Option<&str>) {
 mod tests {
     use super::*;
     use imn_cloud::telemetry::prom::{MAX_LABEL_BYTES, MAX_SERIES_PER_AGENT};
-    use imn_modules::results::{PingOutput, PingResult};
+    use imn_proto::results::{PingOutput, PingResult};
     use serde_json::json;
 
     /// What one agent can put into the exposition of one instrument: 64 series of at
@@ -734,7 +734,7 @@ mod tests {
             "{page}"
         );
         assert_eq!(m.results_ingested.len(), 2);
-        for spec in imn_modules::catalog::catalog() {
+        for spec in imn_proto::catalog::catalog() {
             assert_eq!(module_label(spec.name), spec.name);
         }
     }

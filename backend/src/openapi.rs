@@ -4,7 +4,7 @@
 //! route in the router is here, and the end-to-end test that every operation here is
 //! served.
 
-use imn_modules::catalog;
+use imn_proto::catalog;
 use serde_json::{json, Map, Value};
 
 /// A parameter: `name`, where (`query`, `path`, `header`), its schema, description.

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use imn_modules::wire::{Heartbeat, Hello};
+use imn_proto::wire::{Heartbeat, Hello};
 use serde::{Deserialize, Serialize};
 
 use crate::service::Backend;

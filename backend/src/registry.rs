@@ -7,7 +7,7 @@ use std::sync::RwLock;
 
 use serde::Serialize;
 
-use imn_modules::wire::{self, Heartbeat, Hello};
+use imn_proto::wire::{self, Heartbeat, Hello};
 
 /// Heartbeats an agent may miss before it counts as dead.
 pub const MISSED_HEARTBEATS: i64 = 3;
@@ -283,7 +283,7 @@ mod tests {
             sent_at_ms: i64::MIN,
             ..Heartbeat::default()
         };
-        let nic = |name: &str| imn_modules::results::InterfaceStats {
+        let nic = |name: &str| imn_proto::results::InterfaceStats {
             name: name.into(),
             rx_bytes: u64::MAX,
             tx_bytes: u64::MAX,

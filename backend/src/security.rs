@@ -3,7 +3,7 @@
 //!
 //! Secrets are 256-bit random tokens, shown once when created or rotated. The store
 //! keeps only their SHA-256 (and, for agents, the message key the bridge verifies
-//! signatures with: see `imn_modules::auth`). Every change to an agent's credentials is
+//! signatures with: see `imn_proto::auth`). Every change to an agent's credentials is
 //! pushed to the bridge's [`AgentCredentials`], which disconnects a revoked or rotated
 //! agent at once.
 
@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use imn_cloud::{AgentCredential, AgentCredentials};
-use imn_modules::auth as wauth;
-use imn_modules::now_ms;
-pub use imn_modules::policy::Cidr;
-use imn_modules::policy::{Demand, Rule, TargetPolicy};
-use imn_modules::wire;
+use imn_proto::auth as wauth;
+use imn_proto::now_ms;
+pub use imn_proto::policy::Cidr;
+use imn_proto::policy::{Demand, Rule, TargetPolicy};
+use imn_proto::wire;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -123,7 +123,7 @@ impl PolicyRule {
 pub struct Policy {
     #[serde(default, rename = "rule")]
     pub rules: Vec<PolicyRule>,
-    /// The built-in rule ([`imn_modules::policy::BUILTIN_DENY`]): on by default with
+    /// The built-in rule ([`imn_proto::policy::BUILTIN_DENY`]): on by default with
     /// `--auth` or when the backend listens beyond loopback; `false` turns it off,
     /// `true` turns it on everywhere.
     pub builtin_deny: Option<bool>,
@@ -153,8 +153,8 @@ impl Policy {
             return Err(format!(
                 "{}: at most {} rules and {} networks in all (agents refuse larger policies)",
                 path.display(),
-                imn_modules::policy::MAX_RULES,
-                imn_modules::policy::MAX_NETWORKS
+                imn_proto::policy::MAX_RULES,
+                imn_proto::policy::MAX_NETWORKS
             ));
         }
         if let Some(b) = &p.budget {
@@ -218,10 +218,10 @@ impl Budget {
                     "{field}.min_interval_s.{m}: must be 0 or more seconds"
                 ));
             }
-            if m != "*" && imn_modules::catalog::find(m).is_none() {
+            if m != "*" && imn_proto::catalog::find(m).is_none() {
                 return Err(format!(
                     "{field}.min_interval_s.{m}: no such module (modules: {})",
-                    imn_modules::catalog::names().join(", ")
+                    imn_proto::catalog::names().join(", ")
                 ));
             }
         }
@@ -888,7 +888,7 @@ impl Security {
         let first_rule = policy
             .rules
             .first()
-            .map_or(imn_modules::policy::BUILTIN_RULE, |r| r.name.as_str());
+            .map_or(imn_proto::policy::BUILTIN_RULE, |r| r.name.as_str());
         if demand.redirects && !enforcing {
             return Err(ApiError::PolicyDenied {
                 rule: format!("{first_rule}.redirects"),
@@ -987,7 +987,7 @@ impl Resolutions {
                 let Ok(_permit) = lookups().acquire().await else {
                     return (name, None);
                 };
-                let addrs = imn_modules::resolver::lookup(&name)
+                let addrs = imn_resolver::lookup(&name)
                     .await
                     .ok()
                     .filter(|a| !a.is_empty());
@@ -1099,7 +1099,7 @@ mod tests {
             targets: targets
                 .iter()
                 .enumerate()
-                .map(|(i, t)| imn_modules::policy::Target::new(format!("/targets/{i}"), *t))
+                .map(|(i, t)| imn_proto::policy::Target::new(format!("/targets/{i}"), *t))
                 .collect(),
             count: Some(1),
             probes: targets.len() as u64,
@@ -1254,7 +1254,7 @@ mod tests {
         );
         // /etc/hosts answers localhost without asking a name server; any other name
         // goes to a closed loopback port, never to the machine's name server.
-        imn_modules::resolver::set_nameservers(vec!["127.0.0.1:1".parse().unwrap()]);
+        imn_resolver::set_nameservers(vec!["127.0.0.1:1".parse().unwrap()]);
         let names = Resolutions::default();
         let d = demand(&["no-such-host.invalid"], 1.0);
         assert_eq!(

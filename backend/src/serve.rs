@@ -140,14 +140,14 @@ pub fn security(flags: &SecurityFlags) -> Result<Security, UpError> {
     let servers = flags
         .nameserver
         .iter()
-        .map(|s| imn_modules::resolver::parse_nameserver(s))
+        .map(|s| imn_resolver::parse_nameserver(s))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|message| UpError::Flag {
             flag: "--nameserver",
             message,
         })?;
     if !servers.is_empty() {
-        imn_modules::resolver::set_nameservers(servers);
+        imn_resolver::set_nameservers(servers);
     }
     let creds = Arc::new(if flags.auth {
         AgentCredentials::enabled()

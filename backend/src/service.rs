@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use imn_cloud::bus::{Bus, UpMessage};
-use imn_modules::wire::{self, Ack, Command, CommandKind, Envelope, Hello, Kind, RequestState};
-use imn_modules::{catalog, now_ms};
+use imn_proto::wire::{self, Ack, Command, CommandKind, Envelope, Hello, Kind, RequestState};
+use imn_proto::{catalog, now_ms};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -208,9 +208,9 @@ pub struct Checked {
     /// The module's default deadline for a run.
     pub timeout_ms: u64,
     /// The rules that bound the check, which the agent checks again.
-    pub policy: imn_modules::policy::TargetPolicy,
+    pub policy: imn_proto::policy::TargetPolicy,
     /// What the run asks of the network.
-    pub demand: imn_modules::policy::Demand,
+    pub demand: imn_proto::policy::Demand,
 }
 
 /// A request as the caller should see it after creation.
@@ -358,7 +358,7 @@ impl Backend {
                 h.update(part);
             }
             h.update(deadline.as_millis().to_le_bytes());
-            imn_modules::auth::to_hex(&h.finalize())
+            imn_proto::auth::to_hex(&h.finalize())
         });
         // A retry finds its request before anything is checked again: the first one
         // may have used the last of the budget or the agent's queue.
@@ -578,7 +578,7 @@ impl Backend {
     /// The rules `agent` checks its runs against, as its commands carry them: the
     /// current policy (a policy file changed since a request was made binds its
     /// redelivery too); none when every address passes.
-    fn agent_policy(&self, agent: &str) -> Option<imn_modules::policy::TargetPolicy> {
+    fn agent_policy(&self, agent: &str) -> Option<imn_proto::policy::TargetPolicy> {
         Some(self.security.target_policy(agent)).filter(|p| !p.is_open())
     }
 

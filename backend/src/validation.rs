@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use imn_modules::{catalog, params};
+use imn_proto::{catalog, params};
 use serde_json::Value;
 
 use crate::error::ApiError;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use imn_modules::wire::{self, Kind};
+use imn_proto::wire::{self, Kind};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{
     Access, AclHandler, Broker, Config, ConnectionSettings, Notification, RouterConfig,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use imn_modules::wire::{self, Kind};
+use imn_proto::wire::{self, Kind};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -162,9 +162,7 @@ pub fn tls_config(host: &str, ca: Option<&Path>) -> Result<Arc<ClientConfig>, St
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(imn_modules::tls::NamedVerifier::new(
-            inner, name,
-        )))
+        .with_custom_certificate_verifier(Arc::new(imn_proto::tls::NamedVerifier::new(inner, name)))
         .with_no_client_auth();
     Ok(Arc::new(config))
 }

@@ -233,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
             }
             e.finish()
         });
-        let at = imn_modules::metrics_http::serve_metrics(listen, render)
+        let at = imn_prom::serve_metrics(listen, render)
             .await
             .map_err(|e| anyhow::anyhow!("--metrics {listen}: {e}"))?;
         tracing::info!(%at, "metrics at /metrics");

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use embedded_svc::mqtt::client::asynch::{Client, Connection, Event, EventPayload, Publish, QoS};
-use imn_modules::exec::{system, Context};
-use imn_modules::now_ms;
-use imn_modules::policy::{TargetPolicy, MAX_NETWORKS, MAX_RULES};
-use imn_modules::results::ModuleOutcome;
-use imn_modules::wire::{
+use imn_probes::{system, Context};
+use imn_proto::now_ms;
+use imn_proto::policy::{TargetPolicy, MAX_NETWORKS, MAX_RULES};
+use imn_proto::results::ModuleOutcome;
+use imn_proto::wire::{
     self, Ack, AgentEvent, Batch, Command, CommandKind, Envelope, Heartbeat, Hello, Kind,
     ModuleResult, RecordBody, RequestState, ScheduledRun, StateChange, Status,
 };
@@ -277,7 +277,7 @@ impl Agent {
             },
         )?;
         let brokers = cfg.broker_addrs()?;
-        imn_modules::exec::resolver::set_nameservers(cfg.nameserver_addrs()?);
+        imn_resolver::set_nameservers(cfg.nameserver_addrs()?);
         let mut endpoints = Vec::with_capacity(brokers.len());
         for broker in brokers {
             #[cfg(feature = "tls")]
@@ -425,12 +425,10 @@ impl Agent {
         #[cfg(feature = "metrics")]
         if let Some(listen) = self.cfg.metrics_listen {
             let (gauges, id) = (self.gauges.clone(), self.cfg.id.clone());
-            let at = imn_modules::metrics_http::serve_metrics(
-                listen,
-                std::sync::Arc::new(move || gauges.render(&id)),
-            )
-            .await
-            .map_err(|e| AgentError::Metrics(format!("metrics_listen {listen}: {e}")))?;
+            let at =
+                imn_prom::serve_metrics(listen, std::sync::Arc::new(move || gauges.render(&id)))
+                    .await
+                    .map_err(|e| AgentError::Metrics(format!("metrics_listen {listen}: {e}")))?;
             tracing::info!(%at, "metrics at /metrics");
         }
         let mut conn = self.conn.take().expect("connection is taken once");

@@ -639,15 +639,15 @@ impl AgentConfig {
     }
 
     /// The location the agent reports in its hello, if any part is configured.
-    pub fn location(&self) -> Option<imn_modules::wire::Location> {
-        let l = imn_modules::wire::Location {
+    pub fn location(&self) -> Option<imn_proto::wire::Location> {
+        let l = imn_proto::wire::Location {
             country: self.country.clone(),
             city: self.city.clone(),
             latitude: self.latitude,
             longitude: self.longitude,
             asn: self.asn,
         };
-        (l != imn_modules::wire::Location::default()).then_some(l)
+        (l != imn_proto::wire::Location::default()).then_some(l)
     }
 
     /// The config as `--print-config` shows it: the token as [`REDACTED`].
@@ -659,8 +659,8 @@ impl AgentConfig {
     }
 
     /// The budget the agent enforces across its runs, as its hello reports it.
-    pub fn limits(&self) -> imn_modules::wire::AgentLimits {
-        imn_modules::wire::AgentLimits {
+    pub fn limits(&self) -> imn_proto::wire::AgentLimits {
+        imn_proto::wire::AgentLimits {
             max_runs: self.max_runs,
             max_queued_runs: self.max_queued_runs,
             max_probe_rate: self.max_probe_rate,
@@ -668,7 +668,7 @@ impl AgentConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !imn_modules::wire::valid_agent_id(&self.id) {
+        if !imn_proto::wire::valid_agent_id(&self.id) {
             return Err(ConfigError::Invalid {
                 field: "id",
                 rule: format!(
@@ -852,11 +852,9 @@ impl AgentConfig {
         self.nameservers
             .iter()
             .map(|s| {
-                imn_modules::exec::resolver::parse_nameserver(s).map_err(|rule| {
-                    ConfigError::Invalid {
-                        field: "nameservers",
-                        rule,
-                    }
+                imn_resolver::parse_nameserver(s).map_err(|rule| ConfigError::Invalid {
+                    field: "nameservers",
+                    rule,
                 })
             })
             .collect()

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use imn_modules::catalog;
-use imn_modules::wire::{ModuleConfig, ModuleInfo};
+use imn_proto::catalog;
+use imn_proto::wire::{ModuleConfig, ModuleInfo};
 use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -18,7 +18,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
-use imn_modules::wire::{Ack, Record, RecordBody};
+use imn_proto::wire::{Ack, Record, RecordBody};
 use serde::{Deserialize, Serialize};
 
 const META_EPOCH: &[u8] = b"epoch";
@@ -353,7 +353,7 @@ fn meta_u64(meta: &sled::Tree, key: &[u8]) -> Result<Option<u64>, sled::Error> {
 
 /// Free bytes for unprivileged writers on the filesystem holding `path`.
 fn free_bytes(path: &Path) -> u64 {
-    imn_modules::exec::system::disk_kib(path).1 * 1024
+    imn_probes::system::disk_kib(path).1 * 1024
 }
 
 /// Live records of a store, leaving out `skip`: (bytes, count, last seq).
@@ -400,7 +400,7 @@ impl SledOutbox {
                 )))
             }
             Err(OpenError::Unusable(e)) => {
-                let aside = dir.join(format!("outbox.corrupt-{}", imn_modules::now_ms()));
+                let aside = dir.join(format!("outbox.corrupt-{}", imn_proto::now_ms()));
                 tracing::error!(error = %e, aside = %aside.display(), "outbox unusable; moving it aside and starting a new epoch");
                 if std::fs::rename(&path, &aside).is_err() {
                     let _ = std::fs::remove_dir_all(&path);
@@ -1313,7 +1313,7 @@ impl Outbox for SledOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_modules::wire::{AgentEvent, RecordBody};
+    use imn_proto::wire::{AgentEvent, RecordBody};
 
     fn event(n: u32) -> RecordBody {
         RecordBody::Event(AgentEvent {
@@ -1554,7 +1554,7 @@ mod tests {
         assert!(ob.dirty);
         ob.flush();
         assert!(!ob.dirty);
-        let acked = ob.ack(&imn_modules::wire::Ack {
+        let acked = ob.ack(&imn_proto::wire::Ack {
             epoch: ob.epoch(),
             ranges: vec![(1, 10)],
         });
@@ -1670,7 +1670,7 @@ mod command_log {
 #[cfg(test)]
 mod full_disk {
     use super::*;
-    use imn_modules::wire::{AgentEvent, RecordBody};
+    use imn_proto::wire::{AgentEvent, RecordBody};
     use std::process::Command;
 
     struct Mount(PathBuf);

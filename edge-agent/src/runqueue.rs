@@ -147,7 +147,7 @@ pub fn declared_rate(
     params_json: &str,
     max_rate: f64,
 ) -> (Option<f64>, Option<String>) {
-    let Some(spec) = imn_modules::catalog::find(module) else {
+    let Some(spec) = imn_proto::catalog::find(module) else {
         return (None, None);
     };
     let Ok(mut params) = serde_json::from_str::<Value>(params_json) else {

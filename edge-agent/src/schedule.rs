@@ -17,7 +17,7 @@
 //! rest of the set applies. The arithmetic saturates all the same, so even a schedule
 //! that got past the checks (one stored by an older agent) cannot hang or panic it.
 
-use imn_modules::wire::Schedule;
+use imn_proto::wire::Schedule;
 use serde::{Deserialize, Serialize};
 
 /// Where the schedule set is kept in the outbox's meta tree.
@@ -64,7 +64,7 @@ pub fn check(s: &Schedule) -> Result<(), Refused> {
             ),
         );
     }
-    if imn_modules::catalog::find(&s.module).is_none() {
+    if imn_proto::catalog::find(&s.module).is_none() {
         return refuse(
             "module",
             format!("{:?} is not a module this agent knows", s.module),

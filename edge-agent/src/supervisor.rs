@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use imn_modules::exec::Context;
-use imn_modules::results::ModuleOutcome;
+use imn_probes::Context;
+use imn_proto::results::ModuleOutcome;
 
 /// First wait after a panic; doubles per consecutive panic.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -27,8 +27,7 @@ pub async fn run_module(
     timeout: Duration,
     ctx: Context,
 ) -> Ran {
-    let task =
-        tokio::spawn(async move { imn_modules::exec::run(&module, &params_json, &ctx).await });
+    let task = tokio::spawn(async move { imn_probes::run(&module, &params_json, &ctx).await });
     let abort = task.abort_handle();
     let (outcome, panicked) = match tokio::time::timeout(timeout, task).await {
         Ok(Ok(Ok(output))) => (ModuleOutcome::Ok(output), false),

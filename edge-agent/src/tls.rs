@@ -39,7 +39,7 @@ pub fn client_config(
     let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| format!("tls_ca: {e}"))?;
-    let verifier = Arc::new(imn_modules::tls::NamedVerifier::new(inner, name));
+    let verifier = Arc::new(imn_proto::tls::NamedVerifier::new(inner, name));
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("tls: {e}"))?

@@ -9,7 +9,7 @@ use std::time::Duration;
 use embedded_svc::mqtt::client::asynch::{
     Client, Connection, Details, ErrorType, Event, EventPayload, MessageId, Publish, QoS,
 };
-use imn_modules::auth::{self as wauth, MessageKey};
+use imn_proto::auth::{self as wauth, MessageKey};
 use rumqttc::{AsyncClient, ConnectReturnCode, EventLoop, LastWill, MqttOptions, Packet};
 use tokio::sync::mpsc;
 
@@ -162,7 +162,7 @@ async fn pump(
     loop {
         let broker = &opts.brokers[at];
         let step = if resolve {
-            imn_modules::exec::resolver::lookup(&broker.host)
+            imn_resolver::lookup(&broker.host)
                 .await
                 .and_then(|ips| {
                     ips.first()

@@ -1,32 +1,29 @@
-//! The contract between IMN agents and the cloud.
+//! The contract between IMN agents and the cloud: what crosses the device link and
+//! what both ends must agree on. No I/O; the agent, the bridge and the backend all
+//! link it.
 //!
-//! - [`wire`]: envelopes, topic and subject names, and the versioned postcard codec.
-//! - [`catalog`]: every module's name, version and JSON Schema of its parameters.
-//! - [`results`]: the typed result each module produces.
+//! - [`wire`]: envelopes, records, commands, topic and subject names, and the
+//!   versioned postcard codec. postcard is not self-describing: new variants and
+//!   fields go last, and golden bytes (`tests/wire_golden.rs`) hold every variant.
+//! - [`auth`]: signing of uplink messages with an agent's key.
+//! - [`catalog`]: every module's name, version, JSON Schema of its parameters and
+//!   examples; [`params`] and [`kinds`]: the typed parameters; [`results`]: the typed
+//!   result each module produces.
 //! - [`policy`]: which addresses a run may send to, and what each run asks of the
 //!   network; the backend and the agent apply the same code.
-//! - `exec` (cargo feature `exec`): the code that runs modules on a device. The backend
-//!   leaves it out, so it links only specs and types.
+//! - [`tls`] (feature `tls`): how an MQTT client (the agent, or the bridge as a client
+//!   of an external broker) verifies the broker by its configured name.
+//!
+//! The code that runs modules is `imn-probes`; the resolver both ends use is
+//! `imn-resolver`.
 
 pub mod auth;
 pub mod catalog;
 pub mod kinds;
-#[cfg(feature = "metrics-http")]
-pub mod metrics_http;
 pub mod params;
 pub mod policy;
 pub mod results;
 pub mod wire;
-
-#[cfg(feature = "exec")]
-pub mod exec;
-
-/// The agent's own stub resolver (`/etc/hosts`, then name servers over UDP and TCP,
-/// no blocking threads). The backend uses it too, for its policy checks (feature
-/// `resolver`), so both ends resolve with the same code.
-#[cfg(any(feature = "exec", feature = "resolver"))]
-#[path = "exec/resolver.rs"]
-pub mod resolver;
 
 #[cfg(feature = "tls")]
 pub mod tls;

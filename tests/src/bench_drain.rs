@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use imn_agent::outbox::{Outbox, OutboxLimits, SledOutbox};
-use imn_modules::wire::{Ack, RecordBody};
+use imn_proto::wire::{Ack, RecordBody};
 use serde_json::{json, Value};
 
 use crate::{bin, Proc, Up};
@@ -57,7 +57,7 @@ pub fn du(dir: &Path) -> u64 {
 pub fn prefill_outbox(data: &Path, n: usize) {
     let mut ob = SledOutbox::open(data, OutboxLimits::default()).expect("outbox");
     for i in 0..n {
-        ob.append(imn_modules::now_ms(), result_record(i));
+        ob.append(imn_proto::now_ms(), result_record(i));
     }
     ob.flush();
     assert_eq!(ob.depth(), n as u64, "the backlog fits the outbox");
@@ -181,7 +181,7 @@ pub fn outbox_cycles(cycles: usize, lag: usize) -> Value {
     // the backend's ack covers a batch, and acked records are deleted.
     let mut acked_upto = 0u64;
     for i in 0..cycles {
-        let r = ob.append(imn_modules::now_ms(), result_record(i));
+        let r = ob.append(imn_proto::now_ms(), result_record(i));
         if i % 100 == 99 {
             ob.flush();
             let upto = r.seq.saturating_sub(lag as u64);

@@ -565,7 +565,7 @@ async fn ingest_run(
         None => System::start_with(nats, 1, auth, pg_backends).await,
     };
     // An earlier build reads wire version 1 only.
-    let wire_version = baseline.map(|_| imn_modules::wire::LEGACY_WIRE_VERSION);
+    let wire_version = baseline.map(|_| imn_proto::wire::LEGACY_WIRE_VERSION);
     let tokens = if auth {
         Some(sys.enroll(agents).await)
     } else {
@@ -583,7 +583,7 @@ async fn ingest_run(
         message: "result of a simulated echo".into(),
         resend_after: Duration::from_secs(20),
         tokens,
-        wire_version: wire_version.unwrap_or(imn_modules::wire::WIRE_VERSION),
+        wire_version: wire_version.unwrap_or(imn_proto::wire::WIRE_VERSION),
     };
     let bytes = sim::message_bytes(&cfg);
     let (fleet, connect_s) = Fleet::start(agents, cfg, 2000.0, Duration::from_secs(300)).await;
@@ -786,7 +786,7 @@ pub async fn sim_worker(port: u16, agents: usize, offset: usize, hb: Duration) {
         message: String::new(),
         resend_after: Duration::from_secs(60),
         tokens: None,
-        wire_version: imn_modules::wire::WIRE_VERSION,
+        wire_version: imn_proto::wire::WIRE_VERSION,
     });
     let stats = Arc::new(SimStats::default());
     let ctl = Arc::new(Control::default());

@@ -7,7 +7,7 @@
 //!
 //! What is measured:
 //! - the paced sweep: `targets` loopback addresses (127.1.x.y), one probe each, at
-//!   `rate` probes/s through `imn_modules::exec::run("ping_module", ..)`, in process.
+//!   `rate` probes/s through `imn_probes::run("ping_module", ..)`, in process.
 //!   The on-wire rate comes from an observer raw socket that queues every echo
 //!   request to those addresses with its kernel receive timestamp, read after the
 //!   sweep (so it costs the sweep no CPU);
@@ -36,8 +36,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use imn_modules::exec::{self, Context};
-use imn_modules::results::{ModuleOutput, PingOutput};
+use imn_probes::Context;
+use imn_proto::results::{ModuleOutput, PingOutput};
 use serde_json::{json, Value};
 
 use crate::{program, TempDir};
@@ -112,7 +112,7 @@ async fn ping(params: &str) -> Result<PingOutput, String> {
 }
 
 async fn ping_with(params: &str, ctx: &Context) -> Result<PingOutput, String> {
-    match exec::run("ping_module", params, ctx).await? {
+    match imn_probes::run("ping_module", params, ctx).await? {
         ModuleOutput::Ping(p) => Ok(p),
         other => Err(format!("unexpected output {other:?}")),
     }
@@ -121,8 +121,8 @@ async fn ping_with(params: &str, ctx: &Context) -> Result<PingOutput, String> {
 /// A policy as heavy as an operator's is likely to be: the built-in rule, a lab rule
 /// that opens loopback, and `deny` networks (none of them the sweep's) in one more rule,
 /// so every address is checked against all of them.
-fn heavy_policy(deny: usize) -> imn_modules::policy::TargetPolicy {
-    use imn_modules::policy::{Cidr, Rule, TargetPolicy};
+fn heavy_policy(deny: usize) -> imn_proto::policy::TargetPolicy {
+    use imn_proto::policy::{Cidr, Rule, TargetPolicy};
     let nets = (0..deny)
         .map(|i| Cidr::parse(&format!("198.{}.{}.0/24", 18 + (i / 256) % 2, i % 256)).unwrap())
         .collect();
@@ -169,7 +169,7 @@ async fn policy_cost(params: &str, targets: usize) -> Result<Value, String> {
     let per = |us: f64| (us / (2.0 * targets.max(1) as f64) * 100.0).round() / 100.0;
     Ok(json!({
         "rules": 3,
-        "networks_checked": 512 + 1 + imn_modules::policy::BUILTIN_DENY.len(),
+        "networks_checked": 512 + 1 + imn_proto::policy::BUILTIN_DENY.len(),
         "cpu_us_per_probe_open": per(open_us),
         "cpu_us_per_probe_policy": per(policy_us),
         "ratio": if open_us > 0.0 { json!((policy_us / open_us * 1000.0).round() / 1000.0) } else { Value::Null },

@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imn_modules::auth::{self as wauth, MessageKey};
-use imn_modules::results::{EchoResult, ModuleOutcome, ModuleOutput};
-use imn_modules::wire::{
+use imn_proto::auth::{self as wauth, MessageKey};
+use imn_proto::results::{EchoResult, ModuleOutcome, ModuleOutput};
+use imn_proto::wire::{
     self, AgentEvent, Envelope, Heartbeat, Hello, Kind, ModuleInfo, ModuleResult, Record,
     RecordBody, Status,
 };
@@ -527,7 +527,7 @@ impl HostileAgent {
                             if connected && every > 0 && last_hb.elapsed() >= Duration::from_millis(every) {
                                 last_hb = Instant::now();
                                 let hb = wire::encode(&Envelope::Heartbeat(Heartbeat {
-                                    sent_at_ms: imn_modules::now_ms(),
+                                    sent_at_ms: imn_proto::now_ms(),
                                     ..Default::default()
                                 }));
                                 let _ = client.try_publish(
@@ -613,7 +613,7 @@ impl HostileAgent {
         let topic = self.topic(Kind::Status);
         let payload = wire::encode(&Envelope::Status(Status {
             online: true,
-            at_ms: imn_modules::now_ms(),
+            at_ms: imn_proto::now_ms(),
         }));
         self.client
             .publish(
@@ -649,7 +649,7 @@ impl HostileAgent {
             outbox_depth: 0,
             dropped: 0,
             heartbeat_interval_ms: 1000,
-            sent_at_ms: imn_modules::now_ms(),
+            sent_at_ms: imn_proto::now_ms(),
             features: Vec::new(),
             limits: Default::default(),
             schedule_policy: 0,
@@ -787,7 +787,7 @@ impl HostileAgent {
 pub fn event(seq: u64, kind: &str, message: &str) -> Record {
     Record {
         seq,
-        at_ms: imn_modules::now_ms(),
+        at_ms: imn_proto::now_ms(),
         body: RecordBody::Event(AgentEvent {
             kind: kind.into(),
             message: message.into(),
@@ -797,7 +797,7 @@ pub fn event(seq: u64, kind: &str, message: &str) -> Record {
 
 /// A result record of `module` with `output`.
 pub fn result(seq: u64, request_id: &str, module: &str, outcome: ModuleOutcome) -> Record {
-    let now = imn_modules::now_ms();
+    let now = imn_proto::now_ms();
     Record {
         seq,
         at_ms: now,
@@ -826,7 +826,7 @@ pub fn echo(seq: u64, request_id: &str, message: &str) -> Record {
 
 /// A ping result with one target named `host`, one reply of 1 ms.
 pub fn ping(seq: u64, request_id: &str, host: &str) -> Record {
-    let mut t = imn_modules::results::PingResult::new(host, "127.0.0.1", 56);
+    let mut t = imn_proto::results::PingResult::new(host, "127.0.0.1", 56);
     t.sent = 1;
     t.received = 1;
     t.rtts_ms = vec![Some(1.0)];
@@ -837,7 +837,7 @@ pub fn ping(seq: u64, request_id: &str, host: &str) -> Record {
         seq,
         request_id,
         "ping_module",
-        ModuleOutcome::Ok(ModuleOutput::Ping(imn_modules::results::PingOutput {
+        ModuleOutcome::Ok(ModuleOutput::Ping(imn_proto::results::PingOutput {
             socket: "dgram".into(),
             src_addr: None,
             targets: vec![t],
@@ -847,7 +847,7 @@ pub fn ping(seq: u64, request_id: &str, host: &str) -> Record {
 
 /// An HTTP result for `url` (status 200, 1 ms), built from its JSON form.
 pub fn http(seq: u64, request_id: &str, url: &str) -> Record {
-    let h: imn_modules::kinds::http::HttpResult = serde_json::from_value(json!({
+    let h: imn_proto::kinds::http::HttpResult = serde_json::from_value(json!({
         "url": url,
         "method": "GET",
         "addr": "127.0.0.1",

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imn_modules::auth as wauth;
-use imn_modules::results::{EchoResult, ModuleOutcome, ModuleOutput};
-use imn_modules::wire::{
+use imn_proto::auth as wauth;
+use imn_proto::results::{EchoResult, ModuleOutcome, ModuleOutput};
+use imn_proto::wire::{
     self, Batch, Envelope, Heartbeat, Hello, Kind, ModuleResult, Record, RecordBody, Status,
 };
 use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS};
@@ -88,7 +88,7 @@ pub fn echo_result(request_id: String, message: &str) -> RecordBody {
 fn result_record(agent: &str, seq: u64, message: &str) -> Record {
     Record {
         seq,
-        at_ms: imn_modules::now_ms(),
+        at_ms: imn_proto::now_ms(),
         body: echo_result(format!("{agent}-{seq}"), message),
     }
 }
@@ -190,7 +190,7 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                     }
                     let _ = client.try_subscribe(&ack_topic, QoS::AtLeastOnce);
                     let status_topic = wire::topic(&id, Kind::Status);
-                    let online = seal(&status_topic, wire::encode_for(cfg.wire_version, &Envelope::Status(Status { online: true, at_ms: imn_modules::now_ms() })));
+                    let online = seal(&status_topic, wire::encode_for(cfg.wire_version, &Envelope::Status(Status { online: true, at_ms: imn_proto::now_ms() })));
                     let _ = client.try_publish(status_topic, QoS::AtLeastOnce, true, online);
                     let hello = Envelope::Hello(Hello {
                         agent_id: id.clone(),
@@ -204,7 +204,7 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
                         outbox_depth: total.saturating_sub(acked),
                         dropped: 0,
                         heartbeat_interval_ms: cfg.heartbeat.as_millis() as u64,
-                        sent_at_ms: imn_modules::now_ms(),
+                        sent_at_ms: imn_proto::now_ms(),
                         features: Vec::new(),
                         limits: Default::default(),
                         schedule_policy: 0,
@@ -255,7 +255,7 @@ pub async fn run(id: String, cfg: Arc<SimConfig>, stats: Arc<SimStats>, ctl: Arc
             },
             _ = hb.tick(), if connected => {
                 let h = Envelope::Heartbeat(Heartbeat {
-                    sent_at_ms: imn_modules::now_ms(),
+                    sent_at_ms: imn_proto::now_ms(),
                     outbox_depth: total.saturating_sub(acked),
                     ..Default::default()
                 });

@@ -19,9 +19,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use imn_modules::now_ms;
-use imn_modules::policy::{Cidr, Rule, TargetPolicy};
-use imn_modules::wire::{self, Command, CommandKind, Envelope, Kind, Schedule};
+use imn_proto::now_ms;
+use imn_proto::policy::{Cidr, Rule, TargetPolicy};
+use imn_proto::wire::{self, Command, CommandKind, Envelope, Kind, Schedule};
 use imn_tests::{bin, ms_of, spawn_agent, wait_for, Api, Proc, TempDir, Up};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};

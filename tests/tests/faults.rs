@@ -146,7 +146,7 @@ async fn agent_sigkilled_twenty_times() {
     outbox_drained(&up.api, "edge-k").await;
     // Per slot, as the power-cut test (tests/powercut.rs) counts them.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let end_ms = imn_modules::now_ms() - 2_500;
+    let end_ms = imn_proto::now_ms() - 2_500;
     let events = up.api.get("/agents/edge-k/events?limit=10000").await.body;
     let events = events.as_array().unwrap().clone();
     let mut epochs = std::collections::BTreeSet::new();
@@ -282,7 +282,7 @@ async fn partition_for_thirty_seconds() {
         api.wait_state(id, "running", T).await;
     }
     part.link(false);
-    let down_at = imn_modules::now_ms();
+    let down_at = imn_proto::now_ms();
     tokio::time::sleep(Duration::from_secs(30)).await;
     // Every delayed run finished during the partition, and none could be delivered.
     let stored = api.get("/agents/edge-p/results?limit=1000").await.body;
@@ -291,7 +291,7 @@ async fn partition_for_thirty_seconds() {
         0,
         "delivered through a downed link: {stored}"
     );
-    let up_at = imn_modules::now_ms();
+    let up_at = imn_proto::now_ms();
     part.link(true);
     let states = exactly_once(&api, "edge-p", &ids).await;
     assert!(states.values().all(|s| s == "succeeded"), "{states:?}");
@@ -718,11 +718,11 @@ async fn hostile_uplink_is_counted_and_harmless() {
     };
     let valid_ack = {
         // A real envelope of the wrong kind for its topic.
-        let hb = imn_modules::wire::Envelope::Heartbeat(Default::default());
-        imn_modules::wire::encode(&hb)
+        let hb = imn_proto::wire::Envelope::Heartbeat(Default::default());
+        imn_proto::wire::encode(&hb)
     };
-    let mut truncated = imn_modules::wire::encode(&imn_modules::wire::Envelope::Status(
-        imn_modules::wire::Status {
+    let mut truncated = imn_proto::wire::encode(&imn_proto::wire::Envelope::Status(
+        imn_proto::wire::Status {
             online: true,
             at_ms: 1,
         },

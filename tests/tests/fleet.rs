@@ -225,7 +225,7 @@ fn sim_agent(
         message: "page".into(),
         resend_after: Duration::from_secs(5),
         tokens: None,
-        wire_version: imn_modules::wire::WIRE_VERSION,
+        wire_version: imn_proto::wire::WIRE_VERSION,
     });
     let (stats, ctl) = (Arc::new(SimStats::default()), Arc::new(Control::default()));
     tokio::spawn(imn_tests::sim::run(
@@ -798,9 +798,9 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     part.link(false);
-    let down_at = imn_modules::now_ms();
+    let down_at = imn_proto::now_ms();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let up_at = imn_modules::now_ms();
+    let up_at = imn_proto::now_ms();
     // Nothing from the partitioned agent got through while its link was down.
     let cut_off: Vec<Value> = all_results(&api, &id)
         .await
@@ -831,7 +831,7 @@ async fn a_schedule_keeps_running_on_a_partitioned_agent_and_every_run_arrives_o
 
     let r = api.delete(&format!("/v1/measurements/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let stopped_at = imn_modules::now_ms();
+    let stopped_at = imn_proto::now_ms();
     // Runs started before the stop still come in; none after it.
     tokio::time::sleep(Duration::from_millis(3 * INTERVAL_MS as u64)).await;
     let status = api.get(&format!("/v1/measurements/{id}")).await.body;
@@ -976,7 +976,7 @@ async fn schedules_survive_agent_restarts_without_a_connection() {
     assert!(agent.signal_and_wait(libc::SIGTERM, T).is_some());
     // No broker on this port: the agent never connects while it runs.
     let nowhere = format!("mqtt://127.0.0.1:{}", free_port());
-    let offline_from = imn_modules::now_ms();
+    let offline_from = imn_proto::now_ms();
     let mut offline = spawn("restart-1-offline", &nowhere);
     // A second schedule made while the agent is away reaches it with its next hello.
     let second = every_second(&up.api, "made while away").await;
@@ -984,7 +984,7 @@ async fn schedules_survive_agent_restarts_without_a_connection() {
     assert_eq!(s["agents"][0]["schedule"], json!("pending"), "{s}");
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(offline.signal_and_wait(libc::SIGTERM, T).is_some());
-    let offline_until = imn_modules::now_ms();
+    let offline_until = imn_proto::now_ms();
     let _back = spawn("restart-1-back", &up.broker_url());
     up.api.wait_alive(&["restart-1"], T).await;
     let results = wait_for("runs made after the agent is back", T, || {

@@ -12,8 +12,8 @@
 
 use std::time::{Duration, Instant};
 
-use imn_modules::results::{ModuleOutcome, ModuleOutput};
-use imn_modules::wire::{Envelope, Heartbeat, Kind, Record, RecordBody, RequestState, StateChange};
+use imn_proto::results::{ModuleOutcome, ModuleOutput};
+use imn_proto::wire::{Envelope, Heartbeat, Kind, Record, RecordBody, RequestState, StateChange};
 use imn_tests::hostile::*;
 use imn_tests::{prom_value, wait_for, TempDir};
 use serde_json::{json, Value};
@@ -57,7 +57,7 @@ fn tiny(seq: u64, body: RecordBody) -> Record {
 fn tiny_event(seq: u64) -> Record {
     tiny(
         seq,
-        RecordBody::Event(imn_modules::wire::AgentEvent {
+        RecordBody::Event(imn_proto::wire::AgentEvent {
             kind: String::new(),
             message: String::new(),
         }),
@@ -67,7 +67,7 @@ fn tiny_event(seq: u64) -> Record {
 fn tiny_result(seq: u64) -> Record {
     tiny(
         seq,
-        RecordBody::Result(imn_modules::wire::ModuleResult {
+        RecordBody::Result(imn_proto::wire::ModuleResult {
             request_id: String::new(),
             module: String::new(),
             received_ms: 0,
@@ -184,7 +184,7 @@ async fn nul_in_results(store: StoreKind) {
     let records = vec![
         Record {
             seq: 1,
-            at_ms: imn_modules::now_ms(),
+            at_ms: imn_proto::now_ms(),
             body: RecordBody::State(StateChange {
                 request_id: req.clone(),
                 state: RequestState::Running,
@@ -655,7 +655,7 @@ async fn the_label_bomb_is_capped() {
             s,
             &format!("m{s}"),
             &format!("{name}-{i}"),
-            ModuleOutcome::Ok(ModuleOutput::Echo(imn_modules::results::EchoResult {
+            ModuleOutcome::Ok(ModuleOutput::Echo(imn_proto::results::EchoResult {
                 message: "bomb".into(),
             })),
         ));
@@ -712,7 +712,7 @@ async fn the_label_bomb_is_capped() {
         );
         if name == "module" {
             assert!(
-                imn_modules::catalog::find(v).is_some() || v == "other",
+                imn_proto::catalog::find(v).is_some() || v == "other",
                 "module label {v}"
             );
         }
@@ -747,7 +747,7 @@ async fn the_label_bomb_is_capped() {
                 u64::MAX / 2,
                 "long-module",
                 &"m".repeat(5000),
-                ModuleOutcome::Ok(ModuleOutput::Echo(imn_modules::results::EchoResult {
+                ModuleOutcome::Ok(ModuleOutput::Echo(imn_proto::results::EchoResult {
                     message: "bomb".into(),
                 })),
             )],
@@ -866,14 +866,14 @@ async fn batch_flood(what: &str, rate: Option<f64>, extra: &[&str]) -> Flooded {
                     let seq = b * 250 + i;
                     tiny(
                         seq,
-                        RecordBody::Result(imn_modules::wire::ModuleResult {
+                        RecordBody::Result(imn_proto::wire::ModuleResult {
                             request_id: format!("flood-{seq}"),
                             module: "echo_module".into(),
                             received_ms: 1,
                             started_ms: 2,
                             finished_ms: 3,
                             outcome: ModuleOutcome::Ok(ModuleOutput::Echo(
-                                imn_modules::results::EchoResult {
+                                imn_proto::results::EchoResult {
                                     message: message.clone(),
                                 },
                             )),
@@ -883,7 +883,7 @@ async fn batch_flood(what: &str, rate: Option<f64>, extra: &[&str]) -> Flooded {
                 .collect();
             hostile.sign(
                 Kind::Out,
-                &imn_modules::wire::encode(&Envelope::Batch(imn_modules::wire::Batch {
+                &imn_proto::wire::encode(&Envelope::Batch(imn_proto::wire::Batch {
                     epoch: e,
                     records,
                 })),
@@ -1019,7 +1019,7 @@ async fn a_hello_flood_is_throttled() {
     let mut sent = 0u64;
     while attack.elapsed() < Duration::from_secs(5) {
         let mut h = hostile.hello();
-        h.sent_at_ms = imn_modules::now_ms();
+        h.sent_at_ms = imn_proto::now_ms();
         hostile.send(Kind::Hello, &Envelope::Hello(h)).await;
         sent += 1;
     }
@@ -1076,12 +1076,12 @@ async fn oversized_event_batches_heartbeats_and_hellos_are_bounded() {
     // A heartbeat with 10,000 interfaces.
     let bounds = cloud.counter("/rejected/bounds").await;
     let mut hb = Heartbeat {
-        sent_at_ms: imn_modules::now_ms(),
+        sent_at_ms: imn_proto::now_ms(),
         outbox_depth: 123_456,
         ..Default::default()
     };
     hb.system.interfaces = (0..10_000)
-        .map(|i| imn_modules::results::InterfaceStats {
+        .map(|i| imn_proto::results::InterfaceStats {
             name: format!("if{i}"),
             rx_bytes: 0,
             rx_packets: 0,

@@ -62,6 +62,7 @@ fn the_backend_links_neither_the_agent_nor_the_probes() {
         "imn-backend",
         &[
             "imn-agent",
+            "imn-probes",
             "imn-bridge",
             "imn-cli",
             "sled",
@@ -70,12 +71,9 @@ fn the_backend_links_neither_the_agent_nor_the_probes() {
         ],
     );
     let deps = tree("imn-backend");
-    let modules = deps
-        .get("imn-modules")
-        .expect("the backend uses the contract");
     assert!(
-        !modules.split(',').any(|f| f == "exec"),
-        "the backend builds the probe code (imn-modules/exec): {modules}"
+        deps.contains_key("imn-proto"),
+        "the backend uses the contract"
     );
 }
 
@@ -103,6 +101,21 @@ fn the_bridge_links_neither_the_agent_nor_the_backend() {
         "imn-bridge",
         &["imn-agent", "imn-backend", "imn-cli", "sled"],
     );
+}
+
+#[test]
+fn the_contract_does_no_io() {
+    assert_links_none(
+        "imn-proto",
+        &["tokio", "imn-probes", "imn-resolver", "socket2", "libc"],
+    );
+}
+
+#[test]
+fn the_bridge_and_the_cloud_link_no_probes() {
+    for k in ["imn-bridge", "imn-cloud"] {
+        assert_links_none(k, &["imn-probes", "imn-agent"]);
+    }
 }
 
 #[test]

@@ -6,9 +6,9 @@
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use imn_modules::exec::{run, Context};
-use imn_modules::kinds::ntp::NtpResult;
-use imn_modules::results::ModuleOutput;
+use imn_probes::{run, Context};
+use imn_proto::kinds::ntp::NtpResult;
+use imn_proto::results::ModuleOutput;
 use imn_tests::peers::{ntp_responder as responder, NtpBehaviour as Behaviour};
 
 async fn ntp(params: serde_json::Value) -> NtpResult {

@@ -320,7 +320,7 @@ async fn power_cuts(cuts: usize, volatile: bool) {
     let from = vda_stats(&vm.log(), vm.boots - 1).len();
     tokio::time::sleep(Duration::from_secs(secs("IMN_POWERCUT_HOLD_S", 21))).await;
     let busy = flash_window(&vm.log(), vm.boots - 1, from);
-    let ended_ms = imn_modules::now_ms() - 6_000;
+    let ended_ms = imn_proto::now_ms() - 6_000;
 
     let events = up.api.get("/agents/vm1/events?limit=10000").await.body;
     let events = events.as_array().unwrap().clone();

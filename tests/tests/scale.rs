@@ -308,7 +308,7 @@ async fn killing_a_backend_a_bridge_and_a_nats_node_loses_and_duplicates_nothing
 
     let r = api[1].delete(&format!("/v1/measurements/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let stopped_at = imn_modules::now_ms();
+    let stopped_at = imn_proto::now_ms();
     stop_poll.store(true, std::sync::atomic::Ordering::SeqCst);
     let (ok, failed) = poller.await.unwrap();
     assert!(
@@ -546,7 +546,7 @@ async fn two_bridges_on_mosquitto_store_each_result_once_and_commands_arrive() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let r = api.delete(&format!("/v1/measurements/{id}")).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let stopped_at = imn_modules::now_ms();
+    let stopped_at = imn_proto::now_ms();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut results = all_results(&api, &id).await;
     loop {

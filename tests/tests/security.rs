@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use imn_modules::auth as wauth;
-use imn_modules::wire::{self, Envelope};
+use imn_proto::auth as wauth;
+use imn_proto::wire::{self, Envelope};
 use imn_tests::{bin, free_port, program, spawn_agent, wait_for, Api, Proc, TempDir, Up};
 use serde_json::{json, Value};
 
@@ -296,7 +296,7 @@ async fn agent_a_speaks_for_b(broker_acl: bool) {
     admin.wait_alive(&["agent-b"], T).await;
     let before = admin.get("/agents/agent-b").await.body;
 
-    let now = imn_modules::now_ms();
+    let now = imn_proto::now_ms();
     let forged_hello = Envelope::Hello(wire::Hello {
         agent_id: "agent-b".into(),
         version: "6.6.6-forged".into(),
@@ -1073,7 +1073,7 @@ async fn a_separate_bridge_follows_the_backends_credentials_over_nats() {
         outbox_depth: 0,
         dropped: 0,
         heartbeat_interval_ms: 500,
-        sent_at_ms: imn_modules::now_ms(),
+        sent_at_ms: imn_proto::now_ms(),
         features: Vec::new(),
         limits: Default::default(),
         schedule_policy: 0,

@@ -9,9 +9,9 @@
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use imn_modules::exec::{run, Context};
-use imn_modules::kinds::traceroute::{MtrResult, TraceProtocol, TraceReply, TracerouteResult};
-use imn_modules::results::ModuleOutput;
+use imn_probes::{run, Context};
+use imn_proto::kinds::traceroute::{MtrResult, TraceProtocol, TraceReply, TracerouteResult};
+use imn_proto::results::ModuleOutput;
 use imn_tests::netns::{sh, Chain};
 use serde_json::{json, Value};
 
@@ -199,7 +199,7 @@ fn atlas_parses(chain: &Chain, r: &TracerouteResult) {
         module: "traceroute".into(),
         epoch: 1,
         seq: 1,
-        state: imn_modules::wire::RequestState::Succeeded,
+        state: imn_proto::wire::RequestState::Succeeded,
         result: serde_json::to_value(r).unwrap(),
         error: None,
         received_ms: r.started_ms as i64,

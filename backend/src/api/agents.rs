@@ -233,7 +233,7 @@ pub(super) async fn load_module(
     Path((id, module)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    use imn_modules::wire::{CommandKind, ModuleConfig};
+    use imn_proto::wire::{CommandKind, ModuleConfig};
     if catalog::find(&module).is_none() {
         return Err(ApiError::UnknownModule {
             module,
@@ -302,7 +302,7 @@ pub(super) async fn unload_module(
     let cmd = b
         .control(
             &id,
-            imn_modules::wire::CommandKind::Unload {
+            imn_proto::wire::CommandKind::Unload {
                 module: module.clone(),
             },
         )

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use imn_modules::{catalog, now_ms};
+use imn_proto::{catalog, now_ms};
 use serde::Deserialize;
 use serde_json::{json, Value};
 

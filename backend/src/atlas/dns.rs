@@ -84,7 +84,7 @@ mod tests {
     fn an_answer_has_abuf_rt_and_the_header() {
         let native = fixture(WWW_A_UDP);
         // The fixture is a real module result: it deserializes into the typed result.
-        let typed: imn_modules::kinds::dns::DnsResult =
+        let typed: imn_proto::kinds::dns::DnsResult =
             serde_json::from_value(native.clone()).unwrap();
         let m = typed.message().unwrap();
         let a = &dns(&row(native.clone())).unwrap()[0];

@@ -171,7 +171,7 @@ pub fn sslcert(r: &ResultRow) -> Option<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_modules::kinds::http::{
+    use imn_proto::kinds::http::{
         CertInfo, HttpHeader, HttpMethod, HttpPhase, HttpResponse, HttpResult, HttpTiming,
         TlsCertResult, TlsInfo,
     };

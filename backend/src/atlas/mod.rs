@@ -156,7 +156,7 @@ pub(crate) fn test_row(module: &str, result: Value) -> ResultRow {
         module: module.into(),
         epoch: 1,
         seq: 2,
-        state: imn_modules::wire::RequestState::Succeeded,
+        state: imn_proto::wire::RequestState::Succeeded,
         result,
         error: None,
         received_ms: 1_700_000_000_000,

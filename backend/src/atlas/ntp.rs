@@ -66,7 +66,7 @@ pub fn ntp(r: &ResultRow) -> Option<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_modules::kinds::ntp::{NtpPacket, NtpResult, NtpServerInfo};
+    use imn_proto::kinds::ntp::{NtpPacket, NtpResult, NtpServerInfo};
 
     fn row() -> ResultRow {
         let mut n = NtpResult {

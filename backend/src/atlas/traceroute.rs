@@ -110,7 +110,7 @@ fn packet(p: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_modules::kinds::traceroute::{
+    use imn_proto::kinds::traceroute::{
         IcmpExtension, MplsLabel, TraceHop, TraceProtocol, TraceReply, TracerouteResult,
     };
 

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use imn_modules::now_ms;
+use imn_proto::now_ms;
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;

@@ -5,8 +5,8 @@
 
 use super::*;
 use async_trait::async_trait;
-use imn_modules::results::{EchoResult, ModuleOutcome, ModuleOutput};
-use imn_modules::wire::{Batch, ModuleResult, Record, RecordBody, StateChange};
+use imn_proto::results::{EchoResult, ModuleOutcome, ModuleOutput};
+use imn_proto::wire::{Batch, ModuleResult, Record, RecordBody, StateChange};
 
 /// The seqs of an agent's results, newest first.
 pub async fn result_seqs(s: &dyn Store, agent: &str) -> Vec<u64> {
@@ -114,11 +114,11 @@ pub async fn schedules_version_each_agents_set_and_runs_are_found_by_measurement
     let run = |seq: u64, slot: i64| Record {
         seq,
         at_ms: slot + 5,
-        body: RecordBody::ScheduledResult(imn_modules::wire::ScheduledRun {
+        body: RecordBody::ScheduledResult(imn_proto::wire::ScheduledRun {
             measurement_id: "m1".into(),
             scheduled_ms: slot,
             result: ModuleResult {
-                request_id: imn_modules::wire::ScheduledRun::run_id("m1", slot),
+                request_id: imn_proto::wire::ScheduledRun::run_id("m1", slot),
                 module: "echo_module".into(),
                 received_ms: slot,
                 started_ms: slot + 1,
@@ -293,11 +293,11 @@ pub async fn one_result_per_slot_and_per_request(s: &dyn Store) {
     let slot = |seq: u64, m: &str, at: i64| Record {
         seq,
         at_ms: at + 5 + seq as i64,
-        body: RecordBody::ScheduledResult(imn_modules::wire::ScheduledRun {
+        body: RecordBody::ScheduledResult(imn_proto::wire::ScheduledRun {
             measurement_id: m.into(),
             scheduled_ms: at,
             result: ModuleResult {
-                request_id: imn_modules::wire::ScheduledRun::run_id(m, at),
+                request_id: imn_proto::wire::ScheduledRun::run_id(m, at),
                 module: "echo_module".into(),
                 received_ms: at,
                 started_ms: at + 1,
@@ -422,7 +422,7 @@ pub async fn results_pages_resume_and_filter(s: &dyn Store) {
             .chain([Record {
                 seq: 8,
                 at_ms: 8_000,
-                body: RecordBody::Event(imn_modules::wire::AgentEvent {
+                body: RecordBody::Event(imn_proto::wire::AgentEvent {
                     kind: "boot".into(),
                     message: "hello".into(),
                 }),
@@ -827,7 +827,7 @@ fn module_result(seq: u64, request: &str, module: &str, outcome: ModuleOutcome) 
 
 /// An HTTP result whose body preview holds NUL bytes (a binary body).
 fn http_with_nul() -> ModuleOutput {
-    use imn_modules::kinds::http::*;
+    use imn_proto::kinds::http::*;
     ModuleOutput::Http(Box::new(HttpResult {
         url: "http://192.0.2.1/pixel.gif".into(),
         method: HttpMethod::Get,
@@ -866,7 +866,7 @@ fn http_with_nul() -> ModuleOutput {
 
 /// A DNS result with a TXT record whose second string holds a zero byte.
 fn dns_with_nul() -> ModuleOutput {
-    use imn_modules::kinds::dns::*;
+    use imn_proto::kinds::dns::*;
     ModuleOutput::Dns(Box::new(DnsResult {
         server: "192.0.2.53".into(),
         port: 53,
@@ -957,7 +957,7 @@ pub async fn text_with_nul_is_stored_and_read_back_exactly(s: &dyn Store) {
             Record {
                 seq: 5,
                 at_ms: 1_005,
-                body: RecordBody::Event(imn_modules::wire::AgentEvent {
+                body: RecordBody::Event(imn_proto::wire::AgentEvent {
                     kind: "log".into(),
                     message: "boot\0ed".into(),
                 }),
@@ -1420,7 +1420,7 @@ async fn postgres_writers_on_two_backends_never_make_a_reader_skip() {
     const BATCHES: u64 = 40;
     const PER: u64 = 25;
     // This month: its partition exists from `connect`.
-    let now = imn_modules::now_ms();
+    let now = imn_proto::now_ms();
     let writer = |s: crate::store::PostgresStore, agent: &'static str| {
         tokio::spawn(async move {
             let now = now;
@@ -1515,7 +1515,7 @@ const YEAR_MS: i64 = 365 * 86_400_000;
 async fn postgres_agent_times_far_from_the_clock_make_no_partition() {
     let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
     let s = crate::store::PostgresStore::connect(&url).await.unwrap();
-    let now = imn_modules::now_ms();
+    let now = imn_proto::now_ms();
     let before = s.partition_names().await.unwrap();
     let batch = Batch {
         epoch: 1,
@@ -1565,7 +1565,7 @@ async fn postgres_a_month_near_the_clock_takes_its_rows_from_the_default_partiti
     };
     // Now: years before March 2031.
     let out = s
-        .store_batch("mv", prepare(&early), imn_modules::now_ms())
+        .store_batch("mv", prepare(&early), imn_proto::now_ms())
         .await
         .unwrap();
     assert_eq!(out.stored, 2);

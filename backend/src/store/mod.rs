@@ -23,8 +23,8 @@ pub use postgres::{redact, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
-use imn_modules::results::ModuleOutcome;
-use imn_modules::wire::{Batch, Hello, RecordBody, RequestState};
+use imn_proto::results::ModuleOutcome;
+use imn_proto::wire::{Batch, Hello, RecordBody, RequestState};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -315,7 +315,7 @@ pub struct RowTransition {
 #[derive(Serialize)]
 struct StoredResult<'a> {
     state: &'a str,
-    result: Option<imn_modules::results::OutputJson<'a>>,
+    result: Option<imn_proto::results::OutputJson<'a>>,
     error: Option<&'a str>,
     received_ms: i64,
     started_ms: i64,
@@ -326,7 +326,7 @@ struct StoredResult<'a> {
 
 /// A result's state, stored body and error.
 fn result_body(
-    r: &imn_modules::wire::ModuleResult,
+    r: &imn_proto::wire::ModuleResult,
     scheduled_ms: Option<i64>,
 ) -> (RequestState, String, Option<String>) {
     let (state, result, error) = match &r.outcome {

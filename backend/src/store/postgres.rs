@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
-use imn_modules::wire::{Hello, RequestState};
+use imn_proto::wire::{Hello, RequestState};
 use tokio_postgres::NoTls;
 
 use super::{
@@ -2157,12 +2157,12 @@ mod tests {
         assert_eq!(s.dead_letter_count().await.unwrap(), 0);
         assert_eq!(s.add_spend("t1", 1, 2).await.unwrap(), 2);
         // A body JSONB cannot hold is stored now; the old record is still a duplicate.
-        let batch = imn_modules::wire::Batch {
+        let batch = imn_proto::wire::Batch {
             epoch: 1,
-            records: vec![imn_modules::wire::Record {
+            records: vec![imn_proto::wire::Record {
                 seq: 2,
                 at_ms: 5001,
-                body: imn_modules::wire::RecordBody::Event(imn_modules::wire::AgentEvent {
+                body: imn_proto::wire::RecordBody::Event(imn_proto::wire::AgentEvent {
                     kind: "log".into(),
                     message: "a\0b".into(),
                 }),

@@ -3,7 +3,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use imn_modules::wire::{Hello, RequestState};
+use imn_proto::wire::{Hello, RequestState};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
@@ -2108,16 +2108,16 @@ mod tests {
         let s = SqliteStore::open(&path).unwrap();
         const N: u64 = 50_000;
         let records = (0..N)
-            .map(|i| imn_modules::wire::Record {
+            .map(|i| imn_proto::wire::Record {
                 seq: 2 * (N - i),
                 at_ms: 1,
-                body: imn_modules::wire::RecordBody::Event(imn_modules::wire::AgentEvent {
+                body: imn_proto::wire::RecordBody::Event(imn_proto::wire::AgentEvent {
                     kind: "k".into(),
                     message: String::new(),
                 }),
             })
             .collect();
-        let batch = imn_modules::wire::Batch { epoch: 1, records };
+        let batch = imn_proto::wire::Batch { epoch: 1, records };
         let out = s.store_batch("h", prepare(&batch), 1).await.unwrap();
         assert_eq!(out.stored, MAX_SEQ_RANGES as u64);
         assert_eq!(out.refused.len() as u64, N - MAX_SEQ_RANGES as u64);

@@ -18,14 +18,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-use imn_modules::auth::{self as wauth, MessageKey};
-use imn_modules::wire::{self, Kind};
+use imn_proto::auth::{self as wauth, MessageKey};
+use imn_proto::wire::{self, Kind};
 use tokio::sync::mpsc;
 
 /// One enrolled agent, as the bridge needs it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AgentCredential {
-    /// [`imn_modules::auth::token_hash`] of its token.
+    /// [`imn_proto::auth::token_hash`] of its token.
     pub token_hash: String,
     pub message_key: MessageKey,
     pub revoked: bool,

@@ -3,7 +3,7 @@
 //! NaN float from the network is legal and never equals itself.)
 #![no_main]
 
-use imn_modules::wire;
+use imn_proto::wire;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -50,9 +50,9 @@ use imn_backend::store::{
 use imn_backend::{ingest, Backend};
 use imn_cloud::bus::{Bus, DownMessage, LocalBus, Settle, UpMessage};
 use imn_cloud::{AgentCredential, AgentCredentials};
-use imn_modules::auth::{self, MessageKey};
-use imn_modules::wire::{self, Envelope, Kind, RequestState};
-use imn_modules::{catalog, now_ms};
+use imn_proto::auth::{self, MessageKey};
+use imn_proto::wire::{self, Envelope, Kind, RequestState};
+use imn_proto::{catalog, now_ms};
 use libfuzzer_sys::arbitrary::Unstructured;
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use imn_backend::error::ApiError;
 use imn_backend::validation::Validators;
-use imn_modules::catalog;
+use imn_proto::catalog;
 use libfuzzer_sys::fuzz_target;
 
 static VALIDATORS: OnceLock<Validators> = OnceLock::new();

@@ -2,7 +2,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use imn_modules::wire::Kind;
+use imn_proto::wire::Kind;
 use tokio::sync::mpsc;
 
 use super::{Bus, BusError, DownMessage, UpMessage};

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use imn_modules::wire::Kind;
+use imn_proto::wire::Kind;
 use tokio::sync::mpsc;
 
 use crate::auth::{AgentCredential, AgentCredentials};

@@ -7,7 +7,7 @@ use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use imn_modules::wire::{self, Kind};
+use imn_proto::wire::{self, Kind};
 use tokio::sync::mpsc;
 
 use super::{Bus, BusError, DownMessage, Settle, UpMessage};
@@ -715,7 +715,7 @@ impl Bus for NatsBus {
 /// name), agent id (u8 length) and payload (u32 length, big-endian).
 mod frame {
     use bytes::{BufMut, Bytes, BytesMut};
-    use imn_modules::wire::{self, Kind};
+    use imn_proto::wire::{self, Kind};
 
     const MAGIC: &[u8; 5] = b"IMNF\x01";
 

@@ -17,7 +17,7 @@ pub struct Exposition {
 }
 
 /// The content type of the text format.
-pub use imn_modules::metrics_http::CONTENT_TYPE;
+pub use imn_prom::CONTENT_TYPE;
 
 fn escape_label(v: &str) -> String {
     let mut s = String::with_capacity(v.len());

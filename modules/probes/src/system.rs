@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::results::{InterfaceStats, SystemSnapshot};
+use imn_proto::results::{InterfaceStats, SystemSnapshot};
 
 /// (busy, total) jiffies of one `cpu` line of `/proc/stat`.
 type CpuTimes = (u64, u64);

@@ -10,11 +10,9 @@ use std::net::UdpSocket as StdUdp;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use imn_modules::exec::{run, Context};
-use imn_modules::kinds::dns::{
-    DnsErrorKind, DnsProtocol, DnsRecord, DnsResult, RData, ServerSource,
-};
-use imn_modules::results::ModuleOutput;
+use imn_probes::{run, Context};
+use imn_proto::kinds::dns::{DnsErrorKind, DnsProtocol, DnsRecord, DnsResult, RData, ServerSource};
+use imn_proto::results::ModuleOutput;
 use serde_json::{json, Value};
 
 /// Eight TXT strings of 200 bytes: more than fits in 512 bytes.
@@ -819,9 +817,9 @@ async fn the_system_name_server_and_server_names() {
     // The agent's configured name servers stand in for /etc/resolv.conf's (this test
     // binary resolves nothing else through them).
     let ns: std::net::SocketAddr = format!("127.0.0.1:{}", s.port).parse().unwrap();
-    imn_modules::exec::resolver::set_nameservers(vec![ns]);
+    imn_resolver::set_nameservers(vec![ns]);
     let r = ask(json!({"name": "test", "type": "MX"})).await;
-    imn_modules::exec::resolver::set_nameservers(Vec::new());
+    imn_resolver::set_nameservers(Vec::new());
     assert!(r.error.is_none(), "{:?}", r.error);
     assert_eq!(r.server_source, ServerSource::System);
     assert_eq!((r.server.as_str(), r.port), ("127.0.0.1", s.port));

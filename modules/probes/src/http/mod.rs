@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::Context;
-use crate::kinds::http::{
+use imn_proto::kinds::http::{
     check_header, parse_url, resolve_location, HttpHeader, HttpParams, HttpPhase, HttpRedirect,
     HttpResponse, HttpResult, HttpTiming, HttpVersionPref, TlsCertParams, TlsCertResult, TlsInfo,
     TlsVersionPref, Url,
@@ -40,7 +40,7 @@ const HEADER_VALUE_MAX: usize = 1024;
 /// Body bytes kept as a preview.
 const PREVIEW_BYTES: usize = 256;
 /// Most bytes of `max_body_bytes` honoured, whatever the parameters say.
-const BODY_MAX: u64 = crate::kinds::http::BODY_MAX_BYTES as u64;
+const BODY_MAX: u64 = imn_proto::kinds::http::BODY_MAX_BYTES as u64;
 
 /// A failure: where, and what.
 type Failure = (HttpPhase, String);
@@ -212,7 +212,7 @@ fn phase_words(p: HttpPhase) -> &'static str {
 
 /// The host's addresses of the wanted family, in the resolver's order.
 async fn addresses(host: &str, family: Option<u8>) -> Result<Vec<IpAddr>, String> {
-    let all = super::resolver::lookup(host).await?;
+    let all = imn_resolver::lookup(host).await?;
     let found: Vec<IpAddr> = all
         .into_iter()
         .filter(|ip| match family {

@@ -15,7 +15,7 @@ use rustls::{
     SignatureScheme, SupportedProtocolVersion,
 };
 
-use crate::kinds::http::TlsInfo;
+use imn_proto::kinds::http::TlsInfo;
 
 /// Bundles tried in order, as OpenSSL, Debian, Alpine and OpenWrt lay them out; the first
 /// that exists is used. `SSL_CERT_FILE` comes before them.

@@ -1,5 +1,7 @@
 use super::*;
-use crate::kinds::dns::{query_name, DnsErrorKind, DnsProtocol, DnsReply, DnsResult, ServerSource};
+use imn_proto::kinds::dns::{
+    query_name, DnsErrorKind, DnsProtocol, DnsReply, DnsResult, ServerSource,
+};
 
 fn query(name: &str, qtype: u16) -> Query {
     Query {
@@ -432,7 +434,7 @@ fn a_result_round_trips_through_postcard_and_json() {
         qbuf: base64(&q),
         attempts: 1,
         timeout_ms: 5000,
-        error: Some(crate::kinds::dns::DnsError {
+        error: Some(imn_proto::kinds::dns::DnsError {
             kind: DnsErrorKind::Malformed,
             message: "x".into(),
         }),
@@ -461,10 +463,10 @@ fn a_result_round_trips_through_postcard_and_json() {
     assert_eq!(v["protocol"], "tcp");
     assert_eq!(v["error"]["kind"], "malformed");
     // Through the module output enum too.
-    let out = crate::results::ModuleOutput::Dns(Box::new(r));
+    let out = imn_proto::results::ModuleOutput::Dns(Box::new(r));
     let bytes = postcard::to_stdvec(&out).unwrap();
     assert_eq!(
-        postcard::from_bytes::<crate::results::ModuleOutput>(&bytes).unwrap(),
+        postcard::from_bytes::<imn_proto::results::ModuleOutput>(&bytes).unwrap(),
         out
     );
 }

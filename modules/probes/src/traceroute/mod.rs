@@ -29,7 +29,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::ping::sys;
 use super::Context;
-use crate::kinds::traceroute::{
+use imn_proto::kinds::traceroute::{
     MtrAddr, MtrHop, MtrParams, MtrResult, TraceHop, TraceProtocol, TraceReply, TracerouteParams,
     TracerouteResult, DEFAULT_TCP_PORT, DEFAULT_UDP_PORT, MAX_ROUNDS,
 };

@@ -16,7 +16,7 @@ use tokio::net::UdpSocket;
 use super::ping::sys;
 use super::Context;
 
-use crate::kinds::ntp::{NtpPacket, NtpParams, NtpResult, NtpServerInfo};
+use imn_proto::kinds::ntp::{NtpPacket, NtpParams, NtpResult, NtpServerInfo};
 
 /// Seconds from 1900-01-01 (NTP's era 0) to 1970-01-01.
 const NTP_UNIX_OFFSET: f64 = 2_208_988_800.0;

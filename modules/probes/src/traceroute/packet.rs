@@ -17,7 +17,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::kinds::traceroute::{IcmpExtension, MplsLabel, TraceProtocol};
+use imn_proto::kinds::traceroute::{IcmpExtension, MplsLabel, TraceProtocol};
 
 /// Wire ids of one trace are `base .. base + ID_SPAN`: more than the most probes a
 /// trace can send (255 TTLs × 16 probes).

@@ -1,10 +1,14 @@
-//! The code that runs modules on a device (cargo feature `exec`).
+//! The code that runs modules on a device: sockets, timers, the ping engine, and one
+//! file or folder per module kind. Only the agent links it (and the tests); the
+//! backend checks a run's targets with the same policy code (`imn-proto`) but never
+//! sends a probe. Each run takes its parameters as validated JSON and returns the
+//! typed result of `imn_proto::results`.
 
 mod dns;
 mod http;
 mod ntp;
 mod ping;
-pub use crate::resolver;
+pub use imn_resolver as resolver;
 pub mod system;
 mod tcping;
 mod traceroute;
@@ -16,9 +20,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::params::{EchoParams, FaultyParams, PingParams, TcpingParams};
-use crate::policy::TargetPolicy;
-use crate::results::{EchoResult, FaultyResult, ModuleOutput};
+use imn_proto::params::{EchoParams, FaultyParams, PingParams, TcpingParams};
+use imn_proto::policy::TargetPolicy;
+use imn_proto::results::{EchoResult, FaultyResult, ModuleOutput};
 
 /// What a module may need to know about the agent running it.
 #[derive(Debug, Clone, Default)]

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, UdpSocket};
 
 use super::Context;
-use crate::kinds::dns::{
+use imn_proto::kinds::dns::{
     class_code, class_name, parse_server, query_name, type_code, type_name, DnsError, DnsErrorKind,
     DnsParams, DnsProtocol, DnsReply, DnsResult, ServerSource, ServerSpec,
 };
@@ -124,7 +124,7 @@ pub async fn run(p: DnsParams, ctx: &Context) -> Result<DnsResult, String> {
 /// which it queries for its own lookups anyway: not checked.
 async fn server(p: &DnsParams, ctx: &Context) -> Result<(SocketAddr, ServerSource), String> {
     let Some(s) = &p.server else {
-        let rc = super::resolver::ResolvConf::load();
+        let rc = imn_resolver::ResolvConf::load();
         let first = rc.nameservers.first().copied().ok_or(
             "no server given and no system name server (none in /etc/resolv.conf or the config)",
         )?;
@@ -178,7 +178,7 @@ async fn exchange(
 ) -> Result<Exchange, String> {
     let mut ex = None;
     for attempt in 1..=tries {
-        let id = super::resolver::rand_id();
+        let id = imn_resolver::rand_id();
         let msg = q.encode(id);
         let mut e = match proto {
             DnsProtocol::Udp => udp(server, q, id, msg, timeout).await?,

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::kinds::dns::{
+use imn_proto::kinds::dns::{
     class_name, type_name, DnsFlags, DnsMessage, DnsQuestion, DnsRecord, EdnsInfo, EdnsOption,
     RData, SvcParam, SvcbData,
 };

@@ -30,8 +30,8 @@ pub use engine::Engine;
 use session::{Lane, Session, Target, ACTIVE};
 
 use super::Context;
-use crate::params::PingParams;
-use crate::results::{PingOutput, PingResult};
+use imn_proto::params::PingParams;
+use imn_proto::results::{PingOutput, PingResult};
 
 /// Most targets in one run.
 pub const MAX_TARGETS: usize = 65_536;
@@ -413,7 +413,7 @@ async fn resolve(host: &str) -> Result<SocketAddr, String> {
         return Err("empty host name".into());
     }
     // An IPv4-mapped IPv6 address is pinged over IPv4.
-    super::resolver::lookup(host)
+    imn_resolver::lookup(host)
         .await?
         .first()
         .map(|ip| SocketAddr::new(ip.to_canonical(), 0))

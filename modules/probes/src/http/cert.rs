@@ -5,7 +5,7 @@ use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use x509_parser::public_key::PublicKey;
 
-use crate::kinds::http::CertInfo;
+use imn_proto::kinds::http::CertInfo;
 
 /// Describes a DER certificate; with `pem`, the PEM too. A certificate that does not
 /// parse still gets its fingerprint (and PEM), with `parse_error` saying why.

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpSocket;
 
 use super::Context;
-use crate::params::TcpingParams;
-use crate::results::{TcpAttempt, TcpOutcome, TcpingResult};
+use imn_proto::params::TcpingParams;
+use imn_proto::results::{TcpAttempt, TcpOutcome, TcpingResult};
 
 pub async fn run(p: TcpingParams, ctx: &Context) -> Result<TcpingResult, String> {
     // Every attempt connects to this address: checked once, before the first SYN.

@@ -103,7 +103,7 @@ impl ResolvConf {
         rc
     }
 
-    pub(crate) fn load() -> ResolvConf {
+    pub fn load() -> ResolvConf {
         let mut rc = std::fs::read_to_string("/etc/resolv.conf")
             .map(|t| ResolvConf::parse(&t))
             .unwrap_or_default();
@@ -241,7 +241,7 @@ async fn query(name: &str, qtype: u16, rc: &ResolvConf) -> Result<Vec<IpAddr>, S
     Err(last)
 }
 
-pub(crate) fn rand_id() -> u16 {
+pub fn rand_id() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     // The std hasher's keys are random per process; mixed with a clock, that gives an
     // unpredictable id without another dependency.
