@@ -925,7 +925,7 @@ fn persistent_id(data: &std::path::Path) -> Result<String, ConfigError> {
         Err(e) => return Err(io(e)),
     }
     std::fs::create_dir_all(data).map_err(io)?;
-    let id = format!("imn-{:012x}", rand::random::<u64>() >> 16);
+    let id = format!("imn-{:012x}", crate::random_u64() >> 16);
     // Written whole and synced, then renamed, and the directory synced: a power cut
     // leaves no file or the whole one, never an empty one.
     write_durably(data, "agent-id", format!("{id}\n").as_bytes()).map_err(io)?;

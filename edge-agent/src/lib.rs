@@ -17,3 +17,18 @@ pub mod transport;
 
 pub use agent::{Agent, AgentError};
 pub use config::AgentConfig;
+
+/// A random u64 from the OS's random source (getrandom(2)), for the outbox epoch, the
+/// agent's generated id and reconnect jitter. Falls back to the clock only on a system
+/// with no random source at all.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    match getrandom::getrandom(&mut b) {
+        Ok(()) => u64::from_ne_bytes(b),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            .rotate_left(29),
+    }
+}

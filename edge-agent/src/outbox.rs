@@ -477,7 +477,7 @@ impl SledOutbox {
         let epoch = match meta_u64(&st.meta, META_EPOCH).map_err(e)? {
             Some(epoch) => epoch,
             None => {
-                let epoch = rand::random::<u64>() | 1;
+                let epoch = crate::random_u64() | 1;
                 st.meta
                     .insert(META_EPOCH, &epoch.to_be_bytes())
                     .map_err(e)?;

@@ -215,7 +215,7 @@ async fn pump(
                 }
                 // Jittered exponential backoff: a thousand agents that lost the same
                 // broker must not all come back in the same millisecond.
-                let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                let jitter = (crate::random_u64() >> 11) as f64 / (1u64 << 53) as f64 * 0.5 + 0.75;
                 tokio::time::sleep(backoff.mul_f64(jitter)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }

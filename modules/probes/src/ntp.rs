@@ -275,12 +275,10 @@ fn unix_now() -> f64 {
 
 fn rand_nonce() -> u64 {
     let mut b = [0u8; 8];
-    // SAFETY: getrandom writes at most `b.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n == 8 {
+    if getrandom::getrandom(&mut b).is_ok() {
         u64::from_ne_bytes(b)
     } else {
-        // No getrandom (very old kernel): the clock's nanoseconds still vary per call.
+        // No OS random source at all: the clock's nanoseconds still vary per call.
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)

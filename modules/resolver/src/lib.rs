@@ -241,18 +241,14 @@ async fn query(name: &str, qtype: u16, rc: &ResolvConf) -> Result<Vec<IpAddr>, S
     Err(last)
 }
 
+/// A DNS transaction id from the OS's random source: an off-path attacker must not
+/// guess it.
 pub fn rand_id() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    // The std hasher's keys are random per process; mixed with a clock, that gives an
-    // unpredictable id without another dependency.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish() as u16
+    let mut b = [0u8; 2];
+    // getrandom fails only without any OS source (no getrandom(2) and no /dev/urandom);
+    // zero is then as good as anything the process could make up.
+    let _ = getrandom::getrandom(&mut b);
+    u16::from_ne_bytes(b)
 }
 
 async fn exchange(

@@ -145,10 +145,11 @@ impl NatsBus {
         let failures = self.publish_failures.clone();
         let frames = self.frames.clone();
         let framed = self.framed_messages.clone();
-        // A random instance id (RandomState is seeded per process).
+        // A random instance id: frames of two bridges never share a subject.
         let instance = {
-            use std::hash::BuildHasher;
-            std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+            let mut b = [0u8; 8];
+            let _ = getrandom::getrandom(&mut b);
+            u64::from_ne_bytes(b) ^ u64::from(std::process::id())
         };
         let subject = format!("{FRAME_SUBJECT}.{instance:016x}");
         let window = Arc::new(tokio::sync::Semaphore::new(FRAME_WINDOW));
