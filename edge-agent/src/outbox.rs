@@ -18,6 +18,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 
+use imn_proto::ranges::RangeSet;
 use imn_proto::wire::{Ack, Record, RecordBody};
 use serde::{Deserialize, Serialize};
 
@@ -257,7 +258,7 @@ pub struct SledOutbox {
     /// Acked (or evicted) records still on disk: never sent again, deleted by
     /// [`SledOutbox::compact`] when the agent has time (a drain does not wait for its
     /// deletes) and the disk can take the writes.
-    tombstones: SeqSet,
+    tombstones: RangeSet,
     /// Commands seen while the disk could not record them.
     memory_commands: HashSet<String>,
     /// Entries in the commands tree.
@@ -273,72 +274,6 @@ pub struct SledOutbox {
     pub replaced_epoch: Option<u64>,
     /// [`EPOCH_MARKER`] names this store's epoch.
     marker_ok: bool,
-}
-
-/// A set of seqs kept as inclusive ranges: acked seqs come in runs, so a backlog of
-/// any size costs a few entries.
-#[derive(Debug, Default, Clone)]
-pub struct SeqSet {
-    /// lo -> hi, disjoint and not adjacent.
-    ranges: std::collections::BTreeMap<u64, u64>,
-}
-
-impl SeqSet {
-    pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
-    }
-
-    /// The last seq of the range holding `seq`, if any.
-    pub fn range_end(&self, seq: u64) -> Option<u64> {
-        let (_, &hi) = self.ranges.range(..=seq).next_back()?;
-        (hi >= seq).then_some(hi)
-    }
-
-    pub fn contains(&self, seq: u64) -> bool {
-        self.range_end(seq).is_some()
-    }
-
-    pub fn insert(&mut self, seq: u64) {
-        self.insert_range(seq, seq);
-    }
-
-    pub fn insert_range(&mut self, mut lo: u64, mut hi: u64) {
-        if hi < lo {
-            return;
-        }
-        // Merge with a range that overlaps or touches on the left.
-        if let Some((&l, &h)) = self.ranges.range(..=lo).next_back() {
-            if h.saturating_add(1) >= lo {
-                lo = l;
-                hi = hi.max(h);
-                self.ranges.remove(&l);
-            }
-        }
-        // And with every range starting inside or just after.
-        while let Some((&l, &h)) = self.ranges.range(lo..).next() {
-            if l > hi.saturating_add(1) {
-                break;
-            }
-            hi = hi.max(h);
-            self.ranges.remove(&l);
-        }
-        self.ranges.insert(lo, hi);
-    }
-
-    /// The first range.
-    pub fn first(&self) -> Option<(u64, u64)> {
-        self.ranges.iter().next().map(|(&l, &h)| (l, h))
-    }
-
-    /// Removes every seq up to and including `upto` from the first range.
-    fn trim_first(&mut self, upto: u64) {
-        if let Some((lo, hi)) = self.first() {
-            self.ranges.remove(&lo);
-            if upto < hi {
-                self.ranges.insert(upto + 1, hi);
-            }
-        }
-    }
 }
 
 fn key_seq(k: &[u8]) -> u64 {
@@ -357,7 +292,7 @@ fn free_bytes(path: &Path) -> u64 {
 }
 
 /// Live records of a store, leaving out `skip`: (bytes, count, last seq).
-fn count_records(records: &sled::Tree, skip: &SeqSet) -> Result<(u64, u64, u64), String> {
+fn count_records(records: &sled::Tree, skip: &RangeSet) -> Result<(u64, u64, u64), String> {
     let (mut bytes, mut count, mut last) = (0u64, 0u64, 0u64);
     for item in records.iter() {
         let (k, v) = item.map_err(|e| e.to_string())?;
@@ -485,7 +420,7 @@ impl SledOutbox {
             }
         };
         // Read every record once: proves the store is readable, and sizes it.
-        let (bytes, count, last) = count_records(&st.records, &SeqSet::default())?;
+        let (bytes, count, last) = count_records(&st.records, &RangeSet::default())?;
         let reserved = meta_u64(&st.meta, META_SEQ_RESERVED)
             .map_err(e)?
             .unwrap_or(1);
@@ -526,7 +461,7 @@ impl SledOutbox {
             next_reopen: std::time::Instant::now(),
             broken: false,
             last_error: String::new(),
-            tombstones: SeqSet::default(),
+            tombstones: RangeSet::default(),
             memory_commands: HashSet::new(),
             command_count,
             commands_forgotten_ms,
@@ -1368,35 +1303,6 @@ mod tests {
         // Everything acked and deleted: seqs must never be reused after a restart.
         let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
         assert!(ob.append(0, event(0)).seq > 10);
-    }
-
-    #[test]
-    fn seq_set_merges_and_trims() {
-        let mut s = SeqSet::default();
-        s.insert_range(5, 9);
-        s.insert(11);
-        assert_eq!(s.ranges.len(), 2);
-        s.insert(10);
-        assert_eq!(s.first(), Some((5, 11)), "adjacent runs merge");
-        s.insert_range(1, 4);
-        s.insert_range(20, 30);
-        s.insert_range(12, 19);
-        assert_eq!(s.first(), Some((1, 30)));
-        assert_eq!(s.ranges.len(), 1);
-        assert!(s.contains(1) && s.contains(30) && !s.contains(0) && !s.contains(31));
-        assert_eq!(s.range_end(7), Some(30));
-        s.trim_first(10);
-        assert_eq!(s.first(), Some((11, 30)));
-        s.insert_range(40, 40);
-        s.trim_first(30);
-        assert_eq!(s.first(), Some((40, 40)));
-        s.trim_first(40);
-        assert!(s.is_empty());
-        s.insert_range(3, 2);
-        assert!(s.is_empty(), "an empty range adds nothing");
-        s.insert_range(u64::MAX - 1, u64::MAX);
-        s.insert(u64::MAX - 2);
-        assert_eq!(s.first(), Some((u64::MAX - 2, u64::MAX)));
     }
 
     #[test]

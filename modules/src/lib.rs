@@ -9,6 +9,8 @@
 //! - [`catalog`]: every module's name, version, JSON Schema of its parameters and
 //!   examples; [`params`] and [`kinds`]: the typed parameters; [`results`]: the typed
 //!   result each module produces.
+//! - [`ranges`]: the one set of seqs kept as ranges (acks, the agent's acked records,
+//!   the seqs a store has taken).
 //! - [`policy`]: which addresses a run may send to, and what each run asks of the
 //!   network; the backend and the agent apply the same code.
 //! - [`tls`] (feature `tls`): how an MQTT client (the agent, or the bridge as a client
@@ -22,6 +24,7 @@ pub mod catalog;
 pub mod kinds;
 pub mod params;
 pub mod policy;
+pub mod ranges;
 pub mod results;
 pub mod wire;
 

@@ -350,17 +350,11 @@ pub struct Ack {
 impl Ack {
     /// Collapses sorted or unsorted seqs into inclusive ranges.
     pub fn from_seqs(epoch: u64, seqs: impl IntoIterator<Item = u64>) -> Ack {
-        let mut seqs: Vec<u64> = seqs.into_iter().collect();
-        seqs.sort_unstable();
-        seqs.dedup();
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for s in seqs {
-            match ranges.last_mut() {
-                Some((_, hi)) if *hi + 1 == s => *hi = s,
-                _ => ranges.push((s, s)),
-            }
+        let set: crate::ranges::RangeSet = seqs.into_iter().collect();
+        Ack {
+            epoch,
+            ranges: set.iter().collect(),
         }
-        Ack { epoch, ranges }
     }
 
     pub fn contains(&self, seq: u64) -> bool {

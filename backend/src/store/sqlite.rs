@@ -3,6 +3,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use imn_proto::ranges::{Insert as SeqInsert, RangeSet};
 use imn_proto::wire::{Hello, RequestState};
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -389,56 +390,26 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(db)
 }
 
-/// A set of seqs as sorted, disjoint, non-adjacent inclusive ranges. An outbox sends
-/// its seqs nearly in order, so a set is one range, or a few while a window fills.
-/// Inserting shifts the ranges after the new one: bounded by a cap on their number
-/// ([`MAX_SEQ_RANGES`] for records).
+/// The seqs of one outbox epoch this store has taken ([`RangeSet`]), kept in
+/// `record_seqs` as little-endian (lo, hi) pairs. Growth is bounded by a cap on the
+/// number of ranges ([`MAX_SEQ_RANGES`] for records).
 #[derive(Debug, Default, Clone, PartialEq)]
-struct SeqRanges(Vec<(u64, u64)>);
-
-/// What [`SeqRanges::insert`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SeqInsert {
-    New,
-    Duplicate,
-    /// It would have opened a range past the cap; nothing changed.
-    Refused,
-}
+struct SeqRanges(RangeSet);
 
 impl SeqRanges {
     #[cfg(test)]
     fn contains(&self, seq: u64) -> bool {
-        let i = self.0.partition_point(|&(_, hi)| hi < seq);
-        self.0.get(i).is_some_and(|&(lo, _)| lo <= seq)
+        self.0.contains(seq)
     }
 
     /// Adds `seq`, unless it is there or it would make more than `cap` ranges.
     fn insert(&mut self, seq: u64, cap: usize) -> SeqInsert {
-        let i = self
-            .0
-            .partition_point(|&(_, hi)| hi.saturating_add(1) < seq);
-        match self.0.get(i).copied() {
-            Some((lo, hi)) if lo <= seq && seq <= hi => return SeqInsert::Duplicate,
-            Some((lo, hi)) if seq.saturating_add(1) == lo || seq == hi.saturating_add(1) => {
-                let (lo, hi) = (lo.min(seq), hi.max(seq));
-                self.0[i] = (lo, hi);
-                // Joining the next range?
-                if let Some(&(nlo, nhi)) = self.0.get(i + 1) {
-                    if hi.saturating_add(1) >= nlo {
-                        self.0[i] = (lo, nhi);
-                        self.0.remove(i + 1);
-                    }
-                }
-            }
-            _ if self.0.len() >= cap => return SeqInsert::Refused,
-            _ => self.0.insert(i, (seq, seq)),
-        }
-        SeqInsert::New
+        self.0.insert_capped(seq, cap)
     }
 
     fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.0.len() * 16);
-        for &(lo, hi) in &self.0 {
+        let mut out = Vec::with_capacity(self.0.range_count() * 16);
+        for (lo, hi) in self.0.iter() {
             out.extend_from_slice(&lo.to_le_bytes());
             out.extend_from_slice(&hi.to_le_bytes());
         }
@@ -450,19 +421,22 @@ impl SeqRanges {
         if !b.len().is_multiple_of(16) {
             return None;
         }
-        let ranges: Vec<(u64, u64)> = b
-            .chunks_exact(16)
-            .map(|c| {
-                let (lo, hi) = c.split_at(8);
-                (
-                    u64::from_le_bytes(lo.try_into().unwrap_or_default()),
-                    u64::from_le_bytes(hi.try_into().unwrap_or_default()),
-                )
-            })
-            .collect();
-        let sorted = ranges.iter().all(|&(lo, hi)| lo <= hi)
-            && ranges.windows(2).all(|w| w[0].1.saturating_add(1) < w[1].0);
-        sorted.then_some(SeqRanges(ranges))
+        let ranges = b.chunks_exact(16).map(|c| {
+            let (lo, hi) = c.split_at(8);
+            (
+                u64::from_le_bytes(lo.try_into().unwrap_or_default()),
+                u64::from_le_bytes(hi.try_into().unwrap_or_default()),
+            )
+        });
+        RangeSet::from_sorted(ranges).map(SeqRanges)
+    }
+
+    #[cfg(test)]
+    fn from_ranges(ranges: &[(u64, u64)]) -> Vec<u8> {
+        ranges
+            .iter()
+            .flat_map(|&(lo, hi)| lo.to_le_bytes().into_iter().chain(hi.to_le_bytes()))
+            .collect()
     }
 }
 
@@ -1911,16 +1885,24 @@ mod tests {
                 .zip(want.iter().skip(1))
                 .filter(|(a, b)| **b != **a + 1)
                 .count();
-            assert_eq!(set.0.len(), gaps + 1);
+            assert_eq!(set.0.range_count(), gaps + 1);
         }
         assert!(
             SeqRanges::from_bytes(&[0; 15]).is_none(),
             "not whole ranges"
         );
-        let mut bad = SeqRanges(vec![(5, 9), (10, 12)]).to_bytes();
+        let mut bad = SeqRanges::from_ranges(&[(5, 9), (10, 12)]);
         assert!(SeqRanges::from_bytes(&bad).is_none(), "adjacent ranges");
-        bad = SeqRanges(vec![(9, 5)]).to_bytes();
+        bad = SeqRanges::from_ranges(&[(9, 5)]);
         assert!(SeqRanges::from_bytes(&bad).is_none(), "reversed range");
+        assert_eq!(
+            SeqRanges::from_bytes(&SeqRanges::from_ranges(&[(1, 3), (5, 9)])).map(|s| s
+                .0
+                .iter()
+                .collect::<Vec<_>>(
+            )),
+            Some(vec![(1, 3), (5, 9)])
+        );
     }
 
     /// The layout before records were kept in arrival order.
@@ -2085,14 +2067,14 @@ mod tests {
                 refused += 1;
             }
         }
-        assert_eq!(set.0.len(), MAX_SEQ_RANGES);
+        assert_eq!(set.0.range_count(), MAX_SEQ_RANGES);
         assert_eq!(refused, 10_000 - MAX_SEQ_RANGES);
         // At the cap, a seq that joins or extends a range is still taken, and a
         // duplicate is still a duplicate.
-        let (lo, _) = set.0[0];
+        let (lo, _) = set.0.first().unwrap();
         assert_eq!(set.insert(lo, MAX_SEQ_RANGES), SeqInsert::Duplicate);
         assert_eq!(set.insert(lo + 1, MAX_SEQ_RANGES), SeqInsert::New);
-        assert_eq!(set.0.len(), MAX_SEQ_RANGES - 1, "two ranges joined");
+        assert_eq!(set.0.range_count(), MAX_SEQ_RANGES - 1, "two ranges joined");
         assert_eq!(set.insert(1, MAX_SEQ_RANGES), SeqInsert::New);
         assert_eq!(set.insert(3, MAX_SEQ_RANGES), SeqInsert::Refused);
     }
@@ -2131,9 +2113,9 @@ mod tests {
             )
             .unwrap();
         let set = SeqRanges::from_bytes(&ranges).unwrap();
-        assert_eq!(set.0.len(), MAX_SEQ_RANGES);
+        assert_eq!(set.0.range_count(), MAX_SEQ_RANGES);
         assert_eq!(
-            set.0[0],
+            set.0.first().unwrap(),
             (
                 2 * (N - MAX_SEQ_RANGES as u64 + 1),
                 2 * (N - MAX_SEQ_RANGES as u64 + 1)
