@@ -17,6 +17,7 @@ pub mod otlp;
 pub mod peers;
 pub mod sim;
 pub mod webdriver;
+pub mod wire_compat;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
