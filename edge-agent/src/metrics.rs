@@ -2,7 +2,7 @@
 //! out of firmware builds) and `metrics_listen` set, they are served as a Prometheus
 //! `/metrics` page; the backend has the same figures from heartbeats either way.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 #[derive(Debug, Default)]
 pub struct Gauges {
@@ -15,32 +15,34 @@ pub struct Gauges {
 
 impl Gauges {
     /// The page, in the Prometheus text format.
+    #[cfg(feature = "metrics")]
     pub fn render(&self, agent: &str) -> String {
-        let l = format!("{{agent=\"{agent}\"}}");
+        use std::sync::atomic::Ordering;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         let rows: [(&str, &str, &str, f64); 5] = [
             (
                 "imn_agent_outbox_depth",
                 "gauge",
                 "Records in the outbox waiting for the backend's ack.",
-                self.outbox_depth.load(Ordering::Relaxed) as f64,
+                load(&self.outbox_depth),
             ),
             (
                 "imn_agent_outbox_oldest_age_seconds",
                 "gauge",
                 "Age of the oldest unacked record.",
-                self.outbox_oldest_age_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+                load(&self.outbox_oldest_age_ms) / 1000.0,
             ),
             (
                 "imn_agent_outbox_dropped_records",
                 "gauge",
                 "Records the outbox evicted since it was created.",
-                self.outbox_dropped.load(Ordering::Relaxed) as f64,
+                load(&self.outbox_dropped),
             ),
             (
                 "imn_agent_results_total",
                 "counter",
                 "Module results this agent process produced.",
-                self.results.load(Ordering::Relaxed) as f64,
+                load(&self.results),
             ),
             (
                 "imn_agent_mqtt_connected",
@@ -53,12 +55,11 @@ impl Gauges {
                 },
             ),
         ];
-        let mut out = String::new();
+        let mut page = imn_prom::Exposition::new();
         for (name, kind, help, v) in rows {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{l} {v}\n"
-            ));
+            page.family(name, kind, help);
+            page.sample(name, &[("agent", agent)], v);
         }
-        out
+        page.finish()
     }
 }

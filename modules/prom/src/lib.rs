@@ -1,6 +1,10 @@
-//! A minimal HTTP/1.1 responder for a Prometheus `/metrics` page, for processes with no
-//! HTTP server of their own (the bridge, and the agent built with `metrics`).
+//! The Prometheus text format (version 0.0.4): the one writer ([`Exposition`]) every
+//! IMN process uses, and a minimal HTTP/1.1 responder for a `/metrics` page in
+//! processes with no HTTP server of their own (the bridge, and the agent built with
+//! `metrics`). Light enough for the agent: no OpenTelemetry here (the cloud's
+//! instruments, which also feed OTLP, are in `imn-cloud`).
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 /// The content type of the Prometheus text format, version 0.0.4.
@@ -67,4 +71,80 @@ pub async fn serve_metrics(
         }
     });
     Ok(local)
+}
+
+/// A `/metrics` page being written. Each family is written whole: its `HELP` and
+/// `TYPE` lines, then its samples.
+#[derive(Default)]
+pub struct Exposition {
+    out: String,
+}
+
+fn escape_label(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// A sample value as the text format writes it (`NaN`, `+Inf`, `-Inf`, or the number).
+pub fn fmt_value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v == f64::INFINITY {
+        "+Inf".into()
+    } else if v == f64::NEG_INFINITY {
+        "-Inf".into()
+    } else {
+        format!("{v}")
+    }
+}
+
+fn labels_text(labels: &[(&str, &str)]) -> String {
+    if labels.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+impl Exposition {
+    pub fn new() -> Exposition {
+        Exposition::default()
+    }
+
+    /// Starts a family: `kind` is `gauge`, `counter` or `histogram`.
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let _ = writeln!(
+            self.out,
+            "{name}{} {}",
+            labels_text(labels),
+            fmt_value(value)
+        );
+    }
+
+    /// A family of one unlabelled sample.
+    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
 }

@@ -4,88 +4,13 @@
 //! Gauges are read at scrape time from the state they describe.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use opentelemetry::KeyValue;
 
-/// A `/metrics` page being written. Each family is written whole: its `HELP` and
-/// `TYPE` lines, then its samples.
-#[derive(Default)]
-pub struct Exposition {
-    out: String,
-}
-
-/// The content type of the text format.
-pub use imn_prom::CONTENT_TYPE;
-
-fn escape_label(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
-    s
-}
-
-fn fmt_value(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v == f64::INFINITY {
-        "+Inf".into()
-    } else if v == f64::NEG_INFINITY {
-        "-Inf".into()
-    } else {
-        format!("{v}")
-    }
-}
-
-fn labels_text(labels: &[(&str, &str)]) -> String {
-    if labels.is_empty() {
-        return String::new();
-    }
-    let inner: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
-        .collect();
-    format!("{{{}}}", inner.join(","))
-}
-
-impl Exposition {
-    pub fn new() -> Exposition {
-        Exposition::default()
-    }
-
-    /// Starts a family: `kind` is `gauge`, `counter` or `histogram`.
-    pub fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let help = help.replace('\\', "\\\\").replace('\n', "\\n");
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-    }
-
-    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        let _ = writeln!(
-            self.out,
-            "{name}{} {}",
-            labels_text(labels),
-            fmt_value(value)
-        );
-    }
-
-    /// A family of one unlabelled sample.
-    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
-        self.family(name, kind, help);
-        self.sample(name, &[], value);
-    }
-
-    pub fn finish(self) -> String {
-        self.out
-    }
-}
+use imn_prom::fmt_value;
+/// The one writer of the text format, shared with the agent and the bridge.
+pub use imn_prom::{Exposition, CONTENT_TYPE};
 
 /// Label values, in the order of the instrument's label names (each already capped by
 /// [`cap_label`]).
