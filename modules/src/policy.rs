@@ -25,12 +25,10 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-/// An IPv4 or IPv6 network.
+/// An IPv4 or IPv6 network, as written (the address keeps its host bits, so it prints
+/// as it was given). The arithmetic is the `ipnet` crate's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(ipnet::IpNet);
 
 impl Cidr {
     pub fn parse(s: &str) -> Result<Cidr, String> {
@@ -54,47 +52,32 @@ impl Cidr {
         };
         // An IPv4 network written IPv4-mapped (`::ffff:10.0.0.0/104`) is that IPv4
         // network: addresses are compared as IPv4 once mapped, so it would never match.
-        if let IpAddr::V6(v6) = addr {
-            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
-                return Ok(Cidr {
-                    addr: IpAddr::V4(v4),
-                    prefix: prefix - 96,
-                });
-            }
-        }
-        Ok(Cidr { addr, prefix })
+        let (addr, prefix) = match addr {
+            IpAddr::V6(v6) if prefix >= 96 && v6.to_ipv4_mapped().is_some() => (
+                IpAddr::V4(v6.to_ipv4_mapped().expect("checked")),
+                prefix - 96,
+            ),
+            _ => (addr, prefix),
+        };
+        ipnet::IpNet::new(addr, prefix)
+            .map(Cidr)
+            .map_err(|_| format!("{s:?}: the prefix length must be 0 to {max}"))
     }
 
     /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, canonical(ip)) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&canonical(ip))
     }
 
     /// Whether every address of `self` is in `other`.
     pub fn within(&self, other: &Cidr) -> bool {
-        self.addr.is_ipv4() == other.addr.is_ipv4()
-            && self.prefix >= other.prefix
-            && other.contains(self.addr)
+        other.0.contains(&self.0)
     }
 }
 
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
+        write!(f, "{}/{}", self.0.addr(), self.0.prefix_len())
     }
 }
 
