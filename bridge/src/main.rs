@@ -238,7 +238,8 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--metrics {listen}: {e}"))?;
         tracing::info!(%at, "metrics at /metrics");
     }
-    tokio::signal::ctrl_c().await?;
+    imn_cloud::shutdown_signal().await;
+    tracing::info!("imn-bridge stopping");
     Ok(())
 }
 

@@ -324,7 +324,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
                 grpc,
                 security,
             };
-            up(opts, shutdown_signal()).await?;
+            up(opts, imn_cloud::shutdown_signal()).await?;
         }
         Cmd::Certs {
             dir,
@@ -461,15 +461,6 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 #[cfg(test)]

@@ -113,9 +113,6 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(%addr, "gRPC API (imn.v1.Imn) listening");
     }
     tracing::info!(http = %flags.http, nats = %flags.nats, "imn-backend running");
-    serve_http(listener, backend, tls, async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
+    serve_http(listener, backend, tls, imn_cloud::shutdown_signal()).await?;
     Ok(())
 }

@@ -39,6 +39,25 @@ pub fn init_logging() {
     let _ = telemetry::init(&[], &telemetry::OtlpConfig::default(), "info,rumqttd=warn");
 }
 
+/// Resolves when the process is asked to stop: SIGINT (Ctrl-C) or SIGTERM (systemd,
+/// procd and container runtimes stop services with it). Without a handler SIGTERM
+/// would end the process at once, skipping the clean shutdown.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// What a bridge running in the backend's process (`imn up`) reports through the
 /// backend's `/health` and `/metrics`.
 pub trait BridgeReport: Send + Sync {
