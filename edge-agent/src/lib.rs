@@ -1,5 +1,17 @@
 //! The IMN edge agent: runs measurement modules, keeps every result in a durable
-//! outbox, and syncs it over MQTT until the backend acks it.
+//! outbox, and syncs it over MQTT until the backend acks it. It links the contract
+//! (`imn-proto`), the probes (`imn-probes`) and nothing of the cloud, and builds with
+//! rustc 1.85 for the firmware.
+//!
+//! Where to look:
+//! - [`agent`]: the main loop; it owns the transport and the outbox, and is the only
+//!   place that sends (hello, heartbeats, batches in a window, resends, live first).
+//! - [`outbox`]: the durable outbox and command log in sled: records on disk before
+//!   they are sent, seqs never repeated, bounded by bytes, a full disk survived.
+//! - [`supervisor`], [`runqueue`], [`schedule`]: how runs are started, bounded and
+//!   scheduled offline; [`fresh`]: which commands are refused as stale or replayed.
+//! - [`transport`]: rumqttc behind embedded-svc's MQTT traits; [`config`]: settings
+//!   from defaults, TOML or UCI, environment and flags.
 
 pub mod agent;
 pub mod config;
