@@ -91,7 +91,11 @@ impl LoadedModules {
             return (params_json.to_string(), timeout_ms);
         };
         let mut params: Value = serde_json::from_str(params_json).unwrap_or(Value::Null);
-        if let (Some(max), Value::Object(p)) = (cfg.max_rate, &mut params) {
+        // Only a module that takes a `rate` gets one: any other (echo, faulty) refuses
+        // a parameter it does not know, and would fail every run.
+        let takes_rate = imn_proto::catalog::find(module)
+            .is_some_and(|spec| spec.schema().pointer("/properties/rate").is_some());
+        if let (Some(max), Value::Object(p), true) = (cfg.max_rate, &mut params, takes_rate) {
             let rate = p
                 .get("rate")
                 .and_then(Value::as_f64)
@@ -151,5 +155,16 @@ mod tests {
                 }
             )
             .is_err());
+        // A module with no `rate` parameter gets none, whatever its max_rate.
+        m.configure(
+            "faulty_module",
+            ModuleConfig {
+                max_rate: Some(5.0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (p, _) = m.prepare("faulty_module", r#"{"message":"x"}"#, 99);
+        assert_eq!(p, r#"{"message":"x"}"#);
     }
 }
