@@ -26,7 +26,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::{Deserialize, Serialize};
 
 /// An IPv4 or IPv6 network, as written (the address keeps its host bits, so it prints
-/// as it was given). The arithmetic is the `ipnet` crate's.
+/// as it was given). An `ipnet` network; only `contains`, on the hot path, does its own
+/// arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr(ipnet::IpNet);
 
@@ -65,8 +66,22 @@ impl Cidr {
     }
 
     /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as IPv4).
+    /// One masked compare, not `ipnet`'s contains (which derives the network and the
+    /// broadcast address on every call): a run checks each address it sends to
+    /// against every network of its policy, and this is 30 % of a probe's CPU there.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.0.contains(&canonical(ip))
+        let prefix = u32::from(self.0.prefix_len());
+        match (self.0.addr(), canonical(ip)) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
     }
 
     /// Whether every address of `self` is in `other`.
