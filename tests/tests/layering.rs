@@ -107,7 +107,7 @@ fn the_bridge_links_neither_the_agent_nor_the_backend() {
 fn the_contract_does_no_io() {
     assert_links_none(
         "imn-proto",
-        &["tokio", "imn-probes", "imn-resolver", "socket2", "libc"],
+        &["tokio", "imn-probes", "imn-resolver", "socket2"],
     );
 }
 

@@ -267,6 +267,17 @@ async fn unload_and_load_change_hello_and_answers() {
         (r.status, r.body["field"].as_str()),
         (422, Some("/defaults"))
     );
+    // max_rate caps a `rate` parameter: refused for a module that has none.
+    let r = up
+        .api
+        .put_json("/agents/agent-1/modules/tcping", &json!({"max_rate": 5}))
+        .await;
+    assert_eq!(
+        (r.status, r.body["field"].as_str(), r.body["rule"].as_str()),
+        (422, Some("/max_rate"), Some("rate")),
+        "{}",
+        r.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

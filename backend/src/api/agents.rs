@@ -261,6 +261,17 @@ pub(super) async fn load_module(
             message: "/max_rate: must be greater than 0".into(),
         });
     }
+    // The agent caps a run's `rate` parameter; a module without one has nothing to cap,
+    // and a setting that would do nothing is refused rather than ignored.
+    let takes_rate = catalog::find(&module)
+        .is_some_and(|spec| spec.schema().pointer("/properties/rate").is_some());
+    if settings.max_rate.is_some() && !takes_rate {
+        return Err(ApiError::InvalidParams {
+            field: "/max_rate".into(),
+            rule: "rate".into(),
+            message: format!("/max_rate: {module} has no rate parameter to cap"),
+        });
+    }
     let mut ids = vec![
         b.control(
             &id,

@@ -119,9 +119,6 @@ fn required_scope(method: &axum::http::Method, path: &str) -> Option<Scope> {
     }
 }
 
-/// Authentication, scopes and rate limits (when auth is on), and the body limit: a
-/// body over `max_body_bytes` gets a JSON 413 naming the limit, whether the client
-/// declared its length or not.
 /// The trace context of an API request: its server span when tracing is on, else the
 /// caller's `traceparent` (so components that do record still join the caller's trace).
 #[derive(Clone)]
@@ -184,6 +181,9 @@ async fn trace_request(mut req: axum::extract::Request, next: axum::middleware::
     resp
 }
 
+/// Authentication, scopes and rate limits (when auth is on), and the body limit: a
+/// body over `max_body_bytes` gets a JSON 413 naming the limit, whether the client
+/// declared its length or not.
 async fn guard(
     State(b): State<Arc<Backend>>,
     mut req: axum::extract::Request,

@@ -2,7 +2,7 @@
 //! APIs) talk over a [`bus`], trust agents through the same [`auth`] credentials,
 //! write secrets with [`files`], and report through the same [`telemetry`]. Agents
 //! never link this crate: everything an agent and the cloud share is the contract in
-//! `imn-modules`.
+//! `imn-proto`.
 //!
 //! - [`bus`]: the uplink (agents to backend) and downlink (commands), in-process
 //!   ([`bus::LocalBus`], for `imn up`) or over NATS JetStream ([`bus::NatsBus`]), where

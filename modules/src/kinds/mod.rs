@@ -1,6 +1,6 @@
 //! Parameters, results and JSON Schemas of the network measurement modules that came
 //! with RIPE Atlas and Globalping parity: traceroute and mtr, DNS, HTTP and TLS
-//! certificates, NTP. One file per kind; the code that runs them is in `exec`.
+//! certificates, NTP. One file per kind; the code that runs them is in `imn-probes`.
 //!
 //! Results cross the device link as postcard, which is not self-describing: result
 //! types use plain fields and `Option`, never `skip_serializing_if`, `flatten`,
