@@ -26,6 +26,7 @@ pub mod params;
 pub mod policy;
 pub mod ranges;
 pub mod results;
+pub mod summary;
 pub mod wire;
 
 #[cfg(feature = "tls")]

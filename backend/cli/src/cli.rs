@@ -104,13 +104,21 @@ pub struct Measure {
     pub json: bool,
 }
 
-/// One result as a short human line: RTTs for ping and tcping, the message for
-/// echo, the error for a failure.
+/// One result as a short human line: the module's own summary
+/// (`imn_proto::results::ModuleOutput::summary`), or the error for a failure. A result
+/// that does not read as its module's type (a backend of another version) falls back
+/// to the fields most results share.
 pub fn summarize(r: &Value) -> String {
     if let Some(e) = r["error"].as_str() {
         return e.to_string();
     }
     let res = &r["result"];
+    if let Some(out) = r["module"]
+        .as_str()
+        .and_then(|m| imn_proto::results::ModuleOutput::from_api_json(m, res))
+    {
+        return out.summary();
+    }
     let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
     if let Some(targets) = res["targets"].as_array() {
         return targets
@@ -585,5 +593,32 @@ mod tests {
         );
         assert_eq!(summarize(&json!({"error": "boom"})), "boom");
         assert_eq!(summarize(&json!({"result": {"message": "hi"}})), "hi");
+    }
+
+    /// A dns result, as the API returns it, printed as a line about the query: it used
+    /// to print "?:53 null/null open" (taken for a tcping by its `attempts` field).
+    #[test]
+    fn a_dns_result_summarizes_as_dns() {
+        use imn_proto::results::{ModuleOutcome, ModuleOutput};
+        use imn_proto::wire::{Envelope, RecordBody};
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../modules/tests/golden/Batch.Result.Ok.Dns+aaaa.json");
+        let file: Value = serde_json::from_slice(&std::fs::read(golden).unwrap()).unwrap();
+        let Envelope::Batch(b) = serde_json::from_value(file["value"].clone()).unwrap() else {
+            panic!("a batch");
+        };
+        let Some(RecordBody::Result(m)) = b.records.into_iter().next().map(|r| r.body) else {
+            panic!("a result");
+        };
+        let ModuleOutcome::Ok(out @ ModuleOutput::Dns(_)) = m.outcome else {
+            panic!("a dns output");
+        };
+        let line = summarize(&json!({"module": "dns", "result": out.to_json()}));
+        assert_eq!(line, out.summary());
+        assert!(
+            line.starts_with("www.imn.test. AAAA @127.0.0.1:")
+                && line.contains("NOERROR: 2001:2::10"),
+            "{line}"
+        );
     }
 }
