@@ -1,14 +1,15 @@
 //! Where the backend keeps agents, requests, their state transitions, and every record
-//! agents sent. One trait; the embedded default is [`SqliteStore`] (one file, no
-//! setup); [`PostgresStore`] is for deployments where several backends share one
-//! database.
+//! agents sent. One [`Store`], made of a trait per aggregate ([`AgentStore`],
+//! [`RequestStore`], [`MeasurementStore`], [`CredentialStore`]); the embedded default
+//! is [`SqliteStore`] (one file, no setup); [`PostgresStore`] is for deployments where
+//! several backends share one database.
 //!
 //! Records are keyed by (agent, epoch, seq), so storing is idempotent: a batch sent
 //! twice is stored once, which makes the at-least-once path exactly-once for users.
 //!
 //! Agents are not trusted to send storable records. A record the database refuses
 //! goes to the dead letters instead of failing every group commit it is part of (see
-//! [`Store::store_batches`]); text a column cannot hold (NUL) is escaped, not lost (see
+//! [`RequestStore::store_batches`]); text a column cannot hold (NUL) is escaped, not lost (see
 //! [`nul_free`]); limits keep one agent from growing the store's structures without
 //! bound ([`MAX_SEQ_RANGES`], [`MAX_SCHEDULE_VERSION`]).
 
@@ -98,7 +99,7 @@ pub struct NewRequest {
     pub charge: Option<Charge>,
 }
 
-/// What a new request adds to a token's spend (see `Store::add_spend`).
+/// What a new request adds to a token's spend (see `CredentialStore::add_spend`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
     pub token: String,
@@ -467,7 +468,7 @@ pub struct BatchOutcome {
     /// its outbox's progress and ran a slot again. Part of `duplicates`.
     pub run_duplicates: u64,
     /// Records the database refused, kept in the dead letters instead (see
-    /// [`Store::dead_letters`]).
+    /// [`RequestStore::dead_letters`]).
     pub dead_lettered: u64,
     /// Seqs not stored because the agent's epoch already has [`MAX_SEQ_RANGES`] gaps
     /// (SQLite only). Not handled: the caller must not ack them, so the agent keeps
@@ -499,7 +500,7 @@ pub const MAX_SEQ_RANGES: usize = 1024;
 
 /// The highest schedule version an agent may report. Versions count changes to one
 /// agent's schedule set, one at a time: no honest agent gets near 2^40. A version
-/// reported above it is refused by [`Store::raise_schedule_version`], so no agent can
+/// reported above it is refused by [`MeasurementStore::raise_schedule_version`], so no agent can
 /// push the store's counter to the end of its range (where every later change would
 /// overflow, and stopping a schedule would fail).
 pub const MAX_SCHEDULE_VERSION: u64 = 1 << 40;
@@ -543,10 +544,36 @@ pub(crate) fn raised_version(agent: &str, seen: u64) -> Result<i64, StoreError> 
     Ok(seen as i64 + 1)
 }
 
+/// The agent registry: agents by their hello (first seen, last hello) and their
+/// connection sessions.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait AgentStore: Send + Sync + 'static {
     async fn upsert_agent(&self, id: &str, hello: &Hello, now_ms: i64) -> Result<(), StoreError>;
     async fn agents(&self) -> Result<Vec<AgentRow>, StoreError>;
+    /// An agent connected: opens a session (closing an open one at `prev_end_ms`).
+    async fn session_open(
+        &self,
+        agent: &str,
+        at_ms: i64,
+        prev_end_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Closes the agent's open session, if any, at `at_ms`.
+    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError>;
+    /// The agent's sessions (connected, disconnected or None while open), oldest first,
+    /// those ending after `since_ms` (and an open one).
+    async fn sessions(
+        &self,
+        agent: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, Option<i64>)>, StoreError>;
+    /// The agent's first connection ever, if any.
+    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError>;
+}
+
+/// Requests and what agents sent about them: creating and moving requests, storing
+/// record batches (idempotent by seq), results, events, dead letters and counts.
+#[async_trait]
+pub trait RequestStore: Send + Sync + 'static {
     /// Creates a request in state `pending`, or returns the one with the same
     /// idempotency key.
     async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError>;
@@ -625,26 +652,25 @@ pub trait Store: Send + Sync + 'static {
         &self,
         f: ResultFilter,
     ) -> Result<Vec<(i64, ResultRow, Option<String>)>, StoreError>;
-    /// An agent connected: opens a session (closing an open one at `prev_end_ms`).
-    async fn session_open(
-        &self,
-        agent: &str,
-        at_ms: i64,
-        prev_end_ms: i64,
-    ) -> Result<(), StoreError>;
-    /// Closes the agent's open session, if any, at `at_ms`.
-    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError>;
-    /// The agent's sessions (connected, disconnected or None while open), oldest first,
-    /// those ending after `since_ms` (and an open one).
-    async fn sessions(
-        &self,
-        agent: &str,
-        since_ms: i64,
-    ) -> Result<Vec<(i64, Option<i64>)>, StoreError>;
-    /// The agent's first connection ever, if any.
-    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError>;
     /// The position of the newest stored record (0 when there is none).
     async fn latest_position(&self) -> Result<i64, StoreError>;
+    /// How many requests are in each state now.
+    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError>;
+    /// How many of the agent's requests are not finished yet.
+    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError>;
+    /// Dead letters, newest first: of one agent, or of all.
+    async fn dead_letters(
+        &self,
+        agent: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+    async fn dead_letter_count(&self) -> Result<u64, StoreError>;
+}
+
+/// Fleet measurements and recurring schedules: the measurements, each agent's schedule
+/// set and version, and the runs stored per schedule.
+#[async_trait]
+pub trait MeasurementStore: Send + Sync + 'static {
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError>;
     /// Stores a recurring measurement and its agents' parts, and gives each agent a new
     /// schedule version, in one transaction. Returns each agent's new version.
@@ -670,21 +696,16 @@ pub trait Store: Send + Sync + 'static {
         &self,
         id: &str,
     ) -> Result<Vec<(RequestRow, Option<ResultRow>)>, StoreError>;
-    /// How many requests are in each state now.
-    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError>;
-    /// How many of the agent's requests are not finished yet.
-    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError>;
+}
+
+/// Credentials (enrolled agents and API tokens, by hash) and API tokens' spend against
+/// their budgets.
+#[async_trait]
+pub trait CredentialStore: Send + Sync + 'static {
     /// Every credential, revoked ones included.
     async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError>;
     /// Adds or replaces the credential (kind, id).
     async fn put_credential(&self, row: CredentialRow) -> Result<(), StoreError>;
-    /// Dead letters, newest first: of one agent, or of all.
-    async fn dead_letters(
-        &self,
-        agent: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<DeadLetter>, StoreError>;
-    async fn dead_letter_count(&self) -> Result<u64, StoreError>;
     /// Adds `probes` to the token's spend on `day` (days since the Unix epoch, UTC)
     /// and returns the day's new total, saturating at the store's largest integer.
     /// Atomic: concurrent adds (several backends) are all counted.
@@ -697,4 +718,25 @@ pub trait Store: Send + Sync + 'static {
         day: i64,
         now_ms: i64,
     ) -> Result<TokenUsage, StoreError>;
+}
+
+/// Everything a backend keeps: one of each store, behind one object
+/// (`Arc<dyn Store>`). Implemented for every type that implements them all.
+///
+/// A method of a part is called on `dyn Store` (or a `T: Store`) with only `Store` in
+/// scope; on a concrete store (e.g. [`SqliteStore`]) the part's trait must be in scope:
+/// `use crate::store::prelude::*` brings them all.
+pub trait Store:
+    AgentStore + RequestStore + MeasurementStore + CredentialStore + Send + Sync + 'static
+{
+}
+
+impl<T> Store for T where
+    T: AgentStore + RequestStore + MeasurementStore + CredentialStore + Send + Sync + 'static
+{
+}
+
+/// The store traits, for `use crate::store::prelude::*`.
+pub mod prelude {
+    pub use super::{AgentStore, CredentialStore, MeasurementStore, RequestStore, Store};
 }

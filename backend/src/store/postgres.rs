@@ -23,10 +23,11 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMe
 use imn_proto::wire::{Hello, RequestState};
 use tokio_postgres::NoTls;
 
+use super::prelude::*;
 use super::{
     nul_free, AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, DeadLetter,
     MeasurementRow, NewRequest, PreparedBatch, RecordRow, RequestRow, ResultFilter, ResultRow,
-    ScheduleProgress, Store, StoreError, TokenUsage, Transition, MAX_SCHEDULE_VERSION,
+    ScheduleProgress, StoreError, TokenUsage, Transition, MAX_SCHEDULE_VERSION,
 };
 
 /// Advisory lock keys (any two constants unlikely to clash with an application's).
@@ -1202,7 +1203,7 @@ async fn insert_measurement(c: &impl GenericClient, m: &MeasurementRow) -> Resul
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl AgentStore for PostgresStore {
     async fn upsert_agent(&self, id: &str, hello: &Hello, now_ms: i64) -> Result<(), StoreError> {
         let hello = serde_json::to_string(hello).map_err(db)?;
         let c = self.client().await?;
@@ -1215,7 +1216,6 @@ impl Store for PostgresStore {
         .map_err(db)?;
         Ok(())
     }
-
     async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
         let c = self.client().await?;
         let rows = c
@@ -1238,7 +1238,71 @@ impl Store for PostgresStore {
             })
             .collect())
     }
+    async fn session_open(
+        &self,
+        agent: &str,
+        at_ms: i64,
+        prev_end_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        tx.execute(
+            "UPDATE agent_sessions SET disconnected_ms = GREATEST(connected_ms, $2)
+             WHERE agent_id = $1 AND disconnected_ms IS NULL",
+            &[&agent, &prev_end_ms],
+        )
+        .await
+        .map_err(db)?;
+        tx.execute(
+            "INSERT INTO agent_sessions (agent_id, connected_ms) VALUES ($1, $2)",
+            &[&agent, &at_ms],
+        )
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE agent_sessions SET disconnected_ms = GREATEST(connected_ms, $2)
+             WHERE agent_id = $1 AND disconnected_ms IS NULL",
+            &[&agent, &at_ms],
+        )
+        .await
+        .map(|_| ())
+        .map_err(db)
+    }
+    async fn sessions(
+        &self,
+        agent: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, Option<i64>)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT connected_ms, disconnected_ms FROM agent_sessions
+                 WHERE agent_id = $1 AND (disconnected_ms IS NULL OR disconnected_ms > $2)
+                 ORDER BY connected_ms, id",
+                &[&agent, &since_ms],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_one(
+            "SELECT MIN(connected_ms) FROM agent_sessions WHERE agent_id = $1",
+            &[&agent],
+        )
+        .await
+        .map_err(db)?
+        .get(0))
+    }
+}
 
+#[async_trait]
+impl RequestStore for PostgresStore {
     async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db)?;
@@ -1322,12 +1386,10 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(db)?;
         Ok(Created::New(row))
     }
-
     async fn request(&self, id: &str) -> Result<Option<RequestRow>, StoreError> {
         let c = self.client().await?;
         get_request(&c, id, false).await
     }
-
     async fn request_by_key(&self, key: &str) -> Result<Option<RequestRow>, StoreError> {
         let c = self.client().await?;
         let st = c
@@ -1341,7 +1403,6 @@ impl Store for PostgresStore {
             .map_err(db)?
             .map(|r| request_row(&r)))
     }
-
     async fn transition(
         &self,
         id: &str,
@@ -1363,7 +1424,6 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(db)?;
         Ok(changed)
     }
-
     async fn transitions(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
         let c = self.client().await?;
         let rows = c
@@ -1383,7 +1443,6 @@ impl Store for PostgresStore {
             })
             .collect())
     }
-
     async fn undelivered(&self, agent: &str) -> Result<Vec<RequestRow>, StoreError> {
         let c = self.client().await?;
         let rows = c
@@ -1395,7 +1454,6 @@ impl Store for PostgresStore {
             .map_err(db)?;
         Ok(rows.iter().map(request_row).collect())
     }
-
     async fn overdue(&self, now_ms: i64) -> Result<Vec<RequestRow>, StoreError> {
         let c = self.client().await?;
         let rows = c
@@ -1407,7 +1465,6 @@ impl Store for PostgresStore {
             .map_err(db)?;
         Ok(rows.iter().map(request_row).collect())
     }
-
     async fn store_batches(
         &self,
         batches: Vec<(String, PreparedBatch)>,
@@ -1480,7 +1537,6 @@ impl Store for PostgresStore {
         }
         Ok(outcomes)
     }
-
     async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError> {
         let c = self.client().await?;
         let rows = c
@@ -1492,12 +1548,10 @@ impl Store for PostgresStore {
             .map_err(db)?;
         Ok(rows.iter().map(result_row).collect())
     }
-
     async fn result(&self, agent: &str, request_id: &str) -> Result<Option<ResultRow>, StoreError> {
         let c = self.client().await?;
         result_of(&c, request_id, agent).await
     }
-
     async fn agent_record_count(&self, agent: &str) -> Result<u64, StoreError> {
         let c = self.client().await?;
         let n: Option<i64> = c
@@ -1510,7 +1564,6 @@ impl Store for PostgresStore {
             .map(|r| r.get(0));
         Ok(n.unwrap_or(0) as u64)
     }
-
     async fn events(
         &self,
         agent: &str,
@@ -1536,7 +1589,6 @@ impl Store for PostgresStore {
             })
             .collect())
     }
-
     async fn record_count(&self) -> Result<u64, StoreError> {
         let c = self.client().await?;
         let n: i64 = c
@@ -1549,7 +1601,6 @@ impl Store for PostgresStore {
             .get(0);
         Ok(n as u64)
     }
-
     async fn results_page(
         &self,
         f: ResultFilter,
@@ -1598,72 +1649,6 @@ impl Store for PostgresStore {
             .map(|r| (r.get::<_, i64>(9), result_row(r), r.get(10)))
             .collect())
     }
-
-    async fn session_open(
-        &self,
-        agent: &str,
-        at_ms: i64,
-        prev_end_ms: i64,
-    ) -> Result<(), StoreError> {
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(db)?;
-        tx.execute(
-            "UPDATE agent_sessions SET disconnected_ms = GREATEST(connected_ms, $2)
-             WHERE agent_id = $1 AND disconnected_ms IS NULL",
-            &[&agent, &prev_end_ms],
-        )
-        .await
-        .map_err(db)?;
-        tx.execute(
-            "INSERT INTO agent_sessions (agent_id, connected_ms) VALUES ($1, $2)",
-            &[&agent, &at_ms],
-        )
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)
-    }
-
-    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError> {
-        let c = self.client().await?;
-        c.execute(
-            "UPDATE agent_sessions SET disconnected_ms = GREATEST(connected_ms, $2)
-             WHERE agent_id = $1 AND disconnected_ms IS NULL",
-            &[&agent, &at_ms],
-        )
-        .await
-        .map(|_| ())
-        .map_err(db)
-    }
-
-    async fn sessions(
-        &self,
-        agent: &str,
-        since_ms: i64,
-    ) -> Result<Vec<(i64, Option<i64>)>, StoreError> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                "SELECT connected_ms, disconnected_ms FROM agent_sessions
-                 WHERE agent_id = $1 AND (disconnected_ms IS NULL OR disconnected_ms > $2)
-                 ORDER BY connected_ms, id",
-                &[&agent, &since_ms],
-            )
-            .await
-            .map_err(db)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    }
-
-    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError> {
-        let c = self.client().await?;
-        Ok(c.query_one(
-            "SELECT MIN(connected_ms) FROM agent_sessions WHERE agent_id = $1",
-            &[&agent],
-        )
-        .await
-        .map_err(db)?
-        .get(0))
-    }
-
     async fn latest_position(&self) -> Result<i64, StoreError> {
         let c = self.client().await?;
         Ok(
@@ -1673,12 +1658,75 @@ impl Store for PostgresStore {
                 .get(0),
         )
     }
+    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query("SELECT state, COUNT(*) FROM requests GROUP BY state", &[])
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| (state_of(r.get(0)), r.get::<_, i64>(1) as u64))
+            .collect())
+    }
+    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one(
+                "SELECT COUNT(*) FROM requests WHERE agent_id = $1
+                 AND state IN ('pending', 'dispatched', 'received', 'running')",
+                &[&agent],
+            )
+            .await
+            .map_err(db)?
+            .get(0);
+        Ok(n as u64)
+    }
+    async fn dead_letters(
+        &self,
+        agent: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms FROM dead_letters
+                 WHERE $1::TEXT IS NULL OR agent_id = $1 ORDER BY id DESC LIMIT $2",
+                &[&agent, &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                agent_id: r.get(0),
+                epoch: r.get::<_, i64>(1) as u64,
+                seq: r.get::<_, i64>(2) as u64,
+                at_ms: r.get(3),
+                kind: r.get(4),
+                reason: r.get(5),
+                body: String::from_utf8_lossy(r.get::<_, &[u8]>(6)).into_owned(),
+                stored_ms: r.get(7),
+            })
+            .collect())
+    }
+    async fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        let n: i64 = c
+            .query_one("SELECT COUNT(*) FROM dead_letters", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        Ok(n as u64)
+    }
+}
 
+#[async_trait]
+impl MeasurementStore for PostgresStore {
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError> {
         let c = self.client().await?;
         insert_measurement(&c, &m).await
     }
-
     async fn create_schedule(
         &self,
         m: MeasurementRow,
@@ -1702,7 +1750,6 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(db)?;
         Ok(out)
     }
-
     async fn stop_schedule(&self, id: &str, at_ms: i64) -> Result<Vec<(String, u64)>, StoreError> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(db)?;
@@ -1733,7 +1780,6 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(db)?;
         Ok(out)
     }
-
     async fn agent_schedules(&self, agent: &str) -> Result<(u64, Vec<AgentSchedule>), StoreError> {
         let c = self.client().await?;
         let version: i64 = c
@@ -1768,7 +1814,6 @@ impl Store for PostgresStore {
                 .collect(),
         ))
     }
-
     async fn raise_schedule_version(&self, agent: &str, seen: u64) -> Result<u64, StoreError> {
         let next = super::raised_version(agent, seen)?;
         let c = self.client().await?;
@@ -1789,7 +1834,6 @@ impl Store for PostgresStore {
         u64::try_from(v)
             .map_err(|_| StoreError::Db(format!("schedule version {v} of agent {agent}")))
     }
-
     async fn schedule_progress(&self, id: &str) -> Result<Vec<ScheduleProgress>, StoreError> {
         let c = self.client().await?;
         let rows = c
@@ -1813,7 +1857,6 @@ impl Store for PostgresStore {
             })
             .collect())
     }
-
     async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError> {
         let c = self.client().await?;
         Ok(c.query_opt(
@@ -1824,7 +1867,6 @@ impl Store for PostgresStore {
         .map_err(db)?
         .map(|r| measurement_row(&r)))
     }
-
     async fn measurement_requests(
         &self,
         id: &str,
@@ -1849,33 +1891,10 @@ impl Store for PostgresStore {
         }
         Ok(out)
     }
+}
 
-    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError> {
-        let c = self.client().await?;
-        let rows = c
-            .query("SELECT state, COUNT(*) FROM requests GROUP BY state", &[])
-            .await
-            .map_err(db)?;
-        Ok(rows
-            .iter()
-            .map(|r| (state_of(r.get(0)), r.get::<_, i64>(1) as u64))
-            .collect())
-    }
-
-    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError> {
-        let c = self.client().await?;
-        let n: i64 = c
-            .query_one(
-                "SELECT COUNT(*) FROM requests WHERE agent_id = $1
-                 AND state IN ('pending', 'dispatched', 'received', 'running')",
-                &[&agent],
-            )
-            .await
-            .map_err(db)?
-            .get(0);
-        Ok(n as u64)
-    }
-
+#[async_trait]
+impl CredentialStore for PostgresStore {
     async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError> {
         let c = self.client().await?;
         let rows = c
@@ -1908,7 +1927,6 @@ impl Store for PostgresStore {
             })
             .collect())
     }
-
     async fn put_credential(&self, row: CredentialRow) -> Result<(), StoreError> {
         let c = self.client().await?;
         c.execute(
@@ -1936,46 +1954,6 @@ impl Store for PostgresStore {
         .map_err(db)?;
         Ok(())
     }
-
-    async fn dead_letters(
-        &self,
-        agent: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        let c = self.client().await?;
-        let rows = c
-            .query(
-                "SELECT agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms FROM dead_letters
-                 WHERE $1::TEXT IS NULL OR agent_id = $1 ORDER BY id DESC LIMIT $2",
-                &[&agent, &i64::from(limit)],
-            )
-            .await
-            .map_err(db)?;
-        Ok(rows
-            .iter()
-            .map(|r| DeadLetter {
-                agent_id: r.get(0),
-                epoch: r.get::<_, i64>(1) as u64,
-                seq: r.get::<_, i64>(2) as u64,
-                at_ms: r.get(3),
-                kind: r.get(4),
-                reason: r.get(5),
-                body: String::from_utf8_lossy(r.get::<_, &[u8]>(6)).into_owned(),
-                stored_ms: r.get(7),
-            })
-            .collect())
-    }
-
-    async fn dead_letter_count(&self) -> Result<u64, StoreError> {
-        let c = self.client().await?;
-        let n: i64 = c
-            .query_one("SELECT COUNT(*) FROM dead_letters", &[])
-            .await
-            .map_err(db)?
-            .get(0);
-        Ok(n as u64)
-    }
-
     async fn add_spend(&self, token: &str, day: i64, probes: u64) -> Result<u64, StoreError> {
         let c = self.client().await?;
         // One statement: backends adding at once are serialized on the row, and the
@@ -1987,7 +1965,6 @@ impl Store for PostgresStore {
             .get(0);
         Ok(n.max(0) as u64)
     }
-
     async fn token_usage(
         &self,
         token: &str,

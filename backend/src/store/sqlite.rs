@@ -7,11 +7,11 @@ use imn_proto::ranges::{Insert as SeqInsert, RangeSet};
 use imn_proto::wire::{Hello, RequestState};
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::prelude::*;
 use super::{
     nul_free, AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, DeadLetter,
     MeasurementRow, NewRequest, PreparedBatch, RecordRow, RequestRow, ResultFilter, ResultRow,
-    ScheduleProgress, Store, StoreError, TokenUsage, Transition, MAX_SCHEDULE_VERSION,
-    MAX_SEQ_RANGES,
+    ScheduleProgress, StoreError, TokenUsage, Transition, MAX_SCHEDULE_VERSION, MAX_SEQ_RANGES,
 };
 
 /// The background thread checkpoints the WAL after this long with writes, or once
@@ -980,7 +980,7 @@ const RESULT_COLS: &str =
     "r.agent_id, r.epoch, r.seq, r.request_id, r.module, r.stored_ms, r.body_json, r.at_ms";
 
 #[async_trait]
-impl Store for SqliteStore {
+impl AgentStore for SqliteStore {
     async fn upsert_agent(&self, id: &str, hello: &Hello, now_ms: i64) -> Result<(), StoreError> {
         let id = id.to_string();
         let hello = serde_json::to_string(hello).map_err(|e| StoreError::Db(e.to_string()))?;
@@ -995,7 +995,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
         self.with(|c| {
             let mut st = c
@@ -1029,7 +1028,80 @@ impl Store for SqliteStore {
         })
         .await
     }
+    async fn session_open(
+        &self,
+        agent: &str,
+        at_ms: i64,
+        prev_end_ms: i64,
+    ) -> Result<(), StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            tx.execute(
+                "UPDATE agent_sessions SET disconnected_ms = MAX(connected_ms, ?2)
+                 WHERE agent_id = ?1 AND disconnected_ms IS NULL",
+                params![agent, prev_end_ms],
+            )
+            .map_err(db)?;
+            tx.execute(
+                "INSERT INTO agent_sessions (agent_id, connected_ms) VALUES (?1, ?2)",
+                params![agent, at_ms],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE agent_sessions SET disconnected_ms = MAX(connected_ms, ?2)
+                 WHERE agent_id = ?1 AND disconnected_ms IS NULL",
+                params![agent, at_ms],
+            )
+            .map(|_| ())
+            .map_err(db)
+        })
+        .await
+    }
+    async fn sessions(
+        &self,
+        agent: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(i64, Option<i64>)>, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT connected_ms, disconnected_ms FROM agent_sessions
+                     WHERE agent_id = ?1 AND (disconnected_ms IS NULL OR disconnected_ms > ?2)
+                     ORDER BY connected_ms",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![agent, since_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT MIN(connected_ms) FROM agent_sessions WHERE agent_id = ?1",
+                [agent],
+                |r| r.get(0),
+            )
+            .map_err(db)
+        })
+        .await
+    }
+}
 
+#[async_trait]
+impl RequestStore for SqliteStore {
     async fn create_request(&self, req: NewRequest) -> Result<Created, StoreError> {
         self.written
             .fetch_add(24 * 1024, std::sync::atomic::Ordering::Relaxed);
@@ -1101,12 +1173,10 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn request(&self, id: &str) -> Result<Option<RequestRow>, StoreError> {
         let id = id.to_string();
         self.with(move |c| get_request(c, &id)).await
     }
-
     async fn request_by_key(&self, key: &str) -> Result<Option<RequestRow>, StoreError> {
         let key = key.to_string();
         self.with(move |c| {
@@ -1120,7 +1190,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn request_and_result(
         &self,
         id: &str,
@@ -1142,7 +1211,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn transition(
         &self,
         id: &str,
@@ -1170,7 +1238,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn transitions(&self, id: &str) -> Result<Vec<Transition>, StoreError> {
         let id = id.to_string();
         self.with(move |c| {
@@ -1191,7 +1258,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn undelivered(&self, agent: &str) -> Result<Vec<RequestRow>, StoreError> {
         let agent = agent.to_string();
         self.with(move |c| {
@@ -1203,7 +1269,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn overdue(&self, now_ms: i64) -> Result<Vec<RequestRow>, StoreError> {
         self.with(move |c| {
             let mut st = c
@@ -1214,7 +1279,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn store_batches(
         &self,
         batches: Vec<(String, PreparedBatch)>,
@@ -1234,7 +1298,6 @@ impl Store for SqliteStore {
         self.with(move |c| store_isolating(c, &batches, now_ms))
             .await
     }
-
     async fn results(&self, agent: &str, limit: u32) -> Result<Vec<ResultRow>, StoreError> {
         let agent = agent.to_string();
         self.with(move |c| {
@@ -1246,7 +1309,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn result(&self, agent: &str, request_id: &str) -> Result<Option<ResultRow>, StoreError> {
         let (agent, request_id) = (agent.to_string(), request_id.to_string());
         self.with(move |c| {
@@ -1260,7 +1322,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn agent_record_count(&self, agent: &str) -> Result<u64, StoreError> {
         let agent = agent.to_string();
         self.with(move |c| {
@@ -1275,7 +1336,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn events(
         &self,
         agent: &str,
@@ -1303,7 +1363,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn results_page(
         &self,
         f: ResultFilter,
@@ -1351,81 +1410,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
-    async fn session_open(
-        &self,
-        agent: &str,
-        at_ms: i64,
-        prev_end_ms: i64,
-    ) -> Result<(), StoreError> {
-        let agent = agent.to_string();
-        self.with(move |c| {
-            let tx = c.transaction().map_err(db)?;
-            tx.execute(
-                "UPDATE agent_sessions SET disconnected_ms = MAX(connected_ms, ?2)
-                 WHERE agent_id = ?1 AND disconnected_ms IS NULL",
-                params![agent, prev_end_ms],
-            )
-            .map_err(db)?;
-            tx.execute(
-                "INSERT INTO agent_sessions (agent_id, connected_ms) VALUES (?1, ?2)",
-                params![agent, at_ms],
-            )
-            .map_err(db)?;
-            tx.commit().map_err(db)
-        })
-        .await
-    }
-
-    async fn session_close(&self, agent: &str, at_ms: i64) -> Result<(), StoreError> {
-        let agent = agent.to_string();
-        self.with(move |c| {
-            c.execute(
-                "UPDATE agent_sessions SET disconnected_ms = MAX(connected_ms, ?2)
-                 WHERE agent_id = ?1 AND disconnected_ms IS NULL",
-                params![agent, at_ms],
-            )
-            .map(|_| ())
-            .map_err(db)
-        })
-        .await
-    }
-
-    async fn sessions(
-        &self,
-        agent: &str,
-        since_ms: i64,
-    ) -> Result<Vec<(i64, Option<i64>)>, StoreError> {
-        let agent = agent.to_string();
-        self.with(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT connected_ms, disconnected_ms FROM agent_sessions
-                     WHERE agent_id = ?1 AND (disconnected_ms IS NULL OR disconnected_ms > ?2)
-                     ORDER BY connected_ms",
-                )
-                .map_err(db)?;
-            let rows = st
-                .query_map(params![agent, since_ms], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(db)?;
-            rows.collect::<Result<_, _>>().map_err(db)
-        })
-        .await
-    }
-
-    async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError> {
-        let agent = agent.to_string();
-        self.with(move |c| {
-            c.query_row(
-                "SELECT MIN(connected_ms) FROM agent_sessions WHERE agent_id = ?1",
-                [agent],
-                |r| r.get(0),
-            )
-            .map_err(db)
-        })
-        .await
-    }
-
     async fn latest_position(&self) -> Result<i64, StoreError> {
         self.with(|c| {
             c.query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
@@ -1433,11 +1417,96 @@ impl Store for SqliteStore {
         })
         .await
     }
+    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare_cached("SELECT state, COUNT(*) FROM requests GROUP BY state")
+                .map_err(db)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(db)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (state, n) = row.map_err(db)?;
+                out.push((state_of(state), n as u64));
+            }
+            Ok(out)
+        })
+        .await
+    }
+    async fn record_count(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COALESCE(SUM(records), 0) FROM agent_counts",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(db)
+        })
+        .await
+    }
+    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError> {
+        let agent = agent.to_string();
+        self.with(move |c| {
+            c.prepare_cached(
+                "SELECT COUNT(*) FROM requests WHERE agent_id = ?1
+                 AND state IN ('pending', 'dispatched', 'received', 'running')",
+            )
+            .and_then(|mut st| st.query_row(params![agent], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+            .map_err(db)
+        })
+        .await
+    }
+    async fn dead_letters(
+        &self,
+        agent: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let agent = agent.map(str::to_string);
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms FROM dead_letters
+                     WHERE ?1 IS NULL OR agent_id = ?1 ORDER BY id DESC LIMIT ?2",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![agent, limit], |r| {
+                    Ok(DeadLetter {
+                        agent_id: r.get(0)?,
+                        epoch: r.get::<_, i64>(1)? as u64,
+                        seq: r.get::<_, i64>(2)? as u64,
+                        at_ms: r.get(3)?,
+                        kind: r.get(4)?,
+                        reason: r.get(5)?,
+                        body: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(6)?).into_owned(),
+                        stored_ms: r.get(7)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+    async fn dead_letter_count(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(db)
+        })
+        .await
+    }
+}
 
+#[async_trait]
+impl MeasurementStore for SqliteStore {
     async fn create_measurement(&self, m: MeasurementRow) -> Result<(), StoreError> {
         self.with(move |c| insert_measurement(c, &m)).await
     }
-
     async fn create_schedule(
         &self,
         m: MeasurementRow,
@@ -1462,7 +1531,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn stop_schedule(&self, id: &str, at_ms: i64) -> Result<Vec<(String, u64)>, StoreError> {
         let id = id.to_string();
         self.with(move |c| {
@@ -1489,7 +1557,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn agent_schedules(&self, agent: &str) -> Result<(u64, Vec<AgentSchedule>), StoreError> {
         let agent = agent.to_string();
         self.with(move |c| {
@@ -1527,7 +1594,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn raise_schedule_version(&self, agent: &str, seen: u64) -> Result<u64, StoreError> {
         let next = super::raised_version(agent, seen)?;
         let agent = agent.to_string();
@@ -1548,7 +1614,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn schedule_progress(&self, id: &str) -> Result<Vec<ScheduleProgress>, StoreError> {
         let id = id.to_string();
         self.with(move |c| {
@@ -1575,7 +1640,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn measurement(&self, id: &str) -> Result<Option<MeasurementRow>, StoreError> {
         let id = id.to_string();
         self.with(move |c| {
@@ -1589,7 +1653,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn measurement_requests(
         &self,
         id: &str,
@@ -1623,52 +1686,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
-    async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError> {
-        self.with(|c| {
-            let mut st = c
-                .prepare_cached("SELECT state, COUNT(*) FROM requests GROUP BY state")
-                .map_err(db)?;
-            let rows = st
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                .map_err(db)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (state, n) = row.map_err(db)?;
-                out.push((state_of(state), n as u64));
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    async fn record_count(&self) -> Result<u64, StoreError> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT COALESCE(SUM(records), 0) FROM agent_counts",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(db)
-        })
-        .await
-    }
-
-    async fn open_requests(&self, agent: &str) -> Result<u64, StoreError> {
-        let agent = agent.to_string();
-        self.with(move |c| {
-            c.prepare_cached(
-                "SELECT COUNT(*) FROM requests WHERE agent_id = ?1
-                 AND state IN ('pending', 'dispatched', 'received', 'running')",
-            )
-            .and_then(|mut st| st.query_row(params![agent], |r| r.get::<_, i64>(0)))
-            .map(|n| n as u64)
-            .map_err(db)
-        })
-        .await
-    }
-
+#[async_trait]
+impl CredentialStore for SqliteStore {
     async fn credentials(&self) -> Result<Vec<CredentialRow>, StoreError> {
         self.with(|c| {
             let mut st = c
@@ -1703,7 +1724,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn put_credential(&self, row: CredentialRow) -> Result<(), StoreError> {
         self.with(move |c| {
             c.execute(
@@ -1728,50 +1748,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
-    async fn dead_letters(
-        &self,
-        agent: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        let agent = agent.map(str::to_string);
-        self.with(move |c| {
-            let mut st = c
-                .prepare_cached(
-                    "SELECT agent_id, epoch, seq, at_ms, kind, reason, body, stored_ms FROM dead_letters
-                     WHERE ?1 IS NULL OR agent_id = ?1 ORDER BY id DESC LIMIT ?2",
-                )
-                .map_err(db)?;
-            let rows = st
-                .query_map(params![agent, limit], |r| {
-                    Ok(DeadLetter {
-                        agent_id: r.get(0)?,
-                        epoch: r.get::<_, i64>(1)? as u64,
-                        seq: r.get::<_, i64>(2)? as u64,
-                        at_ms: r.get(3)?,
-                        kind: r.get(4)?,
-                        reason: r.get(5)?,
-                        body: String::from_utf8_lossy(&r.get::<_, Vec<u8>>(6)?).into_owned(),
-                        stored_ms: r.get(7)?,
-                    })
-                })
-                .map_err(db)?;
-            rows.collect::<Result<_, _>>().map_err(db)
-        })
-        .await
-    }
-
-    async fn dead_letter_count(&self) -> Result<u64, StoreError> {
-        self.with(|c| {
-            c.query_row("SELECT COUNT(*) FROM dead_letters", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|n| n as u64)
-            .map_err(db)
-        })
-        .await
-    }
-
     async fn add_spend(&self, token: &str, day: i64, probes: u64) -> Result<u64, StoreError> {
         let token = token.to_string();
         self.with(move |c| {
@@ -1784,7 +1760,6 @@ impl Store for SqliteStore {
         })
         .await
     }
-
     async fn token_usage(
         &self,
         token: &str,
