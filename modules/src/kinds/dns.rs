@@ -6,8 +6,22 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{str_param, u64_param, Examples};
+use crate::catalog::ModuleSpec;
 use crate::params::ParamError;
 use crate::policy::{Demand, Target};
+use crate::summary::{cap, Summary};
+
+/// The `dns` module's entry in the catalog.
+pub const SPEC: ModuleSpec = ModuleSpec {
+    name: "dns",
+    version: "1.0.0",
+    description: "One DNS query over UDP or TCP: rcode, flags, every section, and the raw answer.",
+    default_timeout_ms: 60_000,
+    schema: dns_schema,
+    examples: dns_examples,
+    demand: dns_demand,
+    check: dns_check,
+};
 
 /// Record types the module can ask for, by name and number.
 pub const TYPES: &[(&str, u16)] = &[
@@ -673,6 +687,37 @@ pub fn reverse_name(ip: std::net::IpAddr) -> String {
             }
             s.push_str("ip6.arpa.");
             s
+        }
+    }
+}
+
+impl Summary for DnsResult {
+    fn summary(&self) -> String {
+        let r = self;
+        let q = format!("{} {}", r.qname, r.qtype);
+        if let Some(e) = &r.error {
+            return format!("{q} @{}:{}: {}", r.server, r.port, e.message);
+        }
+        let Some(reply) = &r.reply else {
+            return format!("{q} @{}:{}: no reply", r.server, r.port);
+        };
+        match &reply.message {
+            Some(m) => {
+                let answers: Vec<&str> = m.answer.iter().map(|a| a.rdata.as_str()).collect();
+                let shown = if answers.is_empty() {
+                    "no answer".to_string()
+                } else {
+                    cap(answers.join(", "), 160)
+                };
+                format!(
+                    "{q} @{}:{} {}: {shown} ({:.3} ms)",
+                    r.server, r.port, m.rcode_name, reply.rt_ms
+                )
+            }
+            None => format!(
+                "{q} @{}:{}: undecodable reply of {} bytes ({:.3} ms)",
+                r.server, r.port, reply.size, reply.rt_ms
+            ),
         }
     }
 }

@@ -13,8 +13,35 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{str_param, u64_param, Examples};
+use crate::catalog::ModuleSpec;
 use crate::params::ParamError;
 use crate::policy::{Demand, Target};
+use crate::summary::Summary;
+
+/// The `http` module's entry in the catalog.
+pub const HTTP: ModuleSpec = ModuleSpec {
+    name: "http",
+    version: "1.0.0",
+    description: "One HTTP/1.1 or HTTP/2 request, with DNS, connect, TLS and first-byte timings and the TLS details.",
+    default_timeout_ms: 60_000,
+    schema: http_schema,
+    examples: http_examples,
+    demand: http_demand,
+    check: http_check,
+};
+
+/// The `tls_cert` module's entry in the catalog.
+pub const TLS_CERT: ModuleSpec = ModuleSpec {
+    name: "tls_cert",
+    version: "1.0.0",
+    description:
+        "A TLS handshake: the server's certificate chain, version and cipher, as Atlas's sslcert.",
+    default_timeout_ms: 60_000,
+    schema: tls_cert_schema,
+    examples: tls_cert_examples,
+    demand: tls_cert_demand,
+    check: tls_cert_check,
+};
 
 /// Longest URL accepted, in bytes.
 pub const URL_MAX_BYTES: usize = 2048;
@@ -837,6 +864,53 @@ pub fn tls_cert_check(params: &Value) -> Result<(), ParamError> {
         check_ca_pem(pem)?;
     }
     Ok(())
+}
+
+impl Summary for HttpResult {
+    fn summary(&self) -> String {
+        let r = self;
+        let redirects = match r.redirects.len() {
+            0 => String::new(),
+            n => format!(" after {n} redirect{}", if n == 1 { "" } else { "s" }),
+        };
+        match (&r.response, &r.error) {
+            (_, Some(e)) => format!("{} {}: {e}{redirects}", r.method.as_str(), r.url),
+            (Some(resp), None) => format!(
+                "{} {}: {} {}, {} bytes, {:.3} ms{redirects}",
+                r.method.as_str(),
+                r.url,
+                resp.status,
+                resp.http_version,
+                resp.body_bytes,
+                r.timing.total_ms
+            ),
+            (None, None) => format!("{} {}: no response{redirects}", r.method.as_str(), r.url),
+        }
+    }
+}
+
+impl Summary for TlsCertResult {
+    fn summary(&self) -> String {
+        let r = self;
+        let target = format!("{}:{}", r.host, r.port);
+        if let Some(e) = &r.error {
+            return format!("{target}: {e}");
+        }
+        let leaf = r.tls.chain.first();
+        let subject = leaf
+            .and_then(|c| c.subject_cn.clone())
+            .or_else(|| leaf.map(|c| c.subject.clone()))
+            .unwrap_or_else(|| "no certificate".to_string());
+        let until = leaf.map_or(String::new(), |c| format!(", valid until {}", c.not_after));
+        let verified = match &r.tls.verify_error {
+            Some(e) => format!(", not verified: {e}"),
+            None => String::new(),
+        };
+        format!(
+            "{target} {} {subject}{until}{verified}",
+            r.tls.version.as_deref().unwrap_or("TLS")
+        )
+    }
 }
 
 #[cfg(test)]

@@ -1,17 +1,42 @@
-//! Parameters, results and JSON Schemas of the network measurement modules that came
-//! with RIPE Atlas and Globalping parity: traceroute and mtr, DNS, HTTP and TLS
-//! certificates, NTP. One file per kind; the code that runs them is in `imn-probes`.
+//! Every module's contract, one file per module (or per pair that shares its types:
+//! traceroute and mtr, http and tls_cert): its catalog entry (`SPEC`: name, version,
+//! JSON Schema, examples, the targets it declares for the policy, the checks a schema
+//! cannot express), its typed parameters and result, and the result's one-line
+//! [`Summary`]. The code that runs a module is in `imn-probes`; its RIPE Atlas form is
+//! in the backend's `atlas`. `docs/modules.md` walks through adding one.
 //!
 //! Results cross the device link as postcard, which is not self-describing: result
 //! types use plain fields and `Option`, never `skip_serializing_if`, `flatten`,
 //! untagged enums or `serde_json::Value`.
 
 pub mod dns;
+pub mod echo;
+pub mod faulty;
+pub mod heartbeat;
 pub mod http;
 pub mod ntp;
+pub mod ping;
+pub mod tcping;
 pub mod traceroute;
 
 use serde_json::Value;
+
+pub(crate) use crate::params::parse;
+pub(crate) use crate::summary::ms;
+pub use crate::summary::Summary;
+
+use crate::params::ParamError;
+use crate::policy::Demand;
+
+/// A module that sends nothing (echo, faulty, heartbeat).
+pub(crate) fn no_demand(_: &Value) -> Demand {
+    Demand::none()
+}
+
+/// A module with no rule beyond its schema.
+pub(crate) fn no_check(_: &Value) -> Result<(), ParamError> {
+    Ok(())
+}
 
 /// Examples of a module's parameters, checked against its schema by the backend's
 /// tests: every `valid` one is accepted, every `invalid` one is refused naming the

@@ -5,8 +5,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{rate_of, str_param, u64_param, Examples};
+use crate::catalog::ModuleSpec;
 use crate::params::ParamError;
 use crate::policy::{Demand, Target};
+use crate::summary::{ms, Summary};
+
+/// The `ntp` module's entry in the catalog.
+pub const SPEC: ModuleSpec = ModuleSpec {
+    name: "ntp",
+    version: "1.0.0",
+    description:
+        "NTP client exchanges with a server: offset, delay, stratum, reference id and leap status.",
+    default_timeout_ms: 60_000,
+    schema: ntp_schema,
+    examples: ntp_examples,
+    demand: ntp_demand,
+    check: ntp_check,
+};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -204,6 +219,21 @@ pub fn ntp_examples() -> Examples {
 /// Rules the schema cannot express.
 pub fn ntp_check(params: &Value) -> Result<(), ParamError> {
     crate::params::parse::<NtpParams>(params).map(|_| ())
+}
+
+impl Summary for NtpResult {
+    fn summary(&self) -> String {
+        let r = self;
+        format!(
+            "{}:{} {}/{} replies, offset {} ms, delay {} ms",
+            r.addr,
+            r.port,
+            r.received,
+            r.sent,
+            ms(r.offset_ms),
+            ms(r.delay_ms)
+        )
+    }
 }
 
 #[cfg(test)]

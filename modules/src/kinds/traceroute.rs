@@ -8,8 +8,35 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{rate_of, str_param, u64_param, Examples};
+use crate::catalog::ModuleSpec;
 use crate::params::ParamError;
 use crate::policy::{Demand, Target};
+use crate::summary::{ms, Summary};
+
+/// The `traceroute` module's entry in the catalog.
+pub const TRACEROUTE: ModuleSpec = ModuleSpec {
+    name: "traceroute",
+    version: "1.0.0",
+    description: "Paris traceroute over ICMP, UDP or TCP: every hop's addresses, RTTs, ICMP type and MPLS labels.",
+    default_timeout_ms: 300_000,
+    schema: traceroute_schema,
+    examples: traceroute_examples,
+    demand: traceroute_demand,
+    check: traceroute_check,
+};
+
+/// The `mtr` module's entry in the catalog.
+pub const MTR: ModuleSpec = ModuleSpec {
+    name: "mtr",
+    version: "1.0.0",
+    description:
+        "Repeated Paris traceroutes: per-hop loss, RTT statistics and jitter, as mtr shows.",
+    default_timeout_ms: 600_000,
+    schema: mtr_schema,
+    examples: mtr_examples,
+    demand: mtr_demand,
+    check: mtr_check,
+};
 
 /// Highest TTL a probe may carry.
 pub const MAX_TTL: u8 = 255;
@@ -558,6 +585,56 @@ pub fn mtr_demand(params: &Value) -> Demand {
 pub fn mtr_check(params: &Value) -> Result<(), ParamError> {
     let p = crate::params::parse::<MtrParams>(params)?;
     check_trace(p.protocol, p.port, p.first_ttl, p.max_ttl, p.size)
+}
+
+impl Summary for TracerouteResult {
+    fn summary(&self) -> String {
+        let r = self;
+        let reached = if r.destination_reached {
+            "reached"
+        } else {
+            "not reached"
+        };
+        let last = r
+            .hops
+            .iter()
+            .rev()
+            .find_map(|h| h.probes.iter().flatten().next().map(|p| (h.ttl, p)));
+        match last {
+            Some((ttl, p)) => format!(
+                "{} {reached} ({}), last reply at hop {ttl} from {} in {:.3} ms",
+                r.dst_addr, r.stop_reason, p.from, p.rtt_ms
+            ),
+            None => format!(
+                "{} {reached} ({}), no reply in {} hops",
+                r.dst_addr,
+                r.stop_reason,
+                r.hops.len()
+            ),
+        }
+    }
+}
+
+impl Summary for MtrResult {
+    fn summary(&self) -> String {
+        let r = self;
+        let reached = if r.destination_reached {
+            "reached"
+        } else {
+            "not reached"
+        };
+        match r.hops.last() {
+            Some(h) => format!(
+                "{} {reached} in {} hops, last hop loss {}%, avg {} ms ({} rounds)",
+                r.dst_addr,
+                r.hops.len(),
+                h.loss_pct,
+                ms(h.avg_ms),
+                r.rounds
+            ),
+            None => format!("{} {reached}: no hops ({} rounds)", r.dst_addr, r.rounds),
+        }
+    }
 }
 
 #[cfg(test)]
