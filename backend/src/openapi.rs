@@ -802,6 +802,7 @@ fn components() -> Value {
                 "request_id": {"type": "string"}, "agent_id": {"type": "string"}, "module": {"type": "string"},
                 "measurement_id": {"type": ["string", "null"]},
                 "state": {"type": "string"}, "result": {}, "error": {"type": ["string", "null"]},
+                "summary": {"type": ["string", "null"], "description": "the result in one line (the module's summary), or the error of a failed run"},
                 "received_at": {"type": "string", "format": "date-time"},
                 "started_at": {"type": "string", "format": "date-time"},
                 "finished_at": {"type": "string", "format": "date-time"},

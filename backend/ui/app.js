@@ -118,42 +118,12 @@ function table(headersRow, rows, attrs) {
     h("tbody", {}, rows));
 }
 
+// The backend gives each result its module's one-line summary (the same the CLI
+// prints); a result it could not summarize shows its raw JSON.
 function summarize(r) {
   if (r.error) return r.error;
-  const res = r.result || {};
-  if (Array.isArray(res.targets)) {
-    return res.targets.map((t) => `${t.addr || t.host}: ${t.received}/${t.sent} received, avg ${t.avg_ms == null ? "-" : t.avg_ms.toFixed(3)} ms`).join("; ");
-  }
-  const ms = (v) => (v == null ? "-" : `${v.toFixed(3)} ms`);
-  switch (r.module) {
-    case "traceroute": {
-      const last = res.hops && res.hops.length ? res.hops[res.hops.length - 1] : null;
-      return `${res.dst_addr}: ${res.hops.length} hops, ${res.destination_reached ? "reached" : `not reached (${res.stop_reason})`}${last ? `, last hop ${last.ttl}` : ""}`;
-    }
-    case "mtr": {
-      const last = res.hops && res.hops.length ? res.hops[res.hops.length - 1] : null;
-      return `${res.dst_addr}: ${res.hops.length} hops over ${res.rounds} rounds${last ? `, last hop loss ${last.loss_pct.toFixed(1)} %, avg ${ms(last.avg_ms)}` : ""}`;
-    }
-    case "dns": {
-      if (res.error) return `${res.qname} ${res.qtype} @${res.server}: ${res.error.kind}: ${res.error.message}`;
-      const m = (res.reply && res.reply.message) || {};
-      return `${res.qname} ${res.qtype} @${res.server}: ${m.rcode_name}, ${(m.answer || []).length} answers in ${ms(res.reply && res.reply.rt_ms)}`;
-    }
-    case "http":
-      if (res.error) return `${res.url}: ${res.error}`;
-      return `${res.response.status} ${res.url} (${res.response.http_version}) in ${ms(res.timing.total_ms)}`;
-    case "tls_cert": {
-      if (res.error) return `${res.host}:${res.port}: ${res.error}`;
-      const leaf = (res.tls.chain || [])[0] || {};
-      return `${res.host}:${res.port} ${res.tls.version}, ${leaf.subject_cn || leaf.subject || "no certificate"}, ${res.tls.verify_error ? `invalid: ${res.tls.verify_error}` : "verified"}`;
-    }
-    case "ntp":
-      return `${res.host}: offset ${ms(res.offset_ms)}, delay ${ms(res.delay_ms)}, ${res.received}/${res.sent} replies${res.server ? `, stratum ${res.server.stratum}` : ""}`;
-    default:
-  }
-  if (Array.isArray(res.attempts)) return `${res.addr}:${res.port} ${res.open}/${res.sent} open, avg ${res.avg_ms == null ? "-" : res.avg_ms.toFixed(3)} ms`;
-  if (typeof res.message === "string") return res.message;
-  return JSON.stringify(res);
+  if (typeof r.summary === "string") return r.summary;
+  return JSON.stringify(r.result === undefined ? null : r.result);
 }
 
 function stateCell(s) {

@@ -3,13 +3,23 @@
 
 use super::*;
 
+/// A stored result as the API shows it, with `summary`: the module's one line
+/// (`imn_proto::summary::Summary`, the same the CLI prints and the dashboard shows), or
+/// the error of a failed run; null for a result its module's type does not read (a
+/// result stored by another version).
 pub(super) fn result_json(r: &ResultRow) -> Value {
+    let summary = match &r.error {
+        Some(e) => Some(e.clone()),
+        None => imn_proto::results::ModuleOutput::from_api_json(&r.module, &r.result)
+            .map(|out| out.summary()),
+    };
     let mut v = json!({
         "request_id": r.request_id,
         "agent_id": r.agent_id,
         "module": r.module,
         "state": r.state.as_str(),
         "result": r.result,
+        "summary": summary,
         "error": r.error,
         "received_at": rfc3339(r.received_ms),
         "started_at": rfc3339(r.started_ms),
@@ -275,4 +285,46 @@ pub(super) async fn results_stream(
     };
     let slot = b.feed.admit(&caller_of(caller))?;
     Ok(sse_results(b, filter, slot).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imn_proto::wire::RequestState;
+
+    fn row(module: &str, result: Value, error: Option<&str>) -> ResultRow {
+        ResultRow {
+            agent_id: "a".into(),
+            request_id: "r".into(),
+            module: module.into(),
+            epoch: 1,
+            seq: 0,
+            state: RequestState::Succeeded,
+            result,
+            error: error.map(str::to_string),
+            received_ms: 0,
+            started_ms: 0,
+            finished_ms: 0,
+            stored_ms: 0,
+            scheduled_ms: None,
+            at_ms: 0,
+        }
+    }
+
+    /// `summary` is the module's own line, the error of a failed run, or null for a
+    /// result its module's type does not read.
+    #[test]
+    fn results_carry_their_modules_summary() {
+        let ok = result_json(&row("echo_module", json!({"message": "hi"}), None));
+        assert_eq!(ok["summary"], "hi");
+        let ntp = json!({"host": "h", "addr": "127.0.0.1", "port": 123, "version": 4,
+            "packets": [], "sent": 2, "received": 0, "offset_ms": null, "delay_ms": null,
+            "jitter_ms": null, "server": null});
+        let failed = result_json(&row("ntp", ntp, Some("boom")));
+        assert_eq!(failed["summary"], "boom");
+        let odd = result_json(&row("echo_module", json!({"text": 1}), None));
+        assert!(odd["summary"].is_null(), "{odd}");
+        let unknown = result_json(&row("gone_module", json!({}), None));
+        assert!(unknown["summary"].is_null());
+    }
 }
