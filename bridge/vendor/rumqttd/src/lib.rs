@@ -142,6 +142,11 @@ pub struct ServerSettings {
     pub tls: Option<TlsConfig>,
     pub next_connection_delay_ms: u64,
     pub connections: ConnectionSettings,
+    /// IMN-PATCH: tests only, a cap on connections in handshake other than
+    /// `MAX_PENDING_CONNECTIONS` (IMN-PATCH.md, section 10).
+    #[cfg(test)]
+    #[serde(skip)]
+    pub max_pending_connections: Option<usize>,
 }
 
 impl ServerSettings {

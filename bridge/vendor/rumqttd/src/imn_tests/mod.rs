@@ -1,4 +1,5 @@
-//! IMN-PATCH: tests of the IMN patches (IMN-PATCH.md, sections 3 to 6, and 8).
+//! IMN-PATCH: tests of the IMN patches (IMN-PATCH.md, sections 1 and 3 to 12; section 1
+//! also has a test in `router/logs.rs`, section 2 next to each buffer it changed).
 //!
 //! Each test starts a `Broker` on a free 127.0.0.1 port (its own threads), with the
 //! bridge's local link ("imn-bridge"), and talks MQTT 3.1.1 to it through raw sockets
@@ -8,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -51,13 +52,25 @@ fn server_settings(listen: SocketAddr, tls: Option<TlsConfig>) -> ServerSettings
             dynamic_filters: true,
             max_inbound_bytes_per_s: None,
         },
+        max_pending_connections: None,
     }
+}
+
+/// `crate::open_connections()` counts the network clients of every broker in the
+/// process: its test holds this for writing, every other broker for reading.
+static CONNECTION_COUNT: RwLock<()> = RwLock::new(());
+
+fn shared_count() -> RwLockReadGuard<'static, ()> {
+    CONNECTION_COUNT
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 struct TestBroker {
     addr: SocketAddr,
     tx: LinkTx,
     rx: LinkRx,
+    _count: Option<RwLockReadGuard<'static, ()>>,
 }
 
 fn start_broker(acl: Option<AclHandler>, tls: Option<TlsConfig>) -> TestBroker {
@@ -70,9 +83,17 @@ fn start_broker_with(
     tls: Option<TlsConfig>,
     settings: impl FnOnce(&mut ConnectionSettings),
 ) -> TestBroker {
-    let addr = free_addr();
-    let mut server = server_settings(addr, tls);
+    let count = shared_count();
+    let mut server = server_settings(free_addr(), tls);
     settings(&mut server.connections);
+    let mut b = launch(acl, server);
+    b._count = Some(count);
+    b
+}
+
+/// Starts a broker with this listener, and the local link.
+fn launch(acl: Option<AclHandler>, server: ServerSettings) -> TestBroker {
+    let addr = server.listen;
     let config = Config {
         id: 0,
         router: RouterConfig {
@@ -83,10 +104,7 @@ fn start_broker_with(
             acl,
             ..Default::default()
         },
-        v4: Some(HashMap::from([(
-            "1".to_string(),
-            server,
-        )])),
+        v4: Some(HashMap::from([("1".to_string(), server)])),
         ..Default::default()
     };
     let mut broker = Broker::new(config);
@@ -100,7 +118,12 @@ fn start_broker_with(
         assert!(Instant::now() < deadline, "broker never listened on {addr}");
         std::thread::sleep(Duration::from_millis(5));
     }
-    TestBroker { addr, tx, rx }
+    TestBroker {
+        addr,
+        tx,
+        rx,
+        _count: None,
+    }
 }
 
 // ---------------------------------------------------------------- raw MQTT client
@@ -639,7 +662,10 @@ fn refused_login_gets_connack_not_authorized_then_close() {
     ] {
         let (mut c, ack) = Client::connect_login(b.addr, "probe", None, l);
         assert_eq!(ack.code, ConnectReturnCode::NotAuthorized, "{what}");
-        assert!(c.closed_within(WAIT), "{what}: refused connection left open");
+        assert!(
+            c.closed_within(WAIT),
+            "{what}: refused connection left open"
+        );
     }
     let (_c, ack) = Client::connect_login(b.addr, "probe", None, login("probe", "right"));
     assert_eq!(ack.code, ConnectReturnCode::Success);
@@ -840,5 +866,349 @@ mod tls {
             let r = tokio::time::timeout(WAIT, server.start(LinkType::Remote)).await;
             assert!(matches!(r, Ok(Err(_))), "{capath}: {r:?}");
         }
+    }
+}
+
+// ---------------------------------------------------------------- 1. exact filters
+
+/// Subscribes `c` to `filter` (QoS 0) and waits for the SUBACK.
+fn subscribed(c: &mut Client, pkid: u16, filter: &str) {
+    c.send(subscribe(pkid, &[(filter, QoS::AtMostOnce)]));
+    match c.expect("SUBACK") {
+        Packet::SubAck(ack, _) => assert_eq!(
+            ack.return_codes,
+            vec![SubscribeReasonCode::Success(QoS::AtMostOnce)],
+            "{filter}"
+        ),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+#[test]
+fn exact_filters_get_their_topic_whenever_it_was_first_seen() {
+    let mut b = start_broker(None, None);
+    // A wildcard, so that a topic published before its exact subscriber exists is in
+    // the router's topic -> filters map already.
+    b.tx.subscribe("imn/v1/+/cmd").unwrap();
+    b.tx.publish("imn/v1/early/cmd", "before").unwrap();
+    assert_eq!(
+        local_next(&mut b.rx, WAIT),
+        pair("imn/v1/early/cmd", "before")
+    );
+
+    let mut early = Client::connected(b.addr, "early", None);
+    subscribed(&mut early, 1, "imn/v1/early/cmd");
+    let mut late = Client::connected(b.addr, "late", None);
+    subscribed(&mut late, 1, "imn/v1/late/cmd");
+    // A filter that is a prefix of a topic is not that topic.
+    let mut prefix = Client::connected(b.addr, "prefix", None);
+    subscribed(&mut prefix, 1, "imn/v1/early");
+
+    for (topic, payload) in [
+        ("imn/v1/other/cmd", "nobody's"),
+        ("imn/v1/late/cmd", "to late"),
+        ("imn/v1/early/cmd", "to early"),
+    ] {
+        b.tx.publish(topic, payload).unwrap();
+        // The wildcard still gets every topic, in order.
+        assert_eq!(local_next(&mut b.rx, WAIT), pair(topic, payload));
+    }
+    for (c, topic, payload) in [
+        (&mut early, "imn/v1/early/cmd", "to early"),
+        (&mut late, "imn/v1/late/cmd", "to late"),
+    ] {
+        let p = c.next_publish(WAIT).expect(topic);
+        assert_eq!(
+            (text(&p.topic), text(&p.payload)),
+            (topic.into(), payload.into())
+        );
+    }
+    for (name, c) in [
+        ("early", &mut early),
+        ("late", &mut late),
+        ("prefix", &mut prefix),
+    ] {
+        if let Some(p) = c.next_publish(QUIET) {
+            panic!("{name} got {}", text(&p.topic));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- 9. open connections
+
+/// Waits until `crate::open_connections()` is `n`.
+fn open_connections_reach(n: usize, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while crate::open_connections() != n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: open_connections() is {}, expected {n}",
+            crate::open_connections()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn open_connections_counts_logged_in_network_clients() {
+    // Alone: every other test's broker holds the read side.
+    let _alone = CONNECTION_COUNT
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let b = launch(None, server_settings(free_addr(), None));
+    // The other tests' clients are gone by now, and the local link is not counted.
+    open_connections_reach(0, "local link only");
+
+    // A socket that has not sent CONNECT is not counted, nor a refused CONNECT.
+    let _silent = Client::open(b.addr);
+    let (mut refused, ack) = Client::connect(b.addr, LOCAL_ID, None);
+    assert_eq!(ack.code, ConnectReturnCode::ClientIdentifierNotValid);
+    assert!(refused.closed_within(WAIT));
+
+    let a = Client::connected(b.addr, "agent-a", None);
+    open_connections_reach(1, "one client");
+    let c = Client::connected(b.addr, "agent-c", None);
+    open_connections_reach(2, "two clients");
+    std::thread::sleep(QUIET);
+    assert_eq!(
+        crate::open_connections(),
+        2,
+        "silent or refused one counted"
+    );
+
+    a.hang_up();
+    open_connections_reach(1, "one left");
+    // A client that just goes away (no FIN first: dropped) is not counted either.
+    drop(c);
+    open_connections_reach(0, "both left");
+}
+
+// ---------------------------------------------------------------- 10. handshake cap
+
+#[test]
+fn connections_past_the_handshake_cap_are_closed_at_once() {
+    let _count = shared_count();
+    let mut server = server_settings(free_addr(), None);
+    server.connections.connection_timeout_ms = 2_000;
+    server.max_pending_connections = Some(3);
+    let b = launch(None, server);
+    // The startup probe of `launch` held a permit until the broker read its EOF; a
+    // client that completes CONNECT and hangs up comes after it.
+    Client::connected(b.addr, "first", None).hang_up();
+
+    let mut silent: Vec<Client> = (0..3).map(|_| Client::open(b.addr)).collect();
+    let opened = Instant::now();
+    let mut extra = Client::open(b.addr);
+    assert!(
+        extra.closed_within(Duration::from_millis(1_000)),
+        "a connection past the cap was not closed at once"
+    );
+    assert!(opened.elapsed() < Duration::from_millis(1_000));
+    // A real client is refused too while the cap is full...
+    let mut refused = Client::open(b.addr);
+    refused.send(Packet::Connect(
+        Connect {
+            keep_alive: 60,
+            client_id: "refused".into(),
+            clean_session: true,
+        },
+        None,
+        None,
+        None,
+        None,
+    ));
+    assert!(matches!(refused.recv(WAIT), Recv::Closed));
+    // ... while the silent ones are still open, until their connection timeout.
+    for (i, s) in silent.iter_mut().enumerate() {
+        assert!(
+            matches!(s.recv(Duration::from_millis(100)), Recv::Timeout),
+            "silent connection {i} was closed before its timeout"
+        );
+    }
+    for (i, s) in silent.iter_mut().enumerate() {
+        assert!(
+            s.closed_within(WAIT),
+            "silent connection {i} never timed out"
+        );
+    }
+    // Their permits are back: a client connects.
+    let _c = Client::connected(b.addr, "after", None);
+}
+
+// ---------------------------------------------------------------- 11. inbound byte cap
+
+#[test]
+fn a_client_over_its_byte_rate_is_slowed_and_others_still_flow() {
+    const CAP: u64 = 200 * 1024;
+    const PAYLOAD: usize = 10 * 1024;
+    const RUN: Duration = Duration::from_secs(2);
+    let mut b = start_broker_with(None, None, |c| c.max_inbound_bytes_per_s = Some(CAP));
+    b.tx.subscribe("imn/v1/+/out").unwrap();
+
+    let mut flood = Client::connected(b.addr, "flood", None);
+    let mut other = Client::connected(b.addr, "other", None);
+    let started = Instant::now();
+    let flooder = std::thread::spawn(move || {
+        let payload = "f".repeat(PAYLOAD);
+        let mut buf = BytesMut::new();
+        V4.write(
+            publish("imn/v1/flood/out", &payload, QoS::AtMostOnce, 0, false),
+            &mut buf,
+        )
+        .unwrap();
+        // Writes block once the broker stops reading; the timeout ends the thread.
+        flood
+            .stream
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut sent = 0u64;
+        while started.elapsed() < RUN {
+            if flood.stream.write_all(&buf).is_ok() {
+                sent += buf.len() as u64;
+            }
+        }
+        (flood, sent)
+    });
+    // The other client publishes every 250 ms meanwhile.
+    let sender = std::thread::spawn(move || {
+        for i in 0..6u32 {
+            std::thread::sleep(Duration::from_millis(250));
+            other.send(publish(
+                "imn/v1/other/out",
+                &i.to_string(),
+                QoS::AtMostOnce,
+                0,
+                false,
+            ));
+        }
+        other
+    });
+
+    let mut flooded = 0u64;
+    let mut others = Vec::new();
+    while started.elapsed() < RUN + Duration::from_millis(500) {
+        let Some((topic, payload)) = local_next(&mut b.rx, Duration::from_millis(50)) else {
+            continue;
+        };
+        let at = started.elapsed();
+        match topic.as_str() {
+            "imn/v1/flood/out" if at <= RUN => flooded += (topic.len() + payload.len()) as u64,
+            "imn/v1/flood/out" => {}
+            "imn/v1/other/out" => others.push((payload, at)),
+            _ => panic!("unexpected topic {topic}"),
+        }
+    }
+    let (_flood, sent) = flooder.join().unwrap();
+    let _other = sender.join().unwrap();
+    // The broker would read what the socket buffers hold at the capped rate for many
+    // seconds after a hang-up, and count the connection meanwhile (see
+    // `open_connections_counts_logged_in_network_clients`): cut it now.
+    b.tx.disconnect_client("flood").unwrap();
+
+    // A second's burst plus two seconds at the cap, about 3 * CAP; without the cap
+    // loopback carries hundreds of times that.
+    assert!(
+        flooded >= CAP,
+        "the capped client was stopped: {flooded} bytes"
+    );
+    assert!(
+        flooded <= 4 * CAP,
+        "the capped client got {flooded} bytes through in {RUN:?} (cap {CAP}/s)"
+    );
+    assert!(
+        sent > flooded,
+        "the flooder did not try to send more than it got through"
+    );
+    let payloads: Vec<&str> = others.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(payloads, ["0", "1", "2", "3", "4", "5"], "{others:?}");
+    for (i, (_, at)) in others.iter().enumerate() {
+        // Published at (i + 1) * 250 ms; through in well under a second.
+        let due = Duration::from_millis(250 * (i as u64 + 1)) + Duration::from_millis(750);
+        assert!(
+            *at < due,
+            "message {i} of the other client arrived at {at:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- 12. TCP_NODELAY, backlog
+
+/// The broker's own socket for the client connected from `client`: found among this
+/// process's file descriptors (the broker runs in it) by its address and its peer's.
+fn accepted_socket(broker: SocketAddr, client: SocketAddr) -> Option<TcpStream> {
+    use std::os::fd::BorrowedFd;
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: only duplicated (F_DUPFD_CLOEXEC); an fd closed meanwhile makes that
+        // fail with EBADF, and one reused is only looked at. The copy is closed on drop.
+        let Ok(owned) = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() else {
+            continue;
+        };
+        let s = TcpStream::from(owned);
+        if s.local_addr().ok() == Some(broker) && s.peer_addr().ok() == Some(client) {
+            return Some(s);
+        }
+    }
+    None
+}
+
+#[test]
+fn accepted_sockets_have_tcp_nodelay() {
+    if std::fs::metadata("/proc/self/fd").is_err() {
+        eprintln!("no /proc/self/fd: skipped");
+        return;
+    }
+    let b = start_broker(None, None);
+    let c = Client::connected(b.addr, "agent-n", None);
+    let ours = c.stream.local_addr().unwrap();
+    let theirs = accepted_socket(b.addr, ours).expect("the broker's socket for our client");
+    assert!(
+        theirs.nodelay().unwrap(),
+        "TCP_NODELAY is off on the accepted socket"
+    );
+    // Our side is the client's, not the broker's: it keeps the default.
+    assert!(!c.stream.nodelay().unwrap());
+}
+
+/// The listen backlog is not in /proc/net/tcp; `ss` shows it (Send-Q of a listening
+/// socket, read through inet_diag). Skipped without `ss`.
+#[test]
+fn the_listener_has_a_large_backlog() {
+    let b = start_broker(None, None);
+    let out = match std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", b.addr.port())])
+        .output()
+    {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+        _ => {
+            eprintln!("no ss: skipped");
+            return;
+        }
+    };
+    // "LISTEN 0 4096 127.0.0.1:port 0.0.0.0:*": state, Recv-Q, Send-Q (the backlog).
+    let backlog: u32 = out
+        .split_whitespace()
+        .nth(2)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected ss output: {out:?}"));
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(u32::MAX);
+    assert_eq!(
+        backlog,
+        crate::server::LISTEN_BACKLOG.min(somaxconn),
+        "ss: {out:?}"
+    );
+    if somaxconn <= 1024 {
+        eprintln!(
+            "net.core.somaxconn is {somaxconn}: the backlog cannot exceed tokio's 1,024 here"
+        );
     }
 }

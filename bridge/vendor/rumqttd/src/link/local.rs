@@ -464,6 +464,16 @@ mod test {
     use parking_lot::Mutex;
     use std::{collections::VecDeque, sync::Arc, thread};
 
+    /// IMN-PATCH (IMN-PATCH.md, section 2): a link's notification cache starts empty
+    /// (rumqttd preallocated 100 notifications).
+    #[test]
+    fn new_link_cache_starts_with_no_capacity() {
+        let (router_tx, _router_rx) = bounded(1);
+        let (_tx, rx) = bounded(1);
+        let link = super::LinkRx::new(0, router_tx, rx, Arc::new(Mutex::new(VecDeque::new())));
+        assert_eq!(link.cache.capacity(), 0);
+    }
+
     #[test]
     fn push_sends_all_data_and_notifications_to_router() {
         let (router_tx, router_rx) = bounded(10);

@@ -152,3 +152,19 @@ impl<P: Protocol> Network<P> {
 
 pub trait N: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T> N for T where T: AsyncRead + AsyncWrite + Unpin + Send {}
+
+#[cfg(test)]
+mod imn_test {
+    use super::*;
+    use crate::protocol::v4::V4;
+
+    /// IMN-PATCH (IMN-PATCH.md, section 2): read and write buffers of 2 KiB (were
+    /// 10 KiB each).
+    #[tokio::test]
+    async fn new_network_buffers_are_2_kib() {
+        let (socket, _peer) = tokio::io::duplex(64);
+        let network = Network::new(Box::new(socket), 1 << 20, 100, V4);
+        assert_eq!(network.read.capacity(), 2 * 1024);
+        assert_eq!(network.write.capacity(), 2 * 1024);
+    }
+}

@@ -233,6 +233,19 @@ impl Outgoing {
 mod test {
     use super::*;
 
+    /// IMN-PATCH (IMN-PATCH.md, section 2): a new connection's queues start empty and
+    /// grow on demand (rumqttd preallocated 200 packets, 200 notifications, 100
+    /// inflight entries and 100 pubrels).
+    #[test]
+    fn new_connection_buffers_start_with_no_capacity() {
+        let incoming = Incoming::new("idle".to_string());
+        assert_eq!(incoming.buffer.lock().capacity(), 0);
+        let (outgoing, _) = Outgoing::new("idle".to_string());
+        assert_eq!(outgoing.data_buffer.lock().capacity(), 0);
+        assert_eq!(outgoing.inflight_buffer.capacity(), 0);
+        assert_eq!(outgoing.unacked_pubrels.capacity(), 0);
+    }
+
     #[test]
     fn retransmission_map_is_calculated_accurately() {
         let (mut outgoing, _) = Outgoing::new("retransmission-test".to_string());

@@ -2,8 +2,13 @@ use super::Ack;
 use slab::Slab;
 use tracing::{info, trace};
 
+#[cfg(not(test))]
+use crate::protocol::matches;
+// IMN-PATCH: tests count the topic/filter matches (IMN-PATCH.md, section 1).
+#[cfg(test)]
+use self::test::counted_matches as matches;
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
+    ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
@@ -510,6 +515,64 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    // IMN-PATCH: `matches`, counted per thread (IMN-PATCH.md, section 1).
+    thread_local! {
+        static MATCH_CALLS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    pub(super) fn counted_matches(topic: &str, filter: &str) -> bool {
+        MATCH_CALLS.with(|c| c.set(c.get() + 1));
+        crate::protocol::matches(topic, filter)
+    }
+
+    fn match_calls() -> u64 {
+        MATCH_CALLS.with(|c| c.get())
+    }
+
+    /// IMN-PATCH (section 1): n agents' exact filters and topics, subscribed before and
+    /// after their topics are first seen, cost O(n) matches, not O(n^2); and each
+    /// topic still maps to exactly its own filter plus the wildcard ones.
+    #[test]
+    fn exact_filters_are_found_by_lookup_not_by_scanning() {
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+            acl: None,
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let (wildcard, _) = data.next_native_offset("imn/v1/+/out");
+        let n = 1_000;
+        let before = match_calls();
+        for i in 0..n {
+            // Half the agents subscribe before their topic is first seen, half after.
+            let (topic, filter) = (format!("imn/v1/a{i}/out"), format!("imn/v1/a{i}/out"));
+            if i % 2 == 0 {
+                data.next_native_offset(&filter);
+                data.matches(&topic);
+            } else {
+                data.matches(&topic);
+                data.next_native_offset(&filter);
+            }
+        }
+        let calls = match_calls() - before;
+        // Patched: one match per new topic against the wildcard, and one or two checks
+        // of a filter against its own topic. Scanning: about n^2 / 2.
+        assert!(calls <= 4 * n, "{calls} matches for {n} agents");
+        for i in 0..n {
+            let own = data.filter_indexes[&format!("imn/v1/a{i}/out")];
+            let mut got = data.matches(&format!("imn/v1/a{i}/out")).unwrap();
+            got.sort();
+            let mut want = vec![wildcard, own];
+            want.sort();
+            assert_eq!(got, want, "agent {i}");
+        }
     }
 
     //     #[test]

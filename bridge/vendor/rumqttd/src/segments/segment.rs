@@ -123,6 +123,14 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    /// IMN-PATCH (IMN-PATCH.md, section 2): a subscription filter's log segment starts
+    /// empty (rumqttd preallocated 1,024 entries).
+    #[test]
+    fn new_segments_start_with_no_capacity() {
+        assert_eq!(Segment::<Bytes>::new().data.capacity(), 0);
+        assert_eq!(Segment::<Bytes>::with_offset(7).data.capacity(), 0);
+    }
+
     #[test]
     fn segment_works_for_bytes() {
         let mut mem_segment: Segment<Bytes> = Segment::new();

@@ -38,7 +38,7 @@ use crate::link::local::{self, LinkRx, LinkTx};
 use crate::router::{Event, Router};
 use crate::{Config, ConnectionId, ServerSettings};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::error::Elapsed;
 use tokio::{task, time};
 
@@ -375,7 +375,8 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             None => None,
         };
 
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        // IMN-PATCH: a backlog of 65,535, not tokio's 1,024 (IMN-PATCH.md, section 12).
+        let listener = listen(self.config.listen)?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
@@ -383,7 +384,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         // IMN-PATCH: connections still in their TLS handshake or before CONNECT, at most
         // MAX_PENDING_CONNECTIONS per listener; past it new sockets are closed at once
         // (IMN-PATCH.md, section 10).
-        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_CONNECTIONS));
+        let max_pending = MAX_PENDING_CONNECTIONS;
+        #[cfg(test)]
+        let max_pending = self.config.max_pending_connections.unwrap_or(max_pending);
+        let pending = Arc::new(tokio::sync::Semaphore::new(max_pending));
         info!(
             config = self.config.name,
             listen_addr = self.config.listen.to_string(),
@@ -399,8 +403,17 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
+            // IMN-PATCH: no Nagle on the accepted socket (IMN-PATCH.md, section 12).
+            if let Err(e) = stream.set_nodelay(true) {
+                warn!(error=?e, ?addr, "could not set TCP_NODELAY");
+            }
+
             let Ok(permit) = pending.clone().try_acquire_owned() else {
-                warn!(?addr, max = MAX_PENDING_CONNECTIONS, "too many connections in handshake; closing this one");
+                warn!(
+                    ?addr,
+                    max = max_pending,
+                    "too many connections in handshake; closing this one"
+                );
                 drop(stream);
                 continue;
             };
@@ -497,6 +510,23 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             time::sleep(delay).await;
         }
     }
+}
+
+/// IMN-PATCH: the listen backlog asked for; the kernel caps it at
+/// `net.core.somaxconn` (IMN-PATCH.md, section 12).
+pub(crate) const LISTEN_BACKLOG: u32 = 65_535;
+
+/// IMN-PATCH: `TcpListener::bind`, with a backlog of [`LISTEN_BACKLOG`] instead of
+/// tokio's 1,024 (and SO_REUSEADDR, as tokio sets it).
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 // IMN-PATCH: was `Server::tls_accept`, reading the certificate files per connection.

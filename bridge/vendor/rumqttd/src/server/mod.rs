@@ -4,6 +4,8 @@ mod broker;
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 mod tls;
 
+#[cfg(test)]
+pub(crate) use broker::LISTEN_BACKLOG;
 pub use broker::{open_connections, Broker, LinkType, Server};
 
 // pub trait IO: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
