@@ -27,6 +27,10 @@ pub struct ModuleSpec {
     /// The rules a JSON Schema cannot express (a length in bytes, one of two fields),
     /// checked by the backend after the schema.
     pub(crate) check: fn(&Value) -> Result<(), ParamError>,
+    /// The module's results in RIPE Atlas's format (`kinds/<module>/atlas.rs`), for a
+    /// module Atlas has a kind for.
+    #[cfg(feature = "atlas")]
+    pub(crate) atlas: Option<crate::atlas::Convert>,
 }
 
 impl ModuleSpec {

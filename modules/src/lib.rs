@@ -13,12 +13,16 @@
 //!   the seqs a store has taken).
 //! - [`policy`]: which addresses a run may send to, and what each run asks of the
 //!   network; the backend and the agent apply the same code.
+//! - [`atlas`] (feature `atlas`, the backend's): results in RIPE Atlas's format; each
+//!   module with an Atlas kind converts in `kinds/<module>/atlas.rs`.
 //! - [`tls`] (feature `tls`): how an MQTT client (the agent, or the bridge as a client
 //!   of an external broker) verifies the broker by its configured name.
 //!
 //! The code that runs modules is `imn-probes`; the resolver both ends use is
 //! `imn-resolver`.
 
+#[cfg(feature = "atlas")]
+pub mod atlas;
 pub mod auth;
 pub mod catalog;
 pub mod kinds;

@@ -36,7 +36,7 @@ pub(super) fn result_json(r: &ResultRow) -> Value {
 #[derive(Deserialize)]
 pub(super) struct ResultsQuery {
     pub(super) limit: Option<u32>,
-    /// `atlas` for RIPE Atlas's result format (the modules in `atlas::MODULES`).
+    /// `atlas` for RIPE Atlas's result format (the modules `atlas::modules()` lists).
     format: Option<String>,
 }
 
@@ -61,8 +61,7 @@ pub(super) async fn results(
     }
     let atlas = wants_atlas(&q.format)?;
     let rows = b
-        .store
-        .results(&id, q.limit.unwrap_or(100).min(10_000))
+        .results_of(&id, q.limit.unwrap_or(100).min(10_000))
         .await?;
     if atlas {
         // Atlas defines no format for the other modules; they are left out.
@@ -85,20 +84,19 @@ pub(super) async fn result(
         return Err(ApiError::UnknownAgent(id));
     }
     let atlas = wants_atlas(&q.format)?;
-    match b.store.result(&id, &request_id).await? {
+    match b.result_of(&id, &request_id).await? {
         Some(r) if atlas => crate::atlas::convert(&r)
             .map(|v| Json(Value::Array(v)))
             .ok_or_else(|| {
                 ApiError::BadRequest(format!(
                     "format: RIPE Atlas defines no format for {} results; atlas is for {}",
                     r.module,
-                    crate::atlas::MODULES.join(", ")
+                    crate::atlas::modules().join(", ")
                 ))
             }),
         Some(r) => Ok(Json(result_json(&r))),
         None => {
             let state = b
-                .store
                 .request(&request_id)
                 .await?
                 .filter(|r| r.agent_id == id);
@@ -166,7 +164,6 @@ pub(super) async fn results_v1(
         });
     }
     let rows = b
-        .store
         .results_page(crate::store::ResultFilter {
             agent: q.agent,
             module: q.module,
@@ -273,7 +270,7 @@ pub(super) async fn results_stream(
             message: "format and limit apply to pages, not to streams".into(),
         });
     }
-    let now = b.store.latest_position().await?;
+    let now = b.latest_position().await?;
     let filter = crate::store::ResultFilter {
         agent: q.agent,
         module: q.module,

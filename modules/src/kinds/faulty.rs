@@ -17,6 +17,8 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     examples,
     demand: no_demand,
     check,
+    #[cfg(feature = "atlas")]
+    atlas: None,
 };
 
 #[derive(Debug, Clone, Deserialize)]

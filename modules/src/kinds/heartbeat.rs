@@ -16,6 +16,8 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     examples,
     demand: no_demand,
     check: no_check,
+    #[cfg(feature = "atlas")]
+    atlas: None,
 };
 
 /// The machine's health: sent in every heartbeat, and by the `heartbeat` module.

@@ -18,6 +18,8 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     examples,
     demand,
     check,
+    #[cfg(feature = "atlas")]
+    atlas: None,
 };
 
 #[derive(Debug, Clone, Deserialize)]

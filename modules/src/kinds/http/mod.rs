@@ -6,6 +6,9 @@
 //! and the outcome of verifying it, so a certificate error is reported with the chain
 //! that caused it rather than hidden behind a failed handshake.
 
+#[cfg(feature = "atlas")]
+pub mod atlas;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -28,6 +31,8 @@ pub const HTTP: ModuleSpec = ModuleSpec {
     examples: http_examples,
     demand: http_demand,
     check: http_check,
+    #[cfg(feature = "atlas")]
+    atlas: Some(atlas::http),
 };
 
 /// The `tls_cert` module's entry in the catalog.
@@ -41,6 +46,8 @@ pub const TLS_CERT: ModuleSpec = ModuleSpec {
     examples: tls_cert_examples,
     demand: tls_cert_demand,
     check: tls_cert_check,
+    #[cfg(feature = "atlas")]
+    atlas: Some(atlas::sslcert),
 };
 
 /// Longest URL accepted, in bytes.

@@ -1,6 +1,9 @@
 //! `ping_module`: ICMP echo to one host or many, probed concurrently by one engine:
 //! per-probe RTTs, loss and jitter. Atlas format: `ping` (see `atlas`).
 
+#[cfg(feature = "atlas")]
+pub mod atlas;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -18,6 +21,8 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     examples,
     demand,
     check,
+    #[cfg(feature = "atlas")]
+    atlas: Some(atlas::ping),
 };
 
 /// Most targets one ping request may name.

@@ -2,6 +2,9 @@
 //! and the whole answer parsed: header, flags, rcode, every section with typed record
 //! data, the EDNS0 OPT record, and the raw answer.
 
+#[cfg(feature = "atlas")]
+pub mod atlas;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -21,6 +24,8 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     examples: dns_examples,
     demand: dns_demand,
     check: dns_check,
+    #[cfg(feature = "atlas")]
+    atlas: Some(atlas::dns),
 };
 
 /// Record types the module can ask for, by name and number.

@@ -4,11 +4,11 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{round3, Meta};
-use crate::store::ResultRow;
+use crate::atlas::AtlasRow;
+use crate::atlas::{round3, Meta};
 
 /// The Atlas `traceroute` result of a stored result; None if it has none.
-pub fn traceroute(r: &ResultRow) -> Option<Vec<Value>> {
+pub fn traceroute(r: &AtlasRow) -> Option<Vec<Value>> {
     if r.module != "traceroute" {
         return None;
     }
@@ -110,7 +110,7 @@ fn packet(p: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_proto::kinds::traceroute::{
+    use crate::kinds::traceroute::{
         IcmpExtension, MplsLabel, TraceHop, TraceProtocol, TraceReply, TracerouteResult,
     };
 
@@ -186,8 +186,8 @@ mod tests {
         }
     }
 
-    fn row(r: &TracerouteResult) -> ResultRow {
-        let mut row = super::super::test_row("traceroute", serde_json::to_value(r).unwrap());
+    fn row(r: &TracerouteResult) -> AtlasRow {
+        let mut row = crate::atlas::test_row("traceroute", serde_json::to_value(r).unwrap());
         row.finished_ms = 1_700_000_003_000;
         row
     }
@@ -277,7 +277,7 @@ print(json.dumps({
     "end_time": r.end_time_timestamp,
 }))
 "#;
-        let out = super::super::sagan(script, &a);
+        let out = crate::atlas::sagan(script, &a);
         assert_eq!(out["total_hops"], 4);
         assert_eq!(out["destination_address"], "198.19.250.50");
         assert_eq!(out["source_address"], "198.19.250.1");
@@ -315,7 +315,7 @@ r = TracerouteResult(sys.stdin.read())
 print(json.dumps({"is_success": r.is_success, "responded": r.destination_ip_responded,
                   "errors": r.last_hop_errors, "total_hops": r.total_hops}))
 "#;
-        let out = super::super::sagan(script, &a);
+        let out = crate::atlas::sagan(script, &a);
         assert_eq!(
             out,
             json!({"is_success": false, "responded": false,

@@ -3,11 +3,11 @@
 
 use serde_json::{json, Value};
 
-use super::Meta;
-use crate::store::ResultRow;
+use crate::atlas::AtlasRow;
+use crate::atlas::Meta;
 
 /// The Atlas `ntp` result of a stored `ntp` result.
-pub fn ntp(r: &ResultRow) -> Option<Vec<Value>> {
+pub fn ntp(r: &AtlasRow) -> Option<Vec<Value>> {
     let n = &r.result;
     let addr = n["addr"].as_str()?;
     let secs = |v: &Value| v.as_f64().map(|ms| ms / 1000.0);
@@ -66,9 +66,9 @@ pub fn ntp(r: &ResultRow) -> Option<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_proto::kinds::ntp::{NtpPacket, NtpResult, NtpServerInfo};
+    use crate::kinds::ntp::{NtpPacket, NtpResult, NtpServerInfo};
 
-    fn row() -> ResultRow {
+    fn row() -> AtlasRow {
         let mut n = NtpResult {
             host: "ntp.test".into(),
             addr: "127.0.0.1".into(),
@@ -117,7 +117,7 @@ mod tests {
             rx_timestamps: "kernel".into(),
         };
         n.summarise();
-        super::super::test_row("ntp", serde_json::to_value(&n).unwrap())
+        crate::atlas::test_row("ntp", serde_json::to_value(&n).unwrap())
     }
 
     #[test]
@@ -144,7 +144,7 @@ r = NtpResult(json.load(sys.stdin), on_error=NtpResult.ACTION_FAIL)
 print(json.dumps([r.stratum, r.reference_id, r.offset_median, r.rtt_min, len(r.packets),
                   r.packets[0].offset, r.packets[1].rtt, r.leap_second_indicator]))
 "#;
-        let out = super::super::sagan(script, &a);
+        let out = crate::atlas::sagan(script, &a);
         assert_eq!(out, json!([2, "127.0.0.53", 1.5, 0.0, 2, 1.5, null, "no"]));
     }
 }

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 
-use super::round3;
-use crate::store::ResultRow;
+use crate::atlas::round3;
+use crate::atlas::AtlasRow;
 
 /// The address of an `addr:port` (IPv6 as `[addr]:port`), or "".
 fn ip_of(local: &Value) -> String {
@@ -23,13 +23,13 @@ fn ip_of(local: &Value) -> String {
 }
 
 /// The Atlas `http` result of a stored result; None if it has none.
-pub fn http(r: &ResultRow) -> Option<Vec<Value>> {
+pub fn http(r: &AtlasRow) -> Option<Vec<Value>> {
     if r.module != "http" {
         return None;
     }
     let res = &r.result;
     let url = res["url"].as_str()?;
-    let meta = super::Meta::of(r);
+    let meta = crate::atlas::Meta::of(r);
     let src = ip_of(&res["local_addr"]);
     let t = &res["timing"];
     let dns = t["dns_ms"].as_f64();
@@ -103,13 +103,13 @@ pub fn http(r: &ResultRow) -> Option<Vec<Value>> {
 }
 
 /// The Atlas `sslcert` result of a stored result; None if it has none.
-pub fn sslcert(r: &ResultRow) -> Option<Vec<Value>> {
+pub fn sslcert(r: &AtlasRow) -> Option<Vec<Value>> {
     if r.module != "tls_cert" {
         return None;
     }
     let res = &r.result;
     let host = res["host"].as_str()?;
-    let meta = super::Meta::of(r);
+    let meta = crate::atlas::Meta::of(r);
     let src = ip_of(&res["local_addr"]);
     let tls = &res["tls"];
     let mut v = json!({
@@ -171,14 +171,14 @@ pub fn sslcert(r: &ResultRow) -> Option<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imn_proto::kinds::http::{
+    use crate::kinds::http::{
         CertInfo, HttpHeader, HttpMethod, HttpPhase, HttpResponse, HttpResult, HttpTiming,
         TlsCertResult, TlsInfo,
     };
     use sha2::{Digest, Sha256};
 
-    fn row(module: &str, result: Value) -> ResultRow {
-        super::super::test_row(module, result)
+    fn row(module: &str, result: Value) -> AtlasRow {
+        crate::atlas::test_row(module, result)
     }
 
     fn http_result() -> HttpResult {
@@ -408,7 +408,7 @@ for d in json.load(sys.stdin):
     out.append(o)
 print(json.dumps(out))
 "#;
-        let parsed = super::super::sagan(script, &Value::Array(docs));
+        let parsed = crate::atlas::sagan(script, &Value::Array(docs));
         let (h, s, a) = (&parsed[0], &parsed[1], &parsed[2]);
 
         assert_eq!(h["class"], "HttpResult");
@@ -434,7 +434,7 @@ print(json.dumps(out))
             (h["dst"].as_str(), h["src"].as_str()),
             (Some("127.0.0.1"), Some("127.0.0.1"))
         );
-        assert_eq!(h["probe_id"], super::super::numeric_id("agent-1"));
+        assert_eq!(h["probe_id"], crate::atlas::numeric_id("agent-1"));
 
         assert_eq!(s["class"], "SslResult");
         assert_eq!(

@@ -1,6 +1,9 @@
 //! The `ntp` module: client exchanges with an NTP server (RFC 5905, client mode), as
 //! RIPE Atlas's NTP measurement makes them.
 
+#[cfg(feature = "atlas")]
+pub mod atlas;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -21,6 +24,8 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     examples: ntp_examples,
     demand: ntp_demand,
     check: ntp_check,
+    #[cfg(feature = "atlas")]
+    atlas: Some(atlas::ntp),
 };
 
 #[derive(Debug, Clone, Deserialize)]

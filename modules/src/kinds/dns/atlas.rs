@@ -6,11 +6,11 @@
 
 use serde_json::{json, Value};
 
-use super::round3;
-use crate::store::ResultRow;
+use crate::atlas::round3;
+use crate::atlas::AtlasRow;
 
 /// The Atlas `dns` result of a stored result; None if it has none.
-pub fn dns(r: &ResultRow) -> Option<Vec<Value>> {
+pub fn dns(r: &AtlasRow) -> Option<Vec<Value>> {
     if r.module != "dns" {
         return None;
     }
@@ -63,7 +63,7 @@ pub fn dns(r: &ResultRow) -> Option<Vec<Value>> {
             o.insert("error".into(), error);
         }
     }
-    let meta = super::Meta::of(r);
+    let meta = crate::atlas::Meta::of(r);
     meta.fill(r, "dns", &mut v);
     Some(vec![v])
 }
@@ -72,8 +72,8 @@ pub fn dns(r: &ResultRow) -> Option<Vec<Value>> {
 mod tests {
     use super::*;
 
-    fn row(result: Value) -> ResultRow {
-        super::super::test_row("dns", result)
+    fn row(result: Value) -> AtlasRow {
+        crate::atlas::test_row("dns", result)
     }
 
     fn fixture(s: &str) -> Value {
@@ -84,8 +84,7 @@ mod tests {
     fn an_answer_has_abuf_rt_and_the_header() {
         let native = fixture(WWW_A_UDP);
         // The fixture is a real module result: it deserializes into the typed result.
-        let typed: imn_proto::kinds::dns::DnsResult =
-            serde_json::from_value(native.clone()).unwrap();
+        let typed: crate::kinds::dns::DnsResult = serde_json::from_value(native.clone()).unwrap();
         let m = typed.message().unwrap();
         let a = &dns(&row(native.clone())).unwrap()[0];
         assert_eq!(a["type"], "dns");
@@ -115,7 +114,7 @@ mod tests {
         );
         assert!(a.get("error").is_none());
         assert_eq!(a["timestamp"], 1_700_000_000);
-        assert_eq!(a["msm_id"], super::super::numeric_id("req"));
+        assert_eq!(a["msm_id"], crate::atlas::numeric_id("req"));
         let tcp = &dns(&row(fixture(MX_TCP))).unwrap()[0];
         assert_eq!(tcp["proto"], "TCP");
     }
@@ -181,7 +180,7 @@ print(json.dumps(out))
 "#;
 
     fn sagan(results: &[Value]) -> Vec<Value> {
-        serde_json::from_value(super::super::sagan(SAGAN, &Value::Array(results.to_vec()))).unwrap()
+        serde_json::from_value(crate::atlas::sagan(SAGAN, &Value::Array(results.to_vec()))).unwrap()
     }
 
     /// What sagan decoded from the abuf is what the module parsed from the same bytes.

@@ -4,6 +4,9 @@
 //! constant for a whole trace) over ICMP echo, UDP or TCP SYN. `mtr` repeats the trace
 //! `count` times and summarises each hop.
 
+#[cfg(feature = "atlas")]
+pub mod atlas;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -23,6 +26,8 @@ pub const TRACEROUTE: ModuleSpec = ModuleSpec {
     examples: traceroute_examples,
     demand: traceroute_demand,
     check: traceroute_check,
+    #[cfg(feature = "atlas")]
+    atlas: Some(atlas::traceroute),
 };
 
 /// The `mtr` module's entry in the catalog.
@@ -36,6 +41,8 @@ pub const MTR: ModuleSpec = ModuleSpec {
     examples: mtr_examples,
     demand: mtr_demand,
     check: mtr_check,
+    #[cfg(feature = "atlas")]
+    atlas: None,
 };
 
 /// Highest TTL a probe may carry.
