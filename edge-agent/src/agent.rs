@@ -1,12 +1,10 @@
 //! The agent's main loop. It owns the transport and the outbox; module runs are
 //! separate tasks that hand their records back over a channel.
 //!
-//! Sync is an explicit state machine:
-//! - `Offline`: not connected; records pile up in the outbox.
-//! - `CatchingUp`: connected with a backlog; sends from the oldest record.
-//! - `Online`: connected and caught up; new records go out as they are made.
+//! Sync is an explicit state machine, [`crate::sync::SyncCore`], with no I/O: this loop
+//! flushes and publishes around it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +28,8 @@ use crate::outbox::{Condition, Outbox, OutboxError, OutboxLimits, SledOutbox};
 use crate::runqueue::{self, Budget, RunQueue, Submitted};
 use crate::schedule::{self, Schedules, META_SCHEDULES, META_SCHEDULE_POLICY};
 use crate::supervisor::{self, Restarts};
+pub use crate::sync::SyncState;
+use crate::sync::{SyncCore, SyncSettings};
 use crate::transport::{self, ConnectOptions, MqttClient, MqttConnection};
 
 /// Where the loaded-module set is kept in the store.
@@ -52,20 +52,6 @@ pub enum AgentError {
     Metrics(String),
 }
 
-/// Where sync stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncState {
-    Offline,
-    CatchingUp,
-    Online,
-}
-
-/// A batch on the wire, waiting for its ack.
-struct InFlight {
-    last_seq: u64,
-    sent_at: Instant,
-}
-
 /// What a module task hands back to the main loop.
 enum Produced {
     Record(Box<RecordBody>),
@@ -82,15 +68,8 @@ pub struct Agent {
     outbox: SledOutbox,
     client: MqttClient,
     conn: Option<MqttConnection>,
-    state: SyncState,
-    /// The next seq to send; everything below it was sent at least once this connection.
-    send_from: u64,
-    inflight: VecDeque<InFlight>,
-    last_ack: Instant,
-    /// Records from this seq on were made after the connection came up (live).
-    live_mark: u64,
-    /// The next live seq to send (with `live_first`).
-    live_sent: u64,
+    /// Where sync stands, what is in flight, what goes next.
+    sync: SyncCore,
     produced_tx: mpsc::Sender<Produced>,
     produced_rx: mpsc::Receiver<Produced>,
     /// Runs in progress, so a cancel can stop them.
@@ -357,17 +336,21 @@ impl Agent {
             max_queued: cfg.max_queued_runs as usize,
             max_rate: cfg.max_probe_rate,
         });
+        let sync = SyncCore::new(
+            SyncSettings {
+                window: cfg.window,
+                live_first: cfg.live_first,
+                resend_timeout: Duration::from_millis(cfg.resend_timeout_ms),
+                batch_max_bytes: cfg.batch_max_bytes,
+            },
+            Instant::now(),
+        );
         Ok(Agent {
             cfg,
             outbox,
             client,
             conn: Some(conn),
-            state: SyncState::Offline,
-            send_from: 0,
-            inflight: VecDeque::new(),
-            last_ack: Instant::now(),
-            live_mark: 0,
-            live_sent: 0,
+            sync,
             produced_tx,
             produced_rx,
             running: HashMap::new(),
@@ -472,7 +455,7 @@ impl Agent {
                     self.pump().await?;
                     // Acked records are deleted here, a little at a time while batches
                     // are in flight and more when idle: a drain does not wait for them.
-                    let idle = self.inflight.is_empty();
+                    let idle = self.sync.is_idle();
                     if self.outbox.compact(if idle { 4096 } else { 512 }) {
                         tick.reset_after(Duration::from_millis(if idle { 10 } else { 250 }));
                     }
@@ -572,15 +555,14 @@ impl Agent {
             EventPayload::Disconnected | EventPayload::Error(_) => {
                 if let EventPayload::Error(e) = ev.payload() {
                     let e = e.to_string();
-                    if self.state != SyncState::Offline {
+                    if self.sync.is_connected() {
                         tracing::warn!(error = %e, "disconnected");
                     } else if self.conn_error.as_deref() != Some(e.as_str()) {
                         tracing::warn!(error = %e, broker = %self.cfg.broker, "cannot connect; retrying");
                     }
                     self.conn_error = Some(e);
                 }
-                self.state = SyncState::Offline;
-                self.inflight.clear();
+                self.sync.on_disconnected();
             }
             EventPayload::Received { topic, data, .. } => {
                 let runs = self.running.len();
@@ -630,20 +612,16 @@ impl Agent {
                 &wire::encode(&online),
             )
             .await;
-        self.state = SyncState::CatchingUp;
-        self.send_hello().await;
         // Everything unacked goes again after every reconnect: the broker kept nothing.
-        self.send_from = 0;
-        self.live_mark = self.outbox.next_seq();
-        self.live_sent = self.live_mark;
-        self.inflight.clear();
-        self.last_ack = Instant::now();
+        self.sync
+            .on_connected(self.outbox.next_seq(), Instant::now());
+        self.send_hello().await;
         self.heartbeat().await;
     }
 
     /// Identity and capabilities: sent on connect and whenever the modules change.
     async fn send_hello(&mut self) {
-        if self.state == SyncState::Offline {
+        if !self.sync.is_connected() {
             return;
         }
         let hello = Envelope::Hello(Hello {
@@ -702,8 +680,7 @@ impl Agent {
 
     fn on_ack(&mut self, ack: &Ack) -> Result<(), AgentError> {
         let deleted = self.outbox.ack(ack);
-        self.inflight.retain(|b| !ack.contains(b.last_seq));
-        self.last_ack = Instant::now();
+        self.sync.on_ack(ack, Instant::now());
         tracing::debug!(deleted, depth = self.outbox.depth(), "ack");
         Ok(())
     }
@@ -1263,61 +1240,28 @@ impl Agent {
 
     /// With no ack for a whole resend timeout, start again from the oldest record.
     fn check_resend(&mut self) {
-        let timeout = Duration::from_millis(self.cfg.resend_timeout_ms);
-        if self.state != SyncState::Offline
-            && self
-                .inflight
-                .front()
-                .is_some_and(|b| b.sent_at.elapsed() > timeout)
-            && self.last_ack.elapsed() > timeout
-        {
+        if self.sync.check_resend(Instant::now()) {
             tracing::info!(
                 depth = self.outbox.depth(),
                 "no ack within the resend timeout; resending"
             );
-            self.send_from = 0;
-            self.inflight.clear();
         }
     }
 
     /// Sends batches while the window allows. With `live_first`, records made since
     /// the connection came up go ahead of the backlog while catching up.
     async fn pump(&mut self) -> Result<(), AgentError> {
-        if self.state == SyncState::Offline {
+        if !self.sync.is_connected() {
             return Ok(());
         }
         // Durable before sent: one flush covers every record appended since the last.
         self.outbox.flush();
         let first = self.outbox.first_seq().unwrap_or(u64::MAX);
-        while self.inflight.len() < self.cfg.window {
-            let catching_up = self.cfg.live_first && self.state == SyncState::CatchingUp;
-            let mut records = Vec::new();
-            let mut live = false;
-            if catching_up {
-                records = self
-                    .outbox
-                    .read_from(self.live_sent.max(first), self.cfg.batch_max_bytes);
-                live = !records.is_empty();
-            }
-            if !live {
-                let upto = if catching_up {
-                    self.live_mark
-                } else {
-                    u64::MAX
-                };
-                records = self
-                    .outbox
-                    .read_from(self.send_from.max(first), self.cfg.batch_max_bytes);
-                records.retain(|r| r.seq < upto);
-            }
-            let Some(last) = records.last().map(|r| r.seq) else {
-                self.state = SyncState::Online;
-                self.send_from = self.send_from.max(self.live_sent);
-                break;
-            };
+        while let Some(planned) = self.sync.next_batch(&mut self.outbox, first) {
+            let (last, live) = (planned.last_seq(), planned.live);
             let batch = Envelope::Batch(Batch {
                 epoch: self.outbox.epoch(),
-                records,
+                records: planned.records,
             });
             let topic = wire::topic(&self.cfg.id, Kind::Out);
             if let Err(e) = self
@@ -1329,15 +1273,7 @@ impl Agent {
                 tracing::debug!(error = %e, "batch not sent; retrying on the next tick");
                 break;
             }
-            if live {
-                self.live_sent = last + 1;
-            } else {
-                self.send_from = last + 1;
-            }
-            self.inflight.push_back(InFlight {
-                last_seq: last,
-                sent_at: Instant::now(),
-            });
+            self.sync.sent(last, live, Instant::now());
         }
         Ok(())
     }
@@ -1355,13 +1291,13 @@ impl Agent {
             Relaxed,
         );
         g.outbox_dropped.store(self.outbox.dropped(), Relaxed);
-        g.connected.store(self.state != SyncState::Offline, Relaxed);
+        g.connected.store(self.sync.is_connected(), Relaxed);
     }
 
     async fn heartbeat(&mut self) {
         // Offline too: that is when the outbox grows.
         self.update_gauges();
-        if self.state == SyncState::Offline {
+        if !self.sync.is_connected() {
             return;
         }
         let now = now_ms();

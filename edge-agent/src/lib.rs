@@ -23,6 +23,7 @@ pub mod outbox;
 pub mod runqueue;
 pub mod schedule;
 pub mod supervisor;
+pub mod sync;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transport;
