@@ -13,6 +13,9 @@
 //! the same figures; two backends checking at the same instant may each let one
 //! request through past the budget.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use imn_proto::now_ms;
 
 use crate::error::ApiError;
@@ -97,13 +100,7 @@ pub async fn check(b: &Backend, caller: &Caller, cost: &Cost) -> Result<(), ApiE
     // read before the store: a reservation ends only after its charge is committed, so
     // a request is counted here, in the store, or in both (refusing, at worst, one
     // that would fit), never in neither.
-    let pending = b
-        .budget_pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(token.as_str())
-        .copied()
-        .unwrap_or(0);
+    let pending = b.budgets.pending(token);
     let mut usage = b.store.token_usage(token, day_of(now), now).await?;
     usage.one_off_probes = usage.one_off_probes.saturating_add(pending);
     if cost.schedule.is_some() {
@@ -140,6 +137,71 @@ pub async fn check(b: &Backend, caller: &Caller, cost: &Cost) -> Result<(), ApiE
     Ok(())
 }
 
+/// Per API token with a budget, in this backend: the turn to check its budget and
+/// charge it, and the probes of its requests that passed their check and are not
+/// charged yet. One turn per token that measured (tokens are an admin's); a token's
+/// reserved probes only while a request of it is being made.
+#[derive(Default)]
+pub struct Ledger {
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pending: Mutex<HashMap<String, u64>>,
+}
+
+impl Ledger {
+    /// Holds `caller`'s turn (None: no budget). See [`Backend::budget_turn`].
+    pub async fn turn(&self, caller: &Caller) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let token = caller
+            .token_id
+            .as_ref()
+            .filter(|_| caller.budget.is_some())?;
+        let turn = self
+            .turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(token.clone())
+            .or_default()
+            .clone();
+        Some(turn.lock_owned().await)
+    }
+
+    /// Probes the token's requests in flight reserved.
+    fn pending(&self, token: &str) -> u64 {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(token)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Reserves `probes` for a request of the token.
+    fn hold(&self, token: &str, probes: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let p = pending.entry(token.to_string()).or_default();
+        *p = p.saturating_add(probes);
+    }
+
+    /// Gives back a reservation; the token's entry goes with its last.
+    fn release(&self, token: &str, probes: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pending.get_mut(token) {
+            *p = p.saturating_sub(probes);
+            if *p == 0 {
+                pending.remove(token);
+            }
+        }
+    }
+}
+
+impl Backend {
+    /// Holds `caller`'s turn to check its budget (and reserve, or create and charge)
+    /// (None: no budget). Per token, in this backend; two backends may still each pass
+    /// one request.
+    pub async fn budget_turn(&self, caller: &Caller) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.budgets.turn(caller).await
+    }
+}
+
 /// Probes a request passed its budget check with, held against the token until the
 /// request is made and charged (or not made), so that the token's next check counts
 /// them without waiting for this request's store write.
@@ -148,7 +210,7 @@ pub struct Reservation<'a> {
     b: &'a Backend,
     caller: Caller,
     probes: u64,
-    /// Held in `Backend::budget_pending` (a token with a budget).
+    /// Held in the backend's [`Ledger`] (a token with a budget).
     held: bool,
 }
 
@@ -165,9 +227,7 @@ pub async fn reserve<'a>(
     check(b, caller, cost).await?;
     let held = match (&caller.budget, &caller.token_id) {
         (Some(_), Some(token)) if cost.one_off > 0 => {
-            let mut pending = b.budget_pending.lock().unwrap_or_else(|e| e.into_inner());
-            let p = pending.entry(token.clone()).or_default();
-            *p = p.saturating_add(cost.one_off);
+            b.budgets.hold(token, cost.one_off);
             true
         }
         _ => false,
@@ -198,17 +258,7 @@ impl Reservation<'_> {
         let (true, Some(token)) = (self.held, &self.caller.token_id) else {
             return;
         };
-        let mut pending = self
-            .b
-            .budget_pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = pending.get_mut(token.as_str()) {
-            *p = p.saturating_sub(self.probes);
-            if *p == 0 {
-                pending.remove(token.as_str());
-            }
-        }
+        self.b.budgets.release(token, self.probes);
     }
 }
 
@@ -261,6 +311,7 @@ pub fn ran_today(daily: u64, spec: &ScheduleSpec, now: i64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn spec(interval_ms: u64, start_ms: i64, stop_ms: Option<i64>) -> ScheduleSpec {
         ScheduleSpec {
@@ -289,6 +340,37 @@ mod tests {
         // A huge run cost saturates rather than overflows.
         let c = Cost::schedule("ping_module", u64::MAX, &spec(1000, now, None), now);
         assert_eq!(c.daily, u64::MAX);
+    }
+
+    #[tokio::test]
+    async fn the_ledger_holds_reservations_and_one_turn_per_token() {
+        let l = Ledger::default();
+        l.hold("t", 5);
+        l.hold("t", 3);
+        assert_eq!((l.pending("t"), l.pending("u")), (8, 0));
+        l.release("t", 5);
+        assert_eq!(l.pending("t"), 3);
+        l.release("t", 3);
+        assert!(l.pending.lock().unwrap().is_empty(), "gone with its last");
+        // Releasing what was never held changes nothing.
+        l.release("u", 1);
+        assert_eq!(l.pending("u"), 0);
+
+        let budgeted = Caller {
+            token_id: Some("t".into()),
+            budget: Some(Budget::default()),
+            ..Default::default()
+        };
+        let unlimited = Caller {
+            token_id: Some("t".into()),
+            ..Default::default()
+        };
+        assert!(l.turn(&unlimited).await.is_none(), "no budget, no turn");
+        let held = l.turn(&budgeted).await.expect("a turn");
+        let waiting = tokio::time::timeout(Duration::from_millis(20), l.turn(&budgeted)).await;
+        assert!(waiting.is_err(), "the token's next turn waits");
+        drop(held);
+        assert!(l.turn(&budgeted).await.is_some());
     }
 
     #[test]

@@ -474,14 +474,36 @@ async fn create_schedule(
     })
 }
 
+/// Each agent's schedule version as the store has it, for agents whose schedules
+/// changed or that said hello: what the sweep compares agents' hellos against.
+#[derive(Default)]
+pub struct ScheduleVersions(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+impl ScheduleVersions {
+    /// The store has the agent's set at `version`.
+    pub fn set(&self, agent: &str, version: u64) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(agent.to_string(), version);
+    }
+
+    /// Every agent's version, copied (the lock is not held while sets are sent).
+    pub fn all(&self) -> Vec<(String, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(a, v)| (a.clone(), *v))
+            .collect()
+    }
+}
+
 impl Backend {
     /// The agent's schedule set is now at `version`: sends it if the agent is
     /// connected (if not, its next hello brings it up to date).
     pub async fn schedules_changed(&self, agent: &str, version: u64) {
-        self.schedule_versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(agent.to_string(), version);
+        self.schedule_versions.set(agent, version);
         if self.registry.get(agent).is_some_and(|a| a.alive(now_ms())) {
             self.send_schedules(agent).await;
         }
@@ -497,10 +519,7 @@ impl Backend {
                 return;
             }
         };
-        self.schedule_versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(agent.to_string(), version);
+        self.schedule_versions.set(agent, version);
         let schedules = rows
             .into_iter()
             .filter_map(|r| {
@@ -549,10 +568,7 @@ impl Backend {
                 return;
             }
         } else if theirs == ours {
-            self.schedule_versions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(agent.to_string(), ours);
+            self.schedule_versions.set(agent, ours);
             return;
         }
         self.send_schedules(agent).await;
@@ -561,14 +577,7 @@ impl Backend {
     /// Connected agents whose last hello shows an older schedule set than the
     /// backend's (a lost command): sent again, by the sweep.
     pub async fn resend_stale_schedules(&self, now: i64) {
-        let wanted: Vec<(String, u64)> = self
-            .schedule_versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(a, v)| (a.clone(), *v))
-            .collect();
-        for (agent, version) in wanted {
+        for (agent, version) in self.schedule_versions.all() {
             let stale = self
                 .registry
                 .get(&agent)

@@ -1,0 +1,115 @@
+//! What the backend reports about itself as metrics: the families of `/metrics`
+//! (Prometheus text) and of OTLP, read from current state on each scrape.
+//!
+//! Invariant: both exports read the same families ([`Backend::metric_families`]), so
+//! a figure on `/metrics` is the figure OTLP sends; counters come from
+//! [`super::Stats`], which only ever grow.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use imn_proto::now_ms;
+
+use super::Backend;
+
+impl Backend {
+    /// Every metric family read from current state (the in-process bridge's too).
+    pub fn metric_families(&self) -> Vec<imn_cloud::telemetry::prom::Family> {
+        let mut f = self.metrics.families(&self.registry.all(), now_ms());
+        match self.bridge_stats.get() {
+            Some(b) => f.extend(b.families()),
+            None => f.push(
+                imn_cloud::telemetry::prom::Family::new(
+                    "imn_metric_series_dropped_total",
+                    "imn.metric.series_dropped",
+                    "{series}",
+                    imn_cloud::telemetry::prom::FamilyKind::Counter,
+                    "Label sets not recorded because an instrument had too many.",
+                )
+                .value(imn_cloud::telemetry::prom::series_dropped() as f64),
+            ),
+        }
+        f.push(
+            imn_cloud::telemetry::prom::Family::new(
+                "imn_records_stored_total",
+                "imn.records.stored",
+                "{record}",
+                imn_cloud::telemetry::prom::FamilyKind::Counter,
+                "Outbox records stored (results, state changes, events), duplicates not counted.",
+            )
+            .value(self.stats.records_stored.load(Ordering::Relaxed) as f64),
+        );
+        // What ingest kept out, and why: each is also in /health → ingest.
+        for (name, otel, unit, help, v) in [
+            (
+                "imn_dead_lettered_total",
+                "imn.ingest.dead_lettered",
+                "{record}",
+                "Records the store could not take, kept in the dead letters with the reason (acked).",
+                &self.stats.dead_lettered,
+            ),
+            (
+                "imn_ingest_shed_total",
+                "imn.ingest.shed",
+                "{message}",
+                "Uplink messages dropped unacked because their agent had its share of the ingest queue waiting (the agent resends).",
+                &self.stats.shed,
+            ),
+            (
+                "imn_ingest_records_refused_total",
+                "imn.ingest.records_refused",
+                "{record}",
+                "Records the store refused (too many seq ranges for one outbox epoch), left unacked.",
+                &self.stats.records_refused,
+            ),
+            (
+                "imn_ingest_events_deferred_total",
+                "imn.ingest.events_deferred",
+                "{record}",
+                "Events held back past the per-batch cap (the agent sends them again).",
+                &self.stats.events_deferred,
+            ),
+            (
+                "imn_ingest_hellos_throttled_total",
+                "imn.ingest.hellos_throttled",
+                "{message}",
+                "Hellos that came within a second of their agent's last (the newest is handled when its turn comes).",
+                &self.stats.hellos_throttled,
+            ),
+        ] {
+            f.push(
+                imn_cloud::telemetry::prom::Family::new(
+                    name,
+                    otel,
+                    unit,
+                    imn_cloud::telemetry::prom::FamilyKind::Counter,
+                    help,
+                )
+                .value(v.load(Ordering::Relaxed) as f64),
+            );
+        }
+        f
+    }
+
+    /// Feeds the families of [`Self::metric_families`] to OTLP (when on). Call once,
+    /// after the in-process bridge (if any) is attached.
+    pub fn observe_metrics(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        imn_cloud::telemetry::prom::observe(Arc::new(move || {
+            weak.upgrade()
+                .map(|b| b.metric_families())
+                .unwrap_or_default()
+        }));
+    }
+
+    /// `/metrics`: the Prometheus text format.
+    pub async fn prometheus(&self) -> String {
+        self.refresh_request_states().await;
+        let mut e = imn_cloud::telemetry::prom::Exposition::new();
+        for f in self.metric_families() {
+            f.write(&mut e);
+        }
+        self.metrics.write(&mut e);
+        e.finish()
+    }
+}
