@@ -180,14 +180,11 @@ pub async fn ensure_admin_token(
     {
         return Ok(());
     }
-    let store = backend.store.as_ref();
     let token = match backend
-        .security
         // 1,000 requests a second: the operator's own token, used to provision fleets
         // (enrolling a thousand agents should not take minutes); the limit is only
         // there to stop a runaway script.
         .create_token(
-            store,
             Some("admin".into()),
             vec![Scope::Admin],
             Some(ADMIN_RATE_PER_MIN),
@@ -204,8 +201,7 @@ pub async fn ensure_admin_token(
             return Ok(());
         }
         Err(crate::error::ApiError::Conflict(_)) => backend
-            .security
-            .rotate_token(store, "admin")
+            .rotate_token("admin")
             .await
             .map_err(|e| UpError::Start(e.to_string()))?,
         Err(e) => return Err(UpError::Start(e.to_string())),

@@ -25,10 +25,7 @@ pub(super) async fn enroll_agent(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let e: EnrollBody = json_body(&body)?;
-    let token = b
-        .security
-        .enroll(b.store.as_ref(), &e.id, e.tags.clone())
-        .await?;
+    let token = b.enroll_agent(&e.id, e.tags.clone()).await?;
     b.share_credential(&e.id).await?;
     tracing::info!(agent = %e.id, "agent enrolled");
     Ok((
@@ -52,7 +49,7 @@ pub(super) async fn rotate_agent(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let token = b.security.rotate_agent(b.store.as_ref(), &id).await?;
+    let token = b.rotate_agent(&id).await?;
     b.share_credential(&id).await?;
     tracing::info!(agent = %id, "agent token rotated");
     Ok(Json(json!({"id": id, "token": token})))
@@ -62,7 +59,7 @@ pub(super) async fn revoke_agent(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    b.security.revoke_agent(b.store.as_ref(), &id).await?;
+    b.revoke_agent(&id).await?;
     b.share_credential(&id).await?;
     // Its connection is closed by the bridge; its will may not pass the signature check.
     b.registry.status(&id, false, now_ms());
@@ -88,10 +85,7 @@ pub(super) async fn token_json(
 ) -> Result<Value, ApiError> {
     let budget = b.security.budget_of(t);
     let now = now_ms();
-    let usage = b
-        .store
-        .token_usage(&t.id, crate::budget::day_of(now), now)
-        .await?;
+    let usage = b.token_usage(&t.id, now).await?;
     Ok(json!({
         "id": t.id,
         "scopes": t.scopes,
@@ -124,14 +118,7 @@ pub(super) async fn create_token(
         })?);
     }
     let (id, token) = b
-        .security
-        .create_token(
-            b.store.as_ref(),
-            t.id,
-            scopes.clone(),
-            t.rate_per_min,
-            t.budget,
-        )
+        .create_token(t.id, scopes.clone(), t.rate_per_min, t.budget)
         .await?;
     tracing::info!(token = %id, "API token created");
     Ok((
@@ -153,7 +140,7 @@ pub(super) async fn rotate_token(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let token = b.security.rotate_token(b.store.as_ref(), &id).await?;
+    let token = b.rotate_token(&id).await?;
     tracing::info!(token = %id, "API token rotated");
     Ok(Json(json!({"id": id, "token": token})))
 }
@@ -162,7 +149,7 @@ pub(super) async fn revoke_token(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    b.security.revoke_token(b.store.as_ref(), &id).await?;
+    b.revoke_token(&id).await?;
     tracing::info!(token = %id, "API token revoked");
     Ok(Json(json!({"id": id, "revoked": true})))
 }

@@ -122,7 +122,7 @@ pub(super) async fn status_history(
     }
     let now = now_ms();
     let from = now - window_s as i64 * 1000;
-    let sessions = b.store.sessions(&id, from).await?;
+    let sessions = b.sessions_of(&id, from).await?;
     let mut up_ms = 0;
     let mut intervals = Vec::new();
     let mut prev_end = from;
@@ -152,7 +152,7 @@ pub(super) async fn status_history(
         "agent_id": id,
         "status": if connected { "connected" } else { "disconnected" },
         "status_since": since.map(rfc3339),
-        "first_connected": b.store.first_connected(&id).await?.map(rfc3339),
+        "first_connected": b.first_connected(&id).await?.map(rfc3339),
         "last_connected": sessions.last().map(|s| rfc3339(s.0)),
         "window_s": window_s,
         "uptime_pct": (up_ms as f64 * 100.0 / (window_s as f64 * 1000.0)).min(100.0),
@@ -193,7 +193,7 @@ pub(super) async fn agent(
         .get(&id)
         .ok_or(ApiError::UnknownAgent(id.clone()))?;
     let mut body = agent_json(&a, now_ms());
-    body["records_stored"] = json!(b.store.agent_record_count(&id).await?);
+    body["records_stored"] = json!(b.agent_record_count(&id).await?);
     Ok(Json(body))
 }
 
@@ -206,10 +206,7 @@ pub(super) async fn events(
     if !b.registry.knows(&id) {
         return Err(ApiError::UnknownAgent(id));
     }
-    let rows = b
-        .store
-        .events(&id, q.limit.unwrap_or(100).min(10_000))
-        .await?;
+    let rows = b.events_of(&id, q.limit.unwrap_or(100).min(10_000)).await?;
     Ok(Json(Value::Array(
         rows.into_iter()
             .map(|(at_ms, kind, message)| json!({"at": rfc3339(at_ms), "kind": kind, "message": message}))

@@ -24,7 +24,7 @@ pub(super) async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>,
         "version": env!("CARGO_PKG_VERSION"),
         "agents_known": all.len(),
         "agents_alive": all.iter().filter(|a| a.alive(now)).count(),
-        "records_stored": b.store.record_count().await?,
+        "records_stored": b.record_count().await?,
         "duplicates_dropped": b.stats.duplicates_dropped.load(Relaxed),
         "run_duplicates_dropped": b.stats.run_duplicates_dropped.load(Relaxed),
         "undecodable_messages": b.stats.undecodable.load(Relaxed),
@@ -34,7 +34,7 @@ pub(super) async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>,
         "store_busy_ms": b.stats.store_busy_us.load(Relaxed) / 1000,
         // Records the store could not take, kept with their reason
         // (GET /admin/dead-letters); counted over the store's life.
-        "dead_letters": b.store.dead_letter_count().await?,
+        "dead_letters": b.dead_letter_count().await?,
         // Result streams, and the store reads they cost: one shared read per commit
         // however many are open, plus each stream's own while it catches up.
         "streams": {

@@ -55,7 +55,7 @@ pub(super) async fn measurement_stream(
     caller: CallerExt,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if b.store.measurement(&id).await?.is_none() {
+    if b.measurement(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no measurement {id}")));
     }
     let filter = crate::store::ResultFilter {

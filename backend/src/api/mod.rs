@@ -330,6 +330,48 @@ mod tests {
         }
     }
 
+    /// A layering check, not a behaviour test: the REST handlers (`api/`) and the gRPC
+    /// service (`grpc/mod.rs`) reach the store only through `Backend`'s methods
+    /// (`service/reads.rs` and the rest), never through its `store` field. It reads
+    /// their sources and fails on any code line that reads that field (names that
+    /// only start with it, such as `stored_ms`, and `crate::store::` paths pass).
+    #[test]
+    fn handlers_never_touch_the_store() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(src.join("api"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "rs"))
+            .collect();
+        files.push(src.join("grpc").join("mod.rs"));
+        assert!(files.len() > 2, "{files:?}");
+        // Spelled in two parts so that this line does not find itself.
+        let needle = concat!(".", "store");
+        let mut found = Vec::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                if line.trim_start().starts_with("//") {
+                    continue;
+                }
+                let hits = line.match_indices(needle).any(|(i, m)| {
+                    !line[i + m.len()..]
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_alphanumeric() || c == '_')
+                });
+                if hits {
+                    found.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(
+            found.is_empty(),
+            "handlers reach into the store; add a method to the service instead:\n{}",
+            found.join("\n")
+        );
+    }
+
     #[test]
     fn cross_site_changes_and_rebound_names_are_refused() {
         let local = ("host", "127.0.0.1:8000");

@@ -100,7 +100,7 @@ pub(super) async fn submit(
             }
         }
         // One read for both: the state now, and the result if there is one.
-        if let Some((now, r)) = b.store.request_and_result(&req.id).await? {
+        if let Some((now, r)) = b.request_and_result(&req.id).await? {
             req = now;
             result = r;
         }
@@ -125,11 +125,10 @@ pub(super) async fn states(
     Path(request_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let r = b
-        .store
         .request(&request_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no request {request_id}")))?;
-    let transitions = b.store.transitions(&request_id).await?;
+    let transitions = b.transitions_of(&request_id).await?;
     let mut body = request_json(&r);
     body["created_at"] = rfc3339(r.created_ms);
     body["updated_at"] = rfc3339(r.updated_ms);
@@ -171,7 +170,7 @@ pub(super) async fn dead_letters(
             message: format!("limit: must be 1 to 1000 (got {limit})"),
         });
     }
-    let rows = b.store.dead_letters(q.agent.as_deref(), limit).await?;
+    let rows = b.dead_letters(q.agent.as_deref(), limit).await?;
     Ok(Json(Value::Array(
         rows.into_iter()
             .map(|d| {

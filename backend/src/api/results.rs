@@ -96,10 +96,7 @@ pub(super) async fn result(
             }),
         Some(r) => Ok(Json(result_json(&r))),
         None => {
-            let state = b
-                .request(&request_id)
-                .await?
-                .filter(|r| r.agent_id == id);
+            let state = b.request(&request_id).await?.filter(|r| r.agent_id == id);
             Err(ApiError::NotFound(match state {
                 Some(r) => format!(
                     "request {request_id} has no result yet (state: {})",

@@ -210,11 +210,7 @@ impl pb::imn_server::Imn for ImnService {
         let r = req.into_inner();
         let none_if_empty = |s: String| (!s.is_empty()).then_some(s);
         let after = if r.cursor.is_empty() {
-            self.b
-                .store
-                .latest_position()
-                .await
-                .map_err(|e| status(e.into()))?
+            self.b.latest_position().await.map_err(status)?
         } else {
             crate::api::parse_cursor(&r.cursor).map_err(status)?
         };
