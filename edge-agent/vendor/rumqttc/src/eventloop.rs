@@ -527,3 +527,48 @@ async fn mqtt_connect(
         packet => Err(ConnectionError::NotConnAck(packet)),
     }
 }
+
+/// IMN: the `no-name-lookup` feature (IMN-PATCH.md). `cargo test -p rumqttc`, from the
+/// workspace root, builds the crate with the features the workspace asks for, this one
+/// among them (the agent's); cargo refuses `--features` for a package outside the
+/// workspace.
+#[cfg(all(test, feature = "no-name-lookup"))]
+mod imn_no_name_lookup {
+    use super::*;
+
+    fn options() -> NetworkOptions {
+        NetworkOptions::new()
+    }
+
+    #[tokio::test]
+    async fn a_host_name_is_refused_and_an_address_accepted() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+
+        // "localhost" names this very listener (/etc/hosts): a lookup would reach it.
+        for host in [format!("localhost:{port}"), format!("broker.invalid:{port}")] {
+            let err = socket_connect(host.clone(), options()).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{host}: {err}");
+        }
+
+        for host in [format!("127.0.0.1:{port}"), format!("[127.0.0.1]:{port}")] {
+            let s = socket_connect(host.clone(), options()).await;
+            assert!(s.is_ok(), "{host}: {s:?}");
+            let (_accepted, _) = listener.accept().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_literal_is_accepted() {
+        let Ok(listener) = tokio::net::TcpListener::bind("[::1]:0").await else {
+            eprintln!("no ::1 here: skipped");
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        for host in [format!("[::1]:{port}"), format!("::1:{port}")] {
+            let s = socket_connect(host.clone(), options()).await;
+            assert!(s.is_ok(), "{host}: {s:?}");
+            let (_accepted, _) = listener.accept().await.unwrap();
+        }
+    }
+}

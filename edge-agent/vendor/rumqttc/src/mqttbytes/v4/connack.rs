@@ -87,7 +87,6 @@ fn connect_return(num: u8) -> Result<ConnectReturnCode, Error> {
 mod test {
     use super::*;
     use bytes::BytesMut;
-    use pretty_assertions::assert_eq;
 
     #[test]
     fn connack_parsing_works() {

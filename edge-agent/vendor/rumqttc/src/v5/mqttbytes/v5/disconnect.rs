@@ -443,7 +443,6 @@ mod test {
     // use super::*;
     use super::super::test::{USER_PROP_KEY, USER_PROP_VAL};
     // use bytes::BytesMut;
-    use pretty_assertions::assert_eq;
 
     #[test]
     fn length_calculation() {
