@@ -1,12 +1,13 @@
 //! The module catalog: what each module is called, its version, and the JSON Schema
 //! (draft 2020-12) its parameters must satisfy. The backend validates against these
-//! schemas; the agent reports their hashes in its hello. Each entry is defined beside
-//! its module in [`crate::kinds`]; this file only lists them.
+//! schemas; the agent reports their hashes in its hello. Each entry (`SPEC`) is
+//! defined beside its module in [`crate::kinds`] and registered, with the module's
+//! output variant, in one line of `results::modules!`.
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::kinds::{self, Examples};
+use crate::kinds::Examples;
 use crate::params::ParamError;
 use crate::policy::Demand;
 
@@ -64,35 +65,19 @@ impl ModuleSpec {
 
 pub(crate) const DRAFT: &str = "https://json-schema.org/draft/2020-12/schema";
 
-/// Every module, in the order the API lists them. A new module adds its `SPEC` here
-/// (and its output variant in `results::module_outputs!`, and its run in `imn-probes`).
-static CATALOG: [ModuleSpec; 11] = [
-    kinds::echo::SPEC,
-    kinds::ping::SPEC,
-    kinds::tcping::SPEC,
-    kinds::faulty::SPEC,
-    kinds::heartbeat::SPEC,
-    kinds::traceroute::TRACEROUTE,
-    kinds::traceroute::MTR,
-    kinds::dns::SPEC,
-    kinds::http::HTTP,
-    kinds::http::TLS_CERT,
-    kinds::ntp::SPEC,
-];
-
 /// Every module IMN knows.
 pub fn catalog() -> &'static [ModuleSpec] {
-    &CATALOG
+    crate::results::SPECS
 }
 
 /// The spec of the named module.
 pub fn find(name: &str) -> Option<&'static ModuleSpec> {
-    CATALOG.iter().find(|m| m.name == name)
+    catalog().iter().find(|m| m.name == name)
 }
 
 /// Names of every module, for error messages.
 pub fn names() -> Vec<&'static str> {
-    CATALOG.iter().map(|m| m.name).collect()
+    catalog().iter().map(|m| m.name).collect()
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The typed result of every module: compact on the device link, JSON at the API.
 //!
-//! [`ModuleOutput`] has one variant per module, generated with its conversions from
-//! one table (`module_outputs!` below): adding a module adds one line there. Each
+//! [`ModuleOutput`] has one variant per module, generated with its conversions and the
+//! catalog's list from one table (`modules!` below): registering a module is one line
+//! there. Each
 //! result type lives with its module in [`crate::kinds`]; the old paths are kept.
 
 use serde::{Deserialize, Serialize};
@@ -25,11 +26,15 @@ pub enum ModuleOutcome {
     Timeout,
 }
 
-/// Generates [`ModuleOutput`] (one variant per module, in wire order) and every
-/// conversion that dispatches on it, from one line per module: the variant, the
-/// module's name, and its result type (which implements [`Summary`]).
-macro_rules! module_outputs {
-    ($($(#[$doc:meta])* $variant:ident($ty:ty) = $name:literal,)*) => {
+/// Generates [`ModuleOutput`] (one variant per module, in wire order), every
+/// conversion that dispatches on it, and the catalog's list of specs, from one line per
+/// module: the variant, its result type (which implements [`Summary`]) and the module's
+/// catalog entry.
+macro_rules! modules {
+    ($($(#[$doc:meta])* $variant:ident($ty:ty) = $spec:path,)*) => {
+        /// Every module's catalog entry, in the order the API lists them.
+        pub(crate) const SPECS: &[crate::catalog::ModuleSpec] = &[$($spec),*];
+
         /// One variant per module.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         pub enum ModuleOutput {
@@ -37,13 +42,10 @@ macro_rules! module_outputs {
         }
 
         impl ModuleOutput {
-            /// The module of each variant, in wire order.
-            pub const MODULES: &'static [&'static str] = &[$($name),*];
-
             /// The name of the module that produced this output.
             pub fn module(&self) -> &'static str {
                 match self {
-                    $(ModuleOutput::$variant(_) => $name,)*
+                    $(ModuleOutput::$variant(_) => $spec.name,)*
                 }
             }
 
@@ -59,10 +61,10 @@ macro_rules! module_outputs {
             /// the typed output; `None` for an unknown module or a result that does not
             /// fit its type (written by another version).
             pub fn from_api_json(module: &str, result: &serde_json::Value) -> Option<ModuleOutput> {
-                match module {
-                    $($name => serde_json::from_value(result.clone()).ok().map(ModuleOutput::$variant),)*
-                    _ => None,
-                }
+                $(if module == $spec.name {
+                    return serde_json::from_value(result.clone()).ok().map(ModuleOutput::$variant);
+                })*
+                None
             }
 
             /// The result as one line, e.g. `127.0.0.1 3/3 received, loss 0%,
@@ -87,18 +89,18 @@ macro_rules! module_outputs {
 // New variants go last: postcard numbers variants by position, and the golden bytes
 // (`tests/wire_golden.rs`) hold each. Later ones are boxed, so a small result does not
 // take the space of the largest (postcard encodes a box as its value).
-module_outputs! {
-    Echo(EchoResult) = "echo_module",
-    Ping(PingOutput) = "ping_module",
-    Tcping(TcpingResult) = "tcping",
-    Faulty(FaultyResult) = "faulty_module",
-    Heartbeat(SystemSnapshot) = "heartbeat",
-    Traceroute(Box<kinds::traceroute::TracerouteResult>) = "traceroute",
-    Mtr(Box<kinds::traceroute::MtrResult>) = "mtr",
-    Dns(Box<kinds::dns::DnsResult>) = "dns",
-    Http(Box<kinds::http::HttpResult>) = "http",
-    TlsCert(Box<kinds::http::TlsCertResult>) = "tls_cert",
-    Ntp(Box<kinds::ntp::NtpResult>) = "ntp",
+modules! {
+    Echo(EchoResult) = kinds::echo::SPEC,
+    Ping(PingOutput) = kinds::ping::SPEC,
+    Tcping(TcpingResult) = kinds::tcping::SPEC,
+    Faulty(FaultyResult) = kinds::faulty::SPEC,
+    Heartbeat(SystemSnapshot) = kinds::heartbeat::SPEC,
+    Traceroute(Box<kinds::traceroute::TracerouteResult>) = kinds::traceroute::TRACEROUTE,
+    Mtr(Box<kinds::traceroute::MtrResult>) = kinds::traceroute::MTR,
+    Dns(Box<kinds::dns::DnsResult>) = kinds::dns::SPEC,
+    Http(Box<kinds::http::HttpResult>) = kinds::http::HTTP,
+    TlsCert(Box<kinds::http::TlsCertResult>) = kinds::http::TLS_CERT,
+    Ntp(Box<kinds::ntp::NtpResult>) = kinds::ntp::SPEC,
 }
 
 impl ModuleOutput {
@@ -134,14 +136,26 @@ pub fn stats(samples: &[f64]) -> Option<(f64, f64, f64, f64, f64)> {
 mod tests {
     use super::*;
 
-    /// Every catalogued module has an output variant of the same name, and back.
+    /// Every module has one output variant, named after it, and its API JSON reads
+    /// back as that variant.
     #[test]
     fn every_module_has_one_output_variant() {
-        let mut catalogued: Vec<&str> = crate::catalog::names();
-        let mut outputs: Vec<&str> = ModuleOutput::MODULES.to_vec();
-        catalogued.sort();
-        outputs.sort();
-        assert_eq!(catalogued, outputs);
+        assert_eq!(
+            crate::catalog::names(),
+            [
+                "echo_module",
+                "ping_module",
+                "tcping",
+                "faulty_module",
+                "heartbeat",
+                "traceroute",
+                "mtr",
+                "dns",
+                "http",
+                "tls_cert",
+                "ntp"
+            ]
+        );
         let echo = ModuleOutput::Echo(EchoResult {
             message: "m".into(),
         });
