@@ -243,3 +243,64 @@ fn multithreaded() {
 
     assert_eq!(h.percentile(50.).round() as usize, 20);
 }
+
+// IMN: a test of IMN-PATCH.md, "histograms from zeroed memory".
+#[cfg(all(test, target_os = "linux"))]
+mod imn_test {
+    use super::*;
+
+    const CHILD: &str = "SLED_IMN_HISTOGRAM_CHILD";
+
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Run by `new_histograms_stay_out_of_memory` in a process of its own (this test
+    /// binary, filtered to this test), so that no other test's allocations count.
+    #[test]
+    #[ignore = "run by new_histograms_stay_out_of_memory in its own process"]
+    fn histogram_rss_child() {
+        if std::env::var_os(CHILD).is_none() {
+            return;
+        }
+        let before = rss_kib();
+        let hs: Vec<Histogram> = (0..40).map(|_| Histogram::default()).collect();
+        let after = rss_kib();
+        println!("RSS_DELTA_KIB={}", after.saturating_sub(before));
+        drop(hs);
+    }
+
+    /// sled makes some 40 histograms per process; each has 2^16 buckets (512 KiB).
+    /// Filled one by one they were all resident (20 MiB); from zeroed memory none of
+    /// it is until a bucket is counted.
+    #[test]
+    fn new_histograms_stay_out_of_memory() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "histogram::imn_test::histogram_rss_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "child failed: {}", stdout);
+        // The test harness prints it after the test's name, on the same line.
+        let delta: u64 = stdout
+            .split("RSS_DELTA_KIB=")
+            .nth(1)
+            .map(|v| v.chars().take_while(char::is_ascii_digit).collect::<String>())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no RSS_DELTA_KIB in {:?}", stdout));
+        // 40 touched histograms: 20,480 KiB.
+        assert!(delta < 4 * 1024, "40 new histograms made {} KiB resident", delta);
+    }
+}
