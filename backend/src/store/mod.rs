@@ -2,7 +2,8 @@
 //! agents sent. One [`Store`], made of a trait per aggregate ([`AgentStore`],
 //! [`RequestStore`], [`MeasurementStore`], [`CredentialStore`]); the embedded default
 //! is [`SqliteStore`] (one file, no setup); [`PostgresStore`] is for deployments where
-//! several backends share one database.
+//! several backends share one database. Both keep their schema with numbered SQL
+//! migrations, applied and recorded the same way (`migrate`).
 //!
 //! Records are keyed by (agent, epoch, seq), so storing is idempotent: a batch sent
 //! twice is stored once, which makes the at-least-once path exactly-once for users.
@@ -15,6 +16,7 @@
 
 #[cfg(test)]
 mod conformance;
+mod migrate;
 pub mod pg_cluster;
 mod pg_tls;
 mod postgres;

@@ -86,180 +86,6 @@ fn message<E: std::fmt::Display + 'static>(e: &E) -> String {
     }
 }
 
-/// Each migration runs once, in order, in a transaction; `schema_version` counts them.
-const MIGRATIONS: &[&str] = &[
-    // 1: the layout of this version.
-    "
-CREATE TABLE agents (
-    id TEXT PRIMARY KEY,
-    first_seen_ms BIGINT NOT NULL,
-    last_hello_ms BIGINT NOT NULL,
-    hello_json TEXT NOT NULL
-);
-CREATE TABLE requests (
-    id TEXT PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    module TEXT NOT NULL,
-    params_json TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created_ms BIGINT NOT NULL,
-    updated_ms BIGINT NOT NULL,
-    deadline_ms BIGINT NOT NULL,
-    timeout_ms BIGINT NOT NULL,
-    idempotency_key TEXT UNIQUE,
-    traceparent TEXT,
-    measurement_id TEXT,
-    -- The request's first result: its position and agent time (which names its
-    -- partition, so the lookup touches one).
-    result_pos BIGINT,
-    result_at_ms BIGINT
-);
-CREATE INDEX requests_agent_state ON requests (agent_id, state);
-CREATE INDEX requests_measurement ON requests (measurement_id) WHERE measurement_id IS NOT NULL;
-CREATE INDEX requests_open_deadline ON requests (deadline_ms)
-    WHERE state IN ('pending', 'dispatched', 'received', 'running');
-CREATE TABLE agent_sessions (
-    id BIGSERIAL PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    connected_ms BIGINT NOT NULL,
-    disconnected_ms BIGINT
-);
-CREATE INDEX agent_sessions_agent ON agent_sessions (agent_id, connected_ms);
-CREATE TABLE measurements (
-    id TEXT PRIMARY KEY,
-    module TEXT NOT NULL,
-    params_json TEXT NOT NULL,
-    selection_json TEXT NOT NULL,
-    description TEXT,
-    created_ms BIGINT NOT NULL,
-    deadline_ms BIGINT NOT NULL,
-    schedule_json TEXT,
-    stopped_ms BIGINT
-);
-CREATE TABLE schedule_agents (
-    measurement_id TEXT NOT NULL,
-    agent_id TEXT NOT NULL,
-    params_json TEXT NOT NULL,
-    timeout_ms BIGINT NOT NULL,
-    added_version BIGINT NOT NULL,
-    PRIMARY KEY (measurement_id, agent_id)
-);
-CREATE INDEX schedule_agents_agent ON schedule_agents (agent_id);
-CREATE TABLE schedule_versions (
-    agent_id TEXT PRIMARY KEY,
-    version BIGINT NOT NULL
-);
-CREATE TABLE transitions (
-    id BIGSERIAL PRIMARY KEY,
-    request_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    at_ms BIGINT NOT NULL,
-    observer TEXT NOT NULL,
-    detail TEXT
-);
-CREATE INDEX transitions_request ON transitions (request_id);
-CREATE TABLE agent_counts (
-    agent_id TEXT PRIMARY KEY,
-    records BIGINT NOT NULL
-);
-CREATE TABLE credentials (
-    kind TEXT NOT NULL,
-    id TEXT NOT NULL,
-    secret_hash TEXT NOT NULL,
-    message_key TEXT,
-    scopes TEXT NOT NULL,
-    tags TEXT NOT NULL,
-    rate_per_min DOUBLE PRECISION,
-    created_ms BIGINT NOT NULL,
-    revoked_ms BIGINT,
-    PRIMARY KEY (kind, id)
-);
-CREATE SEQUENCE records_position;
--- Ids compare byte-wise (COLLATE \"C\"): they are ASCII, and the indexes on them are
--- the hot part of every insert.
-CREATE TABLE records (
-    position BIGINT NOT NULL DEFAULT nextval('records_position'),
-    agent_id TEXT COLLATE \"C\" NOT NULL,
-    epoch BIGINT NOT NULL,
-    seq BIGINT NOT NULL,
-    kind TEXT COLLATE \"C\" NOT NULL,
-    request_id TEXT,
-    module TEXT,
-    measurement_id TEXT,
-    scheduled_ms BIGINT,
-    at_ms BIGINT NOT NULL,
-    stored_ms BIGINT NOT NULL,
-    body JSONB NOT NULL
-) PARTITION BY RANGE (at_ms);
-CREATE UNIQUE INDEX records_id ON records (agent_id, epoch, seq, at_ms);
-CREATE INDEX records_position_idx ON records (position);
-CREATE INDEX records_agent ON records (agent_id, kind, position);
-CREATE INDEX records_measurement ON records (measurement_id, agent_id, position)
-    WHERE measurement_id IS NOT NULL;
-CREATE TABLE records_default PARTITION OF records DEFAULT;
-",
-    // 2: the dead letters, token budgets, and bodies JSONB cannot hold.
-    "
-ALTER TABLE measurements ADD COLUMN owner TEXT,
-    ADD COLUMN daily_probes BIGINT NOT NULL DEFAULT 0;
-CREATE INDEX measurements_owner ON measurements (owner)
-    WHERE owner IS NOT NULL AND schedule_json IS NOT NULL AND stopped_ms IS NULL;
-ALTER TABLE requests ADD COLUMN idempotency_hash TEXT;
-ALTER TABLE credentials ADD COLUMN budget_json TEXT;
--- JSONB cannot hold the escape \\u0000 (NUL), which is valid JSON and which an agent's
--- text can carry (an echo message, an HTTP body's first bytes, a DNS TXT string).
--- Such a record keeps its exact JSON text here, and `body` a copy with each
--- \\u0000 escape made \\u2400 (the symbol for NUL), which JSONB takes: reads prefer
--- this column, so the API returns what the agent sent, while SQL over `body` still
--- works for every record. A new nullable column: no table is rewritten.
-ALTER TABLE records ADD COLUMN body_text TEXT;
--- Finds a month's rows in the default partition when the month gets its partition.
-CREATE INDEX records_default_at ON records_default (at_ms);
-CREATE TABLE dead_letters (
-    id BIGSERIAL PRIMARY KEY,
-    agent_id TEXT NOT NULL,
-    epoch BIGINT NOT NULL,
-    seq BIGINT NOT NULL,
-    at_ms BIGINT NOT NULL,
-    kind TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    -- Bytes: whatever made the record unstorable, they can be kept.
-    body BYTEA NOT NULL,
-    stored_ms BIGINT NOT NULL,
-    UNIQUE (agent_id, epoch, seq)
-);
-CREATE INDEX dead_letters_agent ON dead_letters (agent_id, id);
-CREATE TABLE token_spend (
-    token TEXT NOT NULL,
-    day BIGINT NOT NULL,
-    probes BIGINT NOT NULL,
-    PRIMARY KEY (token, day)
-);
-",
-    // 3: one result per run and agent (see RecordRow::run_key). Not partitioned: a
-    // unique key on the partitioned records table must include at_ms, and a second
-    // result for a run has another. One small row per result; dropping a month of
-    // records should delete its rows here by at_ms. Results stored before keep their
-    // runs; a run stored twice already keeps both rows of records.
-    "
-CREATE TABLE run_results (
-    agent_id TEXT COLLATE \"C\" NOT NULL,
-    run_key TEXT COLLATE \"C\" NOT NULL,
-    at_ms BIGINT NOT NULL,
-    PRIMARY KEY (agent_id, run_key)
-);
-INSERT INTO run_results (agent_id, run_key, at_ms)
-    SELECT agent_id,
-           CASE WHEN measurement_id IS NOT NULL AND scheduled_ms IS NOT NULL
-                THEN 'slot:' || measurement_id || '@' || scheduled_ms
-                ELSE 'req:' || request_id END,
-           at_ms
-    FROM records WHERE kind = 'result'
-        AND ((measurement_id IS NOT NULL AND scheduled_ms IS NOT NULL) OR request_id IS NOT NULL)
-    ON CONFLICT DO NOTHING;
-",
-];
-
 /// The records table's columns, as a partition made by moving rows takes them.
 const RECORD_COLUMNS: &str = "position, agent_id, epoch, seq, kind, request_id, module, measurement_id, scheduled_ms, at_ms, stored_ms, body, body_text";
 
@@ -415,44 +241,35 @@ impl PostgresStore {
         })
     }
 
+    /// Brings the database to the newest schema (see [`super::migrate`]), one
+    /// migration per transaction. Each transaction holds the migration lock: backends
+    /// starting together take turns, and the later ones find the work done.
     async fn migrate(&self) -> Result<(), StoreError> {
+        use super::migrate::{failed, next, set_version, POSTGRES, READ_VERSION, VERSION_TABLE};
         let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(db)?;
-        // Backends starting together: one migrates, the others wait and find it done.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
-            .await
-            .map_err(db)?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL)")
-            .await
-            .map_err(db)?;
-        let done: i32 = tx
-            .query_opt("SELECT version FROM schema_version", &[])
-            .await
-            .map_err(db)?
-            .map(|r| r.get(0))
-            .unwrap_or(0);
-        if done as usize > MIGRATIONS.len() {
-            return Err(StoreError::Db(format!(
-                "the database is at schema version {done}, newer than this backend's {}: upgrade the backend",
-                MIGRATIONS.len()
-            )));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(done as usize) {
-            tx.batch_execute(sql)
+        loop {
+            let tx = c.transaction().await.map_err(db)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])
                 .await
-                .map_err(|e| StoreError::Db(format!("migration {}: {}", i + 1, message(&e))))?;
+                .map_err(db)?;
+            tx.batch_execute(VERSION_TABLE).await.map_err(db)?;
+            let version: i32 = tx
+                .query_opt(READ_VERSION, &[])
+                .await
+                .map_err(db)?
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            let Some(m) = next("PostgreSQL", POSTGRES, version.into())? else {
+                return tx.commit().await.map_err(db);
+            };
+            tx.batch_execute(m.sql)
+                .await
+                .map_err(|e| failed(m, message(&e)))?;
+            tx.batch_execute(&set_version(m.version))
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
         }
-        let version = MIGRATIONS.len() as i32;
-        tx.execute("DELETE FROM schema_version", &[])
-            .await
-            .map_err(db)?;
-        tx.execute(
-            "INSERT INTO schema_version (version) VALUES ($1)",
-            &[&version],
-        )
-        .await
-        .map_err(db)?;
-        tx.commit().await.map_err(db)
     }
 
     /// Makes the monthly partitions these agent times need (see [`partition_of`]) in
@@ -2038,6 +1855,7 @@ impl PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::migrate::{latest, POSTGRES};
 
     #[test]
     fn months_and_urls() {
@@ -2101,7 +1919,10 @@ mod tests {
         let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
         let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         let task = tokio::spawn(conn);
-        client.batch_execute(MIGRATIONS[0]).await.unwrap();
+        client
+            .batch_execute(crate::store::migrate::POSTGRES[0].sql)
+            .await
+            .unwrap();
         client
             .batch_execute(
                 r#"CREATE TABLE schema_version (version INT NOT NULL);
@@ -2152,8 +1973,137 @@ mod tests {
         assert_eq!((out.stored, out.dead_lettered), (1, 0));
         assert_eq!(s.events("a", 1).await.unwrap()[0].2, "a\0b");
         drop(s);
+        assert_eq!(schema_version(&url).await, vec![latest(POSTGRES) as i32]);
         // Connecting again migrates nothing more.
         let s = PostgresStore::connect(&url).await.unwrap();
         assert_eq!(s.record_count().await.unwrap(), 2);
+        assert_eq!(schema_version(&url).await, vec![latest(POSTGRES) as i32]);
+    }
+
+    /// The rows of `schema_version` (one, once migrated).
+    async fn schema_version(url: &str) -> Vec<i32> {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+        let task = tokio::spawn(conn);
+        let rows = client
+            .query("SELECT version FROM schema_version", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        drop(client);
+        let _ = task.await;
+        rows
+    }
+
+    /// What a database looks like to a test: tables and their columns.
+    async fn columns(url: &str) -> Vec<(String, String)> {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+        let task = tokio::spawn(conn);
+        let rows = client
+            .query(
+                "SELECT table_name::text, column_name::text FROM information_schema.columns
+                 WHERE table_schema = 'public' ORDER BY 1, 2",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        drop(client);
+        let _ = task.await;
+        rows
+    }
+
+    /// A new database gets every migration, and so the same tables as one migrated
+    /// from version 1 (every migration after the first applied to existing data).
+    #[tokio::test]
+    async fn a_new_database_gets_every_migration() {
+        let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        let s = PostgresStore::connect(&url).await.unwrap();
+        assert_eq!(schema_version(&url).await, vec![latest(POSTGRES) as i32]);
+        let cols = columns(&url).await;
+        for (table, column) in [
+            ("records", "body_text"),
+            ("dead_letters", "reason"),
+            ("token_spend", "probes"),
+            ("run_results", "run_key"),
+            ("credentials", "budget_json"),
+        ] {
+            assert!(
+                cols.contains(&(table.to_string(), column.to_string())),
+                "{table}.{column}"
+            );
+        }
+        assert_eq!(s.dead_letter_count().await.unwrap(), 0);
+        // The same layout as a database that was at version 1 and migrated.
+        let (_c2, old) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        {
+            let (client, conn) = tokio_postgres::connect(&old, NoTls).await.unwrap();
+            let task = tokio::spawn(conn);
+            client.batch_execute(POSTGRES[0].sql).await.unwrap();
+            client
+                .batch_execute(
+                    "CREATE TABLE schema_version (version INT NOT NULL);
+                     INSERT INTO schema_version VALUES (1);",
+                )
+                .await
+                .unwrap();
+            drop(client);
+            let _ = task.await;
+        }
+        drop(PostgresStore::connect(&old).await.unwrap());
+        assert_eq!(columns(&old).await, cols);
+    }
+
+    #[tokio::test]
+    async fn a_database_of_a_newer_version_is_refused_and_left_alone() {
+        let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        drop(PostgresStore::connect(&url).await.unwrap());
+        let newer = latest(POSTGRES) + 1;
+        {
+            let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            let task = tokio::spawn(conn);
+            client
+                .batch_execute(&crate::store::migrate::set_version(newer))
+                .await
+                .unwrap();
+            drop(client);
+            let _ = task.await;
+        }
+        let e = PostgresStore::connect(&url)
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains(&format!("schema version {newer}"))
+                && e.contains(&format!("this backend's {}", latest(POSTGRES))),
+            "{e}"
+        );
+        assert_eq!(schema_version(&url).await, vec![newer as i32]);
+    }
+
+    /// Backends starting at once on a new database: one migrates (each migration
+    /// under the migration lock), the others find the work done; connecting again
+    /// changes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn backends_migrating_at_once_and_again_apply_each_migration_once() {
+        let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { PostgresStore::connect(&url).await.map(drop) })
+            })
+            .collect();
+        for s in starts {
+            s.await.unwrap().unwrap();
+        }
+        assert_eq!(schema_version(&url).await, vec![latest(POSTGRES) as i32]);
+        let cols = columns(&url).await;
+        let s = PostgresStore::connect(&url).await.unwrap();
+        s.migrate().await.unwrap();
+        assert_eq!(schema_version(&url).await, vec![latest(POSTGRES) as i32]);
+        assert_eq!(columns(&url).await, cols);
     }
 }
