@@ -4,9 +4,11 @@
 //! process with a bridge and local agents.
 //!
 //! Where to look:
-//! - [`service::Backend`]: the core every front end calls: validation, requests and
-//!   their dispatch, ingest of what agents send, acks, waiters.
-//! - [`api`] (REST, a file per resource) and [`grpc`]: thin front ends over it.
+//! - [`service::Backend`]: the core every front end calls, a file per job in
+//!   `service/`: validation, requests and their dispatch, ingest of what agents send,
+//!   acks, waiters, agents' sessions and hellos, and the reads the front ends make.
+//! - [`api`] (REST, a file per resource) and [`grpc`]: thin front ends over it; they
+//!   reach the store only through the service.
 //! - [`store`]: the [`store::Store`] trait, SQLite (embedded default) and PostgreSQL.
 //! - [`registry`]: which agents exist and are alive; [`fleet`]: measurements on many
 //!   agents and schedules; [`security`] and [`budget`]: who may do what, and how much.
@@ -15,7 +17,6 @@
 pub mod api;
 pub mod atlas;
 pub mod budget;
-pub mod certs;
 pub mod error;
 pub mod feed;
 pub mod fleet;
@@ -29,6 +30,8 @@ pub mod security;
 pub mod serve;
 pub mod service;
 pub mod store;
+#[cfg(test)]
+mod test_pki;
 pub mod tls;
 pub mod ui;
 pub mod validation;

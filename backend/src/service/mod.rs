@@ -3,13 +3,13 @@
 //! reach the store only through [`Backend`]'s methods.
 //!
 //! [`Backend`] is one object with a file per job:
-//! - [`uplink`]: ingest, from the bus to the store, and acks;
-//! - [`dispatch`]: making requests, sending commands, the sweep;
-//! - [`waiters`]: callers waiting for a request to finish ([`waiters::Waiters`]);
-//! - [`sessions`]: agents' connection sessions and hello turns
-//!   ([`sessions::Sessions`], [`sessions::Hellos`]);
-//! - [`reads`]: what the front ends read and change in the store;
-//! - [`metrics`]: `/metrics` and OTLP;
+//! - `uplink.rs`: ingest, from the bus to the store, and acks;
+//! - `dispatch.rs`: making requests, sending commands, the sweep;
+//! - `waiters.rs`: callers waiting for a request to finish (the `Waiters` part);
+//! - `sessions.rs`: agents' connection sessions and hello turns (the `Sessions` and
+//!   `Hellos` parts);
+//! - `reads.rs`: what the front ends read and change in the store;
+//! - `metrics.rs`: `/metrics` and OTLP;
 //! - fleet measurements and schedules are in [`crate::fleet`], budgets in
 //!   [`crate::budget`], news between backends in [`crate::peers`].
 //!
