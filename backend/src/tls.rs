@@ -350,7 +350,6 @@ fn is_connection_error(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::{self, CertsRequest};
     use axum::routing::get;
     use axum::Router;
     use tokio::io::AsyncReadExt;
@@ -383,13 +382,7 @@ mod tests {
     /// Certificates for localhost/127.0.0.1 and a client "agent-1", in a temp dir.
     fn pki() -> TempDir {
         let dir = TempDir::new();
-        certs::generate(&CertsRequest {
-            dir: dir.0.clone(),
-            hosts: vec!["localhost".into(), "127.0.0.1".into()],
-            clients: vec!["agent-1".into()],
-            days: 1,
-        })
-        .unwrap();
+        crate::test_pki::generate(&dir.0, &["localhost", "127.0.0.1"], &["agent-1"]);
         dir
     }
 

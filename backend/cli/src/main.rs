@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::client::{Client, ClientFlags};
 use crate::up::{up, UpOptions};
 
+mod certs;
 mod cli;
 mod client;
 mod up;
@@ -332,7 +333,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
             clients,
             days,
         } => {
-            let report = imn_backend::certs::generate(&imn_backend::certs::CertsRequest {
+            let report = crate::certs::generate(&crate::certs::CertsRequest {
                 dir,
                 hosts,
                 clients,

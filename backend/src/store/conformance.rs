@@ -1626,14 +1626,8 @@ async fn postgres_a_month_near_the_clock_takes_its_rows_from_the_default_partiti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_over_tls_checks_the_servers_certificate() {
     let dir = std::env::temp_dir().join(format!("imn-pgtls-{:08x}", rand::random::<u32>()));
-    let req = |d: &std::path::Path| crate::certs::CertsRequest {
-        dir: d.to_path_buf(),
-        hosts: vec!["127.0.0.1".into()],
-        clients: vec![],
-        days: 2,
-    };
-    crate::certs::generate(&req(&dir.join("a"))).unwrap();
-    crate::certs::generate(&req(&dir.join("b"))).unwrap();
+    crate::test_pki::generate(&dir.join("a"), &["127.0.0.1"], &[]);
+    crate::test_pki::generate(&dir.join("b"), &["127.0.0.1"], &[]);
     let (cert, key) = (dir.join("a/server.pem"), dir.join("a/server.key"));
     let cluster = tokio::task::spawn_blocking(move || {
         crate::store::pg_cluster::TempCluster::start_with(false, Some((&cert, &key)))

@@ -427,7 +427,9 @@ fn issue(
 
 /// A positive, non-zero 128-bit random serial number.
 fn random_serial() -> SerialNumber {
-    let mut bytes: [u8; 16] = rand::random();
+    let mut bytes = [0u8; 16];
+    // The OS's random source; without it there is no certificate worth issuing.
+    getrandom::getrandom(&mut bytes).expect("the OS's random source");
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
     SerialNumber::from_slice(&bytes)
 }
