@@ -9,7 +9,8 @@
 //! a router is the code the tests run.
 //!
 //! Answers are parsed defensively: a reply from the network never panics the agent, and
-//! a reply whose id, question or flags do not match the query is ignored.
+//! a reply whose id, question or flags do not match the query is ignored. The DNS codec,
+//! [`wire`], is also the `dns` measurement module's.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::RwLock;
@@ -18,10 +19,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-const TYPE_A: u16 = 1;
-const TYPE_CNAME: u16 = 5;
-const TYPE_AAAA: u16 = 28;
-const CLASS_IN: u16 = 1;
+pub mod wire;
+
+use wire::{Header, NameRules, Query, Question, Reader, Record};
+use wire::{CLASS_IN, FLAG_TC, TYPE_A, TYPE_AAAA, TYPE_CNAME};
 
 /// Name servers set by the agent's config; when empty, `/etc/resolv.conf` decides.
 static NAMESERVERS: RwLock<Vec<SocketAddr>> = RwLock::new(Vec::new());
@@ -305,18 +306,7 @@ async fn exchange_tcp(
 
 /// A query with recursion desired.
 pub fn encode_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-    let mut m = Vec::with_capacity(18 + name.len());
-    m.extend_from_slice(&id.to_be_bytes());
-    m.extend_from_slice(&[0x01, 0x00]); // RD
-    m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]); // one question
-    for label in name.trim_end_matches('.').split('.') {
-        m.push(label.len() as u8);
-        m.extend_from_slice(label.as_bytes());
-    }
-    m.push(0);
-    m.extend_from_slice(&qtype.to_be_bytes());
-    m.extend_from_slice(&CLASS_IN.to_be_bytes());
-    m
+    Query::recursive(name, qtype).encode(id)
 }
 
 #[derive(Debug, PartialEq)]
@@ -339,103 +329,67 @@ pub enum ParseError {
     Bad(String),
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
+/// The resolver's bounds on names: 128 labels and pointers, and at most 255
+/// characters as [`lower_text`] spells the name. They are the resolver's own from before
+/// its codec was shared with the `dns` module, kept so that it takes and refuses the
+/// answers it did; [`NameRules::RFC`] would refuse a few longer names and allow longer
+/// pointer chains.
+const NAMES: NameRules = NameRules {
+    steps: 128,
+    too_long: |wire| lower_text(wire).len() > 255,
+};
 
-impl Reader<'_> {
-    fn u8(&mut self) -> Result<u8, ParseError> {
-        let b = *self.buf.get(self.pos).ok_or_else(short)?;
-        self.pos += 1;
-        Ok(b)
-    }
-    fn u16(&mut self) -> Result<u16, ParseError> {
-        Ok(u16::from(self.u8()?) << 8 | u16::from(self.u8()?))
-    }
-    fn bytes(&mut self, n: usize) -> Result<&[u8], ParseError> {
-        let end = self.pos.checked_add(n).ok_or_else(short)?;
-        let b = self.buf.get(self.pos..end).ok_or_else(short)?;
-        self.pos = end;
-        Ok(b)
-    }
-    /// Reads a possibly compressed name, lowercased and dot-joined.
-    fn name(&mut self) -> Result<String, ParseError> {
-        let mut out = String::new();
-        let mut pos = self.pos;
-        let mut jumped = false;
-        // Each pointer must go backwards, so a loop cannot go on forever; the count
-        // is a second guard.
-        for _ in 0..128 {
-            let len = *self.buf.get(pos).ok_or_else(short)?;
-            match len {
-                0 => {
-                    if !jumped {
-                        self.pos = pos + 1;
-                    }
-                    return Ok(out);
-                }
-                l if l & 0xC0 == 0xC0 => {
-                    let lo = *self.buf.get(pos + 1).ok_or_else(short)?;
-                    let target = (usize::from(l & 0x3F) << 8) | usize::from(lo);
-                    if target >= pos {
-                        return Err(ParseError::Bad("name pointer does not point back".into()));
-                    }
-                    if !jumped {
-                        self.pos = pos + 2;
-                        jumped = true;
-                    }
-                    pos = target;
-                }
-                l if l & 0xC0 == 0 => {
-                    let l = usize::from(l);
-                    let label = self.buf.get(pos + 1..pos + 1 + l).ok_or_else(short)?;
-                    if !out.is_empty() {
-                        out.push('.');
-                    }
-                    out.extend(label.iter().map(|b| b.to_ascii_lowercase() as char));
-                    if out.len() > 255 {
-                        return Err(ParseError::Bad("name longer than 255 bytes".into()));
-                    }
-                    pos += 1 + l;
-                }
-                _ => return Err(ParseError::Bad("unknown label type".into())),
-            }
+/// A wire-format name as the resolver compares names: ASCII lowercased, dot-joined,
+/// without the final dot; a byte above 0x7f as the character of the same number (two
+/// bytes in UTF-8).
+fn lower_text(wire: &[u8]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while let Some(&l) = wire.get(i).filter(|&&l| l != 0) {
+        let label = wire.get(i + 1..i + 1 + usize::from(l)).unwrap_or_default();
+        if !out.is_empty() {
+            out.push('.');
         }
-        Err(ParseError::Bad("name has too many labels".into()))
+        out.extend(label.iter().map(|b| b.to_ascii_lowercase() as char));
+        i += 1 + usize::from(l);
     }
+    out
 }
 
-fn short() -> ParseError {
-    ParseError::Bad("answer ends early".into())
+/// The resolver's words for a message it cannot read.
+fn bad(e: wire::Error) -> ParseError {
+    ParseError::Bad(
+        match e {
+            wire::Error::Short | wire::Error::NameShort => "answer ends early",
+            wire::Error::Forward(_) => "name pointer does not point back",
+            wire::Error::TooLong => "name longer than 255 bytes",
+            wire::Error::LabelType(_) => "unknown label type",
+            wire::Error::TooManySteps => "name has too many labels",
+        }
+        .into(),
+    )
 }
 
 /// Checks that `buf` answers query `id` for `name`/`qtype`, and takes its addresses.
 /// Follows the CNAME chain from `name`, so only addresses of the name asked count.
 pub fn parse_response(buf: &[u8], id: u16, name: &str, qtype: u16) -> Result<Parsed, ParseError> {
-    let mut r = Reader { buf, pos: 0 };
-    let rid = r.u16().map_err(|_| ParseError::NotOurs)?;
-    let flags = r.u16().map_err(|_| ParseError::NotOurs)?;
-    if rid != id || flags & 0x8000 == 0 {
+    if wire::reply_id(buf) != Some(id) {
         return Err(ParseError::NotOurs);
     }
-    let qd = r.u16()?;
-    let an = r.u16()?;
-    let _ns = r.u16()?;
-    let _ar = r.u16()?;
+    let mut r = Reader::new(buf).with_rules(NAMES);
+    let h = Header::read(&mut r).map_err(bad)?;
     let want = name.trim_end_matches('.').to_ascii_lowercase();
-    if qd != 1 {
+    if h.qdcount != 1 {
         return Err(ParseError::NotOurs);
     }
-    let qname = r.name()?;
-    let (qt, qc) = (r.u16()?, r.u16()?);
-    if qname != want || qt != qtype || qc != CLASS_IN {
+    let q = Question::read(&mut r).map_err(bad)?;
+    if lower_text(&q.name) != want || q.qtype != qtype || q.qclass != CLASS_IN {
         return Err(ParseError::NotOurs);
     }
-    if flags & 0x0200 != 0 {
+    if h.has(FLAG_TC) {
         return Ok(Parsed::Truncated);
     }
-    match flags & 0x000F {
+    match h.rcode() {
         0 => {}
         3 => return Ok(Parsed::Done(Answer::NoName)),
         2 => return Err(ParseError::Bad("server failure (SERVFAIL)".into())),
@@ -443,28 +397,23 @@ pub fn parse_response(buf: &[u8], id: u16, name: &str, qtype: u16) -> Result<Par
         rc => return Err(ParseError::Bad(format!("error rcode {rc}"))),
     }
     let mut records = Vec::new();
-    for _ in 0..an {
-        let owner = r.name()?;
-        let (t, class) = (r.u16()?, r.u16()?);
-        let _ttl = r.bytes(4)?;
-        let len = usize::from(r.u16()?);
-        let start = r.pos;
-        let data = r.bytes(len)?;
-        let value = match (t, class, data.len()) {
-            (TYPE_A, CLASS_IN, 4) => Some(Rec::Ip(IpAddr::from(
-                <[u8; 4]>::try_from(data).map_err(|_| short())?,
-            ))),
-            (TYPE_AAAA, CLASS_IN, 16) => Some(Rec::Ip(IpAddr::from(
-                <[u8; 16]>::try_from(data).map_err(|_| short())?,
-            ))),
+    for _ in 0..h.ancount {
+        let rec = Record::read(&mut r).map_err(bad)?;
+        let value = match (rec.rtype, rec.class, rec.data) {
+            (TYPE_A, CLASS_IN, &[a, b, c, d]) => Some(Rec::Ip(IpAddr::from([a, b, c, d]))),
+            (TYPE_AAAA, CLASS_IN, data) if data.len() == 16 => {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(data);
+                Some(Rec::Ip(IpAddr::from(a)))
+            }
             (TYPE_CNAME, CLASS_IN, _) => {
-                let mut sub = Reader { buf, pos: start };
-                Some(Rec::Alias(sub.name()?))
+                let mut sub = Reader::new(buf).with_rules(NAMES).at(rec.data_at);
+                Some(Rec::Alias(lower_text(&sub.name().map_err(bad)?)))
             }
             _ => None,
         };
         if let Some(v) = value {
-            records.push((owner, v));
+            records.push((lower_text(&rec.name), v));
         }
     }
     // Follow aliases from the name asked, at most 16 deep.
@@ -634,6 +583,96 @@ mod tests {
         // A pointer to itself is refused, not followed forever.
         let looped = reply(&q, 0, &[(&[0xC0, 30], TYPE_A, &[1, 2, 3, 4])]);
         assert!(parse_response(&looped, 9, "a.test", TYPE_AAAA).is_err());
+        assert_eq!(
+            parse_response(&looped, 9, "a.test", TYPE_AAAA),
+            Err(ParseError::Bad("name pointer does not point back".into()))
+        );
+    }
+
+    /// The resolver's words, and its bounds on names (not RFC 1035's: 128 steps, 255
+    /// characters as `lower_text` spells the name).
+    #[test]
+    fn errors_and_name_bounds() {
+        let q = encode_query(9, "a.test", TYPE_A);
+        let ok = reply(&q, 0, &[(&[0xC0, 12], TYPE_A, &[1, 2, 3, 4])]);
+        let bad = |m: &[u8]| match parse_response(m, 9, "a.test", TYPE_A) {
+            Err(ParseError::Bad(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(bad(&ok[..ok.len() - 1]), "answer ends early");
+        assert_eq!(bad(&ok[..11]), "answer ends early");
+        assert_eq!(
+            parse_response(&ok[..3], 9, "a.test", TYPE_A),
+            Err(ParseError::NotOurs)
+        );
+        let mut label_type = ok.clone();
+        label_type[24] = 0x80;
+        assert_eq!(bad(&label_type), "unknown label type");
+        assert_eq!(bad(&reply(&q, 5, &[])), "query refused (REFUSED)");
+        assert_eq!(bad(&reply(&q, 4, &[])), "error rcode 4");
+        // An A record whose owner is a pointer to a chain of `k` more pointers to the
+        // question's name (the chain is the data of a record before it): k + 1
+        // pointers, two labels and the root label.
+        let owned_via = |k: usize| {
+            let mut m = reply(&q, 0, &[]);
+            m[7] = 2;
+            m.extend_from_slice(&[0xC0, 12, 0, 99, 0, 1, 0, 0, 0, 60]);
+            m.extend_from_slice(&(2 * k as u16).to_be_bytes());
+            let mut at = 12;
+            for _ in 0..k {
+                let here = m.len();
+                m.extend_from_slice(&[0xC0 | (at >> 8) as u8, at as u8]);
+                at = here;
+            }
+            let owner = m.len();
+            m.extend_from_slice(&[0xC0 | (at >> 8) as u8, at as u8]);
+            m.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 1, 2, 3, 4]);
+            (m, owner)
+        };
+        let (m, _) = owned_via(124); // 128 steps
+        assert_eq!(
+            parse_response(&m, 9, "a.test", TYPE_A),
+            Ok(Parsed::Done(Answer::Addrs(vec!["1.2.3.4"
+                .parse()
+                .unwrap()])))
+        );
+        let (m, owner) = owned_via(125); // 129 steps
+        assert_eq!(bad(&m), "name has too many labels");
+        assert!(
+            Reader::new(&m).at(owner).name().is_ok(),
+            "RFC 1035's rules allow 256 steps"
+        );
+        // Four labels of 63: 257 bytes in wire format, more than RFC 1035 allows, but
+        // 255 characters: the resolver reads it (and finds no address of the name asked).
+        let long: Vec<u8> = (0..4)
+            .flat_map(|_| std::iter::once(63).chain([b'a'; 63]))
+            .chain([0])
+            .collect();
+        let mut m = reply(&q, 0, &[(&long, TYPE_A, &[1, 2, 3, 4])]);
+        assert_eq!(
+            parse_response(&m, 9, "a.test", TYPE_A),
+            Ok(Parsed::Done(Answer::Addrs(Vec::new())))
+        );
+        assert_eq!(
+            Reader::new(&m).at(24).name(),
+            Err(wire::Error::TooLong),
+            "RFC 1035's rules refuse it"
+        );
+        // One more label: too long.
+        m.splice(24 + 64 * 4..24 + 64 * 4, [1, b'a']);
+        assert_eq!(bad(&m), "name longer than 255 bytes");
+        // Bytes above 0x7f count twice: three labels of 63 are 191 bytes in wire format,
+        // but more than 255 characters.
+        let high: Vec<u8> = (0..3)
+            .flat_map(|_| std::iter::once(63).chain([0xE9; 63]))
+            .chain([0])
+            .collect();
+        assert_eq!(
+            bad(&reply(&q, 0, &[(&high, TYPE_A, &[1, 2, 3, 4])])),
+            "name longer than 255 bytes"
+        );
+        assert_eq!(lower_text(b"\x01A\x02Bc\x00"), "a.bc");
+        assert_eq!(lower_text(b"\x00"), "");
     }
 
     #[test]

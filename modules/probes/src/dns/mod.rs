@@ -20,7 +20,7 @@ use imn_proto::kinds::dns::{
     class_code, class_name, parse_server, query_name, type_code, type_name, DnsError, DnsErrorKind,
     DnsParams, DnsProtocol, DnsReply, DnsResult, ServerSource, ServerSpec,
 };
-use wire::Query;
+use imn_resolver::wire::Query;
 
 pub async fn run(p: DnsParams, ctx: &Context) -> Result<DnsResult, String> {
     let qtype = type_code(&p.qtype).ok_or_else(|| format!("unknown record type {:?}", p.qtype))?;

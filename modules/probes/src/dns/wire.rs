@@ -1,6 +1,7 @@
-//! DNS messages on the wire: the query we build, and a defensive parser of whatever
-//! comes back. Every read is bounds-checked, compression pointers must point backwards
-//! (and are counted), and nothing here panics on any input.
+//! The `dns` module's presentation of DNS messages: the result types of a whole
+//! message, every record's data as dig shows it and typed, rcode and EDNS option names.
+//! The codec underneath (the query, the header, question and record reader, the name
+//! decoder with its bounds) is the resolver's: [`imn_resolver::wire`].
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -9,171 +10,14 @@ use imn_proto::kinds::dns::{
     class_name, type_name, DnsFlags, DnsMessage, DnsQuestion, DnsRecord, EdnsInfo, EdnsOption,
     RData, SvcParam, SvcbData,
 };
+use imn_resolver::wire::{
+    Header, Question, Reader, Record, FLAG_AA, FLAG_AD, FLAG_CD, FLAG_QR, FLAG_RA, FLAG_RD,
+    FLAG_TC, FLAG_Z, OPT_NSID, TYPE_OPT,
+};
 
-pub const TYPE_OPT: u16 = 41;
-const OPT_NSID: u16 = 3;
-
-/// What to ask.
-#[derive(Debug, Clone)]
-pub struct Query {
-    /// The name in wire format (uncompressed, ending with the root label).
-    pub name: Vec<u8>,
-    pub qtype: u16,
-    pub qclass: u16,
-    pub rd: bool,
-    pub cd: bool,
-    pub dnssec_ok: bool,
-    /// 0: no OPT record.
-    pub edns_size: u16,
-    pub nsid: bool,
-}
-
-impl Query {
-    /// The query message with this id.
-    pub fn encode(&self, id: u16) -> Vec<u8> {
-        let mut m = Vec::with_capacity(12 + self.name.len() + 4 + 15);
-        m.extend_from_slice(&id.to_be_bytes());
-        let mut flags: u16 = 0;
-        if self.rd {
-            flags |= 0x0100;
-        }
-        if self.cd {
-            flags |= 0x0010;
-        }
-        m.extend_from_slice(&flags.to_be_bytes());
-        let arcount: u16 = u16::from(self.edns_size > 0);
-        for n in [1u16, 0, 0, arcount] {
-            m.extend_from_slice(&n.to_be_bytes());
-        }
-        m.extend_from_slice(&self.name);
-        m.extend_from_slice(&self.qtype.to_be_bytes());
-        m.extend_from_slice(&self.qclass.to_be_bytes());
-        if self.edns_size > 0 {
-            m.push(0); // root owner
-            m.extend_from_slice(&TYPE_OPT.to_be_bytes());
-            m.extend_from_slice(&self.edns_size.to_be_bytes());
-            m.extend_from_slice(&[0, 0]); // extended rcode, version 0
-            let z: u16 = if self.dnssec_ok { 0x8000 } else { 0 };
-            m.extend_from_slice(&z.to_be_bytes());
-            if self.nsid {
-                m.extend_from_slice(&4u16.to_be_bytes());
-                m.extend_from_slice(&OPT_NSID.to_be_bytes());
-                m.extend_from_slice(&0u16.to_be_bytes());
-            } else {
-                m.extend_from_slice(&0u16.to_be_bytes());
-            }
-        }
-        m
-    }
-
-    /// Whether `buf` is the answer to this query sent with `id`: the id, QR, and the
-    /// question when it has one that can be read. A message whose question cannot be
-    /// read counts as ours (and is then reported malformed); one that names another
-    /// question does not (it may be spoofed or late).
-    pub fn is_answer(&self, buf: &[u8], id: u16) -> bool {
-        if buf.len() < 4 || u16::from_be_bytes([buf[0], buf[1]]) != id || buf[2] & 0x80 == 0 {
-            return false;
-        }
-        let mut r = Reader::new(buf);
-        r.pos = 12;
-        let qd = match buf.get(4..6) {
-            Some(b) => u16::from_be_bytes([b[0], b[1]]),
-            None => return true,
-        };
-        if qd == 0 {
-            return true;
-        }
-        let Ok(name) = r.name_wire() else {
-            return true;
-        };
-        let (Ok(t), Ok(c)) = (r.u16(), r.u16()) else {
-            return true;
-        };
-        name.eq_ignore_ascii_case(&self.name) && t == self.qtype && c == self.qclass
-    }
-}
-
-/// A bounds-checked cursor over a message.
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        let b = *self.buf.get(self.pos).ok_or_else(short)?;
-        self.pos += 1;
-        Ok(b)
-    }
-    fn u16(&mut self) -> Result<u16, String> {
-        Ok(u16::from_be_bytes([self.u8()?, self.u8()?]))
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from(self.u16()?) << 16 | u32::from(self.u16()?))
-    }
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).ok_or_else(short)?;
-        let b = self.buf.get(self.pos..end).ok_or_else(short)?;
-        self.pos = end;
-        Ok(b)
-    }
-    /// A possibly compressed name, uncompressed into wire format.
-    fn name_wire(&mut self) -> Result<Vec<u8>, String> {
-        let mut out = Vec::new();
-        let mut pos = self.pos;
-        let mut jumped = false;
-        // Each pointer must point before the pointer itself, so no loop can last; the
-        // hop count is a second guard.
-        for _ in 0..256 {
-            let len = *self.buf.get(pos).ok_or_else(short)?;
-            match len {
-                0 => {
-                    out.push(0);
-                    if !jumped {
-                        self.pos = pos + 1;
-                    }
-                    return Ok(out);
-                }
-                l if l & 0xC0 == 0xC0 => {
-                    let lo = *self.buf.get(pos + 1).ok_or_else(short)?;
-                    let target = (usize::from(l & 0x3F) << 8) | usize::from(lo);
-                    if target >= pos {
-                        return Err(format!(
-                            "compression pointer at byte {pos} does not point backwards"
-                        ));
-                    }
-                    if !jumped {
-                        self.pos = pos + 2;
-                        jumped = true;
-                    }
-                    pos = target;
-                }
-                l if l & 0xC0 == 0 => {
-                    let l = usize::from(l);
-                    let label = self.buf.get(pos + 1..pos + 1 + l).ok_or_else(short)?;
-                    out.push(l as u8);
-                    out.extend_from_slice(label);
-                    if out.len() > 254 {
-                        return Err("name longer than 255 bytes".into());
-                    }
-                    pos += 1 + l;
-                }
-                l => return Err(format!("unknown label type 0x{:02x}", l & 0xC0)),
-            }
-        }
-        Err("name has too many compression pointers".into())
-    }
-    /// A possibly compressed name, in presentation format.
-    fn name(&mut self) -> Result<String, String> {
-        Ok(name_text(&self.name_wire()?))
-    }
-}
-
-fn short() -> String {
-    "message ends early".into()
+/// A possibly compressed name in record data, in presentation format.
+fn name(r: &mut Reader) -> Option<String> {
+    r.name().ok().map(|wire| name_text(&wire))
 }
 
 /// A wire-format name in presentation format (`a.example.`), with dig's escapes.
@@ -308,34 +152,39 @@ fn option_name(code: u16) -> String {
 /// Parses a whole message. Errors say what is wrong and where.
 pub fn parse_message(buf: &[u8]) -> Result<DnsMessage, String> {
     let mut r = Reader::new(buf);
-    let id = r.u16()?;
-    let f = r.u16()?;
-    let counts = [r.u16()?, r.u16()?, r.u16()?, r.u16()?];
+    let h = Header::read(&mut r)?;
     let flags = DnsFlags {
-        qr: f & 0x8000 != 0,
-        aa: f & 0x0400 != 0,
-        tc: f & 0x0200 != 0,
-        rd: f & 0x0100 != 0,
-        ra: f & 0x0080 != 0,
-        z: f & 0x0040 != 0,
-        ad: f & 0x0020 != 0,
-        cd: f & 0x0010 != 0,
+        qr: h.has(FLAG_QR),
+        aa: h.has(FLAG_AA),
+        tc: h.has(FLAG_TC),
+        rd: h.has(FLAG_RD),
+        ra: h.has(FLAG_RA),
+        z: h.has(FLAG_Z),
+        ad: h.has(FLAG_AD),
+        cd: h.has(FLAG_CD),
     };
     let mut question = Vec::new();
-    for i in 0..counts[0] {
-        let name = r.name().map_err(|e| format!("question {i}: {e}"))?;
-        let (t, c) = (r.u16()?, r.u16()?);
+    for i in 0..h.qdcount {
+        // Where a name cannot be read, the error says which question's.
+        let q = Question::read(&mut r).map_err(|e| {
+            if e.in_name() {
+                format!("question {i}: {e}")
+            } else {
+                e.to_string()
+            }
+        })?;
         question.push(DnsQuestion {
-            name,
-            qtype: type_name(t),
-            class: class_name(c),
+            name: name_text(&q.name),
+            qtype: type_name(q.qtype),
+            class: class_name(q.qclass),
         });
     }
     let mut sections: [Vec<DnsRecord>; 3] = Default::default();
     let mut edns = None;
+    let counts = [h.ancount, h.nscount, h.arcount];
     for (s, section) in sections.iter_mut().enumerate() {
         let what = ["answer", "authority", "additional"][s];
-        for i in 0..counts[s + 1] {
+        for i in 0..counts[s] {
             let rec = record(&mut r).map_err(|e| format!("{what} record {i}: {e}"))?;
             match rec {
                 Rec::Opt(o) if s == 2 && edns.is_none() => edns = Some(o),
@@ -349,18 +198,18 @@ pub fn parse_message(buf: &[u8]) -> Result<DnsMessage, String> {
     let ext = edns
         .as_ref()
         .map_or(0, |e: &EdnsInfo| u16::from(e.ext_rcode));
-    let rcode = (ext << 4) | (f & 0x000F);
+    let rcode = (ext << 4) | h.rcode();
     let [answer, authority, additional] = sections;
     Ok(DnsMessage {
-        id,
-        opcode: ((f >> 11) & 0x0F) as u8,
+        id: h.id,
+        opcode: h.opcode(),
         rcode,
         rcode_name: rcode_name(rcode),
         flags,
-        qdcount: counts[0],
-        ancount: counts[1],
-        nscount: counts[2],
-        arcount: counts[3],
+        qdcount: h.qdcount,
+        ancount: h.ancount,
+        nscount: h.nscount,
+        arcount: h.arcount,
         question,
         answer,
         authority,
@@ -375,30 +224,25 @@ enum Rec {
 }
 
 fn record(r: &mut Reader) -> Result<Rec, String> {
-    let name_wire = r.name_wire()?;
-    let t = r.u16()?;
-    let class = r.u16()?;
-    let ttl = r.u32()?;
-    let len = r.u16()?;
-    let start = r.pos;
-    let data = r.bytes(usize::from(len))?;
-    if t == TYPE_OPT {
-        if name_wire != [0] {
+    let rec = Record::read(r)?;
+    if rec.rtype == TYPE_OPT {
+        if rec.name != [0] {
             return Err("OPT record not owned by the root".into());
         }
-        return Ok(Rec::Opt(opt(class, ttl, data)?));
+        return Ok(Rec::Opt(opt(rec.class, rec.ttl, rec.data)?));
     }
-    let (rdata, typed) = match rdata(r.buf, start, data, t) {
+    let (rdata, typed) = match rdata(r.buf(), rec.data_at, rec.data, rec.rtype) {
         Some(x) => x,
-        None => (generic(data), RData::Other),
+        None => (generic(rec.data), RData::Other),
     };
     Ok(Rec::Rr(DnsRecord {
-        name: name_text(&name_wire),
-        rtype: type_name(t),
-        type_code: t,
-        class: class_name(class),
-        ttl,
-        rdlength: len,
+        name: name_text(&rec.name),
+        rtype: type_name(rec.rtype),
+        type_code: rec.rtype,
+        class: class_name(rec.class),
+        ttl: rec.ttl,
+        // The length was read as a u16.
+        rdlength: rec.data.len() as u16,
         rdata,
         data: typed,
     }))
@@ -408,7 +252,7 @@ fn opt(class: u16, ttl: u32, data: &[u8]) -> Result<EdnsInfo, String> {
     let mut options = Vec::new();
     let mut nsid = None;
     let mut r = Reader::new(data);
-    while r.pos < data.len() {
+    while !r.at_end() {
         let code = r.u16().map_err(|_| "OPT option ends early")?;
         let len = r.u16().map_err(|_| "OPT option ends early")?;
         let value = r
@@ -452,10 +296,7 @@ fn generic(data: &[u8]) -> String {
 fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData)> {
     let end = start + data.len();
     // A reader over the whole message (for compression), positioned at the data.
-    let mut r = Reader {
-        buf: msg.get(..end)?,
-        pos: start,
-    };
+    let mut r = Reader::new(msg.get(..end)?).at(start);
     let out = match t {
         1 => {
             let a = Ipv4Addr::from(<[u8; 4]>::try_from(data).ok()?).to_string();
@@ -466,12 +307,12 @@ fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData
             (a.clone(), RData::Aaaa { address: a })
         }
         2 | 5 | 12 | 39 => {
-            let n = r.name().ok()?;
+            let n = name(&mut r)?;
             (n.clone(), RData::Name { target: n })
         }
         15 => {
             let preference = r.u16().ok()?;
-            let exchange = r.name().ok()?;
+            let exchange = name(&mut r)?;
             (
                 format!("{preference} {exchange}"),
                 RData::Mx {
@@ -481,8 +322,8 @@ fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData
             )
         }
         6 => {
-            let mname = r.name().ok()?;
-            let rname = r.name().ok()?;
+            let mname = name(&mut r)?;
+            let rname = name(&mut r)?;
             let v = [
                 r.u32().ok()?,
                 r.u32().ok()?,
@@ -510,7 +351,7 @@ fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData
             let mut r = Reader::new(data);
             let mut shown = Vec::new();
             let mut strings = Vec::new();
-            while r.pos < data.len() {
+            while !r.at_end() {
                 let n = r.u8().ok()?;
                 let s = r.bytes(usize::from(n)).ok()?;
                 shown.push(quoted(s));
@@ -523,7 +364,7 @@ fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData
         }
         33 => {
             let (priority, weight, port) = (r.u16().ok()?, r.u16().ok()?, r.u16().ok()?);
-            let target = r.name().ok()?;
+            let target = name(&mut r)?;
             (
                 format!("{priority} {weight} {port} {target}"),
                 RData::Srv {
@@ -543,7 +384,7 @@ fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData
                 return None;
             }
             let tag = String::from_utf8_lossy(tag).into_owned();
-            let value = &data[r.pos..];
+            let value = r.rest();
             (
                 format!("{flags} {tag} {}", quoted(value)),
                 RData::Caa {
@@ -556,7 +397,7 @@ fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData
         43 => {
             let mut r = Reader::new(data);
             let (key_tag, algorithm, digest_type) = (r.u16().ok()?, r.u8().ok()?, r.u8().ok()?);
-            let digest_hex = hex(&data[r.pos..]);
+            let digest_hex = hex(r.rest());
             (
                 format!(
                     "{key_tag} {algorithm} {digest_type} {}",
@@ -573,7 +414,7 @@ fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData
         48 => {
             let mut r = Reader::new(data);
             let (flags, protocol, algorithm) = (r.u16().ok()?, r.u8().ok()?, r.u8().ok()?);
-            let key = base64(&data[r.pos..]);
+            let key = base64(r.rest());
             (
                 format!("{flags} {protocol} {algorithm} {key}"),
                 RData::Dnskey {
@@ -590,7 +431,7 @@ fn rdata(msg: &[u8], start: usize, data: &[u8], t: u16) -> Option<(String, RData
     };
     // Types read through `r` must use their data exactly: names end inside it, and
     // nothing is left over.
-    if matches!(t, 2 | 5 | 6 | 12 | 15 | 33 | 39) && r.pos != end {
+    if matches!(t, 2 | 5 | 6 | 12 | 15 | 33 | 39) && r.pos() != end {
         return None;
     }
     Some(out)
@@ -629,7 +470,7 @@ fn svc_key_name(key: u16) -> String {
 fn svcb(data: &[u8]) -> Option<(String, RData)> {
     let mut r = Reader::new(data);
     let priority = r.u16().ok()?;
-    let target = r.name().ok()?;
+    let target = name(&mut r)?;
     let mut d = SvcbData {
         priority,
         target,
@@ -643,7 +484,7 @@ fn svcb(data: &[u8]) -> Option<(String, RData)> {
         ech: None,
     };
     let mut shown = format!("{priority} {}", d.target);
-    while r.pos < data.len() {
+    while !r.at_end() {
         let key = r.u16().ok()?;
         let len = r.u16().ok()?;
         let v = r.bytes(usize::from(len)).ok()?;
@@ -660,7 +501,7 @@ fn svcb(data: &[u8]) -> Option<(String, RData)> {
             }
             1 => {
                 let mut ar = Reader::new(v);
-                while ar.pos < v.len() {
+                while !ar.at_end() {
                     let n = ar.u8().ok()?;
                     d.alpn.push(text(ar.bytes(usize::from(n)).ok()?));
                 }
