@@ -88,6 +88,12 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench ingest --postgres --quick --json
 ./target/debug/imn-bench fleet --quick --json
 ./target/debug/imn-bench firmware --quick --json
+echo "== vendored crates' own tests"
+# Outside the workspace (its `exclude`), so `cargo test --workspace` does not run them;
+# see each crate's IMN-PATCH.md.
+cargo test -p rumqttd
+cargo test -p sled --lib
+cargo test -p rumqttc --lib
 echo "== cargo test"
 log="$(mktemp)"
 cargo test --workspace 2>&1 | tee "$log"
