@@ -68,6 +68,8 @@ fn the_backend_links_neither_the_agent_nor_the_probes() {
             "sled",
             "rumqttc",
             "rumqttd",
+            // `imn certs` is the imn binary's.
+            "rcgen",
         ],
     );
     let deps = tree("imn-backend");
