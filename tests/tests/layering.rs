@@ -97,7 +97,10 @@ fn the_agent_links_nothing_of_the_cloud() {
     );
     // The Atlas converters are the backend's: the firmware leaves them out.
     let proto = &tree("imn-agent")["imn-proto"];
-    assert!(!proto.contains("atlas"), "the agent builds imn-proto with {proto}");
+    assert!(
+        !proto.contains("atlas"),
+        "the agent builds imn-proto with {proto}"
+    );
     assert!(
         tree("imn-backend")["imn-proto"].contains("atlas"),
         "the backend converts to Atlas"
