@@ -43,6 +43,9 @@ pub struct Feed {
     /// Store reads by the shared reader, and by streams catching up.
     pub shared_reads: AtomicU64,
     pub catch_up_reads: AtomicU64,
+    /// Woken after each commit of outbox batches (here, or on another backend): the
+    /// shared reader reads what is new.
+    stored: tokio::sync::Notify,
 }
 
 impl Default for Feed {
@@ -53,6 +56,7 @@ impl Default for Feed {
             total: Default::default(),
             shared_reads: AtomicU64::new(0),
             catch_up_reads: AtomicU64::new(0),
+            stored: tokio::sync::Notify::new(),
         }
     }
 }
@@ -118,13 +122,18 @@ impl Feed {
         self.total.load(Ordering::SeqCst)
     }
 
+    /// Records were stored: wakes the shared reader.
+    pub fn records_stored(&self) {
+        self.stored.notify_waiters();
+    }
+
     /// The shared reader: after each commit (or every [`POLL`]), reads what was stored
     /// since its last read, a page at a time, and hands each page to every stream. With
     /// no stream open it only keeps its place.
     pub async fn run(b: Arc<Backend>) {
         let mut pos = b.store.latest_position().await.unwrap_or(0);
         loop {
-            let stored = b.records_stored.notified();
+            let stored = b.feed.stored.notified();
             tokio::pin!(stored);
             stored.as_mut().enable();
             if b.feed.pages.receiver_count() == 0 {

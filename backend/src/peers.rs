@@ -100,7 +100,7 @@ impl Backend {
                     self.session_known(&agent, online);
                 }
                 PeerEvent::Stored { finished } => {
-                    self.records_stored.notify_waiters();
+                    self.feed.records_stored();
                     for id in finished {
                         self.finished(&id);
                     }

@@ -95,8 +95,6 @@ pub struct Backend {
     pub fault_injection: bool,
     /// Enrollment, API tokens, limits and policy.
     pub security: crate::security::Security,
-    /// Woken after each commit of outbox batches: result streams read what is new.
-    pub records_stored: tokio::sync::Notify,
     /// Serialises credential puts to the bus (see [`Self::share_credential`]).
     share_turn: tokio::sync::Mutex<()>,
     /// Each agent's schedule version as the store has it, for agents whose schedules
@@ -106,7 +104,8 @@ pub struct Backend {
     pub bridge_stats: std::sync::OnceLock<Arc<dyn imn_cloud::BridgeReport>>,
     /// This process among backends sharing the bus (see [`crate::peers`]).
     pub instance: u64,
-    /// Result streams: one store read per commit for all of them, and their caps.
+    /// Result streams: one store read per commit for all of them (woken by ingest
+    /// after each commit), and their caps.
     pub feed: crate::feed::Feed,
     /// Per API token with a budget: its turn to check and charge, and what its
     /// requests in flight reserved (see [`crate::budget::Ledger`]).
@@ -181,7 +180,6 @@ impl Backend {
             security,
             bridge_stats: std::sync::OnceLock::new(),
             share_turn: tokio::sync::Mutex::new(()),
-            records_stored: tokio::sync::Notify::new(),
             schedule_versions: Default::default(),
             instance: rand::random(),
             feed: crate::feed::Feed::default(),

@@ -355,7 +355,7 @@ impl Backend {
                         );
                     settled.push((msg, outcome.finished));
                 }
-                self.records_stored.notify_waiters();
+                self.feed.records_stored();
                 let finished: Vec<String> = settled
                     .iter()
                     .flat_map(|(_, f)| f.iter().cloned())
