@@ -205,7 +205,8 @@ impl SyncCore {
     }
 
     /// With no ack for a whole resend timeout (and the oldest batch in flight that
-    /// old), starts again from the oldest record; true when it did.
+    /// old), starts again from the oldest record, and from the first live one; true
+    /// when it did.
     pub fn check_resend(&mut self, now: Instant) -> bool {
         let timeout = self.settings.resend_timeout;
         if self.state != SyncState::Offline
@@ -216,6 +217,9 @@ impl SyncCore {
             && now.saturating_duration_since(self.last_ack) > timeout
         {
             self.send_from = 0;
+            // Live records sent while catching up may have been lost too: without this
+            // the backlog would end at `live_sent` and skip them until a reconnect.
+            self.live_sent = self.live_mark;
             self.inflight.clear();
             return true;
         }
@@ -650,6 +654,48 @@ mod tests {
         assert_eq!(unique, (1..=14).collect(), "none lost");
     }
 
+    /// A resend while catching up with `live_first` sends the live records again too:
+    /// one lost before the resend is not skipped when the backlog is done.
+    #[test]
+    fn a_resend_while_catching_up_resends_the_live_records_too() {
+        let t = Instant::now();
+        let timeout = Duration::from_millis(10_000);
+        let mut core = SyncCore::new(settings(2, true, 2), t);
+        let mut ob = Fake::new();
+        ob.append(4);
+        core.on_connected(ob.next_seq, t);
+        let a = pump(&mut core, &mut ob, t);
+        assert_eq!(
+            a.iter().map(seqs).collect::<Vec<_>>(),
+            vec![vec![1, 2], vec![3, 4]]
+        );
+        ob.append(2); // 5, 6: live
+        let ack = ack_of(&a[..1]);
+        ob.ack(&ack);
+        core.on_ack(&ack, t);
+        let b = pump(&mut core, &mut ob, t);
+        assert_eq!(
+            b.iter().map(|b| (seqs(b), b.live)).collect::<Vec<_>>(),
+            vec![(vec![5, 6], true)]
+        );
+        // Both batches in flight are lost; the resend comes while catching up.
+        let t1 = t + timeout + Duration::from_millis(1);
+        assert!(core.check_resend(t1));
+        assert_eq!(core.state(), SyncState::CatchingUp);
+        let again = pump(&mut core, &mut ob, t1);
+        assert_eq!(
+            again.iter().map(|b| (seqs(b), b.live)).collect::<Vec<_>>(),
+            vec![(vec![5, 6], true), (vec![3, 4], false)],
+            "the live ones again first, then the backlog"
+        );
+        let ack = ack_of(&again);
+        ob.ack(&ack);
+        core.on_ack(&ack, t1);
+        assert!(pump(&mut core, &mut ob, t1).is_empty());
+        assert_eq!(core.state(), SyncState::Online);
+        assert!(ob.records.is_empty(), "nothing stranded");
+    }
+
     /// Without `live_first` the backlog goes strictly in seq order, live records after.
     #[test]
     fn without_live_first_the_order_is_by_seq() {
@@ -703,13 +749,10 @@ mod tests {
         }
     }
 
-    /// Whether the random runs use `live_first` too.
-    const LIVE_FIRST_TOO: bool = false;
-
     fn run_random(seed: u64) {
         let mut rng = Rng(seed);
         let window = 1 + rng.below(4) as usize;
-        let live_first = LIVE_FIRST_TOO && rng.chance(50);
+        let live_first = rng.chance(50);
         let per_batch = 1 + rng.below(4) as usize;
         let s = settings(window, live_first, per_batch);
         let t0 = Instant::now();
