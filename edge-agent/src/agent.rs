@@ -401,9 +401,9 @@ impl Agent {
         }
         self.recover_interrupted()?;
         // The reports above are durable before the marker names the new epoch.
-        self.outbox.flush();
+        self.flush().await;
         self.outbox.commit_marker();
-        self.run_due_slots()?;
+        self.run_due_slots().await?;
         self.update_gauges();
         #[cfg(feature = "metrics")]
         if let Some(listen) = self.cfg.metrics_listen {
@@ -426,10 +426,10 @@ impl Agent {
                     Err(_) => break,
                 },
                 Some(p) = self.produced_rx.recv() => {
-                    let mut result = self.on_produced(p)?;
+                    let mut result = self.on_produced(p).await?;
                     // Drain whatever else is ready before sending, to fill batches.
                     while let Ok(p) = self.produced_rx.try_recv() {
-                        result |= self.on_produced(p)?;
+                        result |= self.on_produced(p).await?;
                     }
                     if result {
                         self.pump_at = None;
@@ -443,14 +443,14 @@ impl Agent {
                     self.pump().await?;
                 }
                 _ = sleep_until_some(self.sched_at), if self.sched_at.is_some() => {
-                    self.run_due_slots()?;
+                    self.run_due_slots().await?;
                 }
                 _ = hb.tick() => self.heartbeat().await,
                 _ = tick.tick() => {
                     // Also here, in case the wall clock moved under the timer.
-                    self.run_due_slots()?;
+                    self.run_due_slots().await?;
                     // Durable within a tick even while offline.
-                    self.outbox.flush();
+                    self.flush().await;
                     self.check_resend();
                     self.pump().await?;
                     // Acked records are deleted here, a little at a time while batches
@@ -465,7 +465,7 @@ impl Agent {
         }
         // Leave fewer acked records behind (a restart would send them again).
         self.outbox.compact(50_000);
-        self.outbox.flush_all();
+        self.flush_with(true).await;
         let offline = wire::encode(&Envelope::Status(Status {
             online: false,
             at_ms: now_ms(),
@@ -568,9 +568,9 @@ impl Agent {
                 let runs = self.running.len();
                 match topic.and_then(wire::parse_topic) {
                     Some((agent, kind)) if agent == self.cfg.id => {
-                        if self.on_message(kind, data)? {
+                        if self.on_message(kind, data).await? {
                             // The schedule set or modules it announces are durable first.
-                            self.outbox.flush();
+                            self.flush().await;
                             self.send_hello().await;
                         }
                     }
@@ -657,7 +657,7 @@ impl Agent {
     }
 
     /// Handles one downlink message; returns true if the hello must be sent again.
-    fn on_message(&mut self, kind: Kind, data: &[u8]) -> Result<bool, AgentError> {
+    async fn on_message(&mut self, kind: Kind, data: &[u8]) -> Result<bool, AgentError> {
         let env = match wire::decode(data) {
             Ok(env) => env,
             Err(e) => {
@@ -670,7 +670,7 @@ impl Agent {
                 self.on_ack(&ack)?;
                 Ok(false)
             }
-            (Kind::Cmd, Envelope::Command(cmd)) => self.on_command(cmd),
+            (Kind::Cmd, Envelope::Command(cmd)) => self.on_command(cmd).await,
             (kind, _) => {
                 tracing::warn!(kind = kind.as_str(), "envelope does not match its topic");
                 Ok(false)
@@ -709,7 +709,7 @@ impl Agent {
     }
 
     /// Returns true when the loaded modules changed (hello must go out again).
-    fn on_command(&mut self, cmd: Command) -> Result<bool, AgentError> {
+    async fn on_command(&mut self, cmd: Command) -> Result<bool, AgentError> {
         let now = now_ms();
         // Fresh and unrepeated, or not at all.
         if matches!(cmd.kind, CommandKind::Run { .. }) {
@@ -806,7 +806,8 @@ impl Agent {
                     slot: None,
                     policy: Arc::new(policy.unwrap_or_default()),
                     deadline_ms: cmd.deadline_ms,
-                });
+                })
+                .await;
                 Ok(false)
             }
             CommandKind::Cancel { request_id } => {
@@ -815,7 +816,7 @@ impl Agent {
                     self.append_state(&request_id, RequestState::Cancelled, None)?;
                     self.outbox.finish_command(&request_id);
                     let ready = self.queue.finish(&request_id);
-                    self.start_runs(ready)?;
+                    self.start_runs(ready).await?;
                 } else if let Some(run) = self.queue.cancel(&request_id) {
                     tracing::info!(request = %request_id, "queued run cancelled");
                     match run.slot {
@@ -834,7 +835,7 @@ impl Agent {
                         ),
                     }
                     let ready = self.queue.ready();
-                    self.start_runs(ready)?;
+                    self.start_runs(ready).await?;
                 }
                 Ok(false)
             }
@@ -912,7 +913,7 @@ impl Agent {
                     "schedules_updated",
                     &format!("version {version}: {n} recurring measurements"),
                 )?;
-                self.run_due_slots()?;
+                self.run_due_slots().await?;
                 Ok(true)
             }
         }
@@ -925,7 +926,7 @@ impl Agent {
 
     /// Starts every scheduled slot that is due, and sets the timer for the next. The
     /// set is stored before the runs start, so no slot runs twice.
-    fn run_due_slots(&mut self) -> Result<(), AgentError> {
+    async fn run_due_slots(&mut self) -> Result<(), AgentError> {
         let now = now_ms();
         let due = self.schedules.take_due(&self.cfg.id, now);
         if !due.runs.is_empty() || !due.missed.is_empty() {
@@ -977,7 +978,8 @@ impl Agent {
                 slot: Some(slot),
                 policy: self.schedule_policy.clone(),
                 deadline_ms: None,
-            });
+            })
+            .await;
         }
         self.sched_at = self.schedules.next_run_ms(&self.cfg.id).map(|at| {
             let wait = at.saturating_sub(now_ms()).clamp(0, MAX_SCHED_SLEEP_MS);
@@ -1019,7 +1021,7 @@ impl Agent {
     /// Hands a run to the budget: it starts now, waits its turn, or (the queue full)
     /// fails at once. A run whose declared rate alone is over `max_probe_rate` has its
     /// `rate` lowered to it when it has one; otherwise it runs alone.
-    fn submit_run(&mut self, mut run: PendingRun) {
+    async fn submit_run(&mut self, mut run: PendingRun) {
         let (rate, clamped) =
             runqueue::declared_rate(&run.module, &run.params_json, self.cfg.max_probe_rate);
         if let Some(params) = clamped {
@@ -1029,7 +1031,7 @@ impl Agent {
         let id = run.id.clone();
         match self.queue.submit(id.clone(), rate, run) {
             Submitted::Start(run) => {
-                if let Err(e) = self.start_runs(vec![(id, run)]) {
+                if let Err(e) = self.start_runs(vec![(id, run)]).await {
                     tracing::error!(error = %e, "cannot start a run");
                 }
             }
@@ -1056,11 +1058,11 @@ impl Agent {
 
     /// Starts runs the budget let through. One whose deadline passed while it waited
     /// expires instead, and frees its place for the next.
-    fn start_runs(&mut self, mut ready: Vec<(String, PendingRun)>) -> Result<(), AgentError> {
+    async fn start_runs(&mut self, mut ready: Vec<(String, PendingRun)>) -> Result<(), AgentError> {
         // Group commit: one sync makes durable everything the runs depend on (the
         // command log, the schedule's progress, the control ids) before any starts.
         if !ready.is_empty() {
-            self.outbox.flush();
+            self.flush().await;
         }
         while !ready.is_empty() {
             let mut next = Vec::new();
@@ -1193,7 +1195,7 @@ impl Agent {
     }
 
     /// Takes what a module run produced; true for a result (send it at once).
-    fn on_produced(&mut self, p: Produced) -> Result<bool, AgentError> {
+    async fn on_produced(&mut self, p: Produced) -> Result<bool, AgentError> {
         match p {
             Produced::Record(body) => {
                 let finished = body.as_result().map(|r| r.request_id.clone());
@@ -1223,7 +1225,7 @@ impl Agent {
                 // finished first).
                 if self.running.remove(&id).is_some() {
                     let ready = self.queue.finish(&id);
-                    self.start_runs(ready)?;
+                    self.start_runs(ready).await?;
                 }
                 if let Some(backoff) = self.restarts.record(&module, panicked) {
                     tracing::warn!(%module, ?backoff, "module panicked; restarting it with backoff");
@@ -1236,6 +1238,28 @@ impl Agent {
                 Ok(false)
             }
         }
+    }
+
+    /// Makes every write since the last flush durable (see [`Outbox::flush`]). The
+    /// writes are made here; the disk sync (fdatasync, which can take long on flash)
+    /// runs on a blocking thread, so module tasks on this runtime (ping's timing) go on
+    /// meanwhile. Returns once the sync did: nothing is sent before.
+    async fn flush(&mut self) {
+        self.flush_with(false).await
+    }
+
+    /// [`Self::flush`]; `all`: the lazy deletes of acked records too (at shutdown).
+    async fn flush_with(&mut self, all: bool) {
+        let Some(sync) = self.outbox.begin_flush(all) else {
+            return;
+        };
+        let result = match tokio::task::spawn_blocking(move || sync.run()).await {
+            Ok(r) => r,
+            // A panic in sled stays a panic, as it was on this thread.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(format!("the flush did not run: {e}")),
+        };
+        self.outbox.end_flush(result);
     }
 
     /// With no ack for a whole resend timeout, start again from the oldest record.
@@ -1255,7 +1279,7 @@ impl Agent {
             return Ok(());
         }
         // Durable before sent: one flush covers every record appended since the last.
-        self.outbox.flush();
+        self.flush().await;
         let first = self.outbox.first_seq().unwrap_or(u64::MAX);
         while let Some(planned) = self.sync.next_batch(&mut self.outbox, first) {
             let (last, live) = (planned.last_seq(), planned.live);

@@ -211,6 +211,19 @@ impl Write {
     }
 }
 
+/// A sled flush to run, on any thread: its handle on the store (an `Arc` inside) is
+/// dropped when it returns, so a store that failed can be reopened afterwards.
+pub struct PendingSync {
+    db: sled::Db,
+}
+
+impl PendingSync {
+    /// Writes sled's buffers and syncs them to disk (fdatasync); blocks meanwhile.
+    pub fn run(self) -> Result<(), String> {
+        self.db.flush().map(drop).map_err(|e| e.to_string())
+    }
+}
+
 /// How often a store that failed a write is closed and opened again.
 const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -549,11 +562,17 @@ impl SledOutbox {
     /// Flushes sled; on success the journal is no longer needed.
     fn sync(&mut self) -> bool {
         let result = match &self.store {
-            Some(st) => st.db.flush().map_err(|e| e.to_string()),
+            Some(st) => st.db.flush().map(drop).map_err(|e| e.to_string()),
             None => Err("the outbox store is closed".into()),
         };
+        self.synced(result)
+    }
+
+    /// Takes the result of a sled flush: on success the journal is no longer needed;
+    /// a failure breaks the store until it is reopened.
+    fn synced(&mut self, result: Result<(), String>) -> bool {
         match result {
-            Ok(_) => {
+            Ok(()) => {
                 self.dirty = false;
                 self.lazy_dirty = false;
                 self.unflushed = 0;
@@ -1033,6 +1052,49 @@ impl SledOutbox {
         self.flush();
     }
 
+    /// [`Outbox::flush`] in two halves, so that the disk sync can run on another
+    /// thread: this half does the writes a flush makes (records waiting in memory, the
+    /// drop count) and returns the sync to run, if one is needed. Run it (it blocks in
+    /// fdatasync) and hand its result to [`Self::end_flush`] before the next use of the
+    /// outbox; until then nothing appended is durable. `all`: the lazy deletes too, as
+    /// [`Self::flush_all`].
+    pub fn begin_flush(&mut self, all: bool) -> Option<PendingSync> {
+        if all && self.lazy_dirty {
+            self.dirty = true;
+        }
+        self.prepare_flush();
+        match &self.store {
+            Some(st) if self.dirty && !self.broken => Some(PendingSync { db: st.db.clone() }),
+            _ => None,
+        }
+    }
+
+    /// The second half of a flush begun with [`Self::begin_flush`]: the sync's result.
+    pub fn end_flush(&mut self, result: Result<(), String>) {
+        self.synced(result);
+    }
+
+    /// The writes a flush makes before its sync (see [`Outbox::flush`]).
+    fn prepare_flush(&mut self) {
+        // Also the moment to notice that space ran out, or came back.
+        if self.condition == Condition::Ok && !self.disk_has_room(0) {
+            self.set_condition(Condition::DiskFull);
+        }
+        if self.condition != Condition::Ok || !self.memory.is_empty() || !self.deferred.is_empty() {
+            self.drain_memory_to_disk();
+        }
+        if self.dropped != self.dropped_persisted
+            && self.condition == Condition::Ok
+            && self.write(
+                TreeId::Meta,
+                META_DROPPED,
+                Some(self.dropped.to_be_bytes().into()),
+            )
+        {
+            self.dropped_persisted = self.dropped;
+        }
+    }
+
     /// The seq the next record will get.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -1089,25 +1151,9 @@ impl Outbox for SledOutbox {
     }
 
     fn flush(&mut self) {
-        // Also the moment to notice that space ran out, or came back.
-        if self.condition == Condition::Ok && !self.disk_has_room(0) {
-            self.set_condition(Condition::DiskFull);
-        }
-        if self.condition != Condition::Ok || !self.memory.is_empty() || !self.deferred.is_empty() {
-            self.drain_memory_to_disk();
-        }
-        if self.dropped != self.dropped_persisted
-            && self.condition == Condition::Ok
-            && self.write(
-                TreeId::Meta,
-                META_DROPPED,
-                Some(self.dropped.to_be_bytes().into()),
-            )
-        {
-            self.dropped_persisted = self.dropped;
-        }
-        if self.dirty && self.store.is_some() && !self.broken {
-            self.sync();
+        if let Some(sync) = self.begin_flush(false) {
+            let result = sync.run();
+            self.end_flush(result);
         }
     }
 
@@ -1476,6 +1522,47 @@ mod tests {
         assert!(ob.dirty, "a command must be synced");
         ob.flush();
         assert!(!ob.dirty && !ob.lazy_dirty, "one sync takes both");
+    }
+
+    /// A flush split in two, its sync run on another thread: nothing is durable until
+    /// its result is taken; the lazy deletes wait unless asked for; and a failed sync
+    /// breaks the store as a failed flush does, to be reopened by the next flush with
+    /// nothing lost.
+    #[test]
+    fn a_flush_can_sync_on_another_thread() {
+        let dir = tmp("split");
+        let mut ob = SledOutbox::open(&dir, OutboxLimits::default()).unwrap();
+        let epoch = ob.epoch();
+        ob.append(1, event(1));
+        let sync = ob.begin_flush(false).expect("a record to sync");
+        assert!(ob.dirty, "not durable before the sync returns");
+        let result = std::thread::spawn(move || sync.run()).join().unwrap();
+        ob.end_flush(result);
+        assert!(!ob.dirty && ob.journal.is_empty(), "durable");
+        assert!(ob.begin_flush(false).is_none(), "nothing left to sync");
+        assert_eq!(ob.ack(&Ack::from_seqs(epoch, [1])), 1);
+        ob.compact(10);
+        assert!(ob.lazy_dirty);
+        assert!(ob.begin_flush(false).is_none(), "deletes alone wait");
+        let sync = ob.begin_flush(true).expect("all: the deletes too");
+        ob.end_flush(sync.run());
+        assert!(!ob.lazy_dirty && !ob.dirty);
+        // The sync fails (its handle on the store gone with it).
+        ob.append(2, event(2));
+        let sync = ob.begin_flush(false).expect("a record to sync");
+        drop(sync);
+        ob.end_flush(Err("No space left on device".into()));
+        assert!(ob.broken && ob.dirty);
+        assert_eq!(ob.condition(), Condition::DiskFull);
+        // The next flush reopens the store and writes again what the failed sync lost
+        // (and the drop count, which may have been lost with it).
+        let sync = ob.begin_flush(false).expect("the drop count to sync");
+        assert!(!ob.broken, "reopened");
+        ob.end_flush(sync.run());
+        assert!(!ob.dirty);
+        assert_eq!(ob.condition(), Condition::Ok);
+        let seqs: Vec<u64> = ob.read_from(0, 1 << 20).iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![2]);
     }
 
     #[test]
