@@ -1,115 +1,346 @@
 //! Agent configuration: defaults, then a TOML file, then `IMN_…` environment variables,
 //! then command-line flags, each overriding the one before.
+//!
+//! Each setting is defined once, in the `settings!` list below: its field, default,
+//! flag, environment variable, help line and how its text is read. The TOML and UCI
+//! keys are the field names; the flag is the key with `-` for `_`.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Everything the agent can be told. Unknown keys in the file are errors.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AgentConfig {
+/// How a setting's text (a flag, a variable, a UCI option) is read.
+mod read {
+    use super::ConfigError;
+    use std::path::PathBuf;
+
+    pub fn text(_: &'static str, s: String) -> Result<String, ConfigError> {
+        Ok(s)
+    }
+
+    pub fn path(_: &'static str, s: String) -> Result<PathBuf, ConfigError> {
+        Ok(s.into())
+    }
+
+    /// Comma-separated, trimmed, empty entries left out.
+    pub fn list(_: &'static str, s: String) -> Result<Vec<String>, ConfigError> {
+        Ok(s.split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect())
+    }
+
+    pub fn whole<T: std::str::FromStr>(field: &'static str, s: String) -> Result<T, ConfigError> {
+        s.trim().parse::<T>().map_err(|_| ConfigError::Invalid {
+            field,
+            rule: format!("must be a whole number (got {s:?})"),
+        })
+    }
+
+    pub fn number(field: &'static str, s: String) -> Result<f64, ConfigError> {
+        s.trim().parse::<f64>().map_err(|_| ConfigError::Invalid {
+            field,
+            rule: format!("must be a number (got {s:?})"),
+        })
+    }
+
+    pub fn degrees(field: &'static str, s: String) -> Result<f64, ConfigError> {
+        s.trim().parse().map_err(|_| ConfigError::Invalid {
+            field,
+            rule: format!("must be a number of degrees (got {s:?})"),
+        })
+    }
+
+    pub fn boolean(field: &'static str, s: String) -> Result<bool, ConfigError> {
+        match s.as_str() {
+            "true" | "1" | "yes" => Ok(true),
+            "false" | "0" | "no" => Ok(false),
+            _ => Err(ConfigError::Invalid {
+                field,
+                rule: format!("must be true or false (got {s:?})"),
+            }),
+        }
+    }
+
+    pub fn addr(field: &'static str, s: String) -> Result<std::net::SocketAddr, ConfigError> {
+        s.trim().parse().map_err(|_| ConfigError::Invalid {
+            field,
+            rule: format!("must be ADDR:PORT, like 127.0.0.1:9101 (got {s:?})"),
+        })
+    }
+}
+
+/// How a UCI option's string becomes a TOML value for its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UciKind {
+    /// Kept a string.
+    Text,
+    /// A float when it parses as one.
+    Float,
+    /// `1`, `true`, `yes`, `on` are true, anything else false.
+    Bool,
+    /// An integer when it parses as one, else a string.
+    Auto,
+}
+
+/// The UCI kind of a setting read by `read::$how`.
+macro_rules! uci_kind {
+    (text) => {
+        UciKind::Text
+    };
+    (path) => {
+        UciKind::Text
+    };
+    (number) => {
+        UciKind::Float
+    };
+    (degrees) => {
+        UciKind::Float
+    };
+    (boolean) => {
+        UciKind::Bool
+    };
+    ($other:ident) => {
+        UciKind::Auto
+    };
+}
+
+/// A setting's field in [`AgentConfig`]: `val` the type itself, `opt` an `Option`.
+macro_rules! config_ty {
+    (val, $ty:ty) => { $ty };
+    (opt, $ty:ty) => { Option<$ty> };
+}
+
+/// A setting's default: `opt` ones have none.
+macro_rules! config_default {
+    (val, $default:expr) => {
+        $default
+    };
+    (opt) => {
+        None
+    };
+}
+
+/// A value from the flags or environment, put into the config: lists without empty
+/// entries.
+macro_rules! merge {
+    (val, list, $cfg:expr, $v:expr) => {
+        $cfg = $v.into_iter().filter(|t: &String| !t.is_empty()).collect()
+    };
+    (val, $how:ident, $cfg:expr, $v:expr) => {
+        $cfg = $v
+    };
+    (opt, $how:ident, $cfg:expr, $v:expr) => {
+        $cfg = Some($v)
+    };
+}
+
+/// The flag of a setting, if it has one.
+macro_rules! flag_of {
+    () => {
+        None
+    };
+    ($flag:literal, $env:literal, $help:literal) => {
+        Some(Opt {
+            flag: $flag,
+            env: $env,
+            help: $help,
+        })
+    };
+}
+
+/// Defines every setting once: the [`AgentConfig`] field (its doc, type, default), its
+/// flag, environment variable and help line (if it has a flag), and how its text is
+/// read (`read::$how`, which also gives its UCI kind). Generates [`AgentConfig`], its
+/// `Default`, [`Flags`], the flag table, the merge of flags into a config, and the UCI
+/// kinds.
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $wrap:ident $field:ident: $ty:ty $(= $default:expr)?, $how:ident
+            $(, $flag:literal, $env:literal, $help:literal)?;
+    )*) => {
+        /// Everything the agent can be told. Unknown keys in the file are errors.
+        #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct AgentConfig {
+            $(
+                $(#[doc = $doc])*
+                pub $field: config_ty!($wrap, $ty),
+            )*
+        }
+
+        impl Default for AgentConfig {
+            fn default() -> Self {
+                AgentConfig {
+                    $($field: config_default!($wrap $(, $default)?),)*
+                }
+            }
+        }
+
+        /// Command-line flags and their `IMN_…` environment variables, before the
+        /// config file: a setting's value, or `None` when it was not given. At most one
+        /// of `token` and `token_file`: a flag beats its environment variable, and both
+        /// given at the same level is an error.
+        #[derive(Debug, Default)]
+        pub struct Flags {
+            pub config: Option<PathBuf>,
+            pub uci: Option<PathBuf>,
+            pub print_config: bool,
+            $(pub $field: Option<$ty>,)*
+        }
+
+        /// Every setting's flag, in the order of [`AgentConfig`]'s fields.
+        const SETTINGS: &[Option<Opt>] = &[$(flag_of!($($flag, $env, $help)?),)*];
+
+        /// Every setting's key (TOML and UCI), in the same order.
+        #[cfg(test)]
+        const KEYS: &[&str] = &[$(stringify!($field),)*];
+
+        impl Flags {
+            /// Reads each setting's text: `values` gives it for a flag, with the
+            /// field its errors name (`None`: not given).
+            fn read_settings(
+                mut values: impl FnMut(&str) -> Option<(&'static str, String)>,
+            ) -> Result<Flags, ConfigError> {
+                Ok(Flags {
+                    $($field: match SETTINGS[Setting::$field as usize]
+                        .and_then(|o| values(o.flag))
+                    {
+                        Some((field, s)) => Some(read::$how(field, s)?),
+                        None => None,
+                    },)*
+                    ..Flags::default()
+                })
+            }
+
+            /// Puts every setting given here into `cfg`.
+            fn merge_into(self, cfg: &mut AgentConfig) {
+                $(if let Some(v) = self.$field {
+                    merge!($wrap, $how, cfg.$field, v);
+                })*
+            }
+        }
+
+        /// Settings by position in [`SETTINGS`].
+        #[allow(non_camel_case_types, dead_code)]
+        #[derive(Clone, Copy)]
+        enum Setting {
+            $($field,)*
+        }
+
+        /// The UCI kind of a key; `None` for a key that is no setting.
+        fn uci_kind(key: &str) -> Option<UciKind> {
+            match key {
+                $(stringify!($field) => Some(uci_kind!($how)),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+/// A flag, its environment variable and its help line.
+#[derive(Debug, Clone, Copy)]
+struct Opt {
+    flag: &'static str,
+    env: &'static str,
+    help: &'static str,
+}
+
+settings! {
     /// The agent's id: 1 to 64 of `A-Z a-z 0-9 _ -`. Also its MQTT client id. Empty: the
     /// agent makes one up once (`imn-` and 12 random hex digits) and keeps it in
     /// `DATA/agent-id`, so a freshly flashed device needs no per-device config.
-    pub id: String,
+    val id: String = String::new(), text,
+        "id", "IMN_ID", "agent id (empty: made up once, kept in DATA/agent-id)";
     /// The bridge's broker: `mqtt://HOST[:PORT]` (port 1883), or `mqtts://HOST[:PORT]`
     /// (TLS, port 8883). HOST may be a name: the agent resolves it itself, again on every
     /// reconnect.
-    pub broker: String,
+    val broker: String = "mqtt://127.0.0.1:1883".into(), text,
+        "broker", "IMN_BROKER", "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; several separated by commas";
     /// PEM file of the CA that signed the broker's certificate (`mqtts://`). Without it,
     /// the system's bundle at `/etc/ssl/certs/ca-certificates.crt` is used.
-    pub tls_ca: Option<PathBuf>,
+    opt tls_ca: PathBuf, path,
+        "tls-ca", "IMN_TLS_CA", "PEM CA certificate for mqtts://";
     /// PEM client certificate chain and key, for brokers that require mutual TLS.
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
+    opt tls_cert: PathBuf, path,
+        "tls-cert", "IMN_TLS_CERT", "PEM client certificate chain (mutual TLS)";
+    opt tls_key: PathBuf, path,
+        "tls-key", "IMN_TLS_KEY", "PEM client key (mutual TLS)";
     /// Name servers (`ADDR` or `ADDR:PORT`) used instead of `/etc/resolv.conf`'s.
-    pub nameservers: Vec<String>,
+    val nameservers: Vec<String> = Vec::new(), list,
+        "nameservers", "IMN_NAMESERVERS", "comma-separated ADDR or ADDR:PORT (default: /etc/resolv.conf's)";
     /// The agent's secret, sent as the MQTT password (the id is the user name). Given
     /// as `--token` it is visible to every user in `ps`: prefer `token_file`.
-    pub token: Option<String>,
+    opt token: String, text,
+        "token", "IMN_AGENT_TOKEN", "the agent's secret (MQTT password); on the command line every user sees it in `ps`: use --token-file";
     /// A file holding the token (mode 0600), read at start; it takes the place of
     /// `token`. A file that does not exist means no token (a package installs the path
     /// before the agent is enrolled); `--print-config` never prints the token itself.
-    pub token_file: Option<PathBuf>,
+    opt token_file: PathBuf, path,
+        "token-file", "IMN_AGENT_TOKEN_FILE", "file holding the agent's secret (mode 0600); replaces --token";
     /// Where the outbox and command log live.
-    pub data: PathBuf,
+    val data: PathBuf = PathBuf::from("imn-agent-data"), path,
+        "data", "IMN_DATA", "data directory (outbox and command log)";
     /// Free-form labels for selecting agents.
-    pub tags: Vec<String>,
+    val tags: Vec<String> = Vec::new(), list,
+        "tags", "IMN_TAGS", "comma-separated tags";
     /// Heartbeat period in milliseconds.
-    pub heartbeat_ms: u64,
+    val heartbeat_ms: u64 = 10_000, whole,
+        "heartbeat-ms", "IMN_HEARTBEAT_MS", "heartbeat period";
     /// MQTT keep-alive in seconds: a link that died silently is noticed within about
     /// twice this (shorter on links that drop without a reset, such as cellular).
-    pub keepalive_s: u64,
+    val keepalive_s: u64 = 30, whole,
+        "keepalive-s", "IMN_KEEPALIVE_S", "MQTT keep-alive: a silently dead link is noticed within about twice this (5 to 3600, default 30)";
     /// Largest outbox batch sent in one MQTT message, in bytes.
-    pub batch_max_bytes: usize,
+    val batch_max_bytes: usize = 256 * 1024, whole,
+        "batch-max-bytes", "IMN_BATCH_MAX_BYTES", "largest batch, in bytes of records";
     /// Batches sent but not yet acked before the agent waits.
-    pub window: usize,
+    val window: usize = 8, whole,
+        "window", "IMN_WINDOW", "batches sent and not yet acked, at most";
     /// After this long with no ack, everything unacked is sent again.
-    pub resend_timeout_ms: u64,
+    val resend_timeout_ms: u64 = 10_000, whole,
+        "resend-timeout-ms", "IMN_RESEND_TIMEOUT_MS", "resend unacked batches after this long";
     /// How long one MQTT connection attempt may take (a busy broker is slow to accept).
-    pub connect_timeout_s: u64,
+    val connect_timeout_s: u64 = 30, whole;
     /// Bytes of unacked records the outbox keeps; past it the oldest are evicted.
-    pub outbox_max_bytes: u64,
+    val outbox_max_bytes: u64 = 64 * 1024 * 1024, whole,
+        "outbox-max-bytes", "IMN_OUTBOX_MAX_BYTES", "bytes of unacked records kept on disk before the oldest are evicted";
     /// Bytes of records kept in memory while the disk is full or failing.
-    pub outbox_memory_bytes: u64,
+    val outbox_memory_bytes: u64 = 4 * 1024 * 1024, whole,
+        "outbox-memory-bytes", "IMN_OUTBOX_MEMORY_BYTES", "bytes kept in memory while the disk is full or failing";
     /// Free space the outbox leaves on the data filesystem.
-    pub disk_reserve_bytes: u64,
+    val disk_reserve_bytes: u64 = 2 * 1024 * 1024, whole,
+        "disk-reserve-bytes", "IMN_DISK_RESERVE_BYTES", "free space left on the data filesystem";
     /// Send new results ahead of the backlog when catching up.
-    pub live_first: bool,
+    val live_first: bool = false, boolean,
+        "live-first", "IMN_LIVE_FIRST", "true: send new results ahead of the backlog";
     /// Serve Prometheus `/metrics` here (e.g. `127.0.0.1:9101`); needs an agent built
     /// with the `metrics` feature.
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    opt metrics_listen: std::net::SocketAddr, addr,
+        "metrics-listen", "IMN_METRICS_LISTEN", "ADDR:PORT of a Prometheus /metrics listener (builds with the `metrics` feature)";
     /// Where the agent is, for selecting agents (`GET /agents?country=…`): ISO 3166-1
     /// alpha-2 country code, city, WGS 84 coordinates, and the network's AS number.
-    pub country: Option<String>,
-    pub city: Option<String>,
-    pub latitude: Option<f64>,
-    pub longitude: Option<f64>,
-    pub asn: Option<u32>,
+    opt country: String, text,
+        "country", "IMN_COUNTRY", "ISO 3166-1 alpha-2 country code of the agent's location (DE, NL, …)";
+    opt city: String, text,
+        "city", "IMN_CITY", "city of the agent's location";
+    opt latitude: f64, degrees,
+        "latitude", "IMN_LATITUDE", "latitude of the agent's location, -90 to 90";
+    opt longitude: f64, degrees,
+        "longitude", "IMN_LONGITUDE", "longitude of the agent's location, -180 to 180";
+    opt asn: u32, whole,
+        "asn", "IMN_ASN", "AS number of the agent's network";
     /// Runs at once, from commands and schedules together; more wait in a queue.
-    pub max_runs: u32,
+    val max_runs: u32 = 4, whole,
+        "max-runs", "IMN_MAX_RUNS", "runs at once, commands and schedules together; more wait (1 to 1024, default 4)";
     /// Runs waiting at most; past it a new run fails at once.
-    pub max_queued_runs: u32,
+    val max_queued_runs: u32 = 1000, whole,
+        "max-queued-runs", "IMN_MAX_QUEUED_RUNS", "runs waiting at most; past it a new run fails at once (0 to 100000, default 1000)";
     /// Probes per second across all running runs (each run's declared rate); a run
     /// that does not fit waits.
-    pub max_probe_rate: f64,
-}
-
-impl Default for AgentConfig {
-    fn default() -> Self {
-        AgentConfig {
-            id: String::new(),
-            broker: "mqtt://127.0.0.1:1883".into(),
-            token: None,
-            token_file: None,
-            tls_ca: None,
-            tls_cert: None,
-            tls_key: None,
-            nameservers: Vec::new(),
-            data: PathBuf::from("imn-agent-data"),
-            tags: Vec::new(),
-            heartbeat_ms: 10_000,
-            keepalive_s: 30,
-            batch_max_bytes: 256 * 1024,
-            window: 8,
-            resend_timeout_ms: 10_000,
-            connect_timeout_s: 30,
-            outbox_max_bytes: 64 * 1024 * 1024,
-            outbox_memory_bytes: 4 * 1024 * 1024,
-            disk_reserve_bytes: 2 * 1024 * 1024,
-            live_first: false,
-            metrics_listen: None,
-            country: None,
-            city: None,
-            latitude: None,
-            longitude: None,
-            asn: None,
-            max_runs: 4,
-            max_queued_runs: 1000,
-            max_probe_rate: 2000.0,
-        }
-    }
+    val max_probe_rate: f64 = 2000.0, number,
+        "max-probe-rate", "IMN_MAX_PROBE_RATE", "probes per second across all running runs (default 2000)";
 }
 
 /// What `--print-config` shows in place of the token.
@@ -118,169 +349,27 @@ pub const REDACTED: &str = "<redacted>";
 /// The largest token file read.
 const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
 
-/// Every flag, its environment variable and its help line. A flag given on the command
-/// line overrides its variable. (A table, not clap: clap is 200 KiB of firmware.)
-const OPTIONS: &[(&str, &str, &str)] = &[
-    ("config", "IMN_CONFIG", "TOML config file"),
-    (
-        "uci",
-        "IMN_UCI",
-        "OpenWrt UCI config file (its `agent` section; same keys as the TOML)",
-    ),
-    (
-        "id",
-        "IMN_ID",
-        "agent id (empty: made up once, kept in DATA/agent-id)",
-    ),
-    (
-        "broker",
-        "IMN_BROKER",
-        "mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; several separated by commas",
-    ),
-    (
-        "token",
-        "IMN_AGENT_TOKEN",
-        "the agent's secret (MQTT password); on the command line every user sees it in `ps`: use --token-file",
-    ),
-    (
-        "token-file",
-        "IMN_AGENT_TOKEN_FILE",
-        "file holding the agent's secret (mode 0600); replaces --token",
-    ),
-    ("tls-ca", "IMN_TLS_CA", "PEM CA certificate for mqtts://"),
-    (
-        "tls-cert",
-        "IMN_TLS_CERT",
-        "PEM client certificate chain (mutual TLS)",
-    ),
-    ("tls-key", "IMN_TLS_KEY", "PEM client key (mutual TLS)"),
-    (
-        "nameservers",
-        "IMN_NAMESERVERS",
-        "comma-separated ADDR or ADDR:PORT (default: /etc/resolv.conf's)",
-    ),
-    (
-        "data",
-        "IMN_DATA",
-        "data directory (outbox and command log)",
-    ),
-    ("tags", "IMN_TAGS", "comma-separated tags"),
-    ("heartbeat-ms", "IMN_HEARTBEAT_MS", "heartbeat period"),
-    (
-        "keepalive-s",
-        "IMN_KEEPALIVE_S",
-        "MQTT keep-alive: a silently dead link is noticed within about twice this (5 to 3600, default 30)",
-    ),
-    (
-        "resend-timeout-ms",
-        "IMN_RESEND_TIMEOUT_MS",
-        "resend unacked batches after this long",
-    ),
-    (
-        "outbox-max-bytes",
-        "IMN_OUTBOX_MAX_BYTES",
-        "bytes of unacked records kept on disk before the oldest are evicted",
-    ),
-    (
-        "outbox-memory-bytes",
-        "IMN_OUTBOX_MEMORY_BYTES",
-        "bytes kept in memory while the disk is full or failing",
-    ),
-    (
-        "disk-reserve-bytes",
-        "IMN_DISK_RESERVE_BYTES",
-        "free space left on the data filesystem",
-    ),
-    (
-        "live-first",
-        "IMN_LIVE_FIRST",
-        "true: send new results ahead of the backlog",
-    ),
-    (
-        "window",
-        "IMN_WINDOW",
-        "batches sent and not yet acked, at most",
-    ),
-    (
-        "batch-max-bytes",
-        "IMN_BATCH_MAX_BYTES",
-        "largest batch, in bytes of records",
-    ),
-    (
-        "country",
-        "IMN_COUNTRY",
-        "ISO 3166-1 alpha-2 country code of the agent's location (DE, NL, …)",
-    ),
-    ("city", "IMN_CITY", "city of the agent's location"),
-    (
-        "latitude",
-        "IMN_LATITUDE",
-        "latitude of the agent's location, -90 to 90",
-    ),
-    (
-        "longitude",
-        "IMN_LONGITUDE",
-        "longitude of the agent's location, -180 to 180",
-    ),
-    ("asn", "IMN_ASN", "AS number of the agent's network"),
-    (
-        "metrics-listen",
-        "IMN_METRICS_LISTEN",
-        "ADDR:PORT of a Prometheus /metrics listener (builds with the `metrics` feature)",
-    ),
-    (
-        "max-runs",
-        "IMN_MAX_RUNS",
-        "runs at once, commands and schedules together; more wait (1 to 1024, default 4)",
-    ),
-    (
-        "max-queued-runs",
-        "IMN_MAX_QUEUED_RUNS",
-        "runs waiting at most; past it a new run fails at once (0 to 100000, default 1000)",
-    ),
-    (
-        "max-probe-rate",
-        "IMN_MAX_PROBE_RATE",
-        "probes per second across all running runs (default 2000)",
-    ),
+/// The flags that are no setting: which file the settings come from.
+const FILE_OPTIONS: [Opt; 2] = [
+    Opt {
+        flag: "config",
+        env: "IMN_CONFIG",
+        help: "TOML config file",
+    },
+    Opt {
+        flag: "uci",
+        env: "IMN_UCI",
+        help: "OpenWrt UCI config file (its `agent` section; same keys as the TOML)",
+    },
 ];
 
-/// Command-line flags and their `IMN_…` environment variables, before the config file.
-#[derive(Debug, Default)]
-pub struct Flags {
-    pub config: Option<PathBuf>,
-    pub uci: Option<PathBuf>,
-    pub print_config: bool,
-    pub id: Option<String>,
-    pub broker: Option<String>,
-    /// At most one of `token` and `token_file`: a flag beats its environment variable,
-    /// and both given at the same level is an error.
-    pub token: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub tls_ca: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub nameservers: Option<Vec<String>>,
-    pub data: Option<PathBuf>,
-    pub tags: Option<Vec<String>>,
-    pub heartbeat_ms: Option<u64>,
-    pub keepalive_s: Option<u64>,
-    pub resend_timeout_ms: Option<u64>,
-    pub outbox_max_bytes: Option<u64>,
-    pub outbox_memory_bytes: Option<u64>,
-    pub disk_reserve_bytes: Option<u64>,
-    pub live_first: Option<bool>,
-    pub window: Option<usize>,
-    pub batch_max_bytes: Option<usize>,
-    pub metrics_listen: Option<std::net::SocketAddr>,
-    pub country: Option<String>,
-    pub city: Option<String>,
-    pub latitude: Option<f64>,
-    pub longitude: Option<f64>,
-    pub asn: Option<u32>,
-    pub max_runs: Option<u32>,
-    pub max_queued_runs: Option<u32>,
-    pub max_probe_rate: Option<f64>,
+/// Every flag, its environment variable and its help line: the file's, then the
+/// settings'. A flag given on the command line overrides its variable. (A table, not
+/// clap: clap is 200 KiB of firmware.)
+fn options() -> impl Iterator<Item = Opt> {
+    FILE_OPTIONS
+        .into_iter()
+        .chain(SETTINGS.iter().filter_map(|o| *o))
 }
 
 /// What the command line asks for.
@@ -307,9 +396,10 @@ impl Flags {
         args: impl IntoIterator<Item = String>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Command, ConfigError> {
-        let mut values: Vec<Option<String>> = OPTIONS.iter().map(|o| env(o.1)).collect();
+        let opts: Vec<Opt> = options().collect();
+        let mut values: Vec<Option<String>> = opts.iter().map(|o| env(o.env)).collect();
         // Which values came from the command line (the others from the environment).
-        let mut from_args = vec![false; OPTIONS.len()];
+        let mut from_args = vec![false; opts.len()];
         let mut print_config = false;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -336,139 +426,52 @@ impl Flags {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (body, None),
             };
-            let i = OPTIONS.iter().position(|o| o.0 == name).ok_or_else(bad)?;
+            let i = opts.iter().position(|o| o.flag == name).ok_or_else(bad)?;
             let value = match inline {
                 Some(v) => v,
                 None => args.next().ok_or_else(|| ConfigError::Invalid {
-                    field: OPTIONS[i].1,
+                    field: opts[i].env,
                     rule: format!("--{name} needs a value"),
                 })?,
             };
             values[i] = Some(value);
             from_args[i] = true;
         }
+        let position = |name: &str| opts.iter().position(|o| o.flag == name);
         let get = |name: &str| -> Option<(&'static str, String)> {
-            let i = OPTIONS.iter().position(|o| o.0 == name)?;
-            values[i].clone().map(|v| (OPTIONS[i].1, v))
+            let i = position(name)?;
+            values[i].clone().map(|v| (opts[i].env, v))
         };
-        fn num<T: std::str::FromStr>(
-            v: Option<(&'static str, String)>,
-        ) -> Result<Option<T>, ConfigError> {
-            v.map(|(field, s)| {
-                s.trim().parse::<T>().map_err(|_| ConfigError::Invalid {
-                    field,
-                    rule: format!("must be a whole number (got {s:?})"),
-                })
-            })
-            .transpose()
-        }
-        let list = |v: Option<(&'static str, String)>| {
-            v.map(|(_, s)| {
-                s.split(',')
-                    .map(|t| t.trim().to_string())
-                    .filter(|t| !t.is_empty())
-                    .collect::<Vec<_>>()
-            })
-        };
-        let live_first = get("live-first")
-            .map(|(field, s)| match s.as_str() {
-                "true" | "1" | "yes" => Ok(true),
-                "false" | "0" | "no" => Ok(false),
-                _ => Err(ConfigError::Invalid {
-                    field,
-                    rule: format!("must be true or false (got {s:?})"),
-                }),
-            })
-            .transpose()?;
         // The token and its file are one setting: the command line beats the
         // environment, and both at the same level is an error.
         let (ti, fi) = (
-            OPTIONS.iter().position(|o| o.0 == "token").expect("token"),
-            OPTIONS
-                .iter()
-                .position(|o| o.0 == "token-file")
-                .expect("token-file"),
+            position("token").expect("token"),
+            position("token-file").expect("token-file"),
         );
-        let (token, token_file) = match (from_args[ti], from_args[fi]) {
+        let keep = match (from_args[ti], from_args[fi]) {
             (true, true) => {
                 return Err(ConfigError::Invalid {
                     field: "token/token-file",
                     rule: "give --token or --token-file, not both".into(),
                 })
             }
-            (true, false) => (values[ti].clone(), None),
-            (false, true) => (None, values[fi].clone()),
+            (true, false) => ti,
+            (false, true) => fi,
             (false, false) if values[ti].is_some() && values[fi].is_some() => {
                 return Err(ConfigError::Invalid {
                     field: "IMN_AGENT_TOKEN/IMN_AGENT_TOKEN_FILE",
                     rule: "set one of them, not both".into(),
                 })
             }
-            (false, false) => (values[ti].clone(), values[fi].clone()),
+            (false, false) => usize::MAX,
         };
-        let float = |v: Option<(&'static str, String)>| -> Result<Option<f64>, ConfigError> {
-            v.map(|(field, s)| {
-                s.trim().parse::<f64>().map_err(|_| ConfigError::Invalid {
-                    field,
-                    rule: format!("must be a number (got {s:?})"),
-                })
-            })
-            .transpose()
-        };
-        let flags = Flags {
-            config: get("config").map(|v| v.1.into()),
-            uci: get("uci").map(|v| v.1.into()),
-            print_config,
-            id: get("id").map(|v| v.1),
-            broker: get("broker").map(|v| v.1),
-            token,
-            token_file: token_file.map(PathBuf::from),
-            tls_ca: get("tls-ca").map(|v| v.1.into()),
-            tls_cert: get("tls-cert").map(|v| v.1.into()),
-            tls_key: get("tls-key").map(|v| v.1.into()),
-            nameservers: list(get("nameservers")),
-            data: get("data").map(|v| v.1.into()),
-            tags: list(get("tags")),
-            heartbeat_ms: num(get("heartbeat-ms"))?,
-            keepalive_s: num(get("keepalive-s"))?,
-            resend_timeout_ms: num(get("resend-timeout-ms"))?,
-            outbox_max_bytes: num(get("outbox-max-bytes"))?,
-            outbox_memory_bytes: num(get("outbox-memory-bytes"))?,
-            disk_reserve_bytes: num(get("disk-reserve-bytes"))?,
-            live_first,
-            window: num(get("window"))?,
-            batch_max_bytes: num(get("batch-max-bytes"))?,
-            country: get("country").map(|v| v.1),
-            city: get("city").map(|v| v.1),
-            latitude: get("latitude")
-                .map(|(field, s)| {
-                    s.trim().parse().map_err(|_| ConfigError::Invalid {
-                        field,
-                        rule: format!("must be a number of degrees (got {s:?})"),
-                    })
-                })
-                .transpose()?,
-            longitude: get("longitude")
-                .map(|(field, s)| {
-                    s.trim().parse().map_err(|_| ConfigError::Invalid {
-                        field,
-                        rule: format!("must be a number of degrees (got {s:?})"),
-                    })
-                })
-                .transpose()?,
-            asn: num(get("asn"))?,
-            max_runs: num(get("max-runs"))?,
-            max_queued_runs: num(get("max-queued-runs"))?,
-            max_probe_rate: float(get("max-probe-rate"))?,
-            metrics_listen: get("metrics-listen")
-                .map(|(field, s)| {
-                    s.trim().parse().map_err(|_| ConfigError::Invalid {
-                        field,
-                        rule: format!("must be ADDR:PORT, like 127.0.0.1:9101 (got {s:?})"),
-                    })
-                })
-                .transpose()?,
-        };
+        let mut flags = Flags::read_settings(|name| match position(name) {
+            Some(i) if (i == ti || i == fi) && keep != usize::MAX && i != keep => None,
+            _ => get(name),
+        })?;
+        flags.config = get("config").map(|v| v.1.into());
+        flags.uci = get("uci").map(|v| v.1.into());
+        flags.print_config = print_config;
         if flags.config.is_some() && flags.uci.is_some() {
             return Err(ConfigError::Invalid {
                 field: "config/uci",
@@ -486,8 +489,8 @@ fn help() -> String {
          Options:\n",
         env!("CARGO_PKG_VERSION")
     );
-    for (flag, env, text) in OPTIONS {
-        h.push_str(&format!("  --{flag} VALUE\n      {text} [env: {env}]\n"));
+    for Opt { flag, env, help } in options() {
+        h.push_str(&format!("  --{flag} VALUE\n      {help} [env: {env}]\n"));
     }
     h.push_str("  --print-config\n      print the resulting config as TOML (the token as \"<redacted>\") and exit\n");
     h.push_str("  -h, --help\n  -V, --version\n");
@@ -532,92 +535,14 @@ impl AgentConfig {
             })?,
             (None, None) => AgentConfig::default(),
         };
-        if let Some(v) = flags.id {
-            cfg.id = v;
-        }
-        if let Some(v) = flags.broker {
-            cfg.broker = v;
-        }
         // A token or token file given on the command line or in the environment
         // replaces both of the file's.
-        if let Some(v) = flags.token {
-            cfg.token = Some(v);
+        let (token, token_file) = (flags.token.is_some(), flags.token_file.is_some());
+        flags.merge_into(&mut cfg);
+        if token {
             cfg.token_file = None;
-        } else if let Some(v) = flags.token_file {
-            cfg.token_file = Some(v);
+        } else if token_file {
             cfg.token = None;
-        }
-        if let Some(v) = flags.tls_ca {
-            cfg.tls_ca = Some(v);
-        }
-        if let Some(v) = flags.tls_cert {
-            cfg.tls_cert = Some(v);
-        }
-        if let Some(v) = flags.tls_key {
-            cfg.tls_key = Some(v);
-        }
-        if let Some(v) = flags.nameservers {
-            cfg.nameservers = v.into_iter().filter(|t| !t.is_empty()).collect();
-        }
-        if let Some(v) = flags.data {
-            cfg.data = v;
-        }
-        if let Some(v) = flags.tags {
-            cfg.tags = v.into_iter().filter(|t| !t.is_empty()).collect();
-        }
-        if let Some(v) = flags.heartbeat_ms {
-            cfg.heartbeat_ms = v;
-        }
-        if let Some(v) = flags.keepalive_s {
-            cfg.keepalive_s = v;
-        }
-        if let Some(v) = flags.resend_timeout_ms {
-            cfg.resend_timeout_ms = v;
-        }
-        if let Some(v) = flags.outbox_max_bytes {
-            cfg.outbox_max_bytes = v;
-        }
-        if let Some(v) = flags.outbox_memory_bytes {
-            cfg.outbox_memory_bytes = v;
-        }
-        if let Some(v) = flags.disk_reserve_bytes {
-            cfg.disk_reserve_bytes = v;
-        }
-        if let Some(v) = flags.live_first {
-            cfg.live_first = v;
-        }
-        if let Some(v) = flags.window {
-            cfg.window = v;
-        }
-        if let Some(v) = flags.batch_max_bytes {
-            cfg.batch_max_bytes = v;
-        }
-        if let Some(v) = flags.metrics_listen {
-            cfg.metrics_listen = Some(v);
-        }
-        if let Some(v) = flags.country {
-            cfg.country = Some(v);
-        }
-        if let Some(v) = flags.city {
-            cfg.city = Some(v);
-        }
-        if let Some(v) = flags.latitude {
-            cfg.latitude = Some(v);
-        }
-        if let Some(v) = flags.longitude {
-            cfg.longitude = Some(v);
-        }
-        if let Some(v) = flags.asn {
-            cfg.asn = Some(v);
-        }
-        if let Some(v) = flags.max_runs {
-            cfg.max_runs = v;
-        }
-        if let Some(v) = flags.max_queued_runs {
-            cfg.max_queued_runs = v;
-        }
-        if let Some(v) = flags.max_probe_rate {
-            cfg.max_probe_rate = v;
         }
         if let Some(path) = cfg.token_file.clone() {
             if cfg.token.is_some() {
@@ -966,20 +891,6 @@ pub fn write_durably(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io
 /// strings; numbers become integers, `'0'`/`'1'` the booleans, and `list` options arrays,
 /// so the TOML keys and their checks (unknown keys are errors) apply unchanged.
 pub fn from_uci(text: &str) -> Result<AgentConfig, toml::de::Error> {
-    const STRINGS: &[&str] = &[
-        "id",
-        "broker",
-        "token",
-        "token_file",
-        "data",
-        "tls_ca",
-        "tls_cert",
-        "tls_key",
-        "country",
-        "city",
-    ];
-    const FLOATS: &[&str] = &["latitude", "longitude", "max_probe_rate"];
-    const BOOLS: &[&str] = &["live_first"];
     // Options the init script reads; not the agent's.
     const INIT_ONLY: &[&str] = &["enabled"];
     let mut table = toml::Table::new();
@@ -995,16 +906,21 @@ pub fn from_uci(text: &str) -> Result<AgentConfig, toml::de::Error> {
                 if INIT_ONLY.contains(&key.as_str()) {
                     continue;
                 }
-                let v = if BOOLS.contains(&key.as_str()) {
-                    toml::Value::Boolean(matches!(value.as_str(), "1" | "true" | "yes" | "on"))
-                } else if STRINGS.contains(&key.as_str()) {
-                    toml::Value::String(value)
-                } else if let (true, Ok(f)) = (FLOATS.contains(&key.as_str()), value.parse()) {
-                    toml::Value::Float(f)
-                } else if let Ok(n) = value.parse::<i64>() {
-                    toml::Value::Integer(n)
-                } else {
-                    toml::Value::String(value)
+                let auto = |value: String| match value.parse::<i64>() {
+                    Ok(n) => toml::Value::Integer(n),
+                    Err(_) => toml::Value::String(value),
+                };
+                // Unknown keys are read as any other (and refused by the TOML checks).
+                let v = match uci_kind(&key).unwrap_or(UciKind::Auto) {
+                    UciKind::Bool => {
+                        toml::Value::Boolean(matches!(value.as_str(), "1" | "true" | "yes" | "on"))
+                    }
+                    UciKind::Text => toml::Value::String(value),
+                    UciKind::Float => match value.parse() {
+                        Ok(f) => toml::Value::Float(f),
+                        Err(_) => auto(value),
+                    },
+                    UciKind::Auto => auto(value),
                 };
                 if kind == "list" {
                     let entry = table
@@ -1448,6 +1364,84 @@ mod tests {
         ] {
             assert!(help.contains(flag), "{flag} not in --help");
         }
+    }
+
+    /// Every setting but `connect_timeout_s` has a flag: its key with `-` for `_`, an
+    /// `IMN_` variable named after the key (the token's `IMN_AGENT_`), a help line, and
+    /// a UCI kind.
+    #[test]
+    fn every_setting_is_one_key_flag_and_variable() {
+        assert_eq!(KEYS.len(), SETTINGS.len());
+        let help = help();
+        let mut flagged = 0;
+        for (key, opt) in KEYS.iter().zip(SETTINGS) {
+            assert!(uci_kind(key).is_some(), "{key}");
+            let Some(o) = opt else {
+                assert_eq!(*key, "connect_timeout_s", "only it has no flag");
+                continue;
+            };
+            flagged += 1;
+            assert_eq!(o.flag.replace('-', "_"), *key);
+            let want = match *key {
+                "token" | "token_file" => format!("IMN_AGENT_{}", key.to_uppercase()),
+                _ => format!("IMN_{}", key.to_uppercase()),
+            };
+            assert_eq!(o.env, want);
+            let line = format!("  --{} VALUE\n      {} [env: {}]\n", o.flag, o.help, o.env);
+            assert!(help.contains(&line), "{line}");
+        }
+        assert_eq!(flagged, 28);
+        assert_eq!(
+            uci_kind("enabled"),
+            None,
+            "the init script's, not a setting"
+        );
+        let toml = toml::to_string(&AgentConfig::default()).unwrap();
+        for line in toml.lines() {
+            let key = line.split(" = ").next().unwrap();
+            assert!(KEYS.contains(&key), "{key}");
+        }
+    }
+
+    /// Flags beat the environment, which beats the file, which beats the default, for
+    /// every kind of setting.
+    #[test]
+    fn flags_then_environment_then_file_then_default() {
+        let dir = tmp("precedence");
+        let file = dir.join("agent.toml");
+        std::fs::write(
+            &file,
+            "id = \"f\"\nheartbeat_ms = 500\nwindow = 3\nlive_first = true\ncity = \"File\"\n\
+             tags = [\"file\"]\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap().to_string();
+        let env = |k: &str| match k {
+            "IMN_CONFIG" => Some(f.clone()),
+            "IMN_HEARTBEAT_MS" => Some("600".to_string()),
+            "IMN_WINDOW" => Some("4".to_string()),
+            "IMN_LIVE_FIRST" => Some("no".to_string()),
+            "IMN_TAGS" => Some("env".to_string()),
+            _ => None,
+        };
+        let Command::Run(flags) = Flags::parse(
+            ["--window", "5", "--tags=flag,"]
+                .iter()
+                .map(|s| s.to_string()),
+            env,
+        )
+        .unwrap() else {
+            panic!()
+        };
+        let cfg = AgentConfig::load(*flags).unwrap();
+        assert_eq!(cfg.id, "f", "the file's");
+        assert_eq!(cfg.heartbeat_ms, 600, "the environment's");
+        assert_eq!(cfg.window, 5, "the flag's");
+        assert!(!cfg.live_first, "the environment's");
+        assert_eq!(cfg.city.as_deref(), Some("File"));
+        assert_eq!(cfg.tags, vec!["flag"]);
+        assert_eq!(cfg.resend_timeout_ms, 10_000, "the default");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
