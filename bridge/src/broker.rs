@@ -17,8 +17,9 @@ use rumqttd::{
     ServerSettings, TlsConfig,
 };
 
-use imn_cloud::auth::AgentCredentials;
+use imn_cloud::auth::{AclAccess, AgentCredentials};
 use imn_cloud::bus::{Bus, DownMessage};
+use imn_cloud::events::{emit, InternalEvent};
 use imn_cloud::telemetry::prom::{Family, FamilyKind};
 use imn_cloud::BridgeReport;
 
@@ -337,18 +338,13 @@ fn rumqttd_config(cfg: &BrokerConfig) -> Config {
     let acl: Option<AclHandler> = (cfg.credentials.is_enabled() && cfg.broker_acl).then(|| {
         let creds = cfg.credentials.clone();
         Arc::new(move |client_id: &str, topic: &str, access: Access| {
-            use std::sync::atomic::Ordering::Relaxed;
-            let publish = !matches!(access, Access::Subscribe);
-            let ok = creds.allowed(client_id, topic, publish);
-            if !ok {
-                let counter = match access {
-                    Access::Publish => &creds.stats.publish_denied,
-                    Access::Subscribe => &creds.stats.subscribe_denied,
-                    Access::Will => &creds.stats.will_denied,
-                };
-                counter.fetch_add(1, Relaxed);
-            }
-            ok
+            // A refusal is counted and logged by the credentials (event AclDenied).
+            let access = match access {
+                Access::Publish => AclAccess::Publish,
+                Access::Subscribe => AclAccess::Subscribe,
+                Access::Will => AclAccess::Will,
+            };
+            creds.allowed(client_id, topic, access)
         }) as AclHandler
     });
     Config {
@@ -443,14 +439,21 @@ pub async fn uplink(
                 let topic = String::from_utf8_lossy(&f.publish.topic);
                 let Some((agent, kind)) = wire::parse_topic(&topic).filter(|(_, k)| k.is_uplink())
                 else {
-                    stats.bad_topics.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%topic, "message on a topic that is not an IMN uplink topic");
+                    emit(UplinkBadTopic {
+                        stats: &stats,
+                        topic: &topic,
+                    });
                     continue;
                 };
                 let payload: Bytes = f.publish.payload;
                 if payload.len() > max_message_bytes {
-                    stats.too_large.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%agent, kind = kind.as_str(), bytes = payload.len(), max_mqtt_payload = max_message_bytes, "dropping an uplink message over the limit max_mqtt_payload");
+                    emit(UplinkTooLarge {
+                        stats: &stats,
+                        agent,
+                        kind,
+                        bytes: payload.len(),
+                        max: Some(max_message_bytes),
+                    });
                     continue;
                 }
                 let payload = match credentials.open_uplink(agent, kind, &payload) {
@@ -463,8 +466,12 @@ pub async fn uplink(
                     }
                     Err(e) => {
                         // The agent resends after its resend timeout: nothing is lost.
-                        stats.up_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, %agent, kind = kind.as_str(), "bus publish failed");
+                        emit(BusPublishFailed {
+                            stats: &stats,
+                            agent,
+                            kind,
+                            error: e,
+                        });
                     }
                 }
             }
@@ -567,4 +574,67 @@ pub async fn run(cfg: BrokerConfig, bus: Arc<dyn Bus>) -> Result<Arc<BridgeStats
         "bridge: embedded broker listening"
     );
     Ok(stats)
+}
+
+// ---------------------------------------------------------------- internal events
+
+// The bridge's own operational events (see `imn_cloud::events`): each one's `emit`
+// counts it in [`BridgeStats`] (`/health`, `/metrics`) and writes its log line.
+
+/// An uplink message on a topic that is not an IMN uplink topic was dropped.
+/// `imn_bridge_refused_total{reason="bad_topic"}`, warn.
+pub(crate) struct UplinkBadTopic<'a> {
+    pub stats: &'a BridgeStats,
+    pub topic: &'a str,
+}
+
+impl InternalEvent for UplinkBadTopic<'_> {
+    fn emit(self) {
+        self.stats.bad_topics.fetch_add(1, Ordering::Relaxed);
+        let topic = self.topic;
+        tracing::warn!(%topic, "message on a topic that is not an IMN uplink topic");
+    }
+}
+
+/// An uplink message over the bridge's size limit was dropped.
+/// `imn_bridge_refused_total{reason="too_large"}`, warn; the embedded broker's bridge
+/// logs the limit too (`max`).
+pub(crate) struct UplinkTooLarge<'a> {
+    pub stats: &'a BridgeStats,
+    pub agent: &'a str,
+    pub kind: Kind,
+    pub bytes: usize,
+    pub max: Option<usize>,
+}
+
+impl InternalEvent for UplinkTooLarge<'_> {
+    fn emit(self) {
+        self.stats.too_large.fetch_add(1, Ordering::Relaxed);
+        let (agent, kind, bytes) = (self.agent, self.kind, self.bytes);
+        match self.max {
+            Some(max) => {
+                tracing::warn!(%agent, kind = kind.as_str(), bytes, max_mqtt_payload = max, "dropping an uplink message over the limit max_mqtt_payload")
+            }
+            None => {
+                tracing::warn!(%agent, kind = kind.as_str(), bytes, "dropping an uplink message over the limit max_mqtt_payload")
+            }
+        }
+    }
+}
+
+/// The bus refused an uplink message (the agent sends it again).
+/// `imn_bridge_bus_errors_total`, warn.
+pub(crate) struct BusPublishFailed<'a, E: std::fmt::Display> {
+    pub stats: &'a BridgeStats,
+    pub agent: &'a str,
+    pub kind: Kind,
+    pub error: E,
+}
+
+impl<E: std::fmt::Display> InternalEvent for BusPublishFailed<'_, E> {
+    fn emit(self) {
+        self.stats.up_errors.fetch_add(1, Ordering::Relaxed);
+        let (e, agent, kind) = (self.error, self.agent, self.kind);
+        tracing::warn!(error = %e, %agent, kind = kind.as_str(), "bus publish failed");
+    }
 }

@@ -20,7 +20,6 @@
 //! and connects to the address, but checks the certificate against HOST.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,9 +31,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::broker::{BridgeError, BridgeStats};
+use crate::broker::{BridgeError, BridgeStats, BusPublishFailed, UplinkBadTopic, UplinkTooLarge};
 use imn_cloud::auth::AgentCredentials;
 use imn_cloud::bus::Bus;
+use imn_cloud::events::emit;
 
 /// How to reach the external broker.
 #[derive(Debug, Clone)]
@@ -382,13 +382,17 @@ async fn forward_up(
     cfg: &ExternalConfig,
 ) {
     let Some((agent, kind)) = wire::parse_topic(topic).filter(|(_, k)| k.is_uplink()) else {
-        stats.bad_topics.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%topic, "message on a topic that is not an IMN uplink topic");
+        emit(UplinkBadTopic { stats, topic });
         return;
     };
     if payload.len() > cfg.max_message_bytes {
-        stats.too_large.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%agent, kind = kind.as_str(), bytes = payload.len(), "dropping an uplink message over the limit max_mqtt_payload");
+        emit(UplinkTooLarge {
+            stats,
+            agent,
+            kind,
+            bytes: payload.len(),
+            max: None,
+        });
         return;
     }
     let payload = match cfg.credentials.open_uplink(agent, kind, &payload) {
@@ -397,10 +401,12 @@ async fn forward_up(
     };
     match bus.publish_up(kind, agent, payload).await {
         Ok(()) => stats.count(kind),
-        Err(e) => {
-            stats.up_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, %agent, kind = kind.as_str(), "bus publish failed");
-        }
+        Err(e) => emit(BusPublishFailed {
+            stats,
+            agent,
+            kind,
+            error: e,
+        }),
     }
 }
 

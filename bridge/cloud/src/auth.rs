@@ -15,12 +15,15 @@
 //!    without an ACL.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::RwLock;
 
 use imn_proto::auth::{self as wauth, MessageKey};
 use imn_proto::wire::{self, Kind};
 use tokio::sync::mpsc;
+
+pub use crate::events::AclAccess;
+use crate::events::{emit, AclDenied, LoginRefused, UplinkNotSigned};
 
 /// One enrolled agent, as the bridge needs it.
 #[derive(Clone, PartialEq, Eq)]
@@ -181,26 +184,31 @@ impl AgentCredentials {
                 .get(client_id)
                 .is_some_and(|c| !c.revoked && c.token_hash == wauth::token_hash(password));
         if !ok {
-            self.stats.logins_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(client_id, username, "MQTT login refused");
+            emit(LoginRefused {
+                stats: &self.stats,
+                client_id,
+                username,
+            });
         }
         ok
     }
 
     /// The topic ACL: agent `client_id` publishes (and leaves as its will) only its own
-    /// uplink topics, and subscribes only to its own downlink topics.
-    pub fn allowed(&self, client_id: &str, topic: &str, publish: bool) -> bool {
+    /// uplink topics, and subscribes only to its own downlink topics. A refusal is
+    /// counted (by `access`) and logged.
+    pub fn allowed(&self, client_id: &str, topic: &str, access: AclAccess) -> bool {
+        let publish = access != AclAccess::Subscribe;
         let ok = match wire::parse_topic(topic) {
             Some((agent, kind)) => agent == client_id && kind.is_uplink() == publish,
             None => false,
         };
         if !ok {
-            tracing::warn!(
+            emit(AclDenied {
+                stats: &self.stats,
                 client_id,
                 topic,
-                access = if publish { "publish" } else { "subscribe" },
-                "refused by the topic ACL"
-            );
+                access,
+            });
         }
         ok
     }
@@ -229,10 +237,11 @@ impl AgentCredentials {
         match verdict {
             Ok(inner) => Some(inner),
             Err(reason) => {
-                self.stats
-                    .unsigned_or_forged
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%topic, reason, "dropping an uplink message that is not signed by the topic's agent");
+                emit(UplinkNotSigned {
+                    stats: &self.stats,
+                    topic: &topic,
+                    reason,
+                });
                 None
             }
         }
@@ -253,6 +262,7 @@ impl AgentCredentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     fn cred(token: &str) -> AgentCredential {
         AgentCredential {
@@ -308,22 +318,30 @@ mod tests {
 
     #[test]
     fn acl_allows_only_own_topics_in_the_right_direction() {
+        use AclAccess::{Publish as Pub, Subscribe as Sub, Will};
         let c = AgentCredentials::enabled();
-        assert!(c.allowed("a", "imn/v1/a/out", true));
-        assert!(c.allowed("a", "imn/v1/a/status", true));
-        assert!(c.allowed("a", "imn/v1/a/cmd", false));
-        assert!(!c.allowed("a", "imn/v1/b/out", true));
+        assert!(c.allowed("a", "imn/v1/a/out", Pub));
+        assert!(c.allowed("a", "imn/v1/a/status", Pub));
+        assert!(c.allowed("a", "imn/v1/a/cmd", Sub));
+        assert!(!c.allowed("a", "imn/v1/b/out", Pub));
+        assert!(!c.allowed("a", "imn/v1/a/cmd", Pub), "publishing a command");
+        assert!(!c.allowed("a", "imn/v1/b/cmd", Sub));
+        assert!(!c.allowed("a", "imn/v1/+/cmd", Sub), "wildcards");
+        assert!(!c.allowed("a", "#", Sub));
         assert!(
-            !c.allowed("a", "imn/v1/a/cmd", true),
-            "publishing a command"
-        );
-        assert!(!c.allowed("a", "imn/v1/b/cmd", false));
-        assert!(!c.allowed("a", "imn/v1/+/cmd", false), "wildcards");
-        assert!(!c.allowed("a", "#", false));
-        assert!(
-            !c.allowed("a", "imn/v1/a/out", false),
+            !c.allowed("a", "imn/v1/a/out", Sub),
             "reading its own uplink"
         );
+        assert!(c.allowed("a", "imn/v1/a/status", Will));
+        assert!(
+            !c.allowed("a", "imn/v1/b/status", Will),
+            "another agent's will"
+        );
+        // Each refusal counted once, by what was asked (the event's counter).
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        assert_eq!(n(&c.stats.publish_denied), 2);
+        assert_eq!(n(&c.stats.subscribe_denied), 4);
+        assert_eq!(n(&c.stats.will_denied), 1);
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //! - [`auth`]: each agent's credential (login secret and message-signing key), and the
 //!   counters of what was refused.
 //! - [`files`]: private directories and files (mode 0700/0600), written atomically.
+//! - [`events`]: internal events, one type per operational event, whose `emit` both
+//!   counts and logs it.
 //! - [`telemetry`]: logging, OTLP export of traces, metrics and logs, and the
 //!   Prometheus text exposition ([`telemetry::prom`]).
 
 pub mod auth;
 pub mod bus;
+pub mod events;
 pub mod files;
 pub mod telemetry;
 

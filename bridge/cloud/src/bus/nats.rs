@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
+
+use crate::events::{emit, FrameFailure, UplinkFrameFailed, UplinkFramePublished};
 use futures::StreamExt;
 use imn_proto::wire::{self, Kind};
 use tokio::sync::mpsc;
@@ -182,20 +184,31 @@ impl NatsBus {
                 let ack = match js.publish(subject.clone(), buf.finish()).await {
                     Ok(ack) => ack,
                     Err(e) => {
-                        failures.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(error = %e, messages = n, "cannot publish an uplink frame; its agents will resend");
+                        emit(UplinkFrameFailed {
+                            failures: &failures,
+                            messages: n,
+                            failure: FrameFailure::Publish,
+                            error: e,
+                        });
                         continue;
                     }
                 };
-                frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                framed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                emit(UplinkFramePublished {
+                    frames: &frames,
+                    framed_messages: &framed,
+                    messages: n,
+                });
                 // The ack is awaited beside the next frames. A frame JetStream refuses
                 // is counted and logged; its agents get no backend ack and resend.
                 let failures = failures.clone();
                 tokio::spawn(async move {
                     if let Err(e) = ack.await {
-                        failures.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(error = %e, messages = n, "jetstream did not ack an uplink frame; its agents will resend");
+                        emit(UplinkFrameFailed {
+                            failures: &failures,
+                            messages: n,
+                            failure: FrameFailure::Ack,
+                            error: e,
+                        });
                     }
                     drop(permit);
                 });

@@ -9,6 +9,8 @@ use std::sync::Mutex;
 use opentelemetry::KeyValue;
 
 use imn_prom::fmt_value;
+
+use crate::events::{emit, AgentSeriesDropped, SeriesDropped};
 /// The one writer of the text format, shared with the agent and the bridge.
 pub use imn_prom::{Exposition, CONTENT_TYPE};
 
@@ -37,8 +39,10 @@ pub const MAX_SERIES_PER_AGENT: usize = 64;
 /// The label that names an instrument's owner for [`MAX_SERIES_PER_AGENT`].
 pub const OWNER_LABEL: &str = "agent";
 
-static SERIES_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-static SERIES_DROPPED_PER_AGENT: std::sync::atomic::AtomicU64 =
+// Counted by the events `SeriesDropped` and `AgentSeriesDropped` (crate::events).
+pub(crate) static SERIES_DROPPED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+pub(crate) static SERIES_DROPPED_PER_AGENT: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
 
 /// Label sets refused, across every instrument: for [`MAX_SERIES`] and for
@@ -124,23 +128,17 @@ impl<T> Series<T> {
             return self.map.get_mut(&key);
         }
         if self.map.len() >= MAX_SERIES {
-            SERIES_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            emit(SeriesDropped);
             return None;
         }
         if let Some(owner) = self.owner.and_then(|i| key.get(i)) {
             let o = self.per_owner.entry(owner.clone()).or_default();
             if o.series >= MAX_SERIES_PER_AGENT {
-                SERIES_DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                SERIES_DROPPED_PER_AGENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if !o.warned {
-                    o.warned = true;
-                    tracing::warn!(
-                        agent = %owner,
-                        metric = self.name,
-                        cap = MAX_SERIES_PER_AGENT,
-                        "an agent reached its series cap in a metric: its new label sets are dropped (imn_metric_series_dropped_total)"
-                    );
-                }
+                emit(AgentSeriesDropped {
+                    agent: owner,
+                    metric: self.name,
+                    first: !std::mem::replace(&mut o.warned, true),
+                });
                 return None;
             }
             o.series += 1;
