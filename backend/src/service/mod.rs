@@ -32,6 +32,7 @@ use crate::store::{RequestRow, Store};
 use crate::validation::Validators;
 
 mod dispatch;
+mod events;
 mod metrics;
 mod reads;
 mod sessions;

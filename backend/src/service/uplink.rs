@@ -21,10 +21,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use imn_cloud::bus::UpMessage;
+use imn_cloud::events::emit;
 use imn_proto::now_ms;
 use imn_proto::wire::{self, Ack, Envelope, Kind};
 
-use super::Backend;
+use super::{events, Backend};
 use crate::ingest;
 use crate::observe;
 use crate::store;
@@ -113,19 +114,6 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 }
 
 impl Backend {
-    /// Counts an uplink message dropped for `reason`.
-    fn reject(&self, reason: &'static str) {
-        self.stats.undecodable.fetch_add(1, Ordering::Relaxed);
-        self.metrics.errors.inc(&[&format!("uplink_{reason}")]);
-        *self
-            .stats
-            .rejected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_default() += 1;
-    }
-
     /// Two stages, so decoding and JSON for one batch overlap the store's write of the
     /// one before: a task bounds, decodes, checks and prepares; this one handles in
     /// arrival order, and forms group commits round-robin over agents.
@@ -143,9 +131,11 @@ impl Backend {
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
                 let Some(share) = shares.take(&msg.agent, msg.payload.len()) else {
-                    me.stats.shed.fetch_add(1, Ordering::Relaxed);
-                    me.metrics.errors.inc(&["uplink_shed"]);
-                    tracing::debug!(agent = %msg.agent, "agent over its share of the ingest queue; message dropped for the agent to resend");
+                    emit(events::UplinkShed {
+                        stats: &me.stats,
+                        metrics: &me.metrics,
+                        agent: &msg.agent,
+                    });
                     msg.ack().await;
                     continue;
                 };
@@ -254,9 +244,10 @@ impl Backend {
             Envelope::Batch(b) => ingest::check_batch(b).map(|()| {
                 let held = ingest::defer_events(b);
                 if held > 0 {
-                    self.stats
-                        .events_deferred
-                        .fetch_add(held as u64, Ordering::Relaxed);
+                    emit(events::EventsDeferred {
+                        stats: &self.stats,
+                        held: held as u64,
+                    });
                 }
             }),
             _ => Ok(()),
@@ -300,10 +291,10 @@ impl Backend {
         }
         let started = std::time::Instant::now();
         let stored = self.store.store_batches(items, now).await;
-        self.stats.store_groups.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .store_busy_us
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        emit(events::GroupCommitted {
+            stats: &self.stats,
+            busy: started.elapsed(),
+        });
         match stored {
             Ok(outcomes) => {
                 // One ack per agent and outbox epoch for the whole group: its ranges
@@ -316,29 +307,12 @@ impl Backend {
                     msgs.into_iter().zip(outcomes).zip(arrivals)
                 {
                     self.observe_batch(&msg.agent, &batch, arrived_ms, stored_ms);
-                    self.stats
-                        .records_stored
-                        .fetch_add(outcome.stored, Ordering::Relaxed);
-                    self.stats
-                        .duplicates_dropped
-                        .fetch_add(outcome.duplicates, Ordering::Relaxed);
-                    if outcome.run_duplicates > 0 {
-                        self.stats
-                            .run_duplicates_dropped
-                            .fetch_add(outcome.run_duplicates, Ordering::Relaxed);
-                        self.metrics.errors.inc(&["run_duplicate"]);
-                        tracing::warn!(agent = %msg.agent, results = outcome.run_duplicates, "second results for runs that already have one dropped (an agent ran them again)");
-                    }
-                    self.stats
-                        .dead_lettered
-                        .fetch_add(outcome.dead_lettered, Ordering::Relaxed);
-                    if outcome.dead_lettered > 0 {
-                        self.metrics.errors.inc(&["dead_letter"]);
-                        tracing::warn!(agent = %msg.agent, records = outcome.dead_lettered, "records the store could not take went to the dead letters");
-                    }
-                    self.stats
-                        .records_refused
-                        .fetch_add(outcome.refused.len() as u64, Ordering::Relaxed);
+                    emit(events::BatchStored {
+                        stats: &self.stats,
+                        metrics: &self.metrics,
+                        agent: &msg.agent,
+                        outcome: &outcome,
+                    });
                     // Every record of the batch is acked but those the store refused:
                     // the agent keeps and resends them. (A set: a hostile batch can
                     // have thousands refused.)
@@ -376,9 +350,12 @@ impl Backend {
                 }
             }
             Err(e) => {
-                self.stats.store_errors.fetch_add(1, Ordering::Relaxed);
-                self.metrics.errors.inc(&["store"]);
-                tracing::error!(error = %e, batches = msgs.len(), "cannot store batches; not acking");
+                emit(events::StoreFailed {
+                    stats: &self.stats,
+                    metrics: &self.metrics,
+                    error: &e,
+                    batches: msgs.len(),
+                });
                 for (msg, _) in msgs {
                     msg.nak().await;
                 }
@@ -409,13 +386,11 @@ impl Backend {
             )
             .await
         {
-            Ok(()) => {
-                self.stats.acks_sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.metrics.errors.inc(&["bus_publish"]);
-                tracing::warn!(error = %e, "cannot send ack; the agent will resend")
-            }
+            Ok(()) => emit(events::AckSent { stats: &self.stats }),
+            Err(e) => emit(events::AckNotSent {
+                metrics: &self.metrics,
+                error: &e,
+            }),
         }
     }
 
@@ -432,8 +407,14 @@ impl Backend {
         let (version, env) = match env {
             Ok(env) => env,
             Err(e) => {
-                self.reject(e.reason());
-                tracing::warn!(agent = %msg.agent, kind = msg.kind.as_str(), reason = e.reason(), error = %e, "dropping an uplink message");
+                emit(events::UplinkRefused {
+                    stats: &self.stats,
+                    metrics: &self.metrics,
+                    agent: &msg.agent,
+                    kind: msg.kind.as_str(),
+                    reason: e.reason(),
+                    error: &e,
+                });
                 msg.ack().await;
                 return;
             }
@@ -445,7 +426,7 @@ impl Backend {
                     // Too soon after the last: the newest one waits its turn (a module
                     // load and its configure come as two hellos in a few ms; a flood
                     // of hellos costs one store write a second).
-                    self.stats.hellos_throttled.fetch_add(1, Ordering::Relaxed);
+                    emit(events::HelloThrottled { stats: &self.stats });
                     self.hellos.defer(agent, hello, version);
                     msg.ack().await;
                     return;
@@ -457,8 +438,12 @@ impl Backend {
                     version < a.wire_version && hello.sent_at_ms <= a.hello.sent_at_ms
                 });
                 if replay {
-                    self.reject("stale_hello");
-                    tracing::warn!(%agent, version, "a version {version} hello older than the agent's last; dropped");
+                    emit(events::StaleHello {
+                        stats: &self.stats,
+                        metrics: &self.metrics,
+                        agent: &agent,
+                        version,
+                    });
                     msg.ack().await;
                     return;
                 }
@@ -507,8 +492,12 @@ impl Backend {
                 .await;
             }
             (kind, _) => {
-                self.reject("mismatch");
-                tracing::warn!(%agent, kind = kind.as_str(), "envelope does not match its topic or agent; dropped");
+                emit(events::EnvelopeMismatch {
+                    stats: &self.stats,
+                    metrics: &self.metrics,
+                    agent: &agent,
+                    kind: kind.as_str(),
+                });
                 msg.ack().await;
             }
         }
