@@ -5,7 +5,9 @@
 //!
 //! Where to look:
 //! - [`agent`]: the main loop; it owns the transport and the outbox, and is the only
-//!   place that sends (hello, heartbeats, batches in a window, resends, live first).
+//!   place that sends (hello, heartbeats, batches).
+//! - [`sync`]: what to send when (the window, resends, live first), a state machine
+//!   with no I/O that the main loop drives.
 //! - [`outbox`]: the durable outbox and command log in sled: records on disk before
 //!   they are sent, seqs never repeated, bounded by bytes, a full disk survived.
 //! - [`supervisor`], [`runqueue`], [`schedule`]: how runs are started, bounded and

@@ -38,7 +38,8 @@ fn main() -> anyhow::Result<()> {
         let _ = write!(std::io::stdout(), "{}", toml::to_string(&cfg.redacted())?);
         return Ok(());
     }
-    // One thread is enough for the agent; ping's blocking probes get their own.
+    // One thread is enough for the agent; ping's blocking probes and the outbox's disk
+    // syncs get their own.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
