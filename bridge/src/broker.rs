@@ -414,6 +414,15 @@ pub fn start_broker(cfg: &BrokerConfig) -> Result<(LinkTx, LinkRx), BridgeError>
             }
         })
         .map_err(|e| BridgeError::Broker(e.to_string()))?;
+    // rumqttd binds on its own thread: return once its listeners are up (at most 5 s),
+    // so that a client may connect as soon as the broker is reported listening.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !listens.iter().all(|a| rumqttd::listening(*a)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for listen in listens.iter().filter(|a| !rumqttd::listening(**a)) {
+        tracing::warn!(%listen, "the embedded broker is not listening yet");
+    }
     Ok((link_tx, link_rx))
 }
 

@@ -25,8 +25,8 @@ pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
-// IMN-PATCH: IMN-PATCH.md, section 9.
-pub use server::open_connections;
+// IMN-PATCH: IMN-PATCH.md, sections 9 (open_connections) and 12 (listening).
+pub use server::{listening, open_connections};
 
 pub use self::router::shared_subs::Strategy;
 

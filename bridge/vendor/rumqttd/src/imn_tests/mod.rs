@@ -118,6 +118,7 @@ fn launch(acl: Option<AclHandler>, server: ServerSettings) -> TestBroker {
         assert!(Instant::now() < deadline, "broker never listened on {addr}");
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert!(crate::listening(addr), "listening() does not know {addr}");
     TestBroker {
         addr,
         tx,

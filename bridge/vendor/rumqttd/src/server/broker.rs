@@ -377,6 +377,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 
         // IMN-PATCH: a backlog of 65,535, not tokio's 1,024 (IMN-PATCH.md, section 12).
         let listener = listen(self.config.listen)?;
+        LISTENING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.config.listen);
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
@@ -515,6 +519,19 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 /// IMN-PATCH: the listen backlog asked for; the kernel caps it at
 /// `net.core.somaxconn` (IMN-PATCH.md, section 12).
 pub(crate) const LISTEN_BACKLOG: u32 = 65_535;
+
+// IMN-PATCH: the addresses of the listeners bound in this process (section 12).
+static LISTENING: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+
+/// IMN-PATCH: whether a listener of this process is bound and listening on `addr` (as
+/// given in its `ServerSettings`). The servers start on their own threads; the bridge
+/// waits for this before it reports the broker up (IMN-PATCH.md, section 12).
+pub fn listening(addr: SocketAddr) -> bool {
+    LISTENING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&addr)
+}
 
 /// IMN-PATCH: `TcpListener::bind`, with a backlog of [`LISTEN_BACKLOG`] instead of
 /// tokio's 1,024 (and SO_REUSEADDR, as tokio sets it).

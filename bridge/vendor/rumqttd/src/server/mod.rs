@@ -6,7 +6,7 @@ mod tls;
 
 #[cfg(test)]
 pub(crate) use broker::LISTEN_BACKLOG;
-pub use broker::{open_connections, Broker, LinkType, Server};
+pub use broker::{listening, open_connections, Broker, LinkType, Server};
 
 // pub trait IO: AsyncRead + AsyncWrite + Send + Sync + Unpin {}
 // impl<T: AsyncRead + AsyncWrite + Send + Sync + Unpin> IO for T {}
