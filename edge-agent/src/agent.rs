@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::config::AgentConfig;
+use crate::events;
 use crate::fresh::{self, ControlIds, Refusal, META_CONTROL_IDS};
 use crate::modules::LoadedModules;
 use crate::outbox::{Condition, Outbox, OutboxError, OutboxLimits, SledOutbox};
@@ -378,26 +379,17 @@ impl Agent {
             None => String::new(),
         };
         if let Some((aside, why)) = self.outbox.recovered_from.clone() {
-            self.event(
-                "outbox_corrupt",
-                &format!(
-                    "the outbox could not be read ({why}); moved to {} and started a new epoch{replaced}",
-                    aside.display()
-                ),
-            )?;
+            self.emit(events::OutboxCorrupt {
+                why: &why,
+                aside: &aside,
+                replaced: &replaced,
+            });
         } else if let Some(old) = self.outbox.replaced_epoch {
-            tracing::error!(
-                lost_epoch = old,
-                epoch = self.outbox.epoch(),
-                "the outbox was lost or truncated since the last start"
-            );
-            self.event(
-                "outbox_lost",
-                &format!(
-                    "the outbox of epoch {old:016x} was lost or truncated (power loss, a full or failing disk, or removed); its unsent records are gone; new epoch {:016x}",
-                    self.outbox.epoch()
-                ),
-            )?;
+            let epoch = self.outbox.epoch();
+            self.emit(events::OutboxLost {
+                lost_epoch: old,
+                epoch,
+            });
         }
         self.recover_interrupted()?;
         // The reports above are durable before the marker names the new epoch.
@@ -518,14 +510,12 @@ impl Agent {
             match slot {
                 Some(slot) => {
                     let run_id = ScheduledRun::run_id(&slot.measurement_id, slot.scheduled_ms);
-                    tracing::warn!(run = %run_id, "scheduled run interrupted by an agent restart");
-                    self.event(
-                        "run_interrupted",
-                        &format!(
-                            "measurement {} slot {}: {cause}",
-                            slot.measurement_id, slot.scheduled_ms
-                        ),
-                    )?;
+                    self.emit(events::RunInterrupted::Slot {
+                        run_id: &run_id,
+                        measurement: &slot.measurement_id,
+                        slot_ms: slot.scheduled_ms,
+                        cause: &cause,
+                    });
                     // Whatever the stored progress says, this slot does not run again.
                     if self.schedules.ran(&slot.measurement_id, slot.scheduled_ms) {
                         self.save_schedules();
@@ -535,8 +525,10 @@ impl Agent {
                     self.outbox.finish_slot(&run_id);
                 }
                 None => {
-                    tracing::warn!(request = %key, "command interrupted by an agent restart");
-                    self.event("run_interrupted", &format!("request {key}: {cause}"))?;
+                    self.emit(events::RunInterrupted::Request {
+                        id: &key,
+                        cause: &cause,
+                    });
                     self.outbox
                         .append(now, RecordBody::Result(result(key.clone())));
                     self.outbox.finish_command(&key);
@@ -689,23 +681,13 @@ impl Agent {
     fn refuse_command(&mut self, cmd: &Command, r: &Refusal) -> Result<(), AgentError> {
         let kind = kind_name(&cmd.kind);
         let id = clip(&cmd.id, fresh::MAX_ID_BYTES);
-        match r.skew_ms {
-            Some(skew_ms) => tracing::warn!(
-                command = %id,
-                kind,
-                reason = r.reason,
-                issued_ms = cmd.issued_ms,
-                skew_ms,
-                "command refused: issued {skew_ms} ms from the newest command this agent accepted (a replay, or a backend clock that went back)"
-            ),
-            None => {
-                tracing::warn!(command = %id, kind, reason = r.reason, "command refused: {}", r.message)
-            }
-        }
-        self.event(
-            "command_refused",
-            &format!("{kind} command refused ({}): {}", r.reason, r.message),
-        )
+        self.emit(events::CommandRefused {
+            id,
+            kind,
+            issued_ms: cmd.issued_ms,
+            refusal: r,
+        });
+        Ok(())
     }
 
     /// Returns true when the loaded modules changed (hello must go out again).
@@ -876,14 +858,13 @@ impl Agent {
                 if let Some(why) = whole {
                     // The set already running stays; the backend's resends of this
                     // version are refused quietly.
-                    tracing::warn!(version, %why, "schedule set refused");
-                    if self.refused_schedules != Some(version) {
-                        self.refused_schedules = Some(version);
-                        self.event(
-                            "schedules_refused",
-                            &format!("version {version} refused: {why}"),
-                        )?;
-                    }
+                    let first = self.refused_schedules != Some(version);
+                    self.refused_schedules = Some(version);
+                    self.emit(events::SchedulesRefused {
+                        version,
+                        why: &why,
+                        first,
+                    });
                     return Ok(false);
                 }
                 let mut kept = Vec::with_capacity(schedules.len());
@@ -892,11 +873,11 @@ impl Agent {
                         Ok(()) => kept.push(s),
                         Err(r) => {
                             let measurement = clip(&s.measurement_id, 128);
-                            tracing::warn!(%measurement, field = r.field, rule = %r.rule, "schedule refused");
-                            self.event(
-                                "schedule_refused",
-                                &format!("measurement {measurement:?}: {}: {}", r.field, r.rule),
-                            )?;
+                            self.emit(events::ScheduleRefused {
+                                measurement,
+                                field: r.field,
+                                rule: &r.rule.to_string(),
+                            });
                         }
                     }
                 }
@@ -908,11 +889,10 @@ impl Agent {
                 self.schedule_policy = Arc::new(policy.unwrap_or_default());
                 self.save_schedules();
                 let n = self.schedules.entries.len();
-                tracing::info!(version, schedules = n, "schedules updated");
-                self.event(
-                    "schedules_updated",
-                    &format!("version {version}: {n} recurring measurements"),
-                )?;
+                self.emit(events::SchedulesUpdated {
+                    version,
+                    schedules: n,
+                });
                 self.run_due_slots().await?;
                 Ok(true)
             }
@@ -933,15 +913,7 @@ impl Agent {
             self.save_schedules();
         }
         for m in due.missed {
-            tracing::warn!(measurement = %m.measurement_id, missed = m.count, "scheduled runs missed");
-            // The slots are named, so each gap in a measurement's results is explained.
-            self.event(
-                "schedule_missed",
-                &format!(
-                    "measurement {}: {} runs were too late to start (slots {} to {})",
-                    m.measurement_id, m.count, m.first_ms, m.last_ms
-                ),
-            )?;
+            self.emit(events::ScheduleMissed { missed: &m });
         }
         for run in due.runs {
             let s = run.schedule;
@@ -1159,13 +1131,15 @@ impl Agent {
             Ok(()) => {
                 let bytes = postcard::to_stdvec(&self.modules).unwrap_or_default();
                 self.outbox.put_meta(META_MODULES, &bytes);
-                tracing::info!(%module, kind, "modules changed");
-                self.event(kind, module)?;
+                self.emit(events::ModulesChanged { kind, module });
                 Ok(true)
             }
             Err(message) => {
-                tracing::warn!(%module, kind, %message, "module command refused");
-                self.event("module_command_refused", &message)?;
+                self.emit(events::ModuleCommandRefused {
+                    kind,
+                    module,
+                    message: &message,
+                });
                 Ok(false)
             }
         }
@@ -1228,11 +1202,10 @@ impl Agent {
                     self.start_runs(ready).await?;
                 }
                 if let Some(backoff) = self.restarts.record(&module, panicked) {
-                    tracing::warn!(%module, ?backoff, "module panicked; restarting it with backoff");
-                    self.event(
-                        "module_restarting",
-                        &format!("{module} panicked; next run in {} ms", backoff.as_millis()),
-                    )?;
+                    self.emit(events::ModuleRestarting {
+                        module: &module,
+                        backoff,
+                    });
                     return Ok(true);
                 }
                 Ok(false)
@@ -1352,15 +1325,18 @@ impl Agent {
             .await;
     }
 
-    /// Records an operator-visible event in the outbox.
-    pub fn event(&mut self, kind: &str, message: &str) -> Result<(), AgentError> {
-        self.outbox.append(
-            now_ms(),
-            RecordBody::Event(AgentEvent {
-                kind: kind.into(),
-                message: message.into(),
-            }),
-        );
-        Ok(())
+    /// Logs an operational event and appends its record to the outbox (see
+    /// [`events`]).
+    pub(crate) fn emit(&mut self, event: impl events::AgentEvent) {
+        event.log();
+        if let Some((kind, message)) = event.record() {
+            self.outbox.append(
+                now_ms(),
+                RecordBody::Event(AgentEvent {
+                    kind: kind.into(),
+                    message,
+                }),
+            );
+        }
     }
 }

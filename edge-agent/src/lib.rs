@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod config;
 pub mod crash;
+pub mod events;
 pub mod fresh;
 pub mod metrics;
 pub mod modules;
