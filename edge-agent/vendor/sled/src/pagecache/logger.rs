@@ -857,3 +857,71 @@ pub(crate) fn read_message<R: ReadAt>(
         ),
     }
 }
+
+// IMN: a test of IMN-PATCH.md's first change (a failed blob write).
+#[cfg(all(test, target_os = "linux"))]
+mod imn_test {
+    use std::path::PathBuf;
+    use std::process::Command;
+    use std::time::Duration;
+
+    struct Mount(PathBuf);
+
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A 2 MiB tmpfs of our own; None (skipped) if it cannot be mounted (not root).
+    fn tmpfs() -> Option<Mount> {
+        let dir = std::env::temp_dir()
+            .join(format!("sled-imn-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "sled-imn-test"])
+            .arg(&dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = std::fs::remove_dir(&dir);
+            eprintln!("skipped: cannot mount a tmpfs (needs root)");
+            return None;
+        }
+        Some(Mount(dir))
+    }
+
+    /// A value bigger than a quarter of a segment goes to a blob file of its own while
+    /// a log buffer is claimed. On a full disk that write fails; the claim must be
+    /// released, or every later flush waits forever for the buffer.
+    #[test]
+    fn a_failed_blob_write_does_not_hang_flush() {
+        let mount = match tmpfs() {
+            Some(m) => m,
+            None => return,
+        };
+        let db = crate::Config::new().path(mount.0.join("db")).open().unwrap();
+        db.insert(b"small", b"value").unwrap();
+        db.flush().unwrap();
+        // Someone else takes every byte left.
+        let mut filler = std::fs::File::create(mount.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while std::io::Write::write_all(&mut filler, &chunk).is_ok() {}
+        drop(filler);
+
+        let big = vec![7u8; 256 * 1024];
+        assert!(db.insert(b"big", big).is_err(), "the blob write did not fail");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let flushed = db.flush().map(drop);
+            drop(db);
+            let _ = tx.send(flushed);
+        });
+        let flushed = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("flush (or drop) hung after a failed blob write");
+        assert!(flushed.is_err(), "the failure is global until reopened");
+    }
+}
