@@ -23,7 +23,7 @@ pub fn convert(r: &ResultRow) -> Option<Vec<Value>> {
         agent_id: r.agent_id.clone(),
         request_id: r.request_id.clone(),
         module: r.module.clone(),
-        result: r.result.clone(),
+        result: std::borrow::Cow::Borrowed(&r.result),
         started_ms: r.started_ms,
         finished_ms: r.finished_ms,
         stored_ms: r.stored_ms,

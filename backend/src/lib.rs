@@ -7,8 +7,10 @@
 //! - [`service::Backend`]: the core every front end calls, a file per job in
 //!   `service/`: validation, requests and their dispatch, ingest of what agents send,
 //!   acks, waiters, agents' sessions and hellos, and the reads the front ends make.
-//! - [`api`] (REST, a file per resource) and [`grpc`]: thin front ends over it; they
-//!   reach the store only through the service.
+//! - [`api`] (REST, a file per resource) and [`grpc`]: thin front ends over it; their
+//!   handlers reach the store only through the service (a test checks their sources).
+//!   The result streams' shared reader ([`feed`]) and the budget ledger ([`budget`])
+//!   are parts of the service and read the store themselves.
 //! - [`store`]: the [`store::Store`] trait, SQLite (embedded default) and PostgreSQL.
 //! - [`registry`]: which agents exist and are alive; [`fleet`]: measurements on many
 //!   agents and schedules; [`security`] and [`budget`]: who may do what, and how much.

@@ -62,17 +62,19 @@ macro_rules! modules {
             /// fit its type (written by another version).
             pub fn from_api_json(module: &str, result: &serde_json::Value) -> Option<ModuleOutput> {
                 $(if module == $spec.name {
-                    return serde_json::from_value(result.clone()).ok().map(ModuleOutput::$variant);
+                    // Read in place: a stored result can be megabytes.
+                    return <$ty as Deserialize>::deserialize(result).ok().map(ModuleOutput::$variant);
                 })*
                 None
             }
 
             /// The result as one line, e.g. `127.0.0.1 3/3 received, loss 0%,
-            /// min/avg/max 0.031/0.040/0.052 ms` for ping (see [`Summary`]).
+            /// min/avg/max 0.031/0.040/0.052 ms` for ping (see [`Summary`]): at most
+            /// [`crate::summary::SUMMARY_MAX_CHARS`] characters, no control characters.
             pub fn summary(&self) -> String {
-                match self {
+                crate::summary::tidy(match self {
                     $(ModuleOutput::$variant(r) => r.summary(),)*
-                }
+                })
             }
         }
 

@@ -110,7 +110,7 @@ pub struct Measure {
 /// to the fields most results share.
 pub fn summarize(r: &Value) -> String {
     if let Some(e) = r["error"].as_str() {
-        return e.to_string();
+        return imn_proto::summary::tidy(e.to_string());
     }
     let res = &r["result"];
     if let Some(out) = r["module"]

@@ -9,7 +9,7 @@ use super::*;
 /// result stored by another version).
 pub(super) fn result_json(r: &ResultRow) -> Value {
     let summary = match &r.error {
-        Some(e) => Some(e.clone()),
+        Some(e) => Some(imn_proto::summary::tidy(e.clone())),
         None => imn_proto::results::ModuleOutput::from_api_json(&r.module, &r.result)
             .map(|out| out.summary()),
     };

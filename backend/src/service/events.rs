@@ -2,7 +2,9 @@
 //! `imn_cloud::events::InternalEvent`, after vector's `internal_events`). An event's
 //! `emit` does all it means: the counters `/health` reads ([`Stats`]), the error
 //! metric `/metrics` exports (`imn_errors_total{kind}`), and the log line, so a call
-//! site cannot count without logging, or log without counting.
+//! site cannot count an event and forget its log line or metric, or the reverse. (Some
+//! events are only counted, as before: a throttled hello, deferred events, a group
+//! commit, an ack sent.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,7 +46,7 @@ impl InternalEvent for UplinkRefused<'_> {
     fn emit(self) {
         count_dropped(self.stats, self.metrics, self.reason);
         let (agent, kind, reason, error) = (self.agent, self.kind, self.reason, self.error);
-        tracing::warn!(agent, kind, reason, %error, "dropping an uplink message");
+        tracing::warn!(%agent, kind, reason, %error, "dropping an uplink message");
     }
 }
 

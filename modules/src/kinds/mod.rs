@@ -2,8 +2,9 @@
 //! traceroute and mtr, http and tls_cert): its catalog entry (`SPEC`: name, version,
 //! JSON Schema, examples, the targets it declares for the policy, the checks a schema
 //! cannot express), its typed parameters and result, and the result's one-line
-//! [`Summary`]. The code that runs a module is in `imn-probes`; its RIPE Atlas form is
-//! in the backend's `atlas`. `docs/modules.md` walks through adding one.
+//! [`Summary`], and, for a module RIPE Atlas has a kind for, its Atlas form
+//! (`<module>/atlas.rs`, feature `atlas`). The code that runs a module is in
+//! `imn-probes`. `docs/modules.md` walks through adding one.
 //!
 //! Results cross the device link as postcard, which is not self-describing: result
 //! types use plain fields and `Option`, never `skip_serializing_if`, `flatten`,

@@ -72,7 +72,7 @@ pub fn dns(r: &AtlasRow) -> Option<Vec<Value>> {
 mod tests {
     use super::*;
 
-    fn row(result: Value) -> AtlasRow {
+    fn row(result: Value) -> AtlasRow<'static> {
         crate::atlas::test_row("dns", result)
     }
 

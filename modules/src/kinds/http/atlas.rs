@@ -177,7 +177,7 @@ mod tests {
     };
     use sha2::{Digest, Sha256};
 
-    fn row(module: &str, result: Value) -> AtlasRow {
+    fn row(module: &str, result: Value) -> AtlasRow<'static> {
         crate::atlas::test_row(module, result)
     }
 

@@ -68,7 +68,7 @@ mod tests {
     use super::*;
     use crate::kinds::ntp::{NtpPacket, NtpResult, NtpServerInfo};
 
-    fn row() -> AtlasRow {
+    fn row() -> AtlasRow<'static> {
         let mut n = NtpResult {
             host: "ntp.test".into(),
             addr: "127.0.0.1".into(),

@@ -171,10 +171,15 @@ impl PingResult {
     }
 }
 
+/// Targets a ping summary names; the rest are counted.
+const SUMMARY_TARGETS: usize = 8;
+
 impl Summary for PingOutput {
     fn summary(&self) -> String {
-        self.targets
+        let line = self
+            .targets
             .iter()
+            .take(SUMMARY_TARGETS)
             .map(|t| match &t.error {
                 Some(e) if t.addr.is_empty() => format!("{}: {e}", t.host),
                 Some(e) => format!("{} {e}", t.addr),
@@ -190,7 +195,11 @@ impl Summary for PingOutput {
                 ),
             })
             .collect::<Vec<_>>()
-            .join("; ")
+            .join("; ");
+        match self.targets.len().saturating_sub(SUMMARY_TARGETS) {
+            0 => line,
+            more => format!("{line}; and {more} more targets"),
+        }
     }
 }
 

@@ -186,7 +186,7 @@ mod tests {
         }
     }
 
-    fn row(r: &TracerouteResult) -> AtlasRow {
+    fn row(r: &TracerouteResult) -> AtlasRow<'static> {
         let mut row = crate::atlas::test_row("traceroute", serde_json::to_value(r).unwrap());
         row.finished_ms = 1_700_000_003_000;
         row

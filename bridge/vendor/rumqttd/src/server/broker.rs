@@ -375,7 +375,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             None => None,
         };
 
-        // IMN-PATCH: a backlog of 65,535, not tokio's 1,024 (IMN-PATCH.md, section 12).
+        // IMN-PATCH: a backlog of 65,535, not the 128 of tokio's bind (IMN-PATCH.md, 12).
         let listener = listen(self.config.listen)?;
         LISTENING
             .lock()
@@ -534,7 +534,7 @@ pub fn listening(addr: SocketAddr) -> bool {
 }
 
 /// IMN-PATCH: `TcpListener::bind`, with a backlog of [`LISTEN_BACKLOG`] instead of
-/// tokio's 1,024 (and SO_REUSEADDR, as tokio sets it).
+/// the 128 that tokio's `bind` asks for (through mio), and SO_REUSEADDR as it sets.
 fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
