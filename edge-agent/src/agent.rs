@@ -296,7 +296,8 @@ impl Agent {
         let (produced_tx, produced_rx) = mpsc::channel(1024);
         let modules = outbox
             .get_meta(META_MODULES)
-            .and_then(|b| postcard::from_bytes(&b).ok())
+            .and_then(|b| postcard::from_bytes::<LoadedModules>(&b).ok())
+            .map(LoadedModules::retain_built_in)
             .unwrap_or_default();
         let ctx = Context {
             data_dir: cfg.data.clone(),

@@ -17,15 +17,22 @@ impl Default for LoadedModules {
     /// Every module built into the agent, with default settings.
     fn default() -> Self {
         LoadedModules {
-            loaded: catalog::catalog()
-                .iter()
-                .map(|m| (m.name.to_string(), ModuleConfig::default()))
+            loaded: imn_probes::built_in_names()
+                .into_iter()
+                .map(|m| (m.to_string(), ModuleConfig::default()))
                 .collect(),
         }
     }
 }
 
 impl LoadedModules {
+    /// Drops what this build cannot run: a store written by a build with more modules
+    /// (a full build replaced by a router build) keeps their names.
+    pub fn retain_built_in(mut self) -> Self {
+        self.loaded.retain(|m, _| imn_probes::built_in(m));
+        self
+    }
+
     pub fn is_loaded(&self, module: &str) -> bool {
         self.loaded.contains_key(module)
     }
@@ -36,10 +43,10 @@ impl LoadedModules {
 
     /// Loads a module built into the agent. Errors name the modules that exist.
     pub fn load(&mut self, module: &str) -> Result<(), String> {
-        if catalog::find(module).is_none() {
+        if !imn_probes::built_in(module) {
             return Err(format!(
                 "module {module:?} is not built into this agent (built in: {})",
-                catalog::names().join(", ")
+                imn_probes::built_in_names().join(", ")
             ));
         }
         self.loaded.entry(module.to_string()).or_default();
@@ -93,8 +100,7 @@ impl LoadedModules {
         let mut params: Value = serde_json::from_str(params_json).unwrap_or(Value::Null);
         // Only a module that takes a `rate` gets one: any other (echo, faulty) refuses
         // a parameter it does not know, and would fail every run.
-        let takes_rate = imn_proto::catalog::find(module)
-            .is_some_and(|spec| spec.schema().pointer("/properties/rate").is_some());
+        let takes_rate = imn_proto::catalog::find(module).is_some_and(|spec| spec.takes_rate);
         if let (Some(max), Value::Object(p), true) = (cfg.max_rate, &mut params, takes_rate) {
             let rate = p
                 .get("rate")
@@ -111,6 +117,29 @@ impl LoadedModules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default set and hello name exactly the modules this build has; a stored set
+    /// from a build with more (http in a full build, then a router build) loses them.
+    #[test]
+    fn loaded_is_what_this_build_has() {
+        let m = LoadedModules::default();
+        let names: Vec<String> = m.info().into_iter().map(|i| i.name).collect();
+        assert_eq!(names.len(), imn_probes::built_in_names().len());
+        assert!(names.iter().all(|n| imn_probes::built_in(n)));
+        assert_eq!(
+            names.iter().any(|n| n == "http"),
+            cfg!(feature = "http"),
+            "{names:?}"
+        );
+        let mut stored = m.clone();
+        stored
+            .loaded
+            .insert("not_in_this_build".into(), ModuleConfig::default());
+        assert!(stored.is_loaded("not_in_this_build"));
+        let kept = stored.retain_built_in();
+        assert!(!kept.is_loaded("not_in_this_build"));
+        assert_eq!(kept, m);
+    }
 
     #[test]
     fn load_unload_configure() {

@@ -156,7 +156,7 @@ pub fn declared_rate(
     let rate = spec.demand(&params).rate;
     let over = rate.is_some_and(|r| r > max_rate);
     if over {
-        let takes_rate = spec.schema().pointer("/properties/rate").is_some();
+        let takes_rate = spec.takes_rate;
         if let Some(p) = params.as_object_mut().filter(|_| takes_rate) {
             p.insert("rate".into(), Value::from(max_rate));
             return (Some(max_rate), Some(params.to_string()));

@@ -64,10 +64,14 @@ pub fn check(s: &Schedule) -> Result<(), Refused> {
             ),
         );
     }
-    if imn_proto::catalog::find(&s.module).is_none() {
+    if !imn_probes::built_in(&s.module) {
         return refuse(
             "module",
-            format!("{:?} is not a module this agent knows", s.module),
+            format!(
+                "{:?} is not a module this agent has (built in: {})",
+                s.module,
+                imn_probes::built_in_names().join(", ")
+            ),
         );
     }
     if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&s.interval_ms) {

@@ -4,13 +4,17 @@
 //! sends a probe. Each run takes its parameters as validated JSON and returns the
 //! typed result of `imn_proto::results`.
 
+#[cfg(feature = "dns")]
 mod dns;
+#[cfg(feature = "http")]
 mod http;
+#[cfg(feature = "ntp")]
 mod ntp;
 mod ping;
 pub use imn_resolver as resolver;
 pub mod system;
 mod tcping;
+#[cfg(feature = "traceroute")]
 mod traceroute;
 
 use std::net::IpAddr;
@@ -44,6 +48,40 @@ impl Context {
     }
 }
 
+/// Whether this build can run `module`: the module families are cargo features, so a
+/// router build can leave out http and tls_cert (hyper, h2, x509-parser) and others.
+/// The agent loads only these, and its hello names them, so the backend refuses a
+/// request for any other with 409 before it reaches the device.
+pub fn built_in(module: &str) -> bool {
+    const FAMILIES: &[(&[&str], bool)] = &[
+        (
+            &[
+                "echo_module",
+                "ping_module",
+                "tcping",
+                "faulty_module",
+                "heartbeat",
+            ],
+            true,
+        ),
+        (&["traceroute", "mtr"], cfg!(feature = "traceroute")),
+        (&["dns"], cfg!(feature = "dns")),
+        (&["http", "tls_cert"], cfg!(feature = "http")),
+        (&["ntp"], cfg!(feature = "ntp")),
+    ];
+    FAMILIES
+        .iter()
+        .any(|(names, on)| *on && names.contains(&module))
+}
+
+/// The modules of the catalog this build can run, in catalog order.
+pub fn built_in_names() -> Vec<&'static str> {
+    imn_proto::catalog::names()
+        .into_iter()
+        .filter(|m| built_in(m))
+        .collect()
+}
+
 /// Runs one module to completion. Errors are the module's own failures, in words.
 pub async fn run(module: &str, params_json: &str, ctx: &Context) -> Result<ModuleOutput, String> {
     let params: Value =
@@ -61,21 +99,27 @@ pub async fn run(module: &str, params_json: &str, ctx: &Context) -> Result<Modul
             let p: TcpingParams = from_value(params)?;
             tcping::run(p, ctx).await.map(ModuleOutput::Tcping)
         }
+        #[cfg(feature = "traceroute")]
         "traceroute" => traceroute::run(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Traceroute(Box::new(r))),
+        #[cfg(feature = "traceroute")]
         "mtr" => traceroute::run_mtr(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Mtr(Box::new(r))),
+        #[cfg(feature = "dns")]
         "dns" => dns::run(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Dns(Box::new(r))),
+        #[cfg(feature = "http")]
         "http" => http::run(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Http(Box::new(r))),
+        #[cfg(feature = "http")]
         "tls_cert" => http::run_tls_cert(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::TlsCert(Box::new(r))),
+        #[cfg(feature = "ntp")]
         "ntp" => ntp::run(from_value(params)?, ctx)
             .await
             .map(|r| ModuleOutput::Ntp(Box::new(r))),
@@ -137,6 +181,41 @@ fn from_value<T: for<'de> serde::Deserialize<'de>>(v: Value) -> Result<T, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every module the catalog knows is in a build with every family, and a build
+    /// runs exactly what `built_in` claims: a module left out is refused by name.
+    #[tokio::test]
+    async fn built_in_matches_what_runs() {
+        let ctx = Context::default();
+        let all = cfg!(all(
+            feature = "dns",
+            feature = "http",
+            feature = "traceroute",
+            feature = "ntp"
+        ));
+        for m in imn_proto::catalog::names() {
+            if all {
+                assert!(built_in(m), "{m} is in the catalog but not built in");
+            }
+            let err = run(m, "{", &ctx).await.unwrap_err();
+            if built_in(m) {
+                assert!(err.contains("parameters are not JSON"), "{m}: {err}");
+            }
+            // `{}` passes JSON; a module left out says so whatever the parameters.
+            if !built_in(m) {
+                let e = run(m, "{}", &ctx).await.unwrap_err();
+                assert!(e.contains("is not built into this agent"), "{m}: {e}");
+            }
+        }
+        assert!(!built_in("nope"));
+        assert_eq!(
+            built_in_names().len(),
+            imn_proto::catalog::names()
+                .iter()
+                .filter(|m| built_in(m))
+                .count()
+        );
+    }
 
     #[tokio::test]
     async fn echo_echoes() {

@@ -5,6 +5,7 @@
 //! test's own stand in for a server that never answers and one that sends junk.
 //!
 //! All traffic stays on 127.0.0.1.
+#![cfg(feature = "dns")]
 
 use std::net::UdpSocket as StdUdp;
 use std::process::{Child, Command, Stdio};

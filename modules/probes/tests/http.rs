@@ -2,6 +2,7 @@
 //! and h2 by ALPN, rustls) presenting a leaf and an intermediate from a CA generated
 //! here, and a plain HTTP server (HTTP/1.1, and h2c with prior knowledge). Every run
 //! goes through the agent's dispatcher, from JSON parameters.
+#![cfg(feature = "http")]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

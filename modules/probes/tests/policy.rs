@@ -11,6 +11,12 @@
 //! needs root, as CI has.
 //!
 //! All traffic stays on 127.0.0.0/8 and ::1.
+#![cfg(all(
+    feature = "dns",
+    feature = "http",
+    feature = "traceroute",
+    feature = "ntp"
+))]
 
 use std::convert::Infallible;
 use std::io::Read;
