@@ -5,9 +5,12 @@
 //! output variant, in one line of `results::modules!`.
 
 use serde_json::Value;
+#[cfg(feature = "catalog")]
 use sha2::{Digest, Sha256};
 
+#[cfg(feature = "catalog")]
 use crate::kinds::Examples;
+#[cfg(feature = "catalog")]
 use crate::params::ParamError;
 use crate::policy::Demand;
 
@@ -19,7 +22,17 @@ pub struct ModuleSpec {
     pub description: &'static str,
     /// How long a run may take before the agent cancels it, unless the request says.
     pub default_timeout_ms: u64,
+    /// First 16 hex digits of the SHA-256 of the schema's canonical JSON, as hello
+    /// reports it. Written in the source so that a build without the schemas (the
+    /// agent's firmware: feature `catalog` off) reports the same hash; the test
+    /// `schema_hashes_are_current` recomputes every one and names the new value.
+    pub schema_hash: &'static str,
+    /// Whether the parameters have a `rate` (an agent's `max_rate` caps it there);
+    /// checked against the schema by the same test.
+    pub takes_rate: bool,
+    #[cfg(feature = "catalog")]
     pub(crate) schema: fn() -> Value,
+    #[cfg(feature = "catalog")]
     pub(crate) examples: fn() -> Examples,
     /// Where a run sends packets, how many and how fast (see [`Demand`]). Every module
     /// declares it: the backend's policy, limits and budgets and the agent's budgets
@@ -27,6 +40,7 @@ pub struct ModuleSpec {
     pub(crate) demand: fn(&Value) -> Demand,
     /// The rules a JSON Schema cannot express (a length in bytes, one of two fields),
     /// checked by the backend after the schema.
+    #[cfg(feature = "catalog")]
     pub(crate) check: fn(&Value) -> Result<(), ParamError>,
     /// The module's results in RIPE Atlas's format (`kinds/<module>/atlas.rs`), for a
     /// module Atlas has a kind for.
@@ -36,11 +50,13 @@ pub struct ModuleSpec {
 
 impl ModuleSpec {
     /// The JSON Schema of the module's parameters.
+    #[cfg(feature = "catalog")]
     pub fn schema(&self) -> Value {
         (self.schema)()
     }
 
     /// Parameters the schema must accept, and parameters it must refuse naming a field.
+    #[cfg(feature = "catalog")]
     pub fn examples(&self) -> Examples {
         (self.examples)()
     }
@@ -52,12 +68,19 @@ impl ModuleSpec {
     }
 
     /// Checks what the schema cannot, on parameters that passed it.
+    #[cfg(feature = "catalog")]
     pub fn check(&self, params: &Value) -> Result<(), ParamError> {
         (self.check)(params)
     }
 
     /// First 16 hex digits of the SHA-256 of the schema's canonical JSON.
     pub fn schema_hash(&self) -> String {
+        self.schema_hash.to_string()
+    }
+
+    /// The schema hash computed from the schema (what `schema_hash` must equal).
+    #[cfg(feature = "catalog")]
+    pub fn computed_schema_hash(&self) -> String {
         let digest = Sha256::digest(self.schema().to_string().as_bytes());
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -80,9 +103,31 @@ pub fn names() -> Vec<&'static str> {
     catalog().iter().map(|m| m.name).collect()
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "catalog"))]
 mod tests {
     use super::*;
+
+    /// The hash and `takes_rate` written in each SPEC are the schema's: a schema edited
+    /// without them fails here, naming the value to write.
+    #[test]
+    fn schema_hashes_are_current() {
+        let mut stale = Vec::new();
+        for spec in catalog() {
+            let h = spec.computed_schema_hash();
+            if spec.schema_hash != h {
+                stale.push(format!("{}: schema_hash: \"{h}\"", spec.name));
+            }
+            let rate = spec.schema().pointer("/properties/rate").is_some();
+            if spec.takes_rate != rate {
+                stale.push(format!("{}: takes_rate: {rate}", spec.name));
+            }
+        }
+        assert!(
+            stale.is_empty(),
+            "stale fields in SPEC:\n{}",
+            stale.join("\n")
+        );
+    }
     use crate::policy::Target;
     use serde_json::json;
 

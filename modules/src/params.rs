@@ -31,6 +31,7 @@ pub(crate) fn parse<T: for<'de> Deserialize<'de>>(params: &Value) -> Result<T, P
 
 /// Checks what the schema cannot: called by the backend after schema validation.
 /// Each module's rules are its spec's `check`; an unknown module has none.
+#[cfg(feature = "catalog")]
 pub fn check(module: &str, params: &Value) -> Result<(), ParamError> {
     match crate::catalog::find(module) {
         Some(spec) => spec.check(params),
@@ -38,7 +39,7 @@ pub fn check(module: &str, params: &Value) -> Result<(), ParamError> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "catalog"))]
 mod tests {
     use super::*;
     use serde_json::json;

@@ -260,8 +260,7 @@ pub(super) async fn load_module(
     }
     // The agent caps a run's `rate` parameter; a module without one has nothing to cap,
     // and a setting that would do nothing is refused rather than ignored.
-    let takes_rate = catalog::find(&module)
-        .is_some_and(|spec| spec.schema().pointer("/properties/rate").is_some());
+    let takes_rate = catalog::find(&module).is_some_and(|spec| spec.takes_rate);
     if settings.max_rate.is_some() && !takes_rate {
         return Err(ApiError::InvalidParams {
             field: "/max_rate".into(),

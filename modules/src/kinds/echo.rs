@@ -13,9 +13,14 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     version: "1.0.0",
     description: "Sends the message back; proves the whole path works.",
     default_timeout_ms: 5_000,
+    schema_hash: "5a20e17d997bb47a",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema,
+    #[cfg(feature = "catalog")]
     examples,
     demand: no_demand,
+    #[cfg(feature = "catalog")]
     check,
     #[cfg(feature = "atlas")]
     atlas: None,

@@ -13,9 +13,14 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     version: "1.0.0",
     description: "Delays, panics, hangs or errors on request: tests fault handling.",
     default_timeout_ms: 10_000,
+    schema_hash: "b87574fb4b1c3bf4",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema,
+    #[cfg(feature = "catalog")]
     examples,
     demand: no_demand,
+    #[cfg(feature = "catalog")]
     check,
     #[cfg(feature = "atlas")]
     atlas: None,

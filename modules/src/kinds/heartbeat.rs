@@ -12,9 +12,14 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     version: "1.0.0",
     description: "CPU, memory, swap, load, uptime, disk and interface counters.",
     default_timeout_ms: 10_000,
+    schema_hash: "e0623c376cf84768",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema,
+    #[cfg(feature = "catalog")]
     examples,
     demand: no_demand,
+    #[cfg(feature = "catalog")]
     check: no_check,
     #[cfg(feature = "atlas")]
     atlas: None,

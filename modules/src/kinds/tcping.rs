@@ -14,9 +14,14 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     version: "1.0.0",
     description: "TCP connect time to host:port, with the kernel's RTT and availability.",
     default_timeout_ms: 300_000,
+    schema_hash: "48f403a59347da92",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema,
+    #[cfg(feature = "catalog")]
     examples,
     demand,
+    #[cfg(feature = "catalog")]
     check,
     #[cfg(feature = "atlas")]
     atlas: None,

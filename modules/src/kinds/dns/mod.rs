@@ -20,9 +20,14 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     version: "1.0.0",
     description: "One DNS query over UDP or TCP: rcode, flags, every section, and the raw answer.",
     default_timeout_ms: 60_000,
+    schema_hash: "051210d74a005fdd",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema: dns_schema,
+    #[cfg(feature = "catalog")]
     examples: dns_examples,
     demand: dns_demand,
+    #[cfg(feature = "catalog")]
     check: dns_check,
     #[cfg(feature = "atlas")]
     atlas: Some(atlas::dns),

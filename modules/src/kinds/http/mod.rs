@@ -27,9 +27,14 @@ pub const HTTP: ModuleSpec = ModuleSpec {
     version: "1.0.0",
     description: "One HTTP/1.1 or HTTP/2 request, with DNS, connect, TLS and first-byte timings and the TLS details.",
     default_timeout_ms: 60_000,
+    schema_hash: "9d48031d825c6e56",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema: http_schema,
+    #[cfg(feature = "catalog")]
     examples: http_examples,
     demand: http_demand,
+    #[cfg(feature = "catalog")]
     check: http_check,
     #[cfg(feature = "atlas")]
     atlas: Some(atlas::http),
@@ -42,9 +47,14 @@ pub const TLS_CERT: ModuleSpec = ModuleSpec {
     description:
         "A TLS handshake: the server's certificate chain, version and cipher, as Atlas's sslcert.",
     default_timeout_ms: 60_000,
+    schema_hash: "a520bfdf9d355e8d",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema: tls_cert_schema,
+    #[cfg(feature = "catalog")]
     examples: tls_cert_examples,
     demand: tls_cert_demand,
+    #[cfg(feature = "catalog")]
     check: tls_cert_check,
     #[cfg(feature = "atlas")]
     atlas: Some(atlas::sslcert),

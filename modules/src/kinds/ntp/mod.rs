@@ -20,9 +20,14 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     description:
         "NTP client exchanges with a server: offset, delay, stratum, reference id and leap status.",
     default_timeout_ms: 60_000,
+    schema_hash: "9feddb29cb123668",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema: ntp_schema,
+    #[cfg(feature = "catalog")]
     examples: ntp_examples,
     demand: ntp_demand,
+    #[cfg(feature = "catalog")]
     check: ntp_check,
     #[cfg(feature = "atlas")]
     atlas: Some(atlas::ntp),

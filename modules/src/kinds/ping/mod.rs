@@ -17,9 +17,14 @@ pub const SPEC: ModuleSpec = ModuleSpec {
     version: "0.1.0",
     description: "ICMP echo to one host or many: per-probe RTTs, loss and jitter.",
     default_timeout_ms: 300_000,
+    schema_hash: "73724701bf80f3c6",
+    takes_rate: true,
+    #[cfg(feature = "catalog")]
     schema,
+    #[cfg(feature = "catalog")]
     examples,
     demand,
+    #[cfg(feature = "catalog")]
     check,
     #[cfg(feature = "atlas")]
     atlas: Some(atlas::ping),

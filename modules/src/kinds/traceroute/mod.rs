@@ -22,9 +22,14 @@ pub const TRACEROUTE: ModuleSpec = ModuleSpec {
     version: "1.0.0",
     description: "Paris traceroute over ICMP, UDP or TCP: every hop's addresses, RTTs, ICMP type and MPLS labels.",
     default_timeout_ms: 300_000,
+    schema_hash: "82f0630577d4a34b",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema: traceroute_schema,
+    #[cfg(feature = "catalog")]
     examples: traceroute_examples,
     demand: traceroute_demand,
+    #[cfg(feature = "catalog")]
     check: traceroute_check,
     #[cfg(feature = "atlas")]
     atlas: Some(atlas::traceroute),
@@ -37,9 +42,14 @@ pub const MTR: ModuleSpec = ModuleSpec {
     description:
         "Repeated Paris traceroutes: per-hop loss, RTT statistics and jitter, as mtr shows.",
     default_timeout_ms: 600_000,
+    schema_hash: "99c65a6844b0cd08",
+    takes_rate: false,
+    #[cfg(feature = "catalog")]
     schema: mtr_schema,
+    #[cfg(feature = "catalog")]
     examples: mtr_examples,
     demand: mtr_demand,
+    #[cfg(feature = "catalog")]
     check: mtr_check,
     #[cfg(feature = "atlas")]
     atlas: None,
