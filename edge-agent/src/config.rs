@@ -507,7 +507,7 @@ pub enum ConfigError {
     #[error("config file {path}: {source}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        source: crate::flat_toml::Error,
     },
     #[error("{field}: {rule}")]
     Invalid { field: &'static str, rule: String },
@@ -524,7 +524,7 @@ impl AgentConfig {
         };
         let mut cfg = match (&flags.config, &flags.uci) {
             (Some(path), _) => {
-                toml::from_str(&read(path)?).map_err(|source| ConfigError::Parse {
+                crate::flat_toml::from_str(&read(path)?).map_err(|source| ConfigError::Parse {
                     path: path.clone(),
                     source,
                 })?
@@ -890,12 +890,13 @@ pub fn write_durably(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::io
 /// The `agent` section of an OpenWrt UCI file, as the agent's config. UCI values are
 /// strings; numbers become integers, `'0'`/`'1'` the booleans, and `list` options arrays,
 /// so the TOML keys and their checks (unknown keys are errors) apply unchanged.
-pub fn from_uci(text: &str) -> Result<AgentConfig, toml::de::Error> {
+pub fn from_uci(text: &str) -> Result<AgentConfig, crate::flat_toml::Error> {
+    use serde_json::Value;
     // Options the init script reads; not the agent's.
     const INIT_ONLY: &[&str] = &["enabled"];
-    let mut table = toml::Table::new();
+    let mut entries: Vec<crate::flat_toml::Entry> = Vec::new();
     let mut in_agent = false;
-    for line in text.lines() {
+    for (n, line) in text.lines().enumerate() {
         let words = uci_words(line);
         match words.first().map(String::as_str) {
             Some("config") => {
@@ -907,36 +908,49 @@ pub fn from_uci(text: &str) -> Result<AgentConfig, toml::de::Error> {
                     continue;
                 }
                 let auto = |value: String| match value.parse::<i64>() {
-                    Ok(n) => toml::Value::Integer(n),
-                    Err(_) => toml::Value::String(value),
+                    Ok(n) => Value::from(n),
+                    Err(_) => Value::String(value),
                 };
-                // Unknown keys are read as any other (and refused by the TOML checks).
+                // Unknown keys are read as any other (and refused by the config's checks).
                 let v = match uci_kind(&key).unwrap_or(UciKind::Auto) {
                     UciKind::Bool => {
-                        toml::Value::Boolean(matches!(value.as_str(), "1" | "true" | "yes" | "on"))
+                        Value::Bool(matches!(value.as_str(), "1" | "true" | "yes" | "on"))
                     }
-                    UciKind::Text => toml::Value::String(value),
-                    UciKind::Float => match value.parse() {
-                        Ok(f) => toml::Value::Float(f),
-                        Err(_) => auto(value),
+                    UciKind::Text => Value::String(value),
+                    UciKind::Float => match value.parse::<f64>() {
+                        Ok(f) if f.is_finite() => Value::from(f),
+                        _ => auto(value),
                     },
                     UciKind::Auto => auto(value),
                 };
-                if kind == "list" {
-                    let entry = table
-                        .entry(key)
-                        .or_insert_with(|| toml::Value::Array(Vec::new()));
-                    if let toml::Value::Array(a) = entry {
-                        a.push(v);
+                let existing = entries.iter_mut().find(|e| e.key == key);
+                match (kind, existing) {
+                    ("list", Some(e)) => {
+                        if let Value::Array(a) = &mut e.value {
+                            a.push(v);
+                        }
                     }
-                } else {
-                    table.insert(key, v);
+                    ("list", None) => entries.push(crate::flat_toml::Entry {
+                        key,
+                        value: Value::Array(vec![v]),
+                        line: n + 1,
+                    }),
+                    // A later `option` replaces an earlier one, as UCI does.
+                    (_, Some(e)) => {
+                        e.value = v;
+                        e.line = n + 1;
+                    }
+                    (_, None) => entries.push(crate::flat_toml::Entry {
+                        key,
+                        value: v,
+                        line: n + 1,
+                    }),
                 }
             }
             _ => {}
         }
     }
-    toml::Value::Table(table).try_into()
+    crate::flat_toml::from_entries(entries)
 }
 
 /// Splits one UCI line into words, honouring single and double quotes and comments.
@@ -1200,12 +1214,12 @@ mod tests {
         ] {
             let cfg = AgentConfig::load(flags(&args)).unwrap();
             assert!(cfg.token.as_deref().unwrap().starts_with("imna_secret"));
-            let printed = toml::to_string(&cfg.redacted()).unwrap();
+            let printed = crate::flat_toml::to_string(&cfg.redacted()).unwrap();
             assert!(!printed.contains("imna_secret"), "{printed}");
             assert!(printed.contains("token = \"<redacted>\""), "{printed}");
         }
         let none = AgentConfig::load(flags(&["--id", "a"])).unwrap();
-        assert!(!toml::to_string(&none.redacted())
+        assert!(!crate::flat_toml::to_string(&none.redacted())
             .unwrap()
             .contains("token ="));
         // What --print-config shows cannot be taken for the token.
@@ -1344,7 +1358,8 @@ mod tests {
             .to_string();
         assert!(e.starts_with("IMN_MAX_PROBE_RATE"), "{e}");
         let cfg: AgentConfig =
-            toml::from_str("max_runs = 3\nmax_queued_runs = 0\nmax_probe_rate = 100\n").unwrap();
+            crate::flat_toml::from_str("max_runs = 3\nmax_queued_runs = 0\nmax_probe_rate = 100\n")
+                .unwrap();
         assert_eq!(
             (cfg.max_runs, cfg.max_queued_runs, cfg.max_probe_rate),
             (3, 0, 100.0)
@@ -1396,7 +1411,7 @@ mod tests {
             None,
             "the init script's, not a setting"
         );
-        let toml = toml::to_string(&AgentConfig::default()).unwrap();
+        let toml = crate::flat_toml::to_string(&AgentConfig::default()).unwrap();
         for line in toml.lines() {
             let key = line.split(" = ").next().unwrap();
             assert!(KEYS.contains(&key), "{key}");

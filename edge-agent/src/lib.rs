@@ -19,6 +19,7 @@ pub mod agent;
 pub mod config;
 pub mod crash;
 pub mod events;
+pub mod flat_toml;
 pub mod fresh;
 pub mod metrics;
 pub mod modules;

@@ -35,7 +35,11 @@ fn main() -> anyhow::Result<()> {
     imn_agent::crash::install_hook(&cfg.data);
     if print {
         use std::io::Write;
-        let _ = write!(std::io::stdout(), "{}", toml::to_string(&cfg.redacted())?);
+        let _ = write!(
+            std::io::stdout(),
+            "{}",
+            imn_agent::flat_toml::to_string(&cfg.redacted())?
+        );
         return Ok(());
     }
     // One thread is enough for the agent; ping's blocking probes and the outbox's disk
