@@ -631,6 +631,36 @@ mod tests {
         }
     }
 
+    /// Random texts over TOML's punctuation: every one parses or is refused with a
+    /// line inside the text, and none panics.
+    #[test]
+    fn random_texts_never_panic() {
+        const ALPHABET: &[&str] = &[
+            "a", "k_1", " ", "\t", "=", "\"", "'", "[", "]", "{", "}", ",", "#", "\n", "\r\n",
+            "\\", "u", "U", "0", "1", "9", "_", ".", "e", "+", "-", "x", "o", "b", ":", "é",
+            "true", "false", "inf", "nan", "\u{0}", "\u{7f}",
+        ];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let text: String = (0..len)
+                .map(|_| ALPHABET[(next() % ALPHABET.len() as u64) as usize])
+                .collect();
+            if let Err(e) = parse(&text) {
+                assert!(
+                    e.line >= 1 && e.line <= text.lines().count().max(1) + 1,
+                    "{text:?}: {e}"
+                );
+            }
+        }
+    }
+
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Cfg {
