@@ -85,6 +85,8 @@ pub struct Agent {
     cpu: system::CpuSampler,
     /// Loaded modules and their settings (persisted).
     modules: LoadedModules,
+    /// The last process left `DATA/running` behind: it died rather than stopped.
+    died_last_time: bool,
     /// Backoff of modules that panicked.
     restarts: Restarts,
     ctx: Context,
@@ -189,6 +191,7 @@ fn restrict_data_dir(dir: &std::path::Path) {
                 || name.starts_with("outbox.corrupt-")
                 || name.starts_with("agent-id")
                 || name == crate::crash::FILE
+                || name == crate::crash::RUNNING
             {
                 walk(&e.path(), 3);
             }
@@ -256,6 +259,8 @@ impl Agent {
                 ..OutboxLimits::default()
             },
         )?;
+        // After the outbox: its lock means no other agent runs on this directory.
+        let died_last_time = crate::crash::mark_running(&cfg.data);
         let brokers = cfg.broker_addrs()?;
         imn_resolver::set_nameservers(cfg.nameserver_addrs()?);
         let mut endpoints = Vec::with_capacity(brokers.len());
@@ -361,6 +366,7 @@ impl Agent {
             conn_error: None,
             cpu: system::CpuSampler::new(),
             modules,
+            died_last_time,
             restarts: Restarts::default(),
             ctx,
             pump_at: None,
@@ -459,6 +465,7 @@ impl Agent {
         // Leave fewer acked records behind (a restart would send them again).
         self.outbox.compact(50_000);
         self.flush_with(true).await;
+        crate::crash::mark_stopped(&self.cfg.data);
         let offline = wire::encode(&Envelope::Status(Status {
             online: false,
             at_ms: now_ms(),
@@ -482,12 +489,10 @@ impl Agent {
     /// `run_interrupted` event naming the request or slot, and as a failed result with
     /// that reason, so the backend marks it failed and the slot is accounted for.
     fn recover_interrupted(&mut self) -> Result<(), AgentError> {
-        let cause = match crate::crash::take_last_panic(&self.cfg.data) {
-            Some(msg) => format!("the agent panicked while it ran: {msg}"),
-            None => {
-                "the agent stopped (a restart, crash, kill or power loss) while it ran".to_string()
-            }
-        };
+        let cause = crate::crash::interrupted_cause(
+            crate::crash::take_last_panic(&self.cfg.data),
+            self.died_last_time,
+        );
         let why = format!("run_interrupted: {cause}");
         let now = now_ms();
         for (key, entry) in self.outbox.unfinished_commands() {

@@ -1,10 +1,17 @@
 //! What a crash leaves behind for the next start.
 //!
 //! Firmware builds abort on panic (the `firmware` profile), so a module that panics takes
-//! the agent down, and procd or systemd starts it again. The panic hook writes the panic
-//! message to `DATA/last-panic` first; the restarted agent puts it in the `failed` result
-//! of the run that was in progress, so the user sees why, not just that it stopped.
-//! Builds that unwind catch a module's panic instead, and the hook only logs.
+//! the agent down, and procd or systemd starts it again. The restarted agent reports
+//! each run that was in progress as `failed` (`run_interrupted`), saying why as well as
+//! it can tell:
+//! - `DATA/running` is written at start and removed when the agent stops cleanly
+//!   (SIGTERM, Ctrl-C). Still there at the next start, it means the last process died
+//!   (an abort, a kill, a power cut) rather than being stopped.
+//! - The panic hook writes the panic's message to `DATA/last-panic`. `cross/build.sh`'s
+//!   firmware is built with std's `panic_immediate_abort` (130 KiB smaller), which aborts
+//!   before any hook, so there only the marker tells; a `cargo build --profile firmware`
+//!   without it, and any build that unwinds, keeps the message. Builds that unwind catch
+//!   a module's panic instead, and the hook only logs.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +28,36 @@ pub fn install_hook(data: &Path) {
         }
         previous(info);
     }));
+}
+
+/// The file that is there while the agent runs.
+pub const RUNNING: &str = "running";
+
+/// Marks the start of a process. Returns whether the previous one did not stop
+/// cleanly: its marker is still there.
+pub fn mark_running(data: &Path) -> bool {
+    let path = data.join(RUNNING);
+    let unclean = path.exists();
+    let _ = std::fs::write(&path, format!("{}\n", std::process::id()));
+    unclean
+}
+
+/// Marks a clean stop.
+pub fn mark_stopped(data: &Path) {
+    let _ = std::fs::remove_file(data.join(RUNNING));
+}
+
+/// Why runs the last process left unfinished did not finish: its panic message if the
+/// hook could write one, else whether it died or was stopped.
+pub fn interrupted_cause(panic: Option<String>, died: bool) -> String {
+    match (panic, died) {
+        (Some(msg), _) => format!("the agent panicked while it ran: {msg}"),
+        (None, true) => "the agent died while it ran, without stopping cleanly (an abort on a \
+             panic or a fault, a kill, or a power cut; firmware aborts on a panic without a \
+             message)"
+            .to_string(),
+        (None, false) => "the agent was stopped (a restart or shutdown) while it ran".to_string(),
+    }
 }
 
 /// A panic's message, from its payload (`panic!` makes a `&str` or a `String`).
@@ -46,4 +83,27 @@ pub fn take_last_panic(data: &Path) -> Option<String> {
     let msg = std::fs::read_to_string(&path).ok()?;
     let _ = std::fs::remove_file(&path);
     Some(msg.chars().take(1000).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_marker_tells_a_death_from_a_stop() {
+        let dir = std::env::temp_dir().join(format!("imn-crash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join(RUNNING));
+        assert!(!mark_running(&dir), "first start");
+        assert!(mark_running(&dir), "started again without a clean stop");
+        mark_stopped(&dir);
+        assert!(!mark_running(&dir), "after a clean stop");
+        mark_stopped(&dir);
+        assert!(interrupted_cause(None, true).contains("without stopping cleanly"));
+        assert!(interrupted_cause(None, false).contains("was stopped"));
+        assert!(
+            interrupted_cause(Some("boom".into()), true).contains("panicked while it ran: boom")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
