@@ -21,6 +21,7 @@ pub mod crash;
 pub mod events;
 pub mod flat_toml;
 pub mod fresh;
+pub mod log;
 pub mod metrics;
 pub mod modules;
 pub mod outbox;

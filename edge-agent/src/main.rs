@@ -6,21 +6,8 @@ fn main() -> anyhow::Result<()> {
     // panic files) is for its own user only: 0700 directories, 0600 files.
     // SAFETY: umask(2) only sets the process's file mode creation mask.
     unsafe { libc::umask(0o077) };
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
     // RUST_LOG as `LEVEL` or `target=LEVEL,...` (no regex patterns).
-    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| "info".parse().expect("a valid filter"));
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(std::io::stderr),
-        )
-        .with(filter)
-        .init();
+    imn_agent::log::Log::install();
     let flags = match Flags::from_env()? {
         Command::Run(f) => *f,
         Command::Help(text) | Command::Version(text) => {
