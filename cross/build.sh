@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Builds static imn-agent firmware and its packages.
+# Builds static imn-agent firmware (musl) and its packages, and checks the size budgets.
 #
-#   cross/build.sh [--no-packages] [TARGET...]
+#   cross/build.sh [--no-packages] [--profile full|router|all] [TARGET...]
+#   cross/build.sh --check-only    # no build: rewrite the ledger, check the budgets
 #
-# TARGET is a Rust triple or a short name: aarch64, armv7, x86_64 (default: all three).
-# Installs the cross toolchain from Debian's archive when it is missing (rustc 1.85 from
-# rustc-web, the GNU cross linkers, the target standard libraries, qemu-user-static);
-# safe to rerun. Binaries go to target/TRIPLE/release/imn-agent, packages to
-# target/packages/, and a size report to target/packages/sizes.txt.
+# TARGET is a short name or a Rust triple: aarch64, armv7, x86_64 (default: all three).
+# Profiles (default: all): `full` has every module; `router` leaves out http and
+# tls_cert (hyper, h2, x509-parser). Installs the toolchain from Debian's archive when
+# it is missing (rustc 1.85 from rustc-web and its std sources, musl for each
+# architecture, the GNU cross linkers musl's wrappers drive, LLVM's libunwind,
+# qemu-user-static); safe to rerun.
 #
-# The build uses Debian's rustc 1.85 (the agent's MSRV) with cargo's `firmware` profile
-# (opt-level z, fat LTO, one codegen unit, stripped) and `-C target-feature=+crt-static`,
-# so each binary has no dynamic dependencies and runs on glibc and musl systems alike.
+# Output: target/firmware/PROFILE/TRIPLE/imn-agent (stripped; `imn-agent.unstripped`
+# beside it keeps the symbols), packages in target/packages/, and the size ledger
+# cross/sizes.md (binary, packages and the biggest crates per target and profile).
+# Exits non-zero when a binary or package is over its budget in cross/budgets.txt.
+# IMN_BUDGETS and IMN_LEDGER name other files for the budgets and the ledger.
+#
+# std is rebuilt for size (`-Z build-std`, `optimize_for_size`, `panic_immediate_abort`,
+# no backtrace printer) and panics carry no source locations (`-Z location-detail`):
+# that needs RUSTC_BOOTSTRAP=1 with Debian's stable rustc 1.85, as distributions do
+# for such builds. This script is the only place that sets it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -21,39 +30,62 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 packages=1
+build=1
+BUDGETS="${IMN_BUDGETS:-cross/budgets.txt}"
+LEDGER="${IMN_LEDGER:-cross/sizes.md}"
+profiles=(full router)
 targets=()
-for a in "$@"; do
-  case "$a" in
+while [ $# -gt 0 ]; do
+  case "$1" in
     --no-packages) packages=0 ;;
-    aarch64 | aarch64-unknown-linux-gnu) targets+=(aarch64-unknown-linux-gnu) ;;
-    armv7 | armv7-unknown-linux-gnueabihf) targets+=(armv7-unknown-linux-gnueabihf) ;;
-    x86_64 | x86_64-unknown-linux-gnu) targets+=(x86_64-unknown-linux-gnu) ;;
-    -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "cross/build.sh: unknown target or flag: $a (want aarch64, armv7, x86_64)" >&2; exit 2 ;;
+    --check-only) build=0 ;;
+    --profile)
+      shift
+      case "${1:-}" in
+        full | router) profiles=("$1") ;;
+        all) profiles=(full router) ;;
+        *) echo "cross/build.sh: --profile wants full, router or all (got '${1:-}')" >&2; exit 2 ;;
+      esac ;;
+    aarch64 | aarch64-unknown-linux-musl) targets+=(aarch64-unknown-linux-musl) ;;
+    armv7 | armv7-unknown-linux-musleabihf) targets+=(armv7-unknown-linux-musleabihf) ;;
+    x86_64 | x86_64-unknown-linux-musl) targets+=(x86_64-unknown-linux-musl) ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "cross/build.sh: unknown target or flag: $1 (want aarch64, armv7, x86_64, --profile, --no-packages)" >&2; exit 2 ;;
   esac
+  shift
 done
 if [ "${#targets[@]}" -eq 0 ]; then
-  targets=(aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf x86_64-unknown-linux-gnu)
+  targets=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf x86_64-unknown-linux-musl)
 fi
+ALL_TARGETS=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf x86_64-unknown-linux-musl)
 
-# Debian architecture, GNU linker and rustlib folder for each triple.
+# Debian architecture, musl's gcc wrapper, and the binutils prefix for each triple.
 deb_arch() {
+  case "$1" in aarch64-*) echo arm64 ;; armv7-*) echo armhf ;; x86_64-*) echo amd64 ;; esac
+}
+musl_gcc() {
   case "$1" in
-    aarch64-*) echo arm64 ;; armv7-*) echo armhf ;; x86_64-*) echo amd64 ;;
+    aarch64-*) echo aarch64-linux-musl-gcc ;; armv7-*) echo arm-linux-musleabihf-gcc ;; x86_64-*) echo x86_64-linux-musl-gcc ;;
   esac
 }
-linker() {
+binutils() {
+  case "$1" in aarch64-*) echo aarch64-linux-gnu- ;; armv7-*) echo arm-linux-gnueabihf- ;; x86_64-*) echo "" ;; esac
+}
+musl_libdir() {
   case "$1" in
-    aarch64-*) echo aarch64-linux-gnu-gcc ;; armv7-*) echo arm-linux-gnueabihf-gcc ;; x86_64-*) echo gcc ;;
+    aarch64-*) echo /usr/lib/aarch64-linux-musl ;; armv7-*) echo /usr/lib/arm-linux-musleabihf ;; x86_64-*) echo /usr/lib/x86_64-linux-musl ;;
   esac
 }
 
 apt_updated=0
-apt_install() {
+apt_update() {
   if [ "$apt_updated" -eq 0 ]; then
     $SUDO apt-get update -q || true # a foreign security index may fail; that does no harm
     apt_updated=1
   fi
+}
+apt_install() {
+  apt_update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "$@"
 }
 
@@ -69,71 +101,78 @@ ensure_toolchain() {
   if ! /usr/bin/rustc --version 2>/dev/null | grep -q '^rustc 1\.85\.'; then
     need+=("rustc-web=$RUST_V" "cargo-web=$RUST_V" "libstd-rust-web-dev=$RUST_V" "libstd-rust-web-1.85=$RUST_V")
   fi
+  [ -d /usr/lib/rustlib/src/rust/library/std ] || need+=("rust-web-src=$RUST_V")
   for t in "${targets[@]}"; do
+    a="$(deb_arch "$t")"
+    command -v "$(musl_gcc "$t")" >/dev/null || {
+      if [ "$a" = amd64 ]; then need+=(musl-tools musl-dev); else need+=("musl-dev:$a"); fi
+    }
     case "$t" in
       aarch64-*) command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu)
                  command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static) ;;
-      armv7-*) command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf) ;;
-      x86_64-*) [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || need+=(libc6-dev) ;;
+      armv7-*) command -v arm-linux-gnueabihf-gcc >/dev/null || need+=(gcc-arm-linux-gnueabihf)
+               command -v qemu-arm-static >/dev/null || need+=(qemu-user-static) ;;
     esac
   done
   command -v file >/dev/null || need+=(file)
+  command -v python3 >/dev/null || need+=(python3)
   if [ "${#need[@]}" -gt 0 ]; then
     echo "== installing: ${need[*]}"
-    apt_install "${need[@]}"
+    apt_install $(printf '%s\n' "${need[@]}" | sort -u)
   fi
-  # The target standard libraries: Debian ships them per architecture, and they are not
-  # co-installable with the host's, so unpack them next to it.
+  # LLVM's libunwind, which std links for musl targets (-lunwind). The GNU one that comes
+  # with the glibc cross compilers needs glibc's _dl_find_object. Debian's
+  # libunwind-14-dev is not co-installable across architectures, so each one is
+  # unpacked into target/cross/ instead.
   for t in "${targets[@]}"; do
     a="$(deb_arch "$t")"
-    [ "$a" = amd64 ] && continue
-    if [ ! -d "/usr/lib/rustlib/$t/lib" ]; then
-      echo "== unpacking the $t standard library"
+    local dir="target/cross/libunwind-$a"
+    if [ ! -e "$dir/libunwind.a" ]; then
+      echo "== unpacking LLVM's libunwind for $a"
+      apt_update
       local tmp
       tmp="$(mktemp -d)"
-      if [ "$apt_updated" -eq 0 ]; then $SUDO apt-get update -q || true; apt_updated=1; fi
-      (cd "$tmp" && apt-get download "libstd-rust-web-dev:$a=$RUST_V" && dpkg -x ./*.deb x)
-      $SUDO cp -r "$tmp/x/usr/lib/rustlib/$t" /usr/lib/rustlib/
+      chmod 0755 "$tmp" # apt's download sandbox user must be able to write here
+      (cd "$tmp" && apt-get download -q "libunwind-14-dev:$a" && dpkg -x ./*.deb x)
+      mkdir -p "$dir"
+      cp "$tmp/x/usr/lib/llvm-14/lib/libunwind.a" "$dir/libunwind.a"
       rm -rf "$tmp"
     fi
   done
 }
 
-# The linker's own default script for a static executable, changed to drop the unwind
-# tables (.eh_frame, .eh_frame_hdr; 390 KiB of the aarch64 agent). Nothing unwinds in
-# firmware: it aborts on panic, and a backtrace just comes out empty. Only the C runtime's
-# start files keep their (empty) frame, which crtbegin registers at start.
-linker_script() {
-  local t="$1" out="target/cross/$1-no-unwind.ld"
-  mkdir -p target/cross
-  "$(linker "$t")" -static -no-pie -Wl,--verbose -x c /dev/null -o /dev/null 2>/dev/null |
-    sed -n '/^=\{50\}$/,/^=\{50\}$/p' | sed '1d;$d' |
-    sed -e '/^  \.eh_frame_hdr /d' \
-        -e 's|^  \.eh_frame       : ONLY_IF_RO .*|  .eh_frame       : ONLY_IF_RO { KEEP (*crtbegin*.o(.eh_frame)) KEEP (*crtend*.o(.eh_frame)) }|' \
-        -e '/^  \.eh_frame       : ONLY_IF_RW/d' \
-        -e 's|^  /DISCARD/ : { \(.*\)}|  /DISCARD/ : { \1 *(.eh_frame) *(.eh_frame.*) *(.eh_frame_hdr) }|' >"$out.new" || true
-  if ! grep -q 'KEEP (\*crtbegin\*.o(.eh_frame))' "$out.new" || ! grep -q '/DISCARD/.*eh_frame_hdr' "$out.new"; then
-    echo "cross/build.sh: could not derive a linker script from $(linker "$t")'s default" >&2
-    exit 1
-  fi
-  mv "$out.new" "$out"
-  echo "$ROOT/$out"
-}
-
 build_one() {
-  local t="$1" up script
+  local t="$1" profile="$2" up feats out
   up="$(echo "$t" | tr 'a-z-' 'A-Z_')"
-  script="$(linker_script "$t")"
-  echo "== building imn-agent for $t (rustc $(/usr/bin/rustc --version | cut -d' ' -f2), profile firmware)"
-  # Static, not position-independent (x86_64 would make a static PIE: bigger, and its
-  # start-up relocates itself), and no unwind tables.
-  env "CARGO_TARGET_${up}_LINKER=$(linker "$t")" \
-      "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static -C relocation-model=static -C force-unwind-tables=no -C link-arg=-Wl,-T,$script -C link-arg=-Wl,--no-eh-frame-hdr --remap-path-prefix=$HOME/.cargo/registry/src= --remap-path-prefix=$ROOT=imn" \
-      RUSTC=/usr/bin/rustc \
-      cargo build --locked -q --profile firmware --target "$t" -p imn-agent
-  mkdir -p "target/$t/release"
-  cp "target/$t/firmware/imn-agent" "target/$t/release/imn-agent"
-  local bin="target/$t/release/imn-agent"
+  case "$profile" in
+    full) feats=(--features full) ;;
+    router) feats=(--no-default-features --features router) ;;
+  esac
+  out="target/firmware/$profile/$t"
+  # armv7: Thumb-2 code (as OpenWrt and Debian's armhf build), not the target's
+  # default A32: the same instructions in less space.
+  local arch_flags=""
+  case "$t" in armv7-*) arch_flags="-C target-feature=+thumb-mode" ;; esac
+  echo "== building imn-agent for $t, profile $profile (rustc $(/usr/bin/rustc --version | cut -d' ' -f2), musl, std built for size)"
+  # Static and not position-independent (a static PIE relocates itself at start);
+  # musl's own start files and libc, found by its gcc wrapper, not Rust's copy
+  # (link-self-contained=no). std is built for size and aborts at once on a panic
+  # (panic_immediate_abort: no panic messages or hook, 130 KiB; the restarted agent
+  # still reports the interrupted run, see edge-agent/src/crash.rs), and no code keeps
+  # its source location (-Z location-detail=none: 130 KiB of file names and lines).
+  # No RELRO: in a static binary it protects a few pointers, and its page alignment
+  # pads the file by up to 64 KiB (28 KiB on aarch64).
+  # Symbols are kept here and stripped below, so the ledger measures the file that ships.
+  env "CARGO_TARGET_${up}_LINKER=$(musl_gcc "$t")" \
+      "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static -C link-self-contained=no -C relocation-model=static -L $ROOT/target/cross/libunwind-$(deb_arch "$t") -Z location-detail=none -C link-arg=-Wl,-z,norelro $arch_flags --remap-path-prefix=$HOME/.cargo/registry/src= --remap-path-prefix=$ROOT=imn" \
+      CARGO_PROFILE_FIRMWARE_STRIP=false \
+      RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+      /usr/bin/cargo build --locked -q --profile firmware --target "$t" -p imn-agent "${feats[@]}" \
+      -Z build-std=std,panic_abort -Z build-std-features=optimize_for_size,panic_immediate_abort
+  mkdir -p "$out"
+  cp "target/$t/firmware/imn-agent" "$out/imn-agent.unstripped"
+  "$(binutils "$t")strip" --strip-all -o "$out/imn-agent" "$out/imn-agent.unstripped"
+  local bin="$out/imn-agent"
   # Static means no interpreter and no shared libraries.
   if readelf -l "$bin" | grep -q 'Requesting program interpreter' || readelf -d "$bin" | grep -q NEEDED; then
     echo "cross/build.sh: $bin is not static:" >&2
@@ -142,25 +181,104 @@ build_one() {
   fi
 }
 
-ensure_toolchain
-mkdir -p target/packages
-report="target/packages/sizes.txt"
-: >"$report.new"
-for t in "${targets[@]}"; do
-  build_one "$t"
-  if [ "$packages" -eq 1 ]; then
-    bash cross/package.sh deb "$t"
-    bash cross/package.sh ipk "$t"
+# The ledger: one section per profile and target that has been built (this run or an
+# earlier one), with the biggest crates measured on the unstripped binary.
+write_ledger() {
+  local f="$LEDGER" p t a bin ring
+  {
+    echo "# Firmware size ledger"
+    echo
+    echo "Written by \`bash cross/build.sh\`; commit it with the change that moved it."
+    echo "Budgets are in \`cross/budgets.txt\`. Code by crate is \`cross/ledger.py\` on the"
+    echo "unstripped binary (functions with a symbol; \`[outlined]\` is code the machine"
+    echo "outliner shared between crates)."
+    echo
+    echo "| profile | target | binary | .ipk | .deb |"
+    echo "|---|---|---:|---:|---:|"
+    for p in full router; do
+      for t in "${ALL_TARGETS[@]}"; do
+        bin="target/firmware/$p/$t/imn-agent"
+        [ -e "$bin" ] || continue
+        printf '| %s | %s | %s | %s | %s |\n' "$p" "$t" "$(fmt_size "$bin")" \
+          "$(fmt_size "$(pkg_path ipk "$p" "$t")")" "$(fmt_size "$(pkg_path deb "$p" "$t")")"
+      done
+    done
+    for p in full router; do
+      for t in "${ALL_TARGETS[@]}"; do
+        bin="target/firmware/$p/$t/imn-agent.unstripped"
+        [ -e "$bin" ] || continue
+        ring="$(ls "target/$t"/firmware/build/ring-*/out/libring_core*.a 2>/dev/null | head -1)"
+        echo
+        echo "## $p, $t"
+        echo
+        python3 cross/ledger.py "$(binutils "$t")nm" "$bin" --top 15 \
+          --c "libc=$(musl_libdir "$t")/libc.a" ${ring:+--c "ring=$ring"} \
+          --c "libunwind=target/cross/libunwind-$(deb_arch "$t")/libunwind.a"
+      done
+    done
+  } >"$f.new"
+  mv "$f.new" "$f"
+}
+
+fmt_size() {
+  if [ -n "$1" ] && [ -e "$1" ]; then
+    local b
+    b="$(stat -c %s "$1")"
+    printf "%d B (%d KiB)" "$b" "$(( (b + 512) / 1024 ))"
+  else
+    echo "—"
   fi
-done
-# The report covers every target built so far, not only this run's.
-for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf x86_64-unknown-linux-gnu; do
-  b="target/$t/release/imn-agent"
-  [ -e "$b" ] && printf '%-44s %9d bytes  %s\n' "$t" "$(stat -c %s "$b")" "$(file -b "$b" | cut -d, -f1-2)" >>"$report.new"
-done
-for f in target/packages/*.deb target/packages/*.ipk; do
-  [ -e "$f" ] && printf '%-44s %9d bytes\n' "$(basename "$f")" "$(stat -c %s "$f")" >>"$report.new"
-done
-mv "$report.new" "$report"
-echo "== sizes ($ROOT/$report)"
-cat "$report"
+}
+
+# Where package.sh puts each package (empty: none for this profile).
+pkg_path() {
+  local kind="$1" p="$2" t="$3" v
+  v="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
+  case "$kind" in
+    deb) [ "$p" = full ] && echo "target/packages/imn-agent_${v}_$(deb_arch "$t").deb" ;;
+    ipk)
+      local name=imn-agent
+      [ "$p" = full ] && name=imn-agent-full
+      echo "target/packages/${name}_${v}_$(IPK_ARCH= bash cross/package.sh ipk-arch "$t").ipk" ;;
+  esac
+}
+
+# Budgets: `PROFILE TARGET WHAT MAX_BYTES [# comment]` lines, WHAT being bin, ipk or deb.
+check_budgets() {
+  local over=0 p t what max f size
+  while read -r p t what max _; do
+    case "$p" in '' | '#'*) continue ;; esac
+    case "$what" in
+      bin) f="target/firmware/$p/$t/imn-agent" ;;
+      *) f="$(pkg_path "$what" "$p" "$t")" ;;
+    esac
+    [ -n "$f" ] && [ -e "$f" ] || continue
+    size="$(stat -c %s "$f")"
+    if [ "$size" -gt "$max" ]; then
+      echo "cross/build.sh: OVER BUDGET: $p $t $what is $size bytes, budget $max ($BUDGETS)" >&2
+      over=1
+    else
+      printf '   %-7s %-32s %-4s %9d of %9d bytes (%d%%)\n' "$p" "$t" "$what" "$size" "$max" $(( size * 100 / max ))
+    fi
+  done <"$BUDGETS"
+  return "$over"
+}
+
+if [ "$build" -eq 1 ]; then
+  ensure_toolchain
+  mkdir -p target/packages
+  for t in "${targets[@]}"; do
+    for p in "${profiles[@]}"; do
+      build_one "$t" "$p"
+      if [ "$packages" -eq 1 ]; then
+        if [ "$p" = full ]; then bash cross/package.sh deb "$t" full; fi
+        bash cross/package.sh ipk "$t" "$p"
+      fi
+    done
+  done
+fi
+write_ledger
+echo "== size ledger ($LEDGER)"
+sed -n '/^| profile/,/^$/p' "$LEDGER"
+echo "== budgets ($BUDGETS)"
+check_budgets

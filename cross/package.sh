@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
-# Packages a built agent: cross/package.sh deb|ipk TRIPLE
-# (cross/build.sh calls this; the binary must be at target/TRIPLE/release/imn-agent).
+# Packages a built agent: cross/package.sh deb|ipk TRIPLE [PROFILE]
+# (cross/build.sh calls this; the binary must be at target/firmware/PROFILE/TRIPLE/imn-agent;
+# PROFILE is full, the default, or router). `cross/package.sh ipk-arch TRIPLE` prints the
+# OpenWrt architecture a package for TRIPLE is labelled with.
 #
-# .deb: dpkg-deb from Debian. .ipk: OpenWrt's layout, built as OpenWrt's ipkg-build does
-# (a gzipped tar of debian-binary, control.tar.gz and data.tar.gz), with the same tar.
-# Files are owned by root, and every archive is reproducible (fixed mtime and order).
+# .deb: dpkg-deb from Debian, the full profile, package `imn-agent`. .ipk: OpenWrt's
+# layout, built as OpenWrt's ipkg-build does (a gzipped tar of debian-binary,
+# control.tar.gz and data.tar.gz), with the same tar: the router profile is package
+# `imn-agent`, the full one `imn-agent-full` (Provides and Conflicts: imn-agent, as
+# OpenWrt names its variants). Files are owned by root, and every archive is
+# reproducible (fixed mtime and order).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind="$1"
 triple="$2"
-bin="target/$triple/release/imn-agent"
-[ -x "$bin" ] || { echo "cross/package.sh: $bin missing; run cross/build.sh $triple" >&2; exit 1; }
+profile="${3:-full}"
+ipk_arch() {
+  # OpenWrt architecture names; override with IPK_ARCH for a specific target's name.
+  case "$1" in
+    aarch64-*) echo "${IPK_ARCH:-aarch64_generic}" ;;
+    armv7-*) echo "${IPK_ARCH:-arm_cortex-a7_neon-vfpv4}" ;;
+    x86_64-*) echo "${IPK_ARCH:-x86_64}" ;;
+    *) echo "no OpenWrt architecture for $1" >&2; exit 1 ;;
+  esac
+}
+if [ "$kind" = ipk-arch ]; then ipk_arch "$triple"; exit 0; fi
+case "$profile" in full | router) ;; *) echo "cross/package.sh: profile is full or router (got $profile)" >&2; exit 2 ;; esac
+bin="target/firmware/$profile/$triple/imn-agent"
+[ -x "$bin" ] || { echo "cross/package.sh: $bin missing; run cross/build.sh --profile $profile $triple" >&2; exit 1; }
 version="${IMN_PKG_VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)}"
 out="${IMN_PKG_OUT:-target/packages}"
 mkdir -p "$out"
@@ -18,11 +35,17 @@ mkdir -p "$out"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
 TAR=(tar --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$SOURCE_DATE_EPOCH")
 maintainer="IMN developers <imn@example.org>"
-description="IMN measurement agent: ping, TCP ping, echo, heartbeat; keeps every result in an on-disk outbox and syncs it over MQTT."
+if [ "$profile" = full ]; then
+  modules="ping, tcping, traceroute, mtr, dns, http, tls_cert, ntp, echo"
+else
+  modules="ping, tcping, traceroute, mtr, dns, ntp, echo (no http or tls_cert: see imn-agent-full)"
+fi
+description="IMN measurement agent ($profile): $modules; keeps every result in an on-disk outbox and syncs it over MQTT."
 size_kb=$(( ($(stat -c %s "$bin") + 1023) / 1024 ))
 
 case "$kind" in
 deb)
+  [ "$profile" = full ] || { echo "cross/package.sh: the .deb is the full profile" >&2; exit 2; }
   case "$triple" in
     aarch64-*) arch=arm64 ;; armv7-*) arch=armhf ;; x86_64-*) arch=amd64 ;;
     *) echo "no Debian architecture for $triple" >&2; exit 1 ;;
@@ -57,13 +80,15 @@ CONTROL
   echo "$f"
   ;;
 ipk)
-  # OpenWrt architecture names; override with IPK_ARCH for a specific target's name.
-  case "$triple" in
-    aarch64-*) arch="${IPK_ARCH:-aarch64_generic}" ;;
-    armv7-*) arch="${IPK_ARCH:-arm_cortex-a7_neon-vfpv4}" ;;
-    x86_64-*) arch="${IPK_ARCH:-x86_64}" ;;
-    *) echo "no OpenWrt architecture for $triple" >&2; exit 1 ;;
-  esac
+  arch="$(ipk_arch "$triple")"
+  name=imn-agent
+  variant=""
+  if [ "$profile" = full ]; then
+    name=imn-agent-full
+    variant="Provides: imn-agent
+Conflicts: imn-agent
+"
+  fi
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
   d="$work/data" c="$work/control"
@@ -74,10 +99,10 @@ ipk)
   install -m 0755 cross/openwrt/postinst cross/openwrt/prerm "$c/"
   echo /etc/config/imn >"$c/conffiles"
   cat >"$c/control" <<CONTROL
-Package: imn-agent
+Package: $name
 Version: $version
-Source: imn
-SourceName: imn-agent
+${variant}Source: imn
+SourceName: $name
 License: MIT
 Section: net
 Architecture: $arch
@@ -90,7 +115,7 @@ CONTROL
   echo "2.0" >"$work/debian-binary"
   (cd "$d" && "${TAR[@]}" -cf - . | gzip -9n >"$work/data.tar.gz")
   (cd "$c" && "${TAR[@]}" -cf - . | gzip -9n >"$work/control.tar.gz")
-  f="$out/imn-agent_${version}_${arch}.ipk"
+  f="$out/${name}_${version}_${arch}.ipk"
   case "$f" in /*) dest="$f" ;; *) dest="$PWD/$f" ;; esac
   (cd "$work" && "${TAR[@]}" -cf - ./debian-binary ./control.tar.gz ./data.tar.gz | gzip -9n >"$dest")
   echo "$f"
