@@ -25,10 +25,55 @@ fn spawn(bin: &Path, id: &str, broker: &str, data: &Path, hb_ms: u64, logs: &Pat
     crate::spawn_agent(bin, id, broker, data, &["--heartbeat-ms", &hb], logs)
 }
 
-/// The default binary: cross/build.sh's static x86_64 agent.
+/// The default binary: cross/build.sh's static x86_64 agent (musl, full profile).
 pub fn default_agent() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/x86_64-unknown-linux-gnu/release/imn-agent")
+        .join("../target/firmware/full/x86_64-unknown-linux-musl/imn-agent")
+}
+
+/// The figures `against` compares (smaller is better for each).
+const COMPARED: &[&str] = &[
+    "binary_bytes",
+    "first_heartbeat_ms_p50",
+    "idle_rss_kib",
+    "idle_peak_rss_kib",
+    "buffered_rss_kib",
+    "buffered_peak_rss_kib",
+    "written_bytes_per_heartbeat",
+    "written_bytes_per_result",
+];
+
+/// `agent` against `baseline` in one run, in the order agent, baseline, baseline,
+/// agent (so drift on a shared machine falls on both): each figure is the mean of the
+/// two runs, and `ratio` is agent / baseline.
+pub async fn against(agent: &Path, baseline: &Path, quick: bool) -> Value {
+    let mut runs = Vec::new();
+    for bin in [agent, baseline, baseline, agent] {
+        runs.push(firmware(bin, quick).await);
+    }
+    let mean = |a: &Value, b: &Value, k: &str| {
+        (a[k].as_f64().unwrap_or(f64::NAN) + b[k].as_f64().unwrap_or(f64::NAN)) / 2.0
+    };
+    let mut new = serde_json::Map::new();
+    let mut old = serde_json::Map::new();
+    let mut ratio = serde_json::Map::new();
+    for k in COMPARED {
+        let n = mean(&runs[0], &runs[3], k);
+        let o = mean(&runs[1], &runs[2], k);
+        new.insert(k.to_string(), json!(n));
+        old.insert(k.to_string(), json!(o));
+        ratio.insert(k.to_string(), json!(if o > 0.0 { n / o } else { f64::NAN }));
+    }
+    json!({
+        "scenario": "firmware-against",
+        "agent": agent.display().to_string(),
+        "baseline": baseline.display().to_string(),
+        "agent_figures": new,
+        "baseline_figures": old,
+        "ratio": ratio,
+        "runs": runs,
+        "note": "order: agent, baseline, baseline, agent; each figure the mean of its two runs; ratio = agent / baseline (below 1: the agent is smaller or faster)",
+    })
 }
 
 pub async fn firmware(agent: &Path, quick: bool) -> Value {

@@ -75,9 +75,13 @@ enum Scenario {
     /// The agent as firmware: binary size, start to first heartbeat, RSS idle and with
     /// 10,000 results buffered, bytes written per heartbeat and per result.
     Firmware {
-        /// Agent binary (default: cross/build.sh's static x86_64 build).
+        /// Agent binary (default: cross/build.sh's static x86_64 musl build, full profile).
         #[arg(long)]
         agent: Option<std::path::PathBuf>,
+        /// Another agent binary (an older build) to measure in the same run, in the
+        /// order this, baseline, baseline, this; prints both and their ratios.
+        #[arg(long)]
+        baseline: Option<std::path::PathBuf>,
     },
     /// Simulated agents send results through broker, bridge, bus and backend to the
     /// store: results/s stored and acked, lost, duplicates, and raw broker throughput
@@ -345,9 +349,12 @@ async fn main() {
             };
             imn_tests::bench_ping::run(opts).await
         }
-        Scenario::Firmware { agent } => {
+        Scenario::Firmware { agent, baseline } => {
             let agent = agent.unwrap_or_else(imn_tests::bench_firmware::default_agent);
-            imn_tests::bench_firmware::firmware(&agent, cli.quick).await
+            match baseline {
+                Some(old) => imn_tests::bench_firmware::against(&agent, &old, cli.quick).await,
+                None => imn_tests::bench_firmware::firmware(&agent, cli.quick).await,
+            }
         }
         Scenario::Drain { buffered } => {
             imn_tests::bench_drain::drain(if cli.quick { 2_000 } else { buffered }).await
