@@ -1089,6 +1089,42 @@ async fn firmware_panic_is_reported_after_the_restart() {
             .trim(),
         again.pid().to_string()
     );
+
+    // A clean stop (SIGTERM, as systemd and procd stop it) during a run removes the
+    // marker, and the next start reports the run as stopped, not as a death.
+    let mut again = again;
+    up.api.wait_alive(&["fw-x86"], T).await;
+    let r = up
+        .api
+        .post(
+            "/agent/fw-x86/faulty_module",
+            &json!({"message": "long", "delay": 60.0}).to_string(),
+            &[],
+        )
+        .await;
+    assert!(r.status == 200 || r.status == 202, "{:?}", r.body);
+    let long = r.body["request_id"].as_str().unwrap().to_string();
+    up.api.wait_state(&long, "running", T).await;
+    let status = again
+        .signal_and_wait(libc::SIGTERM, T)
+        .expect("the agent stops on SIGTERM");
+    assert!(status.success(), "a clean stop: {status:?}");
+    assert!(
+        !data.join("running").exists(),
+        "a clean stop removes the marker"
+    );
+    let _third = start();
+    up.api.wait_state(&long, "failed", T).await;
+    let res = up
+        .api
+        .get(&format!("/agents/fw-x86/results/{long}"))
+        .await
+        .body
+        .to_string();
+    assert!(
+        res.contains("run_interrupted") && res.contains("the agent was stopped"),
+        "{res}"
+    );
 }
 
 /// A real DNS server (dnsmasq, from Debian) on a free loopback port, serving `names`
