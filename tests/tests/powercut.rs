@@ -213,7 +213,7 @@ async fn power_cuts(cuts: usize, volatile: bool) {
     // IMN_POWERCUT_AGENT: another static agent (an earlier build, for its flash figures).
     let agent = std::env::var_os("IMN_POWERCUT_AGENT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/x86_64-unknown-linux-gnu/release/imn-agent"));
+        .unwrap_or_else(|| root().join("target/firmware/full/x86_64-unknown-linux-musl/imn-agent"));
     assert!(
         agent.exists(),
         "{} is missing: run `bash cross/build.sh` first (tests/run.sh does)",
