@@ -259,8 +259,6 @@ impl Agent {
                 ..OutboxLimits::default()
             },
         )?;
-        // After the outbox: its lock means no other agent runs on this directory.
-        let died_last_time = crate::crash::mark_running(&cfg.data);
         let brokers = cfg.broker_addrs()?;
         imn_resolver::set_nameservers(cfg.nameserver_addrs()?);
         let mut endpoints = Vec::with_capacity(brokers.len());
@@ -326,7 +324,9 @@ impl Agent {
                 }
             },
         };
-        // Sets stored by older agents were never checked here.
+        // Sets stored by older agents were never checked here, and a set stored by a
+        // build with more modules (full, then router) may name one this build lacks.
+        let stored = schedules.entries.len();
         schedules.entries.retain(|e| match schedule::check(&e.schedule) {
             Ok(()) => true,
             Err(r) => {
@@ -334,6 +334,11 @@ impl Agent {
                 false
             }
         });
+        if schedules.entries.len() != stored {
+            // The hello then names no set, so the backend sends it again, and the
+            // check of a set that arrives reports each refusal to it.
+            schedules.version = 0;
+        }
         let control_ids = outbox
             .get_meta(META_CONTROL_IDS)
             .map(|b| ControlIds::from_bytes(&b))
@@ -366,7 +371,7 @@ impl Agent {
             conn_error: None,
             cpu: system::CpuSampler::new(),
             modules,
-            died_last_time,
+            died_last_time: false,
             restarts: Restarts::default(),
             ctx,
             pump_at: None,
@@ -398,6 +403,10 @@ impl Agent {
                 epoch,
             });
         }
+        // Here, not in `new`: a start that fails (a bad TLS key, say) must not leave a
+        // marker that makes the last clean stop read as a death. The outbox's lock
+        // means no other agent runs on this directory.
+        self.died_last_time = crate::crash::mark_running(&self.cfg.data);
         self.recover_interrupted()?;
         // The reports above are durable before the marker names the new epoch.
         self.flush().await;
@@ -751,10 +760,7 @@ impl Agent {
                 }
                 self.append_state(&cmd.id, RequestState::Received, None)?;
                 let refused = if !self.modules.is_loaded(&module) {
-                    Some(format!(
-                        "module {module:?} is not loaded on this agent (loaded: {})",
-                        self.modules.names().join(", ")
-                    ))
+                    Some(self.modules.not_loaded(&module))
                 } else {
                     policy
                         .as_ref()
@@ -935,11 +941,7 @@ impl Agent {
                 scheduled_ms: run.scheduled_ms,
             };
             if !self.modules.is_loaded(&s.module) {
-                let message = format!(
-                    "module {:?} is not loaded on this agent (loaded: {})",
-                    s.module,
-                    self.modules.names().join(", ")
-                );
+                let message = self.modules.not_loaded(&s.module);
                 self.append_failed(&id, &s.module, now, Some(slot), None, message);
                 continue;
             }

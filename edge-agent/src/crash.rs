@@ -33,18 +33,33 @@ pub fn install_hook(data: &Path) {
 /// The file that is there while the agent runs.
 pub const RUNNING: &str = "running";
 
-/// Marks the start of a process. Returns whether the previous one did not stop
-/// cleanly: its marker is still there.
+/// Marks the start of a process, durably (a power cut right after start must still
+/// read as a death). Returns whether the previous one did not stop cleanly: its marker
+/// is still there. A marker that cannot be written is logged: deaths then read as stops.
 pub fn mark_running(data: &Path) -> bool {
-    let path = data.join(RUNNING);
-    let unclean = path.exists();
-    let _ = std::fs::write(&path, format!("{}\n", std::process::id()));
+    let unclean = std::fs::symlink_metadata(data.join(RUNNING)).is_ok();
+    let pid = format!("{}\n", std::process::id());
+    // A new file renamed over the old one: a symlink planted at RUNNING is replaced,
+    // not followed.
+    if let Err(e) = crate::config::write_durably(data, RUNNING, pid.as_bytes()) {
+        tracing::warn!(error = %e, "cannot write DATA/running: a later crash would read as a clean stop");
+    }
     unclean
 }
 
-/// Marks a clean stop.
+/// Marks a clean stop, durably.
 pub fn mark_stopped(data: &Path) {
-    let _ = std::fs::remove_file(data.join(RUNNING));
+    match std::fs::remove_file(data.join(RUNNING)) {
+        Ok(()) => {
+            if let Ok(dir) = std::fs::File::open(data) {
+                let _ = dir.sync_all();
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot remove DATA/running: this clean stop will read as a crash")
+        }
+    }
 }
 
 /// Why runs the last process left unfinished did not finish: its panic message if the
@@ -98,6 +113,18 @@ mod tests {
         assert!(mark_running(&dir), "started again without a clean stop");
         mark_stopped(&dir);
         assert!(!mark_running(&dir), "after a clean stop");
+        mark_stopped(&dir);
+        // A symlink planted at the marker is replaced, not written through.
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, "keep").unwrap();
+        std::fs::remove_file(dir.join(RUNNING)).ok();
+        std::os::unix::fs::symlink(&target, dir.join(RUNNING)).unwrap();
+        assert!(mark_running(&dir), "a marker (even a link) means a death");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        assert!(!std::fs::symlink_metadata(dir.join(RUNNING))
+            .unwrap()
+            .file_type()
+            .is_symlink());
         mark_stopped(&dir);
         assert!(interrupted_cause(None, true).contains("without stopping cleanly"));
         assert!(interrupted_cause(None, false).contains("was stopped"));

@@ -41,6 +41,22 @@ impl LoadedModules {
         self.loaded.keys().cloned().collect()
     }
 
+    /// Why a run of `module` is refused when it is not loaded: a module this build
+    /// does not have is named as such, with the modules it has.
+    pub fn not_loaded(&self, module: &str) -> String {
+        if imn_probes::built_in(module) {
+            format!(
+                "module {module:?} is not loaded on this agent (loaded: {})",
+                self.names().join(", ")
+            )
+        } else {
+            format!(
+                "module {module:?} is not built into this agent (built in: {})",
+                imn_probes::built_in_names().join(", ")
+            )
+        }
+    }
+
     /// Loads a module built into the agent. Errors name the modules that exist.
     pub fn load(&mut self, module: &str) -> Result<(), String> {
         if !imn_probes::built_in(module) {
@@ -139,6 +155,16 @@ mod tests {
         let kept = stored.retain_built_in();
         assert!(!kept.is_loaded("not_in_this_build"));
         assert_eq!(kept, m);
+        let why = kept.not_loaded("not_in_this_build");
+        assert!(
+            why.contains("not built into this agent (built in: "),
+            "{why}"
+        );
+        assert!(why.contains("echo_module"), "{why}");
+        let mut fewer = kept.clone();
+        fewer.unload("tcping");
+        let why = fewer.not_loaded("tcping");
+        assert!(why.contains("not loaded on this agent (loaded: "), "{why}");
     }
 
     #[test]
