@@ -17,6 +17,10 @@ use serde_json::Value;
 /// Most entries a config may have: far above the settings there are, so any real file
 /// fits, and a file of garbage stops early.
 const MAX_ENTRIES: usize = 1024;
+/// Largest file read: a real config is a few KiB. Parsing holds a few times this.
+pub const MAX_TEXT_BYTES: usize = 256 * 1024;
+/// Most values (array elements included) in one file.
+const MAX_VALUES: usize = 16_384;
 /// Deepest nesting of arrays.
 const MAX_DEPTH: usize = 8;
 
@@ -137,9 +141,12 @@ fn write_value(out: &mut String, key: &str, v: &Value) -> Result<(), Error> {
         Value::Number(n) => {
             if let Some(i) = n.as_i64() {
                 out.push_str(&i.to_string());
-            } else if let Some(u) = n.as_u64() {
-                // Past i64: TOML has no such integer; a float keeps its magnitude.
-                out.push_str(&format!("{:?}", u as f64));
+            } else if n.as_u64().is_some() {
+                // Past i64: TOML has no such integer, and a float would not read back.
+                return err(
+                    0,
+                    format!("{key}: {n} is larger than a TOML integer can be"),
+                );
             } else {
                 let f = n.as_f64().unwrap_or(0.0);
                 // `{:?}` always has a point or an exponent, so it reads back as a float.
@@ -191,11 +198,23 @@ fn is_bare_key(k: &str) -> bool {
 
 /// Parses a file into its entries, in file order.
 pub fn parse(text: &str) -> Result<Vec<Entry>, Error> {
+    if text.len() > MAX_TEXT_BYTES {
+        return err(
+            0,
+            format!(
+                "the file is {} bytes; a config is at most {MAX_TEXT_BYTES}",
+                text.len()
+            ),
+        );
+    }
+    // A byte-order mark, as some editors write, is not part of the text.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut p = Parser {
         s: text.as_bytes(),
         text,
         i: 0,
         line: 1,
+        values: 0,
     };
     let mut entries: Vec<Entry> = Vec::new();
     loop {
@@ -242,6 +261,8 @@ struct Parser<'a> {
     text: &'a str,
     i: usize,
     line: usize,
+    /// Values read so far (bounded by MAX_VALUES).
+    values: usize,
 }
 
 impl Parser<'_> {
@@ -324,6 +345,10 @@ impl Parser<'_> {
 
     fn value(&mut self, depth: usize) -> Result<Value, Error> {
         let line = self.line;
+        self.values += 1;
+        if self.values > MAX_VALUES {
+            return err(line, format!("more than {MAX_VALUES} values"));
+        }
         match self.peek() {
             None | Some(b'\n' | b'\r' | b'#') => err(line, "expected a value after `=`"),
             Some(b'"' | b'\'') => self.string().map(Value::String),
@@ -478,69 +503,82 @@ impl Parser<'_> {
 
 /// A TOML integer (decimal, or 0x/0o/0b) or float, with `_` between digits.
 fn number(tok: &str) -> Option<Value> {
-    let (sign, body) = match tok.as_bytes().first()? {
-        b'+' => (1i64, &tok[1..]),
-        b'-' => (-1, &tok[1..]),
-        _ => (1, tok),
-    };
-    match body {
-        "inf" => return serde_json::Number::from_f64(f64::INFINITY).map(Value::Number),
-        "nan" => return None,
-        _ => {}
-    }
-    // Underscores only between two digits.
-    let b = body.as_bytes();
-    for (k, &c) in b.iter().enumerate() {
-        if c == b'_'
-            && !(k > 0
-                && k + 1 < b.len()
-                && b[k - 1].is_ascii_hexdigit()
-                && b[k + 1].is_ascii_hexdigit())
-        {
-            return None;
-        }
-    }
-    let clean: String = body.chars().filter(|&c| c != '_').collect();
     for (prefix, radix) in [("0x", 16), ("0o", 8), ("0b", 2)] {
-        if let Some(digits) = clean.strip_prefix(prefix) {
-            if sign != 1 || tok.starts_with('+') {
-                return None; // TOML: no sign on these
+        if let Some(digits) = tok.strip_prefix(prefix) {
+            // No sign anywhere, digits of the radix, `_` only between two of them.
+            let ok = |b: u8| (b as char).is_digit(radix);
+            if !underscores_between(digits, ok) {
+                return None;
             }
-            return i64::from_str_radix(digits, radix).ok().map(Value::from);
+            let clean: String = digits.chars().filter(|&c| c != '_').collect();
+            if clean.is_empty() || !clean.bytes().all(ok) {
+                return None;
+            }
+            return i64::from_str_radix(&clean, radix).ok().map(Value::from);
         }
     }
-    if !clean.bytes().next()?.is_ascii_digit() {
+    let (negative, body) = match tok.as_bytes().first()? {
+        b'+' => (false, &tok[1..]),
+        b'-' => (true, &tok[1..]),
+        _ => (false, tok),
+    };
+    // inf and nan are TOML, but no setting takes them (nor can JSON hold them).
+    if matches!(body, "inf" | "nan") {
         return None;
     }
-    let is_float = clean.contains(['.', 'e', 'E']);
-    if !is_float {
-        // No leading zeros (TOML), and it must fit an i64.
-        if clean.len() > 1 && clean.starts_with('0') {
-            return None;
-        }
-        if !clean.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        let n: i64 = format!("{}{clean}", if sign < 0 { "-" } else { "" })
-            .parse()
-            .ok()?;
-        return Some(Value::from(n));
+    // Decimal: `_` only between two decimal digits; the integer part has no leading
+    // zero (TOML), whether the number is an integer or a float.
+    if !underscores_between(body, |b| b.is_ascii_digit()) {
+        return None;
     }
-    // A float: digits on both sides of the point.
-    if let Some((int, frac)) = clean.split_once('.') {
-        let frac_digits = frac.split(['e', 'E']).next().unwrap_or("");
-        if int.is_empty() || frac_digits.is_empty() {
-            return None;
-        }
-    }
-    if !clean
-        .bytes()
-        .all(|c| c.is_ascii_digit() || matches!(c, b'.' | b'e' | b'E' | b'+' | b'-'))
+    let clean: String = body.chars().filter(|&c| c != '_').collect();
+    let int_part = clean.split(['.', 'e', 'E']).next().unwrap_or("");
+    if int_part.is_empty()
+        || !int_part.bytes().all(|b| b.is_ascii_digit())
+        || (int_part.len() > 1 && int_part.starts_with('0'))
     {
         return None;
     }
-    let f: f64 = clean.parse().ok()?;
-    serde_json::Number::from_f64(f * sign as f64).map(Value::Number)
+    let sign = if negative { "-" } else { "" };
+    if !clean.contains(['.', 'e', 'E']) {
+        return format!("{sign}{clean}")
+            .parse::<i64>()
+            .ok()
+            .map(Value::from);
+    }
+    // A float: digits after the point; an exponent of digits with an optional sign.
+    let rest = &clean[int_part.len()..];
+    let (frac, exp) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(f) = frac.strip_prefix('.') {
+        if f.is_empty() || !f.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+    } else if !frac.is_empty() {
+        return None;
+    }
+    if let Some(e) = exp {
+        let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+    }
+    let f: f64 = format!("{sign}{clean}").parse().ok()?;
+    // Too large for a double (1e400) is refused, not read as infinity.
+    if !f.is_finite() {
+        return None;
+    }
+    serde_json::Number::from_f64(f).map(Value::Number)
+}
+
+/// Every `_` in `s` has a digit (by `digit`) on each side.
+fn underscores_between(s: &str, digit: impl Fn(u8) -> bool) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().all(|(k, &c)| {
+        c != b'_' || (k > 0 && k + 1 < b.len() && digit(b[k - 1]) && digit(b[k + 1]))
+    })
 }
 
 #[cfg(test)]
@@ -605,6 +643,20 @@ mod tests {
             ("a = .5\n", 1, "not a value"),
             ("a = 99999999999999999999\n", 1, "not a value"),
             ("a = nan\n", 1, "not a value"),
+            ("a = -inf\n", 1, "not a value"),
+            ("a = 0x-1\n", 1, "not a value"),
+            ("a = 0x+ff\n", 1, "not a value"),
+            ("a = 0b-1\n", 1, "not a value"),
+            ("a = 0x_ff\n", 1, "not a value"),
+            ("a = 1_e3\n", 1, "not a value"),
+            ("a = 1e_3\n", 1, "not a value"),
+            ("a = 00.5\n", 1, "not a value"),
+            ("a = -01.5\n", 1, "not a value"),
+            ("a = 01e3\n", 1, "not a value"),
+            ("a = 1.\n", 1, "not a value"),
+            ("a = 1e\n", 1, "not a value"),
+            ("a = 1e400\n", 1, "not a value"),
+            ("a = 1.5.2\n", 1, "not a value"),
             ("a =\n", 1, "expected a value"),
             ("= 1\n", 1, "expected a key"),
             ("a 1\n", 1, "expected `=`"),
@@ -622,6 +674,15 @@ mod tests {
         assert!(parse(&deep).unwrap_err().message.contains("nested"));
         let many: String = (0..2000).map(|i| format!("k{i} = 1\n")).collect();
         assert!(parse(&many).unwrap_err().message.contains("more than"));
+        let wide = format!("a = [{}]\n", "[],".repeat(20_000));
+        assert!(parse(&wide)
+            .unwrap_err()
+            .message
+            .contains("more than 16384 values"));
+        let huge = format!("a = \"{}\"\n", "x".repeat(MAX_TEXT_BYTES));
+        assert!(parse(&huge).unwrap_err().message.contains("at most"));
+        // A byte-order mark is skipped.
+        assert_eq!(parse("\u{feff}a = 1\n").unwrap()[0].key, "a");
         // Nothing panics on arbitrary bytes cut anywhere.
         let sample = "a = [\"x\\u00e9\", 'y', 1_000, -2.5e3, true] # c\nb = \"\\U0001F600\"\n";
         for cut in 0..=sample.len() {
@@ -712,6 +773,24 @@ mod tests {
         assert_eq!(from_str::<Cfg>(&text).unwrap(), full);
         let none = Cfg { opt: None, ..full };
         assert!(!to_string(&none).unwrap().contains("opt"));
+        // What would not read back is refused.
+        assert!(to_string(&json!({"big": u64::MAX})).is_err());
+        let nums =
+            "a = 1_000\nb = -0\nc = +7\nd = 0.5\ne = -2.5e-3\nf = 1E+2\ng = 0o17\nh = 0b1_0\n";
+        let vals: Vec<Value> = parse(nums).unwrap().into_iter().map(|e| e.value).collect();
+        assert_eq!(
+            vals,
+            vec![
+                json!(1000),
+                json!(0),
+                json!(7),
+                json!(0.5),
+                json!(-0.0025),
+                json!(100.0),
+                json!(15),
+                json!(2),
+            ]
+        );
         assert!(to_string(&json!({"a": {"b": 1}})).is_err());
     }
 }
