@@ -26,6 +26,9 @@ cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
 RUST_V="1.85.0+dfsg3-1~deb12u3"
+# The packages' names, versions and place are this script's (the ledger and the
+# budgets look for them there); relabel a package with cross/package.sh itself.
+unset IPK_ARCH IMN_PKG_VERSION IMN_PKG_OUT
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
@@ -184,7 +187,7 @@ build_one() {
 # The ledger: one section per profile and target that has been built (this run or an
 # earlier one), with the biggest crates measured on the unstripped binary.
 write_ledger() {
-  local f="$LEDGER" p t a bin ring
+  local f="$LEDGER" p t a bin ring c_args
   {
     echo "# Firmware size ledger"
     echo
@@ -207,12 +210,16 @@ write_ledger() {
       for t in "${ALL_TARGETS[@]}"; do
         bin="target/firmware/$p/$t/imn-agent.unstripped"
         [ -e "$bin" ] || continue
-        ring="$(ls "target/$t"/firmware/build/ring-*/out/libring_core*.a 2>/dev/null | head -1)"
+        # ring's C and assembly, from every ring build left (none after a clean).
+        c_args=()
+        while read -r ring; do
+          [ -n "$ring" ] && c_args+=(--c "ring=$ring")
+        done < <(compgen -G "target/$t/firmware/build/ring-*/out/libring_core*.a" || true)
         echo
         echo "## $p, $t"
         echo
         python3 cross/ledger.py "$(binutils "$t")nm" "$bin" --top 15 \
-          --c "libc=$(musl_libdir "$t")/libc.a" ${ring:+--c "ring=$ring"} \
+          --c "libc=$(musl_libdir "$t")/libc.a" "${c_args[@]}" \
           --c "libunwind=target/cross/libunwind-$(deb_arch "$t")/libunwind.a"
       done
     done
@@ -244,15 +251,39 @@ pkg_path() {
 }
 
 # Budgets: `PROFILE TARGET WHAT MAX_BYTES [# comment]` lines, WHAT being bin, ipk or deb.
+# A file this run built must be there; with --no-packages the packages are not checked
+# (those on disk may be older than the binaries); --check-only checks what it finds,
+# and fails if that is nothing.
+built_now() {
+  local p="$1" t="$2" x
+  [ "$build" -eq 1 ] || return 1
+  for x in "${profiles[@]}"; do [ "$x" = "$p" ] && break; x=""; done
+  [ -n "$x" ] || return 1
+  for x in "${targets[@]}"; do [ "$x" = "$t" ] && return 0; done
+  return 1
+}
 check_budgets() {
-  local over=0 p t what max f size
+  local over=0 checked=0 p t what max f size
   while read -r p t what max _; do
     case "$p" in '' | '#'*) continue ;; esac
+    if ! [[ "$max" =~ ^[0-9]+$ ]] || ! [[ "$what" =~ ^(bin|ipk|deb)$ ]]; then
+      echo "cross/build.sh: $BUDGETS: cannot read the line '$p $t $what $max' (want PROFILE TARGET bin|ipk|deb BYTES)" >&2
+      return 1
+    fi
     case "$what" in
       bin) f="target/firmware/$p/$t/imn-agent" ;;
-      *) f="$(pkg_path "$what" "$p" "$t")" ;;
+      *) [ "$build" -eq 1 ] && [ "$packages" -eq 0 ] && continue
+         f="$(pkg_path "$what" "$p" "$t")" ;;
     esac
-    [ -n "$f" ] && [ -e "$f" ] || continue
+    [ -n "$f" ] || continue
+    if [ ! -e "$f" ]; then
+      if built_now "$p" "$t"; then
+        echo "cross/build.sh: $f is missing, though this run built $p $t" >&2
+        over=1
+      fi
+      continue
+    fi
+    checked=$((checked + 1))
     size="$(stat -c %s "$f")"
     if [ "$size" -gt "$max" ]; then
       echo "cross/build.sh: OVER BUDGET: $p $t $what is $size bytes, budget $max ($BUDGETS)" >&2
@@ -261,6 +292,10 @@ check_budgets() {
       printf '   %-7s %-32s %-4s %9d of %9d bytes (%d%%)\n' "$p" "$t" "$what" "$size" "$max" $(( size * 100 / max ))
     fi
   done <"$BUDGETS"
+  if [ "$checked" -eq 0 ]; then
+    echo "cross/build.sh: no file of $BUDGETS was there to check" >&2
+    return 1
+  fi
   return "$over"
 }
 

@@ -13,6 +13,7 @@ or `[other C]`; aliases of one address count once.
 
 Prints markdown: one line of section sizes, then a table of the top crates.
 """
+import os
 import re
 import subprocess
 import sys
@@ -77,6 +78,9 @@ def main() -> int:
     nm, binary = args
     c_owner = {}
     for owner, path in archives:
+        if not os.path.exists(path):
+            print(f"cross/ledger.py: {path} ({owner}) is missing", file=sys.stderr)
+            return 2
         out = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True,
                              check=False).stdout
         for line in out.splitlines():
