@@ -4,6 +4,7 @@
 //! sends a probe. Each run takes its parameters as validated JSON and returns the
 //! typed result of `imn_proto::results`.
 
+pub mod calendar;
 #[cfg(feature = "dns")]
 mod dns;
 #[cfg(feature = "http")]
