@@ -11,6 +11,9 @@
 //!   result each module produces.
 //! - [`ranges`]: the one set of seqs kept as ranges (acks, the agent's acked records,
 //!   the seqs a store has taken).
+//! - [`release`]: signed agent releases (manifest, Ed25519 signature, version
+//!   order), checked the same way by the backend on upload and the agent before it
+//!   installs.
 //! - [`policy`]: which addresses a run may send to, and what each run asks of the
 //!   network; the backend and the agent apply the same code.
 //! - [`atlas`] (feature `atlas`, the backend's): results in RIPE Atlas's format; each
@@ -29,6 +32,7 @@ pub mod kinds;
 pub mod params;
 pub mod policy;
 pub mod ranges;
+pub mod release;
 pub mod results;
 pub mod summary;
 pub mod wire;

@@ -38,10 +38,19 @@ pub enum Kind {
     Ack,
     /// Down: run, cancel, and other commands.
     Cmd,
+    /// Up: what the agent runs (version, settings version, update state), after every
+    /// hello; and requests for a release's bytes.
+    Update,
 }
 
 impl Kind {
-    pub const UPLINK: [Kind; 4] = [Kind::Hello, Kind::Heartbeat, Kind::Out, Kind::Status];
+    pub const UPLINK: [Kind; 5] = [
+        Kind::Hello,
+        Kind::Heartbeat,
+        Kind::Out,
+        Kind::Status,
+        Kind::Update,
+    ];
     pub const DOWNLINK: [Kind; 2] = [Kind::Ack, Kind::Cmd];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +61,7 @@ impl Kind {
             Kind::Status => "status",
             Kind::Ack => "ack",
             Kind::Cmd => "cmd",
+            Kind::Update => "upd",
         }
     }
 
@@ -63,6 +73,7 @@ impl Kind {
             "status" => Kind::Status,
             "ack" => Kind::Ack,
             "cmd" => Kind::Cmd,
+            "upd" => Kind::Update,
             _ => return None,
         })
     }
@@ -126,6 +137,66 @@ pub enum Envelope {
     Ack(Ack),
     Command(Command),
     Status(Status),
+    /// Up, on `upd`: the agent's lifecycle state, or a request for release bytes.
+    /// Appended last: every older envelope keeps its encoding.
+    Update(UpdateUp),
+    /// Down, on `cmd`: bytes of a release an agent asked for. Not a command: it is
+    /// not logged or deduplicated, and a lost one is asked for again.
+    Chunk(Chunk),
+}
+
+/// What an agent says on `upd`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum UpdateUp {
+    /// After every hello, and when its update state changes.
+    Status(LifecycleStatus),
+    /// `len` bytes of the release with this SHA-256 from `offset`. The backend answers
+    /// with one [`Chunk`] of at most [`MAX_CHUNK`] bytes.
+    Fetch {
+        sha256: String,
+        offset: u64,
+        len: u32,
+    },
+}
+
+/// The most release bytes one chunk carries.
+pub const MAX_CHUNK: u32 = 64 * 1024;
+
+/// What an agent runs, and where its update and settings stand.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleStatus {
+    pub version: String,
+    pub arch: String,
+    /// The version of the remote settings it runs (0: none).
+    pub settings_version: u64,
+    /// `idle`, `downloading`, `staged`, `trial`, `unsupervised`.
+    pub phase: String,
+    /// The release version it is moving to, while it is.
+    pub target: Option<String>,
+    /// Bytes of the target downloaded so far, and its size.
+    pub downloaded: u64,
+    pub size: u64,
+    /// The last update or settings change that failed or was refused, with why
+    /// (`update_failed: …`, `update_refused: …`, `settings_failed: …`), until the
+    /// next one succeeds.
+    pub last_failure: Option<String>,
+    /// The version (release or settings) that failed, and the rollout that offered
+    /// it, so a rollout knows the failure is its own.
+    pub failed_version: Option<String>,
+    pub failed_rollout: Option<String>,
+    pub sent_at_ms: i64,
+}
+
+/// Bytes of a release, or why there are none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub sha256: String,
+    pub offset: u64,
+    /// The release's size.
+    pub total: u64,
+    pub data: Vec<u8>,
+    /// Set when the backend has no such release or range.
+    pub error: Option<String>,
 }
 
 /// A module as the agent has it loaded.
@@ -412,6 +483,19 @@ pub enum CommandKind {
         version: u64,
         schedules: Vec<Schedule>,
     },
+    /// Run this release (desired state, from a rollout): its signed manifest. The
+    /// agent checks it against its own trusted keys, fetches the bytes with
+    /// [`UpdateUp::Fetch`], checks them, and installs on trial. Appended last.
+    Update {
+        rollout: String,
+        manifest: crate::release::SignedManifest,
+    },
+    /// The agent's remote settings (desired state), whole: `key = value` in the
+    /// agent's TOML names. The agent tries them and keeps them only if it reconnects.
+    Settings {
+        version: u64,
+        settings: Vec<(String, String)>,
+    },
 }
 
 /// Per-module settings an operator can change at runtime.
@@ -530,9 +614,14 @@ pub fn encode_for(version: u8, env: &Envelope) -> Vec<u8> {
     if version != LEGACY_WIRE_VERSION {
         return encode(env);
     }
+    // Version 1 has no lifecycle envelopes: a peer that old neither asks for release
+    // bytes nor reports its lifecycle, so these go in this build's version (and the
+    // old peer refuses them as it refuses any envelope it does not know).
+    let Some(old) = legacy::Envelope::from_current(env.clone()) else {
+        return encode(env);
+    };
     let mut out = vec![LEGACY_WIRE_VERSION];
-    postcard::to_io(&legacy::Envelope::from(env.clone()), &mut out)
-        .expect("wire types are always postcard-serialisable");
+    postcard::to_io(&old, &mut out).expect("wire types are always postcard-serialisable");
     out
 }
 
@@ -641,9 +730,10 @@ pub mod legacy {
         }
     }
 
-    impl From<super::Envelope> for Envelope {
-        fn from(e: super::Envelope) -> Envelope {
-            match e {
+    impl Envelope {
+        /// The version 1 form of an envelope; None for the envelopes version 1 lacks.
+        pub fn from_current(e: super::Envelope) -> Option<Envelope> {
+            Some(match e {
                 super::Envelope::Hello(h) => Envelope::Hello(Hello {
                     agent_id: h.agent_id,
                     version: h.version,
@@ -668,7 +758,8 @@ pub mod legacy {
                     deadline_ms: c.deadline_ms,
                 }),
                 super::Envelope::Status(s) => Envelope::Status(s),
-            }
+                super::Envelope::Update(_) | super::Envelope::Chunk(_) => return None,
+            })
         }
     }
 }

@@ -67,7 +67,17 @@ use serde::{Deserialize, Serialize};
 // functions below take every name from them by index, so a new variant needs a new
 // arm, and the arm a new array slot, before anything compiles.
 
-const ENVELOPE: [&str; 6] = ["Hello", "Heartbeat", "Batch", "Ack", "Command", "Status"];
+const ENVELOPE: [&str; 8] = [
+    "Hello",
+    "Heartbeat",
+    "Batch",
+    "Ack",
+    "Command",
+    "Status",
+    "Update",
+    "Chunk",
+];
+const UPDATE: [&str; 2] = ["Status", "Fetch"];
 const RECORD: [&str; 5] = [
     "State",
     "Result",
@@ -75,7 +85,16 @@ const RECORD: [&str; 5] = [
     "TracedResult",
     "ScheduledResult",
 ];
-const COMMAND: [&str; 6] = ["Run", "Cancel", "Load", "Unload", "Configure", "Schedules"];
+const COMMAND: [&str; 8] = [
+    "Run",
+    "Cancel",
+    "Load",
+    "Unload",
+    "Configure",
+    "Schedules",
+    "Update",
+    "Settings",
+];
 const OUTCOME: [&str; 3] = ["Ok", "Failed", "Timeout"];
 const OUTPUT: [&str; 11] = [
     "Echo",
@@ -175,7 +194,12 @@ const ALL_PATHS: &[&str] = &[
     "Command/Unload",
     "Command/Configure",
     "Command/Schedules",
+    "Command/Update",
+    "Command/Settings",
     "Status",
+    "Update/Status",
+    "Update/Fetch",
+    "Chunk",
 ];
 
 /// The legacy encoding (wire version 1), which both ends still read and write for
@@ -209,6 +233,15 @@ fn envelope_paths(e: &Envelope) -> Vec<String> {
         Envelope::Ack(_) => vec![ENVELOPE[3].to_string()],
         Envelope::Command(c) => vec![format!("{}/{}", ENVELOPE[4], command_name(&c.kind))],
         Envelope::Status(_) => vec![ENVELOPE[5].to_string()],
+        Envelope::Update(u) => vec![format!(
+            "{}/{}",
+            ENVELOPE[6],
+            match u {
+                wire::UpdateUp::Status(_) => UPDATE[0],
+                wire::UpdateUp::Fetch { .. } => UPDATE[1],
+            }
+        )],
+        Envelope::Chunk(_) => vec![ENVELOPE[7].to_string()],
     }
 }
 
@@ -232,6 +265,8 @@ fn command_name(k: &CommandKind) -> &'static str {
         CommandKind::Unload { .. } => COMMAND[3],
         CommandKind::Configure { .. } => COMMAND[4],
         CommandKind::Schedules { .. } => COMMAND[5],
+        CommandKind::Update { .. } => COMMAND[6],
+        CommandKind::Settings { .. } => COMMAND[7],
     }
 }
 
@@ -652,6 +687,7 @@ fn the_path_list_names_every_variant() {
                 }
             }
             4 => want.extend(COMMAND.iter().map(|c| format!("{e}/{c}"))),
+            6 => want.extend(UPDATE.iter().map(|u| format!("{e}/{u}"))),
             _ => {
                 want.insert(e.to_string());
             }
