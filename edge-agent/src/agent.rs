@@ -16,7 +16,7 @@ use imn_proto::policy::{TargetPolicy, MAX_NETWORKS, MAX_RULES};
 use imn_proto::results::ModuleOutcome;
 use imn_proto::wire::{
     self, Ack, AgentEvent, Batch, Command, CommandKind, Envelope, Heartbeat, Hello, Kind,
-    ModuleResult, RecordBody, RequestState, ScheduledRun, StateChange, Status,
+    ModuleResult, RecordBody, RequestState, ScheduledRun, StateChange, Status, UpdateUp,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -105,6 +105,13 @@ pub struct Agent {
     /// The last schedule set version refused whole, so its resends are not reported
     /// again.
     refused_schedules: Option<u64>,
+    /// Over-the-air updates and remote settings: the download, what to report.
+    update: crate::update::Updater,
+    /// Set when the agent stops to have its supervisor start a staged release or
+    /// staged settings.
+    restart: Arc<std::sync::atomic::AtomicBool>,
+    /// Refusals already reported as events, so the backend's resends are not.
+    reported_refusals: Vec<String>,
 }
 
 /// A run accepted and not yet started: what it runs, for whom, under which policy.
@@ -231,6 +238,8 @@ fn kind_name(k: &CommandKind) -> &'static str {
         CommandKind::Unload { .. } => "unload",
         CommandKind::Configure { .. } => "configure",
         CommandKind::Schedules { .. } => "schedules",
+        CommandKind::Update { .. } => "update",
+        CommandKind::Settings { .. } => "settings",
     }
 }
 
@@ -348,6 +357,12 @@ impl Agent {
             max_queued: cfg.max_queued_runs as usize,
             max_rate: cfg.max_probe_rate,
         });
+        let (cfg_data, cfg_keys, cfg_supervised, cfg_rate) = (
+            cfg.data.clone(),
+            cfg.update_keys.clone(),
+            cfg.supervised(),
+            cfg.update_rate,
+        );
         let sync = SyncCore::new(
             SyncSettings {
                 window: cfg.window,
@@ -380,7 +395,16 @@ impl Agent {
             sched_at: None,
             schedule_policy: Arc::new(schedule_policy.unwrap_or_default()),
             refused_schedules: None,
+            update: crate::update::Updater::new(&cfg_data, cfg_keys, cfg_supervised, cfg_rate),
+            restart: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            reported_refusals: Vec::new(),
         })
+    }
+
+    /// Set (once `run` returns) when the agent stopped so that its supervisor starts
+    /// a staged release or staged settings: exit with [`crate::update::EXIT_RESTART`].
+    pub fn restart_requested(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.restart.clone()
     }
 
     /// Runs until `shutdown` resolves.
@@ -408,6 +432,13 @@ impl Agent {
         // means no other agent runs on this directory.
         self.died_last_time = crate::crash::mark_running(&self.cfg.data);
         self.recover_interrupted()?;
+        if let Some(f) = self.update.take_unreported_failure() {
+            self.emit(events::LifecycleFailed {
+                kind: &f.kind,
+                version: &f.version,
+                reason: &f.reason,
+            });
+        }
         // The reports above are durable before the marker names the new epoch.
         self.flush().await;
         self.outbox.commit_marker();
@@ -454,6 +485,10 @@ impl Agent {
                     self.run_due_slots().await?;
                 }
                 _ = hb.tick() => self.heartbeat().await,
+                _ = sleep_until_some(self.update.fetch_at().map(tokio::time::Instant::from_std)),
+                    if self.update.fetch_at().is_some() => {
+                    self.update_fetch().await;
+                }
                 _ = tick.tick() => {
                     // Also here, in case the wall clock moved under the timer.
                     self.run_due_slots().await?;
@@ -469,6 +504,9 @@ impl Agent {
                     }
                 }
                 _ = &mut shutdown => break,
+            }
+            if self.restart.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
             }
         }
         // Leave fewer acked records behind (a restart would send them again).
@@ -624,6 +662,80 @@ impl Agent {
             .on_connected(self.outbox.next_seq(), Instant::now());
         self.send_hello().await;
         self.heartbeat().await;
+        self.update.on_connected();
+        self.update.mark_healthy();
+        self.send_lifecycle().await;
+    }
+
+    /// What the agent runs and where its update stands, on `upd`.
+    async fn send_lifecycle(&mut self) {
+        if !self.sync.is_connected() {
+            return;
+        }
+        let env = Envelope::Update(UpdateUp::Status(self.update.status()));
+        let _ = self
+            .client
+            .publish(
+                &wire::topic(&self.cfg.id, Kind::Update),
+                QoS::AtLeastOnce,
+                false,
+                &wire::encode(&env),
+            )
+            .await;
+    }
+
+    /// Asks for the next chunk of the release being downloaded, if it is time.
+    async fn update_fetch(&mut self) {
+        if !self.sync.is_connected() {
+            // Asked again on the next connect.
+            self.update.on_connected();
+            return;
+        }
+        if let Some(fetch) = self.update.fetch(std::time::Instant::now()) {
+            let _ = self
+                .client
+                .publish(
+                    &wire::topic(&self.cfg.id, Kind::Update),
+                    QoS::AtMostOnce,
+                    false,
+                    &wire::encode(&Envelope::Update(fetch)),
+                )
+                .await;
+        }
+    }
+
+    /// A refused or failed update or settings change: an event once per reason, and
+    /// the status, so a rollout sees it.
+    async fn lifecycle_refused(&mut self, kind: &str, reason: String) {
+        if !self.reported_refusals.contains(&reason) {
+            if self.reported_refusals.len() >= 16 {
+                self.reported_refusals.remove(0);
+            }
+            self.reported_refusals.push(reason.clone());
+            self.emit(events::LifecycleFailed {
+                kind,
+                version: "",
+                reason: &reason,
+            });
+        }
+        self.send_lifecycle().await;
+    }
+
+    async fn on_chunk(&mut self, c: wire::Chunk) {
+        match self.update.on_chunk(c) {
+            crate::update::Progress::None | crate::update::Progress::More => {
+                self.update_fetch().await
+            }
+            crate::update::Progress::Staged(version) => {
+                tracing::info!(%version, received = self.update.received, "release staged; stopping for the supervisor to start it");
+                self.send_lifecycle().await;
+                self.restart
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            crate::update::Progress::Failed { reason, .. } => {
+                self.lifecycle_refused("update_failed", reason).await;
+            }
+        }
     }
 
     /// Identity and capabilities: sent on connect and whenever the modules change.
@@ -633,7 +745,7 @@ impl Agent {
         }
         let hello = Envelope::Hello(Hello {
             agent_id: self.cfg.id.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::update::VERSION.into(),
             arch: std::env::consts::ARCH.into(),
             modules: self.modules.info(),
             tags: self.cfg.tags.clone(),
@@ -678,6 +790,10 @@ impl Agent {
                 Ok(false)
             }
             (Kind::Cmd, Envelope::Command(cmd)) => self.on_command(cmd).await,
+            (Kind::Cmd, Envelope::Chunk(c)) => {
+                self.on_chunk(c).await;
+                Ok(false)
+            }
             (kind, _) => {
                 tracing::warn!(kind = kind.as_str(), "envelope does not match its topic");
                 Ok(false)
@@ -848,6 +964,35 @@ impl Agent {
             CommandKind::Configure { module, config } => {
                 let r = self.modules.configure(&module, config);
                 self.module_changed("module_configured", &module, r)
+            }
+            CommandKind::Update { rollout, manifest } => {
+                match self.update.offer(rollout, manifest) {
+                    Ok(started) => {
+                        // Also for an offer already in hand: the backend sees it is.
+                        self.send_lifecycle().await;
+                        if started {
+                            self.update_fetch().await;
+                        }
+                    }
+                    Err(reason) => self.lifecycle_refused("update_refused", reason).await,
+                }
+                Ok(false)
+            }
+            CommandKind::Settings { version, settings } => {
+                let s = crate::config::RemoteSettings { version, settings };
+                match self.update.offer_settings(s, &self.cfg) {
+                    Ok(true) => {
+                        tracing::info!(
+                            version,
+                            "new settings staged; stopping for the supervisor to try them"
+                        );
+                        self.restart
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Ok(false) => self.send_lifecycle().await,
+                    Err(reason) => self.lifecycle_refused("settings_failed", reason).await,
+                }
+                Ok(false)
             }
             CommandKind::Schedules { version, schedules } => {
                 let had = self.schedules.version;

@@ -341,6 +341,118 @@ settings! {
     /// that does not fit waits.
     val max_probe_rate: f64 = 2000.0, number,
         "max-probe-rate", "IMN_MAX_PROBE_RATE", "probes per second across all running runs (default 2000)";
+    /// Ed25519 public keys (hex) whose signed releases this agent installs. Any key
+    /// makes the agent run supervised (see `supervise`).
+    val update_keys: Vec<String> = Vec::new(), list,
+        "update-keys", "IMN_UPDATE_KEYS", "comma-separated hex Ed25519 keys whose signed releases the agent installs (over-the-air updates)";
+    /// Run under the agent's own supervisor: a small parent process that starts the
+    /// newest verified binary, tries updates and remote settings on trial, and rolls
+    /// them back. On by default when `update_keys` is set.
+    val supervise: bool = false, boolean,
+        "supervise", "IMN_SUPERVISE", "true: run under the agent's own supervisor (updates and remote settings on trial)";
+    /// Bytes a second an update downloads at most, so measurements on the same link
+    /// are not disturbed.
+    val update_rate: u64 = 32 * 1024, whole,
+        "update-rate", "IMN_UPDATE_RATE", "bytes/s an update downloads at most (default 32768)";
+    /// How long a new release or new settings have to connect and say hello before
+    /// they are rolled back.
+    val trial_s: u64 = 120, whole,
+        "trial-s", "IMN_TRIAL_S", "seconds a new release or new settings have to connect before they are rolled back (default 120)";
+}
+
+/// The settings an operator may change remotely, across a fleet (`Settings`
+/// commands): how the agent talks, buffers and identifies itself. Identity,
+/// credentials, TLS files, the data directory and the update keys stay local.
+pub const REMOTE_KEYS: &[&str] = &[
+    "broker",
+    "nameservers",
+    "tags",
+    "heartbeat_ms",
+    "keepalive_s",
+    "batch_max_bytes",
+    "window",
+    "resend_timeout_ms",
+    "outbox_max_bytes",
+    "outbox_memory_bytes",
+    "disk_reserve_bytes",
+    "live_first",
+    "max_runs",
+    "max_queued_runs",
+    "max_probe_rate",
+    "country",
+    "city",
+    "latitude",
+    "longitude",
+    "asn",
+    "update_rate",
+];
+
+/// The environment variable through which the supervisor gives its child the file
+/// of remote settings to apply over the local ones.
+pub const REMOTE_SETTINGS_ENV: &str = "IMN_REMOTE_SETTINGS";
+
+/// Remote settings as the agent stores them: a version and `key = value` pairs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemoteSettings {
+    pub version: u64,
+    pub settings: Vec<(String, String)>,
+}
+
+/// At most this many remote settings, each key and value at most 1 KiB.
+pub const MAX_REMOTE_SETTINGS: usize = 64;
+
+impl RemoteSettings {
+    /// Reads the settings as flags, checking each key is remote-settable and each
+    /// value reads as its setting's type.
+    pub fn flags(&self) -> Result<Flags, ConfigError> {
+        if self.settings.len() > MAX_REMOTE_SETTINGS {
+            return Err(ConfigError::Invalid {
+                field: "settings",
+                rule: format!("at most {MAX_REMOTE_SETTINGS} settings at once"),
+            });
+        }
+        for (i, (k, v)) in self.settings.iter().enumerate() {
+            if k.len() > 1024 || v.len() > 1024 {
+                return Err(ConfigError::Invalid {
+                    field: "settings",
+                    rule: "a key or value is longer than 1 KiB".into(),
+                });
+            }
+            if !REMOTE_KEYS.contains(&k.as_str()) {
+                return Err(ConfigError::Invalid {
+                    field: "settings",
+                    rule: format!(
+                        "{:?} cannot be set remotely (these can: {})",
+                        k.chars().take(64).collect::<String>(),
+                        REMOTE_KEYS.join(", ")
+                    ),
+                });
+            }
+            if self.settings[..i].iter().any(|(o, _)| o == k) {
+                return Err(ConfigError::Invalid {
+                    field: "settings",
+                    rule: format!("{k:?} is given twice"),
+                });
+            }
+        }
+        Flags::read_settings(|flag| {
+            let key = flag.replace('-', "_");
+            let o = SETTINGS.iter().flatten().find(|o| o.flag == flag)?;
+            self.settings
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| (o.flag, v.clone()))
+        })
+    }
+
+    /// Checks the settings as the agent would run them: each readable, and the whole
+    /// config valid with them applied over `base`.
+    pub fn check_over(&self, base: &AgentConfig) -> Result<AgentConfig, ConfigError> {
+        let mut cfg = base.clone();
+        self.flags()?.merge_into(&mut cfg);
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 /// What `--print-config` shows in place of the token.
@@ -408,7 +520,7 @@ impl Flags {
                 "-V" | "--version" => {
                     return Ok(Command::Version(format!(
                         "imn-agent {}",
-                        env!("CARGO_PKG_VERSION")
+                        crate::update::VERSION
                     )))
                 }
                 "--print-config" => {
@@ -487,7 +599,7 @@ fn help() -> String {
         "imn-agent {}: IMN measurement agent\n\nUsage: imn-agent [OPTIONS]\n\n\
          Settings come from the config file, then the environment, then the flags.\n\n\
          Options:\n",
-        env!("CARGO_PKG_VERSION")
+        crate::update::VERSION
     );
     for Opt { flag, env, help } in options() {
         h.push_str(&format!("  --{flag} VALUE\n      {help} [env: {env}]\n"));
@@ -559,6 +671,18 @@ impl AgentConfig {
         if cfg.id.is_empty() {
             cfg.id = persistent_id(&cfg.data)?;
         }
+        // Remote settings (from the supervisor, which tried or is trying them) go over
+        // every local source: they are the operator's desired state for the fleet.
+        if let Some(path) = std::env::var_os(REMOTE_SETTINGS_ENV) {
+            let path = PathBuf::from(path);
+            let text = read(&path)?;
+            let remote: RemoteSettings =
+                serde_json::from_str(&text).map_err(|e| ConfigError::Invalid {
+                    field: "remote settings",
+                    rule: format!("{}: {e}", path.display()),
+                })?;
+            remote.flags()?.merge_into(&mut cfg);
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -592,7 +716,35 @@ impl AgentConfig {
         }
     }
 
+    /// Whether the agent runs under its own supervisor.
+    pub fn supervised(&self) -> bool {
+        self.supervise || !self.update_keys.is_empty()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for k in &self.update_keys {
+            if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError::Invalid {
+                    field: "update_keys",
+                    rule: format!(
+                        "each must be 64 hex digits, an Ed25519 public key (got {:?})",
+                        k.chars().take(80).collect::<String>()
+                    ),
+                });
+            }
+        }
+        if !(10..=86_400).contains(&self.trial_s) {
+            return Err(ConfigError::Invalid {
+                field: "trial_s",
+                rule: "must be 10 to 86400 seconds".into(),
+            });
+        }
+        if self.update_rate < 1024 {
+            return Err(ConfigError::Invalid {
+                field: "update_rate",
+                rule: "must be at least 1024 bytes/s".into(),
+            });
+        }
         if !imn_proto::wire::valid_agent_id(&self.id) {
             return Err(ConfigError::Invalid {
                 field: "id",
@@ -1469,5 +1621,82 @@ mod tests {
         let b = AgentConfig::load(flags(&["--data", data])).unwrap();
         assert_eq!(a.id, b.id);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn remote_settings_take_only_remote_keys_each_read_as_its_type() {
+        let base = AgentConfig {
+            id: "a".into(),
+            ..AgentConfig::default()
+        };
+        // Every remote key is a setting with a flag, so it can be read.
+        for k in REMOTE_KEYS {
+            assert!(KEYS.contains(k), "{k} is no setting");
+            assert!(
+                SETTINGS
+                    .iter()
+                    .flatten()
+                    .any(|o| o.flag == k.replace('_', "-")),
+                "{k} has no flag"
+            );
+        }
+        let r = |kv: &[(&str, &str)]| RemoteSettings {
+            version: 1,
+            settings: kv
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let cfg = r(&[
+            ("heartbeat_ms", "700"),
+            ("tags", "a, b"),
+            ("broker", "mqtt://10.0.0.1:1884"),
+        ])
+        .check_over(&base)
+        .unwrap();
+        assert_eq!(
+            (cfg.heartbeat_ms, cfg.tags.clone()),
+            (700, vec!["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(cfg.broker, "mqtt://10.0.0.1:1884");
+        let e = r(&[("data", "/tmp/x")])
+            .check_over(&base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("settings: \"data\" cannot be set remotely"),
+            "{e}"
+        );
+        let e = r(&[("update_keys", "00")])
+            .check_over(&base)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be set remotely"), "{e}");
+        let e = r(&[("heartbeat_ms", "soon")])
+            .check_over(&base)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("heartbeat-ms: must be a whole number"), "{e}");
+        let e = r(&[("heartbeat_ms", "5")])
+            .check_over(&base)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("heartbeat_ms: must be at least 100"), "{e}");
+        let e = r(&[("tags", "a"), ("tags", "b")])
+            .check_over(&base)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+        let many: Vec<(String, String)> = (0..65)
+            .map(|i| ("tags".to_string(), i.to_string()))
+            .collect();
+        let e = RemoteSettings {
+            version: 1,
+            settings: many,
+        }
+        .flags()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("at most 64"), "{e}");
     }
 }

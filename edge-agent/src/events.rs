@@ -296,6 +296,44 @@ impl AgentEvent for ModuleRestarting<'_> {
     }
 }
 
+/// An update or a settings change that failed, was refused, or was rolled back by the
+/// supervisor. `kind` is `update_failed`, `update_refused` or `settings_failed`; the
+/// message names the version when known and says why.
+pub struct LifecycleFailed<'a> {
+    pub kind: &'a str,
+    /// The release or settings version, or empty when the reason names it.
+    pub version: &'a str,
+    pub reason: &'a str,
+}
+
+impl AgentEvent for LifecycleFailed<'_> {
+    fn log(&self) {
+        let (kind, version, reason) = (self.kind, self.version, self.reason);
+        tracing::error!(kind, version, %reason, "update or settings change failed");
+    }
+    fn record(&self) -> Option<(&str, String)> {
+        // The kind is one of three fixed names; anything else is reported as a failure.
+        let kind = match self.kind {
+            "update_refused" => "update_refused",
+            "settings_failed" => "settings_failed",
+            _ => "update_failed",
+        };
+        let reason = self
+            .reason
+            .strip_prefix(kind)
+            .and_then(|r| r.strip_prefix(": "))
+            .unwrap_or(self.reason);
+        Some((
+            kind,
+            if self.version.is_empty() {
+                reason.to_string()
+            } else {
+                format!("version {}: {reason}", self.version)
+            },
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

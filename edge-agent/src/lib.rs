@@ -14,6 +14,9 @@
 //!   scheduled offline; [`fresh`]: which commands are refused as stale or replayed.
 //! - [`transport`]: rumqttc behind embedded-svc's MQTT traits; [`config`]: settings
 //!   from defaults, TOML or UCI, environment and flags.
+//! - [`launcher`]: the supervisor that runs the agent, tries a new release or new
+//!   remote settings on trial and rolls them back; [`update`]: the running agent's
+//!   side (the download over MQTT, the files it shares with the supervisor).
 
 pub mod agent;
 pub mod config;
@@ -21,6 +24,7 @@ pub mod crash;
 pub mod events;
 pub mod flat_toml;
 pub mod fresh;
+pub mod launcher;
 pub mod log;
 pub mod metrics;
 pub mod modules;
@@ -32,6 +36,7 @@ pub mod sync;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod transport;
+pub mod update;
 
 pub use agent::{Agent, AgentError};
 pub use config::AgentConfig;

@@ -19,6 +19,15 @@ fn main() -> anyhow::Result<()> {
     };
     let print = flags.print_config;
     let cfg = AgentConfig::load(flags)?;
+    let child = std::env::var_os(imn_agent::update::CHILD_ENV).is_some();
+    if cfg.supervised() && !child && !print {
+        // The supervisor: it starts the agent (this binary or a newer verified
+        // release) as its child, and tries updates and remote settings on trial.
+        std::process::exit(imn_agent::launcher::run(&cfg));
+    }
+    if child {
+        imn_agent::launcher::bind_to_supervisor();
+    }
     imn_agent::crash::install_hook(&cfg.data);
     if print {
         use std::io::Write;
@@ -34,11 +43,17 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    let restart = rt.block_on(async {
         let agent = Agent::new(cfg)?;
+        let restart = agent.restart_requested();
         agent.run(shutdown_signal()).await?;
-        Ok(())
-    })
+        anyhow::Ok(restart.load(std::sync::atomic::Ordering::SeqCst))
+    })?;
+    if restart {
+        // A release or new settings are staged: the supervisor starts them.
+        std::process::exit(imn_agent::update::EXIT_RESTART);
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {
