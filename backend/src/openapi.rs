@@ -683,6 +683,100 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
         ),
         (
             "post",
+            "/admin/releases",
+            Op {
+                summary: "Add a signed agent release (the body is the file `imn releases sign` made); refused unless signed by a --release-keys key, unexpired, its hash matching, and not older than a stored release of its architecture unless signed as a rollback",
+                scope: admin,
+                params: vec![],
+                body: None,
+                ok: ok_json(201, "the release (200 with stored=false: it was stored already)", object()),
+                errors: &[400, 413],
+            },
+        ),
+        (
+            "get",
+            "/releases",
+            Op {
+                summary: "Stored agent releases, newest first",
+                scope: read,
+                params: vec![],
+                body: None,
+                ok: ok_json(200, "releases", object()),
+                errors: &[],
+            },
+        ),
+        (
+            "post",
+            "/admin/rollouts",
+            Op {
+                summary: "Start a rollout of a release to selected agents: a canary wave, then waves, halted past max_failures_pct",
+                scope: admin,
+                params: vec![],
+                body: Some(json!({"type": "object", "required": ["version", "agents"], "properties": {
+                    "version": string(),
+                    "agents": schema_ref("Selection"),
+                    "canary_pct": {"type": "number", "minimum": 0, "maximum": 100},
+                    "waves": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 100}},
+                    "max_failures_pct": {"type": "number", "minimum": 0, "maximum": 100}}})),
+                ok: ok_json(201, "the rollout", object()),
+                errors: &[400, 422],
+            },
+        ),
+        (
+            "get",
+            "/rollouts",
+            Op {
+                summary: "Rollouts, newest first",
+                scope: read,
+                params: vec![],
+                body: None,
+                ok: ok_json(200, "rollouts", object()),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/rollouts/{id}",
+            Op {
+                summary: "A rollout: its waves, each agent's state and failures",
+                scope: read,
+                params: vec![path_id("id", "rollout id")],
+                body: None,
+                ok: ok_json(200, "the rollout", object()),
+                errors: &[404],
+            },
+        ),
+        (
+            "post",
+            "/admin/rollouts/{id}/{action}",
+            Op {
+                summary: "Pause, resume or abort a rollout",
+                scope: admin,
+                params: vec![
+                    path_id("id", "rollout id"),
+                    param("action", "path", json!({"enum": ["pause", "resume", "abort"]}), "what to do"),
+                ],
+                body: None,
+                ok: ok_json(200, "the rollout", object()),
+                errors: &[404, 409],
+            },
+        ),
+        (
+            "post",
+            "/admin/settings",
+            Op {
+                summary: "Change selected agents' remote settings (desired state with a version; an empty value removes a key); each agent tries them and reverts if it cannot reconnect",
+                scope: admin,
+                params: vec![],
+                body: Some(json!({"type": "object", "required": ["agents", "settings"], "properties": {
+                    "agents": schema_ref("Selection"),
+                    "settings": {"type": "object", "additionalProperties": {"type": "string"}}}})),
+                ok: ok_json(200, "each agent's new settings version", object()),
+                errors: &[400, 422],
+            },
+        ),
+        (
+            "post",
             "/debug/hold-acks",
             Op {
                 summary:

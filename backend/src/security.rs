@@ -303,6 +303,8 @@ pub struct Security {
     changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// The built-in rule binds every agent (see [`Policy::builtin_deny`]).
     builtin_deny: bool,
+    /// Ed25519 public keys (hex) whose signed releases the backend accepts.
+    pub release_keys: Vec<String>,
 }
 
 impl Security {
@@ -323,6 +325,7 @@ impl Security {
             buckets: Mutex::new(HashMap::new()),
             changed: std::sync::OnceLock::new(),
             builtin_deny,
+            release_keys: Vec::new(),
         }
     }
 

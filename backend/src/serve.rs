@@ -59,6 +59,10 @@ pub struct SecurityFlags {
     /// `imn up` the local agents use them too.
     #[arg(long, env = "IMN_NAMESERVER", value_delimiter = ',')]
     pub nameserver: Vec<String>,
+    /// Ed25519 public keys (hex, comma-separated) whose signed agent releases the
+    /// backend accepts (`imn releases keygen` prints one). None: releases are refused.
+    #[arg(long, env = "IMN_RELEASE_KEYS", value_delimiter = ',')]
+    pub release_keys: Vec<String>,
 }
 
 impl SecurityFlags {
@@ -154,7 +158,21 @@ pub fn security(flags: &SecurityFlags) -> Result<Security, UpError> {
     } else {
         AgentCredentials::disabled()
     });
-    Ok(Security::new(creds, flags.limits(), flags.load_policy()?))
+    for k in &flags.release_keys {
+        if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(UpError::Flag {
+                flag: "--release-keys",
+                message: format!("each must be 64 hex digits, an Ed25519 public key (got {k:?})"),
+            });
+        }
+    }
+    let mut s = Security::new(creds, flags.limits(), flags.load_policy()?);
+    s.release_keys = flags
+        .release_keys
+        .iter()
+        .map(|k| k.to_ascii_lowercase())
+        .collect();
+    Ok(s)
 }
 
 /// Keeps `DATA/admin-token` holding a live admin token: the one there if it still

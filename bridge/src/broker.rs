@@ -119,8 +119,8 @@ pub struct BridgeStats {
     pub up_messages: AtomicU64,
     pub down_messages: AtomicU64,
     /// By kind, in the order of [`Kind::UPLINK`] and [`Kind::DOWNLINK`].
-    pub up_by_kind: [AtomicU64; 4],
-    pub down_by_kind: [AtomicU64; 2],
+    pub up_by_kind: [AtomicU64; Kind::UPLINK.len()],
+    pub down_by_kind: [AtomicU64; Kind::DOWNLINK.len()],
     pub up_errors: AtomicU64,
     pub bad_topics: AtomicU64,
     pub too_large: AtomicU64,

@@ -81,12 +81,18 @@ pub(super) async fn agents(
         limit: q.limit,
         ..Default::default()
     };
+    // Every agent's lifecycle report in one read (versions, update phase).
+    let lifecycle = b.lifecycle_reports().await;
     Json(Value::Array(
         b.select(&sel, now)
             .iter()
             .map(|a| {
                 let mut v = agent_json(a, now);
                 v["tags"] = json!(b.agent_tags(a));
+                let l = lifecycle.get(&a.id);
+                v["config_version"] = json!(l.map_or(0, |l| l.status.settings_version));
+                v["update_phase"] = json!(l.map(|l| l.status.phase.clone()));
+                v["update_failure"] = json!(l.and_then(|l| l.status.last_failure.clone()));
                 v
             })
             .collect(),
@@ -194,6 +200,10 @@ pub(super) async fn agent(
         .ok_or(ApiError::UnknownAgent(id.clone()))?;
     let mut body = agent_json(&a, now_ms());
     body["records_stored"] = json!(b.agent_record_count(&id).await?);
+    // Versions, update state and the last failure (what the agent reports on `upd`).
+    if let (Some(o), Value::Object(l)) = (body.as_object_mut(), b.lifecycle_json(&id).await) {
+        o.extend(l);
+    }
     Ok(Json(body))
 }
 

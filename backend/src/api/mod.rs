@@ -24,12 +24,14 @@ use crate::store::{RequestRow, ResultRow};
 mod admin;
 mod agents;
 mod info;
+mod lifecycle;
 mod measurements;
 mod requests;
 mod results;
 use admin::*;
 use agents::*;
 use info::*;
+use lifecycle::*;
 use measurements::*;
 use requests::*;
 use results::*;
@@ -77,7 +79,17 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/admin/dead-letters", get(dead_letters))
         .route("/admin/tokens", get(tokens).post(create_token))
         .route("/admin/tokens/{id}/rotate", post(rotate_token))
-        .route("/admin/tokens/{id}/revoke", post(revoke_token));
+        .route("/admin/tokens/{id}/revoke", post(revoke_token))
+        .route(
+            "/admin/releases",
+            post(add_release).layer(axum::extract::DefaultBodyLimit::max(MAX_RELEASE_BODY)),
+        )
+        .route("/releases", get(releases))
+        .route("/admin/rollouts", post(start_rollout))
+        .route("/rollouts", get(rollouts))
+        .route("/rollouts/{id}", get(rollout))
+        .route("/admin/rollouts/{id}/{action}", post(rollout_action))
+        .route("/admin/settings", post(set_settings));
     if backend.fault_injection {
         r = r.route("/debug/hold-acks", post(hold_acks));
     }
@@ -189,7 +201,12 @@ async fn guard(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let limit = b.security.limits.max_body_bytes;
+    // A release file is bigger than any JSON body: that one route has its own limit.
+    let limit = if req.uri().path() == "/admin/releases" {
+        MAX_RELEASE_BODY
+    } else {
+        b.security.limits.max_body_bytes
+    };
     let declared = req
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

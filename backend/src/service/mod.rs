@@ -10,6 +10,7 @@
 //!   `Hellos` parts);
 //! - `reads.rs`: what the front ends read and change in the store;
 //! - `metrics.rs`: `/metrics` and OTLP;
+//! - `lifecycle.rs`: releases, rollouts, agents' update reports and remote settings;
 //! - fleet measurements and schedules are in [`crate::fleet`], budgets in
 //!   [`crate::budget`], news between backends in [`crate::peers`].
 //!
@@ -33,6 +34,7 @@ use crate::validation::Validators;
 
 mod dispatch;
 mod events;
+pub mod lifecycle;
 mod metrics;
 mod reads;
 mod sessions;
@@ -111,6 +113,8 @@ pub struct Backend {
     /// Per API token with a budget: its turn to check and charge, and what its
     /// requests in flight reserved (see [`crate::budget::Ledger`]).
     pub(crate) budgets: crate::budget::Ledger,
+    /// Releases' bytes, fetch budgets and the rollout lock (see [`lifecycle`]).
+    pub(crate) lifecycle: lifecycle::Lifecycle,
 }
 
 /// How a request is to be made, beside what it asks for.
@@ -185,6 +189,7 @@ impl Backend {
             instance: rand::random(),
             feed: crate::feed::Feed::default(),
             budgets: Default::default(),
+            lifecycle: Default::default(),
         });
         {
             let weak = Arc::downgrade(&backend);

@@ -480,6 +480,11 @@ impl Backend {
                 .await;
                 msg.ack().await;
             }
+            (Kind::Update, Envelope::Update(up)) => {
+                self.touch_session(&agent, now).await;
+                self.on_update_up(&agent, up).await;
+                msg.ack().await;
+            }
             (Kind::Out, Envelope::Batch(batch)) => {
                 self.store_group(vec![Decoded {
                     msg,

@@ -1354,6 +1354,203 @@ pub async fn credentials_keep_their_budget(s: &dyn Store) {
     assert_eq!(s.credentials().await.unwrap(), vec![cred]);
 }
 
+/// `n` pseudo-random bytes (xorshift), the same for the same seed.
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn release_row(name: &str, version: &str, arch: &str, sha: char, added_ms: i64) -> ReleaseRow {
+    ReleaseRow {
+        name: name.into(),
+        version: version.into(),
+        arch: arch.into(),
+        sha256: sha.to_string().repeat(64),
+        size: 0,
+        manifest: format!("{name} {version} {arch} {}", sha.to_string().repeat(64)),
+        signature: "ab".repeat(32),
+        rollback: false,
+        expires_ms: added_ms + 86_400_000,
+        added_ms,
+    }
+}
+
+/// Releases: stored once by sha256 (the same again is Ok(false) and changes nothing),
+/// another file for a stored (name, version, arch) refused and the first kept; listed
+/// newest added first, found by (version, arch) under the agent's name, and their
+/// files read back byte for byte.
+pub async fn releases_are_stored_once_by_file_and_found_by_version_and_arch(s: &dyn Store) {
+    let big = pseudo_random(300 * 1024, 0x5eed);
+    let mut r1 = release_row("imn-agent", "1.2.0", "x86_64", 'a', 100);
+    r1.size = big.len() as u64;
+    r1.rollback = true;
+    assert!(s.put_release(r1.clone(), big.clone()).await.unwrap());
+    assert!(!s.put_release(r1.clone(), big.clone()).await.unwrap());
+    // The same file again, signed otherwise: still already stored, nothing changes.
+    let mut resigned = r1.clone();
+    resigned.manifest.push_str(" again");
+    resigned.signature = "cd".repeat(32);
+    resigned.added_ms = 999;
+    assert!(!s.put_release(resigned, vec![1, 2, 3]).await.unwrap());
+    assert_eq!(s.releases().await.unwrap(), vec![r1.clone()]);
+    assert_eq!(
+        s.release_bytes(&r1.sha256).await.unwrap().as_deref(),
+        Some(&big[..])
+    );
+
+    // Another file for the same release: refused, and the first stays.
+    let other = release_row("imn-agent", "1.2.0", "x86_64", 'b', 150);
+    match s.put_release(other.clone(), vec![9; 10]).await {
+        Err(StoreError::Db(e)) => assert_eq!(
+            e,
+            format!(
+                "release imn-agent 1.2.0 for x86_64 is already stored with another file (sha256 {})",
+                r1.sha256
+            )
+        ),
+        other => panic!("another file for a stored release: {other:?}"),
+    }
+    assert_eq!(s.releases().await.unwrap(), vec![r1.clone()]);
+    assert_eq!(s.release_bytes(&other.sha256).await.unwrap(), None);
+    assert_eq!(
+        s.release("1.2.0", "x86_64").await.unwrap(),
+        Some(r1.clone())
+    );
+    // The stored file under another release: refused too (one row per file).
+    let same_file = release_row("imn-agent", "1.2.1", "x86_64", 'a', 160);
+    assert!(matches!(
+        s.put_release(same_file, big.clone()).await,
+        Err(StoreError::Db(_))
+    ));
+    assert_eq!(s.release("1.2.1", "x86_64").await.unwrap(), None);
+    // Text is kept exactly or not at all: NUL is refused, not escaped.
+    let mut nul = release_row("imn-agent", "1.4.0", "x86_64", 'f', 170);
+    nul.manifest = "imn-agent 1.4.0\0".into();
+    assert!(matches!(
+        s.put_release(nul.clone(), vec![0]).await,
+        Err(StoreError::Db(_))
+    ));
+    assert_eq!(s.release("1.4.0", "x86_64").await.unwrap(), None);
+
+    let r2 = release_row("imn-agent", "1.3.0", "x86_64", 'c', 200);
+    let r3 = release_row("imn-agent", "1.3.0", "aarch64", 'e', 300);
+    // Added at the same time as r3: the smaller sha256 first.
+    let r4 = release_row("imn-agent", "1.3.0", "armv7", 'd', 300);
+    let tool = release_row("imn-tool", "0.1.0", "x86_64", '0', 50);
+    let small = pseudo_random(1000, 7);
+    assert!(s.put_release(r2.clone(), small.clone()).await.unwrap());
+    assert!(s.put_release(r3.clone(), Vec::new()).await.unwrap());
+    assert!(s.put_release(r4.clone(), vec![0; 3]).await.unwrap());
+    assert!(s.put_release(tool.clone(), vec![0, 0, 0, 1]).await.unwrap());
+    assert_eq!(
+        s.releases().await.unwrap(),
+        vec![r4.clone(), r3.clone(), r2.clone(), r1.clone(), tool.clone()]
+    );
+    assert_eq!(
+        s.release("1.3.0", "aarch64").await.unwrap(),
+        Some(r3.clone())
+    );
+    assert_eq!(
+        s.release("1.3.0", "x86_64").await.unwrap(),
+        Some(r2.clone())
+    );
+    assert_eq!(s.release("1.3.0", "mips").await.unwrap(), None);
+    assert_eq!(s.release("9.9.9", "x86_64").await.unwrap(), None);
+    assert_eq!(
+        s.release("0.1.0", "x86_64").await.unwrap(),
+        None,
+        "only the agent's releases"
+    );
+    assert_eq!(s.release("1.2.0\0", "x86_64").await.unwrap(), None);
+
+    assert_eq!(s.release_bytes(&r1.sha256).await.unwrap(), Some(big));
+    assert_eq!(s.release_bytes(&r2.sha256).await.unwrap(), Some(small));
+    assert_eq!(s.release_bytes(&r3.sha256).await.unwrap(), Some(vec![]));
+    assert_eq!(
+        s.release_bytes(&tool.sha256).await.unwrap(),
+        Some(vec![0, 0, 0, 1])
+    );
+    assert_eq!(s.release_bytes(&"9".repeat(64)).await.unwrap(), None);
+    assert_eq!(s.release_bytes("").await.unwrap(), None);
+}
+
+/// Fleet documents: put replaces (kind, key); a kind lists only its own, by key
+/// (byte-wise in both stores); text round-trips, NUL escaped as other columns of their
+/// own (see `nul_free`), non-ASCII whole, a JSON `\u0000` escape as written.
+pub async fn fleet_docs_are_replaced_and_listed_by_kind_and_key(s: &dyn Store) {
+    assert_eq!(s.doc("rollout", "r1").await.unwrap(), None);
+    assert!(s.docs("rollout").await.unwrap().is_empty());
+    s.put_doc("rollout", "r1", r#"{"v":1}"#, 1).await.unwrap();
+    assert_eq!(
+        s.doc("rollout", "r1").await.unwrap().as_deref(),
+        Some(r#"{"v":1}"#)
+    );
+    s.put_doc("rollout", "r1", r#"{"v":2}"#, 2).await.unwrap();
+    assert_eq!(
+        s.doc("rollout", "r1").await.unwrap().as_deref(),
+        Some(r#"{"v":2}"#)
+    );
+    assert_eq!(
+        s.docs("rollout").await.unwrap(),
+        vec![("r1".to_string(), r#"{"v":2}"#.to_string())]
+    );
+
+    for key in ["b", "é", "a", "B", "a0", "_"] {
+        s.put_doc("agent_state", key, &format!(r#"{{"k":"{key}"}}"#), 3)
+            .await
+            .unwrap();
+    }
+    s.put_doc("config", "a", "{}", 3).await.unwrap();
+    s.put_doc("agent_states", "a", "{}", 3).await.unwrap();
+    let keys: Vec<String> = s
+        .docs("agent_state")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, d)| {
+            assert_eq!(d, format!(r#"{{"k":"{k}"}}"#));
+            k
+        })
+        .collect();
+    assert_eq!(keys, vec!["B", "_", "a", "a0", "b", "é"]);
+    assert_eq!(
+        s.docs("rollout").await.unwrap().len(),
+        1,
+        "only its own kind"
+    );
+    assert_eq!(s.doc("agent_state", "c").await.unwrap(), None);
+    assert_eq!(s.doc("nothing", "a").await.unwrap(), None);
+    assert!(s.docs("agent").await.unwrap().is_empty());
+
+    // NUL (escaped, as in every column of its own) and non-ASCII text.
+    let text = "{\"m\":\"a\0b ünïcödé 日本語 🚀\"}";
+    s.put_doc("config", "k\0ey", text, 4).await.unwrap();
+    let escaped = "{\"m\":\"a\u{2400}b ünïcödé 日本語 🚀\"}";
+    assert_eq!(
+        s.doc("config", "k\0ey").await.unwrap().as_deref(),
+        Some(escaped)
+    );
+    assert_eq!(
+        s.docs("config").await.unwrap(),
+        vec![
+            ("a".to_string(), "{}".to_string()),
+            ("k\u{2400}ey".to_string(), escaped.to_string()),
+        ]
+    );
+    // JSON's own escape for NUL is plain text: kept as written.
+    let json = serde_json::json!({"m": "a\0b"}).to_string();
+    assert!(json.contains("\\u0000"), "{json}");
+    s.put_doc("config", "json", &json, 5).await.unwrap();
+    assert_eq!(s.doc("config", "json").await.unwrap(), Some(json));
+}
+
 /// Runs each suite function against a fresh store of each kind.
 macro_rules! for_each_store {
     ($($name:ident),* $(,)?) => {
@@ -1407,6 +1604,8 @@ for_each_store!(
     measurements_owners_and_token_usage,
     an_idempotency_hash_comes_back_with_the_existing_request,
     credentials_keep_their_budget,
+    releases_are_stored_once_by_file_and_found_by_version_and_arch,
+    fleet_docs_are_replaced_and_listed_by_kind_and_key,
 );
 
 /// PostgreSQL only: two stores (two backends) write at once while a reader pages by

@@ -37,6 +37,7 @@ macro_rules! migrations {
 /// brought to version 1 by `sqlite::legacy` and recorded there.
 pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     1 "0001_init",
+    2 "0002_fleet",
 );
 
 /// The PostgreSQL store's migrations, in order (the numbers its `schema_version` has
@@ -45,6 +46,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     1 "0001_init",
     2 "0002_dead_letters_budgets_and_body_text",
     3 "0003_run_results",
+    4 "0004_fleet",
 );
 
 /// The table a database records its version in: one row, the last migration applied.
@@ -127,7 +129,12 @@ mod tests {
     fn next_applies_in_order_and_refuses_a_newer_database() {
         assert_eq!(next("PostgreSQL", POSTGRES, 0).unwrap().unwrap().version, 1);
         assert_eq!(next("PostgreSQL", POSTGRES, 2).unwrap().unwrap().version, 3);
-        assert!(next("PostgreSQL", POSTGRES, 3).unwrap().is_none());
+        assert_eq!(next("PostgreSQL", POSTGRES, 3).unwrap().unwrap().version, 4);
+        assert!(next("PostgreSQL", POSTGRES, 4).unwrap().is_none());
+        assert_eq!(
+            next("SQLite", SQLITE, 1).unwrap().unwrap().name,
+            "0002_fleet"
+        );
         let latest = latest(SQLITE);
         assert!(next("SQLite", SQLITE, latest).unwrap().is_none());
         let e = next("SQLite", SQLITE, latest + 1).unwrap_err().to_string();

@@ -1,9 +1,11 @@
 //! Where the backend keeps agents, requests, their state transitions, and every record
 //! agents sent. One [`Store`], made of a trait per aggregate ([`AgentStore`],
-//! [`RequestStore`], [`MeasurementStore`], [`CredentialStore`]); the embedded default
-//! is [`SqliteStore`] (one file, no setup); [`PostgresStore`] is for deployments where
-//! several backends share one database. Both keep their schema with numbered SQL
-//! migrations, applied and recorded the same way (`migrate`).
+//! [`RequestStore`], [`MeasurementStore`], [`CredentialStore`], [`FleetStore`]); the
+//! embedded default is [`SqliteStore`] (one file, no setup); [`PostgresStore`] is for
+//! deployments where several backends share one database. Both keep their schema with
+//! numbered SQL migrations, applied and recorded the same way (`migrate`).
+//! [`FleetStore`] keeps signed agent releases (with their files) and the fleet's
+//! lifecycle state, as documents.
 //!
 //! Records are keyed by (agent, epoch, seq), so storing is idempotent: a batch sent
 //! twice is stored once, which makes the at-least-once path exactly-once for users.
@@ -72,6 +74,75 @@ pub struct CredentialRow {
     pub revoked_ms: Option<i64>,
     /// API tokens: the token's budget, as JSON text (opaque to the store).
     pub budget_json: Option<String>,
+}
+
+/// A signed agent release as the backend stores it. The file's bytes are kept apart,
+/// by SHA-256 (`release_bytes`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseRow {
+    pub name: String,
+    pub version: String,
+    pub arch: String,
+    /// Lowercase hex SHA-256 of the binary.
+    pub sha256: String,
+    pub size: u64,
+    /// The signed manifest line, exactly as signed, and its signature (hex).
+    pub manifest: String,
+    pub signature: String,
+    pub rollback: bool,
+    pub expires_ms: i64,
+    pub added_ms: i64,
+}
+
+/// The name [`FleetStore::release`] looks releases up under: the agent's.
+pub const AGENT_RELEASE_NAME: &str = "imn-agent";
+
+/// Checks a release before either store writes it, so both refuse the same: its text
+/// is kept exactly (a manifest is verified against its signature as stored, so it is
+/// never escaped as [`nul_free`] would), and NUL is text PostgreSQL cannot hold;
+/// its size must fit the stores' integers. Returns the size as stored.
+pub(crate) fn checked_release(row: &ReleaseRow) -> Result<i64, StoreError> {
+    for (field, text) in [
+        ("name", &row.name),
+        ("version", &row.version),
+        ("arch", &row.arch),
+        ("sha256", &row.sha256),
+        ("manifest", &row.manifest),
+        ("signature", &row.signature),
+    ] {
+        if text.contains('\0') {
+            return Err(StoreError::Db(format!(
+                "release {} {} for {}: its {field} holds a NUL character, which the store cannot keep exactly",
+                nul_free(&row.name),
+                nul_free(&row.version),
+                nul_free(&row.arch)
+            )));
+        }
+    }
+    i64::try_from(row.size).map_err(|_| {
+        StoreError::Db(format!(
+            "release {} {} for {}: size {} is too large to store",
+            row.name, row.version, row.arch, row.size
+        ))
+    })
+}
+
+/// Why a release with another file for a (name, version, arch) already stored is
+/// refused (both stores say the same).
+pub(crate) fn release_taken(row: &ReleaseRow, stored_sha256: &str) -> StoreError {
+    StoreError::Db(format!(
+        "release {} {} for {} is already stored with another file (sha256 {stored_sha256})",
+        row.name, row.version, row.arch
+    ))
+}
+
+/// Why a release whose file is already stored as another release is refused: a file is
+/// kept once, by its SHA-256, under the one release it was stored as.
+pub(crate) fn file_taken(row: &ReleaseRow, stored: &ReleaseRow) -> StoreError {
+    StoreError::Db(format!(
+        "release {} {} for {}: its file (sha256 {}) is already stored as release {} {} for {}",
+        row.name, row.version, row.arch, row.sha256, stored.name, stored.version, stored.arch
+    ))
 }
 
 /// A request as the API accepted it.
@@ -722,6 +793,43 @@ pub trait CredentialStore: Send + Sync + 'static {
     ) -> Result<TokenUsage, StoreError>;
 }
 
+/// Releases (signed agent binaries) and the fleet's lifecycle state: rollouts, each
+/// agent's reported update and configuration state, and desired configurations, kept
+/// as JSON documents by (kind, key).
+///
+/// Document kinds, keys and text go through [`nul_free`] on the way in (lookups too),
+/// as other columns of their own do: a NUL reads back as [`NUL_ESCAPE`] in both stores.
+/// A release's text is kept exactly or refused (see [`ReleaseRow`]'s fields).
+#[async_trait]
+pub trait FleetStore: Send + Sync + 'static {
+    /// Stores a release and its bytes. Idempotent: the same sha256 again (as the same
+    /// (name, version, arch)) returns Ok(false) and changes nothing. Another sha256 for
+    /// a (name, version, arch) already stored is refused: Err(StoreError::Db("release
+    /// NAME VERSION for ARCH is already stored with another file (sha256 …)")); so is a
+    /// file already stored as another (name, version, arch) (one row per sha256), and
+    /// text with NUL in it (kept exactly or not at all). Returns Ok(true) when stored.
+    async fn put_release(&self, row: ReleaseRow, bytes: Vec<u8>) -> Result<bool, StoreError>;
+    /// Every release, newest added first (then by sha256), without their bytes.
+    async fn releases(&self) -> Result<Vec<ReleaseRow>, StoreError>;
+    /// A release by (version, arch) with name "imn-agent" ([`AGENT_RELEASE_NAME`]), if
+    /// stored.
+    async fn release(&self, version: &str, arch: &str) -> Result<Option<ReleaseRow>, StoreError>;
+    /// A release's file, by its sha256.
+    async fn release_bytes(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Adds or replaces the document (kind, key).
+    async fn put_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        doc: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// The document (kind, key), if stored.
+    async fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError>;
+    /// Every document of a kind as (key, doc), by key (byte-wise, in both stores).
+    async fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
+}
+
 /// Everything a backend keeps: one of each store, behind one object
 /// (`Arc<dyn Store>`). Implemented for every type that implements them all.
 ///
@@ -729,16 +837,25 @@ pub trait CredentialStore: Send + Sync + 'static {
 /// scope; on a concrete store (e.g. [`SqliteStore`]) the part's trait must be in scope:
 /// `use crate::store::prelude::*` brings them all.
 pub trait Store:
-    AgentStore + RequestStore + MeasurementStore + CredentialStore + Send + Sync + 'static
+    AgentStore + RequestStore + MeasurementStore + CredentialStore + FleetStore + Send + Sync + 'static
 {
 }
 
 impl<T> Store for T where
-    T: AgentStore + RequestStore + MeasurementStore + CredentialStore + Send + Sync + 'static
+    T: AgentStore
+        + RequestStore
+        + MeasurementStore
+        + CredentialStore
+        + FleetStore
+        + Send
+        + Sync
+        + 'static
 {
 }
 
 /// The store traits, for `use crate::store::prelude::*`.
 pub mod prelude {
-    pub use super::{AgentStore, CredentialStore, MeasurementStore, RequestStore, Store};
+    pub use super::{
+        AgentStore, CredentialStore, FleetStore, MeasurementStore, RequestStore, Store,
+    };
 }

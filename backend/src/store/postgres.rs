@@ -25,9 +25,10 @@ use tokio_postgres::NoTls;
 
 use super::prelude::*;
 use super::{
-    nul_free, AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, DeadLetter,
-    MeasurementRow, NewRequest, PreparedBatch, RecordRow, RequestRow, ResultFilter, ResultRow,
-    ScheduleProgress, StoreError, TokenUsage, Transition, MAX_SCHEDULE_VERSION,
+    checked_release, file_taken, nul_free, release_taken, AgentRow, AgentSchedule, BatchOutcome,
+    Created, CredentialRow, DeadLetter, MeasurementRow, NewRequest, PreparedBatch, RecordRow,
+    ReleaseRow, RequestRow, ResultFilter, ResultRow, ScheduleProgress, StoreError, TokenUsage,
+    Transition, AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION,
 };
 
 /// Advisory lock keys (any two constants unlikely to clash with an application's).
@@ -1815,6 +1816,168 @@ impl CredentialStore for PostgresStore {
     }
 }
 
+/// A release's columns, without its bytes.
+const RELEASE_COLS: &str =
+    "name, version, arch, sha256, size, manifest, signature, rollback, expires_ms, added_ms";
+
+fn release_row(r: &tokio_postgres::Row) -> ReleaseRow {
+    ReleaseRow {
+        name: r.get(0),
+        version: r.get(1),
+        arch: r.get(2),
+        sha256: r.get(3),
+        size: r.get::<_, i64>(4).max(0) as u64,
+        manifest: r.get(5),
+        signature: r.get(6),
+        rollback: r.get(7),
+        expires_ms: r.get(8),
+        added_ms: r.get(9),
+    }
+}
+
+#[async_trait]
+impl FleetStore for PostgresStore {
+    async fn put_release(&self, row: ReleaseRow, bytes: Vec<u8>) -> Result<bool, StoreError> {
+        let size = checked_release(&row)?;
+        let c = self.client().await?;
+        // One statement, whichever constraint a stored release holds: a backend storing
+        // the same release at once waits for the other's transaction, then finds its row.
+        let stored = c
+            .execute(
+                "INSERT INTO releases (name, version, arch, sha256, size, manifest, signature,
+                     rollback, expires_ms, added_ms, bytes)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT DO NOTHING",
+                &[
+                    &row.name,
+                    &row.version,
+                    &row.arch,
+                    &row.sha256,
+                    &size,
+                    &row.manifest,
+                    &row.signature,
+                    &row.rollback,
+                    &row.expires_ms,
+                    &row.added_ms,
+                    &bytes,
+                ],
+            )
+            .await
+            .map_err(db)?;
+        if stored == 1 {
+            return Ok(true);
+        }
+        let same_file = c
+            .query_opt(
+                &format!("SELECT {RELEASE_COLS} FROM releases WHERE sha256 = $1"),
+                &[&row.sha256],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| release_row(&r));
+        if let Some(stored) = same_file {
+            if (&stored.name, &stored.version, &stored.arch) != (&row.name, &row.version, &row.arch)
+            {
+                return Err(file_taken(&row, &stored));
+            }
+            return Ok(false);
+        }
+        let other: Option<String> = c
+            .query_opt(
+                "SELECT sha256 FROM releases WHERE name = $1 AND version = $2 AND arch = $3",
+                &[&row.name, &row.version, &row.arch],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| r.get(0));
+        match other {
+            Some(other) => Err(release_taken(&row, &other)),
+            // The conflicting row was deleted since: nothing deletes releases, but say so.
+            None => Err(StoreError::Db(format!(
+                "release {} {} for {} conflicted with a release no longer stored",
+                row.name, row.version, row.arch
+            ))),
+        }
+    }
+    async fn releases(&self) -> Result<Vec<ReleaseRow>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                &format!("SELECT {RELEASE_COLS} FROM releases ORDER BY added_ms DESC, sha256"),
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(release_row).collect())
+    }
+    async fn release(&self, version: &str, arch: &str) -> Result<Option<ReleaseRow>, StoreError> {
+        if version.contains('\0') || arch.contains('\0') {
+            return Ok(None); // No release has NUL in its text (see checked_release).
+        }
+        let c = self.client().await?;
+        Ok(c.query_opt(
+            &format!(
+                "SELECT {RELEASE_COLS} FROM releases WHERE name = $1 AND version = $2 AND arch = $3"
+            ),
+            &[&AGENT_RELEASE_NAME, &version, &arch],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| release_row(&r)))
+    }
+    async fn release_bytes(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if sha256.contains('\0') {
+            return Ok(None);
+        }
+        let c = self.client().await?;
+        Ok(
+            c.query_opt("SELECT bytes FROM releases WHERE sha256 = $1", &[&sha256])
+                .await
+                .map_err(db)?
+                .map(|r| r.get(0)),
+        )
+    }
+    async fn put_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        doc: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO fleet_docs (kind, key, doc, updated_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (kind, key) DO UPDATE SET doc = EXCLUDED.doc,
+                 updated_ms = EXCLUDED.updated_ms",
+            &[&nul_free(kind), &nul_free(key), &nul_free(doc), &now_ms],
+        )
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+    async fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        let c = self.client().await?;
+        Ok(c.query_opt(
+            "SELECT doc FROM fleet_docs WHERE kind = $1 AND key = $2",
+            &[&nul_free(kind), &nul_free(key)],
+        )
+        .await
+        .map_err(db)?
+        .map(|r| r.get(0)))
+    }
+    async fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT key, doc FROM fleet_docs WHERE kind = $1 ORDER BY key",
+                &[&nul_free(kind)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
 /// A request's first result, if the agent that owns it has sent one.
 async fn result_of(
     c: &deadpool_postgres::Client,
@@ -2030,6 +2193,8 @@ mod tests {
             ("token_spend", "probes"),
             ("run_results", "run_key"),
             ("credentials", "budget_json"),
+            ("releases", "bytes"),
+            ("fleet_docs", "doc"),
         ] {
             assert!(
                 cols.contains(&(table.to_string(), column.to_string())),

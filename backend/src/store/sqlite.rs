@@ -9,9 +9,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::prelude::*;
 use super::{
-    nul_free, AgentRow, AgentSchedule, BatchOutcome, Created, CredentialRow, DeadLetter,
-    MeasurementRow, NewRequest, PreparedBatch, RecordRow, RequestRow, ResultFilter, ResultRow,
-    ScheduleProgress, StoreError, TokenUsage, Transition, MAX_SCHEDULE_VERSION, MAX_SEQ_RANGES,
+    checked_release, file_taken, nul_free, release_taken, AgentRow, AgentSchedule, BatchOutcome,
+    Created, CredentialRow, DeadLetter, MeasurementRow, NewRequest, PreparedBatch, RecordRow,
+    ReleaseRow, RequestRow, ResultFilter, ResultRow, ScheduleProgress, StoreError, TokenUsage,
+    Transition, AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION, MAX_SEQ_RANGES,
 };
 
 mod legacy;
@@ -1527,6 +1528,185 @@ impl CredentialStore for SqliteStore {
             // Saturating at the largest stored integer, as PostgreSQL's sum is.
             usage.schedule_daily_probes = usage.schedule_daily_probes.min(i64::MAX as u64);
             Ok(usage)
+        })
+        .await
+    }
+}
+
+/// A release's columns, without its bytes.
+const RELEASE_COLS: &str =
+    "name, version, arch, sha256, size, manifest, signature, rollback, expires_ms, added_ms";
+
+fn release_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ReleaseRow> {
+    Ok(ReleaseRow {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        arch: r.get(2)?,
+        sha256: r.get(3)?,
+        size: r.get::<_, i64>(4)?.max(0) as u64,
+        manifest: r.get(5)?,
+        signature: r.get(6)?,
+        rollback: r.get(7)?,
+        expires_ms: r.get(8)?,
+        added_ms: r.get(9)?,
+    })
+}
+
+#[async_trait]
+impl FleetStore for SqliteStore {
+    async fn put_release(&self, row: ReleaseRow, bytes: Vec<u8>) -> Result<bool, StoreError> {
+        let size = checked_release(&row)?;
+        // A file of megabytes goes through the WAL: count it toward the next checkpoint.
+        self.written.fetch_add(
+            bytes.len() as u64 + 16 * 1024,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let same_file = tx
+                .query_row(
+                    &format!("SELECT {RELEASE_COLS} FROM releases WHERE sha256 = ?1"),
+                    [&row.sha256],
+                    release_row,
+                )
+                .optional()
+                .map_err(db)?;
+            if let Some(stored) = same_file {
+                if (&stored.name, &stored.version, &stored.arch)
+                    != (&row.name, &row.version, &row.arch)
+                {
+                    return Err(file_taken(&row, &stored));
+                }
+                return Ok(false);
+            }
+            let other: Option<String> = tx
+                .query_row(
+                    "SELECT sha256 FROM releases WHERE name = ?1 AND version = ?2 AND arch = ?3",
+                    params![row.name, row.version, row.arch],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            if let Some(other) = other {
+                return Err(release_taken(&row, &other));
+            }
+            tx.execute(
+                "INSERT INTO releases (name, version, arch, sha256, size, manifest, signature,
+                     rollback, expires_ms, added_ms, bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    row.name,
+                    row.version,
+                    row.arch,
+                    row.sha256,
+                    size,
+                    row.manifest,
+                    row.signature,
+                    row.rollback,
+                    row.expires_ms,
+                    row.added_ms,
+                    bytes
+                ],
+            )
+            .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok(true)
+        })
+        .await
+    }
+    async fn releases(&self) -> Result<Vec<ReleaseRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c
+                .prepare(&format!(
+                    "SELECT {RELEASE_COLS} FROM releases ORDER BY added_ms DESC, sha256"
+                ))
+                .map_err(db)?;
+            let rows = st.query_map([], release_row).map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
+    async fn release(&self, version: &str, arch: &str) -> Result<Option<ReleaseRow>, StoreError> {
+        if version.contains('\0') || arch.contains('\0') {
+            return Ok(None); // No release has NUL in its text (see checked_release).
+        }
+        let (version, arch) = (version.to_string(), arch.to_string());
+        self.with(move |c| {
+            c.query_row(
+                &format!(
+                    "SELECT {RELEASE_COLS} FROM releases
+                     WHERE name = ?1 AND version = ?2 AND arch = ?3"
+                ),
+                params![AGENT_RELEASE_NAME, version, arch],
+                release_row,
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+    async fn release_bytes(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if sha256.contains('\0') {
+            return Ok(None);
+        }
+        let sha256 = sha256.to_string();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT bytes FROM releases WHERE sha256 = ?1",
+                [sha256],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)
+        })
+        .await
+    }
+    async fn put_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        doc: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let (kind, key, doc) = (
+            nul_free(kind).into_owned(),
+            nul_free(key).into_owned(),
+            nul_free(doc).into_owned(),
+        );
+        self.with(move |c| {
+            c.prepare_cached(
+                "INSERT INTO fleet_docs (kind, key, doc, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc,
+                     updated_ms = excluded.updated_ms",
+            )
+            .map_err(db)?
+            .execute(params![kind, key, doc, now_ms])
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+    async fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError> {
+        let (kind, key) = (nul_free(kind).into_owned(), nul_free(key).into_owned());
+        self.with(move |c| {
+            c.prepare_cached("SELECT doc FROM fleet_docs WHERE kind = ?1 AND key = ?2")
+                .map_err(db)?
+                .query_row(params![kind, key], |r| r.get(0))
+                .optional()
+                .map_err(db)
+        })
+        .await
+    }
+    async fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let kind = nul_free(kind).into_owned();
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached("SELECT key, doc FROM fleet_docs WHERE kind = ?1 ORDER BY key")
+                .map_err(db)?;
+            let rows = st
+                .query_map([kind], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
         })
         .await
     }

@@ -1,7 +1,8 @@
 //! Migrations of the SQLite store: a new file gets every numbered migration; a file
 //! made before numbered migrations, in each shape the old introspection handled, is
-//! brought to migration 1's layout with its rows and recorded at version 1; a file of
-//! a newer version is refused; migrating again changes nothing.
+//! brought to migration 1's layout with its rows, recorded at version 1, and given the
+//! later migrations; a file of a newer version is refused; migrating again changes
+//! nothing.
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -160,10 +161,16 @@ async fn a_new_store_gets_every_migration_and_the_layout_stores_had_before() {
     }
     assert_eq!(layout(&path), layout(&by_hand));
     // Migration 1 is the layout the store had when numbered migrations began.
+    let first = dir.join("first.sqlite");
+    {
+        let c = Connection::open(&first).unwrap();
+        c.execute_batch(PRAGMAS).unwrap();
+        c.execute_batch(SQLITE[0].sql).unwrap();
+    }
     drop(made_before_versions(&dir.join("before.sqlite")));
     let before = layout(&dir.join("before.sqlite"));
     assert!(before.contains(&"table records".to_string()), "{before:?}");
-    assert_eq!(without_version(layout(&path)), before);
+    assert_eq!(without_version(layout(&first)), before);
     // And it works.
     s.create_request(crate::store::conformance::new_request("r1", None))
         .await
@@ -196,7 +203,7 @@ async fn a_store_made_just_before_numbered_migrations_is_baselined_with_its_rows
     }
     assert_eq!(version(&path), None);
     let s = SqliteStore::open(&path).unwrap();
-    assert_eq!(version(&path), Some(legacy::VERSION));
+    assert_eq!(version(&path), Some(latest(SQLITE)));
     assert_eq!(layout(&path), fresh_layout());
     let r = s.request_by_key("k1").await.unwrap().unwrap();
     assert_eq!(
@@ -275,7 +282,7 @@ async fn a_store_with_records_in_arrival_order_but_older_columns_is_migrated_wit
         .unwrap();
     }
     let s = SqliteStore::open(&path).unwrap();
-    assert_eq!(version(&path), Some(legacy::VERSION));
+    assert_eq!(version(&path), Some(latest(SQLITE)));
     assert_eq!(layout(&path), fresh_layout());
     assert_eq!(s.record_count().await.unwrap(), 3);
     // Counted once from the records (agent_counts did not exist).
@@ -419,7 +426,7 @@ async fn a_store_in_the_old_layout_is_migrated_without_loss() {
         }
     }
     let s = SqliteStore::open(&path).unwrap();
-    assert_eq!(version(&path), Some(legacy::VERSION));
+    assert_eq!(version(&path), Some(latest(SQLITE)));
     assert_eq!(layout(&path), fresh_layout());
     assert_eq!(s.record_count().await.unwrap(), 5);
     assert_eq!(s.agent_record_count("a").await.unwrap(), 4);
@@ -482,7 +489,7 @@ async fn a_store_of_the_previous_version_opens_with_its_data() {
         .execute_batch(PREVIOUS_TABLES)
         .unwrap();
     let s = SqliteStore::open(&path).unwrap();
-    assert_eq!(version(&path), Some(legacy::VERSION));
+    assert_eq!(version(&path), Some(latest(SQLITE)));
     assert_eq!(layout(&path), fresh_layout());
     let m = s.measurement("m1").await.unwrap().unwrap();
     assert_eq!(
