@@ -103,6 +103,20 @@ impl Client {
             .await
     }
 
+    /// POSTs raw bytes (`Content-Type: application/octet-stream`), e.g. a signed
+    /// release file; the answer is JSON, as for [`Client::post`]. Up to 64 MiB may
+    /// take a while on a slow link: ten minutes rather than one.
+    pub async fn post_bytes(&self, path: &str, bytes: Vec<u8>) -> Result<Value, ClientError> {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/octet-stream")
+            .body(bytes)
+            .timeout(std::time::Duration::from_secs(600));
+        let resp = self.open(req).await?;
+        Ok(resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// Opens a Server-Sent Events stream, resuming after `last_event_id`. The
     /// response is read with `chunk()`; it has no overall timeout.
     pub async fn stream(

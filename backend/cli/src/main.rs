@@ -13,6 +13,7 @@ use crate::up::{up, UpOptions};
 mod certs;
 mod cli;
 mod client;
+mod lifecycle;
 mod up;
 
 #[derive(Debug, Parser)]
@@ -183,6 +184,27 @@ enum Cmd {
         #[command(flatten)]
         client: ClientFlags,
     },
+    /// Signed agent releases: make a signing key and sign a binary (here, offline),
+    /// upload the signed file and list what the backend serves.
+    Releases {
+        #[command(subcommand)]
+        cmd: ReleasesCmd,
+    },
+    /// Roll a release out in waves (a canary first), halting on failures; watch,
+    /// pause, resume or abort it (admin scope to change).
+    Rollout {
+        #[command(subcommand)]
+        cmd: RolloutCmd,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Change agents' settings remotely (admin scope).
+    Settings {
+        #[command(subcommand)]
+        cmd: SettingsCmd,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -248,6 +270,128 @@ enum TokensCmd {
         id: String,
     },
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum ReleasesCmd {
+    /// Make an Ed25519 signing key: KEY (PKCS#8 DER, mode 0600, never overwritten)
+    /// and KEY.pub (the public key, hex, for the agents' `update_keys`).
+    Keygen {
+        /// Where to write the private key. Keep it off the backend.
+        #[arg(long, value_name = "KEY")]
+        out: PathBuf,
+    },
+    /// Sign an agent binary as a release, into OUT (FILE.signed) for `imn releases
+    /// add`. Offline: only the key file is needed.
+    Sign {
+        /// The agent binary.
+        file: PathBuf,
+        /// The private key from `imn releases keygen`.
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// The release's version, like 0.2.0 or 0.2.0-rc1; agents install only a newer
+        /// one (unless --rollback).
+        #[arg(long, value_name = "V")]
+        version: String,
+        /// The binary's architecture as agents report it (aarch64, arm, x86_64, mips,
+        /// ...); by default read from its ELF header.
+        #[arg(long, value_name = "A")]
+        arch: Option<String>,
+        /// How long the signature is valid (30d, 12h, ...); agents refuse it after.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+        /// Sign as a rollback: agents on a newer version may install it.
+        #[arg(long)]
+        rollback: bool,
+        /// The signed file (default FILE.signed).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Upload a signed release file (admin scope); the backend checks its signature
+    /// against its trusted keys.
+    Add {
+        /// The file from `imn releases sign`.
+        file: PathBuf,
+        /// JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// The releases the backend serves.
+    List {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RolloutCmd {
+    /// Start rolling VERSION out: to the canary share of the agents first, then to
+    /// each wave's share, while failures stay within --max-failures.
+    Start {
+        /// A release uploaded with `imn releases add`.
+        version: String,
+        /// Which agents: tag:T, id:ID, country:CC, asn:N, limit:N (comma-separated),
+        /// or all.
+        #[arg(long)]
+        agents: String,
+        /// Share of the agents updated first, 0 to 100 (10% or 10).
+        #[arg(long, default_value = "10%")]
+        canary: String,
+        /// Cumulative shares after the canary, increasing, the last 100%
+        /// (e.g. 50%,100%).
+        #[arg(long, default_value = "100%")]
+        waves: String,
+        /// Share of a wave's agents that may fail before the rollout halts, 0 to 100.
+        #[arg(long, default_value = "0%")]
+        max_failures: String,
+    },
+    /// All rollouts, or one with each agent's state. Waves are numbered from 0 (the
+    /// canary, when there is one).
+    Status {
+        /// A rollout id; without it, all rollouts.
+        id: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a rollout: no new agent is offered the release.
+    Pause {
+        /// The rollout id.
+        id: String,
+    },
+    /// Resume a paused or halted rollout.
+    Resume {
+        /// The rollout id.
+        id: String,
+    },
+    /// Abort a rollout for good.
+    Abort {
+        /// The rollout id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SettingsCmd {
+    /// Set settings on agents: `imn settings set --agents tag:lte heartbeat_ms=30000`.
+    /// Prints each agent's new settings version.
+    Set {
+        /// Which agents: tag:T, id:ID, country:CC, asn:N, limit:N (comma-separated),
+        /// or all.
+        #[arg(long)]
+        agents: String,
+        /// Settings, KEY=VALUE (split at the first `=`; values are sent as strings).
+        #[arg(value_name = "KEY=VALUE", required = true)]
+        settings: Vec<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -460,6 +604,81 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
+        Cmd::Releases { cmd } => match cmd {
+            ReleasesCmd::Keygen { out } => print!("{}", lifecycle::keygen(&out)?),
+            ReleasesCmd::Sign {
+                file,
+                key,
+                version,
+                arch,
+                expires,
+                rollback,
+                out,
+                force,
+            } => {
+                let s = lifecycle::Sign {
+                    file,
+                    key,
+                    version,
+                    arch,
+                    expires,
+                    rollback,
+                    out,
+                    force,
+                };
+                print!("{}", lifecycle::sign(&s, imn_proto::now_ms())?);
+            }
+            ReleasesCmd::Add { file, json, client } => {
+                let c = Client::new(&client)?;
+                print!("{}", lifecycle::add(&c, &file, json).await?);
+            }
+            ReleasesCmd::List { json, client } => {
+                let c = Client::new(&client)?;
+                print!("{}", lifecycle::list(&c, json).await?);
+            }
+        },
+        Cmd::Rollout { cmd, client } => {
+            use lifecycle::RolloutAction;
+            let c = Client::new(&client)?;
+            let out = match cmd {
+                RolloutCmd::Start {
+                    version,
+                    agents,
+                    canary,
+                    waves,
+                    max_failures,
+                } => {
+                    let start = lifecycle::RolloutStart {
+                        version,
+                        agents,
+                        canary,
+                        waves,
+                        max_failures,
+                    };
+                    lifecycle::rollout_start(&c, &start).await?
+                }
+                RolloutCmd::Status { id, json } => {
+                    lifecycle::rollout_status(&c, id.as_deref(), json).await?
+                }
+                RolloutCmd::Pause { id } => {
+                    lifecycle::rollout_action(&c, &id, RolloutAction::Pause).await?
+                }
+                RolloutCmd::Resume { id } => {
+                    lifecycle::rollout_action(&c, &id, RolloutAction::Resume).await?
+                }
+                RolloutCmd::Abort { id } => {
+                    lifecycle::rollout_action(&c, &id, RolloutAction::Abort).await?
+                }
+            };
+            print!("{out}");
+        }
+        Cmd::Settings {
+            cmd: SettingsCmd::Set { agents, settings },
+            client,
+        } => {
+            let c = Client::new(&client)?;
+            print!("{}", lifecycle::settings_set(&c, &agents, &settings).await?);
+        }
     }
     Ok(std::process::ExitCode::SUCCESS)
 }
@@ -493,5 +712,226 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_release_rollout_and_settings_commands_parse() {
+        let cmd = |args: &[&str]| Cli::try_parse_from(args).unwrap().cmd;
+        match cmd(&["imn", "releases", "keygen", "--out", "k"]) {
+            Cmd::Releases {
+                cmd: ReleasesCmd::Keygen { out },
+            } => assert_eq!(out, PathBuf::from("k")),
+            other => panic!("{other:?}"),
+        }
+        match cmd(&[
+            "imn",
+            "releases",
+            "sign",
+            "bin",
+            "--key",
+            "k",
+            "--version",
+            "0.2.0",
+        ]) {
+            Cmd::Releases {
+                cmd:
+                    ReleasesCmd::Sign {
+                        file,
+                        version,
+                        arch,
+                        expires,
+                        rollback,
+                        out,
+                        force,
+                        ..
+                    },
+            } => {
+                assert_eq!(file, PathBuf::from("bin"));
+                assert_eq!(version, "0.2.0");
+                assert_eq!((arch, expires.as_str()), (None, "90d"));
+                assert!(!rollback && !force && out.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        match cmd(&[
+            "imn",
+            "releases",
+            "sign",
+            "bin",
+            "--key",
+            "k",
+            "--version",
+            "0.1.0",
+            "--arch",
+            "arm",
+            "--expires",
+            "7d",
+            "--rollback",
+            "--out",
+            "o",
+            "--force",
+        ]) {
+            Cmd::Releases {
+                cmd:
+                    ReleasesCmd::Sign {
+                        arch,
+                        expires,
+                        rollback,
+                        out,
+                        force,
+                        ..
+                    },
+            } => {
+                assert_eq!((arch.as_deref(), expires.as_str()), (Some("arm"), "7d"));
+                assert!(rollback && force);
+                assert_eq!(out, Some(PathBuf::from("o")));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Signing needs its key and version.
+        assert!(Cli::try_parse_from(["imn", "releases", "sign", "bin", "--key", "k"]).is_err());
+        match cmd(&["imn", "releases", "add", "f.signed", "--url", "https://h:1"]) {
+            Cmd::Releases {
+                cmd: ReleasesCmd::Add { file, client, .. },
+            } => {
+                assert_eq!(file, PathBuf::from("f.signed"));
+                assert_eq!(client.url, "https://h:1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            cmd(&["imn", "releases", "list", "--json"]),
+            Cmd::Releases {
+                cmd: ReleasesCmd::List { json: true, .. }
+            }
+        ));
+        match cmd(&["imn", "rollout", "start", "0.2.0", "--agents", "tag:lte"]) {
+            Cmd::Rollout {
+                cmd:
+                    RolloutCmd::Start {
+                        version,
+                        agents,
+                        canary,
+                        waves,
+                        max_failures,
+                    },
+                ..
+            } => {
+                assert_eq!(
+                    [version, agents, canary, waves, max_failures],
+                    ["0.2.0", "tag:lte", "10%", "100%", "0%"]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A rollout names its agents.
+        assert!(Cli::try_parse_from(["imn", "rollout", "start", "0.2.0"]).is_err());
+        match cmd(&[
+            "imn",
+            "rollout",
+            "start",
+            "0.2.0",
+            "--agents",
+            "all",
+            "--canary",
+            "5",
+            "--waves",
+            "50%,100%",
+            "--max-failures",
+            "10%",
+            "--token",
+            "t",
+        ]) {
+            Cmd::Rollout {
+                cmd:
+                    RolloutCmd::Start {
+                        canary,
+                        waves,
+                        max_failures,
+                        ..
+                    },
+                client,
+            } => {
+                assert_eq!([canary, waves, max_failures], ["5", "50%,100%", "10%"]);
+                assert_eq!(client.token.as_deref(), Some("t"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            cmd(&["imn", "rollout", "status"]),
+            Cmd::Rollout {
+                cmd: RolloutCmd::Status {
+                    id: None,
+                    json: false
+                },
+                ..
+            }
+        ));
+        match cmd(&[
+            "imn",
+            "rollout",
+            "--url",
+            "https://h:1",
+            "status",
+            "r-1",
+            "--json",
+        ]) {
+            Cmd::Rollout {
+                cmd: RolloutCmd::Status { id, json },
+                client,
+            } => {
+                assert_eq!((id.as_deref(), json), (Some("r-1"), true));
+                assert_eq!(client.url, "https://h:1");
+            }
+            other => panic!("{other:?}"),
+        }
+        for (action, id) in [("pause", "r-1"), ("resume", "r-2"), ("abort", "r-3")] {
+            match (action, cmd(&["imn", "rollout", action, id])) {
+                (
+                    "pause",
+                    Cmd::Rollout {
+                        cmd: RolloutCmd::Pause { id: got },
+                        ..
+                    },
+                )
+                | (
+                    "resume",
+                    Cmd::Rollout {
+                        cmd: RolloutCmd::Resume { id: got },
+                        ..
+                    },
+                )
+                | (
+                    "abort",
+                    Cmd::Rollout {
+                        cmd: RolloutCmd::Abort { id: got },
+                        ..
+                    },
+                ) => assert_eq!(got, id),
+                (_, other) => panic!("{action}: {other:?}"),
+            }
+        }
+        assert!(Cli::try_parse_from(["imn", "rollout", "pause"]).is_err());
+        match cmd(&[
+            "imn",
+            "settings",
+            "set",
+            "--agents",
+            "id:edge-1",
+            "a=1",
+            "b=x=y",
+        ]) {
+            Cmd::Settings {
+                cmd: SettingsCmd::Set { agents, settings },
+                ..
+            } => {
+                assert_eq!(agents, "id:edge-1");
+                assert_eq!(settings, ["a=1", "b=x=y"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // At least one KEY=VALUE, and the agents.
+        assert!(Cli::try_parse_from(["imn", "settings", "set", "--agents", "all"]).is_err());
+        assert!(Cli::try_parse_from(["imn", "settings", "set", "a=1"]).is_err());
     }
 }
