@@ -1,4 +1,4 @@
-// The IMN dashboard: fleet, agent, measurement and request pages, over the REST API
+// The IMN dashboard: fleet, agent, rollout, measurement and request pages, over the REST API
 // and its Server-Sent Events. Plain JavaScript served by the backend: no build step,
 // no CDN, no internet.
 "use strict";
@@ -130,6 +130,27 @@ function stateCell(s) {
   return h("td", { class: s }, s);
 }
 
+// Milliseconds since the epoch (as the lifecycle API gives times) as an ISO string.
+function isoOf(ms) {
+  return ms ? new Date(ms).toISOString() : null;
+}
+
+// Update phases worth showing in a list: the agent is moving to a release.
+const ACTIVE_PHASES = ["downloading", "staged", "trial"];
+
+// What an agent's last update or settings change failed with, as a small badge whose
+// title is the whole text (`update_refused: …` reads "update refused").
+function failureBadge(failure) {
+  if (!failure) return null;
+  const kind = /^([a-z_]+):/.exec(failure);
+  const label = kind && /^(update|settings)_/.test(kind[1]) ? kind[1].replace(/_/g, " ") : "update failed";
+  return h("span", { class: "badge update-failed", title: failure }, label);
+}
+
+function phaseBadge(phase) {
+  return ACTIVE_PHASES.includes(phase) ? h("span", { class: `badge phase ${phase}`, title: `update phase: ${phase}` }, phase) : null;
+}
+
 // ---- fleet ---------------------------------------------------------------------
 
 async function fleetPage() {
@@ -137,7 +158,8 @@ async function fleetPage() {
   const offline = h("div", { class: "n", id: "count-offline" }, "–");
   const never = h("div", { class: "n", id: "count-never" }, "–");
   const filter = h("input", { id: "filter", placeholder: "filter: id, tag, version, arch, country", size: 40 });
-  const status = h("select", { id: "status-filter" }, h("option", { value: "" }, "any status"), h("option", { value: "alive" }, "alive"), h("option", { value: "offline" }, "offline"));
+  const status = h("select", { id: "status-filter" }, h("option", { value: "" }, "any status"), h("option", { value: "alive" }, "alive"), h("option", { value: "offline" }, "offline"),
+    h("option", { value: "updating" }, "updating"), h("option", { value: "update-failed" }, "update failed"));
   const body = h("tbody");
   view.replaceChildren(
     h("h1", {}, "Fleet"),
@@ -147,17 +169,19 @@ async function fleetPage() {
       h("div", { class: "card" }, never, h("div", { class: "l" }, "enrolled, never seen"))),
     h("div", { class: "filters" }, filter, status),
     h("table", { id: "agents" },
-      h("thead", {}, h("tr", {}, ["status", "agent", "last seen", "version", "arch", "tags", "location", "outbox", "dropped", "uptime (24 h)"].map((c) => h("th", {}, c)))),
+      h("thead", {}, h("tr", {}, ["status", "agent", "last seen", "version", "config", "arch", "tags", "location", "outbox", "dropped", "uptime (24 h)"].map((c) => h("th", {}, c)))),
       body));
   let agents = [], uptime = {};
   const render = () => {
     const q = filter.value.trim().toLowerCase();
     const want = status.value;
     body.replaceChildren(...agents.filter((a) => {
-      if (want && (a.alive ? "alive" : "offline") !== want) return false;
+      if (want === "updating") { if (!ACTIVE_PHASES.includes(a.update_phase)) return false; }
+      else if (want === "update-failed") { if (!a.update_failure) return false; }
+      else if (want && (a.alive ? "alive" : "offline") !== want) return false;
       if (!q) return true;
       const loc = a.location || {};
-      return [a.id, a.version, a.arch, loc.country, loc.city, ...(a.tags || [])].some((v) => v && String(v).toLowerCase().includes(q));
+      return [a.id, a.version, a.arch, a.update_phase, loc.country, loc.city, ...(a.tags || [])].some((v) => v && String(v).toLowerCase().includes(q));
     }).map((a) => {
       const loc = a.location || {};
       const up = uptime[a.id];
@@ -165,7 +189,9 @@ async function fleetPage() {
         stateCell(a.alive ? "alive" : "offline"),
         h("td", {}, h("a", { href: `#/agent/${encodeURIComponent(a.id)}` }, a.id)),
         h("td", { title: a.last_seen }, fmtAgo(a.last_seen)),
-        h("td", {}, a.version), h("td", {}, a.arch),
+        h("td", { class: "version" }, h("span", { class: "v" }, a.version), phaseBadge(a.update_phase), failureBadge(a.update_failure)),
+        h("td", { class: "num config" }, a.config_version != null ? a.config_version : "-"),
+        h("td", {}, a.arch),
         h("td", {}, (a.tags || []).join(", ")),
         h("td", {}, [loc.country, loc.city].filter(Boolean).join(" ") || "-"),
         h("td", { class: "num" }, a.outbox && a.outbox.depth != null ? a.outbox.depth : "-"),
@@ -197,11 +223,13 @@ async function fleetPage() {
 async function agentPage(id) {
   const enc = encodeURIComponent(id);
   const info = h("div");
+  const lifecycle = h("div", { id: "agent-lifecycle" });
   const charts = h("div", { class: "charts", id: "heartbeat-charts" });
   const rtt = h("div", { class: "charts", id: "rtt-charts" });
   const results = h("div");
   const history = h("div", { id: "status-history" });
   view.replaceChildren(h("h1", {}, "Agent ", h("span", { class: "mono" }, id)), info,
+    h("h2", {}, "Version, settings and update"), lifecycle,
     h("h2", {}, "Heartbeats"), charts, h("h2", {}, "RTT per target (ping_module)"), rtt,
     h("h2", {}, "Recent results"), results, h("h2", {}, "Status history (24 h)"), history);
   every(5000, async () => {
@@ -213,6 +241,7 @@ async function agentPage(id) {
       h("td", {}, [loc.country, loc.city, loc.asn ? `AS${loc.asn}` : null].filter(Boolean).join(" ") || "-"),
       h("td", { class: "num" }, a.outbox ? a.outbox.depth : "-"), h("td", { class: "num" }, a.outbox ? a.outbox.dropped : "-"),
       h("td", { class: "num" }, a.schedule_version))]));
+    lifecycle.replaceChildren(lifecycleTable(a));
     const hb = await api(`/agents/${enc}/heartbeats`);
     const net = { rx: [], tx: [] };
     for (let i = 1; i < hb.length; i++) {
@@ -252,6 +281,156 @@ async function agentPage(id) {
       h("p", {}, `Status: ${st.status} since ${fmtTs(st.status_since)}; first connected ${fmtTs(st.first_connected)}; last connected ${fmtTs(st.last_connected)}; uptime ${st.uptime_pct.toFixed(2)} % of 24 h.`),
       bar,
       table(["status", "from", "until"], st.intervals.slice(-20).reverse().map((iv) => h("tr", {}, stateCell(iv.status === "connected" ? "online" : "offline"), h("td", {}, fmtTs(iv.from)), h("td", {}, iv.until ? fmtTs(iv.until) : "now")))));
+  });
+}
+
+// What `GET /agents/{id}` says of the agent's lifecycle: the version it runs, the
+// settings version it runs and the one it should, and where its update stands.
+function lifecycleTable(a) {
+  const u = a.update || {};
+  const cfg = a.config_version != null ? a.config_version : "-";
+  const desired = a.desired_config_version != null ? a.desired_config_version : "-";
+  const behind = a.config_version != null && a.desired_config_version != null && a.config_version < a.desired_config_version;
+  const progress = u.size ? `${u.downloaded || 0} of ${u.size} bytes (${(100 * (u.downloaded || 0) / u.size).toFixed(0)} %)` : (u.downloaded ? `${u.downloaded} bytes` : "-");
+  return table(["version", "config", "desired config", "update phase", "target", "downloaded", "last failure", "failed version"], [h("tr", {},
+    h("td", { class: "version" }, a.version),
+    h("td", { class: "num config" }, cfg),
+    h("td", { class: behind ? "num desired-config pending" : "num desired-config", title: behind ? "not applied yet" : null }, desired),
+    h("td", { class: `phase ${ACTIVE_PHASES.includes(u.phase) ? "pending" : ""}` }, a.update ? (u.phase || "-") : "not reported"),
+    h("td", {}, u.target || "-"),
+    h("td", { class: "num" }, progress),
+    h("td", { class: u.last_failure ? "failure failed" : "failure" }, u.last_failure || "-"),
+    h("td", {}, u.failed_version || "-"))], { class: "lifecycle" });
+}
+
+// ---- rollouts --------------------------------------------------------------------
+
+const ROLLOUT_AGENT_ORDER = ["failed", "downloading", "installing", "offered", "waiting", "healthy", "skipped"];
+
+function rolloutLink(id) {
+  return h("a", { href: `#/rollout/${encodeURIComponent(id)}`, class: "mono" }, id);
+}
+
+function count(r, k) {
+  const c = (r.counts || {})[k];
+  return c == null ? 0 : c;
+}
+
+async function rolloutsPage() {
+  const body = h("tbody");
+  view.replaceChildren(h("h1", {}, "Rollouts"),
+    h("p", { class: "muted" }, "Releases offered to the fleet wave by wave; start one with ", h("code", {}, "imn rollout start"), "."),
+    h("table", { id: "rollouts" },
+      h("thead", {}, h("tr", {}, ["rollout", "version", "state", "wave", "agents", "healthy", "failed", "pending", "started"].map((c) => h("th", {}, c)))),
+      body));
+  every(3000, async () => {
+    const rs = (await api("/rollouts")).rollouts || [];
+    if (!rs.length) {
+      body.replaceChildren(h("tr", {}, h("td", { colspan: 9, class: "muted" }, "no rollouts yet")));
+      return;
+    }
+    body.replaceChildren(...rs.map((r) => h("tr", { "data-rollout": r.id },
+      h("td", {}, rolloutLink(r.id)),
+      h("td", {}, r.version),
+      h("td", { class: r.state, title: r.reason || null }, r.state),
+      h("td", { class: "num", title: `current wave ${r.current_wave} (numbered from 0) of ${r.wave_count} waves` }, `${r.current_wave}/${r.wave_count}`),
+      h("td", { class: "num" }, (r.agents || []).length),
+      h("td", { class: "num healthy-count" }, count(r, "healthy")),
+      h("td", { class: count(r, "failed") ? "num failed-count failed" : "num failed-count" }, count(r, "failed")),
+      h("td", { class: "num pending-count" }, count(r, "pending")),
+      h("td", { title: isoOf(r.created_ms) }, fmtAgo(isoOf(r.created_ms))))));
+  });
+}
+
+// The share of the agents each wave reaches (cumulative), and how many agents that is,
+// worked out as the backend did when the rollout started: the canary (at least one
+// agent), then each later wave, dropping a wave that would reach no further agent.
+// None when that does not give the rollout's number of waves.
+function wavePlan(r) {
+  const n = (r.agents || []).length;
+  const reach = (p) => Math.ceil(n * p / 100);
+  const plan = [];
+  if (r.canary_pct > 0) plan.push({ pct: r.canary_pct, upto: Math.min(Math.max(reach(r.canary_pct), 1), n) });
+  for (const w of r.waves || []) {
+    const upto = Math.min(reach(w), n);
+    if (!plan.length || upto > plan[plan.length - 1].upto) plan.push({ pct: w, upto });
+  }
+  return plan.length === r.wave_count ? plan : null;
+}
+
+async function rolloutPage(id) {
+  const enc = encodeURIComponent(id);
+  const head = h("div", { id: "rollout-head" });
+  const waves = h("div", { id: "rollout-waves" });
+  const show = h("select", { id: "rollout-agent-filter" }, h("option", { value: "" }, "every agent"),
+    h("option", { value: "failed" }, "failed"), h("option", { value: "pending" }, "in progress or waiting"), h("option", { value: "healthy" }, "healthy"));
+  const body = h("tbody");
+  view.replaceChildren(h("h1", {}, "Rollout ", h("span", { class: "mono", id: "rollout-id" }, id)), head,
+    h("h2", {}, "Waves"), waves,
+    h("h2", {}, "Agents"), h("div", { class: "filters" }, "show ", show),
+    h("table", { id: "rollout-agents" },
+      h("thead", {}, h("tr", {}, ["wave", "agent", "state", "version", "detail", "updated"].map((c) => h("th", {}, c)))),
+      body));
+  let r = null;
+  const render = () => {
+    if (!r) return;
+    const want = show.value;
+    const agents = (r.agents || []).filter((a) => !want
+      || (want === "pending" ? !["healthy", "failed", "skipped"].includes(a.state) : a.state === want));
+    const order = (s) => { const i = ROLLOUT_AGENT_ORDER.indexOf(s); return i < 0 ? ROLLOUT_AGENT_ORDER.length : i; };
+    agents.sort((x, y) => (x.wave - y.wave) || (order(x.state) - order(y.state)) || (x.id < y.id ? -1 : x.id > y.id ? 1 : 0));
+    const rows = [];
+    let wave = null;
+    for (const a of agents) {
+      if (a.wave !== wave) {
+        wave = a.wave;
+        const label = `wave ${wave}${wave === 0 && r.canary_pct > 0 ? " (canary)" : ""}${wave === r.current_wave ? " — current" : ""}`;
+        rows.push(h("tr", { class: "group", "data-wave": wave }, h("td", { colspan: 6 }, label)));
+      }
+      rows.push(h("tr", { "data-agent": a.id, "data-wave": a.wave, class: a.state === "failed" ? "failed-row" : null },
+        h("td", { class: "num" }, a.wave),
+        h("td", {}, h("a", { href: `#/agent/${encodeURIComponent(a.id)}` }, a.id)),
+        stateCell(a.state),
+        h("td", {}, a.version),
+        h("td", { class: a.state === "failed" ? "detail failed" : "detail" }, a.detail == null ? "" : a.detail),
+        h("td", { title: isoOf(a.updated_ms) }, fmtAgo(isoOf(a.updated_ms)))));
+    }
+    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "no agents")));
+    body.replaceChildren(...rows);
+  };
+  show.addEventListener("change", render);
+  every(3000, async () => {
+    r = await api(`/rollouts/${enc}`);
+    head.replaceChildren(
+      h("p", {}, "Version ", h("span", { class: "mono", id: "rollout-version" }, r.version),
+        ", state ", h("span", { class: r.state, id: "rollout-state" }, r.state),
+        `, started ${fmtTs(isoOf(r.created_ms))}; halts when more than ${r.max_failures_pct} % of its agents fail. `,
+        h("a", { href: "#/rollouts" }, "All rollouts")),
+      r.reason ? h("p", { class: "reason" }, h("strong", {}, "Reason: "), h("span", { id: "rollout-reason" }, r.reason)) : null,
+      h("div", { class: "cards" },
+        h("div", { class: "card" }, h("div", { class: "n healthy", id: "rollout-healthy" }, count(r, "healthy")), h("div", { class: "l" }, "healthy")),
+        h("div", { class: "card" }, h("div", { class: "n failed", id: "rollout-failed" }, count(r, "failed")), h("div", { class: "l" }, "failed")),
+        h("div", { class: "card" }, h("div", { class: "n pending", id: "rollout-pending" }, count(r, "pending")), h("div", { class: "l" }, "pending")),
+        h("div", { class: "card" }, h("div", { class: "n", id: "rollout-skipped" }, count(r, "skipped")), h("div", { class: "l" }, "skipped"))));
+    const plan = wavePlan(r);
+    const rows = [];
+    for (let w = 0; w < r.wave_count; w++) {
+      const in_w = (r.agents || []).filter((a) => a.wave === w);
+      const n = (s) => in_w.filter((a) => a.state === s).length;
+      const kind = w === 0 && r.canary_pct > 0 ? "canary" : "wave";
+      const status = w < r.current_wave ? "done" : w === r.current_wave ? "current" : "next";
+      rows.push(h("tr", { "data-wave": w, class: w === r.current_wave ? "current-wave" : null },
+        h("td", { class: "num" }, w), h("td", {}, kind),
+        h("td", { class: "num reach" }, plan ? `${plan[w].pct} % (${plan[w].upto} of ${(r.agents || []).length})` : "-"),
+        h("td", { class: "num" }, in_w.length),
+        h("td", { class: "num" }, n("healthy")),
+        h("td", { class: n("failed") ? "num failed" : "num" }, n("failed")),
+        h("td", { class: "num" }, in_w.length - n("healthy") - n("failed") - n("skipped")),
+        h("td", { class: "num" }, n("skipped")),
+        h("td", { class: status === "current" ? `wave-status ${r.state}` : "wave-status" }, status === "current" ? `current (${r.state})` : status)));
+    }
+    waves.replaceChildren(table(["wave", "kind", "reaches (cumulative)", "agents", "healthy", "failed", "pending", "skipped", "status"], rows));
+    render();
   });
 }
 
@@ -442,11 +621,15 @@ async function route() {
   state.streams.forEach((s) => s.stop());
   state.streams = [];
   banner("");
-  const parts = (location.hash || "#/").slice(2).split("/").map(decodeURIComponent);
+  // `#/rollouts` and `#rollouts` alike.
+  const parts = (location.hash || "#/").replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   document.getElementById("nav-fleet").className = parts[0] === "" || parts[0] === "agent" ? "active" : "";
+  document.getElementById("nav-rollouts").className = parts[0] === "rollouts" || parts[0] === "rollout" ? "active" : "";
   document.getElementById("nav-measure").className = parts[0] === "measure" || parts[0] === "m" ? "active" : "";
   try {
     if (parts[0] === "agent" && parts[1]) await agentPage(parts[1]);
+    else if (parts[0] === "rollouts") await rolloutsPage();
+    else if (parts[0] === "rollout" && parts[1]) await rolloutPage(parts[1]);
     else if (parts[0] === "measure") await measurePage();
     else if (parts[0] === "m" && parts[1]) await measurementPage(parts[1]);
     else if (parts[0] === "request" && parts[1]) await requestPage(parts[1]);

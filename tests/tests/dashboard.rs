@@ -1,11 +1,15 @@
 //! The dashboard in a real browser (Debian's headless chromium through chromedriver)
 //! against `imn up`: the fleet page, a ping measurement made with the form and its
-//! results and chart arriving live, and a schema error shown on its field. Screenshots
-//! are saved to target/test-artifacts/dashboard/.
+//! results and chart arriving live, a schema error shown on its field, and the fleet's
+//! lifecycle (versions, rollouts, update failures). Screenshots are saved to
+//! target/test-artifacts/dashboard/.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use imn_proto::release::SigningKey;
+use imn_proto::wire::{Envelope, Kind, LifecycleStatus, UpdateUp};
+use imn_tests::hostile::HostileAgent;
 use imn_tests::webdriver::Browser;
 use imn_tests::*;
 use serde_json::json;
@@ -236,5 +240,278 @@ async fn the_dashboard_works_with_auth_once_a_token_is_entered() {
     )
     .await;
     b.screenshot(&artifacts().join("6-with-auth.png")).await;
+    b.quit().await;
+}
+
+/// A string as a JavaScript literal, for the scripts below.
+fn js(s: &str) -> String {
+    json!(s).to_string()
+}
+
+/// The fleet's lifecycle: each agent's version and settings version in the fleet table,
+/// its update phase and last failure marked there, the Rollouts view and a rollout's
+/// page (its waves and its agents, the failed one with why), and the agent page's
+/// update state. The rollout is of a signed release the local agent refuses (it runs
+/// without its supervisor), so it halts. A hostile agent's strings (HTML in its
+/// version, tags and update failure) are shown as text, never as markup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
+    let key = SigningKey::from_pkcs8(&SigningKey::generate().unwrap()).unwrap();
+    let public = key.public_hex();
+    let up = Up::start(1, &["--release-keys", &public]).await;
+    up.api.wait_alive(&["agent-1"], T).await;
+    let shots = artifacts();
+
+    // A hostile agent (auth is off: anyone may connect as any agent) with markup in
+    // every string it reports.
+    const EVIL_VERSION: &str = "<img src=x onerror=\"window.__xss=1\">";
+    const EVIL_TAG: &str = "<script>window.__xss=2</script>";
+    const EVIL_FAILURE: &str =
+        "update_failed: <img src=x onerror=\"window.__xss=3\"> \"quoted\" & <b id=injected>bold</b>";
+    let evil = HostileAgent::connect("evil", "no-auth", up.mqtt_port).await;
+    evil.online().await;
+    let mut hello = evil.hello();
+    hello.version = EVIL_VERSION.into();
+    hello.tags = vec![EVIL_TAG.into(), "\"><b id=injected>tag</b>".into()];
+    evil.send(Kind::Hello, &Envelope::Hello(hello)).await;
+    up.api.wait_alive(&["evil"], T).await;
+    let status = LifecycleStatus {
+        version: EVIL_VERSION.into(),
+        arch: std::env::consts::ARCH.into(),
+        phase: "trial".into(),
+        target: Some("9.9.9".into()),
+        last_failure: Some(EVIL_FAILURE.into()),
+        failed_version: Some("9.9.8".into()),
+        sent_at_ms: imn_proto::now_ms(),
+        ..Default::default()
+    };
+    evil.send(Kind::Update, &Envelope::Update(UpdateUp::Status(status)))
+        .await;
+
+    // Both agents' lifecycle reports are in: what the fleet table must show.
+    let api = up.api.clone();
+    let agents = wait_for("both agents' lifecycle reports", T, || {
+        let api = api.clone();
+        async move {
+            let list = api.get("/agents").await.body;
+            let all = list.as_array()?;
+            let reported = |id: &str| {
+                all.iter()
+                    .any(|a| a["id"] == id && a["update_phase"].is_string())
+            };
+            (reported("agent-1") && reported("evil")).then(|| all.clone())
+        }
+    })
+    .await;
+    let listed = |id: &str| agents.iter().find(|a| a["id"] == id).unwrap().clone();
+    assert_eq!(listed("evil")["update_failure"], json!(EVIL_FAILURE));
+    let agent = up.api.get("/agents/agent-1").await.body;
+    let version = agent["version"].as_str().unwrap().to_string();
+    let config = agent["config_version"].as_u64().unwrap();
+    let arch = listed("agent-1")["arch"].as_str().unwrap().to_string();
+
+    // 1. The fleet table: version and config columns; the hostile agent's phase and
+    // failure marked, its markup shown as text.
+    let base = format!("http://127.0.0.1:{}", up.http_port);
+    let b = Browser::start().await;
+    b.goto(&format!("{base}/#/")).await;
+    let headers = b
+        .eval("return [...document.querySelectorAll('#agents thead th')].map(t => t.textContent)")
+        .await;
+    assert!(
+        headers.as_array().unwrap().contains(&json!("version"))
+            && headers.as_array().unwrap().contains(&json!("config")),
+        "{headers}"
+    );
+    b.wait_true(
+        "agent-1's version and config version",
+        &format!(
+            "const r = document.querySelector('#agents tr[data-agent=\"agent-1\"]'); \
+             return !!r && r.querySelector('td.version .v').textContent === {} \
+             && r.querySelector('td.config').textContent === {}",
+            js(&version),
+            js(&config.to_string())
+        ),
+        T,
+    )
+    .await;
+    b.wait_true(
+        "the hostile agent's row, its strings as text",
+        &format!(
+            "const r = document.querySelector('#agents tr[data-agent=\"evil\"]'); \
+             if (!r) return false; \
+             const badge = r.querySelector('td.version .badge.update-failed'); \
+             return r.querySelector('td.version .v').textContent === {} \
+             && !!badge && badge.title === {} && badge.textContent === 'update failed' \
+             && r.querySelector('td.version .badge.phase')?.textContent === 'trial' \
+             && r.textContent.includes({})",
+            js(EVIL_VERSION),
+            js(EVIL_FAILURE),
+            js(EVIL_TAG)
+        ),
+        T,
+    )
+    .await;
+    assert_eq!(
+        b.eval(
+            "return [document.querySelectorAll('#agents img, #agents script, #agents b').length, \
+             !!document.getElementById('injected'), window.__xss === undefined]"
+        )
+        .await,
+        json!([0, false, true]),
+        "markup from the agent became elements"
+    );
+    b.screenshot(&shots.join("7-fleet-versions.png")).await;
+
+    // 2. A rollout of a signed release to agent-1, which refuses it: halted.
+    let now = imn_proto::now_ms();
+    let file = key
+        .sign(
+            b"not a real agent: the local agents refuse every update",
+            "9.9.9",
+            &arch,
+            now,
+            now + 86_400_000,
+            false,
+        )
+        .unwrap();
+    let r = up.api.post_bytes("/admin/releases", file).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = up
+        .api
+        .post(
+            "/admin/rollouts",
+            &json!({"version": "9.9.9", "agents": {"ids": ["agent-1"]}, "canary_pct": 100, "waves": [100]})
+                .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let api = up.api.clone();
+    let path = format!("/rollouts/{id}");
+    let rollout = wait_for("the rollout to halt", T, || {
+        let (api, path) = (api.clone(), path.clone());
+        async move {
+            let r = api.get(&path).await.body;
+            (r["state"] == "halted").then_some(r)
+        }
+    })
+    .await;
+    let a1 = rollout["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == "agent-1")
+        .unwrap()
+        .clone();
+    assert_eq!(a1["state"], "failed", "{rollout}");
+    let detail = a1["detail"].as_str().unwrap().to_string();
+    assert!(detail.starts_with("update_refused"), "{detail}");
+    let reason = rollout["reason"].as_str().unwrap().to_string();
+
+    // 3. The Rollouts view lists it (the hash without its slash works too).
+    b.goto(&format!("{base}/#rollouts")).await;
+    b.wait_true(
+        "the rollout in the Rollouts view, halted",
+        &format!(
+            "const r = document.querySelector('#rollouts tr[data-rollout=' + CSS.escape({}) + ']'); \
+             return !!r && r.children[2].textContent === 'halted' \
+             && r.querySelector('td.failed-count').textContent === '1' \
+             && r.querySelector('td.healthy-count').textContent === '0' \
+             && document.getElementById('nav-rollouts').className === 'active'",
+            js(&id)
+        ),
+        T,
+    )
+    .await;
+    b.screenshot(&shots.join("8-rollouts.png")).await;
+    b.click(&format!("#rollouts tr[data-rollout=\"{id}\"] a"))
+        .await;
+
+    // 4. Its page: header, waves, and agent-1 failed with why.
+    b.wait_true(
+        "the rollout's page",
+        &format!(
+            "return location.hash === '#/rollout/' + encodeURIComponent({}) \
+             && document.getElementById('rollout-state')?.textContent === 'halted'",
+            js(&id)
+        ),
+        T,
+    )
+    .await;
+    assert_eq!(b.text("#rollout-id").await, id);
+    assert_eq!(b.text("#rollout-version").await, "9.9.9");
+    assert_eq!(
+        b.eval("return document.getElementById('rollout-reason').textContent")
+            .await,
+        json!(reason)
+    );
+    assert_eq!(b.text("#rollout-failed").await, "1");
+    // One wave, the canary, current.
+    assert_eq!(
+        b.eval(
+            "return [...document.querySelectorAll('#rollout-waves tbody tr')].map(r => \
+             [r.dataset.wave, r.children[1].textContent, r.querySelector('td.reach').textContent, \
+             r.classList.contains('current-wave')])"
+        )
+        .await,
+        json!([["0", "canary", "100 % (1 of 1)", true]])
+    );
+    b.wait_true(
+        "agent-1's row, failed, with its detail as text",
+        &format!(
+            "const r = document.querySelector('#rollout-agents tr[data-agent=\"agent-1\"]'); \
+             return !!r && r.classList.contains('failed-row') && r.dataset.wave === '0' \
+             && r.querySelector('td.failed')?.textContent === 'failed' \
+             && r.querySelector('td.detail').textContent === {} \
+             && r.querySelector('td.detail').children.length === 0",
+            js(&detail)
+        ),
+        T,
+    )
+    .await;
+    b.screenshot(&shots.join("9-rollout.png")).await;
+
+    // 5. The refusal is agent-1's last failure: marked in the fleet table, and shown
+    // on its page with its version and settings versions.
+    let agent = up.api.get("/agents/agent-1").await.body;
+    let failure = agent["update"]["last_failure"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{agent}"))
+        .to_string();
+    assert!(failure.starts_with("update_refused"), "{failure}");
+    b.click("#nav-fleet").await;
+    b.wait_true(
+        "agent-1's refusal marked in the fleet table",
+        &format!(
+            "const b = document.querySelector('#agents tr[data-agent=\"agent-1\"] td.version .badge.update-failed'); \
+             return !!b && b.title === {} && b.textContent === 'update refused'",
+            js(&failure)
+        ),
+        T,
+    )
+    .await;
+    b.goto(&format!("{base}/#/agent/agent-1")).await;
+    b.wait_true(
+        "the agent page's lifecycle",
+        &format!(
+            "const t = document.querySelector('#agent-lifecycle table'); \
+             return !!t && t.querySelector('td.version').textContent === {} \
+             && t.querySelector('td.config').textContent === {} \
+             && t.querySelector('td.desired-config').textContent === {} \
+             && t.querySelector('td.failure').textContent === {}",
+            js(&version),
+            js(&config.to_string()),
+            js(&agent["desired_config_version"]
+                .as_u64()
+                .unwrap()
+                .to_string()),
+            js(&failure)
+        ),
+        T,
+    )
+    .await;
+    b.screenshot(&shots.join("10-agent-lifecycle.png")).await;
     b.quit().await;
 }
