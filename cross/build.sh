@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds static imn-agent firmware (musl) and its packages, and checks the size budgets.
 #
-#   cross/build.sh [--no-packages] [--profile full|router|all] [TARGET...]
+#   cross/build.sh [--no-packages] [--no-next] [--profile full|router|all] [TARGET...]
 #   cross/build.sh --check-only    # no build: rewrite the ledger, check the budgets
 #
 # TARGET is a short name or a Rust triple: aarch64, armv7, x86_64 (default: all three).
@@ -14,6 +14,8 @@
 # Output: target/firmware/PROFILE/TRIPLE/imn-agent (stripped; `imn-agent.unstripped`
 # beside it keeps the symbols), packages in target/packages/, and the size ledger
 # cross/sizes.md (binary, packages and the biggest crates per target and profile).
+# With the full profile, aarch64 and x86_64 also get `imn-agent-next`: the same agent
+# stamped one version on, which the over-the-air update tests install (--no-next: not).
 # Exits non-zero when a binary or package is over its budget in cross/budgets.txt.
 # IMN_BUDGETS and IMN_LEDGER name other files for the budgets and the ledger.
 #
@@ -34,6 +36,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 packages=1
 build=1
+next=1
 BUDGETS="${IMN_BUDGETS:-cross/budgets.txt}"
 LEDGER="${IMN_LEDGER:-cross/sizes.md}"
 profiles=(full router)
@@ -41,6 +44,7 @@ targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-packages) packages=0 ;;
+    --no-next) next=0 ;;
     --check-only) build=0 ;;
     --profile)
       shift
@@ -52,8 +56,8 @@ while [ $# -gt 0 ]; do
     aarch64 | aarch64-unknown-linux-musl) targets+=(aarch64-unknown-linux-musl) ;;
     armv7 | armv7-unknown-linux-musleabihf) targets+=(armv7-unknown-linux-musleabihf) ;;
     x86_64 | x86_64-unknown-linux-musl) targets+=(x86_64-unknown-linux-musl) ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
-    *) echo "cross/build.sh: unknown target or flag: $1 (want aarch64, armv7, x86_64, --profile, --no-packages)" >&2; exit 2 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "cross/build.sh: unknown target or flag: $1 (want aarch64, armv7, x86_64, --profile, --no-packages, --no-next)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -61,6 +65,11 @@ if [ "${#targets[@]}" -eq 0 ]; then
   targets=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf x86_64-unknown-linux-musl)
 fi
 ALL_TARGETS=(aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf x86_64-unknown-linux-musl)
+
+# The version stamped on imn-agent-next: the package's with one more part (0.1.0 → 0.1.0.1).
+next_version() {
+  echo "$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1).1"
+}
 
 # Debian architecture, musl's gcc wrapper, and the binutils prefix for each triple.
 deb_arch() {
@@ -145,7 +154,9 @@ ensure_toolchain() {
 }
 
 build_one() {
-  local t="$1" profile="$2" up feats out
+  # $3: a version to stamp (IMN_AGENT_VERSION) on a build written as imn-agent-next.
+  local t="$1" profile="$2" stamp="${3:-}" up feats out name=imn-agent
+  if [ -n "$stamp" ]; then name=imn-agent-next; fi
   up="$(echo "$t" | tr 'a-z-' 'A-Z_')"
   case "$profile" in
     full) feats=(--features full) ;;
@@ -156,7 +167,7 @@ build_one() {
   # default A32: the same instructions in less space.
   local arch_flags=""
   case "$t" in armv7-*) arch_flags="-C target-feature=+thumb-mode" ;; esac
-  echo "== building imn-agent for $t, profile $profile (rustc $(/usr/bin/rustc --version | cut -d' ' -f2), musl, std built for size)"
+  echo "== building $name${stamp:+ (version $stamp)} for $t, profile $profile (rustc $(/usr/bin/rustc --version | cut -d' ' -f2), musl, std built for size)"
   # Static and not position-independent (a static PIE relocates itself at start);
   # musl's own start files and libc, found by its gcc wrapper, not Rust's copy
   # (link-self-contained=no). std is built for size and aborts at once on a panic
@@ -169,13 +180,17 @@ build_one() {
   env "CARGO_TARGET_${up}_LINKER=$(musl_gcc "$t")" \
       "CARGO_TARGET_${up}_RUSTFLAGS=-C target-feature=+crt-static -C link-self-contained=no -C relocation-model=static -L $ROOT/target/cross/libunwind-$(deb_arch "$t") -Z location-detail=none -C link-arg=-Wl,-z,norelro $arch_flags --remap-path-prefix=$HOME/.cargo/registry/src= --remap-path-prefix=$ROOT=imn" \
       CARGO_PROFILE_FIRMWARE_STRIP=false \
-      RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 \
+      RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 ${stamp:+IMN_AGENT_VERSION="$stamp"} \
       /usr/bin/cargo build --locked -q --profile firmware --target "$t" -p imn-agent "${feats[@]}" \
       -Z build-std=std,panic_abort -Z build-std-features=optimize_for_size,panic_immediate_abort
   mkdir -p "$out"
-  cp "target/$t/firmware/imn-agent" "$out/imn-agent.unstripped"
-  "$(binutils "$t")strip" --strip-all -o "$out/imn-agent" "$out/imn-agent.unstripped"
-  local bin="$out/imn-agent"
+  local bin="$out/$name"
+  if [ -n "$stamp" ]; then
+    "$(binutils "$t")strip" --strip-all -o "$bin" "target/$t/firmware/imn-agent"
+  else
+    cp "target/$t/firmware/imn-agent" "$out/imn-agent.unstripped"
+    "$(binutils "$t")strip" --strip-all -o "$bin" "$out/imn-agent.unstripped"
+  fi
   # Static means no interpreter and no shared libraries.
   if readelf -l "$bin" | grep -q 'Requesting program interpreter' || readelf -d "$bin" | grep -q NEEDED; then
     echo "cross/build.sh: $bin is not static:" >&2
@@ -310,6 +325,12 @@ if [ "$build" -eq 1 ]; then
         bash cross/package.sh ipk "$t" "$p"
       fi
     done
+    # The over-the-air update tests (tests/tests/lifecycle.rs) install a newer build
+    # of the same agent: this one, stamped one version on (`VERSION.1`). Only the
+    # agent crate is rebuilt for it.
+    if [ "$next" -eq 1 ] && [[ " ${profiles[*]} " == *" full "* ]]; then
+      case "$t" in aarch64-* | x86_64-*) build_one "$t" full "$(next_version)" ;; esac
+    fi
   done
 fi
 write_ledger

@@ -26,10 +26,21 @@ ipk_arch() {
 }
 if [ "$kind" = ipk-arch ]; then ipk_arch "$triple"; exit 0; fi
 case "$profile" in full | router) ;; *) echo "cross/package.sh: profile is full or router (got $profile)" >&2; exit 2 ;; esac
-bin="target/firmware/$profile/$triple/imn-agent"
+# IMN_PKG_BIN packages another build (the update tests package imn-agent-next as a
+# later version, with IMN_PKG_VERSION and IMN_PKG_OUT).
+bin="${IMN_PKG_BIN:-target/firmware/$profile/$triple/imn-agent}"
 [ -x "$bin" ] || { echo "cross/package.sh: $bin missing; run cross/build.sh --profile $profile $triple" >&2; exit 1; }
 version="${IMN_PKG_VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)}"
 out="${IMN_PKG_OUT:-target/packages}"
+# The Ed25519 public keys (hex, comma- or space-separated) whose signed releases the
+# packaged agent installs: written into its config.
+keys="$(echo "${IMN_UPDATE_KEYS:-}" | tr ',' ' ')"
+for k in $keys; do
+  case "$k" in
+    *[!0-9a-fA-F]*) echo "cross/package.sh: IMN_UPDATE_KEYS: $k is not hex" >&2; exit 2 ;;
+  esac
+  [ "${#k}" -eq 64 ] || { echo "cross/package.sh: IMN_UPDATE_KEYS: $k is not 64 hex digits" >&2; exit 2; }
+done
 mkdir -p "$out"
 # SOURCE_DATE_EPOCH pins every timestamp (reproducible builds); the last commit's time.
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
@@ -55,6 +66,10 @@ deb)
   install -D -m 0755 "$bin" "$root/usr/bin/imn-agent"
   install -D -m 0644 cross/deb/imn-agent.service "$root/lib/systemd/system/imn-agent.service"
   install -D -m 0640 cross/deb/agent.toml "$root/etc/imn/agent.toml"
+  if [ -n "$keys" ]; then
+    toml_keys="$(printf '"%s", ' $keys)"
+    sed -i "s/^update_keys = \[\]$/update_keys = [${toml_keys%, }]/" "$root/etc/imn/agent.toml"
+  fi
   install -D -m 0644 cross/README.md "$root/usr/share/doc/imn-agent/README"
   install -d -m 0755 "$root/DEBIAN"
   install -m 0755 cross/deb/postinst cross/deb/prerm cross/deb/postrm "$root/DEBIAN/"
@@ -95,6 +110,9 @@ Conflicts: imn-agent
   install -D -m 0755 "$bin" "$d/usr/bin/imn-agent"
   install -D -m 0755 cross/openwrt/imn-agent.init "$d/etc/init.d/imn-agent"
   install -D -m 0600 cross/openwrt/imn.config "$d/etc/config/imn"
+  for k in $keys; do
+    printf "\tlist update_keys '%s'\n" "$k" >>"$d/etc/config/imn"
+  done
   install -d -m 0755 "$c"
   install -m 0755 cross/openwrt/postinst cross/openwrt/prerm "$c/"
   echo /etc/config/imn >"$c/conffiles"
