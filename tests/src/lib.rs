@@ -14,7 +14,9 @@ pub mod mosquitto;
 pub mod nbd;
 pub mod netns;
 pub mod otlp;
+pub mod packages;
 pub mod peers;
+pub mod proxy;
 pub mod sim;
 pub mod webdriver;
 pub mod wire_compat;
@@ -312,6 +314,15 @@ impl Api {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
+        Self::reply(req.send().await.expect("POST")).await
+    }
+
+    /// POST of raw bytes (`application/octet-stream`).
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> Reply {
+        let req = self
+            .request(reqwest::Method::POST, path)
+            .header("content-type", "application/octet-stream")
+            .body(body);
         Self::reply(req.send().await.expect("POST")).await
     }
 

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use imn_tests::packages::{dpkg, run, scratch_root};
 use imn_tests::peers::{self, OpensslServer};
 use imn_tests::{free_port, program, spawn_agent, wait_for, Proc, TempDir, Up};
 use serde_json::{json, Value};
@@ -152,17 +153,6 @@ fn command_for(t: Target, bin: &Path) -> Command {
         }
         None => Command::new(bin),
     }
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `(mode, owner, path)` for each entry of a `tar -tv` listing.
@@ -473,29 +463,6 @@ fn ipk_packages_have_the_right_contents() {
             );
         }
     }
-}
-
-/// An empty dpkg database and the account files `useradd` edits, in a scratch root.
-fn scratch_root(dir: &Path) {
-    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates", "etc"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::write(dir.join("var/lib/dpkg/status"), "").unwrap();
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
-    std::fs::write(dir.join("etc/shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
-    std::fs::write(dir.join("etc/gshadow"), "root:*::\n").unwrap();
-}
-
-fn dpkg(root_dir: &Path, args: &[&str]) -> String {
-    run(Command::new("dpkg")
-        .arg(format!("--root={}", root_dir.display()))
-        // The maintainer scripts honour DPKG_ROOT, so they need no chroot.
-        .arg("--force-script-chrootless")
-        // passwd (for useradd) is on the host, not in the empty root.
-        .arg("--force-depends")
-        .args(args)
-        .stdin(std::process::Stdio::null()))
 }
 
 fn account_id(file: &Path, name: &str) -> u32 {

@@ -21,13 +21,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use imn_tests::*;
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const T: Duration = Duration::from_secs(120);
 
@@ -38,46 +36,9 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The broker as the VM sees it: forwards each connection to `imn up`'s broker, or,
-/// while down, refuses new ones and cuts the open ones.
-struct Proxy {
-    port: u16,
-    down: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Proxy {
-    async fn start(broker: u16) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = l.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (d, o) = (down.clone(), open.clone());
-        tokio::spawn(async move {
-            while let Ok((mut c, _)) = l.accept().await {
-                if d.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let task = tokio::spawn(async move {
-                    if let Ok(mut b) = TcpStream::connect(("127.0.0.1", broker)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
-                    }
-                });
-                o.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        Proxy { port, down, open }
-    }
-
-    fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-        if down {
-            for t in self.open.lock().unwrap().drain(..) {
-                t.abort();
-            }
-        }
-    }
-}
+/// The broker as the VM sees it: a proxy in front of `imn up`'s broker (refusing the
+/// guest while the broker is "down").
+use imn_tests::proxy::TcpProxy as Proxy;
 
 struct Vm {
     dir: PathBuf,

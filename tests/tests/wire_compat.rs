@@ -260,6 +260,8 @@ fn command_name(k: &CommandKind) -> &'static str {
         CommandKind::Unload { .. } => "Unload",
         CommandKind::Configure { .. } => "Configure",
         CommandKind::Schedules { .. } => "Schedules",
+        CommandKind::Update { .. } => "Update",
+        CommandKind::Settings { .. } => "Settings",
     }
 }
 
