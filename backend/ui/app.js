@@ -343,11 +343,12 @@ async function rolloutsPage() {
 }
 
 // The share of the agents each wave reaches (cumulative), and how many agents that is,
-// worked out as the backend did when the rollout started: the canary (at least one
-// agent), then each later wave, dropping a wave that would reach no further agent.
-// None when that does not give the rollout's number of waves.
+// worked out as the backend did when the rollout started, over the agents that can
+// take the release (skipped ones are in no wave): the canary (at least one agent),
+// then each later wave, dropping a wave that would reach no further agent. None when
+// that does not give the rollout's number of waves.
 function wavePlan(r) {
-  const n = (r.agents || []).length;
+  const n = (r.agents || []).filter((a) => a.state !== "skipped").length;
   const reach = (p) => Math.ceil(n * p / 100);
   const plan = [];
   if (r.canary_pct > 0) plan.push({ pct: r.canary_pct, upto: Math.min(Math.max(reach(r.canary_pct), 1), n) });
@@ -421,7 +422,7 @@ async function rolloutPage(id) {
       const status = w < r.current_wave ? "done" : w === r.current_wave ? "current" : "next";
       rows.push(h("tr", { "data-wave": w, class: w === r.current_wave ? "current-wave" : null },
         h("td", { class: "num" }, w), h("td", {}, kind),
-        h("td", { class: "num reach" }, plan ? `${plan[w].pct} % (${plan[w].upto} of ${(r.agents || []).length})` : "-"),
+        h("td", { class: "num reach" }, plan ? `${plan[w].pct} % (${plan[w].upto} of ${(r.agents || []).filter((a) => a.state !== "skipped").length})` : "-"),
         h("td", { class: "num" }, in_w.length),
         h("td", { class: "num" }, n("healthy")),
         h("td", { class: n("failed") ? "num failed" : "num" }, n("failed")),

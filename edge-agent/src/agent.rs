@@ -608,6 +608,7 @@ impl Agent {
                     self.conn_error = Some(e);
                 }
                 self.sync.on_disconnected();
+                self.update.on_disconnected();
             }
             EventPayload::Received { topic, data, .. } => {
                 let runs = self.running.len();
@@ -688,7 +689,7 @@ impl Agent {
     async fn update_fetch(&mut self) {
         if !self.sync.is_connected() {
             // Asked again on the next connect.
-            self.update.on_connected();
+            self.update.on_disconnected();
             return;
         }
         if let Some(fetch) = self.update.fetch(std::time::Instant::now()) {

@@ -361,31 +361,8 @@ settings! {
 }
 
 /// The settings an operator may change remotely, across a fleet (`Settings`
-/// commands): how the agent talks, buffers and identifies itself. Identity,
-/// credentials, TLS files, the data directory and the update keys stay local.
-pub const REMOTE_KEYS: &[&str] = &[
-    "broker",
-    "nameservers",
-    "tags",
-    "heartbeat_ms",
-    "keepalive_s",
-    "batch_max_bytes",
-    "window",
-    "resend_timeout_ms",
-    "outbox_max_bytes",
-    "outbox_memory_bytes",
-    "disk_reserve_bytes",
-    "live_first",
-    "max_runs",
-    "max_queued_runs",
-    "max_probe_rate",
-    "country",
-    "city",
-    "latitude",
-    "longitude",
-    "asn",
-    "update_rate",
-];
+/// commands): the contract's list, which the backend checks too.
+pub use imn_proto::wire::REMOTE_SETTINGS as REMOTE_KEYS;
 
 /// The environment variable through which the supervisor gives its child the file
 /// of remote settings to apply over the local ones.
@@ -451,6 +428,54 @@ impl RemoteSettings {
         let mut cfg = base.clone();
         self.flags()?.merge_into(&mut cfg);
         cfg.validate()?;
+        // Bounds for values that would pass a trial and hurt later (memory, flash, the
+        // link), and no step down from TLS: remote settings cannot make the agent
+        // send its token in clear text.
+        let within = |field: &'static str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    field,
+                    rule: format!("set remotely, must be {lo} to {hi} (got {v})"),
+                })
+            }
+        };
+        within("heartbeat_ms", cfg.heartbeat_ms, 500, 3_600_000)?;
+        within("outbox_max_bytes", cfg.outbox_max_bytes, 1 << 20, 4 << 30)?;
+        within(
+            "outbox_memory_bytes",
+            cfg.outbox_memory_bytes,
+            64 << 10,
+            64 << 20,
+        )?;
+        within(
+            "disk_reserve_bytes",
+            cfg.disk_reserve_bytes,
+            1 << 20,
+            1 << 30,
+        )?;
+        within(
+            "batch_max_bytes",
+            cfg.batch_max_bytes as u64,
+            4 << 10,
+            1 << 20,
+        )?;
+        within("window", cfg.window as u64, 1, 64)?;
+        within("resend_timeout_ms", cfg.resend_timeout_ms, 1_000, 600_000)?;
+        within("update_rate", cfg.update_rate, 1024, 64 << 20)?;
+        if !(1.0..=100_000.0).contains(&cfg.max_probe_rate) {
+            return Err(ConfigError::Invalid {
+                field: "max_probe_rate",
+                rule: "set remotely, must be 1 to 100000".into(),
+            });
+        }
+        if base.broker_addr()?.tls && !cfg.broker_addr()?.tls {
+            return Err(ConfigError::Invalid {
+                field: "broker",
+                rule: "set remotely, must stay mqtts:// when the agent's own is (the token would go in clear text)".into(),
+            });
+        }
         Ok(cfg)
     }
 }
@@ -1557,7 +1582,7 @@ mod tests {
             let line = format!("  --{} VALUE\n      {} [env: {}]\n", o.flag, o.help, o.env);
             assert!(help.contains(&line), "{line}");
         }
-        assert_eq!(flagged, 28);
+        assert_eq!(flagged, 32);
         assert_eq!(
             uci_kind("enabled"),
             None,

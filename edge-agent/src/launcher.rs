@@ -34,6 +34,15 @@ use crate::update::{
 
 /// A child on trial that exits this many times is rolled back.
 pub const MAX_STARTS: u32 = 3;
+/// Settings on trial: moved here from `settings.next.json` when their trial begins, so
+/// settings staged during the trial wait for their own.
+pub const SETTINGS_TRIAL: &str = "settings.trial.json";
+/// Settings that crashed the agent after their trial, moved aside.
+pub const SETTINGS_FAILED: &str = "settings.failed.json";
+/// After its trial, a release or settings with which the agent dies this many times
+/// within [`CRASH_WINDOW_MS`] are rolled back too.
+pub const MAX_CRASHES: usize = 3;
+pub const CRASH_WINDOW_MS: i64 = 10 * 60_000;
 
 /// The supervisor's state (`DATA/update/state.json`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -48,6 +57,9 @@ pub struct State {
     /// the package was upgraded since, and the packaged binary wins.
     #[serde(default)]
     pub supervisor_version: String,
+    /// When the agent died (not on trial, not a clean stop), the last few.
+    #[serde(default)]
+    pub crashes: Vec<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,6 +154,19 @@ fn adopt_staged(dir: &Path, st: &mut State, keys: &[String], trial_ms: i64) {
         return;
     };
     let _ = std::fs::remove_file(dir.join(STAGED));
+    if release::check_version(&staged.version).is_err()
+        || staged.file != format!("imn-agent-{}", staged.version)
+    {
+        // Not what the agent writes: no file of it is touched.
+        record_failure(
+            dir,
+            "update_failed",
+            "",
+            "",
+            "the staged release names no valid version and file".into(),
+        );
+        return;
+    }
     let running = st.current.as_ref().map_or(VERSION, |c| c.version.as_str());
     let checked = release::verify_manifest(&staged.manifest, keys, imn_proto::now_ms())
         .map_err(|e| e.to_string())
@@ -173,8 +198,9 @@ fn adopt_staged(dir: &Path, st: &mut State, keys: &[String], trial_ms: i64) {
     st.supervisor_version = VERSION.into();
 }
 
-/// Which binary to start, after checking it; drops what does not check.
-fn choose(dir: &Path, st: &mut State, keys: &[String], own: &Path) -> PathBuf {
+/// A package upgrade (another supervisor version than the one that installed the
+/// running release): what self-update installed gives way to the packaged binary.
+fn package_upgraded(st: &mut State) {
     if st.current.is_some() && st.supervisor_version != VERSION {
         tracing::info!(
             was = %st.supervisor_version,
@@ -187,6 +213,11 @@ fn choose(dir: &Path, st: &mut State, keys: &[String], own: &Path) -> PathBuf {
             st.trial = None;
         }
     }
+}
+
+/// Which binary to start, after checking it; drops what does not check.
+fn choose(dir: &Path, st: &mut State, keys: &[String], own: &Path) -> PathBuf {
+    package_upgraded(st);
     while let Some(c) = st.current.clone() {
         match check_installed(dir, &c, keys) {
             Ok(path) => return path,
@@ -219,7 +250,7 @@ fn fail_trial(dir: &Path, st: &mut State, reason: String) {
         st.current = st.previous.take();
         record_failure(dir, "update_failed", &t.version, &t.rollout, reason);
     } else {
-        let _ = std::fs::remove_file(dir.join(SETTINGS_NEXT));
+        let _ = std::fs::remove_file(dir.join(SETTINGS_TRIAL));
         record_failure(dir, "settings_failed", &t.version, "", reason);
     }
     save(dir, st);
@@ -229,8 +260,17 @@ fn fail_trial(dir: &Path, st: &mut State, reason: String) {
 fn pass_trial(dir: &Path, st: &mut State) {
     let Some(t) = st.trial.take() else { return };
     tracing::info!(what = %t.what, version = %t.version, "supervisor: trial passed");
+    // A success ends the last failure's report.
+    let _ = std::fs::remove_file(dir.join(FAILURE));
+    let _ = std::fs::remove_file(dir.join(crate::update::FAILURE_REPORTED));
     if t.what == "settings" {
-        if let Err(e) = std::fs::rename(dir.join(SETTINGS_NEXT), dir.join(SETTINGS)) {
+        // Only the settings this trial tried.
+        let tried = read_json::<RemoteSettings>(dir, SETTINGS_TRIAL)
+            .is_some_and(|s| s.version.to_string() == t.version);
+        if !tried {
+            tracing::error!(version = %t.version, "supervisor: the settings on trial are not those of the trial; not kept");
+            let _ = std::fs::remove_file(dir.join(SETTINGS_TRIAL));
+        } else if let Err(e) = std::fs::rename(dir.join(SETTINGS_TRIAL), dir.join(SETTINGS)) {
             tracing::error!(error = %e, "supervisor: cannot keep the new settings");
         }
     } else {
@@ -249,6 +289,52 @@ fn pass_trial(dir: &Path, st: &mut State) {
         }
     }
     save(dir, st);
+}
+
+/// Sleeps, but not past a signal.
+fn pause_unless_signalled(d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until && SIGNAL.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent keeps dying after a trial passed: the release goes back to the one
+/// before, or, with none, the remote settings are moved aside.
+fn fall_back(dir: &Path, st: &mut State, last: &std::process::ExitStatus) {
+    let why = format!(
+        "exited {MAX_CRASHES} times within {} min after its trial (last: {last})",
+        CRASH_WINDOW_MS / 60_000
+    );
+    if let Some(c) = st.current.take() {
+        let _ = std::fs::remove_file(dir.join("bin").join(&c.file));
+        st.current = st.previous.take();
+        record_failure(
+            dir,
+            "update_failed",
+            &c.version,
+            &c.rollout,
+            format!("release {} {why}", c.version),
+        );
+    } else if let Some(s) = read_json::<RemoteSettings>(dir, SETTINGS) {
+        let _ = std::fs::rename(dir.join(SETTINGS), dir.join(SETTINGS_FAILED));
+        record_failure(
+            dir,
+            "settings_failed",
+            &s.version.to_string(),
+            "",
+            format!("the agent with settings version {} {why}", s.version),
+        );
+    } else if dir.join(SETTINGS).exists() {
+        let _ = std::fs::rename(dir.join(SETTINGS), dir.join(SETTINGS_FAILED));
+        record_failure(
+            dir,
+            "settings_failed",
+            "",
+            "",
+            format!("the agent with unreadable remote settings {why}"),
+        );
+    }
 }
 
 /// How a child's run ended.
@@ -345,24 +431,43 @@ pub fn run(cfg: &AgentConfig) -> i32 {
             return 0;
         }
         let mut st: State = read_json(&dir, STATE).unwrap_or_default();
+        package_upgraded(&mut st);
         if st.trial.is_none() {
             adopt_staged(&dir, &mut st, &keys, trial_ms);
         }
         if st.trial.is_none() {
             if let Some(s) = read_json::<RemoteSettings>(&dir, SETTINGS_NEXT) {
                 tracing::info!(version = s.version, "supervisor: trying new settings");
-                st.trial = Some(Trial {
-                    what: "settings".into(),
-                    version: s.version.to_string(),
-                    deadline_ms: imn_proto::now_ms() + trial_ms,
-                    starts: 0,
-                    rollout: String::new(),
-                });
+                match std::fs::rename(dir.join(SETTINGS_NEXT), dir.join(SETTINGS_TRIAL)) {
+                    Ok(()) => {
+                        st.trial = Some(Trial {
+                            what: "settings".into(),
+                            version: s.version.to_string(),
+                            deadline_ms: imn_proto::now_ms() + trial_ms,
+                            starts: 0,
+                            rollout: String::new(),
+                        })
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "supervisor: cannot start the settings' trial");
+                        let _ = std::fs::remove_file(dir.join(SETTINGS_NEXT));
+                    }
+                }
+            } else {
+                let _ = std::fs::remove_file(dir.join(SETTINGS_NEXT));
+            }
+        }
+        // A trial whose deadline is further than a whole trial away: the clock went
+        // back; the trial gets its period from now, not more.
+        if let Some(t) = st.trial.as_mut() {
+            let now = imn_proto::now_ms();
+            if t.deadline_ms - now > trial_ms {
+                t.deadline_ms = now + trial_ms;
             }
         }
         let exe = choose(&dir, &mut st, &keys, &own);
         let settings = match &st.trial {
-            Some(t) if t.what == "settings" => Some(dir.join(SETTINGS_NEXT)),
+            Some(t) if t.what == "settings" => Some(dir.join(SETTINGS_TRIAL)),
             _ => Some(dir.join(SETTINGS)).filter(|p| p.exists()),
         };
         if let Some(t) = st.trial.as_mut() {
@@ -406,12 +511,36 @@ pub fn run(cfg: &AgentConfig) -> i32 {
                 };
                 fail_trial(&dir, &mut st, why);
             }
-            End::Exited(s) if code_of(s) == EXIT_RESTART => {
-                tracing::info!("supervisor: the agent asked to be restarted");
-            }
             End::Exited(s) => {
+                // It may have said hello just before it exited.
+                if let Some(t) = st.trial.clone() {
+                    if healthy_for(&dir, &t) {
+                        pass_trial(&dir, &mut st);
+                    }
+                }
+                if code_of(s) == EXIT_RESTART {
+                    tracing::info!("supervisor: the agent asked to be restarted");
+                    continue;
+                }
                 let Some(t) = st.trial.clone() else {
-                    return code_of(s);
+                    if code_of(s) == 0 {
+                        return 0;
+                    }
+                    // Died after its trial: again, after a pause; and when it keeps
+                    // dying, without what changed last.
+                    let now = imn_proto::now_ms();
+                    st.crashes
+                        .retain(|at| now - at < CRASH_WINDOW_MS && *at <= now);
+                    st.crashes.push(now);
+                    if st.crashes.len() >= MAX_CRASHES {
+                        fall_back(&dir, &mut st, &s);
+                        st.crashes.clear();
+                    }
+                    save(&dir, &st);
+                    let pause = Duration::from_secs(1 << st.crashes.len().min(5));
+                    tracing::warn!(status = %s, crashes = st.crashes.len(), "supervisor: the agent died; starting it again in {} s", pause.as_secs());
+                    pause_unless_signalled(pause);
+                    continue;
                 };
                 if t.starts >= MAX_STARTS {
                     fail_trial(
@@ -603,7 +732,7 @@ mod tests {
         assert_eq!(left, ["imn-agent-99.1.0", "imn-agent-99.2.0"]);
         write_json(
             &d.0,
-            SETTINGS_NEXT,
+            SETTINGS_TRIAL,
             &RemoteSettings {
                 version: 3,
                 settings: vec![],
@@ -620,6 +749,71 @@ mod tests {
         std::fs::write(d.0.join(HEALTHY), format!("{VERSION}\n3\n")).unwrap();
         assert!(healthy_for(&d.0, st.trial.as_ref().unwrap()));
         pass_trial(&d.0, &mut st);
-        assert!(d.0.join(SETTINGS).exists() && !d.0.join(SETTINGS_NEXT).exists());
+        assert!(d.0.join(SETTINGS).exists() && !d.0.join(SETTINGS_TRIAL).exists());
+        // Settings that are not the trial's version are not kept.
+        write_json(
+            &d.0,
+            SETTINGS_TRIAL,
+            &RemoteSettings {
+                version: 5,
+                settings: vec![],
+            },
+        )
+        .unwrap();
+        st.trial = Some(Trial {
+            what: "settings".into(),
+            version: "4".into(),
+            deadline_ms: i64::MAX,
+            starts: 1,
+            rollout: String::new(),
+        });
+        pass_trial(&d.0, &mut st);
+        let kept: RemoteSettings = read_json(&d.0, SETTINGS).unwrap();
+        assert_eq!(kept.version, 3);
+    }
+
+    #[test]
+    fn dying_after_a_trial_falls_back_to_the_release_before_then_without_settings() {
+        use std::os::unix::process::ExitStatusExt;
+        let d = dir("crash");
+        let (k, keys) = key();
+        let mut st = State::default();
+        for v in ["99.0.0", "99.1.0"] {
+            stage(&d.0, &k, v, v.as_bytes());
+            adopt_staged(&d.0, &mut st, &keys, 60_000);
+            pass_trial(&d.0, &mut st);
+        }
+        let died = std::process::ExitStatus::from_raw(11);
+        fall_back(&d.0, &mut st, &died);
+        assert_eq!(st.current.as_ref().unwrap().version, "99.0.0");
+        assert!(!d.0.join("bin/imn-agent-99.1.0").exists());
+        let f: Failure = read_json(&d.0, FAILURE).unwrap();
+        assert_eq!(
+            (f.kind.as_str(), f.version.as_str()),
+            ("update_failed", "99.1.0")
+        );
+        assert!(
+            f.reason
+                .contains("exited 3 times within 10 min after its trial"),
+            "{}",
+            f.reason
+        );
+        st.current = None;
+        write_json(
+            &d.0,
+            SETTINGS,
+            &RemoteSettings {
+                version: 7,
+                settings: vec![],
+            },
+        )
+        .unwrap();
+        fall_back(&d.0, &mut st, &died);
+        assert!(!d.0.join(SETTINGS).exists() && d.0.join(SETTINGS_FAILED).exists());
+        let f: Failure = read_json(&d.0, FAILURE).unwrap();
+        assert_eq!(
+            (f.kind.as_str(), f.version.as_str()),
+            ("settings_failed", "7")
+        );
     }
 }

@@ -68,7 +68,7 @@ pub const SETTINGS_NEXT: &str = "settings.next.json";
 pub const STATE: &str = "state.json";
 pub const HEALTHY: &str = "healthy";
 pub const FAILURE: &str = "failure.json";
-const FAILURE_REPORTED: &str = "failure.reported.json";
+pub const FAILURE_REPORTED: &str = "failure.reported.json";
 
 /// A release staged or installed: its signed manifest and its file in `bin/`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +168,8 @@ pub struct Updater {
     pub last_failure: Option<LastFailure>,
     /// Bytes of release data received (this process), for the report.
     pub received: u64,
+    /// Offline: no fetch is due until the link is back.
+    paused: bool,
 }
 
 impl Updater {
@@ -190,6 +192,7 @@ impl Updater {
             settings_version: running_settings(),
             last_failure,
             received: 0,
+            paused: false,
         }
     }
 
@@ -260,6 +263,17 @@ impl Updater {
 
     /// A rollout asks for this release. Err: refused (the reason, for the event).
     pub fn offer(&mut self, rollout: String, signed: SignedManifest) -> Result<bool, String> {
+        // The rollout id is echoed in reports and kept in the supervisor's state: a
+        // backend's id, short and plain, or not at all.
+        let rollout = if rollout.len() <= 64
+            && rollout
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            rollout
+        } else {
+            String::new()
+        };
         // The version it claims, for the report (checked below).
         let version: String = serde_json::from_str::<Manifest>(&signed.manifest)
             .map(|m| m.version.chars().take(64).collect())
@@ -279,7 +293,12 @@ impl Updater {
             return Ok(false);
         }
         if let Some(d) = &self.dl {
-            if d.manifest.sha256 == m.sha256 {
+            // One download at a time: an offer of the same release, or of an older
+            // one while a newer downloads, changes nothing (two rollouts offering in
+            // turn would otherwise restart each other's download for ever).
+            let newer = release::compare_versions(&m.version, &d.manifest.version)
+                == Some(std::cmp::Ordering::Greater);
+            if d.manifest.sha256 == m.sha256 || !newer {
                 return Ok(false);
             }
         }
@@ -303,8 +322,11 @@ impl Updater {
             }
         };
         let mut offset = file.seek(SeekFrom::End(0)).unwrap_or(0);
-        if offset > m.size {
+        // A whole file left by a power cut before it was staged: fetched again, rather
+        // than asked for past its end.
+        if offset >= m.size {
             let _ = file.set_len(0);
+            let _ = file.seek(SeekFrom::Start(0));
             offset = 0;
         }
         tracing::info!(version = %m.version, size = m.size, resume_at = offset, %rollout, "downloading a release");
@@ -336,12 +358,20 @@ impl Updater {
 
     /// When the next fetch is due, if a download runs.
     pub fn fetch_at(&self) -> Option<Instant> {
+        if self.paused {
+            return None;
+        }
         let d = self.dl.as_ref()?;
         match (d.fetch_at, d.asked_at) {
             (Some(at), _) => Some(at),
             (None, Some(asked)) => Some(asked + FETCH_TIMEOUT),
-            (None, None) => Some(Instant::now()),
+            (None, None) => None,
         }
+    }
+
+    /// The link is down: nothing is asked for until [`Updater::on_connected`].
+    pub fn on_disconnected(&mut self) {
+        self.paused = true;
     }
 
     /// The fetch to send now (the next chunk, or the same again after a timeout).
@@ -365,6 +395,7 @@ impl Updater {
 
     /// After a reconnect: ask again at once rather than wait out the timeout.
     pub fn on_connected(&mut self) {
+        self.paused = false;
         if let Some(d) = self.dl.as_mut() {
             d.fetch_at = Some(Instant::now());
         }
@@ -381,6 +412,7 @@ impl Updater {
         }
         if let Some(e) = c.error {
             let (version, rollout) = (d.manifest.version.clone(), d.rollout.clone());
+            let _ = std::fs::remove_file(&d.path);
             self.dl = None;
             let reason = format!(
                 "update_failed: the backend cannot serve {version}: {}",
@@ -515,6 +547,129 @@ impl Updater {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn temp(label: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "imn-update-{label}-{}-{}",
+            std::process::id(),
+            crate::random_u64()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A signed release of `body` as `version` for this machine.
+    fn signed(version: &str, body: &[u8]) -> (Vec<String>, SignedManifest) {
+        let k = release::SigningKey::from_pkcs8(&release::SigningKey::generate().unwrap()).unwrap();
+        let now = imn_proto::now_ms();
+        let file = k
+            .sign(
+                body,
+                version,
+                std::env::consts::ARCH,
+                now,
+                now + 60_000,
+                false,
+            )
+            .unwrap();
+        (vec![k.public_hex()], release::split(&file).unwrap().0)
+    }
+
+    fn chunk(m: &SignedManifest, offset: u64, data: &[u8]) -> Chunk {
+        let m: Manifest = serde_json::from_str(&m.manifest).unwrap();
+        Chunk {
+            sha256: m.sha256,
+            offset,
+            total: m.size,
+            data: data.to_vec(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_download_is_paced_paused_offline_resumed_and_staged_once_it_checks() {
+        let data = temp("dl");
+        let body: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let (keys, m) = signed("99.0.0", &body);
+        let mut u = Updater::new(&data, keys.clone(), true, 8192);
+        assert!(u.offer("ro-1".into(), m.clone()).unwrap());
+        assert!(
+            !u.offer("ro-1".into(), m.clone()).unwrap(),
+            "the same again changes nothing"
+        );
+        let now = Instant::now();
+        let Some(UpdateUp::Fetch { offset: 0, len, .. }) = u.fetch(now) else {
+            panic!("a first fetch")
+        };
+        assert_eq!(len, 4096, "a quarter second at 8 KiB/s, at least 4 KiB");
+        assert!(u.fetch(now).is_none(), "one fetch in flight");
+        // Offline: nothing is due (no busy loop) until the link is back.
+        u.on_disconnected();
+        assert_eq!(u.fetch_at(), None);
+        u.on_connected();
+        assert!(u.fetch_at().is_some_and(|at| at <= Instant::now()));
+        // A chunk for another offset (a late answer) is ignored.
+        assert!(matches!(
+            u.on_chunk(chunk(&m, 4096, &body[4096..8192])),
+            Progress::None
+        ));
+        assert!(matches!(
+            u.on_chunk(chunk(&m, 0, &body[..4096])),
+            Progress::More
+        ));
+        // Paced: the next fetch waits the chunk's time at the rate (about 0.5 s).
+        assert!(u.fetch_at().unwrap() > Instant::now() + Duration::from_millis(300));
+        // A restart: a new updater resumes at the partial file's length.
+        drop(u);
+        let mut u = Updater::new(&data, keys.clone(), true, 1 << 20);
+        assert!(u.offer("ro-1".into(), m.clone()).unwrap());
+        let Some(UpdateUp::Fetch { offset, .. }) = u.fetch(Instant::now()) else {
+            panic!("a fetch")
+        };
+        assert_eq!(offset, 4096, "resumed where it stopped");
+        match u.on_chunk(chunk(&m, 4096, &body[4096..])) {
+            Progress::Staged(v) => assert_eq!(v, "99.0.0"),
+            _ => panic!("staged"),
+        }
+        let staged: Installed = read_json(&dir(&data), STAGED).unwrap();
+        assert_eq!(staged.rollout, "ro-1");
+        assert_eq!(
+            std::fs::read(dir(&data).join("bin/imn-agent-99.0.0")).unwrap(),
+            body
+        );
+        let _ = std::fs::remove_dir_all(&data);
+    }
+
+    #[test]
+    fn a_download_that_does_not_match_its_manifest_is_not_staged() {
+        let data = temp("bad");
+        let body = vec![7u8; 5000];
+        let (keys, m) = signed("99.0.0", &body);
+        let mut u = Updater::new(&data, keys, true, 1 << 20);
+        u.offer("ro-2".into(), m.clone()).unwrap();
+        let mut altered = body.clone();
+        altered[100] ^= 1;
+        match u.on_chunk(chunk(&m, 0, &altered)) {
+            Progress::Failed { reason, .. } => {
+                assert!(reason.starts_with("update_failed: sha256:"), "{reason}")
+            }
+            _ => panic!("failed"),
+        }
+        let st = u.status();
+        assert_eq!(st.failed_rollout.as_deref(), Some("ro-2"));
+        assert!(!dir(&data).join(STAGED).exists());
+        assert!(!dir(&data).join("bin/imn-agent-99.0.0").exists());
+        // Unsupervised, or a key it does not trust: refused before any download.
+        let (_, other) = signed("99.1.0", &body);
+        let e = u.offer("ro-3".into(), other).unwrap_err();
+        assert!(e.contains("not trusted"), "{e}");
+        let mut alone = Updater::new(&data, vec![], false, 1 << 20);
+        assert!(alone
+            .offer("ro-4".into(), m)
+            .unwrap_err()
+            .contains("without its supervisor"));
+        let _ = std::fs::remove_dir_all(&data);
+    }
 
     #[test]
     fn chunks_follow_the_rate_within_bounds() {

@@ -33,6 +33,8 @@ pub const SIGNING_CONTEXT: &[u8] = b"imn release manifest v1\n";
 pub const MAX_HEADER: usize = 4096;
 /// A release binary is at most 64 MiB.
 pub const MAX_SIZE: u64 = 64 << 20;
+/// How far a verifier's clock may be behind a release's signing time (clocks differ).
+pub const CLOCK_SLACK_MS: i64 = 10 * 60_000;
 /// The only name a release has today: the agent binary.
 pub const AGENT: &str = "imn-agent";
 
@@ -79,6 +81,8 @@ pub enum Refused {
         "signature: does not verify against key {key} (the manifest or the signature was altered)"
     )]
     BadSignature { key: String },
+    #[error("signed_ms: the release was signed at {signed_ms}, after this device's clock ({now_ms}): is its clock set?")]
+    Clock { signed_ms: i64, now_ms: i64 },
     #[error("expires_ms: the release expired at {expires_ms} (now {now_ms})")]
     Expired { expires_ms: i64, now_ms: i64 },
     #[error("size: the file has {actual} bytes, the manifest says {expected}")]
@@ -254,6 +258,14 @@ pub fn verify_manifest(
     now_ms: i64,
 ) -> Result<Manifest, Refused> {
     let m = verify_signature(signed, trusted)?;
+    // A device whose clock is behind the signing (a router without a real-time clock,
+    // before NTP) cannot tell an expired release from a valid one: it waits.
+    if now_ms.saturating_add(CLOCK_SLACK_MS) < m.signed_ms {
+        return Err(Refused::Clock {
+            signed_ms: m.signed_ms,
+            now_ms,
+        });
+    }
     if now_ms >= m.expires_ms {
         return Err(Refused::Expired {
             expires_ms: m.expires_ms,
@@ -468,6 +480,12 @@ mod tests {
             open(&file, &[k.public_hex()], NOW + 1000),
             Err(Refused::Expired { .. })
         ));
+        // A clock far behind the signing: not trusted to judge the expiry.
+        assert!(matches!(
+            open(&file, &[k.public_hex()], 0),
+            Err(Refused::Clock { .. })
+        ));
+        assert!(open(&file, &[k.public_hex()], NOW - CLOCK_SLACK_MS + 1).is_ok());
     }
 
     #[test]

@@ -159,6 +159,34 @@ pub enum UpdateUp {
     },
 }
 
+/// The agent settings an operator may change remotely (`CommandKind::Settings`), by
+/// their TOML names: how the agent talks, buffers and describes itself. Identity,
+/// token, TLS files, the data directory and the update keys stay local. The agent and
+/// the backend both refuse any other key.
+pub const REMOTE_SETTINGS: &[&str] = &[
+    "broker",
+    "nameservers",
+    "tags",
+    "heartbeat_ms",
+    "keepalive_s",
+    "batch_max_bytes",
+    "window",
+    "resend_timeout_ms",
+    "outbox_max_bytes",
+    "outbox_memory_bytes",
+    "disk_reserve_bytes",
+    "live_first",
+    "max_runs",
+    "max_queued_runs",
+    "max_probe_rate",
+    "country",
+    "city",
+    "latitude",
+    "longitude",
+    "asn",
+    "update_rate",
+];
+
 /// The most release bytes one chunk carries.
 pub const MAX_CHUNK: u32 = 64 * 1024;
 

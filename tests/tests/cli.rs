@@ -259,3 +259,165 @@ async fn every_client_command_with_tables_json_and_exit_statuses() {
         explain(&o)
     );
 }
+
+/// The operator's release flow through `imn` alone: a key, a signed release of the
+/// x86_64 firmware's newer build, its upload and listing, a rollout to a supervised
+/// agent (the host build) followed to `done` with `imn rollout status`, and settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_rollouts_and_settings_from_the_command_line() {
+    let dir = TempDir::new("cli-release");
+    let key = dir.path().join("ops.key");
+    let o = imn(
+        "http://127.0.0.1:9",
+        &["releases", "keygen", "--out", key.to_str().unwrap()],
+    )
+    .await;
+    assert!(o.status.success(), "{}", explain(&o));
+    let public = std::fs::read_to_string(dir.path().join("ops.key.pub")).unwrap();
+    let public = public.trim().to_string();
+    assert!(text(&o).contains(&public), "{}", explain(&o));
+    let again = imn(
+        "http://127.0.0.1:9",
+        &["releases", "keygen", "--out", key.to_str().unwrap()],
+    )
+    .await;
+    assert!(!again.status.success(), "keygen never overwrites a key");
+
+    let up = Up::start(0, &["--release-keys", &public]).await;
+    let url = format!("http://127.0.0.1:{}", up.http_port);
+    let data = up.dir.path().join("cli-sup");
+    let _agent = spawn_agent(
+        &bin("imn-agent"),
+        "cli-sup",
+        &up.broker_url(),
+        &data,
+        &[
+            "--heartbeat-ms",
+            "500",
+            "--update-keys",
+            &public,
+            "--update-rate",
+            "8000000",
+        ],
+        up.dir.path(),
+    );
+    up.api.wait_alive(&["cli-sup"], T).await;
+
+    let next = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/firmware/full/x86_64-unknown-linux-musl/imn-agent-next");
+    assert!(next.exists(), "{}: run cross/build.sh", next.display());
+    let version = String::from_utf8_lossy(
+        &std::process::Command::new(&next)
+            .arg("--version")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .trim_start_matches("imn-agent ")
+    .to_string();
+    let signed = dir.path().join("imn-agent-next.signed");
+    let o = imn(
+        &url,
+        &[
+            "releases",
+            "sign",
+            next.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--version",
+            &version,
+            "--out",
+            signed.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", explain(&o));
+    assert!(
+        text(&o).contains("x86_64"),
+        "the arch from the ELF header: {}",
+        explain(&o)
+    );
+    let o = imn(&url, &["releases", "add", signed.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", explain(&o));
+    let o = imn(&url, &["releases", "list", "--json"]).await;
+    let list = json_of(&o);
+    assert_eq!(list["releases"][0]["version"], json!(version), "{list}");
+    // A file that is not a signed release fails before it is sent.
+    let o = imn(&url, &["releases", "add", next.to_str().unwrap()]).await;
+    assert!(!o.status.success(), "{}", explain(&o));
+
+    let o = imn(
+        &url,
+        &[
+            "rollout",
+            "start",
+            &version,
+            "--agents",
+            "id:cli-sup",
+            "--canary",
+            "100%",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", explain(&o));
+    let all = json_of(&imn(&url, &["rollout", "status", "--json"]).await);
+    let id = all["rollouts"][0]["id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = json_of(&imn(&url, &["rollout", "status", &id, "--json"]).await);
+        if r["state"] == json!("done") {
+            assert_eq!(r["agents"][0]["state"], json!("healthy"), "{r}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{r}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let o = imn(&url, &["rollout", "status", &id]).await;
+    assert!(
+        text(&o).contains("cli-sup") && text(&o).contains("healthy"),
+        "{}",
+        explain(&o)
+    );
+    let a = up.api.get("/agents/cli-sup").await.body;
+    assert_eq!(a["version"], json!(version), "{a}");
+    // A finished rollout cannot be paused.
+    let o = imn(&url, &["rollout", "pause", &id]).await;
+    assert!(!o.status.success(), "{}", explain(&o));
+
+    let o = imn(
+        &url,
+        &[
+            "settings",
+            "set",
+            "--agents",
+            "id:cli-sup",
+            "heartbeat_ms=800",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", explain(&o));
+    assert!(text(&o).contains("cli-sup"), "{}", explain(&o));
+    let api = up.api.clone();
+    wait_for("the new settings", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move {
+            let a = api.get("/agents/cli-sup").await.body;
+            (a["config_version"] == json!(1) && a["heartbeat_interval_ms"] == json!(800))
+                .then_some(())
+        }
+    })
+    .await;
+    let o = imn(
+        &url,
+        &["settings", "set", "--agents", "id:cli-sup", "data=/tmp/x"],
+    )
+    .await;
+    assert!(!o.status.success(), "{}", explain(&o));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        err.contains("\"data\" cannot be set remotely"),
+        "{}",
+        explain(&o)
+    );
+}

@@ -363,11 +363,15 @@ async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
     );
     b.screenshot(&shots.join("7-fleet-versions.png")).await;
 
-    // 2. A rollout of a signed release to agent-1, which refuses it: halted.
+    // 2. A rollout of a signed release to agent-1 and the evil agent. agent-1 runs
+    // without its supervisor: skipped, and why. The evil agent, once offered the
+    // release, reports that it failed it (what any agent can say of itself), with
+    // markup in the reason: the rollout halts at its canary.
+    const EVIL_REFUSAL: &str = "update_refused: <img src=x onerror=\"window.__xss=4\"> no";
     let now = imn_proto::now_ms();
     let file = key
         .sign(
-            b"not a real agent: the local agents refuse every update",
+            b"not a real agent: no agent here installs it",
             "9.9.9",
             &arch,
             now,
@@ -381,7 +385,7 @@ async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
         .api
         .post(
             "/admin/rollouts",
-            &json!({"version": "9.9.9", "agents": {"ids": ["agent-1"]}, "canary_pct": 100, "waves": [100]})
+            &json!({"version": "9.9.9", "agents": {"ids": ["agent-1", "evil"]}, "canary_pct": 100, "waves": [100]})
                 .to_string(),
             &[],
         )
@@ -390,6 +394,30 @@ async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
     let id = r.body["id"].as_str().unwrap().to_string();
     let api = up.api.clone();
     let path = format!("/rollouts/{id}");
+    wait_for("the release offered to the evil agent", T, || {
+        let (api, path) = (api.clone(), path.clone());
+        async move {
+            let r = api.get(&path).await.body;
+            r["agents"]
+                .as_array()?
+                .iter()
+                .any(|a| a["id"] == "evil" && a["state"] == "offered")
+                .then_some(())
+        }
+    })
+    .await;
+    let failed = LifecycleStatus {
+        version: EVIL_VERSION.into(),
+        arch: std::env::consts::ARCH.into(),
+        phase: "idle".into(),
+        last_failure: Some(EVIL_REFUSAL.into()),
+        failed_version: Some("9.9.9".into()),
+        failed_rollout: Some(id.clone()),
+        sent_at_ms: imn_proto::now_ms(),
+        ..Default::default()
+    };
+    evil.send(Kind::Update, &Envelope::Update(UpdateUp::Status(failed)))
+        .await;
     let rollout = wait_for("the rollout to halt", T, || {
         let (api, path) = (api.clone(), path.clone());
         async move {
@@ -398,16 +426,28 @@ async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
         }
     })
     .await;
-    let a1 = rollout["agents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["id"] == "agent-1")
-        .unwrap()
-        .clone();
-    assert_eq!(a1["state"], "failed", "{rollout}");
-    let detail = a1["detail"].as_str().unwrap().to_string();
-    assert!(detail.starts_with("update_refused"), "{detail}");
+    let row = |who: &str| {
+        rollout["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == who)
+            .unwrap()
+            .clone()
+    };
+    let a1 = row("agent-1");
+    assert_eq!(a1["state"], "skipped", "{rollout}");
+    assert!(
+        a1["detail"]
+            .as_str()
+            .unwrap()
+            .contains("without its supervisor"),
+        "{rollout}"
+    );
+    let ev = row("evil");
+    assert_eq!(ev["state"], "failed", "{rollout}");
+    let detail = ev["detail"].as_str().unwrap().to_string();
+    assert_eq!(detail, EVIL_REFUSAL);
     let reason = rollout["reason"].as_str().unwrap().to_string();
 
     // 3. The Rollouts view lists it (the hash without its slash works too).
@@ -429,7 +469,7 @@ async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
     b.click(&format!("#rollouts tr[data-rollout=\"{id}\"] a"))
         .await;
 
-    // 4. Its page: header, waves, and agent-1 failed with why.
+    // 4. Its page: header, waves, the evil agent failed with why, agent-1 skipped.
     b.wait_true(
         "the rollout's page",
         &format!(
@@ -459,9 +499,9 @@ async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
         json!([["0", "canary", "100 % (1 of 1)", true]])
     );
     b.wait_true(
-        "agent-1's row, failed, with its detail as text",
+        "the evil agent's row, failed, with its detail as text",
         &format!(
-            "const r = document.querySelector('#rollout-agents tr[data-agent=\"agent-1\"]'); \
+            "const r = document.querySelector('#rollout-agents tr[data-agent=\"evil\"]'); \
              return !!r && r.classList.contains('failed-row') && r.dataset.wave === '0' \
              && r.querySelector('td.failed')?.textContent === 'failed' \
              && r.querySelector('td.detail').textContent === {} \
@@ -473,25 +513,40 @@ async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
     .await;
     b.screenshot(&shots.join("9-rollout.png")).await;
 
-    // 5. The refusal is agent-1's last failure: marked in the fleet table, and shown
-    // on its page with its version and settings versions.
-    let agent = up.api.get("/agents/agent-1").await.body;
-    let failure = agent["update"]["last_failure"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{agent}"))
-        .to_string();
-    assert!(failure.starts_with("update_refused"), "{failure}");
+    b.wait_true(
+        "agent-1's row, skipped, with why",
+        "const r = document.querySelector('#rollout-agents tr[data-agent=\"agent-1\"]'); \
+         return !!r && r.querySelector('td.detail').textContent.includes('without its supervisor')",
+        T,
+    )
+    .await;
+    assert_eq!(
+        b.eval("return [window.__xss === undefined, !!document.getElementById('injected')]")
+            .await,
+        json!([true, false]),
+        "markup in the refusal became elements"
+    );
+
+    // 5. The evil agent's refusal is its last failure, marked in the fleet table;
+    // agent-1's page shows its version and settings versions.
+    let evil_agent = up.api.get("/agents/evil").await.body;
+    assert_eq!(evil_agent["update"]["last_failure"], json!(EVIL_REFUSAL));
     b.click("#nav-fleet").await;
     b.wait_true(
-        "agent-1's refusal marked in the fleet table",
+        "the evil agent's refusal marked in the fleet table",
         &format!(
-            "const b = document.querySelector('#agents tr[data-agent=\"agent-1\"] td.version .badge.update-failed'); \
+            "const b = document.querySelector('#agents tr[data-agent=\"evil\"] td.version .badge.update-failed'); \
              return !!b && b.title === {} && b.textContent === 'update refused'",
-            js(&failure)
+            js(EVIL_REFUSAL)
         ),
         T,
     )
     .await;
+    let agent = up.api.get("/agents/agent-1").await.body;
+    let failure = agent["update"]["last_failure"]
+        .as_str()
+        .unwrap_or("-")
+        .to_string();
     b.goto(&format!("{base}/#/agent/agent-1")).await;
     b.wait_true(
         "the agent page's lifecycle",

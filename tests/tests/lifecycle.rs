@@ -658,6 +658,36 @@ async fn broken_release_rolls_back(t: &Target) {
         .data(&a)
         .join(format!("update/bin/imn-agent-{broken}"))
         .exists());
+    // An operator aborts it: it stays aborted, and the second agent is never offered it.
+    let r = lab
+        .up
+        .api
+        .post(&format!("/admin/rollouts/{rollout}/abort"), "{}", &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["state"], json!("aborted"), "{}", r.body);
+    let r = lab
+        .up
+        .api
+        .post(&format!("/admin/rollouts/{rollout}/resume"), "{}", &[])
+        .await;
+    assert_eq!(
+        r.status, 409,
+        "an aborted rollout does not resume: {}",
+        r.body
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = lab.up.api.get(&format!("/rollouts/{rollout}")).await.body;
+    let later = r["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == json!(b))
+        .unwrap()
+        .clone();
+    assert_eq!(later["state"], json!("waiting"), "{r}");
+    assert!(lab.events(&b, "update_refused").await.is_empty());
+    assert!(lab.events(&b, "update_failed").await.is_empty());
     eprintln!(
         "FIGURES {} rollback: release exiting at start rolled back and the rollout halted {halted_s:.1} s after it started (trial period {TRIAL_S} s)",
         t.arch
@@ -909,20 +939,25 @@ async fn a_download_cut_by_a_partition_resumes_where_it_stopped() {
     let wire = after - before;
     let log =
         std::fs::read_to_string(lab.up.dir.path().join(format!("{id}.log"))).unwrap_or_default();
-    let resumes: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("downloading a release"))
-        .collect();
+    // Throttled: the download, less the partition, took at least the time its bytes
+    // need at the rate.
+    let began = logged_at(&log, "downloading a release").unwrap();
+    let staged = logged_at(&log, "release verified and staged").unwrap();
+    let active_s = (staged - began) as f64 / 1000.0 - 30.0;
+    let floor_s = size as f64 / RATE as f64;
     eprintln!(
-        "FIGURES partition: {size} byte release, cut at {at_cut} bytes for 30 s; {wire} bytes broker->agent for the whole update ({:.3}x the release); {took:.1} s from the rollout to v{v2} at {RATE} B/s",
+        "FIGURES partition: {size} byte release, cut at {at_cut} bytes for 30 s; {wire} bytes broker->agent for the whole update ({:.3}x the release); {took:.1} s from the rollout to v{v2} at {RATE} B/s ({active_s:.1} s downloading outside the partition, {floor_s:.1} s the rate's floor)",
         wire as f64 / size as f64
+    );
+    assert!(
+        active_s >= floor_s * 0.9,
+        "{active_s:.1} s downloading for {size} bytes at {RATE} B/s: not throttled"
     );
     // A restart from zero would have carried at least size + at_cut.
     assert!(
         wire < size + at_cut / 2,
         "{wire} bytes on the wire for a {size} byte release cut at {at_cut}: it restarted"
     );
-    assert!(!resumes.is_empty(), "{log}");
 }
 
 /// Settings that point the agent at a dead broker: the agent tries them, cannot

@@ -49,6 +49,12 @@ pub const CACHED_RELEASES: usize = 4;
 pub const FETCH_BYTES_PER_S: u64 = 8 << 20;
 /// An offer not taken up (no download, no new version) is made again after this.
 pub const REOFFER_MS: i64 = 30_000;
+/// An agent that reported since its offer without working on it (it was offline, or
+/// restarted) is offered again, but not more often than this.
+pub const MIN_REOFFER_MS: i64 = 5_000;
+/// The largest settings version (as schedule versions: far beyond any real count, and
+/// exact in a JSON number).
+pub const MAX_SETTINGS_VERSION: u64 = 1 << 53;
 /// Most rollouts kept running at once.
 pub const MAX_ACTIVE_ROLLOUTS: usize = 16;
 /// Most agents in one rollout.
@@ -62,11 +68,19 @@ const KIND_SETTINGS: &str = "settings";
 #[derive(Default)]
 pub struct Lifecycle {
     cache: Mutex<Vec<(String, Arc<Vec<u8>>)>>,
+    /// SHA-256s asked for that no release has, and when (the last 64, for 10 s): a
+    /// hostile agent's made-up names cost no store read each.
+    unknown: Mutex<Vec<(String, i64)>>,
     /// Per agent: (second, bytes served in it). Bounded: cleared past 100,000 agents.
     fetched: Mutex<HashMap<String, (i64, u64)>>,
     rollouts: tokio::sync::Mutex<()>,
     /// Per agent: when settings were last pushed (bounded like `fetched`).
     settings_pushed: Mutex<HashMap<String, i64>>,
+    /// Per agent: when its last lifecycle report was stored (bounded like `fetched`).
+    reported: Mutex<HashMap<String, i64>>,
+    /// When rollouts last moved on: reports move them at most once a second (each
+    /// move reads every rollout and every agent's report; the sweep catches up).
+    advanced_ms: std::sync::atomic::AtomicI64,
 }
 
 /// `POST /admin/rollouts`.
@@ -118,6 +132,10 @@ pub struct Rollout {
     pub current_wave: usize,
     pub wave_count: usize,
     pub agents: Vec<RolloutAgent>,
+    /// Failures an operator accepted by resuming a halted rollout: the limit counts
+    /// only failures past them.
+    #[serde(default)]
+    pub accepted_failures: usize,
 }
 
 impl Rollout {
@@ -254,18 +272,44 @@ impl Backend {
         Ok(json!({"releases": rows.iter().map(release_json).collect::<Vec<_>>()}))
     }
 
+    /// A release's bytes: from the cache (least recently used out), else the store.
     async fn release_bytes(&self, sha: &str) -> Option<Arc<Vec<u8>>> {
+        let now = now_ms();
         {
-            let cache = self
+            let mut cache = self
                 .lifecycle
                 .cache
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if let Some((_, b)) = cache.iter().find(|(s, _)| s == sha) {
-                return Some(b.clone());
+            if let Some(i) = cache.iter().position(|(s, _)| s == sha) {
+                let hit = cache.remove(i);
+                let bytes = hit.1.clone();
+                cache.push(hit);
+                return Some(bytes);
+            }
+            let unknown = self
+                .lifecycle
+                .unknown
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if unknown.iter().any(|(s, at)| s == sha && now - at < 10_000) {
+                return None;
             }
         }
-        let bytes = Arc::new(self.store.release_bytes(sha).await.ok()??);
+        let Some(bytes) = self.store.release_bytes(sha).await.ok().flatten() else {
+            let mut unknown = self
+                .lifecycle
+                .unknown
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            unknown.retain(|(s, at)| s != sha && now - at < 10_000);
+            if unknown.len() >= 64 {
+                unknown.remove(0);
+            }
+            unknown.push((sha.to_string(), now));
+            return None;
+        };
+        let bytes = Arc::new(bytes);
         let mut cache = self
             .lifecycle
             .cache
@@ -334,7 +378,12 @@ impl Backend {
                     tracing::warn!(agent, "fetch of a malformed sha256; dropped");
                     return;
                 }
+                // Charged before anything is read: the bytes asked for (at least a
+                // small chunk's worth for an empty or failing request).
                 let len = len.min(wire::MAX_CHUNK) as u64;
+                if !self.fetch_allowed(agent, len.max(4096)) {
+                    return;
+                }
                 let Some(bytes) = self.release_bytes(&sha256).await else {
                     let chunk = Chunk {
                         sha256,
@@ -350,9 +399,6 @@ impl Backend {
                 let (data, error) = match offset.checked_add(len) {
                     Some(_) if offset < total => {
                         let end = (offset + len).min(total);
-                        if !self.fetch_allowed(agent, end - offset) {
-                            return;
-                        }
                         (bytes[offset as usize..end as usize].to_vec(), None)
                     }
                     _ => (
@@ -372,6 +418,24 @@ impl Backend {
                 self.send(agent, &Envelope::Chunk(chunk)).await;
             }
             UpdateUp::Status(status) => {
+                // An agent reports after each hello and each change of its update: a
+                // flood of reports is stored at most five times a second.
+                {
+                    let now = now_ms();
+                    let mut r = self
+                        .lifecycle
+                        .reported
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if r.len() > 100_000 {
+                        r.clear();
+                    }
+                    if r.get(agent).is_some_and(|&t| now - t < 200) {
+                        tracing::debug!(agent, "lifecycle report too soon after the last; dropped");
+                        return;
+                    }
+                    r.insert(agent.to_string(), now);
+                }
                 let status = clip_status(status);
                 let doc = AgentLifecycle {
                     status: status.clone(),
@@ -383,7 +447,14 @@ impl Backend {
                     }
                 }
                 self.reconcile_settings(agent, &status).await;
-                self.advance_rollouts().await;
+                let now = now_ms();
+                let last = self
+                    .lifecycle
+                    .advanced_ms
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if now - last >= 1000 {
+                    self.advance_rollouts().await;
+                }
             }
         }
     }
@@ -433,11 +504,40 @@ impl Backend {
     /// Sends an agent its desired settings when it runs an older version of them
     /// (at most every 30 s), unless it reported that version failed.
     async fn reconcile_settings(&self, agent: &str, status: &LifecycleStatus) {
-        let Some(d) = self.desired_settings(agent).await else {
+        let Some(mut d) = self.desired_settings(agent).await else {
             return;
         };
-        if status.settings_version >= d.version {
+        if status.settings_version == d.version {
             return;
+        }
+        if status.settings_version > d.version {
+            // The agent runs a version this store never gave (a store replaced, or an
+            // agent that lies): the desired settings go out again past it, if they can.
+            let Some(v) = status
+                .settings_version
+                .checked_add(1)
+                .filter(|v| *v <= MAX_SETTINGS_VERSION)
+            else {
+                tracing::warn!(
+                    agent,
+                    version = status.settings_version,
+                    "agent reports a settings version past the largest; not sending settings"
+                );
+                return;
+            };
+            d.version = v;
+            d.set_ms = now_ms();
+            let Ok(text) = serde_json::to_string(&d) else {
+                return;
+            };
+            if let Err(e) = self
+                .store
+                .put_doc(KIND_SETTINGS, agent, &text, now_ms())
+                .await
+            {
+                tracing::warn!(error = %e, agent, "cannot store desired settings");
+                return;
+            }
         }
         let failed = status
             .last_failure
@@ -492,15 +592,13 @@ impl Backend {
             ));
         }
         for (k, v) in &settings {
-            if k.is_empty()
-                || k.len() > 64
-                || !k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-            {
+            if !wire::REMOTE_SETTINGS.contains(&k.as_str()) {
                 return Err(bad(
                     "settings",
                     format!(
-                        "key {:?} is not a setting name (a-z and _)",
-                        k.chars().take(64).collect::<String>()
+                        "{:?} cannot be set remotely (these can: {})",
+                        k.chars().take(64).collect::<String>(),
+                        wire::REMOTE_SETTINGS.join(", ")
                     ),
                 ));
             }
@@ -535,6 +633,7 @@ impl Backend {
             d.version = d
                 .version
                 .checked_add(1)
+                .filter(|v| *v <= MAX_SETTINGS_VERSION)
                 .ok_or_else(|| bad("settings", "the version is at its largest"))?;
             d.set_ms = now;
             let text =
@@ -627,7 +726,7 @@ impl Backend {
             ));
         }
         let now = now_ms();
-        let mut picked = self.select(&req.agents, now);
+        let picked = self.select(&req.agents, now);
         if picked.is_empty() {
             return Err(bad("agents", "the selection matches no agent"));
         }
@@ -637,8 +736,57 @@ impl Backend {
                 format!("at most {MAX_ROLLOUT_AGENTS} agents in one rollout"),
             ));
         }
-        picked.sort_by(|a, b| a.id.cmp(&b.id));
-        let n = picked.len();
+        // An agent is in one active rollout at a time: two would offer it two
+        // releases in turn, and neither download would finish.
+        for other in existing.iter().filter(|r| !r.terminal()) {
+            if let Some(a) = other
+                .agents
+                .iter()
+                .find(|a| picked.iter().any(|p| p.id == a.id))
+            {
+                return Err(ApiError::Conflict(format!(
+                    "agents: {} is in rollout {} ({}, version {}); abort it or wait for it to finish",
+                    a.id, other.id, other.state, other.version
+                )));
+            }
+        }
+        let id = format!("ro-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let reports = self.lifecycle_reports().await;
+        // Why an agent cannot take this release, if it cannot.
+        let skip = |a: &crate::registry::AgentEntry| -> Option<String> {
+            let Some(rel) = releases
+                .iter()
+                .find(|r| r.version == req.version && r.arch == a.hello.arch)
+            else {
+                return Some(format!("no release {} for {}", req.version, a.hello.arch));
+            };
+            if rel.expires_ms <= now {
+                return Some(format!("the release for {} has expired", a.hello.arch));
+            }
+            reports
+                .get(&a.id)
+                .filter(|l| l.status.phase == "unsupervised")
+                .map(|_| "it runs without its supervisor (no update_keys)".to_string())
+        };
+        // Waves over the agents that can update, in an order the agents cannot choose
+        // (a hash of the rollout and agent ids): no agent picks its way into a canary.
+        let order = |a: &str| {
+            use sha2::Digest;
+            sha2::Sha256::digest(format!("{id}/{a}").as_bytes()).to_vec()
+        };
+        let (mut eligible, skipped): (Vec<_>, Vec<_>) =
+            picked.into_iter().partition(|a| skip(a).is_none());
+        if eligible.is_empty() {
+            return Err(bad(
+                "agents",
+                format!(
+                    "no selected agent can take release {} (each lacks a release for its architecture, or its supervisor)",
+                    req.version
+                ),
+            ));
+        }
+        eligible.sort_by_cached_key(|a| order(&a.id));
+        let n = eligible.len();
         let count = |p: f64| ((n as f64) * p / 100.0).ceil() as usize;
         // Wave boundaries: the canary (at least one agent when asked for), then each
         // wave's share of all agents.
@@ -658,27 +806,30 @@ impl Backend {
                 .position(|&b| i < b)
                 .unwrap_or(bounds.len() - 1)
         };
-        let agents = picked
+        let mut agents: Vec<RolloutAgent> = eligible
             .iter()
             .enumerate()
-            .map(|(i, a)| {
-                let has = releases
-                    .iter()
-                    .any(|r| r.version == req.version && r.arch == a.hello.arch);
-                RolloutAgent {
-                    id: a.id.clone(),
-                    wave: wave_of(i),
-                    state: if has { "waiting" } else { "skipped" }.into(),
-                    version: a.hello.version.clone(),
-                    detail: (!has)
-                        .then(|| format!("no release {} for {}", req.version, a.hello.arch)),
-                    updated_ms: now,
-                    offered_ms: 0,
-                }
+            .map(|(i, a)| RolloutAgent {
+                id: a.id.clone(),
+                wave: wave_of(i),
+                state: "waiting".into(),
+                version: a.hello.version.clone(),
+                detail: None,
+                updated_ms: now,
+                offered_ms: 0,
             })
             .collect();
+        agents.extend(skipped.iter().map(|a| RolloutAgent {
+            id: a.id.clone(),
+            wave: 0,
+            state: "skipped".into(),
+            version: a.hello.version.clone(),
+            detail: skip(a),
+            updated_ms: now,
+            offered_ms: 0,
+        }));
         let r = Rollout {
-            id: format!("ro-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            id,
             version: req.version,
             state: "running".into(),
             reason: None,
@@ -689,10 +840,11 @@ impl Backend {
             current_wave: 0,
             wave_count: bounds.len(),
             agents,
+            accepted_failures: 0,
         };
         self.save_rollout(&r).await?;
         drop(_turn);
-        tracing::info!(rollout = %r.id, version = %r.version, agents = n, waves = r.wave_count, "rollout started");
+        tracing::info!(rollout = %r.id, version = %r.version, agents = n, skipped = skipped.len(), waves = r.wave_count, "rollout started");
         self.advance_rollouts().await;
         self.rollout_json(&r.id).await
     }
@@ -738,6 +890,9 @@ impl Backend {
                     )))
                 }
             };
+            if r.state == "halted" && next == "running" {
+                r.accepted_failures = r.agents.iter().filter(|a| a.state == "failed").count();
+            }
             r.state = next.into();
             if next == "running" {
                 r.reason = None;
@@ -755,6 +910,9 @@ impl Backend {
     /// every lifecycle report and from the sweep.
     pub(crate) async fn advance_rollouts(&self) {
         let _turn = self.lifecycle.rollouts.lock().await;
+        self.lifecycle
+            .advanced_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         let Ok(rollouts) = self.load_rollouts().await else {
             return;
         };
@@ -851,9 +1009,9 @@ impl Backend {
                 s.target.as_deref() == Some(r.version.as_str())
                     && matches!(s.phase.as_str(), "downloading" | "staged")
             });
-            let unheard = reports
-                .get(&a.id)
-                .is_some_and(|l| l.received_ms > a.offered_ms && !working);
+            let unheard = reports.get(&a.id).is_some_and(|l| {
+                l.received_ms > a.offered_ms && !working && now - a.offered_ms >= MIN_REOFFER_MS
+            });
             if alive && (a.offered_ms == 0 || unheard || (stale && a.state != "downloading")) {
                 if a.offered_ms == 0 {
                     a.state = "offered".into();
@@ -870,8 +1028,10 @@ impl Backend {
             .filter(|a| a.wave <= r.current_wave && a.state != "skipped")
             .collect();
         let failed: Vec<&&RolloutAgent> = started.iter().filter(|a| a.state == "failed").collect();
+        let counted = failed.len().saturating_sub(r.accepted_failures);
         if !started.is_empty()
-            && (failed.len() as f64) * 100.0 > r.max_failures_pct * started.len() as f64
+            && counted > 0
+            && (counted as f64) * 100.0 > r.max_failures_pct * started.len() as f64
         {
             let first = failed.first().map(|a| {
                 format!(
