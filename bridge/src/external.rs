@@ -476,7 +476,8 @@ mod tests {
                 "$share/g/imn/v1/+/hello",
                 "$share/g/imn/v1/+/hb",
                 "$share/g/imn/v1/+/out",
-                "$share/g/imn/v1/+/status"
+                "$share/g/imn/v1/+/status",
+                "$share/g/imn/v1/+/upd"
             ]
         );
     }

@@ -224,8 +224,37 @@ impl Lab {
 
     /// Writes a golden file for each lifecycle variant the tap saw that has none: the
     /// smallest message of each.
-    fn write_goldens(&self, what: &str) {
+    async fn write_goldens(&self, agent: &str, what: &str) {
         let Some(tap) = &self.tap else { return };
+        // The backend's answer for a release it does not have (a Chunk with an error
+        // and no data): the small sample of a Chunk. Asked as the agent would.
+        {
+            let mut mo = rumqttc::MqttOptions::new(
+                format!("{agent}-golden"),
+                "127.0.0.1",
+                self.up.mqtt_port,
+            );
+            mo.set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut ev) = rumqttc::AsyncClient::new(mo, 16);
+            let fetch = Envelope::Update(wire::UpdateUp::Fetch {
+                sha256: "0".repeat(64),
+                offset: 0,
+                len: 4096,
+            });
+            client
+                .publish(
+                    wire::topic(agent, Kind::Update),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    wire::encode(&fetch),
+                )
+                .await
+                .unwrap();
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until {
+                let _ = tokio::time::timeout(Duration::from_millis(200), ev.poll()).await;
+            }
+        }
         let dir = root().join("modules/tests/golden");
         let mut best: std::collections::BTreeMap<&str, Vec<u8>> = Default::default();
         for m in tap.messages() {
@@ -241,7 +270,12 @@ impl Lab {
         }
         for (path, bytes) in best {
             let source = format!(
-                "captured: tapped on imn up's MQTT broker between a static x86_64 imn-agent (firmware build), run by its supervisor, and the backend, in tests/tests/lifecycle.rs ({what}); the smallest message of this variant"
+                "captured: tapped on imn up's MQTT broker between a static x86_64 imn-agent (firmware build), run by its supervisor, and the backend, in tests/tests/lifecycle.rs ({what}): {}",
+                if path == "Chunk" {
+                    "the backend's answer to a fetch of a release it does not have, which the test asks as the agent"
+                } else {
+                    "the smallest message of this variant"
+                }
             );
             if imn_tests::wire_compat::write_golden(&dir, path, &source, &bytes) {
                 eprintln!("wrote the golden sample {path}");
@@ -567,7 +601,7 @@ async fn update_by_rollout(t: &Target) {
         health["duplicates_dropped"]
     );
     assert!(total >= 500, "{total} results");
-    lab.write_goldens("an update by rollout");
+    lab.write_goldens(&id, "an update by rollout").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,7 +623,7 @@ async fn broken_release_rolls_back(t: &Target) {
     let v1_bin = firmware(t, "imn-agent");
     let v1 = version_of(&v1_bin);
     let broken = format!("{v1}.9");
-    let (a, b) = (format!("canary-{}", t.arch), format!("later-{}", t.arch));
+    let (a, b) = (format!("one-{}", t.arch), format!("two-{}", t.arch));
     const TRIAL_S: u64 = 40;
     let _pa = lab.agent(&a, &v1_bin, TRIAL_S, 8 << 20);
     let _pb = lab.agent(&b, &v1_bin, TRIAL_S, 8 << 20);
@@ -617,6 +651,13 @@ async fn broken_release_rolls_back(t: &Target) {
             .find(|x| x["id"] == json!(id))
             .unwrap()
             .clone()
+    };
+    // Which of the two is the canary is the rollout's choice (a hash of its id and
+    // the agents'): a is the canary from here on.
+    let (a, b) = if of(&a)["wave"] == json!(0) {
+        (a, b)
+    } else {
+        (b, a)
     };
     assert_eq!(of(&a)["wave"], json!(0), "{r}");
     assert_eq!(of(&a)["state"], json!("failed"), "{r}");
@@ -1042,7 +1083,7 @@ async fn settings_that_cut_the_agent_off_are_reverted_and_good_ones_apply() {
         },
     )
     .await;
-    lab.write_goldens("remote settings");
+    lab.write_goldens(id, "remote settings").await;
     eprintln!(
         "FIGURES settings: a dead broker reverted and the agent back {back_s:.1} s after the change (trial {TRIAL_S} s)"
     );
