@@ -357,11 +357,12 @@ impl Agent {
             max_queued: cfg.max_queued_runs as usize,
             max_rate: cfg.max_probe_rate,
         });
-        let (cfg_data, cfg_keys, cfg_supervised, cfg_rate) = (
+        let (cfg_data, cfg_keys, cfg_supervised, cfg_rate, cfg_reserve) = (
             cfg.data.clone(),
             cfg.update_keys.clone(),
             cfg.supervised(),
             cfg.update_rate,
+            cfg.disk_reserve_bytes,
         );
         let sync = SyncCore::new(
             SyncSettings {
@@ -395,7 +396,13 @@ impl Agent {
             sched_at: None,
             schedule_policy: Arc::new(schedule_policy.unwrap_or_default()),
             refused_schedules: None,
-            update: crate::update::Updater::new(&cfg_data, cfg_keys, cfg_supervised, cfg_rate),
+            update: crate::update::Updater::new(
+                &cfg_data,
+                cfg_keys,
+                cfg_supervised,
+                cfg_rate,
+                cfg_reserve,
+            ),
             restart: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             reported_refusals: Vec::new(),
         })

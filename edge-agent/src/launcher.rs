@@ -579,11 +579,7 @@ mod tests {
     }
 
     fn dir(label: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!(
-            "imn-launcher-{label}-{}-{}",
-            std::process::id(),
-            crate::random_u64()
-        ));
+        let d = crate::test_dir(&format!("launcher-{label}"));
         std::fs::create_dir_all(d.join("bin")).unwrap();
         Dir(d)
     }

@@ -55,3 +55,15 @@ pub fn random_u64() -> u64 {
             .rotate_left(29),
     }
 }
+
+/// A fresh directory under the system temp dir, for unit tests (the caller removes it).
+#[cfg(test)]
+pub(crate) fn test_dir(label: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "imn-{label}-{}-{}",
+        std::process::id(),
+        random_u64()
+    ));
+    std::fs::create_dir_all(&d).expect("a test directory");
+    d
+}

@@ -170,10 +170,18 @@ pub struct Updater {
     pub received: u64,
     /// Offline: no fetch is due until the link is back.
     paused: bool,
+    /// Free space a download leaves on the data filesystem (`disk_reserve_bytes`).
+    reserve: u64,
 }
 
 impl Updater {
-    pub fn new(data: &Path, keys: Vec<String>, supervised: bool, rate: u64) -> Updater {
+    pub fn new(
+        data: &Path,
+        keys: Vec<String>,
+        supervised: bool,
+        rate: u64,
+        reserve: u64,
+    ) -> Updater {
         let dir = dir(data);
         let last_failure = read_json::<Failure>(&dir, FAILURE)
             .or_else(|| read_json::<Failure>(&dir, FAILURE_REPORTED))
@@ -193,6 +201,7 @@ impl Updater {
             last_failure,
             received: 0,
             paused: false,
+            reserve,
         }
     }
 
@@ -322,6 +331,18 @@ impl Updater {
             }
         };
         let mut offset = file.seek(SeekFrom::End(0)).unwrap_or(0);
+        // Room for the rest of it, and the outbox's reserve left over (a release never
+        // fills the flash the outbox needs).
+        let (total_kib, free_kib) = imn_probes::system::disk_kib(&self.dir);
+        let need = m.size.saturating_sub(offset.min(m.size)) + self.reserve;
+        if total_kib > 0 && free_kib.saturating_mul(1024) < need {
+            let _ = std::fs::remove_file(&path);
+            let why = format!(
+                "update_failed: not enough space for {} ({} bytes and the {} byte reserve; {} KiB free)",
+                m.version, m.size, self.reserve, free_kib
+            );
+            return Err(self.fail(why, &m.version, r));
+        }
         // A whole file left by a power cut before it was staged: fetched again, rather
         // than asked for past its end.
         if offset >= m.size {
@@ -549,13 +570,7 @@ mod tests {
     use super::*;
 
     fn temp(label: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "imn-update-{label}-{}-{}",
-            std::process::id(),
-            crate::random_u64()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::test_dir(&format!("update-{label}"))
     }
 
     /// A signed release of `body` as `version` for this machine.
@@ -591,7 +606,7 @@ mod tests {
         let data = temp("dl");
         let body: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         let (keys, m) = signed("99.0.0", &body);
-        let mut u = Updater::new(&data, keys.clone(), true, 8192);
+        let mut u = Updater::new(&data, keys.clone(), true, 8192, 0);
         assert!(u.offer("ro-1".into(), m.clone()).unwrap());
         assert!(
             !u.offer("ro-1".into(), m.clone()).unwrap(),
@@ -621,7 +636,7 @@ mod tests {
         assert!(u.fetch_at().unwrap() > Instant::now() + Duration::from_millis(300));
         // A restart: a new updater resumes at the partial file's length.
         drop(u);
-        let mut u = Updater::new(&data, keys.clone(), true, 1 << 20);
+        let mut u = Updater::new(&data, keys.clone(), true, 1 << 20, 0);
         assert!(u.offer("ro-1".into(), m.clone()).unwrap());
         let Some(UpdateUp::Fetch { offset, .. }) = u.fetch(Instant::now()) else {
             panic!("a fetch")
@@ -645,7 +660,7 @@ mod tests {
         let data = temp("bad");
         let body = vec![7u8; 5000];
         let (keys, m) = signed("99.0.0", &body);
-        let mut u = Updater::new(&data, keys, true, 1 << 20);
+        let mut u = Updater::new(&data, keys, true, 1 << 20, 0);
         u.offer("ro-2".into(), m.clone()).unwrap();
         let mut altered = body.clone();
         altered[100] ^= 1;
@@ -663,7 +678,20 @@ mod tests {
         let (_, other) = signed("99.1.0", &body);
         let e = u.offer("ro-3".into(), other).unwrap_err();
         assert!(e.contains("not trusted"), "{e}");
-        let mut alone = Updater::new(&data, vec![], false, 1 << 20);
+        // No room for it and the outbox's reserve: refused before anything is written.
+        let (keys, m2) = signed("99.2.0", &body);
+        let mut full = Updater::new(&data, keys, true, 1 << 20, u64::MAX / 4);
+        let e = full.offer("ro-5".into(), m2).unwrap_err();
+        assert!(
+            e.starts_with("update_failed: not enough space for 99.2.0"),
+            "{e}"
+        );
+        assert!(!std::fs::read_dir(dir(&data)).unwrap().flatten().any(|e| e
+            .file_name()
+            .to_string_lossy()
+            .contains("partial")
+            && e.metadata().unwrap().len() > 0));
+        let mut alone = Updater::new(&data, vec![], false, 1 << 20, 0);
         assert!(alone
             .offer("ro-4".into(), m)
             .unwrap_err()

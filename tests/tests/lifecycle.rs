@@ -323,6 +323,39 @@ impl Lab {
         )
     }
 
+    /// A packaged agent (`program` from a package's root, its `config` as shipped via
+    /// `--config` or `--uci`), with the lab's broker and key as flags.
+    fn packaged(
+        &self,
+        id: &str,
+        program: &Path,
+        config: (&str, &Path),
+        data: &Path,
+        logs: &Path,
+    ) -> Proc {
+        Proc::spawn(
+            id,
+            program,
+            &[
+                config.0,
+                config.1.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--id",
+                id,
+                "--broker",
+                &self.proxy.url(),
+                "--heartbeat-ms",
+                "500",
+                "--update-keys",
+                &self.public,
+                "--update-rate",
+                "8000000",
+            ],
+            logs,
+        )
+    }
+
     async fn add_release(&self, file: Vec<u8>) -> Reply {
         self.up.api.post_bytes("/admin/releases", file).await
     }
@@ -1160,25 +1193,11 @@ async fn deb_agent_self_updates_without_touching_dpkg_files_and_a_later_package_
     let text = std::fs::read_to_string(&conf).unwrap();
     assert!(text.contains("\nsupervise = true\n"), "{text}");
     let start = || {
-        Proc::spawn(
+        lab.packaged(
             "deb-agent",
             &installed,
-            &[
-                "--config",
-                conf.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-                "--id",
-                "deb-agent",
-                "--broker",
-                &lab.proxy.url(),
-                "--heartbeat-ms",
-                "500",
-                "--update-keys",
-                &lab.public,
-                "--update-rate",
-                "8000000",
-            ],
+            ("--config", &conf),
+            &data,
             r.path(),
         )
     };
@@ -1298,29 +1317,7 @@ async fn ipk_agent_self_updates_without_touching_package_files_and_a_later_packa
         .unwrap()
         .contains("option supervise '1'"));
     let data = r.path().join("usr/lib/imn-agent");
-    let start = || {
-        Proc::spawn(
-            "ipk-agent",
-            &installed,
-            &[
-                "--uci",
-                uci.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-                "--id",
-                "ipk-agent",
-                "--broker",
-                &lab.proxy.url(),
-                "--heartbeat-ms",
-                "500",
-                "--update-keys",
-                &lab.public,
-                "--update-rate",
-                "8000000",
-            ],
-            r.path(),
-        )
-    };
+    let start = || lab.packaged("ipk-agent", &installed, ("--uci", &uci), &data, r.path());
     let mut agent = start();
     lab.wait_version("ipk-agent", &v1, Duration::from_secs(60))
         .await;

@@ -542,29 +542,8 @@ fn write_file(path: &Path, contents: &[u8], kind: FileKind) -> Result<(), CertsE
 mod tests {
     use super::*;
     use std::process::Command;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(label: &str) -> Self {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "imn-{label}-{}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed),
-                OffsetDateTime::now_utc().unix_timestamp_nanos()
-            ));
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     fn request(dir: &Path) -> CertsRequest {
         CertsRequest {

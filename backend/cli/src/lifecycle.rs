@@ -614,30 +614,8 @@ pub async fn settings_set(c: &Client, agents: &str, pairs: &[String]) -> anyhow:
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A fresh directory under the system temp dir, removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(label: &str) -> Self {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "imn-{label}-{}-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed),
-                imn_proto::now_ms()
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     /// An ELF header of `class` (1: 32-bit, 2: 64-bit), byte order `data` (1: little,
     /// 2: big) and `machine`, followed by some code.
@@ -772,6 +750,7 @@ mod tests {
     #[test]
     fn keygen_then_sign_makes_a_release_that_opens_with_the_written_public_key() {
         let tmp = TempDir::new("lifecycle");
+        std::fs::create_dir_all(&tmp.0).unwrap();
         let key = tmp.0.join("release.key");
         let printed = keygen(&key).unwrap();
         let public = std::fs::read_to_string(tmp.0.join("release.key.pub")).unwrap();

@@ -14,6 +14,8 @@ mod certs;
 mod cli;
 mod client;
 mod lifecycle;
+#[cfg(test)]
+mod test_util;
 mod up;
 
 #[derive(Debug, Parser)]

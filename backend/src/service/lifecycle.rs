@@ -74,13 +74,42 @@ pub struct Lifecycle {
     /// Per agent: (second, bytes served in it). Bounded: cleared past 100,000 agents.
     fetched: Mutex<HashMap<String, (i64, u64)>>,
     rollouts: tokio::sync::Mutex<()>,
-    /// Per agent: when settings were last pushed (bounded like `fetched`).
-    settings_pushed: Mutex<HashMap<String, i64>>,
-    /// Per agent: when its last lifecycle report was stored (bounded like `fetched`).
-    reported: Mutex<HashMap<String, i64>>,
+    /// Per agent: when settings were last pushed.
+    settings_pushed: Turns,
+    /// Per agent: when its last lifecycle report was stored.
+    reported: Turns,
     /// When rollouts last moved on: reports move them at most once a second (each
     /// move reads every rollout and every agent's report; the sweep catches up).
     advanced_ms: std::sync::atomic::AtomicI64,
+}
+
+/// Per agent, when something last happened: whether it may happen again. Bounded:
+/// forgotten whole past 100,000 agents (at worst, one more turn each).
+#[derive(Default)]
+struct Turns(Mutex<HashMap<String, i64>>);
+
+impl Turns {
+    /// Takes `agent`'s turn if its last was at least `every_ms` ago.
+    fn take(&self, agent: &str, now: i64, every_ms: i64) -> bool {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 100_000 {
+            m.clear();
+        }
+        if m.get(agent).is_some_and(|&t| now - t < every_ms) {
+            return false;
+        }
+        m.insert(agent.to_string(), now);
+        true
+    }
+
+    /// Records a turn taken now, whatever the last.
+    fn set(&self, agent: &str, now: i64) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 100_000 {
+            m.clear();
+        }
+        m.insert(agent.to_string(), now);
+    }
 }
 
 /// `POST /admin/rollouts`.
@@ -420,21 +449,9 @@ impl Backend {
             UpdateUp::Status(status) => {
                 // An agent reports after each hello and each change of its update: a
                 // flood of reports is stored at most five times a second.
-                {
-                    let now = now_ms();
-                    let mut r = self
-                        .lifecycle
-                        .reported
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    if r.len() > 100_000 {
-                        r.clear();
-                    }
-                    if r.get(agent).is_some_and(|&t| now - t < 200) {
-                        tracing::debug!(agent, "lifecycle report too soon after the last; dropped");
-                        return;
-                    }
-                    r.insert(agent.to_string(), now);
+                if !self.lifecycle.reported.take(agent, now_ms(), 200) {
+                    tracing::debug!(agent, "lifecycle report too soon after the last; dropped");
+                    return;
                 }
                 let status = clip_status(status);
                 let doc = AgentLifecycle {
@@ -547,20 +564,8 @@ impl Backend {
         if failed {
             return;
         }
-        let now = now_ms();
-        {
-            let mut p = self
-                .lifecycle
-                .settings_pushed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if p.len() > 100_000 {
-                p.clear();
-            }
-            if p.get(agent).is_some_and(|&t| now - t < 30_000) {
-                return;
-            }
-            p.insert(agent.to_string(), now);
+        if !self.lifecycle.settings_pushed.take(agent, now_ms(), 30_000) {
+            return;
         }
         self.send_command(
             agent,
@@ -643,11 +648,7 @@ impl Backend {
                 .await
                 .map_err(Self::store_err)?;
             if a.alive(now) {
-                self.lifecycle
-                    .settings_pushed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(a.id.clone(), now);
+                self.lifecycle.settings_pushed.set(&a.id, now);
                 self.send_command(
                     &a.id,
                     CommandKind::Settings {
