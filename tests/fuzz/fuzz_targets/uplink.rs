@@ -661,7 +661,9 @@ impl Harness {
             Kind::Heartbeat,
             Kind::Status,
             Kind::Out,
-        ][usize::from(b(u) % 8)];
+            // Lifecycle reports and release fetches (answered by chunks on `cmd`).
+            Kind::Update,
+        ][usize::from(b(u) % 9)];
         let agent = if who == self.agents.len() {
             GHOST.to_string()
         } else {
@@ -1002,6 +1004,8 @@ impl Harness {
                     acks.push(a);
                 }
                 (Kind::Cmd, Envelope::Command(_)) => st.figures.commands += 1,
+                // The answer to a fetch: a release's bytes, or why there are none.
+                (Kind::Cmd, Envelope::Chunk(_)) => {}
                 (k, env) => panic!("downlink {} carries {env:?}", k.as_str()),
             }
         }
@@ -1321,6 +1325,7 @@ fn envelope_variant(kind: Kind) -> u32 {
         Kind::Ack => 3,
         Kind::Cmd => 4,
         Kind::Status => 5,
+        Kind::Update => 6,
     }
 }
 
