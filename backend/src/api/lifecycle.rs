@@ -40,8 +40,9 @@ pub(super) async fn releases(State(b): State<Arc<Backend>>) -> Result<Json<Value
 /// `POST /admin/rollouts`.
 pub(super) async fn start_rollout(
     State(b): State<Arc<Backend>>,
-    Json(req): Json<NewRollout>,
+    body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let req: NewRollout = super::json_body(&body)?;
     Ok((StatusCode::CREATED, Json(b.start_rollout(req).await?)))
 }
 
@@ -82,7 +83,8 @@ pub(super) struct SetSettings {
 /// `POST /admin/settings`.
 pub(super) async fn set_settings(
     State(b): State<Arc<Backend>>,
-    Json(req): Json<SetSettings>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let req: SetSettings = super::json_body(&body)?;
     Ok(Json(b.set_settings(&req.agents, req.settings).await?))
 }
