@@ -857,29 +857,26 @@ impl Backend {
     }
 
     pub async fn rollout_json(&self, id: &str) -> Result<Value, ApiError> {
+        Ok(self.load_rollout(id).await?.to_json())
+    }
+
+    /// One rollout, as stored.
+    async fn load_rollout(&self, id: &str) -> Result<Rollout, ApiError> {
         let text = self
             .store
             .doc(KIND_ROLLOUT, id)
             .await
             .map_err(Self::store_err)?
             .ok_or_else(|| ApiError::NotFound(format!("no rollout {id}")))?;
-        let r: Rollout = serde_json::from_str(&text)
-            .map_err(|e| ApiError::Unavailable(format!("rollout {id} unreadable: {e}")))?;
-        Ok(r.to_json())
+        serde_json::from_str(&text)
+            .map_err(|e| ApiError::Unavailable(format!("rollout {id} unreadable: {e}")))
     }
 
     /// `pause`, `resume` or `abort`.
     pub async fn rollout_action(&self, id: &str, action: &str) -> Result<Value, ApiError> {
         {
             let _turn = self.lifecycle.rollouts.lock().await;
-            let text = self
-                .store
-                .doc(KIND_ROLLOUT, id)
-                .await
-                .map_err(Self::store_err)?
-                .ok_or_else(|| ApiError::NotFound(format!("no rollout {id}")))?;
-            let mut r: Rollout = serde_json::from_str(&text)
-                .map_err(|e| ApiError::Unavailable(format!("rollout {id} unreadable: {e}")))?;
+            let mut r = self.load_rollout(id).await?;
             let next = match (action, r.state.as_str()) {
                 ("pause", "running") => "paused",
                 ("resume", "paused" | "halted") => "running",
