@@ -496,7 +496,15 @@ async fn update_by_rollout(t: &Target) {
     let id = format!("up-{}", t.arch);
     let _agent = lab.agent(&id, &v1_bin, 60, 8 << 20);
     lab.wait_version(&id, &v1, Duration::from_secs(60)).await;
-    assert_eq!(lab.agent_json(&id).await["update"]["phase"], json!("idle"));
+    // The lifecycle status goes on `upd` right after the hello, so it can land a
+    // moment after the version does (under qemu, it did).
+    let api = lab.up.api.clone();
+    let path = format!("/agents/{id}");
+    wait_for("the agent's update phase to be idle", Duration::from_secs(30), || {
+        let (api, path) = (api.clone(), path.clone());
+        async move { (api.get(&path).await.body["update"]["phase"] == json!("idle")).then_some(()) }
+    })
+    .await;
 
     // 25 recurring measurements, one run a second each, for 26 s: the agent runs them
     // from its own copy while the broker is unreachable.
