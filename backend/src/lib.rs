@@ -19,6 +19,7 @@
 pub mod api;
 pub mod atlas;
 pub mod budget;
+pub mod checks;
 pub mod error;
 pub mod feed;
 pub mod fleet;

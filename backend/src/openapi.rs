@@ -95,6 +95,14 @@ fn ok_json(status: u16, what: &'static str, schema: Value) -> (u16, &'static str
     (status, what, json_content(schema))
 }
 
+/// A status check's answer, in each of its formats.
+fn status_check_content() -> Value {
+    json!({
+        "application/json": {"schema": schema_ref("StatusCheck")},
+        "text/plain": {"schema": {"type": "string"}},
+    })
+}
+
 fn text(what: &'static str, media: &str) -> (u16, &'static str, Value) {
     (200, what, json!({media: {"schema": {"type": "string"}}}))
 }
@@ -532,6 +540,35 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
         ),
         (
             "get",
+            "/v1/measurements/{id}/status-check",
+            Op {
+                summary: "Is the measurement's target healthy from every agent? 200 healthy, 503 not; for monitoring systems (format json, nagios or prometheus)",
+                scope: read,
+                params: {
+                    let mut v = vec![path_id("id", "measurement id")];
+                    for (name, what) in crate::checks::PARAMS {
+                        let schema = match *name {
+                            "max_breaching" | "window_s" => integer(0),
+                            "reached" => json!({"type": "boolean"}),
+                            "format" => json!({"type": "string", "enum": ["json", "nagios", "prometheus"]}),
+                            "http_status" | "dns_rcode" => string(),
+                            _ => json!({"type": "number"}),
+                        };
+                        v.push(param(name, "query", schema, what));
+                    }
+                    v
+                },
+                body: None,
+                ok: (
+                    200,
+                    "healthy: no more agents breach than max_breaching (X-IMN-Check: ok or warning)",
+                    status_check_content(),
+                ),
+                errors: &[400, 404, 503],
+            },
+        ),
+        (
+            "get",
             "/v1/results",
             Op {
                 summary: "Results in stored order, a page at a time",
@@ -905,6 +942,36 @@ fn components() -> Value {
                 "cursor": {"type": "string"},
             },
         },
+        "StatusCheck": {
+            "type": "object",
+            "required": ["measurement_id", "module", "status", "healthy", "agents", "breaching_agents", "max_breaching", "breaches", "per_agent", "summary"],
+            "properties": {
+                "measurement_id": string(), "module": string(),
+                "status": {"type": "string", "enum": ["ok", "warning", "critical"]},
+                "healthy": {"type": "boolean"},
+                "window": {"type": "object"},
+                "thresholds": {"type": "object"},
+                "agents": integer(0), "breaching_agents": integer(0), "max_breaching": integer(0),
+                "results": integer(0), "truncated": {"type": "boolean"},
+                "breaches": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["agent_id", "check", "message"],
+                    "properties": {
+                        "agent_id": string(), "target": string(), "check": string(),
+                        "value": {}, "threshold": {}, "message": string(),
+                    },
+                }},
+                "breaches_listed": integer(0),
+                "per_agent": {"type": "array", "items": {
+                    "type": "object",
+                    "properties": {
+                        "agent_id": string(), "results": integer(0), "breaching": {"type": "boolean"},
+                        "targets": {"type": "object", "additionalProperties": {"type": "object"}},
+                    },
+                }},
+                "summary": string(),
+            },
+        },
         "ResultsPage": {
             "type": "object",
             "properties": {"results": {"type": "array", "items": schema_ref("Result")}, "next_cursor": {"type": "string"}, "more": {"type": "boolean"}},
@@ -997,8 +1064,20 @@ pub fn document() -> Value {
         } else {
             id
         };
+        let mut op = op.to_json(id);
+        if path == "/v1/measurements/{id}/status-check" {
+            // Unhealthy is an answer, not an error: the report, as for 200 (or the
+            // Error object when the store itself is unavailable).
+            op["responses"]["503"] = json!({
+                "description": "not healthy: more agents breach than max_breaching (X-IMN-Check: critical); or the store is unavailable (an Error)",
+                "content": {
+                    "application/json": {"schema": {"oneOf": [schema_ref("StatusCheck"), schema_ref("Error")]}},
+                    "text/plain": {"schema": {"type": "string"}},
+                },
+            });
+        }
         let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
-        entry[method] = op.to_json(id);
+        entry[method] = op;
     }
     json!({
         "openapi": "3.1.0",

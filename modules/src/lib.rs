@@ -21,6 +21,9 @@
 //! - [`tls`] (feature `tls`): how an MQTT client (the agent, or the bridge as a client
 //!   of an external broker) verifies the broker by its configured name.
 //!
+//! - [`figures`] (feature `catalog`): what a result measured, as numbers (loss, RTT
+//!   samples, statuses, paths), for status checks, rollups and anomaly detection.
+//!
 //! The code that runs modules is `imn-probes`; the resolver both ends use is
 //! `imn-resolver`.
 
@@ -28,6 +31,8 @@
 pub mod atlas;
 pub mod auth;
 pub mod catalog;
+#[cfg(feature = "catalog")]
+pub mod figures;
 pub mod kinds;
 pub mod params;
 pub mod policy;

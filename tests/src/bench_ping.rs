@@ -31,7 +31,7 @@ use std::mem::{size_of, zeroed};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -600,9 +600,13 @@ fn remove_stale_namespaces() {
 }
 
 /// A thread inside the namespace answering echo requests from `peer` after exactly
-/// `delay_ns` (counted from the kernel's receive timestamp), with a raw socket.
+/// `delay_ns` (counted from the kernel's receive timestamp), with a raw socket. The
+/// delay can be changed while it runs ([`Responder::set_delay`]): a path whose
+/// latency shifts at a known time. The namespace's kernel must not answer echo
+/// requests itself (`net.ipv4.icmp_echo_ignore_all=1`, as [`Netns::create`] sets).
 pub struct Responder {
     stop: Arc<AtomicBool>,
+    delay_ns: Arc<AtomicU64>,
     thread: Option<JoinHandle<Result<Answered, String>>>,
 }
 
@@ -617,12 +621,24 @@ pub struct Answered {
 
 impl Responder {
     pub fn start(ns: &Netns, delay_ns: u64) -> Result<Responder, String> {
-        let path = format!("/run/netns/{}", ns.name);
+        Responder::start_in(&ns.name, ns.ns_addr, ns.host_addr, delay_ns)
+    }
+
+    /// A responder in namespace `ns_name` (under /run/netns) answering requests from
+    /// `peer` to `me`.
+    pub fn start_in(
+        ns_name: &str,
+        me: Ipv4Addr,
+        peer: Ipv4Addr,
+        delay_ns: u64,
+    ) -> Result<Responder, String> {
+        let path = format!("/run/netns/{ns_name}");
         let nsfile = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let delay = Arc::new(AtomicU64::new(delay_ns));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
-        let (me, peer) = (ns.ns_addr, ns.host_addr);
         let stop2 = stop.clone();
+        let delay2 = delay.clone();
         let thread = std::thread::Builder::new()
             .name("imn-bench-responder".into())
             .spawn(move || {
@@ -641,17 +657,23 @@ impl Responder {
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                respond(&sock, me, peer, delay_ns, &stop2)
+                respond(&sock, me, peer, &delay2, &stop2)
             })
             .map_err(|e| e.to_string())?;
         match ready_rx.recv_timeout(Duration::from_secs(5)) {
             Ok(Ok(())) => Ok(Responder {
                 stop,
+                delay_ns: delay,
                 thread: Some(thread),
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("the responder did not start".into()),
         }
+    }
+
+    /// From now on, requests are answered after `delay_ns`.
+    pub fn set_delay(&self, delay_ns: u64) {
+        self.delay_ns.store(delay_ns, Ordering::SeqCst);
     }
 
     /// Stops the responder; returns what it did.
@@ -689,7 +711,7 @@ fn respond(
     sock: &OwnedFd,
     me: Ipv4Addr,
     peer: Ipv4Addr,
-    delay_ns: u64,
+    delay_ns: &AtomicU64,
     stop: &AtomicBool,
 ) -> Result<Answered, String> {
     // The responder is the reference clock of the test: precise sleeps, and a real-time
@@ -748,7 +770,10 @@ fn respond(
                 let c = checksum(&reply);
                 reply[2..4].copy_from_slice(&c.to_be_bytes());
                 let rx = if ts > 0 { ts } else { realtime_ns() };
-                pending.push_back((rx + delay_ns, reply));
+                // In due order, so a delay lowered mid-run holds nothing back.
+                let due = rx + delay_ns.load(Ordering::Relaxed);
+                let at = pending.partition_point(|(d, _)| *d <= due);
+                pending.insert(at, (due, reply));
             }
         }
         // Send what is due, spinning for the last stretch to hit it exactly.

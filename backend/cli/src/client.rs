@@ -103,6 +103,36 @@ impl Client {
             .await
     }
 
+    /// GETs `path` and returns the status, the named header and the body as text,
+    /// whatever the status: for answers where an error status is an answer too (a
+    /// status check's 503). Only a failure to reach the API is an error.
+    pub async fn get_text(
+        &self,
+        path: &str,
+        header: &str,
+    ) -> Result<(u16, Option<String>, String), ClientError> {
+        let mut req = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .timeout(std::time::Duration::from_secs(60));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let fail = |e: reqwest::Error| ClientError::Http {
+            url: self.base.clone(),
+            message: error_chain(&e),
+        };
+        let resp = req.send().await.map_err(fail)?;
+        let status = resp.status().as_u16();
+        let h = resp
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp.text().await.map_err(fail)?;
+        Ok((status, h, body))
+    }
+
     /// POSTs raw bytes (`Content-Type: application/octet-stream`), e.g. a signed
     /// release file; the answer is JSON, as for [`Client::post`]. Up to 64 MiB may
     /// take a while on a slow link: ten minutes rather than one.

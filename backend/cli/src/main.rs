@@ -11,6 +11,7 @@ use crate::client::{Client, ClientFlags};
 use crate::up::{up, UpOptions};
 
 mod certs;
+mod check;
 mod cli;
 mod client;
 mod lifecycle;
@@ -166,6 +167,20 @@ enum Cmd {
         #[arg(long)]
         count: Option<usize>,
         /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// A measurement's status check as a Nagios plugin: prints the plugin output
+    /// and exits 0 OK, 1 WARNING, 2 CRITICAL or 3 UNKNOWN. With no thresholds, only
+    /// agents that did not report or whose runs failed breach.
+    Check {
+        /// The measurement id.
+        id: String,
+        #[command(flatten)]
+        thresholds: check::CheckArgs,
+        /// The backend's JSON report instead of the plugin output (same exit codes).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -552,6 +567,20 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
                 let _ = out.flush();
             })
             .await?;
+        }
+        Cmd::Check {
+            id,
+            thresholds,
+            json,
+            client,
+        } => {
+            // Every failure, even a bad --ca, is the plugin's UNKNOWN (3), not 1.
+            let (out, code) = match Client::new(&client) {
+                Ok(c) => check::check(&c, &id, &thresholds, json).await,
+                Err(e) => (format!("IMN UNKNOWN - {e}\n"), check::UNKNOWN),
+            };
+            print!("{out}");
+            return Ok(std::process::ExitCode::from(code));
         }
         Cmd::Status { id, json, client } => {
             let c = Client::new(&client)?;

@@ -67,3 +67,51 @@ pub(super) async fn measurement_stream(
     let slot = b.feed.admit(&caller_of(caller))?;
     Ok(sse_results(b, filter, slot).into_response())
 }
+
+/// `GET /v1/measurements/{id}/status-check?max_loss=…`: 200 when healthy (no more
+/// agents breach than `max_breaching`), 503 when not; the body names each breaching
+/// agent and its value against the threshold, as JSON, Nagios plugin output or
+/// Prometheus text (`format`). `X-IMN-Check` says ok, warning or critical.
+pub(super) async fn status_check(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    let pairs: Vec<(String, String)> =
+        form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+            .take(64)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+    let (report, format) = crate::checks::run(&b, &id, &pairs).await?;
+    let status = if report.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = match report.status {
+        crate::checks::Status::Ok => "ok",
+        crate::checks::Status::Warning => "warning",
+        crate::checks::Status::Critical => "critical",
+    };
+    let headers = [
+        ("x-imn-check", word.to_string()),
+        ("cache-control", "no-cache".to_string()),
+    ];
+    Ok(match format {
+        crate::checks::Format::Json => (status, headers, Json(json!(report))).into_response(),
+        crate::checks::Format::Nagios => (
+            status,
+            headers,
+            [("content-type", "text/plain; charset=utf-8")],
+            crate::checks::nagios(&report),
+        )
+            .into_response(),
+        crate::checks::Format::Prometheus => (
+            status,
+            headers,
+            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+            crate::checks::prometheus(&report),
+        )
+            .into_response(),
+    })
+}

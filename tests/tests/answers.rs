@@ -1,0 +1,357 @@
+//! From results to answers: status checks over real measurements.
+//!
+//! Two agents measure the same name, `svc.imn.test`, and each resolves it with its own
+//! dnsmasq to a host of its own in a network namespace (as GeoDNS or anycast would
+//! give each vantage point its own server). Each host's kernel ignores echo requests;
+//! a responder of the test answers them after a delay it can change while the
+//! measurement runs, so a path's latency shifts by a known amount at a known time.
+//! Before anything is sent, `Netns::create` checks that the route to each host uses
+//! the test's own veth.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use imn_tests::bench_ping::Responder;
+use imn_tests::netns::{sh, Netns};
+use imn_tests::peers::Dnsmasq;
+use imn_tests::{bin, wait_for, Up};
+use serde_json::json;
+
+/// A namespace host whose echo replies come from a [`Responder`].
+struct SlowHost {
+    ns: Netns,
+    responder: Responder,
+}
+
+impl SlowHost {
+    fn start(tag: &str, delay_ms: u64) -> SlowHost {
+        let ns = Netns::create(tag, 18);
+        let (ok, out) = sh(&format!(
+            "ip netns exec {} sysctl -qw net.ipv4.icmp_echo_ignore_all=1",
+            ns.ns
+        ));
+        assert!(ok, "{out}");
+        let me: Ipv4Addr = ns.peer_ip.parse().unwrap();
+        let peer: Ipv4Addr = ns.host_ip.parse().unwrap();
+        let responder =
+            Responder::start_in(&ns.ns, me, peer, delay_ms * 1_000_000).expect("the responder");
+        SlowHost { ns, responder }
+    }
+
+    fn set_delay_ms(&self, ms: u64) {
+        self.responder.set_delay(ms * 1_000_000);
+    }
+}
+
+/// Runs `imn check` against `up`; returns its exit code and output.
+async fn imn_check(up: &Up, args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(bin("imn"))
+        .arg("check")
+        .args(args)
+        .args(["--url", &format!("http://127.0.0.1:{}", up.http_port)])
+        .output()
+        .await
+        .expect("imn check");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A Nagios plugin's output, parsed as Nagios reads it: the status word, the text,
+/// and the performance data of the first line (`label=value[uom];warn;crit;min;max`);
+/// then the long output.
+#[derive(Debug)]
+struct Plugin {
+    status: String,
+    text: String,
+    perf: Vec<(String, f64)>,
+    long: Vec<String>,
+}
+
+fn parse_plugin(out: &str) -> Plugin {
+    let mut lines = out.lines();
+    let first = lines.next().expect("a status line");
+    let (text, perf) = first.split_once(" | ").unwrap_or((first, ""));
+    let rest = text
+        .strip_prefix("IMN ")
+        .unwrap_or_else(|| panic!("not IMN's plugin line: {first}"));
+    let (status, text) = rest.split_once(" - ").expect("STATUS - text");
+    assert!(
+        ["OK", "WARNING", "CRITICAL", "UNKNOWN"].contains(&status),
+        "{first}"
+    );
+    let perf = perf
+        .split_whitespace()
+        .map(|p| {
+            let (label, v) = p.split_once('=').unwrap_or_else(|| panic!("perfdata {p}"));
+            let value = v.split(';').next().unwrap();
+            let num: String = value
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-')
+                .collect();
+            (
+                label.to_string(),
+                num.parse().unwrap_or_else(|_| panic!("perfdata {p}")),
+            )
+        })
+        .collect();
+    Plugin {
+        status: status.to_string(),
+        text: text.to_string(),
+        perf,
+        long: lines.map(str::to_string).collect(),
+    }
+}
+
+fn perf(p: &Plugin, label: &str) -> f64 {
+    p.perf
+        .iter()
+        .find(|(l, _)| l == label)
+        .unwrap_or_else(|| panic!("no {label} in {p:?}"))
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_checks_name_exactly_the_agents_whose_path_got_slow() {
+    let near = SlowHost::start("sca", 2);
+    let far = SlowHost::start("scbbb", 2);
+    let dns_near = Dnsmasq::start(&[&format!("--host-record=svc.imn.test,{}", near.ns.peer_ip)]);
+    let dns_far = Dnsmasq::start(&[&format!("--host-record=svc.imn.test,{}", far.ns.peer_ip)]);
+    let up = Up::start(
+        0,
+        &["--nameserver", &format!("127.0.0.1:{}", dns_near.port)],
+    )
+    .await;
+    let broker = up.broker_url();
+    let mut agents = Vec::new();
+    for (id, dns) in [("sc-near", &dns_near), ("sc-far", &dns_far)] {
+        let data = up.dir.path().join(id);
+        let proc = imn_tests::spawn_agent(
+            &bin("imn-agent"),
+            id,
+            &broker,
+            &data,
+            &[
+                "--heartbeat-ms",
+                "500",
+                "--nameservers",
+                &format!("127.0.0.1:{}", dns.port),
+            ],
+            up.dir.path(),
+        );
+        agents.push(proc);
+    }
+    up.api
+        .wait_alive(&["sc-near", "sc-far"], Duration::from_secs(30))
+        .await;
+
+    // Five pings every two seconds from both agents.
+    let r = up
+        .api
+        .post(
+            "/v1/measurements",
+            &json!({"module": "ping_module",
+                    "params": {"host": "svc.imn.test", "count": 5, "interval_ms": 100, "timeout_ms": 1000},
+                    "agents": {"ids": ["sc-near", "sc-far"]},
+                    "schedule": {"interval_s": 2, "jitter_s": 0}})
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let check = |q: &str| {
+        let api = up.api.clone();
+        let path = format!("/v1/measurements/{id}/status-check?{q}");
+        async move { api.get(&path).await }
+    };
+
+    // Healthy: both agents report RTTs near 2 ms, under 50 ms.
+    let healthy = wait_for("a healthy check", Duration::from_secs(30), || {
+        let c = check("max_rtt_median=50&max_loss=20&window_s=6");
+        async move {
+            let r = c.await;
+            (r.status == 200
+                && r.body["per_agent"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().all(|v| v["results"].as_u64() >= Some(2))))
+            .then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(healthy.body["status"], json!("ok"), "{}", healthy.body);
+    assert_eq!(healthy.body["breaching_agents"], json!(0));
+    assert_eq!(healthy.body["agents"], json!(2));
+    for v in healthy.body["per_agent"].as_array().unwrap() {
+        let m = v["targets"]["svc.imn.test"]["rtt_median_ms"]
+            .as_f64()
+            .unwrap();
+        // The responder's delay, plus the path's own (a veth: well under a ms).
+        assert!((2.0..20.0).contains(&m), "{v}");
+    }
+    let (code, out) = imn_check(&up, &[&id, "--max-rtt-median", "50", "--window-s", "6"]).await;
+    let p = parse_plugin(&out);
+    assert_eq!((code, p.status.as_str()), (0, "OK"), "{out}");
+    assert_eq!(perf(&p, "agents"), 2.0);
+    assert_eq!(perf(&p, "breaching"), 0.0);
+
+    // The far host's path gets 100 ms slower.
+    far.set_delay_ms(100);
+    let shifted = std::time::Instant::now();
+    // Once the window holds only slow results from the far agent, the check fails
+    // naming it, and only it.
+    let bad = wait_for("the check to fail", Duration::from_secs(30), || {
+        let c = check("max_rtt_median=50&max_loss=20&window_s=6");
+        async move {
+            let r = c.await;
+            (r.status == 503).then_some(r)
+        }
+    })
+    .await;
+    let failed_after = shifted.elapsed();
+    assert_eq!(bad.body["status"], json!("critical"), "{}", bad.body);
+    assert_eq!(bad.body["healthy"], json!(false));
+    let breaches = bad.body["breaches"].as_array().unwrap();
+    let who: Vec<(&str, &str)> = breaches
+        .iter()
+        .map(|b| {
+            (
+                b["agent_id"].as_str().unwrap(),
+                b["check"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(who, vec![("sc-far", "max_rtt_median")], "{}", bad.body);
+    let b = &breaches[0];
+    assert_eq!(b["target"], json!("svc.imn.test"));
+    assert_eq!(b["threshold"], json!(50.0));
+    let v = b["value"].as_f64().unwrap();
+    assert!(v > 50.0 && v < 150.0, "{b}");
+    assert!(
+        b["message"].as_str().unwrap().starts_with("rtt median "),
+        "{b}"
+    );
+    // The window is 6 s and runs are every 2 s: it fails within a window and a run.
+    assert!(failed_after < Duration::from_secs(12), "{failed_after:?}");
+
+    // The same as a Nagios plugin: CRITICAL (2), naming sc-far and its value.
+    let (code, out) = imn_check(&up, &[&id, "--max-rtt-median", "50", "--window-s", "6"]).await;
+    let p = parse_plugin(&out);
+    assert_eq!((code, p.status.as_str()), (2, "CRITICAL"), "{out}");
+    assert!(
+        p.text.contains("1 of 2 agents breaching (0 allowed)"),
+        "{out}"
+    );
+    assert!(p.text.contains("sc-far svc.imn.test rtt median"), "{out}");
+    assert!(!p.text.contains("sc-near"), "{out}");
+    assert_eq!(perf(&p, "breaching"), 1.0);
+    assert_eq!(p.long.len(), 1, "{out}");
+    assert!(
+        p.long[0].starts_with("sc-far svc.imn.test: rtt median "),
+        "{out}"
+    );
+    // One agent may breach: WARNING (1), and the API says 200.
+    let (code, out) = imn_check(
+        &up,
+        &[
+            &id,
+            "--max-rtt-median",
+            "50",
+            "--window-s",
+            "6",
+            "--max-breaching",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(
+        (code, parse_plugin(&out).status.as_str()),
+        (1, "WARNING"),
+        "{out}"
+    );
+    let r = check("max_rtt_median=50&window_s=6&max_breaching=1").await;
+    assert_eq!(
+        (r.status, r.body["status"].clone()),
+        (200, json!("warning"))
+    );
+    // No thresholds: both agents report and their runs succeed, so it is healthy.
+    let (code, out) = imn_check(&up, &[&id, "--window-s", "6"]).await;
+    assert_eq!(
+        (code, parse_plugin(&out).status.as_str()),
+        (0, "OK"),
+        "{out}"
+    );
+    // UNKNOWN (3): a measurement that does not exist, a threshold the module does not
+    // carry, an API that is not there.
+    let (code, out) = imn_check(&up, &["m-nope"]).await;
+    assert_eq!(
+        (code, parse_plugin(&out).status.as_str()),
+        (3, "UNKNOWN"),
+        "{out}"
+    );
+    assert!(out.contains("404"), "{out}");
+    let (code, out) = imn_check(&up, &[&id, "--http-status", "200"]).await;
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("http_status: ping_module results carry no HTTP status"),
+        "{out}"
+    );
+    let r = check("http_status=200").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["field"], json!("http_status"), "{}", r.body);
+    assert_eq!(r.body["rule"], json!("applies"));
+    let dead = tokio::process::Command::new(bin("imn"))
+        .args(["check", &id, "--url", "http://127.0.0.1:9"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(dead.status.code(), Some(3));
+
+    // Prometheus text, as a scraper reads it.
+    let r = check("max_rtt_median=50&window_s=6&format=prometheus").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["x-imn-check"], "critical");
+    let text = r.body.as_str().expect("text").to_string();
+    assert!(
+        text.contains(&format!("imn_check_status{{measurement=\"{id}\"}} 2")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "imn_check_breach{{measurement=\"{id}\",agent=\"sc-far\",target=\"svc.imn.test\",check=\"max_rtt_median\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("agent=\"sc-near\",target=\"svc.imn.test\",check="),
+        "{text}"
+    );
+
+    // The far agent goes away: with no thresholds, silence alone breaches.
+    drop(agents.pop());
+    far.set_delay_ms(2);
+    let silent = wait_for(
+        "the silent agent to breach",
+        Duration::from_secs(30),
+        || {
+            let c = check("window_s=6");
+            async move {
+                let r = c.await;
+                (r.status == 503).then_some(r)
+            }
+        },
+    )
+    .await;
+    let who: Vec<(&str, &str)> = silent.body["breaches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["agent_id"].as_str().unwrap(),
+                b["check"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(who, vec![("sc-far", "reported")], "{}", silent.body);
+    eprintln!("status check: failed {failed_after:?} after the far path got 100 ms slower");
+}
