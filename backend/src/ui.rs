@@ -24,6 +24,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../ui/charts.js"),
     ),
     (
+        "world.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../ui/world.js"),
+    ),
+    (
         "app.css",
         "text/css; charset=utf-8",
         include_str!("../ui/app.css"),

@@ -151,6 +151,124 @@ function phaseBadge(phase) {
   return ACTIVE_PHASES.includes(phase) ? h("span", { class: `badge phase ${phase}`, title: `update phase: ${phase}` }, phase) : null;
 }
 
+// ---- fleet map -----------------------------------------------------------------
+
+// Equirectangular: longitude -180..180 to x 0..720, latitude 90..-90 to y 0..360.
+const MAP_W = 720, MAP_H = 360;
+const MAP_R = 4;
+function mapX(lon) { return (lon + 180) * (MAP_W / 360); }
+function mapY(lat) { return (90 - lat) * (MAP_H / 180); }
+
+// The land outline (world.js) as one path, built the first time a map is drawn.
+let worldPath = null;
+function worldOutline() {
+  if (worldPath !== null) return worldPath;
+  const parts = [];
+  for (const ring of typeof WORLD_LAND === "undefined" ? [] : WORLD_LAND) {
+    let d = "";
+    for (let i = 0; i + 1 < ring.length; i += 2) {
+      d += `${i ? "L" : "M"}${+mapX(ring[i] / 10).toFixed(1)} ${+mapY(ring[i + 1] / 10).toFixed(1)}`;
+    }
+    if (d) parts.push(d + "Z");
+  }
+  worldPath = parts.join("");
+  return worldPath;
+}
+
+// An agent's coordinates, or null. They come from the agent: anything but two finite
+// numbers in range is no location.
+function agentCoords(a) {
+  const loc = a && a.location;
+  if (!loc || typeof loc !== "object") return null;
+  const lat = loc.latitude, lon = loc.longitude;
+  if (typeof lat !== "number" || typeof lon !== "number" || !Number.isFinite(lat) || !Number.isFinite(lon)) return null;
+  if (lat < -90 || lat > 90 || lon < -180 || lon > 180) return null;
+  return { lat, lon };
+}
+
+function coordsText(a) {
+  const c = agentCoords(a);
+  return c ? `${c.lat.toFixed(2)}, ${c.lon.toFixed(2)}` : "";
+}
+
+// The map of the agents with a location: a dot each, green alive, red not, that links
+// to the agent's page. Dots that would overlap (agents at the same place) are spread
+// on a small spiral around the first, with a badge counting them.
+function fleetMap() {
+  const markers = svgEl("g", { class: "markers" });
+  let graticule = "";
+  for (let lon = -150; lon <= 150; lon += 30) graticule += `M${mapX(lon)} 0V${MAP_H}`;
+  for (let lat = -60; lat <= 60; lat += 30) graticule += `M0 ${mapY(lat)}H${MAP_W}`;
+  const svg = svgEl("svg", { id: "fleet-map", class: "fleet-map", viewBox: `0 0 ${MAP_W} ${MAP_H}`, role: "img", "aria-label": "map of the agents' locations" });
+  svg.append(svgEl("rect", { class: "sea", x: 0, y: 0, width: MAP_W, height: MAP_H }),
+    svgEl("path", { class: "graticule", d: graticule }),
+    svgEl("path", { class: "land", d: worldOutline() }),
+    markers);
+  const caption = h("span", { id: "fleet-map-caption" });
+  const el = h("div", { class: "map-box" }, svg,
+    h("div", { class: "map-caption" }, caption,
+      h("span", { class: "legend" }, h("i", { class: "dot alive" }), "alive", h("i", { class: "dot offline" }), "offline")));
+  const update = (list, filtered) => {
+    const placed = [];
+    for (const a of list) {
+      const c = agentCoords(a);
+      if (c) placed.push({ a, lat: c.lat, lon: c.lon, x: mapX(c.lon), y: mapY(c.lat) });
+    }
+    placed.sort((p, q) => (p.a.id < q.a.id ? -1 : p.a.id > q.a.id ? 1 : 0));
+    // Clusters of dots closer than a dot's radius, found through a grid of that size.
+    const cell = MAP_R, grid = new Map(), clusters = [];
+    for (const p of placed) {
+      const gx = Math.floor(p.x / cell), gy = Math.floor(p.y / cell);
+      let home = null;
+      for (let dx = -1; dx <= 1 && !home; dx++) {
+        for (let dy = -1; dy <= 1 && !home; dy++) {
+          for (const c of grid.get(`${gx + dx},${gy + dy}`) || []) {
+            if (Math.hypot(c.x - p.x, c.y - p.y) < MAP_R) { home = c; break; }
+          }
+        }
+      }
+      if (!home) {
+        home = { x: p.x, y: p.y, members: [] };
+        clusters.push(home);
+        const key = `${gx},${gy}`;
+        if (!grid.has(key)) grid.set(key, []);
+        grid.get(key).push(home);
+      }
+      home.members.push(p);
+    }
+    const dots = [], badges = [];
+    for (const c of clusters) {
+      const n = c.members.length;
+      // Vogel's spiral: the first dot on the place itself, the others around it, the
+      // spiral no wider than about 40 units however many there are.
+      const step = Math.min(MAP_R * 1.9, 40 / Math.sqrt(n));
+      c.members.forEach((p, i) => {
+        const r = step * Math.sqrt(i), t = i * 2.39996;
+        const x = c.x + r * Math.cos(t), y = c.y + r * Math.sin(t);
+        const alive = !!p.a.alive;
+        const loc = p.a.location;
+        const where = [loc.city, loc.country].filter((v) => typeof v === "string" && v).join(", ");
+        const dot = svgEl("circle", {
+          class: `marker ${alive ? "alive" : "offline"}`, cx: +x.toFixed(2), cy: +y.toFixed(2), r: MAP_R,
+          "data-agent": String(p.a.id), "data-lat": String(p.lat), "data-lon": String(p.lon),
+        });
+        dot.appendChild(svgEl("title", {}, `${p.a.id} (${alive ? "alive" : "offline"})${where ? ` ${where}` : ""}`));
+        const link = svgEl("a", { href: `#/agent/${encodeURIComponent(p.a.id)}`, class: "marker-link" });
+        link.appendChild(dot);
+        dots.push([alive, link]);
+      });
+      if (n > 1) {
+        const r = step * Math.sqrt(n - 1) + MAP_R;
+        badges.push(svgEl("text", { class: "count", x: +(c.x + r * 0.75).toFixed(2), y: +(c.y - r * 0.75).toFixed(2) }, String(n)));
+      }
+    }
+    // The agents that are not alive on top: what needs looking at stays visible.
+    markers.replaceChildren(...dots.filter((d) => d[0]).map((d) => d[1]), ...dots.filter((d) => !d[0]).map((d) => d[1]), ...badges);
+    caption.textContent = `${placed.length} of ${list.length} ${filtered ? "listed " : ""}agents have a location`;
+  };
+  return { el, update };
+}
+
 // ---- fleet ---------------------------------------------------------------------
 
 async function fleetPage() {
@@ -161,6 +279,7 @@ async function fleetPage() {
   const status = h("select", { id: "status-filter" }, h("option", { value: "" }, "any status"), h("option", { value: "alive" }, "alive"), h("option", { value: "offline" }, "offline"),
     h("option", { value: "updating" }, "updating"), h("option", { value: "update-failed" }, "update failed"));
   const body = h("tbody");
+  const map = fleetMap();
   view.replaceChildren(
     h("h1", {}, "Fleet"),
     h("div", { class: "cards" },
@@ -168,6 +287,7 @@ async function fleetPage() {
       h("div", { class: "card" }, offline, h("div", { class: "l" }, "offline")),
       h("div", { class: "card" }, never, h("div", { class: "l" }, "enrolled, never seen"))),
     h("div", { class: "filters" }, filter, status),
+    map.el,
     h("table", { id: "agents" },
       h("thead", {}, h("tr", {}, ["status", "agent", "last seen", "version", "config", "arch", "tags", "location", "outbox", "dropped", "uptime (24 h)"].map((c) => h("th", {}, c)))),
       body));
@@ -175,14 +295,16 @@ async function fleetPage() {
   const render = () => {
     const q = filter.value.trim().toLowerCase();
     const want = status.value;
-    body.replaceChildren(...agents.filter((a) => {
+    const listed = agents.filter((a) => {
       if (want === "updating") { if (!ACTIVE_PHASES.includes(a.update_phase)) return false; }
       else if (want === "update-failed") { if (!a.update_failure) return false; }
       else if (want && (a.alive ? "alive" : "offline") !== want) return false;
       if (!q) return true;
       const loc = a.location || {};
       return [a.id, a.version, a.arch, a.update_phase, loc.country, loc.city, ...(a.tags || [])].some((v) => v && String(v).toLowerCase().includes(q));
-    }).map((a) => {
+    });
+    map.update(listed, !!(q || want));
+    body.replaceChildren(...listed.map((a) => {
       const loc = a.location || {};
       const up = uptime[a.id];
       return h("tr", { "data-agent": a.id },
@@ -193,7 +315,7 @@ async function fleetPage() {
         h("td", { class: "num config" }, a.config_version != null ? a.config_version : "-"),
         h("td", {}, a.arch),
         h("td", {}, (a.tags || []).join(", ")),
-        h("td", {}, [loc.country, loc.city].filter(Boolean).join(" ") || "-"),
+        h("td", {}, [loc.country, loc.city].filter(Boolean).join(" ") || coordsText(a) || "-"),
         h("td", { class: "num" }, a.outbox && a.outbox.depth != null ? a.outbox.depth : "-"),
         h("td", { class: "num" }, a.outbox && a.outbox.dropped != null ? a.outbox.dropped : "-"),
         h("td", { class: "num" }, up == null ? "-" : `${up.toFixed(1)} %`));

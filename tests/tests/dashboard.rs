@@ -1,8 +1,8 @@
 //! The dashboard in a real browser (Debian's headless chromium through chromedriver)
 //! against `imn up`: the fleet page, a ping measurement made with the form and its
-//! results and chart arriving live, a schema error shown on its field, and the fleet's
-//! lifecycle (versions, rollouts, update failures). Screenshots are saved to
-//! target/test-artifacts/dashboard/.
+//! results and chart arriving live, a schema error shown on its field, the fleet's
+//! lifecycle (versions, rollouts, update failures), and the fleet map of where the
+//! agents are. Screenshots are saved to target/test-artifacts/dashboard/.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -569,4 +569,245 @@ async fn the_dashboard_shows_versions_rollouts_and_update_failures() {
     .await;
     b.screenshot(&shots.join("10-agent-lifecycle.png")).await;
     b.quit().await;
+}
+
+/// The fleet map's projection (app.js `mapX`, `mapY`): equirectangular on a 720 × 360
+/// viewBox, longitude -180..180 left to right, latitude 90..-90 top to bottom.
+fn map_xy(lat: f64, lon: f64) -> (f64, f64) {
+    ((lon + 180.0) * 2.0, (90.0 - lat) * 2.0)
+}
+
+/// The fleet map's markers: agent, coordinates, position (as drawn: `cx`/`cy`, and
+/// where the browser rendered the dot, in the map's units), status, tooltip and link.
+const MARKERS: &str = "const svg = document.getElementById('fleet-map'); \
+     const box = svg.getBoundingClientRect(); const k = box.width / 720; \
+     return [...svg.querySelectorAll('circle.marker')].map(c => { \
+       const b = c.getBoundingClientRect(); \
+       return {agent: c.dataset.agent, lat: +c.dataset.lat, lon: +c.dataset.lon, \
+         cx: +c.getAttribute('cx'), cy: +c.getAttribute('cy'), \
+         sx: (b.x + b.width / 2 - box.x) / k, sy: (b.y + b.height / 2 - box.y) / k, \
+         class: c.getAttribute('class'), fill: getComputedStyle(c).fill, \
+         title: c.querySelector('title')?.textContent, href: c.closest('a')?.getAttribute('href')}; })";
+
+/// The fleet map: agents with coordinates (real agents configured with `--latitude`
+/// and `--longitude`) are dots placed by the map's projection over a world outline
+/// that is part of the page, coloured by status like the fleet table, with the agent
+/// in a tooltip, linking to its page; an agent with no location is counted but not
+/// drawn; two agents at the same place stay apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_map_places_agents_by_their_coordinates() {
+    // agent-1 has no location.
+    let up = Up::start(1, &[]).await;
+    let places = [("amsterdam", 52.37, 4.90), ("sydney", -33.87, 151.21)];
+    let mut agents = Vec::new();
+    for (id, lat, lon) in places {
+        let (lat, lon) = (lat.to_string(), lon.to_string());
+        agents.push(spawn_agent(
+            &bin("imn-agent"),
+            id,
+            &up.broker_url(),
+            &up.dir.path().join(id),
+            &[
+                "--heartbeat-ms",
+                "500",
+                "--latitude",
+                &lat,
+                "--longitude",
+                &lon,
+            ],
+            up.dir.path(),
+        ));
+    }
+    up.api
+        .wait_alive(&["agent-1", "amsterdam", "sydney"], T)
+        .await;
+    let listed = up.api.get("/agents").await.body;
+    for (id, lat, lon) in places {
+        let a = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == id)
+            .unwrap();
+        assert_eq!(a["location"]["latitude"], json!(lat), "{a}");
+        assert_eq!(a["location"]["longitude"], json!(lon), "{a}");
+    }
+
+    let base = format!("http://127.0.0.1:{}", up.http_port);
+    let b = Browser::start().await;
+    let shots = artifacts();
+    b.goto(&format!("{base}/#/")).await;
+    b.wait_true(
+        "three agents alive in the table, two dots on the map",
+        "return document.querySelectorAll('#agents tbody tr td.alive').length === 3 \
+         && document.querySelectorAll('#fleet-map circle.marker.alive').length === 2",
+        T,
+    )
+    .await;
+
+    // The map: an inline SVG of the whole world, its outline from the page itself.
+    assert_eq!(
+        b.eval(
+            "const m = document.getElementById('fleet-map'); \
+             return [m.tagName, m.getAttribute('viewBox'), \
+             m.querySelector('path.land').getAttribute('d').length > 20000, \
+             m.querySelectorAll('image, foreignObject').length]"
+        )
+        .await,
+        json!(["svg", "0 0 720 360", true, 0])
+    );
+    // The outline and the projection agree: land where there is land (the two cities,
+    // inland points, both sides of the antimeridian, Antarctica to the pole), sea
+    // where there is sea.
+    let inside = |points: &[(f64, f64)]| {
+        format!(
+            "const land = document.querySelector('#fleet-map path.land'); \
+             return {}.map(([lat, lon]) => land.isPointInFill(new DOMPoint((lon + 180) * 2, (90 - lat) * 2)))",
+            json!(points)
+        )
+    };
+    let land = [
+        (52.37, 4.90),
+        (-33.87, 151.21),
+        (48.0, 10.0),
+        (-25.0, 135.0),
+        (40.0, -100.0),
+        (66.0, -175.0),
+        (66.0, 175.0),
+        (-80.0, 0.0),
+        (-89.0, -170.0),
+    ];
+    let sea = [
+        (0.0, -30.0),
+        (0.0, -160.0),
+        (-50.0, 80.0),
+        (69.0, -5.0),
+        (-17.0, 179.9),
+    ];
+    assert_eq!(
+        b.eval(&inside(&land)).await,
+        json!(vec![true; land.len()]),
+        "{land:?}"
+    );
+    assert_eq!(
+        b.eval(&inside(&sea)).await,
+        json!(vec![false; sea.len()]),
+        "{sea:?}"
+    );
+
+    // One dot per located agent, where the projection puts it, green, named.
+    let markers = b.eval(MARKERS).await;
+    let markers = markers.as_array().unwrap();
+    assert_eq!(markers.len(), 2, "{markers:?}");
+    let marker = |markers: &[serde_json::Value], id: &str| {
+        markers
+            .iter()
+            .find(|m| m["agent"] == id)
+            .unwrap_or_else(|| panic!("no marker for {id}: {markers:?}"))
+            .clone()
+    };
+    for (id, lat, lon) in places {
+        let m = marker(markers, id);
+        let (x, y) = map_xy(lat, lon);
+        let at = |k: &str| m[k].as_f64().unwrap();
+        assert_eq!((at("lat"), at("lon")), (lat, lon), "{m}");
+        assert!(
+            (at("cx") - x).abs() <= 1.0 && (at("cy") - y).abs() <= 1.0,
+            "{id} drawn at ({}, {}), not at ({x}, {y})",
+            at("cx"),
+            at("cy")
+        );
+        assert!(
+            (at("sx") - x).abs() <= 1.0 && (at("sy") - y).abs() <= 1.0,
+            "{id} rendered at ({}, {}), not at ({x}, {y})",
+            at("sx"),
+            at("sy")
+        );
+        assert!(m["class"].as_str().unwrap().contains("alive"), "{m}");
+        assert_eq!(m["fill"], "rgb(26, 127, 55)", "{m}");
+        assert!(m["title"].as_str().unwrap().starts_with(id), "{m}");
+        assert_eq!(m["href"], format!("#/agent/{id}"), "{m}");
+    }
+    assert!(
+        b.text("#fleet-map-caption")
+            .await
+            .starts_with("2 of 3 agents have a location"),
+        "{}",
+        b.text("#fleet-map-caption").await
+    );
+    b.screenshot(&shots.join("11-fleet-map.png")).await;
+
+    // A second agent in Amsterdam: both dots stay visible, apart, and counted.
+    let twin = HostileAgent::connect("twin", "no-auth", up.mqtt_port).await;
+    twin.online().await;
+    let mut hello = twin.hello();
+    hello.location = Some(imn_proto::wire::Location {
+        latitude: Some(52.37),
+        longitude: Some(4.90),
+        ..Default::default()
+    });
+    twin.send(Kind::Hello, &Envelope::Hello(hello)).await;
+    up.api.wait_alive(&["twin"], T).await;
+    b.wait_true(
+        "the twin's dot",
+        "return document.querySelectorAll('#fleet-map circle.marker').length === 3 \
+         && document.getElementById('fleet-map-caption').textContent.startsWith('3 of 4 ')",
+        T,
+    )
+    .await;
+    let markers = b.eval(MARKERS).await;
+    let markers = markers.as_array().unwrap();
+    let (a, t) = (marker(markers, "amsterdam"), marker(markers, "twin"));
+    let (x, y) = map_xy(52.37, 4.90);
+    let xy = |m: &serde_json::Value| (m["cx"].as_f64().unwrap(), m["cy"].as_f64().unwrap());
+    let apart = ((xy(&a).0 - xy(&t).0).powi(2) + (xy(&a).1 - xy(&t).1).powi(2)).sqrt();
+    let near = ((xy(&t).0 - x).powi(2) + (xy(&t).1 - y).powi(2)).sqrt();
+    assert!(
+        apart >= 6.0 && near <= 20.0,
+        "amsterdam at {:?}, twin at {:?}",
+        xy(&a),
+        xy(&t)
+    );
+    assert_eq!(
+        (t["lat"].clone(), t["lon"].clone()),
+        (json!(52.37), json!(4.9))
+    );
+    assert_eq!(
+        b.eval("return [...document.querySelectorAll('#fleet-map text.count')].map(t => t.textContent)")
+            .await,
+        json!(["2"])
+    );
+
+    // Sydney's agent dies: its dot turns red, as its row says offline.
+    agents[1].kill9();
+    up.api.wait_not_alive("sydney", T).await;
+    b.wait_true(
+        "sydney's dot red, its row offline",
+        "const c = document.querySelector('#fleet-map circle.marker[data-agent=\"sydney\"]'); \
+         return !!c && c.classList.contains('offline') && getComputedStyle(c).fill === 'rgb(198, 40, 40)' \
+         && !!document.querySelector('#agents tr[data-agent=\"sydney\"] td.offline')",
+        T,
+    )
+    .await;
+    assert_eq!(
+        b.eval(
+            "return [...document.querySelectorAll('#fleet-map circle.marker.alive')].map(c => c.dataset.agent).sort()"
+        )
+        .await,
+        json!(["amsterdam", "twin"])
+    );
+    b.screenshot(&shots.join("12-fleet-map-offline.png")).await;
+
+    // A dot leads to its agent's page, as the table's link does.
+    b.click("#fleet-map circle.marker[data-agent=\"amsterdam\"]")
+        .await;
+    b.wait_true(
+        "amsterdam's page",
+        "return location.hash === '#/agent/amsterdam' \
+         && document.querySelectorAll('#heartbeat-charts svg').length === 4",
+        T,
+    )
+    .await;
+    b.quit().await;
+    drop(twin);
 }
