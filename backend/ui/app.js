@@ -37,6 +37,14 @@ function fmtAgo(iso) {
   return `${(s / 86400).toFixed(1)} d ago`;
 }
 
+function fmtDur(s) {
+  if (s == null) return "-";
+  if (s < 60) return `${s.toFixed(0)} s`;
+  if (s < 3600) return `${(s / 60).toFixed(0)} min`;
+  if (s < 86400) return `${(s / 3600).toFixed(1)} h`;
+  return `${(s / 86400).toFixed(1)} d`;
+}
+
 function fmtTs(iso) {
   return iso ? new Date(iso).toLocaleString() : "-";
 }
@@ -289,7 +297,7 @@ async function fleetPage() {
     h("div", { class: "filters" }, filter, status),
     map.el,
     h("table", { id: "agents" },
-      h("thead", {}, h("tr", {}, ["status", "agent", "last seen", "version", "config", "arch", "tags", "location", "outbox", "dropped", "uptime (24 h)"].map((c) => h("th", {}, c)))),
+      h("thead", {}, h("tr", {}, ["status", "agent", "last seen", "version", "config", "arch", "tags", "location", "outbox", "dropped", "uptime"].map((c) => h("th", {}, c)))),
       body));
   let agents = [], uptime = {};
   const render = () => {
@@ -318,7 +326,8 @@ async function fleetPage() {
         h("td", {}, [loc.country, loc.city].filter(Boolean).join(" ") || coordsText(a) || "-"),
         h("td", { class: "num" }, a.outbox && a.outbox.depth != null ? a.outbox.depth : "-"),
         h("td", { class: "num" }, a.outbox && a.outbox.dropped != null ? a.outbox.dropped : "-"),
-        h("td", { class: "num" }, up == null ? "-" : `${up.toFixed(1)} %`));
+        h("td", { class: "num uptime", title: up && up.pct != null ? `connected ${up.pct.toFixed(2)} % of the last ${fmtDur(up.over)} (since it first connected, at most 24 h)` : "" },
+          up == null || up.pct == null ? "-" : `${up.pct.toFixed(1)} % of ${fmtDur(up.over)}`));
     }));
   };
   filter.addEventListener("input", render);
@@ -333,8 +342,12 @@ async function fleetPage() {
     } catch (_) { never.textContent = "–"; never.title = "needs an admin token"; }
     render();
     await Promise.all(agents.slice(0, 200).map(async (a) => {
-      const window_s = Math.max(1, Math.min(86400, Math.round((Date.now() - Date.parse(a.first_seen)) / 1000)));
-      try { uptime[a.id] = (await api(`/agents/${encodeURIComponent(a.id)}/status?window_s=${window_s}`)).uptime_pct; } catch (_) { /* keep */ }
+      // The server counts from the agent's first connection when that is later than
+      // the window's start: right from the first second.
+      try {
+        const st = await api(`/agents/${encodeURIComponent(a.id)}/status?window_s=86400`);
+        uptime[a.id] = { pct: st.uptime_pct, over: st.observed_s };
+      } catch (_) { /* keep */ }
     }));
     render();
   });
@@ -400,7 +413,7 @@ async function agentPage(id) {
       bar.append(h("div", { class: iv.status === "connected" ? "up" : "down", style: `width:${((a1 - a0) / (86400 * 10)).toFixed(3)}%`, title: `${iv.status} ${fmtTs(iv.from)} – ${iv.until ? fmtTs(iv.until) : "now"}` }));
     }
     history.replaceChildren(
-      h("p", {}, `Status: ${st.status} since ${fmtTs(st.status_since)}; first connected ${fmtTs(st.first_connected)}; last connected ${fmtTs(st.last_connected)}; uptime ${st.uptime_pct.toFixed(2)} % of 24 h.`),
+      h("p", {}, `Status: ${st.status} since ${fmtTs(st.status_since)}; first connected ${fmtTs(st.first_connected)}; last connected ${fmtTs(st.last_connected)}; uptime ${st.uptime_pct == null ? "-" : st.uptime_pct.toFixed(2) + " %"} over the last ${fmtDur(st.observed_s)}${st.observed_s < st.window_s ? " (since it first connected)" : ""}.`),
       bar,
       table(["status", "from", "until"], st.intervals.slice(-20).reverse().map((iv) => h("tr", {}, stateCell(iv.status === "connected" ? "online" : "offline"), h("td", {}, fmtTs(iv.from)), h("td", {}, iv.until ? fmtTs(iv.until) : "now")))));
   });

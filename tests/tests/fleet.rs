@@ -469,11 +469,26 @@ async fn status_history_records_connections_and_uptime() {
     assert_eq!(h["status_since"], last["from"]);
     assert_eq!(h["last_connected"], last["from"]);
     assert!(h["first_connected"].as_str().unwrap() < h["last_connected"].as_str().unwrap());
+    // Uptime counts from the first connection, not from the window's start (the
+    // agent did not exist for most of the 600 s): the connected share of that time,
+    // below 100 % because of the gap.
     let up_pct = h["uptime_pct"].as_f64().unwrap();
+    let observed = h["observed_s"].as_f64().unwrap();
+    assert_eq!(h["observed_from"], h["first_connected"], "{h}");
+    assert!(observed > 0.5 && observed < 60.0, "{h}");
+    let ms = |v: &Value| imn_tests::ms_of(v) as f64;
+    let gap = h["intervals"].as_array().unwrap()[2].clone();
+    let gap_s = (ms(&gap["until"]) - ms(&gap["from"])) / 1000.0;
+    let expected = (observed - gap_s) * 100.0 / observed;
     assert!(
-        up_pct > 0.0 && up_pct < 5.0,
-        "a few seconds of 600: {up_pct}"
+        up_pct > 0.0 && up_pct < 100.0 && (up_pct - expected).abs() < 2.0,
+        "{up_pct} %, expected {expected} % ({gap_s} s down of {observed} s): {h}"
     );
+    // A window shorter than the agent's life is counted whole.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let short = up.api.get("/agents/st-1/status?window_s=1").await.body;
+    assert_eq!(short["observed_s"], json!(1.0), "{short}");
+    assert_eq!(short["uptime_pct"], json!(100.0), "{short}");
     let bad = up.api.get("/agents/st-1/status?window_s=0").await;
     assert_eq!(
         (bad.status, bad.body["field"].as_str()),

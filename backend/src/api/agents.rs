@@ -108,7 +108,9 @@ pub(super) struct StatusQuery {
 
 /// `GET /agents/{id}/status?window_s=`: connection history like a RIPE Atlas probe's:
 /// connected and disconnected intervals, first and last connection, the current status
-/// and since when, and uptime over the window.
+/// and since when, and uptime over the window: the share of the time since the window
+/// began, or since the agent first connected if that is later (`observed_from`,
+/// `observed_s`), that it was connected; null before it ever connected.
 pub(super) async fn status_history(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
@@ -149,6 +151,14 @@ pub(super) async fn status_history(
     if !connected && prev_end < now {
         intervals.push(json!({"status": "disconnected", "from": rfc3339(prev_end), "until": null}));
     }
+    // Uptime over the time the agent could have been up: from its first connection
+    // (or the window's start, if later) to now. A new agent is not "down" for the
+    // part of the window before it existed.
+    let first = b.first_connected(&id).await?;
+    let observed_from = first.map_or(now, |f| f.clamp(from, now));
+    let observed_ms = now - observed_from;
+    let uptime_pct =
+        (observed_ms > 0).then(|| (up_ms as f64 * 100.0 / observed_ms as f64).min(100.0));
     let since = match (connected, sessions.last()) {
         (true, Some((start, None))) => Some(*start),
         (false, Some((_, Some(end)))) => Some(*end),
@@ -158,10 +168,12 @@ pub(super) async fn status_history(
         "agent_id": id,
         "status": if connected { "connected" } else { "disconnected" },
         "status_since": since.map(rfc3339),
-        "first_connected": b.first_connected(&id).await?.map(rfc3339),
+        "first_connected": first.map(rfc3339),
         "last_connected": sessions.last().map(|s| rfc3339(s.0)),
         "window_s": window_s,
-        "uptime_pct": (up_ms as f64 * 100.0 / (window_s as f64 * 1000.0)).min(100.0),
+        "observed_from": (observed_ms > 0).then(|| rfc3339(observed_from)),
+        "observed_s": observed_ms as f64 / 1000.0,
+        "uptime_pct": uptime_pct,
         "intervals": intervals,
     })))
 }
