@@ -1074,7 +1074,8 @@ mod tests {
 
     #[test]
     fn thresholds_name_the_bad_parameter_and_its_rule() {
-        let cases: &[(&[(&str, &str)], &str, (&str, &str))] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, (&'a str, &'a str));
+        let cases: &[Case] = &[
             (&[("max_loss", "101")], "ping_module", ("max_loss", "range")),
             (&[("max_loss", "x")], "ping_module", ("max_loss", "type")),
             (&[("max_loss", "NaN")], "ping_module", ("max_loss", "range")),

@@ -29,6 +29,7 @@ pub mod observe;
 pub mod openapi;
 pub mod peers;
 pub mod registry;
+pub mod retention;
 pub mod security;
 pub mod serve;
 pub mod service;

@@ -1,6 +1,7 @@
 //! Which agents exist and which are alive, fed by hellos, heartbeats and status
 //! messages. Kept in memory (heartbeats are the hot path); hellos are also persisted
-//! so a restarted backend still knows every agent.
+//! so a restarted backend still knows every agent, and a sample of the heartbeats
+//! (one per agent a minute, written by `retention`) so its charts survive.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::RwLock;
@@ -12,12 +13,21 @@ use imn_proto::wire::{self, Heartbeat, Hello};
 /// Heartbeats an agent may miss before it counts as dead.
 pub const MISSED_HEARTBEATS: i64 = 3;
 
-/// Heartbeats kept per agent for the dashboard's charts (an hour at 5 s; two at the
-/// default 10 s). In memory only: history starts again when the backend restarts.
+/// Heartbeats kept per agent in memory for the dashboard's charts (an hour at 5 s;
+/// two at the default 10 s).
 pub const HEARTBEAT_HISTORY: usize = 720;
 
+/// One heartbeat per agent per this many ms is also stored (see
+/// [`Registry::take_to_store`]), so the charts survive a restart: at one a minute,
+/// the 720 points a chart holds span 12 hours.
+pub const HEARTBEAT_STORE_EVERY_MS: i64 = 60_000;
+
+/// Most points waiting to be stored; past it the newest are dropped (and counted)
+/// until the store catches up.
+pub const MAX_PENDING_POINTS: usize = 100_000;
+
 /// One heartbeat, reduced to what the charts show.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct HeartbeatPoint {
     pub at_ms: i64,
     pub cpu_pct: f32,
@@ -75,6 +85,16 @@ impl AgentEntry {
 pub struct Registry {
     agents: RwLock<HashMap<String, AgentEntry>>,
     history: RwLock<HashMap<String, VecDeque<HeartbeatPoint>>>,
+    /// Points to store, with the backend's time they arrived; and, per agent, when
+    /// one was last taken for the store.
+    to_store: std::sync::Mutex<ToStore>,
+}
+
+#[derive(Default)]
+struct ToStore {
+    points: Vec<(String, i64, HeartbeatPoint)>,
+    last_ms: HashMap<String, i64>,
+    dropped: u64,
 }
 
 impl Registry {
@@ -136,7 +156,25 @@ impl Registry {
             if q.len() == HEARTBEAT_HISTORY {
                 q.pop_front();
             }
-            q.push_back(point);
+            q.push_back(point.clone());
+            drop(h);
+            // The store's copy is sampled by the backend's clock: an agent that sends
+            // heartbeats fast, or stamps them with any time it likes, still adds one
+            // row a minute.
+            let mut st = self.to_store.lock().unwrap_or_else(|e| e.into_inner());
+            let due = st
+                .last_ms
+                .get(id)
+                .is_none_or(|last| now_ms.saturating_sub(*last) >= HEARTBEAT_STORE_EVERY_MS);
+            if due {
+                if st.points.len() < MAX_PENDING_POINTS {
+                    st.points.push((id.to_string(), now_ms, point));
+                    st.last_ms.insert(id.to_string(), now_ms);
+                } else {
+                    st.dropped = st.dropped.saturating_add(1);
+                }
+            }
+            drop(st);
             e.last_seen_ms = now_ms;
             // The agent's clock can be anything (no clock at all, or a hostile one).
             e.heartbeat_lag_ms = Some(now_ms.saturating_sub(hb.sent_at_ms));
@@ -145,6 +183,48 @@ impl Registry {
             // Heartbeats go out only while connected: this one is from the new session.
             e.hello_pending = false;
         }
+    }
+
+    /// The points due to be stored, and how many were dropped since the last call
+    /// because too many were waiting.
+    pub fn take_to_store(&self) -> (Vec<(String, i64, HeartbeatPoint)>, u64) {
+        let mut st = self.to_store.lock().unwrap_or_else(|e| e.into_inner());
+        let dropped = std::mem::take(&mut st.dropped);
+        (std::mem::take(&mut st.points), dropped)
+    }
+
+    /// Puts back points the store did not take (it was unavailable), oldest first and
+    /// ahead of newer ones, within the bound.
+    pub fn return_to_store(&self, mut points: Vec<(String, i64, HeartbeatPoint)>) {
+        let mut st = self.to_store.lock().unwrap_or_else(|e| e.into_inner());
+        points.append(&mut st.points);
+        let over = points.len().saturating_sub(MAX_PENDING_POINTS);
+        if over > 0 {
+            points.drain(..over);
+            st.dropped = st.dropped.saturating_add(over as u64);
+        }
+        st.points = points;
+    }
+
+    /// History read back from the store at start: points older than what memory
+    /// holds go first (memory wins where both have one), at most
+    /// [`HEARTBEAT_HISTORY`] per agent, for agents the registry knows.
+    pub fn restore_history(&self, id: &str, stored: Vec<HeartbeatPoint>) {
+        if !self.knows(id) {
+            return;
+        }
+        let mut h = self.history.write().unwrap_or_else(|e| e.into_inner());
+        let q = h.entry(id.to_string()).or_default();
+        let first = q.front().map(|p| p.at_ms);
+        let mut merged: VecDeque<HeartbeatPoint> = stored
+            .into_iter()
+            .filter(|p| first.is_none_or(|f| p.at_ms < f))
+            .collect();
+        merged.extend(q.drain(..));
+        while merged.len() > HEARTBEAT_HISTORY {
+            merged.pop_front();
+        }
+        *q = merged;
     }
 
     /// The agent's recent heartbeats, oldest first.

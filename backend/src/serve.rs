@@ -322,6 +322,7 @@ pub async fn start_backend(
     bus: Arc<dyn Bus>,
     fault_injection: bool,
     security: Security,
+    retention: crate::retention::Settings,
 ) -> Result<Arc<Backend>, UpError> {
     private_data_dir(data)?;
     let store = match store {
@@ -331,6 +332,7 @@ pub async fn start_backend(
     let backend = Backend::new(store, bus, fault_injection, security)
         .await
         .map_err(|e| UpError::Start(e.to_string()))?;
+    backend.set_retention(retention);
     backend
         .start()
         .await

@@ -355,3 +355,72 @@ async fn status_checks_name_exactly_the_agents_whose_path_got_slow() {
     assert_eq!(who, vec![("sc-far", "reported")], "{}", silent.body);
     eprintln!("status check: failed {failed_after:?} after the far path got 100 ms slower");
 }
+
+/// The dashboard's heartbeat charts survive a backend restart: one point per agent a
+/// minute is stored (the first at once), and read back when the backend starts,
+/// before the agents are heard again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_charts_survive_a_backend_restart() {
+    let dir = imn_tests::TempDir::new("hb-restart");
+    let data = dir.path().join("data");
+    let (http, mqtt) = (imn_tests::free_port(), imn_tests::free_port());
+    let (http_a, mqtt_a) = (format!("127.0.0.1:{http}"), format!("127.0.0.1:{mqtt}"));
+    let start = |tag: &str| {
+        imn_tests::Proc::spawn(
+            tag,
+            &bin("imn"),
+            &[
+                "up",
+                "--http",
+                &http_a,
+                "--mqtt",
+                &mqtt_a,
+                "--data",
+                data.to_str().unwrap(),
+                "--agents",
+                "1",
+                "--heartbeat-ms",
+                "500",
+            ],
+            dir.path(),
+        )
+    };
+    let api = imn_tests::Api::new(http);
+    let health = || {
+        let api = api.clone();
+        async move { api.try_get("/health").await.map(|_| ()) }
+    };
+    let mut first = start("imn-up-1");
+    wait_for("imn up", Duration::from_secs(30), health).await;
+    api.wait_alive(&["agent-1"], Duration::from_secs(30)).await;
+    let points = |api: imn_tests::Api| async move {
+        api.get("/agents/agent-1/heartbeats")
+            .await
+            .body
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let before = wait_for("heartbeats", Duration::from_secs(10), || {
+        let api = api.clone();
+        async move { Some(points(api).await).filter(|p| !p.is_empty()) }
+    })
+    .await;
+    let kept = before[0].clone();
+    // The store is written every 10 s.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let in_memory = points(api.clone()).await.len();
+    assert!(in_memory > 10, "{in_memory} points at 500 ms");
+    first.signal_and_wait(libc::SIGTERM, Duration::from_secs(20));
+
+    let _second = start("imn-up-2");
+    wait_for("imn up again", Duration::from_secs(30), health).await;
+    let after = points(api.clone()).await;
+    // The stored point is back (one a minute: the first), ahead of anything new.
+    assert_eq!(after.first(), Some(&kept), "{after:?}");
+    assert!(
+        after.len() < in_memory,
+        "only the stored sample survives, not every point in memory: {}",
+        after.len()
+    );
+}

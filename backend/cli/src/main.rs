@@ -81,6 +81,8 @@ enum Cmd {
         grpc: ::std::option::Option<SocketAddr>,
         #[command(flatten)]
         security: SecurityFlags,
+        #[command(flatten)]
+        retention: imn_backend::retention::RetentionFlags,
     },
     /// Write a development CA, a server certificate and client certificates.
     Certs {
@@ -461,6 +463,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
             otlp_endpoint,
             grpc,
             security,
+            retention,
         } => {
             use imn_cloud::telemetry::{self, Component};
             let _telemetry = telemetry::init(
@@ -485,6 +488,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
                 no_broker_acl: test_no_broker_acl,
                 grpc,
                 security,
+                retention: retention.settings(),
             };
             up(opts, imn_cloud::shutdown_signal()).await?;
         }

@@ -39,6 +39,8 @@ pub struct UpOptions {
     /// The gRPC API (plain HTTP/2: loopback unless --insecure-i-know), if any.
     pub grpc: Option<SocketAddr>,
     pub security: SecurityFlags,
+    /// What the store keeps, and for how long.
+    pub retention: imn_backend::retention::Settings,
 }
 
 /// Where local agents connect: the plain listener if there is one, else TLS.
@@ -141,6 +143,7 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
         bus,
         opts.fault_injection,
         security,
+        opts.retention,
     )
     .await?;
     let _ = backend

@@ -179,7 +179,8 @@ pub(super) async fn status_history(
 }
 
 /// `GET /agents/{id}/heartbeats`: the agent's recent heartbeats, oldest first, for
-/// charts (kept in memory, [`crate::registry::HEARTBEAT_HISTORY`] per agent).
+/// charts ([`crate::registry::HEARTBEAT_HISTORY`] per agent in memory; after a
+/// restart, the stored samples, one a minute, until new ones arrive).
 pub(super) async fn heartbeats(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,

@@ -53,6 +53,8 @@ struct Flags {
     grpc: ::std::option::Option<SocketAddr>,
     #[command(flatten)]
     security: SecurityFlags,
+    #[command(flatten)]
+    retention: imn_backend::retention::RetentionFlags,
 }
 
 #[tokio::main]
@@ -89,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::new(bus),
         flags.fault_injection,
         security,
+        flags.retention.settings(),
     )
     .await?;
     backend.observe_metrics();

@@ -115,6 +115,8 @@ pub struct Backend {
     pub(crate) budgets: crate::budget::Ledger,
     /// Releases' bytes, fetch budgets and the rollout lock (see [`lifecycle`]).
     pub(crate) lifecycle: lifecycle::Lifecycle,
+    /// What the store keeps and for how long (set once before [`Backend::start`]).
+    retention: std::sync::OnceLock<crate::retention::Settings>,
 }
 
 /// How a request is to be made, beside what it asks for.
@@ -190,6 +192,7 @@ impl Backend {
             feed: crate::feed::Feed::default(),
             budgets: Default::default(),
             lifecycle: Default::default(),
+            retention: std::sync::OnceLock::new(),
         });
         {
             let weak = Arc::downgrade(&backend);
@@ -205,6 +208,11 @@ impl Backend {
             backend
                 .registry
                 .restore(&a.id, a.hello, a.first_seen_ms, a.last_hello_ms);
+        }
+        // The charts' history from before the restart (a store that fails here
+        // costs the charts, not the start).
+        if let Err(e) = crate::retention::restore_heartbeats(&backend).await {
+            tracing::warn!(error = %e, "heartbeat history not restored");
         }
         // Bridges in other processes read credentials from the bus: make sure it has
         // every current one (a change made while the bus was away, or a new bucket).
@@ -242,6 +250,7 @@ impl Backend {
         tokio::spawn(self.clone().ingest(rx));
         tokio::spawn(self.clone().sweep());
         tokio::spawn(crate::feed::Feed::run(self.clone()));
+        tokio::spawn(crate::retention::keep_heartbeats(self.clone()));
         if let Some(peers) = self
             .bus
             .subscribe_peer()
@@ -251,6 +260,17 @@ impl Backend {
             tokio::spawn(self.clone().follow_peers(peers));
         }
         Ok(())
+    }
+
+    /// Sets what the store keeps; only before [`Backend::start`] (later calls are
+    /// ignored).
+    pub fn set_retention(&self, r: crate::retention::Settings) {
+        let _ = self.retention.set(r);
+    }
+
+    /// What the store keeps and for how long.
+    pub fn retention(&self) -> crate::retention::Settings {
+        self.retention.get().copied().unwrap_or_default()
     }
 
     pub fn set_hold_acks(&self, on: bool) {

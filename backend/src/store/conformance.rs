@@ -523,6 +523,41 @@ pub async fn results_pages_resume_and_filter(s: &dyn Store) {
     assert_eq!(newest, vec![7, 6]);
 }
 
+/// Heartbeat points: a point stored twice is one row; reads are by time, oldest
+/// first and bounded; pruning takes the oldest, a bounded batch at a time.
+pub async fn heartbeat_history_is_stored_once_read_by_time_and_pruned_in_batches(s: &dyn Store) {
+    let row = |a: &str, at: i64| HeartbeatRow {
+        agent_id: a.into(),
+        at_ms: at,
+        point_json: format!("{{\"at_ms\":{at},\"agent\":\"{a}\"}}"),
+    };
+    s.put_heartbeats(vec![row("a", 100), row("b", 100), row("a", 200)])
+        .await
+        .unwrap();
+    // Again (a flush retried after a timeout), with a different body: kept as it was.
+    let mut again = row("a", 200);
+    again.point_json = "{}".into();
+    s.put_heartbeats(vec![again, row("a", 300)]).await.unwrap();
+    s.put_heartbeats(vec![]).await.unwrap();
+    let all = s.heartbeats_since(0, 100).await.unwrap();
+    assert_eq!(
+        all,
+        vec![row("a", 100), row("b", 100), row("a", 200), row("a", 300)]
+    );
+    assert_eq!(
+        s.heartbeats_since(150, 100).await.unwrap(),
+        vec![row("a", 200), row("a", 300)]
+    );
+    assert_eq!(s.heartbeats_since(0, 1).await.unwrap(), vec![row("a", 100)]);
+    assert_eq!(s.prune_heartbeats(250, 2).await.unwrap(), 2);
+    assert_eq!(s.prune_heartbeats(250, 2).await.unwrap(), 1);
+    assert_eq!(s.prune_heartbeats(250, 2).await.unwrap(), 0);
+    assert_eq!(
+        s.heartbeats_since(0, 100).await.unwrap(),
+        vec![row("a", 300)]
+    );
+}
+
 /// Agents, sessions, credentials and one-off measurements.
 pub async fn agents_sessions_credentials_and_measurements(s: &dyn Store) {
     let hello = Hello {
@@ -1606,6 +1641,7 @@ for_each_store!(
     credentials_keep_their_budget,
     releases_are_stored_once_by_file_and_found_by_version_and_arch,
     fleet_docs_are_replaced_and_listed_by_kind_and_key,
+    heartbeat_history_is_stored_once_read_by_time_and_pruned_in_batches,
 );
 
 /// PostgreSQL only: two stores (two backends) write at once while a reader pages by

@@ -38,6 +38,7 @@ macro_rules! migrations {
 pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     1 "0001_init",
     2 "0002_fleet",
+    3 "0003_heartbeats",
 );
 
 /// The PostgreSQL store's migrations, in order (the numbers its `schema_version` has
@@ -47,6 +48,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     2 "0002_dead_letters_budgets_and_body_text",
     3 "0003_run_results",
     4 "0004_fleet",
+    5 "0005_heartbeats",
 );
 
 /// The table a database records its version in: one row, the last migration applied.
@@ -130,7 +132,8 @@ mod tests {
         assert_eq!(next("PostgreSQL", POSTGRES, 0).unwrap().unwrap().version, 1);
         assert_eq!(next("PostgreSQL", POSTGRES, 2).unwrap().unwrap().version, 3);
         assert_eq!(next("PostgreSQL", POSTGRES, 3).unwrap().unwrap().version, 4);
-        assert!(next("PostgreSQL", POSTGRES, 4).unwrap().is_none());
+        assert_eq!(next("PostgreSQL", POSTGRES, 4).unwrap().unwrap().version, 5);
+        assert!(next("PostgreSQL", POSTGRES, 5).unwrap().is_none());
         assert_eq!(
             next("SQLite", SQLITE, 1).unwrap().unwrap().name,
             "0002_fleet"

@@ -641,6 +641,27 @@ pub trait AgentStore: Send + Sync + 'static {
     ) -> Result<Vec<(i64, Option<i64>)>, StoreError>;
     /// The agent's first connection ever, if any.
     async fn first_connected(&self, agent: &str) -> Result<Option<i64>, StoreError>;
+    /// Stores heartbeat points (agent, the backend's time, the point as JSON); a point
+    /// already stored for the same agent and time is kept as it was.
+    async fn put_heartbeats(&self, rows: Vec<HeartbeatRow>) -> Result<(), StoreError>;
+    /// Points stored at or after `since_ms`, oldest first, at most `limit`.
+    async fn heartbeats_since(
+        &self,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<HeartbeatRow>, StoreError>;
+    /// Deletes up to `limit` points stored before `before_ms`, oldest first; returns
+    /// how many went.
+    async fn prune_heartbeats(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
+}
+
+/// One stored heartbeat point: the agent, when it arrived (the backend's clock) and
+/// the point as JSON (`registry::HeartbeatPoint`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatRow {
+    pub agent_id: String,
+    pub at_ms: i64,
+    pub point_json: String,
 }
 
 /// Requests and what agents sent about them: creating and moving requests, storing

@@ -26,9 +26,9 @@ use tokio_postgres::NoTls;
 use super::prelude::*;
 use super::{
     checked_release, file_taken, nul_free, release_taken, AgentRow, AgentSchedule, BatchOutcome,
-    Created, CredentialRow, DeadLetter, MeasurementRow, NewRequest, PreparedBatch, RecordRow,
-    ReleaseRow, RequestRow, ResultFilter, ResultRow, ScheduleProgress, StoreError, TokenUsage,
-    Transition, AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION,
+    Created, CredentialRow, DeadLetter, HeartbeatRow, MeasurementRow, NewRequest, PreparedBatch,
+    RecordRow, ReleaseRow, RequestRow, ResultFilter, ResultRow, ScheduleProgress, StoreError,
+    TokenUsage, Transition, AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION,
 };
 
 /// Advisory lock keys (any two constants unlikely to clash with an application's).
@@ -1116,6 +1116,59 @@ impl AgentStore for PostgresStore {
         .await
         .map_err(db)?
         .get(0))
+    }
+    async fn put_heartbeats(&self, rows: Vec<HeartbeatRow>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let st = tx
+            .prepare_cached(
+                "INSERT INTO heartbeats (agent_id, at_ms, point) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+            )
+            .await
+            .map_err(db)?;
+        for r in &rows {
+            tx.execute(&st, &[&r.agent_id, &r.at_ms, &nul_free(&r.point_json)])
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+    async fn heartbeats_since(
+        &self,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<HeartbeatRow>, StoreError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT agent_id, at_ms, point FROM heartbeats WHERE at_ms >= $1
+                 ORDER BY at_ms, agent_id LIMIT $2",
+                &[&since_ms, &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| HeartbeatRow {
+                agent_id: r.get(0),
+                at_ms: r.get(1),
+                point_json: r.get(2),
+            })
+            .collect())
+    }
+    async fn prune_heartbeats(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "DELETE FROM heartbeats WHERE (agent_id, at_ms) IN (
+               SELECT agent_id, at_ms FROM heartbeats WHERE at_ms < $1 ORDER BY at_ms LIMIT $2)",
+            &[&before_ms, &i64::from(limit)],
+        )
+        .await
+        .map_err(db)
     }
 }
 

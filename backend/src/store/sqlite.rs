@@ -10,9 +10,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::prelude::*;
 use super::{
     checked_release, file_taken, nul_free, release_taken, AgentRow, AgentSchedule, BatchOutcome,
-    Created, CredentialRow, DeadLetter, MeasurementRow, NewRequest, PreparedBatch, RecordRow,
-    ReleaseRow, RequestRow, ResultFilter, ResultRow, ScheduleProgress, StoreError, TokenUsage,
-    Transition, AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION, MAX_SEQ_RANGES,
+    Created, CredentialRow, DeadLetter, HeartbeatRow, MeasurementRow, NewRequest, PreparedBatch,
+    RecordRow, ReleaseRow, RequestRow, ResultFilter, ResultRow, ScheduleProgress, StoreError,
+    TokenUsage, Transition, AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION, MAX_SEQ_RANGES,
 };
 
 mod legacy;
@@ -825,6 +825,65 @@ impl AgentStore for SqliteStore {
                 |r| r.get(0),
             )
             .map_err(db)
+        })
+        .await
+    }
+    async fn put_heartbeats(&self, rows: Vec<HeartbeatRow>) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            {
+                let mut st = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO heartbeats (agent_id, at_ms, point) VALUES (?1, ?2, ?3)",
+                    )
+                    .map_err(db)?;
+                for r in &rows {
+                    st.execute(params![r.agent_id, r.at_ms, r.point_json])
+                        .map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)
+        })
+        .await
+    }
+    async fn heartbeats_since(
+        &self,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<HeartbeatRow>, StoreError> {
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT agent_id, at_ms, point FROM heartbeats WHERE at_ms >= ?1
+                     ORDER BY at_ms, agent_id LIMIT ?2",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![since_ms, limit], |r| {
+                    Ok(HeartbeatRow {
+                        agent_id: r.get(0)?,
+                        at_ms: r.get(1)?,
+                        point_json: r.get(2)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+    async fn prune_heartbeats(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM heartbeats WHERE rowid IN (
+                       SELECT rowid FROM heartbeats WHERE at_ms < ?1 ORDER BY at_ms LIMIT ?2)",
+                    params![before_ms, limit],
+                )
+                .map_err(db)?;
+            Ok(n as u64)
         })
         .await
     }
