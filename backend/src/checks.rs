@@ -33,8 +33,6 @@ use imn_proto::wire::RequestState;
 
 /// The longest window a check may look back over.
 pub const MAX_WINDOW_S: u64 = 31 * 86_400;
-/// The most results one check reads; past it, the check says it was truncated.
-pub const MAX_RESULTS: usize = 20_000;
 /// The most results per agent a check keeps (the newest).
 pub const MAX_RESULTS_PER_AGENT: usize = 500;
 /// The most breaches listed in one answer (all are counted).
@@ -84,6 +82,10 @@ impl StatusSet {
     }
 
     pub fn admits(&self, status: u16) -> bool {
+        // An agent's result may carry any u16: 2999 is in no class.
+        if !(100..=599).contains(&status) {
+            return false;
+        }
         let code = status.to_string();
         self.0.iter().any(|p| {
             if p.ends_with("xx") {
@@ -296,17 +298,15 @@ impl Thresholds {
                 }
                 "reached" => {
                     needs(p.path, "path")?;
-                    t.reached = Some(match v.as_str() {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => {
-                            return Err(bad(
-                                k,
-                                "type",
-                                format!("{k}: must be true or false (got {v:?})"),
-                            ))
-                        }
-                    });
+                    // Only `true` judges anything; `false` would be a no-op.
+                    if !matches!(v.as_str(), "true" | "1") {
+                        return Err(bad(
+                            k,
+                            "enum",
+                            format!("{k}: must be true: a path that does not reach its destination breaches (got {v:?})"),
+                        ));
+                    }
+                    t.reached = Some(true);
                 }
                 "max_breaching" => {
                     t.max_breaching = integer(k, v, 0, 1_000_000)? as u32;
@@ -438,20 +438,93 @@ fn ms_json(v: f64) -> Value {
     json!((v * 1000.0).round() / 1000.0)
 }
 
-/// Judges each agent's results. `results` maps each agent the measurement covers to
-/// its results in the window, oldest first.
+/// The most RTT (and HTTP, DNS time) samples kept per agent and target over a window.
+pub const MAX_SAMPLES_PER_TARGET: usize = 10_000;
+
+/// One target's figures over an agent's results in the window.
+#[derive(Debug, Default)]
+pub struct TargetFigures {
+    pub sent: u64,
+    pub received: u64,
+    pub samples: Vec<f64>,
+    pub http_times: Vec<f64>,
+    pub dns_times: Vec<f64>,
+    /// The newest result's figures for this target (its samples left out).
+    pub newest: Option<Figures>,
+}
+
+/// What one agent's results in the window came to, gathered newest first: the
+/// results themselves are dropped as they are read, so a check holds figures, not
+/// bodies.
+#[derive(Debug, Default)]
+pub struct AgentInput {
+    pub results: usize,
+    /// The newest run's state and error.
+    pub newest: Option<(RequestState, Option<String>)>,
+    pub targets: BTreeMap<String, TargetFigures>,
+}
+
+fn push_capped(v: &mut Vec<f64>, more: impl IntoIterator<Item = f64>) {
+    for x in more {
+        if v.len() >= MAX_SAMPLES_PER_TARGET {
+            return;
+        }
+        v.push(x);
+    }
+}
+
+impl AgentInput {
+    /// Adds one result; results must come newest first.
+    pub fn add(&mut self, module: &str, row: &ResultRow) {
+        self.results += 1;
+        if self.newest.is_none() {
+            let error = row.error.as_ref().map(|e| e.chars().take(200).collect());
+            self.newest = Some((row.state, error));
+        }
+        if row.state != RequestState::Succeeded {
+            return;
+        }
+        let Some(out) = ModuleOutput::from_api_json(module, &row.result) else {
+            return;
+        };
+        // A result that names a target twice counts it once (the first).
+        let mut seen: Vec<String> = Vec::new();
+        for mut f in out.figures() {
+            if seen.contains(&f.target) {
+                continue;
+            }
+            seen.push(f.target.clone());
+            if self.targets.len() >= figures::MAX_TARGETS && !self.targets.contains_key(&f.target) {
+                continue;
+            }
+            let acc = self.targets.entry(f.target.clone()).or_default();
+            acc.sent = acc.sent.saturating_add(u64::from(f.sent));
+            acc.received = acc
+                .received
+                .saturating_add(u64::from(f.received.min(f.sent)));
+            push_capped(&mut acc.samples, f.rtts_ms.drain(..));
+            push_capped(&mut acc.http_times, f.http_total_ms);
+            push_capped(&mut acc.dns_times, f.dns_time_ms);
+            if acc.newest.is_none() {
+                acc.newest = Some(f);
+            }
+        }
+    }
+}
+
+/// Judges each agent's results. `inputs` maps each agent the measurement covers to
+/// what its results in the window came to.
 pub fn evaluate(
     t: &Thresholds,
-    module: &str,
-    results: &BTreeMap<String, Vec<ResultRow>>,
+    inputs: &BTreeMap<String, AgentInput>,
     now_ms: i64,
 ) -> (Vec<AgentVerdict>, Vec<Breach>) {
     let mut verdicts = Vec::new();
     let mut breaches = Vec::new();
-    for (agent, rows) in results {
+    for (agent, input) in inputs {
         let mut v = AgentVerdict {
             agent_id: agent.clone(),
-            results: rows.len(),
+            results: input.results,
             breaching: false,
             targets: BTreeMap::new(),
         };
@@ -471,7 +544,7 @@ pub fn evaluate(
                 message,
             });
         };
-        let Some(newest) = rows.last() else {
+        let Some((newest_state, newest_error)) = &input.newest else {
             breach(
                 &mut mine,
                 None,
@@ -485,38 +558,24 @@ pub fn evaluate(
             verdicts.push(v);
             continue;
         };
-        if newest.state != RequestState::Succeeded {
-            let why = newest.error.clone().unwrap_or_default();
-            let why: String = why.chars().take(200).collect();
+        if *newest_state != RequestState::Succeeded {
+            let why = newest_error.clone().unwrap_or_default();
             breach(
                 &mut mine,
                 None,
                 "run",
-                json!(newest.state.as_str()),
+                json!(newest_state.as_str()),
                 json!("succeeded"),
-                format!("newest run {}: {why}", newest.state.as_str()),
+                format!("newest run {}: {why}", newest_state.as_str()),
             );
         }
-        // Per target: every result's figures, oldest first.
-        let mut per: BTreeMap<String, Vec<Figures>> = BTreeMap::new();
-        for r in rows.iter().filter(|r| r.state == RequestState::Succeeded) {
-            let Some(out) = ModuleOutput::from_api_json(module, &r.result) else {
+        for (target, acc) in &input.targets {
+            let mut values: BTreeMap<&'static str, Value> = BTreeMap::new();
+            let (sent, received) = (acc.sent, acc.received);
+            let samples = &acc.samples;
+            let Some(newest) = &acc.newest else {
                 continue;
             };
-            for f in out.figures() {
-                if per.len() >= figures::MAX_TARGETS && !per.contains_key(&f.target) {
-                    continue;
-                }
-                per.entry(f.target.clone()).or_default().push(f);
-            }
-        }
-        for (target, fs) in &per {
-            let mut values: BTreeMap<&'static str, Value> = BTreeMap::new();
-            let (sent, received) = fs.iter().fold((0u64, 0u64), |(s, r), f| {
-                (s + u64::from(f.sent), r + u64::from(f.received.min(f.sent)))
-            });
-            let samples: Vec<f64> = fs.iter().flat_map(|f| f.rtts_ms.iter().copied()).collect();
-            let newest = fs.last().expect("a target has figures");
             let tg = Some(target.as_str());
             if sent > 0 {
                 let loss = (sent - received) as f64 * 100.0 / sent as f64;
@@ -532,7 +591,7 @@ pub fn evaluate(
                     );
                 }
             }
-            let median = figures::median(&samples);
+            let median = figures::median(samples);
             if let Some(m) = median {
                 values.insert("rtt_median_ms", ms_json(m));
             }
@@ -559,7 +618,7 @@ pub fn evaluate(
             }
             if let Some(max) = t.max_rtt_percentile {
                 let p = t.rtt_percentile;
-                match figures::percentile(&samples, p) {
+                match figures::percentile(samples, p) {
                     Some(x) => {
                         values.insert("rtt_percentile_ms", ms_json(x));
                         if x > max {
@@ -607,8 +666,7 @@ pub fn evaluate(
                     ),
                 }
             }
-            let http_times: Vec<f64> = fs.iter().filter_map(|f| f.http_total_ms).collect();
-            let http_time = figures::median(&http_times);
+            let http_time = figures::median(&acc.http_times);
             if let Some(x) = http_time {
                 values.insert("http_time_ms", ms_json(x));
             }
@@ -657,8 +715,7 @@ pub fn evaluate(
                     ),
                 }
             }
-            let dns_times: Vec<f64> = fs.iter().filter_map(|f| f.dns_time_ms).collect();
-            let dns_time = figures::median(&dns_times);
+            let dns_time = figures::median(&acc.dns_times);
             if let Some(x) = dns_time {
                 values.insert("dns_time_ms", ms_json(x));
             }
@@ -751,7 +808,10 @@ pub fn evaluate(
         }
         // A threshold with nothing to judge at all (no succeeded result) is a breach:
         // silence is not health.
-        if per.is_empty() && newest.state == RequestState::Succeeded && has_figure_thresholds(t) {
+        if input.targets.is_empty()
+            && *newest_state == RequestState::Succeeded
+            && has_figure_thresholds(t)
+        {
             breach(
                 &mut mine,
                 None,
@@ -842,16 +902,22 @@ pub fn report(
     }
 }
 
+/// Text for a plugin line: one line, and no `|`, which starts performance data (a
+/// target or an error text from an agent could otherwise forge figures).
+fn plugin_text(s: String) -> String {
+    imn_proto::summary::tidy(s.replace('|', "¦"))
+}
+
 /// Nagios/Icinga plugin output: a status line with performance data, then one line
-/// per breach. Text from agents is made one-line first.
+/// per breach. Text from agents is made one-line and `|`-free first. The
+/// `breaching` figure's warning threshold is 0 and its critical one `max_breaching`.
 pub fn nagios(r: &Report) -> String {
     let mut s = format!(
-        "IMN {} - {} | agents={};;;0 breaching={};{};{};0;{}\n",
+        "IMN {} - {} | agents={};;;0 breaching={};0;{};0;{}\n",
         r.status.word(),
-        r.summary,
+        plugin_text(r.summary.clone()),
         r.agents,
         r.breaching_agents,
-        r.max_breaching,
         r.max_breaching,
         r.agents
     );
@@ -860,7 +926,7 @@ pub fn nagios(r: &Report) -> String {
             Some(tg) => format!("{} {tg}: {}", b.agent_id, b.message),
             None => format!("{}: {}", b.agent_id, b.message),
         };
-        s.push_str(&imn_proto::summary::tidy(line));
+        s.push_str(&plugin_text(line));
         s.push('\n');
     }
     s
@@ -956,8 +1022,16 @@ pub fn prometheus(r: &Report) -> String {
     e.finish()
 }
 
+/// The most results one check reads back (newest first) from a recurring
+/// measurement; past it, the check says it was truncated.
+pub const MAX_SCANNED: usize = 50_000;
+
 /// Runs the check of measurement `id` with the query `pairs`: reads the
 /// measurement, its agents and their results in the window (bounded), and judges them.
+///
+/// The window is by the backend's clock: results that arrived within it
+/// (`stored_ms`), read newest first, so an agent whose clock is wrong is judged by
+/// when its results came. A one-off measurement's results are its requests'.
 pub async fn run(
     b: &crate::service::Backend,
     id: &str,
@@ -974,21 +1048,6 @@ pub async fn run(
         .schedule_json
         .as_deref()
         .and_then(|s| serde_json::from_str(s).ok());
-    let agents: Vec<String> = if m.schedule_json.is_some() {
-        b.store
-            .schedule_progress(id)
-            .await?
-            .into_iter()
-            .map(|p| p.agent_id)
-            .collect()
-    } else {
-        b.store
-            .measurement_requests(id)
-            .await?
-            .into_iter()
-            .map(|(req, _)| req.agent_id)
-            .collect()
-    };
     // The window: given, or a schedule's last three intervals (at least a minute), or
     // a one-off's whole run.
     let window_s = t.window_s.or_else(|| {
@@ -1002,46 +1061,55 @@ pub async fn run(
                 .saturating_mul(1000),
         )
     });
-    let mut per: BTreeMap<String, Vec<ResultRow>> =
-        agents.into_iter().map(|a| (a, Vec::new())).collect();
-    let (mut read, mut truncated, mut after) = (0usize, false, 0i64);
-    loop {
-        let page = b
-            .store
-            .results_page(crate::store::ResultFilter {
-                measurement: Some(id.to_string()),
-                since_ms,
-                after,
-                limit: 2_000,
-                ..Default::default()
-            })
-            .await?;
-        let n = page.len();
-        for (pos, row, _) in page {
-            after = pos;
-            read += 1;
-            // Only the measurement's own agents count (the store keys results by
-            // measurement, so others cannot appear; this keeps the map bounded anyway).
-            if let Some(v) = per.get_mut(&row.agent_id) {
-                v.push(row);
-                if v.len() > MAX_RESULTS_PER_AGENT {
-                    v.remove(0);
+    let in_window = |r: &ResultRow| since_ms.is_none_or(|s| r.stored_ms >= s);
+    let mut inputs: BTreeMap<String, AgentInput> = BTreeMap::new();
+    let (mut read, mut truncated) = (0usize, false);
+    if m.schedule_json.is_some() {
+        for p in b.store.schedule_progress(id).await? {
+            inputs.insert(p.agent_id, AgentInput::default());
+        }
+        let mut before = None;
+        'pages: loop {
+            let page = b.store.schedule_results_newest(id, before, 1_000).await?;
+            let n = page.len();
+            for (pos, row) in page {
+                before = Some(pos);
+                if !in_window(&row) {
+                    break 'pages;
+                }
+                if read >= MAX_SCANNED {
+                    truncated = true;
+                    break 'pages;
+                }
+                read += 1;
+                // Only the measurement's own agents count.
+                if let Some(input) = inputs.get_mut(&row.agent_id) {
+                    if input.results < MAX_RESULTS_PER_AGENT {
+                        input.add(&m.module, &row);
+                    }
                 }
             }
+            if n < 1_000 {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
-        if n < 2_000 {
-            break;
-        }
-        if read >= MAX_RESULTS {
-            truncated = true;
-            break;
+    } else {
+        for (req, res) in b.store.measurement_requests(id).await? {
+            let input = inputs.entry(req.agent_id).or_default();
+            if let Some(row) = res.filter(|r| in_window(r)) {
+                read += 1;
+                input.add(&m.module, &row);
+            }
         }
     }
-    // Oldest first by the agent's time (arrival order differs for buffered results).
-    for v in per.values_mut() {
-        v.sort_by_key(|r| (r.scheduled_ms.unwrap_or(r.at_ms), r.at_ms));
-    }
-    let (verdicts, breaches) = evaluate(&t, &m.module, &per, now);
+    // Judging sorts samples: off the async workers.
+    let (verdicts, breaches, t) = tokio::task::spawn_blocking(move || {
+        let (v, br) = evaluate(&t, &inputs, now);
+        (v, br, t)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("status check: {e}")))?;
     let window = json!({
         "seconds": window_s,
         "from": since_ms.map(crate::api::rfc3339),
@@ -1096,7 +1164,8 @@ mod tests {
                 ("http_status", "format"),
             ),
             (&[("dns_rcode", "NO ERROR")], "dns", ("dns_rcode", "format")),
-            (&[("reached", "yes")], "traceroute", ("reached", "type")),
+            (&[("reached", "yes")], "traceroute", ("reached", "enum")),
+            (&[("reached", "false")], "traceroute", ("reached", "enum")),
             (&[("window_s", "0")], "ping_module", ("window_s", "range")),
             (&[("format", "xml")], "ping_module", ("format", "enum")),
             (
@@ -1145,7 +1214,8 @@ mod tests {
             seq: 1,
             state,
             result: out.to_json(),
-            error: (state != RequestState::Succeeded).then(|| "boom\nline".into()),
+            error: (state != RequestState::Succeeded)
+                .then(|| "boom\nline | breaching=0;0;0;0;1".into()),
             received_ms: 0,
             started_ms: 0,
             finished_ms: 0,
@@ -1153,6 +1223,43 @@ mod tests {
             scheduled_ms: None,
             at_ms: 0,
         }
+    }
+
+    /// Each agent's rows, given oldest first, added newest first as `run` reads them.
+    fn inputs(m: &BTreeMap<String, Vec<ResultRow>>) -> BTreeMap<String, AgentInput> {
+        m.iter()
+            .map(|(a, rows)| {
+                let mut input = AgentInput::default();
+                for r in rows.iter().rev() {
+                    input.add("ping_module", r);
+                }
+                (a.clone(), input)
+            })
+            .collect()
+    }
+
+    /// A result naming a target twice counts once; samples are capped per target;
+    /// the newest result (added first) is the one whose discrete figures count.
+    #[test]
+    fn inputs_are_bounded_and_newest_first() {
+        let mut t = imn_proto::results::PingResult::new("h", "127.0.0.1", 56);
+        t.rtts_ms = vec![Some(1.0); 900];
+        t.summarise();
+        let out = ModuleOutput::Ping(imn_proto::results::PingOutput {
+            socket: "raw".into(),
+            src_addr: None,
+            targets: vec![t; 50],
+        });
+        let mut row = ping_row("a", &[], RequestState::Succeeded);
+        row.result = out.to_json();
+        let mut input = AgentInput::default();
+        for _ in 0..20 {
+            input.add("ping_module", &row);
+        }
+        let acc = &input.targets["h"];
+        assert_eq!(acc.sent, 20 * 900, "one target per result, not 50");
+        assert_eq!(acc.samples.len(), MAX_SAMPLES_PER_TARGET);
+        assert_eq!(input.results, 20);
     }
 
     #[test]
@@ -1192,7 +1299,7 @@ mod tests {
             rtt_percentile: 95.0,
             ..Default::default()
         };
-        let (_, b) = evaluate(&none, "ping_module", &m, 0);
+        let (_, b) = evaluate(&none, &inputs(&m), 0);
         let who: Vec<(&str, &str)> = b
             .iter()
             .map(|b| (b.agent_id.as_str(), b.check.as_str()))
@@ -1204,7 +1311,7 @@ mod tests {
             max_rtt_median: Some(100.0),
             ..none.clone()
         };
-        let (v, b) = evaluate(&t, "ping_module", &m, 0);
+        let (v, b) = evaluate(&t, &inputs(&m), 0);
         let who: Vec<(&str, &str)> = b
             .iter()
             .map(|b| (b.agent_id.as_str(), b.check.as_str()))
@@ -1237,12 +1344,13 @@ mod tests {
                 .contains("| agents=5;;;0 breaching=4;0;0;0;5"),
             "{n}"
         );
-        // Agent text stays on its line.
+        // Agent text stays on its line, and cannot forge performance data.
         assert!(
             n.lines()
-                .any(|l| l == "broken: newest run failed: boom line"),
+                .any(|l| l == "broken: newest run failed: boom line ¦ breaching=0;0;0;0;1"),
             "{n}"
         );
+        assert_eq!(n.lines().next().unwrap().matches('|').count(), 1, "{n}");
         let p = prometheus(&r);
         assert!(p.contains("imn_check_status{measurement=\"m-1\"} 2"), "{p}");
         assert!(p.contains("imn_check_breach{measurement=\"m-1\",agent=\"slow\",target=\"h\",check=\"max_rtt_median\"} 1"), "{p}");
@@ -1251,7 +1359,7 @@ mod tests {
             max_breaching: 4,
             ..t
         };
-        let (v, b) = evaluate(&lenient, "ping_module", &m, 0);
+        let (v, b) = evaluate(&lenient, &inputs(&m), 0);
         let r = report("m-1", "ping_module", lenient, Value::Null, 4, false, v, b);
         assert_eq!((r.status, r.healthy), (Status::Warning, true));
     }

@@ -548,8 +548,11 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     let mut v = vec![path_id("id", "measurement id")];
                     for (name, what) in crate::checks::PARAMS {
                         let schema = match *name {
-                            "max_breaching" | "window_s" => integer(0),
-                            "reached" => json!({"type": "boolean"}),
+                            "max_breaching" => integer(0),
+                            "window_s" => json!({"type": "integer", "minimum": 1, "maximum": crate::checks::MAX_WINDOW_S}),
+                            "rtt_percentile" => json!({"type": "number", "minimum": 1, "maximum": 100}),
+                            "max_loss" => json!({"type": "number", "minimum": 0, "maximum": 100}),
+                            "reached" => json!({"type": "boolean", "const": true}),
                             "format" => json!({"type": "string", "enum": ["json", "nagios", "prometheus"]}),
                             "http_status" | "dns_rcode" => string(),
                             _ => json!({"type": "number"}),
@@ -1066,10 +1069,15 @@ pub fn document() -> Value {
         };
         let mut op = op.to_json(id);
         if path == "/v1/measurements/{id}/status-check" {
+            op["responses"]["200"]["headers"] = json!({"X-IMN-Check": {
+                "description": "ok, warning (some agents breach, no more than max_breaching) or critical",
+                "schema": {"type": "string", "enum": ["ok", "warning", "critical"]},
+            }});
             // Unhealthy is an answer, not an error: the report, as for 200 (or the
             // Error object when the store itself is unavailable).
             op["responses"]["503"] = json!({
-                "description": "not healthy: more agents breach than max_breaching (X-IMN-Check: critical); or the store is unavailable (an Error)",
+                "description": "not healthy: more agents breach than max_breaching (X-IMN-Check: critical; format=prometheus answers 200 instead, as scrapers need); or the store is unavailable (an Error)",
+                "headers": {"X-IMN-Check": {"schema": {"type": "string", "enum": ["critical"]}}},
                 "content": {
                     "application/json": {"schema": {"oneOf": [schema_ref("StatusCheck"), schema_ref("Error")]}},
                     "text/plain": {"schema": {"type": "string"}},

@@ -286,7 +286,9 @@ pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
     let mut s: Vec<f64> = v.to_vec();
     s.sort_by(f64::total_cmp);
     let p = p.clamp(0.0, 100.0);
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    // p·n/100 rather than (p/100)·n: exact for whole p and n (0.07·100 is 7.000…01,
+    // whose ceiling is 8).
+    let rank = (p * s.len() as f64 / 100.0).ceil() as usize;
     Some(s[rank.clamp(1, s.len()) - 1])
 }
 
@@ -342,6 +344,15 @@ mod tests {
         assert_eq!(percentile(&v, 95.0), Some(5.0));
         assert_eq!(percentile(&v, 0.0), Some(1.0));
         assert_eq!(percentile(&[], 50.0), None);
+        // Nearest rank over 1..=100 is p itself, for every whole p.
+        let hundred: Vec<f64> = (1..=100).map(f64::from).collect();
+        for p in 1..=100 {
+            assert_eq!(
+                percentile(&hundred, f64::from(p)),
+                Some(f64::from(p)),
+                "p{p}"
+            );
+        }
         assert_eq!(median(&[1.0, 2.0, 3.0, 10.0]), Some(2.5));
     }
 

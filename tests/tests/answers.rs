@@ -299,6 +299,12 @@ async fn status_checks_name_exactly_the_agents_whose_path_got_slow() {
     assert_eq!(r.status, 400);
     assert_eq!(r.body["field"], json!("http_status"), "{}", r.body);
     assert_eq!(r.body["rule"], json!("applies"));
+    let (code, out) = imn_check(&up, &[&id, "--max-loss", "ten"]).await;
+    assert_eq!(
+        (code, parse_plugin(&out).status.as_str()),
+        (3, "UNKNOWN"),
+        "{out}"
+    );
     let dead = tokio::process::Command::new(bin("imn"))
         .args(["check", &id, "--url", "http://127.0.0.1:9"])
         .output()
@@ -307,8 +313,9 @@ async fn status_checks_name_exactly_the_agents_whose_path_got_slow() {
     assert_eq!(dead.status.code(), Some(3));
 
     // Prometheus text, as a scraper reads it.
+    // (Always 200: Prometheus drops any other scrape; the status is in the text.)
     let r = check("max_rtt_median=50&window_s=6&format=prometheus").await;
-    assert_eq!(r.status, 503);
+    assert_eq!(r.status, 200);
     assert_eq!(r.headers["x-imn-check"], "critical");
     let text = r.body.as_str().expect("text").to_string();
     assert!(

@@ -94,11 +94,23 @@ pub const WARNING: u8 = 1;
 pub const CRITICAL: u8 = 2;
 pub const UNKNOWN: u8 = 3;
 
+/// `s` percent-encoded as one path segment (every byte but unreserved ones).
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Runs the check: what to print and the exit code.
 pub async fn check(c: &Client, id: &str, args: &CheckArgs, json: bool) -> (String, u8) {
     let path = format!(
         "/v1/measurements/{}/status-check?{}",
-        form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>(),
+        path_segment(id),
         args.query(if json { "json" } else { "nagios" })
     );
     match c.get_text(&path, "x-imn-check").await {
@@ -155,5 +167,6 @@ mod tests {
             a.query("nagios"),
             "max_loss=10&http_status=2xx%2C301&reached=true&max_breaching=1&format=nagios"
         );
+        assert_eq!(path_segment("m-1 /?%"), "m-1%20%2F%3F%25");
     }
 }

@@ -414,7 +414,31 @@ enum SettingsCmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `imn check` is a Nagios plugin: a usage error is UNKNOWN (3), not
+            // clap's 2 (CRITICAL).
+            let is_check = std::env::args().nth(1).as_deref() == Some("check");
+            let _ = e.print();
+            return if is_check && e.use_stderr() {
+                let first = e.to_string();
+                let first = first.lines().next().unwrap_or("usage error");
+                println!("IMN UNKNOWN - {}", first.trim_start_matches("error: "));
+                std::process::ExitCode::from(check::UNKNOWN)
+            } else {
+                std::process::ExitCode::from(e.exit_code() as u8)
+            };
+        }
+    };
+    let unknown_on_failure = matches!(cli.cmd, Cmd::Check { .. });
+    let failure = || {
+        if unknown_on_failure {
+            std::process::ExitCode::from(check::UNKNOWN)
+        } else {
+            std::process::ExitCode::FAILURE
+        }
+    };
     if matches!(cli.cmd, Cmd::Up { .. }) {
         // Everything `imn up` creates in DATA (the admin token, the store, the agents'
         // outboxes) is its owner's only; the directory itself is made 0700.
@@ -431,14 +455,14 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("imn: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+            return failure();
         }
     };
     match rt.block_on(run(cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("imn: {e:#}");
-            std::process::ExitCode::FAILURE
+            failure()
         }
     }
 }

@@ -71,7 +71,8 @@ pub(super) async fn measurement_stream(
 /// `GET /v1/measurements/{id}/status-check?max_loss=…`: 200 when healthy (no more
 /// agents breach than `max_breaching`), 503 when not; the body names each breaching
 /// agent and its value against the threshold, as JSON, Nagios plugin output or
-/// Prometheus text (`format`). `X-IMN-Check` says ok, warning or critical.
+/// Prometheus text (`format`; always 200, as scrapers need). `X-IMN-Check` says ok,
+/// warning or critical.
 pub(super) async fn status_check(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
@@ -83,7 +84,9 @@ pub(super) async fn status_check(
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
     let (report, format) = crate::checks::run(&b, &id, &pairs).await?;
-    let status = if report.healthy {
+    // Prometheus drops a scrape that is not a 200: its text always comes with 200,
+    // the status being in `imn_check_status`.
+    let status = if report.healthy || format == crate::checks::Format::Prometheus {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -147,6 +147,29 @@ pub async fn schedules_version_each_agents_set_and_runs_are_found_by_measurement
     assert_eq!(page[0].2.as_deref(), Some("m1"));
     assert_eq!(page[1].1.scheduled_ms, Some(4000));
     assert_eq!(page[1].1.request_id, "m1@4000");
+    // Newest first, from a position back.
+    let newest = s.schedule_results_newest("m1", None, 10).await.unwrap();
+    let slots: Vec<Option<i64>> = newest.iter().map(|(_, r)| r.scheduled_ms).collect();
+    assert_eq!(slots, vec![Some(4000), Some(2000)]);
+    assert_eq!(newest[0].0, page[1].0, "the same positions as a page");
+    let older = s
+        .schedule_results_newest("m1", Some(newest[0].0), 10)
+        .await
+        .unwrap();
+    assert_eq!(older.len(), 1);
+    assert_eq!(older[0].1.scheduled_ms, Some(2000));
+    assert_eq!(
+        s.schedule_results_newest("m1", None, 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(s
+        .schedule_results_newest("m2", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
     let progress = s.schedule_progress("m1").await.unwrap();
     let runs: Vec<(String, u64, Option<i64>)> = progress
         .into_iter()

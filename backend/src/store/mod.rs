@@ -746,6 +746,15 @@ pub trait RequestStore: Send + Sync + 'static {
         &self,
         f: ResultFilter,
     ) -> Result<Vec<(i64, ResultRow, Option<String>)>, StoreError>;
+    /// A recurring measurement's results, newest first by position: those stored
+    /// before position `before` (None: from the newest), at most `limit`. For status
+    /// checks, which read back from now until their window ends.
+    async fn schedule_results_newest(
+        &self,
+        measurement: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(i64, ResultRow)>, StoreError>;
     /// The position of the newest stored record (0 when there is none).
     async fn latest_position(&self) -> Result<i64, StoreError>;
     /// How many requests are in each state now.

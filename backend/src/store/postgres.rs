@@ -1520,6 +1520,33 @@ impl RequestStore for PostgresStore {
             .map(|r| (r.get::<_, i64>(9), result_row(r), r.get(10)))
             .collect())
     }
+    async fn schedule_results_newest(
+        &self,
+        measurement: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(i64, ResultRow)>, StoreError> {
+        let c = self.client().await?;
+        let st = c
+            .prepare_cached(&format!(
+                "SELECT {RESULT_COLS}, r.position FROM records r
+                 WHERE r.measurement_id = $1 AND r.position < $2 AND r.kind = 'result'
+                 ORDER BY r.position DESC LIMIT $3"
+            ))
+            .await
+            .map_err(db)?;
+        let rows = c
+            .query(
+                &st,
+                &[&measurement, &before.unwrap_or(i64::MAX), &i64::from(limit)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i64>(9), result_row(r)))
+            .collect())
+    }
     async fn latest_position(&self) -> Result<i64, StoreError> {
         let c = self.client().await?;
         Ok(

@@ -1199,6 +1199,32 @@ impl RequestStore for SqliteStore {
         })
         .await
     }
+    async fn schedule_results_newest(
+        &self,
+        measurement: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<(i64, ResultRow)>, StoreError> {
+        let measurement = measurement.to_string();
+        self.with(move |c| {
+            // records_measurement (measurement_id, id), read backwards.
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {RESULT_COLS}, r.id FROM records r
+                     WHERE r.measurement_id = ?1 AND r.id < ?2 AND r.kind = 'result'
+                     ORDER BY r.id DESC LIMIT ?3"
+                ))
+                .map_err(db)?;
+            let rows = st
+                .query_map(
+                    params![measurement, before.unwrap_or(i64::MAX), limit],
+                    |r| Ok((r.get::<_, i64>(8)?, result_row(r)?)),
+                )
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
     async fn latest_position(&self) -> Result<i64, StoreError> {
         self.with(|c| {
             c.query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
