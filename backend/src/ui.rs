@@ -24,6 +24,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../ui/charts.js"),
     ),
     (
+        "views.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../ui/views.js"),
+    ),
+    (
         "world.js",
         "text/javascript; charset=utf-8",
         include_str!("../ui/world.js"),

@@ -1,6 +1,6 @@
 // The IMN dashboard: fleet, agent, rollout, measurement and request pages, over the REST API
-// and its Server-Sent Events. Plain JavaScript served by the backend: no build step,
-// no CDN, no internet.
+// and its Server-Sent Events (a measurement's heat map, loss and paths are in views.js).
+// Plain JavaScript served by the backend: no build step, no CDN, no internet.
 "use strict";
 
 const state = { token: localStorage.getItem("imn-token") || "", timers: [], streams: [], page: 0 };
@@ -690,8 +690,10 @@ async function measurementPage(id) {
   const states = h("div", { id: "agent-states" });
   const chart = h("div", { class: "charts", id: "rtt-chart" });
   const tbody = h("tbody");
+  // The heat map, loss and paths (views.js), from the newest results.
+  const views = measurementViews(id);
   view.replaceChildren(h("h1", {}, "Measurement ", h("span", { class: "mono" }, id)), summary,
-    h("h2", {}, "Agents"), states, h("h2", {}, "RTT"), chart,
+    h("h2", {}, "Agents"), states, views.el, h("h2", {}, "RTT of each probe"), chart,
     h("h2", {}, "Results (live)"), h("table", { id: "results" }, h("thead", {}, h("tr", {}, ["finished", "agent", "state", "result"].map((c) => h("th", {}, c)))), tbody));
   const series = {};
   const drawChart = () => {
@@ -710,6 +712,7 @@ async function measurementPage(id) {
     }
     drawChart();
   });
+  every(3000, views.refresh);
   every(1000, async () => {
     const m = await api(`/v1/measurements/${enc}`);
     summary.replaceChildren(h("span", { class: m.state }, m.state), ` — ${m.progress.summary}`, m.schedule ? ` — every ${m.schedule.interval_s} s` : "");

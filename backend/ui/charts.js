@@ -35,7 +35,7 @@ function fmtTime(ms) {
   return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
 }
 
-// opts: {title, series: [{name, points: [[x, y], ...]}], xLabel, yLabel, xTime, yUnit, width, height}
+// opts: {title, series: [{name, points: [[x, y], ...]}], xLabel, yLabel, xTime, yUnit, yRange: [lo, hi], width, height, legend}
 function lineChart(opts) {
   const W = opts.width || 520, H = opts.height || 220;
   const m = { l: 58, r: 34, t: 10, b: 42 };
@@ -52,8 +52,13 @@ function lineChart(opts) {
   let x0 = Math.min(...pts.map((p) => p[0])), x1 = Math.max(...pts.map((p) => p[0]));
   let y0 = Math.min(0, ...pts.map((p) => p[1])), y1 = Math.max(...pts.map((p) => p[1]));
   if (x1 === x0) { x0 -= 1; x1 += 1; }
-  if (y1 === y0) { y1 = y0 + 1; }
-  y1 += (y1 - y0) * 0.08;
+  if (opts.yRange) {
+    // A fixed range (loss: 0 to 100 %), widened if a value falls outside it.
+    y0 = Math.min(opts.yRange[0], y0); y1 = Math.max(opts.yRange[1], y1);
+  } else {
+    if (y1 === y0) { y1 = y0 + 1; }
+    y1 += (y1 - y0) * 0.08;
+  }
   const X = (x) => m.l + ((x - x0) / (x1 - x0)) * (W - m.l - m.r);
   const Y = (y) => H - m.b - ((y - y0) / (y1 - y0)) * (H - m.t - m.b);
   for (const t of ticks(y0, y1, 4)) {

@@ -1,8 +1,10 @@
 //! The dashboard in a real browser (Debian's headless chromium through chromedriver)
 //! against `imn up`: the fleet page, a ping measurement made with the form and its
 //! results and chart arriving live, a schema error shown on its field, the fleet's
-//! lifecycle (versions, rollouts, update failures), and the fleet map of where the
-//! agents are. Screenshots are saved to target/test-artifacts/dashboard/.
+//! lifecycle (versions, rollouts, update failures), the fleet map of where the
+//! agents are, and a measurement's views (the RTT heat map, loss over time, and
+//! traceroute paths as a graph, through a chain of network namespaces, so that test
+//! needs root). Screenshots are saved to target/test-artifacts/dashboard/.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use imn_proto::release::SigningKey;
 use imn_proto::wire::{Envelope, Kind, LifecycleStatus, UpdateUp};
 use imn_tests::hostile::HostileAgent;
+use imn_tests::netns::Chain;
 use imn_tests::webdriver::Browser;
 use imn_tests::*;
 use serde_json::json;
@@ -810,4 +813,438 @@ async fn the_fleet_map_places_agents_by_their_coordinates() {
     .await;
     b.quit().await;
     drop(twin);
+}
+
+/// The median as the page computes it: the middle value, or the mean of the two.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// A measurement's results once it is stopped and nothing more arrives for 2 s.
+async fn settled_results(api: &Api, id: &str) -> Vec<serde_json::Value> {
+    let mut results = all_results(api, id).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let again = all_results(api, id).await;
+        if again.len() == results.len() {
+            return again;
+        }
+        results = again;
+    }
+}
+
+/// The heat map's cells as the page draws them.
+const CELLS: &str = "return [...document.querySelectorAll('#rtt-heatmap rect.cell')].map(c => ({\
+     agent: c.dataset.agent, t: Number(c.dataset.t), rtt: c.dataset.rtt, results: Number(c.dataset.results), \
+     class: c.getAttribute('class'), fill: c.getAttribute('fill'), row: c.closest('g.row').dataset.agent, \
+     title: c.querySelector('title')?.textContent}))";
+
+/// A recurring ping's page: an RTT heat map with a row per agent and a column per time
+/// bucket, each cell the median of the RTTs of that agent's results in the bucket (the
+/// test computes them from the API's results), with a colour legend from the scale's
+/// min to its max; loss over time, a line per agent; grey for a bucket with no result
+/// and violet for runs that failed or lost every probe; and, when the page loads fewer
+/// results than there are, a note saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_measurement_page_draws_an_rtt_heat_map_and_loss() {
+    let up = Up::start(2, &[]).await;
+    up.api.wait_alive(&["agent-1", "agent-2"], T).await;
+    let body = json!({"module": "ping_module", "params": {"host": "127.0.0.1", "count": 3, "interval_ms": 100},
+        "agents": {"ids": ["agent-1", "agent-2"]}, "schedule": {"interval_s": 1, "jitter_s": 0}});
+    let r = up
+        .api
+        .post("/v1/measurements", &body.to_string(), &[])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let api = up.api.clone();
+    wait_for("four runs of each agent", Duration::from_secs(60), || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let rs = all_results(&api, &id).await;
+            let n = |a: &str| rs.iter().filter(|r| r["agent_id"] == a).count();
+            (n("agent-1") >= 4 && n("agent-2") >= 4).then_some(())
+        }
+    })
+    .await;
+    // Stopped, so that the page and the test see the same results.
+    let r = up.api.delete(&format!("/v1/measurements/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = settled_results(&up.api, &id).await;
+
+    let base = format!("http://127.0.0.1:{}", up.http_port);
+    let b = Browser::start().await;
+    let shots = artifacts();
+    b.goto(&format!("{base}/#/m/{id}")).await;
+    b.wait_true(
+        "the heat map of every result",
+        &format!(
+            "return !!document.getElementById('rtt-heatmap') \
+             && document.getElementById('results-note').dataset.loaded === '{}'",
+            results.len()
+        ),
+        T,
+    )
+    .await;
+    assert_eq!(
+        b.eval("return document.getElementById('results-note').dataset.capped")
+            .await,
+        json!("false")
+    );
+    // An inline SVG, a row per agent.
+    assert_eq!(
+        b.eval(
+            "const m = document.getElementById('rtt-heatmap'); \
+             return [m.tagName, [...m.querySelectorAll('g.row')].map(r => r.dataset.agent)]"
+        )
+        .await,
+        json!(["svg", ["agent-1", "agent-2"]])
+    );
+    let size = b
+        .eval("return Number(document.getElementById('rtt-heatmap').dataset.bucketMs)")
+        .await
+        .as_i64()
+        .unwrap();
+    assert!(size >= 1000, "buckets of {size} ms");
+
+    // The medians, from the API's results: every RTT of an agent's results whose start
+    // falls in the bucket.
+    let mut want: std::collections::BTreeMap<(String, i64), Vec<f64>> = Default::default();
+    for r in &results {
+        let t = ms_of(&r["started_at"]);
+        let key = (
+            r["agent_id"].as_str().unwrap().to_string(),
+            t.div_euclid(size) * size,
+        );
+        let rtts = want.entry(key).or_default();
+        for target in r["result"]["targets"].as_array().into_iter().flatten() {
+            rtts.extend(
+                target["rtts_ms"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|v| v.as_f64()),
+            );
+        }
+    }
+    let cells = b.eval(CELLS).await;
+    let cells = cells.as_array().unwrap().clone();
+    let columns = cells.len() / 2;
+    assert_eq!(
+        cells.iter().filter(|c| c["row"] == "agent-1").count(),
+        columns,
+        "as many cells in each row"
+    );
+    let (mut lo, mut hi, mut with_rtt) = (f64::MAX, f64::MIN, 0);
+    for c in &cells {
+        assert_eq!(c["agent"], c["row"], "{c}");
+        let agent = c["agent"].as_str().unwrap().to_string();
+        let t = c["t"].as_i64().unwrap();
+        assert_eq!(t % size, 0, "{c}");
+        match want.get_mut(&(agent, t)) {
+            Some(rtts) => {
+                let m = median(rtts);
+                let shown: f64 = c["rtt"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{c}"));
+                assert!((shown - m).abs() <= 0.01, "cell {c}: median {m}");
+                assert!(c["class"].as_str().unwrap().contains("ok"), "{c}");
+                assert!(c["title"].as_str().unwrap().contains(" ms"), "{c}");
+                (lo, hi, with_rtt) = (lo.min(m), hi.max(m), with_rtt + 1);
+            }
+            None => {
+                assert_eq!(c["rtt"], "", "a bucket with no result: {c}");
+                assert_eq!(c["results"], 0, "{c}");
+                assert!(c["title"].as_str().unwrap().contains("no result"), "{c}");
+            }
+        }
+    }
+    assert_eq!(with_rtt, want.len(), "a cell for each bucket with results");
+    // The legend: the scale's min and max.
+    let legend = b
+        .eval(
+            "const m = document.getElementById('rtt-heatmap'); \
+             return [Number(m.dataset.min), Number(m.dataset.max), \
+             m.querySelector('.legend-min').textContent, m.querySelector('.legend-max').textContent, \
+             m.querySelector('.legend').textContent]",
+        )
+        .await;
+    assert!(
+        (legend[0].as_f64().unwrap() - lo).abs() <= 0.01
+            && (legend[1].as_f64().unwrap() - hi).abs() <= 0.01,
+        "{legend} vs {lo}..{hi}"
+    );
+    let text = legend[4].as_str().unwrap();
+    assert!(
+        legend[2].as_str().unwrap().ends_with(" ms")
+            && legend[3].as_str().unwrap().ends_with(" ms")
+            && text.contains("no result")
+            && text.contains("failed"),
+        "{legend}"
+    );
+    // Loss over time: a line per agent, on a 0 to 100 % axis, none lost over loopback.
+    let loss = b
+        .eval(
+            "const c = document.getElementById('loss-chart'); \
+             return [c.querySelectorAll('svg path.series').length, c.textContent]",
+        )
+        .await;
+    assert_eq!(loss[0], 2, "{loss}");
+    let text = loss[1].as_str().unwrap();
+    assert!(
+        text.contains("loss (%)")
+            && text.contains("100")
+            && text.contains("agent-1")
+            && text.contains("agent-2"),
+        "{text}"
+    );
+    b.eval("document.getElementById('measurement-views').scrollIntoView(); return true")
+        .await;
+    b.screenshot(&shots.join("13-heatmap.png")).await;
+
+    // Runs that failed and a ping that lost everything are violet; a bucket with no
+    // result grey; strings from agents are text.
+    let drawn = b
+        .eval(
+            "const t0 = 1700000000000, at = (s) => new Date(t0 + s * 1000).toISOString(); \
+             const rs = [\
+               {agent_id: 'a', module: 'ping_module', state: 'succeeded', started_at: at(0), result: {targets: [{sent: 3, received: 3, rtts_ms: [1, 2, 9]}]}}, \
+               {agent_id: 'a', module: 'ping_module', state: 'succeeded', started_at: at(2), result: {targets: [{sent: 3, received: 0, rtts_ms: [null, null, null]}]}}, \
+               {agent_id: '<b>x</b>', module: 'ping_module', state: 'timeout', error: 'timeout', started_at: at(0), result: null}]; \
+             const svg = rttHeatmap(bucketize(rs, [], 1000)); \
+             document.body.appendChild(svg); svg.id = 'synthetic-heatmap'; \
+             const cell = (a, s) => svg.querySelector(`rect.cell[data-agent=\"${a}\"][data-t=\"${t0 + s * 1000}\"]`); \
+             const out = [cell('a', 0).dataset.rtt, cell('a', 0).getAttribute('class'), \
+               cell('a', 1).getAttribute('class'), cell('a', 1).getAttribute('fill'), \
+               cell('a', 2).getAttribute('class'), cell('a', 2).dataset.rtt, cell('a', 2).dataset.loss, cell('a', 2).getAttribute('fill'), \
+               cell('<b>x</b>', 0).getAttribute('class'), svg.querySelectorAll('b').length, \
+               [...svg.querySelectorAll('g.row')].map(r => r.dataset.agent)]; \
+             svg.remove(); return out",
+        )
+        .await;
+    assert_eq!(
+        drawn,
+        json!([
+            "2",
+            "cell ok",
+            "cell empty",
+            "#e3e6eb",
+            "cell fail",
+            "",
+            "100",
+            "#7048e8",
+            "cell fail",
+            0,
+            ["<b>x</b>", "a"]
+        ])
+    );
+
+    // At most 3 results: the newest 3, and a note that says so.
+    b.goto(&format!("{base}/?max_results=3#/m/{id}")).await;
+    b.wait_true(
+        "the capped note",
+        "return document.getElementById('results-note')?.dataset.capped === 'true' && !!document.getElementById('rtt-heatmap')",
+        T,
+    )
+    .await;
+    let note = b.text("#results-note").await;
+    assert!(
+        note.contains(&format!("newest 3 of {} results", results.len())),
+        "{note}"
+    );
+    let newest: std::collections::BTreeSet<(String, i64)> = results[results.len() - 3..]
+        .iter()
+        .map(|r| {
+            (
+                r["agent_id"].as_str().unwrap().to_string(),
+                ms_of(&r["started_at"]),
+            )
+        })
+        .collect();
+    let cells = b.eval(CELLS).await;
+    let shown: i64 = cells
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["results"].as_i64().unwrap())
+        .sum();
+    assert_eq!(shown, 3, "{cells}");
+    let size = b
+        .eval("return Number(document.getElementById('rtt-heatmap').dataset.bucketMs)")
+        .await
+        .as_i64()
+        .unwrap();
+    for c in cells.as_array().unwrap() {
+        let (agent, t) = (c["agent"].as_str().unwrap(), c["t"].as_i64().unwrap());
+        let n = newest
+            .iter()
+            .filter(|(a, s)| a == agent && s.div_euclid(size) * size == t)
+            .count() as i64;
+        assert_eq!(c["results"].as_i64().unwrap(), n, "{c}");
+    }
+    b.quit().await;
+}
+
+/// The path graph's hops as the page draws them, with where they are on screen.
+const HOPS: &str = "return [...document.querySelectorAll('#path-graph g.node.hop')].map(g => ({\
+     addr: g.dataset.addr, ttl: g.dataset.ttl, class: g.getAttribute('class'), \
+     x: g.getBoundingClientRect().x, text: g.querySelector('text').textContent}))";
+
+/// A traceroute from two agents through a chain of two routers (network namespaces):
+/// the page draws the paths as a graph, the agents as sources, then each router and
+/// the destination, left to right by hop; both agents' paths are the same, so nothing
+/// is marked as diverging. Paths that differ (given to the page's own functions) mark
+/// the hops and links not on every path and the first hop where they part; a hop with
+/// no answer is `*`; an address that is HTML stays text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_measurement_page_draws_traceroute_paths_as_a_graph() {
+    let chain = Chain::create(236, 2);
+    let up = Up::start(2, &[]).await;
+    up.api.wait_alive(&["agent-1", "agent-2"], T).await;
+    let body = json!({"module": "traceroute",
+        "params": {"host": chain.dest_ip, "probes": 2, "timeout_ms": 1000, "max_ttl": 8},
+        "agents": {"ids": ["agent-1", "agent-2"]}, "deadline_s": 60});
+    let r = up
+        .api
+        .post("/v1/measurements", &body.to_string(), &[])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let api = up.api.clone();
+    let m = wait_for("both traces", Duration::from_secs(60), || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let m = api.get(&format!("/v1/measurements/{id}")).await.body;
+            (m["state"] == "complete").then_some(m)
+        }
+    })
+    .await;
+    for a in m["agents"].as_array().unwrap() {
+        assert_eq!(a["state"], "succeeded", "{m}");
+        assert_eq!(a["result"]["destination_reached"], true, "{m}");
+    }
+
+    let base = format!("http://127.0.0.1:{}", up.http_port);
+    let b = Browser::start().await;
+    let shots = artifacts();
+    b.goto(&format!("{base}/#/m/{id}")).await;
+    b.wait_true(
+        "the path graph",
+        "return document.querySelectorAll('#path-graph g.node.hop').length >= 3",
+        T,
+    )
+    .await;
+    let hops = b.eval(HOPS).await;
+    let hops = hops.as_array().unwrap();
+    assert_eq!(hops.len(), chain.hops.len(), "{hops:?}");
+    let mut last_x = f64::MIN;
+    for (i, addr) in chain.hops.iter().enumerate() {
+        let n = hops
+            .iter()
+            .find(|n| n["addr"] == addr.as_str())
+            .unwrap_or_else(|| panic!("no node for {addr}: {hops:?}"));
+        assert_eq!(n["ttl"], (i + 1).to_string(), "{n}");
+        assert_eq!(n["text"], addr.as_str(), "{n}");
+        let x = n["x"].as_f64().unwrap();
+        assert!(x > last_x, "hop {} at x {x}, left of the one before", i + 1);
+        last_x = x;
+        let class = n["class"].as_str().unwrap();
+        assert!(!class.contains("diverge"), "{n}");
+        assert_eq!(class.contains("destination"), *addr == chain.dest_ip, "{n}");
+    }
+    // The agents are the sources, left of the first hop; an edge from each to it, then
+    // one between consecutive hops; none diverges.
+    let graph = b
+        .eval(
+            "const g = document.getElementById('path-graph'); \
+             const first = g.querySelector('g.node.hop[data-ttl=\"1\"]').getBoundingClientRect().x; \
+             return [g.tagName, [...g.querySelectorAll('g.node.agent')].map(a => [a.dataset.agent, a.getBoundingClientRect().x < first]), \
+               [...g.querySelectorAll('path.edge')].map(e => e.dataset.from + '>' + e.dataset.to).sort(), \
+               g.querySelectorAll('.diverge').length, g.dataset.firstDiverge]",
+        )
+        .await;
+    let (h1, h2, d) = (&chain.hops[0], &chain.hops[1], &chain.dest_ip);
+    let mut edges = vec![
+        format!("agent-1>{h1}"),
+        format!("agent-2>{h1}"),
+        format!("{h1}>{h2}"),
+        format!("{h2}>{d}"),
+    ];
+    edges.sort();
+    assert_eq!(
+        graph,
+        json!(["svg", [["agent-1", true], ["agent-2", true]], edges, 0, ""])
+    );
+    assert!(
+        b.text("#path-graph-box")
+            .await
+            .contains("paths are the same"),
+        "{}",
+        b.text("#path-graph-box").await
+    );
+    b.eval("document.getElementById('path-graph-box').scrollIntoView(); return true")
+        .await;
+    b.screenshot(&shots.join("14-path-graph.png")).await;
+
+    // Paths that part at hop 2: agent a through r2, agent b through an address that is
+    // HTML; c hears nothing past r1 and never reaches the destination.
+    let drawn = b
+        .eval(
+            "const tr = (agent, hops, reached) => ({agent_id: agent, module: 'traceroute', state: 'succeeded', \
+               started_at: '2024-01-01T00:00:00Z', result: {dst_addr: '198.51.100.9', destination_reached: reached, \
+               hops: hops.map((from, i) => ({ttl: i + 1, probes: [from ? {from, rtt_ms: 1} : null, null]}))}}); \
+             const evil = '<img src=x onerror=\"window.__pwned=1\">'; \
+             const svg = pathGraph(newestPaths([\
+               tr('a', ['10.0.0.1', '10.0.1.1', '198.51.100.9'], true), \
+               tr('b', ['10.0.0.1', evil, '198.51.100.9'], true), \
+               tr('c', ['10.0.0.1', null, null], false)])); \
+             svg.id = 'synthetic-paths'; document.body.appendChild(svg); \
+             const node = (addr, ttl) => svg.querySelector(`g.node.hop[data-ttl=\"${ttl}\"][data-addr=\"${CSS.escape(addr)}\"]`); \
+             const cls = (addr, ttl) => node(addr, ttl)?.getAttribute('class'); \
+             const out = [svg.dataset.firstDiverge, cls('10.0.0.1', 1), cls('10.0.1.1', 2), cls(evil, 2), \
+               node(evil, 2).querySelector('text').textContent, cls('*', 2), cls('*', 3), \
+               svg.querySelector('g.node.unreached')?.dataset.addr, \
+               [...svg.querySelectorAll('path.edge.diverge')].map(e => e.dataset.from + '>' + e.dataset.to).sort(), \
+               svg.querySelectorAll('img').length, window.__pwned === undefined]; \
+             svg.scrollIntoView(); return out",
+        )
+        .await;
+    let evil = "<img src=x onerror=\"window.__pwned=1\">";
+    let mut diverging = vec![
+        "10.0.0.1>10.0.1.1".to_string(),
+        format!("10.0.0.1>{evil}"),
+        "10.0.1.1>198.51.100.9".to_string(),
+        format!("{evil}>198.51.100.9"),
+        "10.0.0.1>*".to_string(),
+        "*>*".to_string(),
+    ];
+    diverging.sort();
+    assert_eq!(
+        drawn,
+        json!([
+            "2",
+            "node hop",
+            "node hop diverge",
+            "node hop diverge",
+            evil,
+            "node hop star diverge",
+            "node hop star diverge",
+            "198.51.100.9",
+            diverging,
+            0,
+            true
+        ])
+    );
+    b.screenshot(&shots.join("15-path-graph-diverge.png")).await;
+    b.quit().await;
 }
