@@ -1,0 +1,1 @@
+//! Anomaly detection on results as they are stored (being written).
