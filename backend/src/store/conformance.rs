@@ -134,6 +134,18 @@ pub async fn schedules_version_each_agents_set_and_runs_are_found_by_measurement
         records: vec![run(1, 2000), run(2, 4000)],
     };
     s.store_batch("a", prepare(&b), 10).await.unwrap();
+    // An agent the measurement does not run on names it: its record is stored as its
+    // own and counts nowhere in the measurement.
+    let intruder = Batch {
+        epoch: 9,
+        records: vec![run(1, 6000)],
+    };
+    let out = s
+        .store_batch("intruder", prepare(&intruder), 11)
+        .await
+        .unwrap();
+    assert_eq!(out.stored, 1);
+    assert_eq!(s.results("intruder", 10).await.unwrap().len(), 1);
     let page = s
         .results_page(ResultFilter {
             measurement: Some("m1".into()),

@@ -430,7 +430,13 @@ impl PostgresStore {
         let insert = tx
             .prepare_cached(
                 "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, measurement_id, scheduled_ms, at_ms, stored_ms, body, body_text)
-                 SELECT u.agent, u.epoch, u.seq, u.kind, u.request, u.module, u.measurement, u.scheduled, u.at, $11, u.body::JSONB, u.body_text
+                 SELECT u.agent, u.epoch, u.seq, u.kind, u.request, u.module,
+                     -- A scheduled result counts toward its measurement only from an
+                     -- agent the measurement runs on (else it is the agent's own).
+                     CASE WHEN EXISTS (SELECT 1 FROM schedule_agents s
+                                       WHERE s.measurement_id = u.measurement AND s.agent_id = u.agent)
+                          THEN u.measurement END,
+                     u.scheduled, u.at, $11, u.body::JSONB, u.body_text
                  FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[], $12::TEXT[])
                      WITH ORDINALITY AS u(agent, epoch, seq, kind, request, module, measurement, scheduled, at, body, body_text, ord)
                  ORDER BY u.ord

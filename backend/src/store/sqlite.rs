@@ -354,6 +354,12 @@ fn insert_batch(
              ON CONFLICT DO NOTHING",
         )
         .map_err(db)?;
+    // A scheduled result counts toward its measurement only from an agent the
+    // measurement runs on: an agent naming another's measurement keeps its record,
+    // as its own, and adds nothing to that measurement (as with a request).
+    let mut member = tx
+        .prepare_cached("SELECT 1 FROM schedule_agents WHERE measurement_id = ?1 AND agent_id = ?2")
+        .map_err(db)?;
     let seqs = seen.get(tx, agent, epoch)?;
     for row in rows {
         match seqs.0.insert(row.seq, MAX_SEQ_RANGES) {
@@ -376,6 +382,13 @@ fn insert_batch(
                 continue;
             }
         }
+        let measurement = match &row.measurement_id {
+            Some(m) if !member.exists(params![m, agent]).map_err(db)? => {
+                tracing::warn!(%agent, measurement = %m, seq = row.seq, "a scheduled result for a measurement the agent does not run: kept as its own, not the measurement's");
+                None
+            }
+            other => other.as_deref(),
+        };
         insert
             .execute(params![
                 agent,
@@ -387,7 +400,7 @@ fn insert_batch(
                 row.at_ms,
                 now_ms,
                 row.body_json,
-                row.measurement_id
+                measurement
             ])
             .map_err(db)?;
         out.stored += 1;
