@@ -31,6 +31,7 @@ pub mod openapi;
 pub mod peers;
 pub mod registry;
 pub mod retention;
+pub mod rollup;
 pub mod security;
 pub mod serve;
 pub mod service;

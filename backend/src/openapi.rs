@@ -584,6 +584,25 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
         ),
         (
             "get",
+            "/v1/rollups",
+            Op {
+                summary: "Hourly rollups per agent, module, target and hour (count, failures, loss, RTT min/median/p95/max), kept after raw results go",
+                scope: read,
+                params: vec![
+                    param("agent", "query", string(), "agent id"),
+                    param("module", "query", string(), "module name"),
+                    param("target", "query", string(), "target, as the results name it"),
+                    param("since", "query", string(), "RFC 3339 or ms since the epoch (the hour it falls in counts)"),
+                    param("until", "query", string(), "RFC 3339 or ms since the epoch, exclusive"),
+                    param("limit", "query", json!({"type": "integer", "minimum": 1, "maximum": 10000}), "most rollups (default 1000)"),
+                ],
+                body: None,
+                ok: ok_json(200, "rollups, oldest hour first", schema_ref("Rollups")),
+                errors: &[400],
+            },
+        ),
+        (
+            "get",
             "/v1/results/stream",
             Op {
                 summary: "Results as they are stored, live",
@@ -944,6 +963,26 @@ fn components() -> Value {
                 "scheduled_at": {"type": "string", "format": "date-time", "description": "a scheduled run's slot"},
                 "cursor": {"type": "string"},
             },
+        },
+        "Rollups": {
+            "type": "object",
+            "required": ["rollups"],
+            "properties": {"rollups": {"type": "array", "items": {
+                "type": "object",
+                "required": ["agent_id", "module", "target", "hour", "results", "failed"],
+                "properties": {
+                    "agent_id": string(), "module": string(), "target": string(), "hour": string(),
+                    "results": integer(0), "failed": integer(0), "sent": integer(0), "received": integer(0),
+                    "loss_pct": {"type": ["number", "null"]},
+                    "rtt_samples": integer(0),
+                    "rtt_min_ms": {"type": ["number", "null"]}, "rtt_median_ms": {"type": ["number", "null"]},
+                    "rtt_p95_ms": {"type": ["number", "null"]}, "rtt_max_ms": {"type": ["number", "null"]},
+                    "statuses": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "reached": integer(0),
+                    "ntp_offset_mean_ms": {"type": "number"}, "ntp_offset_min_ms": {"type": ["number", "null"]},
+                    "ntp_offset_max_ms": {"type": ["number", "null"]}, "cert_not_after_ms": {"type": "integer"},
+                },
+            }}},
         },
         "StatusCheck": {
             "type": "object",

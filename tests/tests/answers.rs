@@ -431,3 +431,155 @@ async fn heartbeat_charts_survive_a_backend_restart() {
         after.len()
     );
 }
+
+/// A store filled past its size cap settles under it while results keep arriving:
+/// the oldest raw results go, a bounded batch at a time, and the hourly rollups still
+/// count every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_past_its_size_cap_settles_under_it_and_rollups_keep_the_counts() {
+    use imn_tests::sim::{Control, SimConfig, SimStats};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    const CAP: u64 = 4 << 20;
+    const AGENTS: usize = 8;
+    const EACH: u64 = 1_000;
+    let up = Up::start(0, &["--max-store-size", "4M", "--retention-every", "1s"]).await;
+    let cfg = Arc::new(SimConfig {
+        host: "127.0.0.1".into(),
+        port: up.mqtt_port,
+        heartbeat: Duration::from_secs(1),
+        results: EACH,
+        per_message: 10,
+        window: 2,
+        // 2 kB a result: 8,000 of them are 16 MB, four times the cap.
+        message: "r".repeat(2_000),
+        resend_after: Duration::from_secs(5),
+        tokens: None,
+        wire_version: imn_proto::wire::WIRE_VERSION,
+    });
+    let stats = Arc::new(SimStats::default());
+    let mut controls = Vec::new();
+    for i in 0..AGENTS {
+        let ctl = Arc::new(Control::default());
+        tokio::spawn(imn_tests::sim::run(
+            format!("cap-{i}"),
+            cfg.clone(),
+            stats.clone(),
+            ctl.clone(),
+        ));
+        controls.push(ctl);
+    }
+    wait_for(
+        "the simulated agents to connect",
+        Duration::from_secs(30),
+        || {
+            let n = stats.connected.load(Ordering::SeqCst);
+            async move { (n == AGENTS as u64).then_some(()) }
+        },
+    )
+    .await;
+    // One agent starts sending every second; /health is read as they go.
+    let mut sizes: Vec<(u64, u64)> = Vec::new();
+    let health = |api: imn_tests::Api| async move { api.get("/health").await.body };
+    for ctl in &controls {
+        ctl.start_results();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let h = health(up.api.clone()).await;
+            if let Some(b) = h["store"]["bytes"].as_u64() {
+                sizes.push((stats.results_acked.load(Ordering::SeqCst), b));
+            }
+        }
+    }
+    wait_for("every result acked", Duration::from_secs(120), || {
+        let n = stats.results_acked.load(Ordering::SeqCst);
+        async move { (n == AGENTS as u64 * EACH).then_some(()) }
+    })
+    .await;
+    // Settled: under the cap, after at least one pass since the last result.
+    let settled = wait_for("the store under its cap", Duration::from_secs(30), || {
+        let api = up.api.clone();
+        async move {
+            let h = health(api).await;
+            let b = h["store"]["bytes"].as_u64()?;
+            (b <= CAP).then_some(h)
+        }
+    })
+    .await;
+    let peak = sizes.iter().map(|(_, b)| *b).max().unwrap_or(0);
+    eprintln!(
+        "size cap {CAP} B: peak seen {peak} B while {} results (16 MB) arrived; settled at {} B; samples (acked, bytes): {sizes:?}",
+        AGENTS as u64 * EACH,
+        settled["store"]["bytes"]
+    );
+    // Filled past the cap between passes (every 3 s), then back under it while
+    // results were still arriving.
+    let over = sizes
+        .iter()
+        .position(|(_, b)| *b > CAP)
+        .unwrap_or_else(|| panic!("never past the cap: {sizes:?}"));
+    let total = AGENTS as u64 * EACH;
+    assert!(
+        sizes[over..]
+            .iter()
+            .any(|(acked, b)| *b <= CAP && *acked < total),
+        "not back under the cap while results arrived: {sizes:?}"
+    );
+    // Settled near 90 % of the cap, not far below it.
+    let settled_b = settled["store"]["bytes"].as_u64().unwrap();
+    assert!(settled_b > CAP / 2, "{settled_b} B");
+    // Old raw results are gone...
+    let kept = results_where(&up.api, "module=echo_module").await;
+    assert!(
+        kept.len() < (AGENTS as u64 * EACH / 2) as usize,
+        "{} raw results kept",
+        kept.len()
+    );
+    // ...and the rollups count every one of them, per agent.
+    let r = up
+        .api
+        .get("/v1/rollups?module=echo_module&limit=10000")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut per_agent = std::collections::BTreeMap::<String, u64>::new();
+    for row in r.body["rollups"].as_array().unwrap() {
+        *per_agent
+            .entry(row["agent_id"].as_str().unwrap().to_string())
+            .or_default() += row["results"].as_u64().unwrap();
+    }
+    assert_eq!(per_agent.len(), AGENTS, "{per_agent:?}");
+    for (agent, n) in &per_agent {
+        assert_eq!(*n, EACH, "{agent}: {per_agent:?}");
+    }
+    assert!(settled["store"]["oldest_result"].is_string(), "{settled}");
+    let bad = up.api.get("/v1/rollups?limit=0").await;
+    assert_eq!(
+        (bad.status, bad.body["field"].as_str()),
+        (400, Some("limit"))
+    );
+    let bad = up.api.get("/v1/rollups?agnt=x").await;
+    assert_eq!(
+        (bad.status, bad.body["field"].as_str()),
+        (400, Some("agnt"))
+    );
+    for c in &controls {
+        c.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Every stored result matching `filter` (a query string), paging by cursor.
+async fn results_where(api: &imn_tests::Api, filter: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = api
+            .get(&format!("/v1/results?{filter}&limit=1000&cursor={cursor}"))
+            .await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        out.extend(page.body["results"].as_array().unwrap().iter().cloned());
+        cursor = page.body["next_cursor"].as_str().unwrap().to_string();
+        if page.body["more"] != json!(true) {
+            return out;
+        }
+    }
+}

@@ -35,6 +35,13 @@ pub(super) async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>,
         // Records the store could not take, kept with their reason
         // (GET /admin/dead-letters); counted over the store's life.
         "dead_letters": b.dead_letter_count().await?,
+        // The store's size (bytes in use) and when its oldest result arrived, read
+        // now (the metrics have them as of the last retention pass).
+        "store": b.read_store_stats().await.ok().map(|s| json!({
+            "bytes": s.bytes,
+            "oldest_result": s.oldest_result_ms.map(crate::api::rfc3339),
+            "max_bytes": b.retention().max_store_bytes,
+        })),
         // Result streams, and the store reads they cost: one shared read per commit
         // however many are open, plus each stream's own while it catches up.
         "streams": {

@@ -71,6 +71,7 @@ pub fn router(backend: Arc<Backend>) -> Router {
         )
         .route("/v1/results", get(results_v1))
         .route("/v1/results/stream", get(results_stream))
+        .route("/v1/rollups", get(rollups))
         .route("/v1/measurements/{id}/stream", get(measurement_stream))
         .route("/v1/measurements/{id}/status-check", get(status_check))
         .route("/modules/states/{request_id}", get(states))

@@ -281,6 +281,74 @@ pub(super) async fn results_stream(
     Ok(sse_results(b, filter, slot).into_response())
 }
 
+/// `GET /v1/rollups?agent=&module=&target=&since=&until=&limit=`: hourly rollups
+/// (count, failures, loss, RTT min/median/p95/max and the module's own figures) per
+/// agent, module, target and hour, oldest hour first. Kept after the raw results
+/// are deleted, for `--rollup-retention`.
+pub(super) async fn rollups(
+    State(b): State<Arc<Backend>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let mut f = crate::store::RollupFilter {
+        limit: 1_000,
+        ..Default::default()
+    };
+    let bad = |field: &str, rule: &str, message: String| ApiError::BadQuery {
+        field: field.into(),
+        rule: rule.into(),
+        message,
+    };
+    let text = |k: &str, v: String| {
+        if v.is_empty() || v.len() > 512 {
+            Err(bad(k, "length", format!("{k}: 1 to 512 bytes")))
+        } else {
+            Ok(Some(v))
+        }
+    };
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()).take(32) {
+        let v = v.into_owned();
+        match k.as_ref() {
+            "agent" => f.agent = text("agent", v)?,
+            "module" => f.module = text("module", v)?,
+            "target" => f.target = text("target", v)?,
+            "since" => f.since_ms = time_param("since", Some(v))?.map(crate::rollup::hour_of),
+            "until" => f.until_ms = time_param("until", Some(v))?,
+            "limit" => {
+                f.limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| {
+                        bad("limit", "range", format!("limit: 1 to 10000 (got {v:?})"))
+                    })?
+            }
+            other => {
+                return Err(bad(
+                    other,
+                    "unknown",
+                    format!(
+                    "{other}: not a parameter; known: agent, module, target, since, until, limit"
+                ),
+                ))
+            }
+        }
+    }
+    let rows = b.rollups(f).await?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let rollup: crate::rollup::Rollup = serde_json::from_str(&r.body).unwrap_or_default();
+            let mut v = rollup.to_json();
+            v["agent_id"] = json!(r.agent_id);
+            v["module"] = json!(r.module);
+            v["target"] = json!(r.target);
+            v["hour"] = rfc3339(r.hour_ms);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "rollups": out })))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

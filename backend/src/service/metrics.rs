@@ -39,6 +39,31 @@ impl Backend {
             )
             .value(self.stats.records_stored.load(Ordering::Relaxed) as f64),
         );
+        // The store's size and age, from the last retention pass (also in /health).
+        if let Some(st) = self.store_stats() {
+            f.push(
+                imn_cloud::telemetry::prom::Family::new(
+                    "imn_store_bytes",
+                    "imn.store.bytes",
+                    "By",
+                    imn_cloud::telemetry::prom::FamilyKind::Gauge,
+                    "Bytes the store holds (SQLite: pages in use; PostgreSQL: the database).",
+                )
+                .value(st.bytes as f64),
+            );
+            if let Some(oldest) = st.oldest_result_ms {
+                f.push(
+                    imn_cloud::telemetry::prom::Family::new(
+                        "imn_store_oldest_result_age_seconds",
+                        "imn.store.oldest_result_age",
+                        "s",
+                        imn_cloud::telemetry::prom::FamilyKind::Gauge,
+                        "How long ago the oldest stored result arrived.",
+                    )
+                    .value(imn_proto::now_ms().saturating_sub(oldest) as f64 / 1000.0),
+                );
+            }
+        }
         // What ingest kept out, and why: each is also in /health → ingest.
         for (name, otel, unit, help, v) in [
             (

@@ -117,6 +117,8 @@ pub struct Backend {
     pub(crate) lifecycle: lifecycle::Lifecycle,
     /// What the store keeps and for how long (set once before [`Backend::start`]).
     retention: std::sync::OnceLock<crate::retention::Settings>,
+    /// The store's size and oldest result, from the last retention pass.
+    store_stats: std::sync::Mutex<Option<crate::store::StoreStats>>,
 }
 
 /// How a request is to be made, beside what it asks for.
@@ -193,6 +195,7 @@ impl Backend {
             budgets: Default::default(),
             lifecycle: Default::default(),
             retention: std::sync::OnceLock::new(),
+            store_stats: std::sync::Mutex::new(None),
         });
         {
             let weak = Arc::downgrade(&backend);
@@ -250,7 +253,7 @@ impl Backend {
         tokio::spawn(self.clone().ingest(rx));
         tokio::spawn(self.clone().sweep());
         tokio::spawn(crate::feed::Feed::run(self.clone()));
-        tokio::spawn(crate::retention::keep_heartbeats(self.clone()));
+        tokio::spawn(crate::retention::keep(self.clone()));
         if let Some(peers) = self
             .bus
             .subscribe_peer()
@@ -270,7 +273,19 @@ impl Backend {
 
     /// What the store keeps and for how long.
     pub fn retention(&self) -> crate::retention::Settings {
-        self.retention.get().copied().unwrap_or_default()
+        self.retention.get().cloned().unwrap_or_default()
+    }
+
+    /// The store's size and oldest result, as the last retention pass found them.
+    pub fn store_stats(&self) -> Option<crate::store::StoreStats> {
+        self.store_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_store_stats(&self, s: crate::store::StoreStats) {
+        *self.store_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
     }
 
     pub fn set_hold_acks(&self, on: bool) {

@@ -51,6 +51,19 @@ impl Backend {
         Ok(self.store.record_count().await?)
     }
 
+    /// The store's size and oldest result, read now.
+    pub async fn read_store_stats(&self) -> Result<crate::store::StoreStats, ApiError> {
+        Ok(self.store.store_stats().await?)
+    }
+
+    /// Hourly rollups (see [`crate::rollup`]).
+    pub async fn rollups(
+        &self,
+        f: crate::store::RollupFilter,
+    ) -> Result<Vec<crate::store::RollupRow>, ApiError> {
+        Ok(self.store.rollups(f).await?)
+    }
+
     /// Records the store could not take, over its life.
     pub async fn dead_letter_count(&self) -> Result<u64, ApiError> {
         Ok(self.store.dead_letter_count().await?)

@@ -558,6 +558,241 @@ pub async fn results_pages_resume_and_filter(s: &dyn Store) {
     assert_eq!(newest, vec![7, 6]);
 }
 
+/// Retention deletes raw records by module (or all but some), by the time they were
+/// stored, only up to a position (what was rolled up), a bounded batch at a time.
+pub async fn records_are_pruned_by_module_age_and_position(s: &dyn Store) {
+    let result = |seq: u64, module: &str| Record {
+        seq,
+        at_ms: 10 + seq as i64,
+        body: RecordBody::Result(ModuleResult {
+            request_id: format!("r.{seq}"),
+            module: module.into(),
+            received_ms: 5,
+            started_ms: 6,
+            finished_ms: 7,
+            outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+                message: "m".into(),
+            })),
+        }),
+    };
+    let event = |seq: u64| Record {
+        seq,
+        at_ms: 10 + seq as i64,
+        body: RecordBody::Event(imn_proto::wire::AgentEvent {
+            kind: "log".into(),
+            message: "e".into(),
+        }),
+    };
+    // Stored at 100: two ping, one echo, an event; at 1,000: one of each again.
+    let old = Batch {
+        epoch: 1,
+        records: vec![
+            result(1, "ping_module"),
+            result(2, "ping_module"),
+            result(3, "echo_module"),
+            event(4),
+        ],
+    };
+    s.store_batch("a", prepare(&old), 100).await.unwrap();
+    let new = Batch {
+        epoch: 1,
+        records: vec![result(5, "ping_module"), result(6, "echo_module"), event(7)],
+    };
+    s.store_batch("a", prepare(&new), 1_000).await.unwrap();
+    let positions: Vec<i64> = s
+        .results_page(ResultFilter {
+            after: 0,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|(p, _, _)| *p)
+        .collect();
+    assert_eq!(positions.len(), 5);
+    let stats = s.store_stats().await.unwrap();
+    assert!(stats.bytes > 0);
+    assert_eq!(stats.oldest_result_ms, Some(100));
+    let rule = |only: Option<&str>, except: &[&str], limit: u32| PruneRecords {
+        only: only.map(str::to_string),
+        except: except.iter().map(|m| m.to_string()).collect(),
+        stored_before_ms: 500,
+        after: 0,
+        up_to: i64::MAX,
+        limit,
+    };
+    // Only up to a position: nothing past it goes.
+    let (n, _) = s
+        .prune_records(PruneRecords {
+            up_to: positions[0] - 1,
+            ..rule(Some("ping_module"), &[], 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    // ping_module, a batch of one at a time: the oldest first.
+    let (n, last) = s
+        .prune_records(rule(Some("ping_module"), &[], 1))
+        .await
+        .unwrap();
+    assert_eq!((n, last), (1, positions[0]));
+    let (n, _) = s
+        .prune_records(PruneRecords {
+            after: last,
+            ..rule(Some("ping_module"), &[], 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // Everything else but ping_module stored before 500: the echo result and the
+    // event.
+    let (n, _) = s
+        .prune_records(rule(None, &["ping_module"], 10))
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+    let left = s
+        .results_page(ResultFilter {
+            after: 0,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let modules: Vec<&str> = left.iter().map(|(_, r, _)| r.module.as_str()).collect();
+    assert_eq!(modules, vec!["ping_module", "echo_module"]);
+    assert_eq!(s.events("a", 10).await.unwrap().len(), 1);
+    assert_eq!(s.store_stats().await.unwrap().oldest_result_ms, Some(1_000));
+    // Positions only grow, whatever was deleted: everything old goes (the newest
+    // record too, where the store can keep its position), and a new record still
+    // lands after every position handed out.
+    let newest = s.latest_position().await.unwrap();
+    s.prune_records(PruneRecords {
+        stored_before_ms: i64::MAX,
+        ..rule(None, &[], 100)
+    })
+    .await
+    .unwrap();
+    let later = Batch {
+        epoch: 1,
+        records: vec![result(8, "echo_module")],
+    };
+    s.store_batch("a", prepare(&later), 1_500).await.unwrap();
+    let page = s
+        .results_page(ResultFilter {
+            after: newest,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), 1, "a new record after the newest position");
+    assert!(page[0].0 > newest);
+    // A resend of a pruned result is still a duplicate: its run stays claimed. (An
+    // event resent after retention took it may be stored again on PostgreSQL, whose
+    // record ids live in the records' own index.)
+    let before = s
+        .results_page(ResultFilter {
+            after: 0,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len();
+    s.store_batch("a", prepare(&old), 2_000).await.unwrap();
+    let again = s
+        .results_page(ResultFilter {
+            after: 0,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.len(), before);
+}
+
+/// Rollups merge into existing rows, and the cursor moves only from where it is:
+/// a second pass from the same place (another backend) writes nothing.
+pub async fn rollups_merge_under_a_cursor_that_moves_once(s: &dyn Store) {
+    use crate::rollup::Rollup;
+    let body = |rtts: &[f64]| {
+        let mut r = Rollup::default();
+        r.add(&imn_proto::figures::Figures {
+            target: "t".into(),
+            sent: rtts.len() as u32,
+            received: rtts.len() as u32,
+            rtts_ms: rtts.to_vec(),
+            ..Default::default()
+        });
+        serde_json::to_string(&r).unwrap()
+    };
+    let row = |agent: &str, hour: i64, b: String| RollupRow {
+        agent_id: agent.into(),
+        module: "ping_module".into(),
+        target: "h\0x".into(),
+        hour_ms: hour,
+        body: b,
+    };
+    assert_eq!(s.rollup_cursor().await.unwrap(), 0);
+    assert!(s
+        .merge_rollups(
+            0,
+            10,
+            vec![row("a", 0, body(&[1.0])), row("b", 3_600_000, body(&[5.0]))]
+        )
+        .await
+        .unwrap());
+    assert!(
+        !s.merge_rollups(0, 20, vec![row("a", 0, body(&[99.0]))])
+            .await
+            .unwrap(),
+        "the cursor is at 10 now"
+    );
+    assert!(s
+        .merge_rollups(10, 20, vec![row("a", 0, body(&[3.0]))])
+        .await
+        .unwrap());
+    assert_eq!(s.rollup_cursor().await.unwrap(), 20);
+    let all = s
+        .rollups(RollupFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    let a: Rollup = serde_json::from_str(&all[0].body).unwrap();
+    assert_eq!(
+        (all[0].agent_id.as_str(), a.results, a.rtt_min, a.rtt_max),
+        ("a", 2, Some(1.0), Some(3.0))
+    );
+    let only_b = s
+        .rollups(RollupFilter {
+            agent: Some("b".into()),
+            module: Some("ping_module".into()),
+            since_ms: Some(3_600_000),
+            until_ms: Some(7_200_000),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(only_b.len(), 1);
+    assert_eq!(s.prune_rollups(3_600_000, 10).await.unwrap(), 1);
+    assert_eq!(
+        s.rollups(RollupFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len(),
+        1
+    );
+}
+
 /// Heartbeat points: a point stored twice is one row; reads are by time, oldest
 /// first and bounded; pruning takes the oldest, a bounded batch at a time.
 pub async fn heartbeat_history_is_stored_once_read_by_time_and_pruned_in_batches(s: &dyn Store) {
@@ -1677,7 +1912,94 @@ for_each_store!(
     releases_are_stored_once_by_file_and_found_by_version_and_arch,
     fleet_docs_are_replaced_and_listed_by_kind_and_key,
     heartbeat_history_is_stored_once_read_by_time_and_pruned_in_batches,
+    rollups_merge_under_a_cursor_that_moves_once,
+    records_are_pruned_by_module_age_and_position,
 );
+
+/// PostgreSQL only: retention drops a whole monthly partition once its month is past
+/// the cutoff and every record in it was rolled up, and the month can be written
+/// again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_drops_whole_monthly_partitions_once_rolled_up() {
+    let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+    let s = crate::store::PostgresStore::connect(&url).await.unwrap();
+    let now = imn_proto::now_ms();
+    const DAY: i64 = 86_400_000;
+    let record = |seq: u64, at_ms: i64| Record {
+        seq,
+        at_ms,
+        body: RecordBody::Result(ModuleResult {
+            request_id: format!("r.{seq}"),
+            module: "echo_module".into(),
+            received_ms: at_ms,
+            started_ms: at_ms,
+            finished_ms: at_ms,
+            outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+                message: "m".into(),
+            })),
+        }),
+    };
+    let b = Batch {
+        epoch: 1,
+        records: vec![
+            record(1, now - 92 * DAY),
+            record(2, now - 92 * DAY + 1),
+            record(3, now),
+        ],
+    };
+    assert_eq!(
+        s.store_batch("a", prepare(&b), now).await.unwrap().stored,
+        3
+    );
+    let all = |s: &crate::store::PostgresStore| {
+        let s = s.clone();
+        async move {
+            s.results_page(ResultFilter {
+                after: 0,
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let before = all(&s).await;
+    let newest = before.iter().map(|(p, _, _)| *p).max().unwrap();
+    let oldest = before.iter().map(|(p, _, _)| *p).min().unwrap();
+    // Not yet rolled up: nothing goes.
+    assert!(s
+        .release_space(0, now - 31 * DAY, oldest - 1)
+        .await
+        .unwrap()
+        .is_empty());
+    let done = s.release_space(0, now - 31 * DAY, newest).await.unwrap();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert!(
+        done[0].starts_with("dropped partition records_y"),
+        "{done:?}"
+    );
+    let after = all(&s).await;
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].1.at_ms, now);
+    // This month's partition stays (its month is not past the cutoff).
+    assert!(s
+        .release_space(0, now - 31 * DAY, newest)
+        .await
+        .unwrap()
+        .is_empty());
+    // The dropped month can be written again: its partition is made anew.
+    let late = Batch {
+        epoch: 2,
+        records: vec![record(4, now - 92 * DAY)],
+    };
+    assert_eq!(
+        s.store_batch("a", prepare(&late), now)
+            .await
+            .unwrap()
+            .stored,
+        1
+    );
+}
 
 /// PostgreSQL only: two stores (two backends) write at once while a reader pages by
 /// position. Positions become visible in order, so the reader, which never goes back,

@@ -39,6 +39,7 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     1 "0001_init",
     2 "0002_fleet",
     3 "0003_heartbeats",
+    4 "0004_rollups",
 );
 
 /// The PostgreSQL store's migrations, in order (the numbers its `schema_version` has
@@ -49,6 +50,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     3 "0003_run_results",
     4 "0004_fleet",
     5 "0005_heartbeats",
+    6 "0006_rollups",
 );
 
 /// The table a database records its version in: one row, the last migration applied.
@@ -133,7 +135,8 @@ mod tests {
         assert_eq!(next("PostgreSQL", POSTGRES, 2).unwrap().unwrap().version, 3);
         assert_eq!(next("PostgreSQL", POSTGRES, 3).unwrap().unwrap().version, 4);
         assert_eq!(next("PostgreSQL", POSTGRES, 4).unwrap().unwrap().version, 5);
-        assert!(next("PostgreSQL", POSTGRES, 5).unwrap().is_none());
+        assert_eq!(next("PostgreSQL", POSTGRES, 5).unwrap().unwrap().version, 6);
+        assert!(next("PostgreSQL", POSTGRES, 6).unwrap().is_none());
         assert_eq!(
             next("SQLite", SQLITE, 1).unwrap().unwrap().name,
             "0002_fleet"

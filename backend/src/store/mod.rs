@@ -768,6 +768,84 @@ pub trait RequestStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<DeadLetter>, StoreError>;
     async fn dead_letter_count(&self) -> Result<u64, StoreError>;
+    /// Where the rollup pass stands: the position of the last result it added.
+    async fn rollup_cursor(&self) -> Result<i64, StoreError>;
+    /// Merges `rows` into the stored rollups (`rollup::merge_bodies` where a row
+    /// exists) and moves the rollup cursor from `from` to `to`, in one transaction.
+    /// False, with nothing written, when the cursor is no longer at `from` (another
+    /// backend's pass got there first).
+    async fn merge_rollups(
+        &self,
+        from: i64,
+        to: i64,
+        rows: Vec<RollupRow>,
+    ) -> Result<bool, StoreError>;
+    /// Rollups by agent, module, target and hours `[since, until)`, oldest hour
+    /// first, at most `limit`.
+    async fn rollups(&self, f: RollupFilter) -> Result<Vec<RollupRow>, StoreError>;
+    /// Deletes up to `limit` rollups of hours before `before_ms`; how many went.
+    async fn prune_rollups(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
+    /// Deletes raw records, oldest first (see [`PruneRecords`]). Returns how many went
+    /// and the position of the last one (or `after` when none did).
+    async fn prune_records(&self, p: PruneRecords) -> Result<(u64, i64), StoreError>;
+    /// The store's size and its oldest result.
+    async fn store_stats(&self) -> Result<StoreStats, StoreError>;
+    /// Gives space back: SQLite returns up to `pages` free pages to the file system
+    /// (incremental vacuum); PostgreSQL drops whole monthly partitions of `records`
+    /// whose month ended before `before_ms` and whose records are all at or below
+    /// position `up_to` (rolled up). Says what it did, a line each.
+    async fn release_space(
+        &self,
+        pages: u32,
+        before_ms: i64,
+        up_to: i64,
+    ) -> Result<Vec<String>, StoreError>;
+}
+
+/// Which raw records [`RequestStore::prune_records`] deletes: those stored before
+/// `stored_before_ms`, at positions in (`after`, `up_to`], of module `only`, or
+/// (when `only` is None) of no module in `except` (states and events have no module
+/// and go by this rule), at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct PruneRecords {
+    pub only: Option<String>,
+    pub except: Vec<String>,
+    pub stored_before_ms: i64,
+    pub after: i64,
+    pub up_to: i64,
+    pub limit: u32,
+}
+
+/// How big the store is and how far back it goes.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StoreStats {
+    /// Bytes in use (SQLite: pages holding data, not free ones; PostgreSQL: the
+    /// database's size).
+    pub bytes: u64,
+    /// When the oldest stored result arrived (ms since the epoch).
+    pub oldest_result_ms: Option<i64>,
+}
+
+/// One hour of one agent's results toward one target of one module
+/// (`rollup::Rollup` as JSON in `body`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollupRow {
+    pub agent_id: String,
+    pub module: String,
+    pub target: String,
+    pub hour_ms: i64,
+    pub body: String,
+}
+
+/// Which rollups to read.
+#[derive(Debug, Clone, Default)]
+pub struct RollupFilter {
+    pub agent: Option<String>,
+    pub module: Option<String>,
+    pub target: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub limit: u32,
 }
 
 /// Fleet measurements and recurring schedules: the measurements, each agent's schedule

@@ -27,8 +27,9 @@ use super::prelude::*;
 use super::{
     checked_release, file_taken, nul_free, release_taken, AgentRow, AgentSchedule, BatchOutcome,
     Created, CredentialRow, DeadLetter, HeartbeatRow, MeasurementRow, NewRequest, PreparedBatch,
-    RecordRow, ReleaseRow, RequestRow, ResultFilter, ResultRow, ScheduleProgress, StoreError,
-    TokenUsage, Transition, AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION,
+    PruneRecords, RecordRow, ReleaseRow, RequestRow, ResultFilter, ResultRow, RollupFilter,
+    RollupRow, ScheduleProgress, StoreError, StoreStats, TokenUsage, Transition,
+    AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION,
 };
 
 /// Advisory lock keys (any two constants unlikely to clash with an application's).
@@ -1622,6 +1623,252 @@ impl RequestStore for PostgresStore {
             .map_err(db)?
             .get(0);
         Ok(n as u64)
+    }
+    async fn rollup_cursor(&self) -> Result<i64, StoreError> {
+        let c = self.client().await?;
+        Ok(
+            c.query_one("SELECT position FROM rollup_cursor WHERE id = 1", &[])
+                .await
+                .map_err(db)?
+                .get(0),
+        )
+    }
+    async fn merge_rollups(
+        &self,
+        from: i64,
+        to: i64,
+        rows: Vec<RollupRow>,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        // The cursor's row is the turn: a second backend's pass waits here, then
+        // finds the cursor moved and writes nothing.
+        let moved = tx
+            .execute(
+                "UPDATE rollup_cursor SET position = $2 WHERE id = 1 AND position = $1",
+                &[&from, &to],
+            )
+            .await
+            .map_err(db)?;
+        if moved == 0 {
+            return Ok(false);
+        }
+        let get = tx
+            .prepare_cached(
+                "SELECT body FROM rollups WHERE agent_id = $1 AND module = $2 AND target = $3 AND hour_ms = $4",
+            )
+            .await
+            .map_err(db)?;
+        let put = tx
+            .prepare_cached(
+                "INSERT INTO rollups (agent_id, module, target, hour_ms, body) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (agent_id, module, target, hour_ms) DO UPDATE SET body = EXCLUDED.body",
+            )
+            .await
+            .map_err(db)?;
+        for r in &rows {
+            let target = nul_free(&r.target);
+            let old = tx
+                .query_opt(&get, &[&r.agent_id, &r.module, &target, &r.hour_ms])
+                .await
+                .map_err(db)?;
+            let body = match old {
+                Some(row) => crate::rollup::merge_bodies(row.get::<_, &str>(0), &r.body),
+                None => r.body.clone(),
+            };
+            tx.execute(
+                &put,
+                &[
+                    &r.agent_id,
+                    &r.module,
+                    &target,
+                    &r.hour_ms,
+                    &nul_free(&body),
+                ],
+            )
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+    async fn rollups(&self, f: RollupFilter) -> Result<Vec<RollupRow>, StoreError> {
+        use tokio_postgres::types::ToSql;
+        let mut sql =
+            "SELECT agent_id, module, target, hour_ms, body FROM rollups WHERE TRUE".to_string();
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut add = |cond: &str, v: Box<dyn ToSql + Sync + Send>| {
+            args.push(v);
+            sql.push_str(&format!(" AND {cond} ${}", args.len()));
+        };
+        if let Some(a) = f.agent {
+            add("agent_id =", Box::new(a));
+        }
+        if let Some(m) = f.module {
+            add("module =", Box::new(m));
+        }
+        if let Some(t) = f.target {
+            add("target =", Box::new(nul_free(&t).into_owned()));
+        }
+        if let Some(t) = f.since_ms {
+            add("hour_ms >=", Box::new(t));
+        }
+        if let Some(t) = f.until_ms {
+            add("hour_ms <", Box::new(t));
+        }
+        args.push(Box::new(i64::from(f.limit)));
+        sql.push_str(&format!(
+            " ORDER BY hour_ms, agent_id, module, target LIMIT ${}",
+            args.len()
+        ));
+        let c = self.client().await?;
+        let st = c.prepare_cached(&sql).await.map_err(db)?;
+        let refs: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = c.query(&st, &refs).await.map_err(db)?;
+        Ok(rows
+            .iter()
+            .map(|r| RollupRow {
+                agent_id: r.get(0),
+                module: r.get(1),
+                target: r.get(2),
+                hour_ms: r.get(3),
+                body: r.get(4),
+            })
+            .collect())
+    }
+    async fn prune_records(&self, p: PruneRecords) -> Result<(u64, i64), StoreError> {
+        use tokio_postgres::types::ToSql;
+        let mut cond = "position > $1 AND position <= $2 AND stored_ms < $3".to_string();
+        let mut args: Vec<Box<dyn ToSql + Sync + Send>> = vec![
+            Box::new(p.after),
+            Box::new(p.up_to),
+            Box::new(p.stored_before_ms),
+        ];
+        match &p.only {
+            Some(m) => {
+                args.push(Box::new(m.clone()));
+                cond.push_str(&format!(" AND module = ${}", args.len()));
+            }
+            None if !p.except.is_empty() => {
+                args.push(Box::new(p.except.clone()));
+                cond.push_str(&format!(
+                    " AND (module IS NULL OR NOT (module = ANY(${})))",
+                    args.len()
+                ));
+            }
+            None => {}
+        }
+        args.push(Box::new(i64::from(p.limit)));
+        let sql = format!(
+            "WITH doomed AS (SELECT position FROM records WHERE {cond} ORDER BY position LIMIT ${})
+             DELETE FROM records WHERE position IN (SELECT position FROM doomed)
+             RETURNING position",
+            args.len()
+        );
+        let c = self.client().await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = args
+            .iter()
+            .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        let rows = c.query(&sql, &refs).await.map_err(db)?;
+        let last = rows.iter().map(|r| r.get::<_, i64>(0)).max();
+        Ok((rows.len() as u64, last.unwrap_or(p.after)))
+    }
+    async fn store_stats(&self) -> Result<StoreStats, StoreError> {
+        let c = self.client().await?;
+        let bytes: i64 = c
+            .query_one("SELECT pg_database_size(current_database())", &[])
+            .await
+            .map_err(db)?
+            .get(0);
+        let oldest: Option<i64> = c
+            .query_opt(
+                "SELECT stored_ms FROM records WHERE kind = 'result' ORDER BY position LIMIT 1",
+                &[],
+            )
+            .await
+            .map_err(db)?
+            .map(|r| r.get(0));
+        Ok(StoreStats {
+            bytes: u64::try_from(bytes).unwrap_or(0),
+            oldest_result_ms: oldest,
+        })
+    }
+    async fn release_space(
+        &self,
+        _pages: u32,
+        before_ms: i64,
+        up_to: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        // Monthly partitions, by the bounds PostgreSQL holds for them.
+        let mut c = self.client().await?;
+        let parts = c
+            .query(
+                "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid)
+                 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'records'::regclass AND c.relname LIKE 'records\\_y%'",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        let mut done = Vec::new();
+        for row in parts {
+            let name: String = row.get(0);
+            let Some((from, until, _)) = name
+                .strip_prefix("records_y")
+                .and_then(|r| r.split_once('m'))
+                .and_then(|(y, m)| Some((y.parse::<i64>().ok()?, m.parse::<i64>().ok()?)))
+                .and_then(|(y, m)| month_bounds(y * 12 + m - 1))
+            else {
+                continue;
+            };
+            if until > before_ms {
+                continue;
+            }
+            let tx = c.transaction().await.map_err(db)?;
+            // Writers take this lock before they make or fill partitions.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+                .await
+                .map_err(db)?;
+            let newest: Option<i64> = tx
+                .query_one(&format!("SELECT MAX(position) FROM {name}"), &[])
+                .await
+                .map_err(db)?
+                .get(0);
+            if newest.is_some_and(|p| p > up_to) {
+                // Not rolled up yet: next time.
+                continue;
+            }
+            tx.execute(&format!("ALTER TABLE records DETACH PARTITION {name}"), &[])
+                .await
+                .map_err(db)?;
+            tx.execute(&format!("DROP TABLE {name}"), &[])
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            self.partitions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&from);
+            done.push(format!(
+                "dropped partition {name} (records of the month from {from} ms)"
+            ));
+        }
+        Ok(done)
+    }
+    async fn prune_rollups(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let c = self.client().await?;
+        c.execute(
+            "DELETE FROM rollups WHERE (agent_id, module, target, hour_ms) IN (
+               SELECT agent_id, module, target, hour_ms FROM rollups
+               WHERE hour_ms < $1 ORDER BY hour_ms LIMIT $2)",
+            &[&before_ms, &i64::from(limit)],
+        )
+        .await
+        .map_err(db)
     }
 }
 

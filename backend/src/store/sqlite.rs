@@ -11,8 +11,9 @@ use super::prelude::*;
 use super::{
     checked_release, file_taken, nul_free, release_taken, AgentRow, AgentSchedule, BatchOutcome,
     Created, CredentialRow, DeadLetter, HeartbeatRow, MeasurementRow, NewRequest, PreparedBatch,
-    RecordRow, ReleaseRow, RequestRow, ResultFilter, ResultRow, ScheduleProgress, StoreError,
-    TokenUsage, Transition, AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION, MAX_SEQ_RANGES,
+    PruneRecords, RecordRow, ReleaseRow, RequestRow, ResultFilter, ResultRow, RollupFilter,
+    RollupRow, ScheduleProgress, StoreError, StoreStats, TokenUsage, Transition,
+    AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION, MAX_SEQ_RANGES,
 };
 
 mod legacy;
@@ -69,6 +70,10 @@ fn db(e: rusqlite::Error) -> StoreError {
 
 /// Connection settings, set on every open before the migrations.
 const PRAGMAS: &str = "
+-- Free pages go back to the file system in small steps after retention deletes
+-- (`incremental_vacuum`). Takes effect only in a new file (before its first table);
+-- an older store keeps its free pages for new rows.
+PRAGMA auto_vacuum = INCREMENTAL;
 -- 4 KiB pages (a new file only; set before WAL). A transaction writes every page it
 -- touches to the WAL: an API request touches about ten, and with 16 KiB pages each
 -- round trip wrote 150 kB, the checkpoints' syncs stalled, and its p99 was 60 ms. Bulk
@@ -1325,6 +1330,242 @@ impl RequestStore for SqliteStore {
             })
             .map(|n| n as u64)
             .map_err(db)
+        })
+        .await
+    }
+    async fn rollup_cursor(&self) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT position FROM rollup_cursor WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .map_err(db)
+        })
+        .await
+    }
+    async fn merge_rollups(
+        &self,
+        from: i64,
+        to: i64,
+        rows: Vec<RollupRow>,
+    ) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let tx = c
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(db)?;
+            let moved = tx
+                .execute(
+                    "UPDATE rollup_cursor SET position = ?2 WHERE id = 1 AND position = ?1",
+                    params![from, to],
+                )
+                .map_err(db)?;
+            if moved == 0 {
+                return Ok(false);
+            }
+            {
+                let mut get = tx
+                    .prepare_cached(
+                        "SELECT body FROM rollups WHERE agent_id = ?1 AND module = ?2 AND target = ?3 AND hour_ms = ?4",
+                    )
+                    .map_err(db)?;
+                let mut put = tx
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO rollups (agent_id, module, target, hour_ms, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(db)?;
+                for r in &rows {
+                    let old: Option<String> = get
+                        .query_row(params![r.agent_id, r.module, r.target, r.hour_ms], |x| {
+                            x.get(0)
+                        })
+                        .optional()
+                        .map_err(db)?;
+                    let body = match old {
+                        Some(old) => crate::rollup::merge_bodies(&old, &r.body),
+                        None => r.body.clone(),
+                    };
+                    put.execute(params![r.agent_id, r.module, r.target, r.hour_ms, body])
+                        .map_err(db)?;
+                }
+            }
+            tx.commit().map_err(db)?;
+            Ok(true)
+        })
+        .await
+    }
+    async fn rollups(&self, f: RollupFilter) -> Result<Vec<RollupRow>, StoreError> {
+        use rusqlite::types::Value as Sql;
+        self.with(move |c| {
+            let mut sql = "SELECT agent_id, module, target, hour_ms, body FROM rollups WHERE 1 = 1"
+                .to_string();
+            let mut args: Vec<Sql> = Vec::new();
+            let mut add = |cond: &str, v: Sql| {
+                args.push(v);
+                sql.push_str(&format!(" AND {cond} ?{}", args.len()));
+            };
+            if let Some(a) = f.agent {
+                add("agent_id =", Sql::Text(a));
+            }
+            if let Some(m) = f.module {
+                add("module =", Sql::Text(m));
+            }
+            if let Some(t) = f.target {
+                add("target =", Sql::Text(t));
+            }
+            if let Some(t) = f.since_ms {
+                add("hour_ms >=", Sql::Integer(t));
+            }
+            if let Some(t) = f.until_ms {
+                add("hour_ms <", Sql::Integer(t));
+            }
+            args.push(Sql::Integer(i64::from(f.limit)));
+            sql.push_str(&format!(
+                " ORDER BY hour_ms, agent_id, module, target LIMIT ?{}",
+                args.len()
+            ));
+            let mut st = c.prepare_cached(&sql).map_err(db)?;
+            let rows = st
+                .query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok(RollupRow {
+                        agent_id: r.get(0)?,
+                        module: r.get(1)?,
+                        target: r.get(2)?,
+                        hour_ms: r.get(3)?,
+                        body: r.get(4)?,
+                    })
+                })
+                .map_err(db)?;
+            rows.collect::<Result<_, _>>().map_err(db)
+        })
+        .await
+    }
+    async fn prune_records(&self, p: PruneRecords) -> Result<(u64, i64), StoreError> {
+        use rusqlite::types::Value as Sql;
+        self.with(move |c| {
+            // Never the newest row: SQLite gives a new row the largest id in the
+            // table plus one, so deleting the newest would hand its id (a position
+            // readers and the rollup cursor have passed) to the next record.
+            let mut cond = "id > ?1 AND id <= ?2 AND stored_ms < ?3 \
+                            AND id < (SELECT MAX(id) FROM records)"
+                .to_string();
+            let mut args: Vec<Sql> = vec![
+                Sql::Integer(p.after),
+                Sql::Integer(p.up_to),
+                Sql::Integer(p.stored_before_ms),
+            ];
+            match &p.only {
+                Some(m) => {
+                    args.push(Sql::Text(m.clone()));
+                    cond.push_str(&format!(" AND module = ?{}", args.len()));
+                }
+                None if !p.except.is_empty() => {
+                    let mut marks = Vec::new();
+                    for m in &p.except {
+                        args.push(Sql::Text(m.clone()));
+                        marks.push(format!("?{}", args.len()));
+                    }
+                    cond.push_str(&format!(
+                        " AND (module IS NULL OR module NOT IN ({}))",
+                        marks.join(", ")
+                    ));
+                }
+                None => {}
+            }
+            args.push(Sql::Integer(i64::from(p.limit)));
+            let limit = args.len();
+            let tx = c.transaction().map_err(db)?;
+            let last: Option<i64> = tx
+                .query_row(
+                    &format!(
+                        "SELECT MAX(id) FROM (SELECT id FROM records WHERE {cond} ORDER BY id LIMIT ?{limit})"
+                    ),
+                    rusqlite::params_from_iter(args.clone()),
+                    |r| r.get(0),
+                )
+                .map_err(db)?;
+            let Some(last) = last else {
+                return Ok((0, p.after));
+            };
+            let n = tx
+                .execute(
+                    &format!(
+                        "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE {cond} ORDER BY id LIMIT ?{limit})"
+                    ),
+                    rusqlite::params_from_iter(args),
+                )
+                .map_err(db)?;
+            tx.commit().map_err(db)?;
+            Ok((n as u64, last))
+        })
+        .await
+    }
+    async fn store_stats(&self) -> Result<StoreStats, StoreError> {
+        self.with(|c| {
+            let pages: i64 = c
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .map_err(db)?;
+            let free: i64 = c
+                .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .map_err(db)?;
+            let size: i64 = c
+                .query_row("PRAGMA page_size", [], |r| r.get(0))
+                .map_err(db)?;
+            let oldest: Option<i64> = c
+                .query_row(
+                    "SELECT stored_ms FROM records WHERE kind = 'result' ORDER BY id LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db)?;
+            Ok(StoreStats {
+                bytes: u64::try_from(pages.saturating_sub(free).saturating_mul(size)).unwrap_or(0),
+                oldest_result_ms: oldest,
+            })
+        })
+        .await
+    }
+    async fn release_space(
+        &self,
+        pages: u32,
+        _before_ms: i64,
+        _up_to: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        self.with(move |c| {
+            let mode: i64 = c
+                .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+                .map_err(db)?;
+            // 2: incremental (stores made since retention existed). A store made
+            // before keeps its free pages for new rows: its file stops growing but
+            // does not shrink.
+            if mode != 2 {
+                return Ok(Vec::new());
+            }
+            let free: i64 = c
+                .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .map_err(db)?;
+            if free == 0 {
+                return Ok(Vec::new());
+            }
+            let n = i64::from(pages).min(free);
+            c.execute_batch(&format!("PRAGMA incremental_vacuum({n})"))
+                .map_err(db)?;
+            Ok(vec![format!(
+                "returned {n} free pages of {free} to the file system"
+            )])
+        })
+        .await
+    }
+    async fn prune_rollups(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "DELETE FROM rollups WHERE (agent_id, module, target, hour_ms) IN (
+                       SELECT agent_id, module, target, hour_ms FROM rollups
+                       WHERE hour_ms < ?1 ORDER BY hour_ms LIMIT ?2)",
+                    params![before_ms, limit],
+                )
+                .map_err(db)?;
+            Ok(n as u64)
         })
         .await
     }
