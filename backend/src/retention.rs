@@ -242,6 +242,7 @@ pub async fn keep(b: Arc<Backend>) {
 pub struct Marks {
     by_rule: HashMap<String, i64>,
     size: i64,
+    warned_size: bool,
 }
 
 /// What one pass did.
@@ -273,12 +274,15 @@ fn ms_ago(now: i64, d: Duration) -> i64 {
 pub async fn pass(b: &Backend, marks: &mut Marks) -> Result<PassReport, crate::store::StoreError> {
     let cfg = b.retention();
     let mut report = PassReport::default();
-    // Roll up first: only what is rolled up may go. At most 100,000 results a pass
-    // (a store upgraded with years of results catches up over several).
-    for _ in 0..10 {
+    // Roll up first: only what is rolled up may go. Until caught up, or for half the
+    // interval between passes (at least 5 s), so the cursor keeps up with ingest; a
+    // store upgraded with years of results catches up over several passes.
+    let budget = (cfg.every / 2).max(Duration::from_secs(5));
+    let started = tokio::time::Instant::now();
+    loop {
         let n = crate::rollup::roll_up(b, 20).await?;
         report.rolled_up += n;
-        if n < 10_000 {
+        if n < 10_000 || started.elapsed() >= budget {
             break;
         }
     }
@@ -323,7 +327,15 @@ pub async fn pass(b: &Backend, marks: &mut Marks) -> Result<PassReport, crate::s
     }
     // The size cap: the oldest go, whatever their module, down to 90 % of it.
     let mut stats = b.store.store_stats().await?;
-    if let Some(cap) = cfg.max_store_bytes {
+    if cfg.max_store_bytes.is_some() && !stats.shrinks_on_delete {
+        // PostgreSQL keeps its size after a DELETE (the space is reused): deleting
+        // by size would find the store never smaller and take every record. There
+        // the ages (and dropped partitions) bound the store.
+        if !marks.warned_size {
+            marks.warned_size = true;
+            tracing::warn!("--max-store-size applies to the embedded store; on PostgreSQL, bound the store with --retention ages");
+        }
+    } else if let Some(cap) = cfg.max_store_bytes {
         let target = cap / 10 * 9;
         let mut rounds = 0;
         while stats.bytes > cap || (report.deleted_by_size > 0 && stats.bytes > target) {
@@ -348,8 +360,19 @@ pub async fn pass(b: &Backend, marks: &mut Marks) -> Result<PassReport, crate::s
             report.deleted_by_size += n;
             report
                 .released
-                .extend(b.store.release_space(10_000, i64::MIN, up_to).await?);
+                .extend(b.store.release_space(2_000, i64::MIN, up_to).await?);
+            let was = stats.bytes;
             stats = b.store.store_stats().await?;
+            if n > 0 && stats.bytes >= was {
+                // Deleting did not make it smaller (the space is in tables retention
+                // does not prune): stop rather than delete everything.
+                tracing::warn!(
+                    bytes = stats.bytes,
+                    cap,
+                    "store over its size cap, and deleting raw records does not shrink it"
+                );
+                break;
+            }
             if n == 0 {
                 // Nothing rolled up is left to delete: the cap waits for the rollups.
                 tracing::warn!(

@@ -10,7 +10,8 @@
 //! results that may be gone.
 //!
 //! The hour is by the result's time on the agent (`at_ms`): a rollup answers "what
-//! was measured then". Everything that grows with input is bounded: histogram
+//! was measured then"; a time more than a day from the result's arrival (an agent
+//! with no clock, or a lying one) gives way to the arrival's. Everything that grows with input is bounded: histogram
 //! buckets by the value range, status counters by [`MAX_STATUS_KEYS`].
 
 use std::collections::BTreeMap;
@@ -157,10 +158,11 @@ impl Rollup {
         self.received = self
             .received
             .saturating_add(u64::from(f.received.min(f.sent)));
-        for v in &f.rtts_ms {
-            self.rtt.add(*v);
-            self.rtt_min = min_opt(self.rtt_min, Some(*v));
-            self.rtt_max = max_opt(self.rtt_max, Some(*v));
+        for v in f.rtts_ms.iter().filter(|v| v.is_finite() && **v >= 0.0) {
+            let v = v.min(1e12);
+            self.rtt.add(v);
+            self.rtt_min = min_opt(self.rtt_min, Some(v));
+            self.rtt_max = max_opt(self.rtt_max, Some(v));
         }
         if let Some(s) = f.http_status {
             self.count_status(format!("{}xx", s / 100));
@@ -171,9 +173,15 @@ impl Rollup {
         if f.reached == Some(true) {
             self.reached = self.reached.saturating_add(1);
         }
-        if let Some(o) = f.ntp_offset_ms.filter(|o| o.is_finite()) {
+        // Any finite f64 is an agent's word; bounded so that sums stay finite (a
+        // non-finite number would not survive JSON).
+        if let Some(o) = f
+            .ntp_offset_ms
+            .filter(|o| o.is_finite())
+            .map(|o| o.clamp(-1e12, 1e12))
+        {
             self.ntp_offsets = self.ntp_offsets.saturating_add(1);
-            self.ntp_offset_sum += o;
+            self.ntp_offset_sum = (self.ntp_offset_sum + o).clamp(-1e300, 1e300);
             self.ntp_offset_min = min_opt(self.ntp_offset_min, Some(o));
             self.ntp_offset_max = max_opt(self.ntp_offset_max, Some(o));
         }
@@ -209,7 +217,7 @@ impl Rollup {
         self.merge_statuses(&o.statuses);
         self.reached = self.reached.saturating_add(o.reached);
         self.ntp_offsets = self.ntp_offsets.saturating_add(o.ntp_offsets);
-        self.ntp_offset_sum += o.ntp_offset_sum;
+        self.ntp_offset_sum = (self.ntp_offset_sum + o.ntp_offset_sum).clamp(-1e300, 1e300);
         self.ntp_offset_min = min_opt(self.ntp_offset_min, o.ntp_offset_min);
         self.ntp_offset_max = max_opt(self.ntp_offset_max, o.ntp_offset_max);
         self.cert_not_after_min = min_opt(self.cert_not_after_min, o.cert_not_after_min);
@@ -256,16 +264,21 @@ pub fn hour_of(at_ms: i64) -> i64 {
 }
 
 /// Merges the stored body `old` with `new` (both a [`Rollup`] as JSON): what a
-/// store does when a rollup row already exists. A body that does not parse (written
-/// by another version) is replaced.
+/// store does when a rollup row already exists. A stored body that does not parse
+/// (written by another version) is replaced; a new one that does not parse is
+/// dropped, keeping what was stored.
 pub fn merge_bodies(old: &str, new: &str) -> String {
     let Ok(mut a) = serde_json::from_str::<Rollup>(old) else {
         return new.to_string();
     };
-    if let Ok(b) = serde_json::from_str::<Rollup>(new) {
-        a.merge(&b);
+    match serde_json::from_str::<Rollup>(new) {
+        Ok(b) => a.merge(&b),
+        Err(e) => {
+            tracing::warn!(error = %e, "a rollup that does not read was not merged");
+            return old.to_string();
+        }
     }
-    serde_json::to_string(&a).unwrap_or_else(|_| new.to_string())
+    serde_json::to_string(&a).unwrap_or_else(|_| old.to_string())
 }
 
 /// Results read per page by the rollup pass.
@@ -304,7 +317,15 @@ pub async fn roll_up(
             }
             to = *pos;
             added += 1;
-            let hour = hour_of(row.at_ms);
+            // The agent's time, unless it is more than a day from when the result
+            // arrived (no clock, or a lying one): then the arrival's hour, so no
+            // agent can leave rollups in hours retention never reaches.
+            let at = if row.at_ms.abs_diff(row.stored_ms) > 86_400_000 {
+                row.stored_ms
+            } else {
+                row.at_ms
+            };
+            let hour = hour_of(at);
             let key = |target: &str| {
                 (
                     row.agent_id.clone(),
@@ -422,8 +443,22 @@ mod tests {
         assert_eq!(j["rtt_min_ms"], 1.0);
         assert_eq!(j["rtt_max_ms"], 10.0);
         assert_eq!(j["statuses"]["2xx"], 2);
-        // A body from elsewhere that does not parse is replaced, not merged.
+        // A stored body that does not parse is replaced; a new one that does not is
+        // dropped.
         assert_eq!(merge_bodies("not json", "{}"), "{}");
+        let kept = serde_json::to_string(&a).unwrap();
+        assert_eq!(merge_bodies(&kept, "not json"), kept);
+        // Huge offsets an agent sends keep the sum finite, so the body still reads.
+        let mut n = Rollup::default();
+        for _ in 0..3 {
+            n.add(&Figures {
+                ntp_offset_ms: Some(1e308),
+                rtts_ms: vec![1e308],
+                ..Default::default()
+            });
+        }
+        let body = serde_json::to_string(&n).unwrap();
+        assert_eq!(serde_json::from_str::<Rollup>(&body).unwrap(), n);
     }
 
     #[test]

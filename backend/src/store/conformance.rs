@@ -1939,17 +1939,25 @@ async fn postgres_drops_whole_monthly_partitions_once_rolled_up() {
             })),
         }),
     };
+    // Measured three months ago, stored two months ago; and one of today.
     let b = Batch {
         epoch: 1,
-        records: vec![
-            record(1, now - 92 * DAY),
-            record(2, now - 92 * DAY + 1),
-            record(3, now),
-        ],
+        records: vec![record(1, now - 92 * DAY), record(2, now - 92 * DAY + 1)],
+    };
+    assert_eq!(
+        s.store_batch("a", prepare(&b), now - 60 * DAY)
+            .await
+            .unwrap()
+            .stored,
+        2
+    );
+    let b = Batch {
+        epoch: 1,
+        records: vec![record(3, now)],
     };
     assert_eq!(
         s.store_batch("a", prepare(&b), now).await.unwrap().stored,
-        3
+        1
     );
     let all = |s: &crate::store::PostgresStore| {
         let s = s.clone();
@@ -1987,7 +1995,9 @@ async fn postgres_drops_whole_monthly_partitions_once_rolled_up() {
         .await
         .unwrap()
         .is_empty());
-    // The dropped month can be written again: its partition is made anew.
+    // The dropped month can be written again: its partition is made anew. A backlog
+    // that arrives now for that month is kept, however old its month: ages are by
+    // arrival.
     let late = Batch {
         epoch: 2,
         records: vec![record(4, now - 92 * DAY)],
@@ -1999,6 +2009,13 @@ async fn postgres_drops_whole_monthly_partitions_once_rolled_up() {
             .stored,
         1
     );
+    let newest = s.latest_position().await.unwrap();
+    assert!(s
+        .release_space(0, now - 31 * DAY, newest)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(all(&s).await.len(), 2);
 }
 
 /// PostgreSQL only: two stores (two backends) write at once while a reader pages by

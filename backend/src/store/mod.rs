@@ -824,6 +824,10 @@ pub struct StoreStats {
     pub bytes: u64,
     /// When the oldest stored result arrived (ms since the epoch).
     pub oldest_result_ms: Option<i64>,
+    /// Whether deleting records makes `bytes` smaller (SQLite: yes; PostgreSQL: no,
+    /// only dropping partitions does).
+    #[serde(skip)]
+    pub shrinks_on_delete: bool,
 }
 
 /// One hour of one agent's results toward one target of one module

@@ -1795,6 +1795,9 @@ impl RequestStore for PostgresStore {
         Ok(StoreStats {
             bytes: u64::try_from(bytes).unwrap_or(0),
             oldest_result_ms: oldest,
+            // DELETE leaves the database its size (space is reused, not returned):
+            // only dropping partitions shrinks it.
+            shrinks_on_delete: false,
         })
     }
     async fn release_space(
@@ -1829,23 +1832,51 @@ impl RequestStore for PostgresStore {
                 continue;
             }
             let tx = c.transaction().await.map_err(db)?;
-            // Writers take this lock before they make or fill partitions.
+            // Writers take this lock before they make or fill partitions. DETACH needs
+            // the whole table to itself: it waits at most half a second for readers,
+            // and writers wait behind it no longer; else it is tried next pass.
+            tx.execute("SET LOCAL lock_timeout = '500ms'", &[])
+                .await
+                .map_err(db)?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
                 .await
                 .map_err(db)?;
-            let newest: Option<i64> = tx
-                .query_one(&format!("SELECT MAX(position) FROM {name}"), &[])
+            // Another backend's pass may have dropped it while this one waited.
+            let gone: bool = tx
+                .query_one("SELECT to_regclass($1) IS NULL", &[&name])
                 .await
                 .map_err(db)?
                 .get(0);
-            if newest.is_some_and(|p| p > up_to) {
-                // Not rolled up yet: next time.
+            if gone {
                 continue;
             }
-            tx.execute(&format!("ALTER TABLE records DETACH PARTITION {name}"), &[])
+            let row = tx
+                .query_one(
+                    &format!("SELECT MAX(position), MAX(stored_ms) FROM \"{name}\""),
+                    &[],
+                )
                 .await
                 .map_err(db)?;
-            tx.execute(&format!("DROP TABLE {name}"), &[])
+            let (newest, last_stored): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+            // Not rolled up yet, or holding records that arrived recently (a backlog
+            // from an agent that was away, whose month is long past): next time.
+            if newest.is_some_and(|p| p > up_to) || last_stored.is_some_and(|t| t >= before_ms) {
+                continue;
+            }
+            let detached = tx
+                .execute(
+                    &format!("ALTER TABLE records DETACH PARTITION \"{name}\""),
+                    &[],
+                )
+                .await;
+            if let Err(e) = detached {
+                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                    tracing::info!(table = %name, "partition busy; dropped on a later pass");
+                    continue;
+                }
+                return Err(db(e));
+            }
+            tx.execute(&format!("DROP TABLE \"{name}\""), &[])
                 .await
                 .map_err(db)?;
             tx.commit().await.map_err(db)?;

@@ -1444,8 +1444,12 @@ impl RequestStore for SqliteStore {
             // Never the newest row: SQLite gives a new row the largest id in the
             // table plus one, so deleting the newest would hand its id (a position
             // readers and the rollup cursor have passed) to the next record.
+            // Rows are appended as they arrive, so `stored_ms` grows with the id: the
+            // first row young enough to keep ends the range, and the scan stops there
+            // rather than reading the whole retained window.
             let mut cond = "id > ?1 AND id <= ?2 AND stored_ms < ?3 \
-                            AND id < (SELECT MAX(id) FROM records)"
+                            AND id < (SELECT MAX(id) FROM records) \
+                            AND id < COALESCE((SELECT id FROM records WHERE id > ?1 AND stored_ms >= ?3 ORDER BY id LIMIT 1), ?2 + 1)"
                 .to_string();
             let mut args: Vec<Sql> = vec![
                 Sql::Integer(p.after),
@@ -1520,6 +1524,7 @@ impl RequestStore for SqliteStore {
             Ok(StoreStats {
                 bytes: u64::try_from(pages.saturating_sub(free).saturating_mul(size)).unwrap_or(0),
                 oldest_result_ms: oldest,
+                shrinks_on_delete: true,
             })
         })
         .await
