@@ -368,6 +368,7 @@ impl Backend {
                     }
                 }
             }
+            self.store_held_reports().await;
             self.advance_rollouts().await;
             if ticks.is_multiple_of(5) {
                 self.resend_stale_schedules(now).await;

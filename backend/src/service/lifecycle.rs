@@ -78,6 +78,10 @@ pub struct Lifecycle {
     settings_pushed: Turns,
     /// Per agent: when its last lifecycle report was stored.
     reported: Turns,
+    /// Per agent: the newest report that came too soon after the last stored one.
+    /// It is stored when its turn comes (the sweep), never dropped: it may be the
+    /// one that says a new release runs. Bounded: cleared past 100,000 agents.
+    held: Mutex<HashMap<String, LifecycleStatus>>,
     /// When rollouts last moved on: reports move them at most once a second (each
     /// move reads every rollout and every agent's report; the sweep catches up).
     advanced_ms: std::sync::atomic::AtomicI64,
@@ -448,31 +452,76 @@ impl Backend {
             }
             UpdateUp::Status(status) => {
                 // An agent reports after each hello and each change of its update: a
-                // flood of reports is stored at most five times a second.
+                // flood of reports is stored at most five times a second. One too
+                // soon waits for its turn (the newest of them; see `held`).
                 if !self.lifecycle.reported.take(agent, now_ms(), 200) {
-                    tracing::debug!(agent, "lifecycle report too soon after the last; dropped");
+                    let mut held = self
+                        .lifecycle
+                        .held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if held.len() > 100_000 {
+                        held.clear();
+                    }
+                    held.insert(agent.to_string(), clip_status(status));
                     return;
                 }
-                let status = clip_status(status);
-                let doc = AgentLifecycle {
-                    status: status.clone(),
-                    received_ms: now_ms(),
-                };
-                if let Ok(text) = serde_json::to_string(&doc) {
-                    if let Err(e) = self.store.put_doc(KIND_AGENT, agent, &text, now_ms()).await {
-                        tracing::warn!(error = %e, agent, "cannot store the agent's lifecycle report");
-                    }
-                }
-                self.reconcile_settings(agent, &status).await;
-                let now = now_ms();
-                let last = self
-                    .lifecycle
-                    .advanced_ms
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if now - last >= 1000 {
-                    self.advance_rollouts().await;
-                }
+                // Newer than any held one, which must not overwrite it later.
+                self.lifecycle
+                    .held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(agent);
+                self.store_report(agent, clip_status(status)).await;
             }
+        }
+    }
+
+    /// Stores the reports that came too soon, now that their turn has come (called
+    /// by the sweep).
+    pub(super) async fn store_held_reports(&self) {
+        let held = std::mem::take(
+            &mut *self
+                .lifecycle
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (agent, status) in held {
+            if self.lifecycle.reported.take(&agent, now_ms(), 200) {
+                self.store_report(&agent, status).await;
+            } else {
+                // A newer report may have come meanwhile: it wins.
+                self.lifecycle
+                    .held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(agent)
+                    .or_insert(status);
+            }
+        }
+    }
+
+    /// Stores an agent's lifecycle report and acts on it: settings to send, rollouts
+    /// to move on.
+    async fn store_report(&self, agent: &str, status: LifecycleStatus) {
+        let doc = AgentLifecycle {
+            status: status.clone(),
+            received_ms: now_ms(),
+        };
+        if let Ok(text) = serde_json::to_string(&doc) {
+            if let Err(e) = self.store.put_doc(KIND_AGENT, agent, &text, now_ms()).await {
+                tracing::warn!(error = %e, agent, "cannot store the agent's lifecycle report");
+            }
+        }
+        self.reconcile_settings(agent, &status).await;
+        let now = now_ms();
+        let last = self
+            .lifecycle
+            .advanced_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now - last >= 1000 {
+            self.advance_rollouts().await;
         }
     }
 

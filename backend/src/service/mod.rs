@@ -337,6 +337,39 @@ mod tests {
         .unwrap()
     }
 
+    /// A lifecycle report that comes too soon after the last is held, not dropped,
+    /// and stored on the sweep's turn; a newer one that gets its turn first wins. (In
+    /// CI a rollout waited forever when the new release's first report, 200 ms after
+    /// the old one's "staged", was dropped.)
+    #[tokio::test]
+    async fn a_report_too_soon_is_held_and_stored_later_never_dropped() {
+        use imn_proto::wire::{LifecycleStatus, UpdateUp};
+        let b = backend().await;
+        let report = |version: &str, phase: &str| {
+            UpdateUp::Status(LifecycleStatus {
+                version: version.into(),
+                phase: phase.into(),
+                ..Default::default()
+            })
+        };
+        b.on_update_up("a", report("1", "staged")).await;
+        b.on_update_up("a", report("2", "trial")).await;
+        let stored = |b: &Arc<Backend>| {
+            let b = b.clone();
+            async move { b.agent_lifecycle("a").await.map(|l| l.status.version) }
+        };
+        assert_eq!(stored(&b).await.as_deref(), Some("1"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        b.store_held_reports().await;
+        assert_eq!(stored(&b).await.as_deref(), Some("2"), "held, then stored");
+        // A held report never overwrites a newer one stored meanwhile.
+        b.on_update_up("a", report("3", "idle")).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        b.on_update_up("a", report("4", "idle")).await;
+        b.store_held_reports().await;
+        assert_eq!(stored(&b).await.as_deref(), Some("4"));
+    }
+
     /// Every module's schema: valid examples are accepted, and invalid ones are refused
     /// with the field (and, for the cases below, the rule) named. The examples come
     /// from the catalog, so a module added without them fails this test.
