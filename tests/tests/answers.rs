@@ -185,8 +185,10 @@ async fn status_checks_name_exactly_the_agents_whose_path_got_slow() {
         let m = v["targets"]["svc.imn.test"]["rtt_median_ms"]
             .as_f64()
             .unwrap();
-        // The responder's delay, plus the path's own (a veth: well under a ms).
-        assert!((2.0..20.0).contains(&m), "{v}");
+        // The responder's delay (2 ms, timed from the kernel's receive stamp, and
+        // sent up to 0.5 ms early to make up for its own send path), plus the
+        // path's own (a veth: well under a ms). CI saw 1.927 ms.
+        assert!((1.4..20.0).contains(&m), "{v}");
     }
     let (code, out) = imn_check(&up, &[&id, "--max-rtt-median", "50", "--window-s", "6"]).await;
     let p = parse_plugin(&out);
