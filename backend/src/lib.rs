@@ -16,6 +16,7 @@
 //!   agents and schedules; [`security`] and [`budget`]: who may do what, and how much.
 //! - [`ingest`]: the bounds on what one agent may make the backend do.
 
+pub mod alerts;
 pub mod anomaly;
 pub mod api;
 pub mod atlas;

@@ -107,6 +107,37 @@ fn text(what: &'static str, media: &str) -> (u16, &'static str, Value) {
     (200, what, json!({media: {"schema": {"type": "string"}}}))
 }
 
+/// The filters of alert and anomaly event lists (`stream`: the stream's).
+fn event_params(stream: bool) -> Vec<Value> {
+    let mut v = vec![
+        param(
+            "after",
+            "query",
+            json!({"type": "string", "pattern": "^e[0-9]+$"}),
+            "an event id: events after it",
+        ),
+        param("rule", "query", string(), "alert rule id"),
+        param("measurement", "query", string(), "measurement id"),
+        param("agent", "query", string(), "agent id (anomalies)"),
+    ];
+    if stream {
+        v.push(param(
+            "type",
+            "query",
+            json!({"type": "string", "enum": ["alert", "anomaly"]}),
+            "only this kind",
+        ));
+    } else {
+        v.push(param(
+            "limit",
+            "query",
+            json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+            "at most this many (default 100)",
+        ));
+    }
+    v
+}
+
 /// Every operation: (method, path, operation).
 fn operations() -> Vec<(&'static str, &'static str, Op)> {
     let read = Some("read");
@@ -571,6 +602,94 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             },
         ),
         (
+            "post",
+            "/v1/alert-rules",
+            Op {
+                summary: "An alert rule on a measurement: status-check thresholds or anomalies, held for for_s before firing and gone for recovery_s before resolving; alerts go to a signed webhook",
+                scope: measure,
+                params: vec![],
+                body: Some(schema_ref("AlertRuleInput")),
+                ok: ok_json(201, "created; Location header names it", schema_ref("AlertRule")),
+                errors: &[400, 413, 422],
+            },
+        ),
+        (
+            "get",
+            "/v1/alert-rules",
+            Op {
+                summary: "Every alert rule with its state (ok, pending, firing, recovering)",
+                scope: read,
+                params: vec![],
+                body: None,
+                ok: ok_json(200, "rules", schema_ref("AlertRules")),
+                errors: &[],
+            },
+        ),
+        (
+            "get",
+            "/v1/alert-rules/{id}",
+            Op {
+                summary: "One alert rule with its state",
+                scope: read,
+                params: vec![path_id("id", "rule id")],
+                body: None,
+                ok: ok_json(200, "the rule", schema_ref("AlertRule")),
+                errors: &[404],
+            },
+        ),
+        (
+            "delete",
+            "/v1/alert-rules/{id}",
+            Op {
+                summary: "Delete an alert rule (the token that made it, or admin); its events stay",
+                scope: measure,
+                params: vec![path_id("id", "rule id")],
+                body: None,
+                ok: ok_json(200, "deleted", object()),
+                errors: &[404],
+            },
+        ),
+        (
+            "get",
+            "/v1/alerts",
+            Op {
+                summary: "Alert events (a rule fired or resolved), oldest first after `after`",
+                scope: read,
+                params: event_params(false),
+                body: None,
+                ok: ok_json(200, "a page of events", schema_ref("Events")),
+                errors: &[400],
+            },
+        ),
+        (
+            "get",
+            "/v1/anomalies",
+            Op {
+                summary: "Anomaly events (RTT level shifts, loss bursts, path changes) with their evidence, oldest first after `after`",
+                scope: read,
+                params: event_params(false),
+                body: None,
+                ok: ok_json(200, "a page of events", schema_ref("Events")),
+                errors: &[400],
+            },
+        ),
+        (
+            "get",
+            "/v1/alerts/stream",
+            Op {
+                summary: "Alert and anomaly events as they happen (event alert or anomaly, id e{seq}); resumes after Last-Event-ID",
+                scope: read,
+                params: {
+                    let mut v = event_params(true);
+                    v.push(last_event_id());
+                    v
+                },
+                body: None,
+                ok: sse(),
+                errors: &[400, 503],
+            },
+        ),
+        (
             "get",
             "/v1/results",
             Op {
@@ -884,6 +1003,67 @@ const ERRORS: &[(u16, &str)] = &[
     (503, "The store or the bus is unavailable"),
 ];
 
+/// The schemas of alert rules and events.
+fn alert_schemas() -> Value {
+    json!({
+        "AlertRuleInput": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["name", "measurement_id"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 128},
+                "measurement_id": {"type": "string", "minLength": 1, "maxLength": 128},
+                "thresholds": {"type": "object", "maxProperties": 32, "description": "status-check parameters (as GET /v1/measurements/{id}/status-check takes them, but format), each a string or number", "additionalProperties": {"type": ["string", "number", "boolean"]}},
+                "anomalies": {"type": "array", "maxItems": 5, "items": {"type": "string", "enum": ["rtt_shift_up", "rtt_shift_down", "loss_burst", "loss_recovered", "path_change"]}, "description": "given (even empty: rtt_shift_up, loss_burst, path_change), the rule watches anomalies, not thresholds"},
+                "for_s": {"type": "integer", "minimum": 0, "maximum": crate::alerts::MAX_HOLD_S},
+                "recovery_s": {"type": "integer", "minimum": 0, "maximum": crate::alerts::MAX_HOLD_S},
+                "webhook": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["url", "secret"],
+                    "properties": {
+                        "url": {"type": "string", "maxLength": crate::alerts::webhook::MAX_URL, "description": "http or https; special-purpose addresses (loopback, private, link-local) only where the backend's --webhook-allow names them"},
+                        "secret": {"type": "string", "minLength": 16, "maxLength": 256, "description": "HMAC-SHA256 key: X-IMN-Signature: t=T,v1=hex(HMAC(secret, T + '.' + body))"},
+                    },
+                },
+            },
+        },
+        "AlertRule": {
+            "type": "object",
+            "required": ["id", "name", "measurement_id", "module", "kind", "thresholds", "anomalies", "for_s", "recovery_s", "state"],
+            "properties": {
+                "id": string(), "name": string(), "measurement_id": string(), "module": string(),
+                "kind": {"type": "string", "enum": ["threshold", "anomaly"]},
+                "thresholds": {"type": "object", "additionalProperties": string()},
+                "anomalies": {"type": "array", "items": string()},
+                "for_s": integer(0), "recovery_s": integer(0),
+                "webhook": {"type": ["object", "null"], "properties": {"url": string(), "secret_set": {"type": "boolean"}}},
+                "created": string(),
+                "state": {"type": "string", "enum": ["ok", "pending", "firing", "recovering"]},
+                "since": {"type": ["string", "null"]},
+            },
+        },
+        "AlertRules": {
+            "type": "object",
+            "required": ["rules", "firing"],
+            "properties": {"rules": {"type": "array", "items": schema_ref("AlertRule")}, "firing": integer(0)},
+        },
+        "Events": {
+            "type": "object",
+            "required": ["events"],
+            "properties": {
+                "events": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["id", "type", "at"],
+                    "description": "an alert (rule_id, rule_name, measurement_id, state firing or resolved, since, summary, breaches or anomalies) or an anomaly (anomaly kind, agent, target, module, measurement_id, message, evidence, result_refs)",
+                    "properties": {"id": string(), "type": {"type": "string", "enum": ["alert", "anomaly"]}, "at": string()},
+                }},
+                "next_after": {"type": ["string", "null"]},
+            },
+        },
+    })
+}
+
 fn components() -> Value {
     let mut schemas = Map::new();
     for m in catalog::catalog() {
@@ -1066,8 +1246,10 @@ fn components() -> Value {
             },
         },
     });
-    if let Value::Object(m) = more {
-        schemas.extend(m);
+    for part in [more, alert_schemas()] {
+        if let Value::Object(m) = part {
+            schemas.extend(m);
+        }
     }
     let responses: Map<String, Value> = ERRORS
         .iter()

@@ -323,6 +323,7 @@ pub async fn start_backend(
     fault_injection: bool,
     security: Security,
     retention: crate::retention::Settings,
+    alerts: crate::alerts::Settings,
 ) -> Result<Arc<Backend>, UpError> {
     private_data_dir(data)?;
     let store = match store {
@@ -333,6 +334,7 @@ pub async fn start_backend(
         .await
         .map_err(|e| UpError::Start(e.to_string()))?;
     backend.set_retention(retention);
+    backend.alerts.set_settings(alerts);
     backend
         .start()
         .await

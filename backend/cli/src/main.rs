@@ -83,6 +83,8 @@ enum Cmd {
         security: SecurityFlags,
         #[command(flatten)]
         retention: imn_backend::retention::RetentionFlags,
+        #[command(flatten)]
+        alerts: imn_backend::alerts::AlertFlags,
     },
     /// Write a development CA, a server certificate and client certificates.
     Certs {
@@ -488,6 +490,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
             grpc,
             security,
             retention,
+            alerts,
         } => {
             use imn_cloud::telemetry::{self, Component};
             let _telemetry = telemetry::init(
@@ -513,6 +516,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
                 grpc,
                 security,
                 retention: retention.settings(),
+                alerts: alerts.settings(),
             };
             up(opts, imn_cloud::shutdown_signal()).await?;
         }

@@ -41,6 +41,7 @@ pub struct UpOptions {
     pub security: SecurityFlags,
     /// What the store keeps, and for how long.
     pub retention: imn_backend::retention::Settings,
+    pub alerts: imn_backend::alerts::Settings,
 }
 
 /// Where local agents connect: the plain listener if there is one, else TLS.
@@ -144,6 +145,7 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
         opts.fault_injection,
         security,
         opts.retention,
+        opts.alerts,
     )
     .await?;
     let _ = backend

@@ -23,6 +23,7 @@ use crate::store::{RequestRow, ResultRow};
 
 mod admin;
 mod agents;
+mod alerts;
 mod info;
 mod lifecycle;
 mod measurements;
@@ -30,6 +31,7 @@ mod requests;
 mod results;
 use admin::*;
 use agents::*;
+use alerts::*;
 use info::*;
 use lifecycle::*;
 use measurements::*;
@@ -74,6 +76,14 @@ pub fn router(backend: Arc<Backend>) -> Router {
         .route("/v1/rollups", get(rollups))
         .route("/v1/measurements/{id}/stream", get(measurement_stream))
         .route("/v1/measurements/{id}/status-check", get(status_check))
+        .route("/v1/alert-rules", get(alert_rules).post(create_alert_rule))
+        .route(
+            "/v1/alert-rules/{id}",
+            get(alert_rule).delete(delete_alert_rule),
+        )
+        .route("/v1/alerts", get(alert_events))
+        .route("/v1/alerts/stream", get(alert_stream))
+        .route("/v1/anomalies", get(anomaly_events))
         .route("/modules/states/{request_id}", get(states))
         .route("/admin/agents", get(enrolled_agents).post(enroll_agent))
         .route("/admin/agents/{id}/rotate", post(rotate_agent))

@@ -55,6 +55,8 @@ struct Flags {
     security: SecurityFlags,
     #[command(flatten)]
     retention: imn_backend::retention::RetentionFlags,
+    #[command(flatten)]
+    alerts: imn_backend::alerts::AlertFlags,
 }
 
 #[tokio::main]
@@ -92,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         flags.fault_injection,
         security,
         flags.retention.settings(),
+        flags.alerts.settings(),
     )
     .await?;
     backend.observe_metrics();

@@ -119,6 +119,8 @@ pub struct Backend {
     retention: std::sync::OnceLock<crate::retention::Settings>,
     /// The store's size and oldest result, from the last retention pass.
     store_stats: std::sync::Mutex<Option<crate::store::StoreStats>>,
+    /// Alert rules, their events and the anomaly detector's (see [`crate::alerts`]).
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// How a request is to be made, beside what it asks for.
@@ -196,6 +198,7 @@ impl Backend {
             lifecycle: Default::default(),
             retention: std::sync::OnceLock::new(),
             store_stats: std::sync::Mutex::new(None),
+            alerts: Default::default(),
         });
         {
             let weak = Arc::downgrade(&backend);
@@ -254,6 +257,7 @@ impl Backend {
         tokio::spawn(self.clone().sweep());
         tokio::spawn(crate::feed::Feed::run(self.clone()));
         tokio::spawn(crate::retention::keep(self.clone()));
+        tokio::spawn(crate::alerts::run(self.clone()));
         if let Some(peers) = self
             .bus
             .subscribe_peer()

@@ -1825,6 +1825,19 @@ pub async fn fleet_docs_are_replaced_and_listed_by_kind_and_key(s: &dyn Store) {
         })
         .collect();
     assert_eq!(keys, vec!["B", "_", "a", "a0", "b", "é"]);
+    // Deleting removes that (kind, key) only, once.
+    assert!(s.delete_doc("agent_state", "a0").await.unwrap());
+    assert!(!s.delete_doc("agent_state", "a0").await.unwrap());
+    assert!(!s.delete_doc("agent_states", "b").await.unwrap());
+    assert_eq!(s.doc("agent_state", "a0").await.unwrap(), None);
+    assert_eq!(s.docs("agent_state").await.unwrap().len(), 5);
+    assert_eq!(
+        s.doc("agent_states", "a").await.unwrap().as_deref(),
+        Some("{}")
+    );
+    s.put_doc("agent_state", "a0", r#"{"k":"a0"}"#, 3)
+        .await
+        .unwrap();
     assert_eq!(
         s.docs("rollout").await.unwrap().len(),
         1,

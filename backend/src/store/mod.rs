@@ -940,6 +940,8 @@ pub trait FleetStore: Send + Sync + 'static {
     async fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError>;
     /// Every document of a kind as (key, doc), by key (byte-wise, in both stores).
     async fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
+    /// Removes the document (kind, key); whether there was one.
+    async fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError>;
 }
 
 /// Everything a backend keeps: one of each store, behind one object

@@ -2340,6 +2340,17 @@ impl FleetStore for PostgresStore {
             .map_err(db)?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
+    async fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let n = c
+            .execute(
+                "DELETE FROM fleet_docs WHERE kind = $1 AND key = $2",
+                &[&nul_free(kind), &nul_free(key)],
+            )
+            .await
+            .map_err(db)?;
+        Ok(n > 0)
+    }
 }
 
 /// A request's first result, if the agent that owns it has sent one.

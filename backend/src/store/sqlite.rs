@@ -2054,6 +2054,17 @@ impl FleetStore for SqliteStore {
         })
         .await
     }
+    async fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError> {
+        let (kind, key) = (nul_free(kind).into_owned(), nul_free(key).into_owned());
+        self.with(move |c| {
+            c.prepare_cached("DELETE FROM fleet_docs WHERE kind = ?1 AND key = ?2")
+                .map_err(db)?
+                .execute(params![kind, key])
+                .map(|n| n > 0)
+                .map_err(db)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

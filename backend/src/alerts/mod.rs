@@ -1,0 +1,1279 @@
+//! Alerts: rules on measurements that fire and resolve, and the anomaly detector
+//! running over results as they are stored.
+//!
+//! - A **rule** watches one measurement, either with status-check thresholds
+//!   ([`crate::checks`]: the same parameters as `GET …/status-check`) or for anomalies
+//!   of chosen kinds ([`crate::anomaly`]). Its condition must hold for `for_s` before it
+//!   fires, and be gone for `recovery_s` before it resolves. Firing and resolving are
+//!   **alert events**.
+//! - The **follower** reads results after a position, as rollups do, feeds each one's
+//!   figures to the detector per (agent, target, module), and records each anomaly as
+//!   an **anomaly event** with its evidence and the results that confirmed it.
+//! - Events are numbered in one sequence (`e{seq}`), kept in two bounded rings (alerts
+//!   and anomalies, so a flood of anomalies cannot push out alerts not yet delivered),
+//!   stored as documents so they survive restarts, listed by the API, and streamed as
+//!   Server-Sent Events. A rule's webhook gets its alerts in order, signed, retried
+//!   with backoff ([`webhook`]).
+//!
+//! Nothing here runs on the ingest path: the follower and the evaluator are tasks of
+//! their own that read the store, and each webhook is a task of its own, so a hanging
+//! receiver holds up only its own rule's deliveries.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use imn_proto::now_ms;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::anomaly::{Anomaly, Detector, Kind};
+use crate::error::ApiError;
+use crate::service::Backend;
+
+pub mod webhook;
+
+/// The most rules a backend holds.
+pub const MAX_RULES: usize = 1_000;
+/// Events of each kind kept (in memory and in the store); the oldest go first.
+pub const RING: usize = 10_000;
+/// The longest `for_s` and `recovery_s`: a day.
+pub const MAX_HOLD_S: u32 = 86_400;
+/// How long a path change keeps an anomaly rule's condition true.
+pub const PATH_HOLD_S: i64 = 300;
+/// Anomalies (and breaching agents) an alert event lists.
+pub const MAX_LISTED: usize = 20;
+/// Results the follower reads per page, and pages per turn.
+const PAGE: u32 = 500;
+const PAGES_PER_TURN: usize = 20;
+
+const KIND_RULE: &str = "alert_rule";
+const KIND_ALERT: &str = "alert_event";
+const KIND_ANOMALY: &str = "anomaly_event";
+const KIND_DELIVERED: &str = "alert_delivered";
+
+/// Alert settings, shared by `imn up` and `imn-backend`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AlertFlags {
+    /// How often threshold rules are judged (1s to 1h).
+    #[arg(long, env = "IMN_ALERT_EVERY", default_value = "10s", value_parser = crate::retention::parse_every)]
+    pub alert_every: Duration,
+    /// Networks webhooks may be sent to besides public addresses (CIDR, repeatable):
+    /// loopback, private, link-local and other special networks are refused unless
+    /// named here (e.g. 10.0.0.0/8 for a receiver on the LAN).
+    #[arg(long, env = "IMN_WEBHOOK_ALLOW", value_delimiter = ',', value_parser = imn_proto::policy::Cidr::parse)]
+    pub webhook_allow: Vec<imn_proto::policy::Cidr>,
+    /// How long one webhook call may take before it counts as failed (1s to 1h).
+    #[arg(long, env = "IMN_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = crate::retention::parse_every)]
+    pub webhook_timeout: Duration,
+    /// The longest wait between retries of a failing webhook (1s to 1h); waits
+    /// start at 1 s and double.
+    #[arg(long, env = "IMN_WEBHOOK_MAX_BACKOFF", default_value = "60s", value_parser = crate::retention::parse_every)]
+    pub webhook_max_backoff: Duration,
+}
+
+impl AlertFlags {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            every: self.alert_every,
+            webhook_allow: self.webhook_allow.clone(),
+            webhook_timeout: self.webhook_timeout,
+            max_backoff: self.webhook_max_backoff,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub every: Duration,
+    pub webhook_allow: Vec<imn_proto::policy::Cidr>,
+    pub webhook_timeout: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            every: Duration::from_secs(10),
+            webhook_allow: Vec::new(),
+            webhook_timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A rule as a client sends it (`POST /v1/alert-rules`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleInput {
+    pub name: String,
+    pub measurement_id: String,
+    /// Status-check parameters (`max_loss`, `max_rtt_median`, …) as strings or numbers.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, Value>,
+    /// Anomaly kinds; given (even empty: the default kinds), the rule is an anomaly
+    /// rule.
+    #[serde(default)]
+    pub anomalies: Option<Vec<String>>,
+    #[serde(default)]
+    pub for_s: u32,
+    #[serde(default)]
+    pub recovery_s: u32,
+    #[serde(default)]
+    pub webhook: Option<WebhookInput>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookInput {
+    pub url: String,
+    /// The HMAC-SHA256 key signatures are made with: 16 to 256 bytes.
+    pub secret: String,
+}
+
+/// What a rule watches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    Threshold,
+    Anomaly,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Webhook {
+    pub url: String,
+    pub secret: String,
+}
+
+/// A rule as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rule {
+    pub id: String,
+    pub name: String,
+    pub measurement_id: String,
+    pub module: String,
+    pub kind: RuleKind,
+    /// Status-check parameters, checked when the rule was made.
+    pub thresholds: Vec<(String, String)>,
+    /// Anomaly kinds that make the condition true.
+    pub anomalies: Vec<String>,
+    pub for_s: u32,
+    pub recovery_s: u32,
+    pub webhook: Option<Webhook>,
+    pub owner: Option<String>,
+    pub created_ms: i64,
+}
+
+impl Rule {
+    /// The rule as the API shows it: the webhook's secret is never shown.
+    pub fn view(&self, phase: &Phase) -> Value {
+        json!({
+            "id": self.id,
+            "name": self.name,
+            "measurement_id": self.measurement_id,
+            "module": self.module,
+            "kind": self.kind,
+            "thresholds": self.thresholds.iter().cloned().collect::<BTreeMap<_, _>>(),
+            "anomalies": self.anomalies,
+            "for_s": self.for_s,
+            "recovery_s": self.recovery_s,
+            "webhook": self.webhook.as_ref().map(|w| json!({"url": w.url, "secret_set": true})),
+            "created": crate::api::rfc3339(self.created_ms),
+            "state": phase.word(),
+            "since": phase.since().map(crate::api::rfc3339),
+        })
+    }
+}
+
+/// Anomaly kinds a rule watches when it names none.
+pub const DEFAULT_ANOMALIES: [&str; 3] = ["rtt_shift_up", "loss_burst", "path_change"];
+
+fn invalid(field: &str, rule: &str, message: String) -> ApiError {
+    ApiError::InvalidParams {
+        field: field.into(),
+        rule: rule.into(),
+        message,
+    }
+}
+
+/// Checks a rule as a client sent it, against its measurement's module.
+pub fn check_input(input: RuleInput, module: &str, settings: &Settings) -> Result<Rule, ApiError> {
+    let name = input.name.trim().to_string();
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(invalid(
+            "name",
+            "length",
+            "name: 1 to 128 bytes, no control characters".into(),
+        ));
+    }
+    for (field, v) in [("for_s", input.for_s), ("recovery_s", input.recovery_s)] {
+        if v > MAX_HOLD_S {
+            return Err(invalid(
+                field,
+                "range",
+                format!("{field}: 0 to {MAX_HOLD_S} seconds (got {v})"),
+            ));
+        }
+    }
+    if input.thresholds.len() > 32 {
+        return Err(invalid(
+            "thresholds",
+            "count",
+            "thresholds: at most 32 parameters".into(),
+        ));
+    }
+    let mut pairs = Vec::new();
+    for (k, v) in &input.thresholds {
+        let field = format!("thresholds.{k}");
+        let text = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => {
+                return Err(invalid(
+                    &field,
+                    "type",
+                    format!("{field}: a string or a number"),
+                ))
+            }
+        };
+        if k == "format" {
+            return Err(invalid(
+                &field,
+                "unsupported",
+                format!("{field}: alerts have no output format"),
+            ));
+        }
+        pairs.push((k.clone(), text));
+    }
+    crate::checks::Thresholds::parse(&pairs, module).map_err(|e| match e {
+        ApiError::BadQuery {
+            field,
+            rule,
+            message,
+        } => invalid(
+            &format!("thresholds.{field}"),
+            &rule,
+            format!("thresholds.{message}"),
+        ),
+        other => other,
+    })?;
+    let (kind, anomalies) = match input.anomalies {
+        None => (RuleKind::Threshold, Vec::new()),
+        Some(list) => {
+            if !pairs.is_empty() {
+                return Err(invalid(
+                    "anomalies",
+                    "exclusive",
+                    "anomalies: a rule watches thresholds or anomalies, not both".into(),
+                ));
+            }
+            if list.len() > Kind::ALL.len() {
+                return Err(invalid(
+                    "anomalies",
+                    "count",
+                    format!("anomalies: at most {} kinds", Kind::ALL.len()),
+                ));
+            }
+            let mut kinds = Vec::new();
+            for (i, k) in list.iter().enumerate() {
+                if !Kind::ALL.iter().any(|x| x.as_str() == k) {
+                    let known: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+                    return Err(invalid(
+                        &format!("anomalies[{i}]"),
+                        "enum",
+                        format!(
+                            "anomalies[{i}]: {k:?} is not an anomaly kind; kinds: {}",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+                if !kinds.contains(k) {
+                    kinds.push(k.clone());
+                }
+            }
+            if kinds.is_empty() {
+                kinds = DEFAULT_ANOMALIES.iter().map(|s| s.to_string()).collect();
+            }
+            (RuleKind::Anomaly, kinds)
+        }
+    };
+    let webhook = match input.webhook {
+        None => None,
+        Some(w) => {
+            webhook::check_url(&w.url, settings)
+                .map_err(|m| invalid("webhook.url", "address", format!("webhook.url: {m}")))?;
+            if !(16..=256).contains(&w.secret.len()) {
+                return Err(invalid(
+                    "webhook.secret",
+                    "length",
+                    "webhook.secret: 16 to 256 bytes".into(),
+                ));
+            }
+            Some(Webhook {
+                url: w.url,
+                secret: w.secret,
+            })
+        }
+    };
+    Ok(Rule {
+        id: format!("ar-{}", uuid::Uuid::new_v4().simple()),
+        name,
+        measurement_id: String::new(),
+        module: module.to_string(),
+        kind,
+        thresholds: pairs,
+        anomalies,
+        for_s: input.for_s,
+        recovery_s: input.recovery_s,
+        webhook,
+        owner: None,
+        created_ms: now_ms(),
+    })
+}
+
+/// Where a rule is between firing and resolving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    #[default]
+    Ok,
+    /// The condition holds since then, not yet for `for_s`.
+    Pending { since: i64 },
+    /// Fired; the condition started then.
+    Firing { since: i64 },
+    /// Fired (since `fired`); the condition is gone since `since`, not yet for
+    /// `recovery_s`.
+    Recovering { fired: i64, since: i64 },
+}
+
+impl Phase {
+    pub fn word(&self) -> &'static str {
+        match self {
+            Phase::Ok => "ok",
+            Phase::Pending { .. } => "pending",
+            Phase::Firing { .. } => "firing",
+            Phase::Recovering { .. } => "recovering",
+        }
+    }
+
+    fn since(&self) -> Option<i64> {
+        match *self {
+            Phase::Ok => None,
+            Phase::Pending { since } | Phase::Firing { since } => Some(since),
+            Phase::Recovering { fired, .. } => Some(fired),
+        }
+    }
+
+    /// The next phase, given whether the condition holds `now`, and what changed:
+    /// `Some(true)` fired, `Some(false)` resolved.
+    pub fn step(self, holds: bool, now: i64, for_s: u32, recovery_s: u32) -> (Phase, Option<bool>) {
+        let for_ms = i64::from(for_s) * 1000;
+        let rec_ms = i64::from(recovery_s) * 1000;
+        match (self, holds) {
+            (Phase::Ok, false) => (Phase::Ok, None),
+            (Phase::Ok, true) if for_ms == 0 => (Phase::Firing { since: now }, Some(true)),
+            (Phase::Ok, true) => (Phase::Pending { since: now }, None),
+            (Phase::Pending { .. }, false) => (Phase::Ok, None),
+            (Phase::Pending { since }, true) => {
+                if now.saturating_sub(since) >= for_ms {
+                    (Phase::Firing { since }, Some(true))
+                } else {
+                    (self, None)
+                }
+            }
+            (Phase::Firing { .. }, true) => (self, None),
+            (Phase::Firing { .. }, false) if rec_ms == 0 => (Phase::Ok, Some(false)),
+            (Phase::Firing { since }, false) => (
+                Phase::Recovering {
+                    fired: since,
+                    since: now,
+                },
+                None,
+            ),
+            (Phase::Recovering { fired, .. }, true) => (Phase::Firing { since: fired }, None),
+            (Phase::Recovering { since, .. }, false) => {
+                if now.saturating_sub(since) >= rec_ms {
+                    (Phase::Ok, Some(false))
+                } else {
+                    (self, None)
+                }
+            }
+        }
+    }
+}
+
+/// One event: an alert (a rule fired or resolved) or an anomaly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// Place in the one sequence of both kinds; the API's id is `e{seq}`.
+    pub seq: u64,
+    /// `alert` or `anomaly`.
+    pub kind: String,
+    /// Place in its own kind's ring (its document key is `n % RING`).
+    pub n: u64,
+    pub at_ms: i64,
+    pub body: Value,
+}
+
+impl Event {
+    /// The event as the API, the stream and webhooks show it.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "id": format!("e{}", self.seq),
+            "type": self.kind,
+            "at": crate::api::rfc3339(self.at_ms),
+        });
+        if let (Some(o), Some(b)) = (v.as_object_mut(), self.body.as_object()) {
+            for (k, x) in b {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+        v
+    }
+
+    fn rule_id(&self) -> Option<&str> {
+        self.body.get("rule_id").and_then(Value::as_str)
+    }
+}
+
+/// An anomaly a rule's condition holds for: its key, kind and when it stops
+/// counting (path changes only).
+#[derive(Debug, Clone)]
+struct Open {
+    anomaly: Value,
+    until_ms: Option<i64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    loaded: bool,
+    rules: BTreeMap<String, Rule>,
+    phases: HashMap<String, Phase>,
+    /// Per anomaly rule: the anomalies its condition holds for, by (agent, target,
+    /// family), at most [`MAX_OPEN`] each.
+    open: HashMap<String, BTreeMap<(String, String, &'static str), Open>>,
+    alerts: VecDeque<Event>,
+    anomalies: VecDeque<Event>,
+    next_seq: u64,
+    n_alert: u64,
+    n_anomaly: u64,
+    /// Webhook tasks by rule id.
+    deliverers: HashMap<String, tokio::task::JoinHandle<()>>,
+}
+
+/// The most anomalies one rule keeps open.
+const MAX_OPEN: usize = 10_000;
+
+/// The alert engine's state, one per backend.
+pub struct Alerts {
+    inner: Mutex<Inner>,
+    /// The newest event's sequence number: streams and webhooks wait on it.
+    newest: tokio::sync::watch::Sender<u64>,
+    settings: std::sync::OnceLock<Settings>,
+    pub counters: Counters,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub delivered: std::sync::atomic::AtomicU64,
+    pub failed_attempts: std::sync::atomic::AtomicU64,
+    /// Times a webhook found alerts gone from the ring before it sent them.
+    pub gaps: std::sync::atomic::AtomicU64,
+    pub anomalies: std::sync::atomic::AtomicU64,
+    pub results_judged: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Alerts {
+    fn default() -> Alerts {
+        Alerts {
+            inner: Mutex::new(Inner::default()),
+            newest: tokio::sync::watch::channel(0).0,
+            settings: std::sync::OnceLock::new(),
+            counters: Counters::default(),
+        }
+    }
+}
+
+/// Which family of the open set an anomaly kind opens and which kind closes it.
+fn family(k: &str) -> (&'static str, Option<&'static str>) {
+    match k {
+        "rtt_shift_up" => ("rtt", Some("rtt_shift_down")),
+        "rtt_shift_down" => ("rtt", Some("rtt_shift_up")),
+        "loss_burst" => ("loss", Some("loss_recovered")),
+        "loss_recovered" => ("loss", Some("loss_burst")),
+        _ => ("path", None),
+    }
+}
+
+impl Alerts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the settings; only before the engine starts (later calls are ignored).
+    pub fn set_settings(&self, s: Settings) {
+        let _ = self.settings.set(s);
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.settings.get().cloned().unwrap_or_default()
+    }
+
+    /// A receiver of the newest event's sequence number.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.newest.subscribe()
+    }
+
+    /// Every rule with its phase.
+    pub fn rules(&self) -> Vec<Value> {
+        let g = self.lock();
+        g.rules
+            .values()
+            .map(|r| r.view(g.phases.get(&r.id).unwrap_or(&Phase::Ok)))
+            .collect()
+    }
+
+    pub fn rule(&self, id: &str) -> Option<Value> {
+        let g = self.lock();
+        g.rules
+            .get(id)
+            .map(|r| r.view(g.phases.get(id).unwrap_or(&Phase::Ok)))
+    }
+
+    fn rule_of(&self, id: &str) -> Option<Rule> {
+        self.lock().rules.get(id).cloned()
+    }
+
+    /// How many rules fire now.
+    pub fn firing(&self) -> usize {
+        self.lock()
+            .phases
+            .values()
+            .filter(|p| matches!(p, Phase::Firing { .. } | Phase::Recovering { .. }))
+            .count()
+    }
+
+    /// Events after `after` (a sequence number), oldest first, at most `limit`, of
+    /// `kind` (None: both), passing `keep`.
+    pub fn events(
+        &self,
+        after: u64,
+        limit: usize,
+        kind: Option<&str>,
+        keep: impl Fn(&Event) -> bool,
+    ) -> Vec<Event> {
+        let g = self.lock();
+        let mut out: Vec<Event> = Vec::new();
+        for (k, ring) in [("alert", &g.alerts), ("anomaly", &g.anomalies)] {
+            if kind.is_some_and(|x| x != k) {
+                continue;
+            }
+            let start = ring.partition_point(|e| e.seq <= after);
+            out.extend(ring.range(start..).filter(|e| keep(e)).take(limit).cloned());
+        }
+        out.sort_by_key(|e| e.seq);
+        out.truncate(limit);
+        out
+    }
+
+    /// The oldest alert event of `rule` after `after`.
+    fn next_alert(&self, rule: &str, after: u64) -> Option<Event> {
+        let g = self.lock();
+        let start = g.alerts.partition_point(|e| e.seq <= after);
+        g.alerts
+            .range(start..)
+            .find(|e| e.rule_id() == Some(rule))
+            .cloned()
+    }
+
+    /// When alerts after `after` have left the ring (it is full and its oldest is
+    /// newer): the oldest it holds.
+    fn ring_passed(&self, after: u64) -> Option<u64> {
+        let g = self.lock();
+        let front = g.alerts.front()?.seq;
+        (g.alerts.len() >= RING && front > after.saturating_add(1)).then_some(front)
+    }
+
+    /// Appends an event to its ring; returns it for storing.
+    fn push(g: &mut Inner, kind: &str, at_ms: i64, body: Value) -> Event {
+        g.next_seq = g.next_seq.saturating_add(1);
+        let (ring, n) = if kind == "alert" {
+            g.n_alert = g.n_alert.saturating_add(1);
+            (&mut g.alerts, g.n_alert)
+        } else {
+            g.n_anomaly = g.n_anomaly.saturating_add(1);
+            (&mut g.anomalies, g.n_anomaly)
+        };
+        let e = Event {
+            seq: g.next_seq,
+            kind: kind.to_string(),
+            n,
+            at_ms,
+            body,
+        };
+        ring.push_back(e.clone());
+        while ring.len() > RING {
+            ring.pop_front();
+        }
+        e
+    }
+}
+
+async fn store_event(b: &Backend, e: &Event) {
+    let kind = if e.kind == "alert" {
+        KIND_ALERT
+    } else {
+        KIND_ANOMALY
+    };
+    let key = format!("{:05}", e.n % RING as u64);
+    let text = serde_json::to_string(e).unwrap_or_default();
+    if let Err(err) = b.store.put_doc(kind, &key, &text, now_ms()).await {
+        tracing::warn!(error = %err, event = e.seq, "alert event not stored; kept in memory");
+    }
+}
+
+/// Reads rules, events and webhook positions back from the store (once).
+pub async fn load(b: &Backend) -> Result<(), crate::store::StoreError> {
+    if b.alerts.lock().loaded {
+        return Ok(());
+    }
+    let rules = b.store.docs(KIND_RULE).await?;
+    let mut alerts: Vec<Event> = Vec::new();
+    let mut anomalies: Vec<Event> = Vec::new();
+    for (kind, out) in [(KIND_ALERT, &mut alerts), (KIND_ANOMALY, &mut anomalies)] {
+        for (_, text) in b.store.docs(kind).await? {
+            if let Ok(e) = serde_json::from_str::<Event>(&text) {
+                out.push(e);
+            }
+        }
+        out.sort_by_key(|e| e.seq);
+    }
+    let mut g = b.alerts.lock();
+    if g.loaded {
+        return Ok(());
+    }
+    g.loaded = true;
+    for (_, text) in rules {
+        match serde_json::from_str::<Rule>(&text) {
+            Ok(r) => {
+                g.rules.insert(r.id.clone(), r);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "an alert rule in the store is unreadable; skipped")
+            }
+        }
+    }
+    g.next_seq = alerts
+        .last()
+        .map(|e| e.seq)
+        .max(anomalies.last().map(|e| e.seq))
+        .unwrap_or(0);
+    g.n_alert = alerts.iter().map(|e| e.n).max().unwrap_or(0);
+    g.n_anomaly = anomalies.iter().map(|e| e.n).max().unwrap_or(0);
+    // Each rule's phase from its last alert: firing stays firing.
+    for e in &alerts {
+        if let (Some(id), Some(state)) = (e.rule_id(), e.body.get("state").and_then(Value::as_str))
+        {
+            let since = e
+                .body
+                .get("since_ms")
+                .and_then(Value::as_i64)
+                .unwrap_or(e.at_ms);
+            let phase = if state == "firing" {
+                Phase::Firing { since }
+            } else {
+                Phase::Ok
+            };
+            g.phases.insert(id.to_string(), phase);
+        }
+    }
+    g.alerts = alerts.into();
+    g.anomalies = anomalies.into();
+    let newest = g.next_seq;
+    drop(g);
+    b.alerts.newest.send_replace(newest);
+    Ok(())
+}
+
+/// Adds a rule (checked against its measurement), stores it and starts its webhook.
+pub async fn add_rule(
+    b: &Arc<Backend>,
+    input: RuleInput,
+    caller: &crate::security::Caller,
+) -> Result<Value, ApiError> {
+    if input.measurement_id.is_empty() || input.measurement_id.len() > 128 {
+        return Err(invalid(
+            "measurement_id",
+            "length",
+            "measurement_id: 1 to 128 bytes".into(),
+        ));
+    }
+    let id = input.measurement_id.clone();
+    let Some(m) = b.store.measurement(&id).await? else {
+        return Err(invalid(
+            "measurement_id",
+            "exists",
+            format!("measurement_id: no measurement {id}"),
+        ));
+    };
+    let mut rule = check_input(input, &m.module, &b.alerts.settings())?;
+    rule.measurement_id = id;
+    rule.owner = caller.token_id.clone();
+    {
+        let g = b.alerts.lock();
+        if g.rules.len() >= MAX_RULES {
+            return Err(ApiError::OverLimit {
+                limit: "max_alert_rules",
+                field: "name".into(),
+                message: format!(
+                    "a backend holds at most {MAX_RULES} alert rules; delete one first"
+                ),
+            });
+        }
+    }
+    let text = serde_json::to_string(&rule).map_err(|e| ApiError::Internal(e.to_string()))?;
+    b.store
+        .put_doc(KIND_RULE, &rule.id, &text, now_ms())
+        .await?;
+    let view = rule.view(&Phase::Ok);
+    let has_webhook = rule.webhook.is_some();
+    let rid = rule.id.clone();
+    b.alerts.lock().rules.insert(rule.id.clone(), rule);
+    if has_webhook {
+        // Its webhook starts at the newest event: it hears only its own alerts,
+        // and it has none yet.
+        let start = *b.alerts.newest.borrow();
+        let _ = b
+            .store
+            .put_doc(KIND_DELIVERED, &rid, &start.to_string(), now_ms())
+            .await;
+        ensure_deliverer(b, &rid);
+    }
+    Ok(view)
+}
+
+/// Deletes a rule (its maker or an admin); its events stay.
+pub async fn delete_rule(
+    b: &Backend,
+    id: &str,
+    caller: &crate::security::Caller,
+) -> Result<Value, ApiError> {
+    let Some(rule) = b.alerts.rule_of(id) else {
+        return Err(ApiError::NotFound(format!("no alert rule {id}")));
+    };
+    if !caller.may_act_for(rule.owner.as_deref()) {
+        return Err(ApiError::Forbidden {
+            rule: "owner".into(),
+            message: format!(
+                "alert rule {id} was made by another token: only it, or an admin, may delete it"
+            ),
+        });
+    }
+    b.store.delete_doc(KIND_RULE, id).await?;
+    let _ = b.store.delete_doc(KIND_DELIVERED, id).await;
+    let mut g = b.alerts.lock();
+    g.rules.remove(id);
+    g.phases.remove(id);
+    g.open.remove(id);
+    if let Some(h) = g.deliverers.remove(id) {
+        h.abort();
+    }
+    Ok(json!({"deleted": id}))
+}
+
+/// Starts the webhook task of rule `id` unless it runs.
+fn ensure_deliverer(b: &Arc<Backend>, id: &str) {
+    let mut g = b.alerts.lock();
+    if g.deliverers.get(id).is_some_and(|h| !h.is_finished()) {
+        return;
+    }
+    let h = tokio::spawn(deliver(b.clone(), id.to_string()));
+    g.deliverers.insert(id.to_string(), h);
+}
+
+/// One rule's webhook: its alerts in order, each until the receiver takes it
+/// (a 2xx), waiting 1 s, 2 s, 4 s … up to the maximum between tries. The position
+/// is stored after each delivery, so a restart resends at most the one in flight.
+async fn deliver(b: Arc<Backend>, id: String) {
+    let settings = b.alerts.settings();
+    let client = match webhook::client(&settings) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, rule = %id, "webhook client not built");
+            return;
+        }
+    };
+    let mut after: u64 = match b.store.doc(KIND_DELIVERED, &id).await {
+        Ok(Some(t)) => t.trim().parse().unwrap_or(0),
+        _ => 0,
+    };
+    let mut newest = b.alerts.watch();
+    loop {
+        let Some(rule) = b.alerts.rule_of(&id) else {
+            return;
+        };
+        let Some(hook) = rule.webhook else {
+            return;
+        };
+        if let Some(front) = b.alerts.ring_passed(after) {
+            // The receiver was away for longer than the ring holds: alerts between
+            // `after` and the ring's oldest are gone (counted; the gap is logged).
+            b.alerts
+                .counters
+                .gaps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(rule = %id, after, front, "alerts left the ring before delivery");
+            after = front - 1;
+        }
+        let Some(ev) = b.alerts.next_alert(&id, after) else {
+            // Nothing to send: wait for a new event (or look again in a while).
+            let _ = tokio::time::timeout(Duration::from_secs(5), newest.changed()).await;
+            continue;
+        };
+        let body = serde_json::to_vec(&ev.to_json()).unwrap_or_default();
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match webhook::send(&client, &hook, &settings, &format!("e{}", ev.seq), &body).await {
+                Ok(()) => {
+                    b.alerts
+                        .counters
+                        .delivered
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => {
+                    b.alerts
+                        .counters
+                        .failed_attempts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(rule = %id, event = ev.seq, error = %e, retry_in_ms = wait.as_millis() as u64, "webhook failed; will retry");
+                    tokio::time::sleep(webhook::jitter(wait)).await;
+                    wait = (wait * 2).min(settings.max_backoff);
+                    if b.alerts.rule_of(&id).is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+        after = ev.seq;
+        if let Err(e) = b
+            .store
+            .put_doc(KIND_DELIVERED, &id, &after.to_string(), now_ms())
+            .await
+        {
+            tracing::warn!(error = %e, rule = %id, "webhook position not stored");
+        }
+    }
+}
+
+/// The engine: loads rules and events, starts webhooks, then follows stored
+/// results for the detector (every second) and judges rules (every
+/// `Settings::every`).
+pub async fn run(b: Arc<Backend>) {
+    loop {
+        match load(&b).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "alert rules not loaded; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+    let ids: Vec<String> = b
+        .alerts
+        .lock()
+        .rules
+        .values()
+        .filter(|r| r.webhook.is_some())
+        .map(|r| r.id.clone())
+        .collect();
+    for id in ids {
+        ensure_deliverer(&b, &id);
+    }
+    let every = b.alerts.settings().every;
+    // The detector starts at the newest result: its baselines are learnt anew after
+    // a restart (a few results per key).
+    let mut cursor = loop {
+        match b.store.latest_position().await {
+            Ok(p) => break p,
+            Err(e) => {
+                tracing::warn!(error = %e, "alert follower: no position; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let mut detector = Detector::new(crate::anomaly::Config::default());
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_judged: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        match follow(&b, &mut detector, cursor).await {
+            Ok(c) => cursor = c,
+            Err(e) => tracing::warn!(error = %e, "alert follower: read failed; next turn"),
+        }
+        let now = tokio::time::Instant::now();
+        if last_judged.is_none_or(|t| now.duration_since(t) >= every) {
+            last_judged = Some(now);
+            judge(&b).await;
+        }
+    }
+}
+
+/// Feeds results stored after `cursor` to the detector; records anomalies and opens
+/// them on the anomaly rules of their measurement. Returns the new cursor.
+pub async fn follow(
+    b: &Backend,
+    detector: &mut Detector,
+    mut cursor: i64,
+) -> Result<i64, crate::store::StoreError> {
+    use imn_proto::results::ModuleOutput;
+    use imn_proto::wire::RequestState;
+    for _ in 0..PAGES_PER_TURN {
+        let page = b
+            .store
+            .results_page(crate::store::ResultFilter {
+                after: cursor,
+                limit: PAGE,
+                ..Default::default()
+            })
+            .await?;
+        let full = page.len() == PAGE as usize;
+        let mut found: Vec<(Anomaly, Option<String>)> = Vec::new();
+        for (pos, row, measurement) in &page {
+            cursor = *pos;
+            if row.state != RequestState::Succeeded {
+                continue;
+            }
+            let Some(out) = ModuleOutput::from_api_json(&row.module, &row.result) else {
+                continue;
+            };
+            b.alerts
+                .counters
+                .results_judged
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let at = if row.at_ms.abs_diff(row.stored_ms) > 86_400_000 {
+                row.stored_ms
+            } else {
+                row.at_ms
+            };
+            let reference = format!("c{pos}");
+            for f in out.figures() {
+                let key = crate::anomaly::Key::new(&row.agent_id, &f.target, &row.module);
+                for a in detector.observe(&key, at, &reference, &f) {
+                    found.push((a, measurement.clone()));
+                }
+            }
+        }
+        for (a, m) in found {
+            record_anomaly(b, a, m).await;
+        }
+        if !full {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    Ok(cursor)
+}
+
+/// Records one anomaly as an event and opens (or closes) it on matching rules.
+pub async fn record_anomaly(b: &Backend, a: Anomaly, measurement: Option<String>) {
+    b.alerts
+        .counters
+        .anomalies
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut body = serde_json::to_value(&a).unwrap_or_default();
+    if let Some(o) = body.as_object_mut() {
+        o.insert("measurement_id".into(), json!(measurement));
+        o.insert("anomaly".into(), json!(a.kind.as_str()));
+        o.remove("kind");
+        o.remove("at_ms");
+    }
+    let kind = a.kind.as_str();
+    let (fam, closes_with) = family(kind);
+    let event = {
+        let mut g = b.alerts.lock();
+        let e = Alerts::push(&mut g, "anomaly", a.at_ms, body.clone());
+        let rules: Vec<(String, Vec<String>)> = g
+            .rules
+            .values()
+            .filter(|r| {
+                r.kind == RuleKind::Anomaly && Some(&r.measurement_id) == measurement.as_ref()
+            })
+            .map(|r| (r.id.clone(), r.anomalies.clone()))
+            .collect();
+        for (rid, kinds) in rules {
+            let open = g.open.entry(rid).or_default();
+            let k = (a.key.agent.clone(), a.key.target.clone(), fam);
+            if kinds.iter().any(|x| x == kind) {
+                if open.len() < MAX_OPEN || open.contains_key(&k) {
+                    let until_ms =
+                        (fam == "path").then(|| now_ms().saturating_add(PATH_HOLD_S * 1000));
+                    let mut shown = body.clone();
+                    if let Some(o) = shown.as_object_mut() {
+                        o.insert("event".into(), json!(format!("e{}", e.seq)));
+                    }
+                    open.insert(
+                        k,
+                        Open {
+                            anomaly: shown,
+                            until_ms,
+                        },
+                    );
+                }
+            } else if closes_with.is_some_and(|c| kinds.iter().any(|x| x == c)) {
+                open.remove(&k);
+            }
+        }
+        e
+    };
+    b.alerts.newest.send_replace(event.seq);
+    store_event(b, &event).await;
+}
+
+/// Judges every rule once; records what fired and resolved.
+pub async fn judge(b: &Arc<Backend>) {
+    let rules: Vec<Rule> = b.alerts.lock().rules.values().cloned().collect();
+    for rule in rules {
+        let now = now_ms();
+        let (holds, details) = match rule.kind {
+            RuleKind::Threshold => {
+                match crate::checks::run(b, &rule.measurement_id, &rule.thresholds).await {
+                    Ok((report, _)) => {
+                        let breaches: Vec<Value> = report
+                            .breaches
+                            .iter()
+                            .take(MAX_LISTED)
+                            .map(|x| json!(x))
+                            .collect();
+                        (
+                            !report.healthy,
+                            json!({
+                                "summary": report.summary,
+                                "breaching_agents": report.breaching_agents,
+                                "agents": report.agents,
+                                "breaches": breaches,
+                            }),
+                        )
+                    }
+                    Err(e) => {
+                        tracing::debug!(rule = %rule.id, error = %e, "alert rule not judged");
+                        continue;
+                    }
+                }
+            }
+            RuleKind::Anomaly => {
+                let mut g = b.alerts.lock();
+                let open = g.open.entry(rule.id.clone()).or_default();
+                open.retain(|_, o| o.until_ms.is_none_or(|u| u > now));
+                let listed: Vec<Value> = open
+                    .values()
+                    .take(MAX_LISTED)
+                    .map(|o| o.anomaly.clone())
+                    .collect();
+                let n = open.len();
+                (
+                    n > 0,
+                    json!({
+                        "summary": if n == 0 {
+                            "no anomaly open".to_string()
+                        } else {
+                            format!("{n} anomal{} open: {}", if n == 1 { "y" } else { "ies" },
+                                listed.iter().filter_map(|a| a.get("message").and_then(Value::as_str)).take(3).collect::<Vec<_>>().join("; "))
+                        },
+                        "open_anomalies": n,
+                        "anomalies": listed,
+                    }),
+                )
+            }
+        };
+        let event = {
+            let mut g = b.alerts.lock();
+            if !g.rules.contains_key(&rule.id) {
+                continue;
+            }
+            let phase = g.phases.get(&rule.id).copied().unwrap_or_default();
+            let (next, changed) = phase.step(holds, now, rule.for_s, rule.recovery_s);
+            g.phases.insert(rule.id.clone(), next);
+            changed.map(|fired| {
+                let since = match (fired, phase) {
+                    (true, _) => next.since().unwrap_or(now),
+                    (false, p) => p.since().unwrap_or(now),
+                };
+                let mut body = json!({
+                    "rule_id": rule.id,
+                    "rule_name": rule.name,
+                    "measurement_id": rule.measurement_id,
+                    "rule_kind": rule.kind,
+                    "state": if fired { "firing" } else { "resolved" },
+                    "since_ms": since,
+                    "since": crate::api::rfc3339(since),
+                });
+                if let (Some(o), Some(d)) = (body.as_object_mut(), details.as_object()) {
+                    for (k, v) in d {
+                        o.insert(k.clone(), v.clone());
+                    }
+                }
+                Alerts::push(&mut g, "alert", now, body)
+            })
+        };
+        if let Some(e) = event {
+            tracing::info!(rule = %rule.id, event = e.seq, state = %e.body["state"], "alert");
+            b.alerts.newest.send_replace(e.seq);
+            store_event(b, &e).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_condition_must_hold_for_its_duration_and_be_gone_for_recovery() {
+        let (f, r) = (10, 5);
+        let mut p = Phase::Ok;
+        let mut fired = Vec::new();
+        // Holds at 0..=9 s: pending; at 10 s it fires, dated from 0.
+        for t in 0..=12 {
+            let (n, c) = p.step(true, t * 1000, f, r);
+            p = n;
+            if let Some(c) = c {
+                fired.push((t, c));
+            }
+        }
+        assert_eq!(fired, vec![(10, true)]);
+        assert_eq!(p, Phase::Firing { since: 0 });
+        // Gone for 3 s, back: still firing, no event.
+        for t in 13..16 {
+            p = p.step(false, t * 1000, f, r).0;
+        }
+        assert!(matches!(p, Phase::Recovering { fired: 0, .. }));
+        let (n, c) = p.step(true, 16_000, f, r);
+        assert_eq!((n, c), (Phase::Firing { since: 0 }, None));
+        // Gone for 5 s: resolved.
+        p = n;
+        let mut resolved = None;
+        for t in 17..=30 {
+            let (n, c) = p.step(false, t * 1000, f, r);
+            p = n;
+            if c == Some(false) {
+                resolved = Some(t);
+                break;
+            }
+        }
+        assert_eq!(resolved, Some(22));
+        assert_eq!(p, Phase::Ok);
+        // A blip shorter than for_s never fires.
+        let mut p = Phase::Ok;
+        for t in 0..9 {
+            assert_eq!(p.step(true, t * 1000, f, r).1, None);
+            p = p.step(true, t * 1000, f, r).0;
+        }
+        assert_eq!(p.step(false, 9_000, f, r), (Phase::Ok, None));
+        // Zero durations: fire and resolve at once.
+        assert_eq!(
+            Phase::Ok.step(true, 5, 0, 0),
+            (Phase::Firing { since: 5 }, Some(true))
+        );
+        assert_eq!(
+            Phase::Firing { since: 5 }.step(false, 6, 0, 0),
+            (Phase::Ok, Some(false))
+        );
+    }
+
+    fn input(v: Value) -> Result<Rule, ApiError> {
+        let i: RuleInput =
+            serde_json::from_value(v).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        check_input(i, "ping_module", &Settings::default())
+    }
+
+    fn field(r: Result<Rule, ApiError>) -> (String, String) {
+        match r {
+            Err(ApiError::InvalidParams { field, rule, .. }) => (field, rule),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rules_are_checked_field_by_field() {
+        let ok = input(json!({"name": "slow", "measurement_id": "m",
+            "thresholds": {"max_rtt_median": 5, "max_loss": "10"}, "for_s": 30}))
+        .unwrap();
+        assert_eq!(ok.kind, RuleKind::Threshold);
+        assert!(ok
+            .thresholds
+            .contains(&("max_rtt_median".into(), "5".into())));
+        let a = input(json!({"name": "a", "measurement_id": "m", "anomalies": []})).unwrap();
+        assert_eq!(a.kind, RuleKind::Anomaly);
+        assert_eq!(a.anomalies, DEFAULT_ANOMALIES.map(String::from).to_vec());
+        assert_eq!(
+            field(input(json!({"name": "", "measurement_id": "m"}))),
+            ("name".into(), "length".into())
+        );
+        assert_eq!(
+            field(input(
+                json!({"name": "x", "measurement_id": "m", "for_s": 86401})
+            )),
+            ("for_s".into(), "range".into())
+        );
+        assert_eq!(
+            field(input(
+                json!({"name": "x", "measurement_id": "m", "thresholds": {"max_lost": 1}})
+            ))
+            .0,
+            "thresholds.max_lost"
+        );
+        assert_eq!(
+            field(input(
+                json!({"name": "x", "measurement_id": "m", "thresholds": {"http_status": "200"}})
+            ))
+            .0,
+            "thresholds.http_status"
+        );
+        assert_eq!(
+            field(input(
+                json!({"name": "x", "measurement_id": "m", "thresholds": {"max_loss": [1]}})
+            )),
+            ("thresholds.max_loss".into(), "type".into())
+        );
+        assert_eq!(
+            field(input(
+                json!({"name": "x", "measurement_id": "m", "anomalies": ["rtt_up"]})
+            )),
+            ("anomalies[0]".into(), "enum".into())
+        );
+        assert_eq!(
+            field(input(
+                json!({"name": "x", "measurement_id": "m", "anomalies": [], "thresholds": {"max_loss": 1}})
+            )),
+            ("anomalies".into(), "exclusive".into())
+        );
+        // Webhooks: public addresses only, unless allowed; a secret long enough.
+        let hook = |url: &str, secret: &str| {
+            input(json!({"name": "x", "measurement_id": "m",
+                "webhook": {"url": url, "secret": secret}}))
+        };
+        assert_eq!(
+            field(hook("http://127.0.0.1:9/x", "0123456789abcdef")),
+            ("webhook.url".into(), "address".into())
+        );
+        assert_eq!(
+            field(hook("http://169.254.169.254/latest", "0123456789abcdef")),
+            ("webhook.url".into(), "address".into())
+        );
+        assert_eq!(
+            field(hook("ftp://example.net/", "0123456789abcdef")),
+            ("webhook.url".into(), "address".into())
+        );
+        assert_eq!(
+            field(hook("http://[::ffff:127.0.0.1]/", "0123456789abcdef")),
+            ("webhook.url".into(), "address".into())
+        );
+        assert_eq!(
+            field(hook("https://example.net/hook", "short")),
+            ("webhook.secret".into(), "length".into())
+        );
+        assert!(hook("https://example.net/hook", "0123456789abcdef").is_ok());
+    }
+}

@@ -1,0 +1,220 @@
+//! Alert rules, alert and anomaly events, and their stream (see [`crate::alerts`]).
+
+use super::*;
+
+/// `POST /v1/alert-rules`: a rule on a measurement (thresholds or anomalies).
+pub(super) async fn create_alert_rule(
+    State(b): State<Arc<Backend>>,
+    caller: CallerExt,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let input: crate::alerts::RuleInput = json_body(&body)?;
+    let rule = crate::alerts::add_rule(&b, input, &caller_of(caller)).await?;
+    let location = format!(
+        "/v1/alert-rules/{}",
+        rule["id"].as_str().unwrap_or_default()
+    );
+    Ok((StatusCode::CREATED, [("location", location)], Json(rule)).into_response())
+}
+
+/// `GET /v1/alert-rules`: every rule, with its state.
+pub(super) async fn alert_rules(State(b): State<Arc<Backend>>) -> Json<Value> {
+    Json(json!({ "rules": b.alerts.rules(), "firing": b.alerts.firing() }))
+}
+
+pub(super) async fn alert_rule(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    b.alerts
+        .rule(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no alert rule {id}")))
+}
+
+pub(super) async fn delete_alert_rule(
+    State(b): State<Arc<Backend>>,
+    Path(id): Path<String>,
+    caller: CallerExt,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        crate::alerts::delete_rule(&b, &id, &caller_of(caller)).await?,
+    ))
+}
+
+/// An event id this API gave out (`e` and a number), as its sequence number.
+fn event_cursor(field: &str, c: &str) -> Result<u64, ApiError> {
+    c.strip_prefix('e')
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| ApiError::BadQuery {
+            field: field.into(),
+            rule: "format".into(),
+            message: format!(
+                "{field}: not an event id this API gave out (e and a number; got {c:?})"
+            ),
+        })
+}
+
+/// The filters of event lists and the stream.
+#[derive(Default)]
+struct EventQuery {
+    after: u64,
+    limit: usize,
+    rule: Option<String>,
+    measurement: Option<String>,
+    agent: Option<String>,
+    kind: Option<&'static str>,
+}
+
+fn event_query(query: Option<&str>, stream: bool) -> Result<EventQuery, ApiError> {
+    let mut q = EventQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    let bad = |field: &str, rule: &str, message: String| ApiError::BadQuery {
+        field: field.into(),
+        rule: rule.into(),
+        message,
+    };
+    let text = |k: &str, v: String| {
+        if v.is_empty() || v.len() > 256 {
+            Err(bad(k, "length", format!("{k}: 1 to 256 bytes")))
+        } else {
+            Ok(Some(v))
+        }
+    };
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()).take(16) {
+        let v = v.into_owned();
+        match k.as_ref() {
+            "after" => q.after = event_cursor("after", &v)?,
+            "limit" if !stream => {
+                q.limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1_000).contains(n))
+                    .ok_or_else(|| bad("limit", "range", format!("limit: 1 to 1000 (got {v:?})")))?
+            }
+            "rule" => q.rule = text("rule", v)?,
+            "measurement" => q.measurement = text("measurement", v)?,
+            "agent" => q.agent = text("agent", v)?,
+            "type" if stream => {
+                q.kind = match v.as_str() {
+                    "alert" => Some("alert"),
+                    "anomaly" => Some("anomaly"),
+                    _ => {
+                        return Err(bad(
+                            "type",
+                            "enum",
+                            format!("type: alert or anomaly (got {v:?})"),
+                        ))
+                    }
+                }
+            }
+            other => {
+                return Err(bad(
+                    other,
+                    "unknown",
+                    format!(
+                        "{other}: not a parameter here; known: {}",
+                        if stream {
+                            "after, rule, measurement, agent, type"
+                        } else {
+                            "after, limit, rule, measurement, agent"
+                        }
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(q)
+}
+
+impl EventQuery {
+    fn keeps(&self, e: &crate::alerts::Event) -> bool {
+        let s = |k: &str| e.body.get(k).and_then(Value::as_str);
+        self.rule.as_deref().is_none_or(|r| s("rule_id") == Some(r))
+            && self
+                .measurement
+                .as_deref()
+                .is_none_or(|m| s("measurement_id") == Some(m))
+            && self.agent.as_deref().is_none_or(|a| s("agent") == Some(a))
+    }
+}
+
+fn event_page(b: &Backend, q: &EventQuery, kind: &str) -> Json<Value> {
+    let events = b
+        .alerts
+        .events(q.after, q.limit, Some(kind), |e| q.keeps(e));
+    let next = events.last().map(|e| format!("e{}", e.seq));
+    let list: Vec<Value> = events.iter().map(|e| e.to_json()).collect();
+    Json(json!({ "events": list, "next_after": next }))
+}
+
+/// `GET /v1/alerts?after=e12&limit=&rule=&measurement=`: alert events (fired,
+/// resolved), oldest first after `after`.
+pub(super) async fn alert_events(
+    State(b): State<Arc<Backend>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let q = event_query(query.as_deref(), false)?;
+    Ok(event_page(&b, &q, "alert"))
+}
+
+/// `GET /v1/anomalies?after=&limit=&agent=&measurement=`: anomaly events with their
+/// evidence, oldest first after `after`.
+pub(super) async fn anomaly_events(
+    State(b): State<Arc<Backend>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let q = event_query(query.as_deref(), false)?;
+    Ok(event_page(&b, &q, "anomaly"))
+}
+
+/// `GET /v1/alerts/stream`: alert and anomaly events as Server-Sent Events (event
+/// `alert` or `anomaly`, id `e{seq}`), from now or after `Last-Event-ID` / `after`.
+pub(super) async fn alert_stream(
+    State(b): State<Arc<Backend>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    caller: CallerExt,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let mut q = event_query(query.as_deref(), true)?;
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let mut rx = b.alerts.watch();
+    q.after = match last {
+        Some(id) => event_cursor("Last-Event-ID", id)?,
+        None if query.as_deref().is_some_and(|s| s.contains("after=")) => q.after,
+        None => *rx.borrow_and_update(),
+    };
+    let slot = b.feed.admit(&caller_of(caller))?;
+    let state = (b, q, rx, std::collections::VecDeque::new(), slot);
+    let events = futures::stream::unfold(state, |(b, mut q, mut rx, mut buf, slot)| async move {
+        loop {
+            if let Some(e) = buf.pop_front() {
+                let e: crate::alerts::Event = e;
+                let ev = Event::default()
+                    .event(e.kind.as_str())
+                    .id(format!("e{}", e.seq))
+                    .data(e.to_json().to_string());
+                return Some((Ok::<_, std::convert::Infallible>(ev), (b, q, rx, buf, slot)));
+            }
+            let got = b.alerts.events(q.after, 200, q.kind, |e| q.keeps(e));
+            let seen = *rx.borrow_and_update();
+            if let Some(l) = got.last() {
+                q.after = l.seq;
+                buf.extend(got);
+                continue;
+            }
+            // Nothing passed the filters up to the newest: wait for more.
+            q.after = q.after.max(seen);
+            rx.changed().await.ok()?;
+        }
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
