@@ -134,6 +134,12 @@ fn event_params(stream: bool) -> Vec<Value> {
             json!({"type": "integer", "minimum": 1, "maximum": 1000}),
             "at most this many (default 100)",
         ));
+        v.push(param(
+            "order",
+            "query",
+            json!({"type": "string", "enum": ["oldest", "newest"]}),
+            "which `limit` events after `after`: the oldest (default) or the newest; listed oldest first either way",
+        ));
     }
     v
 }

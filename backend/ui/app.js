@@ -283,6 +283,8 @@ async function fleetPage() {
   const alive = h("div", { class: "n", id: "count-alive" }, "–");
   const offline = h("div", { class: "n", id: "count-offline" }, "–");
   const never = h("div", { class: "n", id: "count-never" }, "–");
+  const firing = h("div", { class: "n", id: "alerts-firing" }, "–");
+  every(5000, async () => { firing.textContent = String((await api("/v1/alert-rules")).firing); });
   const filter = h("input", { id: "filter", placeholder: "filter: id, tag, version, arch, country", size: 40 });
   const status = h("select", { id: "status-filter" }, h("option", { value: "" }, "any status"), h("option", { value: "alive" }, "alive"), h("option", { value: "offline" }, "offline"),
     h("option", { value: "updating" }, "updating"), h("option", { value: "update-failed" }, "update failed"));
@@ -293,7 +295,8 @@ async function fleetPage() {
     h("div", { class: "cards" },
       h("div", { class: "card" }, alive, h("div", { class: "l" }, "alive")),
       h("div", { class: "card" }, offline, h("div", { class: "l" }, "offline")),
-      h("div", { class: "card" }, never, h("div", { class: "l" }, "enrolled, never seen"))),
+      h("div", { class: "card" }, never, h("div", { class: "l" }, "enrolled, never seen")),
+      h("a", { class: "card", href: "#/alerts" }, firing, h("div", { class: "l" }, "alerts firing"))),
     h("div", { class: "filters" }, filter, status),
     map.el,
     h("table", { id: "agents" },
@@ -724,6 +727,51 @@ async function measurementPage(id) {
   });
 }
 
+// ---- alerts ------------------------------------------------------------------------
+
+// One alert or anomaly event as a table row: when, what, for which rule or key, and
+// its message (the summary of an alert, the detector's words for an anomaly).
+function eventRow(e) {
+  const when = h("td", {}, fmtTs(e.at));
+  if (e.type === "alert") {
+    return h("tr", { "data-event": e.id, class: "alert-row" }, when, h("td", { class: e.state }, e.state),
+      h("td", {}, e.rule_name, " ", h("a", { href: `#/m/${encodeURIComponent(e.measurement_id)}`, class: "mono" }, (e.measurement_id || "").slice(0, 8))),
+      h("td", {}, e.summary || ""));
+  }
+  return h("tr", { "data-event": e.id, class: "anomaly-row" }, when, h("td", { class: "anomaly" }, e.anomaly),
+    h("td", {}, `${e.agent} → ${e.target} (${e.module})`), h("td", {}, e.message || ""));
+}
+
+async function alertsPage() {
+  const rules = h("div", { id: "alert-rules" });
+  const tbody = h("tbody");
+  const events = h("table", { id: "alert-events" }, h("thead", {}, h("tr", {}, ["at", "what", "rule or key", "details"].map((c) => h("th", {}, c)))), tbody);
+  view.replaceChildren(h("h1", {}, "Alerts"),
+    h("p", { class: "muted" }, "Rules watch a measurement's status-check thresholds or the anomaly detector; they are made with POST /v1/alert-rules (see the API page)."),
+    h("h2", {}, "Rules"), rules, h("h2", {}, "Events (live, newest first)"), events);
+  const seen = new Set();
+  const add = (e) => {
+    if (seen.has(e.id)) return;
+    seen.add(e.id);
+    tbody.prepend(eventRow(e));
+    while (tbody.children.length > 200) tbody.lastChild.remove();
+  };
+  const [a, n] = await Promise.all([api("/v1/alerts?order=newest&limit=100"), api("/v1/anomalies?order=newest&limit=100")]);
+  const first = a.events.concat(n.events).sort((x, y) => Number(x.id.slice(1)) - Number(y.id.slice(1)));
+  first.forEach(add);
+  stream("/v1/alerts/stream", add);
+  every(2000, async () => {
+    const r = await api("/v1/alert-rules");
+    rules.replaceChildren(r.rules.length ? table(["rule", "state", "since", "measurement", "watches", "webhook"], r.rules.map((x) => h("tr", { "data-rule": x.id },
+      h("td", {}, x.name), h("td", { class: x.state }, x.state), h("td", {}, x.since ? fmtAgo(x.since) : "-"),
+      h("td", {}, h("a", { href: `#/m/${encodeURIComponent(x.measurement_id)}`, class: "mono" }, x.measurement_id.slice(0, 8))),
+      h("td", {}, x.kind === "anomaly" ? x.anomalies.join(", ") : Object.entries(x.thresholds).map(([k, v]) => `${k}=${v}`).join(" "),
+        x.for_s ? ` for ${x.for_s} s` : ""),
+      h("td", { class: "mono" }, x.webhook ? x.webhook.url : "-"))))
+      : h("p", { class: "muted" }, "no rules"));
+  });
+}
+
 // ---- request lookup --------------------------------------------------------------
 
 async function requestPage(id) {
@@ -765,11 +813,13 @@ async function route() {
   document.getElementById("nav-fleet").className = parts[0] === "" || parts[0] === "agent" ? "active" : "";
   document.getElementById("nav-rollouts").className = parts[0] === "rollouts" || parts[0] === "rollout" ? "active" : "";
   document.getElementById("nav-measure").className = parts[0] === "measure" || parts[0] === "m" ? "active" : "";
+  document.getElementById("nav-alerts").className = parts[0] === "alerts" ? "active" : "";
   try {
     if (parts[0] === "agent" && parts[1]) await agentPage(parts[1]);
     else if (parts[0] === "rollouts") await rolloutsPage();
     else if (parts[0] === "rollout" && parts[1]) await rolloutPage(parts[1]);
     else if (parts[0] === "measure") await measurePage();
+    else if (parts[0] === "alerts") await alertsPage();
     else if (parts[0] === "m" && parts[1]) await measurementPage(parts[1]);
     else if (parts[0] === "request" && parts[1]) await requestPage(parts[1]);
     else await fleetPage();

@@ -1248,3 +1248,90 @@ async fn the_measurement_page_draws_traceroute_paths_as_a_graph() {
     b.screenshot(&shots.join("15-path-graph-diverge.png")).await;
     b.quit().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_page_shows_rules_their_state_and_events_live() {
+    let up = Up::start(1, &["--alert-every", "1s"]).await;
+    up.api.wait_alive(&["agent-1"], T).await;
+    let body = json!({"module": "ping_module", "params": {"host": "127.0.0.1", "count": 2, "interval_ms": 50},
+        "agents": {"ids": ["agent-1"]}, "schedule": {"interval_s": 1, "jitter_s": 0}});
+    let r = up
+        .api
+        .post("/v1/measurements", &body.to_string(), &[])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let m = r.body["id"].as_str().unwrap().to_string();
+    let rule = |name: &str, max: f64| {
+        let api = up.api.clone();
+        let body = json!({"name": name, "measurement_id": m,
+            "thresholds": {"max_rtt_median": max, "window_s": 5}});
+        async move {
+            let r = api.post("/v1/alert-rules", &body.to_string(), &[]).await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.body["id"].as_str().unwrap().to_string()
+        }
+    };
+    // Loopback answers in microseconds: over 1 µs, under 1 s.
+    let breached = rule("over a microsecond", 0.001).await;
+    let fine = rule("over a second", 1000.0).await;
+    let api = up.api.clone();
+    let first = wait_for("the first alert", T, || {
+        let api = api.clone();
+        async move {
+            let r = api.get("/v1/alerts").await;
+            r.body["events"].as_array()?.first().cloned()
+        }
+    })
+    .await;
+    assert_eq!(first["rule_id"], json!(breached), "{first}");
+
+    let base = format!("http://127.0.0.1:{}", up.http_port);
+    let b = Browser::start().await;
+    b.goto(&format!("{base}/#/")).await;
+    b.wait_true(
+        "one alert firing on the fleet page",
+        "return document.getElementById('alerts-firing')?.textContent === '1'",
+        T,
+    )
+    .await;
+    b.click("#nav-alerts").await;
+    b.wait_true(
+        "the rules with their states, and the alert",
+        &format!(
+            "return !!document.querySelector('#alert-rules tr[data-rule=\"{breached}\"] td.firing') \
+             && !!document.querySelector('#alert-rules tr[data-rule=\"{fine}\"] td.ok') \
+             && !!document.querySelector('#alert-events tr.alert-row[data-event=\"{}\"] td.firing')",
+            first["id"].as_str().unwrap()
+        ),
+        T,
+    )
+    .await;
+    b.eval("window.__imnMark = 7; return true;").await;
+    // A new rule fires while the page is open: its alert arrives on the stream.
+    let late = rule("made later", 0.002).await;
+    let api = up.api.clone();
+    let late_alert = wait_for("the later rule's alert", T, || {
+        let (api, late) = (api.clone(), late.clone());
+        async move {
+            let r = api.get(&format!("/v1/alerts?rule={late}")).await;
+            r.body["events"].as_array()?.first().cloned()
+        }
+    })
+    .await;
+    b.wait_true(
+        "the later alert on the page, without a reload",
+        &format!(
+            "return window.__imnMark === 7 \
+             && document.querySelector('#alert-events tbody tr')?.dataset.event === '{}'",
+            late_alert["id"].as_str().unwrap()
+        ),
+        T,
+    )
+    .await;
+    let text = b.text("#alert-events tbody tr").await;
+    assert!(
+        text.contains("made later") && text.contains("firing"),
+        "{text}"
+    );
+    b.screenshot(&artifacts().join("16-alerts.png")).await;
+}

@@ -553,12 +553,14 @@ impl Alerts {
             .count()
     }
 
-    /// Events after `after` (a sequence number), oldest first, at most `limit`, of
-    /// `kind` (None: both), passing `keep`.
+    /// Events after `after` (a sequence number), oldest first, at most `limit` (the
+    /// oldest ones, or with `newest` the newest ones), of `kind` (None: both), passing
+    /// `keep`.
     pub fn events(
         &self,
         after: u64,
         limit: usize,
+        newest: bool,
         kind: Option<&str>,
         keep: impl Fn(&Event) -> bool,
     ) -> Vec<Event> {
@@ -569,10 +571,20 @@ impl Alerts {
                 continue;
             }
             let start = ring.partition_point(|e| e.seq <= after);
-            out.extend(ring.range(start..).filter(|e| keep(e)).take(limit).cloned());
+            let range = ring.range(start..).filter(|e| keep(e));
+            if newest {
+                out.extend(range.rev().take(limit).cloned());
+            } else {
+                out.extend(range.take(limit).cloned());
+            }
         }
         out.sort_by_key(|e| e.seq);
-        out.truncate(limit);
+        if newest {
+            let cut = out.len().saturating_sub(limit);
+            out.drain(..cut);
+        } else {
+            out.truncate(limit);
+        }
         out
     }
 

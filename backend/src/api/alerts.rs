@@ -60,6 +60,7 @@ fn event_cursor(field: &str, c: &str) -> Result<u64, ApiError> {
 struct EventQuery {
     after: u64,
     limit: usize,
+    newest: bool,
     rule: Option<String>,
     measurement: Option<String>,
     agent: Option<String>,
@@ -94,6 +95,19 @@ fn event_query(query: Option<&str>, stream: bool) -> Result<EventQuery, ApiError
                     .filter(|n| (1..=1_000).contains(n))
                     .ok_or_else(|| bad("limit", "range", format!("limit: 1 to 1000 (got {v:?})")))?
             }
+            "order" if !stream => {
+                q.newest = match v.as_str() {
+                    "oldest" => false,
+                    "newest" => true,
+                    _ => {
+                        return Err(bad(
+                            "order",
+                            "enum",
+                            format!("order: oldest (the first `limit` after `after`) or newest (the last `limit`) (got {v:?})"),
+                        ))
+                    }
+                }
+            }
             "rule" => q.rule = text("rule", v)?,
             "measurement" => q.measurement = text("measurement", v)?,
             "agent" => q.agent = text("agent", v)?,
@@ -119,7 +133,7 @@ fn event_query(query: Option<&str>, stream: bool) -> Result<EventQuery, ApiError
                         if stream {
                             "after, rule, measurement, agent, type"
                         } else {
-                            "after, limit, rule, measurement, agent"
+                            "after, limit, order, rule, measurement, agent"
                         }
                     ),
                 ))
@@ -144,7 +158,7 @@ impl EventQuery {
 fn event_page(b: &Backend, q: &EventQuery, kind: &str) -> Json<Value> {
     let events = b
         .alerts
-        .events(q.after, q.limit, Some(kind), |e| q.keeps(e));
+        .events(q.after, q.limit, q.newest, Some(kind), |e| q.keeps(e));
     let next = events.last().map(|e| format!("e{}", e.seq));
     let list: Vec<Value> = events.iter().map(|e| e.to_json()).collect();
     Json(json!({ "events": list, "next_after": next }))
@@ -202,7 +216,7 @@ pub(super) async fn alert_stream(
                     .data(e.to_json().to_string());
                 return Some((Ok::<_, std::convert::Infallible>(ev), (b, q, rx, buf, slot)));
             }
-            let got = b.alerts.events(q.after, 200, q.kind, |e| q.keeps(e));
+            let got = b.alerts.events(q.after, 200, false, q.kind, |e| q.keeps(e));
             let seen = *rx.borrow_and_update();
             if let Some(l) = got.last() {
                 q.after = l.seq;
