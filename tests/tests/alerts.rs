@@ -452,6 +452,29 @@ async fn alerts_fire_and_resolve_and_a_webhook_that_was_down_gets_each_once_in_o
         want.len()
     );
 
+    // The webhook's counters: every alert taken once, the refusals counted.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        metric("imn_alert_webhook_delivered_total"),
+        want.len() as f64
+    );
+    assert!(metric("imn_alert_webhook_failed_total") >= 2.0);
+    assert_eq!(metric("imn_alerts_firing"), 0.0);
+    assert!(metric("imn_anomalies_total") >= 2.0);
     // Deleting a rule: its events stay.
     let d = up.api.delete(&format!("/v1/alert-rules/{slow}")).await;
     assert_eq!(d.status, 200, "{}", d.body);

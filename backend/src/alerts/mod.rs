@@ -446,7 +446,6 @@ struct Open {
 
 #[derive(Default)]
 struct Inner {
-    loaded: bool,
     rules: BTreeMap<String, Rule>,
     phases: HashMap<String, Phase>,
     /// Per anomaly rule: the anomalies its condition holds for, by (agent, target,
@@ -470,6 +469,8 @@ pub struct Alerts {
     /// The newest event's sequence number: streams and webhooks wait on it.
     newest: tokio::sync::watch::Sender<u64>,
     settings: std::sync::OnceLock<Settings>,
+    /// This backend holds the engine's lease (see [`Lease`]).
+    leading: std::sync::atomic::AtomicBool,
     pub counters: Counters,
 }
 
@@ -489,6 +490,7 @@ impl Default for Alerts {
             inner: Mutex::new(Inner::default()),
             newest: tokio::sync::watch::channel(0).0,
             settings: std::sync::OnceLock::new(),
+            leading: std::sync::atomic::AtomicBool::new(false),
             counters: Counters::default(),
         }
     }
@@ -644,12 +646,42 @@ async fn store_event(b: &Backend, e: &Event) {
     }
 }
 
-/// Reads rules, events and webhook positions back from the store (once).
-pub async fn load(b: &Backend) -> Result<(), crate::store::StoreError> {
-    if b.alerts.lock().loaded {
-        return Ok(());
+/// Reads rules back from the store: new ones (made through another backend) are
+/// added, deleted ones dropped with their state and webhook task.
+pub async fn sync_rules(b: &Backend) -> Result<(), crate::store::StoreError> {
+    let docs = b.store.docs(KIND_RULE).await?;
+    let mut rules = BTreeMap::new();
+    for (_, text) in docs {
+        match serde_json::from_str::<Rule>(&text) {
+            Ok(r) => {
+                rules.insert(r.id.clone(), r);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "an alert rule in the store is unreadable; skipped")
+            }
+        }
     }
-    let rules = b.store.docs(KIND_RULE).await?;
+    let mut g = b.alerts.lock();
+    let gone: Vec<String> = g
+        .rules
+        .keys()
+        .filter(|id| !rules.contains_key(*id))
+        .cloned()
+        .collect();
+    for id in gone {
+        g.phases.remove(&id);
+        g.open.remove(&id);
+        if let Some(h) = g.deliverers.remove(&id) {
+            h.abort();
+        }
+    }
+    g.rules = rules;
+    Ok(())
+}
+
+/// Reads events back from the store, replacing both rings, and each rule's phase
+/// from its last alert (firing stays firing).
+pub async fn sync_events(b: &Backend) -> Result<(), crate::store::StoreError> {
     let mut alerts: Vec<Event> = Vec::new();
     let mut anomalies: Vec<Event> = Vec::new();
     for (kind, out) in [(KIND_ALERT, &mut alerts), (KIND_ANOMALY, &mut anomalies)] {
@@ -661,20 +693,6 @@ pub async fn load(b: &Backend) -> Result<(), crate::store::StoreError> {
         out.sort_by_key(|e| e.seq);
     }
     let mut g = b.alerts.lock();
-    if g.loaded {
-        return Ok(());
-    }
-    g.loaded = true;
-    for (_, text) in rules {
-        match serde_json::from_str::<Rule>(&text) {
-            Ok(r) => {
-                g.rules.insert(r.id.clone(), r);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "an alert rule in the store is unreadable; skipped")
-            }
-        }
-    }
     g.next_seq = alerts
         .last()
         .map(|e| e.seq)
@@ -682,7 +700,7 @@ pub async fn load(b: &Backend) -> Result<(), crate::store::StoreError> {
         .unwrap_or(0);
     g.n_alert = alerts.iter().map(|e| e.n).max().unwrap_or(0);
     g.n_anomaly = anomalies.iter().map(|e| e.n).max().unwrap_or(0);
-    // Each rule's phase from its last alert: firing stays firing.
+    g.phases.clear();
     for e in &alerts {
         if let (Some(id), Some(state)) = (e.rule_id(), e.body.get("state").and_then(Value::as_str))
         {
@@ -705,6 +723,12 @@ pub async fn load(b: &Backend) -> Result<(), crate::store::StoreError> {
     drop(g);
     b.alerts.newest.send_replace(newest);
     Ok(())
+}
+
+/// Reads rules and events back from the store.
+pub async fn load(b: &Backend) -> Result<(), crate::store::StoreError> {
+    sync_rules(b).await?;
+    sync_events(b).await
 }
 
 /// Adds a rule (checked against its measurement), stores it and starts its webhook.
@@ -759,7 +783,9 @@ pub async fn add_rule(
             .store
             .put_doc(KIND_DELIVERED, &rid, &start.to_string(), now_ms())
             .await;
-        ensure_deliverer(b, &rid);
+        if b.alerts.leading.load(std::sync::atomic::Ordering::SeqCst) {
+            ensure_deliverer(b, &rid);
+        }
     }
     Ok(view)
 }
@@ -878,19 +904,157 @@ async fn deliver(b: Arc<Backend>, id: String) {
     }
 }
 
-/// The engine: loads rules and events, starts webhooks, then follows stored
-/// results for the detector (every second) and judges rules (every
-/// `Settings::every`).
-pub async fn run(b: Arc<Backend>) {
-    loop {
-        match load(&b).await {
-            Ok(()) => break,
+/// How long the engine's lease lasts, when it is renewed (this much left), and how
+/// long before its end a holder stops (so two never run at once).
+const LEASE_MS: i64 = 15_000;
+const RENEW_MS: i64 = 12_000;
+const MARGIN_MS: i64 = 5_000;
+const KIND_LEASE: &str = "lease";
+
+/// With several backends on one database, one runs the engine (detector, rules,
+/// webhooks): the one holding a lease document, taken and renewed by compare and
+/// set. A holder that cannot renew stops [`MARGIN_MS`] before its lease ends; another
+/// takes it once it has ended.
+#[derive(Default)]
+struct Lease {
+    until_ms: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LeaseDoc {
+    holder: String,
+    until_ms: i64,
+}
+
+impl Lease {
+    /// Takes or renews the lease if it can; whether this backend may run the engine.
+    async fn hold(&mut self, b: &Backend) -> bool {
+        let me = b.instance.to_string();
+        let now = now_ms();
+        let mine = |until_ms| {
+            serde_json::to_string(&LeaseDoc {
+                holder: me.clone(),
+                until_ms,
+            })
+            .unwrap_or_default()
+        };
+        let cur = match b.store.doc(KIND_LEASE, "alerts").await {
+            Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "alert rules not loaded; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tracing::debug!(error = %e, "alert lease not read");
+                return now < self.until_ms.saturating_sub(MARGIN_MS);
             }
+        };
+        let parsed = cur
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<LeaseDoc>(t).ok());
+        let take = match &parsed {
+            None => true,
+            Some(l) if l.holder == me => l.until_ms.saturating_sub(now) < RENEW_MS,
+            Some(l) => l.until_ms < now,
+        };
+        if take {
+            let until = now.saturating_add(LEASE_MS);
+            match b
+                .store
+                .swap_doc(KIND_LEASE, "alerts", cur.as_deref(), &mine(until), now)
+                .await
+            {
+                Ok(true) => self.until_ms = until,
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "alert lease not written"),
+            }
+        } else if let Some(l) = parsed.filter(|l| l.holder == me) {
+            self.until_ms = l.until_ms;
+        } else {
+            self.until_ms = 0;
+        }
+        now < self.until_ms.saturating_sub(MARGIN_MS)
+    }
+}
+
+/// What the engine keeps while this backend leads.
+struct Engine {
+    cursor: i64,
+    detector: Detector,
+    judged: Option<tokio::time::Instant>,
+}
+
+/// The engine: every second, takes or renews the lease. Leading, it follows stored
+/// results for the detector, judges rules every `Settings::every` and runs the
+/// webhooks; not leading, it reads rules and events back from the store every few
+/// seconds so that its API answers as the leader's.
+pub async fn run(b: Arc<Backend>) {
+    let every = b.alerts.settings().every;
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lease = Lease::default();
+    let mut engine: Option<Engine> = None;
+    let mut synced: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let leading = lease.hold(&b).await;
+        b.alerts
+            .leading
+            .store(leading, std::sync::atomic::Ordering::SeqCst);
+        let now = tokio::time::Instant::now();
+        if !leading {
+            if engine.take().is_some() {
+                tracing::info!("alert engine: lease lost; webhooks stop here");
+                for (_, h) in b.alerts.lock().deliverers.drain() {
+                    h.abort();
+                }
+            }
+            if synced.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5)) {
+                synced = Some(now);
+                if let Err(e) = load(&b).await {
+                    tracing::debug!(error = %e, "alerts not read back");
+                }
+            }
+            continue;
+        }
+        let e = match engine.as_mut() {
+            Some(e) => e,
+            None => {
+                // Leading from now: the store has what the last leader did. The
+                // detector starts at the newest result: its baselines are learnt
+                // anew (a few results per key).
+                let cursor = match load(&b).await {
+                    Ok(()) => b.store.latest_position().await,
+                    Err(e) => Err(e),
+                };
+                let Ok(cursor) = cursor.inspect_err(
+                    |e| tracing::warn!(error = %e, "alert engine: store unreadable; next turn"),
+                ) else {
+                    continue;
+                };
+                tracing::info!("alert engine: leading");
+                start_deliverers(&b);
+                engine.insert(Engine {
+                    cursor,
+                    detector: Detector::new(crate::anomaly::Config::default()),
+                    judged: None,
+                })
+            }
+        };
+        match follow(&b, &mut e.detector, e.cursor).await {
+            Ok(c) => e.cursor = c,
+            Err(err) => tracing::warn!(error = %err, "alert follower: read failed; next turn"),
+        }
+        if e.judged.is_none_or(|t| now.duration_since(t) >= every) {
+            e.judged = Some(now);
+            // Rules made or deleted through other backends.
+            if let Err(err) = sync_rules(&b).await {
+                tracing::debug!(error = %err, "alert rules not read back");
+            }
+            start_deliverers(&b);
+            judge(&b).await;
         }
     }
+}
+
+/// Starts the webhook task of every rule with a webhook that has none running.
+fn start_deliverers(b: &Arc<Backend>) {
     let ids: Vec<String> = b
         .alerts
         .lock()
@@ -900,35 +1064,7 @@ pub async fn run(b: Arc<Backend>) {
         .map(|r| r.id.clone())
         .collect();
     for id in ids {
-        ensure_deliverer(&b, &id);
-    }
-    let every = b.alerts.settings().every;
-    // The detector starts at the newest result: its baselines are learnt anew after
-    // a restart (a few results per key).
-    let mut cursor = loop {
-        match b.store.latest_position().await {
-            Ok(p) => break p,
-            Err(e) => {
-                tracing::warn!(error = %e, "alert follower: no position; retrying");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-    };
-    let mut detector = Detector::new(crate::anomaly::Config::default());
-    let mut tick = tokio::time::interval(Duration::from_secs(1).min(every));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_judged: Option<tokio::time::Instant> = None;
-    loop {
-        tick.tick().await;
-        match follow(&b, &mut detector, cursor).await {
-            Ok(c) => cursor = c,
-            Err(e) => tracing::warn!(error = %e, "alert follower: read failed; next turn"),
-        }
-        let now = tokio::time::Instant::now();
-        if last_judged.is_none_or(|t| now.duration_since(t) >= every) {
-            last_judged = Some(now);
-            judge(&b).await;
-        }
+        ensure_deliverer(b, &id);
     }
 }
 
@@ -1192,6 +1328,210 @@ mod tests {
             Phase::Firing { since: 5 }.step(false, 6, 0, 0),
             (Phase::Ok, Some(false))
         );
+    }
+
+    async fn backend(path: &std::path::Path) -> Arc<Backend> {
+        let store = crate::store::SqliteStore::open(path).unwrap();
+        Backend::new(
+            Arc::new(store),
+            Arc::new(imn_cloud::bus::LocalBus::new(8)),
+            false,
+            crate::security::Security::new(
+                Arc::new(imn_cloud::AgentCredentials::disabled()),
+                crate::security::Limits::default(),
+                crate::security::Policy::default(),
+            ),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn shift(agent: &str, at_ms: i64, kind: Kind) -> Anomaly {
+        Anomaly {
+            kind,
+            key: crate::anomaly::Key::new(agent, "192.0.2.1", "ping_module"),
+            at_ms,
+            message: "rtt median 2 ms → 80 ms".into(),
+            evidence: crate::anomaly::Evidence::Rtt(crate::anomaly::RttEvidence {
+                before_median_ms: 2.0,
+                before_mad_ms: 0.1,
+                baseline_results: 20,
+                after_median_ms: 80.0,
+                shift_ms: 78.0,
+                threshold_ms: 5.0,
+                results: 3,
+                reverts: false,
+            }),
+            result_refs: vec!["c1".into(), "c2".into(), "c3".into()],
+        }
+    }
+
+    #[tokio::test]
+    async fn rules_events_and_states_survive_a_restart_and_numbers_go_on() {
+        let dir = std::env::temp_dir().join(format!(
+            "imn-alerts-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sqlite");
+        let b = backend(&path).await;
+        b.store
+            .create_measurement(crate::store::MeasurementRow {
+                id: "m1".into(),
+                module: "ping_module".into(),
+                params_json: "{}".into(),
+                selection_json: "{}".into(),
+                description: None,
+                created_ms: 1,
+                deadline_ms: i64::MAX,
+                schedule_json: None,
+                stopped_ms: None,
+                owner: None,
+                daily_probes: 0,
+            })
+            .await
+            .unwrap();
+        load(&b).await.unwrap();
+        let input: RuleInput = serde_json::from_value(json!({
+            "name": "shift", "measurement_id": "m1", "anomalies": ["rtt_shift_up"]}))
+        .unwrap();
+        let rule = add_rule(&b, input, &Default::default()).await.unwrap();
+        let id = rule["id"].as_str().unwrap().to_string();
+        // An anomaly of another measurement does not open it; its own does.
+        record_anomaly(&b, shift("a1", 10, Kind::RttShiftUp), Some("m2".into())).await;
+        judge(&b).await;
+        assert_eq!(b.alerts.firing(), 0);
+        record_anomaly(&b, shift("a1", 20, Kind::RttShiftUp), Some("m1".into())).await;
+        judge(&b).await;
+        assert_eq!(b.alerts.firing(), 1);
+        let before = b.alerts.events(0, 100, false, None, |_| true);
+        assert_eq!(
+            before.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            ["anomaly", "anomaly", "alert"]
+        );
+        assert_eq!(before[2].body["state"], json!("firing"));
+        assert_eq!(before[2].body["anomalies"][0]["agent"], json!("a1"));
+        assert_eq!(
+            before[2].body["anomalies"][0]["event"],
+            json!(format!("e{}", before[1].seq))
+        );
+
+        // Another backend on the same store: the rule, its firing state and every
+        // event are back, and new events are numbered after them.
+        let b2 = backend(&path).await;
+        load(&b2).await.unwrap();
+        assert_eq!(b2.alerts.rule(&id).unwrap()["state"], json!("firing"));
+        let after = b2.alerts.events(0, 100, false, None, |_| true);
+        assert_eq!(
+            after
+                .iter()
+                .map(|e| (e.seq, e.to_json()))
+                .collect::<Vec<_>>(),
+            before
+                .iter()
+                .map(|e| (e.seq, e.to_json()))
+                .collect::<Vec<_>>()
+        );
+        record_anomaly(&b2, shift("a1", 30, Kind::RttShiftDown), Some("m1".into())).await;
+        let newest = b2.alerts.events(0, 1, true, None, |_| true);
+        assert_eq!(newest[0].seq, before[2].seq + 1);
+        // The open anomalies were in memory: after the restart the rule resolves
+        // on its next turn (nothing open), once.
+        judge(&b2).await;
+        judge(&b2).await;
+        let alerts = b2.alerts.events(0, 100, false, Some("alert"), |_| true);
+        assert_eq!(
+            alerts
+                .iter()
+                .map(|e| e.body["state"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            ["firing", "resolved"]
+        );
+        // Deleted: gone after a restart too; its events stay.
+        delete_rule(&b2, &id, &Default::default()).await.unwrap();
+        let b3 = backend(&path).await;
+        load(&b3).await.unwrap();
+        assert!(b3.alerts.rules().is_empty());
+        assert_eq!(b3.alerts.events(0, 100, false, None, |_| true).len(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn one_backend_of_several_holds_the_lease_and_another_takes_it_when_it_ends() {
+        let dir = std::env::temp_dir().join(format!(
+            "imn-lease-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::SqliteStore::open(&dir.join("s.sqlite")).unwrap());
+        let on = |store: Arc<dyn crate::store::Store>| async move {
+            Backend::new(
+                store,
+                Arc::new(imn_cloud::bus::LocalBus::new(8)),
+                false,
+                crate::security::Security::new(
+                    Arc::new(imn_cloud::AgentCredentials::disabled()),
+                    crate::security::Limits::default(),
+                    crate::security::Policy::default(),
+                ),
+            )
+            .await
+            .unwrap()
+        };
+        let (a, b) = (on(store.clone()).await, on(store.clone()).await);
+        let (mut la, mut lb) = (Lease::default(), Lease::default());
+        assert!(la.hold(&a).await);
+        assert!(!lb.hold(&b).await);
+        // Renewed by its holder, still refused to the other.
+        assert!(la.hold(&a).await);
+        assert!(!lb.hold(&b).await);
+        // The holder stops renewing and its lease ends: the other takes it, and the
+        // first no longer runs.
+        let ended = serde_json::to_string(&LeaseDoc {
+            holder: a.instance.to_string(),
+            until_ms: now_ms() - 1,
+        })
+        .unwrap();
+        store
+            .put_doc(KIND_LEASE, "alerts", &ended, 0)
+            .await
+            .unwrap();
+        assert!(lb.hold(&b).await);
+        assert!(!la.hold(&a).await);
+        // A lease close to its end counts as ended for its holder (the margin), so
+        // two never run at once.
+        let ending = serde_json::to_string(&LeaseDoc {
+            holder: b.instance.to_string(),
+            until_ms: now_ms() + MARGIN_MS / 2,
+        })
+        .unwrap();
+        store
+            .put_doc(KIND_LEASE, "alerts", &ending, 0)
+            .await
+            .unwrap();
+        store.put_doc(KIND_LEASE, "x", "{}", 0).await.unwrap();
+        // (b renews it on its next turn: it is its own.)
+        assert!(lb.hold(&b).await);
+        assert!(!la.hold(&a).await);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn each_ring_keeps_its_newest_events() {
+        let mut g = Inner::default();
+        for i in 0..RING + 5 {
+            Alerts::push(&mut g, "anomaly", i as i64, json!({}));
+        }
+        Alerts::push(&mut g, "alert", 0, json!({"rule_id": "r"}));
+        assert_eq!(g.anomalies.len(), RING);
+        assert_eq!(g.anomalies.front().unwrap().seq, 6);
+        // Anomalies never push alerts out.
+        assert_eq!(g.alerts.len(), 1);
+        assert_eq!(g.alerts[0].seq, RING as u64 + 6);
+        assert_eq!(g.alerts[0].n, 1);
     }
 
     fn input(v: Value) -> Result<Rule, ApiError> {

@@ -64,6 +64,65 @@ impl Backend {
                 );
             }
         }
+        f.push(
+            imn_cloud::telemetry::prom::Family::new(
+                "imn_alerts_firing",
+                "imn.alerts.firing",
+                "{rule}",
+                imn_cloud::telemetry::prom::FamilyKind::Gauge,
+                "Alert rules that fired and have not resolved.",
+            )
+            .value(self.alerts.firing() as f64),
+        );
+        let c = &self.alerts.counters;
+        for (name, otel, unit, help, v) in [
+            (
+                "imn_anomalies_total",
+                "imn.anomalies",
+                "{anomaly}",
+                "Anomalies the detector found in stored results (RTT shifts, loss bursts and their ends, path changes).",
+                &c.anomalies,
+            ),
+            (
+                "imn_anomaly_results_judged_total",
+                "imn.anomaly.results_judged",
+                "{result}",
+                "Stored results the anomaly detector read.",
+                &c.results_judged,
+            ),
+            (
+                "imn_alert_webhook_delivered_total",
+                "imn.alert.webhook.delivered",
+                "{call}",
+                "Alerts a webhook receiver took (answered 2xx).",
+                &c.delivered,
+            ),
+            (
+                "imn_alert_webhook_failed_total",
+                "imn.alert.webhook.failed",
+                "{call}",
+                "Webhook calls that failed (refused, timed out, not 2xx); each is retried.",
+                &c.failed_attempts,
+            ),
+            (
+                "imn_alert_webhook_gaps_total",
+                "imn.alert.webhook.gaps",
+                "{gap}",
+                "Times a webhook found alerts gone from the ring (10,000 alerts) before it could send them.",
+                &c.gaps,
+            ),
+        ] {
+            f.push(
+                imn_cloud::telemetry::prom::Family::new(
+                    name,
+                    otel,
+                    unit,
+                    imn_cloud::telemetry::prom::FamilyKind::Counter,
+                    help,
+                )
+                .value(v.load(Ordering::Relaxed) as f64),
+            );
+        }
         // What ingest kept out, and why: each is also in /health → ingest.
         for (name, otel, unit, help, v) in [
             (

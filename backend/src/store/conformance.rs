@@ -1838,6 +1838,24 @@ pub async fn fleet_docs_are_replaced_and_listed_by_kind_and_key(s: &dyn Store) {
     s.put_doc("agent_state", "a0", r#"{"k":"a0"}"#, 3)
         .await
         .unwrap();
+    // Compare and set: only over what was expected.
+    assert!(s.swap_doc("lease", "x", None, "one", 4).await.unwrap());
+    assert!(!s.swap_doc("lease", "x", None, "two", 4).await.unwrap());
+    assert!(!s
+        .swap_doc("lease", "x", Some("two"), "three", 4)
+        .await
+        .unwrap());
+    assert!(s
+        .swap_doc("lease", "x", Some("one"), "four", 4)
+        .await
+        .unwrap());
+    assert!(!s
+        .swap_doc("lease", "y", Some("one"), "five", 4)
+        .await
+        .unwrap());
+    assert_eq!(s.doc("lease", "x").await.unwrap().as_deref(), Some("four"));
+    assert_eq!(s.doc("lease", "y").await.unwrap(), None);
+    assert!(s.delete_doc("lease", "x").await.unwrap());
     assert_eq!(
         s.docs("rollout").await.unwrap().len(),
         1,

@@ -942,6 +942,17 @@ pub trait FleetStore: Send + Sync + 'static {
     async fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
     /// Removes the document (kind, key); whether there was one.
     async fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError>;
+    /// Compare and set: writes `doc` as (kind, key) only if the stored document is
+    /// `expect` (None: there is none), in one statement, so of several backends
+    /// racing on one database exactly one wins. Whether it was written.
+    async fn swap_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        expect: Option<&str>,
+        doc: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Everything a backend keeps: one of each store, behind one object

@@ -2340,6 +2340,37 @@ impl FleetStore for PostgresStore {
             .map_err(db)?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
+    async fn swap_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        expect: Option<&str>,
+        doc: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let c = self.client().await?;
+        let (kind, key, doc) = (nul_free(kind), nul_free(key), nul_free(doc));
+        let n = match expect {
+            None => {
+                c.execute(
+                    "INSERT INTO fleet_docs (kind, key, doc, updated_ms) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (kind, key) DO NOTHING",
+                    &[&kind, &key, &doc, &now_ms],
+                )
+                .await
+            }
+            Some(e) => {
+                c.execute(
+                    "UPDATE fleet_docs SET doc = $3, updated_ms = $4
+                     WHERE kind = $1 AND key = $2 AND doc = $5",
+                    &[&kind, &key, &doc, &now_ms, &nul_free(e)],
+                )
+                .await
+            }
+        }
+        .map_err(db)?;
+        Ok(n == 1)
+    }
     async fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError> {
         let c = self.client().await?;
         let n = c

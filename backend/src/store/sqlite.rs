@@ -2054,6 +2054,42 @@ impl FleetStore for SqliteStore {
         })
         .await
     }
+    async fn swap_doc(
+        &self,
+        kind: &str,
+        key: &str,
+        expect: Option<&str>,
+        doc: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (kind, key, doc) = (
+            nul_free(kind).into_owned(),
+            nul_free(key).into_owned(),
+            nul_free(doc).into_owned(),
+        );
+        let expect = expect.map(|e| nul_free(e).into_owned());
+        self.with(move |c| {
+            let n = match expect {
+                None => c
+                    .prepare_cached(
+                        "INSERT INTO fleet_docs (kind, key, doc, updated_ms) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (kind, key) DO NOTHING",
+                    )
+                    .map_err(db)?
+                    .execute(params![kind, key, doc, now_ms]),
+                Some(e) => c
+                    .prepare_cached(
+                        "UPDATE fleet_docs SET doc = ?3, updated_ms = ?4
+                         WHERE kind = ?1 AND key = ?2 AND doc = ?5",
+                    )
+                    .map_err(db)?
+                    .execute(params![kind, key, doc, now_ms, e]),
+            }
+            .map_err(db)?;
+            Ok(n == 1)
+        })
+        .await
+    }
     async fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError> {
         let (kind, key) = (nul_free(kind).into_owned(), nul_free(key).into_owned());
         self.with(move |c| {
