@@ -252,6 +252,9 @@ pub struct PassReport {
     pub deleted_by_age: u64,
     pub deleted_by_size: u64,
     pub rollups_deleted: u64,
+    /// Rows records left behind (duplicate guards, finished requests and their
+    /// transitions, closed sessions).
+    pub bookkeeping_deleted: u64,
     pub released: Vec<String>,
     pub bytes: u64,
 }
@@ -385,6 +388,22 @@ pub async fn pass(b: &Backend, marks: &mut Marks) -> Result<PassReport, crate::s
             tokio::task::yield_now().await;
         }
     }
+    // What records leave behind, from more than a day before the oldest result still
+    // stored: runs' duplicate guards, finished requests with their transitions,
+    // closed connection sessions. Only where records go at all.
+    if !rules.is_empty() || cfg.max_store_bytes.is_some() {
+        if let Some(oldest) = b.store.store_stats().await?.oldest_result_ms {
+            let before = oldest.saturating_sub(86_400_000);
+            for _ in 0..MAX_BATCHES {
+                let n = b.store.prune_bookkeeping(before, BATCH).await?;
+                report.bookkeeping_deleted += n;
+                if n == 0 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
     // Space back: SQLite's free pages; PostgreSQL's partitions past the longest age.
     let longest = rules
         .iter()
@@ -409,11 +428,17 @@ pub async fn pass(b: &Backend, marks: &mut Marks) -> Result<PassReport, crate::s
     let stats = b.store.store_stats().await?;
     report.bytes = stats.bytes;
     b.set_store_stats(stats);
-    if report.deleted_by_age + report.deleted_by_size + report.rollups_deleted > 0 {
+    if report.deleted_by_age
+        + report.deleted_by_size
+        + report.rollups_deleted
+        + report.bookkeeping_deleted
+        > 0
+    {
         tracing::info!(
             deleted_by_age = report.deleted_by_age,
             deleted_by_size = report.deleted_by_size,
             rollups_deleted = report.rollups_deleted,
+            bookkeeping_deleted = report.bookkeeping_deleted,
             bytes = report.bytes,
             "retention pass"
         );

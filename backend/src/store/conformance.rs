@@ -558,6 +558,84 @@ pub async fn results_pages_resume_and_filter(s: &dyn Store) {
     assert_eq!(newest, vec![7, 6]);
 }
 
+/// Retention's bookkeeping: runs' duplicate guards, finished requests with their
+/// transitions, and closed sessions from before a time go, a batch at a time;
+/// unfinished requests, open sessions and anything newer stay.
+pub async fn bookkeeping_is_pruned_by_age_and_unfinished_work_stays(s: &dyn Store) {
+    s.create_request(new_request("old-done", None))
+        .await
+        .unwrap();
+    assert!(s
+        .transition("old-done", RequestState::Succeeded, 50, "agent", None)
+        .await
+        .unwrap());
+    s.create_request(new_request("old-open", None))
+        .await
+        .unwrap();
+    s.create_request(NewRequest {
+        created_ms: 5_000,
+        ..new_request("new-done", None)
+    })
+    .await
+    .unwrap();
+    assert!(s
+        .transition("new-done", RequestState::Failed, 5_000, "agent", None)
+        .await
+        .unwrap());
+    // Results of runs at 10 and 6,000 (their duplicate guards).
+    let result = |seq: u64, at_ms: i64, request: &str| Record {
+        seq,
+        at_ms,
+        body: RecordBody::Result(ModuleResult {
+            request_id: request.into(),
+            module: "echo_module".into(),
+            received_ms: at_ms,
+            started_ms: at_ms,
+            finished_ms: at_ms,
+            outcome: ModuleOutcome::Ok(ModuleOutput::Echo(EchoResult {
+                message: "m".into(),
+            })),
+        }),
+    };
+    let b = Batch {
+        epoch: 1,
+        records: vec![result(1, 10, "old-done"), result(2, 6_000, "new-done")],
+    };
+    s.store_batch("a", prepare(&b), 6_000).await.unwrap();
+    s.session_open("a", 100, 100).await.unwrap();
+    s.session_close("a", 400).await.unwrap();
+    s.session_open("a", 600, 600).await.unwrap();
+
+    // One request (with all its transitions), guard and session a call: the guard
+    // at 10, old-done and its 3 transitions (made, succeeded, its result's), the
+    // session closed at 400; then nothing more before 1,000.
+    assert_eq!(s.transitions("old-done").await.unwrap().len(), 3);
+    let mut calls = Vec::new();
+    loop {
+        let n = s.prune_bookkeeping(1_000, 1).await.unwrap();
+        calls.push(n);
+        if n == 0 || calls.len() > 10 {
+            break;
+        }
+    }
+    assert_eq!(calls, vec![6, 0], "rows deleted per call");
+    assert!(s.request("old-done").await.unwrap().is_none());
+    assert!(s.transitions("old-done").await.unwrap().is_empty());
+    assert!(s.request("old-open").await.unwrap().is_some());
+    assert!(s.request("new-done").await.unwrap().is_some());
+    assert!(!s.transitions("new-done").await.unwrap().is_empty());
+    assert_eq!(s.sessions("a", 0).await.unwrap(), vec![(600, None)]);
+    // The records themselves are retention's other pass: still there.
+    assert_eq!(s.agent_record_count("a").await.unwrap(), 2);
+    // The newer guard still refuses a second result for its run.
+    let again = Batch {
+        epoch: 2,
+        records: vec![result(1, 6_000, "new-done")],
+    };
+    let out = s.store_batch("a", prepare(&again), 7_000).await.unwrap();
+    assert_eq!(out.run_duplicates, 1);
+}
+
 /// Retention deletes raw records by module (or all but some), by the time they were
 /// stored, only up to a position (what was rolled up), a bounded batch at a time.
 pub async fn records_are_pruned_by_module_age_and_position(s: &dyn Store) {
@@ -1945,6 +2023,7 @@ for_each_store!(
     heartbeat_history_is_stored_once_read_by_time_and_pruned_in_batches,
     rollups_merge_under_a_cursor_that_moves_once,
     records_are_pruned_by_module_age_and_position,
+    bookkeeping_is_pruned_by_age_and_unfinished_work_stays,
 );
 
 /// PostgreSQL only: retention drops a whole monthly partition once its month is past

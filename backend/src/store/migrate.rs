@@ -40,6 +40,7 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     2 "0002_fleet",
     3 "0003_heartbeats",
     4 "0004_rollups",
+    5 "0005_prune",
 );
 
 /// The PostgreSQL store's migrations, in order (the numbers its `schema_version` has
@@ -51,6 +52,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     4 "0004_fleet",
     5 "0005_heartbeats",
     6 "0006_rollups",
+    7 "0007_prune",
 );
 
 /// The table a database records its version in: one row, the last migration applied.
@@ -136,7 +138,8 @@ mod tests {
         assert_eq!(next("PostgreSQL", POSTGRES, 3).unwrap().unwrap().version, 4);
         assert_eq!(next("PostgreSQL", POSTGRES, 4).unwrap().unwrap().version, 5);
         assert_eq!(next("PostgreSQL", POSTGRES, 5).unwrap().unwrap().version, 6);
-        assert!(next("PostgreSQL", POSTGRES, 6).unwrap().is_none());
+        assert_eq!(next("PostgreSQL", POSTGRES, 6).unwrap().unwrap().version, 7);
+        assert!(next("PostgreSQL", POSTGRES, 7).unwrap().is_none());
         assert_eq!(
             next("SQLite", SQLITE, 1).unwrap().unwrap().name,
             "0002_fleet"

@@ -788,6 +788,11 @@ pub trait RequestStore: Send + Sync + 'static {
     /// Deletes raw records, oldest first (see [`PruneRecords`]). Returns how many went
     /// and the position of the last one (or `after` when none did).
     async fn prune_records(&self, p: PruneRecords) -> Result<(u64, i64), StoreError>;
+    /// Deletes, at most `limit` rows of each, what records leave behind from before
+    /// `before_ms`: runs' duplicate guards (`run_results`), finished requests with
+    /// their transitions (unfinished ones stay), and closed connection sessions.
+    /// Returns the rows deleted.
+    async fn prune_bookkeeping(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError>;
     /// The store's size and its oldest result.
     async fn store_stats(&self) -> Result<StoreStats, StoreError>;
     /// Gives space back: SQLite returns up to `pages` free pages to the file system

@@ -1739,6 +1739,55 @@ impl RequestStore for PostgresStore {
             })
             .collect())
     }
+    async fn prune_bookkeeping(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        let limit = i64::from(limit);
+        let mut n = tx
+            .execute(
+                "DELETE FROM run_results WHERE (agent_id, run_key) IN (
+                   SELECT agent_id, run_key FROM run_results WHERE at_ms < $1
+                   ORDER BY at_ms LIMIT $2)",
+                &[&before_ms, &limit],
+            )
+            .await
+            .map_err(db)?;
+        let ids: Vec<String> = tx
+            .query(
+                "SELECT id FROM requests WHERE updated_ms < $1
+                   AND state NOT IN ('pending', 'dispatched', 'received', 'running')
+                 ORDER BY updated_ms LIMIT $2",
+                &[&before_ms, &limit],
+            )
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !ids.is_empty() {
+            n += tx
+                .execute(
+                    "DELETE FROM transitions WHERE request_id = ANY($1)",
+                    &[&ids],
+                )
+                .await
+                .map_err(db)?;
+            n += tx
+                .execute("DELETE FROM requests WHERE id = ANY($1)", &[&ids])
+                .await
+                .map_err(db)?;
+        }
+        n += tx
+            .execute(
+                "DELETE FROM agent_sessions WHERE ctid IN (
+                   SELECT ctid FROM agent_sessions WHERE disconnected_ms < $1 LIMIT $2)",
+                &[&before_ms, &limit],
+            )
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(n)
+    }
     async fn prune_records(&self, p: PruneRecords) -> Result<(u64, i64), StoreError> {
         use tokio_postgres::types::ToSql;
         let mut cond = "position > $1 AND position <= $2 AND stored_ms < $3".to_string();

@@ -1438,6 +1438,57 @@ impl RequestStore for SqliteStore {
         })
         .await
     }
+    async fn prune_bookkeeping(&self, before_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(db)?;
+            let mut n = 0u64;
+            n += tx
+                .execute(
+                    "DELETE FROM run_results WHERE (agent_id, run_key) IN (
+                       SELECT agent_id, run_key FROM run_results WHERE at_ms < ?1
+                       ORDER BY at_ms LIMIT ?2)",
+                    params![before_ms, limit],
+                )
+                .map_err(db)? as u64;
+            tx.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS prune_requests (id TEXT PRIMARY KEY)",
+                [],
+            )
+            .map_err(db)?;
+            tx.execute("DELETE FROM prune_requests", []).map_err(db)?;
+            tx.execute(
+                "INSERT INTO prune_requests SELECT id FROM requests
+                 WHERE updated_ms < ?1
+                   AND state NOT IN ('pending', 'dispatched', 'received', 'running')
+                 ORDER BY updated_ms LIMIT ?2",
+                params![before_ms, limit],
+            )
+            .map_err(db)?;
+            n += tx
+                .execute(
+                    "DELETE FROM transitions WHERE request_id IN (SELECT id FROM prune_requests)",
+                    [],
+                )
+                .map_err(db)? as u64;
+            n += tx
+                .execute(
+                    "DELETE FROM requests WHERE id IN (SELECT id FROM prune_requests)",
+                    [],
+                )
+                .map_err(db)? as u64;
+            tx.execute("DELETE FROM prune_requests", []).map_err(db)?;
+            n += tx
+                .execute(
+                    "DELETE FROM agent_sessions WHERE rowid IN (
+                       SELECT rowid FROM agent_sessions WHERE disconnected_ms < ?1 LIMIT ?2)",
+                    params![before_ms, limit],
+                )
+                .map_err(db)? as u64;
+            tx.commit().map_err(db)?;
+            Ok(n)
+        })
+        .await
+    }
     async fn prune_records(&self, p: PruneRecords) -> Result<(u64, i64), StoreError> {
         use rusqlite::types::Value as Sql;
         self.with(move |c| {

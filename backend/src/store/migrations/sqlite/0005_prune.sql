@@ -1,0 +1,4 @@
+-- 5: what retention prunes besides records, by age: runs' duplicate guards, finished
+-- requests (with their transitions) and closed connection sessions.
+CREATE INDEX run_results_at ON run_results(at_ms);
+CREATE INDEX requests_updated ON requests(updated_ms);
