@@ -719,6 +719,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     param("target", "query", string(), "target, as the results name it"),
                     param("since", "query", string(), "RFC 3339 or ms since the epoch (the hour it falls in counts)"),
                     param("until", "query", string(), "RFC 3339 or ms since the epoch, exclusive"),
+                    param("after", "query", string(), "next_after of the page before: the rollups after it"),
                     param("limit", "query", json!({"type": "integer", "minimum": 1, "maximum": 10000}), "most rollups (default 1000)"),
                 ],
                 body: None,
@@ -1153,7 +1154,7 @@ fn components() -> Value {
         "Rollups": {
             "type": "object",
             "required": ["rollups"],
-            "properties": {"rollups": {"type": "array", "items": {
+            "properties": {"next_after": {"type": ["string", "null"], "description": "a full page: pass it as after for the next"}, "rollups": {"type": "array", "items": {
                 "type": "object",
                 "required": ["agent_id", "module", "target", "hour", "results", "failed"],
                 "properties": {

@@ -313,6 +313,7 @@ pub(super) async fn rollups(
             "target" => f.target = text("target", v)?,
             "since" => f.since_ms = time_param("since", Some(v))?.map(crate::rollup::hour_of),
             "until" => f.until_ms = time_param("until", Some(v))?,
+            "after" => f.after = Some(parse_rollup_cursor(&v)?),
             "limit" => {
                 f.limit = v
                     .parse::<u32>()
@@ -327,13 +328,19 @@ pub(super) async fn rollups(
                     other,
                     "unknown",
                     format!(
-                    "{other}: not a parameter; known: agent, module, target, since, until, limit"
+                    "{other}: not a parameter; known: agent, module, target, since, until, after, limit"
                 ),
                 ))
             }
         }
     }
+    let limit = f.limit as usize;
     let rows = b.rollups(f).await?;
+    // A full page may have more after it: where to go on from.
+    let next = rows
+        .last()
+        .filter(|_| rows.len() == limit)
+        .map(|r| rollup_cursor(r.hour_ms, &r.agent_id, &r.module, &r.target));
     let out: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -346,12 +353,90 @@ pub(super) async fn rollups(
             v
         })
         .collect();
-    Ok(Json(json!({ "rollups": out })))
+    Ok(Json(json!({ "rollups": out, "next_after": next })))
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A rollup's place in the listing's order, as `after` takes it: the hour (ms), then
+/// agent, module and target in hex, dot-separated.
+fn rollup_cursor(hour_ms: i64, agent: &str, module: &str, target: &str) -> String {
+    format!("{hour_ms}.{}.{}.{}", hex(agent), hex(module), hex(target))
+}
+
+fn parse_rollup_cursor(c: &str) -> Result<(i64, String, String, String), ApiError> {
+    let bad = || ApiError::BadQuery {
+        field: "after".into(),
+        rule: "format".into(),
+        message: format!(
+            "after: not a rollup cursor this API gave out (next_after; got {:?})",
+            c.chars().take(64).collect::<String>()
+        ),
+    };
+    if c.len() > 4_200 {
+        return Err(bad());
+    }
+    let unhex = |h: &str| -> Option<String> {
+        if h.len() % 2 != 0 || h.len() > 2_048 {
+            return None;
+        }
+        let bytes: Option<Vec<u8>> = (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+            .collect();
+        String::from_utf8(bytes?).ok()
+    };
+    let mut parts = c.split('.');
+    let (Some(h), Some(a), Some(m), Some(t), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return Err(bad());
+    };
+    Ok((
+        h.parse().map_err(|_| bad())?,
+        unhex(a).ok_or_else(bad)?,
+        unhex(m).ok_or_else(bad)?,
+        unhex(t).ok_or_else(bad)?,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rollup_cursors_round_trip_and_bad_ones_name_after() {
+        let c = rollup_cursor(3_600_000, "agent.1", "ping_module", "h\0ö.x");
+        assert_eq!(
+            parse_rollup_cursor(&c).unwrap(),
+            (
+                3_600_000,
+                "agent.1".into(),
+                "ping_module".into(),
+                "h\0ö.x".into()
+            )
+        );
+        for bad in [
+            "",
+            "1.2.3",
+            "x.61.61.61",
+            "1.6.61.61",
+            "1.zz.61.61",
+            "1.61.61.61.61",
+            "1.ff.61.61",
+        ] {
+            match parse_rollup_cursor(bad) {
+                Err(ApiError::BadQuery { field, .. }) => assert_eq!(field, "after", "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
     use imn_proto::wire::RequestState;
 
     fn row(module: &str, result: Value, error: Option<&str>) -> ResultRow {

@@ -858,7 +858,48 @@ pub async fn rollups_merge_under_a_cursor_that_moves_once(s: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(only_b.len(), 1);
-    assert_eq!(s.prune_rollups(3_600_000, 10).await.unwrap(), 1);
+    // Paging: after a row, in (hour, agent, module, target) order, the target with
+    // its NUL as stored.
+    let mut more = vec![row("c", 0, body(&[1.0])), row("a", 0, body(&[1.0]))];
+    more[1].target = "h\0y".into();
+    more[1].module = "ping_module".into();
+    assert!(s.merge_rollups(20, 30, more).await.unwrap());
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s
+            .rollups(RollupFilter {
+                after: after.clone(),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let Some(r) = page.last() else { break };
+        seen.push((r.hour_ms, r.agent_id.clone(), r.target.clone()));
+        after = Some((
+            r.hour_ms,
+            r.agent_id.clone(),
+            r.module.clone(),
+            r.target.clone(),
+        ));
+    }
+    // The same rows, in the same order, as one listing.
+    let everything: Vec<(i64, String, String)> = s
+        .rollups(RollupFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.hour_ms, r.agent_id, r.target))
+        .collect();
+    assert_eq!(seen, everything);
+    let names: Vec<(i64, &str)> = seen.iter().map(|(h, a, _)| (*h, a.as_str())).collect();
+    assert_eq!(names, [(0, "a"), (0, "a"), (0, "c"), (3_600_000, "b")]);
+    assert!(seen[0].2 < seen[1].2, "{seen:?}");
+    assert_eq!(s.prune_rollups(3_600_000, 10).await.unwrap(), 3);
     assert_eq!(
         s.rollups(RollupFilter {
             limit: 100,

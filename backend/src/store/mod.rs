@@ -854,6 +854,9 @@ pub struct RollupFilter {
     pub target: Option<String>,
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
+    /// Only rollups after this one in the listing's order (hour, agent, module,
+    /// target): where the last page ended.
+    pub after: Option<(i64, String, String, String)>,
     pub limit: u32,
 }
 

@@ -1716,6 +1716,20 @@ impl RequestStore for PostgresStore {
         if let Some(t) = f.until_ms {
             add("hour_ms <", Box::new(t));
         }
+        if let Some((h, a, m, t)) = f.after {
+            let n = args.len();
+            args.push(Box::new(h));
+            args.push(Box::new(a));
+            args.push(Box::new(m));
+            args.push(Box::new(nul_free(&t).into_owned()));
+            sql.push_str(&format!(
+                " AND (hour_ms, agent_id, module, target) > (${}, ${}, ${}, ${})",
+                n + 1,
+                n + 2,
+                n + 3,
+                n + 4
+            ));
+        }
         args.push(Box::new(i64::from(f.limit)));
         sql.push_str(&format!(
             " ORDER BY hour_ms, agent_id, module, target LIMIT ${}",

@@ -1417,6 +1417,17 @@ impl RequestStore for SqliteStore {
             if let Some(t) = f.until_ms {
                 add("hour_ms <", Sql::Integer(t));
             }
+            if let Some((h, a, m, t)) = f.after {
+                let n = args.len();
+                args.extend([Sql::Integer(h), Sql::Text(a), Sql::Text(m), Sql::Text(t)]);
+                sql.push_str(&format!(
+                    " AND (hour_ms, agent_id, module, target) > (?{}, ?{}, ?{}, ?{})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4
+                ));
+            }
             args.push(Sql::Integer(i64::from(f.limit)));
             sql.push_str(&format!(
                 " ORDER BY hour_ms, agent_id, module, target LIMIT ?{}",
