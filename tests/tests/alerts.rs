@@ -314,8 +314,18 @@ async fn alerts_fire_and_resolve_and_a_webhook_that_was_down_gets_each_once_in_o
     );
     let anomaly = &fired.iter().find(|e| e["rule_id"] == shift).unwrap()["anomalies"][0];
     assert_eq!(anomaly["anomaly"], json!("rtt_shift_up"), "{anomaly}");
-    let shift_ms = anomaly["evidence"]["shift_ms"].as_f64().unwrap();
-    assert!((60.0..100.0).contains(&shift_ms), "{anomaly}");
+    // The alert names the anomaly's event, which has the evidence.
+    let all_anomalies = up.api.get("/v1/anomalies?limit=1000").await.body;
+    let event = all_anomalies["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == anomaly["event"])
+        .unwrap_or_else(|| panic!("{anomaly} not in {all_anomalies}"));
+    let shift_ms = event["evidence"]["shift_ms"].as_f64().unwrap();
+    assert!((60.0..100.0).contains(&shift_ms), "{event}");
+    assert_eq!(event["measurement_id"], json!(m), "{event}");
+    assert!(!event["result_refs"].as_array().unwrap().is_empty(), "{event}");
     // Retried while down (every 1 s, 2 s, 2 s …): a few seconds of refusals.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(receiver.received().is_empty());

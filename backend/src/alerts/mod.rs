@@ -33,8 +33,19 @@ use crate::service::Backend;
 
 pub mod webhook;
 
-/// The most rules a backend holds.
+/// The most rules a backend holds, and one API token may own.
 pub const MAX_RULES: usize = 1_000;
+pub const MAX_RULES_PER_OWNER: usize = 100;
+/// The longest `window_s` a threshold rule judges over: each turn reads it back.
+pub const MAX_RULE_WINDOW_S: u64 = 3_600;
+/// Anomalies all rules together keep open.
+pub const MAX_OPEN_TOTAL: usize = 50_000;
+/// How long an anomaly reopened from the stored ones after a restart or a change of
+/// leader counts, unless the detector confirms its end sooner.
+pub const RESTORED_HOLD_S: i64 = 3_600;
+/// Event numbers reserved in the store at a time: a backend that leads numbers only
+/// within what it reserved, so no number is ever given out twice.
+const SEQ_BLOCK: u64 = 100_000;
 /// Events of each kind kept (in memory and in the store); the oldest go first.
 pub const RING: usize = 10_000;
 /// The longest `for_s` and `recovery_s`: a day.
@@ -51,6 +62,8 @@ const KIND_RULE: &str = "alert_rule";
 const KIND_ALERT: &str = "alert_event";
 const KIND_ANOMALY: &str = "anomaly_event";
 const KIND_DELIVERED: &str = "alert_delivered";
+const KIND_PHASE: &str = "alert_phase";
+const KIND_SEQ: &str = "alert_seq";
 
 /// Alert settings, shared by `imn up` and `imn-backend`.
 #[derive(Debug, Clone, clap::Args)]
@@ -165,8 +178,25 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// The rule as the API shows it: the webhook's secret is never shown.
-    pub fn view(&self, phase: &Phase) -> Value {
+    /// The rule as the API shows it: the webhook's secret is never shown, and its URL
+    /// (which often holds a receiver's own credential) only to the rule's owner and
+    /// admins (`full`); others see its scheme and host.
+    pub fn view(&self, phase: &Phase, full: bool) -> Value {
+        let url = |u: &str| {
+            if full {
+                return u.to_string();
+            }
+            reqwest::Url::parse(u)
+                .ok()
+                .and_then(|p| {
+                    let host = p.host_str()?.to_string();
+                    Some(match p.port() {
+                        Some(port) => format!("{}://{host}:{port}/…", p.scheme()),
+                        None => format!("{}://{host}/…", p.scheme()),
+                    })
+                })
+                .unwrap_or_else(|| "…".into())
+        };
         json!({
             "id": self.id,
             "name": self.name,
@@ -177,7 +207,7 @@ impl Rule {
             "anomalies": self.anomalies,
             "for_s": self.for_s,
             "recovery_s": self.recovery_s,
-            "webhook": self.webhook.as_ref().map(|w| json!({"url": w.url, "secret_set": true})),
+            "webhook": self.webhook.as_ref().map(|w| json!({"url": url(&w.url), "secret_set": true})),
             "created": crate::api::rfc3339(self.created_ms),
             "state": phase.word(),
             "since": phase.since().map(crate::api::rfc3339),
@@ -245,6 +275,17 @@ pub fn check_input(input: RuleInput, module: &str, settings: &Settings) -> Resul
             ));
         }
         pairs.push((k.clone(), text));
+    }
+    if let Some((_, w)) = pairs.iter().find(|(k, _)| k == "window_s") {
+        if w.parse::<u64>().is_ok_and(|w| w > MAX_RULE_WINDOW_S) {
+            return Err(invalid(
+                "thresholds.window_s",
+                "range",
+                format!(
+                    "thresholds.window_s: at most {MAX_RULE_WINDOW_S} for an alert rule (got {w})"
+                ),
+            ));
+        }
     }
     crate::checks::Thresholds::parse(&pairs, module).map_err(|e| match e {
         ApiError::BadQuery {
@@ -436,12 +477,28 @@ impl Event {
     }
 }
 
-/// An anomaly a rule's condition holds for: its key, kind and when it stops
-/// counting (path changes only).
+/// An anomaly a rule's condition holds for, in short (its event has the evidence),
+/// and when it stops counting (path changes, and anomalies restored from the store).
 #[derive(Debug, Clone)]
 struct Open {
-    anomaly: Value,
+    event: u64,
+    anomaly: &'static str,
+    agent: String,
+    target: String,
+    message: String,
     until_ms: Option<i64>,
+}
+
+impl Open {
+    fn to_json(&self) -> Value {
+        json!({
+            "event": format!("e{}", self.event),
+            "anomaly": self.anomaly,
+            "agent": self.agent,
+            "target": self.target,
+            "message": self.message,
+        })
+    }
 }
 
 #[derive(Default)]
@@ -449,8 +506,14 @@ struct Inner {
     rules: BTreeMap<String, Rule>,
     phases: HashMap<String, Phase>,
     /// Per anomaly rule: the anomalies its condition holds for, by (agent, target,
-    /// family), at most [`MAX_OPEN`] each.
+    /// family), at most [`MAX_OPEN`] each and [`MAX_OPEN_TOTAL`] in all.
     open: HashMap<String, BTreeMap<(String, String, &'static str), Open>>,
+    open_total: usize,
+    /// Event numbers up to this one are reserved in the store for this backend.
+    seq_limit: u64,
+    /// Raised by every local change of rules, so a read of the store that began
+    /// before it does not undo it.
+    rules_gen: u64,
     alerts: VecDeque<Event>,
     anomalies: VecDeque<Event>,
     next_seq: u64,
@@ -469,8 +532,9 @@ pub struct Alerts {
     /// The newest event's sequence number: streams and webhooks wait on it.
     newest: tokio::sync::watch::Sender<u64>,
     settings: std::sync::OnceLock<Settings>,
-    /// This backend holds the engine's lease (see [`Lease`]).
-    leading: std::sync::atomic::AtomicBool,
+    /// Until when (ms, this host's clock) this backend may act as the engine: its
+    /// lease's end less a margin (see [`Lease`]); 0 when it does not hold it.
+    leading_until: std::sync::atomic::AtomicI64,
     pub counters: Counters,
 }
 
@@ -490,7 +554,7 @@ impl Default for Alerts {
             inner: Mutex::new(Inner::default()),
             newest: tokio::sync::watch::channel(0).0,
             settings: std::sync::OnceLock::new(),
-            leading: std::sync::atomic::AtomicBool::new(false),
+            leading_until: std::sync::atomic::AtomicI64::new(0),
             counters: Counters::default(),
         }
     }
@@ -526,20 +590,38 @@ impl Alerts {
         self.newest.subscribe()
     }
 
-    /// Every rule with its phase.
-    pub fn rules(&self) -> Vec<Value> {
+    /// Whether this backend runs the engine now.
+    pub fn is_leading(&self) -> bool {
+        now_ms() < self.leading_until.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Every rule with its phase, as `caller` may see it.
+    pub fn rules(&self, caller: &crate::security::Caller) -> Vec<Value> {
         let g = self.lock();
         g.rules
             .values()
-            .map(|r| r.view(g.phases.get(&r.id).unwrap_or(&Phase::Ok)))
+            .map(|r| {
+                r.view(
+                    g.phases.get(&r.id).unwrap_or(&Phase::Ok),
+                    caller.may_act_for(r.owner.as_deref()),
+                )
+            })
             .collect()
     }
 
-    pub fn rule(&self, id: &str) -> Option<Value> {
+    pub fn rule(&self, id: &str, caller: &crate::security::Caller) -> Option<Value> {
         let g = self.lock();
-        g.rules
-            .get(id)
-            .map(|r| r.view(g.phases.get(id).unwrap_or(&Phase::Ok)))
+        g.rules.get(id).map(|r| {
+            r.view(
+                g.phases.get(id).unwrap_or(&Phase::Ok),
+                caller.may_act_for(r.owner.as_deref()),
+            )
+        })
+    }
+
+    /// The newest event's number.
+    pub fn newest(&self) -> u64 {
+        *self.newest.borrow()
     }
 
     fn rule_of(&self, id: &str) -> Option<Rule> {
@@ -548,10 +630,13 @@ impl Alerts {
 
     /// How many rules fire now.
     pub fn firing(&self) -> usize {
-        self.lock()
-            .phases
-            .values()
-            .filter(|p| matches!(p, Phase::Firing { .. } | Phase::Recovering { .. }))
+        let g = self.lock();
+        g.phases
+            .iter()
+            .filter(|(id, p)| {
+                g.rules.contains_key(*id)
+                    && matches!(p, Phase::Firing { .. } | Phase::Recovering { .. })
+            })
             .count()
     }
 
@@ -608,9 +693,13 @@ impl Alerts {
         (g.alerts.len() >= RING && front > after.saturating_add(1)).then_some(front)
     }
 
-    /// Appends an event to its ring; returns it for storing.
-    fn push(g: &mut Inner, kind: &str, at_ms: i64, body: Value) -> Event {
-        g.next_seq = g.next_seq.saturating_add(1);
+    /// Appends an event to its ring; returns it for storing. None when no number is
+    /// reserved for it (this backend does not lead, or its block is used up).
+    fn push(g: &mut Inner, kind: &str, at_ms: i64, body: Value) -> Option<Event> {
+        if g.next_seq >= g.seq_limit {
+            return None;
+        }
+        g.next_seq += 1;
         let (ring, n) = if kind == "alert" {
             g.n_alert = g.n_alert.saturating_add(1);
             (&mut g.alerts, g.n_alert)
@@ -629,7 +718,7 @@ impl Alerts {
         while ring.len() > RING {
             ring.pop_front();
         }
-        e
+        Some(e)
     }
 }
 
@@ -647,8 +736,10 @@ async fn store_event(b: &Backend, e: &Event) {
 }
 
 /// Reads rules back from the store: new ones (made through another backend) are
-/// added, deleted ones dropped with their state and webhook task.
+/// added, deleted ones dropped with their state and webhook task. A local change
+/// made while the store was read wins (the next read catches up).
 pub async fn sync_rules(b: &Backend) -> Result<(), crate::store::StoreError> {
+    let gen = b.alerts.lock().rules_gen;
     let docs = b.store.docs(KIND_RULE).await?;
     let mut rules = BTreeMap::new();
     for (_, text) in docs {
@@ -662,6 +753,9 @@ pub async fn sync_rules(b: &Backend) -> Result<(), crate::store::StoreError> {
         }
     }
     let mut g = b.alerts.lock();
+    if g.rules_gen != gen {
+        return Ok(());
+    }
     let gone: Vec<String> = g
         .rules
         .keys()
@@ -669,18 +763,31 @@ pub async fn sync_rules(b: &Backend) -> Result<(), crate::store::StoreError> {
         .cloned()
         .collect();
     for id in gone {
-        g.phases.remove(&id);
-        g.open.remove(&id);
-        if let Some(h) = g.deliverers.remove(&id) {
-            h.abort();
-        }
+        forget_rule(&mut g, &id);
     }
     g.rules = rules;
     Ok(())
 }
 
+fn forget_rule(g: &mut Inner, id: &str) {
+    g.phases.remove(id);
+    if let Some(open) = g.open.remove(id) {
+        g.open_total = g.open_total.saturating_sub(open.len());
+    }
+    if let Some(h) = g.deliverers.remove(id) {
+        h.abort();
+    }
+}
+
+/// A rule's phase as stored when it fired or resolved.
+#[derive(Serialize, Deserialize)]
+struct PhaseDoc {
+    firing: bool,
+    since_ms: i64,
+}
+
 /// Reads events back from the store, replacing both rings, and each rule's phase
-/// from its last alert (firing stays firing).
+/// (firing stays firing).
 pub async fn sync_events(b: &Backend) -> Result<(), crate::store::StoreError> {
     let mut alerts: Vec<Event> = Vec::new();
     let mut anomalies: Vec<Event> = Vec::new();
@@ -692,6 +799,7 @@ pub async fn sync_events(b: &Backend) -> Result<(), crate::store::StoreError> {
         }
         out.sort_by_key(|e| e.seq);
     }
+    let phases = b.store.docs(KIND_PHASE).await?;
     let mut g = b.alerts.lock();
     g.next_seq = alerts
         .last()
@@ -701,20 +809,17 @@ pub async fn sync_events(b: &Backend) -> Result<(), crate::store::StoreError> {
     g.n_alert = alerts.iter().map(|e| e.n).max().unwrap_or(0);
     g.n_anomaly = anomalies.iter().map(|e| e.n).max().unwrap_or(0);
     g.phases.clear();
-    for e in &alerts {
-        if let (Some(id), Some(state)) = (e.rule_id(), e.body.get("state").and_then(Value::as_str))
-        {
-            let since = e
-                .body
-                .get("since_ms")
-                .and_then(Value::as_i64)
-                .unwrap_or(e.at_ms);
-            let phase = if state == "firing" {
-                Phase::Firing { since }
+    for (id, text) in phases {
+        if !g.rules.contains_key(&id) {
+            continue;
+        }
+        if let Ok(p) = serde_json::from_str::<PhaseDoc>(&text) {
+            let phase = if p.firing {
+                Phase::Firing { since: p.since_ms }
             } else {
                 Phase::Ok
             };
-            g.phases.insert(id.to_string(), phase);
+            g.phases.insert(id, phase);
         }
     }
     g.alerts = alerts.into();
@@ -731,7 +836,8 @@ pub async fn load(b: &Backend) -> Result<(), crate::store::StoreError> {
     sync_events(b).await
 }
 
-/// Adds a rule (checked against its measurement), stores it and starts its webhook.
+/// Adds a rule (checked against its measurement, which the caller must be allowed to
+/// act for), stores it and starts its webhook.
 pub async fn add_rule(
     b: &Arc<Backend>,
     input: RuleInput,
@@ -752,11 +858,21 @@ pub async fn add_rule(
             format!("measurement_id: no measurement {id}"),
         ));
     };
+    if !caller.may_act_for(m.owner.as_deref()) {
+        return Err(ApiError::Forbidden {
+            rule: "owner".into(),
+            message: format!(
+                "measurement {id} was made by another token: only it, or an admin, may put alert rules on it"
+            ),
+        });
+    }
     let mut rule = check_input(input, &m.module, &b.alerts.settings())?;
     rule.measurement_id = id;
     rule.owner = caller.token_id.clone();
+    let text = serde_json::to_string(&rule).map_err(|e| ApiError::Internal(e.to_string()))?;
     {
-        let g = b.alerts.lock();
+        // Counted and taken in one step: racing requests cannot pass the limits.
+        let mut g = b.alerts.lock();
         if g.rules.len() >= MAX_RULES {
             return Err(ApiError::OverLimit {
                 limit: "max_alert_rules",
@@ -766,28 +882,44 @@ pub async fn add_rule(
                 ),
             });
         }
+        let owned = g.rules.values().filter(|r| r.owner == rule.owner).count();
+        if rule.owner.is_some() && owned >= MAX_RULES_PER_OWNER {
+            return Err(ApiError::OverLimit {
+                limit: "max_alert_rules_per_token",
+                field: "name".into(),
+                message: format!(
+                    "a token may own at most {MAX_RULES_PER_OWNER} alert rules; delete one first"
+                ),
+            });
+        }
+        g.rules_gen += 1;
+        g.rules.insert(rule.id.clone(), rule.clone());
     }
-    let text = serde_json::to_string(&rule).map_err(|e| ApiError::Internal(e.to_string()))?;
-    b.store
-        .put_doc(KIND_RULE, &rule.id, &text, now_ms())
-        .await?;
-    let view = rule.view(&Phase::Ok);
-    let has_webhook = rule.webhook.is_some();
-    let rid = rule.id.clone();
-    b.alerts.lock().rules.insert(rule.id.clone(), rule);
-    if has_webhook {
+    if rule.webhook.is_some() {
         // Its webhook starts at the newest event: it hears only its own alerts,
         // and it has none yet.
-        let start = *b.alerts.newest.borrow();
-        let _ = b
+        let start = b.alerts.newest();
+        let stored = b
             .store
-            .put_doc(KIND_DELIVERED, &rid, &start.to_string(), now_ms())
+            .put_doc(KIND_DELIVERED, &rule.id, &start.to_string(), now_ms())
             .await;
-        if b.alerts.leading.load(std::sync::atomic::Ordering::SeqCst) {
-            ensure_deliverer(b, &rid);
+        if let Err(e) = stored {
+            let mut g = b.alerts.lock();
+            g.rules_gen += 1;
+            g.rules.remove(&rule.id);
+            return Err(e.into());
         }
     }
-    Ok(view)
+    if let Err(e) = b.store.put_doc(KIND_RULE, &rule.id, &text, now_ms()).await {
+        let mut g = b.alerts.lock();
+        g.rules_gen += 1;
+        g.rules.remove(&rule.id);
+        return Err(e.into());
+    }
+    if rule.webhook.is_some() && b.alerts.is_leading() {
+        ensure_deliverer(b, &rule.id);
+    }
+    Ok(rule.view(&Phase::Ok, true))
 }
 
 /// Deletes a rule (its maker or an admin); its events stay.
@@ -807,15 +939,16 @@ pub async fn delete_rule(
             ),
         });
     }
+    {
+        // Its webhook stops first, so it cannot write its position back.
+        let mut g = b.alerts.lock();
+        g.rules_gen += 1;
+        g.rules.remove(id);
+        forget_rule(&mut g, id);
+    }
     b.store.delete_doc(KIND_RULE, id).await?;
     let _ = b.store.delete_doc(KIND_DELIVERED, id).await;
-    let mut g = b.alerts.lock();
-    g.rules.remove(id);
-    g.phases.remove(id);
-    g.open.remove(id);
-    if let Some(h) = g.deliverers.remove(id) {
-        h.abort();
-    }
+    let _ = b.store.delete_doc(KIND_PHASE, id).await;
     Ok(json!({"deleted": id}))
 }
 
@@ -832,6 +965,7 @@ fn ensure_deliverer(b: &Arc<Backend>, id: &str) {
 /// One rule's webhook: its alerts in order, each until the receiver takes it
 /// (a 2xx), waiting 1 s, 2 s, 4 s … up to the maximum between tries. The position
 /// is stored after each delivery, so a restart resends at most the one in flight.
+/// Only while this backend leads: it checks before every call.
 async fn deliver(b: Arc<Backend>, id: String) {
     let settings = b.alerts.settings();
     let client = match webhook::client(&settings) {
@@ -843,7 +977,11 @@ async fn deliver(b: Arc<Backend>, id: String) {
     };
     let mut after: u64 = match b.store.doc(KIND_DELIVERED, &id).await {
         Ok(Some(t)) => t.trim().parse().unwrap_or(0),
-        _ => 0,
+        Ok(None) => b.alerts.newest(),
+        Err(e) => {
+            tracing::warn!(error = %e, rule = %id, "webhook position not read; next turn");
+            return;
+        }
     };
     let mut newest = b.alerts.watch();
     loop {
@@ -853,6 +991,9 @@ async fn deliver(b: Arc<Backend>, id: String) {
         let Some(hook) = rule.webhook else {
             return;
         };
+        if !b.alerts.is_leading() {
+            return;
+        }
         if let Some(front) = b.alerts.ring_passed(after) {
             // The receiver was away for longer than the ring holds: alerts between
             // `after` and the ring's oldest are gone (counted; the gap is logged).
@@ -861,7 +1002,7 @@ async fn deliver(b: Arc<Backend>, id: String) {
                 .gaps
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(rule = %id, after, front, "alerts left the ring before delivery");
-            after = front - 1;
+            after = front.saturating_sub(1);
         }
         let Some(ev) = b.alerts.next_alert(&id, after) else {
             // Nothing to send: wait for a new event (or look again in a while).
@@ -871,6 +1012,9 @@ async fn deliver(b: Arc<Backend>, id: String) {
         let body = serde_json::to_vec(&ev.to_json()).unwrap_or_default();
         let mut wait = Duration::from_secs(1);
         loop {
+            if !b.alerts.is_leading() || b.alerts.rule_of(&id).is_none() {
+                return;
+            }
             match webhook::send(&client, &hook, &settings, &format!("e{}", ev.seq), &body).await {
                 Ok(()) => {
                     b.alerts
@@ -887,13 +1031,13 @@ async fn deliver(b: Arc<Backend>, id: String) {
                     tracing::info!(rule = %id, event = ev.seq, error = %e, retry_in_ms = wait.as_millis() as u64, "webhook failed; will retry");
                     tokio::time::sleep(webhook::jitter(wait)).await;
                     wait = (wait * 2).min(settings.max_backoff);
-                    if b.alerts.rule_of(&id).is_none() {
-                        return;
-                    }
                 }
             }
         }
         after = ev.seq;
+        if b.alerts.rule_of(&id).is_none() {
+            return;
+        }
         if let Err(e) = b
             .store
             .put_doc(KIND_DELIVERED, &id, &after.to_string(), now_ms())
@@ -905,7 +1049,8 @@ async fn deliver(b: Arc<Backend>, id: String) {
 }
 
 /// How long the engine's lease lasts, when it is renewed (this much left), and how
-/// long before its end a holder stops (so two never run at once).
+/// long before its end a holder stops (so two never run at once, given clocks that
+/// agree within the margin).
 const LEASE_MS: i64 = 15_000;
 const RENEW_MS: i64 = 12_000;
 const MARGIN_MS: i64 = 5_000;
@@ -913,8 +1058,9 @@ const KIND_LEASE: &str = "lease";
 
 /// With several backends on one database, one runs the engine (detector, rules,
 /// webhooks): the one holding a lease document, taken and renewed by compare and
-/// set. A holder that cannot renew stops [`MARGIN_MS`] before its lease ends; another
-/// takes it once it has ended.
+/// set in a task of its own (so a long turn of the engine cannot outlive it). A
+/// holder that cannot renew stops [`MARGIN_MS`] before its lease ends: every event,
+/// rule judgement and webhook call checks first. Another takes it once it has ended.
 #[derive(Default)]
 struct Lease {
     until_ms: i64,
@@ -973,39 +1119,184 @@ impl Lease {
     }
 }
 
+/// Keeps the lease: every second, takes or renews it and publishes until when this
+/// backend may act (`Alerts::is_leading`).
+async fn keep_lease(b: Arc<Backend>) {
+    let mut lease = Lease::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let until = if lease.hold(&b).await {
+            lease.until_ms.saturating_sub(MARGIN_MS)
+        } else {
+            0
+        };
+        b.alerts
+            .leading_until
+            .store(until, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Reserves event numbers up to `SEQ_BLOCK` past `from` (at least the stored
+/// reservation), by compare and set on the stored high-water mark.
+async fn reserve_seqs(b: &Backend, from: u64) -> Result<bool, crate::store::StoreError> {
+    let cur = b.store.doc(KIND_SEQ, "limit").await?;
+    let stored: u64 = cur
+        .as_deref()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    let base = from.max(stored);
+    let limit = base.saturating_add(SEQ_BLOCK);
+    if !b
+        .store
+        .swap_doc(
+            KIND_SEQ,
+            "limit",
+            cur.as_deref(),
+            &limit.to_string(),
+            now_ms(),
+        )
+        .await?
+    {
+        return Ok(false);
+    }
+    let mut g = b.alerts.lock();
+    g.next_seq = g.next_seq.max(base);
+    g.seq_limit = limit;
+    Ok(true)
+}
+
+/// Becomes the engine: reads everything back, numbers events past every number
+/// given out before (stored events, webhook positions, the stored reservation), and
+/// reopens the anomalies of anomaly rules from the stored anomaly events.
+pub async fn start_leading(b: &Backend) -> Result<bool, crate::store::StoreError> {
+    load(b).await?;
+    let delivered = b
+        .store
+        .docs(KIND_DELIVERED)
+        .await?
+        .iter()
+        .filter_map(|(_, t)| t.trim().parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    let from = b.alerts.lock().next_seq.max(delivered);
+    if !reserve_seqs(b, from).await? {
+        return Ok(false);
+    }
+    let mut g = b.alerts.lock();
+    for open in g.open.values_mut() {
+        open.clear();
+    }
+    g.open_total = 0;
+    let events: Vec<Event> = g.anomalies.iter().cloned().collect();
+    let now = now_ms();
+    for e in events {
+        reopen(&mut g, &e, now.saturating_add(RESTORED_HOLD_S * 1000), now);
+    }
+    let newest = g.next_seq;
+    drop(g);
+    b.alerts.newest.send_replace(newest);
+    Ok(true)
+}
+
+/// Opens (or closes) anomaly event `e` on the anomaly rules of its measurement;
+/// `hold` is how long an opened one counts (path changes count [`PATH_HOLD_S`]
+/// from `now` at most).
+fn reopen(g: &mut Inner, e: &Event, hold: i64, now: i64) {
+    let s = |k: &str| e.body.get(k).and_then(Value::as_str).unwrap_or_default();
+    let Some(kind) = Kind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .find(|k| *k == s("anomaly"))
+    else {
+        return;
+    };
+    let measurement = s("measurement_id").to_string();
+    let (fam, closes_with) = family(kind);
+    let rules: Vec<(String, bool, bool)> = g
+        .rules
+        .values()
+        .filter(|r| r.kind == RuleKind::Anomaly && r.measurement_id == measurement)
+        .map(|r| {
+            (
+                r.id.clone(),
+                r.anomalies.iter().any(|x| x == kind),
+                closes_with.is_some_and(|c| r.anomalies.iter().any(|x| x == c)),
+            )
+        })
+        .collect();
+    let k = (s("agent").to_string(), s("target").to_string(), fam);
+    for (rid, opens, closes) in rules {
+        let total = g.open_total;
+        let open = g.open.entry(rid).or_default();
+        if opens {
+            if !open.contains_key(&k) && (open.len() >= MAX_OPEN || total >= MAX_OPEN_TOTAL) {
+                continue;
+            }
+            let until_ms = if fam == "path" {
+                Some(hold.min(now.saturating_add(PATH_HOLD_S * 1000)))
+            } else if hold == i64::MAX {
+                None
+            } else {
+                Some(hold)
+            };
+            let added = open
+                .insert(
+                    k.clone(),
+                    Open {
+                        event: e.seq,
+                        anomaly: kind,
+                        agent: k.0.clone(),
+                        target: k.1.clone(),
+                        message: s("message").chars().take(512).collect(),
+                        until_ms,
+                    },
+                )
+                .is_none();
+            if added {
+                g.open_total += 1;
+            }
+        } else if closes && open.remove(&k).is_some() {
+            g.open_total = g.open_total.saturating_sub(1);
+        }
+    }
+}
+
 /// What the engine keeps while this backend leads.
 struct Engine {
     cursor: i64,
     detector: Detector,
     judged: Option<tokio::time::Instant>,
+    /// Where the last judging turn stopped (it has a time budget).
+    judge_from: usize,
 }
 
-/// The engine: every second, takes or renews the lease. Leading, it follows stored
-/// results for the detector, judges rules every `Settings::every` and runs the
-/// webhooks; not leading, it reads rules and events back from the store every few
-/// seconds so that its API answers as the leader's.
+/// The engine: a task keeps the lease ([`keep_lease`]); leading, every second this
+/// follows stored results for the detector, reads rules back (made through other
+/// backends) every 5 s, judges rules every `Settings::every` within a time budget,
+/// and runs the webhooks; not leading, it stops them all and reads rules and events
+/// back every 5 s so that its API answers as the leader's.
 pub async fn run(b: Arc<Backend>) {
+    tokio::spawn(keep_lease(b.clone()));
     let every = b.alerts.settings().every;
     let mut tick = tokio::time::interval(Duration::from_secs(1).min(every));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut lease = Lease::default();
     let mut engine: Option<Engine> = None;
     let mut synced: Option<tokio::time::Instant> = None;
+    let sync_every = Duration::from_secs(5);
     loop {
         tick.tick().await;
-        let leading = lease.hold(&b).await;
-        b.alerts
-            .leading
-            .store(leading, std::sync::atomic::Ordering::SeqCst);
         let now = tokio::time::Instant::now();
-        if !leading {
+        if !b.alerts.is_leading() {
             if engine.take().is_some() {
-                tracing::info!("alert engine: lease lost; webhooks stop here");
-                for (_, h) in b.alerts.lock().deliverers.drain() {
-                    h.abort();
-                }
+                tracing::info!("alert engine: lease lost; stopping here");
             }
-            if synced.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5)) {
+            for (_, h) in b.alerts.lock().deliverers.drain() {
+                h.abort();
+            }
+            b.alerts.lock().seq_limit = 0;
+            if synced.is_none_or(|t| now.duration_since(t) >= sync_every) {
                 synced = Some(now);
                 if let Err(e) = load(&b).await {
                     tracing::debug!(error = %e, "alerts not read back");
@@ -1019,36 +1310,54 @@ pub async fn run(b: Arc<Backend>) {
                 // Leading from now: the store has what the last leader did. The
                 // detector starts at the newest result: its baselines are learnt
                 // anew (a few results per key).
-                let cursor = match load(&b).await {
-                    Ok(()) => b.store.latest_position().await,
+                let started = match start_leading(&b).await {
+                    Ok(true) => b.store.latest_position().await.map(Some),
+                    Ok(false) => Ok(None),
                     Err(e) => Err(e),
                 };
-                let Ok(cursor) = cursor.inspect_err(
-                    |e| tracing::warn!(error = %e, "alert engine: store unreadable; next turn"),
-                ) else {
-                    continue;
+                let cursor = match started {
+                    Ok(Some(c)) => c,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "alert engine: store unreadable; next turn");
+                        continue;
+                    }
                 };
                 tracing::info!("alert engine: leading");
                 start_deliverers(&b);
+                synced = Some(now);
                 engine.insert(Engine {
                     cursor,
                     detector: Detector::new(crate::anomaly::Config::default()),
                     judged: None,
+                    judge_from: 0,
                 })
             }
         };
+        // Numbers for the next events, well ahead of need.
+        let (next, limit) = {
+            let g = b.alerts.lock();
+            (g.next_seq, g.seq_limit)
+        };
+        if limit.saturating_sub(next) < SEQ_BLOCK / 2 {
+            if let Err(err) = reserve_seqs(&b, limit).await {
+                tracing::warn!(error = %err, "alert engine: event numbers not reserved");
+            }
+        }
         match follow(&b, &mut e.detector, e.cursor).await {
             Ok(c) => e.cursor = c,
             Err(err) => tracing::warn!(error = %err, "alert follower: read failed; next turn"),
         }
-        if e.judged.is_none_or(|t| now.duration_since(t) >= every) {
-            e.judged = Some(now);
-            // Rules made or deleted through other backends.
+        if synced.is_none_or(|t| now.duration_since(t) >= sync_every) {
+            synced = Some(now);
             if let Err(err) = sync_rules(&b).await {
                 tracing::debug!(error = %err, "alert rules not read back");
             }
             start_deliverers(&b);
-            judge(&b).await;
+        }
+        if e.judged.is_none_or(|t| now.duration_since(t) >= every) {
+            e.judged = Some(now);
+            e.judge_from = judge(&b, e.judge_from, every.max(Duration::from_secs(5))).await;
         }
     }
 }
@@ -1124,7 +1433,8 @@ pub async fn follow(
     Ok(cursor)
 }
 
-/// Records one anomaly as an event and opens (or closes) it on matching rules.
+/// Records one anomaly as an event and opens (or closes) it on the anomaly rules of
+/// its measurement. Only while this backend leads (and has numbers reserved).
 pub async fn record_anomaly(b: &Backend, a: Anomaly, measurement: Option<String>) {
     b.alerts
         .counters
@@ -1137,52 +1447,40 @@ pub async fn record_anomaly(b: &Backend, a: Anomaly, measurement: Option<String>
         o.remove("kind");
         o.remove("at_ms");
     }
-    let kind = a.kind.as_str();
-    let (fam, closes_with) = family(kind);
     let event = {
         let mut g = b.alerts.lock();
-        let e = Alerts::push(&mut g, "anomaly", a.at_ms, body.clone());
-        let rules: Vec<(String, Vec<String>)> = g
-            .rules
-            .values()
-            .filter(|r| {
-                r.kind == RuleKind::Anomaly && Some(&r.measurement_id) == measurement.as_ref()
-            })
-            .map(|r| (r.id.clone(), r.anomalies.clone()))
-            .collect();
-        for (rid, kinds) in rules {
-            let open = g.open.entry(rid).or_default();
-            let k = (a.key.agent.clone(), a.key.target.clone(), fam);
-            if kinds.iter().any(|x| x == kind) {
-                if open.len() < MAX_OPEN || open.contains_key(&k) {
-                    let until_ms =
-                        (fam == "path").then(|| now_ms().saturating_add(PATH_HOLD_S * 1000));
-                    let mut shown = body.clone();
-                    if let Some(o) = shown.as_object_mut() {
-                        o.insert("event".into(), json!(format!("e{}", e.seq)));
-                    }
-                    open.insert(
-                        k,
-                        Open {
-                            anomaly: shown,
-                            until_ms,
-                        },
-                    );
-                }
-            } else if closes_with.is_some_and(|c| kinds.iter().any(|x| x == c)) {
-                open.remove(&k);
-            }
-        }
+        let Some(e) = Alerts::push(&mut g, "anomaly", a.at_ms, body) else {
+            tracing::debug!("anomaly not recorded: this backend does not lead");
+            return;
+        };
+        reopen(&mut g, &e, i64::MAX, now_ms());
         e
     };
-    b.alerts.newest.send_replace(event.seq);
+    // Stored, then announced.
     store_event(b, &event).await;
+    b.alerts.newest.send_replace(event.seq);
 }
 
-/// Judges every rule once; records what fired and resolved.
-pub async fn judge(b: &Arc<Backend>) {
+/// Judges the rules, starting at the `from`-th, until each was judged once or the
+/// `budget` is spent; records what fired and resolved. Returns where to start next.
+pub async fn judge(b: &Arc<Backend>, from: usize, budget: Duration) -> usize {
+    let started = tokio::time::Instant::now();
     let rules: Vec<Rule> = b.alerts.lock().rules.values().cloned().collect();
-    for rule in rules {
+    let n = rules.len();
+    for i in 0..n {
+        let at = (from + i) % n;
+        if started.elapsed() >= budget {
+            tracing::warn!(
+                judged = i,
+                rules = n,
+                "alert rules: the turn's time ran out; the rest go first next turn"
+            );
+            return at;
+        }
+        if !b.alerts.is_leading() {
+            return at;
+        }
+        let rule = &rules[at];
         let now = now_ms();
         let (holds, details) = match rule.kind {
             RuleKind::Threshold => {
@@ -1204,6 +1502,10 @@ pub async fn judge(b: &Arc<Backend>) {
                             }),
                         )
                     }
+                    Err(ApiError::NotFound(m)) => {
+                        // The measurement is gone: nothing breaches any more.
+                        (false, json!({"summary": m}))
+                    }
                     Err(e) => {
                         tracing::debug!(rule = %rule.id, error = %e, "alert rule not judged");
                         continue;
@@ -1212,27 +1514,35 @@ pub async fn judge(b: &Arc<Backend>) {
             }
             RuleKind::Anomaly => {
                 let mut g = b.alerts.lock();
-                let open = g.open.entry(rule.id.clone()).or_default();
-                open.retain(|_, o| o.until_ms.is_none_or(|u| u > now));
-                let listed: Vec<Value> = open
-                    .values()
-                    .take(MAX_LISTED)
-                    .map(|o| o.anomaly.clone())
-                    .collect();
-                let n = open.len();
-                (
-                    n > 0,
-                    json!({
-                        "summary": if n == 0 {
-                            "no anomaly open".to_string()
-                        } else {
-                            format!("{n} anomal{} open: {}", if n == 1 { "y" } else { "ies" },
-                                listed.iter().filter_map(|a| a.get("message").and_then(Value::as_str)).take(3).collect::<Vec<_>>().join("; "))
-                        },
-                        "open_anomalies": n,
-                        "anomalies": listed,
-                    }),
-                )
+                let removed;
+                let (holds, details) = {
+                    let open = g.open.entry(rule.id.clone()).or_default();
+                    let before = open.len();
+                    open.retain(|_, o| o.until_ms.is_none_or(|u| u > now));
+                    removed = before - open.len();
+                    let listed: Vec<Value> =
+                        open.values().take(MAX_LISTED).map(Open::to_json).collect();
+                    let n = open.len();
+                    let words: Vec<String> = open
+                        .values()
+                        .take(3)
+                        .map(|o| format!("{} {}: {}", o.agent, o.target, o.message))
+                        .collect();
+                    (
+                        n > 0,
+                        json!({
+                            "summary": if n == 0 {
+                                "no anomaly open".to_string()
+                            } else {
+                                format!("{n} anomal{} open: {}", if n == 1 { "y" } else { "ies" }, words.join("; "))
+                            },
+                            "open_anomalies": n,
+                            "anomalies": listed,
+                        }),
+                    )
+                };
+                g.open_total = g.open_total.saturating_sub(removed);
+                (holds, details)
             }
         };
         let event = {
@@ -1242,35 +1552,58 @@ pub async fn judge(b: &Arc<Backend>) {
             }
             let phase = g.phases.get(&rule.id).copied().unwrap_or_default();
             let (next, changed) = phase.step(holds, now, rule.for_s, rule.recovery_s);
-            g.phases.insert(rule.id.clone(), next);
-            changed.map(|fired| {
-                let since = match (fired, phase) {
-                    (true, _) => next.since().unwrap_or(now),
-                    (false, p) => p.since().unwrap_or(now),
-                };
-                let mut body = json!({
-                    "rule_id": rule.id,
-                    "rule_name": rule.name,
-                    "measurement_id": rule.measurement_id,
-                    "rule_kind": rule.kind,
-                    "state": if fired { "firing" } else { "resolved" },
-                    "since_ms": since,
-                    "since": crate::api::rfc3339(since),
-                });
-                if let (Some(o), Some(d)) = (body.as_object_mut(), details.as_object()) {
-                    for (k, v) in d {
-                        o.insert(k.clone(), v.clone());
-                    }
+            match changed {
+                None => {
+                    g.phases.insert(rule.id.clone(), next);
+                    None
                 }
-                Alerts::push(&mut g, "alert", now, body)
-            })
+                Some(fired) => {
+                    let since = match (fired, phase) {
+                        (true, _) => next.since().unwrap_or(now),
+                        (false, p) => p.since().unwrap_or(now),
+                    };
+                    let mut body = json!({
+                        "rule_id": rule.id,
+                        "rule_name": rule.name,
+                        "measurement_id": rule.measurement_id,
+                        "rule_kind": rule.kind,
+                        "state": if fired { "firing" } else { "resolved" },
+                        "since_ms": since,
+                        "since": crate::api::rfc3339(since),
+                    });
+                    if let (Some(o), Some(d)) = (body.as_object_mut(), details.as_object()) {
+                        for (k, v) in d {
+                            o.insert(k.clone(), v.clone());
+                        }
+                    }
+                    // No number, no change: judged again next turn.
+                    let e = Alerts::push(&mut g, "alert", now, body);
+                    if e.is_some() {
+                        g.phases.insert(rule.id.clone(), next);
+                    }
+                    e.map(|e| (e, fired, since))
+                }
+            }
         };
-        if let Some(e) = event {
+        if let Some((e, fired, since)) = event {
             tracing::info!(rule = %rule.id, event = e.seq, state = %e.body["state"], "alert");
-            b.alerts.newest.send_replace(e.seq);
             store_event(b, &e).await;
+            let phase = serde_json::to_string(&PhaseDoc {
+                firing: fired,
+                since_ms: since,
+            })
+            .unwrap_or_default();
+            if let Err(err) = b
+                .store
+                .put_doc(KIND_PHASE, &rule.id, &phase, now_ms())
+                .await
+            {
+                tracing::warn!(error = %err, rule = %rule.id, "alert rule's phase not stored");
+            }
+            b.alerts.newest.send_replace(e.seq);
         }
     }
+    0
 }
 
 #[cfg(test)]
@@ -1366,6 +1699,18 @@ mod tests {
         }
     }
 
+    /// Makes `b` the engine, as `run` does once it holds the lease.
+    async fn lead(b: &Backend) {
+        b.alerts
+            .leading_until
+            .store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+        assert!(start_leading(b).await.unwrap());
+    }
+
+    async fn judge_all(b: &Arc<Backend>) {
+        assert_eq!(judge(b, 0, Duration::from_secs(60)).await, 0);
+    }
+
     #[tokio::test]
     async fn rules_events_and_states_survive_a_restart_and_numbers_go_on() {
         let dir = std::env::temp_dir().join(format!(
@@ -1392,7 +1737,10 @@ mod tests {
             })
             .await
             .unwrap();
-        load(&b).await.unwrap();
+        // Not leading: nothing is recorded.
+        record_anomaly(&b, shift("a1", 5, Kind::RttShiftUp), Some("m1".into())).await;
+        assert!(b.alerts.events(0, 100, false, None, |_| true).is_empty());
+        lead(&b).await;
         let input: RuleInput = serde_json::from_value(json!({
             "name": "shift", "measurement_id": "m1", "anomalies": ["rtt_shift_up"]}))
         .unwrap();
@@ -1400,10 +1748,10 @@ mod tests {
         let id = rule["id"].as_str().unwrap().to_string();
         // An anomaly of another measurement does not open it; its own does.
         record_anomaly(&b, shift("a1", 10, Kind::RttShiftUp), Some("m2".into())).await;
-        judge(&b).await;
+        judge_all(&b).await;
         assert_eq!(b.alerts.firing(), 0);
         record_anomaly(&b, shift("a1", 20, Kind::RttShiftUp), Some("m1".into())).await;
-        judge(&b).await;
+        judge_all(&b).await;
         assert_eq!(b.alerts.firing(), 1);
         let before = b.alerts.events(0, 100, false, None, |_| true);
         assert_eq!(
@@ -1421,7 +1769,8 @@ mod tests {
         // event are back, and new events are numbered after them.
         let b2 = backend(&path).await;
         load(&b2).await.unwrap();
-        assert_eq!(b2.alerts.rule(&id).unwrap()["state"], json!("firing"));
+        let me = crate::security::Caller::default();
+        assert_eq!(b2.alerts.rule(&id, &me).unwrap()["state"], json!("firing"));
         let after = b2.alerts.events(0, 100, false, None, |_| true);
         assert_eq!(
             after
@@ -1433,13 +1782,18 @@ mod tests {
                 .map(|e| (e.seq, e.to_json()))
                 .collect::<Vec<_>>()
         );
+        // Leading, it reopens the stored anomaly: still firing, no false resolve.
+        lead(&b2).await;
+        judge_all(&b2).await;
+        assert_eq!(b2.alerts.firing(), 1);
+        // The shift back down closes it; numbers go on past every one the first
+        // backend reserved (so none is given out twice, stored or not).
         record_anomaly(&b2, shift("a1", 30, Kind::RttShiftDown), Some("m1".into())).await;
         let newest = b2.alerts.events(0, 1, true, None, |_| true);
-        assert_eq!(newest[0].seq, before[2].seq + 1);
-        // The open anomalies were in memory: after the restart the rule resolves
-        // on its next turn (nothing open), once.
-        judge(&b2).await;
-        judge(&b2).await;
+        assert_eq!(newest[0].seq, SEQ_BLOCK + 1);
+        assert!(newest[0].seq > before[2].seq);
+        judge_all(&b2).await;
+        judge_all(&b2).await;
         let alerts = b2.alerts.events(0, 100, false, Some("alert"), |_| true);
         assert_eq!(
             alerts
@@ -1452,7 +1806,7 @@ mod tests {
         delete_rule(&b2, &id, &Default::default()).await.unwrap();
         let b3 = backend(&path).await;
         load(&b3).await.unwrap();
-        assert!(b3.alerts.rules().is_empty());
+        assert!(b3.alerts.rules(&me).is_empty());
         assert_eq!(b3.alerts.events(0, 100, false, None, |_| true).len(), 5);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -1521,7 +1875,10 @@ mod tests {
 
     #[test]
     fn each_ring_keeps_its_newest_events() {
-        let mut g = Inner::default();
+        let mut g = Inner {
+            seq_limit: 20_000,
+            ..Default::default()
+        };
         for i in 0..RING + 5 {
             Alerts::push(&mut g, "anomaly", i as i64, json!({}));
         }
@@ -1532,6 +1889,10 @@ mod tests {
         assert_eq!(g.alerts.len(), 1);
         assert_eq!(g.alerts[0].seq, RING as u64 + 6);
         assert_eq!(g.alerts[0].n, 1);
+        // No number left in the reserved block: nothing is added.
+        g.seq_limit = g.next_seq;
+        assert!(Alerts::push(&mut g, "alert", 0, json!({})).is_none());
+        assert_eq!(g.alerts.len(), 1);
     }
 
     fn input(v: Value) -> Result<Rule, ApiError> {
@@ -1626,6 +1987,29 @@ mod tests {
             field(hook("https://example.net/hook", "short")),
             ("webhook.secret".into(), "length".into())
         );
-        assert!(hook("https://example.net/hook", "0123456789abcdef").is_ok());
+        assert_eq!(
+            field(hook("https://user:pw@example.net/hook", "0123456789abcdef")),
+            ("webhook.url".into(), "address".into())
+        );
+        assert_eq!(
+            field(input(
+                json!({"name": "x", "measurement_id": "m", "thresholds": {"window_s": 86400}})
+            )),
+            ("thresholds.window_s".into(), "range".into())
+        );
+        let ok = hook(
+            "https://example.net/hook/T0/B1/secret-part?key=k",
+            "0123456789abcdef",
+        )
+        .unwrap();
+        // Its owner sees the URL; others its scheme and host only.
+        assert_eq!(
+            ok.view(&Phase::Ok, true)["webhook"]["url"],
+            json!("https://example.net/hook/T0/B1/secret-part?key=k")
+        );
+        assert_eq!(
+            ok.view(&Phase::Ok, false)["webhook"]["url"],
+            json!("https://example.net/…")
+        );
     }
 }

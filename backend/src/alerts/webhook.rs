@@ -23,16 +23,33 @@ use super::{Settings, Webhook};
 /// The longest webhook URL.
 pub const MAX_URL: usize = 2_048;
 
-/// Whether a call may go to `ip`.
+/// Whether a call may go to `ip`: a public address, or one in a special network
+/// that an allow entry inside that network opens (as the agents' policy reads its
+/// allow entries: `0.0.0.0/0` opens no special network, `127.0.0.0/8` opens
+/// loopback), in every form that carries an IPv4 address.
 pub fn address_allowed(ip: IpAddr, allow: &[Cidr]) -> Result<(), String> {
-    if allow.iter().any(|c| c.contains(ip)) {
-        return Ok(());
-    }
     let builtin = TargetPolicy {
         rules: Vec::new(),
         builtin: true,
     };
-    builtin.check(ip).map_err(|d| {
+    let verdict = builtin.check(ip);
+    if verdict.is_ok() {
+        return Ok(());
+    }
+    if !allow.is_empty() {
+        let opened = TargetPolicy {
+            rules: vec![imn_proto::policy::Rule {
+                name: "webhook-allow".into(),
+                allow: allow.to_vec(),
+                deny: Vec::new(),
+            }],
+            builtin: true,
+        };
+        if opened.check(ip).is_ok() {
+            return Ok(());
+        }
+    }
+    verdict.map_err(|d| {
         format!(
             "{ip} is refused ({}); a backend flag --webhook-allow naming its network opens it",
             d.network.map(|n| n.to_string()).unwrap_or_default()
@@ -49,6 +66,9 @@ pub fn check_url(url: &str, settings: &Settings) -> Result<(), String> {
     let u = reqwest::Url::parse(url).map_err(|e| format!("not a URL ({e})"))?;
     if u.scheme() != "http" && u.scheme() != "https" {
         return Err(format!("http or https, not {}", u.scheme()));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err("no user or password in the URL: the receiver checks the signature".into());
     }
     match u.host() {
         None => Err("no host".into()),
@@ -143,7 +163,9 @@ pub async fn send(
         .send()
         .await
         .map_err(|e| {
-            // The resolver's refusal is the useful part of the chain.
+            // The resolver's refusal is the useful part of the chain; the URL (which
+            // may hold the receiver's own credential) is left out of logs.
+            let e = e.without_url();
             let mut s = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(x) = src {
@@ -204,7 +226,24 @@ mod tests {
         }
         let allow = vec![Cidr::parse("127.0.0.0/8").unwrap()];
         assert!(address_allowed("127.0.0.1".parse().unwrap(), &allow).is_ok());
+        assert!(address_allowed("::ffff:127.0.0.1".parse().unwrap(), &allow).is_ok());
         assert!(address_allowed("10.0.0.1".parse().unwrap(), &allow).is_err());
         assert!(address_allowed("93.184.216.34".parse().unwrap(), &[]).is_ok());
+        assert!(address_allowed("93.184.216.34".parse().unwrap(), &allow).is_ok());
+        // A wide entry opens no special network inside it.
+        let wide = vec![
+            Cidr::parse("0.0.0.0/0").unwrap(),
+            Cidr::parse("::/0").unwrap(),
+        ];
+        for ip in [
+            "127.0.0.1",
+            "169.254.169.254",
+            "::1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(address_allowed(ip, &wide).is_err(), "{ip}");
+        }
     }
 }

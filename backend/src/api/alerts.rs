@@ -18,16 +18,18 @@ pub(super) async fn create_alert_rule(
 }
 
 /// `GET /v1/alert-rules`: every rule, with its state.
-pub(super) async fn alert_rules(State(b): State<Arc<Backend>>) -> Json<Value> {
-    Json(json!({ "rules": b.alerts.rules(), "firing": b.alerts.firing() }))
+pub(super) async fn alert_rules(State(b): State<Arc<Backend>>, caller: CallerExt) -> Json<Value> {
+    let caller = caller_of(caller);
+    Json(json!({ "rules": b.alerts.rules(&caller), "firing": b.alerts.firing() }))
 }
 
 pub(super) async fn alert_rule(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
+    caller: CallerExt,
 ) -> Result<Json<Value>, ApiError> {
     b.alerts
-        .rule(&id)
+        .rule(&id, &caller_of(caller))
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no alert rule {id}")))
 }
@@ -59,6 +61,8 @@ fn event_cursor(field: &str, c: &str) -> Result<u64, ApiError> {
 #[derive(Default)]
 struct EventQuery {
     after: u64,
+    /// `after` was given.
+    after_given: bool,
     limit: usize,
     newest: bool,
     rule: Option<String>,
@@ -87,7 +91,10 @@ fn event_query(query: Option<&str>, stream: bool) -> Result<EventQuery, ApiError
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()).take(16) {
         let v = v.into_owned();
         match k.as_ref() {
-            "after" => q.after = event_cursor("after", &v)?,
+            "after" => {
+                q.after = event_cursor("after", &v)?;
+                q.after_given = true;
+            }
             "limit" if !stream => {
                 q.limit = v
                     .parse::<usize>()
@@ -155,6 +162,20 @@ impl EventQuery {
     }
 }
 
+/// An event id past the newest was never given out (or comes from another
+/// database): refused, rather than waiting for numbers to catch up.
+fn check_after(b: &Backend, field: &str, after: u64) -> Result<(), ApiError> {
+    let newest = b.alerts.newest();
+    if after > newest {
+        return Err(ApiError::BadQuery {
+            field: field.into(),
+            rule: "range".into(),
+            message: format!("{field}: e{after} is past the newest event (e{newest})"),
+        });
+    }
+    Ok(())
+}
+
 fn event_page(b: &Backend, q: &EventQuery, kind: &str) -> Json<Value> {
     let events = b
         .alerts
@@ -171,6 +192,7 @@ pub(super) async fn alert_events(
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let q = event_query(query.as_deref(), false)?;
+    check_after(&b, "after", q.after)?;
     Ok(event_page(&b, &q, "alert"))
 }
 
@@ -181,6 +203,7 @@ pub(super) async fn anomaly_events(
     axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let q = event_query(query.as_deref(), false)?;
+    check_after(&b, "after", q.after)?;
     Ok(event_page(&b, &q, "anomaly"))
 }
 
@@ -200,8 +223,15 @@ pub(super) async fn alert_stream(
         .filter(|v| !v.is_empty());
     let mut rx = b.alerts.watch();
     q.after = match last {
-        Some(id) => event_cursor("Last-Event-ID", id)?,
-        None if query.as_deref().is_some_and(|s| s.contains("after=")) => q.after,
+        Some(id) => {
+            let after = event_cursor("Last-Event-ID", id)?;
+            check_after(&b, "Last-Event-ID", after)?;
+            after
+        }
+        None if q.after_given => {
+            check_after(&b, "after", q.after)?;
+            q.after
+        }
         None => *rx.borrow_and_update(),
     };
     let slot = b.feed.admit(&caller_of(caller))?;
@@ -216,8 +246,10 @@ pub(super) async fn alert_stream(
                     .data(e.to_json().to_string());
                 return Some((Ok::<_, std::convert::Infallible>(ev), (b, q, rx, buf, slot)));
             }
-            let got = b.alerts.events(q.after, 200, false, q.kind, |e| q.keeps(e));
+            // What was announced is in the ring before it is announced: read the
+            // announcement first, then the ring, so nothing falls between.
             let seen = *rx.borrow_and_update();
+            let got = b.alerts.events(q.after, 200, false, q.kind, |e| q.keeps(e));
             if let Some(l) = got.last() {
                 q.after = l.seq;
                 buf.extend(got);
