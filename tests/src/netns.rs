@@ -276,6 +276,235 @@ impl Chain {
         self.namespaces.last().map(String::as_str).unwrap_or("")
     }
 
+    /// Moves the route: builds a router namespace D between router `k` (1-based, at
+    /// most the last router) and the node after it (router `k + 1`, or the
+    /// destination), joined to each by a veth pair of its own on the two /28s of the
+    /// chain's /24 that follow the chain's links (so the chain may have at most 13
+    /// routers), then sends both directions through it: router `k`'s routes to the
+    /// links beyond it, and the next node's routes to the links before its own, go via
+    /// D. Traces then show D after router `k`, the next node at its new address, and
+    /// every later hop one TTL deeper ([`Detour::hops`]). The host and every router
+    /// get routes to D's links, and the host's are checked to use the chain's veth, as
+    /// [`Chain::create`] checks its own. IPv4 chains only. Dropping the [`Detour`]
+    /// puts the routes back and removes D.
+    pub fn detour(&self, k: usize) -> Detour {
+        let routers = self.hops.len() - 1;
+        assert!(
+            self.host_ip.starts_with("198.19."),
+            "detour: IPv4 chains only"
+        );
+        assert!(
+            (1..=routers).contains(&k),
+            "detour after router {k} of {routers}"
+        );
+        let (la, lb) = (routers + 1, routers + 2);
+        assert!(
+            lb <= 15,
+            "detour: no free /28 left on a chain of {routers} routers"
+        );
+        let pid = std::process::id();
+        // 198.19.{third}: the chain's /24, from the host's address.
+        let base = self.host_ip.rsplit_once('.').expect("an IPv4 address").0;
+        let third = base.rsplit_once('.').expect("an IPv4 address").1;
+        let addr = |link: usize, far: bool| format!("{base}.{}", 16 * link + 1 + usize::from(far));
+        let subnet = |link: usize| format!("{base}.{}/28", 16 * link);
+        let ns = format!("imnc-{third}-d{k}-{pid}");
+        let next_is_dest = k == routers;
+        let near_ns = self.router(k).to_string();
+        let next_ns = self.namespaces[k].clone();
+        let mut hops: Vec<String> = self.hops[..k].to_vec();
+        hops.push(addr(la, true));
+        // The destination answers from the address traced; a router from the
+        // address that faces the host, now on D's link.
+        hops.push(if next_is_dest {
+            self.dest_ip.clone()
+        } else {
+            addr(lb, true)
+        });
+        hops.extend(self.hops[k + 1..].iter().cloned());
+        // Put back on drop: the next node's routes back (or its default route, for
+        // the destination), router k's routes forward, then the routes to D's links;
+        // D goes last, with its veths.
+        let mut restore = Vec::new();
+        if next_is_dest {
+            restore.push(format!(
+                "ip -n {next_ns} route replace default via {}",
+                addr(k, false)
+            ));
+        } else {
+            for link in 0..k {
+                restore.push(format!(
+                    "ip -n {next_ns} route replace {} via {}",
+                    subnet(link),
+                    addr(k, false)
+                ));
+            }
+        }
+        for link in k + 1..=routers {
+            restore.push(format!(
+                "ip -n {near_ns} route replace {} via {}",
+                subnet(link),
+                addr(k, true)
+            ));
+        }
+        if next_is_dest {
+            restore.push(format!("ip -n {near_ns} route del {}/32", self.dest_ip));
+        }
+        // The other routers' routes to D's links (those of router k and of the next
+        // node go with D's veths).
+        let mut elsewhere: Vec<(String, usize, String)> = Vec::new();
+        for link in [la, lb] {
+            for i in 1..k {
+                elsewhere.push((self.router(i).to_string(), link, addr(i, true)));
+            }
+            for i in k + 2..=routers {
+                elsewhere.push((self.router(i).to_string(), link, addr(i - 1, false)));
+            }
+            restore.push(format!(
+                "ip route del {} via {}",
+                subnet(link),
+                addr(0, true)
+            ));
+        }
+        for (r, link, _) in &elsewhere {
+            restore.push(format!("ip -n {r} route del {}", subnet(*link)));
+        }
+        let detour = Detour {
+            ns: ns.clone(),
+            hops,
+            restore,
+        };
+        let run = |s: String| {
+            let (ok, out) = sh(&s);
+            assert!(ok, "{s}: {out}");
+        };
+        run(format!("ip netns add {ns}"));
+        run(format!("ip -n {ns} link set lo up"));
+        run(format!(
+            "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 net.ipv4.icmp_ratelimit=0"
+        ));
+        // Link a: router k (near) to D (far); link b: D (near) to the next node (far).
+        for (link, near, far) in [(la, &near_ns, &ns), (lb, &ns, &next_ns)] {
+            let (a, b) = (
+                format!("c{third}x{link}a{pid}"),
+                format!("c{third}x{link}b{pid}"),
+            );
+            run(format!("ip link add {a} type veth peer name {b}"));
+            run(format!("ip link set {a} netns {near}"));
+            run(format!("ip link set {b} netns {far}"));
+            run(format!(
+                "ip -n {near} addr add {}/28 dev {a}",
+                addr(link, false)
+            ));
+            run(format!("ip -n {near} link set {a} up"));
+            run(format!(
+                "ip -n {far} addr add {}/28 dev {b}",
+                addr(link, true)
+            ));
+            run(format!("ip -n {far} link set {b} up"));
+        }
+        // D: the links before router k's right one through router k, those after it
+        // (or the destination, when it is the next node) through the next node.
+        for link in 0..k {
+            run(format!(
+                "ip -n {ns} route add {} via {}",
+                subnet(link),
+                addr(la, false)
+            ));
+        }
+        for link in k + 1..=routers {
+            run(format!(
+                "ip -n {ns} route add {} via {}",
+                subnet(link),
+                addr(lb, true)
+            ));
+        }
+        if next_is_dest {
+            run(format!(
+                "ip -n {ns} route add {}/32 via {}",
+                self.dest_ip,
+                addr(lb, true)
+            ));
+        }
+        // Everyone else reaches D's links: the host and the routers before k toward
+        // the destination, router k and the next node through D, the nodes after
+        // the next one back toward the host (the destination by its default route).
+        for link in [la, lb] {
+            run(format!(
+                "ip route add {} via {} dev {}",
+                subnet(link),
+                addr(0, true),
+                self.host_if
+            ));
+        }
+        for (r, link, via) in &elsewhere {
+            run(format!("ip -n {r} route add {} via {via}", subnet(*link)));
+        }
+        run(format!(
+            "ip -n {near_ns} route add {} via {}",
+            subnet(lb),
+            addr(la, true)
+        ));
+        if !next_is_dest {
+            run(format!(
+                "ip -n {next_ns} route add {} via {}",
+                subnet(la),
+                addr(lb, false)
+            ));
+        }
+        // The move: back through D first, then forward.
+        if next_is_dest {
+            run(format!(
+                "ip -n {next_ns} route replace default via {}",
+                addr(lb, false)
+            ));
+        } else {
+            for link in 0..k {
+                run(format!(
+                    "ip -n {next_ns} route replace {} via {}",
+                    subnet(link),
+                    addr(lb, false)
+                ));
+            }
+        }
+        for link in k + 1..=routers {
+            run(format!(
+                "ip -n {near_ns} route replace {} via {}",
+                subnet(link),
+                addr(la, true)
+            ));
+        }
+        // The destination is on router k's own link when it is the next node.
+        if next_is_dest {
+            run(format!(
+                "ip -n {near_ns} route add {}/32 via {}",
+                self.dest_ip,
+                addr(la, true)
+            ));
+        }
+        // Nothing may leave the machine: D's addresses are behind the chain's veth;
+        // and the move took: router k sends toward the destination through D.
+        for ip in [
+            addr(la, false),
+            addr(la, true),
+            addr(lb, false),
+            addr(lb, true),
+        ] {
+            let (ok, route) = sh(&format!("ip route get {ip}"));
+            assert!(
+                ok && route.contains(&format!("dev {} ", self.host_if)),
+                "route to {ip}: {route}"
+            );
+        }
+        let (ok, route) = sh(&format!("ip -n {near_ns} route get {}", self.dest_ip));
+        assert!(
+            ok && route.contains(&format!("via {} ", addr(la, true))),
+            "router {k}'s route to {}: {route}",
+            self.dest_ip
+        );
+        detour
+    }
+
     /// Makes router `k` (1-based) silent: it drops the ICMP time exceeded it sends,
     /// and still forwards.
     pub fn silence_router(&self, k: usize) {
@@ -301,5 +530,24 @@ impl Drop for Chain {
         for ns in &self.namespaces {
             let _ = sh(&format!("ip netns del {ns}"));
         }
+    }
+}
+
+/// A router namespace a [`Chain`]'s route goes through ([`Chain::detour`]). Dropping
+/// it puts the chain's routes back and removes the namespace with its links.
+pub struct Detour {
+    /// D's namespace.
+    pub ns: String,
+    /// What a trace to the destination should show now, hop by hop.
+    pub hops: Vec<String>,
+    restore: Vec<String>,
+}
+
+impl Drop for Detour {
+    fn drop(&mut self) {
+        for s in &self.restore {
+            let _ = sh(s);
+        }
+        let _ = sh(&format!("ip netns del {}", self.ns));
     }
 }

@@ -379,7 +379,7 @@ fn parse_rollup_cursor(c: &str) -> Result<(i64, String, String, String), ApiErro
         return Err(bad());
     }
     let unhex = |h: &str| -> Option<String> {
-        if h.len() % 2 != 0 || h.len() > 2_048 {
+        if !h.len().is_multiple_of(2) || h.len() > 2_048 {
             return None;
         }
         let bytes: Option<Vec<u8>> = (0..h.len())
