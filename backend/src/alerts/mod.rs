@@ -511,6 +511,9 @@ struct Inner {
     open_total: usize,
     /// Event numbers up to this one are reserved in the store for this backend.
     seq_limit: u64,
+    /// The highest number reserved by any backend, as last read: ids up to it may
+    /// exist (see `check_after`).
+    known_limit: u64,
     /// Raised by every local change of rules, so a read of the store that began
     /// before it does not undo it.
     rules_gen: u64,
@@ -535,6 +538,12 @@ pub struct Alerts {
     /// Until when (ms, this host's clock) this backend may act as the engine: its
     /// lease's end less a margin (see [`Lease`]); 0 when it does not hold it.
     leading_until: std::sync::atomic::AtomicI64,
+    /// Raised each time this backend takes the lease (not when it renews it): an
+    /// engine started under another epoch starts again.
+    lease_epoch: std::sync::atomic::AtomicU64,
+    /// When the engine last showed it runs (ms): the lease is renewed only while it
+    /// does, so an engine that died or hangs lets another backend lead.
+    engine_beat: std::sync::atomic::AtomicI64,
     pub counters: Counters,
 }
 
@@ -555,6 +564,8 @@ impl Default for Alerts {
             newest: tokio::sync::watch::channel(0).0,
             settings: std::sync::OnceLock::new(),
             leading_until: std::sync::atomic::AtomicI64::new(0),
+            lease_epoch: std::sync::atomic::AtomicU64::new(0),
+            engine_beat: std::sync::atomic::AtomicI64::new(0),
             counters: Counters::default(),
         }
     }
@@ -593,6 +604,18 @@ impl Alerts {
     /// Whether this backend runs the engine now.
     pub fn is_leading(&self) -> bool {
         now_ms() < self.leading_until.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The engine shows it runs.
+    fn beat(&self) {
+        self.engine_beat
+            .store(now_ms(), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The highest event id that may exist: what was announced, or reserved.
+    pub fn highest_possible(&self) -> u64 {
+        let g = self.lock();
+        self.newest().max(g.known_limit).max(g.seq_limit)
     }
 
     /// Every rule with its phase, as `caller` may see it.
@@ -651,6 +674,9 @@ impl Alerts {
         kind: Option<&str>,
         keep: impl Fn(&Event) -> bool,
     ) -> Vec<Event> {
+        // Only what was announced (stored, or its store write over): an event in the
+        // ring a moment before is not shown yet.
+        let announced = self.newest();
         let g = self.lock();
         let mut out: Vec<Event> = Vec::new();
         for (k, ring) in [("alert", &g.alerts), ("anomaly", &g.anomalies)] {
@@ -658,7 +684,9 @@ impl Alerts {
                 continue;
             }
             let start = ring.partition_point(|e| e.seq <= after);
-            let range = ring.range(start..).filter(|e| keep(e));
+            let range = ring
+                .range(start..)
+                .filter(|e| e.seq <= announced && keep(e));
             if newest {
                 out.extend(range.rev().take(limit).cloned());
             } else {
@@ -675,12 +703,14 @@ impl Alerts {
         out
     }
 
-    /// The oldest alert event of `rule` after `after`.
+    /// The oldest announced alert event of `rule` after `after`.
     fn next_alert(&self, rule: &str, after: u64) -> Option<Event> {
+        let announced = self.newest();
         let g = self.lock();
         let start = g.alerts.partition_point(|e| e.seq <= after);
         g.alerts
             .range(start..)
+            .take_while(|e| e.seq <= announced)
             .find(|e| e.rule_id() == Some(rule))
             .cloned()
     }
@@ -691,6 +721,14 @@ impl Alerts {
         let g = self.lock();
         let front = g.alerts.front()?.seq;
         (g.alerts.len() >= RING && front > after.saturating_add(1)).then_some(front)
+    }
+
+    /// Appends an event to its ring if this backend leads; returns it for storing.
+    fn push_leading(&self, g: &mut Inner, kind: &str, at_ms: i64, body: Value) -> Option<Event> {
+        if !self.is_leading() {
+            return None;
+        }
+        Alerts::push(g, kind, at_ms, body)
     }
 
     /// Appends an event to its ring; returns it for storing. None when no number is
@@ -800,7 +838,14 @@ pub async fn sync_events(b: &Backend) -> Result<(), crate::store::StoreError> {
         out.sort_by_key(|e| e.seq);
     }
     let phases = b.store.docs(KIND_PHASE).await?;
+    let known_limit: u64 = b
+        .store
+        .doc(KIND_SEQ, "limit")
+        .await?
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
     let mut g = b.alerts.lock();
+    g.known_limit = known_limit;
     g.next_seq = alerts
         .last()
         .map(|e| e.seq)
@@ -916,6 +961,8 @@ pub async fn add_rule(
         g.rules.remove(&rule.id);
         return Err(e.into());
     }
+    // A read of the store that began before the write must not drop it.
+    b.alerts.lock().rules_gen += 1;
     if rule.webhook.is_some() && b.alerts.is_leading() {
         ensure_deliverer(b, &rule.id);
     }
@@ -946,7 +993,10 @@ pub async fn delete_rule(
         g.rules.remove(id);
         forget_rule(&mut g, id);
     }
-    b.store.delete_doc(KIND_RULE, id).await?;
+    let deleted = b.store.delete_doc(KIND_RULE, id).await;
+    // A read of the store that began before the delete must not bring it back.
+    b.alerts.lock().rules_gen += 1;
+    deleted?;
     let _ = b.store.delete_doc(KIND_DELIVERED, id).await;
     let _ = b.store.delete_doc(KIND_PHASE, id).await;
     Ok(json!({"deleted": id}))
@@ -1015,7 +1065,21 @@ async fn deliver(b: Arc<Backend>, id: String) {
             if !b.alerts.is_leading() || b.alerts.rule_of(&id).is_none() {
                 return;
             }
-            match webhook::send(&client, &hook, &settings, &format!("e{}", ev.seq), &body).await {
+            // A call may not outlive this backend's lead: another would send the
+            // same alert meanwhile.
+            let left = b
+                .alerts
+                .leading_until
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .saturating_sub(now_ms());
+            let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
+            let event_id = format!("e{}", ev.seq);
+            let call = webhook::send(&client, &hook, &settings, &event_id, &body);
+            let sent = match tokio::time::timeout(left, call).await {
+                Ok(r) => r,
+                Err(_) => return,
+            };
+            match sent {
                 Ok(()) => {
                     b.alerts
                         .counters
@@ -1035,15 +1099,27 @@ async fn deliver(b: Arc<Backend>, id: String) {
             }
         }
         after = ev.seq;
-        if b.alerts.rule_of(&id).is_none() {
+        if b.alerts.rule_of(&id).is_none() || !b.alerts.is_leading() {
             return;
         }
-        if let Err(e) = b
-            .store
-            .put_doc(KIND_DELIVERED, &id, &after.to_string(), now_ms())
-            .await
-        {
-            tracing::warn!(error = %e, rule = %id, "webhook position not stored");
+        // Only forward: a position another leader stored further on stays.
+        let stored = b.store.doc(KIND_DELIVERED, &id).await;
+        let ahead =
+            matches!(&stored, Ok(Some(t)) if t.trim().parse::<u64>().is_ok_and(|s| s >= after));
+        if !ahead {
+            let written = b
+                .store
+                .swap_doc(
+                    KIND_DELIVERED,
+                    &id,
+                    stored.ok().flatten().as_deref(),
+                    &after.to_string(),
+                    now_ms(),
+                )
+                .await;
+            if let Err(e) = written {
+                tracing::warn!(error = %e, rule = %id, "webhook position not stored");
+            }
         }
     }
 }
@@ -1125,18 +1201,39 @@ async fn keep_lease(b: Arc<Backend>) {
     let mut lease = Lease::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held = false;
     loop {
         tick.tick().await;
-        let until = if lease.hold(&b).await {
+        // An engine that has not shown it runs for a while (it died, or hangs) must
+        // not keep the lease from the others.
+        let beat = b
+            .alerts
+            .engine_beat
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let alive = now_ms().saturating_sub(beat) < ENGINE_STALE_MS;
+        let holds = alive && lease.hold(&b).await;
+        let until = if holds {
             lease.until_ms.saturating_sub(MARGIN_MS)
         } else {
             0
         };
+        if holds && !held {
+            b.alerts
+                .lease_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        held = holds;
         b.alerts
             .leading_until
             .store(until, std::sync::atomic::Ordering::SeqCst);
+        if !holds {
+            b.alerts.lock().seq_limit = 0;
+        }
     }
 }
+
+/// How long the engine may go without showing it runs before the lease is let go.
+const ENGINE_STALE_MS: i64 = 60_000;
 
 /// Reserves event numbers up to `SEQ_BLOCK` past `from` (at least the stored
 /// reservation), by compare and set on the stored high-water mark.
@@ -1164,7 +1261,34 @@ async fn reserve_seqs(b: &Backend, from: u64) -> Result<bool, crate::store::Stor
     let mut g = b.alerts.lock();
     g.next_seq = g.next_seq.max(base);
     g.seq_limit = limit;
+    g.known_limit = limit;
     Ok(true)
+}
+
+/// Extends this leader's block past `limit`, its end: only if the stored mark is
+/// still that end (anything else means another backend reserved numbers: this one
+/// stops numbering until it starts leading again).
+async fn extend_seqs(b: &Backend, limit: u64) -> Result<(), crate::store::StoreError> {
+    let new = limit.saturating_add(SEQ_BLOCK);
+    let ok = b
+        .store
+        .swap_doc(
+            KIND_SEQ,
+            "limit",
+            Some(&limit.to_string()),
+            &new.to_string(),
+            now_ms(),
+        )
+        .await?;
+    let mut g = b.alerts.lock();
+    if ok && g.seq_limit == limit {
+        g.seq_limit = new;
+        g.known_limit = new;
+    } else if !ok {
+        tracing::warn!("alert engine: another backend reserved event numbers; stopping here");
+        g.seq_limit = 0;
+    }
+    Ok(())
 }
 
 /// Becomes the engine: reads everything back, numbers events past every number
@@ -1217,7 +1341,12 @@ fn reopen(g: &mut Inner, e: &Event, hold: i64, now: i64) {
     let rules: Vec<(String, bool, bool)> = g
         .rules
         .values()
-        .filter(|r| r.kind == RuleKind::Anomaly && r.measurement_id == measurement)
+        .filter(|r| {
+            r.kind == RuleKind::Anomaly
+                && r.measurement_id == measurement
+                // A stored anomaly from before the rule was made does not open it.
+                && (hold == i64::MAX || e.at_ms >= r.created_ms.saturating_sub(60_000))
+        })
         .map(|r| {
             (
                 r.id.clone(),
@@ -1235,7 +1364,17 @@ fn reopen(g: &mut Inner, e: &Event, hold: i64, now: i64) {
                 continue;
             }
             let until_ms = if fam == "path" {
-                Some(hold.min(now.saturating_add(PATH_HOLD_S * 1000)))
+                // From the change itself (a stored one counts only what is left).
+                let at = if hold == i64::MAX {
+                    now
+                } else {
+                    e.at_ms.min(now)
+                };
+                let until = at.saturating_add(PATH_HOLD_S * 1000);
+                if until <= now {
+                    continue;
+                }
+                Some(until)
             } else if hold == i64::MAX {
                 None
             } else {
@@ -1265,11 +1404,13 @@ fn reopen(g: &mut Inner, e: &Event, hold: i64, now: i64) {
 
 /// What the engine keeps while this backend leads.
 struct Engine {
+    /// The lease epoch it started under.
+    epoch: u64,
     cursor: i64,
     detector: Detector,
     judged: Option<tokio::time::Instant>,
-    /// Where the last judging turn stopped (it has a time budget).
-    judge_from: usize,
+    /// The last rule judged when a judging turn ran out of time.
+    judge_after: Option<String>,
 }
 
 /// The engine: a task keeps the lease ([`keep_lease`]); leading, every second this
@@ -1285,9 +1426,23 @@ pub async fn run(b: Arc<Backend>) {
     let mut engine: Option<Engine> = None;
     let mut synced: Option<tokio::time::Instant> = None;
     let sync_every = Duration::from_secs(5);
+    b.alerts.beat();
     loop {
         tick.tick().await;
+        b.alerts.beat();
         let now = tokio::time::Instant::now();
+        let epoch = b
+            .alerts
+            .lease_epoch
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if engine.as_ref().is_some_and(|e| e.epoch != epoch) {
+            // The lease was lost and taken again between two turns: what this
+            // engine holds may be older than another leader's; start again.
+            engine = None;
+            for (_, h) in b.alerts.lock().deliverers.drain() {
+                h.abort();
+            }
+        }
         if !b.alerts.is_leading() {
             if engine.take().is_some() {
                 tracing::info!("alert engine: lease lost; stopping here");
@@ -1327,10 +1482,11 @@ pub async fn run(b: Arc<Backend>) {
                 start_deliverers(&b);
                 synced = Some(now);
                 engine.insert(Engine {
+                    epoch,
                     cursor,
                     detector: Detector::new(crate::anomaly::Config::default()),
                     judged: None,
-                    judge_from: 0,
+                    judge_after: None,
                 })
             }
         };
@@ -1339,8 +1495,8 @@ pub async fn run(b: Arc<Backend>) {
             let g = b.alerts.lock();
             (g.next_seq, g.seq_limit)
         };
-        if limit.saturating_sub(next) < SEQ_BLOCK / 2 {
-            if let Err(err) = reserve_seqs(&b, limit).await {
+        if limit > 0 && limit.saturating_sub(next) < SEQ_BLOCK / 2 {
+            if let Err(err) = extend_seqs(&b, limit).await {
                 tracing::warn!(error = %err, "alert engine: event numbers not reserved");
             }
         }
@@ -1357,7 +1513,8 @@ pub async fn run(b: Arc<Backend>) {
         }
         if e.judged.is_none_or(|t| now.duration_since(t) >= every) {
             e.judged = Some(now);
-            e.judge_from = judge(&b, e.judge_from, every.max(Duration::from_secs(5))).await;
+            e.judge_after =
+                judge(&b, e.judge_after.take(), every.max(Duration::from_secs(5))).await;
         }
     }
 }
@@ -1387,6 +1544,10 @@ pub async fn follow(
     use imn_proto::results::ModuleOutput;
     use imn_proto::wire::RequestState;
     for _ in 0..PAGES_PER_TURN {
+        b.alerts.beat();
+        if !b.alerts.is_leading() {
+            break;
+        }
         let page = b
             .store
             .results_page(crate::store::ResultFilter {
@@ -1449,7 +1610,7 @@ pub async fn record_anomaly(b: &Backend, a: Anomaly, measurement: Option<String>
     }
     let event = {
         let mut g = b.alerts.lock();
-        let Some(e) = Alerts::push(&mut g, "anomaly", a.at_ms, body) else {
+        let Some(e) = b.alerts.push_leading(&mut g, "anomaly", a.at_ms, body) else {
             tracing::debug!("anomaly not recorded: this backend does not lead");
             return;
         };
@@ -1461,26 +1622,39 @@ pub async fn record_anomaly(b: &Backend, a: Anomaly, measurement: Option<String>
     b.alerts.newest.send_replace(event.seq);
 }
 
-/// Judges the rules, starting at the `from`-th, until each was judged once or the
-/// `budget` is spent; records what fired and resolved. Returns where to start next.
-pub async fn judge(b: &Arc<Backend>, from: usize, budget: Duration) -> usize {
+/// Judges the rules, starting after rule `after` (by id), until each was judged
+/// once or the `budget` is spent; records what fired and resolved. Returns the last
+/// rule judged when the time ran out (None: all were).
+pub async fn judge(b: &Arc<Backend>, after: Option<String>, budget: Duration) -> Option<String> {
     let started = tokio::time::Instant::now();
-    let rules: Vec<Rule> = b.alerts.lock().rules.values().cloned().collect();
+    let rules: Vec<Rule> = {
+        let g = b.alerts.lock();
+        match &after {
+            Some(a) => g
+                .rules
+                .range::<String, _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                .chain(g.rules.range::<String, _>(..=a))
+                .map(|(_, r)| r.clone())
+                .collect(),
+            None => g.rules.values().cloned().collect(),
+        }
+    };
     let n = rules.len();
-    for i in 0..n {
-        let at = (from + i) % n;
+    let mut last: Option<String> = after;
+    for (i, rule) in rules.iter().enumerate() {
+        b.alerts.beat();
         if started.elapsed() >= budget {
             tracing::warn!(
                 judged = i,
                 rules = n,
                 "alert rules: the turn's time ran out; the rest go first next turn"
             );
-            return at;
+            return last;
         }
         if !b.alerts.is_leading() {
-            return at;
+            return last;
         }
-        let rule = &rules[at];
+        last = Some(rule.id.clone());
         let now = now_ms();
         let (holds, details) = match rule.kind {
             RuleKind::Threshold => {
@@ -1577,7 +1751,7 @@ pub async fn judge(b: &Arc<Backend>, from: usize, budget: Duration) -> usize {
                         }
                     }
                     // No number, no change: judged again next turn.
-                    let e = Alerts::push(&mut g, "alert", now, body);
+                    let e = b.alerts.push_leading(&mut g, "alert", now, body);
                     if e.is_some() {
                         g.phases.insert(rule.id.clone(), next);
                     }
@@ -1603,7 +1777,7 @@ pub async fn judge(b: &Arc<Backend>, from: usize, budget: Duration) -> usize {
             b.alerts.newest.send_replace(e.seq);
         }
     }
-    0
+    None
 }
 
 #[cfg(test)]
@@ -1708,7 +1882,7 @@ mod tests {
     }
 
     async fn judge_all(b: &Arc<Backend>) {
-        assert_eq!(judge(b, 0, Duration::from_secs(60)).await, 0);
+        assert_eq!(judge(b, None, Duration::from_secs(60)).await, None);
     }
 
     #[tokio::test]
@@ -1738,7 +1912,12 @@ mod tests {
             .await
             .unwrap();
         // Not leading: nothing is recorded.
-        record_anomaly(&b, shift("a1", 5, Kind::RttShiftUp), Some("m1".into())).await;
+        record_anomaly(
+            &b,
+            shift("a1", now_ms(), Kind::RttShiftUp),
+            Some("m1".into()),
+        )
+        .await;
         assert!(b.alerts.events(0, 100, false, None, |_| true).is_empty());
         lead(&b).await;
         let input: RuleInput = serde_json::from_value(json!({
@@ -1747,10 +1926,20 @@ mod tests {
         let rule = add_rule(&b, input, &Default::default()).await.unwrap();
         let id = rule["id"].as_str().unwrap().to_string();
         // An anomaly of another measurement does not open it; its own does.
-        record_anomaly(&b, shift("a1", 10, Kind::RttShiftUp), Some("m2".into())).await;
+        record_anomaly(
+            &b,
+            shift("a1", now_ms(), Kind::RttShiftUp),
+            Some("m2".into()),
+        )
+        .await;
         judge_all(&b).await;
         assert_eq!(b.alerts.firing(), 0);
-        record_anomaly(&b, shift("a1", 20, Kind::RttShiftUp), Some("m1".into())).await;
+        record_anomaly(
+            &b,
+            shift("a1", now_ms(), Kind::RttShiftUp),
+            Some("m1".into()),
+        )
+        .await;
         judge_all(&b).await;
         assert_eq!(b.alerts.firing(), 1);
         let before = b.alerts.events(0, 100, false, None, |_| true);
@@ -1788,7 +1977,12 @@ mod tests {
         assert_eq!(b2.alerts.firing(), 1);
         // The shift back down closes it; numbers go on past every one the first
         // backend reserved (so none is given out twice, stored or not).
-        record_anomaly(&b2, shift("a1", 30, Kind::RttShiftDown), Some("m1".into())).await;
+        record_anomaly(
+            &b2,
+            shift("a1", now_ms(), Kind::RttShiftDown),
+            Some("m1".into()),
+        )
+        .await;
         let newest = b2.alerts.events(0, 1, true, None, |_| true);
         assert_eq!(newest[0].seq, SEQ_BLOCK + 1);
         assert!(newest[0].seq > before[2].seq);

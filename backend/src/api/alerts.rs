@@ -165,12 +165,14 @@ impl EventQuery {
 /// An event id past the newest was never given out (or comes from another
 /// database): refused, rather than waiting for numbers to catch up.
 fn check_after(b: &Backend, field: &str, after: u64) -> Result<(), ApiError> {
-    let newest = b.alerts.newest();
-    if after > newest {
+    // Any id up to the highest number reserved may exist (another backend may have
+    // given it out a moment ago): only past it is refused.
+    let highest = b.alerts.highest_possible();
+    if after > highest {
         return Err(ApiError::BadQuery {
             field: field.into(),
             rule: "range".into(),
-            message: format!("{field}: e{after} is past the newest event (e{newest})"),
+            message: format!("{field}: e{after} is past every event id given out (e{highest})"),
         });
     }
     Ok(())
