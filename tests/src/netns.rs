@@ -102,6 +102,63 @@ impl Drop for Netns {
     }
 }
 
+/// A namespace host whose echo replies come from a [`crate::bench_ping::Responder`] (the kernel ignores
+/// echo requests), so its delay can change while the measurement runs.
+pub struct SlowHost {
+    pub ns: Netns,
+    pub responder: crate::bench_ping::Responder,
+}
+
+impl SlowHost {
+    pub fn start(tag: &str, delay_ms: u64) -> SlowHost {
+        let ns = Netns::create(tag, 18);
+        let (ok, out) = sh(&format!(
+            "ip netns exec {} sysctl -qw net.ipv4.icmp_echo_ignore_all=1",
+            ns.ns
+        ));
+        assert!(ok, "{out}");
+        let me: std::net::Ipv4Addr = ns.peer_ip.parse().unwrap();
+        let peer: std::net::Ipv4Addr = ns.host_ip.parse().unwrap();
+        let responder =
+            crate::bench_ping::Responder::start_in(&ns.ns, me, peer, delay_ms * 1_000_000)
+                .expect("the responder");
+        SlowHost { ns, responder }
+    }
+
+    pub fn set_delay_ms(&self, ms: u64) {
+        self.responder.set_delay(ms * 1_000_000);
+    }
+
+    pub fn ip(&self) -> String {
+        self.ns.peer_ip.clone()
+    }
+
+    /// Drops `pct` % of the echo requests that reach the host, at random (before its
+    /// responder's raw socket sees them: the input hook comes first).
+    pub fn lose(&self, pct: u32) {
+        for s in [
+            format!("ip netns exec {} nft add table inet imnloss", self.ns.ns),
+            format!(
+                "ip netns exec {} nft add chain inet imnloss in '{{ type filter hook input priority 0; policy accept; }}'",
+                self.ns.ns
+            ),
+            format!(
+                "ip netns exec {} nft add rule inet imnloss in 'icmp type echo-request numgen random mod 100 < {pct} drop'",
+                self.ns.ns
+            ),
+        ] {
+            let (ok, out) = sh(&s);
+            assert!(ok, "{s}: {out}");
+        }
+    }
+
+    pub fn stop_losing(&self) {
+        let s = format!("ip netns exec {} nft delete table inet imnloss", self.ns.ns);
+        let (ok, out) = sh(&s);
+        assert!(ok, "{s}: {out}");
+    }
+}
+
 /// A chain of namespaces for traceroute: the host (this namespace), `n` routers and a
 /// destination, in a line, joined by veth pairs. Link `i` (from node `i` to node
 /// `i + 1`; node 0 is the host) is 198.19.{third}.{16 i}/28, with `.16 i + 1` on the

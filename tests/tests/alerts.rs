@@ -9,13 +9,11 @@
 //! checks that the route uses the test's veth before anything is sent); webhooks go
 //! to 127.0.0.1 only, which the backend refuses unless `--webhook-allow` names it.
 
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imn_tests::bench_ping::Responder;
-use imn_tests::netns::{sh, Netns};
+use imn_tests::netns::SlowHost;
 use imn_tests::{free_port, wait_for, Proc, Up};
 use serde_json::{json, Value};
 
@@ -161,15 +159,7 @@ fn follow_stream(url: String, into: Arc<Mutex<Vec<(String, String, Value)>>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_fire_and_resolve_and_a_webhook_that_was_down_gets_each_once_in_order_signed() {
     // A namespace host whose echo replies come from the test's responder, 2 ms late.
-    let ns = Netns::create("alw", 18);
-    let (ok, out) = sh(&format!(
-        "ip netns exec {} sysctl -qw net.ipv4.icmp_echo_ignore_all=1",
-        ns.ns
-    ));
-    assert!(ok, "{out}");
-    let me: Ipv4Addr = ns.peer_ip.parse().unwrap();
-    let peer: Ipv4Addr = ns.host_ip.parse().unwrap();
-    let responder = Responder::start_in(&ns.ns, me, peer, 2_000_000).expect("the responder");
+    let host = SlowHost::start("alw", 2);
 
     let up = Up::start(
         1,
@@ -195,7 +185,7 @@ async fn alerts_fire_and_resolve_and_a_webhook_that_was_down_gets_each_once_in_o
         .post(
             "/v1/measurements",
             &json!({"module": "ping_module",
-                    "params": {"host": ns.peer_ip, "count": 3, "interval_ms": 50, "timeout_ms": 1000},
+                    "params": {"host": host.ip(), "count": 3, "interval_ms": 50, "timeout_ms": 1000},
                     "agents": {"ids": ["agent-1"]},
                     "schedule": {"interval_s": 1, "jitter_s": 0}})
             .to_string(),
@@ -294,7 +284,7 @@ async fn alerts_fire_and_resolve_and_a_webhook_that_was_down_gets_each_once_in_o
 
     // The receiver is down (nothing listens on its port) when the path gets slow.
     let raised = Instant::now();
-    responder.set_delay(80_000_000);
+    host.set_delay_ms(80);
     let fired = wait_for("both rules to fire", Duration::from_secs(40), || {
         let api = up.api.clone();
         let (slow, shift) = (slow.clone(), shift.clone());
@@ -348,7 +338,7 @@ async fn alerts_fire_and_resolve_and_a_webhook_that_was_down_gets_each_once_in_o
     // Restored: both resolve (the threshold after its window and recovery, the
     // anomaly rule when the detector sees the shift back down).
     let restored = Instant::now();
-    responder.set_delay(2_000_000);
+    host.set_delay_ms(2);
     let all = wait_for("both rules to resolve", Duration::from_secs(60), || {
         let api = up.api.clone();
         let (slow, shift) = (slow.clone(), shift.clone());

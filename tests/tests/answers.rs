@@ -8,40 +8,12 @@
 //! Before anything is sent, `Netns::create` checks that the route to each host uses
 //! the test's own veth.
 
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use imn_tests::bench_ping::Responder;
-use imn_tests::netns::{sh, Netns};
+use imn_tests::netns::SlowHost;
 use imn_tests::peers::Dnsmasq;
 use imn_tests::{bin, wait_for, Up};
 use serde_json::json;
-
-/// A namespace host whose echo replies come from a [`Responder`].
-struct SlowHost {
-    ns: Netns,
-    responder: Responder,
-}
-
-impl SlowHost {
-    fn start(tag: &str, delay_ms: u64) -> SlowHost {
-        let ns = Netns::create(tag, 18);
-        let (ok, out) = sh(&format!(
-            "ip netns exec {} sysctl -qw net.ipv4.icmp_echo_ignore_all=1",
-            ns.ns
-        ));
-        assert!(ok, "{out}");
-        let me: Ipv4Addr = ns.peer_ip.parse().unwrap();
-        let peer: Ipv4Addr = ns.host_ip.parse().unwrap();
-        let responder =
-            Responder::start_in(&ns.ns, me, peer, delay_ms * 1_000_000).expect("the responder");
-        SlowHost { ns, responder }
-    }
-
-    fn set_delay_ms(&self, ms: u64) {
-        self.responder.set_delay(ms * 1_000_000);
-    }
-}
 
 /// Runs `imn check` against `up`; returns its exit code and output.
 async fn imn_check(up: &Up, args: &[&str]) -> (i32, String) {

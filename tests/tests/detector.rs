@@ -25,13 +25,11 @@
 //! the test's own veths. Needs root (namespaces, raw sockets, nftables).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use imn_tests::bench_ping::Responder;
-use imn_tests::netns::{sh, Chain, Netns};
+use imn_tests::netns::{Chain, SlowHost};
 use imn_tests::{bin, ms_of, Api, Up};
 use serde_json::{json, Value};
 
@@ -64,62 +62,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// A namespace host whose echo replies come from a [`Responder`] (the kernel ignores
-/// echo requests), so its delay can change while the measurement runs.
-struct SlowHost {
-    ns: Netns,
-    responder: Responder,
-}
-
-impl SlowHost {
-    fn start(tag: &str, delay_ms: u64) -> SlowHost {
-        let ns = Netns::create(tag, 18);
-        let (ok, out) = sh(&format!(
-            "ip netns exec {} sysctl -qw net.ipv4.icmp_echo_ignore_all=1",
-            ns.ns
-        ));
-        assert!(ok, "{out}");
-        let me: Ipv4Addr = ns.peer_ip.parse().unwrap();
-        let peer: Ipv4Addr = ns.host_ip.parse().unwrap();
-        let responder =
-            Responder::start_in(&ns.ns, me, peer, delay_ms * 1_000_000).expect("the responder");
-        SlowHost { ns, responder }
-    }
-
-    fn set_delay_ms(&self, ms: u64) {
-        self.responder.set_delay(ms * 1_000_000);
-    }
-
-    fn ip(&self) -> String {
-        self.ns.peer_ip.clone()
-    }
-
-    /// Drops `pct` % of the echo requests that reach the host, at random (before its
-    /// responder's raw socket sees them: the input hook comes first).
-    fn lose(&self, pct: u32) {
-        for s in [
-            format!("ip netns exec {} nft add table inet imnloss", self.ns.ns),
-            format!(
-                "ip netns exec {} nft add chain inet imnloss in '{{ type filter hook input priority 0; policy accept; }}'",
-                self.ns.ns
-            ),
-            format!(
-                "ip netns exec {} nft add rule inet imnloss in 'icmp type echo-request numgen random mod 100 < {pct} drop'",
-                self.ns.ns
-            ),
-        ] {
-            let (ok, out) = sh(&s);
-            assert!(ok, "{s}: {out}");
-        }
-    }
-
-    fn stop_losing(&self) {
-        let s = format!("ip netns exec {} nft delete table inet imnloss", self.ns.ns);
-        let (ok, out) = sh(&s);
-        assert!(ok, "{s}: {out}");
-    }
 }
 
 /// An anomaly event as read from the API, with when the test first saw it.
