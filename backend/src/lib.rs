@@ -42,5 +42,6 @@ mod test_pki;
 pub mod tls;
 pub mod ui;
 pub mod validation;
+pub mod wasm;
 
 pub use service::Backend;

@@ -879,6 +879,30 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             },
         ),
         (
+            "post",
+            "/admin/modules",
+            Op {
+                summary: "Add a signed WebAssembly module package (the body is the file `imn modules sign` made); refused unless signed by a --release-keys key, its code matching its hash, its schemas valid, and not older than the stored version",
+                scope: admin,
+                params: vec![],
+                body: None,
+                ok: ok_json(201, "the module (200 with replaced=true: it replaced an older version)", object()),
+                errors: &[400, 409, 413, 422],
+            },
+        ),
+        (
+            "delete",
+            "/admin/modules/{name}",
+            Op {
+                summary: "Forget an added WebAssembly module (agents that loaded it keep it until it is unloaded)",
+                scope: admin,
+                params: vec![path_id("name", "module name")],
+                body: None,
+                ok: ok_json(200, "the module was deleted", object()),
+                errors: &[404, 409],
+            },
+        ),
+        (
             "get",
             "/releases",
             Op {
@@ -1112,7 +1136,10 @@ fn components() -> Value {
         },
         "Module": {
             "type": "object",
-            "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"}, "schema_hash": {"type": "string"}, "schema": {"type": "object"}},
+            "description": "A module: built into the agents (`kind` built_in), or a signed WebAssembly module an operator added (`kind` wasm, with its result schema, the parameters naming its targets, its limits and its package's hash and key).",
+            "required": ["name", "version", "kind", "schema_hash", "schema"],
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "description": {"type": "string"}, "kind": {"enum": ["built_in", "wasm"]}, "schema_hash": {"type": "string"}, "schema": {"type": "object"},
+                "result_schema": {"type": "object"}, "targets": {"type": "array", "items": {"type": "string"}}, "limits": {"type": "object"}, "timeout_ms": {"type": "integer"}, "sha256": {"type": "string"}, "size": {"type": "integer"}, "key": {"type": "string"}, "signed_ms": {"type": "integer"}, "added_ms": {"type": "integer"}},
         },
         "Budget": {
             "type": "object",

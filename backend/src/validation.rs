@@ -35,41 +35,48 @@ impl Validators {
                 module: module.to_string(),
                 known: catalog::names().iter().map(|s| s.to_string()).collect(),
             })?;
-        if let Some(err) = validator.iter_errors(params).next() {
-            let mut field = err.instance_path.to_string();
-            match &err.kind {
-                jsonschema::error::ValidationErrorKind::Required { property } => {
-                    field = format!("{field}/{}", property.as_str().unwrap_or_default());
-                }
-                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
-                    if let Some(p) = unexpected.first() {
-                        field = format!("{field}/{p}");
-                    }
-                }
-                _ => {}
-            }
-            let rule = err
-                .schema_path
-                .to_string()
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            let shown = if field.is_empty() {
-                "/".to_string()
-            } else {
-                field.clone()
-            };
-            return Err(ApiError::InvalidParams {
-                message: format!("{shown}: {err} (rule: {rule})"),
-                field: shown,
-                rule,
-            });
-        }
+        check_schema(validator, params)?;
         params::check(module, params).map_err(|e| ApiError::InvalidParams {
             message: e.to_string(),
             rule: e.rule.into(),
             field: e.field,
         })
     }
+}
+
+/// Checks `params` against one compiled schema: the first error, naming the JSON
+/// pointer of the field and the rule. Never panics, whatever the input.
+pub fn check_schema(validator: &jsonschema::Validator, params: &Value) -> Result<(), ApiError> {
+    if let Some(err) = validator.iter_errors(params).next() {
+        let mut field = err.instance_path.to_string();
+        match &err.kind {
+            jsonschema::error::ValidationErrorKind::Required { property } => {
+                field = format!("{field}/{}", property.as_str().unwrap_or_default());
+            }
+            jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                if let Some(p) = unexpected.first() {
+                    field = format!("{field}/{p}");
+                }
+            }
+            _ => {}
+        }
+        let rule = err
+            .schema_path
+            .to_string()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let shown = if field.is_empty() {
+            "/".to_string()
+        } else {
+            field.clone()
+        };
+        return Err(ApiError::InvalidParams {
+            message: format!("{shown}: {err} (rule: {rule})"),
+            field: shown,
+            rule,
+        });
+    }
+    Ok(())
 }

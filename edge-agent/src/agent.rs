@@ -240,6 +240,7 @@ fn kind_name(k: &CommandKind) -> &'static str {
         CommandKind::Schedules { .. } => "schedules",
         CommandKind::Update { .. } => "update",
         CommandKind::Settings { .. } => "settings",
+        CommandKind::LoadWasm { .. } => "load_wasm",
     }
 }
 
@@ -306,15 +307,28 @@ impl Agent {
             max_packet_bytes: (cfg.batch_max_bytes * 2).max(1 << 20),
         });
         let (produced_tx, produced_rx) = mpsc::channel(1024);
-        let modules = outbox
+        let stored_modules = outbox
             .get_meta(META_MODULES)
-            .and_then(|b| postcard::from_bytes::<LoadedModules>(&b).ok())
+            .and_then(|b| postcard::from_bytes::<LoadedModules>(&b).ok());
+        #[allow(unused_mut)]
+        let mut modules = stored_modules
+            .clone()
             .map(LoadedModules::retain_built_in)
             .unwrap_or_default();
         let ctx = Context {
             data_dir: cfg.data.clone(),
             ..Context::default()
         };
+        // WebAssembly modules come back from their packages on disk, with the settings
+        // the stored set kept for them.
+        #[cfg(feature = "wasm")]
+        {
+            crate::wasm::load_stored(&cfg, &ctx.wasm, &mut modules);
+            if let Some(stored) = &stored_modules {
+                modules.keep_settings_of_wasm(stored);
+            }
+        }
+        let _ = &stored_modules;
         let mut schedules: Schedules = outbox
             .get_meta(META_SCHEDULES)
             .and_then(|b| postcard::from_bytes(&b).ok())
@@ -768,6 +782,8 @@ impl Agent {
                 wire::features::POLICY.into(),
                 wire::features::BUDGETS.into(),
                 wire::features::FRESH_COMMANDS.into(),
+                #[cfg(feature = "wasm")]
+                imn_proto::wasm::FEATURE.into(),
             ],
             limits: self.cfg.limits(),
             schedule_policy: TargetPolicy::digest(Some(&self.schedule_policy)),
@@ -961,7 +977,28 @@ impl Agent {
                 let r = self.modules.load(&module);
                 self.module_changed("module_loaded", &module, r)
             }
+            CommandKind::LoadWasm { package } => {
+                #[cfg(feature = "wasm")]
+                let (module, r) =
+                    crate::wasm::load(&self.cfg, &self.ctx.wasm, &mut self.modules, &package);
+                #[cfg(not(feature = "wasm"))]
+                let (module, r) = {
+                    let _ = package;
+                    (
+                        "?".to_string(),
+                        Err(
+                            "this agent's build has no WebAssembly runtime (feature wasm)"
+                                .to_string(),
+                        ),
+                    )
+                };
+                self.module_changed("module_loaded", &module, r)
+            }
             CommandKind::Unload { module } => {
+                #[cfg(feature = "wasm")]
+                if self.modules.is_wasm(&module) {
+                    crate::wasm::unload(&self.cfg, &self.ctx.wasm, &module);
+                }
                 let r = if self.modules.unload(&module) {
                     Ok(())
                 } else {

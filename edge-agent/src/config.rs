@@ -345,6 +345,11 @@ settings! {
     /// makes the agent run supervised (see `supervise`).
     val update_keys: Vec<String> = Vec::new(), list,
         "update-keys", "IMN_UPDATE_KEYS", "comma-separated hex Ed25519 keys whose signed releases the agent installs (over-the-air updates)";
+    /// Ed25519 public keys (hex) whose signed WebAssembly modules this agent loads;
+    /// with none, the `update_keys` (a module key is a release key). With neither,
+    /// the agent loads no WebAssembly module.
+    val module_keys: Vec<String> = Vec::new(), list,
+        "module-keys", "IMN_MODULE_KEYS", "comma-separated hex Ed25519 keys whose signed WebAssembly modules the agent loads (default: the update keys)";
     /// Run under the agent's own supervisor: a small parent process that starts the
     /// newest verified binary, tries updates and remote settings on trial, and rolls
     /// them back. On by default when `update_keys` is set.
@@ -746,16 +751,30 @@ impl AgentConfig {
         self.supervise || !self.update_keys.is_empty()
     }
 
+    /// The keys whose WebAssembly modules this agent loads.
+    pub fn trusted_module_keys(&self) -> &[String] {
+        if self.module_keys.is_empty() {
+            &self.update_keys
+        } else {
+            &self.module_keys
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for k in &self.update_keys {
-            if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(ConfigError::Invalid {
-                    field: "update_keys",
-                    rule: format!(
-                        "each must be 64 hex digits, an Ed25519 public key (got {:?})",
-                        k.chars().take(80).collect::<String>()
-                    ),
-                });
+        for (field, keys) in [
+            ("update_keys", &self.update_keys),
+            ("module_keys", &self.module_keys),
+        ] {
+            for k in keys {
+                if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ConfigError::Invalid {
+                        field,
+                        rule: format!(
+                            "each must be 64 hex digits, an Ed25519 public key (got {:?})",
+                            k.chars().take(80).collect::<String>()
+                        ),
+                    });
+                }
             }
         }
         if !(10..=86_400).contains(&self.trial_s) {
@@ -1582,7 +1601,7 @@ mod tests {
             let line = format!("  --{} VALUE\n      {} [env: {}]\n", o.flag, o.help, o.env);
             assert!(help.contains(&line), "{line}");
         }
-        assert_eq!(flagged, 32);
+        assert_eq!(flagged, 33);
         assert_eq!(
             uci_kind("enabled"),
             None,

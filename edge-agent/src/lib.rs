@@ -17,6 +17,8 @@
 //! - [`launcher`]: the supervisor that runs the agent, tries a new release or new
 //!   remote settings on trial and rolls them back; [`update`]: the running agent's
 //!   side (the download over MQTT, the files it shares with the supervisor).
+//! - [`wasm`] (feature `wasm`): signed WebAssembly modules kept on disk and
+//!   registered for runs; the sandbox itself is `imn_probes::wasm`.
 
 pub mod agent;
 pub mod config;
@@ -37,6 +39,8 @@ pub mod sync;
 pub mod tls;
 pub mod transport;
 pub mod update;
+#[cfg(feature = "wasm")]
+pub mod wasm;
 
 pub use agent::{Agent, AgentError};
 pub use config::AgentConfig;

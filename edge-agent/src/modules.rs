@@ -11,6 +11,10 @@ use serde_json::Value;
 pub struct LoadedModules {
     /// Loaded module name → its settings.
     loaded: BTreeMap<String, ModuleConfig>,
+    /// WebAssembly modules among them: name → (version, schema hash). Not stored
+    /// here: the packages on disk are (`crate::wasm`), loaded again at start.
+    #[serde(skip)]
+    wasm: BTreeMap<String, (String, String)>,
 }
 
 impl Default for LoadedModules {
@@ -21,6 +25,7 @@ impl Default for LoadedModules {
                 .into_iter()
                 .map(|m| (m.to_string(), ModuleConfig::default()))
                 .collect(),
+            wasm: BTreeMap::new(),
         }
     }
 }
@@ -31,6 +36,29 @@ impl LoadedModules {
     pub fn retain_built_in(mut self) -> Self {
         self.loaded.retain(|m, _| imn_probes::built_in(m));
         self
+    }
+
+    /// Adds a WebAssembly module (its settings, if stored, are kept).
+    pub fn add_wasm(&mut self, name: &str, version: &str, schema_hash: &str) {
+        self.wasm.insert(
+            name.to_string(),
+            (version.to_string(), schema_hash.to_string()),
+        );
+        self.loaded.entry(name.to_string()).or_default();
+    }
+
+    /// Takes the settings `stored` had for each WebAssembly module loaded here.
+    pub fn keep_settings_of_wasm(&mut self, stored: &LoadedModules) {
+        for name in self.wasm.keys() {
+            if let (Some(cfg), Some(mine)) = (stored.loaded.get(name), self.loaded.get_mut(name)) {
+                *mine = cfg.clone();
+            }
+        }
+    }
+
+    /// Whether `module` is a WebAssembly module this agent has.
+    pub fn is_wasm(&self, module: &str) -> bool {
+        self.wasm.contains_key(module)
     }
 
     pub fn is_loaded(&self, module: &str) -> bool {
@@ -51,7 +79,7 @@ impl LoadedModules {
             )
         } else {
             format!(
-                "module {module:?} is not built into this agent (built in: {})",
+                "module {module:?} is not built into this agent (built in: {}), and no WebAssembly module of that name is loaded",
                 imn_probes::built_in_names().join(", ")
             )
         }
@@ -70,6 +98,7 @@ impl LoadedModules {
     }
 
     pub fn unload(&mut self, module: &str) -> bool {
+        self.wasm.remove(module);
         self.loaded.remove(module).is_some()
     }
 
@@ -94,11 +123,14 @@ impl LoadedModules {
         self.loaded
             .iter()
             .filter_map(|(name, cfg)| {
-                let spec = catalog::find(name)?;
+                let (version, schema_hash) = match catalog::find(name) {
+                    Some(spec) => (spec.version.to_string(), spec.schema_hash()),
+                    None => self.wasm.get(name)?.clone(),
+                };
                 Some(ModuleInfo {
-                    name: spec.name.into(),
-                    version: spec.version.into(),
-                    schema_hash: spec.schema_hash(),
+                    name: name.clone(),
+                    version,
+                    schema_hash,
                     config: (cfg != &ModuleConfig::default()).then(|| cfg.clone()),
                 })
             })

@@ -27,6 +27,10 @@ pub async fn run_module(
     timeout: Duration,
     ctx: Context,
 ) -> Ran {
+    let ctx = Context {
+        deadline: Some(Instant::now() + timeout),
+        ..ctx
+    };
     let task = tokio::spawn(async move { imn_probes::run(&module, &params_json, &ctx).await });
     let abort = task.abort_handle();
     let (outcome, panicked) = match tokio::time::timeout(timeout, task).await {

@@ -162,9 +162,11 @@ impl ModuleOutput {
     /// The result's figures, one per target (at most [`MAX_TARGETS`]).
     pub fn figures(&self) -> Vec<Figures> {
         match self {
-            ModuleOutput::Echo(_) | ModuleOutput::Faulty(_) | ModuleOutput::Heartbeat(_) => {
-                Vec::new()
-            }
+            // A WebAssembly module's numbers are its own: no threshold knows them.
+            ModuleOutput::Echo(_)
+            | ModuleOutput::Faulty(_)
+            | ModuleOutput::Heartbeat(_)
+            | ModuleOutput::Wasm(_) => Vec::new(),
             ModuleOutput::Ping(p) => p
                 .targets
                 .iter()

@@ -14,6 +14,9 @@
 //! - [`release`]: signed agent releases (manifest, Ed25519 signature, version
 //!   order), checked the same way by the backend on upload and the agent before it
 //!   installs.
+//! - [`wasm`]: signed WebAssembly module packages (manifest with parameter and
+//!   result schemas, targets and limits), checked by the backend when added and by
+//!   the agent when loaded; the result type of such a module.
 //! - [`policy`]: which addresses a run may send to, and what each run asks of the
 //!   network; the backend and the agent apply the same code.
 //! - [`atlas`] (feature `atlas`, the backend's): results in RIPE Atlas's format; each
@@ -40,6 +43,7 @@ pub mod ranges;
 pub mod release;
 pub mod results;
 pub mod summary;
+pub mod wasm;
 pub mod wire;
 
 #[cfg(feature = "tls")]

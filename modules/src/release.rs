@@ -412,6 +412,11 @@ impl SigningKey {
         hex(self.0.public_key().as_ref())
     }
 
+    /// An Ed25519 signature of `msg` (the caller adds its own signing context).
+    pub(crate) fn sign_bytes(&self, msg: &[u8]) -> Vec<u8> {
+        self.0.sign(msg).as_ref().to_vec()
+    }
+
     /// Signs `binary` as `version` for `arch`, valid until `expires_ms`: the whole
     /// signed release file.
     pub fn sign(

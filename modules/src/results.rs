@@ -39,6 +39,10 @@ macro_rules! modules {
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         pub enum ModuleOutput {
             $($(#[$doc])* $variant($ty),)*
+            /// A WebAssembly module's result (`crate::wasm`): its own JSON object. Not
+            /// in the catalog: the module's name is the result's, its schemas are its
+            /// package's. Last, so every built-in keeps its encoding.
+            Wasm(Box<crate::wasm::WasmOutput>),
         }
 
         impl ModuleOutput {
@@ -46,6 +50,7 @@ macro_rules! modules {
             pub fn module(&self) -> &'static str {
                 match self {
                     $(ModuleOutput::$variant(_) => $spec.name,)*
+                    ModuleOutput::Wasm(_) => "wasm",
                 }
             }
 
@@ -53,6 +58,7 @@ macro_rules! modules {
             pub fn to_json(&self) -> serde_json::Value {
                 let v = match self {
                     $(ModuleOutput::$variant(r) => serde_json::to_value(r),)*
+                    ModuleOutput::Wasm(r) => Ok(r.value()),
                 };
                 v.unwrap_or(serde_json::Value::Null)
             }
@@ -74,6 +80,7 @@ macro_rules! modules {
             pub fn summary(&self) -> String {
                 crate::summary::tidy(match self {
                     $(ModuleOutput::$variant(r) => r.summary(),)*
+                    ModuleOutput::Wasm(r) => r.summary(),
                 })
             }
         }
@@ -82,6 +89,7 @@ macro_rules! modules {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 match self.0 {
                     $(ModuleOutput::$variant(r) => r.serialize(s),)*
+                    ModuleOutput::Wasm(r) => r.serialize(s),
                 }
             }
         }

@@ -524,6 +524,12 @@ pub enum CommandKind {
         version: u64,
         settings: Vec<(String, String)>,
     },
+    /// Load this WebAssembly module (`crate::wasm`): the whole signed package file.
+    /// The agent checks it against its own trusted keys (`update_keys`), keeps it on
+    /// disk, and loads it again at every start. Unloaded with `Unload`. Appended last.
+    LoadWasm {
+        package: Vec<u8>,
+    },
 }
 
 /// Per-module settings an operator can change at runtime.

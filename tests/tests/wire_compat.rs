@@ -249,6 +249,7 @@ fn output_name(o: &imn_proto::results::ModuleOutput) -> &'static str {
         O::Http(_) => "Http",
         O::TlsCert(_) => "TlsCert",
         O::Ntp(_) => "Ntp",
+        O::Wasm(_) => "Wasm",
     }
 }
 
@@ -262,6 +263,7 @@ fn command_name(k: &CommandKind) -> &'static str {
         CommandKind::Schedules { .. } => "Schedules",
         CommandKind::Update { .. } => "Update",
         CommandKind::Settings { .. } => "Settings",
+        CommandKind::LoadWasm { .. } => "LoadWasm",
     }
 }
 

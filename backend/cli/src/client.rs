@@ -103,6 +103,16 @@ impl Client {
             .await
     }
 
+    pub async fn put(&self, path: &str, body: Value) -> Result<Value, ClientError> {
+        self.send(self.http.put(format!("{}{path}", self.base)).json(&body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
     /// GETs `path` and returns the status, the named header and the body as text,
     /// whatever the status: for answers where an error status is an answer too (a
     /// status check's 503). Only a failure to reach the API is an error.

@@ -15,6 +15,7 @@ mod check;
 mod cli;
 mod client;
 mod lifecycle;
+mod modules;
 #[cfg(test)]
 mod test_util;
 mod up;
@@ -211,6 +212,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ReleasesCmd,
     },
+    /// WebAssembly modules: sign a `.wasm` with its module.json (offline, with a
+    /// release key), add the package (admin scope), list, delete, and load or unload
+    /// it on agents.
+    Modules {
+        #[command(subcommand)]
+        cmd: ModulesCmd,
+    },
     /// Roll a release out in waves (a canary first), halting on failures; watch,
     /// pause, resume or abort it (admin scope to change).
     Rollout {
@@ -291,6 +299,68 @@ enum TokensCmd {
         id: String,
     },
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModulesCmd {
+    /// Sign a WebAssembly module with its manifest into a package (NAME.imnmod beside
+    /// the .wasm) for `imn modules add`. Offline: only the key file is needed.
+    Sign {
+        /// The module's code.
+        wasm: PathBuf,
+        /// Its module.json: name, version, description, timeout_ms, params_schema,
+        /// result_schema, targets, limits (see docs/wasm-modules.md).
+        #[arg(long, value_name = "FILE")]
+        manifest: PathBuf,
+        /// A private key from `imn releases keygen` (agents trust it in `update_keys`
+        /// or `module_keys`).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Upload a package (admin scope); the backend checks its signature against its
+    /// release keys and its schemas.
+    Add {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Every module: built in and added.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Forget an added module (admin scope).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Load a module on agents (admin scope).
+    Load {
+        name: String,
+        /// Comma-separated agent ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        agents: Vec<String>,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
+    /// Unload a module from agents (admin scope).
+    Unload {
+        name: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        agents: Vec<String>,
+        #[command(flatten)]
+        client: ClientFlags,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -667,6 +737,49 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
             };
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
+        Cmd::Modules { cmd } => match cmd {
+            ModulesCmd::Sign {
+                wasm,
+                manifest,
+                key,
+                out,
+                force,
+            } => print!(
+                "{}",
+                modules::sign(&wasm, &manifest, &key, out, force, imn_proto::now_ms())?
+            ),
+            ModulesCmd::Add { file, json, client } => {
+                print!(
+                    "{}",
+                    modules::add(&Client::new(&client)?, &file, json).await?
+                )
+            }
+            ModulesCmd::List { json, client } => {
+                print!("{}", modules::list(&Client::new(&client)?, json).await?)
+            }
+            ModulesCmd::Delete { name, client } => {
+                let v = Client::new(&client)?
+                    .delete(&format!("/admin/modules/{name}"))
+                    .await?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            ModulesCmd::Load {
+                name,
+                agents,
+                client,
+            } => print!(
+                "{}",
+                modules::load(&Client::new(&client)?, &name, &agents, true).await?
+            ),
+            ModulesCmd::Unload {
+                name,
+                agents,
+                client,
+            } => print!(
+                "{}",
+                modules::load(&Client::new(&client)?, &name, &agents, false).await?
+            ),
+        },
         Cmd::Releases { cmd } => match cmd {
             ReleasesCmd::Keygen { out } => print!("{}", lifecycle::keygen(&out)?),
             ReleasesCmd::Sign {

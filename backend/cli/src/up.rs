@@ -193,6 +193,8 @@ pub async fn up(opts: UpOptions, shutdown: impl Future<Output = ()>) -> Result<(
             heartbeat_ms: opts.heartbeat_ms,
             // One resolver in the process: the agents' and the policy checks'.
             nameservers: opts.security.nameserver.clone(),
+            // The local agents load the WebAssembly modules the backend accepts.
+            module_keys: opts.security.release_keys.clone(),
             ..AgentConfig::default()
         };
         let mut stop = stop_rx.clone();

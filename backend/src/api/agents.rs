@@ -254,12 +254,7 @@ pub(super) async fn load_module(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     use imn_proto::wire::{CommandKind, ModuleConfig};
-    if catalog::find(&module).is_none() {
-        return Err(ApiError::UnknownModule {
-            module,
-            known: catalog::names().iter().map(|s| s.to_string()).collect(),
-        });
-    }
+    let kind = b.module_kind(&module).await?;
     let settings: ModuleSettings = if body.iter().all(|c| c.is_ascii_whitespace()) {
         ModuleSettings::default()
     } else {
@@ -283,7 +278,7 @@ pub(super) async fn load_module(
     }
     // The agent caps a run's `rate` parameter; a module without one has nothing to cap,
     // and a setting that would do nothing is refused rather than ignored.
-    let takes_rate = catalog::find(&module).is_some_and(|spec| spec.takes_rate);
+    let takes_rate = kind.takes_rate();
     if settings.max_rate.is_some() && !takes_rate {
         return Err(ApiError::InvalidParams {
             field: "/max_rate".into(),
@@ -291,15 +286,8 @@ pub(super) async fn load_module(
             message: format!("/max_rate: {module} has no rate parameter to cap"),
         });
     }
-    let mut ids = vec![
-        b.control(
-            &id,
-            CommandKind::Load {
-                module: module.clone(),
-            },
-        )
-        .await?,
-    ];
+    let load = b.load_command(&id, &module).await?;
+    let mut ids = vec![b.control(&id, load).await?];
     let config = ModuleConfig {
         defaults_json: settings.defaults.map(|d| d.to_string()),
         max_rate: settings.max_rate,

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// A module package: its code, its manifest line and signature.
+pub const MAX_MODULE_BODY: usize =
+    imn_proto::wasm::MAX_WASM as usize + imn_proto::wasm::MAX_HEADER + 4096;
+
 /// `/metrics`: the Prometheus text format.
 pub(super) async fn metrics(State(b): State<Arc<Backend>>) -> Response {
     (
@@ -76,7 +80,7 @@ pub(super) async fn openapi() -> Json<Value> {
     Json(crate::openapi::document())
 }
 
-pub(super) async fn modules() -> Json<Value> {
+pub(super) async fn modules(State(b): State<Arc<Backend>>) -> Json<Value> {
     Json(Value::Array(
         catalog::catalog()
             .iter()
@@ -85,10 +89,50 @@ pub(super) async fn modules() -> Json<Value> {
                     "name": m.name,
                     "version": m.version,
                     "description": m.description,
+                    "kind": "built_in",
                     "schema_hash": m.schema_hash(),
                     "schema": m.schema(),
                 })
             })
+            .chain(b.wasm_modules_json())
             .collect(),
     ))
+}
+
+/// `POST /admin/modules`: a signed WebAssembly module package (the file `imn modules
+/// sign` writes), checked against the release keys and stored. 201 when new, 200
+/// when it replaced a version.
+pub(super) async fn add_module(
+    State(b): State<Arc<Backend>>,
+    body: axum::body::Bytes,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let (module, replaced) = b.add_wasm_module(body.to_vec()).await?;
+    let status = if replaced {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(json!({"module": module, "replaced": replaced})),
+    ))
+}
+
+/// `DELETE /admin/modules/{name}`: forgets an added module. Agents that loaded it
+/// keep it until it is unloaded from them.
+pub(super) async fn delete_module(
+    State(b): State<Arc<Backend>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if catalog::find(&name).is_some() {
+        return Err(ApiError::Conflict(format!(
+            "{name:?} is built into the agents; unload it from an agent instead"
+        )));
+    }
+    if !b.delete_wasm_module(&name).await? {
+        return Err(ApiError::NotFound(format!(
+            "no WebAssembly module {name:?}"
+        )));
+    }
+    Ok(Json(json!({"deleted": name})))
 }

@@ -66,6 +66,14 @@ pub fn router(backend: Arc<Backend>) -> Router {
         )
         .route("/agent/{id}/{module}", post(submit))
         .route("/modules", get(modules))
+        .route(
+            "/admin/modules",
+            post(add_module).layer(axum::extract::DefaultBodyLimit::max(MAX_MODULE_BODY)),
+        )
+        .route(
+            "/admin/modules/{name}",
+            axum::routing::delete(delete_module),
+        )
         .route("/v1/measurements", post(create_measurement))
         .route(
             "/v1/measurements/{id}",
@@ -216,6 +224,8 @@ async fn guard(
     // A release file is bigger than any JSON body: that one route has its own limit.
     let limit = if req.uri().path() == "/admin/releases" {
         MAX_RELEASE_BODY
+    } else if req.uri().path() == "/admin/modules" {
+        MAX_MODULE_BODY
     } else {
         b.security.limits.max_body_bytes
     };

@@ -16,8 +16,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use imn_proto::now_ms;
 use imn_proto::wire::{self, Command, CommandKind, Envelope, Kind, RequestState};
-use imn_proto::{catalog, now_ms};
 use serde_json::Value;
 
 use super::{Backend, Checked, SubmitOptions, Submitted, REDISPATCH_AFTER};
@@ -165,10 +165,7 @@ impl Backend {
         if !self.registry.knows(agent) {
             return Err(ApiError::UnknownAgent(agent.to_string()));
         }
-        let spec = catalog::find(module).ok_or_else(|| ApiError::UnknownModule {
-            module: module.to_string(),
-            known: catalog::names().iter().map(|s| s.to_string()).collect(),
-        })?;
+        let kind = self.module_kind(module).await?;
         let entry = self.registry.get(agent);
         if let Some(a) = &entry {
             if !a.hello.modules.iter().any(|m| m.name == module) {
@@ -186,7 +183,7 @@ impl Backend {
         };
         let params = self.with_module_defaults(agent, module, params);
         self.validate(module, &params)?;
-        let demand = spec.demand(&params);
+        let demand = kind.demand(&params);
         let enforcing = entry
             .as_ref()
             .is_some_and(|a| a.hello.has(wire::features::POLICY));
@@ -196,7 +193,7 @@ impl Backend {
             .await?;
         Ok(Checked {
             params,
-            timeout_ms: spec.default_timeout_ms,
+            timeout_ms: kind.default_timeout_ms(),
             policy,
             demand,
         })

@@ -40,6 +40,7 @@ mod reads;
 mod sessions;
 mod uplink;
 mod waiters;
+mod wasm;
 
 use sessions::{Hellos, Sessions};
 use waiters::Waiters;
@@ -121,6 +122,8 @@ pub struct Backend {
     store_stats: std::sync::Mutex<Option<crate::store::StoreStats>>,
     /// Alert rules, their events and the anomaly detector's (see [`crate::alerts`]).
     pub alerts: crate::alerts::Alerts,
+    /// The WebAssembly modules an operator added (see [`crate::wasm`]).
+    pub(crate) wasm: crate::wasm::WasmModules,
 }
 
 /// How a request is to be made, beside what it asks for.
@@ -198,6 +201,7 @@ impl Backend {
             lifecycle: Default::default(),
             retention: std::sync::OnceLock::new(),
             store_stats: std::sync::Mutex::new(None),
+            wasm: Default::default(),
             alerts: Default::default(),
         });
         {
@@ -253,6 +257,9 @@ impl Backend {
             .subscribe_up()
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.wasm
+            .load(self.store.as_ref(), &self.security.release_keys)
+            .await;
         tokio::spawn(self.clone().ingest(rx));
         tokio::spawn(self.clone().sweep());
         tokio::spawn(crate::feed::Feed::run(self.clone()));
@@ -297,7 +304,14 @@ impl Backend {
     }
 
     /// Validates parameters (see [`Validators::validate`]).
+    /// A WebAssembly module's parameters are checked against its own schema (the
+    /// caller looked the module up first, see [`Backend::module_kind`]).
     pub fn validate(&self, module: &str, params: &Value) -> Result<(), ApiError> {
+        if imn_proto::catalog::find(module).is_none() {
+            if let Some(e) = self.wasm.cached(module) {
+                return e.validate(params);
+            }
+        }
         self.validators.validate(module, params)
     }
 

@@ -17,6 +17,8 @@ pub mod system;
 mod tcping;
 #[cfg(feature = "traceroute")]
 mod traceroute;
+#[cfg(feature = "wasm")]
+pub mod wasm;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -37,6 +39,12 @@ pub struct Context {
     /// The rules every address this run sends to must pass: what the backend checked
     /// the request against, carried by its command or schedule set. Open by default.
     pub policy: Arc<TargetPolicy>,
+    /// When the run must be over (the supervisor cancels it then): a WebAssembly
+    /// run's deadline. `None` outside a supervised run.
+    pub deadline: Option<std::time::Instant>,
+    /// The WebAssembly modules the agent has loaded.
+    #[cfg(feature = "wasm")]
+    pub wasm: Arc<wasm::Registry>,
 }
 
 impl Context {
@@ -132,6 +140,11 @@ pub async fn run(module: &str, params_json: &str, ctx: &Context) -> Result<Modul
                 &mut cpu,
                 &ctx.data_dir,
             )))
+        }
+        #[cfg(feature = "wasm")]
+        other if ctx.wasm.get(other).is_some() => {
+            let m = ctx.wasm.get(other).ok_or("the module was unloaded")?;
+            wasm::run(m, params_json, ctx).await
         }
         other => Err(format!("module {other:?} is not built into this agent")),
     }
