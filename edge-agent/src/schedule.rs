@@ -64,7 +64,10 @@ pub fn check(s: &Schedule) -> Result<(), Refused> {
             ),
         );
     }
-    if !imn_probes::built_in(&s.module) {
+    // A WebAssembly module's name passes here; whether it is loaded is checked at
+    // each slot (a slot of a module not loaded fails, saying so), as for built-ins.
+    let wasm_name = cfg!(feature = "wasm") && imn_proto::wasm::check_name(&s.module).is_ok();
+    if !imn_probes::built_in(&s.module) && !wasm_name {
         return refuse(
             "module",
             format!(
@@ -524,7 +527,10 @@ mod tests {
             f(&mut s);
             s
         };
-        assert_eq!(field(with(&|s| s.module = "warp".into())), "module");
+        assert_eq!(
+            field(with(&|s| s.module = "no/such-module".into())),
+            "module"
+        );
         assert_eq!(
             field(with(&|s| s.params_json = "[1]".into())),
             "params_json"

@@ -18,6 +18,7 @@ pub mod packages;
 pub mod peers;
 pub mod proxy;
 pub mod sim;
+pub mod wasm;
 pub mod webdriver;
 pub mod wire_compat;
 

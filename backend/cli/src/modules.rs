@@ -120,7 +120,7 @@ pub async fn load(c: &Client, name: &str, agents: &[String], on: bool) -> anyhow
     for a in agents {
         let path = format!("/agents/{a}/modules/{name}");
         let r = if on {
-            c.put(&path, Value::Null).await
+            c.put(&path, json!({})).await
         } else {
             c.delete(&path).await
         };

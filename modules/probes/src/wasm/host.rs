@@ -73,7 +73,10 @@ pub const FUNCTIONS: &[(&str, &str)] = &[
         "(params_ptr, params_len, out_ptr, out_cap) -> len | error",
     ),
     ("result", "(ptr, len) -> 0 | error"),
-    ("last_error", "(ptr, cap) -> len"),
+    (
+        "last_error",
+        "(ptr, cap) -> the message's length (as much as fits is written)",
+    ),
 ];
 
 /// Memory growth within the run's pages; the first refusal is remembered so the
@@ -142,6 +145,9 @@ pub(crate) struct State {
     bytes_sent: u64,
     packets_sent: u64,
     pub result: Option<String>,
+    /// The output of the last `ping` or `http` call that did not fit the guest's
+    /// buffer, with its call and parameters: the same call again gets it, not a new run.
+    pending: Option<(&'static str, String, String)>,
     last_error: String,
     last_log: String,
     log_lines: u32,
@@ -176,6 +182,7 @@ impl State {
             bytes_sent: 0,
             packets_sent: 0,
             result: None,
+            pending: None,
             last_error: String::new(),
             last_log: String::new(),
             log_lines: 0,
@@ -691,10 +698,23 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
                         "parameters: at most 16384 bytes of UTF-8, inside the module's memory",
                     ));
                 };
-                match c.data_mut().builtin(module, &params)? {
-                    Ok(json) => Ok(write_out(&mut c, op, oc, json.as_bytes())),
-                    Err(code) => Ok(code),
+                // The output of this same call that did not fit last time.
+                let kept = match c.data_mut().pending.take() {
+                    Some((m, p, out)) if m == module && p == params => Some(out),
+                    _ => None,
+                };
+                let json = match kept {
+                    Some(out) => out,
+                    None => match c.data_mut().builtin(module, &params)? {
+                        Ok(json) => json,
+                        Err(code) => return Ok(code),
+                    },
+                };
+                let n = write_out(&mut c, op, oc, json.as_bytes());
+                if n == TOO_SMALL {
+                    c.data_mut().pending = Some((module, params, json));
                 }
+                Ok(n)
             },
         )?;
     }
@@ -732,13 +752,16 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
         "imn",
         "last_error",
         |mut c: Caller<'_, State>, ptr: i32, cap: i32| -> i32 {
+            // Its length; as much as fits is written.
             let msg = c.data().last_error.clone().into_bytes();
             let n = msg.len().min(usize::try_from(cap).unwrap_or(0));
             let Some(mem) = c.data().memory else {
                 return 0;
             };
             match usize::try_from(ptr) {
-                Ok(p) if mem.write(&mut c, p, &msg[..n]).is_ok() => n as i32,
+                Ok(p) if mem.write(&mut c, p, &msg[..n]).is_ok() => {
+                    i32::try_from(msg.len()).unwrap_or(i32::MAX)
+                }
                 _ => INVALID,
             }
         },

@@ -1,0 +1,385 @@
+//! Issue 29: WebAssembly modules end to end. Real processes: `imn up` (backend and
+//! broker), `imn-agent` processes connected through TCP proxies the test can cut, the
+//! `imn` CLI for keys, signing and adding, and real peers on loopback (a STUN
+//! responder and an SMTP greeting in this test, dnsmasq over TCP).
+//!
+//! 1. Each example module (`modules/wasm/examples`) is signed, added, loaded on two
+//!    agents, run one-off, and run as a schedule that keeps running while one agent is
+//!    cut off; every slot arrives exactly once.
+//! 2. Hostile modules (`modules/wasm/hostile`), each a real `.wasm`, are stopped with
+//!    the limit named, and packages with a bad signature are refused by the backend
+//!    and by the agent; meanwhile the agent's heartbeats and a built-in schedule keep
+//!    their timing.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use imn_tests::peers::Dnsmasq;
+use imn_tests::proxy::TcpProxy;
+use imn_tests::wasm::{example_manifest, examples, hostile, keygen, manifest, sign, sign_code};
+use imn_tests::{all_results, bin, ms_of, spawn_agent, wait_for, Api, Proc, TempDir, Up};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A STUN server (RFC 5389 binding responses with XOR-MAPPED-ADDRESS and SOFTWARE) on
+/// loopback: its port and the source addresses it answered.
+fn stun_responder() -> (u16, Arc<Mutex<Vec<SocketAddr>>>) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if n < 20 || buf[0..2] != [0, 1] || buf[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+                continue;
+            }
+            seen2.lock().unwrap().push(from);
+            let SocketAddr::V4(v4) = from else { continue };
+            let mut attrs = Vec::new();
+            // XOR-MAPPED-ADDRESS: family 1, port ^ 0x2112, address ^ the cookie.
+            attrs.extend_from_slice(&[0x00, 0x20, 0x00, 0x08, 0x00, 0x01]);
+            attrs.extend_from_slice(&(v4.port() ^ 0x2112).to_be_bytes());
+            let ip = u32::from(*v4.ip()) ^ 0x2112_a442;
+            attrs.extend_from_slice(&ip.to_be_bytes());
+            let software = b"imn-test-stun";
+            attrs.extend_from_slice(&[0x80, 0x22]);
+            attrs.extend_from_slice(&(software.len() as u16).to_be_bytes());
+            attrs.extend_from_slice(software);
+            while attrs.len() % 4 != 0 {
+                attrs.push(0);
+            }
+            let mut resp = vec![0x01, 0x01];
+            resp.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+            resp.extend_from_slice(&buf[4..20]);
+            resp.extend_from_slice(&attrs);
+            let _ = sock.send_to(&resp, from);
+        }
+    });
+    (port, seen)
+}
+
+const GREETING: &str = "220 mail.imn.test ESMTP imn-test";
+
+/// An SMTP server's greeting on loopback: its port and how many connections it took.
+fn smtp_greeter() -> (u16, Arc<Mutex<u32>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let n = Arc::new(Mutex::new(0));
+    let n2 = n.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            *n2.lock().unwrap() += 1;
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let _ = s.write_all(format!("{GREETING}\r\n").as_bytes());
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut b = [0u8; 64];
+                let _ = s.read(&mut b);
+            });
+        }
+    });
+    (port, n)
+}
+
+/// `imn up` with no local agents, trusting `keys` for releases and modules.
+async fn up(keys: &str, extra: &[&str]) -> Up {
+    let mut args = vec!["--release-keys", keys];
+    args.extend_from_slice(extra);
+    Up::start(0, &args).await
+}
+
+/// An agent process reaching the broker through a proxy the test can cut.
+fn agent(up: &Up, id: &str, proxy: &TcpProxy, module_keys: &str) -> Proc {
+    spawn_agent(
+        &bin("imn-agent"),
+        id,
+        &proxy.url(),
+        &up.dir.path().join(id),
+        &[
+            "--heartbeat-ms",
+            "500",
+            "--resend-timeout-ms",
+            "2000",
+            "--keepalive-s",
+            "5",
+            "--module-keys",
+            module_keys,
+        ],
+        up.dir.path(),
+    )
+}
+
+/// Loads `module` on `agents` and waits until each hello names it.
+async fn load(api: &Api, agents: &[&str], module: &str) {
+    for a in agents {
+        let r = api
+            .put_json(&format!("/agents/{a}/modules/{module}"), &json!({}))
+            .await;
+        assert_eq!(r.status, 202, "load {module} on {a}: {}", r.body);
+    }
+    for a in agents {
+        let (api, a2, m) = (api.clone(), a.to_string(), module.to_string());
+        wait_for(&format!("{a} to load {module}"), T, || {
+            let (api, a2, m) = (api.clone(), a2.clone(), m.clone());
+            async move {
+                let v = api.get(&format!("/agents/{a2}")).await.body;
+                v["modules"]
+                    .as_array()?
+                    .iter()
+                    .any(|x| x["name"] == json!(m))
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+async fn run(api: &Api, agent: &str, module: &str, params: Value) -> Value {
+    let r = api
+        .post(
+            &format!("/agent/{agent}/{module}?wait=30"),
+            &params.to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{module} on {agent} {params}: {}", r.body);
+    r.body
+}
+
+/// A measurement of `module` every `interval_s` on `agents`; its id.
+async fn every(api: &Api, module: &str, params: Value, agents: &[&str], interval_s: f64) -> String {
+    let r = api
+        .post(
+            "/v1/measurements",
+            &json!({"module": module, "params": params, "agents": {"ids": agents},
+                "schedule": {"interval_s": interval_s}})
+            .to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{module}: {}", r.body);
+    r.body["id"].as_str().unwrap().to_string()
+}
+
+/// Every slot of `agent` from its first to its last arrived exactly once; the slots.
+fn slots_once(results: &[Value], agent: &str, interval_ms: i64, what: &str) -> Vec<i64> {
+    let mut slots: Vec<i64> = results
+        .iter()
+        .filter(|r| r["agent_id"] == json!(agent))
+        .map(|r| ms_of(&r["scheduled_at"]))
+        .collect();
+    slots.sort_unstable();
+    let n = slots.len();
+    slots.dedup();
+    assert_eq!(slots.len(), n, "{what} {agent}: a slot arrived twice");
+    assert!(n >= 2, "{what} {agent}: {n} results");
+    for w in slots.windows(2) {
+        assert_eq!(
+            w[1] - w[0],
+            interval_ms,
+            "{what} {agent}: slots missing between {} and {}",
+            w[0],
+            w[1]
+        );
+    }
+    slots
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_modules_run_one_off_and_through_a_partition_exactly_once() {
+    let keys = TempDir::new("wasm-keys");
+    let (key, public) = keygen(keys.path(), "modules.key");
+    let out = examples();
+    let up = up(&public, &[]).await;
+    let api = up.api.clone();
+    let proxies = [
+        TcpProxy::start(up.mqtt_port).await,
+        TcpProxy::start(up.mqtt_port).await,
+    ];
+    let agents = ["wasm-a", "wasm-b"];
+    let _procs: Vec<Proc> = agents
+        .iter()
+        .zip(&proxies)
+        .map(|(id, p)| agent(&up, id, p, &public))
+        .collect();
+    api.wait_alive(&agents, T).await;
+    for a in agents {
+        let v = api.get(&format!("/agents/{a}")).await.body;
+        assert!(
+            v["features"].as_array().unwrap().contains(&json!("wasm")),
+            "{a} says it runs WebAssembly: {v}"
+        );
+    }
+
+    // Signed with `imn modules sign`; added with `imn modules add` (stun) and the API.
+    for name in ["stun", "tcp_banner", "dns_tcp"] {
+        let package = sign(
+            &out.join(format!("{name}.wasm")),
+            &example_manifest(name),
+            &key,
+            &keys.path().join(format!("{name}.imnmod")),
+        );
+        if name == "stun" {
+            let r = std::process::Command::new(bin("imn"))
+                .args(["modules", "add"])
+                .arg(keys.path().join("stun.imnmod"))
+                .args(["--url", &format!("http://127.0.0.1:{}", up.http_port)])
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&r.stdout);
+            assert!(
+                r.status.success(),
+                "{said} {}",
+                String::from_utf8_lossy(&r.stderr)
+            );
+            assert!(said.starts_with("added: stun 1."), "{said}");
+        } else {
+            let r = api.post_bytes("/admin/modules", package).await;
+            assert_eq!(r.status, 201, "{name}: {}", r.body);
+            assert_eq!(r.body["module"]["kind"], "wasm", "{}", r.body);
+        }
+    }
+    let listed = api.get("/modules").await.body;
+    for name in ["stun", "tcp_banner", "dns_tcp"] {
+        let m = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == json!(name))
+            .unwrap_or_else(|| panic!("{name} in /modules: {listed}"));
+        assert_eq!(m["kind"], "wasm");
+        assert!(m["schema"]["properties"].is_object(), "{m}");
+        load(&api, &agents, name).await;
+    }
+
+    // Parameters are checked against the module's own schema, the field named.
+    let r = api
+        .post(
+            "/agent/wasm-a/stun?wait=10",
+            &json!({"port": 3478}).to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["field"], "/server", "{}", r.body);
+    let r = api
+        .post(
+            "/agent/wasm-a/tcp_banner?wait=10",
+            &json!({"host": "127.0.0.1", "port": 70000}).to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["field"].clone()),
+        (422, json!("/port")),
+        "{}",
+        r.body
+    );
+
+    // One-off runs against real peers.
+    let (stun_port, stun_seen) = stun_responder();
+    let (smtp_port, smtp_conns) = smtp_greeter();
+    let dns = Dnsmasq::start(&["--host-record=svc.imn.test,192.0.2.44"]);
+    let stun_params = json!({"server": "127.0.0.1", "port": stun_port, "timeout_ms": 1000});
+    let banner_params = json!({"host": "127.0.0.1", "port": smtp_port});
+    let dns_params =
+        json!({"server": "127.0.0.1", "port": dns.port, "name": "svc.imn.test", "type": "A"});
+    for a in agents {
+        let b = run(&api, a, "stun", stun_params.clone()).await;
+        assert_eq!(b["state"], "succeeded", "{b}");
+        let r = &b["result"];
+        assert_eq!(r["mapped_address"], "127.0.0.1", "{r}");
+        assert_eq!(r["software"], "imn-test-stun", "{r}");
+        let port = r["mapped_port"].as_u64().unwrap() as u16;
+        assert!(
+            stun_seen.lock().unwrap().iter().any(|s| s.port() == port),
+            "the mapped port {port} is one the responder saw"
+        );
+        assert!(r["rtt_ms"].as_f64().unwrap() >= 0.0, "{r}");
+
+        let b = run(&api, a, "tcp_banner", banner_params.clone()).await;
+        assert_eq!(b["state"], "succeeded", "{b}");
+        let r = &b["result"];
+        assert_eq!(r["banner"], GREETING, "{r}");
+        assert_eq!(r["protocol"], "smtp", "{r}");
+        assert!(r["connect_ms"].as_f64().unwrap() >= 0.0, "{r}");
+
+        let b = run(&api, a, "dns_tcp", dns_params.clone()).await;
+        assert_eq!(b["state"], "succeeded", "{b}");
+        let r = &b["result"];
+        assert_eq!(r["rcode"], "NOERROR", "{r}");
+        assert_eq!(r["answers"], json!(["192.0.2.44"]), "{r}");
+    }
+    assert!(*smtp_conns.lock().unwrap() >= 2);
+
+    // Schedules, with wasm-b cut off for 12 s in the middle.
+    const INTERVAL_MS: i64 = 2000;
+    let ids = [
+        ("stun", every(&api, "stun", stun_params, &agents, 2.0).await),
+        (
+            "tcp_banner",
+            every(&api, "tcp_banner", banner_params, &agents, 2.0).await,
+        ),
+        (
+            "dns_tcp",
+            every(&api, "dns_tcp", dns_params, &agents, 2.0).await,
+        ),
+    ];
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    proxies[1].set_down(true);
+    let down_at = imn_proto::now_ms();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let up_at = imn_proto::now_ms();
+    proxies[1].set_down(false);
+    api.wait_alive(&["wasm-b"], T).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for (_, id) in &ids {
+        let r = api.delete(&format!("/v1/measurements/{id}")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // What ran before the stop still arrives.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut epochs = BTreeSet::new();
+    for (module, id) in &ids {
+        let results = all_results(&api, id).await;
+        for a in agents {
+            let slots = slots_once(&results, a, INTERVAL_MS, module);
+            eprintln!("{module} on {a}: {} slots, each once", slots.len());
+        }
+        for r in &results {
+            assert_eq!(r["state"], "succeeded", "{r}");
+            assert_eq!(r["module"], json!(module), "{r}");
+            if let Some(e) = r["record"]["epoch"].as_u64() {
+                epochs.insert(e);
+            }
+        }
+        // wasm-b ran through the partition; those runs were stored after it.
+        let during: Vec<&Value> = results
+            .iter()
+            .filter(|r| {
+                let t = ms_of(&r["started_at"]);
+                r["agent_id"] == "wasm-b" && t > down_at + 500 && t < up_at - 500
+            })
+            .collect();
+        assert!(
+            during.len() >= 4,
+            "{module}: {} runs during the partition",
+            during.len()
+        );
+        for r in &during {
+            assert!(
+                ms_of(&r["stored_at"]) >= up_at,
+                "{module}: stored during the partition: {r}"
+            );
+        }
+        eprintln!(
+            "{module}: wasm-b ran {} times while cut off, all stored after",
+            during.len()
+        );
+    }
+}
