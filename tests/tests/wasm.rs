@@ -383,3 +383,304 @@ async fn example_modules_run_one_off_and_through_a_partition_exactly_once() {
         );
     }
 }
+
+/// Submits a run without waiting; its request id.
+async fn submit(api: &Api, agent: &str, module: &str, params: Value) -> String {
+    let r = api
+        .post(
+            &format!("/agent/{agent}/{module}"),
+            &params.to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{module}: {}", r.body);
+    r.body["request_id"]
+        .as_str()
+        .or(r.body["id"].as_str())
+        .unwrap_or_else(|| panic!("a request id: {}", r.body))
+        .to_string()
+}
+
+/// The request's final answer (state, error, result).
+async fn outcome(api: &Api, agent: &str, id: &str) -> Value {
+    let (api, path) = (api.clone(), format!("/agents/{agent}/results/{id}"));
+    wait_for(&format!("the result of {id}"), T, || {
+        let (api, path) = (api.clone(), path.clone());
+        async move {
+            let r = api.try_get(&path).await?;
+            (r.status == 200 && r.body["state"].is_string()).then_some(r.body)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_modules_are_stopped_by_name_and_the_agent_keeps_its_timing() {
+    let keys = TempDir::new("wasm-hostile-keys");
+    let (key, trusted) = keygen(keys.path(), "trusted.key");
+    let (other_key, other) = keygen(keys.path(), "other.key");
+    let policy = keys.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"lab\"\nallow = [\"127.0.0.0/8\"]\ndeny = [\"127.0.0.9/32\"]\n",
+    )
+    .unwrap();
+    // The backend trusts both keys; the agent only the first.
+    let up = up(
+        &format!("{trusted},{other}"),
+        &["--policy", policy.to_str().unwrap()],
+    )
+    .await;
+    let api = up.api.clone();
+    let proxy = TcpProxy::start(up.mqtt_port).await;
+    let mut guard = spawn_agent(
+        &bin("imn-agent"),
+        "guard-1",
+        &proxy.url(),
+        &up.dir.path().join("guard-1"),
+        &[
+            "--heartbeat-ms",
+            "500",
+            "--module-keys",
+            &trusted,
+            // Room for every attack at once beside the canary: a queued canary would
+            // measure the queue, not the sandbox.
+            "--max-runs",
+            "16",
+        ],
+        up.dir.path(),
+    );
+    api.wait_alive(&["guard-1"], T).await;
+
+    // The attacks, each a real .wasm from its text, signed and added as an operator
+    // would: (module, code, limits, timeout).
+    let attacks: Vec<(&str, &str, Value, u64)> = vec![
+        ("h_loop", "loop", json!({"fuel": 20_000_000}), 20_000),
+        // Two of these keep both of this machine's cores interpreting for 8 s.
+        ("h_spin", "loop", json!({"fuel": 5_000_000_000u64}), 8_000),
+        ("h_alloc", "alloc", json!({}), 10_000),
+        ("h_denied", "denied", json!({}), 10_000),
+        ("h_flood", "flood", json!({}), 10_000),
+        ("h_trap", "trap", json!({}), 10_000),
+    ];
+    for (name, code, limits, timeout) in &attacks {
+        let package = sign_code(
+            keys.path(),
+            &hostile(code),
+            &manifest(name, *timeout, limits.clone()),
+            &key,
+        );
+        let r = api.post_bytes("/admin/modules", package).await;
+        assert_eq!(r.status, 201, "{name}: {}", r.body);
+        load(&api, &["guard-1"], name).await;
+    }
+
+    // Wrong signatures. The backend refuses a package altered after signing, naming
+    // what does not match.
+    let good = sign_code(
+        keys.path(),
+        &hostile("trap"),
+        &manifest("h_forged", 10_000, json!({})),
+        &key,
+    );
+    let text = String::from_utf8_lossy(&good).into_owned();
+    let forged = text
+        .replacen("\"sockets\":4", "\"sockets\":16", 1)
+        .into_bytes();
+    assert_ne!(forged, good);
+    let r = api.post_bytes("/admin/modules", forged).await;
+    assert_eq!(
+        (r.status, r.body["field"].clone()),
+        (422, json!("package")),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["message"].as_str().unwrap().contains("signature"),
+        "{}",
+        r.body
+    );
+    let mut swapped = good.clone();
+    let last = swapped.len() - 1;
+    swapped[last] ^= 0x55;
+    let r = api.post_bytes("/admin/modules", swapped).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(
+        r.body["message"].as_str().unwrap().contains("sha256"),
+        "{}",
+        r.body
+    );
+    // Signed by a key the backend trusts and the agent does not: the agent refuses it.
+    let package = sign_code(
+        keys.path(),
+        &hostile("trap"),
+        &manifest("h_other", 10_000, json!({})),
+        &other_key,
+    );
+    let r = api.post_bytes("/admin/modules", package).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = api
+        .put_json("/agents/guard-1/modules/h_other", &json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let refusal = wait_for("guard-1 to refuse h_other", T, || {
+        let api = api.clone();
+        async move {
+            let ev = api.get("/agents/guard-1/events?limit=100").await.body;
+            ev.as_array()?
+                .iter()
+                .find(|e| e["kind"] == "module_command_refused")
+                .cloned()
+        }
+    })
+    .await;
+    assert!(
+        refusal["message"]
+            .as_str()
+            .unwrap()
+            .contains("not trusted here"),
+        "{refusal}"
+    );
+    let r = api.post("/agent/guard-1/h_other?wait=5", "{}", &[]).await;
+    assert_eq!(
+        (r.status, r.body["error"].clone()),
+        (409, json!("module_not_loaded")),
+        "{}",
+        r.body
+    );
+
+    // A canary: a built-in ping every second, before, during and after the attacks.
+    let canary = every(
+        &api,
+        "ping_module",
+        json!({"host": "127.0.0.1", "count": 1}),
+        &["guard-1"],
+        1.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let attack_from = imn_proto::now_ms();
+    let mut ids = Vec::new();
+    for (name, ..) in &attacks {
+        ids.push((*name, submit(&api, "guard-1", name, json!({})).await));
+    }
+    ids.push(("h_spin", submit(&api, "guard-1", "h_spin", json!({})).await));
+    let mut outcomes = Vec::new();
+    for (name, id) in &ids {
+        outcomes.push((*name, outcome(&api, "guard-1", id).await));
+    }
+    let attack_to = imn_proto::now_ms();
+    // Each stopped, with what stopped it named.
+    let expect = [
+        ("h_loop", "failed", "limit fuel:"),
+        ("h_alloc", "failed", "limit memory_pages:"),
+        ("h_denied", "failed", "policy_denied: lab.deny"),
+        ("h_flood", "failed", "limit bytes_sent:"),
+        ("h_trap", "failed", "trap: "),
+    ];
+    for (name, o) in &outcomes {
+        eprintln!(
+            "{name}: {} after {} ms: {}",
+            o["state"],
+            ms_of(&o["finished_at"]) - ms_of(&o["started_at"]),
+            o["error"]
+        );
+        if *name == "h_spin" {
+            // Past its 8 s deadline: cut off by the agent as any module is (`timeout`)
+            // or by the sandbox at its next slice of fuel (`limit deadline`).
+            let ok = o["state"] == "timeout"
+                || o["error"]
+                    .as_str()
+                    .is_some_and(|e| e.starts_with("limit deadline:"));
+            assert!(ok, "{o}");
+            assert!(
+                ms_of(&o["finished_at"]) - ms_of(&o["started_at"]) < 10_000,
+                "{o}"
+            );
+            continue;
+        }
+        let (_, state, why) = expect.iter().find(|(n, ..)| n == name).unwrap();
+        assert_eq!(o["state"], json!(state), "{name}: {o}");
+        assert!(
+            o["error"].as_str().unwrap_or_default().contains(why),
+            "{name}: {o}"
+        );
+    }
+    let trap = &outcomes.iter().find(|(n, _)| *n == "h_trap").unwrap().1;
+    assert!(
+        trap["error"]
+            .as_str()
+            .unwrap()
+            .contains("last log: before trap"),
+        "{trap}"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = api.delete(&format!("/v1/measurements/{canary}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // The canary and the heartbeats kept their timing through the attacks.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let runs = all_results(&api, &canary).await;
+    let late = |r: &Value| ms_of(&r["started_at"]) - ms_of(&r["scheduled_at"]);
+    let during: Vec<i64> = runs
+        .iter()
+        .filter(|r| (attack_from..=attack_to).contains(&ms_of(&r["scheduled_at"])))
+        .map(late)
+        .collect();
+    let before: Vec<i64> = runs
+        .iter()
+        .filter(|r| ms_of(&r["scheduled_at"]) < attack_from)
+        .map(late)
+        .collect();
+    assert!(runs.iter().all(|r| r["state"] == "succeeded"), "{runs:?}");
+    assert!(!during.is_empty(), "no canary run during the attacks");
+    let slots = slots_once(&runs, "guard-1", 1000, "canary");
+    let hb: Vec<i64> = api
+        .get("/agents/guard-1/heartbeats")
+        .await
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["at_ms"].as_i64().unwrap())
+        .collect();
+    let gaps = |from: i64, to: i64| -> Vec<i64> {
+        hb.windows(2)
+            .filter(|w| w[1] >= from && w[0] <= to)
+            .map(|w| w[1] - w[0])
+            .collect()
+    };
+    let hb_during = gaps(attack_from, attack_to);
+    let hb_before = gaps(0, attack_from);
+    eprintln!(
+        "attacks {} ms; canary: {} slots, late before max {} ms, during {} runs max {} ms; heartbeat gaps before max {} ms, during {} gaps max {} ms",
+        attack_to - attack_from,
+        slots.len(),
+        before.iter().max().unwrap_or(&0),
+        during.len(),
+        during.iter().max().unwrap_or(&0),
+        hb_before.iter().max().unwrap_or(&0),
+        hb_during.len(),
+        hb_during.iter().max().unwrap_or(&0),
+    );
+    // Every second slot ran, within a second of its time (the schedule's jitter is
+    // none), and no heartbeat came more than a second and a half late.
+    assert!(during.iter().all(|&l| (0..1000).contains(&l)), "{during:?}");
+    assert!(
+        !hb_during.is_empty() && hb_during.iter().all(|&g| g < 1500),
+        "{hb_during:?}"
+    );
+    // The agent is the same process throughout, and still answers.
+    assert!(
+        guard.wait_exit(Duration::from_millis(10)).is_none(),
+        "the agent exited"
+    );
+    let b = run(
+        &api,
+        "guard-1",
+        "ping_module",
+        json!({"host": "127.0.0.1", "count": 1}),
+    )
+    .await;
+    assert_eq!(b["state"], "succeeded", "{b}");
+}
