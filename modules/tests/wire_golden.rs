@@ -85,7 +85,7 @@ const RECORD: [&str; 5] = [
     "TracedResult",
     "ScheduledResult",
 ];
-const COMMAND: [&str; 8] = [
+const COMMAND: [&str; 9] = [
     "Run",
     "Cancel",
     "Load",
@@ -94,9 +94,10 @@ const COMMAND: [&str; 8] = [
     "Schedules",
     "Update",
     "Settings",
+    "LoadWasm",
 ];
 const OUTCOME: [&str; 3] = ["Ok", "Failed", "Timeout"];
-const OUTPUT: [&str; 11] = [
+const OUTPUT: [&str; 12] = [
     "Echo",
     "Ping",
     "Tcping",
@@ -108,6 +109,7 @@ const OUTPUT: [&str; 11] = [
     "Http",
     "TlsCert",
     "Ntp",
+    "Wasm",
 ];
 const STATE: [&str; 9] = [
     "Pending",
@@ -158,6 +160,7 @@ const ALL_PATHS: &[&str] = &[
     "Batch/Result/Ok/Http",
     "Batch/Result/Ok/TlsCert",
     "Batch/Result/Ok/Ntp",
+    "Batch/Result/Ok/Wasm",
     "Batch/Result/Failed",
     "Batch/Result/Timeout",
     "Batch/Event",
@@ -172,6 +175,7 @@ const ALL_PATHS: &[&str] = &[
     "Batch/TracedResult/Ok/Http",
     "Batch/TracedResult/Ok/TlsCert",
     "Batch/TracedResult/Ok/Ntp",
+    "Batch/TracedResult/Ok/Wasm",
     "Batch/TracedResult/Failed",
     "Batch/TracedResult/Timeout",
     "Batch/ScheduledResult/Ok/Echo",
@@ -185,6 +189,7 @@ const ALL_PATHS: &[&str] = &[
     "Batch/ScheduledResult/Ok/Http",
     "Batch/ScheduledResult/Ok/TlsCert",
     "Batch/ScheduledResult/Ok/Ntp",
+    "Batch/ScheduledResult/Ok/Wasm",
     "Batch/ScheduledResult/Failed",
     "Batch/ScheduledResult/Timeout",
     "Ack",
@@ -196,6 +201,7 @@ const ALL_PATHS: &[&str] = &[
     "Command/Schedules",
     "Command/Update",
     "Command/Settings",
+    "Command/LoadWasm",
     "Status",
     "Update/Status",
     "Update/Fetch",
@@ -267,6 +273,7 @@ fn command_name(k: &CommandKind) -> &'static str {
         CommandKind::Schedules { .. } => COMMAND[5],
         CommandKind::Update { .. } => COMMAND[6],
         CommandKind::Settings { .. } => COMMAND[7],
+        CommandKind::LoadWasm { .. } => COMMAND[8],
     }
 }
 
@@ -291,6 +298,7 @@ fn output_name(o: &ModuleOutput) -> &'static str {
         ModuleOutput::Http(_) => OUTPUT[8],
         ModuleOutput::TlsCert(_) => OUTPUT[9],
         ModuleOutput::Ntp(_) => OUTPUT[10],
+        ModuleOutput::Wasm(_) => OUTPUT[11],
     }
 }
 
@@ -327,7 +335,8 @@ fn nested_variants(e: &Envelope, seen: &mut BTreeSet<String>) {
             | ModuleOutput::Ping(_)
             | ModuleOutput::Faulty(_)
             | ModuleOutput::Heartbeat(_)
-            | ModuleOutput::Ntp(_) => {}
+            | ModuleOutput::Ntp(_)
+            | ModuleOutput::Wasm(_) => {}
             ModuleOutput::Tcping(t) => {
                 for a in &t.attempts {
                     add("TcpOutcome", tcp_outcome(a.outcome));

@@ -345,6 +345,20 @@ pub fn open_tcp() -> u16 {
     port
 }
 
+/// A TCP port on 127.0.0.1 whose server sends `line` and CRLF to each connection (an
+/// SMTP server's greeting, for the tcp_banner WebAssembly module).
+pub fn greeting_tcp(line: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            use std::io::Write;
+            let _ = c.write_all(format!("{line}\r\n").as_bytes());
+        }
+    });
+    port
+}
+
 /// A port on 127.0.0.1 that nothing listens on (TCP refused, UDP port unreachable).
 pub fn closed_port() -> u16 {
     free_port()

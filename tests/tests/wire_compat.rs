@@ -320,6 +320,16 @@ async fn capture_wire_golden() {
     let chain = Chain::create(77, 3);
     chain.silence_router(2);
 
+    // A WebAssembly module (tcp_banner), signed by a key both ends trust.
+    let (module_key, module_pub) = imn_tests::wasm::keygen(dir.path(), "modules.key");
+    let banner = imn_tests::wasm::sign(
+        &imn_tests::wasm::examples().join("tcp_banner.wasm"),
+        &imn_tests::wasm::example_manifest("tcp_banner"),
+        &module_key,
+        &dir.path().join("tcp_banner.imnmod"),
+    );
+    let greeting = imn_tests::wire_compat::greeting_tcp("220 mail.imn.test ESMTP wire golden");
+
     let policy = dir.path().join("policy.toml");
     std::fs::write(&policy, POLICY).unwrap();
     let dns_addr = format!("127.0.0.1:{}", dns.port);
@@ -331,6 +341,8 @@ async fn capture_wire_golden() {
             policy.to_str().unwrap(),
             "--nameserver",
             &dns_addr,
+            "--release-keys",
+            &module_pub,
         ],
     )
     .await;
@@ -357,6 +369,8 @@ async fn capture_wire_golden() {
         &dns_addr,
         "--max-runs",
         "16",
+        "--module-keys",
+        &module_pub,
     ];
     let start_agent = |stack: &Stack| {
         spawn_agent(
@@ -399,6 +413,28 @@ async fn capture_wire_golden() {
         .await;
     assert_eq!(r.status, 202, "{:?}", r.body);
     wait_module(&api, AGENT, "tls_cert", true, false).await;
+    // A WebAssembly module: added, then loaded (the package travels in the command).
+    let r = api.post_bytes("/admin/modules", banner).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = api
+        .put_json(&format!("/agents/{AGENT}/modules/tcp_banner"), &json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    wait_module(&api, AGENT, "tcp_banner", true, false).await;
+    // And a tiny one (a few hundred bytes), the sample of the LoadWasm command.
+    let tiny = imn_tests::wasm::sign_code(
+        dir.path(),
+        &imn_tests::wasm::hostile("trap"),
+        &imn_tests::wasm::manifest("golden_tiny", 1000, json!({})),
+        &module_key,
+    );
+    let r = api.post_bytes("/admin/modules", tiny).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let r = api
+        .put_json(&format!("/agents/{AGENT}/modules/golden_tiny"), &json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    wait_module(&api, AGENT, "golden_tiny", true, false).await;
 
     // One sample of each module, run once plainly, once traced and on a schedule.
     let drop_ip = dropper.peer_ip.clone();
@@ -435,6 +471,8 @@ async fn capture_wire_golden() {
         ("Ntp", "ntp",
             json!({"host": "127.0.0.1", "port": ntp_port, "packets": 4, "interval_ms": 50}),
             "ntp against the tests' stratum-2 responder, 250 ms ahead".into()),
+        ("Wasm", "tcp_banner", json!({"host": "127.0.0.1", "port": greeting}),
+            "the tcp_banner WebAssembly module (modules/wasm/examples) against an SMTP greeting on 127.0.0.1".into()),
     ];
     let failing: Vec<(&str, Value, String)> = vec![
         (
@@ -808,6 +846,8 @@ async fn capture_wire_golden() {
         let better = match (name, commands.get(name)) {
             (_, None) => true,
             ("Run", Some(_)) => c.id == traced_run_id,
+            // The smallest package: the sample holds every byte of it.
+            ("LoadWasm", Some(prev)) => s.bytes.len() < prev.bytes.len(),
             ("Configure", Some(_)) => {
                 matches!(&c.kind, CommandKind::Configure { config, .. } if config.max_rate.is_some())
             }
@@ -827,7 +867,15 @@ async fn capture_wire_golden() {
             commands.insert(name, s);
         }
     }
-    for name in ["Run", "Cancel", "Load", "Unload", "Configure", "Schedules"] {
+    for name in [
+        "Run",
+        "Cancel",
+        "Load",
+        "Unload",
+        "Configure",
+        "Schedules",
+        "LoadWasm",
+    ] {
         let s = commands
             .get(name)
             .unwrap_or_else(|| panic!("no {name} command tapped"));
