@@ -42,6 +42,13 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${need[@]}"
 fi
 
+# The WebAssembly modules' tests build the example guests (modules/wasm): Rust's
+# wasm32 target, from rustup's own distribution server.
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknown; then
+  echo "== installing the Rust target wasm32-unknown-unknown (rustup)"
+  rustup target add wasm32-unknown-unknown
+fi
+
 # RIPE's own Atlas result parser, to prove our Atlas output reads as Atlas's.
 if ! python3 -c "import ripe.atlas.sagan" >/dev/null 2>&1; then
   echo "== installing ripe.atlas.sagan (PyPI)"
@@ -94,12 +101,15 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench ingest --postgres --quick --json
 ./target/debug/imn-bench fleet --quick --json
 ./target/debug/imn-bench firmware --quick --json
+./target/debug/imn-bench wasm --quick --json
 echo "== vendored crates' own tests"
 # Outside the workspace (its `exclude`), so `cargo test --workspace` does not run them;
 # see each crate's IMN-PATCH.md.
 cargo test -p rumqttd
 cargo test -p sled --lib
 cargo test -p rumqttc --lib
+echo "== the WebAssembly guest library and examples' own tests (native; modules/wasm is a workspace of its own)"
+cargo test --locked --manifest-path modules/wasm/Cargo.toml
 echo "== cargo test"
 log="$(mktemp)"
 cargo test --workspace 2>&1 | tee "$log"

@@ -9,6 +9,7 @@ pub mod bench_drain;
 pub mod bench_firmware;
 pub mod bench_ingest;
 pub mod bench_ping;
+pub mod bench_wasm;
 pub mod hostile;
 pub mod mosquitto;
 pub mod nbd;

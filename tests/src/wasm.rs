@@ -47,8 +47,13 @@ pub fn example_manifest(name: &str) -> PathBuf {
 
 /// A hostile module's code, from `modules/wasm/hostile/NAME.wat`.
 pub fn hostile(name: &str) -> Vec<u8> {
-    let path = repo().join(format!("modules/wasm/hostile/{name}.wat"));
+    let path = hostile_path(name);
     wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `modules/wasm/hostile/NAME.wat` (NAME may climb out: `../bench/ping_through`).
+pub fn hostile_path(name: &str) -> PathBuf {
+    repo().join(format!("modules/wasm/hostile/{name}.wat"))
 }
 
 /// A signing key (`imn releases keygen --out DIR/NAME`): its path and public key.

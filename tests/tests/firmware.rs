@@ -560,11 +560,19 @@ fn deb_install_upgrade_keeps_config_and_outbox_and_purge_removes_them() {
 }
 
 /// Starts the firmware of `t` and `p` (under its emulator for a foreign architecture)
-/// with its own data directory in `dir`.
-fn start_firmware(t: Target, p: Profile, id: &str, broker: &str, dir: &Path) -> Proc {
+/// with its own data directory in `dir`, and `more` flags.
+fn start_firmware(
+    t: Target,
+    p: Profile,
+    id: &str,
+    broker: &str,
+    dir: &Path,
+    more: &[&str],
+) -> Proc {
     let fw = firmware(t, p);
     let data = dir.join(id);
-    let extra = ["--heartbeat-ms", "500"];
+    let mut extra = vec!["--heartbeat-ms", "500"];
+    extra.extend_from_slice(more);
     match t.qemu {
         Some(q) => {
             let qemu = program(q).unwrap_or_else(|| panic!("{q} (cross/build.sh installs it)"));
@@ -614,16 +622,25 @@ fn ms(v: &Value) -> f64 {
 /// on loopback.
 async fn firmware_agent_works_against_imn_up(t: Target, p: Profile) {
     let fw = firmware(t, p);
-    let up = Up::start(0, &[]).await;
     let id = format!("fw-{}-{}", t.arch, p.name());
     let dir = TempDir::new(&id);
+    // A key for WebAssembly modules, trusted by the backend and the agent.
+    let (module_key, module_pub) = imn_tests::wasm::keygen(dir.path(), "modules.key");
+    let up = Up::start(0, &["--release-keys", &module_pub]).await;
     let dns = start_dnsmasq(
         dir.path(),
         "127.0.0.1 broker.imn.test\n::1 broker.imn.test\n",
     );
     // A host name, not an address: the static agent resolves it itself (/etc/hosts).
     let broker = format!("mqtt://localhost:{}", up.mqtt_port);
-    let _agent = start_firmware(t, p, &id, &broker, dir.path());
+    let _agent = start_firmware(
+        t,
+        p,
+        &id,
+        &broker,
+        dir.path(),
+        &["--module-keys", &module_pub],
+    );
     up.api.wait_alive(&[&id], T).await;
 
     // The hello: the binary's architecture and version, and exactly its profile's
@@ -901,6 +918,72 @@ async fn firmware_agent_works_against_imn_up(t: Target, p: Profile) {
                     .contains("1.3"),
                 "{c:?}"
             );
+            // A WebAssembly module (wasmi in the firmware): the tcp_banner example
+            // against an SMTP greeting, and a module that traps, stopped by name.
+            assert!(
+                a["features"].as_array().unwrap().contains(&json!("wasm")),
+                "{a:?}"
+            );
+            let banner = imn_tests::wasm::sign(
+                &imn_tests::wasm::examples().join("tcp_banner.wasm"),
+                &imn_tests::wasm::example_manifest("tcp_banner"),
+                &module_key,
+                &dir.path().join("tcp_banner.imnmod"),
+            );
+            let trap = imn_tests::wasm::sign_code(
+                dir.path(),
+                &imn_tests::wasm::hostile("trap"),
+                &imn_tests::wasm::manifest("fw_trap", 10_000, json!({})),
+                &module_key,
+            );
+            for (name, package) in [("tcp_banner", banner), ("fw_trap", trap)] {
+                let r = up.api.post_bytes("/admin/modules", package).await;
+                assert_eq!(r.status, 201, "{name}: {:?}", r.body);
+                let r = up
+                    .api
+                    .put_json(&format!("/agents/{id}/modules/{name}"), &json!({}))
+                    .await;
+                assert_eq!(r.status, 202, "{name}: {:?}", r.body);
+                wait_for(&format!("{id} to load {name}"), T, || {
+                    let (api, path) = (up.api.clone(), format!("/agents/{id}"));
+                    async move {
+                        let a = api.get(&path).await.body;
+                        a["modules"]
+                            .as_array()?
+                            .iter()
+                            .any(|m| m["name"] == name)
+                            .then_some(())
+                    }
+                })
+                .await;
+            }
+            let greeting = imn_tests::wire_compat::greeting_tcp("SSH-2.0-OpenSSH_9.2 imn-firmware");
+            let b = measure(
+                &up,
+                &id,
+                "tcp_banner",
+                json!({"host": "127.0.0.1", "port": greeting}),
+            )
+            .await;
+            assert_eq!(
+                (&b["banner"], &b["protocol"]),
+                (&json!("SSH-2.0-OpenSSH_9.2 imn-firmware"), &json!("ssh")),
+                "{b:?}"
+            );
+            let r = up
+                .api
+                .post(&format!("/agent/{id}/fw_trap?wait=30"), "{}", &[])
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(r.body["state"], "failed", "{:?}", r.body);
+            assert!(
+                r.body["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("trap: integer divide by zero"),
+                "{:?}",
+                r.body
+            );
         }
         Profile::Router => {
             // The modules this build lacks: the backend refuses them itself, naming
@@ -949,6 +1032,33 @@ async fn firmware_agent_works_against_imn_up(t: Target, p: Profile) {
             for lacking in ROUTER_LACKS {
                 assert!(!names.contains(&lacking), "{names:?}");
             }
+            // No WebAssembly runtime in this build: the hello says so, and the backend
+            // refuses to load a module on it.
+            assert!(
+                !a["features"].as_array().unwrap().contains(&json!("wasm")),
+                "{a:?}"
+            );
+            let trap = imn_tests::wasm::sign_code(
+                dir.path(),
+                &imn_tests::wasm::hostile("trap"),
+                &imn_tests::wasm::manifest("fw_trap", 10_000, json!({})),
+                &module_key,
+            );
+            let r = up.api.post_bytes("/admin/modules", trap).await;
+            assert_eq!(r.status, 201, "{:?}", r.body);
+            let r = up
+                .api
+                .put_json(&format!("/agents/{id}/modules/fw_trap"), &json!({}))
+                .await;
+            assert_eq!(r.status, 409, "{:?}", r.body);
+            assert!(
+                r.body["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("cannot run WebAssembly modules"),
+                "{:?}",
+                r.body
+            );
         }
     }
 }

@@ -65,6 +65,16 @@ enum Scenario {
         #[arg(long, default_value_t = 100_000.0)]
         rate: f64,
     },
+    /// WebAssembly modules: a built-in ping of TARGETS loopback addresses against the
+    /// same measurement as a WebAssembly module through the host's ICMP call, on one
+    /// agent in one run (time and agent CPU per run), and the agent's RSS with modules.
+    Wasm {
+        #[arg(long, default_value_t = 100)]
+        targets: usize,
+        /// Runs of each, alternated.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// An agent with a backlog made while partitioned reconnects under `imn up`:
     /// drain rate, lost, duplicates, peak agent RSS.
     Drain {
@@ -355,6 +365,14 @@ async fn main() {
                 Some(old) => imn_tests::bench_firmware::against(&agent, &old, cli.quick).await,
                 None => imn_tests::bench_firmware::firmware(&agent, cli.quick).await,
             }
+        }
+        Scenario::Wasm { targets, rounds } => {
+            let (t, r) = if cli.quick {
+                (targets.min(5), rounds.min(2))
+            } else {
+                (targets.clamp(1, 1000), rounds.max(1))
+            };
+            imn_tests::bench_wasm::run_bench(t, r).await
         }
         Scenario::Drain { buffered } => {
             imn_tests::bench_drain::drain(if cli.quick { 2_000 } else { buffered }).await
