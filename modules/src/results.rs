@@ -71,6 +71,12 @@ macro_rules! modules {
                     // Read in place: a stored result can be megabytes.
                     return <$ty as Deserialize>::deserialize(result).ok().map(ModuleOutput::$variant);
                 })*
+                // Any other name a WebAssembly module could have: its object.
+                if result.is_object() && crate::wasm::check_name(module).is_ok() {
+                    return Some(ModuleOutput::Wasm(Box::new(crate::wasm::WasmOutput {
+                        json: result.to_string(),
+                    })));
+                }
                 None
             }
 
@@ -174,6 +180,10 @@ mod tests {
             ModuleOutput::from_api_json("echo_module", &echo.to_json()),
             Some(echo)
         );
-        assert!(ModuleOutput::from_api_json("nope", &serde_json::json!({})).is_none());
+        assert!(ModuleOutput::from_api_json("No such", &serde_json::json!({})).is_none());
+        assert!(ModuleOutput::from_api_json("nope", &serde_json::json!([])).is_none());
+        // A name no built-in has, with an object: a WebAssembly module's result.
+        let w = ModuleOutput::from_api_json("stun", &serde_json::json!({"summary": "ok"}));
+        assert_eq!(w.map(|o| o.summary()), Some("ok".to_string()));
     }
 }

@@ -307,6 +307,15 @@ async fn example_modules_run_one_off_and_through_a_partition_exactly_once() {
         let r = &b["result"];
         assert_eq!(r["banner"], GREETING, "{r}");
         assert_eq!(r["protocol"], "smtp", "{r}");
+        // Stored with a one-line summary made of its own fields.
+        let rid = b["request_id"].as_str().unwrap();
+        let stored = api.get(&format!("/agents/{a}/results/{rid}")).await.body;
+        assert!(
+            stored["summary"]
+                .as_str()
+                .is_some_and(|s| s.contains("protocol=smtp") && s.contains(GREETING)),
+            "{stored}"
+        );
         assert!(r["connect_ms"].as_f64().unwrap() >= 0.0, "{r}");
 
         let b = run(&api, a, "dns_tcp", dns_params.clone()).await;
