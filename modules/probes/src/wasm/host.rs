@@ -42,6 +42,15 @@ const MAX_LOG_LINES: u32 = 100;
 const MAX_CALL: usize = 16 * 1024;
 /// Random bytes per call, at most.
 const MAX_RANDOM: usize = 64 * 1024;
+/// Refused addresses a run logs; later refusals are counted and summed up at its end.
+pub(crate) const MAX_LOGGED_REFUSALS: u32 = 5;
+/// A `ping` call's probes per second, at most (and when it names no rate).
+const MAX_PING_RATE: f64 = 1000.0;
+/// How often a blocking call looks at the run's cancel flag.
+const SLICE: Duration = Duration::from_millis(100);
+/// Fuel every host call costs, and per byte it copies (1 per 16): a loop of cheap
+/// calls still runs out of fuel, and meets its deadline at the next slice.
+const CALL_FUEL: u64 = 1_000;
 
 /// Every function of the interface with its signature, as documented in
 /// `docs/wasm-modules.md`; a module importing anything else is refused when loaded.
@@ -148,6 +157,8 @@ pub(crate) struct State {
     /// The output of the last `ping` or `http` call that did not fit the guest's
     /// buffer, with its call and parameters: the same call again gets it, not a new run.
     pending: Option<(&'static str, String, String)>,
+    /// Addresses refused by the policy in this run.
+    pub refusals: u32,
     last_error: String,
     last_log: String,
     log_lines: u32,
@@ -183,6 +194,7 @@ impl State {
             packets_sent: 0,
             result: None,
             pending: None,
+            refusals: 0,
             last_error: String::new(),
             last_log: String::new(),
             log_lines: 0,
@@ -255,11 +267,23 @@ impl State {
     {
         let left = self.left()?;
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let cancel = self.cancel.clone();
         self.rt.spawn(async move {
-            let out = tokio::time::timeout(left, fut).await.ok();
+            // A cancelled run stops waiting (and drops the call) within a slice.
+            let cancelled = async {
+                while !cancel.load(Ordering::SeqCst) {
+                    tokio::time::sleep(SLICE).await;
+                }
+            };
+            let out = tokio::select! {
+                out = tokio::time::timeout(left, fut) => out.ok(),
+                () = cancelled => None,
+            };
             let _ = tx.send(out);
         });
-        Ok(rx.blocking_recv().ok().flatten())
+        let out = rx.blocking_recv().ok().flatten();
+        self.left()?;
+        Ok(out)
     }
 
     /// The address a run sends to: a literal, or the first address of a name as the
@@ -268,6 +292,8 @@ impl State {
         let ip = match host.parse::<IpAddr>() {
             Ok(ip) => ip,
             Err(_) => {
+                // The lookup's queries count as the run's packets.
+                self.spend(2, 2 * (host.len() as u64 + 40))?;
                 let name = host.to_string();
                 match self.block(async move { crate::resolve(&name).await })? {
                     Some(Ok(ip)) => ip,
@@ -276,8 +302,27 @@ impl State {
                 }
             }
         };
-        if let Err(denied) = self.ctx.permit(host, ip) {
-            tracing::warn!(module = %self.module, %host, %ip, "WebAssembly module refused an address: {denied}");
+        // 0.0.0.0 and :: connect to the device itself: never a destination, whatever
+        // the policy says of loopback.
+        let unspecified = match ip {
+            IpAddr::V4(v4) => v4.is_unspecified(),
+            IpAddr::V6(v6) => {
+                v6.is_unspecified() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified())
+            }
+        };
+        let denied = if unspecified {
+            Err(format!(
+                "{}: the unspecified address {ip} is not a destination",
+                imn_proto::policy::DENIED_PREFIX
+            ))
+        } else {
+            self.ctx.permit(host, ip)
+        };
+        if let Err(denied) = denied {
+            self.refusals = self.refusals.saturating_add(1);
+            if self.refusals <= MAX_LOGGED_REFUSALS {
+                tracing::warn!(module = %self.module, %host, %ip, "WebAssembly module refused an address: {denied}");
+            }
             return Ok(Err(self.fail(POLICY_DENIED, denied)));
         }
         Ok(Ok(ip))
@@ -326,22 +371,48 @@ impl State {
                 )))
             }
         };
-        // What the call sends, counted before it runs.
+        // What the call sends, counted before it runs, from the parameters as the
+        // module will read them.
+        let mut v = v;
         let (packets, bytes) = match module {
             "ping_module" => {
-                let targets = match (v.get("targets"), v.get("host")) {
-                    (Some(Value::Array(a)), _) => a.len() as u64,
-                    (_, Some(_)) => 1,
-                    _ => 0,
+                let p: imn_proto::params::PingParams = match serde_json::from_value(v.clone()) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Err(self.fail(INVALID, format!("ping: {e}")))),
                 };
-                let count = v.get("count").and_then(Value::as_u64).unwrap_or(3);
-                let size = v.get("size").and_then(Value::as_u64).unwrap_or(56);
-                let packets = targets.saturating_mul(count);
-                (packets, packets.saturating_mul(size.saturating_add(28)))
+                if p.host.is_some() && p.targets.is_some() {
+                    return Ok(Err(
+                        self.fail(INVALID, "ping: give host or targets, not both")
+                    ));
+                }
+                let packets = (p.target_list().len() as u64).saturating_mul(u64::from(p.count));
+                let rate = p.rate.unwrap_or(MAX_PING_RATE).min(MAX_PING_RATE);
+                v["rate"] = Value::from(rate);
+                (
+                    packets,
+                    packets.saturating_mul(u64::from(p.size).saturating_add(28)),
+                )
             }
             _ => {
-                let body = v.get("body").and_then(Value::as_str).map_or(0, str::len) as u64;
-                (1, body.saturating_add(512))
+                let p: imn_proto::kinds::http::HttpParams = match serde_json::from_value(v.clone())
+                {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Err(self.fail(INVALID, format!("http: {e}")))),
+                };
+                // Each request (the first and every redirect it may follow): its line
+                // and headers.
+                let requests = 1 + if p.follow_redirects {
+                    u64::from(p.max_redirects)
+                } else {
+                    0
+                };
+                let head = p
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 4)
+                    .sum::<usize>()
+                    .saturating_add(p.url.len() + 512) as u64;
+                (requests, requests.saturating_mul(head))
             }
         };
         self.spend(packets, bytes)?;
@@ -359,6 +430,94 @@ impl State {
 
 fn stop(why: String) -> Error {
     Error::host(Stop(why))
+}
+
+/// What every host call does first: stop a run that was cancelled or passed its
+/// deadline, and charge its fuel ([`CALL_FUEL`], and 1 per 16 bytes it copies).
+fn enter(c: &mut Caller<'_, State>, bytes: usize) -> Result<(), Error> {
+    c.data().left()?;
+    let cost = CALL_FUEL.saturating_add(bytes as u64 / 16);
+    if let Ok(fuel) = c.get_fuel() {
+        // Past the slice's fuel, the next instruction stops and the run loop looks
+        // at the deadline and the limit.
+        c.set_fuel(fuel.saturating_sub(cost))?;
+    }
+    Ok(())
+}
+
+fn cancelled() -> std::io::Error {
+    std::io::Error::new(ErrorKind::Interrupted, "the run was cancelled")
+}
+
+/// A TCP connection within `wait`, looking at `cancel` every [`SLICE`].
+fn connect(addr: SocketAddr, wait: Duration, cancel: &AtomicBool) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::AsRawFd;
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == ErrorKind::WouldBlock =>
+        {
+            let until = Instant::now() + wait;
+            loop {
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(cancelled());
+                }
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ErrorKind::TimedOut.into());
+                }
+                let mut pfd = libc::pollfd {
+                    fd: sock.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                let ms = left.min(SLICE).as_millis().clamp(1, 1000) as libc::c_int;
+                // SAFETY: one pollfd of ours, alive for the call.
+                let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+                if n > 0 {
+                    break;
+                }
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+            if let Some(e) = sock.take_error()? {
+                return Err(e);
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    sock.set_nonblocking(false)?;
+    Ok(sock.into())
+}
+
+/// Repeats `op` (a read or write with the socket's timeout set to at most a slice)
+/// until it does something, `wait` passes, or the run is cancelled.
+fn sliced<T>(
+    wait: Duration,
+    cancel: &AtomicBool,
+    mut op: impl FnMut(Duration) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let until = Instant::now() + wait;
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(cancelled());
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ErrorKind::TimedOut.into());
+        }
+        match op(left.min(SLICE).max(Duration::from_millis(1))) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            r => return r,
+        }
+    }
 }
 
 /// Reads `len` bytes at `ptr` of the guest's memory, at most `max`.
@@ -416,8 +575,8 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
         "imn",
         "params",
         |mut c: Caller<'_, State>, ptr: i32, cap: i32| -> Result<i32, Error> {
-            c.data().left()?;
             let p = c.data().params.clone().into_bytes();
+            enter(&mut c, p.len())?;
             let n = i32::try_from(p.len()).unwrap_or(i32::MAX);
             if p.len() > usize::try_from(cap).unwrap_or(0) {
                 return Ok(n);
@@ -428,7 +587,8 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
     linker.func_wrap(
         "imn",
         "deadline_ms",
-        |c: Caller<'_, State>| -> Result<i64, Error> {
+        |mut c: Caller<'_, State>| -> Result<i64, Error> {
+            enter(&mut c, 0)?;
             let s = c.data();
             Ok(s.deadline
                 .saturating_duration_since(Instant::now())
@@ -438,16 +598,24 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
     linker.func_wrap(
         "imn",
         "clock_mono_ns",
-        |c: Caller<'_, State>| -> Result<i64, Error> {
+        |mut c: Caller<'_, State>| -> Result<i64, Error> {
+            enter(&mut c, 0)?;
             Ok(i64::try_from(c.data().started.elapsed().as_nanos()).unwrap_or(i64::MAX))
         },
     )?;
-    linker.func_wrap("imn", "clock_wall_ms", || -> i64 { imn_proto::now_ms() })?;
+    linker.func_wrap(
+        "imn",
+        "clock_wall_ms",
+        |mut c: Caller<'_, State>| -> Result<i64, Error> {
+            enter(&mut c, 0)?;
+            Ok(imn_proto::now_ms())
+        },
+    )?;
     linker.func_wrap(
         "imn",
         "random",
         |mut c: Caller<'_, State>, ptr: i32, len: i32| -> Result<i32, Error> {
-            c.data().left()?;
+            enter(&mut c, len.clamp(0, MAX_RANDOM as i32) as usize)?;
             let Some(n) = usize::try_from(len).ok().filter(|&n| n <= MAX_RANDOM) else {
                 return Ok(invalid(&mut c, "random: at most 65536 bytes a call"));
             };
@@ -463,8 +631,8 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
         "imn",
         "log",
         |mut c: Caller<'_, State>, level: i32, ptr: i32, len: i32| -> Result<i32, Error> {
-            c.data().left()?;
             let cut = len.clamp(0, MAX_LOG as i32);
+            enter(&mut c, cut as usize)?;
             let Some(bytes) = read(&c, ptr, cut, MAX_LOG) else {
                 return Ok(invalid(
                     &mut c,
@@ -494,12 +662,15 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
         "imn",
         "resolve",
         |mut c: Caller<'_, State>, np: i32, nl: i32, op: i32, oc: i32| -> Result<i32, Error> {
+            enter(&mut c, 0)?;
             let Some(name) = read_str(&c, np, nl, MAX_NAME) else {
                 return Ok(invalid(
                     &mut c,
                     "resolve: the name must be 1 to 253 bytes of UTF-8",
                 ));
             };
+            // A lookup's queries (A and AAAA) count as the run's packets.
+            c.data_mut().spend(2, 2 * (name.len() as u64 + 40))?;
             let looked = name.clone();
             let r = c
                 .data()
@@ -531,6 +702,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
          port: i32,
          timeout_ms: i32|
          -> Result<i32, Error> {
+            enter(&mut c, 0)?;
             let Some(host) = read_str(&c, hp, hl, MAX_NAME) else {
                 return Ok(invalid(
                     &mut c,
@@ -556,12 +728,15 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
             let wait = s
                 .left()?
                 .min(Duration::from_millis(timeout_ms.max(1) as u64));
-            match TcpStream::connect_timeout(&SocketAddr::new(ip, port), wait) {
+            match connect(SocketAddr::new(ip, port), wait, &s.cancel) {
                 Ok(t) => {
                     let _ = t.set_nodelay(true);
                     s.add_socket(Socket::Tcp(t))
                 }
-                Err(e) => Ok(s.fail(io_code(&e), format!("connect to {ip}:{port}: {e}"))),
+                Err(e) => {
+                    s.left()?;
+                    Ok(s.fail(io_code(&e), format!("connect to {ip}:{port}: {e}")))
+                }
             }
         },
     )?;
@@ -569,6 +744,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
         "imn",
         "udp_open",
         |mut c: Caller<'_, State>, hp: i32, hl: i32, port: i32| -> Result<i32, Error> {
+            enter(&mut c, 0)?;
             let Some(host) = read_str(&c, hp, hl, MAX_NAME) else {
                 return Ok(invalid(
                     &mut c,
@@ -608,6 +784,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
         "imn",
         "send",
         |mut c: Caller<'_, State>, h: i32, ptr: i32, len: i32| -> Result<i32, Error> {
+            enter(&mut c, len.clamp(0, MAX_IO as i32) as usize)?;
             let Some(buf) = read(&c, ptr, len, MAX_IO) else {
                 return Ok(invalid(
                     &mut c,
@@ -620,14 +797,31 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
                 return Ok(s.fail(INVALID, format!("send: no socket {h}")));
             }
             s.spend(1, buf.len() as u64)?;
+            let cancel = s.cancel.clone();
             let r = match s.socket(h) {
-                Some(Socket::Tcp(t)) => t
-                    .set_write_timeout(Some(left))
-                    .and_then(|()| t.write_all(&buf))
-                    .map(|()| buf.len()),
+                // All of it, a slice at a time.
+                Some(Socket::Tcp(t)) => {
+                    let mut off = 0;
+                    let mut r = Ok(());
+                    while off < buf.len() {
+                        match sliced(left, &cancel, |w| {
+                            t.set_write_timeout(Some(w))?;
+                            t.write(&buf[off..])
+                        }) {
+                            Ok(0) => r = Err(ErrorKind::WriteZero.into()),
+                            Ok(n) => off += n,
+                            Err(e) => r = Err(e),
+                        }
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    r.map(|()| off)
+                }
                 Some(Socket::Udp(u)) => u.send(&buf),
-                None => unreachable!("checked above"),
+                None => Err(ErrorKind::NotFound.into()),
             };
+            s.left()?;
             Ok(match r {
                 Ok(n) => n as i32,
                 Err(e) => s.fail(io_code(&e), format!("send: {e}")),
@@ -646,37 +840,47 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
             let Some(cap) = usize::try_from(cap).ok().map(|n| n.min(MAX_IO)) else {
                 return Ok(invalid(&mut c, "recv: negative capacity"));
             };
+            enter(&mut c, cap)?;
             let s = c.data_mut();
             let wait = s
                 .left()?
                 .min(Duration::from_millis(timeout_ms.max(1) as u64));
             let mut buf = vec![0; cap];
+            let cancel = s.cancel.clone();
             let r = match s.socket(h) {
-                Some(Socket::Tcp(t)) => t
-                    .set_read_timeout(Some(wait))
-                    .and_then(|()| t.read(&mut buf)),
-                Some(Socket::Udp(u)) => u
-                    .set_read_timeout(Some(wait))
-                    .and_then(|()| u.recv(&mut buf)),
+                Some(Socket::Tcp(t)) => sliced(wait, &cancel, |w| {
+                    t.set_read_timeout(Some(w))?;
+                    t.read(&mut buf)
+                }),
+                Some(Socket::Udp(u)) => sliced(wait, &cancel, |w| {
+                    u.set_read_timeout(Some(w))?;
+                    u.recv(&mut buf)
+                }),
                 None => return Ok(s.fail(INVALID, format!("recv: no socket {h}"))),
             };
+            s.left()?;
             match r {
                 Ok(n) => Ok(write_out(&mut c, ptr, cap as i32, &buf[..n])),
                 Err(e) => Ok(c.data_mut().fail(io_code(&e), format!("recv: {e}"))),
             }
         },
     )?;
-    linker.func_wrap("imn", "close", |mut c: Caller<'_, State>, h: i32| -> i32 {
-        let s = c.data_mut();
-        let slot = usize::try_from(h).ok().and_then(|h| s.sockets.get_mut(h));
-        match slot.and_then(Option::take) {
-            Some(_) => {
-                s.open -= 1;
-                0
-            }
-            None => s.fail(INVALID, format!("close: no socket {h}")),
-        }
-    })?;
+    linker.func_wrap(
+        "imn",
+        "close",
+        |mut c: Caller<'_, State>, h: i32| -> Result<i32, Error> {
+            enter(&mut c, 0)?;
+            let s = c.data_mut();
+            let slot = usize::try_from(h).ok().and_then(|h| s.sockets.get_mut(h));
+            Ok(match slot.and_then(Option::take) {
+                Some(_) => {
+                    s.open -= 1;
+                    0
+                }
+                None => s.fail(INVALID, format!("close: no socket {h}")),
+            })
+        },
+    )?;
     for (name, module) in [("ping", "ping_module"), ("http", "http")] {
         linker.func_wrap(
             "imn",
@@ -687,6 +891,7 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
                   op: i32,
                   oc: i32|
                   -> Result<i32, Error> {
+                enter(&mut c, pl.clamp(0, MAX_CALL as i32) as usize)?;
                 if module == "http" && !crate::built_in("http") {
                     return Ok(c
                         .data_mut()
@@ -722,6 +927,10 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
         "imn",
         "result",
         |mut c: Caller<'_, State>, ptr: i32, len: i32| -> Result<i32, Error> {
+            enter(
+                &mut c,
+                len.clamp(0, imn_proto::wasm::MAX_RESULT as i32) as usize,
+            )?;
             if usize::try_from(len).is_ok_and(|n| n > imn_proto::wasm::MAX_RESULT) {
                 return Err(stop(format!(
                     "limit result: the result is {len} bytes, at most {} allowed",
@@ -751,19 +960,20 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
     linker.func_wrap(
         "imn",
         "last_error",
-        |mut c: Caller<'_, State>, ptr: i32, cap: i32| -> i32 {
+        |mut c: Caller<'_, State>, ptr: i32, cap: i32| -> Result<i32, Error> {
             // Its length; as much as fits is written.
             let msg = c.data().last_error.clone().into_bytes();
+            enter(&mut c, msg.len())?;
             let n = msg.len().min(usize::try_from(cap).unwrap_or(0));
             let Some(mem) = c.data().memory else {
-                return 0;
+                return Ok(0);
             };
-            match usize::try_from(ptr) {
+            Ok(match usize::try_from(ptr) {
                 Ok(p) if mem.write(&mut c, p, &msg[..n]).is_ok() => {
                     i32::try_from(msg.len()).unwrap_or(i32::MAX)
                 }
                 _ => INVALID,
-            }
+            })
         },
     )?;
     Ok(())

@@ -212,27 +212,41 @@ pub async fn run(
 
 /// The blocking part of a run: instantiate, then call `run` a fuel slice at a time.
 fn execute(module: &Module, state: host::State) -> Result<String, String> {
-    let limits = module.limits;
     let mut store = Store::new(&module.engine, state);
     store.limiter(|s| &mut s.limiter);
+    let r = drive(module, &mut store);
+    let s = store.data();
+    if s.refusals > host::MAX_LOGGED_REFUSALS {
+        tracing::warn!(
+            module = %module.name(),
+            refused = s.refusals,
+            "WebAssembly module: addresses refused by the policy in one run (the first {} logged)",
+            host::MAX_LOGGED_REFUSALS
+        );
+    }
+    r
+}
+
+fn drive(module: &Module, store: &mut Store<host::State>) -> Result<String, String> {
+    let limits = module.limits;
     let mut linker = Linker::<host::State>::new(&module.engine);
     host::define(&mut linker).map_err(|e| format!("host interface: {e}"))?;
     let mut given = FUEL_SLICE.min(limits.fuel);
     store.set_fuel(given).map_err(|e| format!("fuel: {e}"))?;
     let pre = linker
-        .instantiate(&mut store, &module.module)
-        .map_err(|e| stopped(&store, &e.to_string()))?;
+        .instantiate(&mut *store, &module.module)
+        .map_err(|e| stopped(&*store, &e.to_string()))?;
     let instance = pre
-        .ensure_no_start(&mut store)
+        .ensure_no_start(&mut *store)
         .map_err(|_| "it has a start function: a module begins at `run`".to_string())?;
     let memory = instance
-        .get_memory(&store, "memory")
+        .get_memory(&*store, "memory")
         .ok_or("it must export its memory as `memory`")?;
     store.data_mut().memory = Some(memory);
     let run = instance
-        .get_typed_func::<(), i32>(&store, "run")
+        .get_typed_func::<(), i32>(&*store, "run")
         .map_err(|e| format!("`run`: {e}"))?;
-    let mut call = run.call_resumable(&mut store, ());
+    let mut call = run.call_resumable(&mut *store, ());
     let code = loop {
         match call {
             Ok(TypedResumableCall::Finished(code)) => break code,
@@ -260,9 +274,9 @@ fn execute(module: &Module, state: host::State) -> Result<String, String> {
                 let slice = FUEL_SLICE.max(t.required_fuel()).min(limits.fuel - given);
                 given += slice;
                 store.set_fuel(slice).map_err(|e| format!("fuel: {e}"))?;
-                call = t.resume(&mut store);
+                call = t.resume(&mut *store);
             }
-            Err(e) => return Err(stopped(&store, &e.to_string())),
+            Err(e) => return Err(stopped(&*store, &e.to_string())),
         }
     };
     let s = store.data_mut();

@@ -253,3 +253,144 @@ fn modules_are_checked_when_compiled() {
     assert!(err.contains("memory"), "{err}");
     assert!(Module::compile(manifest(Limits::default()), b"\0asm garbage").is_err());
 }
+
+/// A module that calls `ping` with the parameters at 1024 (`len` bytes) and returns
+/// the error code negated, or emits the result.
+fn pinger(params: &str) -> String {
+    let escaped = params.replace('"', "\\\"");
+    format!(
+        r#"(module
+          (import "imn" "ping" (func $ping (param i32 i32 i32 i32) (result i32)))
+          (import "imn" "result" (func $result (param i32 i32) (result i32)))
+          (memory (export "memory") 2)
+          (data (i32.const 1024) "{escaped}")
+          (func (export "run") (result i32)
+            (local $n i32)
+            (local.set $n (call $ping (i32.const 1024) (i32.const {len}) (i32.const 4096) (i32.const 60000)))
+            (if (i32.lt_s (local.get $n) (i32.const 0)) (then (return (i32.sub (i32.const 0) (local.get $n)))))
+            (drop (call $result (i32.const 4096) (local.get $n)))
+            (i32.const 0)))"#,
+        len = params.len()
+    )
+}
+
+#[tokio::test]
+async fn ping_packets_count_as_the_engine_would_send_them() {
+    // `count` absent is the engine's default, 4: over a limit of 3.
+    let limits = Limits {
+        packets_sent: 3,
+        ..Limits::default()
+    };
+    let err = go(&pinger(r#"{"host":"127.0.0.1"}"#), limits, &Context::default())
+        .await
+        .unwrap_err();
+    assert!(err.starts_with("limit packets_sent:"), "{err}");
+    // `host` with an empty `targets` (the engine pings `host`) is refused outright.
+    let err = go(
+        &pinger(r#"{"host":"127.0.0.1","targets":[],"count":100}"#),
+        Limits::default(),
+        &Context::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("give host or targets, not both"), "{err}");
+    // Bytes: 10 × (1400 + 28) over 10,000.
+    let limits = Limits {
+        bytes_sent: 10_000,
+        ..Limits::default()
+    };
+    let err = go(
+        &pinger(r#"{"targets":["127.0.0.1"],"count":10,"size":1400}"#),
+        limits,
+        &Context::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.starts_with("limit bytes_sent:"), "{err}");
+}
+
+#[tokio::test]
+async fn a_loop_of_cheap_calls_meets_its_deadline() {
+    let spin = "(loop $l (drop (call $clock) ) (br $l)) (i32.const 0)";
+    let w = format!(
+        "(module (import \"imn\" \"clock_mono_ns\" (func $clock (result i64))) (memory (export \"memory\") 1) (func (export \"run\") (result i32) {spin}))"
+    );
+    let ctx = Context {
+        deadline: Some(Instant::now() + Duration::from_millis(300)),
+        ..Context::default()
+    };
+    let t = Instant::now();
+    let err = go(
+        &w,
+        Limits {
+            fuel: Limits::MAX.fuel,
+            ..Limits::default()
+        },
+        &ctx,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.starts_with("limit deadline:"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[tokio::test]
+async fn a_cancelled_run_lets_go_of_its_thread_and_sockets() {
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sink.local_addr().unwrap().port();
+    // udp_open, then wait to receive for as long as the run may.
+    let body = format!(
+        "(local $h i32) (local.set $h (call $udp (i32.const 1024) (i32.const 9) (i32.const {port})))
+         (drop (call $recv (local.get $h) (i32.const 0) (i32.const 512) (i32.const 2147483647)))
+         (i32.const 0)"
+    );
+    let m = module(&wat(&body, "127.0.0.1"), Limits::default());
+    let ctx = Context {
+        deadline: Some(Instant::now() + Duration::from_secs(60)),
+        ..Context::default()
+    };
+    let r = tokio::time::timeout(Duration::from_millis(300), run(m.clone(), "{}", &ctx)).await;
+    assert!(r.is_err(), "the run was still waiting");
+    // Dropping the run's future (what the supervisor does at a timeout or a cancel)
+    // ends the blocking thread within a slice: it drops its hold on the module.
+    let t = Instant::now();
+    while Arc::strong_count(&m) > 1 {
+        assert!(t.elapsed() < Duration::from_secs(2), "the run's thread is still going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn unspecified_addresses_and_lookups_are_not_free() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connect = |host: &str| {
+        let body = format!(
+            "(local $h i32) (local.set $h (call $tcp (i32.const 1024) (i32.const {}) (i32.const {port}) (i32.const 1000)))
+             (if (i32.lt_s (local.get $h) (i32.const 0)) (then (return (i32.sub (i32.const 0) (local.get $h)))))
+             (i32.const 0)",
+            host.len()
+        );
+        wat(&body, host)
+    };
+    // 0.0.0.0 would reach the device itself: refused whatever the policy.
+    let err = go(&connect("0.0.0.0"), Limits::default(), &Context::default())
+        .await
+        .unwrap_err();
+    assert!(err.starts_with("the module returned 1"), "{err}");
+    assert!(err.contains("unspecified address"), "{err}");
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "a connection reached the listener");
+    // A name's lookup counts as packets (two queries): one packet is not enough.
+    let err = go(
+        &connect("localhost"),
+        Limits {
+            packets_sent: 1,
+            ..Limits::default()
+        },
+        &Context::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.starts_with("limit packets_sent:"), "{err}");
+}
