@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use imn_proto::policy::{Demand, Target};
 use imn_proto::release::{hex, unhex};
@@ -28,8 +29,9 @@ pub const MAX_MODULES: usize = 256;
 /// One added module.
 pub struct Entry {
     pub manifest: Manifest,
-    /// The whole signed package, as agents receive it.
+    /// The whole signed package, as agents receive it, and its SHA-256.
     pub package: Vec<u8>,
+    package_sha256: String,
     pub added_ms: i64,
     validator: jsonschema::Validator,
 }
@@ -107,25 +109,59 @@ fn compile(package: Vec<u8>, keys: &[String], added_ms: i64) -> Result<Entry, Ap
     })?;
     Ok(Entry {
         manifest,
+        package_sha256: imn_proto::release::sha256_hex(&package),
         package,
         added_ms,
         validator,
     })
 }
 
+/// How long a backend trusts its copy of a module (or of its absence) before it
+/// reads the store again: another backend on the same store may have replaced or
+/// deleted it.
+const FRESH: Duration = Duration::from_secs(5);
+
+struct Cached {
+    entry: Option<Arc<Entry>>,
+    read_at: Instant,
+}
+
 /// The modules, by name.
-#[derive(Default)]
 pub struct WasmModules {
-    by_name: RwLock<BTreeMap<String, Arc<Entry>>>,
+    by_name: RwLock<BTreeMap<String, Cached>>,
+    fresh: Duration,
+}
+
+impl Default for WasmModules {
+    fn default() -> Self {
+        WasmModules {
+            by_name: RwLock::default(),
+            fresh: FRESH,
+        }
+    }
 }
 
 impl WasmModules {
     fn insert(&self, e: Entry) -> Arc<Entry> {
         let e = Arc::new(e);
-        if let Ok(mut m) = self.by_name.write() {
-            m.insert(e.manifest.name().to_string(), e.clone());
-        }
+        self.remember(e.manifest.name(), Some(e.clone()));
         e
+    }
+
+    fn remember(&self, name: &str, entry: Option<Arc<Entry>>) {
+        if let Ok(mut m) = self.by_name.write() {
+            // Misses are remembered too (bounded: only names a module could have).
+            if entry.is_none() && !m.contains_key(name) && m.len() >= 4 * MAX_MODULES {
+                m.retain(|_, c| c.entry.is_some());
+            }
+            m.insert(
+                name.to_string(),
+                Cached {
+                    entry,
+                    read_at: Instant::now(),
+                },
+            );
+        }
     }
 
     /// Reads every stored package (at start); one that no longer verifies (the keys
@@ -157,28 +193,60 @@ impl WasmModules {
         compile(package, keys, added)
     }
 
-    /// The module named `name`, reading the store when this backend does not have it.
+    /// The module named `name`: this backend's copy if it read it in the last
+    /// [`FRESH`], else the store's (another backend may have replaced or deleted it).
     pub async fn get(&self, store: &dyn Store, keys: &[String], name: &str) -> Option<Arc<Entry>> {
-        if let Some(e) = self.by_name.read().ok()?.get(name).cloned() {
-            return Some(e);
-        }
         if imn_proto::wasm::check_name(name).is_err() {
             return None;
         }
-        let doc = store.doc(DOC_KIND, name).await.ok()??;
-        let e = Self::from_doc(&doc, keys).ok()?;
-        Some(self.insert(e))
+        let held = self
+            .by_name
+            .read()
+            .ok()?
+            .get(name)
+            .map(|c| (c.entry.clone(), c.read_at.elapsed() < self.fresh));
+        if let Some((entry, true)) = held.clone() {
+            return entry;
+        }
+        let doc = match store.doc(DOC_KIND, name).await {
+            Ok(doc) => doc,
+            // The store is away: what this backend had, if it had it.
+            Err(_) => return held.and_then(|(e, _)| e),
+        };
+        let Some(doc) = doc else {
+            self.remember(name, None);
+            return None;
+        };
+        // The same package as held: no need to check and compile it again.
+        let same = held.as_ref().and_then(|(e, _)| e.as_ref()).filter(|e| {
+            serde_json::from_str::<Value>(&doc)
+                .ok()
+                .and_then(|v| v.get("package_sha256")?.as_str().map(str::to_string))
+                .is_some_and(|sha| sha == e.package_sha256)
+        });
+        if let Some(e) = same.cloned() {
+            self.remember(name, Some(e.clone()));
+            return Some(e);
+        }
+        match Self::from_doc(&doc, keys) {
+            Ok(e) => Some(self.insert(e)),
+            Err(error) => {
+                tracing::warn!(module = %name, %error, "stored WebAssembly module does not verify");
+                self.remember(name, None);
+                None
+            }
+        }
     }
 
     /// Only what this backend holds in memory (no store read).
     pub fn cached(&self, name: &str) -> Option<Arc<Entry>> {
-        self.by_name.read().ok()?.get(name).cloned()
+        self.by_name.read().ok()?.get(name)?.entry.clone()
     }
 
     pub fn all(&self) -> Vec<Arc<Entry>> {
         self.by_name
             .read()
-            .map(|m| m.values().cloned().collect())
+            .map(|m| m.values().filter_map(|c| c.entry.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -219,7 +287,13 @@ impl WasmModules {
                 "at most {MAX_MODULES} WebAssembly modules; delete one first"
             )));
         }
-        let doc = json!({"package": hex(&e.package), "added_ms": now_ms}).to_string();
+        let doc = json!({
+            "package": hex(&e.package),
+            "added_ms": now_ms,
+            "package_sha256": e.package_sha256,
+            "version": e.manifest.source.version,
+        })
+        .to_string();
         store
             .put_doc(DOC_KIND, &name, &doc, now_ms)
             .await
@@ -234,11 +308,83 @@ impl WasmModules {
             .delete_doc(DOC_KIND, name)
             .await
             .map_err(|e| ApiError::Unavailable(format!("store: {e}")))?;
-        let here = self
-            .by_name
-            .write()
-            .map(|mut m| m.remove(name).is_some())
-            .unwrap_or(false);
+        let here = self.cached(name).is_some();
+        self.remember(name, None);
         Ok(gone || here)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imn_proto::release::SigningKey;
+    use imn_proto::wasm::{Limits, Source};
+
+    fn package(key: &SigningKey, version: &str) -> Vec<u8> {
+        let source = Source {
+            name: "probe_x".into(),
+            version: version.into(),
+            description: String::new(),
+            timeout_ms: 1000,
+            params_schema: json!({"type": "object", "required": ["host"]}),
+            result_schema: json!({"type": "object"}),
+            targets: vec!["host".into()],
+            limits: Limits::default(),
+        };
+        imn_proto::wasm::sign(key, source, b"\0asm\x01\0\0\0", 1).unwrap()
+    }
+
+    /// Two backends on one store: what one adds, replaces or deletes, the other
+    /// sees once its copy is older than `fresh`; an older version is refused.
+    #[tokio::test]
+    async fn backends_on_one_store_agree_on_modules() {
+        let dir = std::env::temp_dir().join(format!("imn-wasm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = crate::store::SqliteStore::open(&dir.join("s.sqlite")).unwrap();
+        let key = SigningKey::from_pkcs8(&SigningKey::generate().unwrap()).unwrap();
+        let keys = vec![key.public_hex()];
+        let (a, b) = (
+            WasmModules::default(),
+            WasmModules {
+                fresh: Duration::ZERO,
+                ..WasmModules::default()
+            },
+        );
+        assert!(b.get(&store, &keys, "probe_x").await.is_none());
+        let (e, replaced) = a
+            .add(&store, &keys, package(&key, "1.0.0"), 1)
+            .await
+            .unwrap();
+        assert!(!replaced);
+        assert_eq!(
+            b.get(&store, &keys, "probe_x")
+                .await
+                .unwrap()
+                .manifest
+                .sha256,
+            e.manifest.sha256
+        );
+        a.add(&store, &keys, package(&key, "1.1.0"), 2)
+            .await
+            .unwrap();
+        let seen = b.get(&store, &keys, "probe_x").await.unwrap();
+        assert_eq!(seen.manifest.source.version, "1.1.0");
+        // Parameters are checked against the module's own schema.
+        let err = seen.validate(&json!({})).unwrap_err().to_string();
+        assert!(err.contains("host"), "{err}");
+        assert_eq!(seen.demand(&json!({"host": "192.0.2.1"})).targets.len(), 1);
+        let old = b.add(&store, &keys, package(&key, "1.0.5"), 3).await;
+        assert!(
+            matches!(old, Err(ApiError::InvalidParams { ref field, .. }) if field == "version")
+        );
+        assert!(a.delete(&store, "probe_x").await.unwrap());
+        assert!(b.get(&store, &keys, "probe_x").await.is_none());
+        // Another key's package is refused, naming the package.
+        let other = SigningKey::from_pkcs8(&SigningKey::generate().unwrap()).unwrap();
+        let refused = a.add(&store, &keys, package(&other, "2.0.0"), 4).await;
+        assert!(
+            matches!(refused, Err(ApiError::InvalidParams { ref field, .. }) if field == "package")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

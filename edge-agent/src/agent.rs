@@ -995,8 +995,10 @@ impl Agent {
                 self.module_changed("module_loaded", &module, r)
             }
             CommandKind::Unload { module } => {
+                // A WebAssembly module's package goes too, also one kept on disk that
+                // did not load (the name is checked before it names a file).
                 #[cfg(feature = "wasm")]
-                if self.modules.is_wasm(&module) {
+                if imn_proto::wasm::check_name(&module).is_ok() {
                     crate::wasm::unload(&self.cfg, &self.ctx.wasm, &module);
                 }
                 let r = if self.modules.unload(&module) {

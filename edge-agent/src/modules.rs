@@ -56,11 +56,6 @@ impl LoadedModules {
         }
     }
 
-    /// Whether `module` is a WebAssembly module this agent has.
-    pub fn is_wasm(&self, module: &str) -> bool {
-        self.wasm.contains_key(module)
-    }
-
     pub fn is_loaded(&self, module: &str) -> bool {
         self.loaded.contains_key(module)
     }

@@ -32,14 +32,23 @@ fn register(
         imn_proto::wasm::open(package, keys).map_err(|e| format!("module refused: {e}"))?;
     let name = manifest.name().to_string();
     let (version, hash) = (manifest.source.version.clone(), manifest.schema_hash());
+    // Never back to an older version in place (a stale backend's copy): unload first.
+    if let Some(loaded) = registry.get(&name) {
+        let have = &loaded.manifest().source.version;
+        if imn_proto::release::compare_versions(have, &version) == Some(std::cmp::Ordering::Greater)
+        {
+            return Err(format!(
+                "module refused: version: {version} is older than {have}, loaded; unload it first"
+            ));
+        }
+    }
     let module = Module::compile(manifest, wasm).map_err(|e| format!("module refused: {e}"))?;
     registry.insert(module)?;
     modules.add_wasm(&name, &version, &hash);
     Ok(name)
 }
 
-/// Loads every stored package (at start). A package that no longer verifies (keys
-/// changed) or compiles is removed, with a warning.
+/// Loads every stored package (at start).
 pub fn load_stored(cfg: &AgentConfig, registry: &Registry, modules: &mut LoadedModules) {
     let Ok(entries) = std::fs::read_dir(dir(&cfg.data)) else {
         return;
@@ -52,11 +61,13 @@ pub fn load_stored(cfg: &AgentConfig, registry: &Registry, modules: &mut LoadedM
         let loaded = std::fs::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|bytes| register(cfg, registry, modules, &bytes));
+        // One that does not load now (its key no longer trusted, the registry full)
+        // stays on disk: a configuration fixed later brings it back; unloading it
+        // deletes it.
         match loaded {
             Ok(name) => tracing::info!(module = %name, "WebAssembly module loaded from disk"),
             Err(error) => {
-                tracing::warn!(file = %path.display(), %error, "stored WebAssembly module dropped");
-                let _ = std::fs::remove_file(&path);
+                tracing::warn!(file = %path.display(), %error, "stored WebAssembly module not loaded");
             }
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use imn_proto::release::SigningKey;
 use imn_proto::wasm;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::client::Client;
 

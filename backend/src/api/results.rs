@@ -471,7 +471,11 @@ mod tests {
         assert_eq!(failed["summary"], "boom");
         let odd = result_json(&row("echo_module", json!({"text": 1}), None));
         assert!(odd["summary"].is_null(), "{odd}");
-        let unknown = result_json(&row("gone_module", json!({}), None));
+        // No module could have this name: nothing reads its result.
+        let unknown = result_json(&row("Gone Module", json!({}), None));
         assert!(unknown["summary"].is_null());
+        // Any other name may be a WebAssembly module's: its object's own fields.
+        let wasm = result_json(&row("stun", json!({"mapped_address": "192.0.2.1"}), None));
+        assert_eq!(wasm["summary"], "mapped_address=192.0.2.1");
     }
 }

@@ -183,6 +183,18 @@ impl Backend {
         };
         let params = self.with_module_defaults(agent, module, params);
         self.validate(module, &params)?;
+        // The agent must run the version whose schema this backend checked against.
+        if let (super::wasm::ModuleKind::Wasm(e), Some(a)) = (&kind, &entry) {
+            let want = e.manifest.schema_hash();
+            if let Some(m) = a.hello.modules.iter().find(|m| m.name == module) {
+                if m.schema_hash != want {
+                    return Err(ApiError::Conflict(format!(
+                        "agent {agent:?} runs {module} {} (schema {}), not the added {} (schema {want}): load it on the agent again",
+                        m.version, m.schema_hash, e.manifest.source.version
+                    )));
+                }
+            }
+        }
         let demand = kind.demand(&params);
         let enforcing = entry
             .as_ref()
