@@ -1,5 +1,5 @@
 //! The firmware's size controls (issue 26): the router profile really leaves the HTTP
-//! stack out, the size ledger reports the files that were built, and a file over its
+//! stack and the WebAssembly runtime out, the size ledger reports the files that were built, and a file over its
 //! budget fails `cross/build.sh`.
 //!
 //! These read what `cross/build.sh` made (tests/run.sh runs it first) and fail, saying
@@ -72,6 +72,9 @@ fn router_builds_leave_out_the_http_stack() {
             assert!(full.contains(krate), "{triple} full lacks {krate}");
             assert!(router.contains(krate), "{triple} router lacks {krate}");
         }
+        // The WebAssembly runtime (wasmi) is in the full profile only.
+        assert!(full.contains("wasmi::"), "{triple} full lacks wasmi");
+        assert!(!router.contains("wasmi::"), "{triple} router links wasmi");
         // The router's broker connection is TLS 1.3 only: no TLS 1.2 client code.
         assert!(full.contains("rustls::client::tls12"), "{triple} full");
         assert!(
