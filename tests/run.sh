@@ -19,6 +19,9 @@ have dnsmasq       || need+=(dnsmasq-base)
 # The tls_cert and http modules' end-to-end peer: `openssl s_server`.
 have openssl       || need+=(openssl)
 have python3       || need+=(python3 python3-pip)
+# The WebAssembly example in C (modules/wasm/examples-c): clang and wasm-ld.
+have clang         || need+=(clang)
+have wasm-ld       || need+=(lld)
 have promtool      || need+=(prometheus)
 # The dashboard's browser test: Debian's chromium, driven by its chromedriver.
 have chromium      || need+=(chromium)

@@ -669,8 +669,11 @@ pub(crate) fn define(linker: &mut Linker<State>) -> Result<(), Error> {
                     "resolve: the name must be 1 to 253 bytes of UTF-8",
                 ));
             };
-            // A lookup's queries (A and AAAA) count as the run's packets.
-            c.data_mut().spend(2, 2 * (name.len() as u64 + 40))?;
+            // A lookup's queries (A and AAAA) count as the run's packets; a literal
+            // sends none.
+            if name.parse::<IpAddr>().is_err() {
+                c.data_mut().spend(2, 2 * (name.len() as u64 + 40))?;
+            }
             let looked = name.clone();
             let r = c
                 .data()

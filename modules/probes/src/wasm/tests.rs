@@ -281,9 +281,13 @@ async fn ping_packets_count_as_the_engine_would_send_them() {
         packets_sent: 3,
         ..Limits::default()
     };
-    let err = go(&pinger(r#"{"host":"127.0.0.1"}"#), limits, &Context::default())
-        .await
-        .unwrap_err();
+    let err = go(
+        &pinger(r#"{"host":"127.0.0.1"}"#),
+        limits,
+        &Context::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.starts_with("limit packets_sent:"), "{err}");
     // `host` with an empty `targets` (the engine pings `host`) is refused outright.
     let err = go(
@@ -355,7 +359,10 @@ async fn a_cancelled_run_lets_go_of_its_thread_and_sockets() {
     // ends the blocking thread within a slice: it drops its hold on the module.
     let t = Instant::now();
     while Arc::strong_count(&m) > 1 {
-        assert!(t.elapsed() < Duration::from_secs(2), "the run's thread is still going");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the run's thread is still going"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -380,7 +387,10 @@ async fn unspecified_addresses_and_lookups_are_not_free() {
     assert!(err.starts_with("the module returned 1"), "{err}");
     assert!(err.contains("unspecified address"), "{err}");
     listener.set_nonblocking(true).unwrap();
-    assert!(listener.accept().is_err(), "a connection reached the listener");
+    assert!(
+        listener.accept().is_err(),
+        "a connection reached the listener"
+    );
     // A name's lookup counts as packets (two queries): one packet is not enough.
     let err = go(
         &connect("localhost"),
