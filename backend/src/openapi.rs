@@ -882,9 +882,9 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "post",
             "/admin/modules",
             Op {
-                summary: "Add a signed WebAssembly module package (the body is the file `imn modules sign` made); refused unless signed by a --release-keys key, its code matching its hash, its schemas valid, and not older than the stored version",
+                summary: "Add a signed WebAssembly module package (the body is the file `imn modules sign` made); refused unless signed by a --release-keys key, its code matching its hash, its schemas valid, and not older than the stored version. With load_on_hello, every agent that can run it gets it: those connected now, the others at their hello",
                 scope: admin,
-                params: vec![],
+                params: vec![json!({"name": "load_on_hello", "in": "query", "required": false, "schema": {"type": "boolean"}})],
                 body: None,
                 ok: ok_json(201, "the module (200 with replaced=true: it replaced an older version)", object()),
                 errors: &[400, 409, 413, 422],

@@ -33,6 +33,8 @@ pub struct Entry {
     pub package: Vec<u8>,
     package_sha256: String,
     pub added_ms: i64,
+    /// Sent to every agent that can run WebAssembly and says hello without it.
+    pub load_on_hello: bool,
     validator: jsonschema::Validator,
 }
 
@@ -85,11 +87,17 @@ impl Entry {
             "key": self.manifest.key,
             "signed_ms": self.manifest.signed_ms,
             "added_ms": self.added_ms,
+            "load_on_hello": self.load_on_hello,
         })
     }
 }
 
-fn compile(package: Vec<u8>, keys: &[String], added_ms: i64) -> Result<Entry, ApiError> {
+fn compile(
+    package: Vec<u8>,
+    keys: &[String],
+    added_ms: i64,
+    load_on_hello: bool,
+) -> Result<Entry, ApiError> {
     let refused = |e: String| ApiError::InvalidParams {
         field: "package".into(),
         rule: "signed_module".into(),
@@ -112,6 +120,7 @@ fn compile(package: Vec<u8>, keys: &[String], added_ms: i64) -> Result<Entry, Ap
         package_sha256: imn_proto::release::sha256_hex(&package),
         package,
         added_ms,
+        load_on_hello,
         validator,
     })
 }
@@ -190,7 +199,11 @@ impl WasmModules {
             .and_then(unhex)
             .ok_or_else(|| ApiError::Internal("stored module without its package".into()))?;
         let added = v.get("added_ms").and_then(Value::as_i64).unwrap_or(0);
-        compile(package, keys, added)
+        let on_hello = v
+            .get("load_on_hello")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        compile(package, keys, added, on_hello)
     }
 
     /// The module named `name`: this backend's copy if it read it in the last
@@ -258,13 +271,14 @@ impl WasmModules {
         keys: &[String],
         package: Vec<u8>,
         now_ms: i64,
+        load_on_hello: bool,
     ) -> Result<(Arc<Entry>, bool), ApiError> {
         if keys.is_empty() {
             return Err(ApiError::BadRequest(
                 "module: this backend trusts no release keys (start it with --release-keys)".into(),
             ));
         }
-        let e = compile(package, keys, now_ms)?;
+        let e = compile(package, keys, now_ms, load_on_hello)?;
         let name = e.manifest.name().to_string();
         let old = self.get(store, keys, &name).await;
         if let Some(old) = &old {
@@ -292,6 +306,7 @@ impl WasmModules {
             "added_ms": now_ms,
             "package_sha256": e.package_sha256,
             "version": e.manifest.source.version,
+            "load_on_hello": load_on_hello,
         })
         .to_string();
         store
@@ -352,7 +367,7 @@ mod tests {
         );
         assert!(b.get(&store, &keys, "probe_x").await.is_none());
         let (e, replaced) = a
-            .add(&store, &keys, package(&key, "1.0.0"), 1)
+            .add(&store, &keys, package(&key, "1.0.0"), 1, false)
             .await
             .unwrap();
         assert!(!replaced);
@@ -364,7 +379,7 @@ mod tests {
                 .sha256,
             e.manifest.sha256
         );
-        a.add(&store, &keys, package(&key, "1.1.0"), 2)
+        a.add(&store, &keys, package(&key, "1.1.0"), 2, false)
             .await
             .unwrap();
         let seen = b.get(&store, &keys, "probe_x").await.unwrap();
@@ -373,7 +388,7 @@ mod tests {
         let err = seen.validate(&json!({})).unwrap_err().to_string();
         assert!(err.contains("host"), "{err}");
         assert_eq!(seen.demand(&json!({"host": "192.0.2.1"})).targets.len(), 1);
-        let old = b.add(&store, &keys, package(&key, "1.0.5"), 3).await;
+        let old = b.add(&store, &keys, package(&key, "1.0.5"), 3, false).await;
         assert!(
             matches!(old, Err(ApiError::InvalidParams { ref field, .. }) if field == "version")
         );
@@ -381,7 +396,9 @@ mod tests {
         assert!(b.get(&store, &keys, "probe_x").await.is_none());
         // Another key's package is refused, naming the package.
         let other = SigningKey::from_pkcs8(&SigningKey::generate().unwrap()).unwrap();
-        let refused = a.add(&store, &keys, package(&other, "2.0.0"), 4).await;
+        let refused = a
+            .add(&store, &keys, package(&other, "2.0.0"), 4, false)
+            .await;
         assert!(
             matches!(refused, Err(ApiError::InvalidParams { ref field, .. }) if field == "package")
         );

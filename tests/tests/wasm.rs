@@ -122,6 +122,11 @@ async fn load(api: &Api, agents: &[&str], module: &str) {
             .await;
         assert_eq!(r.status, 202, "load {module} on {a}: {}", r.body);
     }
+    wait_loaded(api, agents, module).await;
+}
+
+/// Waits until each of `agents` names `module` in its hello.
+async fn wait_loaded(api: &Api, agents: &[&str], module: &str) {
     for a in agents {
         let (api, a2, m) = (api.clone(), a.to_string(), module.to_string());
         wait_for(&format!("{a} to load {module}"), T, || {
@@ -238,6 +243,13 @@ async fn example_modules_run_one_off_and_through_a_partition_exactly_once() {
                 String::from_utf8_lossy(&r.stderr)
             );
             assert!(said.starts_with("added: stun 1."), "{said}");
+        } else if name == "tcp_banner" {
+            // Sent to every agent that can run it, now and at each hello.
+            let r = api
+                .post_bytes("/admin/modules?load_on_hello=true", package)
+                .await;
+            assert_eq!(r.status, 201, "{name}: {}", r.body);
+            assert_eq!(r.body["module"]["load_on_hello"], true, "{}", r.body);
         } else {
             let r = api.post_bytes("/admin/modules", package).await;
             assert_eq!(r.status, 201, "{name}: {}", r.body);
@@ -254,7 +266,11 @@ async fn example_modules_run_one_off_and_through_a_partition_exactly_once() {
             .unwrap_or_else(|| panic!("{name} in /modules: {listed}"));
         assert_eq!(m["kind"], "wasm");
         assert!(m["schema"]["properties"].is_object(), "{m}");
-        load(&api, &agents, name).await;
+        if name == "tcp_banner" {
+            wait_loaded(&api, &agents, name).await;
+        } else {
+            load(&api, &agents, name).await;
+        }
     }
 
     // Parameters are checked against the module's own schema, the field named.
@@ -325,6 +341,13 @@ async fn example_modules_run_one_off_and_through_a_partition_exactly_once() {
         assert_eq!(r["answers"], json!(["192.0.2.44"]), "{r}");
     }
     assert!(*smtp_conns.lock().unwrap() >= 2);
+    // An agent that connects later gets tcp_banner at its hello, and runs it.
+    let late_proxy = TcpProxy::start(up.mqtt_port).await;
+    let _late = agent(&up, "wasm-late", &late_proxy, &public);
+    api.wait_alive(&["wasm-late"], T).await;
+    wait_loaded(&api, &["wasm-late"], "tcp_banner").await;
+    let b = run(&api, "wasm-late", "tcp_banner", banner_params.clone()).await;
+    assert_eq!(b["result"]["banner"], GREETING, "{b}");
 
     // Schedules, with wasm-b cut off for 12 s in the middle.
     const INTERVAL_MS: i64 = 2000;

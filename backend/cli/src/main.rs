@@ -326,6 +326,10 @@ enum ModulesCmd {
     /// release keys and its schemas.
     Add {
         file: PathBuf,
+        /// Also load it on every agent that can run it: those connected now, the
+        /// others when they say hello.
+        #[arg(long)]
+        load_on_hello: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -748,12 +752,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<std::process::ExitCode> {
                 "{}",
                 modules::sign(&wasm, &manifest, &key, out, force, imn_proto::now_ms())?
             ),
-            ModulesCmd::Add { file, json, client } => {
-                print!(
-                    "{}",
-                    modules::add(&Client::new(&client)?, &file, json).await?
-                )
-            }
+            ModulesCmd::Add {
+                file,
+                load_on_hello,
+                json,
+                client,
+            } => print!(
+                "{}",
+                modules::add(&Client::new(&client)?, &file, load_on_hello, json).await?
+            ),
             ModulesCmd::List { json, client } => {
                 print!("{}", modules::list(&Client::new(&client)?, json).await?)
             }

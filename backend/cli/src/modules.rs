@@ -64,7 +64,12 @@ pub fn sign(
 }
 
 /// `imn modules add FILE`.
-pub async fn add(c: &Client, file: &Path, json_out: bool) -> anyhow::Result<String> {
+pub async fn add(
+    c: &Client,
+    file: &Path,
+    load_on_hello: bool,
+    json_out: bool,
+) -> anyhow::Result<String> {
     let bytes = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
     wasm::split(&bytes).map_err(|e| {
         anyhow!(
@@ -72,7 +77,12 @@ pub async fn add(c: &Client, file: &Path, json_out: bool) -> anyhow::Result<Stri
             file.display()
         )
     })?;
-    let resp = c.post_bytes("/admin/modules", bytes).await?;
+    let path = if load_on_hello {
+        "/admin/modules?load_on_hello=true"
+    } else {
+        "/admin/modules"
+    };
+    let resp = c.post_bytes(path, bytes).await?;
     if json_out {
         return Ok(serde_json::to_string_pretty(&resp)? + "\n");
     }

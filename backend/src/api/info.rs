@@ -99,14 +99,23 @@ pub(super) async fn modules(State(b): State<Arc<Backend>>) -> Json<Value> {
     ))
 }
 
-/// `POST /admin/modules`: a signed WebAssembly module package (the file `imn modules
-/// sign` writes), checked against the release keys and stored. 201 when new, 200
-/// when it replaced a version.
+/// `POST /admin/modules[?load_on_hello=true]`: a signed WebAssembly module package
+/// (the file `imn modules sign` writes), checked against the release keys and stored.
+/// 201 when new, 200 when it replaced a version.
+#[derive(Deserialize)]
+pub(super) struct AddModuleQuery {
+    /// Also send it to every agent that can run it: those connected now, and each
+    /// at its hello.
+    #[serde(default)]
+    load_on_hello: bool,
+}
+
 pub(super) async fn add_module(
     State(b): State<Arc<Backend>>,
+    Query(q): Query<AddModuleQuery>,
     body: axum::body::Bytes,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
-    let (module, replaced) = b.add_wasm_module(body.to_vec()).await?;
+    let (module, replaced) = b.add_wasm_module(body.to_vec(), q.load_on_hello).await?;
     let status = if replaced {
         axum::http::StatusCode::OK
     } else {

@@ -183,13 +183,14 @@ impl Backend {
         self.tell_peers(crate::peers::PeerEvent::Hello {
             agent: agent.to_string(),
             at_ms: now,
-            hello: Box::new(hello),
+            hello: Box::new(hello.clone()),
         })
         .await;
         tracing::info!(%agent, "agent hello");
         self.redeliver(agent, true).await;
         self.reconcile_schedules(agent, schedule_version, schedule_rules)
             .await;
+        self.load_on_hello(agent, &hello).await;
         Ok(())
     }
 

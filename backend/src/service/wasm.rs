@@ -73,7 +73,11 @@ impl Backend {
 
     /// `POST /admin/modules`: checks and stores a signed package. The module, and
     /// whether it replaced one.
-    pub async fn add_wasm_module(&self, package: Vec<u8>) -> Result<(Value, bool), ApiError> {
+    pub async fn add_wasm_module(
+        &self,
+        package: Vec<u8>,
+        load_on_hello: bool,
+    ) -> Result<(Value, bool), ApiError> {
         let (e, replaced) = self
             .wasm
             .add(
@@ -81,9 +85,67 @@ impl Backend {
                 &self.security.release_keys,
                 package,
                 imn_proto::now_ms(),
+                load_on_hello,
             )
             .await?;
+        if load_on_hello {
+            // The agents connected now get it at once; the others at their hello.
+            let now = imn_proto::now_ms();
+            for a in self.registry.all() {
+                if a.alive(now) {
+                    self.load_wanted(&a.id, &a.hello, std::slice::from_ref(&e))
+                        .await;
+                }
+            }
+        }
         Ok((e.json(), replaced))
+    }
+
+    /// Sends `LoadWasm` to `agent` for each of `modules` that it can run and does not
+    /// have in this version (its hello says).
+    async fn load_wanted(
+        &self,
+        agent: &str,
+        hello: &imn_proto::wire::Hello,
+        modules: &[Arc<Entry>],
+    ) {
+        if !hello.has(imn_proto::wasm::FEATURE) {
+            return;
+        }
+        for e in modules {
+            let hash = e.manifest.schema_hash();
+            let has = hello
+                .modules
+                .iter()
+                .any(|m| m.name == e.manifest.name() && m.schema_hash == hash);
+            if has {
+                continue;
+            }
+            let load = CommandKind::LoadWasm {
+                package: e.package.clone(),
+            };
+            match self.control(agent, load).await {
+                Ok(_) => {
+                    tracing::info!(%agent, module = %e.manifest.name(), "WebAssembly module sent on hello")
+                }
+                Err(error) => {
+                    tracing::warn!(%agent, module = %e.manifest.name(), %error, "cannot send a WebAssembly module")
+                }
+            }
+        }
+    }
+
+    /// After an agent's hello: the modules marked `load_on_hello` that it lacks.
+    pub(super) async fn load_on_hello(&self, agent: &str, hello: &imn_proto::wire::Hello) {
+        let wanted: Vec<Arc<Entry>> = self
+            .wasm
+            .all()
+            .into_iter()
+            .filter(|e| e.load_on_hello)
+            .collect();
+        if !wanted.is_empty() {
+            self.load_wanted(agent, hello, &wanted).await;
+        }
     }
 
     /// `DELETE /admin/modules/{name}`.
