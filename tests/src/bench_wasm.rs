@@ -154,7 +154,8 @@ pub async fn run_bench(targets: usize, rounds: usize) -> Value {
         .map(|i| format!("127.1.{}.{}", i / 250, i % 250 + 1))
         .collect();
     // The same rate for both: a module's ping is paced at most 1,000 probes/s.
-    let params = json!({"targets": addrs, "count": 3, "interval_ms": 10, "timeout_ms": 500, "rate": 1000});
+    let params =
+        json!({"targets": addrs, "count": 3, "interval_ms": 10, "timeout_ms": 500, "rate": 1000});
     // Warm both up once (first use of the engine, the sockets).
     run(&api, agent_id, "ping_module", &params).await;
     run(&api, agent_id, "ping_through", &params).await;
