@@ -290,17 +290,9 @@ pub fn verify_signature(signed: &SignedManifest, trusted: &[String]) -> Result<M
     if !trusted.iter().any(|k| k.eq_ignore_ascii_case(&m.key)) {
         return Err(Refused::UntrustedKey { key: m.key });
     }
-    let bad = || Refused::BadSignature { key: m.key.clone() };
-    let sig = unhex(&signed.signature)
-        .filter(|s| s.len() == 64)
-        .ok_or_else(bad)?;
-    let key = unhex(&m.key).ok_or_else(bad)?;
-    let mut msg = Vec::with_capacity(SIGNING_CONTEXT.len() + signed.manifest.len());
-    msg.extend_from_slice(SIGNING_CONTEXT);
-    msg.extend_from_slice(signed.manifest.as_bytes());
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key)
-        .verify(&msg, &sig)
-        .map_err(|_| bad())?;
+    if !signature_verifies(SIGNING_CONTEXT, &signed.manifest, &signed.signature, &m.key) {
+        return Err(Refused::BadSignature { key: m.key });
+    }
     Ok(m)
 }
 
@@ -347,14 +339,31 @@ pub fn check_install(m: &Manifest, current: &str, arch: &str) -> Result<(), Refu
 /// Splits a signed release file into its signed manifest and binary (no checks
 /// beyond the layout).
 pub fn split(file: &[u8]) -> Result<(SignedManifest, &[u8]), Refused> {
+    split_signed(
+        file,
+        MAGIC,
+        "it does not start with \"IMN-RELEASE 1\"",
+        MAX_HEADER,
+    )
+}
+
+/// The layout every signed IMN file shares (releases, WebAssembly module packages):
+/// `magic`, a manifest line found within `scan` bytes, a line of 128 hex digits (the
+/// signature), and the body. `no_magic` is the refusal when `magic` is missing.
+pub(crate) fn split_signed<'a>(
+    file: &'a [u8],
+    magic: &[u8],
+    no_magic: &str,
+    scan: usize,
+) -> Result<(SignedManifest, &'a [u8]), Refused> {
     let rest = file
-        .strip_prefix(MAGIC)
-        .ok_or_else(|| Refused::Format("it does not start with \"IMN-RELEASE 1\"".into()))?;
-    let head = &rest[..rest.len().min(MAX_HEADER)];
+        .strip_prefix(magic)
+        .ok_or_else(|| Refused::Format(no_magic.into()))?;
+    let head = &rest[..rest.len().min(scan)];
     let nl = head
         .iter()
         .position(|&b| b == b'\n')
-        .ok_or_else(|| Refused::Format(format!("no manifest line within {MAX_HEADER} bytes")))?;
+        .ok_or_else(|| Refused::Format(format!("no manifest line within {scan} bytes")))?;
     let manifest = std::str::from_utf8(&rest[..nl])
         .map_err(|_| Refused::Format("the manifest is not UTF-8".into()))?;
     let rest = &rest[nl + 1..];
@@ -372,6 +381,42 @@ pub fn split(file: &[u8]) -> Result<(SignedManifest, &[u8]), Refused> {
         },
         &rest[129..],
     ))
+}
+
+/// Whether `signature` (hex) is `key`'s (hex Ed25519 public key) over `context`
+/// followed by `line`.
+pub(crate) fn signature_verifies(context: &[u8], line: &str, signature: &str, key: &str) -> bool {
+    let (Some(sig), Some(key)) = (unhex(signature).filter(|s| s.len() == 64), unhex(key)) else {
+        return false;
+    };
+    let mut msg = Vec::with_capacity(context.len() + line.len());
+    msg.extend_from_slice(context);
+    msg.extend_from_slice(line.as_bytes());
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key)
+        .verify(&msg, &sig)
+        .is_ok()
+}
+
+/// A signed file: `magic`, `line`, its signature by `key` over `context` and `line`,
+/// then `body` (the layout [`split_signed`] reads).
+pub(crate) fn signed_file(
+    key: &SigningKey,
+    magic: &[u8],
+    context: &[u8],
+    line: &str,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut msg = context.to_vec();
+    msg.extend_from_slice(line.as_bytes());
+    let sig = hex(key.0.sign(&msg).as_ref());
+    let mut out = Vec::with_capacity(magic.len() + line.len() + 130 + body.len());
+    out.extend_from_slice(magic);
+    out.extend_from_slice(line.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(sig.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(body);
+    out
 }
 
 /// Reads and fully checks a signed release file: layout, manifest, key, signature,
@@ -412,11 +457,6 @@ impl SigningKey {
         hex(self.0.public_key().as_ref())
     }
 
-    /// An Ed25519 signature of `msg` (the caller adds its own signing context).
-    pub(crate) fn sign_bytes(&self, msg: &[u8]) -> Vec<u8> {
-        self.0.sign(msg).as_ref().to_vec()
-    }
-
     /// Signs `binary` as `version` for `arch`, valid until `expires_ms`: the whole
     /// signed release file.
     pub fn sign(
@@ -440,18 +480,7 @@ impl SigningKey {
             key: self.public_hex(),
         };
         m.check()?;
-        let line = m.line();
-        let mut msg = SIGNING_CONTEXT.to_vec();
-        msg.extend_from_slice(line.as_bytes());
-        let sig = hex(self.0.sign(&msg).as_ref());
-        let mut out = Vec::with_capacity(MAGIC.len() + line.len() + 130 + binary.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(line.as_bytes());
-        out.push(b'\n');
-        out.extend_from_slice(sig.as_bytes());
-        out.push(b'\n');
-        out.extend_from_slice(binary);
-        Ok(out)
+        Ok(signed_file(self, MAGIC, SIGNING_CONTEXT, &m.line(), binary))
     }
 }
 

@@ -25,7 +25,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::release::{check_version, hex, sha256_hex, unhex, Refused, SignedManifest};
+use crate::release::{check_version, sha256_hex, unhex, Refused, SignedManifest};
 
 /// The first line of a package file.
 pub const MAGIC: &[u8] = b"IMN-WASM-MODULE 1\n";
@@ -280,33 +280,12 @@ impl Manifest {
 
 /// A package split into its parts, nothing checked but the layout.
 pub fn split(file: &[u8]) -> Result<(SignedManifest, &[u8]), Refused> {
-    let rest = file.strip_prefix(MAGIC).ok_or_else(|| {
-        Refused::Format(
-            "not an IMN module package: it does not start with \"IMN-WASM-MODULE 1\"".into(),
-        )
-    })?;
-    let head = &rest[..rest.len().min(MAX_HEADER + 1)];
-    let nl = head
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or_else(|| Refused::Format(format!("no manifest line within {MAX_HEADER} bytes")))?;
-    let manifest = std::str::from_utf8(&rest[..nl])
-        .map_err(|_| Refused::Format("the manifest is not UTF-8".into()))?;
-    let rest = &rest[nl + 1..];
-    if rest.len() < 129 || rest[128] != b'\n' {
-        return Err(Refused::Format(
-            "the line after the manifest must be 128 hex digits (the signature)".into(),
-        ));
-    }
-    let signature = std::str::from_utf8(&rest[..128])
-        .map_err(|_| Refused::Format("the signature is not hex".into()))?;
-    Ok((
-        SignedManifest {
-            manifest: manifest.into(),
-            signature: signature.into(),
-        },
-        &rest[129..],
-    ))
+    crate::release::split_signed(
+        file,
+        MAGIC,
+        "not an IMN module package: it does not start with \"IMN-WASM-MODULE 1\"",
+        MAX_HEADER + 1,
+    )
 }
 
 /// Reads and fully checks a package: layout, manifest, key (one of `trusted`, hex
@@ -320,17 +299,14 @@ pub fn open<'a>(file: &'a [u8], trusted: &[String]) -> Result<(Manifest, &'a [u8
     if !trusted.iter().any(|k| k.eq_ignore_ascii_case(&m.key)) {
         return Err(Refused::UntrustedKey { key: m.key });
     }
-    let bad = || Refused::BadSignature { key: m.key.clone() };
-    let sig = unhex(&signed.signature)
-        .filter(|s| s.len() == 64)
-        .ok_or_else(bad)?;
-    let key = unhex(&m.key).ok_or_else(bad)?;
-    let mut msg = Vec::with_capacity(SIGNING_CONTEXT.len() + signed.manifest.len());
-    msg.extend_from_slice(SIGNING_CONTEXT);
-    msg.extend_from_slice(signed.manifest.as_bytes());
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key)
-        .verify(&msg, &sig)
-        .map_err(|_| bad())?;
+    if !crate::release::signature_verifies(
+        SIGNING_CONTEXT,
+        &signed.manifest,
+        &signed.signature,
+        &m.key,
+    ) {
+        return Err(Refused::BadSignature { key: m.key });
+    }
     if wasm.len() as u64 != m.size {
         return Err(Refused::Size {
             expected: m.size,
@@ -375,17 +351,13 @@ pub fn sign(
             "the manifest is longer than {MAX_HEADER} bytes"
         )));
     }
-    let mut msg = SIGNING_CONTEXT.to_vec();
-    msg.extend_from_slice(line.as_bytes());
-    let sig = hex(&key.sign_bytes(&msg));
-    let mut out = Vec::with_capacity(MAGIC.len() + line.len() + 130 + wasm.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(line.as_bytes());
-    out.push(b'\n');
-    out.extend_from_slice(sig.as_bytes());
-    out.push(b'\n');
-    out.extend_from_slice(wasm);
-    Ok(out)
+    Ok(crate::release::signed_file(
+        key,
+        MAGIC,
+        SIGNING_CONTEXT,
+        &line,
+        wasm,
+    ))
 }
 
 /// A WebAssembly module's result: the JSON object it emitted, as text (postcard cannot
