@@ -425,7 +425,7 @@ pub async fn duplicates_are_dropped_across_groups_and_within_one(s: &dyn Store) 
     assert_eq!(result_seqs(s, "a").await, vec![8, 6, 4, 2]);
 }
 
-fn result_record(seq: u64, at_ms: i64, request: &str, module: &str) -> Record {
+pub(crate) fn result_record(seq: u64, at_ms: i64, request: &str, module: &str) -> Record {
     Record {
         seq,
         at_ms,

@@ -53,6 +53,7 @@ pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
     5 "0005_heartbeats",
     6 "0006_rollups",
     7 "0007_prune",
+    8 "0008_parallel_writers",
 );
 
 /// The table a database records its version in: one row, the last migration applied.
@@ -139,7 +140,8 @@ mod tests {
         assert_eq!(next("PostgreSQL", POSTGRES, 4).unwrap().unwrap().version, 5);
         assert_eq!(next("PostgreSQL", POSTGRES, 5).unwrap().unwrap().version, 6);
         assert_eq!(next("PostgreSQL", POSTGRES, 6).unwrap().unwrap().version, 7);
-        assert!(next("PostgreSQL", POSTGRES, 7).unwrap().is_none());
+        assert_eq!(next("PostgreSQL", POSTGRES, 7).unwrap().unwrap().version, 8);
+        assert!(next("PostgreSQL", POSTGRES, 8).unwrap().is_none());
         assert_eq!(
             next("SQLite", SQLITE, 1).unwrap().unwrap().name,
             "0002_fleet"

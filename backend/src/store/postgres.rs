@@ -8,9 +8,18 @@
 //!   per month of a century. Old months can be detached or dropped whole.
 //! - A record's id is (agent, epoch, seq): a unique index (with `at_ms`, which a
 //!   partitioned table requires, and which a resend repeats) drops resent records.
-//! - Positions (the API's cursor) come from one sequence. Writers take a transaction
-//!   advisory lock before they draw positions, so positions commit in order, and a
-//!   reader paging by position never skips a record another backend commits late.
+//! - Writers run in parallel, and a reader paging by position (the API's cursor) never
+//!   skips a record another writer commits late. A record's position is
+//!   `base + (xid << 20) + i`: its transaction's id (`pg_current_xact_id`), then its
+//!   index in the transaction. Readers read only below
+//!   `base + (xmin << 20)`, where xmin is the oldest transaction id still running
+//!   (`pg_snapshot_xmin(pg_current_snapshot())`): every transaction below it has ended,
+//!   so nothing can appear there later. A record is readable once every transaction
+//!   older than its own has ended (a long transaction anywhere in the cluster delays
+//!   readers; it never makes them skip). `base` (migration 8) keeps positions of older
+//!   versions, drawn from a sequence, below every new one, so old cursors stay valid.
+//! - Writers hold the write lock shared; what changes partitions (making one,
+//!   detaching one) holds it alone, in a transaction of its own.
 //! - A group of batches is one transaction of a few statements over arrays
 //!   (`unnest`), not one statement per record.
 
@@ -31,6 +40,20 @@ use super::{
     RollupRow, ScheduleProgress, StoreError, StoreStats, TokenUsage, Transition,
     AGENT_RELEASE_NAME, MAX_SCHEDULE_VERSION,
 };
+
+/// Positions of one transaction's records are `start + 1 ..= start + ROWS_PER_TX - 1`
+/// (see the module's notes; the shift in migration 8).
+const ROWS_PER_TX: usize = 1 << 20;
+
+/// Readers' upper bound on positions, once per statement (see the module's notes).
+const BOUND: &str = "(SELECT imn_position_bound())";
+
+/// Whether a store error is a deadlock or a serialization failure: parallel writers
+/// storing the same records (a resend reaching two backends) may meet one, and the
+/// transaction is simply tried again.
+fn retryable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(m) if m.ends_with("(40P01)") || m.ends_with("(40001)"))
+}
 
 /// Advisory lock keys (any two constants unlikely to clash with an application's).
 const WRITE_LOCK: i64 = 0x494d_4e5f_5752; // "IMN_WR"
@@ -350,6 +373,15 @@ impl PostgresStore {
         Ok(made)
     }
 
+    /// Whether any of these agent times needs a monthly partition not known to exist.
+    fn missing_partitions(&self, times: impl IntoIterator<Item = i64>, now_ms: i64) -> bool {
+        let known = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        times
+            .into_iter()
+            .filter_map(|t| partition_of(t, now_ms))
+            .any(|m| !known.contains(&m.0))
+    }
+
     /// Months whose partition exists, once the transaction that made them committed
     /// (a rolled-back one made none).
     fn remember_partitions(&self, made: Vec<i64>) {
@@ -369,17 +401,35 @@ impl PostgresStore {
         group: &[Part<'_>],
         now_ms: i64,
     ) -> Result<Vec<BatchOutcome>, StoreError> {
+        let rows: usize = group.iter().map(|p| p.2.len()).sum();
+        if rows >= ROWS_PER_TX {
+            return Err(StoreError::Db(format!(
+                "a group commit of {rows} records: at most {} fit one transaction's positions",
+                ROWS_PER_TX - 1
+            )));
+        }
+        // Partitions are made (rarely) in a transaction of their own, holding the write
+        // lock alone; writers hold it shared, so they run side by side.
+        let times = group.iter().flat_map(|p| p.2.iter()).map(|r| r.at_ms);
+        if self.missing_partitions(times.clone(), now_ms) {
+            let tx = c.transaction().await.map_err(db)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+                .await
+                .map_err(db)?;
+            let made = self.ensure_partitions(&tx, times, now_ms).await?;
+            tx.commit().await.map_err(db)?;
+            self.remember_partitions(made);
+        }
         let tx = c.transaction().await.map_err(db)?;
-        // Positions are drawn and committed in order (see the module's notes).
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+        // This transaction's positions start past base + (its xid << 20).
+        let start: i64 = tx
+            .query_one(
+                "SELECT imn_position_start() FROM (SELECT pg_advisory_xact_lock_shared($1)) l",
+                &[&WRITE_LOCK],
+            )
             .await
-            .map_err(db)?;
-        let times: Vec<i64> = group
-            .iter()
-            .flat_map(|p| p.2.iter())
-            .map(|r| r.at_ms)
-            .collect();
-        let made = self.ensure_partitions(&tx, times, now_ms).await?;
+            .map_err(db)?
+            .get(0);
         // Rows to insert: each record id once per group (a window resent inside one
         // group is a duplicate here already).
         #[derive(Default)]
@@ -430,17 +480,20 @@ impl PostgresStore {
         }
         let insert = tx
             .prepare_cached(
-                "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, measurement_id, scheduled_ms, at_ms, stored_ms, body, body_text)
+                "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, measurement_id, scheduled_ms, at_ms, stored_ms, body, body_text, position)
                  SELECT u.agent, u.epoch, u.seq, u.kind, u.request, u.module,
                      -- A scheduled result counts toward its measurement only from an
                      -- agent the measurement runs on (else it is the agent's own).
                      CASE WHEN EXISTS (SELECT 1 FROM schedule_agents s
                                        WHERE s.measurement_id = u.measurement AND s.agent_id = u.agent)
                           THEN u.measurement END,
-                     u.scheduled, u.at, $11, u.body::JSONB, u.body_text
+                     u.scheduled, u.at, $11, u.body::JSONB, u.body_text, $13 + u.ord
                  FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::BIGINT[], $10::TEXT[], $12::TEXT[])
                      WITH ORDINALITY AS u(agent, epoch, seq, kind, request, module, measurement, scheduled, at, body, body_text, ord)
-                 ORDER BY u.ord
+                 -- Positions follow the group's order; rows go in by their id, so
+                 -- writers storing the same records (a resend on two backends) take
+                 -- the unique index's entries in one order and do not deadlock.
+                 ORDER BY u.agent, u.epoch, u.seq
                  ON CONFLICT (agent_id, epoch, seq, at_ms) DO NOTHING
                  RETURNING agent_id, epoch, seq, position",
             )
@@ -462,6 +515,7 @@ impl PostgresStore {
                     &cols.body,
                     &now_ms,
                     &cols.body_text,
+                    &start,
                 ],
             )
             .await
@@ -620,7 +674,6 @@ impl PostgresStore {
             tx.execute(&st, &[&agents, &ns]).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
-        self.remember_partitions(made);
         Ok(outcomes)
     }
 
@@ -1353,7 +1406,17 @@ impl RequestStore for PostgresStore {
             .map(|(a, b)| (a.as_str(), b.epoch, b.rows.as_slice()))
             .collect();
         let mut c = self.client().await?;
-        let mut failure = match self.store_group(&mut c, &group, now_ms).await {
+        let mut tries = 0;
+        let first = loop {
+            match self.store_group(&mut c, &group, now_ms).await {
+                Err(e) if retryable(&e) && tries < 3 => {
+                    tries += 1;
+                    tracing::info!(error = %e, "group commit met another writer; trying again");
+                }
+                other => break other,
+            }
+        };
+        let mut failure = match first {
             Ok(out) => return Ok(out),
             Err(e @ (StoreError::Unavailable(_) | StoreError::Task(_))) => return Err(e),
             Err(e) => e,
@@ -1487,7 +1550,7 @@ impl RequestStore for PostgresStore {
         let mut sql = format!(
             "SELECT {RESULT_COLS}, r.position, COALESCE(r.measurement_id, q.measurement_id) FROM records r
              LEFT JOIN requests q ON q.id = r.request_id AND q.agent_id = r.agent_id
-             WHERE r.kind = 'result' AND r.position > $1"
+             WHERE r.kind = 'result' AND r.position > $1 AND r.position < {BOUND}"
         );
         let limit = i64::from(f.limit);
         let mut args: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(f.after)];
@@ -1537,7 +1600,7 @@ impl RequestStore for PostgresStore {
         let st = c
             .prepare_cached(&format!(
                 "SELECT {RESULT_COLS}, r.position FROM records r
-                 WHERE r.measurement_id = $1 AND r.position < $2 AND r.kind = 'result'
+                 WHERE r.measurement_id = $1 AND r.position < LEAST($2, {BOUND}) AND r.kind = 'result'
                  ORDER BY r.position DESC LIMIT $3"
             ))
             .await
@@ -1556,12 +1619,13 @@ impl RequestStore for PostgresStore {
     }
     async fn latest_position(&self) -> Result<i64, StoreError> {
         let c = self.client().await?;
-        Ok(
-            c.query_one("SELECT COALESCE(MAX(position), 0) FROM records", &[])
-                .await
-                .map_err(db)?
-                .get(0),
+        Ok(c.query_one(
+            &format!("SELECT COALESCE(MAX(position), 0) FROM records WHERE position < {BOUND}"),
+            &[],
         )
+        .await
+        .map_err(db)?
+        .get(0))
     }
     async fn request_state_counts(&self) -> Result<Vec<(RequestState, u64)>, StoreError> {
         let c = self.client().await?;
@@ -2739,5 +2803,171 @@ mod tests {
         s.migrate().await.unwrap();
         assert_eq!(schema_version(&url).await, vec![latest(POSTGRES) as i32]);
         assert_eq!(columns(&url).await, cols);
+    }
+
+    fn echo_batch(epoch: u64, seqs: std::ops::RangeInclusive<u64>) -> PreparedBatch {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        super::super::prepare(&imn_proto::wire::Batch {
+            epoch,
+            records: seqs
+                .map(|i| {
+                    crate::store::conformance::result_record(i, at, &format!("r{i}"), "echo_module")
+                })
+                .collect(),
+        })
+    }
+
+    fn all_after(after: i64) -> ResultFilter {
+        ResultFilter {
+            after,
+            limit: 1000,
+            ..Default::default()
+        }
+    }
+
+    /// A writer whose transaction began first but commits last: a reader paging by
+    /// position does not see the later writer's records until the earlier one ends, so
+    /// its cursor never passes a position that is then filled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_never_passes_a_record_a_slower_writer_commits_late() {
+        let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        let s = PostgresStore::connect(&url).await.unwrap();
+        // One record before anything runs.
+        s.store_batches(vec![("a".into(), echo_batch(1, 1..=1))], 1)
+            .await
+            .unwrap();
+        let first = s.results_page(all_after(0)).await.unwrap();
+        assert_eq!(first.len(), 1);
+        let cursor = first[0].0;
+        assert_eq!(s.latest_position().await.unwrap(), cursor);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        // The slow writer: a transaction of the same shape as `store_group`'s (shared
+        // lock, `imn_position_start`), open with its record inserted.
+        // Another backend's store (connected first: connecting makes partitions,
+        // which waits for running writers).
+        let other = PostgresStore::connect(&url).await.unwrap();
+        let (slow, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        slow.batch_execute("BEGIN").await.unwrap();
+        let start: i64 = slow
+            .query_one(
+                "SELECT imn_position_start() FROM (SELECT pg_advisory_xact_lock_shared($1)) l",
+                &[&WRITE_LOCK],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        slow.execute(
+            "INSERT INTO records (agent_id, epoch, seq, kind, request_id, module, at_ms, stored_ms, body, position)
+             VALUES ('slow', 1, 1, 'result', 'late', 'echo_module', $1, 2,
+                     '{\"state\":\"succeeded\",\"result\":{\"message\":\"late\"}}', $2)",
+            &[&now, &(start + 1)],
+        )
+        .await
+        .unwrap();
+        // A faster writer commits while it is open, without waiting for it.
+        let fast = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            other.store_batches(vec![("b".into(), echo_batch(1, 1..=3))], 3),
+        )
+        .await
+        .expect("a writer does not wait for another's transaction")
+        .unwrap();
+        assert_eq!(fast[0].stored, 3);
+        // Committed, but above the slow writer's position: not readable yet, and the
+        // latest position (where a stream "from now" starts) stays below both.
+        assert!(s.results_page(all_after(cursor)).await.unwrap().is_empty());
+        assert_eq!(s.latest_position().await.unwrap(), cursor);
+        assert!(s
+            .schedule_results_newest("none", None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        slow.batch_execute("COMMIT").await.unwrap();
+        // Now both, the late one first: its position is the lower.
+        let page = s.results_page(all_after(cursor)).await.unwrap();
+        let agents: Vec<&str> = page.iter().map(|r| r.1.agent_id.as_str()).collect();
+        assert_eq!(agents, vec!["slow", "b", "b", "b"]);
+        assert!(page.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(page[0].0 > cursor);
+        assert_eq!(s.latest_position().await.unwrap(), page[3].0);
+    }
+
+    /// Three stores (three backends) write at once, with resends of each other's
+    /// batches, while a reader pages by cursor: the reader sees every record exactly
+    /// once, in increasing positions, and the writers never wait for each other's
+    /// whole transactions.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn parallel_writers_and_a_paging_reader_see_every_record_once() {
+        let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        let reader = PostgresStore::connect(&url).await.unwrap();
+        let mut writers = Vec::new();
+        for w in 0..3u64 {
+            let s = PostgresStore::connect(&url).await.unwrap();
+            writers.push(tokio::spawn(async move {
+                let mut stored = 0;
+                for b in 0..40u64 {
+                    // Each writer's own agents, and every fourth batch also a resend
+                    // of the previous writer's (the same records reaching two backends).
+                    let mut group = vec![(format!("w{w}-a{}", b % 5), echo_batch(b + 1, 1..=25))];
+                    if b % 4 == 0 {
+                        group.push((
+                            format!("w{}-a{}", (w + 2) % 3, b % 5),
+                            echo_batch(b + 1, 1..=25),
+                        ));
+                    }
+                    let out = s.store_batches(group, 1).await.unwrap();
+                    stored += out.iter().map(|o| o.stored).sum::<u64>();
+                }
+                stored
+            }));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut cursor = 0;
+        let mut pages = 0;
+        let reading = async {
+            loop {
+                let done = writers.iter().all(|w| w.is_finished());
+                let page = reader.results_page(all_after(cursor)).await.unwrap();
+                for (pos, r, _) in &page {
+                    assert!(*pos > cursor, "positions increase");
+                    cursor = *pos;
+                    assert!(
+                        seen.insert((r.agent_id.clone(), r.epoch, r.seq)),
+                        "{} {} {} read twice",
+                        r.agent_id,
+                        r.epoch,
+                        r.seq
+                    );
+                }
+                pages += 1;
+                if done && page.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        reading.await;
+        let mut stored = 0;
+        for w in writers {
+            stored += w.await.unwrap();
+        }
+        let rows: i64 = {
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c.query_one("SELECT COUNT(*) FROM records", &[])
+                .await
+                .unwrap()
+                .get(0)
+        };
+        assert_eq!(stored as i64, rows);
+        assert_eq!(seen.len() as i64, rows, "after {pages} pages");
+        assert!(pages > 3, "the reader paged while the writers wrote");
     }
 }
