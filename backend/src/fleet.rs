@@ -87,6 +87,26 @@ impl Backend {
         tags
     }
 
+    /// A page of the agents a selection matches, by id, after `after` (its `limit`
+    /// is not used: the page has `limit`): (page, matching in all, more follow).
+    pub fn agents_page(
+        &self,
+        sel: &Selection,
+        after: Option<&str>,
+        limit: usize,
+        now: i64,
+    ) -> (Vec<AgentEntry>, usize, bool) {
+        let no_tags: Vec<String> = Vec::new();
+        self.registry.page(after, limit, |a| {
+            // Enrolled tags are looked up only when the selection names tags.
+            if sel.tags.is_empty() {
+                sel.matches(a, &no_tags, now)
+            } else {
+                sel.matches(a, &self.agent_tags(a), now)
+            }
+        })
+    }
+
     /// The agents a selection picks: alive ones first, then by id; at most `limit`.
     pub fn select(&self, sel: &Selection, now: i64) -> Vec<AgentEntry> {
         let mut picked: Vec<AgentEntry> = self

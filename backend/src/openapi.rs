@@ -158,6 +158,14 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "at most this many",
         )
     };
+    let after = || {
+        param(
+            "after",
+            "query",
+            string(),
+            "the last agent id of the page before (as the Link header gives it)",
+        )
+    };
     let format = || {
         param(
             "format",
@@ -329,10 +337,15 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                         json!({"type": "boolean"}),
                         "alive now, or not",
                     ),
-                    limit(1_000_000),
+                    limit(10_000),
+                    after(),
                 ],
                 body: None,
-                ok: ok_json(200, "agents, alive first", list("Agent")),
+                ok: ok_json(
+                    200,
+                    "the agents matching, by id: a page of `limit` (default 1,000), the Link header names the next",
+                    list("Agent"),
+                ),
                 errors: &[400],
             },
         ),
@@ -342,10 +355,14 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op {
                 summary: "Agents alive now",
                 scope: read,
-                params: vec![],
+                params: vec![limit(10_000), after()],
                 body: None,
-                ok: ok_json(200, "agents", list("Agent")),
-                errors: &[],
+                ok: ok_json(
+                    200,
+                    "the agents alive now, by id: a page of `limit` (default 1,000), the Link header names the next",
+                    list("Agent"),
+                ),
+                errors: &[400],
             },
         ),
         (
@@ -1323,6 +1340,18 @@ pub fn document() -> Value {
             id
         };
         let mut op = op.to_json(id);
+        if path == "/agents" || path == "/agents/alive" {
+            op["responses"]["200"]["headers"] = json!({
+                "X-Total-Count": {
+                    "description": "agents matching in all, on every page",
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+                "Link": {
+                    "description": "RFC 8288 `<URL>; rel=\"next\"`: the same query continued after this page's last id; absent on the last page",
+                    "schema": {"type": "string"},
+                },
+            });
+        }
         if path == "/v1/measurements/{id}/status-check" {
             op["responses"]["200"]["headers"] = json!({"X-IMN-Check": {
                 "description": "ok, warning (some agents breach, no more than max_breaching) or critical",

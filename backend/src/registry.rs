@@ -3,7 +3,7 @@
 //! so a restarted backend still knows every agent, and a sample of the heartbeats
 //! (one per agent a minute, written by `retention`) so its charts survive.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::RwLock;
 
 use serde::Serialize;
@@ -83,7 +83,8 @@ impl AgentEntry {
 
 #[derive(Default)]
 pub struct Registry {
-    agents: RwLock<HashMap<String, AgentEntry>>,
+    /// By id, in order: lists page through it without sorting.
+    agents: RwLock<BTreeMap<String, AgentEntry>>,
     history: RwLock<HashMap<String, VecDeque<HeartbeatPoint>>>,
     /// Points to store, with the backend's time they arrived; and, per agent, when
     /// one was last taken for the store.
@@ -272,15 +273,47 @@ impl Registry {
     }
 
     pub fn all(&self) -> Vec<AgentEntry> {
-        let mut v: Vec<_> = self
-            .agents
+        self.agents
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
-            .collect();
-        v.sort_by(|a, b| a.id.cmp(&b.id));
-        v
+            .collect()
+    }
+
+    /// (agents known, agents alive), without copying any.
+    pub fn counts(&self, now_ms: i64) -> (usize, usize) {
+        let map = self.agents.read().unwrap_or_else(|e| e.into_inner());
+        (map.len(), map.values().filter(|a| a.alive(now_ms)).count())
+    }
+
+    /// One page of a list by id: the agents `keep` accepts whose id comes after
+    /// `after`, at most `limit`, copied; how many it accepts in all; and whether more
+    /// follow the page. Only the page
+    /// is copied, so a page of a list of 100,000 costs one pass over references.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        mut keep: impl FnMut(&AgentEntry) -> bool,
+    ) -> (Vec<AgentEntry>, usize, bool) {
+        let map = self.agents.read().unwrap_or_else(|e| e.into_inner());
+        let mut page = Vec::with_capacity(limit.min(map.len()));
+        let (mut total, mut more) = (0, false);
+        for a in map.values() {
+            if !keep(a) {
+                continue;
+            }
+            total += 1;
+            if after.is_none_or(|after| a.id.as_str() > after) {
+                if page.len() < limit {
+                    page.push(a.clone());
+                } else {
+                    more = true;
+                }
+            }
+        }
+        (page, total, more)
     }
 }
 

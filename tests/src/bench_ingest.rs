@@ -241,6 +241,57 @@ impl System {
         }
     }
 
+    /// CPU seconds used so far by each part of the system: backends, bridges, NATS and
+    /// PostgreSQL (the postmaster and every process it started).
+    pub fn cpu_s(&self) -> Value {
+        let System::Split {
+            _nats,
+            backend,
+            more_backends,
+            bridges,
+            pg,
+            ..
+        } = self
+        else {
+            return json!({});
+        };
+        let backends: f64 = std::iter::once(backend)
+            .chain(more_backends)
+            .map(|b| cpu_s(b.pid()))
+            .sum();
+        let bridges: f64 = bridges.iter().map(|b| cpu_s(b.0.pid())).sum();
+        let postgres = pg.as_ref().map(|(c, _)| {
+            let root = c.pid() as i32;
+            cpu_s(root) + children_of(root).into_iter().map(cpu_s).sum::<f64>()
+        });
+        json!({
+            "backends": backends,
+            "bridges": bridges,
+            "nats": cpu_s(_nats.proc.pid()),
+            "postgres": postgres,
+            "bench": cpu_s(std::process::id() as i32),
+        })
+    }
+
+    /// PostgreSQL's write-ahead log so far: (bytes, syncs to disk).
+    async fn wal(&self) -> Option<(i64, i64)> {
+        let System::Split {
+            pg: Some((_, url)), ..
+        } = self
+        else {
+            return None;
+        };
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        let row = client
+            .query_one("SELECT wal_bytes::BIGINT, wal_sync FROM pg_stat_wal", &[])
+            .await
+            .ok()?;
+        Some((row.get(0), row.get(1)))
+    }
+
     /// (result rows, distinct request ids) of simulated agents in the backend's store,
     /// and the bytes the store takes on disk for its records (SQLite: the database
     /// file and its WAL; PostgreSQL: the records table's partitions with indexes).
@@ -293,6 +344,104 @@ impl System {
             |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
         )
         .expect("count results")
+    }
+}
+
+/// CPU seconds (user and system) a process has used, 0 if it is gone.
+fn cpu_s(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // Fields counted from the state (index 0 = field 3).
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map_or("", |r| r.1);
+        if rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Differences of two [`System::cpu_s`] readings, per part.
+fn cpu_delta(before: &Value, after: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    if let Some(a) = after.as_object() {
+        for (k, v) in a {
+            if let (Some(x), Some(y)) = (v.as_f64(), before[k].as_f64()) {
+                out.insert(k.clone(), json!(((x - y) * 100.0).round() / 100.0));
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// A client paging `GET /v1/results` by cursor while the agents send: every result
+/// it reads, and how many it read more than once.
+struct Reader {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, u64, u64)>,
+}
+
+impl Reader {
+    fn start(api: Api) -> Reader {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut seen = std::collections::HashSet::new();
+            let (mut twice, mut pages) = (0u64, 0u64);
+            let mut cursor = String::new();
+            loop {
+                // Stopped only after a page that came back short, once told to.
+                let stopping = done.load(Ordering::SeqCst);
+                let r = api
+                    .get(&format!("/v1/results?limit=1000&cursor={cursor}"))
+                    .await;
+                if r.status != 200 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                pages += 1;
+                let results = r.body["results"].as_array().cloned().unwrap_or_default();
+                for x in &results {
+                    let key = (
+                        x["agent_id"].as_str().unwrap_or("").to_string(),
+                        x["request_id"].as_str().unwrap_or("").to_string(),
+                    );
+                    if !seen.insert(key) {
+                        twice += 1;
+                    }
+                }
+                if let Some(c) = r.body["next_cursor"].as_str() {
+                    cursor = c.to_string();
+                }
+                if results.len() < 1000 {
+                    if stopping {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            (seen.len(), twice, pages)
+        });
+        Reader { stop, task }
+    }
+
+    /// Reads to the end of what is stored now: (distinct results, read twice, pages).
+    async fn finish(self) -> (usize, u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("reader")
     }
 }
 
@@ -546,6 +695,37 @@ pub async fn ingest_postgres(agents: usize, results: u64, per_message: usize) ->
     })
 }
 
+/// `imn-bench ingest --postgres --backends 1,2,3`: over NATS, PostgreSQL with each
+/// number of backends in turn (a new cluster each), while a client pages through the
+/// results; the last field is the list of runs.
+pub async fn ingest_postgres_backends(
+    agents: usize,
+    results: u64,
+    per_message: usize,
+    backends: &[usize],
+) -> Value {
+    let mut runs = Vec::new();
+    for &n in backends {
+        let r = ingest_run(agents, results, true, per_message, false, n.max(1), None).await;
+        runs.push(json!({
+            "backends": n.max(1),
+            "results_per_s": r["results_per_s"],
+            "lost": r["lost"],
+            "duplicates_stored": r["duplicates_stored"],
+            "reader_every_result_once": r["reader"]["every_result_once"],
+            "cpu_cores_busy": r["cpu_cores_busy"],
+            "run": r,
+        }));
+    }
+    let rate = |i: usize| runs.get(i).and_then(|r| r["results_per_s"].as_f64());
+    json!({
+        "scenario": "ingest-postgres-backends",
+        "note": "the same ingest over NATS into one PostgreSQL (fsync on) with each number of backends writing in parallel, a client paging GET /v1/results throughout",
+        "ratio_last_vs_first": rate(runs.len().saturating_sub(1)).zip(rate(0)).map(|(a, b)| a / b),
+        "runs": runs,
+    })
+}
+
 async fn ingest_run(
     agents: usize,
     results: u64,
@@ -588,6 +768,10 @@ async fn ingest_run(
     let bytes = sim::message_bytes(&cfg);
     let (fleet, connect_s) = Fleet::start(agents, cfg, 2000.0, Duration::from_secs(300)).await;
     wait_known(sys.api(), agents, Duration::from_secs(120)).await;
+    // With PostgreSQL, a client pages through the results as they are written.
+    let reader = (pg_backends > 0).then(|| Reader::start(sys.api().clone()));
+    let cpu_before = sys.cpu_s();
+    let wal_before = sys.wal().await;
     let t0 = Instant::now();
     fleet.ctl.start_results();
     let deadline = t0 + Duration::from_secs(900);
@@ -608,6 +792,12 @@ async fn ingest_run(
         .unwrap_or_else(|| t0.elapsed())
         .as_secs_f64();
     let resent = fleet.stats.resent.load(Ordering::Relaxed);
+    let cpu = cpu_delta(&cpu_before, &sys.cpu_s());
+    let wal = sys
+        .wal()
+        .await
+        .zip(wal_before)
+        .map(|(a, b)| (a.0 - b.0, a.1 - b.1));
     let rss = sys.rss_mib();
     // How long the store spent in group commits: the share of the run it was busy.
     let health = sys.api().get("/health").await.body;
@@ -615,6 +805,18 @@ async fn ingest_run(
     let store_groups = health["store_groups"].as_u64().unwrap_or(0);
     fleet.stop().await;
     let (rows, distinct, store_bytes) = sys.stored().await;
+    let read = match reader {
+        Some(r) => {
+            let (read, twice, pages) = r.finish().await;
+            json!({
+                "distinct_read": read,
+                "read_twice": twice,
+                "pages": pages,
+                "every_result_once": read as u64 == distinct && twice == 0,
+            })
+        }
+        None => Value::Null,
+    };
     // The same number of messages, the same size, through the same broker.
     let messages = total.div_ceil(per_message as u64);
     // The raw clients have no credentials: with auth the comparison is against the
@@ -650,6 +852,11 @@ async fn ingest_run(
         "broker_raw_msgs_per_s": (!auth).then_some(raw),
         "ratio_vs_raw": (!auth).then_some(msgs_per_s / raw),
         "rss": rss,
+        "cpu_s": cpu,
+        "cpu_cores_busy": cpu.as_object().map(|o| o.values().filter_map(Value::as_f64).sum::<f64>() / elapsed),
+        "wal_bytes_per_result": wal.map(|(b, _)| b as f64 / rows.max(1) as f64),
+        "wal_syncs": wal.map(|w| w.1),
+        "reader": read,
         "nofile_limit": nofile,
     })
 }
@@ -668,6 +875,8 @@ pub async fn fleet(agents: usize, hb: Duration, hold: Duration, bridges: usize) 
     let split = bridges > 1;
     let sys = System::start(split, bridges, false).await;
     let ports = sys.mqtt_ports();
+    // What the processes take before any agent connects.
+    let rss_idle = sys.rss_mib();
     let t0 = Instant::now();
     let workers = agents.div_ceil(AGENTS_PER_WORKER);
     let mut procs = Vec::new();
@@ -727,26 +936,67 @@ pub async fn fleet(agents: usize, hb: Duration, hold: Duration, bridges: usize) 
     wait_known(sys.api(), agents, Duration::from_secs(300)).await;
     // Every agent heartbeats a few times.
     tokio::time::sleep(hold).await;
-    let alive = sys
-        .api()
-        .get("/agents/alive")
-        .await
-        .body
-        .as_array()
-        .map(|a| a.len())
-        .unwrap_or(0);
-    let all = sys.api().get("/agents").await.body;
-    let mut lags: Vec<f64> = all
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x["heartbeat_lag_ms"].as_f64())
-                .collect()
-        })
-        .unwrap_or_default();
+    let api = sys.api();
+    let total = |r: &crate::Reply| {
+        r.headers
+            .get("x-total-count")
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let alive = total(&api.get("/agents/alive?limit=1").await);
+    // Every agent's heartbeat lag, a page at a time.
+    let mut lags: Vec<f64> = Vec::new();
+    let mut after = String::new();
+    loop {
+        let r = api.get(&format!("/agents?limit=10000&after={after}")).await;
+        let page = r.body.as_array().cloned().unwrap_or_default();
+        lags.extend(page.iter().filter_map(|x| x["heartbeat_lag_ms"].as_f64()));
+        match page.last().and_then(|a| a["id"].as_str()) {
+            Some(id) if r.headers.contains_key("link") => after = id.to_string(),
+            _ => break,
+        }
+    }
     lags.sort_by(f64::total_cmp);
     let pct = |p: f64| crate::percentile(&lags, p);
+    // The API under the fleet: each request 100 times, one after another.
+    let mid = sim_id(agents / 2);
+    let mut latencies = serde_json::Map::new();
+    for path in [
+        "/agents?alive=true".to_string(),
+        format!("/agents?alive=true&after={mid}"),
+        "/agents/alive".to_string(),
+        "/agents?tag=none".to_string(),
+        format!("/agents/{mid}"),
+        "/health".to_string(),
+    ] {
+        let mut ms = Vec::new();
+        let mut status = 0;
+        for _ in 0..100 {
+            let t = Instant::now();
+            status = api.get(&path).await.status;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        latencies.insert(
+            path,
+            json!({
+                "status": status,
+                "p50_ms": crate::percentile(&ms, 50.0),
+                "p99_ms": crate::percentile(&ms, 99.0),
+                "max_ms": ms.last(),
+            }),
+        );
+    }
     let rss = sys.rss_mib();
+    let per_agent_kib = |k: &str| {
+        let (a, b) = (rss[k].as_f64(), rss_idle[k].as_f64());
+        a.zip(b).map(|(a, b)| (a - b) * 1024.0 / agents as f64)
+    };
+    let memory = json!({
+        "bridges_kib_per_agent": per_agent_kib("bridge_rss_mib"),
+        "backends_kib_per_agent": per_agent_kib("backend_rss_mib"),
+        "imn_up_kib_per_agent": per_agent_kib("imn_up_rss_mib"),
+    });
     let worker_rss: f64 = procs
         .iter()
         .filter_map(|p| p.id())
@@ -766,6 +1016,9 @@ pub async fn fleet(agents: usize, hb: Duration, hold: Duration, bridges: usize) 
         "hb_lag_p99_ms": pct(99.0),
         "hb_lag_max_ms": lags.last().copied().unwrap_or(f64::NAN),
         "rss": rss,
+        "rss_idle": rss_idle,
+        "memory_per_agent": memory,
+        "api_latency": latencies,
         "sim_workers": workers,
         "sim_workers_rss_mib": worker_rss,
         "nofile_limit": nofile,

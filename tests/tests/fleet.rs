@@ -77,6 +77,61 @@ async fn selection_and_a_one_off_measurement_with_an_agent_offline() {
     assert_eq!(get("?country=DE&tag=lab").await, set(&["f5"]));
     assert_eq!(get("?asn=1136").await, set(&["f3"]));
     assert_eq!(get("?alive=true").await.len(), 5);
+
+    // Pages by id: X-Total-Count on each, a Link to the next until the last.
+    let page = |q: String| {
+        let api = up.api.clone();
+        async move {
+            let r = api.get(&q).await;
+            assert_eq!(r.status, 200, "{q}: {}", r.body);
+            let header = |h: &str| r.headers.get(h).map(|v| v.to_str().unwrap().to_string());
+            let order: Vec<String> = r
+                .body
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["id"].as_str().unwrap().to_string())
+                .collect();
+            (order, header("x-total-count"), header("link"))
+        }
+    };
+    let (p1, total, link) = page("/agents?limit=2".into()).await;
+    assert_eq!(
+        (p1, total.as_deref()),
+        (vec!["f1".to_string(), "f2".into()], Some("5"))
+    );
+    let link = link.expect("a Link to the next page");
+    assert_eq!(link, "</agents?limit=2&after=f2>; rel=\"next\"");
+    let next = link[1..link.find('>').unwrap()].to_string();
+    let (p2, _, link) = page(next).await;
+    assert_eq!(p2, vec!["f3".to_string(), "f4".into()]);
+    let next = link.expect("a third page");
+    let (p3, total, link) = page(next[1..next.find('>').unwrap()].to_string()).await;
+    assert_eq!(
+        (p3, total.as_deref(), link),
+        (vec!["f5".to_string()], Some("5"), None)
+    );
+    // Filters stay in the Link; the total counts what they match.
+    let (p, total, link) = page("/agents?tag=lab&limit=1".into()).await;
+    assert_eq!((p, total.as_deref()), (vec!["f3".to_string()], Some("3")));
+    assert_eq!(
+        link.as_deref(),
+        Some("</agents?tag=lab&limit=1&after=f3>; rel=\"next\"")
+    );
+    let (p, total, link) = page("/agents/alive?limit=2&after=f4".into()).await;
+    assert_eq!(
+        (p, total.as_deref(), link),
+        (vec!["f5".to_string()], Some("5"), None)
+    );
+    for q in [
+        "/agents?limit=0",
+        "/agents?limit=10001",
+        "/agents/alive?limit=0",
+    ] {
+        let r = up.api.get(q).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert_eq!(r.body["field"], "limit", "{q}: {}", r.body);
+    }
     let one = up.api.get("/agents?asn=3320").await;
     assert_eq!(one.body[0]["location"]["country"], "DE");
     assert_eq!(one.body[0]["location"]["asn"], 3320);

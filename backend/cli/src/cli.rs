@@ -188,6 +188,9 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Agents asked for per page by `imn agents`.
+const CLI_AGENTS_PAGE: usize = 10_000;
+
 /// `imn agents [--alive] [--tag T]`.
 pub async fn agents(
     c: &Client,
@@ -202,7 +205,31 @@ pub async fn agents(
     if !tags.is_empty() {
         q.push(format!("tag={}", tags.join(",")));
     }
-    let list = c.get(&format!("/agents?{}", q.join("&"))).await?;
+    // Every page (the API answers a page at a time, by id).
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut page_q = q.clone();
+        page_q.push(format!("limit={CLI_AGENTS_PAGE}"));
+        if let Some(a) = &after {
+            page_q.push(format!(
+                "after={}",
+                form_urlencoded::byte_serialize(a.as_bytes()).collect::<String>()
+            ));
+        }
+        let page = c.get(&format!("/agents?{}", page_q.join("&"))).await?;
+        let items = page.as_array().cloned().unwrap_or_default();
+        let full = items.len() == CLI_AGENTS_PAGE;
+        after = items
+            .last()
+            .and_then(|a| a["id"].as_str())
+            .map(String::from);
+        all.extend(items);
+        if !full || after.is_none() {
+            break;
+        }
+    }
+    let list = Value::Array(all);
     if json_out {
         return Ok(serde_json::to_string_pretty(&list).unwrap_or_default() + "\n");
     }

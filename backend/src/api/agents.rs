@@ -56,15 +56,76 @@ pub(super) struct AgentQuery {
     country: Option<String>,
     asn: Option<u32>,
     alive: Option<bool>,
+    /// 1 to [`AGENTS_PAGE_MAX`], default [`AGENTS_PAGE`].
     limit: Option<usize>,
+    /// The last id of the page before (what the `Link` header names).
+    after: Option<String>,
 }
 
-/// `GET /agents?tag=a,b&country=&asn=&alive=&limit=`: every agent, or those matching.
+/// The paging of `GET /agents/alive`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PageQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// Agents in one answer of `GET /agents` and `GET /agents/alive` when the client
+/// names no `limit`.
+pub(crate) const AGENTS_PAGE: usize = 1_000;
+/// The most agents one answer holds.
+pub(crate) const AGENTS_PAGE_MAX: usize = 10_000;
+
+/// The page size a client asked for: 1 to [`AGENTS_PAGE_MAX`], default [`AGENTS_PAGE`].
+fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
+    let n = limit.unwrap_or(AGENTS_PAGE);
+    if !(1..=AGENTS_PAGE_MAX).contains(&n) {
+        return Err(ApiError::BadQuery {
+            field: "limit".into(),
+            rule: "range".into(),
+            message: format!("limit: must be 1 to {AGENTS_PAGE_MAX} (got {n})"),
+        });
+    }
+    Ok(n)
+}
+
+/// A page of agents as a JSON array, with `X-Total-Count` (agents matching in all)
+/// and, when more follow, `Link: <…&after=LAST>; rel="next"` (RFC 8288): the same
+/// query, continued after the page's last id.
+fn agents_page(
+    uri: &axum::http::Uri,
+    page: Vec<Value>,
+    last: Option<&str>,
+    total: usize,
+    more: bool,
+) -> Response {
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("x-total-count", total.into());
+    if let (true, Some(last)) = (more, last) {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+            if k != "after" {
+                q.append_pair(&k, &v);
+            }
+        }
+        q.append_pair("after", last);
+        let link = format!("<{}?{}>; rel=\"next\"", uri.path(), q.finish());
+        if let Ok(v) = axum::http::HeaderValue::from_str(&link) {
+            headers.insert(axum::http::header::LINK, v);
+        }
+    }
+    (headers, Json(Value::Array(page))).into_response()
+}
+
+/// `GET /agents?tag=a,b&country=&asn=&alive=&limit=&after=`: the agents matching, by
+/// id, a page at a time (see [`agents_page`]).
 pub(super) async fn agents(
     State(b): State<Arc<Backend>>,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
     Query(q): Query<AgentQuery>,
-) -> Json<Value> {
+) -> Result<Response, ApiError> {
     let now = now_ms();
+    let limit = page_size(q.limit)?;
     let sel = crate::fleet::Selection {
         tags: q
             .tag
@@ -78,25 +139,35 @@ pub(super) async fn agents(
         country: q.country,
         asn: q.asn,
         alive: q.alive,
-        limit: q.limit,
         ..Default::default()
     };
-    // Every agent's lifecycle report in one read (versions, update phase).
-    let lifecycle = b.lifecycle_reports().await;
-    Json(Value::Array(
-        b.select(&sel, now)
-            .iter()
-            .map(|a| {
-                let mut v = agent_json(a, now);
-                v["tags"] = json!(b.agent_tags(a));
-                let l = lifecycle.get(&a.id);
-                v["config_version"] = json!(l.map_or(0, |l| l.status.settings_version));
-                v["update_phase"] = json!(l.map(|l| l.status.phase.clone()));
-                v["update_failure"] = json!(l.and_then(|l| l.status.last_failure.clone()));
-                v
-            })
-            .collect(),
-    ))
+    let (page, total, more) = b.agents_page(&sel, q.after.as_deref(), limit, now);
+    let last = page.last().map(|a| a.id.clone());
+    // Versions and update state of the page's agents only.
+    use futures::StreamExt;
+    let ids: Vec<String> = page.iter().map(|a| a.id.clone()).collect();
+    let lifecycle: Vec<_> = futures::stream::iter(ids)
+        .map(|id| {
+            let b = b.clone();
+            async move { b.agent_lifecycle(&id).await }
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    let page = page
+        .iter()
+        .zip(lifecycle)
+        .map(|(a, l)| {
+            let mut v = agent_json(a, now);
+            v["tags"] = json!(b.agent_tags(a));
+            let l = l.as_ref();
+            v["config_version"] = json!(l.map_or(0, |l| l.status.settings_version));
+            v["update_phase"] = json!(l.map(|l| l.status.phase.clone()));
+            v["update_failure"] = json!(l.and_then(|l| l.status.last_failure.clone()));
+            v
+        })
+        .collect();
+    Ok(agents_page(&uri, page, last.as_deref(), total, more))
 }
 
 #[derive(Deserialize)]
@@ -191,16 +262,22 @@ pub(super) async fn heartbeats(
     Ok(Json(json!(b.registry.heartbeats(&id))))
 }
 
-pub(super) async fn agents_alive(State(b): State<Arc<Backend>>) -> Json<Value> {
+/// `GET /agents/alive?limit=&after=`: the agents alive now, by id, a page at a time.
+pub(super) async fn agents_alive(
+    State(b): State<Arc<Backend>>,
+    axum::extract::OriginalUri(uri): axum::extract::OriginalUri,
+    Query(q): Query<PageQuery>,
+) -> Result<Response, ApiError> {
     let now = now_ms();
-    Json(Value::Array(
-        b.registry
-            .all()
-            .iter()
-            .filter(|a| a.alive(now))
-            .map(|a| agent_json(a, now))
-            .collect(),
-    ))
+    let limit = page_size(q.limit)?;
+    let sel = crate::fleet::Selection {
+        alive: Some(true),
+        ..Default::default()
+    };
+    let (page, total, more) = b.agents_page(&sel, q.after.as_deref(), limit, now);
+    let last = page.last().map(|a| a.id.clone());
+    let page = page.iter().map(|a| agent_json(a, now)).collect();
+    Ok(agents_page(&uri, page, last.as_deref(), total, more))
 }
 
 pub(super) async fn agent(

@@ -22,12 +22,12 @@ pub(super) async fn metrics(State(b): State<Arc<Backend>>) -> Response {
 pub(super) async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>, ApiError> {
     use std::sync::atomic::Ordering::Relaxed;
     let now = now_ms();
-    let all = b.registry.all();
+    let (known, alive) = b.registry.counts(now);
     Ok(Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "agents_known": all.len(),
-        "agents_alive": all.iter().filter(|a| a.alive(now)).count(),
+        "agents_known": known,
+        "agents_alive": alive,
         "records_stored": b.record_count().await?,
         "duplicates_dropped": b.stats.duplicates_dropped.load(Relaxed),
         "run_duplicates_dropped": b.stats.run_duplicates_dropped.load(Relaxed),

@@ -665,9 +665,11 @@ impl PostgresStore {
             let (agents, ns): (Vec<&str>, Vec<i64>) = counts.into_iter().unzip();
             let st = tx
                 .prepare_cached(
-                    "INSERT INTO agent_counts (agent_id, records)
-                     SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]) ORDER BY 1
-                     ON CONFLICT (agent_id) DO UPDATE SET records = agent_counts.records + EXCLUDED.records",
+                    // The shard is the connection's (see migration 8): writers on other
+                    // connections add to other rows.
+                    "INSERT INTO agent_counts (agent_id, records, shard)
+                     SELECT u.*, pg_backend_pid() % 64 FROM unnest($1::TEXT[], $2::BIGINT[]) u ORDER BY 1
+                     ON CONFLICT (agent_id, shard) DO UPDATE SET records = agent_counts.records + EXCLUDED.records",
                 )
                 .await
                 .map_err(db)?;
@@ -1497,12 +1499,12 @@ impl RequestStore for PostgresStore {
         let c = self.client().await?;
         let n: Option<i64> = c
             .query_opt(
-                "SELECT records FROM agent_counts WHERE agent_id = $1",
+                "SELECT SUM(records)::BIGINT FROM agent_counts WHERE agent_id = $1",
                 &[&agent],
             )
             .await
             .map_err(db)?
-            .map(|r| r.get(0));
+            .and_then(|r| r.get::<_, Option<i64>>(0));
         Ok(n.unwrap_or(0) as u64)
     }
     async fn events(

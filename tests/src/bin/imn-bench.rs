@@ -117,6 +117,11 @@ enum Scenario {
         /// results/s and stored bytes per result of each, and their ratio.
         #[arg(long, conflicts_with = "auth")]
         postgres: bool,
+        /// With --postgres: the numbers of backends to run, one after the other, each
+        /// writing in parallel into one PostgreSQL while a client pages the results
+        /// (instead of the embedded-against-two-backends comparison).
+        #[arg(long, value_delimiter = ',', requires = "postgres")]
+        backends: Vec<usize>,
         /// A directory with an earlier build's `imn`: run the embedded ingest against
         /// it and against this build (this, baseline, baseline, this), and give the
         /// ratio (new code against old).
@@ -384,6 +389,7 @@ async fn main() {
             per_message,
             auth,
             postgres,
+            backends,
             baseline,
         } => {
             let (a, r) = if cli.quick {
@@ -397,6 +403,14 @@ async fn main() {
                     r.max(1),
                     per_message.max(1),
                     &dir,
+                )
+                .await
+            } else if postgres && !backends.is_empty() {
+                imn_tests::bench_ingest::ingest_postgres_backends(
+                    a.max(1),
+                    r.max(1),
+                    per_message.max(1),
+                    &backends,
                 )
                 .await
             } else if postgres {

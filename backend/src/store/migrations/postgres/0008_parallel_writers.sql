@@ -23,3 +23,9 @@ CREATE FUNCTION imn_position_start() RETURNS BIGINT LANGUAGE SQL VOLATILE AS
 -- transaction that has ended: nothing will ever appear below it again.
 CREATE FUNCTION imn_position_bound() RETURNS BIGINT LANGUAGE SQL STABLE AS
     $$ SELECT base + (pg_snapshot_xmin(pg_current_snapshot())::TEXT::BIGINT << 20) FROM position_base $$;
+-- Each writer adds to its own row of an agent's count (a shard chosen by its
+-- connection), so backends storing records of the same agents at once do not queue
+-- on one row; a count is the sum of its agent's rows.
+ALTER TABLE agent_counts ADD COLUMN shard SMALLINT NOT NULL DEFAULT 0;
+ALTER TABLE agent_counts DROP CONSTRAINT agent_counts_pkey;
+ALTER TABLE agent_counts ADD PRIMARY KEY (agent_id, shard);
