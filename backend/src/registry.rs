@@ -362,6 +362,49 @@ mod tests {
         );
     }
 
+    /// Pages go by id whatever the order agents arrived in; the total counts every
+    /// match, and `more` says whether any follow the page.
+    #[test]
+    fn pages_by_id_count_all_matches_and_say_whether_more_follow() {
+        let r = Registry::default();
+        for id in ["c", "a", "e", "b", "d"] {
+            r.hello(id, hello(1000), None, 10_000);
+        }
+        r.status("d", false, 10_000);
+        let ids = |p: &(Vec<AgentEntry>, usize, bool)| {
+            (
+                p.0.iter().map(|a| a.id.clone()).collect::<Vec<_>>(),
+                p.1,
+                p.2,
+            )
+        };
+        let all = |_: &AgentEntry| true;
+        assert_eq!(
+            ids(&r.page(None, 2, all)),
+            (vec!["a".into(), "b".into()], 5, true)
+        );
+        assert_eq!(
+            ids(&r.page(Some("b"), 2, all)),
+            (vec!["c".into(), "d".into()], 5, true)
+        );
+        assert_eq!(
+            ids(&r.page(Some("d"), 2, all)),
+            (vec!["e".into()], 5, false)
+        );
+        assert_eq!(ids(&r.page(Some("e"), 2, all)), (vec![], 5, false));
+        // An id that is not an agent's still places the page.
+        assert_eq!(
+            ids(&r.page(Some("bb"), 1, all)),
+            (vec!["c".into()], 5, true)
+        );
+        let alive = |a: &AgentEntry| a.alive(10_000);
+        assert_eq!(
+            ids(&r.page(Some("c"), 1, alive)),
+            (vec!["e".into()], 4, false)
+        );
+        assert_eq!(r.counts(10_000), (5, 4));
+    }
+
     #[test]
     fn a_comeback_hides_stale_outbox_figures_until_hello() {
         let r = Registry::default();

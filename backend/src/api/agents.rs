@@ -144,23 +144,14 @@ pub(super) async fn agents(
     let (page, total, more) = b.agents_page(&sel, q.after.as_deref(), limit, now);
     let last = page.last().map(|a| a.id.clone());
     // Versions and update state of the page's agents only.
-    use futures::StreamExt;
     let ids: Vec<String> = page.iter().map(|a| a.id.clone()).collect();
-    let lifecycle: Vec<_> = futures::stream::iter(ids)
-        .map(|id| {
-            let b = b.clone();
-            async move { b.agent_lifecycle(&id).await }
-        })
-        .buffered(16)
-        .collect()
-        .await;
+    let lifecycle = b.lifecycle_reports_of(&ids).await;
     let page = page
         .iter()
-        .zip(lifecycle)
-        .map(|(a, l)| {
+        .map(|a| {
             let mut v = agent_json(a, now);
             v["tags"] = json!(b.agent_tags(a));
-            let l = l.as_ref();
+            let l = lifecycle.get(&a.id);
             v["config_version"] = json!(l.map_or(0, |l| l.status.settings_version));
             v["update_phase"] = json!(l.map(|l| l.status.phase.clone()));
             v["update_failure"] = json!(l.and_then(|l| l.status.last_failure.clone()));

@@ -531,6 +531,20 @@ impl Backend {
         serde_json::from_str(&text).ok()
     }
 
+    /// These agents' lifecycle reports, by agent, in one read.
+    pub async fn lifecycle_reports_of(&self, agents: &[String]) -> HashMap<String, AgentLifecycle> {
+        match self.store.docs_of(KIND_AGENT, agents).await {
+            Ok(d) => d
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read agents' lifecycle reports");
+                HashMap::new()
+            }
+        }
+    }
+
     /// Every agent's lifecycle report, by agent.
     pub async fn lifecycle_reports(&self) -> HashMap<String, AgentLifecycle> {
         match self.store.docs(KIND_AGENT).await {

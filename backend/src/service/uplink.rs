@@ -16,6 +16,7 @@
 //!   counted by reason in [`super::Stats::rejected`] and acked on the bus: it will never
 //!   be taken.
 
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -88,6 +89,9 @@ const GROUP_ROWS: usize = 16384;
 
 /// Non-batch messages handled between two group commits, at most (one per agent).
 const OTHERS_PER_ROUND: usize = 1024;
+
+/// Messages of one round handled at once (each of another agent).
+const OTHERS_AT_ONCE: usize = 64;
 
 /// A batch joins its agent's queue for group commits; anything else its agent's queue of
 /// other messages.
@@ -181,9 +185,12 @@ impl Backend {
                 while let Ok(d) = prepared.try_recv() {
                     queue(d, &mut batches, &mut others);
                 }
-                for d in others.take_round(OTHERS_PER_ROUND) {
-                    self.handle_up(d).await;
-                }
+                // A round holds one message per agent, so its messages can be handled
+                // side by side without reordering any agent's: hellos and heartbeats
+                // of a large fleet wait on the store one at a time otherwise.
+                futures::stream::iter(others.take_round(OTHERS_PER_ROUND))
+                    .for_each_concurrent(OTHERS_AT_ONCE, |d| self.handle_up(d))
+                    .await;
                 if !batches.is_empty() {
                     let group = batches.take_group(GROUP_MESSAGES, GROUP_ROWS);
                     self.store_group(group).await;

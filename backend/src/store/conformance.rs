@@ -1944,6 +1944,24 @@ pub async fn fleet_docs_are_replaced_and_listed_by_kind_and_key(s: &dyn Store) {
         })
         .collect();
     assert_eq!(keys, vec!["B", "_", "a", "a0", "b", "é"]);
+    // Some keys at once: only those of the kind, by key; absent keys are skipped.
+    let some: Vec<String> = ["é", "a", "zz", "B"]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    let got: Vec<String> = s
+        .docs_of("agent_state", &some)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, d)| {
+            assert_eq!(d, format!(r#"{{"k":"{k}"}}"#));
+            k
+        })
+        .collect();
+    assert_eq!(got, vec!["B", "a", "é"]);
+    assert!(s.docs_of("agent_state", &[]).await.unwrap().is_empty());
+    assert_eq!(s.docs_of("config", &some).await.unwrap().len(), 1);
     // Deleting removes that (kind, key) only, once.
     assert!(s.delete_doc("agent_state", "a0").await.unwrap());
     assert!(!s.delete_doc("agent_state", "a0").await.unwrap());

@@ -948,6 +948,13 @@ pub trait FleetStore: Send + Sync + 'static {
     async fn doc(&self, kind: &str, key: &str) -> Result<Option<String>, StoreError>;
     /// Every document of a kind as (key, doc), by key (byte-wise, in both stores).
     async fn docs(&self, kind: &str) -> Result<Vec<(String, String)>, StoreError>;
+    /// The documents of a kind with these keys, as (key, doc) by key, in one read (a
+    /// page of a list needs its agents' documents, not the fleet's).
+    async fn docs_of(
+        &self,
+        kind: &str,
+        keys: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError>;
     /// Removes the document (kind, key); whether there was one.
     async fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, StoreError>;
     /// Compare and set: writes `doc` as (kind, key) only if the stored document is

@@ -2469,6 +2469,22 @@ impl FleetStore for PostgresStore {
             .map_err(db)?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
+    async fn docs_of(
+        &self,
+        kind: &str,
+        keys: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let keys: Vec<String> = keys.iter().map(|k| nul_free(k).into_owned()).collect();
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT key, doc FROM fleet_docs WHERE kind = $1 AND key = ANY($2) ORDER BY key",
+                &[&nul_free(kind), &keys],
+            )
+            .await
+            .map_err(db)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
     async fn swap_doc(
         &self,
         kind: &str,

@@ -2116,6 +2116,27 @@ impl FleetStore for SqliteStore {
         })
         .await
     }
+    async fn docs_of(
+        &self,
+        kind: &str,
+        keys: &[String],
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let kind = nul_free(kind).into_owned();
+        let keys = serde_json::to_string(keys).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.with(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT key, doc FROM fleet_docs
+                     WHERE kind = ?1 AND key IN (SELECT value FROM json_each(?2)) ORDER BY key",
+                )
+                .map_err(db)?;
+            let rows = st
+                .query_map(params![kind, keys], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db)
+        })
+        .await
+    }
     async fn swap_doc(
         &self,
         kind: &str,
