@@ -344,7 +344,10 @@ async function fleetPage() {
     offline.textContent = health.agents_known - health.agents_alive;
     try {
       const enrolled = await api("/admin/agents");
-      never.textContent = enrolled.filter((e) => !e.revoked_at && !agents.some((a) => a.id === e.id)).length;
+      // Known only when the whole fleet is on the page.
+      if (health.agents_known <= agents.length) {
+        never.textContent = enrolled.filter((e) => !e.revoked_at && !agents.some((a) => a.id === e.id)).length;
+      } else { never.textContent = "–"; never.title = "the fleet is larger than one page"; }
     } catch (_) { never.textContent = "–"; never.title = "needs an admin token"; }
     render();
     await Promise.all(agents.slice(0, 200).map(async (a) => {

@@ -62,9 +62,9 @@ pub(super) struct AgentQuery {
     after: Option<String>,
 }
 
-/// The paging of `GET /agents/alive`.
+/// The paging of `GET /agents/alive`. Other parameters are ignored, as they were
+/// before it had any.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct PageQuery {
     limit: Option<usize>,
     after: Option<String>,

@@ -185,12 +185,23 @@ impl Backend {
                 while let Ok(d) = prepared.try_recv() {
                     queue(d, &mut batches, &mut others);
                 }
-                // A round holds one message per agent, so its messages can be handled
-                // side by side without reordering any agent's: hellos and heartbeats
-                // of a large fleet wait on the store one at a time otherwise.
-                futures::stream::iter(others.take_round(OTHERS_PER_ROUND))
+                // A round holds one message per agent, so its hellos, heartbeats and
+                // statuses can be handled side by side without reordering any agent's
+                // (a large fleet's would wait on the store one at a time otherwise).
+                // The rest (update chunks read releases through one cache) go one
+                // at a time after them.
+                let (light, rest): (Vec<Decoded>, Vec<Decoded>) = others
+                    .take_round(OTHERS_PER_ROUND)
+                    .into_iter()
+                    .partition(|d| {
+                        matches!(d.msg.kind, Kind::Hello | Kind::Heartbeat | Kind::Status)
+                    });
+                futures::stream::iter(light)
                     .for_each_concurrent(OTHERS_AT_ONCE, |d| self.handle_up(d))
                     .await;
+                for d in rest {
+                    self.handle_up(d).await;
+                }
                 if !batches.is_empty() {
                     let group = batches.take_group(GROUP_MESSAGES, GROUP_ROWS);
                     self.store_group(group).await;

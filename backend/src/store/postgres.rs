@@ -215,6 +215,7 @@ impl PostgresStore {
             partitions: Default::default(),
         };
         store.migrate().await?;
+        store.check_position_base().await?;
         store.prepare_months().await?;
         // This month's and next month's partitions are made ahead of the writes that
         // need them, off the ingest path: making one (and moving what the default
@@ -232,6 +233,32 @@ impl PostgresStore {
             }
         });
         Ok(store)
+    }
+
+    /// Keeps every new position above every stored one. Transaction ids restart when a
+    /// database is dumped and restored into another cluster (or copied by logical
+    /// replication): then `base` is raised past the highest stored position, with
+    /// the write lock held alone, so no writer runs meanwhile.
+    async fn check_position_base(&self) -> Result<(), StoreError> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
+            .await
+            .map_err(db)?;
+        let raised = tx
+            .execute(
+                "UPDATE position_base SET base = m.max + 1 - (pg_current_xact_id()::TEXT::BIGINT << 20)
+                 FROM (SELECT COALESCE(MAX(position), 0) AS max FROM records) m
+                 WHERE base + (pg_current_xact_id()::TEXT::BIGINT << 20) <= m.max",
+                &[],
+            )
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        if raised > 0 {
+            tracing::warn!("stored positions were above this cluster's transaction ids (a restored or copied database): positions now continue above them");
+        }
+        Ok(())
     }
 
     /// Makes this month's and next month's partitions, if missing.
@@ -2915,6 +2942,48 @@ mod tests {
         assert!(page.windows(2).all(|w| w[0].0 < w[1].0));
         assert!(page[0].0 > cursor);
         assert_eq!(s.latest_position().await.unwrap(), page[3].0);
+    }
+
+    /// A database restored into another cluster finds transaction ids that start
+    /// again low: at connect, positions are made to continue above the stored ones,
+    /// so an old cursor still reaches every new record. A writer of an older version
+    /// (no position) is refused as the database's state, not the record's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn positions_continue_above_a_restored_database_and_old_writers_are_refused() {
+        let (_cluster, url) = crate::store::pg_cluster::fresh_database().await.unwrap();
+        let s = PostgresStore::connect(&url).await.unwrap();
+        s.store_batches(vec![("a".into(), echo_batch(1, 1..=2))], 1)
+            .await
+            .unwrap();
+        let old = s.results_page(all_after(0)).await.unwrap();
+        let cursor = old.last().unwrap().0;
+        let (c, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        // As if the ids had restarted: new positions would land far below the old.
+        c.batch_execute("UPDATE position_base SET base = base - (1::BIGINT << 50)")
+            .await
+            .unwrap();
+        drop(s);
+        let s = PostgresStore::connect(&url).await.unwrap();
+        s.store_batches(vec![("b".into(), echo_batch(1, 1..=1))], 2)
+            .await
+            .unwrap();
+        let new = s.results_page(all_after(cursor)).await.unwrap();
+        assert_eq!(new.len(), 1, "the new record comes after the old cursor");
+        assert_eq!(new[0].1.agent_id, "b");
+        assert_eq!(s.results_page(all_after(0)).await.unwrap().len(), 3);
+        assert_eq!(s.latest_position().await.unwrap(), new[0].0);
+        // An older backend's insert, with no position.
+        let e = c
+            .execute(
+                "INSERT INTO records (agent_id, epoch, seq, kind, at_ms, stored_ms, body)
+                 VALUES ('old', 1, 1, 'event', 1, 1, '{}')",
+                &[],
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code().map(|c| c.code()), Some("55000"), "{e}");
+        assert!(matches!(db(e), StoreError::Unavailable(_)));
     }
 
     /// Three stores (three backends) write at once, with resends of each other's

@@ -13,9 +13,17 @@ CREATE TABLE position_base (
 INSERT INTO position_base
     SELECT 1, GREATEST(0, COALESCE((SELECT MAX(position) FROM records), 0) + 1
                           - (pg_current_xact_id()::TEXT::BIGINT << 20));
--- A writer that forgets the formula fails rather than drawing a position that sorts
--- before a running transaction's.
-ALTER TABLE records ALTER COLUMN position DROP DEFAULT;
+-- A writer that names no position (a backend of an older version, still running
+-- while a newer one migrated) fails rather than drawing a position that sorts before
+-- a running transaction's; with SQLSTATE 55000, which backends count as the
+-- database's state, not the record's: they leave the message for the bus to
+-- redeliver (to an upgraded backend) and never dead-letter it.
+CREATE FUNCTION imn_position_missing() RETURNS BIGINT LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'records take their position from the writer since schema version 8: this backend is older than its database; upgrade it'
+        USING ERRCODE = '55000';
+END $$;
+ALTER TABLE records ALTER COLUMN position SET DEFAULT imn_position_missing();
 -- The first position of the calling transaction's records.
 CREATE FUNCTION imn_position_start() RETURNS BIGINT LANGUAGE SQL VOLATILE AS
     $$ SELECT base + (pg_current_xact_id()::TEXT::BIGINT << 20) FROM position_base $$;
