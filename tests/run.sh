@@ -102,6 +102,7 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench ingest --nats --quick --json
 ./target/debug/imn-bench ingest --auth --quick --json
 ./target/debug/imn-bench ingest --postgres --quick --json
+./target/debug/imn-bench ingest --postgres --backends 1,3 --quick --json
 ./target/debug/imn-bench fleet --quick --json
 ./target/debug/imn-bench firmware --quick --json
 ./target/debug/imn-bench wasm --quick --json
