@@ -63,24 +63,10 @@ if ! python3 -c "import openapi_spec_validator" >/dev/null 2>&1; then
   python3 -m pip install -q openapi-spec-validator || python3 -m pip install -q --break-system-packages openapi-spec-validator
 fi
 
-# One PostgreSQL cluster for the whole run: initdb in a temporary directory, on a free
-# loopback port, as the `postgres` user (PostgreSQL refuses root). The store suite and
-# the scale-out tests make a database each in it (IMN_TEST_POSTGRES). Without this
-# variable, each such test starts a cluster of its own the same way.
-if [ -z "${IMN_TEST_POSTGRES:-}" ]; then
-  PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-  PGDIR="$(mktemp -d /tmp/imn-pg.XXXXXX)"
-  PGPORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-  as_pg=()
-  if [ "$(id -u)" -eq 0 ]; then chown postgres: "$PGDIR"; as_pg=(runuser -u postgres --); fi
-  "${as_pg[@]}" "$PGBIN/initdb" -D "$PGDIR/data" -U imn --auth=trust -E UTF8 --no-sync >/dev/null
-  "${as_pg[@]}" "$PGBIN/pg_ctl" -D "$PGDIR/data" -l "$PGDIR/log" -w \
-    -o "-p $PGPORT -k $PGDIR -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off" \
-    start >/dev/null
-  trap '"${as_pg[@]}" "$PGBIN/pg_ctl" -D "$PGDIR/data" -m fast stop >/dev/null 2>&1; rm -rf "$PGDIR"' EXIT
-  export IMN_TEST_POSTGRES="postgres://imn@127.0.0.1:$PGPORT/postgres"
-  echo "== PostgreSQL $("$PGBIN/postgres" --version | awk '{print $3}') for the tests at $IMN_TEST_POSTGRES"
-fi
+# PostgreSQL: every store test and scale-out test starts a throwaway cluster of its
+# own (initdb on a free loopback port, as the `postgres` user). Not one shared server:
+# readers by position wait for the oldest transaction anywhere in their cluster, so a
+# test reading right after writing must not share one with other tests.
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -135,15 +135,14 @@ impl Cloud {
         }
     }
 
-    /// PostgreSQL (a fresh database on `IMN_TEST_POSTGRES`'s server, or on a cluster
-    /// of its own): `imn-backend --auth --store URL` and `imn-bridge --auth`, sharing a
+    /// PostgreSQL (a fresh database on a cluster of its own): `imn-backend --auth --store URL` and `imn-bridge --auth`, sharing a
     /// `nats-server`.
     pub async fn postgres(extra: &[&str]) -> Cloud {
         let dir = TempDir::new("hostile-pg");
         let d = dir.path();
         let (pg, url) = imn_backend::store::pg_cluster::fresh_database()
             .await
-            .expect("PostgreSQL for the test (IMN_TEST_POSTGRES, or Debian's postgresql)");
+            .expect("PostgreSQL for the test (Debian's postgresql)");
         let nats = Nats::start(d).await;
         let http_port = free_port();
         let data = d.join("backend");

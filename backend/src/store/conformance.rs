@@ -1,7 +1,6 @@
 //! The store test suite: every function here runs against each [`Store`]
 //! implementation (`sqlite_store` and `postgres_store` below), so both keep the same
-//! contract. PostgreSQL comes from `IMN_TEST_POSTGRES` (the test script's cluster) or
-//! a cluster of the test's own (see [`super::pg_cluster`]).
+//! contract. PostgreSQL is a cluster of the test's own (see [`super::pg_cluster`]).
 
 use super::*;
 use async_trait::async_trait;

@@ -2,9 +2,7 @@
 //! directory, `postgres` on a free loopback port, stopped and deleted on drop. As
 //! root, both run as the `postgres` user (PostgreSQL refuses root).
 //!
-//! [`fresh_database`] is what tests call: with `IMN_TEST_POSTGRES` set (the test
-//! script starts one cluster for the whole run and exports its URL) it makes a new
-//! database there; otherwise it starts a cluster of its own.
+//! [`fresh_database`] is what tests call: a new database on a cluster of its own.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -76,7 +74,7 @@ impl TempCluster {
     /// speaks TLS.
     pub fn start_with(durable: bool, tls: Option<(&Path, &Path)>) -> Result<TempCluster, String> {
         let bin = bin_dir().ok_or(
-            "PostgreSQL not found: install it (`apt-get install -y postgresql`), or set IMN_PG_BIN, or IMN_TEST_POSTGRES",
+            "PostgreSQL not found: install it (`apt-get install -y postgresql`), or set IMN_PG_BIN",
         )?;
         let user = run_as();
         if std::fs::metadata("/proc/self")
@@ -235,18 +233,13 @@ pub async fn create_database(admin_url: &str, name: &str) -> Result<(), String> 
     r
 }
 
-/// A new, empty database for one test: on `IMN_TEST_POSTGRES`'s server if set, else
-/// on a cluster of its own (returned: keep it alive as long as the database).
+/// A new, empty database for one test, on a cluster of its own (returned: keep it
+/// alive as long as the database). Never a shared server: a reader by position waits
+/// for the oldest transaction anywhere in its cluster (see `store/postgres.rs`), so
+/// another test's `CREATE DATABASE` or writes would delay what a test reads right
+/// after writing it.
 pub async fn fresh_database() -> Result<(Option<TempCluster>, String), String> {
     let name = format!("imn_t_{:016x}", rand::random::<u64>());
-    if let Ok(admin) = std::env::var("IMN_TEST_POSTGRES") {
-        create_database(&admin, &name).await?;
-        let base = admin
-            .rsplit_once('/')
-            .map(|(b, _)| b.to_string())
-            .ok_or("IMN_TEST_POSTGRES: expected postgres://USER@HOST:PORT/DB")?;
-        return Ok((None, format!("{base}/{name}")));
-    }
     let cluster = tokio::task::spawn_blocking(|| TempCluster::start(false))
         .await
         .map_err(|e| e.to_string())??;
