@@ -533,30 +533,12 @@ impl Backend {
 
     /// These agents' lifecycle reports, by agent, in one read.
     pub async fn lifecycle_reports_of(&self, agents: &[String]) -> HashMap<String, AgentLifecycle> {
-        match self.store.docs_of(KIND_AGENT, agents).await {
-            Ok(d) => d
-                .into_iter()
-                .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read agents' lifecycle reports");
-                HashMap::new()
-            }
-        }
+        reports(self.store.docs_of(KIND_AGENT, agents).await)
     }
 
     /// Every agent's lifecycle report, by agent.
     pub async fn lifecycle_reports(&self) -> HashMap<String, AgentLifecycle> {
-        match self.store.docs(KIND_AGENT).await {
-            Ok(d) => d
-                .into_iter()
-                .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read agents' lifecycle reports");
-                HashMap::new()
-            }
-        }
+        reports(self.store.docs(KIND_AGENT).await)
     }
 
     pub async fn desired_settings(&self, agent: &str) -> Option<DesiredSettings> {
@@ -1176,4 +1158,21 @@ fn clip_status(mut s: LifecycleStatus) -> LifecycleStatus {
         clip(v, 64);
     }
     s
+}
+
+/// Lifecycle documents read as reports, by agent; one that does not parse is left
+/// out, and a store that cannot be read gives none (logged).
+fn reports(
+    docs: Result<Vec<(String, String)>, crate::store::StoreError>,
+) -> HashMap<String, AgentLifecycle> {
+    match docs {
+        Ok(d) => d
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read agents' lifecycle reports");
+            HashMap::new()
+        }
+    }
 }
