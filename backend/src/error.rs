@@ -18,9 +18,7 @@ pub enum ApiError {
         rule: String,
         message: String,
     },
-    #[error("{0}")]
-    BadRequest(String),
-    /// A query parameter or header out of its rule.
+    /// A query parameter, header or field out of its rule (400).
     #[error("{message}")]
     BadQuery {
         field: String,
@@ -87,6 +85,13 @@ pub enum ApiError {
     /// An `Idempotency-Key` reused for a different request.
     #[error("{0}")]
     IdempotencyMismatch(String),
+    /// The route exists, but not with this method.
+    #[error("method {method} is not allowed here; allowed: {allowed}")]
+    MethodNotAllowed { method: String, allowed: String },
+    /// A refusal the HTTP layer made before any handler ran (a body that could not be
+    /// read, for one): its status, kept, with the layer's words.
+    #[error("{message}")]
+    Refused { status: u16, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -101,11 +106,18 @@ impl From<StoreError> for ApiError {
 }
 
 impl ApiError {
+    /// A 400 naming the field (or parameter, or `body`) and its rule.
+    pub fn refused(field: &str, rule: &str, message: String) -> ApiError {
+        ApiError::BadQuery {
+            field: field.into(),
+            rule: rule.into(),
+            message,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::MalformedJson(_) | ApiError::BadRequest(_) | ApiError::BadQuery { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::MalformedJson(_) | ApiError::BadQuery { .. } => StatusCode::BAD_REQUEST,
             ApiError::InvalidParams { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnknownAgent(_) | ApiError::UnknownModule { .. } | ApiError::NotFound(_) => {
                 StatusCode::NOT_FOUND
@@ -124,6 +136,10 @@ impl ApiError {
             }
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Refused { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -132,7 +148,7 @@ impl ApiError {
         match self {
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::InvalidParams { .. } => "invalid_params",
-            ApiError::BadRequest(_) | ApiError::BadQuery { .. } => "bad_request",
+            ApiError::BadQuery { .. } => "bad_request",
             ApiError::UnknownAgent(_) => "unknown_agent",
             ApiError::UnknownModule { .. } => "unknown_module",
             ApiError::ModuleNotLoaded { .. } => "module_not_loaded",
@@ -150,6 +166,8 @@ impl ApiError {
             ApiError::IdempotencyMismatch(_) => "idempotency_key_reused",
             ApiError::PolicyDenied { .. } => "policy_denied",
             ApiError::Conflict(_) => "conflict",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::Refused { .. } => "bad_request",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -165,6 +183,14 @@ impl ApiError {
             ApiError::UnknownModule { known, .. } => body["modules"] = json!(known),
             ApiError::ModuleNotLoaded { loaded, .. } => body["modules"] = json!(loaded),
             ApiError::UnknownAgent(_) => body["field"] = json!("agent_id"),
+            ApiError::MalformedJson(_) => {
+                body["field"] = json!("body");
+                body["rule"] = json!("json");
+            }
+            ApiError::Unauthorized(_) => {
+                body["field"] = json!("Authorization");
+                body["rule"] = json!("bearer_token");
+            }
             ApiError::Forbidden { rule, .. } | ApiError::PolicyDenied { rule, .. } => {
                 body["rule"] = json!(rule)
             }
@@ -173,6 +199,8 @@ impl ApiError {
                 body["field"] = json!(field);
             }
             ApiError::BodyTooLarge { limit } => {
+                body["field"] = json!("body");
+                body["rule"] = json!("max_body_bytes");
                 body["limit"] = json!("max_body_bytes");
                 body["max"] = json!(limit);
             }
@@ -199,6 +227,14 @@ impl ApiError {
             ApiError::IdempotencyMismatch(_) => {
                 body["field"] = json!("Idempotency-Key");
                 body["rule"] = json!("same_request");
+            }
+            ApiError::MethodNotAllowed { .. } => {
+                body["field"] = json!("method");
+                body["rule"] = json!("allowed_methods");
+            }
+            ApiError::Refused { .. } => {
+                body["field"] = json!("request");
+                body["rule"] = json!("http");
             }
             _ => {}
         }
@@ -233,6 +269,11 @@ impl IntoResponse for ApiError {
                     axum::http::header::RETRY_AFTER,
                     axum::http::HeaderValue::from(5u64),
                 );
+            }
+            ApiError::MethodNotAllowed { allowed, .. } if !allowed.is_empty() => {
+                if let Ok(v) = axum::http::HeaderValue::from_str(allowed) {
+                    headers.insert(axum::http::header::ALLOW, v);
+                }
             }
             _ => {}
         }

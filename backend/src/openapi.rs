@@ -30,6 +30,11 @@ fn integer(min: i64) -> Value {
     json!({"type": "integer", "minimum": min})
 }
 
+/// An agent's (or token's) id: what `wire::valid_agent_id` takes.
+fn agent_id() -> Value {
+    json!({"type": "string", "pattern": format!("^[A-Za-z0-9_-]{{1,{}}}$", imn_proto::wire::MAX_AGENT_ID_LEN)})
+}
+
 fn schema_ref(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
 }
@@ -59,6 +64,15 @@ impl Op {
         );
         // Every route can be refused by auth and rate limits when auth is on.
         let mut errors: Vec<u16> = self.errors.to_vec();
+        // A parameter that does not parse is refused before the handler runs (400,
+        // naming it); a body that is not JSON (400), over the limit (413), or outside
+        // its schema (422).
+        if !self.params.is_empty() || self.body.is_some() {
+            errors.push(400);
+        }
+        if self.body.is_some() {
+            errors.extend([413, 422]);
+        }
         if self.scope.is_some() {
             errors.extend([401, 403, 429]);
         }
@@ -779,9 +793,15 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 summary: "Enroll an agent; its token is shown once",
                 scope: admin,
                 params: vec![],
-                body: Some(
-                    json!({"type": "object", "required": ["id"], "properties": {"id": string(), "tags": {"type": "array", "items": string()}}}),
-                ),
+                body: Some(json!({
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["id"],
+                    "properties": {
+                        "id": {"allOf": [agent_id(), {"not": {"pattern": "^imn-"}, "description": "ids starting with imn- are reserved"}]},
+                        "tags": {"type": "array", "maxItems": crate::ingest::MAX_TAGS, "items": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[^,]*$"}},
+                    },
+                })),
                 ok: ok_json(201, "enrolled, with the token", object()),
                 errors: &[400, 409, 422],
             },
@@ -848,13 +868,17 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 summary: "Create an API token; shown once",
                 scope: admin,
                 params: vec![],
-                body: Some(
-                    json!({"type": "object", "required": ["scopes"], "properties": {
-                "id": string(),
-                "scopes": {"type": "array", "items": {"enum": ["read", "measure", "admin"]}},
-                "rate_per_min": {"type": "number", "exclusiveMinimum": 0},
-                "budget": schema_ref("Budget")}}),
-                ),
+                body: Some(json!({
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["scopes"],
+                    "properties": {
+                        "id": agent_id(),
+                        "scopes": {"type": "array", "minItems": 1, "maxItems": 3, "uniqueItems": true, "items": {"enum": ["read", "measure", "admin"]}},
+                        "rate_per_min": {"type": "number", "exclusiveMinimum": 0},
+                        "budget": schema_ref("Budget"),
+                    },
+                })),
                 ok: ok_json(201, "the token", object()),
                 errors: &[400, 409, 422],
             },
@@ -1165,7 +1189,7 @@ fn components() -> Value {
             "properties": {
                 "probes_per_day": {"type": "integer", "minimum": 0, "description": "probes a UTC day across the fleet (count × targets × agents; recurring measurements reserve theirs daily)"},
                 "max_schedules": {"type": "integer", "minimum": 0, "description": "recurring measurements at once"},
-                "min_interval_s": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}, "description": "shortest interval per module; \"*\" for the others"},
+                "min_interval_s": {"type": "object", "propertyNames": {"enum": std::iter::once("*").chain(catalog::names().iter().copied()).collect::<Vec<_>>()}, "additionalProperties": {"type": "number", "minimum": 0}, "description": "shortest interval per module; \"*\" for the others"},
             },
         },
         "ModuleSettings": {
@@ -1275,9 +1299,18 @@ fn components() -> Value {
             "type": "object",
             "additionalProperties": false,
             "required": ["module", "agents"],
+            "not": {"required": ["schedule", "deadline_s"], "description": "a deadline is for one-off measurements"},
             "properties": {
-                "module": {"type": "string"}, "params": {"type": "object"},
-                "agents": schema_ref("Selection"), "schedule": schema_ref("Schedule"),
+                "module": {"type": "string", "description": "a module of /modules"},
+                "params": {"type": "object", "description": "the module's parameters: its params.* schema, checked by the module"},
+                "agents": {"allOf": [schema_ref("Selection"), {"description": "at least one criterion", "anyOf": [
+                    {"required": ["ids"], "properties": {"ids": {"minItems": 1}}},
+                    {"required": ["tags"], "properties": {"tags": {"minItems": 1}}},
+                    {"required": ["country"]},
+                    {"required": ["asn"]},
+                    {"required": ["all"], "properties": {"all": {"const": true}}},
+                ]}]},
+                "schedule": schema_ref("Schedule"),
                 "description": {"type": "string"},
                 "deadline_s": {"type": "number", "minimum": 0.001, "maximum": 604800},
             },
@@ -1318,28 +1351,151 @@ fn components() -> Value {
     })
 }
 
+/// An operation's id: the method, then the path's words (`getAgentsIdResults`).
+fn op_id(method: &str, path: &str) -> String {
+    if path == "/" {
+        return "getDashboard".to_string();
+    }
+    format!(
+        "{method}{}",
+        path.split(['/', '{', '}', '-', '.'])
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let mut c = p.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect::<String>()
+    )
+}
+
+/// OpenAPI links from the operations that make (or list) ids to the operations that
+/// read or change them, so that generated clients and stateful fuzzers can follow
+/// them: (the response they hang on, the links).
+fn links(method: &str, path: &str) -> Option<(&'static str, Value)> {
+    // (name, method and path of the target, its parameters: name -> runtime expression)
+    let to = |targets: &[(&str, &str, &str, &[(&str, &str)])]| -> Value {
+        let mut m = Map::new();
+        for (name, method, path, params) in targets {
+            let params: Map<String, Value> = params
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            m.insert(
+                name.to_string(),
+                json!({"operationId": op_id(method, path), "parameters": params}),
+            );
+        }
+        Value::Object(m)
+    };
+    let request = "$response.body#/request_id";
+    let id = "$response.body#/id";
+    let first = "$response.body#/0/id";
+    let (status, links) = match (method, path) {
+        ("post", "/agent/{id}/{module}") => (
+            "202",
+            to(&[
+                ("RequestState", "get", "/modules/states/{request_id}", &[("request_id", request)]),
+                ("Result", "get", "/agents/{id}/results/{request_id}", &[("id", "$request.path.id"), ("request_id", request)]),
+            ]),
+        ),
+        ("post", "/v1/measurements") => (
+            "202",
+            to(&[
+                ("Measurement", "get", "/v1/measurements/{id}", &[("id", id)]),
+                ("Stop", "delete", "/v1/measurements/{id}", &[("id", id)]),
+                ("Stream", "get", "/v1/measurements/{id}/stream", &[("id", id)]),
+                ("StatusCheck", "get", "/v1/measurements/{id}/status-check", &[("id", id)]),
+                ("Results", "get", "/v1/results", &[("measurement", id)]),
+            ]),
+        ),
+        ("post", "/v1/alert-rules") => (
+            "201",
+            to(&[
+                ("Rule", "get", "/v1/alert-rules/{id}", &[("id", id)]),
+                ("Delete", "delete", "/v1/alert-rules/{id}", &[("id", id)]),
+                ("Alerts", "get", "/v1/alerts", &[("rule", id)]),
+            ]),
+        ),
+        ("post", "/admin/agents") => (
+            "201",
+            to(&[
+                ("Rotate", "post", "/admin/agents/{id}/rotate", &[("id", id)]),
+                ("Revoke", "post", "/admin/agents/{id}/revoke", &[("id", id)]),
+            ]),
+        ),
+        ("post", "/admin/tokens") => (
+            "201",
+            to(&[
+                ("Rotate", "post", "/admin/tokens/{id}/rotate", &[("id", id)]),
+                ("Revoke", "post", "/admin/tokens/{id}/revoke", &[("id", id)]),
+            ]),
+        ),
+        ("post", "/admin/rollouts") => (
+            "201",
+            to(&[
+                ("Rollout", "get", "/rollouts/{id}", &[("id", id)]),
+                ("Action", "post", "/admin/rollouts/{id}/{action}", &[("id", id)]),
+            ]),
+        ),
+        ("post", "/admin/modules") => (
+            "201",
+            to(&[("Delete", "delete", "/admin/modules/{name}", &[("name", "$response.body#/name")])]),
+        ),
+        // A list's first agent: what a run, its results and its history are about.
+        ("get", "/agents") | ("get", "/agents/alive") => (
+            "200",
+            to(&[
+                ("Agent", "get", "/agents/{id}", &[("id", first)]),
+                ("Results", "get", "/agents/{id}/results", &[("id", first)]),
+                ("Status", "get", "/agents/{id}/status", &[("id", first)]),
+                ("Events", "get", "/agents/{id}/events", &[("id", first)]),
+                ("Heartbeats", "get", "/agents/{id}/heartbeats", &[("id", first)]),
+                ("Run", "post", "/agent/{id}/{module}", &[("id", first)]),
+            ]),
+        ),
+        ("get", "/v1/alert-rules") => (
+            "200",
+            to(&[("Rule", "get", "/v1/alert-rules/{id}", &[("id", "$response.body#/rules/0/id")])]),
+        ),
+        _ => return None,
+    };
+    Some((status, links))
+}
+
+/// The document as a backend serves it: the `/debug` routes only when it runs with
+/// them (`--fault-injection`). Built once.
+pub fn served(debug_routes: bool) -> &'static Value {
+    static FULL: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    static PUBLIC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    if debug_routes {
+        FULL.get_or_init(document)
+    } else {
+        PUBLIC.get_or_init(|| {
+            let mut doc = document();
+            if let Some(paths) = doc["paths"].as_object_mut() {
+                paths.retain(|p, _| !p.starts_with("/debug/"));
+            }
+            doc
+        })
+    }
+}
+
 /// The whole document.
 pub fn document() -> Value {
     let mut paths: Map<String, Value> = Map::new();
     for (method, path, op) in operations() {
-        let id = format!(
-            "{method}{}",
-            path.split(['/', '{', '}', '-', '.'])
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let mut c = p.chars();
-                    c.next()
-                        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-                        .unwrap_or_default()
-                })
-                .collect::<String>()
-        );
-        let id = if path == "/" {
-            "getDashboard".to_string()
-        } else {
-            id
-        };
-        let mut op = op.to_json(id);
+        let mut op = op.to_json(op_id(method, path));
+        if let Some((status, links)) = links(method, path) {
+            op["responses"][status]["links"] = links;
+        }
+        if (method, path) == ("post", "/agent/{id}/{module}") {
+            op["responses"]["200"] = json!({
+                "description": "with ?wait: the request finished within it, with its result",
+                "content": json_content(schema_ref("Request")),
+            });
+        }
         if path == "/agents" || path == "/agents/alive" {
             op["responses"]["200"]["headers"] = json!({
                 "X-Total-Count": {
@@ -1382,6 +1538,74 @@ pub fn document() -> Value {
         "paths": paths,
         "components": components(),
     })
+}
+
+/// The operations whose body the server checks against the schema documented here,
+/// before their handler runs: each compiled once, against this document's components
+/// (so a `$ref` means what it means in the document). `POST /agent/{id}/{module}` is
+/// not among them: its body is the module's parameters, checked by the module's own
+/// schema (the `params.*` schemas here are those same schemas), which also covers
+/// WebAssembly modules added at run time.
+pub fn body_validator(method: &str, path: &str) -> Option<&'static jsonschema::Validator> {
+    static VALIDATORS: std::sync::OnceLock<
+        std::collections::HashMap<(String, String), jsonschema::Validator>,
+    > = std::sync::OnceLock::new();
+    VALIDATORS
+        .get_or_init(|| {
+            body_schemas()
+                .into_iter()
+                .filter_map(|(m, p, schema)| {
+                    // A schema that does not compile is a bug, found by the unit test
+                    // below; the server then checks that body by its handler alone.
+                    let v = jsonschema::validator_for(&schema).ok()?;
+                    Some(((m.to_string(), p.to_string()), v))
+                })
+                .collect()
+        })
+        .get(&(method.to_ascii_lowercase(), path.to_string()))
+}
+
+/// Each checked operation's body schema as a whole schema: the documented one, with
+/// the document's components beside it for its references.
+fn body_schemas() -> Vec<(&'static str, &'static str, Value)> {
+    let components = components();
+    operations()
+        .into_iter()
+        .filter(|(_, path, _)| *path != "/agent/{id}/{module}")
+        .filter_map(|(method, path, op)| {
+            let body = op.body?;
+            Some((
+                method,
+                path,
+                json!({
+                    "$schema": "https://json-schema.org/draft/2020-12/schema",
+                    "components": {"schemas": components["schemas"].clone()},
+                    "allOf": [body],
+                }),
+            ))
+        })
+        .collect()
+}
+
+/// The methods the document gives a path (`GET,HEAD,DELETE`), for 405 answers.
+pub fn methods_of(path: &str) -> String {
+    static BY_PATH: std::sync::OnceLock<std::collections::HashMap<String, String>> =
+        std::sync::OnceLock::new();
+    BY_PATH
+        .get_or_init(|| {
+            let mut by: std::collections::HashMap<String, Vec<String>> = Default::default();
+            for (m, p) in routes() {
+                let v = by.entry(p).or_default();
+                v.push(m.to_ascii_uppercase());
+                if m == "get" {
+                    v.push("HEAD".into());
+                }
+            }
+            by.into_iter().map(|(p, v)| (p, v.join(","))).collect()
+        })
+        .get(path)
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Every (method, path) in the document, for tests.
@@ -1429,5 +1653,63 @@ mod tests {
         for m in catalog::names() {
             assert!(doc["components"]["schemas"][format!("params.{m}")].is_object());
         }
+    }
+
+    /// Every documented request body is checked by the server: each compiles, and
+    /// each refuses what its schema refuses.
+    #[test]
+    fn every_documented_body_is_the_one_the_server_checks() {
+        let with_body: Vec<(&str, &str)> = operations()
+            .into_iter()
+            .filter(|(_, _, op)| op.body.is_some())
+            .map(|(m, p, _)| (m, p))
+            .collect();
+        assert!(with_body.len() >= 8, "{with_body:?}");
+        for (m, p) in &with_body {
+            if *p == "/agent/{id}/{module}" {
+                continue;
+            }
+            let v = body_validator(m, p).unwrap_or_else(|| panic!("{m} {p}: no validator"));
+            assert!(!v.is_valid(&json!("not an object")), "{m} {p}");
+        }
+        let check = |m: &str, p: &str, body: Value| {
+            crate::validation::check_schema(body_validator(m, p).unwrap(), &body)
+        };
+        let field = |r: Result<(), crate::error::ApiError>| match r {
+            Err(crate::error::ApiError::InvalidParams { field, rule, .. }) => (field, rule),
+            other => panic!("{other:?}"),
+        };
+        let pair = |f: &str, r: &str| (f.to_string(), r.to_string());
+        // What the handlers refused before the document said so.
+        assert!(check("post", "/admin/agents", json!({"id": "pi-1", "tags": ["a"]})).is_ok());
+        assert_eq!(
+            field(check("post", "/admin/agents", json!({"id": "imn-x"}))),
+            pair("/id", "not")
+        );
+        assert_eq!(
+            field(check("post", "/admin/agents", json!({"id": "a b"}))),
+            pair("/id", "pattern")
+        );
+        assert_eq!(
+            field(check("post", "/admin/agents", json!({"id": "a", "tags": ["x,y"]}))),
+            pair("/tags/0", "pattern")
+        );
+        assert_eq!(
+            field(check("post", "/admin/tokens", json!({"scopes": []}))),
+            pair("/scopes", "minItems")
+        );
+        assert_eq!(
+            field(check("post", "/admin/tokens", json!({"scopes": ["read"], "budget": {"min_interval_s": {"nope": 1}}}))),
+            pair("/budget/min_interval_s", "enum")
+        );
+        assert_eq!(
+            field(check("post", "/v1/measurements", json!({"module": "ping", "agents": {}}))),
+            pair("/agents", "anyOf")
+        );
+        assert_eq!(
+            field(check("post", "/v1/measurements", json!({"module": "ping", "agents": {"all": true}, "deadline_s": 5, "schedule": {"interval_s": 60}}))),
+            pair("/", "not")
+        );
+        assert!(check("post", "/v1/measurements", json!({"module": "ping", "agents": {"all": true}, "params": {"targets": ["127.0.0.1"]}})).is_ok());
     }
 }

@@ -466,7 +466,7 @@ impl Security {
         }
         if let Some(t) = tags
             .iter()
-            .find(|t| t.is_empty() || t.len() > 64 || t.contains(','))
+            .find(|t| t.is_empty() || t.chars().count() > 64 || t.contains(','))
         {
             return Err(ApiError::InvalidParams {
                 field: "/tags".into(),

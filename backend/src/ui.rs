@@ -2,7 +2,7 @@
 //! need no CDN, no internet and no build step. They call the same REST API as every
 //! other client, with the token the user enters (kept in the browser's localStorage).
 
-use axum::extract::Path;
+use crate::api::Path;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 

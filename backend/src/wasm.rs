@@ -274,7 +274,9 @@ impl WasmModules {
         load_on_hello: bool,
     ) -> Result<(Arc<Entry>, bool), ApiError> {
         if keys.is_empty() {
-            return Err(ApiError::BadRequest(
+            return Err(ApiError::refused(
+                "body",
+                "release_keys",
                 "module: this backend trusts no release keys (start it with --release-keys)".into(),
             ));
         }

@@ -76,8 +76,8 @@ pub(super) async fn health(State(b): State<Arc<Backend>>) -> Result<Json<Value>,
     })))
 }
 
-pub(super) async fn openapi() -> Json<Value> {
-    Json(crate::openapi::document())
+pub(super) async fn openapi(State(b): State<Arc<Backend>>) -> Json<Value> {
+    Json(crate::openapi::served(b.fault_injection).clone())
 }
 
 pub(super) async fn modules(State(b): State<Arc<Backend>>) -> Json<Value> {
@@ -131,7 +131,7 @@ pub(super) async fn add_module(
 /// keep it until it is unloaded from them.
 pub(super) async fn delete_module(
     State(b): State<Arc<Backend>>,
-    axum::extract::Path(name): axum::extract::Path<String>,
+    Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if catalog::find(&name).is_some() {
         return Err(ApiError::Conflict(format!(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +24,7 @@ use crate::store::{RequestRow, ResultRow};
 mod admin;
 mod agents;
 mod alerts;
+mod extract;
 mod info;
 mod lifecycle;
 mod measurements;
@@ -38,6 +39,7 @@ use measurements::*;
 use requests::*;
 use results::*;
 
+pub(crate) use extract::{Path, Query};
 pub(crate) use results::parse_cursor;
 
 /// The longest `?wait` honoured, in seconds.
@@ -253,14 +255,104 @@ async fn guard(
             Err(e) => return e.into_response(),
         }
     }
+    let req = match checked_body(req, limit).await {
+        Ok(req) => req,
+        Err(e) => return e.into_response(),
+    };
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string());
     let resp = next.run(req).await;
-    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE
-        && resp.headers().get(axum::http::header::CONTENT_TYPE)
-            != Some(&axum::http::HeaderValue::from_static("application/json"))
-    {
-        return ApiError::BodyTooLarge { limit }.into_response();
+    framework_refusal(resp, &method, route.as_deref(), limit).await
+}
+
+/// The body of an operation the document gives a body schema, checked against that
+/// very schema before the handler runs ([`crate::openapi::body_validator`]): not JSON
+/// is 400 `malformed_json`, outside the schema 422 `invalid_params` naming the field
+/// (a JSON pointer) and the rule. What the handler then parses is what the document
+/// promised it takes, and the two cannot drift apart.
+async fn checked_body(
+    req: axum::extract::Request,
+    limit: usize,
+) -> Result<axum::extract::Request, ApiError> {
+    let Some(route) = req.extensions().get::<axum::extract::MatchedPath>() else {
+        return Ok(req);
+    };
+    let Some(validator) = crate::openapi::body_validator(req.method().as_str(), route.as_str())
+    else {
+        return Ok(req);
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let over = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over {
+            ApiError::BodyTooLarge { limit }
+        } else {
+            ApiError::Refused {
+                status: 400,
+                message: format!("the request body could not be read: {e}"),
+            }
+        }
+    })?;
+    let value: Value = json_body(&bytes)?;
+    crate::validation::check_schema(validator, &value)?;
+    Ok(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+}
+
+/// A refusal made by the HTTP layer rather than a handler (every handler answers
+/// errors as [`ApiError`]): a client error that is not JSON. It becomes the API's
+/// error with its status kept: 413 names `max_body_bytes`, 405 the methods allowed
+/// (and keeps `Allow`), any other keeps the layer's words. Handlers' own text answers
+/// (a status check in nagios format) are not client errors, and pass.
+async fn framework_refusal(
+    resp: Response,
+    method: &axum::http::Method,
+    route: Option<&str>,
+    limit: usize,
+) -> Response {
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json || !status.is_client_error() {
+        return resp;
     }
-    resp
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge { limit }.into_response(),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            // axum adds its Allow header outside this layer; the document knows them.
+            let allowed = route.map(crate::openapi::methods_of).unwrap_or_default();
+            ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                allowed,
+            }
+            .into_response()
+        }
+        _ => {
+            // The layer's own words, at most a few KiB of them.
+            let body = axum::body::to_bytes(resp.into_body(), 4096)
+                .await
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body).trim().to_string();
+            ApiError::Refused {
+                status: status.as_u16(),
+                message: if text.is_empty() {
+                    status.canonical_reason().unwrap_or("refused").to_string()
+                } else {
+                    text
+                },
+            }
+            .into_response()
+        }
+    }
 }
 
 /// The host part of a `Host` value or URL authority, without the port or brackets.

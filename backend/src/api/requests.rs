@@ -60,9 +60,12 @@ pub(super) async fn submit(
                 .ok()
                 .filter(|s| !s.is_empty() && s.len() <= 256)
                 .ok_or_else(|| {
-                    ApiError::BadRequest(
-                        "Idempotency-Key must be 1 to 256 visible ASCII characters".into(),
-                    )
+                    ApiError::BadQuery {
+                        field: "Idempotency-Key".into(),
+                        rule: "visible_ascii".into(),
+                        message: "Idempotency-Key must be 1 to 256 visible ASCII characters"
+                            .into(),
+                    }
                 })?
                 .to_string(),
         ),

@@ -45,9 +45,11 @@ pub(super) fn wants_atlas(format: &Option<String>) -> Result<bool, ApiError> {
     match format.as_deref() {
         None | Some("native") => Ok(false),
         Some("atlas") => Ok(true),
-        Some(other) => Err(ApiError::BadRequest(format!(
-            "format: must be native or atlas, got {other:?}"
-        ))),
+        Some(other) => Err(ApiError::BadQuery {
+            field: "format".into(),
+            rule: "enum".into(),
+            message: format!("format: must be native or atlas, got {other:?}"),
+        }),
     }
 }
 
@@ -88,11 +90,15 @@ pub(super) async fn result(
         Some(r) if atlas => crate::atlas::convert(&r)
             .map(|v| Json(Value::Array(v)))
             .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "format: RIPE Atlas defines no format for {} results; atlas is for {}",
-                    r.module,
-                    crate::atlas::modules().join(", ")
-                ))
+                ApiError::BadQuery {
+                    field: "format".into(),
+                    rule: "atlas_module".into(),
+                    message: format!(
+                        "format: RIPE Atlas defines no format for {} results; atlas is for {}",
+                        r.module,
+                        crate::atlas::modules().join(", ")
+                    ),
+                }
             }),
         Some(r) => Ok(Json(result_json(&r))),
         None => {

@@ -196,8 +196,14 @@ impl Rollout {
     }
 }
 
+/// A rollout's or settings' field out of its rule: 400, naming the field (a JSON
+/// pointer into the body) and the rule in words.
 fn bad(field: &str, rule: impl std::fmt::Display) -> ApiError {
-    ApiError::BadRequest(format!("{field}: {rule}"))
+    ApiError::BadQuery {
+        message: format!("{field}: {rule}"),
+        field: format!("/{field}"),
+        rule: "value".into(),
+    }
 }
 
 fn pct(field: &str, v: f64) -> Result<f64, ApiError> {
@@ -253,13 +259,15 @@ impl Backend {
     pub async fn add_release(&self, file: &[u8]) -> Result<(Value, bool), ApiError> {
         let keys = self.security.release_keys.clone();
         if keys.is_empty() {
-            return Err(ApiError::BadRequest(
+            return Err(ApiError::refused(
+                "body",
+                "release_keys",
                 "release: this backend trusts no release keys (start it with --release-keys)"
                     .into(),
             ));
         }
         let (signed, m, binary) = release::open(file, &keys, now_ms())
-            .map_err(|e| ApiError::BadRequest(format!("release refused: {e}")))?;
+            .map_err(|e| ApiError::refused("body", "signed_release", format!("release refused: {e}")))?;
         let existing = self.store.releases().await.map_err(Self::store_err)?;
         if !m.rollback {
             if let Some(newer) = existing.iter().find(|r| {
@@ -267,10 +275,14 @@ impl Backend {
                     && release::compare_versions(&r.version, &m.version)
                         == Some(std::cmp::Ordering::Greater)
             }) {
-                return Err(ApiError::BadRequest(format!(
-                    "release refused: version: {} is older than {} already released for {}, and it is not signed as a rollback",
-                    m.version, newer.version, m.arch
-                )));
+                return Err(ApiError::refused(
+                    "version",
+                    "rollback",
+                    format!(
+                        "release refused: version: {} is older than {} already released for {}, and it is not signed as a rollback",
+                        m.version, newer.version, m.arch
+                    ),
+                ));
             }
         }
         let row = ReleaseRow {
@@ -291,7 +303,7 @@ impl Backend {
             .await
             .map_err(|e| match e {
                 crate::store::StoreError::Db(m) => {
-                    ApiError::BadRequest(format!("release refused: {m}"))
+                    ApiError::refused("body", "stored", format!("release refused: {m}"))
                 }
                 e => Self::store_err(e),
             })?;
@@ -687,7 +699,7 @@ impl Backend {
                 .ok_or_else(|| bad("settings", "the version is at its largest"))?;
             d.set_ms = now;
             let text =
-                serde_json::to_string(&d).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                serde_json::to_string(&d).map_err(|e| ApiError::Internal(e.to_string()))?;
             self.store
                 .put_doc(KIND_SETTINGS, &a.id, &text, now)
                 .await
@@ -721,7 +733,7 @@ impl Backend {
     }
 
     async fn save_rollout(&self, r: &Rollout) -> Result<(), ApiError> {
-        let text = serde_json::to_string(r).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let text = serde_json::to_string(r).map_err(|e| ApiError::Internal(e.to_string()))?;
         self.store
             .put_doc(KIND_ROLLOUT, &r.id, &text, now_ms())
             .await
