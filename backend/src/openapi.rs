@@ -172,6 +172,15 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "at most this many",
         )
     };
+    // An agent's newest results or events: more than 10,000 reads as 10,000.
+    let newest = || {
+        param(
+            "limit",
+            "query",
+            json!({"type": "integer", "minimum": 1, "maximum": u32::MAX}),
+            "at most this many (default 100; more than 10,000 is read as 10,000)",
+        )
+    };
     let after = || {
         param(
             "after",
@@ -214,6 +223,14 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             json!({"text/event-stream": {"schema": {"type": "string"}}}),
         )
     };
+    let max_s = || {
+        param(
+            "max_s",
+            "query",
+            json!({"type": "number", "exclusiveMinimum": 0, "maximum": 86400}),
+            "end the stream after this many seconds (reconnect with Last-Event-ID to go on); default: until the client leaves",
+        )
+    };
     let last_event_id = || {
         param(
             "Last-Event-ID",
@@ -244,6 +261,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "start after this cursor (default: now)",
         ),
         last_event_id(),
+        max_s(),
     ]);
     vec![
         (
@@ -397,7 +415,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op {
                 summary: "An agent's results, newest first",
                 scope: read,
-                params: vec![agent(), limit(10_000), format()],
+                params: vec![agent(), newest(), format()],
                 body: None,
                 ok: ok_json(200, "results", list("Result")),
                 errors: &[400, 404],
@@ -442,7 +460,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op {
                 summary: "An agent's events, newest first",
                 scope: read,
-                params: vec![agent(), limit(10_000)],
+                params: vec![agent(), newest()],
                 body: None,
                 ok: ok_json(200, "events", json!({"type": "array", "items": object()})),
                 errors: &[400, 404],
@@ -600,7 +618,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op {
                 summary: "A measurement's results from its first, live",
                 scope: read,
-                params: vec![path_id("id", "measurement id"), last_event_id()],
+                params: vec![path_id("id", "measurement id"), last_event_id(), max_s()],
                 body: None,
                 ok: sse(),
                 errors: &[400, 404],
@@ -719,6 +737,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 params: {
                     let mut v = event_params(true);
                     v.push(last_event_id());
+                    v.push(max_s());
                     v
                 },
                 body: None,

@@ -297,7 +297,7 @@ pub(super) async fn events(
     if !b.registry.knows(&id) {
         return Err(ApiError::UnknownAgent(id));
     }
-    let rows = b.events_of(&id, q.limit.unwrap_or(100).min(10_000)).await?;
+    let rows = b.events_of(&id, newest_limit(q.limit)?).await?;
     Ok(Json(Value::Array(
         rows.into_iter()
             .map(|(at_ms, kind, message)| json!({"at": rfc3339(at_ms), "kind": kind, "message": message}))

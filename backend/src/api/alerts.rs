@@ -69,6 +69,8 @@ struct EventQuery {
     measurement: Option<String>,
     agent: Option<String>,
     kind: Option<&'static str>,
+    /// The stream's `max_s`.
+    max_s: Option<f64>,
 }
 
 fn event_query(query: Option<&str>, stream: bool) -> Result<EventQuery, ApiError> {
@@ -118,6 +120,11 @@ fn event_query(query: Option<&str>, stream: bool) -> Result<EventQuery, ApiError
             "rule" => q.rule = text("rule", v)?,
             "measurement" => q.measurement = text("measurement", v)?,
             "agent" => q.agent = text("agent", v)?,
+            "max_s" if stream => {
+                q.max_s = Some(v.parse::<f64>().map_err(|_| {
+                    bad("max_s", "type", format!("max_s: a number of seconds (got {v:?})"))
+                })?)
+            }
             "type" if stream => {
                 q.kind = match v.as_str() {
                     "alert" => Some("alert"),
@@ -138,7 +145,7 @@ fn event_query(query: Option<&str>, stream: bool) -> Result<EventQuery, ApiError
                     format!(
                         "{other}: not a parameter here; known: {}",
                         if stream {
-                            "after, rule, measurement, agent, type"
+                            "after, rule, measurement, agent, type, max_s"
                         } else {
                             "after, limit, order, rule, measurement, agent"
                         }
@@ -219,6 +226,7 @@ pub(super) async fn alert_stream(
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     let mut q = event_query(query.as_deref(), true)?;
+    let limit = stream_limit(q.max_s)?;
     let last = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -262,7 +270,7 @@ pub(super) async fn alert_stream(
             rx.changed().await.ok()?;
         }
     });
-    Ok(Sse::new(events)
+    Ok(Sse::new(ending(events, limit))
         .keep_alive(KeepAlive::default())
         .into_response())
 }

@@ -52,9 +52,11 @@ pub(super) async fn measurement(
 pub(super) async fn measurement_stream(
     State(b): State<Arc<Backend>>,
     Path(id): Path<String>,
+    Query(q): Query<StreamQuery>,
     caller: CallerExt,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let limit = stream_limit(q.max_s)?;
     if b.measurement(&id).await?.is_none() {
         return Err(ApiError::NotFound(format!("no measurement {id}")));
     }
@@ -65,7 +67,13 @@ pub(super) async fn measurement_stream(
         ..Default::default()
     };
     let slot = b.feed.admit(&caller_of(caller))?;
-    Ok(sse_results(b, filter, slot).into_response())
+    Ok(sse_results(b, filter, slot, limit).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamQuery {
+    max_s: Option<f64>,
 }
 
 /// `GET /v1/measurements/{id}/status-check?max_loss=…`: 200 when healthy (no more

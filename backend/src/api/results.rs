@@ -33,6 +33,19 @@ pub(super) fn result_json(r: &ResultRow) -> Value {
     v
 }
 
+/// An agent's results or events: `limit` at least 1, default 100; more than 10,000
+/// is read as 10,000.
+pub(super) fn newest_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit.unwrap_or(100) {
+        0 => Err(ApiError::BadQuery {
+            field: "limit".into(),
+            rule: "minimum".into(),
+            message: "limit: must be at least 1 (got 0)".into(),
+        }),
+        n => Ok(n.min(10_000)),
+    }
+}
+
 #[derive(Deserialize)]
 pub(super) struct ResultsQuery {
     pub(super) limit: Option<u32>,
@@ -62,9 +75,7 @@ pub(super) async fn results(
         return Err(ApiError::UnknownAgent(id));
     }
     let atlas = wants_atlas(&q.format)?;
-    let rows = b
-        .results_of(&id, q.limit.unwrap_or(100).min(10_000))
-        .await?;
+    let rows = b.results_of(&id, newest_limit(q.limit)?).await?;
     if atlas {
         // Atlas defines no format for the other modules; they are left out.
         let all = rows
@@ -127,6 +138,43 @@ pub(super) struct ResultsV1Query {
     /// `next_cursor` of the page before.
     cursor: Option<String>,
     format: Option<String>,
+    /// Streams only: end the stream after this many seconds.
+    max_s: Option<f64>,
+}
+
+/// The longest `max_s` a stream takes: a day.
+pub(super) const MAX_STREAM_S: f64 = 86_400.0;
+
+/// A stream's `max_s`: more than 0, at most a day. The stream ends then (an
+/// EventSource reconnects with `Last-Event-ID` and misses nothing); without it, a
+/// stream lasts until the client leaves.
+pub(super) fn stream_limit(max_s: Option<f64>) -> Result<Option<std::time::Duration>, ApiError> {
+    match max_s {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 && s <= MAX_STREAM_S => {
+            Ok(Some(std::time::Duration::from_secs_f64(s)))
+        }
+        Some(s) => Err(ApiError::BadQuery {
+            field: "max_s".into(),
+            rule: "range".into(),
+            message: format!("max_s: more than 0 and at most {MAX_STREAM_S} seconds (got {s})"),
+        }),
+    }
+}
+
+/// Ends `events` after `limit`, if given.
+pub(super) fn ending<S: futures::Stream>(
+    events: S,
+    limit: Option<std::time::Duration>,
+) -> futures::stream::TakeUntil<S, futures::future::BoxFuture<'static, ()>> {
+    use futures::{FutureExt, StreamExt};
+    let end = async move {
+        match limit {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    events.take_until(end.boxed())
 }
 
 /// A time in a query: RFC 3339 or ms since the epoch.
@@ -154,6 +202,13 @@ pub(super) async fn results_v1(
     Query(q): Query<ResultsV1Query>,
 ) -> Result<Json<Value>, ApiError> {
     let atlas = wants_atlas(&q.format)?;
+    if q.max_s.is_some() {
+        return Err(ApiError::BadQuery {
+            field: "max_s".into(),
+            rule: "unsupported".into(),
+            message: "max_s applies to streams, not to pages".into(),
+        });
+    }
     let after = match q.cursor.as_deref() {
         None | Some("") => 0,
         Some(c) => parse_cursor(c)?,
@@ -239,6 +294,7 @@ pub(super) fn sse_results(
     b: Arc<Backend>,
     filter: crate::store::ResultFilter,
     slot: crate::feed::Slot,
+    limit: Option<std::time::Duration>,
 ) -> axum::response::sse::Sse<
     impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
 > {
@@ -250,7 +306,7 @@ pub(super) fn sse_results(
             .id(format!("c{pos}"))
             .data(result_v1_json(&r, m).to_string()))
     });
-    Sse::new(events).keep_alive(KeepAlive::default())
+    Sse::new(ending(events, limit)).keep_alive(KeepAlive::default())
 }
 
 /// `GET /v1/results/stream?agent=&module=&measurement=&cursor=`: results as they are
@@ -273,6 +329,7 @@ pub(super) async fn results_stream(
             message: "format and limit apply to pages, not to streams".into(),
         });
     }
+    let limit = stream_limit(q.max_s)?;
     let now = b.latest_position().await?;
     let filter = crate::store::ResultFilter {
         agent: q.agent,
@@ -284,7 +341,7 @@ pub(super) async fn results_stream(
         limit: 500,
     };
     let slot = b.feed.admit(&caller_of(caller))?;
-    Ok(sse_results(b, filter, slot).into_response())
+    Ok(sse_results(b, filter, slot, limit).into_response())
 }
 
 /// `GET /v1/rollups?agent=&module=&target=&since=&until=&limit=`: hourly rollups

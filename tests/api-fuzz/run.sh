@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The API's conformance fuzzing: schemathesis (PyPI, pinned below) generates requests
+# from /openapi.json, for every operation, and checks every answer against the
+# document: no server error, a documented status code, content type and headers, a
+# body matching the documented schema, and schema-invalid input refused. It runs
+# coverage, fuzzing and stateful phases (following the document's links) with a fixed
+# seed and a bounded number of cases.
+#
+# The target is a real `imn up` (backend, broker, bridge and two agents), run inside a
+# network namespace of its own where only loopback is up: whatever target the fuzzer
+# invents for a measurement cannot leave the machine. The namespace's routes are
+# checked before anything starts.
+#
+# Usage: tests/api-fuzz/run.sh [IMN_BINARY]   (root: it creates a namespace)
+# Env: IMN_FUZZ_EXAMPLES (cases per operation and phase, default 10), IMN_FUZZ_SEED
+# (default 31), IMN_FUZZ_KEEP=1 keeps the work directory.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+imn="${1:-target/debug/imn}"
+examples="${IMN_FUZZ_EXAMPLES:-10}"
+seed="${IMN_FUZZ_SEED:-31}"
+version="4.32.5"
+venv="target/api-fuzz-venv"
+checks="not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection"
+
+[ -x "$imn" ] || { echo "api-fuzz: no $imn (cargo build --bin imn first)"; exit 1; }
+
+# schemathesis in a venv of Debian's own Python (3.11.2): Python 3.11.7, which pyenv
+# may put first in PATH, fails inside hypothesis ("AST constructor recursion depth
+# mismatch", a CPython regression).
+py=/usr/bin/python3
+if ! "$venv/bin/st" --version 2>/dev/null | grep -q "$version"; then
+  echo "== api-fuzz: installing schemathesis $version (PyPI) into $venv"
+  rm -rf "$venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/pip" install -q "schemathesis==$version"
+fi
+
+work="$(mktemp -d /tmp/imn-api-fuzz.XXXXXX)"
+ns="imn-apifuzz-$$"
+cleanup() {
+  local pids
+  pids="$(ip netns pids "$ns" 2>/dev/null || true)"
+  if [ -n "$pids" ]; then
+    kill $pids 2>/dev/null || true
+    sleep 1
+    kill -9 $pids 2>/dev/null || true
+  fi
+  ip netns del "$ns" 2>/dev/null || true
+  if [ "${IMN_FUZZ_KEEP:-0}" = 1 ]; then echo "api-fuzz: kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+# Only loopback: one link, no IPv4 route in the main table, IPv6's only ::1, and no
+# route to any address outside.
+links="$(ip -n "$ns" -o link show | awk -F': ' '{print $2}' | tr '\n' ' ')"
+v4="$(ip -n "$ns" -4 route show table main)"
+v6="$(ip -n "$ns" -6 route show table main | grep -v '^::1 dev lo ' || true)"
+if [ "$links" != "lo " ] || [ -n "$v4" ] || [ -n "$v6" ] \
+   || ip -n "$ns" route get 192.0.2.1 >/dev/null 2>&1 \
+   || ip -n "$ns" -6 route get 2001:db8::1 >/dev/null 2>&1; then
+  echo "api-fuzz: namespace $ns is not loopback-only (links: $links; v4: $v4; v6: $v6); not starting"
+  exit 1
+fi
+echo "== api-fuzz: namespace $ns: links: $links; no route out (checked)"
+
+port=8000
+ip netns exec "$ns" "$imn" up --http "127.0.0.1:$port" --mqtt 127.0.0.1:1883 \
+  --data "$work/data" --agents 2 --heartbeat-ms 1000 > "$work/imn-up.log" 2>&1 &
+up_pid=$!
+ready=0
+for _ in $(seq 120); do
+  if ip netns exec "$ns" "$venv/bin/python" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; then
+    ready=1; break
+  fi
+  kill -0 "$up_pid" 2>/dev/null || break
+  sleep 0.5
+done
+if [ "$ready" != 1 ]; then
+  echo "api-fuzz: imn up did not answer /health"; tail -50 "$work/imn-up.log"; exit 1
+fi
+
+echo "== api-fuzz: schemathesis $version, seed $seed, $examples cases per operation and phase; checks: $checks"
+set +e
+(cd "$work" && ip netns exec "$ns" "$OLDPWD/$venv/bin/st" --config-file "$OLDPWD/tests/api-fuzz/schemathesis.toml" run "http://127.0.0.1:$port/openapi.json" \
+  --checks "$checks" \
+  --phases coverage,fuzzing,stateful \
+  --seed "$seed" --max-examples "$examples" --workers 2 \
+  --request-timeout 20 \
+  --report junit --report-junit-path "$work/junit.xml" \
+  --no-color) > "$work/st.log" 2>&1
+rc=$?
+set -e
+# The summary: operations, cases, failures.
+sed -n '/= SUMMARY =/,$p' "$work/st.log"
+if [ "$rc" != 0 ]; then
+  echo "api-fuzz: schemathesis failed (exit $rc); its whole output:"
+  cat "$work/st.log"
+  echo "--- imn up's log (last 80 lines)"
+  tail -80 "$work/imn-up.log"
+  exit "$rc"
+fi
+if ! kill -0 "$up_pid" 2>/dev/null; then
+  echo "api-fuzz: imn up exited during the run"; tail -80 "$work/imn-up.log"; exit 1
+fi
+if grep -q "panicked" "$work/imn-up.log"; then
+  echo "api-fuzz: imn up panicked"; grep -n -A5 panicked "$work/imn-up.log" | head -40; exit 1
+fi
+echo "== api-fuzz: passed"
