@@ -30,6 +30,10 @@ fn integer(min: i64) -> Value {
     json!({"type": "integer", "minimum": min})
 }
 
+/// The largest integer a JSON number holds exactly (2^53 - 1): the bound of counts
+/// and sizes a client may give.
+const MAX_SAFE: u64 = 9_007_199_254_740_991;
+
 /// An agent's (or token's) id: what `wire::valid_agent_id` takes.
 fn agent_id() -> Value {
     json!({"type": "string", "pattern": format!("^[A-Za-z0-9_-]{{1,{}}}$", imn_proto::wire::MAX_AGENT_ID_LEN)})
@@ -533,7 +537,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     param(
                         "Idempotency-Key",
                         "header",
-                        string(),
+                        json!({"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[\\t\\x20-\\x7e]+$"}),
                         "a retry with the same key returns the first request",
                     ),
                 ],
@@ -982,7 +986,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![],
                 body: Some(json!({"type": "object", "required": ["version", "agents"], "properties": {
-                    "version": string(),
+                    "version": {"type": "string", "maxLength": 64, "pattern": "^[0-9]{1,9}(\\.[0-9]{1,9}){0,3}(-[0-9A-Za-z.-]+)?(\\+[0-9A-Za-z.+-]*)?$", "description": "a stored release's version (numbers separated by dots, like 1.4.2 or 1.4.2-rc1)"},
                     "agents": schema_ref("Selection"),
                     "canary_pct": {"type": "number", "minimum": 0, "maximum": 100},
                     "waves": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 100}},
@@ -1206,8 +1210,8 @@ fn components() -> Value {
             "additionalProperties": false,
             "description": "What a token may spend; absent fields are unlimited.",
             "properties": {
-                "probes_per_day": {"type": "integer", "minimum": 0, "description": "probes a UTC day across the fleet (count × targets × agents; recurring measurements reserve theirs daily)"},
-                "max_schedules": {"type": "integer", "minimum": 0, "description": "recurring measurements at once"},
+                "probes_per_day": {"type": "integer", "minimum": 0, "maximum": MAX_SAFE, "description": "probes a UTC day across the fleet (count × targets × agents; recurring measurements reserve theirs daily)"},
+                "max_schedules": {"type": "integer", "minimum": 0, "maximum": MAX_SAFE, "description": "recurring measurements at once"},
                 "min_interval_s": {"type": "object", "propertyNames": {"enum": std::iter::once("*").chain(catalog::names().iter().copied()).collect::<Vec<_>>()}, "additionalProperties": {"type": "number", "minimum": 0}, "description": "shortest interval per module; \"*\" for the others"},
             },
         },
@@ -1296,11 +1300,12 @@ fn components() -> Value {
             "type": "object",
             "additionalProperties": false,
             "properties": {
-                "ids": {"type": "array", "items": {"type": "string"}},
-                "tags": {"type": "array", "items": {"type": "string"}},
-                "country": {"type": "string"}, "asn": {"type": "integer"},
+                "ids": {"type": "array", "maxItems": 100_000, "items": {"type": "string"}},
+                "tags": {"type": "array", "maxItems": crate::ingest::MAX_TAGS, "items": {"type": "string"}},
+                "country": {"type": "string", "description": "ISO 3166-1 alpha-2, any case"},
+                "asn": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
                 "all": {"type": "boolean"}, "alive": {"type": "boolean"},
-                "limit": {"type": "integer", "minimum": 1},
+                "limit": {"type": "integer", "minimum": 1, "maximum": MAX_SAFE},
             },
         },
         "Schedule": {
@@ -1309,8 +1314,8 @@ fn components() -> Value {
             "required": ["interval_s"],
             "properties": {
                 "interval_s": {"type": "number", "minimum": crate::fleet::MIN_INTERVAL_S, "maximum": crate::fleet::MAX_INTERVAL_S},
-                "start": {"type": ["string", "number"], "description": "RFC 3339 or seconds since the epoch; default now"},
-                "stop": {"type": ["string", "number"], "description": "RFC 3339 or seconds since the epoch; default never"},
+                "start": {"type": ["string", "number"], "format": "date-time", "minimum": 0, "exclusiveMaximum": 4e11, "description": "RFC 3339 or seconds since the epoch; default now"},
+                "stop": {"type": ["string", "number"], "format": "date-time", "minimum": 0, "exclusiveMaximum": 4e11, "description": "RFC 3339 or seconds since the epoch, after start and in the future; default never"},
                 "jitter_s": {"type": "number", "minimum": 0, "description": "less than interval_s; default 10 % of it, at most 60"},
             },
         },

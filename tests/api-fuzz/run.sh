@@ -13,7 +13,8 @@
 #
 # Usage: tests/api-fuzz/run.sh [IMN_BINARY]   (root: it creates a namespace)
 # Env: IMN_FUZZ_EXAMPLES (cases per operation and phase, default 10), IMN_FUZZ_SEED
-# (default 31), IMN_FUZZ_KEEP=1 keeps the work directory.
+# (default 31), IMN_FUZZ_KEEP=1 keeps the work directory, IMN_FUZZ_ARGS more
+# arguments for `st run` (to look into one operation: --include-path /admin/tokens).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -83,19 +84,42 @@ if [ "$ready" != 1 ]; then
   echo "api-fuzz: imn up did not answer /health"; tail -50 "$work/imn-up.log"; exit 1
 fi
 
+# The configuration: ours (tests/api-fuzz/schemathesis.toml), plus what exists on
+# this server, read from its API: its agents and modules, which the fuzzer then uses
+# for half of the ids and most module names it draws, so that its requests reach
+# agents and modules that exist instead of stopping at 404.
+ip netns exec "$ns" "$venv/bin/python" - "$port" tests/api-fuzz/schemathesis.toml "$work/schemathesis.toml" <<'PY'
+import json, sys, urllib.request
+port, ours, out = sys.argv[1], sys.argv[2], sys.argv[3]
+get = lambda p: json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}{p}", timeout=10))
+json.dump(get("/openapi.json"), open(out.replace("schemathesis.toml", "openapi.json"), "w"))
+agents = [a["id"] for a in get("/agents")]
+modules = [m["name"] for m in get("/modules")]
+assert agents and modules, (agents, modules)
+with open(out, "w") as f:
+    f.write(open(ours).read())
+    f.write('"path.id" = { dictionary = "agents", probability = 0.5 }\n')
+    f.write('"path.module" = { dictionary = "modules", probability = 0.7 }\n')
+    f.write('"body.module" = { dictionary = "modules", probability = 0.7 }\n')
+    f.write("\n[dictionaries.agents]\nvalues = %s\n" % json.dumps(agents))
+    f.write("\n[dictionaries.modules]\nvalues = %s\n" % json.dumps(modules))
+print(f"== api-fuzz: agents {agents}; modules {modules}")
+PY
+
 echo "== api-fuzz: schemathesis $version, seed $seed, $examples cases per operation and phase; checks: $checks"
 set +e
-(cd "$work" && ip netns exec "$ns" "$OLDPWD/$venv/bin/st" --config-file "$OLDPWD/tests/api-fuzz/schemathesis.toml" run "http://127.0.0.1:$port/openapi.json" \
+(cd "$work" && ip netns exec "$ns" "$OLDPWD/$venv/bin/st" --config-file "$work/schemathesis.toml" run "http://127.0.0.1:$port/openapi.json" \
   --checks "$checks" \
   --phases coverage,fuzzing,stateful \
   --seed "$seed" --max-examples "$examples" --workers 2 \
   --request-timeout 20 \
-  --report junit --report-junit-path "$work/junit.xml" \
-  --no-color) > "$work/st.log" 2>&1
+  --report junit,ndjson --report-junit-path "$work/junit.xml" --report-ndjson-path "$work/events.ndjson" \
+  --no-color ${IMN_FUZZ_ARGS:-}) > "$work/st.log" 2>&1
 rc=$?
 set -e
-# The summary: operations, cases, failures.
+# The summary: operations, cases, failures; then per operation, from the events.
 sed -n '/= SUMMARY =/,$p' "$work/st.log"
+"$venv/bin/python" tests/api-fuzz/summary.py "$work/events.ndjson" "$work/openapi.json" || rc=1
 if [ "$rc" != 0 ]; then
   echo "api-fuzz: schemathesis failed (exit $rc); its whole output:"
   cat "$work/st.log"

@@ -297,12 +297,37 @@ async fn checked_body(
             }
         }
     })?;
-    let value: Value = json_body(&bytes)?;
+    let mut value: Value = json_body(&bytes)?;
     crate::validation::check_schema(validator, &value)?;
+    // JSON Schema's `integer` takes 5.0; the handlers' integer fields then do too.
+    let bytes = if integral(&mut value) {
+        Bytes::from(serde_json::to_vec(&value).map_err(|e| ApiError::Internal(e.to_string()))?)
+    } else {
+        bytes
+    };
     Ok(axum::extract::Request::from_parts(
         parts,
         axum::body::Body::from(bytes),
     ))
+}
+
+/// Writes every number with no fraction that JSON spelled as a float (`5.0`, `1e3`)
+/// as the integer it is, below 2^53 in size; returns whether it changed any. (The
+/// depth is bounded by serde_json's nesting limit.)
+fn integral(v: &mut Value) -> bool {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    match v {
+        Value::Number(n) if n.is_f64() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < EXACT => {
+                *v = json!(f as i64);
+                true
+            }
+            _ => false,
+        },
+        Value::Array(a) => a.iter_mut().fold(false, |c, x| integral(x) | c),
+        Value::Object(o) => o.values_mut().fold(false, |c, x| integral(x) | c),
+        _ => false,
+    }
 }
 
 /// A refusal made by the HTTP layer rather than a handler (every handler answers
