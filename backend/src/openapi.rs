@@ -43,6 +43,25 @@ fn schema_ref(name: &str) -> Value {
     json!({"$ref": format!("#/components/schemas/{name}")})
 }
 
+/// A Server-Sent Events stream, described by its events (as OpenAPI 3.2 does, and
+/// schemathesis checks each event against): `event` one of `kinds`, `id` matching
+/// `id`, `data` JSON of `data`'s schema.
+fn sse_content(kinds: &[&str], id: &str, data: Value) -> Value {
+    json!({"text/event-stream": {"schema": {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": kinds},
+            "id": {"type": "string", "pattern": id},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+        },
+    }}})
+}
+
+fn list(item: &str) -> Value {
+    json!({"type": "array", "items": schema_ref(item)})
+}
+
 fn json_content(schema: Value) -> Value {
     json!({"application/json": {"schema": schema}})
 }
@@ -224,7 +243,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
         (
             200,
             "Server-Sent Events: event `result`, id = the result's cursor, data = a Result",
-            json!({"text/event-stream": {"schema": {"type": "string"}}}),
+            sse_content(&["result"], "^c[0-9]+$", schema_ref("Result")),
         )
     };
     let max_s = || {
@@ -243,7 +262,6 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             "resume after this event id (EventSource sends it on reconnect)",
         )
     };
-    let list = |item: &str| json!({"type": "array", "items": schema_ref(item)});
     let object = || json!({"type": "object"});
     let mut results_params = filters();
     results_params.extend([
@@ -324,7 +342,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: read,
                 params: vec![],
                 body: None,
-                ok: ok_json(200, "health", object()),
+                ok: ok_json(200, "health", schema_ref("Health")),
                 errors: &[503],
             },
         ),
@@ -421,7 +439,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: read,
                 params: vec![agent(), newest(), format()],
                 body: None,
-                ok: ok_json(200, "results", list("Result")),
+                ok: ok_json(200, "results (format=atlas: RIPE Atlas results)", json!({"anyOf": [list("Result"), list("AtlasResult")]})),
                 errors: &[400, 404],
             },
         ),
@@ -433,7 +451,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: read,
                 params: vec![agent(), path_id("request_id", "request id"), format()],
                 body: None,
-                ok: ok_json(200, "the result", schema_ref("Result")),
+                ok: ok_json(200, "the result (format=atlas: its RIPE Atlas results)", json!({"anyOf": [schema_ref("Result"), list("AtlasResult")]})),
                 errors: &[400, 404],
             },
         ),
@@ -454,7 +472,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     ),
                 ],
                 body: None,
-                ok: ok_json(200, "status history", object()),
+                ok: ok_json(200, "status history", schema_ref("StatusHistory")),
                 errors: &[400, 404],
             },
         ),
@@ -497,7 +515,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![agent(), path_id("module", "module name")],
                 body: Some(schema_ref("ModuleSettings")),
-                ok: ok_json(202, "command sent", object()),
+                ok: ok_json(202, "command sent", schema_ref("ModuleCommand")),
                 errors: &[400, 404, 409, 422],
             },
         ),
@@ -509,7 +527,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![agent(), path_id("module", "module name")],
                 body: None,
-                ok: ok_json(202, "command sent", object()),
+                ok: ok_json(202, "command sent", schema_ref("ModuleCommand")),
                 errors: &[404, 409],
             },
         ),
@@ -589,7 +607,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     "created; Location header names it",
                     schema_ref("MeasurementCreated"),
                 ),
-                errors: &[400, 404, 413, 422],
+                errors: &[400, 404, 409, 413, 422],
             },
         ),
         (
@@ -612,7 +630,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: measure,
                 params: vec![path_id("id", "measurement id")],
                 body: None,
-                ok: ok_json(200, "stopped", object()),
+                ok: ok_json(200, "stopped", json!({"type": "object", "required": ["id"], "properties": {"id": string(), "cancelled": integer(0)}})),
                 errors: &[404],
             },
         ),
@@ -745,7 +763,11 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                     v
                 },
                 body: None,
-                ok: sse(),
+                ok: (
+                    200,
+                    "Server-Sent Events: event `alert` or `anomaly`, id `e{seq}`, data = the event (as /v1/alerts lists them)",
+                    sse_content(&["alert", "anomaly"], "^e[0-9]+$", json!({"type": "object", "required": ["id", "type", "at"]})),
+                ),
                 errors: &[400, 503],
             },
         ),
@@ -801,11 +823,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![],
                 body: None,
-                ok: ok_json(
-                    200,
-                    "enrolled agents",
-                    json!({"type": "array", "items": object()}),
-                ),
+                ok: ok_json(200, "enrolled agents", list("EnrolledAgent")),
                 errors: &[],
             },
         ),
@@ -825,7 +843,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                         "tags": {"type": "array", "maxItems": crate::ingest::MAX_TAGS, "items": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[^,]*$"}},
                     },
                 })),
-                ok: ok_json(201, "enrolled, with the token", object()),
+                ok: ok_json(201, "enrolled, with the token", schema_ref("Enrolled")),
                 errors: &[400, 409, 422],
             },
         ),
@@ -837,7 +855,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![agent()],
                 body: None,
-                ok: ok_json(200, "the new token", object()),
+                ok: ok_json(200, "the new token", schema_ref("NewSecret")),
                 errors: &[404],
             },
         ),
@@ -849,7 +867,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![agent()],
                 body: None,
-                ok: ok_json(200, "revoked", object()),
+                ok: ok_json(200, "revoked", schema_ref("Revoked")),
                 errors: &[404],
             },
         ),
@@ -880,7 +898,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![],
                 body: None,
-                ok: ok_json(200, "tokens", json!({"type": "array", "items": object()})),
+                ok: ok_json(200, "tokens", list("Token")),
                 errors: &[],
             },
         ),
@@ -902,7 +920,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                         "budget": schema_ref("Budget"),
                     },
                 })),
-                ok: ok_json(201, "the token", object()),
+                ok: ok_json(201, "the token", schema_ref("TokenCreated")),
                 errors: &[400, 409, 422],
             },
         ),
@@ -914,7 +932,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![path_id("id", "token id")],
                 body: None,
-                ok: ok_json(200, "the new token", object()),
+                ok: ok_json(200, "the new token", schema_ref("NewSecret")),
                 errors: &[404],
             },
         ),
@@ -926,7 +944,7 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 scope: admin,
                 params: vec![path_id("id", "token id")],
                 body: None,
-                ok: ok_json(200, "revoked", object()),
+                ok: ok_json(200, "revoked", schema_ref("Revoked")),
                 errors: &[404],
             },
         ),
@@ -1221,6 +1239,7 @@ fn components() -> Value {
         },
         "Request": {
             "type": "object",
+            "required": ["request_id", "agent_id", "module", "state"],
             "properties": {
                 "request_id": {"type": "string"}, "agent_id": {"type": "string"}, "module": {"type": "string"},
                 "state": {"enum": ["pending", "dispatched", "received", "running", "succeeded", "failed", "timeout", "expired", "cancelled"]},
@@ -1229,6 +1248,7 @@ fn components() -> Value {
         },
         "Result": {
             "type": "object",
+            "required": ["request_id", "agent_id", "module", "state", "result", "error"],
             "properties": {
                 "request_id": {"type": "string"}, "agent_id": {"type": "string"}, "module": {"type": "string"},
                 "measurement_id": {"type": ["string", "null"]},
@@ -1294,7 +1314,14 @@ fn components() -> Value {
         },
         "ResultsPage": {
             "type": "object",
-            "properties": {"results": {"type": "array", "items": schema_ref("Result")}, "next_cursor": {"type": "string"}, "more": {"type": "boolean"}},
+            "required": ["results"],
+            "properties": {"results": {"anyOf": [list("Result"), list("AtlasResult")], "description": "format=atlas: RIPE Atlas results"}, "next_cursor": {"type": "string"}, "more": {"type": "boolean"}},
+        },
+        "AtlasResult": {
+            "type": "object",
+            "description": "a result in RIPE Atlas's result format (https://atlas.ripe.net/docs/apis/result-format/)",
+            "required": ["type", "timestamp"],
+            "properties": {"type": string(), "timestamp": integer(0), "prb_id": {"type": "integer"}, "msm_id": {"type": "integer"}, "fw": {"type": "integer"}},
         },
         "Selection": {
             "type": "object",
@@ -1339,8 +1366,76 @@ fn components() -> Value {
                 "deadline_s": {"type": "number", "minimum": 0.001, "maximum": 604800},
             },
         },
+        "Health": {
+            "type": "object",
+            "required": ["status", "version", "agents_alive", "agents_known", "records_stored", "dead_letters"],
+            "properties": {
+                "status": {"type": "string"}, "version": string(),
+                "agents_alive": integer(0), "agents_known": integer(0),
+                "records_stored": integer(0), "dead_letters": integer(0),
+                "auth": {"type": "object"}, "bridge": {"type": "object"}, "ingest": {"type": "object"},
+                "store": {"type": "object"}, "streams": {"type": "object"}, "rejected": {"type": "object"},
+            },
+        },
+        "StatusHistory": {
+            "type": "object",
+            "required": ["agent_id", "status", "intervals", "window_s"],
+            "properties": {
+                "agent_id": string(),
+                "status": {"type": "string", "enum": ["connected", "disconnected"]},
+                "status_since": {"type": ["string", "null"]},
+                "first_connected": {"type": ["string", "null"]}, "last_connected": {"type": ["string", "null"]},
+                "observed_from": {"type": ["string", "null"]}, "observed_s": {"type": "number"},
+                "uptime_pct": {"type": ["number", "null"]}, "window_s": integer(1),
+                "intervals": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["from", "status", "until"],
+                    "properties": {"from": string(), "status": {"type": "string", "enum": ["connected", "disconnected"]}, "until": {"type": ["string", "null"]}},
+                }},
+            },
+        },
+        "ModuleCommand": {
+            "type": "object",
+            "required": ["action", "agent_id", "module", "commands"],
+            "properties": {"action": {"type": "string", "enum": ["load", "unload"]}, "agent_id": string(), "module": string(), "commands": {"type": "array", "items": string()}},
+        },
+        "EnrolledAgent": {
+            "type": "object",
+            "required": ["id", "tags", "created_at", "revoked_at"],
+            "properties": {"id": string(), "tags": {"type": "array", "items": string()}, "created_at": string(), "revoked_at": {"type": ["string", "null"]}},
+        },
+        "Enrolled": {
+            "type": "object",
+            "required": ["id", "tags", "token"],
+            "properties": {"id": string(), "tags": {"type": "array", "items": string()}, "token": {"type": "string", "description": "shown once; the agent's MQTT password"}},
+        },
+        "NewSecret": {
+            "type": "object",
+            "required": ["id", "token"],
+            "properties": {"id": string(), "token": {"type": "string", "description": "shown once; the old one stops working"}},
+        },
+        "Revoked": {
+            "type": "object",
+            "required": ["id", "revoked"],
+            "properties": {"id": string(), "revoked": {"const": true}},
+        },
+        "Token": {
+            "type": "object",
+            "required": ["id", "scopes", "created_at"],
+            "properties": {
+                "id": string(), "scopes": {"type": "array", "items": {"enum": ["read", "measure", "admin"]}},
+                "rate_per_min": {"type": ["number", "null"]}, "created_at": string(), "revoked_at": {"type": ["string", "null"]},
+                "budget": {"type": ["object", "null"]}, "budget_source": {"type": ["string", "null"]}, "spend_today": {"type": "object"},
+            },
+        },
+        "TokenCreated": {
+            "type": "object",
+            "required": ["id", "scopes", "token"],
+            "properties": {"id": string(), "scopes": {"type": "array", "items": {"enum": ["read", "measure", "admin"]}}, "token": {"type": "string", "description": "shown once"}},
+        },
         "MeasurementCreated": {
             "type": "object",
+            "required": ["id", "location", "agents", "refused"],
             "properties": {"id": {"type": "string"}, "location": {"type": "string"}, "agents": {"type": "array", "items": {"type": "string"}}, "refused": {"type": "array", "items": {"type": "object"}}},
         },
         "Measurement": {
@@ -1420,8 +1515,18 @@ fn links(method: &str, path: &str) -> Option<(&'static str, Value)> {
         ("post", "/agent/{id}/{module}") => (
             "202",
             to(&[
-                ("RequestState", "get", "/modules/states/{request_id}", &[("request_id", request)]),
-                ("Result", "get", "/agents/{id}/results/{request_id}", &[("id", "$request.path.id"), ("request_id", request)]),
+                (
+                    "RequestState",
+                    "get",
+                    "/modules/states/{request_id}",
+                    &[("request_id", request)],
+                ),
+                (
+                    "Result",
+                    "get",
+                    "/agents/{id}/results/{request_id}",
+                    &[("id", "$request.path.id"), ("request_id", request)],
+                ),
             ]),
         ),
         ("post", "/v1/measurements") => (
@@ -1429,8 +1534,18 @@ fn links(method: &str, path: &str) -> Option<(&'static str, Value)> {
             to(&[
                 ("Measurement", "get", "/v1/measurements/{id}", &[("id", id)]),
                 ("Stop", "delete", "/v1/measurements/{id}", &[("id", id)]),
-                ("Stream", "get", "/v1/measurements/{id}/stream", &[("id", id)]),
-                ("StatusCheck", "get", "/v1/measurements/{id}/status-check", &[("id", id)]),
+                (
+                    "Stream",
+                    "get",
+                    "/v1/measurements/{id}/stream",
+                    &[("id", id)],
+                ),
+                (
+                    "StatusCheck",
+                    "get",
+                    "/v1/measurements/{id}/status-check",
+                    &[("id", id)],
+                ),
                 ("Results", "get", "/v1/results", &[("measurement", id)]),
             ]),
         ),
@@ -1460,12 +1575,22 @@ fn links(method: &str, path: &str) -> Option<(&'static str, Value)> {
             "201",
             to(&[
                 ("Rollout", "get", "/rollouts/{id}", &[("id", id)]),
-                ("Action", "post", "/admin/rollouts/{id}/{action}", &[("id", id)]),
+                (
+                    "Action",
+                    "post",
+                    "/admin/rollouts/{id}/{action}",
+                    &[("id", id)],
+                ),
             ]),
         ),
         ("post", "/admin/modules") => (
             "201",
-            to(&[("Delete", "delete", "/admin/modules/{name}", &[("name", "$response.body#/name")])]),
+            to(&[(
+                "Delete",
+                "delete",
+                "/admin/modules/{name}",
+                &[("name", "$response.body#/name")],
+            )]),
         ),
         // A list's first agent: what a run, its results and its history are about.
         ("get", "/agents") | ("get", "/agents/alive") => (
@@ -1475,13 +1600,23 @@ fn links(method: &str, path: &str) -> Option<(&'static str, Value)> {
                 ("Results", "get", "/agents/{id}/results", &[("id", first)]),
                 ("Status", "get", "/agents/{id}/status", &[("id", first)]),
                 ("Events", "get", "/agents/{id}/events", &[("id", first)]),
-                ("Heartbeats", "get", "/agents/{id}/heartbeats", &[("id", first)]),
+                (
+                    "Heartbeats",
+                    "get",
+                    "/agents/{id}/heartbeats",
+                    &[("id", first)],
+                ),
                 ("Run", "post", "/agent/{id}/{module}", &[("id", first)]),
             ]),
         ),
         ("get", "/v1/alert-rules") => (
             "200",
-            to(&[("Rule", "get", "/v1/alert-rules/{id}", &[("id", "$response.body#/rules/0/id")])]),
+            to(&[(
+                "Rule",
+                "get",
+                "/v1/alert-rules/{id}",
+                &[("id", "$response.body#/rules/0/id")],
+            )]),
         ),
         _ => return None,
     };
@@ -1705,7 +1840,12 @@ mod tests {
         };
         let pair = |f: &str, r: &str| (f.to_string(), r.to_string());
         // What the handlers refused before the document said so.
-        assert!(check("post", "/admin/agents", json!({"id": "pi-1", "tags": ["a"]})).is_ok());
+        assert!(check(
+            "post",
+            "/admin/agents",
+            json!({"id": "pi-1", "tags": ["a"]})
+        )
+        .is_ok());
         assert_eq!(
             field(check("post", "/admin/agents", json!({"id": "imn-x"}))),
             pair("/id", "not")
@@ -1715,7 +1855,11 @@ mod tests {
             pair("/id", "pattern")
         );
         assert_eq!(
-            field(check("post", "/admin/agents", json!({"id": "a", "tags": ["x,y"]}))),
+            field(check(
+                "post",
+                "/admin/agents",
+                json!({"id": "a", "tags": ["x,y"]})
+            )),
             pair("/tags/0", "pattern")
         );
         assert_eq!(
@@ -1723,17 +1867,34 @@ mod tests {
             pair("/scopes", "minItems")
         );
         assert_eq!(
-            field(check("post", "/admin/tokens", json!({"scopes": ["read"], "budget": {"min_interval_s": {"nope": 1}}}))),
+            field(check(
+                "post",
+                "/admin/tokens",
+                json!({"scopes": ["read"], "budget": {"min_interval_s": {"nope": 1}}})
+            )),
             pair("/budget/min_interval_s", "enum")
         );
         assert_eq!(
-            field(check("post", "/v1/measurements", json!({"module": "ping", "agents": {}}))),
+            field(check(
+                "post",
+                "/v1/measurements",
+                json!({"module": "ping", "agents": {}})
+            )),
             pair("/agents", "anyOf")
         );
         assert_eq!(
-            field(check("post", "/v1/measurements", json!({"module": "ping", "agents": {"all": true}, "deadline_s": 5, "schedule": {"interval_s": 60}}))),
+            field(check(
+                "post",
+                "/v1/measurements",
+                json!({"module": "ping", "agents": {"all": true}, "deadline_s": 5, "schedule": {"interval_s": 60}})
+            )),
             pair("/", "not")
         );
-        assert!(check("post", "/v1/measurements", json!({"module": "ping", "agents": {"all": true}, "params": {"targets": ["127.0.0.1"]}})).is_ok());
+        assert!(check(
+            "post",
+            "/v1/measurements",
+            json!({"module": "ping", "agents": {"all": true}, "params": {"targets": ["127.0.0.1"]}})
+        )
+        .is_ok());
     }
 }

@@ -12,14 +12,14 @@
 # checked before anything starts.
 #
 # Usage: tests/api-fuzz/run.sh [IMN_BINARY]   (root: it creates a namespace)
-# Env: IMN_FUZZ_EXAMPLES (cases per operation and phase, default 10), IMN_FUZZ_SEED
+# Env: IMN_FUZZ_EXAMPLES (cases per operation and phase, default 25), IMN_FUZZ_SEED
 # (default 31), IMN_FUZZ_KEEP=1 keeps the work directory, IMN_FUZZ_ARGS more
 # arguments for `st run` (to look into one operation: --include-path /admin/tokens).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 imn="${1:-target/debug/imn}"
-examples="${IMN_FUZZ_EXAMPLES:-10}"
+examples="${IMN_FUZZ_EXAMPLES:-25}"
 seed="${IMN_FUZZ_SEED:-31}"
 version="4.32.5"
 venv="target/api-fuzz-venv"
@@ -85,25 +85,41 @@ if [ "$ready" != 1 ]; then
 fi
 
 # The configuration: ours (tests/api-fuzz/schemathesis.toml), plus what exists on
-# this server, read from its API: its agents and modules, which the fuzzer then uses
-# for half of the ids and most module names it draws, so that its requests reach
-# agents and modules that exist instead of stopping at 404.
+# this server, read from its API (its agents and modules) or made through it (a run,
+# a one-off and a recurring measurement, an alert rule). The fuzzer draws half of the
+# ids and most module names from these, so that its requests reach things that
+# exist instead of stopping at 404.
 ip netns exec "$ns" "$venv/bin/python" - "$port" tests/api-fuzz/schemathesis.toml "$work/schemathesis.toml" <<'PY'
 import json, sys, urllib.request
 port, ours, out = sys.argv[1], sys.argv[2], sys.argv[3]
-get = lambda p: json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}{p}", timeout=10))
+base = f"http://127.0.0.1:{port}"
+get = lambda p: json.load(urllib.request.urlopen(base + p, timeout=10))
+def post(p, body):
+    req = urllib.request.Request(base + p, json.dumps(body).encode(), {"content-type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=30))
 json.dump(get("/openapi.json"), open(out.replace("schemathesis.toml", "openapi.json"), "w"))
 agents = [a["id"] for a in get("/agents")]
 modules = [m["name"] for m in get("/modules")]
 assert agents and modules, (agents, modules)
+echo = {"message": "api-fuzz"}
+run = post(f"/agent/{agents[0]}/echo_module?wait=10", echo)["request_id"]
+once = post("/v1/measurements", {"module": "echo_module", "agents": {"all": True}, "params": echo})["id"]
+every = post("/v1/measurements", {"module": "echo_module", "agents": {"ids": agents[:1]}, "params": echo, "schedule": {"interval_s": 60}})["id"]
+rule = post("/v1/alert-rules", {"name": "api-fuzz", "measurement_id": once})["id"]
+ids = agents + [once, every, rule]
 with open(out, "w") as f:
     f.write(open(ours).read())
-    f.write('"path.id" = { dictionary = "agents", probability = 0.5 }\n')
+    f.write('"path.id" = { dictionary = "ids", probability = 0.5 }\n')
+    f.write('"path.request_id" = { dictionary = "requests", probability = 0.5 }\n')
     f.write('"path.module" = { dictionary = "modules", probability = 0.7 }\n')
     f.write('"body.module" = { dictionary = "modules", probability = 0.7 }\n')
-    f.write("\n[dictionaries.agents]\nvalues = %s\n" % json.dumps(agents))
+    f.write('"body.measurement_id" = { dictionary = "measurements", probability = 0.7 }\n')
+    f.write('"query.measurement" = { dictionary = "measurements", probability = 0.5 }\n')
+    f.write("\n[dictionaries.ids]\nvalues = %s\n" % json.dumps(ids))
+    f.write("\n[dictionaries.requests]\nvalues = %s\n" % json.dumps([run]))
+    f.write("\n[dictionaries.measurements]\nvalues = %s\n" % json.dumps([once, every]))
     f.write("\n[dictionaries.modules]\nvalues = %s\n" % json.dumps(modules))
-print(f"== api-fuzz: agents {agents}; modules {modules}")
+print(f"== api-fuzz: agents {agents}; modules {modules}; made run {run}, measurements {once} and {every}, alert rule {rule}")
 PY
 
 echo "== api-fuzz: schemathesis $version, seed $seed, $examples cases per operation and phase; checks: $checks"

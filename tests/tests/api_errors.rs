@@ -73,7 +73,11 @@ async fn every_framework_rejection_is_the_documented_json_error() {
     }
     // And on operations that change things: nothing happens.
     let r = api
-        .post("/agent/agent-1/echo_module?wait=null", r#"{"message": "x"}"#, &[])
+        .post(
+            "/agent/agent-1/echo_module?wait=null",
+            r#"{"message": "x"}"#,
+            &[],
+        )
         .await;
     refused("wait=null", &r, 400, "wait", "type");
     let r = api
@@ -91,7 +95,9 @@ async fn every_framework_rejection_is_the_documented_json_error() {
     );
 
     // Bodies: not JSON, outside the documented schema, over the limit.
-    let r = api.post("/agent/agent-1/echo_module", "{not json", &[]).await;
+    let r = api
+        .post("/agent/agent-1/echo_module", "{not json", &[])
+        .await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert_eq!(r.body["error"], "malformed_json");
     let r = api.post("/admin/agents", "[1, 2", &[]).await;
@@ -158,7 +164,9 @@ async fn chunked_post(port: u16, path: &str, data: &[u8]) -> (String, String) {
     );
     let _ = s.write_all(head.as_bytes()).await;
     for c in data.chunks(64 * 1024) {
-        if s.write_all(format!("{:x}\r\n", c.len()).as_bytes()).await.is_err()
+        if s.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+            .await
+            .is_err()
             || s.write_all(c).await.is_err()
             || s.write_all(b"\r\n").await.is_err()
         {
@@ -167,11 +175,7 @@ async fn chunked_post(port: u16, path: &str, data: &[u8]) -> (String, String) {
     }
     let _ = s.write_all(b"0\r\n\r\n").await;
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        s.read_to_end(&mut out),
-    )
-    .await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out).to_string();
     match text.split_once("\r\n\r\n") {
         Some((h, b)) => (h.to_string(), b.to_string()),

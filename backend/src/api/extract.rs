@@ -82,7 +82,8 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T>
                     ErrorKind::ParseErrorAtIndex { index, .. } => {
                         (format!("path parameter {index}"), "type")
                     }
-                    ErrorKind::UnsupportedType { .. } | ErrorKind::WrongNumberOfParameters { .. } => {
+                    ErrorKind::UnsupportedType { .. }
+                    | ErrorKind::WrongNumberOfParameters { .. } => {
                         return Err(ApiError::Internal(message))
                     }
                     _ => ("path".to_string(), "type"),
@@ -128,9 +129,15 @@ mod tests {
         assert_eq!(refusal("name=a&wait=null"), pair("wait", "type"));
         assert_eq!(refusal("name=a&alive=yes"), pair("alive", "type"));
         assert_eq!(refusal("name=a&x-other=1"), pair("x-other", "unknown"));
-        assert_eq!(refusal("name=a&limit=1&limit=2"), pair("limit", "duplicate"));
+        assert_eq!(
+            refusal("name=a&limit=1&limit=2"),
+            pair("limit", "duplicate")
+        );
         assert_eq!(refusal("limit=1"), pair("name", "required"));
         let ok: Q = parse_query("name=a&limit=5&wait=1.5&alive=true").unwrap();
-        assert_eq!((ok.limit, ok.wait, ok.alive), (Some(5), Some(1.5), Some(true)));
+        assert_eq!(
+            (ok.limit, ok.wait, ok.alive),
+            (Some(5), Some(1.5), Some(true))
+        );
     }
 }

@@ -59,13 +59,10 @@ pub(super) async fn submit(
             v.to_str()
                 .ok()
                 .filter(|s| !s.is_empty() && s.len() <= 256)
-                .ok_or_else(|| {
-                    ApiError::BadQuery {
-                        field: "Idempotency-Key".into(),
-                        rule: "visible_ascii".into(),
-                        message: "Idempotency-Key must be 1 to 256 visible ASCII characters"
-                            .into(),
-                    }
+                .ok_or_else(|| ApiError::BadQuery {
+                    field: "Idempotency-Key".into(),
+                    rule: "visible_ascii".into(),
+                    message: "Idempotency-Key must be 1 to 256 visible ASCII characters".into(),
                 })?
                 .to_string(),
         ),

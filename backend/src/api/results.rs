@@ -100,16 +100,14 @@ pub(super) async fn result(
     match b.result_of(&id, &request_id).await? {
         Some(r) if atlas => crate::atlas::convert(&r)
             .map(|v| Json(Value::Array(v)))
-            .ok_or_else(|| {
-                ApiError::BadQuery {
-                    field: "format".into(),
-                    rule: "atlas_module".into(),
-                    message: format!(
-                        "format: RIPE Atlas defines no format for {} results; atlas is for {}",
-                        r.module,
-                        crate::atlas::modules().join(", ")
-                    ),
-                }
+            .ok_or_else(|| ApiError::BadQuery {
+                field: "format".into(),
+                rule: "atlas_module".into(),
+                message: format!(
+                    "format: RIPE Atlas defines no format for {} results; atlas is for {}",
+                    r.module,
+                    crate::atlas::modules().join(", ")
+                ),
             }),
         Some(r) => Ok(Json(result_json(&r))),
         None => {

@@ -266,8 +266,9 @@ impl Backend {
                     .into(),
             ));
         }
-        let (signed, m, binary) = release::open(file, &keys, now_ms())
-            .map_err(|e| ApiError::refused("body", "signed_release", format!("release refused: {e}")))?;
+        let (signed, m, binary) = release::open(file, &keys, now_ms()).map_err(|e| {
+            ApiError::refused("body", "signed_release", format!("release refused: {e}"))
+        })?;
         let existing = self.store.releases().await.map_err(Self::store_err)?;
         if !m.rollback {
             if let Some(newer) = existing.iter().find(|r| {
@@ -698,8 +699,7 @@ impl Backend {
                 .filter(|v| *v <= MAX_SETTINGS_VERSION)
                 .ok_or_else(|| bad("settings", "the version is at its largest"))?;
             d.set_ms = now;
-            let text =
-                serde_json::to_string(&d).map_err(|e| ApiError::Internal(e.to_string()))?;
+            let text = serde_json::to_string(&d).map_err(|e| ApiError::Internal(e.to_string()))?;
             self.store
                 .put_doc(KIND_SETTINGS, &a.id, &text, now)
                 .await
