@@ -19,6 +19,12 @@ have dnsmasq       || need+=(dnsmasq-base)
 # The tls_cert and http modules' end-to-end peer: `openssl s_server`.
 have openssl       || need+=(openssl)
 have python3       || need+=(python3 python3-pip)
+# The API conformance fuzzing (tests/api-fuzz) runs schemathesis in a venv of
+# Debian's own Python.
+[ -x /usr/bin/python3 ] || need+=(python3)
+venv_check="$(mktemp -d)"
+/usr/bin/python3 -m venv "$venv_check/v" >/dev/null 2>&1 || need+=(python3-venv)
+rm -rf "$venv_check"
 # The WebAssembly example in C (modules/wasm/examples-c): clang and wasm-ld.
 have clang         || need+=(clang)
 have wasm-ld       || need+=(lld)
@@ -92,6 +98,8 @@ echo "== benchmark harness, tiny runs (figures come from full runs; see README)"
 ./target/debug/imn-bench fleet --quick --json
 ./target/debug/imn-bench firmware --quick --json
 ./target/debug/imn-bench wasm --quick --json
+echo "== API conformance fuzzing: schemathesis against imn up in a loopback-only network namespace (tests/api-fuzz)"
+bash tests/api-fuzz/run.sh target/debug/imn
 echo "== vendored crates' own tests"
 # Outside the workspace (its `exclude`), so `cargo test --workspace` does not run them;
 # see each crate's IMN-PATCH.md.
