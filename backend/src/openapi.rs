@@ -30,6 +30,21 @@ fn integer(min: i64) -> Value {
     json!({"type": "integer", "minimum": min})
 }
 
+/// A selection that names some agents, as every operation that acts on a selection
+/// requires.
+fn chosen_agents() -> Value {
+    json!({"allOf": [schema_ref("Selection"), {"description": "at least one criterion", "anyOf": [
+        {"required": ["ids"], "properties": {"ids": {"minItems": 1}}},
+        {"required": ["tags"], "properties": {"tags": {"minItems": 1}}},
+        {"required": ["country"]},
+        {"required": ["asn"]},
+        {"required": ["all"], "properties": {"all": {"const": true}}},
+    ]}]})
+}
+
+/// The longest run timeout an operator may set on a module: a day.
+const MAX_MODULE_TIMEOUT_MS: u64 = 86_400_000;
+
 /// The largest integer a JSON number holds exactly (2^53 - 1): the bound of counts
 /// and sizes a client may give.
 const MAX_SAFE: u64 = 9_007_199_254_740_991;
@@ -79,6 +94,11 @@ struct Op {
 }
 
 impl Op {
+    /// Whether an empty body is taken (as "no settings").
+    fn body_optional(&self) -> bool {
+        self.body == Some(schema_ref("ModuleSettings"))
+    }
+
     fn to_json(&self, id: String) -> Value {
         let mut responses = Map::new();
         responses.insert(
@@ -122,7 +142,8 @@ impl Op {
             None => op["security"] = json!([{}]),
         }
         if let Some(b) = &self.body {
-            op["requestBody"] = json!({"required": true, "content": json_content(b.clone())});
+            op["requestBody"] =
+                json!({"required": !self.body_optional(), "content": json_content(b.clone())});
         }
         op
     }
@@ -304,9 +325,17 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
             Op {
                 summary: "Dashboard and docs assets",
                 scope: None,
-                params: vec![path_id("file", "asset name")],
+                params: vec![param("file", "path", json!({"type": "string", "examples": crate::ui::ASSETS.iter().map(|a| a.0).collect::<Vec<_>>()}), "asset name")],
                 body: None,
-                ok: text("the asset", "application/octet-stream"),
+                // Each asset's own type, as the server sends it.
+                ok: (200, "the asset", {
+                    let mut types = Map::new();
+                    for (_, ty, _) in crate::ui::ASSETS {
+                        let media = ty.split(';').next().unwrap_or(ty).trim();
+                        types.insert(media.to_string(), json!({"schema": {"type": "string"}}));
+                    }
+                    Value::Object(types)
+                }),
                 errors: &[404],
             },
         ),
@@ -1003,9 +1032,9 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 summary: "Start a rollout of a release to selected agents: a canary wave, then waves, halted past max_failures_pct",
                 scope: admin,
                 params: vec![],
-                body: Some(json!({"type": "object", "required": ["version", "agents"], "properties": {
+                body: Some(json!({"type": "object", "additionalProperties": false, "required": ["version", "agents"], "properties": {
                     "version": {"type": "string", "maxLength": 64, "pattern": "^[0-9]{1,9}(\\.[0-9]{1,9}){0,3}(-[0-9A-Za-z.-]+)?(\\+[0-9A-Za-z.+-]*)?$", "description": "a stored release's version (numbers separated by dots, like 1.4.2 or 1.4.2-rc1)"},
-                    "agents": schema_ref("Selection"),
+                    "agents": chosen_agents(),
                     "canary_pct": {"type": "number", "minimum": 0, "maximum": 100},
                     "waves": {"type": "array", "items": {"type": "number", "minimum": 0, "maximum": 100}},
                     "max_failures_pct": {"type": "number", "minimum": 0, "maximum": 100}}})),
@@ -1059,9 +1088,15 @@ fn operations() -> Vec<(&'static str, &'static str, Op)> {
                 summary: "Change selected agents' remote settings (desired state with a version; an empty value removes a key); each agent tries them and reverts if it cannot reconnect",
                 scope: admin,
                 params: vec![],
-                body: Some(json!({"type": "object", "required": ["agents", "settings"], "properties": {
-                    "agents": schema_ref("Selection"),
-                    "settings": {"type": "object", "additionalProperties": {"type": "string"}}}})),
+                body: Some(json!({"type": "object", "additionalProperties": false, "required": ["agents", "settings"], "properties": {
+                    "agents": chosen_agents(),
+                    "settings": {
+                        "type": "object",
+                        "minProperties": 1,
+                        "maxProperties": crate::service::lifecycle::MAX_SETTINGS,
+                        "propertyNames": {"enum": imn_proto::wire::REMOTE_SETTINGS},
+                        "additionalProperties": {"type": "string", "maxLength": crate::service::lifecycle::MAX_SETTING_LEN, "description": "at most this many bytes of UTF-8; empty removes the key"},
+                    }}})),
                 ok: ok_json(200, "each agent's new settings version", object()),
                 errors: &[400, 422],
             },
@@ -1235,7 +1270,13 @@ fn components() -> Value {
         },
         "ModuleSettings": {
             "type": "object",
-            "properties": {"defaults": {"type": "object"}, "max_rate": {"type": "number"}, "timeout_ms": {"type": "integer"}},
+            "additionalProperties": false,
+            "description": "optional: an empty body loads the module with its defaults",
+            "properties": {
+                "defaults": {"type": "object", "description": "parameters merged under each request's own"},
+                "max_rate": {"type": "number", "exclusiveMinimum": 0, "description": "cap on the module's rate parameter (modules that have one)"},
+                "timeout_ms": {"type": "integer", "minimum": 1, "maximum": MAX_MODULE_TIMEOUT_MS},
+            },
         },
         "Request": {
             "type": "object",
@@ -1354,13 +1395,7 @@ fn components() -> Value {
             "properties": {
                 "module": {"type": "string", "description": "a module of /modules"},
                 "params": {"type": "object", "description": "the module's parameters: its params.* schema, checked by the module"},
-                "agents": {"allOf": [schema_ref("Selection"), {"description": "at least one criterion", "anyOf": [
-                    {"required": ["ids"], "properties": {"ids": {"minItems": 1}}},
-                    {"required": ["tags"], "properties": {"tags": {"minItems": 1}}},
-                    {"required": ["country"]},
-                    {"required": ["asn"]},
-                    {"required": ["all"], "properties": {"all": {"const": true}}},
-                ]}]},
+                "agents": chosen_agents(),
                 "schedule": schema_ref("Schedule"),
                 "description": {"type": "string"},
                 "deadline_s": {"type": "number", "minimum": 0.001, "maximum": 604800},
@@ -1489,12 +1524,16 @@ fn op_id(method: &str, path: &str) -> String {
     )
 }
 
+/// A link: its name, the method and path of the operation it leads to, and that
+/// operation's parameters (name, runtime expression).
+type Link<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)]);
+
 /// OpenAPI links from the operations that make (or list) ids to the operations that
 /// read or change them, so that generated clients and stateful fuzzers can follow
 /// them: (the response they hang on, the links).
 fn links(method: &str, path: &str) -> Option<(&'static str, Value)> {
     // (name, method and path of the target, its parameters: name -> runtime expression)
-    let to = |targets: &[(&str, &str, &str, &[(&str, &str)])]| -> Value {
+    let to = |targets: &[Link]| -> Value {
         let mut m = Map::new();
         for (name, method, path, params) in targets {
             let params: Map<String, Value> = params
@@ -1705,19 +1744,21 @@ pub fn document() -> Value {
 /// not among them: its body is the module's parameters, checked by the module's own
 /// schema (the `params.*` schemas here are those same schemas), which also covers
 /// WebAssembly modules added at run time.
-pub fn body_validator(method: &str, path: &str) -> Option<&'static jsonschema::Validator> {
+///
+/// With it, whether an empty body is taken (the operation's body is optional).
+pub fn body_validator(method: &str, path: &str) -> Option<&'static (jsonschema::Validator, bool)> {
     static VALIDATORS: std::sync::OnceLock<
-        std::collections::HashMap<(String, String), jsonschema::Validator>,
+        std::collections::HashMap<(String, String), (jsonschema::Validator, bool)>,
     > = std::sync::OnceLock::new();
     VALIDATORS
         .get_or_init(|| {
             body_schemas()
                 .into_iter()
-                .filter_map(|(m, p, schema)| {
+                .filter_map(|(m, p, schema, optional)| {
                     // A schema that does not compile is a bug, found by the unit test
                     // below; the server then checks that body by its handler alone.
                     let v = jsonschema::validator_for(&schema).ok()?;
-                    Some(((m.to_string(), p.to_string()), v))
+                    Some(((m.to_string(), p.to_string()), (v, optional)))
                 })
                 .collect()
         })
@@ -1726,12 +1767,13 @@ pub fn body_validator(method: &str, path: &str) -> Option<&'static jsonschema::V
 
 /// Each checked operation's body schema as a whole schema: the documented one, with
 /// the document's components beside it for its references.
-fn body_schemas() -> Vec<(&'static str, &'static str, Value)> {
+fn body_schemas() -> Vec<(&'static str, &'static str, Value, bool)> {
     let components = components();
     operations()
         .into_iter()
         .filter(|(_, path, _)| *path != "/agent/{id}/{module}")
         .filter_map(|(method, path, op)| {
+            let optional = op.body_optional();
             let body = op.body?;
             Some((
                 method,
@@ -1741,6 +1783,7 @@ fn body_schemas() -> Vec<(&'static str, &'static str, Value)> {
                     "components": {"schemas": components["schemas"].clone()},
                     "allOf": [body],
                 }),
+                optional,
             ))
         })
         .collect()
@@ -1828,11 +1871,11 @@ mod tests {
             if *p == "/agent/{id}/{module}" {
                 continue;
             }
-            let v = body_validator(m, p).unwrap_or_else(|| panic!("{m} {p}: no validator"));
+            let (v, _) = body_validator(m, p).unwrap_or_else(|| panic!("{m} {p}: no validator"));
             assert!(!v.is_valid(&json!("not an object")), "{m} {p}");
         }
         let check = |m: &str, p: &str, body: Value| {
-            crate::validation::check_schema(body_validator(m, p).unwrap(), &body)
+            crate::validation::check_schema(&body_validator(m, p).unwrap().0, &body)
         };
         let field = |r: Result<(), crate::error::ApiError>| match r {
             Err(crate::error::ApiError::InvalidParams { field, rule, .. }) => (field, rule),

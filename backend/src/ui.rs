@@ -12,7 +12,7 @@ const INDEX: &str = include_str!("../ui/index.html");
 const DOCS: &str = include_str!("../ui/docs.html");
 
 /// (name, content type, body)
-const ASSETS: &[(&str, &str, &str)] = &[
+pub(crate) const ASSETS: &[(&str, &str, &str)] = &[
     (
         "app.js",
         "text/javascript; charset=utf-8",

@@ -46,8 +46,15 @@ impl Validators {
 
 /// Checks `params` against one compiled schema: the first error, naming the JSON
 /// pointer of the field and the rule. Never panics, whatever the input.
+///
+/// It stops at the first error (`validate`, not `iter_errors`, which would judge every
+/// item of a long array first), and its message shows at most [`MAX_SHOWN`] characters
+/// of the value at fault, however large.
 pub fn check_schema(validator: &jsonschema::Validator, params: &Value) -> Result<(), ApiError> {
-    if let Some(err) = validator.iter_errors(params).next() {
+    if validator.is_valid(params) {
+        return Ok(());
+    }
+    if let Err(err) = validator.validate(params) {
         let mut field = err.instance_path.to_string();
         match &err.kind {
             jsonschema::error::ValidationErrorKind::Required { property } => {
@@ -72,11 +79,19 @@ pub fn check_schema(validator: &jsonschema::Validator, params: &Value) -> Result
         } else {
             field.clone()
         };
+        let mut said = err.to_string();
+        if said.chars().count() > MAX_SHOWN {
+            said = said.chars().take(MAX_SHOWN).collect::<String>() + "…";
+        }
         return Err(ApiError::InvalidParams {
-            message: format!("{shown}: {err} (rule: {rule})"),
+            message: format!("{shown}: {said} (rule: {rule})"),
             field: shown,
             rule,
         });
     }
     Ok(())
 }
+
+/// The most characters of a schema error's own words an answer carries (they quote
+/// the value at fault, which may be as large as the body).
+pub const MAX_SHOWN: usize = 300;

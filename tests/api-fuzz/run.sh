@@ -31,15 +31,29 @@ checks="not_a_server_error,status_code_conformance,content_type_conformance,resp
 # may put first in PATH, fails inside hypothesis ("AST constructor recursion depth
 # mismatch", a CPython regression).
 py=/usr/bin/python3
-if ! "$venv/bin/st" --version 2>/dev/null | grep -q "$version"; then
-  echo "== api-fuzz: installing schemathesis $version (PyPI) into $venv"
+# What is installed is pinned, dependencies included (requirements.txt).
+stamp="$venv/requirements.txt"
+if ! cmp -s tests/api-fuzz/requirements.txt "$stamp" || ! "$venv/bin/st" --version 2>/dev/null | grep -q "$version"; then
+  echo "== api-fuzz: installing schemathesis $version and its pinned dependencies (PyPI) into $venv"
   rm -rf "$venv"
   "$py" -m venv "$venv"
-  "$venv/bin/pip" install -q "schemathesis==$version"
+  "$venv/bin/pip" install -q --no-deps -r tests/api-fuzz/requirements.txt
+  "$venv/bin/pip" check
+  cp tests/api-fuzz/requirements.txt "$stamp"
 fi
 
 work="$(mktemp -d /tmp/imn-api-fuzz.XXXXXX)"
 ns="imn-apifuzz-$$"
+# A run killed outright (SIGKILL) leaves its namespace and processes: remove those of
+# runs whose shell is gone.
+for old in $(ip netns list 2>/dev/null | awk '/^imn-apifuzz-/ {print $1}'); do
+  if ! kill -0 "${old#imn-apifuzz-}" 2>/dev/null; then
+    pids="$(ip netns pids "$old" 2>/dev/null || true)"
+    [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+    ip netns del "$old" 2>/dev/null || true
+    rm -rf "/etc/netns/$old"
+  fi
+done
 cleanup() {
   local pids
   pids="$(ip netns pids "$ns" 2>/dev/null || true)"
@@ -49,10 +63,18 @@ cleanup() {
     kill -9 $pids 2>/dev/null || true
   fi
   ip netns del "$ns" 2>/dev/null || true
+  rm -rf "/etc/netns/$ns"
   if [ "${IMN_FUZZ_KEEP:-0}" = 1 ]; then echo "api-fuzz: kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
+# Names, too, stay inside: `ip netns exec` mounts /etc/netns/NS/* over /etc, so its
+# processes resolve from /etc/hosts, then a name server on the namespace's own
+# loopback (none answers), never through a host daemon's UNIX socket (nscd,
+# systemd-resolved), which a network namespace does not cut off.
+mkdir -p "/etc/netns/$ns"
+printf 'nameserver 127.0.0.1\n' > "/etc/netns/$ns/resolv.conf"
+printf 'hosts: files dns\n' > "/etc/netns/$ns/nsswitch.conf"
 ip netns add "$ns"
 ip -n "$ns" link set lo up
 # Only loopback: one link, no IPv4 route in the main table, IPv6's only ::1, and no
@@ -66,7 +88,11 @@ if [ "$links" != "lo " ] || [ -n "$v4" ] || [ -n "$v6" ] \
   echo "api-fuzz: namespace $ns is not loopback-only (links: $links; v4: $v4; v6: $v6); not starting"
   exit 1
 fi
-echo "== api-fuzz: namespace $ns: links: $links; no route out (checked)"
+if [ "$(ip netns exec "$ns" cat /etc/resolv.conf)" != "nameserver 127.0.0.1" ]; then
+  echo "api-fuzz: the namespace's resolv.conf is not its own; not starting"
+  exit 1
+fi
+echo "== api-fuzz: namespace $ns: links: $links; no route out, names resolved on its own loopback (checked)"
 
 port=8000
 ip netns exec "$ns" "$imn" up --http "127.0.0.1:$port" --mqtt 127.0.0.1:1883 \
@@ -107,11 +133,16 @@ once = post("/v1/measurements", {"module": "echo_module", "agents": {"all": True
 every = post("/v1/measurements", {"module": "echo_module", "agents": {"ids": agents[:1]}, "params": echo, "schedule": {"interval_s": 60}})["id"]
 rule = post("/v1/alert-rules", {"name": "api-fuzz", "measurement_id": once})["id"]
 ids = agents + [once, every, rule]
+# The dashboard's assets, as its page names them.
+import re
+page = urllib.request.urlopen(base + "/", timeout=10).read().decode()
+assets = sorted(set(re.findall(r'/ui/([A-Za-z0-9_.-]+)', page))) or ["app.js"]
 with open(out, "w") as f:
     f.write(open(ours).read())
     f.write('"path.id" = { dictionary = "ids", probability = 0.5 }\n')
     f.write('"path.request_id" = { dictionary = "requests", probability = 0.5 }\n')
     f.write('"path.module" = { dictionary = "modules", probability = 0.7 }\n')
+    f.write('"path.file" = { dictionary = "assets", probability = 0.5 }\n')
     f.write('"body.module" = { dictionary = "modules", probability = 0.7 }\n')
     f.write('"body.measurement_id" = { dictionary = "measurements", probability = 0.7 }\n')
     f.write('"query.measurement" = { dictionary = "measurements", probability = 0.5 }\n')
@@ -119,6 +150,7 @@ with open(out, "w") as f:
     f.write("\n[dictionaries.requests]\nvalues = %s\n" % json.dumps([run]))
     f.write("\n[dictionaries.measurements]\nvalues = %s\n" % json.dumps([once, every]))
     f.write("\n[dictionaries.modules]\nvalues = %s\n" % json.dumps(modules))
+    f.write("\n[dictionaries.assets]\nvalues = %s\n" % json.dumps(assets))
 print(f"== api-fuzz: agents {agents}; modules {modules}; made run {run}, measurements {once} and {every}, alert rule {rule}")
 PY
 

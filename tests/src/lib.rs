@@ -339,6 +339,18 @@ impl Api {
         Self::reply(r).await
     }
 
+    /// PUT of a raw body, as given.
+    pub async fn put_raw(&self, path: &str, body: &str) -> Reply {
+        let r = self
+            .request(reqwest::Method::PUT, path)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("PUT");
+        Self::reply(r).await
+    }
+
     pub async fn delete(&self, path: &str) -> Reply {
         let r = self
             .request(reqwest::Method::DELETE, path)

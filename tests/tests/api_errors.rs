@@ -84,6 +84,24 @@ async fn every_framework_rejection_is_the_documented_json_error() {
         .post_bytes("/admin/modules?load_on_hello=null", b"{}".to_vec())
         .await;
     refused("load_on_hello=null", &r, 400, "load_on_hello", "type");
+    // A misspelt parameter is refused, not ignored.
+    let r = api
+        .post(
+            "/agent/agent-1/echo_module?wiat=10",
+            r#"{"message": "x"}"#,
+            &[],
+        )
+        .await;
+    refused("wiat=10", &r, 400, "wiat", "unknown");
+    let path = "/v1/alerts/stream?max_s=1&max_s=0.5";
+    refused(path, &api.get(path).await, 400, "max_s", "duplicate");
+    refused(
+        "max_s on a page",
+        &api.get("/v1/results?max_s=1").await,
+        400,
+        "max_s",
+        "unsupported",
+    );
 
     // A path segment that is not UTF-8 once decoded.
     refused(
@@ -118,6 +136,34 @@ async fn every_framework_rejection_is_the_documented_json_error() {
         )
         .await;
     refused("no criterion", &r, 422, "/agents", "anyOf");
+    // The error quotes at most a few hundred characters of a large value at fault.
+    let long = "x".repeat(200_000);
+    let r = api
+        .post(
+            "/v1/measurements",
+            &format!(r#"{{"module": "echo_module", "agents": {{"all": true}}, "description": 7, "params": {{"message": "{long}"}}}}"#),
+            &[],
+        )
+        .await;
+    refused("description: 7", &r, 422, "/description", "type");
+    assert!(
+        r.body["message"].as_str().unwrap().len() < 2_000,
+        "{}",
+        r.body["message"]
+    );
+    // An optional body may be empty: PUT of a module loads it with its defaults.
+    let r = api
+        .put_json("/agents/agent-1/modules/echo_module", &Value::Null)
+        .await;
+    assert_eq!(r.status, 422, "a JSON null is not settings: {:?}", r.body);
+    let r = api
+        .put_raw("/agents/agent-1/modules/echo_module", "  ")
+        .await;
+    assert_eq!(
+        r.status, 202,
+        "an empty body loads with defaults: {:?}",
+        r.body
+    );
     // Nothing was enrolled by the refused requests.
     let enrolled = api.get("/admin/agents").await.body;
     assert!(

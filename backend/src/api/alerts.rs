@@ -90,8 +90,13 @@ fn event_query(query: Option<&str>, stream: bool) -> Result<EventQuery, ApiError
             Ok(Some(v))
         }
     };
+    let mut seen: Vec<String> = Vec::new();
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()).take(16) {
         let v = v.into_owned();
+        if seen.iter().any(|s| *s == k) {
+            return Err(bad(&k, "duplicate", format!("{k}: given more than once")));
+        }
+        seen.push(k.to_string());
         match k.as_ref() {
             "after" => {
                 q.after = event_cursor("after", &v)?;

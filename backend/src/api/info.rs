@@ -103,6 +103,7 @@ pub(super) async fn modules(State(b): State<Arc<Backend>>) -> Json<Value> {
 /// (the file `imn modules sign` writes), checked against the release keys and stored.
 /// 201 when new, 200 when it replaced a version.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct AddModuleQuery {
     /// Also send it to every agent that can run it: those connected now, and each
     /// at its hello.

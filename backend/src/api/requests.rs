@@ -18,6 +18,7 @@ pub(super) fn request_json(r: &RequestRow) -> Value {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct SubmitQuery {
     /// Seconds to wait for a terminal state before answering.
     wait: Option<f64>,

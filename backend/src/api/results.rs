@@ -47,6 +47,7 @@ pub(super) fn newest_limit(limit: Option<u32>) -> Result<u32, ApiError> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct ResultsQuery {
     pub(super) limit: Option<u32>,
     /// `atlas` for RIPE Atlas's result format (the modules `atlas::modules()` lists).

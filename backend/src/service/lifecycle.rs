@@ -229,8 +229,8 @@ pub struct DesiredSettings {
 }
 
 /// Most settings one agent has, and their lengths (the agent has the same bounds).
-const MAX_SETTINGS: usize = 64;
-const MAX_SETTING_LEN: usize = 1024;
+pub const MAX_SETTINGS: usize = 64;
+pub const MAX_SETTING_LEN: usize = 1024;
 
 fn release_json(r: &ReleaseRow) -> Value {
     let key = serde_json::from_str::<Manifest>(&r.manifest)
