@@ -1915,7 +1915,7 @@ mod tests {
                 "/admin/tokens",
                 json!({"scopes": ["read"], "budget": {"min_interval_s": {"nope": 1}}})
             )),
-            pair("/budget/min_interval_s", "enum")
+            pair("/budget/min_interval_s/nope", "propertyNames")
         );
         assert_eq!(
             field(check(

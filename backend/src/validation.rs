@@ -83,6 +83,28 @@ pub fn check_schema(validator: &jsonschema::Validator, params: &Value) -> Result
         if said.chars().count() > MAX_SHOWN {
             said = said.chars().take(MAX_SHOWN).collect::<String>() + "…";
         }
+        // A key that is not allowed (`propertyNames`): the field is the key itself, and
+        // the message lists the keys that are.
+        let inner = match &err.kind {
+            jsonschema::error::ValidationErrorKind::PropertyNames { error } => Some(error),
+            _ => None,
+        };
+        let (shown, rule) = match inner.map(|e| (&e.kind, e.instance.as_str())) {
+            Some((jsonschema::error::ValidationErrorKind::Enum { options }, Some(key))) => {
+                let at = format!("{}/{}", field, key.replace('~', "~0").replace('/', "~1"));
+                let allowed: Vec<&str> = options
+                    .as_array()
+                    .map(|o| o.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let key: String = key.chars().take(64).collect();
+                said = format!(
+                    "{key:?} is not allowed here; allowed: {}",
+                    allowed.join(", ")
+                );
+                (at, "propertyNames".to_string())
+            }
+            _ => (shown, rule),
+        };
         return Err(ApiError::InvalidParams {
             message: format!("{shown}: {said} (rule: {rule})"),
             field: shown,

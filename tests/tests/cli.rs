@@ -416,7 +416,7 @@ async fn releases_rollouts_and_settings_from_the_command_line() {
     assert!(!o.status.success(), "{}", explain(&o));
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(
-        err.contains("\"data\" cannot be set remotely"),
+        err.contains("/settings/data") && err.contains("\"data\" is not allowed here"),
         "{}",
         explain(&o)
     );
