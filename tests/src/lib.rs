@@ -329,14 +329,7 @@ impl Api {
     }
 
     pub async fn put_json(&self, path: &str, body: &Value) -> Reply {
-        let r = self
-            .request(reqwest::Method::PUT, path)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("PUT");
-        Self::reply(r).await
+        self.put_raw(path, &body.to_string()).await
     }
 
     /// PUT of a raw body, as given.
